@@ -1,0 +1,193 @@
+{{/*
+Names and labels.
+*/}}
+{{- define "llm-gateway.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Resource name prefix; 63 characters minus room for the "-warmup-config" style suffixes. */}}
+{{- define "llm-gateway.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 48 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 48 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 48 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "llm-gateway.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "llm-gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "llm-gateway.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "llm-gateway.labels" -}}
+helm.sh/chart: {{ include "llm-gateway.chart" . }}
+{{ include "llm-gateway.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | trunc 63 | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: llm-gateway
+{{- end }}
+
+{{- define "llm-gateway.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "llm-gateway.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "llm-gateway.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Ports: the API port comes from the gateway config itself, so the config, the container, the probes
+and the Service can never disagree.
+*/}}
+{{- define "llm-gateway.httpPort" -}}
+{{- dig "server" "port" 8080 .Values.gateway | int }}
+{{- end }}
+
+{{- define "llm-gateway.adminPort" -}}
+{{- $p := dig "server" "admin_port" nil .Values.gateway }}
+{{- if $p }}{{ $p | int }}{{ end }}
+{{- end }}
+
+{{/* Named port the probes and the ServiceMonitor use: the admin listener when there is one. */}}
+{{- define "llm-gateway.opsPortName" -}}
+{{- if include "llm-gateway.adminPort" . }}admin{{ else }}http{{ end }}
+{{- end }}
+
+{{- define "llm-gateway.workers" -}}
+{{- dig "server" "workers" 1 .Values.gateway | int }}
+{{- end }}
+
+{{/*
+Termination: preStop sleep, then SIGTERM, then the gateway drains for drain_timeout_s. The kubelet's
+grace period counts from the start of preStop, so it must cover both.
+*/}}
+{{- define "llm-gateway.drainSeconds" -}}
+{{- dig "server" "drain_timeout_s" 30 .Values.gateway | float64 | ceil | int }}
+{{- end }}
+
+{{- define "llm-gateway.terminationGracePeriodSeconds" -}}
+{{- $floor := add (int .Values.lifecycle.preStopSleepSeconds) (include "llm-gateway.drainSeconds" . | int) }}
+{{- $explicit := .Values.lifecycle.terminationGracePeriodSeconds }}
+{{- if kindIs "invalid" $explicit }}
+{{- add $floor (int .Values.lifecycle.terminationMarginSeconds) }}
+{{- else if le (int $explicit) $floor }}
+{{- fail (printf "lifecycle.terminationGracePeriodSeconds (%d) must be longer than lifecycle.preStopSleepSeconds + gateway.server.drain_timeout_s (%d), or the kubelet kills streams mid-drain" (int $explicit) $floor) }}
+{{- else }}
+{{- int $explicit }}
+{{- end }}
+{{- end }}
+
+{{/*
+Longest request any deployment allows, in seconds: timeouts.total_ms resolved the way the gateway
+resolves it (deployment, then model, then model_defaults, then the gateway's default of 300 s).
+*/}}
+{{- define "llm-gateway.longestRequestSeconds" -}}
+{{- $defaults := dig "model_defaults" "timeouts" "total_ms" 300000 .Values.gateway }}
+{{- $max := 0.0 }}
+{{- range $m := (.Values.gateway.models | default list) }}
+{{- $modelTotal := dig "timeouts" "total_ms" $defaults $m }}
+{{- range $d := ($m.deployments | default list) }}
+{{- $t := dig "timeouts" "total_ms" $modelTotal $d | float64 }}
+{{- if gt $t $max }}{{ $max = $t }}{{ end }}
+{{- end }}
+{{- end }}
+{{- divf $max 1000.0 | ceil | int }}
+{{- end }}
+
+{{/* Redis URL the chart puts into state.redis_url, if any. */}}
+{{- define "llm-gateway.redisUrl" -}}
+{{- if .Values.redis.enabled }}
+{{- printf "redis://%s-redis.%s.svc:6379/0" (include "llm-gateway.fullname" .) .Release.Namespace }}
+{{- else if .Values.redis.url }}
+{{- .Values.redis.url }}
+{{- end }}
+{{- end }}
+
+{{/*
+The gateway config as rendered into the ConfigMap: .Values.gateway, with state.backend and
+state.redis_url set from the redis values when they name a Redis.
+*/}}
+{{- define "llm-gateway.config" -}}
+{{- $cfg := deepCopy .Values.gateway }}
+{{- $state := deepCopy (default (dict) $cfg.state) }}
+{{- $url := include "llm-gateway.redisUrl" . }}
+{{- if $url }}
+{{- $_ := set $state "backend" "redis" }}
+{{- $_ := set $state "redis_url" $url }}
+{{- end }}
+{{- $_ := set $cfg "state" $state }}
+{{- toYaml $cfg }}
+{{- end }}
+
+{{/*
+Checks that need more than a JSON schema; each failure names the value to change.
+*/}}
+{{- define "llm-gateway.validate" -}}
+{{- if and .Values.redis.enabled .Values.redis.url }}
+{{- fail "redis.enabled and redis.url are mutually exclusive: use url for an existing Redis, enabled for a trial one" }}
+{{- end }}
+{{- $state := default (dict) .Values.gateway.state }}
+{{- if and (eq (toString (default "memory" $state.backend)) "redis") (not (include "llm-gateway.redisUrl" .)) (not $state.redis_url) }}
+{{- fail "gateway.state.backend is redis but no Redis is named: set redis.url (or redis.enabled for a trial)" }}
+{{- end }}
+{{- range $i, $m := (.Values.gateway.models | default list) }}
+{{- range $j, $d := ($m.deployments | default list) }}
+{{- if and $d.api_key (not (regexMatch "^\\$\\{[A-Za-z_][A-Za-z0-9_]*(:-[^}]*)?\\}$" (toString $d.api_key))) }}
+{{- fail (printf "gateway.models[%d].deployments[%d].api_key must be an environment reference such as \"${OPENAI_API_KEY}\" filled from existingSecret; the chart never puts a provider key into a ConfigMap" $i $j) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $drain := dig "server" "drain_timeout_s" 30 .Values.gateway | float64 }}
+{{- $longest := include "llm-gateway.longestRequestSeconds" . | int }}
+{{- if and (lt $drain (float64 $longest)) (not .Values.lifecycle.allowDrainShorterThanRequests) }}
+{{- fail (printf "gateway.server.drain_timeout_s (%v) is shorter than the longest request a model allows (%d s from timeouts.total_ms): a rollout would cut streams. Raise drain_timeout_s, lower total_ms, or set lifecycle.allowDrainShorterThanRequests=true" $drain $longest) }}
+{{- end }}
+{{- $_ := include "llm-gateway.terminationGracePeriodSeconds" . }}
+{{- end }}
+
+{{/*
+Environment shared by the gateway container and the warm-up Job.
+*/}}
+{{- define "llm-gateway.env" -}}
+{{- if .Values.region }}
+- name: GATEWAY_REGION
+  value: {{ .Values.region | quote }}
+{{- else if .Values.regionFromAnnotation }}
+- name: GATEWAY_REGION
+  valueFrom:
+    fieldRef:
+      fieldPath: {{ printf "metadata.annotations['%s']" .Values.regionFromAnnotation }}
+{{- end }}
+- name: PYTHONUNBUFFERED
+  value: "1"
+{{- with .Values.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "llm-gateway.envFrom" -}}
+{{- if .Values.existingSecret }}
+- secretRef:
+    name: {{ .Values.existingSecret }}
+{{- end }}
+{{- with .Values.envFrom }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,371 @@
+"""The ASGI edge: a plain ASGI callable for the proxy hot path, FastAPI for everything else.
+
+Proxy routes are looked up in a dict and handled without a framework (no pydantic models, no
+middleware stack per request). Everything not on the hot path (OpenAPI docs, admin views) is served
+by the FastAPI app mounted behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from gateway import errors
+from gateway.engine.engine import Engine
+from gateway.engine.exchange import Exchange
+from gateway.errors import GatewayError
+from gateway.telemetry.accesslog import FIELDS
+from gateway.telemetry.timing import iso_utc, now
+from gateway.telemetry.tracing import new_request_id
+
+# client path -> upstream path (relative to a deployment's base_url, which ends in /v1 or similar)
+PROXY_ROUTES = {
+    "/v1/chat/completions": "/chat/completions",
+    "/v1/completions": "/completions",
+    "/v1/embeddings": "/embeddings",
+    "/v1/responses": "/responses",
+    "/chat/completions": "/chat/completions",
+    "/completions": "/completions",
+    "/embeddings": "/embeddings",
+    "/responses": "/responses",
+}
+_STREAMABLE = frozenset({"/chat/completions", "/completions", "/responses"})
+_JSON_CT = (b"content-type", b"application/json")
+
+
+class GatewayASGI:
+    def __init__(self, engine: Engine, fallback_app: Any, lifecycle: Any, guard: Any = None) -> None:
+        self.engine = engine
+        self.fallback_app = fallback_app
+        self.lifecycle = lifecycle  # app.Lifecycle: start/stop, readiness
+        self.guard = guard  # security.Guard: keys and limits (None = auth off)
+        srv = engine.cfg.server
+        self.max_body = srv.max_body_bytes
+        self.max_header = srv.max_header_bytes
+        self.max_depth = srv.max_json_depth
+        self.max_messages = srv.max_messages
+        # With server.admin_port these move to the admin listener (serve_admin) and 404 here.
+        self._admin_routes: dict[str, Callable[..., Awaitable[None]]] = {
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+            "/metrics": self._metrics,
+        }
+        self.admin_on_main = srv.admin_port is None
+        self._simple: dict[str, Callable[..., Awaitable[None]]] = {
+            **(self._admin_routes if self.admin_on_main else {}),
+            "/v1/models": self._models,
+            "/models": self._models,
+        }
+        self._models_body = orjson.dumps({"object": "list", "data": [
+            {"id": m.name, "object": "model", "created": 0, "owned_by": "llm-gateway"} for m in engine.cfg.models
+        ]})
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            upstream_path = PROXY_ROUTES.get(path)
+            if upstream_path is not None:
+                return await self._proxy(scope, receive, send, upstream_path, now())
+            handler = self._simple.get(path)
+            if handler is not None:
+                return await handler(scope, receive, send)
+            if path.startswith("/v1/models/"):
+                return await self._model(scope, send, path[len("/v1/models/"):])
+            if path.startswith("/admin") and self.admin_on_main:
+                return await self._admin(scope, receive, send)
+            if path.startswith(("/docs", "/openapi.json", "/redoc")):
+                return await self.fallback_app(scope, receive, send)
+            return await self._reject(scope, send, errors.not_found(path), now(), time.time())
+        if scope["type"] == "lifespan":
+            return await self._lifespan(receive, send)
+        return await self.fallback_app(scope, receive, send)
+
+    # ------------------------------------------------------------------ proxy
+
+    async def _proxy(self, scope: dict[str, Any], receive: Any, send: Any, upstream_path: str, t0: float) -> None:
+        wall = time.time()
+        if scope["method"] != "POST":
+            return await self._reject(scope, send, errors.method_not_allowed(scope["method"], "POST"), t0, wall)
+        raw_headers = scope["headers"]
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
+        key = None
+        try:
+            request_id = _request_id(headers.get("x-request-id"))
+            if sum(len(k) + len(v) for k, v in raw_headers) > self.max_header:
+                raise GatewayError(431, f"Request headers exceed {self.max_header} bytes.", "invalid_request_error",
+                                   "headers_too_large", flag="BR")
+            ctype = headers.get("content-type")
+            if ctype is not None and ctype[:16].lower() != "application/json":  # media types ignore case
+                raise GatewayError(415, f"Content-Type must be application/json, not {ctype[:100]!r}.",
+                                   "invalid_request_error", "unsupported_media_type", flag="BR")
+            if self.guard is not None:
+                key = await self.guard.authenticate(headers)  # raises 401
+            raw = await self._read_body(headers, receive)
+            t_body = now()
+            body = self._parse(raw, upstream_path)
+            if key is not None:
+                await self.guard.admit(key, body["model"], raw, body)  # raises 403/429
+        except GatewayError as exc:
+            return await self._reject(scope, send, exc, t0, wall, headers, request_id=locals().get("request_id"),
+                                      api_key_id=key.id if key is not None else None)
+        except _ClientGone:
+            return
+        eng = self.engine
+        if self.lifecycle.draining:
+            return await self._reject(scope, send, GatewayError(
+                503, "The gateway is shutting down; retry on another replica.", "server_error", "draining",
+                flag="LR", retry_after="1"), t0, wall, headers, request_id=request_id)
+        if not eng.admit():
+            return await self._reject(scope, send, errors.overloaded("gateway"), t0, wall, headers,
+                                      request_id=request_id)
+        client = scope.get("client")
+        ex = Exchange(eng, path=scope["path"], upstream_path=upstream_path, body=body, raw_len=len(raw),
+                      headers=headers, t_received=t0, t_body=t_body, wall_start=wall, request_id=request_id,
+                      client=f"{client[0]}:{client[1]}" if client else None,
+                      api_key_id=key.id if key is not None else None)
+        ex_done = self.guard.track(key) if key is not None else None
+        task = asyncio.current_task()
+        watch = asyncio.get_running_loop().create_task(receive())
+
+        def on_disconnect(_: Any) -> None:
+            # uvicorn also reports "disconnect" once our response is complete; only act before that.
+            if not ex.closing and not ex.finished:
+                ex.client_gone = True
+                task.cancel()
+
+        watch.add_done_callback(on_disconnect)
+        try:
+            await ex.run(send)
+        finally:
+            # No cancel needed: once the response is complete uvicorn wakes receive() with a final
+            # "disconnect", so the watcher ends by itself (and its callback sees the exchange finished).
+            if ex_done is not None:
+                ex_done(ex)
+
+    async def _read_body(self, headers: dict[str, str], receive: Any) -> bytes:
+        cl = headers.get("content-length")
+        if cl is not None:
+            if not cl.isdigit():
+                raise errors.bad_request("Content-Length is not a number.", code="invalid_header")
+            if int(cl) > self.max_body:
+                raise errors.too_large(self.max_body)
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise _ClientGone
+        body = msg.get("body", b"")
+        if len(body) > self.max_body:  # without Content-Length, uvicorn may hand over the whole body at once
+            raise errors.too_large(self.max_body)
+        if not msg.get("more_body"):
+            return body
+        parts = [body]
+        size = len(body)
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise errors.too_large(self.max_body)
+            parts.append(chunk)
+            if not msg.get("more_body"):
+                return b"".join(parts)
+
+    def _parse(self, raw: bytes, upstream_path: str) -> dict[str, Any]:
+        if not raw:
+            raise errors.bad_request("Request body is empty; expected a JSON object.")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise errors.bad_request(f"Request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise errors.bad_request("Request body must be a JSON object.")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise errors.bad_request("'model' is required and must be a non-empty string.", param="model",
+                                     code="invalid_value" if "model" in body else "missing_required_parameter")
+        stream = body.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            raise errors.bad_request("'stream' must be a boolean.", param="stream", code="invalid_type")
+        if stream and upstream_path not in _STREAMABLE:
+            raise errors.bad_request(f"Streaming is not supported on {upstream_path}.", param="stream",
+                                     code="invalid_value")
+        msgs = body.get("messages")
+        if msgs is not None:
+            if not isinstance(msgs, list):
+                raise errors.bad_request("'messages' must be an array.", param="messages", code="invalid_type")
+            if len(msgs) > self.max_messages:
+                raise errors.bad_request(f"Too many messages ({len(msgs)}); the limit is {self.max_messages}.",
+                                         param="messages", code="too_many_messages")
+        # Deep nesting costs the gateway and providers; count brackets first (C speed), walk only if needed.
+        if raw.count(b"{") + raw.count(b"[") > self.max_depth and _depth(body, self.max_depth) > self.max_depth:
+            raise errors.bad_request(f"JSON nesting deeper than {self.max_depth} levels.", code="too_deep")
+        return body
+
+    async def _reject(self, scope: dict[str, Any], send: Any, err: GatewayError, t0: float, wall: float,
+                      headers: dict[str, str] | None = None, request_id: str | None = None,
+                      api_key_id: str | None = None) -> None:
+        body = err.body()
+        rid = request_id or _request_id(None)
+        hdrs = [_JSON_CT, (b"content-length", b"%d" % len(body)), (b"x-request-id", rid.encode())]
+        if err.retry_after:
+            hdrs.append((b"retry-after", err.retry_after.encode()))
+        if err.status == 401:
+            hdrs.append((b"www-authenticate", b'Bearer realm="llm-gateway"'))
+        await send({"type": "http.response.start", "status": err.status, "headers": hdrs})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        t1 = now()
+        headers = headers or {}
+        client = scope.get("client")
+        self.engine.record_rejected(rejected_record(
+            wall=wall, request_id=rid, method=scope.get("method", "-"), path=scope["path"], err=err,
+            duration_ms=(t1 - t0) * 1000.0, bytes_sent=len(body), headers=headers,
+            client=f"{client[0]}:{client[1]}" if client else None, api_key_id=api_key_id))
+
+    # ------------------------------------------------------------------ simple endpoints
+
+    async def _respond(self, send: Any, status: int, body: bytes, ctype: bytes = b"application/json") -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", ctype), (b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _healthz(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self._respond(send, 200, b'{"status":"ok"}')
+
+    async def _readyz(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        ready, detail = self.lifecycle.readiness()
+        await self._respond(send, 200 if ready else 503, orjson.dumps(detail))
+
+    async def _refused(self, scope: dict[str, Any], send: Any) -> bool:
+        """auth.protect_metrics: /metrics and /admin/* need a valid key too; answers 401 and says so."""
+        if self.guard is None or not self.guard.protect_metrics:
+            return False
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            await self.guard.authenticate(headers)
+        except GatewayError as exc:
+            await self._respond(send, exc.status, exc.body())
+            return True
+        return False
+
+    async def _admin(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if not await self._refused(scope, send):
+            await self.fallback_app(scope, receive, send)
+
+    async def serve_admin(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The ASGI app of the admin listener (server.admin_port): admin routes only."""
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        handler = self._admin_routes.get(path)
+        if handler is not None:
+            return await handler(scope, receive, send)
+        if path.startswith("/admin"):
+            return await self._admin(scope, receive, send)
+        err = errors.not_found(path)
+        await self._respond(send, err.status, err.body())
+
+    async def _metrics(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if await self._refused(scope, send):
+            return
+        self.lifecycle.refresh_gauges()
+        body, ctype = self.engine.metrics.render()
+        await self._respond(send, 200, body, ctype.encode())
+
+    async def _models(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["method"] != "GET":
+            err = errors.method_not_allowed(scope["method"], "GET")
+            return await self._respond(send, err.status, err.body())
+        await self._respond(send, 200, self._models_body)
+
+    async def _model(self, scope: dict[str, Any], send: Any, name: str) -> None:
+        if name in self.engine.registry.models:
+            body = orjson.dumps({"id": name, "object": "model", "created": 0, "owned_by": "llm-gateway"})
+            return await self._respond(send, 200, body)
+        err = errors.model_not_found(name)
+        await self._respond(send, err.status, err.body())
+
+    # ------------------------------------------------------------------ lifespan
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                try:
+                    await self.lifecycle.start()
+                    _chain_sigterm(self.lifecycle)
+                except Exception as exc:  # reported by uvicorn, which then exits non-zero
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await self.lifecycle.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def _chain_sigterm(lifecycle: Any) -> None:
+    """Turn /readyz not-ready the moment SIGTERM arrives, then let uvicorn's own handler drain."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            prev = signal.getsignal(sig)
+        except ValueError:
+            return  # not the main thread (tests running the app in a thread)
+
+        def handler(signum: int, frame: Any, prev: Any = prev) -> None:
+            lifecycle.draining = True
+            if callable(prev):
+                prev(signum, frame)
+
+        try:
+            signal.signal(sig, handler)
+        except ValueError:
+            return
+
+
+def _request_id(value: str | None) -> str:
+    if value and len(value) <= 200 and value.isprintable():
+        return value
+    return new_request_id()
+
+
+def _depth(obj: Any, limit: int) -> int:
+    """Nesting depth of parsed JSON, stopping once past ``limit``."""
+    depth = 0
+    level = [obj]
+    while level and depth <= limit:
+        nxt = []
+        for o in level:
+            if isinstance(o, dict):
+                nxt.extend(v for v in o.values() if isinstance(v, dict | list))
+            elif isinstance(o, list):
+                nxt.extend(v for v in o if isinstance(v, dict | list))
+        depth += 1
+        level = nxt
+    return depth
+
+
+def rejected_record(*, wall: float, request_id: str, method: str, path: str, err: GatewayError, duration_ms: float,
+                    bytes_sent: int, headers: dict[str, str], client: str | None,
+                    api_key_id: str | None = None) -> dict[str, Any]:
+    rec: dict[str, Any] = dict.fromkeys(FIELDS)
+    rec.update({
+        "start_time": iso_utc(wall), "request_id": request_id, "traceparent": headers.get("traceparent"),
+        "method": method, "path": path, "model": None, "stream": False, "response_code": err.status,
+        "response_flags": err.flag or "-", "duration_ms": round(duration_ms, 3),
+        "gateway_overhead_ms": round(duration_ms, 3), "attempts": 0, "retry_count": 0, "hedge_count": 0,
+        "error_type": err.code, "bytes_received": int(headers.get("content-length") or 0)
+        if (headers.get("content-length") or "").isdigit() else 0,
+        "bytes_sent": bytes_sent, "user_agent": headers.get("user-agent"), "downstream_remote_address": client,
+        "api_key_id": api_key_id,
+    })
+    return rec

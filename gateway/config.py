@@ -1,0 +1,455 @@
+"""Typed gateway configuration: YAML in, validated models out.
+
+Loading expands ``${VAR}`` / ``${VAR:-default}``, merges ``model_defaults`` into every model and
+model-level ``timeouts``/``pool`` into every deployment, then validates. Any problem raises
+``ConfigError`` whose message names the key path and the reason, e.g.
+``models[0].deployments[1].base_url: not a URL``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gateway.policy.fallback import find_fallback_cycle
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+RETRY_CONDITIONS = frozenset({"connect-failure", "reset", "timeout", "5xx", "429", "408", "409", "500", "502", "503", "504"})
+FALLBACK_CONDITIONS = frozenset({"5xx", "429", "timeout", "overload", "unhealthy"})
+
+
+class ConfigError(Exception):
+    """A config that cannot run; the message names the key and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    region: str | None = None
+    workers: int = Field(1, ge=1, le=256)
+    admin_port: int | None = Field(None, ge=0, le=65535)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
+    max_json_depth: int = Field(64, ge=4, le=10_000)
+    max_messages: int = Field(2048, ge=1)
+    max_inflight: int = Field(0, ge=0)  # 0 = unlimited
+    drain_timeout_s: float = Field(30.0, ge=0)
+    cors_origins: list[str] = []
+
+
+class StateConfig(_Strict):
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "llmgw:"
+    sync_interval_ms: float = Field(500.0, ge=50)
+    key_ttl_s: float = Field(600.0, ge=10)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        if urlsplit(v).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("not a redis:// URL")
+        return v
+
+
+class AccessLogConfig(_Strict):
+    path: str = "-"
+    format: Literal["json", "text"] = "json"
+    queue_size: int = Field(65536, ge=16)
+
+
+class TracingConfig(_Strict):
+    otlp_endpoint: str | None = None  # also enabled by OTEL_EXPORTER_OTLP_ENDPOINT
+    service_name: str = "llm-gateway"
+
+
+class ApiKeyConfig(_Strict):
+    id: str
+    hash: str
+    models: list[str] = ["*"]
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    max_concurrency: int | None = Field(None, ge=1)
+    metadata: dict[str, str] = {}
+
+    @field_validator("hash")
+    @classmethod
+    def _hash(cls, v: str) -> str:
+        if not v.startswith("sha256:") or len(v) != 7 + 64:
+            raise ValueError("must be the output of `llmgw keys hash KEY` (sha256:<64 hex>)")
+        return v
+
+
+class AuthConfig(_Strict):
+    mode: Literal["none", "keys"] = "none"
+    keys: list[ApiKeyConfig] = []
+    redis_keys: bool = True  # also accept keys created with `llmgw keys create` (redis state backend)
+    protect_metrics: bool = False  # /metrics and /admin/* need a valid key too
+    cache_ttl_s: float = Field(5.0, ge=0, le=300)  # how long a Redis key lookup is reused (revocation delay)
+
+
+class TimeoutsConfig(_Strict):
+    connect_ms: float = Field(2000.0, gt=0)
+    ttft_ms: float = Field(30000.0, gt=0)
+    per_try_ms: float = Field(120000.0, gt=0)
+    idle_ms: float = Field(30000.0, gt=0)
+    total_ms: float = Field(300000.0, gt=0)
+
+
+class RetryConfig(_Strict):
+    max_retries: int = Field(2, ge=0, le=10)
+    retry_on: list[str | int] = ["connect-failure", "reset", "502", "503", "504", "429", "timeout"]
+    backoff_base_ms: float = Field(25.0, ge=0)
+    backoff_max_ms: float = Field(250.0, ge=0)
+    budget_percent: float = Field(20.0, ge=0, le=100)
+    min_retry_concurrency: int = Field(3, ge=0)
+
+    @field_validator("retry_on")
+    @classmethod
+    def _retry_on(cls, v: list[str | int]) -> list[str]:
+        bad = [c for c in v if str(c) not in RETRY_CONDITIONS]
+        if bad:
+            raise ValueError(f"unknown condition {bad[0]!r}; expected some of {sorted(RETRY_CONDITIONS)}")
+        return [str(c) for c in v]
+
+
+class HedgingConfig(_Strict):
+    enabled: bool = False
+    delay_ms: float | Literal["auto"] = "auto"
+    quantile: float = Field(0.95, gt=0, lt=1)
+    min_delay_ms: float = Field(50.0, ge=0)
+    max_delay_ms: float = Field(2000.0, ge=0)
+    max_hedges: int = Field(1, ge=1, le=3)
+    budget_percent: float = Field(5.0, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> HedgingConfig:
+        if self.min_delay_ms > self.max_delay_ms:
+            raise ValueError("min_delay_ms must not exceed max_delay_ms")
+        return self
+
+
+class RoutingConfig(_Strict):
+    strategy: Literal["latency", "weighted", "round-robin", "priority"] = "latency"
+    locality: Literal["prefer", "strict", "off"] = "prefer"
+    cross_region_penalty_ms: float = Field(50.0, ge=0)
+    ewma_decay_s: float = Field(10.0, gt=0)
+
+
+class OutlierConfig(_Strict):
+    consecutive_failures: int = Field(5, ge=1)
+    base_ejection_s: float = Field(30.0, gt=0)
+    max_ejection_s: float = Field(300.0, gt=0)
+    max_ejection_percent: float = Field(50.0, ge=0, le=100)
+
+
+class PoolConfig(_Strict):
+    min_connections: int = Field(1, ge=0)
+    max_connections: int = Field(256, ge=1)
+    keepalive_expiry_s: float = Field(60.0, gt=0)
+    keepwarm_interval_s: float = Field(30.0, ge=0)  # 0 = no keep-warm pings
+    validate_on_start: bool = True
+
+    @model_validator(mode="after")
+    def _bounds(self) -> PoolConfig:
+        if self.min_connections > self.max_connections:
+            raise ValueError("min_connections must not exceed max_connections")
+        return self
+
+
+class WarmupConfig(_Strict):
+    schemas: list[dict[str, Any] | str] = []
+    timeout_ms: float = Field(60000.0, gt=0)
+    required: bool = False
+    concurrency: int = Field(4, ge=1)
+    learn: bool = True  # record json_schema response formats seen in traffic and warm them everywhere
+    learned_max: int = Field(200, ge=0)
+
+
+class DegradeConfig(_Strict):
+    when_remaining_ms_below: float | None = Field(None, gt=0)
+    when_expected_ttft_exceeds_remaining: bool = False
+
+
+class DeploymentConfig(_Strict):
+    id: str = Field(min_length=1)
+    base_url: str
+    api_key: str | None = None
+    auth_header: Literal["authorization", "api-key", "none"] = "authorization"
+    headers: dict[str, str | int | float] = {}
+    model: str | None = None  # upstream model name; defaults to the client-facing name
+    region: str = "default"
+    weight: float = Field(1.0, gt=0)
+    priority: int = Field(0, ge=0)
+    max_concurrency: int = Field(0, ge=0)  # 0 = unlimited
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    pool: PoolConfig = PoolConfig()
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not a URL (expected http:// or https://)")
+        if parts.username or parts.password:  # it would show in logs, spans and admin views
+            raise ValueError("credentials in the URL; put the key in api_key (or an authorization header)")
+        return v.rstrip("/")
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str | int | float]) -> dict[str, str]:
+        return {k.lower(): str(val) for k, val in v.items()}
+
+
+class ModelConfig(_Strict):
+    name: str = Field(min_length=1)
+    deployments: list[DeploymentConfig] = Field(min_length=1)
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    retry: RetryConfig = RetryConfig()
+    hedging: HedgingConfig = HedgingConfig()
+    routing: RoutingConfig = RoutingConfig()
+    outlier: OutlierConfig = OutlierConfig()
+    pool: PoolConfig = PoolConfig()
+    warmup: WarmupConfig = WarmupConfig()
+    fallbacks: list[str] = []
+    fallback_on: list[str | int] = ["5xx", "429", "timeout", "overload", "unhealthy"]
+    degrade: DegradeConfig = DegradeConfig()
+
+    @field_validator("fallback_on")
+    @classmethod
+    def _fallback_on(cls, v: list[str | int]) -> list[str]:
+        bad = [c for c in v if str(c) not in FALLBACK_CONDITIONS]
+        if bad:
+            raise ValueError(f"unknown condition {bad[0]!r}; expected some of {sorted(FALLBACK_CONDITIONS)}")
+        return [str(c) for c in v]
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> ModelConfig:
+        seen: set[str] = set()
+        for d in self.deployments:
+            if d.id in seen:
+                raise ValueError(f"deployment id {d.id!r} is used twice")
+            seen.add(d.id)
+        return self
+
+
+class GatewayConfig(_Strict):
+    server: ServerConfig = ServerConfig()
+    state: StateConfig = StateConfig()
+    access_log: AccessLogConfig = AccessLogConfig()
+    tracing: TracingConfig = TracingConfig()
+    auth: AuthConfig = AuthConfig()
+    models: list[ModelConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _references(self) -> GatewayConfig:
+        names = [m.name for m in self.models]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"models[{i}].name: model {name!r} is defined twice")
+        for i, m in enumerate(self.models):
+            for j, fb in enumerate(m.fallbacks):
+                if fb not in names:
+                    raise ValueError(f"models[{i}].fallbacks[{j}]: {fb!r} is not a configured model")
+                if fb == m.name:
+                    raise ValueError(f"models[{i}].fallbacks[{j}]: a model cannot fall back to itself")
+        owners: dict[str, str] = {}
+        for i, m in enumerate(self.models):
+            for j, d in enumerate(m.deployments):
+                if d.id in owners:
+                    raise ValueError(f"models[{i}].deployments[{j}].id: {d.id!r} is already used by model "
+                                     f"{owners[d.id]!r}; ids name metrics and shared state, so they must be unique")
+                owners[d.id] = m.name
+        cycle = find_fallback_cycle({m.name: m.fallbacks for m in self.models})
+        if cycle:
+            raise ValueError("fallbacks: loop " + " -> ".join(cycle))
+        return self
+
+    def model(self, name: str) -> ModelConfig | None:
+        for m in self.models:
+            if m.name == name:
+                return m
+        return None
+
+
+# ---------------------------------------------------------------- loading
+
+
+def expand_env(value: Any, path: str = "", env: dict[str, str] | None = None) -> Any:
+    """Expand ${VAR} and ${VAR:-default} in every string; an unset VAR without default is an error."""
+    env = os.environ if env is None else env
+    if isinstance(value, str):
+        def sub(m: re.Match[str]) -> str:
+            var, default = m.group(1), m.group(2)
+            if var in env:
+                return env[var]
+            if default is not None:
+                return default
+            raise ConfigError(f"{path or '<root>'}: environment variable {var} is not set (use ${{{var}:-default}})")
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: expand_env(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    return value
+
+
+_INHERITED_MODEL_KEYS = ("timeouts", "retry", "hedging", "routing", "outlier", "pool", "warmup", "fallback_on", "degrade")
+_INHERITED_DEPLOYMENT_KEYS = ("timeouts", "pool")
+
+
+def _merge(base: Any, over: Any) -> Any:
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = _merge(base.get(k), v) if k in base else v
+        return out
+    return over
+
+
+def _apply_inheritance(raw: dict[str, Any]) -> dict[str, Any]:
+    """model_defaults -> model -> deployment (timeouts and pool only)."""
+    raw = dict(raw)
+    defaults = raw.pop("model_defaults", None) or {}
+    if not isinstance(defaults, dict):
+        raise ConfigError("model_defaults: must be a mapping")
+    for key in defaults:
+        if key not in _INHERITED_MODEL_KEYS:
+            raise ConfigError(f"model_defaults.{key}: not a key models inherit (allowed: {', '.join(_INHERITED_MODEL_KEYS)})")
+    models = raw.get("models")
+    if not isinstance(models, list):
+        return raw
+    merged_models = []
+    for m in models:
+        if not isinstance(m, dict):
+            merged_models.append(m)
+            continue
+        m = dict(m)
+        for key in _INHERITED_MODEL_KEYS:
+            if key in defaults:
+                m[key] = _merge(defaults[key], m[key]) if key in m else defaults[key]
+        deployments = m.get("deployments")
+        if isinstance(deployments, list):
+            m["deployments"] = [
+                _inherit_deployment(d, m) if isinstance(d, dict) else d for d in deployments
+            ]
+        merged_models.append(m)
+    raw["models"] = merged_models
+    return raw
+
+
+def _inherit_deployment(d: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    d = dict(d)
+    for key in _INHERITED_DEPLOYMENT_KEYS:
+        if key in model and isinstance(model[key], dict):
+            d[key] = _merge(model[key], d[key]) if key in d else model[key]
+    return d
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not str(part).startswith(("function-", "literal[", "union[")) and str(part) not in ("str", "int", "float", "bool", "dict", "list", "constrained-str"):
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see docs/configuration.md)"
+        loc = _format_loc(err["loc"])
+        # model-level validators report their own path inside the message
+        if loc == "<root>" and ": " in msg:
+            lines.append(msg)
+        else:
+            lines.append(f"{loc}: {msg}")
+    return "\n".join(dict.fromkeys(lines))
+
+
+def parse_config(raw: Any, env: dict[str, str] | None = None) -> GatewayConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("<root>: the config must be a YAML mapping")
+    expanded = expand_env(raw, env=env)
+    try:
+        return GatewayConfig.model_validate(_apply_inheritance(expanded))
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def load_config(path: str | Path, env: dict[str, str] | None = None) -> GatewayConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    cfg = parse_config(raw, env=env)
+    return _resolve_schema_files(cfg, p.parent)
+
+
+def _resolve_schema_files(cfg: GatewayConfig, base: Path) -> GatewayConfig:
+    """Warm-up schemas given as file paths are read now, so a missing file fails at start-up."""
+    import orjson
+
+    models = []
+    changed = False
+    for i, m in enumerate(cfg.models):
+        schemas = []
+        for j, s in enumerate(m.warmup.schemas):
+            if isinstance(s, str):
+                fp = (base / s) if not Path(s).is_absolute() else Path(s)
+                try:
+                    s = orjson.loads(fp.read_bytes())
+                except OSError as exc:
+                    raise ConfigError(f"models[{i}].warmup.schemas[{j}]: cannot read {s} ({exc.strerror})") from None
+                except orjson.JSONDecodeError as exc:
+                    raise ConfigError(f"models[{i}].warmup.schemas[{j}]: {s} is not JSON ({exc})") from None
+                changed = True
+            if not isinstance(s, dict) or not isinstance(s.get("schema"), dict) or not s.get("name"):
+                raise ConfigError(f"models[{i}].warmup.schemas[{j}]: expected {{name, strict, schema: {{...}}}} "
+                                  "as in response_format.json_schema")
+            schemas.append(s)
+        models.append(m.model_copy(update={"warmup": m.warmup.model_copy(update={"schemas": schemas})}))
+    return cfg.model_copy(update={"models": models}) if changed else cfg
+
+
+# Header names that carry credentials: authorization, api-key, x-api-key, x-goog-api-key,
+# ocp-apim-subscription-key, cookie, x-auth-token ...
+_SECRET_HEADER_WORDS = ("auth", "key", "token", "secret", "password", "cookie", "signature")
+
+
+def redact(cfg: GatewayConfig) -> dict[str, Any]:
+    """The config as a dict with every secret replaced, for check-config and /admin output."""
+    data = cfg.model_dump(mode="json")
+    for m in data["models"]:
+        for d in m["deployments"]:
+            if d.get("api_key"):
+                d["api_key"] = "***"
+            d["headers"] = {k: ("***" if any(w in k for w in _SECRET_HEADER_WORDS) else v)
+                            for k, v in d["headers"].items()}
+    for k in data["auth"]["keys"]:
+        k["hash"] = k["hash"][:15] + "…"
+    url = urlsplit(data["state"]["redis_url"])
+    if url.password:
+        data["state"]["redis_url"] = data["state"]["redis_url"].replace(url.password, "***")
+    return data

@@ -1,0 +1,117 @@
+"""Live runtime objects built once from config: models, deployments, and the facts routing reads.
+
+Everything a routing/retry/hedge decision needs about a deployment lives here in process memory, so
+the request path never waits on Redis; ``engine/sync.py`` merges other replicas' views in the
+background.
+"""
+
+from __future__ import annotations
+
+import random
+
+from gateway.config import DeploymentConfig, GatewayConfig, ModelConfig
+from gateway.policy.budget import RetryBudget, TokenBucket
+from gateway.policy.latency import PeakEwma, QuantileWindow
+from gateway.policy.outlier import OutlierState, is_ejected
+from gateway.policy.routing import Candidate, Locality, Strategy
+from gateway.upstream.alt_clients import make_client
+from gateway.upstream.client import UpstreamClient
+
+
+class DeploymentRuntime:
+    __slots__ = ("cfg", "id", "region", "upstream_model", "client", "ttft", "latency", "ttft_window",
+                 "latency_window", "outlier", "inflight", "cooldown_until", "max_concurrency", "weight",
+                 "priority", "model_name", "connect_timeout_s", "ttft_s", "per_try_s", "idle_s")
+
+    def __init__(self, cfg: DeploymentConfig, model_name: str, decay_s: float) -> None:
+        self.cfg = cfg
+        self.id = cfg.id
+        self.region = cfg.region
+        self.model_name = model_name
+        self.upstream_model = cfg.model or model_name
+        self.client = make_client(cfg)
+        self.ttft = PeakEwma(decay_s=decay_s)
+        self.latency = PeakEwma(decay_s=decay_s)
+        self.ttft_window = QuantileWindow()
+        self.latency_window = QuantileWindow()
+        self.outlier = OutlierState()
+        self.inflight = 0
+        self.cooldown_until = 0.0  # a 429 with Retry-After keeps routing away until then
+        self.max_concurrency = cfg.max_concurrency
+        self.weight = cfg.weight
+        self.priority = cfg.priority
+        t = cfg.timeouts
+        self.connect_timeout_s = t.connect_ms / 1000.0
+        self.ttft_s = t.ttft_ms / 1000.0
+        self.per_try_s = t.per_try_ms / 1000.0
+        self.idle_s = t.idle_ms / 1000.0
+
+    def healthy(self, now: float) -> bool:
+        if is_ejected(self.outlier, now) or self.cooldown_until > now:
+            return False
+        return not (self.max_concurrency and self.inflight >= self.max_concurrency)
+
+    def at_capacity(self) -> bool:
+        return bool(self.max_concurrency) and self.inflight >= self.max_concurrency
+
+    def observe(self, sample_ms: float, now: float, stream: bool) -> None:
+        """A first-token (stream) or whole-response latency sample for routing and hedging."""
+        (self.ttft if stream else self.latency).observe(sample_ms, now)
+        (self.ttft_window if stream else self.latency_window).add(sample_ms, now)
+
+    def candidate(self, now: float, stream: bool) -> Candidate:
+        ewma = self.ttft if stream else self.latency
+        est = ewma.value(now)
+        return Candidate(self.id, self.region, self.weight, self.priority, self.healthy(now),
+                         est * (self.inflight + 1), est, ewma.baseline_ms)
+
+
+class ModelRuntime:
+    __slots__ = ("cfg", "name", "deployments", "by_id", "retry_budget", "hedge_bucket", "rr", "retry_on",
+                 "strategy", "locality", "penalty_ms", "total_s", "hedge_delay_s")
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        decay = cfg.routing.ewma_decay_s
+        self.deployments = [DeploymentRuntime(d, cfg.name, decay) for d in cfg.deployments]
+        self.by_id = {d.id: d for d in self.deployments}
+        r = cfg.retry
+        self.retry_budget = RetryBudget(r.budget_percent, r.min_retry_concurrency)
+        self.hedge_bucket = TokenBucket(cfg.hedging.budget_percent)
+        self.rr = 0
+        self.retry_on = frozenset(r.retry_on)
+        self.strategy = Strategy(cfg.routing.strategy)
+        self.locality = Locality(cfg.routing.locality)
+        self.penalty_ms = cfg.routing.cross_region_penalty_ms
+        self.total_s = cfg.timeouts.total_ms / 1000.0
+        self.hedge_delay_s: float | None = None  # last delay used, for the gauge
+
+    def ejected_share(self, now: float) -> float:
+        n = sum(1 for d in self.deployments if is_ejected(d.outlier, now))
+        return n / len(self.deployments)
+
+    def all_ejected(self, now: float) -> bool:
+        return all(is_ejected(d.outlier, now) for d in self.deployments)
+
+    def expected_ttft_ms(self, now: float, stream: bool) -> float | None:
+        """The best live estimate among healthy deployments (None without data)."""
+        best = None
+        for d in self.deployments:
+            ewma = d.ttft if stream else d.latency
+            if ewma.has_data and d.healthy(now):
+                v = ewma.value(now)
+                best = v if best is None or v < best else best
+        return best
+
+
+class Registry:
+    def __init__(self, cfg: GatewayConfig, home_region: str | None, seed: int | None = None) -> None:
+        self.cfg = cfg
+        self.home_region = home_region
+        self.models = {m.name: ModelRuntime(m) for m in cfg.models}
+        self.deployments = [d for m in self.models.values() for d in m.deployments]
+        self.rng = random.Random(seed)
+
+    def clients(self) -> list[UpstreamClient]:
+        return [d.client for d in self.deployments]

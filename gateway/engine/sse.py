@@ -1,0 +1,97 @@
+"""Server-sent events, read just enough: find the first usable token, and sniff token usage.
+
+Before an attempt is committed the gateway parses its events to know when the first *usable* token
+arrived (content, a tool call, a refusal, reasoning; not the empty role chunk). After commit it
+never parses: bytes are relayed as they arrive, and only a chunk that mentions usage is scanned.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+_USABLE_DELTA_KEYS = ("content", "tool_calls", "function_call", "refusal", "reasoning_content", "reasoning")
+
+
+def _usable_event(data: bytes) -> bool:
+    if data == b"[DONE]":
+        return True
+    try:
+        ev = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return True  # not ours to judge: relay it
+    if not isinstance(ev, dict):
+        return True
+    if "error" in ev:
+        return True
+    typ = ev.get("type")
+    if isinstance(typ, str):  # Responses API events
+        return typ.endswith(".delta") or typ in ("response.completed", "response.failed", "response.incomplete", "error")
+    choices = ev.get("choices")
+    if not choices:
+        return False  # usage-only or keep-alive chunk before content
+    c = choices[0]
+    if c.get("finish_reason"):
+        return True
+    delta = c.get("delta")
+    if delta is None:
+        return bool(c.get("text"))  # legacy completions
+    return any(delta.get(k) for k in _USABLE_DELTA_KEYS)
+
+
+class FirstTokenScanner:
+    """Fed raw upstream chunks; says when the first usable event has been seen."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> bool:
+        buf = self._buf + chunk
+        start = 0
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                break
+            line = buf[start:end].rstrip(b"\r")
+            start = end + 1
+            if line.startswith(b"data:") and _usable_event(line[5:].strip()):
+                self._buf = b""
+                return True
+        self._buf = buf[start:]
+        return False
+
+
+def int_after(data: bytes, key: bytes, start: int = 0) -> int | None:
+    """The integer following ``key`` (e.g. b'"prompt_tokens":') in a JSON text, without parsing it all."""
+    i = data.find(key, start)
+    if i < 0:
+        return None
+    i += len(key)
+    n = len(data)
+    while i < n and data[i] in b" \t":
+        i += 1
+    j = i
+    while j < n and 48 <= data[j] <= 57:
+        j += 1
+    return int(data[i:j]) if j > i else None
+
+
+def usage_of(data: bytes) -> tuple[int | None, int | None]:
+    """(prompt, completion) tokens from a body or SSE chunk that carries usage; Responses API names too."""
+    u = data.rfind(b'"usage"')
+    if u < 0:
+        return None, None
+    p = int_after(data, b'"prompt_tokens":', u)
+    if p is None:
+        p = int_after(data, b'"input_tokens":', u)
+    c = int_after(data, b'"completion_tokens":', u)
+    if c is None:
+        c = int_after(data, b'"output_tokens":', u)
+    return p, c
+
+
+def error_event(message: str, typ: str, code: str) -> bytes:
+    """A final SSE event telling a client why a started stream ended early (never a silent cut)."""
+    body = orjson.dumps({"error": {"message": message, "type": typ, "param": None, "code": code}})
+    return b"data: " + body + b"\n\n"

@@ -1,0 +1,141 @@
+"""Background state sharing: publish this process's view, merge the others', every sync interval.
+
+Latency estimates and ejections travel through the state backend in one pipelined round trip per
+interval, never on a request's path. When the backend is down, requests keep flowing on local state;
+the outage is logged once, shown by ``llmgw_state_backend_up``, and sharing resumes by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+import orjson
+
+from gateway.engine.registry import DeploymentRuntime
+from gateway.state.base import SyncBatch
+from gateway.telemetry.timing import now
+
+log = logging.getLogger("llmgw.state")
+
+
+class StateSync:
+    def __init__(self, engine: Any, backend: Any, interval_s: float, ttl_s: float) -> None:
+        self.engine = engine
+        self.backend = backend
+        self.interval_s = interval_s
+        self.ttl_s = ttl_s
+        self.replica_id = f"{os.uname().nodename}-{os.getpid()}-{os.urandom(3).hex()}"
+        self.up: bool | None = None
+        self.rounds = 0
+        self._seen: dict[tuple[str, str], float] = {}  # (deployment, replica) -> last merged wall ts
+        self._task: asyncio.Task | None = None
+        self._pending: set[asyncio.Task] = set()
+
+    def key(self, kind: str, dep_id: str) -> str:
+        return f"{self.backend.prefix}{kind}:{dep_id}"
+
+    async def start(self) -> None:
+        try:
+            await self.backend.start()
+            self._mark(True)
+        except Exception as exc:  # start anyway: local state serves until the backend answers
+            self._mark(False, exc)
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        for t in list(self._pending):
+            t.cancel()
+        try:
+            await self.backend.close()
+        except Exception:
+            pass
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.round()
+
+    async def round(self) -> None:
+        deps = self.engine.registry.deployments
+        wall, mono = time.time(), now()
+        batch = SyncBatch()
+        for d in deps:
+            k = self.key("stats", d.id)
+            batch.hset[k] = {self.replica_id: orjson.dumps(
+                [round(d.ttft.value(mono), 3), d.ttft.samples, round(d.latency.value(mono), 3), d.latency.samples,
+                 wall])}
+            batch.read_hashes.append(k)
+            batch.read_keys.append(self.key("eject", d.id))
+        try:
+            res = await asyncio.wait_for(self.backend.sync(batch, self.ttl_s), timeout=max(self.interval_s, 0.5))
+        except Exception as exc:
+            self._mark(False, exc)
+            return
+        self._mark(True)
+        self.rounds += 1
+        for d in deps:
+            self._merge_stats(d, res.hashes.get(self.key("stats", d.id), {}), wall, mono)
+            self._merge_ejection(d, res.keys.get(self.key("eject", d.id)), wall, mono)
+
+    def _merge_stats(self, d: DeploymentRuntime, fields: dict[str, bytes], wall: float, mono: float) -> None:
+        for replica, raw in fields.items():
+            if replica == self.replica_id:
+                continue
+            try:
+                ttft, ttft_n, lat, lat_n, ts = orjson.loads(raw)
+            except (orjson.JSONDecodeError, ValueError, TypeError):
+                continue
+            if wall - ts > self.ttl_s or self._seen.get((d.id, replica)) == ts:
+                continue
+            self._seen[(d.id, replica)] = ts
+            if ttft_n:
+                d.ttft.merge_remote(ttft, ttft_n, mono)
+            if lat_n:
+                d.latency.merge_remote(lat, lat_n, mono)
+
+    def _merge_ejection(self, d: DeploymentRuntime, raw: bytes | None, wall: float, mono: float) -> None:
+        if not raw:
+            return
+        try:
+            until_wall, ejections = orjson.loads(raw)
+        except (orjson.JSONDecodeError, ValueError, TypeError):
+            return
+        until = mono + (until_wall - wall)
+        if until > d.outlier.ejected_until:
+            d.outlier.ejected_until = until
+            d.outlier.ejections = max(d.outlier.ejections, int(ejections))
+            m = self.engine.metrics
+            m.child(m.ejected, d.id).set(1)
+            log.warning("deployment %s ejected by another replica for %.0f s", d.id, until - mono)
+
+    def publish_ejection(self, d: DeploymentRuntime) -> None:
+        """Share an ejection at once (in the background) so every replica stops sending there."""
+        left = d.outlier.ejected_until - now()
+        if left <= 0:
+            return
+        value = orjson.dumps([time.time() + left, d.outlier.ejections])
+        t = asyncio.get_running_loop().create_task(self._set(self.key("eject", d.id), value, left))
+        self._pending.add(t)
+        t.add_done_callback(self._pending.discard)
+
+    async def _set(self, key: str, value: bytes, ttl_s: float) -> None:
+        try:
+            await self.backend.set(key, value, ttl_s)
+        except Exception as exc:
+            self._mark(False, exc)
+
+    def _mark(self, up: bool, exc: BaseException | None = None) -> None:
+        if up and self.up is not True:
+            if self.up is False:
+                log.warning("state backend %s is reachable again: sharing resumed", self.backend.name)
+        elif not up and self.up is not False:
+            log.warning("state backend %s unreachable (%s): serving on local state until it returns",
+                        self.backend.name, f"{type(exc).__name__}: {exc}" if exc else "?")
+        self.up = up
+        self.engine.metrics.state_up.set(1 if up else 0)

@@ -1,0 +1,63 @@
+"""OpenAI-shaped error bodies, and the gateway's error vocabulary (status, type, code, response flag)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayError(Exception):
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    code: str | None = None
+    param: str | None = None
+    flag: str | None = None  # Envoy-style response flag for the access log
+    retry_after: str | None = None
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+def error_body(message: str, typ: str, code: str | None = None, param: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": typ, "param": param, "code": code}})
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = "invalid_request") -> GatewayError:
+    return GatewayError(400, message, "invalid_request_error", code, param, flag="BR")
+
+
+def model_not_found(name: str) -> GatewayError:
+    return GatewayError(404, f"The model '{name}' does not exist on this gateway. GET /v1/models lists the models.",
+                        "invalid_request_error", "model_not_found", "model", flag="NR")
+
+
+def too_large(limit: int) -> GatewayError:
+    return GatewayError(413, f"Request body is larger than the gateway's limit of {limit} bytes.",
+                        "invalid_request_error", "request_too_large", None, flag="BR")
+
+
+def method_not_allowed(method: str, allowed: str) -> GatewayError:
+    return GatewayError(405, f"Method {method} is not allowed here; use {allowed}.", "invalid_request_error",
+                        "method_not_allowed", None, flag="BR")
+
+
+def not_found(path: str) -> GatewayError:
+    return GatewayError(404, f"Unknown path {path}. The gateway serves the OpenAI API under /v1.",
+                        "invalid_request_error", "unknown_url", None, flag="NR")
+
+
+def overloaded(scope: str, retry_after: str = "1") -> GatewayError:
+    return GatewayError(503, f"The gateway is at its {scope} concurrency limit; retry shortly.", "server_error",
+                        "overloaded", None, flag="UO", retry_after=retry_after)
+
+
+def upstream_unreachable(detail: str, flag: str = "UF") -> GatewayError:
+    return GatewayError(502, f"The upstream could not be reached: {detail}", "server_error", "upstream_unreachable",
+                        None, flag=flag)
+
+
+def deadline_exceeded(message: str, flag: str) -> GatewayError:
+    return GatewayError(504, message, "timeout_error", "timeout", None, flag=flag)

@@ -1,0 +1,73 @@
+"""The request deadline: the earliest of the configured total, the client's header and the SDK's timeout."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class DeadlineSource(StrEnum):
+    """Which limit set the deadline (named in the 504 and the access log)."""
+
+    TOTAL = "total"
+    CLIENT = "x-gateway-timeout-ms"
+    SDK = "x-stainless-timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    expires_at: float  # monotonic seconds
+    source: DeadlineSource
+
+    def remaining(self, now: float) -> float:
+        """Seconds left; negative once the deadline has passed."""
+        return self.expires_at - now
+
+
+_BAD_CLIENT_HEADER = "x-gateway-timeout-ms: must be a positive number"
+
+
+def _positive(raw: str) -> float | None:
+    try:
+        v = float(raw)
+    except ValueError:
+        return None
+    return v if v > 0.0 and math.isfinite(v) else None
+
+
+def resolve_deadline(now: float, total_ms: float, client_ms: str | None, sdk_timeout_s: str | None) -> Deadline:
+    """The earliest of ``total_ms``, ``x-gateway-timeout-ms`` (ms) and ``x-stainless-timeout`` (s).
+
+    A malformed client header is the caller's mistake and raises ValueError (answered with a 400); a
+    malformed SDK header comes from code the client may not control, so it is ignored.
+    Ties keep the first source in the order total, client, SDK.
+    """
+    best_s = total_ms / 1000.0
+    source = DeadlineSource.TOTAL
+    if client_ms is not None:
+        v = _positive(client_ms)
+        if v is None:
+            raise ValueError(_BAD_CLIENT_HEADER)
+        if v / 1000.0 < best_s:
+            best_s, source = v / 1000.0, DeadlineSource.CLIENT
+    if sdk_timeout_s is not None:
+        v = _positive(sdk_timeout_s)
+        if v is not None and v < best_s:
+            best_s, source = v, DeadlineSource.SDK
+    return Deadline(now + best_s, source)
+
+
+def attempt_timeout(deadline: Deadline, now: float, per_try_ms: float, min_attempt_ms: float = 50.0) -> float | None:
+    """Seconds one attempt may take: min(per-try, time left); None when too little is left to start one.
+
+    ``per_try_ms <= 0`` means no per-try limit (the deadline alone bounds the attempt).
+    """
+    remaining = deadline.expires_at - now
+    if remaining <= 0.0 or remaining * 1000.0 < min_attempt_ms:
+        return None
+    if per_try_ms > 0.0:
+        per_try_s = per_try_ms / 1000.0
+        if per_try_s < remaining:
+            return per_try_s
+    return remaining

@@ -1,0 +1,145 @@
+"""The edge's access control: who is calling, may they use this model, are they within their limits.
+
+Limits are shared by every replica through the state backend (one round trip, a Lua sliding
+window in Redis); when Redis is unreachable the gateway falls back to local limits and says so once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gateway.config import AuthConfig
+from gateway.errors import GatewayError
+from gateway.security.keys import ApiKey, RedisKeyStore, bearer_token, constant_time_equal, hash_key
+from gateway.state.memory import MemoryState
+
+log = logging.getLogger("llmgw.auth")
+
+NEGATIVE_TTL_S = 1.0  # an unknown key is asked about again after this long (a key created just now)
+REDIS_RETRY_S = 1.0  # after a failed call, Redis is left alone this long: no request waits on a dead socket
+
+
+def _unauthorized(message: str) -> GatewayError:
+    return GatewayError(401, message, "invalid_request_error", "invalid_api_key", flag="UAEX")
+
+
+class Guard:
+    def __init__(self, cfg: AuthConfig, backend: Any, metrics: Any) -> None:
+        self.cfg = cfg
+        self.protect_metrics = cfg.protect_metrics
+        self.config_keys = {k.hash: ApiKey(k.id, k.hash, tuple(k.models), k.rpm, k.tpm, k.max_concurrency,
+                                           dict(k.metadata)) for k in cfg.keys}
+        self.backend = backend
+        self.store = RedisKeyStore(backend) if cfg.redis_keys and backend.name == "redis" else None
+        self.local = MemoryState(backend.prefix)
+        self.metrics = metrics
+        self.concurrency: dict[str, int] = {}
+        self.cache_ttl_s = cfg.cache_ttl_s  # a revoked Redis key stops working within this long
+        self._cache: dict[str, tuple[ApiKey | None, float]] = {}
+        self._redis_ok = True
+        self._redis_retry_at = 0.0  # monotonic; while in the future, limits are local and lookups cached
+
+    async def authenticate(self, headers: dict[str, str]) -> ApiKey:
+        token = bearer_token(headers)
+        if token is None:
+            raise _unauthorized("Missing API key: send 'Authorization: Bearer <gateway key>'.")
+        h = hash_key(token)
+        key = self.config_keys.get(h)
+        if key is not None and constant_time_equal(key.hash, h):
+            return key
+        key = await self._lookup(h)
+        if key is None or not constant_time_equal(key.hash, h):
+            raise _unauthorized("Incorrect API key provided.")
+        return key
+
+    async def _lookup(self, h: str) -> ApiKey | None:
+        if self.store is None:
+            return None
+        t = time.monotonic()
+        hit = self._cache.get(h)
+        if hit is not None and hit[1] > t:
+            return hit[0]
+        if t < self._redis_retry_at:
+            return hit[0] if hit is not None else None  # serve the last known answer while Redis is away
+        try:
+            key = await self.store.get(h)
+        except Exception as exc:
+            self._redis_down(exc)
+            return hit[0] if hit is not None else None
+        self._redis_up()
+        self._cache[h] = (key, t + (self.cache_ttl_s if key else NEGATIVE_TTL_S))
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        return key
+
+    async def admit(self, key: ApiKey, model: str, raw: bytes, body: dict[str, Any]) -> None:
+        if not key.allows(model):
+            raise GatewayError(403, f"The API key '{key.id}' may not use model '{model}'.", "invalid_request_error",
+                               "model_not_allowed", "model", flag="UAEX")
+        self._check_concurrency(key)  # before the windows: a refused request spends no rpm/tpm
+        if key.rpm is not None:
+            await self._window(key, "rpm", 1, key.rpm)
+        if key.tpm is not None:
+            await self._window(key, "tpm", estimate_tokens(raw, body), key.tpm)
+        # Again after the awaits above: others may have been admitted meanwhile. From here to track()
+        # the edge does not yield, so the count cannot be overtaken.
+        self._check_concurrency(key)
+
+    def _check_concurrency(self, key: ApiKey) -> None:
+        if key.max_concurrency is not None and self.concurrency.get(key.id, 0) >= key.max_concurrency:
+            self._limited(key, "concurrency")
+            raise GatewayError(429, f"Too many concurrent requests for key '{key.id}' (limit "
+                                    f"{key.max_concurrency}).", "rate_limit_error", "rate_limit_exceeded",
+                               flag="RL", retry_after="1")
+
+    async def _window(self, key: ApiKey, name: str, cost: int, limit: int) -> None:
+        k = f"{self.backend.prefix}rl:{name}:{key.id}"
+        # A request bigger than the whole window costs the whole window: it is admitted only into an
+        # empty window, and the count never holds numbers too large for the Lua script's integers.
+        cost = min(cost, limit)
+        if time.monotonic() < self._redis_retry_at:
+            ok, retry = await self.local.window_limit(k, cost, limit, 60.0)
+        else:
+            try:
+                ok, retry = await self.backend.window_limit(k, cost, limit, 60.0)
+                self._redis_up()
+            except Exception as exc:
+                self._redis_down(exc)
+                ok, retry = await self.local.window_limit(k, cost, limit, 60.0)
+        if not ok:
+            self._limited(key, name)
+            raise GatewayError(429, f"Rate limit reached for key '{key.id}': {limit} {name}. Retry after "
+                                    f"{math.ceil(retry)} s.", "rate_limit_error", "rate_limit_exceeded",
+                               flag="RL", retry_after=str(max(1, math.ceil(retry))))
+
+    def track(self, key: ApiKey) -> Callable[[Any], None]:
+        self.concurrency[key.id] = self.concurrency.get(key.id, 0) + 1
+
+        def done(_ex: Any) -> None:
+            self.concurrency[key.id] -= 1
+
+        return done
+
+    def _limited(self, key: ApiKey, limit: str) -> None:
+        self.metrics.child(self.metrics.rate_limited, key.id, limit).inc()
+
+    def _redis_down(self, exc: BaseException) -> None:
+        self._redis_retry_at = time.monotonic() + REDIS_RETRY_S
+        if self._redis_ok:
+            log.warning("auth: state backend unreachable (%s); enforcing limits locally until it returns", exc)
+            self._redis_ok = False
+
+    def _redis_up(self) -> None:
+        if not self._redis_ok:
+            log.warning("auth: state backend reachable again; shared limits resumed")
+            self._redis_ok = True
+
+
+def estimate_tokens(raw: bytes, body: dict[str, Any]) -> int:
+    """Admission estimate for tpm: ~4 bytes per prompt token plus the completion the request allows."""
+    out = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens") or 256
+    return len(raw) // 4 + (out if isinstance(out, int) and out > 0 else 256)

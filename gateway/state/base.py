@@ -1,0 +1,41 @@
+"""The shared-state interface: what replicas and workers share, and nothing the hot path waits on.
+
+Two implementations: ``memory`` (one process; the default) and ``redis`` (workers and replicas).
+Every call is made from background tasks (state sync, warm-up, key admin) or, for rate limits, in
+one round trip; keys carry the configured prefix and expire.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(slots=True)
+class SyncBatch:
+    """One sync round: hashes to write (key -> field -> value) and what to read back."""
+
+    hset: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    read_hashes: list[str] = field(default_factory=list)
+    read_keys: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SyncResult:
+    hashes: dict[str, dict[str, bytes]]
+    keys: dict[str, bytes | None]
+
+
+class StateBackend(Protocol):
+    name: str
+    prefix: str
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    async def sync(self, batch: SyncBatch, ttl_s: float) -> SyncResult: ...
+    async def set(self, key: str, value: bytes, ttl_s: float) -> None: ...
+    async def get(self, key: str) -> bytes | None: ...
+    async def hset(self, key: str, mapping: dict[str, bytes], ttl_s: float | None) -> None: ...
+    async def hgetall(self, key: str) -> dict[str, bytes]: ...
+    async def hdel(self, key: str, field: str) -> int: ...
+    async def window_limit(self, key: str, cost: int, limit: int, window_s: float) -> tuple[bool, float]: ...

@@ -1,0 +1,53 @@
+"""One monotonic clock for every boundary, and the arithmetic that turns reads into durations.
+
+Every boundary of an Exchange and of each Attempt is read once with ``now()``; all durations in the
+access log and metrics are differences of those reads (never wall clock).
+"""
+
+from __future__ import annotations
+
+import time
+
+# CLOCK_MONOTONIC, the same clock asyncio timers use (loop.time()), so deadlines and timings agree.
+now = time.monotonic
+
+
+def ms(start: float | None, end: float | None) -> float | None:
+    """Milliseconds between two reads, rounded to µs precision; None when either is missing."""
+    if start is None or end is None:
+        return None
+    return round((end - start) * 1000.0, 3)
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """Total time covered by possibly overlapping intervals (the critical path's upstream waits)."""
+    if not intervals:
+        return 0.0
+    if len(intervals) == 1:
+        a, b = intervals[0]
+        return max(0.0, b - a)
+    total = 0.0
+    cur_a, cur_b = None, None
+    for a, b in sorted(intervals):
+        if cur_b is None or a > cur_b:
+            if cur_b is not None:
+                total += cur_b - cur_a
+            cur_a, cur_b = a, b
+        elif b > cur_b:
+            cur_b = b
+    total += cur_b - cur_a
+    return max(0.0, total)
+
+
+_iso_second: list = [-1, ""]  # (whole second, its formatted prefix): one strftime per second, not per request
+
+
+def iso_utc(wall: float) -> str:
+    """Wall-clock timestamp for the access log's start_time (the only wall-clock read per request)."""
+    sec = int(wall)
+    if _iso_second[0] != sec:
+        t = time.gmtime(sec)
+        _iso_second[0] = sec
+        _iso_second[1] = (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:"
+                          f"{t.tm_sec:02d}.")
+    return f"{_iso_second[1]}{int(wall * 1000) % 1000:03d}Z"

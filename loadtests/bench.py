@@ -1,0 +1,489 @@
+#!/usr/bin/env python3
+"""Side-by-side overhead benchmark: llmgw vs the Python floor vs LiteLLM vs going direct, in ONE run.
+
+Runs the shared bench tools as programs (never imports or copies them): ``mock_upstream.py`` (fast fake
+OpenAI provider), ``loadgen.py`` (load generator), ``floor_proxy.py`` (a bare aiohttp pass-through:
+what Python can do at all) and, with ``--with-litellm``, ``peers/litellm/start.sh``. Our gateway runs
+with every feature on: JSON access log to a file, metrics, latency routing over two deployments,
+retries and hedging configured (but not firing against a healthy mock).
+
+Each proxy is pinned to the last CPU, the mock and the load generator to the others. Targets are
+measured interleaved, round by round (rounds x modes x concurrency levels x targets), so drift hits
+all of them alike; "added" latency is the median over rounds of (target - direct) in the same round.
+CPU per request comes from /proc (utime+stime of the proxy's process tree before/after each run,
+divided by every response of the run).
+
+    make bench                                         # llmgw, floor, direct
+    .venv/bin/python loadtests/bench.py --with-litellm --out loadtests/results/today.md
+    .venv/bin/python loadtests/bench.py --upstream-clients aiohttp,httpx,httpx2,httpx-aiohttp \\
+        --concurrency 1,16 --targets direct,floor,llmgw
+
+Exit codes: 0 done, 1 a process failed, 2 set-up problem (no bench dir, missing tools).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from bench_procs import Service, free_port, http_get, http_post, tree_usage
+from bench_report import DIRECT, FLOOR, LITELLM, Run, markdown, median, summarize
+
+REPO = Path(__file__).resolve().parent.parent
+NETNS_ENV = "LLMGW_BENCH_IN_NETNS"
+CLIENT_KINDS = ("aiohttp", "httpx", "httpx2", "httpx-aiohttp")
+# paths of this machine stay out of the raw results, which may be committed
+MACHINE_ARGS = frozenset({"bench_dir", "bench_python", "gateway_python", "lock", "out"})
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def fail_setup(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# ------------------------------------------------------------------ arguments and environment
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bench-dir", type=Path, default=REPO.parent / "shared" / "bench",
+                    help="the shared bench tools (default: ../shared/bench from the repo root)")
+    ap.add_argument("--bench-python", default=os.environ.get("BENCH_PY") or sys.executable,
+                    help="python with uvloop, httptools, aiohttp for mock/loadgen/floor (env BENCH_PY)")
+    ap.add_argument("--gateway-python", default=str(REPO / ".venv" / "bin" / "python"),
+                    help="python that runs `-m gateway` (default: the repo's .venv)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=4.0, help="measured seconds per run")
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds per run not counted in latency")
+    ap.add_argument("--concurrency", default="1,16,64", help="closed-loop client counts")
+    ap.add_argument("--modes", default="json,stream")
+    ap.add_argument("--targets", default="direct,floor,llmgw,litellm",
+                    help="subset and order; litellm only with --with-litellm")
+    ap.add_argument("--with-litellm", action="store_true", help="also run LiteLLM's proxy (peers/litellm/start.sh)")
+    ap.add_argument("--upstream-clients", default="aiohttp",
+                    help=f"one gateway target per LLMGW_UPSTREAM_CLIENT value ({', '.join(CLIENT_KINDS)})")
+    ap.add_argument("--llmgw-workers", default="1",
+                    help="one gateway target per value of `serve --workers` (e.g. 1,2; use --pin off for > 1)")
+    ap.add_argument("--cpu-at", type=int, default=16, help="concurrency whose CPU/request the headline shows")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
+    ap.add_argument("--mock-args", default="--ttft-ms 0 --itl-ms 0 --tokens 20",
+                    help="latency model of mock_upstream.py (default: instant, 20 tokens)")
+    ap.add_argument("--prewarm", type=float, default=2.0, help="seconds of traffic per proxy and mode before round 1")
+    ap.add_argument("--startup-timeout", type=float, default=180.0)
+    ap.add_argument("--pin", choices=["auto", "on", "off"], default="auto",
+                    help="proxies on the last CPU, mock+loadgen on the others (auto: with >= 2 CPUs)")
+    ap.add_argument("--netns", choices=["auto", "on", "off"], default="auto",
+                    help="run inside a loopback-only network namespace (auto: when unshare works)")
+    ap.add_argument("--lock", type=Path, default=Path(tempfile.gettempdir()) / "bench.lock",
+                    help="one benchmark at a time on this machine: hold this flock for the whole run")
+    ap.add_argument("--no-lock", action="store_true", help="do not take the lock (when wrapped in flock already)")
+    ap.add_argument("--lock-timeout", type=float, default=3600.0)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="markdown report (default loadtests/results/<date>.md); raw runs go next to it as .json")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, access logs)")
+    a = ap.parse_args(argv)
+    a.concs = [int(x) for x in a.concurrency.split(",") if x.strip()]
+    a.mode_list = [m.strip() for m in a.modes.split(",") if m.strip()]
+    a.clients = [c.strip() for c in a.upstream_clients.split(",") if c.strip()]
+    try:
+        a.workers = [int(w) for w in a.llmgw_workers.split(",") if w.strip()]
+    except ValueError:
+        ap.error("--llmgw-workers: a comma-separated list of integers")
+    if not a.workers or min(a.workers) < 1:
+        ap.error("--llmgw-workers: at least one value, each >= 1")
+    bad = [c for c in a.clients if c not in CLIENT_KINDS]
+    if bad or not a.clients:
+        ap.error(f"--upstream-clients: unknown {bad} (one of {', '.join(CLIENT_KINDS)})")
+    unknown = [t for t in a.targets.split(",") if t.strip() and t.strip() not in ("direct", "floor", "llmgw", "litellm")]
+    if unknown:
+        ap.error(f"--targets: unknown {unknown} (direct, floor, llmgw, litellm)")
+    if not a.concs or not a.mode_list or a.rounds < 1 or a.duration <= 0:
+        ap.error("need at least one concurrency, one mode, one round and a positive duration")
+    return a
+
+
+def enter_netns(a: argparse.Namespace) -> None:
+    """Re-run this script inside a fresh network namespace that only has loopback."""
+    if a.netns == "off" or os.environ.get(NETNS_ENV) == "1":
+        return
+    ok = shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-n", "true"], capture_output=True).returncode == 0
+    if not ok:
+        if a.netns == "on":
+            fail_setup("--netns on: cannot create a network namespace (needs unshare and privileges)")
+        return
+    os.environ[NETNS_ENV] = "1"
+    script = 'ip link set lo up 2>/dev/null || true; exec "$0" "$@"'
+    os.execvp("unshare", ["unshare", "-n", "sh", "-c", script, sys.executable, *sys.argv])
+
+
+def take_lock(a: argparse.Namespace) -> int | None:
+    if a.no_lock:
+        return None
+    fd = os.open(a.lock, os.O_RDWR | os.O_CREAT, 0o666)
+    t0 = time.monotonic()
+    said = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if not said:
+                log(f"waiting for {a.lock}: another benchmark is running")
+                said = True
+            if time.monotonic() - t0 > a.lock_timeout:
+                fail_setup(f"gave up waiting for {a.lock} after {a.lock_timeout:.0f}s")
+            time.sleep(1.0)
+
+
+def check_tools(a: argparse.Namespace) -> Path:
+    bench = a.bench_dir.resolve()
+    needed = ["mock_upstream.py", "loadgen.py", "floor_proxy.py"]
+    if a.with_litellm:
+        needed.append("peers/litellm/start.sh")
+    missing = [n for n in needed if not (bench / n).exists()]
+    if not bench.is_dir() or missing:
+        fail_setup(f"shared bench tools not found in {bench} (missing: {', '.join(missing) or 'the directory'}); "
+                   "pass --bench-dir DIR")
+    probe = subprocess.run([a.bench_python, "-c", "import httptools, uvloop, aiohttp"], capture_output=True)
+    if probe.returncode != 0:
+        fail_setup(f"{a.bench_python} lacks httptools/uvloop/aiohttp; run {bench}/setup.sh and pass "
+                   "--bench-python (or BENCH_PY=) its venv's python")
+    if not Path(a.gateway_python).exists():
+        fail_setup(f"no {a.gateway_python}: run `make setup` first or pass --gateway-python")
+    return bench
+
+
+# ------------------------------------------------------------------ targets
+
+
+@dataclass(slots=True)
+class Target:
+    name: str
+    url: str  # base URL ending in /v1
+    model: str
+    api_key: str | None = None
+    service: Service | None = None  # None: nothing to measure (direct)
+    access_log: Path | None = None
+
+
+def gateway_config(mock_base: str, port: int, access_log: Path) -> dict[str, Any]:
+    """Every feature on: access log, metrics, latency routing, retries and hedging armed but idle."""
+    deployment = {"base_url": mock_base, "api_key": "sk-bench", "model": "mock-model", "region": "local"}
+    return {
+        "server": {"host": "127.0.0.1", "port": port, "region": "local", "drain_timeout_s": 2},
+        "state": {"backend": "memory"},
+        "access_log": {"path": str(access_log), "format": "json"},
+        "model_defaults": {
+            "timeouts": {"connect_ms": 1000, "ttft_ms": 10000, "per_try_ms": 60000, "idle_ms": 30000,
+                         "total_ms": 60000},
+            "pool": {"min_connections": 4, "max_connections": 512},
+        },
+        "models": [{
+            "name": "fast",
+            "deployments": [{"id": "mock-a", **deployment}, {"id": "mock-b", **deployment}],
+            "routing": {"strategy": "latency", "locality": "prefer"},
+            "retry": {"max_retries": 2, "retry_on": ["connect-failure", "reset", "502", "503", "504", "429",
+                                                     "timeout"]},
+            # auto delay (p95 of recent latency) clamped to >= 1 s: armed on every request, never fires here
+            "hedging": {"enabled": True, "delay_ms": "auto", "quantile": 0.95, "min_delay_ms": 1000,
+                        "max_delay_ms": 2000, "max_hedges": 1, "budget_percent": 5},
+        }],
+    }
+
+
+def gateway_name(client: str, workers: int, a: argparse.Namespace) -> str:
+    """`llmgw`, plus what tells the gateway targets of one run apart (upstream client, worker count)."""
+    name = "llmgw" if len(a.clients) == 1 else f"llmgw-{client}"
+    return name if len(a.workers) == 1 and workers == 1 else f"{name}-w{workers}"
+
+
+def start_gateway(a: argparse.Namespace, name: str, client: str, workers: int, mock_base: str, tmp: Path,
+                  cpu: str | None, services: list[Service]) -> Target:
+    port = free_port()
+    access_log = tmp / f"{name}-access.jsonl"
+    cfg_path = tmp / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(gateway_config(mock_base, port, access_log), sort_keys=False))
+    argv = [a.gateway_python, "-m", "gateway", "serve", "--config", str(cfg_path), "--port", str(port),
+            "--log-level", "warning", "--workers", str(workers)]
+    env = dict(os.environ, LLMGW_UPSTREAM_CLIENT=client)
+    svc = Service(name, argv, tmp, cpus=cpu, env=env, cwd=tmp)
+    services.append(svc)  # registered before readiness, so a failed start-up is stopped too
+    dt = svc.wait_ready(f"http://127.0.0.1:{port}/readyz", a.startup_timeout)
+    log(f"{name} (upstream client {client}, {workers} worker(s)) ready in {dt:.1f}s")
+    return Target(name, f"http://127.0.0.1:{port}/v1", "fast", None, svc, access_log)
+
+
+def start_floor(a: argparse.Namespace, bench: Path, mock_base: str, tmp: Path, cpu: str | None,
+                services: list[Service]) -> Target:
+    port = free_port()
+    argv = [a.bench_python, str(bench / "floor_proxy.py"), "--port", str(port), "--upstream", mock_base,
+            "--log", str(tmp / "floor-access.jsonl")]
+    svc = Service(FLOOR, argv, tmp, cpus=cpu)
+    services.append(svc)
+    dt = svc.wait_ready(f"http://127.0.0.1:{port}/health", a.startup_timeout)
+    log(f"floor ready in {dt:.1f}s")
+    return Target(FLOOR, f"http://127.0.0.1:{port}/v1", "fast", None, svc)
+
+
+def start_litellm(a: argparse.Namespace, bench: Path, mock_base: str, tmp: Path, cpu: str | None,
+                  services: list[Service]) -> Target:
+    port = free_port()
+    key = "sk-bench-" + secrets.token_hex(16)  # start.sh takes the master key from the environment
+    env = dict(os.environ, MOCK_API_BASE=mock_base, LITELLM_WORKERS="1", LITELLM_MASTER_KEY=key)
+    svc = Service(LITELLM, [str(bench / "peers" / "litellm" / "start.sh"), str(port)], tmp, cpus=cpu, env=env)
+    services.append(svc)
+    dt = svc.wait_ready(f"http://127.0.0.1:{port}/health/liveliness", a.startup_timeout)
+    log(f"litellm ready in {dt:.1f}s")
+    return Target(LITELLM, f"http://127.0.0.1:{port}/v1", "fast", key, svc)
+
+
+def litellm_version(svc: Service) -> str:
+    """start.sh execs the venv's litellm script: read the venv from the process's command line."""
+    try:
+        args = Path(f"/proc/{svc.pid}/cmdline").read_bytes().split(b"\0")
+        python = args[0].decode()
+        out = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+                             capture_output=True, text=True, timeout=60)
+        return out.stdout.strip() or "?"
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "?"
+
+
+# ------------------------------------------------------------------ one run
+
+
+class Bench:
+    def __init__(self, a: argparse.Namespace, bench: Path, mock: Service, mock_root: str, cpu_load: str | None):
+        self.a = a
+        self.bench = bench
+        self.mock = mock
+        self.mock_root = mock_root
+        self.cpu_load = cpu_load
+
+    def loadgen(self, t: Target, mode: str, conc: int, duration: float, warmup: float, label: str) -> dict[str, Any]:
+        a = self.a
+        argv = [a.bench_python, str(self.bench / "loadgen.py"), "--url", t.url, "--model", t.model,
+                "-c", str(conc), "-d", str(duration), "--warmup", str(warmup), "--timeout", str(a.timeout),
+                "--max-tokens", str(a.max_tokens), "--json", "--label", label]
+        if mode == "stream":
+            argv += ["--stream", "--include-usage"]
+        if t.api_key:
+            argv += ["--api-key", t.api_key]
+        if self.cpu_load:
+            argv = ["taskset", "-c", self.cpu_load, *argv]
+        out = subprocess.run(argv, capture_output=True, timeout=duration + warmup + a.timeout + 60)
+        if out.returncode != 0:
+            raise RuntimeError(f"loadgen failed on {label}: {out.stderr.decode(errors='replace')[-2000:]}")
+        return json.loads(out.stdout.decode().strip().splitlines()[-1])
+
+    def measure(self, t: Target, mode: str, conc: int, rnd: int) -> Run:
+        if t.service is not None and not t.service.alive():
+            raise RuntimeError(f"{t.name} died:\n{t.service.tail()}")
+        http_post(self.mock_root + "/stats/reset")
+        before = tree_usage(t.service.pid) if t.service else None
+        t0 = time.monotonic()
+        r = self.loadgen(t, mode, conc, self.a.duration, self.a.warmup, f"{t.name}/{mode}/c{conc}/r{rnd}")
+        wall = time.monotonic() - t0
+        run = Run.from_loadgen(t.name, mode, conc, rnd, r)
+        if t.service is not None and before is not None:
+            after = tree_usage(t.service.pid)
+            cpu = after.cpu_s - before.cpu_s
+            run.cpu_ms_per_req = 1000.0 * cpu / run.completed_all if run.completed_all else None
+            run.cpu_pct = 100.0 * cpu / wall
+            run.rss_mb = after.rss_bytes / 2**20
+        return run
+
+
+# ------------------------------------------------------------------ facts for the report
+
+
+def machine_lines(a: argparse.Namespace, pin: bool, cpu_proxy: str | None, versions: dict[str, str],
+                  load: tuple[float, float]) -> list[str]:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    vers = ", ".join(f"{k} {v}" for k, v in versions.items())
+    return [
+        f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
+        f"machine: {os.cpu_count()} CPUs ({model}), Linux {platform.release()}, Python {platform.python_version()}",
+        f"versions: {vers}",
+        f"other load on the machine: 1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end "
+        f"(the benchmark itself keeps about 2 busy); when it is well above that, other work shared the CPUs",
+        f"method: {a.rounds} rounds x {len(a.mode_list)} modes x c={','.join(map(str, a.concs))}, "
+        f"{a.duration:g} s measured (+{a.warmup:g} s warm-up) per run, targets interleaved round by round; "
+        f"mock `{a.mock_args}`, max_tokens {a.max_tokens}; pinning {'on' if pin else 'off'}"
+        + (f" (proxies on CPU {cpu_proxy}, mock + loadgen on the rest)" if pin else "")
+        + f"; loopback-only network namespace: {'yes' if os.environ.get(NETNS_ENV) == '1' else 'no'}",
+        f"llmgw: {'/'.join(map(str, a.workers))} uvicorn worker(s) (uvloop + httptools), JSON access log to a file, metrics, latency routing over "
+        "two deployments of the mock, retries (2) and hedging (auto delay, at least 1 s) configured but not firing",
+    ]
+
+
+def pip_version(python: str, dist: str) -> str:
+    out = subprocess.run([python, "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() or "-"
+
+
+def gateway_checks(t: Target) -> str:
+    """What the gateway's own telemetry says about the runs: nothing retried or hedged, overhead it measured."""
+    n = retries = hedges = non200 = 0
+    overhead: dict[bool, list[float]] = {False: [], True: []}
+    if t.access_log is not None and t.access_log.exists():
+        with t.access_log.open() as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                n += 1
+                retries += rec.get("retry_count") or 0
+                hedges += rec.get("hedge_count") or 0
+                non200 += rec.get("response_code") != 200
+                if rec.get("gateway_overhead_ms") is not None:
+                    overhead[bool(rec.get("stream"))].append(rec["gateway_overhead_ms"])
+    status, body = http_get(t.url.rsplit("/v1", 1)[0] + "/metrics", 5.0)
+    series = sum(1 for ln in body.decode(errors="replace").splitlines() if ln.startswith("llmgw_")) if status else 0
+    dropped = next((ln.split()[-1] for ln in body.decode(errors="replace").splitlines()
+                    if ln.startswith("llmgw_accesslog_dropped_total")), "?")
+    oj, os_ = median(overhead[False]), median(overhead[True])
+    return (f"{t.name}: access log {n} records, {retries} retries, {hedges} hedges, {non200} non-200, "
+            f"{dropped} dropped; its own gateway_overhead_ms median json {oj if oj is None else round(oj, 3)} / "
+            f"stream {os_ if os_ is None else round(os_, 3)}; /metrics HTTP {status} with {series} llmgw_ series")
+
+
+def default_out() -> Path:
+    base = REPO / "loadtests" / "results" / time.strftime("%Y-%m-%d")
+    out, i = base.with_suffix(".md"), 2
+    while out.exists():
+        out, i = Path(f"{base}-{i}.md"), i + 1
+    return out
+
+
+# ------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    bench = check_tools(a)
+    enter_netns(a)
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the finally below stops every service
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    lock = take_lock(a)
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = a.pin == "on" or (a.pin == "auto" and len(cpus) >= 2)
+    cpu_proxy = str(cpus[-1]) if pin else None
+    cpu_load = ",".join(map(str, cpus[:-1])) if pin else None
+    wanted = [t.strip() for t in a.targets.split(",") if t.strip()]
+    load_start = os.getloadavg()[0]
+    tmp = Path(tempfile.mkdtemp(prefix="llmgw-bench-"))
+    services: list[Service] = []
+    try:
+        mport = free_port()
+        mock = Service("mock", [a.bench_python, str(bench / "mock_upstream.py"), "--port", str(mport),
+                                *a.mock_args.split()], tmp, cpus=cpu_load)
+        services.append(mock)
+        mock_root = f"http://127.0.0.1:{mport}"
+        mock.wait_ready(mock_root + "/health", 30)
+        mock_base = mock_root + "/v1"
+        targets: list[Target] = []
+        versions = {"llm-gateway": pip_version(a.gateway_python, "llm-gateway"),
+                    "aiohttp": pip_version(a.gateway_python, "aiohttp"),
+                    "uvicorn": pip_version(a.gateway_python, "uvicorn")}
+        for name in wanted:
+            if name == DIRECT:
+                targets.append(Target(DIRECT, mock_base, "mock-model"))
+            elif name == FLOOR:
+                t = start_floor(a, bench, mock_base, tmp, cpu_proxy, services)
+                targets.append(t)
+                versions["floor aiohttp"] = pip_version(a.bench_python, "aiohttp")
+            elif name == LITELLM and a.with_litellm:
+                t = start_litellm(a, bench, mock_base, tmp, cpu_proxy, services)
+                targets.append(t)
+                versions["LiteLLM"] = litellm_version(t.service) if t.service else "?"
+            elif name == "llmgw":
+                for client in a.clients:
+                    for workers in a.workers:
+                        targets.append(start_gateway(a, gateway_name(client, workers, a), client, workers,
+                                                     mock_base, tmp, cpu_proxy, services))
+                    if client != "aiohttp":
+                        versions[client] = pip_version(a.gateway_python, client)
+        if not targets or targets[0].name != DIRECT:
+            fail_setup("the first target must be 'direct' (added latency is measured against it)")
+        b = Bench(a, bench, mock, mock_root, cpu_load)
+        for t in targets[1:]:
+            for mode in a.mode_list:
+                r = b.loadgen(t, mode, 16, a.prewarm, 0, f"prewarm/{t.name}/{mode}")
+                log(f"prewarm {t.name} {mode}: {r['rps']} rps, errors {r['errors'] or 'none'}")
+        runs: list[Run] = []
+        for rnd in range(a.rounds):
+            rest = targets[1:] if rnd % 2 == 0 else targets[1:][::-1]
+            for mode in a.mode_list:
+                for conc in a.concs:
+                    for t in [targets[0], *rest]:
+                        run = b.measure(t, mode, conc, rnd)
+                        runs.append(run)
+                        lat = run.lat or {}
+                        log(f"r{rnd} {mode:6} c={conc:<3} {t.name:20} rps={run.rps:9.1f} p50={lat.get('p50')} "
+                            f"p99={lat.get('p99')} cpu={run.cpu_ms_per_req and round(run.cpu_ms_per_req, 3)} "
+                            f"ms/req errors={run.errors or '-'}")
+        names = [t.name for t in targets]
+        summ = summarize(runs, names, a.mode_list, a.concs)
+        checks = [gateway_checks(t) for t in targets if t.name not in (DIRECT, FLOOR, LITELLM)]
+        report = markdown(f"llmgw benchmark, {time.strftime('%Y-%m-%d')}",
+                          machine_lines(a, pin, cpu_proxy, versions, (load_start, os.getloadavg()[0])),
+                          summ, names, min(a.concs), a.cpu_at if a.cpu_at in a.concs else max(a.concs), checks)
+        out = a.out or default_out()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report)
+        out.with_suffix(".json").write_text(json.dumps(
+            {"args": {k: v for k, v in vars(a).items() if k not in MACHINE_ARGS},
+             "versions": versions, "runs": [asdict(r) for r in runs]},
+            indent=1))
+        print(report)
+        log(f"wrote {out} and {out.with_suffix('.json')}")
+        return 0
+    except RuntimeError as exc:
+        log(f"failed: {exc}")
+        return 1
+    finally:
+        for svc in reversed(services):
+            try:
+                svc.stop()
+            except OSError as exc:  # keep stopping the others
+                log(f"stopping {svc.name}: {exc}")
+        if a.keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

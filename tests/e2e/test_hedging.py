@@ -1,0 +1,104 @@
+"""Hedging through the real server: first usable token wins, the loser is cancelled, within a budget."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import HTTP, dep, metric_value, model
+
+TAILED = {"ttft_ms": 80, "ttft_dist": "fixed", "itl_ms": 5, "tokens": 6, "tail_p": 0.15, "tail_ms": 2000}
+TOKEN = re.compile(r"(sim-[ab])#(\d+):(\d+) ")
+
+
+def _gw(sims_factory, gateways, hedging, b_tail_p=0.0):
+    # Primary attempts go to a (priority 0) whose TTFT has a 2 s tail; hedges go to b.
+    sims = sims_factory({"sim-a": ("us-east", TAILED), "sim-b": ("eu-west", {**TAILED, "tail_p": b_tail_p})})
+    gw = gateways({"server": {"region": "us-east"},
+                   "models": [model("chat", [dep("a", sims.base_url("sim-a"), region="us-east", priority=0),
+                                             dep("b", sims.base_url("sim-b"), region="eu-west", priority=1)],
+                                    routing={"strategy": "priority", "locality": "off"}, hedging=hedging)]})
+    return sims, gw
+
+
+def test_hedged_streams_carry_one_attempts_content_and_losers_are_cancelled(sims_factory, gateways):
+    sims, gw = _gw(sims_factory, gateways, {"enabled": True, "delay_ms": 300, "budget_percent": 100})
+    client = gw.client()
+    n = 40
+    for i in range(n):
+        text = ""
+        for chunk in client.chat.completions.create(model="chat", stream=True, extra_headers={"x-request-id": f"h{i}"},
+                                                    messages=[{"role": "user", "content": "x"}]):
+            if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+        producers = {(m.group(1), m.group(2)) for m in TOKEN.finditer(text)}
+        assert len(producers) == 1, text  # exactly one attempt's tokens reached the client
+        assert [int(m.group(3)) for m in TOKEN.finditer(text)] == list(range(6))
+    recs = {r["request_id"]: r for r in gw.records(wait_for=n)}
+    hedged = [r for r in recs.values() if r["hedge_count"] == 1]
+    assert hedged, "with a 15% tail some requests must have been hedged"
+    assert all(r["ttft_ms"] < 1000 for r in recs.values())  # no client waited for the 2 s tail
+    seen = sims.stats("sim-a")["recent"] + sims.stats("sim-b")["recent"]
+    by_id: dict[str, list[dict]] = {}
+    for s in seen:
+        by_id.setdefault(s["request_id"], []).append(s)
+    for r in hedged:
+        attempts = by_id[r["request_id"]]
+        assert len(attempts) == 2
+        winner = [a for a in attempts if a["outcome"] == "ok"]
+        loser = [a for a in attempts if a["outcome"] == "cancelled"]
+        assert len(winner) == 1 and len(loser) == 1, attempts
+        assert loser[0]["ended_at"] - winner[0]["first_byte_at"] < 0.05  # cancelled within 50 ms of the win
+        assert r["hedge_winner"] in ("primary", "hedge") and r["hedge_delay_ms"] == 300
+    text = gw.metrics()
+    assert metric_value(text, "llmgw_hedges_total", model="chat", outcome="won") >= 1
+    assert metric_value(text, "llmgw_hedges_total", model="chat", outcome="cancelled") == len(hedged)
+
+
+def test_hedged_non_stream_request_returns_exactly_one_body(sims_factory, gateways):
+    sims, gw = _gw(sims_factory, gateways, {"enabled": True, "delay_ms": 150, "budget_percent": 100})
+    sims.set("sim-a", tail_p=1.0)
+    sims.set("sim-b", tail_p=1.0)
+    r = HTTP.post(gw.url + "/v1/chat/completions", headers={"x-gateway-deployment": "a"}, timeout=10,
+                   json={"model": "chat", "messages": [{"role": "user", "content": "x"}]})
+    # pinned requests are not hedged elsewhere; an unpinned one is
+    assert r.status_code == 200
+    sims.set("sim-b", tail_p=0.0)
+    body = HTTP.post(gw.url + "/v1/chat/completions", timeout=10,
+                      json={"model": "chat", "messages": [{"role": "user", "content": "x"}]})
+    data = body.json()
+    assert len(data["choices"]) == 1
+    assert len({m.group(1) for m in TOKEN.finditer(data["choices"][0]["message"]["content"])}) == 1
+    rec = gw.records(wait_for=2)[-1]
+    assert rec["attempts"] <= 2 and rec["duration_ms"] < 1500
+
+
+def test_budget_suppresses_hedges(sims_factory, gateways):
+    sims, gw = _gw(sims_factory, gateways, {"enabled": True, "delay_ms": 100, "budget_percent": 0})
+    sims.set("sim-a", tail_p=1.0, tail_ms=300)
+    sims.set("sim-b", tail_p=1.0, tail_ms=300)
+    for _ in range(5):
+        r = HTTP.post(gw.url + "/v1/chat/completions", timeout=10, json={"model": "chat", "messages": []})
+        assert r.status_code == 200
+    recs = gw.records(wait_for=5)
+    # the bucket starts with one token: at most one hedge, the rest suppressed and flagged
+    assert sum(r["hedge_count"] for r in recs) <= 1
+    assert sum("HS" in r["response_flags"] for r in recs) >= 4
+    assert metric_value(gw.metrics(), "llmgw_hedges_total", model="chat", outcome="suppressed") >= 4
+
+
+def test_hedge_header_off_and_override(sims_factory, gateways):
+    sims, gw = _gw(sims_factory, gateways, {"enabled": False})
+    sims.set("sim-a", tail_p=1.0, tail_ms=400)
+    sims.set("sim-b", tail_p=1.0, tail_ms=400)
+    r = HTTP.post(gw.url + "/v1/chat/completions", headers={"x-gateway-hedge": "100"}, timeout=10,
+                   json={"model": "chat", "messages": []})
+    assert r.status_code == 200
+    r = HTTP.post(gw.url + "/v1/chat/completions", headers={"x-gateway-hedge": "off"}, timeout=10,
+                   json={"model": "chat", "messages": []})
+    assert r.status_code == 200
+    recs = gw.records(wait_for=2)
+    assert recs[0]["hedge_count"] == 1 and recs[0]["hedge_delay_ms"] == 100
+    assert recs[1]["hedge_count"] == 0
+    bad = HTTP.post(gw.url + "/v1/chat/completions", headers={"x-gateway-hedge": "soon"}, timeout=10,
+                     json={"model": "chat", "messages": []})
+    assert bad.status_code == 400 and "x-gateway-hedge" in bad.json()["error"]["message"]

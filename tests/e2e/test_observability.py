@@ -1,0 +1,168 @@
+"""Where the time went: timings that match the simulator, flags, metrics across workers, trace context."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import httpx
+import orjson
+import pytest
+from conftest import HTTP, dep, free_port, metric_value, model
+
+FIXED = {"ttft_ms": 200, "ttft_dist": "fixed", "itl_ms": 0, "tokens": 1, "tail_p": 0}
+
+
+def _chat(gw, stream=False, headers=None, **body):
+    return HTTP.post(gw.url + "/v1/chat/completions", headers=headers or {}, timeout=30,
+                      json={"model": "chat", "messages": [{"role": "user", "content": "x"}], "stream": stream, **body})
+
+
+def test_logged_upstream_time_matches_the_simulator(sims_factory, gateways):
+    sims = sims_factory({"sim-a": ("us-east", FIXED)})
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+    for _ in range(5):
+        assert _chat(gw).status_code == 200
+    recs = gw.records(wait_for=5)
+    for rec in recs:
+        assert 195 <= rec["upstream_service_time_ms"] <= 260, rec
+        assert rec["gateway_overhead_ms"] < 10, rec
+        assert rec["duration_ms"] == pytest.approx(rec["upstream_service_time_ms"] + rec["gateway_overhead_ms"],
+                                                   abs=0.01)
+        assert rec["upstream_connect_ms"] == 0 and rec["upstream_reused_connection"] is True  # pre-warmed pool
+        assert rec["attempts"] == 1 and rec["response_flags"] == "-"
+    r = _chat(gw)
+    up = float(r.headers["x-gateway-upstream-service-time"])
+    assert 195 <= up <= 260
+    timing = r.headers["server-timing"]
+    assert timing.startswith("gateway;dur=") and "upstream;dur=" in timing
+
+
+def test_stream_ttft_is_logged_and_close_to_the_simulator(sims_factory, gateways):
+    sims = sims_factory({"sim-a": ("us-east", {**FIXED, "tokens": 5, "itl_ms": 50})})
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+    r = _chat(gw, stream=True, stream_options={"include_usage": True})
+    assert r.status_code == 200
+    rec = gw.records(wait_for=1)[-1]
+    assert 195 <= rec["ttft_ms"] <= 260
+    assert 195 + 4 * 50 <= rec["upstream_service_time_ms"] <= 520
+    assert rec["gateway_overhead_ms"] < 10
+    assert rec["completion_tokens"] == 5 and rec["stream"] is True
+
+
+@pytest.fixture
+def flaky(sims_factory, gateways):
+    sims = sims_factory({"sim-a": ("us-east", {**FIXED, "ttft_ms": 20})})
+    gw = gateways({"models": [
+        model("chat", [dep("a", sims.base_url("sim-a"))], retry={"max_retries": 1, "budget_percent": 100},
+              timeouts={"ttft_ms": 300}),
+        model("dead", [dep("nowhere", f"http://127.0.0.1:{free_port()}/v1",
+                           pool={"min_connections": 0, "validate_on_start": False})], retry={"max_retries": 0}),
+    ]})
+    return sims, gw
+
+
+@pytest.mark.parametrize(("headers", "model_name", "stream", "status", "flag"), [
+    ({}, "dead", False, 502, "UF"),
+    ({"x-sim-stall-rate": "1"}, "chat", False, 504, "UT"),
+    ({"x-sim-error-rate": "1", "x-sim-error-status": "503"}, "chat", False, 503, "URX"),
+    ({"x-sim-reset-rate": "1", "x-sim-reset-after-tokens": "0"}, "chat", True, 502, "UC"),
+    ({"x-gateway-timeout-ms": "150", "x-sim-stall-rate": "1"}, "chat", False, 504, "DT"),
+])
+def test_each_failure_kind_has_its_flag(flaky, headers, model_name, stream, status, flag):
+    _, gw = flaky
+    r = HTTP.post(gw.url + "/v1/chat/completions", headers=headers, timeout=30,
+                   json={"model": model_name, "stream": stream, "messages": []})
+    assert r.status_code == status, r.text
+    rec = gw.records(wait_for=1)[-1]
+    assert flag in rec["response_flags"].split(","), rec
+    assert rec["response_code"] == status
+
+
+def test_metrics_add_up_with_two_workers(sims_factory, gateways):
+    sims = sims_factory({"sim-a": ("us-east", {**FIXED, "ttft_ms": 5})})
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]}, workers=2)
+    n = 30
+    with httpx.Client(timeout=10) as c:  # one connection per request so both workers get traffic
+        for _ in range(n):
+            r = c.post(gw.url + "/v1/chat/completions", headers={"connection": "close"},
+                       json={"model": "chat", "messages": []})
+            assert r.status_code == 200
+    gw.records(wait_for=n)
+    text = gw.metrics()
+    assert metric_value(text, "llmgw_requests_total", model="chat", code="200") == n
+    assert metric_value(text, "llmgw_request_duration_seconds_count", model="chat") == n
+    assert metric_value(text, "llmgw_upstream_attempts_total", deployment="a", outcome="success") == n
+    assert metric_value(text, "llmgw_gateway_overhead_seconds_count", model="chat") == n
+    assert "llmgw_accesslog_dropped_total" in text
+    pids = {rec["downstream_remote_address"] for rec in gw.records()}
+    assert len(pids) > 1
+
+
+def test_traceparent_continues_the_client_trace(sims_factory, gateways):
+    sims = sims_factory({"sim-a": ("us-east", {**FIXED, "ttft_ms": 5})})
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    _chat(gw, headers={"traceparent": tp, "tracestate": "app=1"})
+    seen = sims.stats("sim-a")["recent"][-1]
+    _, trace_id, parent, flags = seen["traceparent"].split("-")
+    assert trace_id == "4bf92f3577b34da6a3ce929d0e0e4736" and parent != "00f067aa0ba902b7" and flags == "01"
+    assert seen["tracestate"] == "app=1"
+    rec = gw.records(wait_for=1)[-1]
+    assert rec["traceparent"] == tp
+    # without a traceparent the gateway starts a trace and sends it upstream
+    _chat(gw)
+    seen = sims.stats("sim-a")["recent"][-1]
+    assert len(seen["traceparent"].split("-")[1]) == 32
+    rec = gw.records(wait_for=2)[-1]
+    assert rec["traceparent"].split("-")[1] == seen["traceparent"].split("-")[1]
+
+
+def test_text_access_log_format(sims_factory, gateways):
+    sims = sims_factory({"sim-a": ("us-east", {**FIXED, "ttft_ms": 5})})
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])], "access_log": {"format": "text"}})
+    r = _chat(gw, headers={"x-request-id": "text-1", "user-agent": "ua-test"})
+    assert r.status_code == 200
+    line = gw.lines(wait_for=1)[-1]
+    # Envoy's default format first: [time] "METHOD PATH PROTO" code flags rx tx duration upstream-time ...
+    assert '"POST /v1/chat/completions HTTP/1.1" 200 - ' in line
+    assert '"ua-test" "text-1" "chat"' in line and "cluster=a" in line and "ttft_ms=" in line
+
+
+def test_report_reads_the_gateways_own_log(sims_factory, gateways):
+    sims = sims_factory({"sim-a": ("us-east", {**FIXED, "ttft_ms": 30})})
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+    for _ in range(10):
+        _chat(gw)
+    gw.records(wait_for=10)
+    out = subprocess.run([sys.executable, "-m", "gateway", "report", str(gw.log_path), "--format", "json"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    data = orjson.loads(out.stdout)
+    assert "chat" in out.stdout and data
+
+
+def test_access_log_write_never_blocks_and_counts_drops(tmp_path):
+    import asyncio
+
+    from gateway.telemetry.accesslog import FIELDS, AccessLog
+
+    drops = []
+    path = tmp_path / "log.jsonl"
+    log = AccessLog(str(path), "json", queue_size=16, on_drop=lambda: drops.append(1))
+    rec = dict.fromkeys(FIELDS)
+
+    async def burst() -> float:
+        t0 = time.monotonic()
+        for _ in range(5000):  # within one loop tick: at most queue_size lines wait, the rest are counted
+            log.write(rec)
+        elapsed = time.monotonic() - t0
+        await asyncio.sleep(0.05)  # the batch is handed to the writer
+        return elapsed
+
+    log.start()
+    assert asyncio.run(burst()) < 1.0
+    log.close()
+    assert len(drops) == 5000 - 16
+    assert len(path.read_bytes().splitlines()) == 16

@@ -1,0 +1,207 @@
+"""Deadlines, timeouts, retries with a budget, Retry-After, outlier ejection, overload: real processes."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+import time
+
+import pytest
+from conftest import HTTP, REDIS_URL, dep, metric_value, model
+
+QUICK = {"ttft_ms": 20, "ttft_dist": "fixed", "itl_ms": 5, "tokens": 4, "tail_p": 0}
+
+
+def _post(gw, model_name="chat", stream=False, headers=None, timeout=30):
+    return HTTP.post(gw.url + "/v1/chat/completions", headers=headers or {}, timeout=timeout,
+                      json={"model": model_name, "stream": stream, "messages": [{"role": "user", "content": "x"}]})
+
+
+def test_thirty_percent_503s_all_client_requests_succeed(sims_factory, gateways):
+    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "error_rate": 0.3}),
+                         "sim-b": ("us-east", {**QUICK, "error_rate": 0.3})})
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a")), dep("b", sims.base_url("sim-b"))],
+                                    retry={"max_retries": 4, "budget_percent": 100, "backoff_base_ms": 5},
+                                    outlier={"consecutive_failures": 50})]})
+    n = 40
+    codes = [_post(gw).status_code for _ in range(n)]
+    assert codes == [200] * n
+    recs = gw.records(wait_for=n)
+    retries = sum(r["retry_count"] for r in recs)
+    injected = sum(sum(sims.stats(s)["errors_injected"].values()) for s in ("sim-a", "sim-b"))
+    assert retries == injected > 0
+    assert all(r["attempts"] == r["retry_count"] + 1 for r in recs)
+
+
+def test_retry_after_is_honoured(sims_factory, gateways):
+    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 429, "retry_after": "1"})})
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))], retry={"max_retries": 2})]})
+    threading.Timer(0.3, lambda: sims.set("sim-a", error_rate=0.0)).start()
+    t0 = time.monotonic()
+    r = _post(gw)
+    elapsed = time.monotonic() - t0
+    assert r.status_code == 200
+    recent = [x for x in sims.stats("sim-a")["recent"] if x["path"] == "/v1/chat/completions"]
+    assert len(recent) == 2
+    gap = recent[1]["started_at"] - recent[0]["started_at"]
+    assert 0.95 <= gap <= 1.3 and elapsed >= 0.95
+    assert gw.records(wait_for=1)[-1]["backoff_ms"] >= 950
+
+
+def test_retry_after_beyond_the_deadline_answers_429_at_once(sims_factory, gateways):
+    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 429, "retry_after": "30"})})
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))], retry={"max_retries": 2})]})
+    t0 = time.monotonic()
+    r = _post(gw, headers={"x-gateway-timeout-ms": "2000"})
+    assert time.monotonic() - t0 < 0.5
+    assert r.status_code == 429 and r.headers["retry-after"] == "30"
+    assert r.json()["error"]
+    assert len(sims.stats("sim-a")["recent"]) == 1
+
+
+def test_stalled_upstream_times_out_on_time_and_retry_elsewhere_succeeds(sims_factory, gateways):
+    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "stall_rate": 1.0}), "sim-b": ("us-east", QUICK)})
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"), priority=0),
+                                             dep("b", sims.base_url("sim-b"), priority=1)],
+                                    routing={"strategy": "priority"}, timeouts={"ttft_ms": 300},
+                                    retry={"backoff_base_ms": 1, "backoff_max_ms": 1})]})
+    t0 = time.monotonic()
+    r = _post(gw)
+    elapsed = time.monotonic() - t0
+    assert r.status_code == 200 and r.headers["x-gateway-upstream"] == "b"
+    assert 0.3 <= elapsed < 0.5
+    rec = gw.records(wait_for=1)[-1]
+    assert rec["retry_count"] == 1 and rec["attempts"] == 2 and rec["upstream_cluster"] == "b"
+    st = sims.stats("sim-a")
+    assert st["cancelled"]["before_first_byte"] == 1  # the timed-out attempt was aborted, not left running
+    assert metric_value(gw.metrics(), "llmgw_upstream_attempts_total", deployment="a", outcome="timeout") == 1
+
+
+def test_budget_holds_upstream_requests_when_everything_fails(sims_factory, gateways):
+    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 503})})
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))],
+                                    retry={"max_retries": 3, "budget_percent": 20, "min_retry_concurrency": 3,
+                                           "backoff_base_ms": 1, "backoff_max_ms": 2},
+                                    outlier={"consecutive_failures": 1000})]})
+    n = 50
+    codes = [_post(gw).status_code for _ in range(n)]
+    assert set(codes) == {503}
+    upstream = len([x for x in sims.stats("sim-a")["recent"] if x["path"] == "/v1/chat/completions"])
+    assert upstream <= n * 1.2 + 3  # without the budget it would be n * 4 = 200
+    text = gw.metrics()
+    assert metric_value(text, "llmgw_retry_budget_exhausted_total", model="chat") > 0
+    recs = gw.records(wait_for=n)
+    assert sum("URX" in r["response_flags"] for r in recs) == n
+
+
+def test_total_deadline_holds_within_a_few_ms(sims_factory, gateways):
+    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "stall_rate": 1.0})})
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))], timeouts={"ttft_ms": 10000})]})
+    for limit_ms in (300, 600):
+        t0 = time.monotonic()
+        r = _post(gw, headers={"x-gateway-timeout-ms": str(limit_ms)})
+        elapsed_ms = (time.monotonic() - t0) * 1000
+        assert r.status_code == 504
+        err = r.json()["error"]
+        assert err["code"] == "timeout" and "x-gateway-timeout-ms" in err["message"]
+        assert limit_ms - 5 <= elapsed_ms <= limit_ms + 60
+    rec = gw.records(wait_for=2)[-1]
+    assert "DT" in rec["response_flags"] and rec["timeout_flag"] == "total"
+
+
+def test_sdk_timeout_header_is_the_clients_deadline(sims_factory, gateways):
+    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "stall_rate": 1.0})})
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+    t0 = time.monotonic()
+    r = _post(gw, headers={"x-stainless-timeout": "0.4"})
+    assert r.status_code == 504 and 0.39 <= time.monotonic() - t0 < 0.6
+    assert "x-stainless-timeout" in r.json()["error"]["message"]
+
+
+def test_mid_stream_failure_ends_with_an_error_event(sims_factory, gateways):
+    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "tokens": 10, "reset_rate": 1.0, "reset_after_tokens": 3})})
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+    r = _post(gw, stream=True)
+    assert r.status_code == 200
+    events = [e for e in r.text.split("\n\n") if e.strip()]
+    assert sum('"content":"sim-a#' in e for e in events) == 3
+    assert '"error"' in events[-1] and "upstream_reset" in events[-1]
+    rec = gw.records(wait_for=1)[-1]
+    assert "UC" in rec["response_flags"] and rec["retry_count"] == 0  # never retried after bytes went out
+
+
+def test_idle_timeout_between_chunks(sims_factory, gateways):
+    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "tokens": 5, "itl_ms": 800})})
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))], timeouts={"idle_ms": 250})]})
+    t0 = time.monotonic()
+    r = _post(gw, stream=True)
+    assert time.monotonic() - t0 < 0.6
+    assert '"code":"timeout"' in r.text.split("\n\n")[-2] or '"code": "timeout"' in r.text
+    rec = gw.records(wait_for=1)[-1]
+    assert rec["timeout_flag"] == "idle" and "UT" in rec["response_flags"]
+
+
+def test_overflow_answers_503_at_once(sims_factory, gateways):
+    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "ttft_ms": 800})})
+    gw = gateways({"server": {"max_inflight": 2}, "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+    with cf.ThreadPoolExecutor(3) as pool:
+        slow = [pool.submit(_post, gw) for _ in range(2)]
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        r = _post(gw)
+        assert time.monotonic() - t0 < 0.2
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "overloaded"
+        assert [f.result().status_code for f in slow] == [200, 200]
+    assert any(rec["response_flags"] == "UO" for rec in gw.records(wait_for=3))
+
+
+def test_ejection_is_shared_through_redis_and_readmitted(sims_factory, gateways, redis_prefix):
+    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 503}),
+                         "sim-b": ("us-east", QUICK)})
+    cfg = {"state": {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": redis_prefix, "sync_interval_ms": 100},
+           "models": [model("chat", [dep("a", sims.base_url("sim-a"), priority=0),
+                                     dep("b", sims.base_url("sim-b"), priority=1)],
+                            routing={"strategy": "priority"},
+                            outlier={"consecutive_failures": 3, "base_ejection_s": 2, "max_ejection_percent": 50},
+                            retry={"backoff_base_ms": 1, "budget_percent": 100})]}
+    gw1 = gateways(cfg)
+    gw2 = gateways(cfg)
+    for _ in range(3):
+        assert _post(gw1).status_code == 200  # a fails, the retry on b answers
+    assert metric_value(gw1.metrics(), "llmgw_ejections_total", deployment="a") == 1
+    time.sleep(0.5)  # a sync round or two
+    before = len(sims.stats("sim-a")["recent"])
+    for _ in range(5):
+        r = _post(gw2)
+        assert r.status_code == 200 and r.headers["x-gateway-upstream"] == "b"
+    assert len(sims.stats("sim-a")["recent"]) == before  # gw2 never touched the ejected deployment
+    sims.set("sim-a", error_rate=0.0)
+    time.sleep(2.2)  # the ejection (2 s) ends
+    r = _post(gw2)
+    assert r.status_code == 200 and r.headers["x-gateway-upstream"] == "a"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_four_hundreds_are_not_retried(sims_factory, gateways, stream):
+    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 422})})
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+    r = _post(gw, stream=stream)
+    assert r.status_code == 422
+    assert len(sims.stats("sim-a")["recent"]) == 1
+
+
+def test_deadline_during_a_stream_ends_it_with_an_error_event_on_time(sims_factory, gateways):
+    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "tokens": 40, "itl_ms": 50})})  # ~2 s of tokens
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+    t0 = time.monotonic()
+    r = _post(gw, stream=True, headers={"x-gateway-timeout-ms": "600"})
+    elapsed = time.monotonic() - t0
+    assert r.status_code == 200 and 0.59 <= elapsed < 0.75
+    events = [e for e in r.text.split("\n\n") if e.strip()]
+    assert 5 <= sum('"content":"sim-a#' in e for e in events) < 40
+    assert '"code":"timeout"' in events[-1] and "deadline" in events[-1]
+    rec = gw.records(wait_for=1)[-1]
+    assert "DT" in rec["response_flags"] and rec["timeout_flag"] == "total"
+    time.sleep(0.2)
+    assert sims.stats("sim-a")["cancelled"]["mid_stream"] == 1  # the provider stopped generating

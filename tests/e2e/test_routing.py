@@ -1,0 +1,122 @@
+"""Region- and latency-aware routing with shared state, through real gateways and simulators."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+from conftest import HTTP, REDIS_URL, dep, model
+
+BASE = {"ttft_ms": 60, "ttft_dist": "fixed", "itl_ms": 2, "tokens": 2, "tail_p": 0}
+
+
+def _post(gw, headers=None, stream=True):
+    r = HTTP.post(gw.url + "/v1/chat/completions", headers=headers or {}, timeout=30,
+                   json={"model": "chat", "stream": stream, "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 200, r.text
+    return r.headers["x-gateway-upstream"]
+
+
+def _two_regions(sims_factory, gateways, routing=None, state=None, n_gateways=1):
+    sims = sims_factory({"sim-us": ("us-east", BASE), "sim-eu": ("eu-west", BASE)})
+    cfg = {"server": {"region": "us-east"},
+           "models": [model("chat", [dep("us", sims.base_url("sim-us"), region="us-east"),
+                                     dep("eu", sims.base_url("sim-eu"), region="eu-west")],
+                            routing={"ewma_decay_s": 1.0, "cross_region_penalty_ms": 30, **(routing or {})},
+                            outlier={"consecutive_failures": 2, "base_ejection_s": 1},
+                            retry={"backoff_base_ms": 1})]}
+    if state:
+        cfg["state"] = state
+    gws = [gateways(cfg) for _ in range(n_gateways)]
+    return sims, gws
+
+
+def test_traffic_stays_local_while_local_is_healthy(sims_factory, gateways):
+    _, (gw,) = _two_regions(sims_factory, gateways)
+    picks = collections.Counter(_post(gw) for _ in range(30))
+    assert picks == {"us": 30}
+    assert {r["route_reason"] for r in gw.records(wait_for=30)} == {"local"}
+
+
+def test_slow_local_region_spills_over_and_comes_back(sims_factory, gateways):
+    sims, (gw,) = _two_regions(sims_factory, gateways)
+    for _ in range(5):
+        _post(gw)
+    sims.set("sim-us", ttft_ms=180)  # 3x slower
+    picks = [_post(gw) for _ in range(40)]
+    moved_after = next(i for i in range(len(picks)) if picks[i:i + 10].count("eu") >= 9)
+    assert moved_after <= 10, picks
+    assert picks[-20:].count("eu") >= 18, picks
+    sims.set("sim-us", ttft_ms=60)  # recovered
+    time.sleep(2.5)  # estimates decay, so the local region is tried again
+    back = [_post(gw) for _ in range(30)]
+    assert back[-15:].count("us") >= 13, back
+    reasons = {r["route_reason"] for r in gw.records(wait_for=75)}
+    assert {"local", "spillover"} <= reasons
+
+
+def test_failed_local_deployment_fails_over_at_once(sims_factory, gateways):
+    sims, (gw,) = _two_regions(sims_factory, gateways)
+    sims.set("sim-us", error_rate=1.0, error_status=503)
+    first = HTTP.post(gw.url + "/v1/chat/completions", json={"model": "chat", "messages": []}, timeout=10)
+    assert first.status_code == 200 and first.headers["x-gateway-upstream"] == "eu"
+    for _ in range(5):
+        assert _post(gw, stream=False) == "eu"
+    recs = gw.records(wait_for=6)
+    assert recs[0]["retry_count"] == 1
+    assert "failover" in {r["route_reason"] for r in recs[2:]}
+
+
+def test_hints_prefer_a_region_and_pin_a_deployment(sims_factory, gateways):
+    _, (gw,) = _two_regions(sims_factory, gateways)
+    assert _post(gw, {"x-gateway-region": "eu-west"}) == "eu"
+    assert _post(gw, {"x-gateway-deployment": "eu"}) == "eu"
+    recs = gw.records(wait_for=2)
+    assert recs[-1]["route_reason"] == "pinned"
+
+
+def test_strict_locality_never_leaves_the_region(sims_factory, gateways):
+    sims, (gw,) = _two_regions(sims_factory, gateways, routing={"locality": "strict"})
+    sims.set("sim-us", ttft_ms=200)
+    assert {_post(gw) for _ in range(15)} == {"us"}
+
+
+def test_round_robin_alternates(sims_factory, gateways):
+    _, (gw,) = _two_regions(sims_factory, gateways, routing={"strategy": "round-robin", "locality": "off"})
+    picks = [_post(gw) for _ in range(10)]
+    assert picks.count("us") == 5 and picks.count("eu") == 5
+
+
+def test_two_gateways_sharing_redis_converge(sims_factory, gateways, redis_prefix):
+    state = {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": redis_prefix, "sync_interval_ms": 100}
+    sims, (gw1, gw2) = _two_regions(sims_factory, gateways, state=state, n_gateways=2,
+                                    routing={"ewma_decay_s": 30.0})
+    sims.set("sim-us", ttft_ms=250)
+    for _ in range(10):  # gw1 measures both regions; gw2 measures nothing itself
+        _post(gw1, {"x-gateway-deployment": "us"})
+        _post(gw1, {"x-gateway-deployment": "eu"})
+    time.sleep(0.6)
+    view1 = {d["deployment"]: d for d in HTTP.get(gw1.url + "/admin/deployments").json()["deployments"]}
+    view2 = {d["deployment"]: d for d in HTTP.get(gw2.url + "/admin/deployments").json()["deployments"]}
+    assert view1["us"]["ttft_estimate_ms"] > 150
+    assert view2["us"]["ttft_estimate_ms"] > 150  # gw2 sent nothing there, yet knows it is slow
+    assert view2["eu"]["ttft_estimate_ms"] < 120 and view2["us"]["ttft_samples"] == 0
+    # and so gw2 routes its own first requests away from the slow local region
+    picks = [_post(gw2) for _ in range(10)]
+    assert picks.count("eu") >= 8, picks
+
+
+def test_redis_stopped_mid_test_no_request_fails(sims_factory, gateways, private_redis):
+    port, proc = private_redis
+    state = {"backend": "redis", "redis_url": f"redis://127.0.0.1:{port}/0", "sync_interval_ms": 100}
+    _, (gw,) = _two_regions(sims_factory, gateways, state=state)
+    for _ in range(5):
+        _post(gw)
+    proc.kill()
+    proc.wait()
+    for _ in range(20):
+        _post(gw)  # asserts 200 each
+    time.sleep(0.3)
+    text = HTTP.get(gw.url + "/metrics").text
+    assert "llmgw_state_backend_up 0.0" in text
+    assert gw.stderr().count("unreachable") == 1  # logged once, not per request

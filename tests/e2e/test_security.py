@@ -1,0 +1,664 @@
+"""Tenancy and security through the real server: gateway keys, per-key limits, input hardening, SSRF,
+hop-by-hop headers, the admin port, CORS, and provider keys that never leak."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+import redis
+from conftest import REDIS_URL, Gateway, Sims, dep, free_port, metric_value, model
+
+from gateway.cli import main as cli_main
+from gateway.security.keys import hash_key
+
+FAST = {"ttft_ms": 20, "ttft_dist": "fixed", "itl_ms": 2, "tokens": 3, "tail_p": 0}
+PROVIDER_KEY = "sk-provider-TOPSECRET-0123456789"
+WRONG_PROVIDER_KEY = "sk-provider-WRONGSECRET-9876543210"
+HEADER_SECRET = "hdr-secret-ABCDEF-424242"
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def _keys_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway", "keys", *args], capture_output=True, text=True,
+                          timeout=30)
+
+
+def _keys(*args: str) -> subprocess.CompletedProcess:
+    """`llmgw keys ...` through the same entry point, in this process (no interpreter start-up per call)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli_main(["keys", *args])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def _error(r: httpx.Response) -> dict[str, Any]:
+    """The body is an OpenAI error object, and nothing else."""
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+def _chat(base: str, key: str | None, /, model_name: str = "chat", headers: dict[str, str] | None = None,
+          **body: Any) -> httpx.Response:
+    h = dict(headers or {})
+    if key is not None:
+        h["authorization"] = f"Bearer {key}"
+    return httpx.post(base + "/v1/chat/completions", headers=h, timeout=10,
+                      json={"model": model_name, "messages": MSG, **body})
+
+
+def _records_of(gw: Gateway, key_id: str | None, n: int) -> list[dict[str, Any]]:
+    """Access-log records of one key (None: no key), waiting until at least n were written."""
+    end = time.monotonic() + 5
+    while True:
+        recs = [rec for rec in gw.records() if rec["api_key_id"] == key_id]
+        if len(recs) >= n or time.monotonic() > end:
+            return recs
+        time.sleep(0.05)
+
+
+def _purge(prefix: str) -> None:
+    r = redis.Redis.from_url(REDIS_URL)
+    for k in r.scan_iter(match=prefix + "*"):
+        r.delete(k)
+
+
+# ---------------------------------------------------------------- a gateway with keys, shared by many tests
+
+KEYS = {name: f"sk-gw-test-{name}-{i:04d}" for i, name in enumerate(["a", "rpm", "tpm", "conc", "all"])}
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sims, Gateway, str]]:
+    """One gateway, auth.mode keys, Redis state; each test uses its own key so limits never collide."""
+    prefix = f"llmgw-test-sec-{time.monotonic_ns()}:"
+    sims = Sims({"sim-a": ("us-east", {**FAST, "require_key": PROVIDER_KEY}),
+                 "sim-b": ("us-east", {**FAST, "require_key": PROVIDER_KEY})})
+    keys = [
+        {"id": "team-a", "hash": hash_key(KEYS["a"]), "models": ["chat*"]},
+        {"id": "team-rpm", "hash": hash_key(KEYS["rpm"]), "rpm": 3},
+        {"id": "team-tpm", "hash": hash_key(KEYS["tpm"]), "tpm": 300},
+        {"id": "team-conc", "hash": hash_key(KEYS["conc"]), "max_concurrency": 2},
+        {"id": "team-all", "hash": hash_key(KEYS["all"])},
+    ]
+    cfg = {
+        "state": {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": prefix},
+        "auth": {"mode": "keys", "keys": keys, "protect_metrics": True, "cache_ttl_s": 0.5},
+        "models": [
+            model("chat", [dep("a", sims.base_url("sim-a"), api_key=PROVIDER_KEY,
+                               headers={"x-api-key": HEADER_SECRET, "ocp-apim-subscription-key": HEADER_SECRET,
+                                        "x-team": "voice"})]),
+            model("chat-mini", [dep("a-mini", sims.base_url("sim-a"), api_key=PROVIDER_KEY)]),
+            model("embed", [dep("a-embed", sims.base_url("sim-a"), api_key=PROVIDER_KEY, model="sim-embed")]),
+            # a deployment whose provider key is wrong: the provider answers 401 to every request
+            model("broken", [dep("b-wrong", sims.base_url("sim-b"), api_key=WRONG_PROVIDER_KEY,
+                                 pool={"validate_on_start": False, "min_connections": 0})],
+                  retry={"max_retries": 0}),
+        ],
+    }
+    gw = Gateway(cfg, tmp_path_factory.mktemp("keyed"), name="keyed")
+    yield sims, gw, prefix
+    gw.stop()
+    sims.stop()
+    _purge(prefix)
+
+
+def test_key_lifecycle_through_the_cli(keyed):
+    _, gw, prefix = keyed
+    store = ["--redis-url", REDIS_URL, "--key-prefix", prefix]
+    made = _keys_cli("create", *store, "--id", "svc-x", "--models", "chat*", "--rpm", "5", "--meta", "team=voice")
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip().splitlines()[-1]
+    assert key.startswith("sk-gw-") and len(key) > 40
+    assert "shown only now" in made.stderr
+
+    again = _keys("create", *store, "--id", "svc-x")
+    assert again.returncode == 2 and "exists" in again.stderr
+
+    listed = _keys("list", *store)
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("svc-x"))
+    assert "chat*" in row and " 5 " in row and "voice" in row
+    assert key not in listed.stdout and hash_key(key) not in listed.stdout and "sha256" not in listed.stdout
+
+    r = gw.client(api_key=key).chat.completions.create(model="chat", messages=MSG)
+    assert r.choices[0].message.content
+    with pytest.raises(openai.PermissionDeniedError):
+        gw.client(api_key=key).embeddings.create(model="embed", input="x")
+
+    revoked = _keys("revoke", *store, "--id", "svc-x")
+    assert revoked.returncode == 0, revoked.stderr
+    t0 = time.monotonic()
+    while _chat(gw.url, key).status_code == 200:
+        assert time.monotonic() - t0 < 3.0, "a revoked key kept working past auth.cache_ttl_s"
+        time.sleep(0.1)
+    r = _chat(gw.url, key)
+    assert r.status_code == 401 and _error(r)["code"] == "invalid_api_key"
+    assert _keys("revoke", *store, "--id", "svc-x").returncode == 1
+    assert "svc-x" not in _keys("list", *store).stdout
+
+    assert _records_of(gw, "svc-x", 1)
+    assert key not in gw.log_path.read_text() and key not in gw.stderr()
+
+
+def test_config_key_made_with_keys_hash(keyed):
+    _, gw, _ = keyed
+    out = _keys("hash", KEYS["all"])
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == hash_key(KEYS["all"])
+    # Bearer (OpenAI SDK) and api-key (Azure-style clients) both work
+    r = gw.client(api_key=KEYS["all"]).chat.completions.create(model="chat", messages=MSG)
+    assert r.choices[0].message.content
+    r = httpx.post(gw.url + "/v1/chat/completions", headers={"api-key": KEYS["all"]}, json={"model": "chat"})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("headers", [
+    {},
+    {"authorization": "Bearer sk-gw-not-a-key"},
+    {"authorization": f"Basic {KEYS['all']}"},
+    {"authorization": "Bearer"},
+    {"api-key": "nope"},
+])
+def test_missing_or_invalid_key_is_401(keyed, headers):
+    sims, gw, _ = keyed
+    before = sims.stats("sim-a")["served"]["chat"]
+    n = len(_records_of(gw, None, 0))
+    r = httpx.post(gw.url + "/v1/chat/completions", headers=headers, json={"model": "chat", "messages": MSG})
+    assert r.status_code == 401
+    err = _error(r)
+    assert err["code"] == "invalid_api_key" and err["type"] == "invalid_request_error"
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    assert sims.stats("sim-a")["served"]["chat"] == before  # refused at the edge
+    rec = _records_of(gw, None, n + 1)[-1]
+    assert rec["response_code"] == 401 and rec["response_flags"] == "UAEX" and rec["api_key_id"] is None
+
+
+def test_sdk_sees_401_as_authentication_error(keyed):
+    _, gw, _ = keyed
+    with pytest.raises(openai.AuthenticationError) as exc:
+        gw.client(api_key="sk-gw-wrong").chat.completions.create(model="chat", messages=MSG)
+    assert exc.value.status_code == 401 and exc.value.body["code"] == "invalid_api_key"
+
+
+def test_model_not_allowed_is_403(keyed):
+    sims, gw, _ = keyed
+    c = gw.client(api_key=KEYS["a"])
+    assert c.chat.completions.create(model="chat-mini", messages=MSG).choices  # glob chat* matches
+    before = sims.stats("sim-a")["served"]["chat"]
+    with pytest.raises(openai.PermissionDeniedError) as exc:
+        c.embeddings.create(model="embed", input="x")
+    assert exc.value.status_code == 403
+    assert exc.value.body["code"] == "model_not_allowed" and exc.value.body["param"] == "model"
+    assert "team-a" in exc.value.body["message"]
+    assert sims.stats("sim-a")["served"]["chat"] == before
+    rec = _records_of(gw, "team-a", 2)[-1]
+    assert rec["response_code"] == 403 and rec["api_key_id"] == "team-a"
+
+
+def test_rpm_limit_is_429_with_retry_after_and_logged_by_key_id(keyed):
+    sims, gw, _ = keyed
+    for _ in range(3):
+        assert _chat(gw.url, KEYS["rpm"]).status_code == 200
+    before = sims.stats("sim-a")["served"]["chat"]
+    r = _chat(gw.url, KEYS["rpm"])
+    assert r.status_code == 429
+    err = _error(r)
+    assert err["code"] == "rate_limit_exceeded" and err["type"] == "rate_limit_error"
+    assert 1 <= int(r.headers["retry-after"]) <= 60
+    assert sims.stats("sim-a")["served"]["chat"] == before
+    with pytest.raises(openai.RateLimitError):
+        gw.client(api_key=KEYS["rpm"]).chat.completions.create(model="chat", messages=MSG)
+    recs = _records_of(gw, "team-rpm", 5)
+    assert [rec["response_code"] for rec in recs] == [200, 200, 200, 429, 429]
+    assert recs[-1]["response_flags"] == "RL"
+    assert KEYS["rpm"] not in gw.log_path.read_text()
+    text = httpx.get(gw.url + "/metrics", headers={"authorization": f"Bearer {KEYS['all']}"}).text
+    assert metric_value(text, "llmgw_rate_limited_total", key="team-rpm", limit="rpm") == 2
+    assert KEYS["rpm"] not in text
+    # other keys are not affected
+    assert _chat(gw.url, KEYS["all"]).status_code == 200
+
+
+def test_tpm_limit_charges_the_completion_allowance(keyed):
+    _, gw, _ = keyed
+    assert _chat(gw.url, KEYS["tpm"], max_tokens=200).status_code == 200  # ~20 + 200 of 300
+    r = _chat(gw.url, KEYS["tpm"], max_tokens=200)
+    assert r.status_code == 429 and _error(r)["code"] == "rate_limit_exceeded" and "tpm" in _error(r)["message"]
+    # an absurd allowance costs the whole window, not more, and does not break the accounting
+    r = _chat(gw.url, KEYS["tpm"], max_tokens=10**30)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) <= 60
+
+
+def test_concurrency_cap_per_key(keyed):
+    _, gw, _ = keyed
+
+    def slow(_: int) -> httpx.Response:
+        return _chat(gw.url, KEYS["conc"], headers={"x-sim-ttft-ms": "700"})
+
+    with ThreadPoolExecutor(5) as pool:
+        results = list(pool.map(slow, range(5)))
+    codes = sorted(r.status_code for r in results)
+    assert codes == [200, 200, 429, 429, 429], codes
+    refused = next(r for r in results if r.status_code == 429)
+    assert _error(refused)["code"] == "rate_limit_exceeded" and refused.headers["retry-after"] == "1"
+    # slots are given back when requests end, streams included
+    for _ in range(3):
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=10,
+                          headers={"authorization": f"Bearer {KEYS['conc']}"},
+                          json={"model": "chat", "stream": True, "messages": MSG}) as r:
+            assert r.status_code == 200
+            b"".join(r.iter_bytes())
+    with ThreadPoolExecutor(2) as pool:
+        assert [r.status_code for r in pool.map(slow, range(2))] == [200, 200]
+
+
+def test_protect_metrics_also_protects_admin(keyed):
+    _, gw, _ = keyed
+    for path in ("/metrics", "/admin/config", "/admin/deployments"):
+        r = httpx.get(gw.url + path)
+        assert r.status_code == 401 and _error(r)["code"] == "invalid_api_key", path
+        assert httpx.get(gw.url + path, headers={"authorization": f"Bearer {KEYS['all']}"}).status_code == 200
+    for path in ("/healthz", "/readyz"):  # probes stay open
+        assert httpx.get(gw.url + path).status_code == 200
+
+
+def test_provider_keys_never_leak(keyed):
+    sims, gw, _ = keyed
+    auth = {"authorization": f"Bearer {KEYS['all']}"}
+    seen: list[str] = []
+    n = len(_records_of(gw, "team-all", 0))
+    r = _chat(gw.url, KEYS["all"])
+    assert r.status_code == 200
+    seen.append(r.text)
+    assert sims.stats("sim-a")["recent"][-1]["authorization_present"] is True
+    r = _chat(gw.url, KEYS["all"], model_name="broken")  # the provider refuses the deployment's key
+    assert r.status_code == 401 and sims.stats("sim-b")["unauthorized"] >= 1
+    seen.append(r.text)
+    r = _chat(gw.url, KEYS["all"], model_name="broken", stream=True)
+    seen.append(r.text)
+    seen.append(httpx.get(gw.url + "/v1/models", headers=auth).text)
+    seen.append(httpx.get(gw.url + "/v1/models/chat", headers=auth).text)
+    config = httpx.get(gw.url + "/admin/config", headers=auth)
+    assert config.status_code == 200
+    dep_cfg = config.json()["models"][0]["deployments"][0]
+    assert dep_cfg["api_key"] == "***" and dep_cfg["headers"] == {
+        "x-api-key": "***", "ocp-apim-subscription-key": "***", "x-team": "voice"}
+    seen.append(config.text)
+    seen.append(httpx.get(gw.url + "/admin/deployments", headers=auth).text)
+    seen.append(httpx.get(gw.url + "/metrics", headers=auth).text)
+    checked = subprocess.run([sys.executable, "-m", "gateway", "check-config", "-v", str(gw.config_path)],
+                             capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+    seen += [checked.stdout, checked.stderr]
+    _records_of(gw, "team-all", n + 3)  # the access log is written by a background thread
+    seen += [gw.log_path.read_text(), gw.stderr()]
+    for secret in (PROVIDER_KEY, WRONG_PROVIDER_KEY, HEADER_SECRET, "TOPSECRET", "WRONGSECRET"):
+        for i, text in enumerate(seen):
+            assert secret not in text, (secret, i, text[:500])
+    for key in KEYS.values():  # nor the gateway keys
+        assert all(key not in text for text in seen)
+
+
+# ---------------------------------------------------------------- limits across processes, and without Redis
+
+
+def test_a_limit_shared_by_two_gateways_holds_in_total(sims_factory, gateways, redis_prefix):
+    sims = sims_factory({"sim-a": ("us-east", FAST)})
+    cfg = {"state": {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": redis_prefix},
+           "auth": {"mode": "keys", "keys": [{"id": "shared", "hash": hash_key(KEYS["all"]), "rpm": 6}]},
+           "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]}
+    gw1, gw2 = gateways(cfg, wait_ready=False), gateways(cfg, wait_ready=False)  # start side by side
+    gw1.wait_ready()
+    gw2.wait_ready()
+    codes = {gw1.url: [], gw2.url: []}
+    for i in range(12):
+        url = (gw1.url, gw2.url)[i % 2]
+        codes[url].append(_chat(url, KEYS["all"]).status_code)
+    every = codes[gw1.url] + codes[gw2.url]
+    assert every.count(200) == 6 and every.count(429) == 6, codes
+    assert codes[gw1.url].count(200) == 3 and codes[gw2.url].count(200) == 3  # each admitted some: shared
+    assert sims.stats("sim-a")["served"]["chat"] == 6
+    _purge(redis_prefix)
+
+
+def test_redis_down_falls_back_to_local_limits(sims_factory, gateways, private_redis):
+    port, proc = private_redis
+    sims = sims_factory({"sim-a": ("us-east", FAST)})
+    cfg = {"state": {"backend": "redis", "redis_url": f"redis://127.0.0.1:{port}/0", "sync_interval_ms": 100},
+           "auth": {"mode": "keys", "keys": [{"id": "team-a", "hash": hash_key(KEYS["a"]), "rpm": 4}]},
+           "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]}
+    gw = gateways(cfg)
+    assert [_chat(gw.url, KEYS["a"]).status_code for _ in range(3)] == [200] * 3  # 3 of 4, counted in Redis
+    proc.kill()
+    proc.wait()
+    # The shared window is gone with Redis; the process now counts on its own, from zero, to the same limit.
+    codes, slowest = [], 0.0
+    for _ in range(6):
+        t0 = time.monotonic()
+        codes.append(_chat(gw.url, KEYS["a"]).status_code)
+        slowest = max(slowest, time.monotonic() - t0)
+    assert codes == [200, 200, 200, 200, 429, 429], codes
+    assert slowest < 1.0  # nobody waits on the dead Redis
+    assert gw.stderr().count("enforcing limits locally") == 1
+    assert gw.records(wait_for=9)[-1]["response_flags"] == "RL"
+
+
+# ---------------------------------------------------------------- input hardening
+
+
+class _Recorder:
+    """A minimal OpenAI-compatible upstream that records every request's raw headers."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, body: bytes) -> None:
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                # hop-by-hop and odd headers the gateway must not pass back to its client
+                self.send_header("keep-alive", "timeout=99, canary")
+                self.send_header("proxy-authenticate", "Basic realm=canary")
+                self.send_header("upgrade", "canary/1.0")
+                self.send_header("x-upstream-hop", "canary")
+                self.send_header("connection", "keep-alive, x-upstream-hop")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802
+                recorder.requests.append({"method": "GET", "path": self.path, "headers": dict(self.headers)})
+                self._send(b'{"object": "list", "data": []}')
+
+            def do_POST(self) -> None:  # noqa: N802
+                n = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(n)
+                recorder.requests.append({"method": "POST", "path": self.path, "body": body,
+                                          "headers": {k.lower(): v for k, v in self.headers.items()}})
+                self._send(orjson.dumps({
+                    "id": "rec-1", "object": "chat.completion", "created": 0, "model": "rec",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}))
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sims, Gateway, _Recorder]]:
+    """auth off, small input limits; a recorder upstream; a canary provider the config never names."""
+    sims = Sims({"sim-a": ("us-east", FAST), "canary": ("us-east", FAST)})
+    rec = _Recorder()
+    cfg = {"server": {"max_header_bytes": 2048, "max_json_depth": 16, "max_messages": 4, "max_body_bytes": 8192},
+           "models": [model("chat", [dep("a", sims.base_url("sim-a"))]),
+                      model("rec", [dep("rec", f"http://127.0.0.1:{rec.port}/v1",
+                                        pool={"keepwarm_interval_s": 0})], retry={"max_retries": 0})]}
+    gw = Gateway(cfg, tmp_path_factory.mktemp("hardened"), name="hardened")
+    yield sims, gw, rec
+    gw.stop()
+    sims.stop()
+    rec.stop()
+
+
+def _raw(port: int, request: bytes, timeout: float = 5.0) -> bytes:
+    """Send bytes as they are; read the response until the server closes or a full body arrived."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+            head, sep, body = data.partition(b"\r\n\r\n")
+            if sep:
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length" and len(body) >= int(value):
+                        return data
+
+
+def test_header_size_limit_is_431(hardened):
+    sims, gw, _ = hardened
+    before = sims.stats("sim-a")["served"]["chat"]
+    r = _chat(gw.url, None, headers={"x-pad": "a" * 3000})
+    assert r.status_code == 431 and _error(r)["code"] == "headers_too_large"
+    r = _chat(gw.url, None, headers={f"x-pad-{i}": "a" * 50 for i in range(60)})  # many small ones add up
+    assert r.status_code == 431
+    assert _chat(gw.url, None, headers={"x-pad": "a" * 500}).status_code == 200
+    assert sims.stats("sim-a")["served"]["chat"] == before + 1
+
+
+def _nested(depth: int) -> Any:
+    v: Any = "leaf"
+    for i in range(depth):
+        v = [v] if i % 2 else {"k": v}
+    return v
+
+
+def test_json_nesting_depth_limit(hardened):
+    _, gw, _ = hardened
+    assert _chat(gw.url, None, metadata=_nested(10)).status_code == 200
+    r = _chat(gw.url, None, metadata=_nested(20))
+    assert r.status_code == 400 and _error(r)["code"] == "too_deep"
+    # deeper than the JSON parser itself goes: still a clean 400 (fits the body limit)
+    deep = b'{"model": "chat", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}"
+    r = httpx.post(gw.url + "/v1/chat/completions", content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and _error(r)["code"] in ("too_deep", "invalid_request")
+
+
+def test_too_many_messages(hardened):
+    _, gw, _ = hardened
+    four = [{"role": "user", "content": str(i)} for i in range(4)]
+    assert httpx.post(gw.url + "/v1/chat/completions", json={"model": "chat", "messages": four}).status_code == 200
+    r = httpx.post(gw.url + "/v1/chat/completions", json={"model": "chat", "messages": four + four[:1]})
+    assert r.status_code == 400
+    err = _error(r)
+    assert err["code"] == "too_many_messages" and err["param"] == "messages"
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=x",
+                                   "application/xml"])
+def test_non_json_content_type_is_415(hardened, ctype):
+    _, gw, _ = hardened
+    r = httpx.post(gw.url + "/v1/chat/completions", content=b'{"model": "chat", "messages": []}',
+                   headers={"content-type": ctype})
+    assert r.status_code == 415 and _error(r)["code"] == "unsupported_media_type"
+    for ok in ("application/json; charset=utf-8", "Application/JSON"):
+        r = httpx.post(gw.url + "/v1/chat/completions", content=b'{"model": "chat", "messages": []}',
+                       headers={"content-type": ok})
+        assert r.status_code == 200, ok
+
+
+def test_body_limit_holds_without_content_length(hardened):
+    _, gw, _ = hardened
+    big = b'{"model": "chat", "pad": "' + b"x" * 20000 + b'"}'
+
+    def chunks() -> Iterator[bytes]:  # chunked: the size is only known while reading
+        for i in range(0, len(big), 1000):
+            yield big[i:i + 1000]
+
+    r = httpx.post(gw.url + "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and _error(r)["code"] == "request_too_large"
+
+
+def test_hop_by_hop_headers_are_never_forwarded(hardened):
+    _, gw, rec = hardened
+    body = b'{"model": "rec", "messages": [{"role": "user", "content": "hi"}]}'
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+               b"Connection: keep-alive, X-Hop-Canary\r\nX-Hop-Canary: canary\r\n"
+               b"Keep-Alive: timeout=5, canary\r\nTE: trailers, canary\r\nTrailer: x-canary\r\n"
+               b"Proxy-Authorization: Basic Y2FuYXJ5\r\nProxy-Connection: canary\r\nUpgrade: canary/1.0\r\n"
+               b"X-Kept: yes\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked)
+    n = len(rec.requests)
+    resp = _raw(gw.port, request)
+    head, _, payload = resp.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), resp[:300]
+    sent = rec.requests[n]
+    assert sent["method"] == "POST" and orjson.loads(sent["body"])["messages"][0]["content"] == "hi"
+    got = sent["headers"]
+    assert got.get("x-kept") == "yes"  # ordinary x- headers do go through
+    for name in ("connection", "keep-alive", "te", "trailer", "proxy-authorization", "proxy-connection",
+                 "upgrade", "transfer-encoding", "x-hop-canary"):
+        assert "canary" not in got.get(name, "").lower(), (name, got)
+    assert "x-hop-canary" not in got and "transfer-encoding" not in got and "proxy-authorization" not in got
+    assert int(got["content-length"]) == len(sent["body"])  # re-framed, not relayed chunked
+    # ... and the upstream's hop-by-hop response headers are not passed back either
+    lower = head.lower()
+    for name in (b"keep-alive:", b"proxy-authenticate:", b"upgrade:", b"x-upstream-hop:"):
+        assert name not in lower, head
+
+
+def test_the_gateway_only_calls_configured_upstreams(hardened):
+    """No client-controlled upstream: headers, absolute-URI targets and body fields cannot redirect."""
+    sims, gw, _ = hardened
+    canary = sims.url("canary")
+    canary_host = canary.removeprefix("http://")
+    before = sims.stats("sim-a")["served"]["chat"]
+    opened = sims.stats("canary")["connections_opened"]  # our own /sim/stats calls count as connections
+    hostile = {"x-forwarded-host": canary_host, "forwarded": f"host={canary_host};proto=http",
+               "x-original-url": canary + "/v1/chat/completions", "x-rewrite-url": canary + "/v1",
+               "x-forwarded-proto": "http", "x-forwarded-port": str(sims.ports["canary"]),
+               "x-gateway-deployment": "canary", "x-gateway-region": canary}
+    for name, value in hostile.items():
+        r = _chat(gw.url, None, headers={name: value})
+        assert r.status_code in (200, 400, 404), (name, r.status_code, r.text)
+    for field in ("base_url", "api_base", "url", "endpoint", "azure_endpoint"):
+        assert _chat(gw.url, None, **{field: canary + "/v1"}).status_code == 200
+    body = b'{"model": "chat", "messages": []}'
+    for target in (canary.encode() + b"/v1/chat/completions", b"//" + canary_host.encode() + b"/v1/chat/completions"):
+        _raw(gw.port, b"POST " + target + b" HTTP/1.1\r\nHost: " + canary_host.encode() +
+             b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+             + body)
+    st = sims.stats("canary")
+    assert st["requests"] == 0 and st["connections_opened"] == opened + 1, st
+    assert sims.stats("sim-a")["served"]["chat"] > before
+
+
+def test_cors_is_off_unless_configured(hardened):
+    _, gw, _ = hardened
+    origin = {"origin": "https://evil.example"}
+    r = _chat(gw.url, None, headers=origin)
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    r = httpx.options(gw.url + "/v1/chat/completions",
+                      headers={**origin, "access-control-request-method": "POST"})
+    assert not any(k.startswith("access-control-") for k in r.headers)
+
+
+# ---------------------------------------------------------------- admin port and CORS
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, str]]:
+    """Keys with protect_metrics, an admin port, and CORS for two origins."""
+    sims = Sims({"sim-a": ("us-east", FAST)})
+    admin_port = free_port()
+    cfg = {"server": {"admin_port": admin_port, "cors_origins": ["https://app.example", "http://localhost:3000/"]},
+           "auth": {"mode": "keys", "keys": [{"id": "ops", "hash": hash_key(KEYS["all"])}], "protect_metrics": True},
+           "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]}
+    gw = Gateway(cfg, tmp_path_factory.mktemp("ops"), name="ops")
+    admin_url = f"http://127.0.0.1:{admin_port}"
+    yield gw, admin_url
+    assert gw.stop() == 0  # both listeners shut down cleanly
+    sims.stop()
+    with pytest.raises(httpx.ConnectError):  # the admin listener closed with the process
+        httpx.get(admin_url + "/healthz", timeout=1)
+
+
+def test_admin_port_serves_ops_endpoints_and_main_port_does_not(ops):
+    gw, admin_url = ops
+    key = KEYS["all"]
+    auth = {"authorization": f"Bearer {key}"}
+    assert _chat(gw.url, key).status_code == 200
+    for path in ("/metrics", "/healthz", "/readyz", "/admin/config", "/admin/deployments"):
+        r = httpx.get(gw.url + path, headers=auth)
+        assert r.status_code == 404 and _error(r)["code"] == "unknown_url", path
+    assert httpx.get(admin_url + "/healthz").status_code == 200
+    assert httpx.get(admin_url + "/readyz").json()["pools_ready"] is True
+    assert httpx.get(admin_url + "/metrics").status_code == 401  # protect_metrics holds on the admin port
+    text = httpx.get(admin_url + "/metrics", headers=auth).text
+    assert metric_value(text, "llmgw_requests_total", code="200") >= 1
+    assert httpx.get(admin_url + "/admin/deployments").status_code == 401
+    assert httpx.get(admin_url + "/admin/deployments", headers=auth).json()["deployments"][0]["deployment"] == "a"
+    r = httpx.post(admin_url + "/v1/chat/completions", headers=auth, json={"model": "chat", "messages": MSG})
+    assert r.status_code == 404  # the proxy is not on the admin port
+    assert httpx.get(gw.url + "/openapi.json").status_code == 200  # API docs stay with the API
+
+
+def test_cors_for_listed_origins_only(ops):
+    gw, _ = ops
+    key = KEYS["all"]
+    pre = {"access-control-request-method": "POST",
+           "access-control-request-headers": "authorization, content-type, x-stainless-os, x-evil"}
+    r = httpx.options(gw.url + "/v1/chat/completions", headers={"origin": "https://app.example", **pre})
+    assert r.status_code == 204  # preflights carry no key; they are answered before auth
+    assert r.headers["access-control-allow-origin"] == "https://app.example"
+    assert "POST" in r.headers["access-control-allow-methods"]
+    allowed = {h.strip() for h in r.headers["access-control-allow-headers"].split(",")}
+    assert {"authorization", "content-type", "x-stainless-os"} <= allowed and "x-evil" not in allowed
+    assert "access-control-allow-credentials" not in r.headers
+    r = httpx.options(gw.url + "/v1/chat/completions", headers={"origin": "http://localhost:3000", **pre})
+    assert r.status_code == 204 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+
+    r = httpx.options(gw.url + "/v1/chat/completions", headers={"origin": "https://evil.example", **pre})
+    assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+    assert _error(r)["code"] == "cors_origin_not_allowed"
+
+    r = _chat(gw.url, key, headers={"origin": "https://app.example"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    assert "x-request-id" in r.headers["access-control-expose-headers"] and "Origin" in r.headers["vary"]
+    r = _chat(gw.url, None, headers={"origin": "https://app.example"})  # the page can read why it failed
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "https://app.example"
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", headers={"origin": "https://app.example", **{
+            "authorization": f"Bearer {key}"}}, json={"model": "chat", "stream": True, "messages": MSG}) as st:
+        assert st.headers["access-control-allow-origin"] == "https://app.example"
+        assert b"".join(st.iter_bytes()).rstrip().endswith(b"[DONE]")
+    r = _chat(gw.url, key, headers={"origin": "https://evil.example"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    assert "access-control-allow-origin" not in _chat(gw.url, key).headers  # no Origin, no CORS
+
+
+def test_credentials_in_a_base_url_are_refused_without_echoing_them(tmp_path: Path):
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text("models:\n  - name: m\n    deployments:\n"
+                   f"      - {{id: d, base_url: 'https://user:{PROVIDER_KEY}@api.example/v1'}}\n")
+    r = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(cfg)], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 2 and "models[0].deployments[0].base_url: credentials in the URL" in r.stderr
+    assert PROVIDER_KEY not in r.stdout + r.stderr
+
+
+def test_keys_cli_reports_an_unreachable_redis(tmp_path: Path):
+    r = _keys("list", "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
+    assert r.returncode == 1 and "Redis unavailable" in r.stderr and "Traceback" not in r.stderr

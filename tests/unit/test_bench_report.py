@@ -1,0 +1,48 @@
+"""The benchmark's arithmetic: added latency is paired with direct per round, ratios ignore noise."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+_PATH = Path(__file__).resolve().parents[2] / "loadtests" / "bench_report.py"
+_spec = importlib.util.spec_from_file_location("bench_report", _PATH)
+assert _spec is not None and _spec.loader is not None
+br = importlib.util.module_from_spec(_spec)
+sys.modules["bench_report"] = br
+_spec.loader.exec_module(br)
+
+
+def run(target: str, rnd: int, p50: float, conc: int = 1, mode: str = "json", cpu: float | None = None) -> br.Run:
+    r = br.Run(target, mode, conc, rnd, 100.0, 10, 10, {}, {"p50": p50, "p99": p50 * 2}, None)
+    r.cpu_ms_per_req = cpu
+    return r
+
+
+def test_added_latency_is_the_median_of_per_round_differences_with_direct() -> None:
+    # direct drifts between rounds; the gateway is always 1 ms above it in the same round
+    runs = [run("direct", 0, 1.0), run("direct", 1, 5.0), run("direct", 2, 9.0),
+            run("llmgw", 0, 2.0), run("llmgw", 1, 6.0), run("llmgw", 2, 10.0)]
+    summ = br.summarize(runs, ["direct", "llmgw"], ["json"], [1])
+    gw = next(s for s in summ if s.target == "llmgw")
+    assert gw.added_p50 == 1.0
+    assert gw.added_p99 == 2.0
+    assert gw.p50 == 6.0  # the plain median mixes the drift in; 'added' does not
+
+
+def test_ratio_is_undefined_for_non_positive_added_latency() -> None:
+    assert br.ratio(2.0, 1.0) == 2.0
+    assert br.ratio(-0.1, 1.0) is None
+    assert br.ratio(1.0, None) is None
+
+
+def test_headline_takes_latency_at_low_and_cpu_at_chosen_concurrency() -> None:
+    runs = [run("direct", 0, 1.0), run("direct", 0, 3.0, conc=16),
+            run("floor", 0, 1.5, cpu=0.5), run("floor", 0, 5.0, conc=16, cpu=0.4)]
+    summ = br.summarize(runs, ["direct", "floor"], ["json"], [1, 16])
+    h = br.headline(summ, "floor", lat_conc=1, cpu_conc=16)
+    assert h.added_p50_json == 0.5
+    assert h.cpu_json == 0.4
+    table = br.headline_table(summ, ["direct", "floor"], 1, 16)
+    assert "| floor | 0.50 |" in table

@@ -1,0 +1,547 @@
+"""The Helm chart, rendered and linted in-process (helm-python-sdk), validated against Kubernetes 1.32.
+
+No cluster and no helm binary: ``helm_python`` binds Helm's Go SDK, ``kubernetes_validate`` holds the
+API schemas offline. Two value sets: the chart defaults and an everything-on fixture.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from gateway.telemetry.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "deploy" / "helm" / "llm-gateway"
+ALL_ON = Path(__file__).parent / "fixtures" / "helm-values-all-on.yaml"
+RELEASE, NAMESPACE = "gw", "llm"
+FULLNAME = "gw-llm-gateway"
+K8S_VERSION = "1.32"
+CONFIG_PATH = "/etc/llmgw/config.yaml"
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the dashboard JSON is large
+
+Manifest = dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+@pytest.fixture(scope="module")
+def chart() -> Any:
+    with helm_python.Chart.load(CHART) as c:
+        yield c
+
+
+def _all_on_values() -> dict[str, Any]:
+    return yaml.safe_load(ALL_ON.read_text())
+
+
+def render(chart: Any, values: dict[str, Any] | None = None) -> list[Manifest]:
+    out = chart.render(values=values, name=RELEASE, namespace=NAMESPACE)
+    docs: list[Manifest] = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs += [d for d in yaml.load_all(text, Loader=YAML_LOADER) if d]
+    return docs
+
+
+def with_values(base: dict[str, Any] | None, **dotted: Any) -> dict[str, Any]:
+    """Copy of ``base`` with dotted keys set, e.g. with_values(v, **{"gateway.server.workers": 2})."""
+    values = copy.deepcopy(base or {})
+    for key, value in dotted.items():
+        node = values
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return values
+
+
+def one(docs: list[Manifest], kind: str, name: str = FULLNAME) -> Manifest:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def gateway_container(docs: list[Manifest]) -> dict[str, Any]:
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    return next(c for c in pod["containers"] if c["name"] == "gateway")
+
+
+def rendered_config(docs: list[Manifest], name: str = FULLNAME) -> dict[str, Any]:
+    return yaml.safe_load(one(docs, "ConfigMap", name)["data"]["config.yaml"])
+
+
+def pod_specs(docs: list[Manifest]) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for d in docs:
+        if d["kind"] in ("Deployment", "Job"):
+            out.append((f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"]))
+        elif d["kind"] == "Pod":
+            out.append((f"Pod/{d['metadata']['name']}", d["spec"]))
+    return out
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+VARIANTS: dict[str, Callable[[], dict[str, Any] | None]] = {"default": lambda: None, "all-on": _all_on_values}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def variant(request: pytest.FixtureRequest, chart: Any) -> tuple[str, dict[str, Any] | None, list[Manifest]]:
+    values = VARIANTS[request.param]()
+    return request.param, values, render(chart, values)
+
+
+# ------------------------------------------------------------------------------- lint and schemas
+
+
+def test_lint_reports_no_warnings_or_errors(variant):
+    _, values, _ = variant
+    report = helm_python.lint(CHART, values=values, strict=True, kube_version=f"v{K8S_VERSION}.0")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert problems == [] and report["errors"] == []
+
+
+def _check_service_monitor(doc: Manifest) -> None:
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+    spec = doc["spec"]
+    assert spec["selector"]["matchLabels"], "a ServiceMonitor needs a selector"
+    assert spec["endpoints"], "a ServiceMonitor needs at least one endpoint"
+    for ep in spec["endpoints"]:
+        assert isinstance(ep["port"], str) and ep["path"] == "/metrics"
+        assert re.fullmatch(r"(\d+(ms|s|m|h))+", ep["interval"])
+
+
+def _check_prometheus_rule(doc: Manifest) -> None:
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+    groups = doc["spec"]["groups"]
+    assert groups
+    for g in groups:
+        assert g["name"] and g["rules"]
+        for r in g["rules"]:
+            assert set(r) <= {"alert", "expr", "for", "labels", "annotations"}
+            assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", r["alert"])
+            assert isinstance(r["expr"], str) and r["expr"].strip()
+            assert re.fullmatch(r"(\d+(ms|s|m|h))+", r["for"])
+            assert all(isinstance(v, str) for v in r["labels"].values())
+            assert r["expr"].count("(") == r["expr"].count(")")
+
+
+CRD_CHECKS = {"ServiceMonitor": _check_service_monitor, "PrometheusRule": _check_prometheus_rule}
+
+
+def test_every_manifest_is_valid_kubernetes(variant):
+    _, _, docs = variant
+    assert docs
+    for doc in docs:
+        check = CRD_CHECKS.get(doc["kind"])
+        if check is not None:
+            check(doc)
+        else:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        assert doc["metadata"].get("namespace", NAMESPACE) == NAMESPACE
+
+
+def test_default_values_render_only_the_core(chart):
+    kinds = sorted((d["kind"], d["metadata"]["name"]) for d in render(chart))
+    assert kinds == sorted([
+        ("ConfigMap", FULLNAME), ("ConfigMap", f"{FULLNAME}-dashboard"), ("ConfigMap", f"{FULLNAME}-warmup-config"),
+        ("Deployment", FULLNAME), ("Job", f"{FULLNAME}-warmup"), ("PodDisruptionBudget", FULLNAME),
+        ("Pod", f"{FULLNAME}-test-readyz"), ("Service", FULLNAME), ("ServiceAccount", FULLNAME),
+    ])
+
+
+def test_all_on_values_render_every_optional_resource(chart):
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in render(chart, _all_on_values())}
+    assert {
+        ("HorizontalPodAutoscaler", FULLNAME), ("ServiceMonitor", FULLNAME), ("PrometheusRule", FULLNAME),
+        ("NetworkPolicy", FULLNAME), ("Deployment", f"{FULLNAME}-redis"), ("Service", f"{FULLNAME}-redis"),
+    } <= kinds
+
+
+@pytest.mark.parametrize(("values", "where"), [
+    ({"replicaCount": "three"}, "/replicaCount"),
+    ({"replicas": 3}, "replicas"),
+    ({"service": {"type": "Ingress"}}, "/service/type"),
+    ({"lifecycle": {"preStopSleepSeconds": -1}}, "/lifecycle/preStopSleepSeconds"),
+    ({"gateway": {"server": {"host": "127.0.0.1"}}}, "/gateway/server/host"),
+    ({"gateway": {"server": {"port": 70000}}}, "/gateway/server/port"),
+    ({"gateway": {"models": []}}, "/gateway/models"),
+    ({"gateway": {"models": [{"name": "m", "deployments": [
+        {"id": "d", "base_url": "https://x/v1", "api_key": "sk-live-123"}]}]}}, "api_key"),
+    ({"redis": {"url": "http://redis:6379"}}, "/redis/url"),
+])
+def test_schema_rejects_wrong_values(chart, values, where):
+    with pytest.raises(helm_python.HelmValuesError, match=re.escape(where)):
+        chart.validate_schema(values)
+    with pytest.raises(helm_python.HelmValuesError):
+        chart.render(values=values, name=RELEASE, namespace=NAMESPACE)
+    assert helm_python.lint(CHART, values=values)["errors"]
+
+
+# ------------------------------------------------------------------------------------ the pod
+
+
+def test_probes_target_the_gateway_endpoints_on_named_ports(chart):
+    c = gateway_container(render(chart))
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60, "start-up must outlast pool validation"
+    assert c["args"] == ["serve", "--config", CONFIG_PATH]
+    svc = one(render(chart), "Service")
+    assert [(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [("http", 8080, "http")]
+
+
+def test_admin_port_carries_probes_and_metrics_when_configured(chart):
+    docs = render(chart, _all_on_values())
+    c = gateway_container(docs)
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "admin": 9090}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["port"] == "admin"
+    svc_ports = {p["name"]: p["targetPort"] for p in one(docs, "Service")["spec"]["ports"]}
+    assert svc_ports == {"http": "http", "admin": "admin"}
+    assert [e["port"] for e in one(docs, "ServiceMonitor")["spec"]["endpoints"]] == ["admin"]
+
+
+def test_port_follows_the_gateway_config(chart):
+    docs = render(chart, with_values(None, **{"gateway.server.port": 9000}))
+    assert gateway_container(docs)["ports"][0]["containerPort"] == 9000
+    assert rendered_config(docs)["server"]["port"] == 9000
+
+
+def test_every_container_is_locked_down(variant):
+    _, _, docs = variant
+    specs = pod_specs(docs)
+    assert len(specs) >= 3
+    for where, spec in specs:
+        assert spec.get("automountServiceAccountToken") is False, where
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert sc.get("runAsNonRoot", spec["securityContext"].get("runAsNonRoot")) is True, where
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+
+
+def test_gateway_runs_as_the_image_user_with_writable_scratch_only(chart):
+    docs = render(chart)
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == 10001 and pod["securityContext"]["runAsGroup"] == 10001
+    mounts = {m["mountPath"]: m for m in gateway_container(docs)["volumeMounts"]}
+    assert mounts["/etc/llmgw"]["readOnly"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    assert "PROMETHEUS_MULTIPROC_DIR" not in env_of(gateway_container(docs)), "one worker needs no multiprocess dir"
+
+
+def test_several_workers_get_a_writable_metrics_dir(chart):
+    docs = render(chart, _all_on_values())
+    c = gateway_container(docs)
+    path = env_of(c)["PROMETHEUS_MULTIPROC_DIR"]["value"]
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == path)
+    volumes = {v["name"]: v for v in one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes[mount["name"]]["emptyDir"]["medium"] == "Memory"
+    assert not mount.get("readOnly")
+
+
+def test_pods_spread_across_zones_and_nodes(chart):
+    dep = one(render(chart), "Deployment")
+    spread = dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert [s["topologyKey"] for s in spread] == ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
+    for s in spread:
+        assert s["maxSkew"] == 1 and s["whenUnsatisfiable"] == "ScheduleAnyway"
+        assert s["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_selectors_match_their_pods(variant):
+    _, _, docs = variant
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in docs if d["kind"] == "Deployment"}
+    gateway = pods[FULLNAME]
+    assert one(docs, "Deployment")["spec"]["selector"]["matchLabels"].items() <= gateway.items()
+    assert one(docs, "Service")["spec"]["selector"].items() <= gateway.items()
+    assert one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= gateway.items()
+    monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    for sm in monitors:
+        svc = one(docs, "Service")
+        assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+        assert {e["port"] for e in sm["spec"]["endpoints"]} <= {p["name"] for p in svc["spec"]["ports"]}
+    if f"{FULLNAME}-redis" in pods:
+        assert not any(sm["spec"]["selector"]["matchLabels"].items()
+                       <= one(docs, "Service", f"{FULLNAME}-redis")["metadata"]["labels"].items() for sm in monitors)
+        redis = pods[f"{FULLNAME}-redis"]
+        assert one(docs, "Service", f"{FULLNAME}-redis")["spec"]["selector"].items() <= redis.items()
+        assert not one(docs, "Service")["spec"]["selector"].items() <= redis.items(), "gateway Service must not select Redis"
+
+
+# --------------------------------------------------------------------------- graceful termination
+
+
+def test_grace_period_outlasts_prestop_and_drain(variant):
+    _, _, docs = variant
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    cfg = rendered_config(docs)
+    c = gateway_container(docs)
+    command = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["python", "-c"]
+    prestop = float(re.fullmatch(r"import time; time\.sleep\((\d+(?:\.\d+)?)\)", command[2]).group(1))
+    assert pod["terminationGracePeriodSeconds"] > prestop + cfg["server"]["drain_timeout_s"]
+
+
+def test_grace_period_is_derived_from_prestop_drain_and_margin(chart):
+    values = with_values(None, **{"lifecycle.preStopSleepSeconds": 7, "lifecycle.terminationMarginSeconds": 3,
+                                  "gateway.server.drain_timeout_s": 90.5, "gateway.model_defaults.timeouts.total_ms": 90000})
+    pod = one(render(chart, values), "Deployment")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 7 + 91 + 3
+
+
+def test_explicit_grace_period_shorter_than_prestop_plus_drain_fails(chart):
+    values = with_values(None, **{"lifecycle.terminationGracePeriodSeconds": 30})
+    with pytest.raises(helm_python.HelmRenderError, match="terminationGracePeriodSeconds"):
+        render(chart, values)
+    ok = with_values(None, **{"lifecycle.terminationGracePeriodSeconds": 120})
+    assert one(render(chart, ok), "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
+
+
+def test_drain_shorter_than_the_longest_request_fails_unless_allowed(chart):
+    longer = with_values(None, **{"gateway.model_defaults.timeouts.total_ms": 600000})
+    with pytest.raises(helm_python.HelmRenderError, match=r"drain_timeout_s .* longest request .*600 s"):
+        render(chart, longer)
+    # A deployment-level timeout counts too.
+    per_deployment = _all_on_values()
+    per_deployment["gateway"]["models"][1]["deployments"][0]["timeouts"] = {"total_ms": 200000}
+    with pytest.raises(helm_python.HelmRenderError, match="200 s"):
+        render(chart, per_deployment)
+    allowed = with_values(longer, **{"lifecycle.allowDrainShorterThanRequests": True})
+    assert one(render(chart, allowed), "Deployment")
+
+
+# ------------------------------------------------------------------------------ config and secrets
+
+
+def test_config_checksum_rolls_pods_only_when_the_config_changes(chart):
+    base = render(chart)
+    checksum = one(base, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    text = one(base, "ConfigMap")["data"]["config.yaml"]
+    assert checksum == hashlib.sha256(text.rstrip("\n").encode()).hexdigest()
+    changed = render(chart, with_values(None, **{"gateway.server.max_inflight": 500}))
+    assert one(changed, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != checksum
+    same = render(chart, {"replicaCount": 5})
+    assert one(same, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"] == checksum
+
+
+def test_provider_keys_come_from_the_secret_never_the_configmap(chart):
+    docs = render(chart, _all_on_values())
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    for name in (FULLNAME, f"{FULLNAME}-warmup-config"):
+        cfg = rendered_config(docs, name)
+        for m in cfg["models"]:
+            for d in m["deployments"]:
+                if "api_key" in d:
+                    assert re.fullmatch(r"\$\{[A-Z_]+\}", d["api_key"]), d["api_key"]
+    for _, spec in pod_specs(docs):
+        for c in spec["containers"]:
+            if c["name"] in ("gateway", "warmup"):
+                assert {"secretRef": {"name": "llm-gateway-providers"}} in c["envFrom"]
+                assert env_of(c)["AZURE_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "azure-openai"
+
+
+def test_a_literal_provider_key_is_refused_by_schema_and_template(chart, tmp_path):
+    values = _all_on_values()
+    values["gateway"]["models"][1]["deployments"][0]["api_key"] = "sk-live-0123456789"
+    with pytest.raises(helm_python.HelmValuesError, match="api_key"):
+        render(chart, values)
+    # Without the schema (helm --skip-schema-validation, or a fork that drops it) the template still refuses it.
+    unchecked = tmp_path / "llm-gateway"
+    shutil.copytree(CHART, unchecked)
+    (unchecked / "values.schema.json").unlink()
+    with helm_python.Chart.load(unchecked) as no_schema, \
+            pytest.raises(helm_python.HelmRenderError, match=r"models\[1\]\.deployments\[0\]\.api_key .* never puts"):
+        render(no_schema, values)
+
+
+def test_redis_url_is_merged_into_the_state_config(chart):
+    trial = rendered_config(render(chart, with_values(None, **{"redis.enabled": True})))
+    assert trial["state"] == {"backend": "redis", "redis_url": f"redis://{FULLNAME}-redis.{NAMESPACE}.svc:6379/0",
+                              "key_prefix": "llmgw:"}
+    url = "redis://:${REDIS_PASSWORD}@redis-master.redis.svc:6379/0"
+    external = rendered_config(render(chart, with_values(None, **{"redis.url": url})))
+    assert external["state"]["backend"] == "redis" and external["state"]["redis_url"] == url
+    assert rendered_config(render(chart))["state"]["backend"] == "memory"
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"redis.enabled": True, "redis.url": "redis://r:6379/0"}, "mutually exclusive"),
+    ({"gateway.state.backend": "redis"}, "no Redis is named"),
+])
+def test_inconsistent_redis_values_fail(chart, values, message):
+    with pytest.raises(helm_python.HelmRenderError, match=message):
+        render(chart, with_values(None, **values))
+
+
+def test_region_from_value_or_pod_annotation(chart):
+    assert "GATEWAY_REGION" not in env_of(gateway_container(render(chart)))
+    explicit = env_of(gateway_container(render(chart, {"region": "eu-west"})))
+    assert explicit["GATEWAY_REGION"] == {"name": "GATEWAY_REGION", "value": "eu-west"}
+    annotated = env_of(gateway_container(render(chart, {"regionFromAnnotation": "topology.kubernetes.io/region"})))
+    assert annotated["GATEWAY_REGION"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.annotations['topology.kubernetes.io/region']"
+
+
+def _check_config(text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_REGION"}
+    env.update(OPENAI_API_KEY="sk-test", AZURE_API_KEY="az-test")
+    return subprocess.run([sys.executable, "-m", "gateway", "check-config", str(path)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_rendered_config_passes_llmgw_check_config(variant, tmp_path):
+    _, _, docs = variant
+    text = one(docs, "ConfigMap")["data"]["config.yaml"]
+    assert one(docs, "ConfigMap", f"{FULLNAME}-warmup-config")["data"]["config.yaml"] == text
+    proc = _check_config(text, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("config OK")
+    assert "sk-test" not in proc.stdout and "az-test" not in proc.stdout
+
+
+# ---------------------------------------------------------------------------------- warm-up hook
+
+
+def test_warmup_job_is_a_hook_with_the_new_config(chart):
+    docs = render(chart, _all_on_values())
+    job = one(docs, "Job", f"{FULLNAME}-warmup")
+    hook_cm = one(docs, "ConfigMap", f"{FULLNAME}-warmup-config")
+    for d in (job, hook_cm):
+        ann = d["metadata"]["annotations"]
+        assert ann["helm.sh/hook"] == "post-install,pre-upgrade"
+        assert set(ann["helm.sh/hook-delete-policy"].split(",")) == {"before-hook-creation", "hook-succeeded"}
+    # The config is created before the Job that mounts it.
+    assert int(hook_cm["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(job["metadata"]["annotations"]["helm.sh/hook-weight"])
+    spec = job["spec"]["template"]["spec"]
+    assert spec["restartPolicy"] == "Never"
+    c = spec["containers"][0]
+    assert c["args"] == ["warmup", "--config", CONFIG_PATH, "--no-learned"]
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/llmgw")
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == hook_cm["metadata"]["name"]
+    assert hook_cm["data"] == one(docs, "ConfigMap")["data"]
+    assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "warmup"
+    assert c["image"] == gateway_container(docs)["image"]
+
+
+def test_warmup_can_be_switched_off(chart):
+    docs = render(chart, {"warmup": {"enabled": False}})
+    assert not [d for d in docs if d["metadata"]["name"].endswith(("-warmup", "-warmup-config"))]
+
+
+# ------------------------------------------------------------------------- scaling and networking
+
+
+def test_hpa_scales_on_cpu_and_inflight_and_owns_replicas(chart):
+    docs = render(chart, _all_on_values())
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": FULLNAME}
+    metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert metrics["Resource"]["resource"]["name"] == "cpu"
+    assert metrics["Pods"]["pods"]["metric"]["name"] == "llmgw_inflight_requests"
+    assert "replicas" not in one(docs, "Deployment")["spec"]
+    assert one(render(chart), "Deployment")["spec"]["replicas"] == 2
+
+
+def test_network_policy_covers_gateway_and_warmup_pods(chart):
+    docs = render(chart, _all_on_values())
+    np = one(docs, "NetworkPolicy")["spec"]
+    expr = np["podSelector"]["matchExpressions"][0]
+    assert expr["key"] == "app.kubernetes.io/component" and set(expr["values"]) == {"gateway", "warmup"}
+    assert [p["port"] for rule in np["ingress"] for p in rule["ports"]] == ["http", "admin"]
+    egress_ports = {p["port"] for rule in np["egress"] for p in rule["ports"]}
+    assert {53, 443, 6379, 8000} <= egress_ports
+    redis_rule = next(r for r in np["egress"] if any(p["port"] == 6379 for p in r["ports"]))
+    assert redis_rule["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "redis"
+
+
+# ------------------------------------------------------------------------- alerts and dashboard
+
+
+def _exported_metric_names() -> set[str]:
+    """Sample names the gateway really exports, from its own metric definitions."""
+    registry = CollectorRegistry()
+    Metrics(registry=registry)
+    names: set[str] = set()
+    for family in registry.collect():
+        if family.type == "counter":
+            names.add(f"{family.name}_total")
+        elif family.type == "histogram":
+            names |= {f"{family.name}_bucket", f"{family.name}_count", f"{family.name}_sum"}
+        else:
+            names.add(family.name)
+    return names
+
+
+def _metric_refs(expr: str) -> set[str]:
+    return set(re.findall(r"\bllmgw_[a-z_]+\b", expr))
+
+
+def test_alerts_cover_the_issue_and_use_exported_metrics(chart, monkeypatch):
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    rule = one(render(chart, _all_on_values()), "PrometheusRule")
+    rules = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert {"LLMGatewayOverheadP99High", "LLMGatewayErrorRateHigh", "LLMGatewayDeploymentEjected",
+            "LLMGatewayRetryBudgetExhausted", "LLMGatewayWarmupFailed"} <= set(rules)
+    exported = _exported_metric_names()
+    for name, r in rules.items():
+        refs = _metric_refs(r["expr"])
+        assert refs and refs <= exported, f"{name} uses unknown metrics {refs - exported}"
+        assert f'namespace="{NAMESPACE}", job="{FULLNAME}"' in r["expr"], name
+        assert r["labels"]["team"] == "platform"
+        for text in r["annotations"].values():
+            assert "{{ $" in text or "{{" not in text  # Prometheus templates survive Helm's
+    assert "{{ $labels.model }}" in rules["LLMGatewayErrorRateHigh"]["annotations"]["summary"]
+
+
+def test_dashboard_is_a_grafana_sidecar_configmap_over_exported_metrics(chart, monkeypatch):
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    cm = one(render(chart, _all_on_values()), "ConfigMap", f"{FULLNAME}-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "LLM"}
+    dash = json.loads(cm["data"]["llm-gateway.json"])
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    refs = set().union(*(_metric_refs(e) for e in exprs))
+    exported = _exported_metric_names()
+    assert refs <= exported, f"dashboard uses unknown metrics {refs - exported}"
+    wanted = {"llmgw_requests_total", "llmgw_request_duration_seconds_bucket", "llmgw_ttft_seconds_bucket",
+              "llmgw_upstream_duration_seconds_bucket", "llmgw_gateway_overhead_seconds_bucket", "llmgw_hedges_total",
+              "llmgw_retries_total", "llmgw_ejections_total", "llmgw_pool_connections"}
+    assert wanted <= refs
+    titles = " ".join(p["title"] for p in dash["panels"])
+    for word in ("P50 / P95 / P99", "Time to first token", "Upstream time vs gateway overhead", "Hedges", "Retries",
+                 "Ejections", "Pool connections"):
+        assert word in titles
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))

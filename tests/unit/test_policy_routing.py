@@ -1,0 +1,379 @@
+"""Routing: locality tiers (Envoy priority levels, 1.4 overprovisioning), P2C on live cost, hints, panic."""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import Counter
+
+import pytest
+from fake_clock import FakeClock
+
+from gateway.policy.latency import PeakEwma
+from gateway.policy.routing import Candidate, Locality, RouteDecision, RouteReason, Strategy, choose
+
+HOME = "eu"
+
+
+def dep(id: str, region: str = HOME, cost: float = 100.0, healthy: bool = True, weight: float = 1.0,
+        priority: int = 0, latency: float | None = None, baseline: float | None = None) -> Candidate:
+    return Candidate(id, region, weight, priority, healthy, cost, latency, baseline)
+
+
+def route(cands, *, strategy=Strategy.LATENCY, locality=Locality.PREFER, home=HOME, seed=0, **kw) -> RouteDecision:
+    return choose(cands, strategy=strategy, locality=locality, home_region=home, rng=random.Random(seed), **kw)
+
+
+def tally(cands, n=1000, seed=42, **kw) -> tuple[Counter, Counter]:
+    """n decisions with one seeded Random: (picks per deployment, picks per reason)."""
+    rng = random.Random(seed)
+    kw.setdefault("strategy", Strategy.LATENCY)
+    kw.setdefault("locality", Locality.PREFER)
+    kw.setdefault("home_region", HOME)
+    ids, reasons = Counter(), Counter()
+    for i in range(n):
+        d = choose(cands, rng=rng, rr_counter=i, **kw)
+        ids[d.deployment_id] += 1
+        reasons[d.reason] += 1
+    return ids, reasons
+
+
+# ---------------------------------------------------------------- P2C on cost
+
+
+def test_p2c_between_two_always_takes_the_cheaper():
+    ids, _ = tally([dep("fast", cost=100), dep("slow", cost=300)])
+    assert ids == {"fast": 1000}
+
+
+def test_p2c_never_picks_the_most_expensive_of_several():
+    cands = [dep(f"d{i}", cost=100.0 * (i + 1)) for i in range(4)]
+    ids, _ = tally(cands)
+    assert ids["d3"] == 0
+    assert ids["d0"] == pytest.approx(500, abs=60)  # the cheapest wins whenever drawn: P = 1 - C(3,2)/C(4,2)
+
+
+def test_p2c_with_live_cost_sends_over_90_percent_to_a_deployment_3x_faster():
+    """Scenario: 1000 requests at 5/s, two deployments (100 ms vs 300 ms, +-20% jitter). The cost is the
+    real PeakEwma times (inflight + 1), fed by completions on a fake clock; nothing is fixed up front.
+    (At higher rates the inflight factor shares more with the slow one: at 20/s about 13% goes there.)"""
+    clock, rng = FakeClock(), random.Random(7)
+    base = {"fast": 100.0, "slow": 300.0}
+    ewma = {k: PeakEwma(decay_s=10.0) for k in base}
+    inflight = Counter()
+    done: list[tuple[float, str, float]] = []  # (completes_at, deployment, latency_ms)
+    picks = Counter()
+    for _ in range(1000):
+        while done and done[0][0] <= clock():
+            at, k, ms = heapq.heappop(done)
+            inflight[k] -= 1
+            ewma[k].observe(ms, at)
+        cands = [dep(k, cost=ewma[k].value(clock()) * (inflight[k] + 1)) for k in base]
+        k = choose(cands, strategy=Strategy.LATENCY, locality=Locality.PREFER, home_region=HOME, rng=rng).deployment_id
+        picks[k] += 1
+        inflight[k] += 1
+        ms = base[k] * rng.uniform(0.8, 1.2)
+        heapq.heappush(done, (clock() + ms / 1000.0, k, ms))
+        clock.advance(0.2)
+    assert picks["fast"] > 900
+    assert picks["slow"] > 0  # the slow one is still probed now and then, so a recovery would be seen
+
+
+def test_cost_ties_are_broken_at_random_so_new_deployments_share_the_first_requests():
+    ids, _ = tally([dep("a", cost=0.0), dep("b", cost=0.0)])
+    assert ids["a"] == pytest.approx(500, abs=60)
+
+
+def test_p2c_draws_by_weight():
+    # Equal cost: the winner is the first draw, so picks follow the 3:1 weights.
+    ids, _ = tally([dep("big", weight=3), dep("small", weight=1)])
+    assert ids["big"] == pytest.approx(750, abs=50)
+
+
+# ---------------------------------------------------------------- other strategies
+
+
+def test_weighted_follows_the_weights():
+    ids, _ = tally([dep("a", weight=3), dep("b", weight=1), dep("c", weight=0)], strategy=Strategy.WEIGHTED)
+    assert ids["a"] == pytest.approx(750, abs=50)
+    assert ids["c"] == 0  # weight 0 = drained
+
+
+def test_weighted_with_all_weights_zero_is_uniform():
+    ids, _ = tally([dep("a", weight=0), dep("b", weight=0)], strategy=Strategy.WEIGHTED)
+    assert ids["a"] == pytest.approx(500, abs=60)
+
+
+def test_round_robin_walks_the_eligible_list_in_order():
+    cands = [dep("a"), dep("b", healthy=False), dep("c"), dep("d")]
+    picks = [route(cands, strategy=Strategy.ROUND_ROBIN, rr_counter=i).deployment_id for i in range(6)]
+    assert picks == ["a", "c", "d", "a", "c", "d"]
+
+
+def test_priority_uses_the_lowest_priority_number_that_has_a_healthy_deployment():
+    cands = [dep("primary", priority=0, cost=500), dep("backup", priority=1, cost=10)]
+    ids, _ = tally(cands, strategy=Strategy.PRIORITY)
+    assert ids == {"primary": 1000}  # cheaper backups do not matter
+    cands[0] = dep("primary", priority=0, healthy=False)
+    assert route(cands, strategy=Strategy.PRIORITY).deployment_id == "backup"
+
+
+def test_priority_balances_within_a_level_by_p2c():
+    cands = [dep("p0-fast", priority=0, cost=100), dep("p0-slow", priority=0, cost=300), dep("p1", priority=1, cost=1)]
+    ids, _ = tally(cands, strategy=Strategy.PRIORITY)
+    assert ids == {"p0-fast": 1000}
+
+
+# ---------------------------------------------------------------- locality "prefer"
+
+
+def test_prefer_keeps_all_traffic_local_while_local_is_healthy():
+    cands = [dep("eu-1"), dep("eu-2"), dep("us-1", "us", cost=60), dep("us-2", "us", cost=60)]
+    ids, reasons = tally(cands)
+    assert ids["us-1"] + ids["us-2"] == 0
+    assert reasons == {RouteReason.LOCAL: 1000}
+
+
+def test_overprovisioning_absorbs_a_small_loss_of_local_health():
+    # 3 of 4 healthy: 1.4 * 0.75 = 1.05 >= 1, so local still takes everything.
+    cands = [dep("eu-1"), dep("eu-2"), dep("eu-3"), dep("eu-4", healthy=False), dep("us-1", "us")]
+    _, reasons = tally(cands)
+    assert reasons == {RouteReason.LOCAL: 1000}
+
+
+def test_spill_share_follows_the_overprovisioning_factor_when_half_the_local_deployments_are_down():
+    # 2 of 4 healthy: local keeps 1.4 * 0.5 = 70%, 30% spills over.
+    cands = [dep("eu-1"), dep("eu-2"), dep("eu-3", healthy=False), dep("eu-4", healthy=False),
+             dep("us-1", "us"), dep("us-2", "us")]
+    ids, reasons = tally(cands, n=2000)
+    assert reasons[RouteReason.SPILLOVER] / 2000 == pytest.approx(0.30, abs=0.03)
+    assert reasons[RouteReason.LOCAL] + reasons[RouteReason.SPILLOVER] == 2000
+    assert ids["eu-3"] == ids["eu-4"] == 0
+
+
+def test_spill_grows_as_local_health_drops():
+    shares = []
+    for healthy_local in (4, 3, 2, 1):
+        cands = [dep(f"eu-{i}", healthy=i < healthy_local) for i in range(5)] + [dep("us-1", "us")]
+        _, reasons = tally(cands, n=2000)
+        shares.append(reasons[RouteReason.SPILLOVER] / 2000)
+    expected = [max(0.0, 1 - 1.4 * h / 5) for h in (4, 3, 2, 1)]  # 0, 0.16, 0.44, 0.72
+    assert shares == pytest.approx(expected, abs=0.04)
+
+
+def test_all_local_down_fails_over_to_remote_at_once():
+    cands = [dep("eu-1", healthy=False), dep("us-1", "us"), dep("us-2", "us")]
+    ids, reasons = tally(cands)
+    assert ids["eu-1"] == 0
+    assert reasons == {RouteReason.FAILOVER: 1000}
+
+
+def test_a_single_remote_survivor_is_still_named_a_failover():
+    d = route([dep("eu-1", healthy=False), dep("us-1", "us")])
+    assert d == RouteDecision("us-1", RouteReason.FAILOVER)
+
+
+def test_a_clearly_slower_local_deployment_sends_traffic_to_the_faster_region():
+    # Local 300 ms vs remote 100 ms + 50 ms penalty: remote is worth the trip.
+    cands = [dep("eu-1", cost=300), dep("us-1", "us", cost=100)]
+    ids, reasons = tally(cands)
+    assert ids == {"us-1": 1000}
+    assert reasons == {RouteReason.SPILLOVER: 1000}
+
+
+def test_a_local_deployment_within_the_penalty_keeps_its_traffic():
+    cands = [dep("eu-1", cost=140), dep("us-1", "us", cost=100)]
+    assert tally(cands, cross_region_penalty_ms=50)[0] == {"eu-1": 1000}
+    assert tally(cands, cross_region_penalty_ms=30)[0] == {"us-1": 1000}
+
+
+def test_a_remote_deployment_without_data_is_no_evidence_that_local_is_slow():
+    cands = [dep("eu-1", cost=300), dep("us-1", "us", cost=0.0)]
+    assert tally(cands)[1] == {RouteReason.LOCAL: 1000}
+
+
+def test_the_load_free_latency_is_compared_when_given_so_a_busy_local_is_not_mistaken_for_slow():
+    # Local: 100 ms but 5 requests in flight (cost 600); remote: 100 ms idle (cost 100).
+    cands = [dep("eu-1", cost=600, latency=100), dep("us-1", "us", cost=100, latency=100)]
+    assert tally(cands)[1] == {RouteReason.LOCAL: 1000}
+    cands = [dep("eu-1", cost=600), dep("us-1", "us", cost=100)]  # without it, cost decides
+    assert tally(cands)[1] == {RouteReason.SPILLOVER: 1000}
+
+
+def test_local_much_slower_than_its_baseline_tries_a_remote_without_data():
+    # Local usually 60 ms, now 180 ms; the remote has never been tried: one request goes to find out.
+    cands = [dep("eu-1", cost=180, latency=180, baseline=62), dep("us-1", "us", cost=0.0, latency=0.0)]
+    assert tally(cands, cross_region_penalty_ms=30)[1] == {RouteReason.SPILLOVER: 1000}
+
+
+def test_local_at_its_usual_level_or_one_outlier_above_does_not_explore_a_remote_without_data():
+    for now_ms in (80, 140):  # 140: a single slow answer lifts the peak estimate; not enough to explore
+        cands = [dep("eu-1", cost=now_ms, latency=now_ms, baseline=60), dep("us-1", "us", cost=0.0, latency=0.0)]
+        assert tally(cands, cross_region_penalty_ms=30)[1] == {RouteReason.LOCAL: 1000}
+
+
+def test_a_remote_estimate_that_decayed_while_unused_is_stale_not_fast():
+    # us-1 usually answers in 100 ms; unused for a while, its estimate decayed to 20. Local 100 stays.
+    cands = [dep("eu-1", cost=100, latency=100, baseline=100), dep("us-1", "us", cost=20, latency=20, baseline=100)]
+    assert tally(cands, cross_region_penalty_ms=30)[1] == {RouteReason.LOCAL: 1000}
+    # Local clearly slower than the remote's usual level still spills:
+    cands = [dep("eu-1", cost=160, latency=160, baseline=100), dep("us-1", "us", cost=20, latency=20, baseline=100)]
+    assert tally(cands, cross_region_penalty_ms=30)[1] == {RouteReason.SPILLOVER: 1000}
+
+
+def test_a_decayed_local_estimate_is_what_lets_a_recovered_local_region_back_in():
+    # Local was 300 (spilled), unused since, decayed to 90: no longer clearly slower than remote 100 + 30.
+    cands = [dep("eu-1", cost=90, latency=90, baseline=250), dep("us-1", "us", cost=100, latency=100, baseline=100)]
+    assert tally(cands, cross_region_penalty_ms=30)[1] == {RouteReason.LOCAL: 1000}
+
+
+def test_exploration_needs_the_load_free_latency_so_load_is_not_mistaken_for_slowness():
+    cands = [dep("eu-1", cost=180, baseline=60), dep("us-1", "us", cost=0.0)]
+    assert tally(cands, cross_region_penalty_ms=30)[1] == {RouteReason.LOCAL: 1000}
+
+
+def test_a_slow_local_region_loses_its_traffic_and_gets_it_back_after_recovering():
+    """Scenario (the e2e one, on a fake clock): us-east gateway, local "us" and remote "eu" both 60 ms.
+    Local turns 180 ms, then recovers. Real PeakEwmas (decay 1 s), sequential requests."""
+    clock, rng = FakeClock(), random.Random(1)
+    ttft = {"us": 60.0, "eu": 60.0}
+    regions = {"us": "us-east", "eu": "eu-west"}
+    ewma = {k: PeakEwma(decay_s=1.0) for k in ttft}
+
+    def post(outlier: bool = False) -> RouteDecision:
+        t = clock()
+        cands = [Candidate(k, regions[k], 1.0, 0, True, ewma[k].value(t), ewma[k].value(t), ewma[k].baseline_ms)
+                 for k in ttft]
+        d = choose(cands, strategy=Strategy.LATENCY, locality=Locality.PREFER, home_region="us-east",
+                   cross_region_penalty_ms=30, rng=rng)
+        ms = ttft[d.deployment_id] * rng.uniform(0.95, 1.05) * (1.8 if outlier else 1.0)
+        clock.advance(ms / 1000)
+        ewma[d.deployment_id].observe(ms, clock())
+        clock.advance(0.01)
+        return d
+
+    healthy = [post(outlier=i % 7 == 6).deployment_id for i in range(30)]  # with an occasional slow answer
+    assert healthy == ["us"] * 30  # all local, eu never tried
+    ttft["us"] = 180.0
+    slow = [post() for _ in range(40)]
+    assert [d.deployment_id for d in slow[:2]] == ["us", "eu"]  # one slow answer, then eu is tried
+    assert [d.deployment_id for d in slow[-20:]].count("eu") >= 17  # local is re-probed as it decays
+    assert {d.reason for d in slow if d.deployment_id == "eu"} == {RouteReason.SPILLOVER}
+    ttft["us"] = 60.0
+    clock.advance(2.5)
+    back = [post().deployment_id for _ in range(30)]
+    assert back[-15:].count("us") >= 13
+
+
+def test_no_local_deployment_at_all_routes_remote():
+    cands = [dep("us-1", "us"), dep("us-2", "us")]
+    _, reasons = tally(cands)
+    assert reasons == {RouteReason.REMOTE: 1000}
+
+
+def test_the_region_header_overrides_the_home_region():
+    cands = [dep("eu-1"), dep("us-1", "us")]
+    assert route(cands, preferred_region="us") == RouteDecision("us-1", RouteReason.LOCAL)
+
+
+def test_a_gateway_without_a_region_treats_every_deployment_as_local():
+    cands = [dep("eu-1", cost=100), dep("us-1", "us", cost=300)]
+    ids, reasons = tally(cands, home_region=None)
+    assert ids == {"eu-1": 1000}
+    assert reasons == {RouteReason.LOCAL: 1000}
+
+
+# ---------------------------------------------------------------- locality "strict" and "off"
+
+
+def test_strict_never_leaves_the_region_and_panics_inside_it():
+    cands = [dep("eu-1", healthy=False), dep("eu-2", healthy=False), dep("us-1", "us")]
+    ids, reasons = tally(cands, locality=Locality.STRICT)
+    assert ids["us-1"] == 0
+    assert reasons == {RouteReason.PANIC: 1000}
+
+
+def test_strict_with_no_deployment_in_the_region_has_no_answer():
+    cands = [dep("us-1", "us")]
+    assert route(cands, locality=Locality.STRICT) is None
+
+
+def test_strict_with_one_healthy_in_region_is_the_only_choice():
+    cands = [dep("eu-1"), dep("eu-2", healthy=False), dep("us-1", "us")]
+    assert route(cands, locality=Locality.STRICT) == RouteDecision("eu-1", RouteReason.ONLY_CHOICE)
+
+
+def test_strict_balances_within_the_region():
+    cands = [dep("eu-1", cost=100), dep("eu-2", cost=300), dep("us-1", "us", cost=1)]
+    ids, reasons = tally(cands, locality=Locality.STRICT)
+    assert ids == {"eu-1": 1000}
+    assert reasons == {RouteReason.LOCAL: 1000}
+
+
+def test_off_picks_across_regions_and_says_whether_the_pick_was_local():
+    cands = [dep("eu-1", cost=300), dep("us-1", "us", cost=100)]
+    assert route(cands, locality=Locality.OFF) == RouteDecision("us-1", RouteReason.REMOTE)
+    cands = [dep("eu-1", cost=100), dep("us-1", "us", cost=300)]
+    assert route(cands, locality=Locality.OFF) == RouteDecision("eu-1", RouteReason.LOCAL)
+
+
+# ---------------------------------------------------------------- hints, exclusion, panic
+
+
+def test_a_pinned_deployment_wins_even_when_unhealthy_or_already_tried():
+    cands = [dep("eu-1"), dep("us-1", "us", healthy=False)]
+    d = route(cands, pinned="us-1", exclude=frozenset({"us-1"}), locality=Locality.STRICT)
+    assert d == RouteDecision("us-1", RouteReason.PINNED)
+
+
+def test_an_unknown_pin_is_ignored():
+    assert route([dep("eu-1")], pinned="nope") == RouteDecision("eu-1", RouteReason.ONLY_CHOICE)
+
+
+def test_a_retry_goes_to_a_deployment_not_yet_tried():
+    cands = [dep("eu-1", cost=100), dep("eu-2", cost=900)]
+    ids, _ = tally(cands, exclude=frozenset({"eu-1"}))
+    assert ids == {"eu-2": 1000}
+
+
+def test_a_retry_with_every_local_tried_fails_over_to_remote():
+    cands = [dep("eu-1"), dep("us-1", "us"), dep("us-2", "us")]
+    _, reasons = tally(cands, exclude=frozenset({"eu-1"}))
+    assert reasons == {RouteReason.FAILOVER: 1000}
+
+
+def test_when_everything_was_tried_the_tried_ones_are_allowed_again():
+    cands = [dep("eu-1", cost=100), dep("eu-2", cost=200)]
+    ids, _ = tally(cands, exclude=frozenset({"eu-1", "eu-2"}))
+    assert ids == {"eu-1": 1000}
+
+
+def test_nothing_healthy_routes_anyway_in_panic():
+    cands = [dep("eu-1", healthy=False), dep("us-1", "us", healthy=False)]
+    ids, reasons = tally(cands)
+    assert reasons == {RouteReason.PANIC: 1000}
+    assert set(ids) <= {"eu-1", "us-1"}
+
+
+def test_a_single_healthy_deployment_is_the_only_choice():
+    cands = [dep("eu-1"), dep("eu-2", healthy=False)]
+    assert route(cands) == RouteDecision("eu-1", RouteReason.ONLY_CHOICE)
+    assert route(cands[:1], locality=Locality.OFF) == RouteDecision("eu-1", RouteReason.ONLY_CHOICE)
+
+
+def test_no_candidates_no_decision():
+    assert route([]) is None
+
+
+def test_a_fully_healthy_local_tier_consumes_no_randomness():
+    # Deterministic routing while all is well makes logs and tests reproducible.
+    rng = random.Random(5)
+    state = rng.getstate()
+    cands = [dep("eu-1"), dep("us-1", "us")]
+    choose(cands, strategy=Strategy.ROUND_ROBIN, locality=Locality.PREFER, home_region=HOME, rng=rng)
+    assert rng.getstate() == state
+
+
+def test_reason_values_are_the_names_in_the_access_log():
+    assert [r.value for r in RouteReason] == [
+        "local", "spillover", "failover", "pinned", "only-choice", "panic", "remote"]

@@ -1,0 +1,170 @@
+"""The guard's decisions without a server: keys, globs, windows, the Redis fallback, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from gateway.config import AuthConfig
+from gateway.errors import GatewayError
+from gateway.security import guard as guard_mod
+from gateway.security.guard import Guard, estimate_tokens
+from gateway.security.keys import ApiKey, RedisKeyStore, bearer_token, hash_key, new_key
+from gateway.state.memory import MemoryState
+from gateway.telemetry.metrics import Metrics
+
+KEY = "sk-gw-unit-0001"
+
+
+def _guard(backend: Any = None, **key: Any) -> Guard:
+    cfg = AuthConfig(mode="keys", keys=[{"id": "team", "hash": hash_key(KEY), **key}], cache_ttl_s=5.0)
+    return Guard(cfg, backend or MemoryState(), Metrics())
+
+
+def _admit(g: Guard, model: str = "chat", body: dict[str, Any] | None = None) -> None:
+    key = asyncio.run(g.authenticate({"authorization": f"Bearer {KEY}"}))
+    asyncio.run(g.admit(key, model, b"{}", body or {}))
+
+
+def _status(fn: Any) -> int:
+    with pytest.raises(GatewayError) as exc:
+        fn()
+    return exc.value.status
+
+
+class DeadRedis(MemoryState):
+    """A backend whose every call fails, counting the attempts."""
+
+    name = "redis"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def window_limit(self, *a: Any) -> tuple[bool, float]:
+        self.calls += 1
+        raise ConnectionError("refused")
+
+    async def get(self, key: str) -> bytes | None:
+        self.calls += 1
+        raise ConnectionError("refused")
+
+
+class SlowWindow(MemoryState):
+    """Shared windows that take a round trip, as Redis does: other requests run meanwhile."""
+
+    async def window_limit(self, *a: Any) -> tuple[bool, float]:
+        await asyncio.sleep(0.01)
+        return await super().window_limit(*a)
+
+
+def test_keys_are_random_and_stored_as_hashes():
+    k1, k2 = new_key(), new_key()
+    assert k1 != k2 and k1.startswith("sk-gw-") and len(k1) >= 6 + 43
+    assert hash_key(k1).startswith("sha256:") and len(hash_key(k1)) == 7 + 64 and k1 not in hash_key(k1)
+
+
+@pytest.mark.parametrize(("headers", "token"), [
+    ({"authorization": "Bearer abc"}, "abc"),
+    ({"authorization": "bearer  abc "}, "abc"),
+    ({"authorization": "Basic abc"}, None),
+    ({"authorization": "Bearer"}, None),
+    ({"api-key": "abc"}, "abc"),
+    ({}, None),
+])
+def test_bearer_token(headers, token):
+    assert bearer_token(headers) == token
+
+
+def test_model_globs_are_case_sensitive():
+    k = ApiKey("t", "h", ("chat-*", "embed"))
+    assert k.allows("chat-mini") and k.allows("embed")
+    assert not k.allows("Chat-mini") and not k.allows("embed-2") and not k.allows("chat")
+
+
+def test_unknown_key_is_401_and_model_outside_globs_403():
+    g = _guard(models=["chat*"])
+    assert _status(lambda: asyncio.run(g.authenticate({"authorization": "Bearer nope"}))) == 401
+    assert _status(lambda: asyncio.run(g.authenticate({}))) == 401
+    assert _status(lambda: _admit(g, "embed")) == 403
+    _admit(g, "chat-mini")
+
+
+def test_rpm_window_refuses_with_retry_after():
+    g = _guard(rpm=2)
+    _admit(g)
+    _admit(g)
+    with pytest.raises(GatewayError) as exc:
+        _admit(g)
+    assert exc.value.status == 429 and exc.value.flag == "RL" and 1 <= int(exc.value.retry_after) <= 60
+
+
+def test_tpm_cost_is_capped_at_the_limit():
+    assert estimate_tokens(b"x" * 400, {"max_tokens": 50}) == 150
+    assert estimate_tokens(b"", {}) == 256
+    assert estimate_tokens(b"", {"max_tokens": "lots"}) == 256
+    g = _guard(tpm=1000)
+    _admit(g, body={"max_tokens": 10**30})  # an empty window admits one request, charged the whole limit
+    assert _status(lambda: _admit(g, body={"max_tokens": 1})) == 429
+
+
+def test_redis_down_limits_locally_and_leaves_redis_alone_for_a_while(monkeypatch):
+    dead = DeadRedis()
+    g = _guard(dead, rpm=3)
+    for _ in range(3):
+        _admit(g)
+    assert _status(lambda: _admit(g)) == 429  # the local window holds the same limit
+    assert dead.calls == 1  # one failed call, then Redis is skipped until REDIS_RETRY_S has passed
+    monkeypatch.setattr(guard_mod, "REDIS_RETRY_S", 0.0)
+    g._redis_retry_at = 0.0
+    assert _status(lambda: _admit(g)) == 429
+    assert dead.calls == 2
+
+
+def test_concurrency_is_held_until_the_request_ends():
+    g = _guard(max_concurrency=1)
+    key = asyncio.run(g.authenticate({"authorization": f"Bearer {KEY}"}))
+    asyncio.run(g.admit(key, "chat", b"{}", {}))
+    done = g.track(key)
+    assert _status(lambda: asyncio.run(g.admit(key, "chat", b"{}", {}))) == 429
+    done(None)
+    asyncio.run(g.admit(key, "chat", b"{}", {}))
+
+
+def test_concurrency_is_checked_again_after_the_windows():
+    """Two requests pass the first check together; the one that awaited the window longest is refused."""
+    g = _guard(SlowWindow(), max_concurrency=1, rpm=100)
+    key = asyncio.run(g.authenticate({"authorization": f"Bearer {KEY}"}))
+
+    async def both() -> list[Any]:
+        async def one() -> str:
+            await g.admit(key, "chat", b"{}", {})
+            g.track(key)
+            return "ok"
+
+        return await asyncio.gather(one(), one(), return_exceptions=True)
+
+    results = asyncio.run(both())
+    assert results.count("ok") == 1 and isinstance([r for r in results if r != "ok"][0], GatewayError)
+
+
+def test_redis_key_cache_expires_so_revocation_takes_effect(monkeypatch):
+    backend = MemoryState()
+    backend.name = "redis"  # the store works on any backend with get/set/hset
+    store = RedisKeyStore(backend)
+    secret = new_key()
+    asyncio.run(store.put(ApiKey("svc", hash_key(secret), ("*",))))
+    g = Guard(AuthConfig(mode="keys", cache_ttl_s=5.0), backend, Metrics())
+    hdrs = {"authorization": f"Bearer {secret}"}
+    assert asyncio.run(g.authenticate(hdrs)).id == "svc"
+    assert asyncio.run(store.revoke("svc"))
+    time.sleep(0.01)
+    assert asyncio.run(g.authenticate(hdrs)).id == "svc"  # cached
+    g._cache.clear()  # as if cache_ttl_s had passed
+    assert _status(lambda: asyncio.run(g.authenticate(hdrs))) == 401
+    asyncio.run(store.put(ApiKey("dup", "sha256:x")))
+    with pytest.raises(ValueError, match="exists"):
+        asyncio.run(store.put(ApiKey("dup", "sha256:y")))

@@ -1,0 +1,60 @@
+"""SSE first-token detection, usage sniffing, timing arithmetic and trace context."""
+
+from __future__ import annotations
+
+from gateway.engine.sse import FirstTokenScanner, int_after, usage_of
+from gateway.telemetry.timing import union_length
+from gateway.telemetry.tracing import TraceContext, parse_traceparent
+
+ROLE = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+TOKEN = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+
+
+def test_role_chunk_is_not_a_usable_token_but_content_is():
+    s = FirstTokenScanner()
+    assert s.feed(ROLE) is False
+    assert s.feed(TOKEN) is True
+
+
+def test_event_split_across_chunks_is_found_once_complete():
+    s = FirstTokenScanner()
+    assert s.feed(TOKEN[:20]) is False
+    assert s.feed(TOKEN[20:]) is True
+
+
+def test_tool_calls_done_and_responses_deltas_are_usable():
+    assert FirstTokenScanner().feed(b'data: {"choices":[{"delta":{"tool_calls":[{"index":0}]}}]}\n')
+    assert FirstTokenScanner().feed(b"data: [DONE]\n\n")
+    assert FirstTokenScanner().feed(b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta"}\n')
+    assert not FirstTokenScanner().feed(b'event: response.created\ndata: {"type":"response.created"}\n')
+    assert FirstTokenScanner().feed(b'data: {"choices":[{"text":"x","index":0}]}\n')  # legacy completions
+
+
+def test_usage_sniffing_without_a_full_parse():
+    body = b'{"id":"x","usage":{"prompt_tokens": 12,"completion_tokens":7,"total_tokens":19}}'
+    assert usage_of(body) == (12, 7)
+    assert usage_of(b'{"usage":{"input_tokens":3,"output_tokens":4}}') == (3, 4)
+    assert usage_of(b'{"choices":[]}') == (None, None)
+    assert int_after(b'"n": x', b'"n":') is None
+
+
+def test_union_length_merges_overlaps():
+    assert union_length([]) == 0
+    assert union_length([(0.0, 1.0)]) == 1.0
+    assert union_length([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0)]) == 3.0
+    assert union_length([(1.0, 2.0), (0.0, 3.0)]) == 3.0
+
+
+def test_trace_context_continues_client_trace_with_own_span():
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    ctx = TraceContext(tp, "vendor=1")
+    assert ctx.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert ctx.traceparent.startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-")
+    assert ctx.span_id != "00f067aa0ba902b7" and ctx.tracestate == "vendor=1"
+
+
+def test_invalid_traceparent_starts_a_new_trace():
+    for bad in (None, "garbage", "00-" + "0" * 32 + "-00f067aa0ba902b7-01", "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"):
+        assert parse_traceparent(bad) is None
+        ctx = TraceContext(bad, "x=1")
+        assert len(ctx.trace_id) == 32 and ctx.tracestate is None
