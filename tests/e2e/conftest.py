@@ -56,7 +56,9 @@ class Sims:
         return self.url(name) + "/v1"
 
     def stats(self, name: str) -> dict[str, Any]:
-        return HTTP.get(self.url(name) + "/sim/stats", timeout=5).json()
+        # One connection per read, closed after it: tests that count a sim's connections then know that
+        # each read adds exactly one, whether or not a pooled keep-alive would have survived the sim's idle timer.
+        return HTTP.get(self.url(name) + "/sim/stats", headers={"connection": "close"}, timeout=5).json()
 
     def set(self, name: str, **knobs: Any) -> None:
         r = HTTP.post(self.url(name) + "/sim/profile", json=knobs, timeout=5)

@@ -108,8 +108,8 @@ def test_pools_are_open_before_the_first_request_and_kept_warm(sims_factory, gat
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))],
                                     pool={"min_connections": 3, "keepwarm_interval_s": 0.4,
                                           "keepalive_expiry_s": 60})]})
-    def stats() -> dict:  # one-shot connections: an idle keep-alive of ours would be idle-closed by the sim too
-        return httpx.get(sims.url("sim-a") + "/sim/stats", headers={"connection": "close"}, timeout=5).json()
+    def stats() -> dict:
+        return sims.stats("sim-a")
 
     st = stats()
     assert st["connections_opened"] >= 3 and st["served"]["chat"] == 0
