@@ -22,7 +22,7 @@ from gateway.engine.sse import usage_of
 from gateway.errors import GatewayError
 from gateway.policy.deadline import Deadline, DeadlineSource, attempt_timeout, resolve_deadline
 from gateway.policy.fallback import FallbackReason, fallback_reason_for, should_degrade
-from gateway.policy.hedging import hedge_delay
+from gateway.policy.hedging import hedge_delay, loser_sample_ms
 from gateway.policy.outlier import OutlierVerdict, record_outcome
 from gateway.policy.retry import FailureKind, RetryVerdict, is_retriable, plan_retry
 from gateway.policy.routing import RouteReason, choose
@@ -343,14 +343,9 @@ class Exchange:
                 t.cancel()
 
     def _censored(self, a: Attempt, t: float, hedge_s: float) -> None:
-        """A loser that waited at least the hedge delay was at least that slow: the delay's window counts it.
-
-        Without this the window sees only winners, loses the slow tail that hedging cut, and its quantile
-        drifts low: the configured p95 then hedges 7 % of requests, more than a 5 % budget allows.
-        """
-        waited = t - a.t_start
-        if a.t_first is None and hedge_s > 0.0 and waited >= hedge_s:
-            (a.dep.ttft_window if self.stream else a.dep.latency_window).add(waited * 1000.0, t)
+        ms = loser_sample_ms(started=a.t_start, first_byte=a.t_first, cancelled=t, delay_s=hedge_s)
+        if ms is not None:
+            (a.dep.ttft_window if self.stream else a.dep.latency_window).add(ms, t)
 
     def _lost(self, m: ModelRuntime, a: Attempt) -> None:
         a.state = AttemptState.CANCELLED

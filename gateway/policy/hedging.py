@@ -59,3 +59,17 @@ def hedge_delay(*, enabled: bool, fixed_delay_ms: float | None, quantile: float,
     elif q > max_delay_ms:
         q = max_delay_ms
     return HedgeDecision(q / 1000.0, "auto")
+
+
+def loser_sample_ms(*, started: float, first_byte: float | None, cancelled: float, delay_s: float) -> float | None:
+    """What a cancelled loser tells the hedge-delay window: "at least this slow", or nothing.
+
+    A loser that had no first byte after waiting at least the hedge delay was at least that slow. Without
+    it the window sees only winners, loses the slow tail that hedging cut, and its quantile drifts low:
+    the configured p95 then hedges 7 % of requests, more than a 5 % budget allows. A loser that already
+    had its first byte was recorded then; one cancelled sooner than the delay says nothing.
+    """
+    waited = cancelled - started
+    if first_byte is not None or delay_s <= 0.0 or waited < delay_s:
+        return None
+    return waited * 1000.0
