@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 from bench_procs import Service, free_port, http_get, http_post, tree_usage
 from bench_report import DIRECT, FLOOR, LITELLM, Run, markdown, median, summarize
+from fleet import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 NETNS_ENV = "LLMGW_BENCH_IN_NETNS"
@@ -319,14 +320,7 @@ class Bench:
 
 def machine_lines(a: argparse.Namespace, pin: bool, cpu_proxy: str | None, versions: dict[str, str],
                   load: tuple[float, float]) -> list[str]:
-    model = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     vers = ", ".join(f"{k} {v}" for k, v in versions.items())
     return [
         f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}",

@@ -6,7 +6,9 @@ generator's event loop never shares a GIL with what it measures.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
+import json
 import os
 import platform
 import socket
@@ -22,6 +24,7 @@ from typing import Any
 import httpx
 import orjson
 import yaml
+from openloop import StreamResult, poisson_schedule, run_open_loop
 
 HTTP = httpx.Client(timeout=5)
 
@@ -202,20 +205,58 @@ def take_lock() -> int:
     return fd
 
 
-def machine() -> str:
-    """nproc, CPU model, kernel, Python and the load average: one line for the report."""
-    model = "unknown CPU"
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return "unknown CPU"
+
+
+def machine() -> str:
+    """nproc, CPU model, kernel, Python and the load average: one line for the report."""
     load = "/".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{os.cpu_count()} CPUs ({model}), Linux {platform.release()}, Python {platform.python_version()}, "
+    return (f"{os.cpu_count()} CPUs ({cpu_model()}), Linux {platform.release()}, Python {platform.python_version()}, "
             f"load average {load}")
 
 
-__all__ = ["Fleet", "Proc", "SimRecorder", "access_records", "free_port", "machine", "metric_value", "sim_reset",
-           "sim_stats", "take_lock", "upstream_requests"]
+async def drive_arms(urls: dict[str, str], phase: str, n: int, rate: float, seed: int,
+                     tokens: int) -> dict[str, list[StreamResult]]:
+    """One open-loop Poisson stream of ``n`` streaming chats per arm, all arms at the same time.
+
+    Request ids are ``<phase>-<arm>-<i>`` so each arm's access log can be matched to its client results."""
+    runs = []
+    for i, (arm, url) in enumerate(urls.items()):
+        sched = poisson_schedule(n, rate, seed=seed * 1000 + i * 10 + (0 if phase == "w" else 1))
+        runs.append(run_open_loop(url + "/v1/chat/completions", "chat", sched, id_prefix=f"{phase}-{arm}-",
+                                  max_tokens=tokens))
+    done = await asyncio.gather(*runs)
+    return dict(zip(urls, done, strict=True))
+
+
+def open_loop_line(rate: float, warmup: int, requests: int, wall_s: float) -> str:
+    return (f"open loop, Poisson {rate:g} req/s per arm, arms concurrent, {warmup} warm-up + {requests} measured "
+            f"streaming requests per arm; wall time {wall_s:.0f} s")
+
+
+def report_meta(tool: str, argv: list[str] | None, machine_at_start: str, provider: str, load: str) -> dict[str, str]:
+    """The header lines every benchmark report starts with: when, how it was run, on what, against what."""
+    args = argv if argv is not None else sys.argv[1:]
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "command": f"loadtests/{tool} " + " ".join(args),
+            "machine (start)": machine_at_start, "machine (end)": machine(), "provider": provider, "load": load}
+
+
+def write_report(out: Path, md: str, payload: dict[str, Any]) -> None:
+    """The markdown report and its JSON beside it; the markdown is printed too."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(md)
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+    print(md)
+    print(f"written: {out}", file=sys.stderr)
+
+
+__all__ = ["Fleet", "Proc", "SimRecorder", "access_records", "cpu_model", "drive_arms", "free_port", "machine",
+           "metric_value", "open_loop_line", "report_meta", "sim_reset", "sim_stats", "take_lock", "upstream_requests",
+           "write_report"]

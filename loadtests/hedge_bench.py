@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -39,14 +38,18 @@ from fleet import (
     Proc,
     SimRecorder,
     access_records,
+    drive_arms,
     machine,
     metric_value,
+    open_loop_line,
+    report_meta,
     sim_reset,
     sim_stats,
     take_lock,
     upstream_requests,
+    write_report,
 )
-from openloop import StreamResult, percentile, poisson_schedule, run_open_loop, ttft_summary
+from openloop import StreamResult, percentile, ttft_summary
 
 REPO = Path(__file__).resolve().parent.parent
 ARMS = ("off", "auto", "fixed")
@@ -141,16 +144,6 @@ def start(fleet: Fleet, a: argparse.Namespace) -> dict[str, Arm]:
         arms[arm] = Arm(arm, gw, log, [us, eu])
     fleet.wait_ready()
     return arms
-
-
-async def drive(a: argparse.Namespace, arms: dict[str, Arm], phase: str, n: int) -> dict[str, list[StreamResult]]:
-    runs = []
-    for i, arm in enumerate(arms.values()):
-        sched = poisson_schedule(n, a.rate, seed=a.seed * 1000 + i * 10 + (0 if phase == "w" else 1))
-        runs.append(run_open_loop(arm.gateway.url + "/v1/chat/completions", "chat", sched,
-                                  id_prefix=f"{phase}-{arm.name}-", max_tokens=a.tokens))
-    done = await asyncio.gather(*runs)
-    return dict(zip(arms, done, strict=True))
 
 
 def spread(values: list[float]) -> dict[str, float | None]:
@@ -299,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as exc:
             print(f"hedge_bench: {exc}", file=sys.stderr)
             return 2
+        urls = {name: arm.gateway.url for name, arm in arms.items()}
         t0 = time.monotonic()
-        asyncio.run(drive(a, arms, "w", a.warmup_requests))
+        asyncio.run(drive_arms(urls, "w", a.warmup_requests, a.rate, a.seed, a.tokens))
         warm = {name: access_records(arm.access_log, f"w-{name}-", expect=a.warmup_requests)
                 for name, arm in arms.items()}
         for arm in arms.values():
@@ -308,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 sim_reset(s)
         recorder = SimRecorder([s for arm in arms.values() for s in arm.sims])
         recorder.start()
-        measured = asyncio.run(drive(a, arms, "m", a.requests))
+        measured = asyncio.run(drive_arms(urls, "m", a.requests, a.rate, a.seed, a.tokens))
         recorder.stop()
         wall = time.monotonic() - t0
         attempts = recorder.by_request()
@@ -322,18 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     sim_line = (f"lognormal TTFT median {a.ttft_ms:g} ms, sigma {a.sigma:g}, plus {a.tail_p * 100:g} % at "
                 f"{a.tail_ms:g} ms; {a.tokens} tokens {a.itl_ms:g} ms apart; two deployments (us-east, eu-west), "
                 "gateway in us-east, latency routing, locality prefer")
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": "loadtests/hedge_bench.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]), "machine (start)": load_start, "machine (end)": machine(),
-        "provider": sim_line,
-        "load": f"open loop, Poisson {a.rate:g} req/s per arm, arms concurrent, {a.warmup_requests} warm-up + "
-                f"{a.requests} measured streaming requests per arm; wall time {wall:.0f} s"}
+    meta = report_meta("hedge_bench.py", argv, load_start, sim_line,
+                       open_loop_line(a.rate, a.warmup_requests, a.requests, wall))
     md, met = report(a, res, meta)
     out = a.out or default_out()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(md)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "arms": [asdict(r) for r in res]}, indent=1))
-    print(md)
-    print(f"written: {out}", file=sys.stderr)
+    write_report(out, md, {"meta": meta, "arms": [asdict(r) for r in res]})
     return 0 if met else 1
 
 

@@ -17,14 +17,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fleet import Fleet, Proc, access_records, machine, sim_reset, sim_stats, take_lock
-from openloop import StreamResult, poisson_schedule, run_open_loop, ttft_summary
+from fleet import (
+    Fleet,
+    Proc,
+    access_records,
+    drive_arms,
+    machine,
+    open_loop_line,
+    report_meta,
+    sim_reset,
+    sim_stats,
+    take_lock,
+    write_report,
+)
+from openloop import StreamResult, ttft_summary
 
 REPO = Path(__file__).resolve().parent.parent
 ARMS = ("latency", "round-robin")
@@ -94,16 +105,6 @@ def start(fleet: Fleet, a: argparse.Namespace) -> dict[str, Arm]:
     return arms
 
 
-async def drive(a: argparse.Namespace, arms: dict[str, Arm], phase: str, n: int) -> dict[str, list[StreamResult]]:
-    runs = []
-    for i, arm in enumerate(arms.values()):
-        sched = poisson_schedule(n, a.rate, seed=a.seed * 1000 + i * 10 + (0 if phase == "w" else 1))
-        runs.append(run_open_loop(arm.gateway.url + "/v1/chat/completions", "chat", sched,
-                                  id_prefix=f"{phase}-{arm.name}-", max_tokens=a.tokens))
-    done = await asyncio.gather(*runs)
-    return dict(zip(arms, done, strict=True))
-
-
 def summarize(a: argparse.Namespace, arm: Arm, results: list[StreamResult]) -> ArmResult:
     n = len(results)
     recs = access_records(arm.access_log, f"m-{arm.name}-", expect=n)
@@ -165,30 +166,25 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as exc:
             print(f"routing_bench: {exc}", file=sys.stderr)
             return 2
+        urls = {name: arm.gateway.url for name, arm in arms.items()}
         t0 = time.monotonic()
-        asyncio.run(drive(a, arms, "w", a.warmup_requests))
+        asyncio.run(drive_arms(urls, "w", a.warmup_requests, a.rate, a.seed, a.tokens))
         for arm in arms.values():
             for s in arm.sims:
                 sim_reset(s)
-        measured = asyncio.run(drive(a, arms, "m", a.requests))
+        measured = asyncio.run(drive_arms(urls, "m", a.requests, a.rate, a.seed, a.tokens))
         wall = time.monotonic() - t0
         res = [summarize(a, arms[n], measured[n]) for n in arms]
     finally:
         fleet.stop()
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": "loadtests/routing_bench.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]), "machine (start)": load_start, "machine (end)": machine(),
-        "provider": f"three deployments in the gateway's region, lognormal TTFT medians "
-                    f"{', '.join(f'{m:g}' for m in a.medians)} ms, sigma {a.sigma:g}, no tail; {a.tokens} tokens "
-                    f"{a.itl_ms:g} ms apart",
-        "load": f"open loop, Poisson {a.rate:g} req/s per arm, arms concurrent, {a.warmup_requests} warm-up + "
-                f"{a.requests} measured streaming requests per arm; wall time {wall:.0f} s"}
+    meta = report_meta("routing_bench.py", argv, load_start,
+                       f"three deployments in the gateway's region, lognormal TTFT medians "
+                       f"{', '.join(f'{m:g}' for m in a.medians)} ms, sigma {a.sigma:g}, no tail; {a.tokens} tokens "
+                       f"{a.itl_ms:g} ms apart",
+                       open_loop_line(a.rate, a.warmup_requests, a.requests, wall))
     md, ok = report(a, res, meta)
     out = a.out or REPO / "loadtests" / "results" / f"routing-{time.strftime('%Y-%m-%d')}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(md)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "arms": [asdict(r) for r in res]}, indent=1))
-    print(md)
-    print(f"written: {out}", file=sys.stderr)
+    write_report(out, md, {"meta": meta, "arms": [asdict(r) for r in res]})
     return 0 if ok else 1
 
 
