@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 from bench_procs import Service, free_port, http_get, http_post, tree_usage
-from bench_report import DIRECT, FLOOR, LITELLM, Run, markdown, median, summarize
+from bench_report import DIRECT, FLOOR, LITELLM, Run, Summary, fmt, markdown, median, summarize
 from fleet import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -302,6 +302,7 @@ class Bench:
             raise RuntimeError(f"{t.name} died:\n{t.service.tail()}")
         http_post(self.mock_root + "/stats/reset")
         before = tree_usage(t.service.pid) if t.service else None
+        log_at = t.access_log.stat().st_size if t.access_log is not None and t.access_log.exists() else None
         t0 = time.monotonic()
         r = self.loadgen(t, mode, conc, self.a.duration, self.a.warmup, f"{t.name}/{mode}/c{conc}/r{rnd}")
         wall = time.monotonic() - t0
@@ -312,7 +313,19 @@ class Bench:
             run.cpu_ms_per_req = 1000.0 * cpu / run.completed_all if run.completed_all else None
             run.cpu_pct = 100.0 * cpu / wall
             run.rss_mb = after.rss_bytes / 2**20
+        if log_at is not None:
+            run.gateway_overhead_ms = run_overhead(t.access_log, log_at)
         return run
+
+
+def run_overhead(access_log: Path, offset: int) -> float | None:
+    """Median gateway_overhead_ms of the records one run appended to the access log (from ``offset``)."""
+    time.sleep(0.1)  # the log is flushed every 20 ms by a writer thread
+    with access_log.open("rb") as f:
+        f.seek(offset)
+        values = [rec["gateway_overhead_ms"] for rec in map(json.loads, f.read().splitlines())
+                  if rec.get("gateway_overhead_ms") is not None]
+    return median(values)
 
 
 # ------------------------------------------------------------------ facts for the report
@@ -344,7 +357,7 @@ def pip_version(python: str, dist: str) -> str:
     return out.stdout.strip() or "-"
 
 
-def gateway_checks(t: Target) -> str:
+def gateway_checks(t: Target, summ: list[Summary], conc: int) -> str:
     """What the gateway's own telemetry says about the runs: nothing retried or hedged, overhead it measured."""
     n = retries = hedges = non200 = 0
     overhead: dict[bool, list[float]] = {False: [], True: []}
@@ -368,7 +381,10 @@ def gateway_checks(t: Target) -> str:
     oj, os_ = median(overhead[False]), median(overhead[True])
     return (f"{t.name}: access log {n} records, {retries} retries, {hedges} hedges, {non200} non-200, "
             f"{dropped} dropped; its own gateway_overhead_ms median json {oj if oj is None else round(oj, 3)} / "
-            f"stream {os_ if os_ is None else round(os_, 3)}; /metrics HTTP {status} with {series} llmgw_ series")
+            f"stream {os_ if os_ is None else round(os_, 3)}; /metrics HTTP {status} with {series} llmgw_ series"
+            + "".join(f"; at c={conc} {s.mode}: gateway_overhead_ms median {fmt(s.gateway_overhead_ms, 3)} ms in the "
+                      f"access log vs {fmt(s.added_p50, 3)} ms added p50 measured by the client"
+                      for s in summ if s.target == t.name and s.conc == conc))
 
 
 def default_out() -> Path:
@@ -448,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"ms/req errors={run.errors or '-'}")
         names = [t.name for t in targets]
         summ = summarize(runs, names, a.mode_list, a.concs)
-        checks = [gateway_checks(t) for t in targets if t.name not in (DIRECT, FLOOR, LITELLM)]
+        checks = [gateway_checks(t, summ, min(a.concs)) for t in targets if t.name not in (DIRECT, FLOOR, LITELLM)]
         report = markdown(f"llmgw benchmark, {time.strftime('%Y-%m-%d')}",
                           machine_lines(a, pin, cpu_proxy, versions, (load_start, os.getloadavg()[0])),
                           summ, names, min(a.concs), a.cpu_at if a.cpu_at in a.concs else max(a.concs), checks)

@@ -30,6 +30,7 @@ class Run:
     cpu_ms_per_req: float | None = None
     cpu_pct: float | None = None
     rss_mb: float | None = None
+    gateway_overhead_ms: float | None = None  # median of the access log's gateway_overhead_ms over the run
 
     @classmethod
     def from_loadgen(cls, target: str, mode: str, conc: int, rnd: int, r: dict[str, Any]) -> Run:
@@ -58,6 +59,7 @@ class Summary:
     cpu_pct: float | None
     rss_mb: float | None
     errors: dict[str, int] = field(default_factory=dict)
+    gateway_overhead_ms: float | None = None
 
 
 def median(xs: Iterable[float | None]) -> float | None:
@@ -105,7 +107,8 @@ def summarize(runs: list[Run], targets: list[str], modes: list[str], concs: list
                     _paired(rs, base, "ttft", "p50") if paired else None,
                     _paired(rs, base, "ttft", "p99") if paired else None,
                     median(r.cpu_ms_per_req for r in rs), median(r.cpu_pct for r in rs),
-                    max((r.rss_mb for r in rs if r.rss_mb is not None), default=None), errors))
+                    max((r.rss_mb for r in rs if r.rss_mb is not None), default=None), errors,
+                    median(r.gateway_overhead_ms for r in rs)))
     return out
 
 
