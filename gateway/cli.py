@@ -77,6 +77,8 @@ def _fresh_multiprocess_dir() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from gateway.api.protocol import TimedHttpToolsProtocol
+
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     sims = None
@@ -96,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("llmgw").warning(
             "listening on %s without API keys (auth.mode: none): anyone who can reach it can spend your provider quota",
             host)
-    common: dict[str, Any] = dict(host=host, port=port, loop="uvloop", http="httptools", lifespan="on",
+    common: dict[str, Any] = dict(host=host, port=port, loop="uvloop", http=TimedHttpToolsProtocol, lifespan="on",
                                   access_log=False, log_level=args.log_level, server_header=False,
                                   timeout_graceful_shutdown=cfg.server.drain_timeout_s, backlog=4096,
                                   timeout_keep_alive=75)

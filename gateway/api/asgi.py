@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from gateway import errors
+from gateway.api.protocol import SCOPE_KEY as FIRST_BYTE
 from gateway.engine.engine import Engine
 from gateway.engine.exchange import Exchange
 from gateway.errors import GatewayError
@@ -70,7 +71,7 @@ class GatewayASGI:
             path = scope["path"]
             upstream_path = PROXY_ROUTES.get(path)
             if upstream_path is not None:
-                return await self._proxy(scope, receive, send, upstream_path, now())
+                return await self._proxy(scope, receive, send, upstream_path, scope.get(FIRST_BYTE) or now())
             handler = self._simple.get(path)
             if handler is not None:
                 return await handler(scope, receive, send)
@@ -80,7 +81,8 @@ class GatewayASGI:
                 return await self._admin(scope, receive, send)
             if path.startswith(("/docs", "/openapi.json", "/redoc")):
                 return await self.fallback_app(scope, receive, send)
-            return await self._reject(scope, send, errors.not_found(path), now(), time.time())
+            return await self._reject(scope, send, errors.not_found(path), scope.get(FIRST_BYTE) or now(),
+                                      time.time())
         if scope["type"] == "lifespan":
             return await self._lifespan(receive, send)
         return await self.fallback_app(scope, receive, send)

@@ -1,0 +1,21 @@
+"""uvicorn's httptools protocol, stamped with when each request's first byte was parsed.
+
+The ASGI app is called only after uvicorn has parsed the head and scheduled a task, so a clock read
+at the app's door misses that part of the gateway's own time. The stamp rides in the scope
+(``llmgw.t_first_byte``); ``duration_ms`` and ``gateway_overhead_ms`` start from it.
+"""
+
+from __future__ import annotations
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.telemetry.timing import now
+
+SCOPE_KEY = "llmgw.t_first_byte"
+
+
+class TimedHttpToolsProtocol(HttpToolsProtocol):
+    def on_message_begin(self) -> None:
+        t = now()
+        super().on_message_begin()
+        self.scope[SCOPE_KEY] = t  # type: ignore[typeddict-unknown-key]
