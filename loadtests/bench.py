@@ -83,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"one gateway target per LLMGW_UPSTREAM_CLIENT value ({', '.join(CLIENT_KINDS)})")
     ap.add_argument("--llmgw-workers", default="1",
                     help="one gateway target per value of `serve --workers` (e.g. 1,2; use --pin off for > 1)")
+    ap.add_argument("--baseline-src", type=Path, default=None,
+                    help="also run the gateway from this source tree (e.g. `git worktree add /tmp/base HEAD~1`) "
+                         "as target llmgw-baseline, same config and venv: a change measured against its parent "
+                         "in one run")
     ap.add_argument("--cpu-at", type=int, default=16, help="concurrency whose CPU/request the headline shows")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
@@ -219,7 +223,7 @@ def gateway_name(client: str, workers: int, a: argparse.Namespace) -> str:
 
 
 def start_gateway(a: argparse.Namespace, name: str, client: str, workers: int, mock_base: str, tmp: Path,
-                  cpu: str | None, services: list[Service]) -> Target:
+                  cpu: str | None, services: list[Service], src: Path | None = None) -> Target:
     port = free_port()
     access_log = tmp / f"{name}-access.jsonl"
     cfg_path = tmp / f"{name}.yaml"
@@ -227,6 +231,8 @@ def start_gateway(a: argparse.Namespace, name: str, client: str, workers: int, m
     argv = [a.gateway_python, "-m", "gateway", "serve", "--config", str(cfg_path), "--port", str(port),
             "--log-level", "warning", "--workers", str(workers)]
     env = dict(os.environ, LLMGW_UPSTREAM_CLIENT=client)
+    if src is not None:  # found before the venv's editable install of this checkout
+        env["PYTHONPATH"] = str(src.resolve())
     svc = Service(name, argv, tmp, cpus=cpu, env=env, cwd=tmp)
     services.append(svc)  # registered before readiness, so a failed start-up is stopped too
     dt = svc.wait_ready(f"http://127.0.0.1:{port}/readyz", a.startup_timeout)
@@ -443,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
                                                      mock_base, tmp, cpu_proxy, services))
                     if client != "aiohttp":
                         versions[client] = pip_version(a.gateway_python, client)
+                if a.baseline_src is not None:
+                    targets.append(start_gateway(a, "llmgw-baseline", a.clients[0], a.workers[0], mock_base, tmp,
+                                                 cpu_proxy, services, src=a.baseline_src))
         if not targets or targets[0].name != DIRECT:
             fail_setup("the first target must be 'direct' (added latency is measured against it)")
         b = Bench(a, bench, mock, mock_root, cpu_load)
@@ -472,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(report)
         out.with_suffix(".json").write_text(json.dumps(
-            {"args": {k: v for k, v in vars(a).items() if k not in MACHINE_ARGS},
+            {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k not in MACHINE_ARGS},
              "versions": versions, "runs": [asdict(r) for r in runs]},
             indent=1))
         print(report)

@@ -44,6 +44,14 @@ class ExchangeState(StrEnum):
 
 
 class Exchange:
+    __slots__ = ("engine", "path", "upstream_path", "body", "model_name", "stream", "headers", "t_received",
+                 "t_body", "wall_start", "request_id", "client", "api_key_id", "trace", "state", "attempts", "waits",
+                 "flags", "retries", "hedges", "model_retries", "model_hedges", "hedge_delay_ms", "route_reason",
+                 "winner", "last_failure", "error", "timeout_flag", "fallback_from", "fallback_reason",
+                 "served_model", "status", "bytes_received", "bytes_sent", "t_routed", "t_first_sent", "t_last_sent",
+                 "prompt_tokens", "completion_tokens", "client_gone", "committed", "finished", "closing", "_bodies",
+                 "_base_headers", "deadline")
+
     def __init__(self, engine: Engine, *, path: str, upstream_path: str, body: dict[str, Any], raw_len: int,
                  headers: dict[str, str], t_received: float, t_body: float, wall_start: float,
                  request_id: str, client: str | None, api_key_id: str | None = None) -> None:
@@ -266,9 +274,12 @@ class Exchange:
         """Hedging: start another attempt when the first is late; the first usable token wins."""
         loop = asyncio.get_running_loop()
         tasks: dict[asyncio.Task, Attempt] = {}
+        race = _FirstDone(loop)
 
         def launch(a: Attempt) -> None:
-            tasks[loop.create_task(self._run_attempt(a))] = a
+            t = loop.create_task(self._run_attempt(a))
+            t.add_done_callback(race.wake)
+            tasks[t] = a
 
         launch(first)
         max_hedges = m.cfg.hedging.max_hedges
@@ -276,7 +287,7 @@ class Exchange:
         try:
             while tasks:
                 timeout = None if hedge_at is None else max(0.0, hedge_at - now())
-                done, _ = await asyncio.wait(tasks.keys(), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                done = await race.wait(tasks, timeout)
                 if not done:
                     hedge_at = None
                     if self.model_hedges >= max_hedges:
@@ -654,3 +665,38 @@ class Exchange:
 
 
 __all__ = ["Exchange", "ExchangeState", "DeadlineSource"]
+
+
+class _FirstDone:
+    """``asyncio.wait(FIRST_COMPLETED)`` for the hedging race, without its set-up on every call.
+
+    Each attempt task gets one done-callback when launched (asyncio.wait adds and removes one per task
+    on every call, and builds two sets); a wait is then one future and, while a hedge is pending, one
+    timer.
+    """
+
+    __slots__ = ("_loop", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiter: asyncio.Future[None] | None = None
+
+    def wake(self, _: object = None) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def wait(self, tasks: dict[asyncio.Task, Attempt], timeout: float | None) -> list[asyncio.Task]:
+        """The tasks that are done: at least one, or none when ``timeout`` seconds passed first."""
+        done = [t for t in tasks if t.done()]
+        if done or timeout == 0.0:
+            return done
+        self._waiter = self._loop.create_future()
+        timer = None if timeout is None else self._loop.call_later(timeout, self.wake)
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+        return [t for t in tasks if t.done()]
