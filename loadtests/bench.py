@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="also run the gateway from this source tree (e.g. `git worktree add /tmp/base HEAD~1`) "
                          "as target llmgw-baseline, same config and venv: a change measured against its parent "
                          "in one run")
+    ap.add_argument("--otel", action="store_true",
+                    help="also run llmgw-otel (every request traced and exported over OTLP/HTTP to a local sink) "
+                         "and llmgw-otel-10pct (10 %% sampled): what tracing costs")
     ap.add_argument("--cpu-at", type=int, default=16, help="concurrency whose CPU/request the headline shows")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
@@ -223,14 +226,15 @@ def gateway_name(client: str, workers: int, a: argparse.Namespace) -> str:
 
 
 def start_gateway(a: argparse.Namespace, name: str, client: str, workers: int, mock_base: str, tmp: Path,
-                  cpu: str | None, services: list[Service], src: Path | None = None) -> Target:
+                  cpu: str | None, services: list[Service], src: Path | None = None,
+                  extra_env: dict[str, str] | None = None) -> Target:
     port = free_port()
     access_log = tmp / f"{name}-access.jsonl"
     cfg_path = tmp / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(gateway_config(mock_base, port, access_log), sort_keys=False))
     argv = [a.gateway_python, "-m", "gateway", "serve", "--config", str(cfg_path), "--port", str(port),
             "--log-level", "warning", "--workers", str(workers)]
-    env = dict(os.environ, LLMGW_UPSTREAM_CLIENT=client)
+    env = dict(os.environ, LLMGW_UPSTREAM_CLIENT=client, **(extra_env or {}))
     if src is not None:  # found before the venv's editable install of this checkout
         env["PYTHONPATH"] = str(src.resolve())
     svc = Service(name, argv, tmp, cpus=cpu, env=env, cwd=tmp)
@@ -238,6 +242,32 @@ def start_gateway(a: argparse.Namespace, name: str, client: str, workers: int, m
     dt = svc.wait_ready(f"http://127.0.0.1:{port}/readyz", a.startup_timeout)
     log(f"{name} (upstream client {client}, {workers} worker(s)) ready in {dt:.1f}s")
     return Target(name, f"http://127.0.0.1:{port}/v1", "fast", None, svc, access_log)
+
+
+# A trace collector that accepts every OTLP/HTTP export and drops it: the gateway pays for building,
+# batching, encoding and posting spans, as it would against a real collector on the same node.
+OTLP_SINK = """
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.send_response(200); self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0"); self.end_headers()
+    def do_GET(self):
+        self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def start_otlp_sink(a: argparse.Namespace, tmp: Path, cpu: str | None, services: list[Service]) -> str:
+    port = free_port()
+    svc = Service("otlp-sink", [a.bench_python, "-c", OTLP_SINK, str(port)], tmp, cpus=cpu)
+    services.append(svc)
+    svc.wait_ready(f"http://127.0.0.1:{port}/", 30)
+    return f"http://127.0.0.1:{port}"
 
 
 def start_floor(a: argparse.Namespace, bench: Path, mock_base: str, tmp: Path, cpu: str | None,
@@ -449,6 +479,14 @@ def main(argv: list[str] | None = None) -> int:
                                                      mock_base, tmp, cpu_proxy, services))
                     if client != "aiohttp":
                         versions[client] = pip_version(a.gateway_python, client)
+                if a.otel:
+                    sink = start_otlp_sink(a, tmp, cpu_load, services)
+                    for suffix, sampler in (("", {}), ("-10pct", {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                                                   "OTEL_TRACES_SAMPLER_ARG": "0.1"})):
+                        targets.append(start_gateway(a, f"llmgw-otel{suffix}", a.clients[0], a.workers[0], mock_base,
+                                                     tmp, cpu_proxy, services,
+                                                     extra_env={"OTEL_EXPORTER_OTLP_ENDPOINT": sink, **sampler}))
+                    versions["opentelemetry-sdk"] = pip_version(a.gateway_python, "opentelemetry-sdk")
                 if a.baseline_src is not None:
                     targets.append(start_gateway(a, "llmgw-baseline", a.clients[0], a.workers[0], mock_base, tmp,
                                                  cpu_proxy, services, src=a.baseline_src))

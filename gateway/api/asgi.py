@@ -90,7 +90,7 @@ class GatewayASGI:
     # ------------------------------------------------------------------ proxy
 
     async def _proxy(self, scope: dict[str, Any], receive: Any, send: Any, upstream_path: str, t0: float) -> None:
-        wall = time.time()
+        wall = time.time() - (now() - t0)  # the wall clock at t0, so spans and start_time line up with durations
         if scope["method"] != "POST":
             return await self._reject(scope, send, errors.method_not_allowed(scope["method"], "POST"), t0, wall)
         raw_headers = scope["headers"]
