@@ -2,7 +2,7 @@
 """Instructions per request under callgrind: the gateway's CPU cost as a count, not a time.
 
 CPU seconds per request move by 10-40 % between runs on a shared 2-core VM; the number of instructions
-a process executes for the same requests does not (repeat runs agree within about 0.5 %). Each proxy
+a process executes for the same requests barely moves (0.5 % in one process, about 1.5 % between runs). Each proxy
 (the floor, our gateway, and with ``--baseline-src`` a second checkout of the gateway) runs under
 ``valgrind --tool=callgrind`` with instrumentation off; after a warm-up, instrumentation is switched on
 for exactly ``--requests`` requests at concurrency 1 and the total is read from callgrind's dump.
