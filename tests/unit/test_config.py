@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import typing
+from pathlib import Path
 
-from gateway.config import ConfigError, parse_config, redact
+import pytest
+from pydantic import BaseModel
+
+from gateway.config import ConfigError, GatewayConfig, parse_config, redact
 
 
 def _cfg(**model_extra):
@@ -68,3 +72,24 @@ def test_redact_hides_every_secret():
     raw["state"] = {"backend": "redis", "redis_url": "redis://:pw-secret@h:6379/0"}
     text = str(redact(parse_config(raw)))
     assert "sk-secret" not in text and "az-secret" not in text and "pw-secret" not in text and "'x-team': 't'" in text
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted path, key) for every key of the config schema, nested models included."""
+    out = []
+    for name, f in model.model_fields.items():
+        key = f.alias or name
+        out.append((prefix + key, key))
+        args = typing.get_args(f.annotation)
+        for t in (f.annotation, *args, *(a for x in args for a in typing.get_args(x))):
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                out += _keys(t, prefix + key + ".")
+    return out
+
+
+def test_every_config_key_is_documented():
+    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    keys = _keys(GatewayConfig)
+    assert len(keys) > 60  # the walk reached the nested sections
+    missing = [path for path, key in keys if f"`{key}`" not in doc and f"{key}:" not in doc]
+    assert not missing, f"keys missing from docs/configuration.md: {missing}"
