@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 
 from gateway import errors
-from gateway.api.protocol import SCOPE_KEY as FIRST_BYTE
+from gateway.api.protocol import arrival
 from gateway.engine.engine import Engine
 from gateway.engine.exchange import Exchange
 from gateway.errors import GatewayError
@@ -71,7 +70,7 @@ class GatewayASGI:
             path = scope["path"]
             upstream_path = PROXY_ROUTES.get(path)
             if upstream_path is not None:
-                return await self._proxy(scope, receive, send, upstream_path, scope.get(FIRST_BYTE) or now())
+                return await self._proxy(scope, receive, send, upstream_path, *arrival(scope))
             handler = self._simple.get(path)
             if handler is not None:
                 return await handler(scope, receive, send)
@@ -81,16 +80,15 @@ class GatewayASGI:
                 return await self._admin(scope, receive, send)
             if path.startswith(("/docs", "/openapi.json", "/redoc")):
                 return await self.fallback_app(scope, receive, send)
-            return await self._reject(scope, send, errors.not_found(path), scope.get(FIRST_BYTE) or now(),
-                                      time.time())
+            return await self._reject(scope, send, errors.not_found(path), *arrival(scope))
         if scope["type"] == "lifespan":
             return await self._lifespan(receive, send)
         return await self.fallback_app(scope, receive, send)
 
     # ------------------------------------------------------------------ proxy
 
-    async def _proxy(self, scope: dict[str, Any], receive: Any, send: Any, upstream_path: str, t0: float) -> None:
-        wall = time.time() - (now() - t0)  # the wall clock at t0, so spans and start_time line up with durations
+    async def _proxy(self, scope: dict[str, Any], receive: Any, send: Any, upstream_path: str, t0: float,
+                     wall: float) -> None:
         if scope["method"] != "POST":
             return await self._reject(scope, send, errors.method_not_allowed(scope["method"], "POST"), t0, wall)
         raw_headers = scope["headers"]

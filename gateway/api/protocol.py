@@ -7,6 +7,9 @@ at the app's door misses that part of the gateway's own time. The stamp rides in
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.telemetry.timing import now
@@ -19,3 +22,13 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         t = now()
         super().on_message_begin()
         self.scope[SCOPE_KEY] = t  # type: ignore[typeddict-unknown-key]
+
+
+def arrival(scope: dict[str, Any]) -> tuple[float, float]:
+    """The request's first byte on the monotonic clock and on the wall clock (now, if it was not stamped).
+
+    The wall time is derived from the same instant, so ``start_time`` and exported spans line up with
+    the durations measured from it."""
+    t = now()
+    t0 = scope.get(SCOPE_KEY, t)
+    return t0, time.time() - (t - t0)

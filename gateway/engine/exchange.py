@@ -664,8 +664,6 @@ class Exchange:
 
 
 
-__all__ = ["Exchange", "ExchangeState", "DeadlineSource"]
-
 
 class _FirstDone:
     """``asyncio.wait(FIRST_COMPLETED)`` for the hedging race, without its set-up on every call.
@@ -700,3 +698,6 @@ class _FirstDone:
             if timer is not None:
                 timer.cancel()
         return [t for t in tasks if t.done()]
+
+
+__all__ = ["Exchange", "ExchangeState", "DeadlineSource"]
