@@ -265,53 +265,41 @@ class Exchange:
                 if att.ok:
                     return att
                 att.finish()
-                att = await self._next_after_failure(m, att, tried, others_in_flight=False)
+                att = await self._next_after_failure(m, att, tried)
                 if att is None:
                     return None
         return await self._race(m, att, tried, hedge_s)
 
     async def _race(self, m: ModelRuntime, first: Attempt, tried: set[str], hedge_s: float) -> Attempt | None:
-        """Hedging: start another attempt when the first is late; the first usable token wins."""
-        loop = asyncio.get_running_loop()
-        tasks: dict[asyncio.Task, Attempt] = {}
-        race = _FirstDone(loop)
+        """Hedging: start another attempt when the first is late; the first usable token wins.
 
-        def launch(a: Attempt) -> None:
-            t = loop.create_task(self._run_attempt(a))
-            t.add_done_callback(race.wake)
-            tasks[t] = a
-
-        launch(first)
-        max_hedges = m.cfg.hedging.max_hedges
-        hedge_at: float | None = first.t_start + hedge_s
+        An attempt that starts alone runs inline in this task: most requests never hedge, and a task per
+        attempt cost ~6 % of the gateway's instructions. Hedges start from a timer as tasks (see _Race).
+        """
+        race = _Race(self, m, tried, hedge_s)
+        race.arm(first.t_start)
+        inline: Attempt | None = first
+        tasks = race.tasks
         try:
-            while tasks:
-                timeout = None if hedge_at is None else max(0.0, hedge_at - now())
-                done = await race.wait(tasks, timeout)
-                if not done:
-                    hedge_at = None
-                    if self.model_hedges >= max_hedges:
-                        continue
-                    if not m.hedge_bucket.try_take():
-                        self.engine.metrics.child(self.engine.metrics.hedges, m.name, "suppressed").inc()
-                        if "HS" not in self.flags:
-                            self.flags.append("HS")
-                        continue
-                    err = self.error
-                    hedge = self._start(m, AttemptKind.HEDGE, tried)
-                    if hedge is None:  # no room for a hedge: the primary still runs, its outcome decides
-                        self.error = err
-                        continue
-                    self.hedges += 1
-                    self.model_hedges += 1
-                    launch(hedge)
-                    if self.model_hedges < max_hedges:
-                        hedge_at = hedge.t_start + hedge_s
-                    continue
+            while True:
+                loser = None
+                if inline is not None:
+                    race.inline = a = inline
+                    try:
+                        await self._run_attempt(a)
+                        finished = [a]
+                    except asyncio.CancelledError:
+                        if not race.interrupted or race.task.uncancel() > 0:  # also cancelled from outside
+                            raise
+                        loser, finished = a, []
+                    race.inline = inline = None
+                    race.interrupted = False
+                    finished.extend(tasks.pop(t) for t in [t for t in tasks if t.done()])
+                else:
+                    finished = [tasks.pop(t) for t in await race.wait()]
                 winner = None
                 failed: list[Attempt] = []
-                for t in done:
-                    a = tasks.pop(t)
+                for a in finished:
                     self._record(m, a)
                     if a.ok and winner is None:
                         winner = a
@@ -324,6 +312,9 @@ class Exchange:
                     a.finish()
                 if winner is not None:
                     t_win = now()
+                    if loser is not None:
+                        self._lost(m, loser)
+                        self._censored(loser, t_win, hedge_s)
                     for t, a in tasks.items():
                         t.cancel()
                         self._lost(m, a)
@@ -333,25 +324,39 @@ class Exchange:
                         self.engine.metrics.child(self.engine.metrics.hedges, m.name, "won").inc()
                     return winner
                 if tasks:
-                    # A fast failure while another attempt runs: that attempt now plays the retry,
-                    # and takes a retry-budget slot when one is free (it is already running either way).
-                    self.retries += len(failed)
-                    self.model_retries += len(failed)
-                    for a in tasks.values():
-                        if a.budget is None and m.retry_budget.try_acquire():
-                            a.budget = m.retry_budget
-                        break
+                    self._plays_retry(m, len(failed), next(iter(tasks.values())))
                     continue
-                nxt = await self._next_after_failure(m, failed[-1], tried, others_in_flight=False)
-                if nxt is None:
+                race.disarm()  # nothing in flight: the retry (if any) gets a hedge timer of its own
+                inline = await self._next_after_failure(m, failed[-1], tried)
+                if inline is None:
                     return None
-                launch(nxt)
-                if self.model_hedges < max_hedges:
-                    hedge_at = nxt.t_start + hedge_s
-            return None
+                race.arm(inline.t_start)
         finally:
-            for t in tasks:
-                t.cancel()
+            race.close()
+
+    def _hedge(self, m: ModelRuntime, tried: set[str]) -> Attempt | None:
+        """The hedge timer fired: start a hedge if the budget and a deployment allow."""
+        if not m.hedge_bucket.try_take():
+            self.engine.metrics.child(self.engine.metrics.hedges, m.name, "suppressed").inc()
+            if "HS" not in self.flags:
+                self.flags.append("HS")
+            return None
+        err = self.error
+        h = self._start(m, AttemptKind.HEDGE, tried)
+        if h is None:  # no room for a hedge: the attempts in flight still run, their outcome decides
+            self.error = err
+            return None
+        self.hedges += 1
+        self.model_hedges += 1
+        return h
+
+    def _plays_retry(self, m: ModelRuntime, failures: int, running: Attempt) -> None:
+        """Failures while another attempt runs: that attempt now plays the retry, and takes a retry-budget
+        slot when one is free (it is already running either way)."""
+        self.retries += failures
+        self.model_retries += failures
+        if running.budget is None and m.retry_budget.try_acquire():
+            running.budget = m.retry_budget
 
     def _censored(self, a: Attempt, t: float, hedge_s: float) -> None:
         ms = loser_sample_ms(started=a.t_start, first_byte=a.t_first, cancelled=t, delay_s=hedge_s)
@@ -367,8 +372,7 @@ class Exchange:
             self.engine.metrics.child(self.engine.metrics.hedges, m.name, "lost").inc()
         self.engine.metrics.child(self.engine.metrics.attempts, m.name, a.dep.id, "cancelled").inc()
 
-    async def _next_after_failure(self, m: ModelRuntime, failed: Attempt, tried: set[str],
-                                  others_in_flight: bool) -> Attempt | None:
+    async def _next_after_failure(self, m: ModelRuntime, failed: Attempt, tried: set[str]) -> Attempt | None:
         """Decide whether to retry a failed attempt; wait the backoff; start the retry."""
         self.last_failure = failed
         t = now()
@@ -665,39 +669,90 @@ class Exchange:
 
 
 
-class _FirstDone:
-    """``asyncio.wait(FIRST_COMPLETED)`` for the hedging race, without its set-up on every call.
+class _Race:
+    """The moving parts of one hedging race: the hedge timer, the hedge tasks, and the interrupt.
 
-    Each attempt task gets one done-callback when launched (asyncio.wait adds and removes one per task
-    on every call, and builds two sets); a wait is then one future and, while a hedge is pending, one
-    timer.
+    The attempt that started alone runs inline in the exchange's task (``inline``); hedges run as tasks.
+    A hedge whose first token comes while ``inline`` still waits cancels the exchange's task, the way
+    asyncio.timeout interrupts a wait, and sets ``interrupted`` so the race knows that cancel is its own.
+    A hedge that fails meanwhile is accounted at once (its deployment's health must not wait for the
+    primary). A class rather than closures: closures that call each other form a reference cycle per
+    request, and freeing those wakes the cyclic GC (measured: +4 % instructions per request).
     """
 
-    __slots__ = ("_loop", "_waiter")
+    __slots__ = ("ex", "m", "tried", "hedge_s", "loop", "task", "tasks", "inline", "interrupted", "timer", "waiter")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._waiter: asyncio.Future[None] | None = None
+    def __init__(self, ex: Exchange, m: ModelRuntime, tried: set[str], hedge_s: float) -> None:
+        self.ex = ex
+        self.m = m
+        self.tried = tried
+        self.hedge_s = hedge_s
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.tasks: dict[asyncio.Task, Attempt] = {}
+        self.inline: Attempt | None = None
+        self.interrupted = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.waiter: asyncio.Future[None] | None = None
 
-    def wake(self, _: object = None) -> None:
-        w = self._waiter
+    def arm(self, started: float) -> None:
+        """Hedge ``hedge_s`` after ``started`` unless this model's hedges are used up."""
+        self.timer = None
+        if self.ex.model_hedges < self.m.cfg.hedging.max_hedges:
+            self.timer = self.loop.call_later(max(0.0, started + self.hedge_s - now()), self._fire)
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _fire(self) -> None:
+        self.timer = None
+        h = self.ex._hedge(self.m, self.tried)
+        if h is not None:
+            t = self.loop.create_task(self.ex._run_attempt(h))
+            t.add_done_callback(self._on_done)
+            self.tasks[t] = h
+            self.arm(h.t_start)
+
+    def _on_done(self, t: asyncio.Task) -> None:
+        w = self.waiter
         if w is not None and not w.done():
             w.set_result(None)
+        if self.inline is None or self.interrupted or t.cancelled():
+            return
+        a = self.tasks.get(t)
+        if a is None:
+            return
+        if a.ok:
+            self.interrupted = True
+            self.task.cancel()
+        else:
+            del self.tasks[t]
+            self.ex._record(self.m, a)
+            a.finish()
+            self.ex._plays_retry(self.m, 1, self.inline)
 
-    async def wait(self, tasks: dict[asyncio.Task, Attempt], timeout: float | None) -> list[asyncio.Task]:
-        """The tasks that are done: at least one, or none when ``timeout`` seconds passed first."""
-        done = [t for t in tasks if t.done()]
-        if done or timeout == 0.0:
+    async def wait(self) -> list[asyncio.Task]:
+        """The hedge tasks that are done: at least one (with no inline attempt, ``tasks`` is not empty).
+
+        ``asyncio.wait(FIRST_COMPLETED)`` without its set-up on every call: each task got its done-callback
+        at launch, and a wait is one future.
+        """
+        done = [t for t in self.tasks if t.done()]
+        if done:
             return done
-        self._waiter = self._loop.create_future()
-        timer = None if timeout is None else self._loop.call_later(timeout, self.wake)
+        self.waiter = self.loop.create_future()
         try:
-            await self._waiter
+            await self.waiter
         finally:
-            self._waiter = None
-            if timer is not None:
-                timer.cancel()
-        return [t for t in tasks if t.done()]
+            self.waiter = None
+        return [t for t in self.tasks if t.done()]
+
+    def close(self) -> None:
+        self.disarm()
+        for t in self.tasks:
+            t.cancel()
 
 
 __all__ = ["Exchange", "ExchangeState", "DeadlineSource"]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+import time
 
+import httpx
+import pytest
 from conftest import HTTP, dep, metric_value, model
 
 TAILED = {"ttft_ms": 80, "ttft_dist": "fixed", "itl_ms": 5, "tokens": 6, "tail_p": 0.15, "tail_ms": 2000}
@@ -102,3 +105,60 @@ def test_hedge_header_off_and_override(sims_factory, gateways):
     bad = HTTP.post(gw.url + "/v1/chat/completions", headers={"x-gateway-hedge": "soon"}, timeout=10,
                      json={"model": "chat", "messages": []})
     assert bad.status_code == 400 and "x-gateway-hedge" in bad.json()["error"]["message"]
+
+
+def _by_request(sims, name: str) -> dict[str, dict]:
+    return {s["request_id"]: s for s in sims.stats(name)["recent"]}
+
+
+def test_a_winning_hedge_interrupts_the_waiting_primary(sims_factory, gateways):
+    # The primary runs inline in the request's task; a hedge that wins must cut it short, stream or not.
+    sims, gw = _gw(sims_factory, gateways, {"enabled": True, "delay_ms": 100, "budget_percent": 100})
+    sims.set("sim-a", tail_p=1.0, tail_ms=3000)
+    client = gw.client()
+    r = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}],
+                                       extra_headers={"x-request-id": "json"})
+    assert {m.group(1) for m in TOKEN.finditer(r.choices[0].message.content)} == {"sim-b"}
+    chunks = list(client.chat.completions.create(model="chat", stream=True, messages=[{"role": "user", "content": "x"}],
+                                                 extra_headers={"x-request-id": "stream"}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert {m.group(1) for m in TOKEN.finditer(text)} == {"sim-b"}
+    recs = {r["request_id"]: r for r in gw.records(wait_for=2)}
+    for rid in ("json", "stream"):
+        rec = recs[rid]
+        assert rec["response_code"] == 200 and rec["hedge_winner"] == "hedge" and rec["hedge_loser"] == "a"
+        assert rec["duration_ms"] < 1500  # nobody waited for the 3 s primary
+    seen_a = _by_request(sims, "sim-a")
+    assert seen_a["json"]["outcome"] == "cancelled" and seen_a["stream"]["outcome"] == "cancelled"
+    assert sims.stats("sim-a")["in_flight"] == 0
+    text = gw.metrics()
+    assert metric_value(text, "llmgw_hedges_total", model="chat", outcome="won") == 2
+    assert metric_value(text, "llmgw_upstream_attempts_total", model="chat", deployment="a", outcome="cancelled") == 2
+
+
+def test_a_hedge_failing_while_the_primary_waits_counts_as_the_retry(sims_factory, gateways):
+    sims, gw = _gw(sims_factory, gateways, {"enabled": True, "delay_ms": 100, "budget_percent": 100})
+    sims.set("sim-a", tail_p=1.0, tail_ms=500)
+    sims.set("sim-b", error_rate=1.0, error_status=503)
+    r = HTTP.post(gw.url + "/v1/chat/completions", timeout=10, json={"model": "chat", "messages": []})
+    assert r.status_code == 200 and r.headers["x-gateway-upstream"] == "a"
+    rec = gw.records(wait_for=1)[-1]
+    assert rec["attempts"] == 2 and rec["hedge_count"] == 1 and rec["retry_count"] == 1
+    assert rec["hedge_winner"] == "primary" and rec["hedge_loser"] is None
+    assert metric_value(gw.metrics(), "llmgw_upstream_attempts_total", model="chat", deployment="b", outcome="503") == 1
+
+
+def test_client_leaving_during_a_hedge_cancels_both_attempts(sims_factory, gateways):
+    sims, gw = _gw(sims_factory, gateways, {"enabled": True, "delay_ms": 100, "budget_percent": 100})
+    sims.set("sim-a", tail_p=1.0, tail_ms=3000)
+    sims.set("sim-b", tail_p=1.0, tail_ms=3000)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gw.url + "/v1/chat/completions", timeout=0.6, headers={"x-request-id": "gone"},
+                   json={"model": "chat", "stream": True, "messages": []})
+    rec = gw.records(wait_for=1)[-1]
+    assert rec["response_code"] == 499 and "DC" in rec["response_flags"] and rec["hedge_count"] == 1
+    end = time.monotonic() + 2
+    while time.monotonic() < end and (sims.stats("sim-a")["in_flight"] or sims.stats("sim-b")["in_flight"]):
+        time.sleep(0.02)
+    assert _by_request(sims, "sim-a")["gone"]["outcome"] == "cancelled"
+    assert _by_request(sims, "sim-b")["gone"]["outcome"] == "cancelled"
