@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from gateway import errors
-from gateway.api.protocol import arrival
+from gateway.api.protocol import DISCONNECT_KEY, arrival
 from gateway.engine.engine import Engine
 from gateway.engine.exchange import Exchange
 from gateway.errors import GatewayError
@@ -130,20 +130,23 @@ class GatewayASGI:
                       api_key_id=key.id if key is not None else None)
         ex_done = self.guard.track(key) if key is not None else None
         task = asyncio.current_task()
-        watch = asyncio.get_running_loop().create_task(receive())
 
-        def on_disconnect(_: Any) -> None:
+        def on_disconnect(_: Any = None) -> None:
             # uvicorn also reports "disconnect" once our response is complete; only act before that.
             if not ex.closing and not ex.finished:
                 ex.client_gone = True
                 task.cancel()
 
-        watch.add_done_callback(on_disconnect)
+        if DISCONNECT_KEY in scope:  # our protocol calls it when the connection drops
+            scope[DISCONNECT_KEY] = on_disconnect
+        else:  # any other server: a pending receive() is how ASGI reports a disconnect
+            asyncio.get_running_loop().create_task(receive()).add_done_callback(on_disconnect)
         try:
             await ex.run(send)
         finally:
-            # No cancel needed: once the response is complete uvicorn wakes receive() with a final
-            # "disconnect", so the watcher ends by itself (and its callback sees the exchange finished).
+            # No cancel needed for a watcher: once the response is complete uvicorn wakes receive() with a
+            # final "disconnect", so it ends by itself (and its callback sees the exchange finished).
+            scope.pop(DISCONNECT_KEY, None)
             if ex_done is not None:
                 ex_done(ex)
 

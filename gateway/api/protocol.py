@@ -1,8 +1,14 @@
-"""uvicorn's httptools protocol, stamped with when each request's first byte was parsed.
+"""uvicorn's httptools protocol, stamped with when each request's first byte was parsed, and telling the
+app at once when its client goes away.
 
 The ASGI app is called only after uvicorn has parsed the head and scheduled a task, so a clock read
 at the app's door misses that part of the gateway's own time. The stamp rides in the scope
 (``llmgw.t_first_byte``); ``duration_ms`` and ``gateway_overhead_ms`` start from it.
+
+ASGI's way to learn of a disconnect is a pending ``receive()``, which costs a task per request. With this
+protocol the scope carries ``llmgw.on_disconnect``: the app puts a callback there, and the protocol calls
+it when the connection is lost before the response is complete. Under another server the key is absent
+and the app falls back to the watcher task.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from gateway.telemetry.timing import now
 
 SCOPE_KEY = "llmgw.t_first_byte"
+DISCONNECT_KEY = "llmgw.on_disconnect"
 
 
 class TimedHttpToolsProtocol(HttpToolsProtocol):
@@ -22,6 +29,16 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         t = now()
         super().on_message_begin()
         self.scope[SCOPE_KEY] = t  # type: ignore[typeddict-unknown-key]
+        self.scope[DISCONNECT_KEY] = None  # type: ignore[typeddict-unknown-key]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        cycle = self.cycle
+        hook = None
+        if cycle is not None and not cycle.response_complete:
+            hook = cycle.scope.get(DISCONNECT_KEY)
+        super().connection_lost(exc)
+        if hook is not None:
+            hook()
 
 
 def arrival(scope: dict[str, Any]) -> tuple[float, float]:

@@ -75,7 +75,10 @@ class Gateway:
     """One `llmgw serve` process with its own config, port and access log."""
 
     def __init__(self, cfg: dict[str, Any], tmp: Path, *, workers: int = 1, env: dict[str, str] | None = None,
-                 ready_timeout: float = 20.0, wait_ready: bool = True, name: str = "gw") -> None:
+                 ready_timeout: float = 20.0, wait_ready: bool = True, name: str = "gw",
+                 stock_uvicorn: str | None = None) -> None:
+        """``stock_uvicorn`` ("h11" or "httptools") serves the app with plain uvicorn and that HTTP protocol
+        instead of `llmgw serve`, as a user embedding the ASGI app elsewhere would."""
         self.port = free_port()
         self.log_path = tmp / f"{name}-{self.port}-access.jsonl"
         cfg = dict(cfg)
@@ -91,6 +94,10 @@ class Gateway:
         cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path), "--log-level", "warning"]
         if workers > 1:
             cmd += ["--workers", str(workers)]
+        if stock_uvicorn is not None:
+            full_env["LLMGW_CONFIG"] = str(self.config_path)
+            cmd = [sys.executable, "-m", "uvicorn", "gateway.app:create_app", "--factory", "--host", "127.0.0.1",
+                   "--port", str(self.port), "--http", stock_uvicorn, "--log-level", "warning"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._stderr, env=full_env)
         self.url = f"http://127.0.0.1:{self.port}"
         admin_port = cfg["server"].get("admin_port")

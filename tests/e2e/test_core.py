@@ -193,6 +193,27 @@ def test_client_disconnect_mid_stream_aborts_upstream(core):
     assert "DC" in rec["response_flags"]
 
 
+def test_client_disconnect_is_seen_under_a_stock_asgi_server(sims_factory, gateways):
+    # `llmgw serve` learns of a lost client from its own protocol; served by plain uvicorn (h11 here),
+    # the app falls back to a pending receive(). Both must abort the upstream at once.
+    sims = sims_factory({"sim-a": ("us-east", {**FAST, "tokens": 100, "itl_ms": 50})})
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]}, stock_uvicorn="h11")
+    r = gw.client().chat.completions.create(model="chat", messages=[])
+    assert r.choices[0].message.content.startswith("sim-a#")
+    with httpx.stream("POST", gw.url + "/v1/chat/completions",
+                      json={"model": "chat", "stream": True, "messages": []}) as r:
+        it = r.iter_bytes()
+        next(it)
+        next(it)
+    end = time.monotonic() + 2
+    while time.monotonic() < end and sims.stats("sim-a")["cancelled"]["mid_stream"] < 1:
+        time.sleep(0.02)
+    assert sims.stats("sim-a")["cancelled"]["mid_stream"] == 1
+    recs = gw.records(wait_for=2)
+    assert recs[0]["response_code"] == 200 and recs[0]["response_flags"] == "-"  # a finished one is no disconnect
+    assert "DC" in recs[1]["response_flags"]
+
+
 def test_health_and_readiness(core):
     _, gw = core
     assert httpx.get(gw.url + "/healthz").status_code == 200
