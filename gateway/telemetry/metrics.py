@@ -1,5 +1,10 @@
 """Prometheus metrics: one registry, bounded labels, children cached so the hot path does no lookups.
 
+In one process, samples are plain numbers that the event loop updates without locks (``LoopCounter``,
+``LoopGauge``, ``LoopHistogram`` below), exported at scrape time by a collector: every update and every
+scrape runs on the loop's thread, and prometheus_client's own metrics take a lock per update (a
+histogram two), about 3 % of a proxied request's instructions.
+
 With several uvicorn workers the gateway sets ``PROMETHEUS_MULTIPROC_DIR`` before the workers start,
 every worker writes its samples there, and ``/metrics`` merges them (prometheus_client's
 multiprocess mode), so a scrape sees the whole pod whichever worker answers it.
@@ -8,6 +13,8 @@ multiprocess mode), so a scrape sees the whole pod whichever worker answers it.
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -18,6 +25,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 # Gateway overhead lives in microseconds; upstream time in hundreds of ms to minutes.
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -29,6 +38,129 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+class _Value:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+
+class _Buckets:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.sum += amount
+        self.counts[bisect_left(self.bounds, amount)] += 1  # le is inclusive: the first bound >= amount
+
+
+class _LoopMetric:
+    """A metric family updated on the event loop without locks; the same ``labels(...)`` / ``inc`` surface as
+    prometheus_client's, exported by ``LoopCollector``."""
+
+    kind = ""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.children: dict[tuple[str, ...], Any] = {}
+        self._plain = None if self.labelnames else self._new()  # unlabelled: the metric is its own child
+
+    def _new(self) -> Any:
+        return _Value()
+
+    def labels(self, *values: str) -> Any:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
+        c = self.children.get(values)
+        if c is None:
+            c = self.children[values] = self._new()
+        return c
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._plain.inc(amount)
+
+    def samples(self) -> Iterator[tuple[tuple[str, ...], Any]]:
+        if self._plain is not None:
+            yield (), self._plain
+        yield from list(self.children.items())
+
+
+class LoopCounter(_LoopMetric):
+    kind = "counter"
+
+    def family(self) -> Metric:
+        f = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, c in self.samples():
+            f.add_metric(values, c.value)
+        return f
+
+
+class LoopGauge(_LoopMetric):
+    kind = "gauge"
+
+    def dec(self, amount: float = 1.0) -> None:
+        self._plain.dec(amount)
+
+    def set(self, value: float) -> None:
+        self._plain.set(value)
+
+    def family(self) -> Metric:
+        f = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, c in self.samples():
+            f.add_metric(values, c.value)
+        return f
+
+
+class LoopHistogram(_LoopMetric):
+    kind = "histogram"
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (),
+                 buckets: Sequence[float] = ()) -> None:
+        self.bounds = tuple(float(b) for b in buckets if b != float("inf"))
+        self._le = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        super().__init__(name, documentation, labelnames)
+
+    def _new(self) -> Any:
+        return _Buckets(self.bounds)
+
+    def family(self) -> Metric:
+        f = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, h in self.samples():
+            total = 0
+            cumulative = []
+            for le, n in zip(self._le, h.counts, strict=True):
+                total += n
+                cumulative.append((le, total))
+            f.add_metric(values, cumulative, h.sum)
+        return f
+
+
+class LoopCollector:
+    """Exports the loop metrics at scrape time (every family, labelled children or not)."""
+
+    def __init__(self) -> None:
+        self.metrics: list[_LoopMetric] = []
+
+    def collect(self) -> Iterator[Metric]:
+        for m in self.metrics:
+            yield m.family()
+
+
 class Metrics:
     """Every metric the gateway exports. Names are documented in docs/operations.md."""
 
@@ -37,54 +169,73 @@ class Metrics:
         # In multiprocess mode metrics must live in the default registry (values go to mmap files).
         reg = None if self.multiprocess else (registry or CollectorRegistry())
         self.registry = reg
-        kw: dict[str, Any] = {"registry": reg} if reg is not None else {}
-        gauge_live = {"multiprocess_mode": "livesum"} if self.multiprocess else {}
-        gauge_max = {"multiprocess_mode": "max"} if self.multiprocess else {}
+        self._loop = LoopCollector()
+        if reg is not None:
+            reg.register(self._loop)
 
-        self.requests = Counter("llmgw_requests_total", "Client requests by outcome.",
-                                ["model", "deployment", "region", "code", "flags"], **kw)
-        self.request_duration = Histogram("llmgw_request_duration_seconds", "Whole request, first byte in to last byte out.",
-                                          ["model", "stream"], buckets=LATENCY_BUCKETS, **kw)
-        self.ttft = Histogram("llmgw_ttft_seconds", "Time to first content token as the client saw it.",
-                              ["model", "deployment"], buckets=LATENCY_BUCKETS, **kw)
-        self.upstream_duration = Histogram("llmgw_upstream_duration_seconds", "Upstream service time of the winning attempt.",
-                                           ["model", "deployment"], buckets=LATENCY_BUCKETS, **kw)
-        self.overhead = Histogram("llmgw_gateway_overhead_seconds", "Time the gateway itself added to a request.",
-                                  ["model"], buckets=OVERHEAD_BUCKETS, **kw)
-        self.attempts = Counter("llmgw_upstream_attempts_total", "Upstream attempts by outcome.",
-                                ["model", "deployment", "outcome"], **kw)
-        self.inflight = Gauge("llmgw_inflight_requests", "Client requests in flight.", **kw, **gauge_live)
-        self.connect = Histogram("llmgw_upstream_connect_seconds", "New upstream connection set-up time.",
-                                 ["deployment"], buckets=CONNECT_BUCKETS, **kw)
-        self.accesslog_dropped = Counter("llmgw_accesslog_dropped_total", "Access-log lines dropped under pressure.", **kw)
-        self.tokens = Counter("llmgw_tokens_total", "Tokens reported by upstream usage.", ["model", "kind"], **kw)
-        self.retries = Counter("llmgw_retries_total", "Retry decisions.", ["model", "reason"], **kw)
-        self.retry_budget_exhausted = Counter("llmgw_retry_budget_exhausted_total", "Retries refused by the budget.",
-                                              ["model"], **kw)
-        self.hedges = Counter("llmgw_hedges_total", "Hedged attempts by outcome.", ["model", "outcome"], **kw)
-        self.hedge_delay = Gauge("llmgw_hedge_delay_seconds", "Current hedge delay.", ["model"], **kw, **gauge_max)
-        self.ejections = Counter("llmgw_ejections_total", "Outlier ejections.", ["deployment"], **kw)
-        self.ejected = Gauge("llmgw_deployment_ejected", "1 while a deployment is ejected.", ["deployment"], **kw, **gauge_max)
-        self.pool_connections = Gauge("llmgw_pool_connections", "Upstream connections by state.",
-                                      ["deployment", "state"], **kw, **gauge_live)
-        self.keepwarm = Counter("llmgw_keepwarm_pings_total", "Keep-warm pings by result.", ["deployment", "result"], **kw)
-        self.warmup = Counter("llmgw_warmup_total", "Schema and connection warm-ups by result.",
-                              ["model", "deployment", "result"], **kw)
-        self.warmup_seconds = Histogram("llmgw_warmup_seconds", "Warm-up request time.", ["model", "deployment"],
-                                        buckets=LATENCY_BUCKETS, **kw)
-        self.fallbacks = Counter("llmgw_fallbacks_total", "Requests answered by a fallback model.",
-                                 ["from", "to", "reason"], **kw)
-        self.overflow = Counter("llmgw_overflow_total", "Requests refused at once by a concurrency limit.",
-                                ["scope"], **kw)
-        self.rate_limited = Counter("llmgw_rate_limited_total", "Requests refused by a key's limits.",
-                                    ["key", "limit"], **kw)
-        self.state_up = Gauge("llmgw_state_backend_up", "1 while the shared state backend answers.", **kw, **gauge_max)
-        self.route_decisions = Counter("llmgw_route_decisions_total", "Routing decisions by reason.",
-                                       ["model", "deployment", "reason"], **kw)
-        self.latency_estimate = Gauge("llmgw_deployment_latency_estimate_seconds",
-                                      "Routing's live TTFT/latency estimate per deployment.", ["deployment"], **kw,
-                                      **gauge_max)
+        self.requests = self._counter("llmgw_requests_total", "Client requests by outcome.",
+                                ["model", "deployment", "region", "code", "flags"])
+        self.request_duration = self._histogram("llmgw_request_duration_seconds", "Whole request, first byte in to last byte out.",
+                                          ["model", "stream"], buckets=LATENCY_BUCKETS)
+        self.ttft = self._histogram("llmgw_ttft_seconds", "Time to first content token as the client saw it.",
+                              ["model", "deployment"], buckets=LATENCY_BUCKETS)
+        self.upstream_duration = self._histogram("llmgw_upstream_duration_seconds", "Upstream service time of the winning attempt.",
+                                           ["model", "deployment"], buckets=LATENCY_BUCKETS)
+        self.overhead = self._histogram("llmgw_gateway_overhead_seconds", "Time the gateway itself added to a request.",
+                                  ["model"], buckets=OVERHEAD_BUCKETS)
+        self.attempts = self._counter("llmgw_upstream_attempts_total", "Upstream attempts by outcome.",
+                                ["model", "deployment", "outcome"])
+        self.inflight = self._gauge("llmgw_inflight_requests", "Client requests in flight.", mode="livesum")
+        self.connect = self._histogram("llmgw_upstream_connect_seconds", "New upstream connection set-up time.",
+                                 ["deployment"], buckets=CONNECT_BUCKETS)
+        self.accesslog_dropped = self._counter("llmgw_accesslog_dropped_total", "Access-log lines dropped under pressure.")
+        self.tokens = self._counter("llmgw_tokens_total", "Tokens reported by upstream usage.", ["model", "kind"])
+        self.retries = self._counter("llmgw_retries_total", "Retry decisions.", ["model", "reason"])
+        self.retry_budget_exhausted = self._counter("llmgw_retry_budget_exhausted_total", "Retries refused by the budget.",
+                                              ["model"])
+        self.hedges = self._counter("llmgw_hedges_total", "Hedged attempts by outcome.", ["model", "outcome"])
+        self.hedge_delay = self._gauge("llmgw_hedge_delay_seconds", "Current hedge delay.", ["model"], mode="max")
+        self.ejections = self._counter("llmgw_ejections_total", "Outlier ejections.", ["deployment"])
+        self.ejected = self._gauge("llmgw_deployment_ejected", "1 while a deployment is ejected.", ["deployment"], mode="max")
+        self.pool_connections = self._gauge("llmgw_pool_connections", "Upstream connections by state.",
+                                      ["deployment", "state"], mode="livesum")
+        self.keepwarm = self._counter("llmgw_keepwarm_pings_total", "Keep-warm pings by result.", ["deployment", "result"])
+        self.warmup = self._counter("llmgw_warmup_total", "Schema and connection warm-ups by result.",
+                              ["model", "deployment", "result"])
+        self.warmup_seconds = self._histogram("llmgw_warmup_seconds", "Warm-up request time.", ["model", "deployment"],
+                                        buckets=LATENCY_BUCKETS)
+        self.fallbacks = self._counter("llmgw_fallbacks_total", "Requests answered by a fallback model.",
+                                 ["from", "to", "reason"])
+        self.overflow = self._counter("llmgw_overflow_total", "Requests refused at once by a concurrency limit.",
+                                ["scope"])
+        self.rate_limited = self._counter("llmgw_rate_limited_total", "Requests refused by a key's limits.",
+                                    ["key", "limit"])
+        self.state_up = self._gauge("llmgw_state_backend_up", "1 while the shared state backend answers.", mode="max")
+        self.route_decisions = self._counter("llmgw_route_decisions_total", "Routing decisions by reason.",
+                                       ["model", "deployment", "reason"])
+        self.latency_estimate = self._gauge("llmgw_deployment_latency_estimate_seconds",
+                                      "Routing's live TTFT/latency estimate per deployment.", ["deployment"], mode="max")
         self._children: dict[tuple, Any] = {}
+
+    def _counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Any:
+        if self.multiprocess:
+            return Counter(name, doc, labels)
+        return self._add(LoopCounter(name, doc, labels))
+
+    def _gauge(self, name: str, doc: str, labels: Sequence[str] = (), *, mode: str) -> Any:
+        """``mode``: how multiprocess mode merges workers ("livesum" for amounts, "max" for states)."""
+        if self.multiprocess:
+            return Gauge(name, doc, labels, multiprocess_mode=mode)
+        return self._add(LoopGauge(name, doc, labels))
+
+    def _histogram(self, name: str, doc: str, labels: Sequence[str], *, buckets: Sequence[float]) -> Any:
+        if self.multiprocess:
+            return Histogram(name, doc, labels, buckets=buckets)
+        return self._add(LoopHistogram(name, doc, labels, buckets))
+
+    def _add(self, metric: _LoopMetric) -> Any:
+        self._loop.metrics.append(metric)
+        return metric
 
     def child(self, metric: Any, *labels: str) -> Any:
         """Cached labelled child: one dict lookup on the hot path instead of prometheus' locked lookup."""
