@@ -12,6 +12,7 @@ from enum import StrEnum
 
 import aiohttp
 
+from gateway.engine.alarms import Alarms
 from gateway.engine.registry import DeploymentRuntime
 from gateway.engine.sse import FirstTokenScanner
 from gateway.policy.retry import FailureKind, parse_retry_after
@@ -68,48 +69,62 @@ class Attempt:
         return self.state is AttemptState.READY
 
     async def run(self, path: str, body: bytes, headers: dict[str, str], stream: bool,
-                  first_token_timeout_s: float, timeout_flag: str, wall_now: float) -> Attempt:
-        """Run until READY or FAILED; raise CancelledError (after aborting) if cancelled."""
-        resp = None
+                  first_token_timeout_s: float, timeout_flag: str, wall_now: float, alarms: Alarms) -> Attempt:
+        """Run until READY or FAILED; raise CancelledError (after aborting) if cancelled.
+
+        The first-token limit works as asyncio.timeout() does (cancel this task, and on the way out tell
+        that cancel from anyone else's by the task's cancel count), on the shared ``alarms``.
+        """
+        task = asyncio.current_task()
+        cancels_before = task.cancelling()
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        alarm = alarms.at(self.t_start + first_token_timeout_s, expire)
         try:
-            async with asyncio.timeout(first_token_timeout_s):
-                resp = await self.dep.client.post(path, body, headers, self.wire)
-                self.resp = resp
-                self.t_headers = now()
-                if resp.status != 200:
-                    await self._read_error(resp, wall_now)
-                    return self
-                if stream:
-                    scanner = FirstTokenScanner()
-                    content = resp.content
-                    while True:
-                        chunk = await content.readany()
-                        if not chunk:  # stream ended before any usable token: commit what there is
-                            break
-                        self.chunks.append(chunk)
-                        if scanner.feed(chunk):
-                            break
-                    self.t_first = now()
-                else:
-                    self.body = await resp.read()
-                    self.t_first = self.t_end = now()
-                    self.resp_headers = _forwardable(resp.headers)
-                    resp.release()
-                    self.released = True
-                self.state = AttemptState.READY
+            resp = await self.dep.client.post(path, body, headers, self.wire)
+            self.resp = resp
+            self.t_headers = now()
+            if resp.status != 200:
+                await self._read_error(resp, wall_now)
                 return self
-        except TimeoutError:
+            if stream:
+                scanner = FirstTokenScanner()
+                content = resp.content
+                while True:
+                    chunk = await content.readany()
+                    if not chunk:  # stream ended before any usable token: commit what there is
+                        break
+                    self.chunks.append(chunk)
+                    if scanner.feed(chunk):
+                        break
+                self.t_first = now()
+            else:
+                self.body = await resp.read()
+                self.t_first = self.t_end = now()
+                self.resp_headers = _forwardable(resp.headers)
+                resp.release()
+                self.released = True
+            self.state = AttemptState.READY
+            return self
+        except asyncio.CancelledError:
+            if not expired or task.uncancel() > cancels_before:  # cancelled from outside (too)
+                self.state = AttemptState.CANCELLED
+                self.abort()
+                raise
             self._fail(FailureKind.TIMEOUT, f"no {'first token' if stream else 'response'} within "
                        f"{first_token_timeout_s * 1000:.0f} ms ({timeout_flag})")
             self.timeout_flag = timeout_flag
-        except asyncio.CancelledError:
-            self.state = AttemptState.CANCELLED
-            self.abort()
-            raise
         except (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError, ConnectionRefusedError) as exc:
             self._fail(FailureKind.CONNECT, _describe(exc))
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
             self._fail(FailureKind.RESET, _describe(exc))
+        finally:
+            alarms.cancel(alarm)
         self.abort()
         return self
 

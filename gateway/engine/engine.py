@@ -7,6 +7,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from gateway.config import GatewayConfig
+from gateway.engine.alarms import Alarms
 from gateway.engine.registry import DeploymentRuntime, Registry
 from gateway.telemetry.accesslog import AccessLog
 from gateway.telemetry.metrics import Metrics
@@ -42,6 +43,7 @@ class Engine:
         self.warm_learned: Any = None  # async (model, json_schema, skip_deployment) -> None
         self.state_backend: Any = None
         self.tracing: Any = None  # telemetry.otel.Tracing when OTLP export is on
+        self.alarms = Alarms()  # every request's deadlines (first token, hedge, stream idle) on one loop timer
         self._inflight_gauge = metrics.inflight
         self._requests = metrics.requests
         self._forward_cache: dict[str, bool] = {}

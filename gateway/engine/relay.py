@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from gateway.engine.alarms import SLACK_S, Alarms
 from gateway.engine.sse import error_event, usage_of
 from gateway.telemetry.timing import now
 
@@ -45,7 +46,7 @@ async def relay_stream(ex: Exchange, w: Attempt, send: Any) -> None:
     idle = dep.idle_s
     content = w.resp.content
     failure: tuple[str, str, str] | None = None  # (flag, timeout_flag, message)
-    watchdog = _Watchdog(idle, hard_end)
+    watchdog = _Watchdog(idle, hard_end, ex.engine.alarms)
     try:
         while True:
             chunk = await content.readany()
@@ -94,41 +95,37 @@ async def relay_stream(ex: Exchange, w: Attempt, send: Any) -> None:
 
 
 class _Watchdog:
-    """Idle and hard limits for a relay with one timer, re-armed only when it fires.
+    """Idle and hard limits for a relay with one alarm, re-armed only when it fires.
 
     Rescheduling a timeout per chunk costs a timer cancel and a new one for every token; instead the
-    relay stamps ``last`` (one clock read) and the timer, when it fires, checks how long it really
+    relay stamps ``last`` (one clock read) and the alarm, when it fires, checks how long it really
     was and either re-arms for the rest or cancels the relay task.
     """
 
-    __slots__ = ("idle", "hard_end", "last", "fired", "_task", "_loop", "_handle")
+    __slots__ = ("idle", "hard_end", "last", "fired", "_task", "_alarms", "_alarm")
 
-    def __init__(self, idle: float, hard_end: float) -> None:
+    def __init__(self, idle: float, hard_end: float, alarms: Alarms) -> None:
         self.idle = idle
         self.hard_end = hard_end
         self.last = now()
         self.fired: str | None = None
         self._task = asyncio.current_task()
-        self._loop = asyncio.get_running_loop()
-        self._handle = None
-        self._arm(self.last)
+        self._alarms = alarms
+        self._arm()
 
-    def _arm(self, t: float) -> None:
-        due = min(self.last + self.idle, self.hard_end)
-        # asyncio timers run on the loop's own clock (uvloop's is coarse): schedule relative to it
-        self._handle = self._loop.call_at(self._loop.time() + max(0.0, due - t), self._check)
+    def _arm(self) -> None:
+        self._alarm = self._alarms.at(min(self.last + self.idle, self.hard_end), self._check)
 
     def _check(self) -> None:
-        t = now()
-        if t >= self.hard_end - 0.0005:
+        t = now() + SLACK_S
+        if t >= self.hard_end:
             self.fired = "hard"
-        elif t >= self.last + self.idle - 0.0005:
+        elif t >= self.last + self.idle:
             self.fired = "idle"
         else:
-            self._arm(t)
+            self._arm()
             return
         self._task.cancel()
 
     def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
+        self._alarms.cancel(self._alarm)

@@ -21,7 +21,9 @@ def test_thirty_percent_503s_all_client_requests_succeed(sims_factory, gateways)
     sims = sims_factory({"sim-a": ("us-east", {**QUICK, "error_rate": 0.3}),
                          "sim-b": ("us-east", {**QUICK, "error_rate": 0.3})})
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a")), dep("b", sims.base_url("sim-b"))],
-                                    retry={"max_retries": 4, "budget_percent": 100, "backoff_base_ms": 5},
+                                    # 9 tries: all failing has odds 0.3^9 (1 in 50,000 requests); with 4 retries
+                                    # one of 40 requests failed in about 1 run of 11
+                                    retry={"max_retries": 8, "budget_percent": 100, "backoff_base_ms": 5},
                                     outlier={"consecutive_failures": 50})]})
     n = 40
     codes = [_post(gw).status_code for _ in range(n)]
