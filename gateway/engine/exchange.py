@@ -27,7 +27,7 @@ from gateway.policy.hedging import hedge_delay, loser_sample_ms
 from gateway.policy.outlier import OutlierVerdict, record_outcome
 from gateway.policy.retry import FailureKind, RetryVerdict, is_retriable, plan_retry
 from gateway.policy.routing import RouteReason, choose
-from gateway.telemetry.timing import iso_utc, ms, now, union_length
+from gateway.telemetry.timing import iso_utc, ms, now, round3, union_length
 from gateway.telemetry.tracing import TraceContext, new_span_id
 
 if TYPE_CHECKING:
@@ -226,7 +226,7 @@ class Exchange:
             self.route_reason = decision.reason
         if self.t_routed is None:
             self.t_routed = t
-        self.engine.metrics.child(self.engine.metrics.route_decisions, m.name, dep.id, decision.reason.value).inc()
+        self.engine.metrics.child(self.engine.metrics.route_decisions, m.name, dep.id, decision.reason).inc()
         tried.add(dep.id)
         att = Attempt(kind, dep, len(self.attempts))
         self.attempts.append(att)
@@ -436,7 +436,7 @@ class Exchange:
         m.hedge_bucket.deposit()
         if d.delay_s is None:
             return None
-        self.hedge_delay_ms = round(d.delay_s * 1000.0, 3)
+        self.hedge_delay_ms = round3(d.delay_s * 1000.0)
         if m.hedge_delay_s != d.delay_s:
             m.hedge_delay_s = d.delay_s
             self.engine.metrics.child(self.engine.metrics.hedge_delay, m.name).set(d.delay_s)
@@ -632,13 +632,13 @@ class Exchange:
             "stream": self.stream,
             "response_code": self.status,
             "response_flags": flags,
-            "duration_ms": round(duration, 3),
+            "duration_ms": round3(duration),
             "request_duration_ms": ms(self.t_received, self.t_body),
             "response_duration_ms": ms(self.t_received, w.t_headers) if w is not None else None,
             "response_tx_duration_ms": ms(w.t_headers, end) if w is not None and w.t_headers else None,
             "ttft_ms": ms(self.t_received, self.t_first_sent) if self.winner is not None else None,
             "upstream_service_time_ms": ms(w.t_start, w.t_end) if w is not None else None,
-            "gateway_overhead_ms": round(max(overhead, 0.0), 3),
+            "gateway_overhead_ms": round3(max(overhead, 0.0)),
             "upstream_host": dep.client.host if dep else None,
             "upstream_cluster": dep.id if dep else None,
             "upstream_region": dep.region if dep else None,
@@ -652,9 +652,9 @@ class Exchange:
             "hedge_winner": hedge_winner,
             "hedge_delay_ms": self.hedge_delay_ms,
             "hedge_loser": loser,
-            "backoff_ms": round(sum(b - a for a, b in self.waits) * 1000.0, 3) if self.waits else 0.0,
+            "backoff_ms": round3(sum(b - a for a, b in self.waits) * 1000.0) if self.waits else 0.0,
             "timeout_flag": self.timeout_flag,
-            "route_reason": self.route_reason.value if self.route_reason else None,
+            "route_reason": self.route_reason,  # a StrEnum: logged as its value
             "fallback_from": self.fallback_from,
             "fallback_reason": self.fallback_reason,
             "error_type": self.error.code if self.error is not None else None,

@@ -7,6 +7,8 @@ never parses: bytes are relayed as they arrive, and only a chunk that mentions u
 
 from __future__ import annotations
 
+import re
+
 import orjson
 
 _USABLE_DELTA_KEYS = ("content", "tool_calls", "function_call", "refusal", "reasoning_content", "reasoning")
@@ -62,19 +64,8 @@ class FirstTokenScanner:
         return False
 
 
-def int_after(data: bytes, key: bytes, start: int = 0) -> int | None:
-    """The integer following ``key`` (e.g. b'"prompt_tokens":') in a JSON text, without parsing it all."""
-    i = data.find(key, start)
-    if i < 0:
-        return None
-    i += len(key)
-    n = len(data)
-    while i < n and data[i] in b" \t":
-        i += 1
-    j = i
-    while j < n and 48 <= data[j] <= 57:
-        j += 1
-    return int(data[i:j]) if j > i else None
+_PROMPT_TOKENS = re.compile(rb'"(?:prompt|input)_tokens":[ \t]*(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"(?:completion|output)_tokens":[ \t]*(\d+)')
 
 
 def usage_of(data: bytes) -> tuple[int | None, int | None]:
@@ -82,13 +73,9 @@ def usage_of(data: bytes) -> tuple[int | None, int | None]:
     u = data.rfind(b'"usage"')
     if u < 0:
         return None, None
-    p = int_after(data, b'"prompt_tokens":', u)
-    if p is None:
-        p = int_after(data, b'"input_tokens":', u)
-    c = int_after(data, b'"completion_tokens":', u)
-    if c is None:
-        c = int_after(data, b'"output_tokens":', u)
-    return p, c
+    p = _PROMPT_TOKENS.search(data, u)
+    c = _COMPLETION_TOKENS.search(data, u)
+    return (int(p.group(1)) if p else None), (int(c.group(1)) if c else None)
 
 
 def error_event(message: str, typ: str, code: str) -> bytes:

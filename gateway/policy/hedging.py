@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from gateway.policy.latency import QuantileWindow
 
 
-@dataclass(frozen=True, slots=True)
-class HedgeDecision:
+class HedgeDecision(NamedTuple):  # immutable, and ~5x cheaper to build than a frozen dataclass
     delay_s: float | None  # None = no hedge for this request
     reason: str  # "disabled", "header-off", "header", "fixed", "auto", "auto-no-data"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import calendar
 import math
 import random
-from dataclasses import dataclass
 from email.utils import parsedate_tz
 from enum import StrEnum
+from typing import NamedTuple
 
 
 class FailureKind(StrEnum):
@@ -87,8 +87,7 @@ class RetryVerdict(StrEnum):
     RETRY_AFTER_TOO_LONG = "retry-after-exceeds-deadline"
 
 
-@dataclass(frozen=True, slots=True)
-class RetryDecision:
+class RetryDecision(NamedTuple):  # immutable, and ~5x cheaper to build than a frozen dataclass
     verdict: RetryVerdict
     delay_s: float = 0.0  # the wait before the retry starts (only meaningful for RETRY)
 

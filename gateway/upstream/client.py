@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 
 from gateway.config import DeploymentConfig
-from gateway.telemetry.timing import now
+from gateway.telemetry.timing import now, round3
 
 _JSON = "application/json"
 
@@ -36,13 +36,13 @@ class AttemptWire:
     def connect_ms(self) -> float:
         if self.connect_start is None or self.connect_end is None:
             return 0.0
-        return round((self.connect_end - self.connect_start) * 1000.0, 3)
+        return round3((self.connect_end - self.connect_start) * 1000.0)
 
     @property
     def pool_wait_ms(self) -> float:
         if self.queued_at is None or self.dequeued_at is None:
             return 0.0
-        return round((self.dequeued_at - self.queued_at) * 1000.0, 3)
+        return round3((self.dequeued_at - self.queued_at) * 1000.0)
 
 
 # The attempt whose request is being sent on this task: the connector writes what it saw into it.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from gateway.engine.sse import FirstTokenScanner, int_after, usage_of
-from gateway.telemetry.timing import union_length
+import random
+
+from gateway.engine.sse import FirstTokenScanner, usage_of
+from gateway.telemetry.timing import ms, round3, union_length
 from gateway.telemetry.tracing import TraceContext, parse_traceparent
 
 ROLE = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
@@ -35,7 +37,24 @@ def test_usage_sniffing_without_a_full_parse():
     assert usage_of(body) == (12, 7)
     assert usage_of(b'{"usage":{"input_tokens":3,"output_tokens":4}}') == (3, 4)
     assert usage_of(b'{"choices":[]}') == (None, None)
-    assert int_after(b'"n": x', b'"n":') is None
+    assert usage_of(b'{"usage":{"prompt_tokens": x}}') == (None, None)
+    # names that merely end like ours do not count; details objects after the totals do not confuse it
+    anthropic_like = b'{"usage":{"cache_creation_input_tokens":99,"input_tokens":5,"output_tokens":6}}'
+    assert usage_of(anthropic_like) == (5, 6)
+    detailed = (b'{"usage":{"prompt_tokens":9,"completion_tokens":2,'
+                b'"prompt_tokens_details":{"cached_tokens":4},"completion_tokens_details":{"reasoning_tokens":1}}}')
+    assert usage_of(detailed) == (9, 2)
+    assert usage_of(b'{"prompt_tokens":1,"usage":{"completion_tokens":3}}') == (None, 3)  # only after "usage"
+
+
+def test_cheap_rounding_agrees_with_round_to_three_digits():
+    rng = random.Random(7)
+    values = [rng.uniform(0, 5) for _ in range(2000)] + [rng.uniform(0, 120_000) for _ in range(2000)]
+    for x in values:
+        if abs(x * 1000 % 1 - 0.5) > 1e-6:  # exact halves may go either way
+            assert round3(x) == round(x, 3), x
+    assert round3(0.0) == 0.0 and round3(1.23456) == 1.235
+    assert ms(10.0, 10.0012344) == 1.234 and ms(None, 1.0) is None
 
 
 def test_union_length_merges_overlaps():
