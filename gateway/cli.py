@@ -101,7 +101,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     common: dict[str, Any] = dict(host=host, port=port, loop="uvloop", http=TimedHttpToolsProtocol, lifespan="on",
                                   access_log=False, log_level=args.log_level, server_header=False,
                                   timeout_graceful_shutdown=cfg.server.drain_timeout_s, backlog=4096,
-                                  timeout_keep_alive=75)
+                                  timeout_keep_alive=75,
+                                  # the access log records the peer as connected; uvicorn's X-Forwarded-For
+                                  # rewriting (trusting 127.0.0.1 only) would cost every request a middleware
+                                  proxy_headers=False)
     # uvicorn re-raises SIGTERM/SIGINT once it has drained, to let the previous handler act; a no-op
     # handler makes that a clean exit 0, which is what orchestrators expect from a graceful stop.
     for sig in (signal.SIGTERM, signal.SIGINT):

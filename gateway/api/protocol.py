@@ -9,10 +9,16 @@ ASGI's way to learn of a disconnect is a pending ``receive()``, which costs a ta
 protocol the scope carries ``llmgw.on_disconnect``: the app puts a callback there, and the protocol calls
 it when the connection is lost before the response is complete. Under another server the key is absent
 and the app falls back to the watcher task.
+
+uvicorn writes a response's head as soon as the app sends ``http.response.start`` and its body with the
+next message: two send() calls and two loopback packets per response. The transport here holds each
+response's first write until the next one of the same loop turn, so head and first body bytes leave
+together, as aiohttp's server sends them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -24,10 +30,56 @@ SCOPE_KEY = "llmgw.t_first_byte"
 DISCONNECT_KEY = "llmgw.on_disconnect"
 
 
+class HeadWithBodyTransport:
+    """A connection's transport that holds the first write after ``hold_next`` is set (a response's head)
+    until the next write, or the end of the loop turn, whichever comes first."""
+
+    __slots__ = ("_transport", "_loop", "_held", "hold_next")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self.hold_next = False
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.writelines((held, data))  # one writev(), no copy
+        elif self.hold_next:
+            self.hold_next = False
+            self._held = data
+            self._loop.call_soon(self.flush)
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the transport's own
+        return getattr(self._transport, name)
+
+
 class TimedHttpToolsProtocol(HttpToolsProtocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.transport = HeadWithBodyTransport(transport, self.loop)  # type: ignore[assignment]
+
     def on_message_begin(self) -> None:
         t = now()
         super().on_message_begin()
+        self.transport.hold_next = True  # type: ignore[attr-defined]
         self.scope[SCOPE_KEY] = t  # type: ignore[typeddict-unknown-key]
         self.scope[DISCONNECT_KEY] = None  # type: ignore[typeddict-unknown-key]
 

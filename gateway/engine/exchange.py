@@ -144,7 +144,7 @@ class Exchange:
     # ------------------------------------------------------------------ models and fallbacks
 
     async def _run_chain(self, primary: ModelRuntime) -> Attempt | None:
-        chain = [primary] + [self.engine.registry.models[n] for n in primary.cfg.fallbacks]
+        chain = primary.chain
         fallback_on = primary.cfg.fallback_on
         for i, m in enumerate(chain):
             last = i == len(chain) - 1

@@ -68,7 +68,7 @@ class DeploymentRuntime:
 
 class ModelRuntime:
     __slots__ = ("cfg", "name", "deployments", "by_id", "retry_budget", "hedge_bucket", "rr", "retry_on",
-                 "strategy", "locality", "penalty_ms", "total_s", "hedge_delay_s")
+                 "strategy", "locality", "penalty_ms", "total_s", "hedge_delay_s", "chain")
 
     def __init__(self, cfg: ModelConfig) -> None:
         self.cfg = cfg
@@ -86,6 +86,7 @@ class ModelRuntime:
         self.penalty_ms = cfg.routing.cross_region_penalty_ms
         self.total_s = cfg.timeouts.total_ms / 1000.0
         self.hedge_delay_s: float | None = None  # last delay used, for the gauge
+        self.chain: tuple[ModelRuntime, ...] = (self,)  # with its fallbacks, set by the Registry
 
     def ejected_share(self, now: float) -> float:
         n = sum(1 for d in self.deployments if is_ejected(d.outlier, now))
@@ -110,6 +111,8 @@ class Registry:
         self.cfg = cfg
         self.home_region = home_region
         self.models = {m.name: ModelRuntime(m) for m in cfg.models}
+        for m in self.models.values():  # this model, then its fallbacks in order
+            m.chain = (m, *(self.models[n] for n in m.cfg.fallbacks))
         self.deployments = [d for m in self.models.values() for d in m.deployments]
         self.rng = random.Random(seed)
 
