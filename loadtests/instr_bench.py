@@ -5,7 +5,8 @@ CPU seconds per request move by 10-40 % between runs on a shared 2-core VM; the 
 a process executes for the same requests barely moves (0.5 % in one process, about 1.5 % between runs). Each proxy
 (the floor, our gateway, and with ``--baseline-src`` a second checkout of the gateway) runs under
 ``valgrind --tool=callgrind`` with instrumentation off; after a warm-up, instrumentation is switched on
-for exactly ``--requests`` requests at concurrency 1 and the total is read from callgrind's dump.
+for exactly ``--requests`` requests at concurrency 1 (``--concurrency``) and the total is read from
+callgrind's dump.
 Everything the process executes counts (the event loop, the access-log thread, the upstream client);
 the kernel's work does not.
 
@@ -49,13 +50,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=1000, help="measured requests per target and mode")
     ap.add_argument("--warmup", type=int, default=300, help="requests before counting starts")
     ap.add_argument("--modes", default="json,stream")
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="clients at once: above 1, work batched per loop turn counts too (timing-dependent)")
     ap.add_argument("--no-lock", action="store_true")
     ap.add_argument("--out", type=Path, default=None, help="markdown report (JSON beside it)")
     return ap.parse_args(argv)
 
 
 def loadgen(a: argparse.Namespace, url: str, mode: str, n: int) -> None:
-    argv = [a.bench_python, str(a.bench_dir / "loadgen.py"), "--url", url, "--model", "fast", "-c", "1",
+    argv = [a.bench_python, str(a.bench_dir / "loadgen.py"), "--url", url, "--model", "fast", "-c", str(a.concurrency),
             "-n", str(n), "--max-tokens", "64", "--json"]
     if mode == "stream":
         argv += ["--stream", "--include-usage"]
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(f"| {name} | " + " | ".join(
             f"{per[m]:,.0f} | {per[m] / results['floor'][m]:.2f}x" for m in modes) + " |")
     md = (f"# Instructions per request ({time.strftime('%Y-%m-%d %H:%M')})\n\n- machine: {start_line}\n"
-          f"- method: callgrind, instrumentation on for {a.requests} requests per mode at c=1 after {a.warmup} "
+          f"- method: callgrind, instrumentation on for {a.requests} requests per mode at c={a.concurrency} after {a.warmup} "
           "warm-up; mock instant, 20 tokens; gateway with every feature on (bench.py's config)\n\n"
           + "\n".join(rows) + "\n")
     print(md)

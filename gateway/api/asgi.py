@@ -124,12 +124,12 @@ class GatewayASGI:
             return await self._reject(scope, send, errors.overloaded("gateway"), t0, wall, headers,
                                       request_id=request_id)
         client = scope.get("client")
-        ex = Exchange(eng, path=scope["path"], upstream_path=upstream_path, body=body, raw_len=len(raw),
+        task = asyncio.current_task()
+        ex = Exchange(eng, task, path=scope["path"], upstream_path=upstream_path, body=body, raw_len=len(raw),
                       headers=headers, t_received=t0, t_body=t_body, wall_start=wall, request_id=request_id,
                       client=f"{client[0]}:{client[1]}" if client else None,
                       api_key_id=key.id if key is not None else None)
         ex_done = self.guard.track(key) if key is not None else None
-        task = asyncio.current_task()
 
         def on_disconnect(_: Any = None) -> None:
             # uvicorn also reports "disconnect" once our response is complete; only act before that.

@@ -69,13 +69,16 @@ class Attempt:
         return self.state is AttemptState.READY
 
     async def run(self, path: str, body: bytes, headers: dict[str, str], stream: bool,
-                  first_token_timeout_s: float, timeout_flag: str, wall_now: float, alarms: Alarms) -> Attempt:
+                  first_token_timeout_s: float, timeout_flag: str, wall_now: float, alarms: Alarms,
+                  task: asyncio.Task | None = None) -> Attempt:
         """Run until READY or FAILED; raise CancelledError (after aborting) if cancelled.
 
         The first-token limit works as asyncio.timeout() does (cancel this task, and on the way out tell
-        that cancel from anyone else's by the task's cancel count), on the shared ``alarms``.
+        that cancel from anyone else's by the task's cancel count), on the shared ``alarms``. ``task``:
+        the task this runs in, when the caller knows it (asking asyncio costs a getpid() call).
         """
-        task = asyncio.current_task()
+        if task is None:
+            task = asyncio.current_task()
         cancels_before = task.cancelling()
         expired = False
 

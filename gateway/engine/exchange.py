@@ -45,7 +45,7 @@ class ExchangeState(StrEnum):
 
 
 class Exchange:
-    __slots__ = ("engine", "path", "upstream_path", "body", "model_name", "stream", "headers", "t_received",
+    __slots__ = ("engine", "task", "path", "upstream_path", "body", "model_name", "stream", "headers", "t_received",
                  "t_body", "wall_start", "request_id", "client", "api_key_id", "trace", "state", "attempts", "waits",
                  "flags", "retries", "hedges", "model_retries", "model_hedges", "hedge_delay_ms", "route_reason",
                  "winner", "last_failure", "error", "timeout_flag", "fallback_from", "fallback_reason",
@@ -53,10 +53,11 @@ class Exchange:
                  "prompt_tokens", "completion_tokens", "client_gone", "committed", "finished", "closing", "_bodies",
                  "_base_headers", "deadline")
 
-    def __init__(self, engine: Engine, *, path: str, upstream_path: str, body: dict[str, Any], raw_len: int,
+    def __init__(self, engine: Engine, task: asyncio.Task, *, path: str, upstream_path: str, body: dict[str, Any], raw_len: int,
                  headers: dict[str, str], t_received: float, t_body: float, wall_start: float,
                  request_id: str, client: str | None, api_key_id: str | None = None) -> None:
         self.engine = engine
+        self.task = task  # the request's task: inline attempts, the relay and the race run in it
         self.path = path
         self.upstream_path = upstream_path
         self.body = body
@@ -132,7 +133,7 @@ class Exchange:
             self._abort_all()
             if not self.client_gone:
                 raise
-            asyncio.current_task().uncancel()
+            self.task.uncancel()
             self.flags.append("DC")
             if not self.status:
                 self.status = 499
@@ -233,7 +234,8 @@ class Exchange:
         self.state = ExchangeState.WAITING_FIRST_TOKEN
         return att
 
-    def _run_attempt(self, att: Attempt) -> Any:
+    def _run_attempt(self, att: Attempt, task: asyncio.Task | None) -> Any:
+        """The attempt's coroutine; ``task`` is the one it will run in (None: find out when it starts)."""
         dep = att.dep
         t = att.t_start
         remaining = self.deadline.remaining(t)
@@ -243,7 +245,7 @@ class Exchange:
         if remaining < limit:
             limit, flag = remaining, "total"
         return att.run(self.upstream_path, self._body_for(dep), self._headers_for(att), self.stream,
-                       max(limit, 0.001), flag, time.time(), self.engine.alarms)
+                       max(limit, 0.001), flag, time.time(), self.engine.alarms, task)
 
     async def _run_model(self, m: ModelRuntime) -> Attempt | None:
         m.retry_budget.request_started()
@@ -261,7 +263,7 @@ class Exchange:
         hedge_s = self._hedge_delay(m)
         if hedge_s is None:
             while True:  # no hedging: attempts run inline, one after another
-                await self._run_attempt(att)
+                await self._run_attempt(att, self.task)
                 self._record(m, att)
                 if att.ok:
                     return att
@@ -287,7 +289,7 @@ class Exchange:
                 if inline is not None:
                     race.inline = a = inline
                     try:
-                        await self._run_attempt(a)
+                        await self._run_attempt(a, self.task)
                         finished = [a]
                     except asyncio.CancelledError:
                         if not race.interrupted or race.task.uncancel() > 0:  # also cancelled from outside
@@ -682,15 +684,14 @@ class _Race:
     and the exchange's alarms reference each other only while an alarm is armed.
     """
 
-    __slots__ = ("ex", "m", "tried", "hedge_s", "loop", "task", "tasks", "inline", "interrupted", "alarm", "waiter")
+    __slots__ = ("ex", "m", "tried", "hedge_s", "task", "tasks", "inline", "interrupted", "alarm", "waiter")
 
     def __init__(self, ex: Exchange, m: ModelRuntime, tried: set[str], hedge_s: float) -> None:
         self.ex = ex
         self.m = m
         self.tried = tried
         self.hedge_s = hedge_s
-        self.loop = asyncio.get_running_loop()
-        self.task = asyncio.current_task()
+        self.task = ex.task
         self.tasks: dict[asyncio.Task, Attempt] = {}
         self.inline: Attempt | None = None
         self.interrupted = False
@@ -711,7 +712,7 @@ class _Race:
         self.alarm = None
         h = self.ex._hedge(self.m, self.tried)
         if h is not None:
-            t = self.loop.create_task(self.ex._run_attempt(h))
+            t = asyncio.get_running_loop().create_task(self.ex._run_attempt(h, None))
             t.add_done_callback(self._on_done)
             self.tasks[t] = h
             self.arm(h.t_start)
@@ -743,7 +744,7 @@ class _Race:
         done = [t for t in self.tasks if t.done()]
         if done:
             return done
-        self.waiter = self.loop.create_future()
+        self.waiter = asyncio.get_running_loop().create_future()
         try:
             await self.waiter
         finally:

@@ -46,7 +46,7 @@ async def relay_stream(ex: Exchange, w: Attempt, send: Any) -> None:
     idle = dep.idle_s
     content = w.resp.content
     failure: tuple[str, str, str] | None = None  # (flag, timeout_flag, message)
-    watchdog = _Watchdog(idle, hard_end, ex.engine.alarms)
+    watchdog = _Watchdog(idle, hard_end, ex.engine.alarms, ex.task)
     try:
         while True:
             chunk = await content.readany()
@@ -60,7 +60,7 @@ async def relay_stream(ex: Exchange, w: Attempt, send: Any) -> None:
     except asyncio.CancelledError:
         if not watchdog.fired:
             raise  # the client left (or shutdown): not ours to handle
-        asyncio.current_task().uncancel()
+        ex.task.uncancel()
         if watchdog.fired == "hard":
             flag = "DT" if hard_flag == "total" else "UT"
             limit = "the request deadline" if hard_flag == "total" else f"per_try_ms={dep.cfg.timeouts.per_try_ms:.0f}"
@@ -104,12 +104,12 @@ class _Watchdog:
 
     __slots__ = ("idle", "hard_end", "last", "fired", "_task", "_alarms", "_alarm")
 
-    def __init__(self, idle: float, hard_end: float, alarms: Alarms) -> None:
+    def __init__(self, idle: float, hard_end: float, alarms: Alarms, task: asyncio.Task) -> None:
         self.idle = idle
         self.hard_end = hard_end
         self.last = now()
         self.fired: str | None = None
-        self._task = asyncio.current_task()
+        self._task = task
         self._alarms = alarms
         self._arm()
 
