@@ -297,7 +297,8 @@ class Exchange:
                         loser, finished = a, []
                     race.inline = inline = None
                     race.interrupted = False
-                    finished.extend(tasks.pop(t) for t in [t for t in tasks if t.done()])
+                    if tasks:  # hedges that ended meanwhile
+                        finished.extend(tasks.pop(t) for t in [t for t in tasks if t.done()])
                 else:
                     finished = [tasks.pop(t) for t in await race.wait()]
                 winner = None
