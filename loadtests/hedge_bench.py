@@ -123,6 +123,7 @@ class ArmResult:
     cancel_lag_ms: dict[str, float | None]
     cancel_lag_checked: int
     cancel_lag_unmatched: int
+    hedges_never_sent: int
     slow_over_1s: dict[str, int]
     mixed_streams: int
     hedge_delay_ms: dict[str, float | None]
@@ -153,12 +154,17 @@ def spread(values: list[float]) -> dict[str, float | None]:
     return {"n": len(v), "min": v[0], "p50": percentile(v, 50), "p99": percentile(v, 99), "max": v[-1]}
 
 
-def cancel_lags(attempts: dict[str, list[dict[str, Any]]], hedged_ids: set[str]) -> tuple[list[float], int, int]:
+def cancel_lags(attempts: dict[str, list[dict[str, Any]]],
+                hedged_ids: set[str]) -> tuple[list[float], int, int, int]:
     """Per hedged request, as the simulators recorded it: loser end minus winner first byte (ms); how many
-    had a loser that was not cancelled; how many could not be matched (an attempt's record missing)."""
-    lags, not_cancelled, missing = [], 0, 0
+    had a loser that was not cancelled; how many hedges never reached a simulator (the race was decided
+    while the hedge was still connecting: nothing to cancel); how many could not be matched."""
+    lags, not_cancelled, never_sent, missing = [], 0, 0, 0
     for rid in hedged_ids:
         atts = attempts.get(rid, [])
+        if len(atts) == 1 and atts[0]["outcome"] == "ok":
+            never_sent += 1
+            continue
         if len(atts) != 2:
             missing += 1
             continue
@@ -168,7 +174,7 @@ def cancel_lags(attempts: dict[str, list[dict[str, Any]]], hedged_ids: set[str])
             not_cancelled += 1
             continue
         lags.append((losers[0]["ended_at"] - winners[0]["first_byte_at"]) * 1000.0)
-    return lags, not_cancelled, missing
+    return lags, not_cancelled, never_sent, missing
 
 
 def slow_reasons(a: argparse.Namespace, recs: list[dict[str, Any]], attempts: dict[str, list[dict[str, Any]]],
@@ -204,7 +210,7 @@ def summarize(a: argparse.Namespace, arm: Arm, results: list[StreamResult], warm
     cm = sum(s["cancelled"]["mid_stream"] for s in stats)
     hedged = [r for r in recs if r["hedge_count"]]
     hedges = sum(r["hedge_count"] for r in recs)
-    lags, not_cancelled, unmatched = cancel_lags(attempts, {r["request_id"] for r in hedged})
+    lags, not_cancelled, never_sent, unmatched = cancel_lags(attempts, {r["request_id"] for r in hedged})
     gw_ttft = sorted(r["ttft_ms"] for r in recs if r.get("ttft_ms") is not None)
     delays = [r["hedge_delay_ms"] for r in recs if r.get("hedge_delay_ms") is not None]
     wdelays = [r["hedge_delay_ms"] for r in warm if r.get("hedge_delay_ms") is not None]
@@ -217,7 +223,11 @@ def summarize(a: argparse.Namespace, arm: Arm, results: list[StreamResult], warm
         hedges=hedges, hedge_wins=sum(r.get("hedge_winner") == "hedge" for r in hedged),
         suppressed=sum("HS" in r["response_flags"] for r in recs), cancelled=cb + cm,
         cancelled_before_first_byte=cb, cancelled_mid_stream=cm,
-        losers_cancelled=cb + cm == hedges and not_cancelled == 0,
+        # every hedge's loser was cancelled at its provider, or never got there; the simulators' request
+        # count must agree (no hedge went out uncounted)
+        losers_cancelled=(cb + cm + never_sent == hedges and not_cancelled == 0 and unmatched == 0
+                          and upstream - n == hedges - never_sent),
+        hedges_never_sent=never_sent,
         cancel_lag_ms=spread(lags), cancel_lag_checked=len(lags) + not_cancelled, cancel_lag_unmatched=unmatched,
         slow_over_1s=slow_reasons(a, recs, attempts, results, 1000.0),
         mixed_streams=sum(len(r.producers) != 1 for r in results if r.ok),
@@ -257,7 +267,8 @@ def report(a: argparse.Namespace, res: list[ArmResult], meta: dict[str, str]) ->
         met = met and ok
         checks.append(f"- **{r.arm}**: p99 TTFT cut {cut:.2f}x (target >= {TARGET_P99_CUT:g}x), extra upstream "
                       f"{r.extra_upstream_pct:.2f} % (target <= {TARGET_EXTRA_PCT:g} %), every loser cancelled: "
-                      f"{'yes' if r.losers_cancelled else 'NO'} ({r.cancelled} cancelled for {r.hedges} hedges; "
+                      f"{'yes' if r.losers_cancelled else 'NO'} ({r.cancelled} cancelled for {r.hedges} hedges, "
+                      f"{r.hedges_never_sent} decided before the hedge reached a provider; "
                       f"{r.cancel_lag_checked} checked one by one, {r.cancel_lag_unmatched} unmatched), one producer "
                       "per stream: "
                       f"{'yes' if r.mixed_streams == 0 else 'NO'} -> **{'met' if ok else 'MISSED'}**")
