@@ -174,9 +174,8 @@ def test_upstream_http_error_passes_through_with_status_and_body(core):
     assert gw.records(wait_for=1)[-1]["attempts"] == 1  # 400 is never retried
 
 
-def test_client_disconnect_mid_stream_aborts_upstream(core):
-    sims, gw = core
-    sims.set("sim-a", tokens=100, itl_ms=50)
+def _leave_mid_stream(sims, gw) -> dict:
+    """Read two chunks of a long stream and hang up; wait until sim-a sees it; its stats after."""
     with httpx.stream("POST", gw.url + "/v1/chat/completions",
                       json={"model": "chat", "stream": True, "messages": []}) as r:
         it = r.iter_bytes()
@@ -186,7 +185,13 @@ def test_client_disconnect_mid_stream_aborts_upstream(core):
     end = time.monotonic() + 2
     while time.monotonic() < end and sims.stats("sim-a")["cancelled"]["mid_stream"] < 1:
         time.sleep(0.02)
-    st = sims.stats("sim-a")
+    return sims.stats("sim-a")
+
+
+def test_client_disconnect_mid_stream_aborts_upstream(core):
+    sims, gw = core
+    sims.set("sim-a", tokens=100, itl_ms=50)
+    st = _leave_mid_stream(sims, gw)
     assert st["cancelled"]["mid_stream"] == 1
     assert st["in_flight"] == 0
     rec = gw.records(wait_for=1)[-1]
@@ -200,15 +205,7 @@ def test_client_disconnect_is_seen_under_a_stock_asgi_server(sims_factory, gatew
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]}, stock_uvicorn="h11")
     r = gw.client().chat.completions.create(model="chat", messages=[])
     assert r.choices[0].message.content.startswith("sim-a#")
-    with httpx.stream("POST", gw.url + "/v1/chat/completions",
-                      json={"model": "chat", "stream": True, "messages": []}) as r:
-        it = r.iter_bytes()
-        next(it)
-        next(it)
-    end = time.monotonic() + 2
-    while time.monotonic() < end and sims.stats("sim-a")["cancelled"]["mid_stream"] < 1:
-        time.sleep(0.02)
-    assert sims.stats("sim-a")["cancelled"]["mid_stream"] == 1
+    assert _leave_mid_stream(sims, gw)["cancelled"]["mid_stream"] == 1
     recs = gw.records(wait_for=2)
     assert recs[0]["response_code"] == 200 and recs[0]["response_flags"] == "-"  # a finished one is no disconnect
     assert "DC" in recs[1]["response_flags"]
