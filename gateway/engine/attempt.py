@@ -122,7 +122,10 @@ class Attempt:
             self._fail(FailureKind.TIMEOUT, f"no {'first token' if stream else 'response'} within "
                        f"{first_token_timeout_s * 1000:.0f} ms ({timeout_flag})")
             self.timeout_flag = timeout_flag
-        except (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError, ConnectionRefusedError) as exc:
+        except aiohttp.ServerTimeoutError as exc:  # the only aiohttp timeout configured: timeouts.connect_ms
+            self._fail(FailureKind.CONNECT, _describe(exc))
+            self.timeout_flag = "connect"
+        except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
             self._fail(FailureKind.CONNECT, _describe(exc))
         except (aiohttp.ClientError, ConnectionError, OSError) as exc:
             self._fail(FailureKind.RESET, _describe(exc))

@@ -569,6 +569,7 @@ class Exchange:
                 f"Upstream timeout: deployment '{f.dep.id}' gave no {'first token' if self.stream else 'response'} "
                 f"within {f.timeout_flag}_ms={limit:.0f}.", "UT")
         if f.failure is FailureKind.CONNECT:
+            self.timeout_flag = f.timeout_flag  # "connect" when connect_ms ran out, else None (refused, DNS)
             return errors.upstream_unreachable(f"deployment '{f.dep.id}': {f.error_detail}", "UF")
         return errors.upstream_unreachable(f"deployment '{f.dep.id}' reset the connection: {f.error_detail}", "UC")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import socket
 import threading
 import time
 
@@ -33,6 +34,41 @@ def test_thirty_percent_503s_all_client_requests_succeed(sims_factory, gateways)
     injected = sum(sum(sims.stats(s)["errors_injected"].values()) for s in ("sim-a", "sim-b"))
     assert retries == injected > 0
     assert all(r["attempts"] == r["retry_count"] + 1 for r in recs)
+
+
+def test_connect_timeout_is_a_connect_failure_after_connect_ms(gateways):
+    # A listener whose accept queue is full drops new SYNs, so connecting to it hangs until connect_ms.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        c = socket.socket()
+        c.setblocking(False)
+        try:
+            c.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(c)
+    try:
+        gw = gateways({"models": [model("chat", [dep("hung", f"http://127.0.0.1:{port}/v1",
+                                                     pool={"min_connections": 0, "validate_on_start": False,
+                                                           "keepwarm_interval_s": 0},
+                                                     timeouts={"connect_ms": 200})],
+                                        retry={"max_retries": 0})]})
+        t0 = time.monotonic()
+        r = _post(gw)
+        elapsed = time.monotonic() - t0
+        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unreachable"
+        assert 0.18 < elapsed < 1.5, elapsed
+        rec = gw.records(wait_for=1)[-1]
+        assert "UF" in rec["response_flags"] and rec["timeout_flag"] == "connect"
+        assert rec["upstream_cluster"] == "hung"
+    finally:
+        for c in fillers:
+            c.close()
+        listener.close()
 
 
 def test_retry_after_is_honoured(sims_factory, gateways):
