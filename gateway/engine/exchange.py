@@ -280,22 +280,22 @@ class Exchange:
         attempt cost ~6 % of the gateway's instructions. Hedges start from a timer as tasks (see _Race).
         """
         race = _Race(self, m, tried, hedge_s)
+        race.inline = first
         race.arm(first.t_start)
-        inline: Attempt | None = first
         tasks = race.tasks
         try:
             while True:
                 loser = None
-                if inline is not None:
-                    race.inline = a = inline
+                a = race.inline
+                if a is not None:
                     try:
                         await self._run_attempt(a, self.task)
                         finished = [a]
                     except asyncio.CancelledError:
-                        if not race.interrupted or race.task.uncancel() > 0:  # also cancelled from outside
+                        if not race.interrupted or self.task.uncancel() > 0:  # also cancelled from outside
                             raise
                         loser, finished = a, []
-                    race.inline = inline = None
+                    race.inline = None
                     race.interrupted = False
                     if tasks:  # hedges that ended meanwhile
                         finished.extend(tasks.pop(t) for t in [t for t in tasks if t.done()])
@@ -331,10 +331,10 @@ class Exchange:
                     self._plays_retry(m, len(failed), next(iter(tasks.values())))
                     continue
                 race.disarm()  # nothing in flight: the retry (if any) gets a hedge timer of its own
-                inline = await self._next_after_failure(m, failed[-1], tried)
-                if inline is None:
+                race.inline = await self._next_after_failure(m, failed[-1], tried)
+                if race.inline is None:
                     return None
-                race.arm(inline.t_start)
+                race.arm(race.inline.t_start)
         finally:
             race.close()
 
@@ -686,14 +686,13 @@ class _Race:
     and the exchange's alarms reference each other only while an alarm is armed.
     """
 
-    __slots__ = ("ex", "m", "tried", "hedge_s", "task", "tasks", "inline", "interrupted", "alarm", "waiter")
+    __slots__ = ("ex", "m", "tried", "hedge_s", "tasks", "inline", "interrupted", "alarm", "waiter")
 
     def __init__(self, ex: Exchange, m: ModelRuntime, tried: set[str], hedge_s: float) -> None:
         self.ex = ex
         self.m = m
         self.tried = tried
         self.hedge_s = hedge_s
-        self.task = ex.task
         self.tasks: dict[asyncio.Task, Attempt] = {}
         self.inline: Attempt | None = None
         self.interrupted = False
@@ -730,7 +729,7 @@ class _Race:
             return
         if a.ok:
             self.interrupted = True
-            self.task.cancel()
+            self.ex.task.cancel()
         else:
             del self.tasks[t]
             self.ex._record(self.m, a)

@@ -71,7 +71,7 @@ class _LoopMetric:
     """A metric family updated on the event loop without locks; the same ``labels(...)`` / ``inc`` surface as
     prometheus_client's, exported by ``LoopCollector``."""
 
-    kind = ""
+    family_type: Any = None  # prometheus_client's family class for counters and gauges
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
         self.name = name
@@ -99,19 +99,19 @@ class _LoopMetric:
             yield (), self._plain
         yield from list(self.children.items())
 
-
-class LoopCounter(_LoopMetric):
-    kind = "counter"
-
     def family(self) -> Metric:
-        f = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        f = self.family_type(self.name, self.documentation, labels=self.labelnames)
         for values, c in self.samples():
             f.add_metric(values, c.value)
         return f
 
 
+class LoopCounter(_LoopMetric):
+    family_type = CounterMetricFamily
+
+
 class LoopGauge(_LoopMetric):
-    kind = "gauge"
+    family_type = GaugeMetricFamily
 
     def dec(self, amount: float = 1.0) -> None:
         self._plain.dec(amount)
@@ -119,16 +119,8 @@ class LoopGauge(_LoopMetric):
     def set(self, value: float) -> None:
         self._plain.set(value)
 
-    def family(self) -> Metric:
-        f = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, c in self.samples():
-            f.add_metric(values, c.value)
-        return f
-
 
 class LoopHistogram(_LoopMetric):
-    kind = "histogram"
-
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (),
                  buckets: Sequence[float] = ()) -> None:
         self.bounds = tuple(float(b) for b in buckets if b != float("inf"))
