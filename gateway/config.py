@@ -153,6 +153,11 @@ class OutlierConfig(_Strict):
     max_ejection_percent: float = Field(50.0, ge=0, le=100)
 
 
+# What may go into an upstream request head as is (RFC 9110 5.1, 5.5): anything else could split it.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 class PoolConfig(_Strict):
     min_connections: int = Field(1, ge=0)
     max_connections: int = Field(256, ge=1)
@@ -208,7 +213,20 @@ class DeploymentConfig(_Strict):
     @field_validator("headers")
     @classmethod
     def _headers(cls, v: dict[str, str | int | float]) -> dict[str, str]:
-        return {k.lower(): str(val) for k, val in v.items()}
+        out = {k.lower(): str(val) for k, val in v.items()}
+        for k, val in out.items():
+            if not _HEADER_NAME.fullmatch(k):
+                raise ValueError(f"{k!r} is not a valid HTTP header name")
+            if _CTL.search(val):
+                raise ValueError(f"the value of {k!r} holds a line break or control character")
+        return out
+
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        if v is not None and _CTL.search(v):
+            raise ValueError("holds a line break or control character")
+        return v
 
 
 class ModelConfig(_Strict):

@@ -18,6 +18,7 @@ from gateway.engine.sse import FirstTokenScanner
 from gateway.policy.retry import FailureKind, parse_retry_after
 from gateway.telemetry.timing import now
 from gateway.upstream.client import AttemptWire
+from gateway.upstream.errors import UpstreamConnectTimeout
 
 MAX_ERROR_BODY = 64 * 1024
 
@@ -122,8 +123,8 @@ class Attempt:
             self._fail(FailureKind.TIMEOUT, f"no {'first token' if stream else 'response'} within "
                        f"{first_token_timeout_s * 1000:.0f} ms ({timeout_flag})")
             self.timeout_flag = timeout_flag
-        except aiohttp.ServerTimeoutError as exc:  # the only aiohttp timeout configured: timeouts.connect_ms
-            self._fail(FailureKind.CONNECT, _describe(exc))
+        except (UpstreamConnectTimeout, aiohttp.ServerTimeoutError) as exc:  # timeouts.connect_ms (aiohttp's
+            self._fail(FailureKind.CONNECT, _describe(exc))  # only configured timeout)
             self.timeout_flag = "connect"
         except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
             self._fail(FailureKind.CONNECT, _describe(exc))

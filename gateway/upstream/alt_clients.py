@@ -27,6 +27,8 @@ import aiohttp
 from gateway.config import DeploymentConfig
 from gateway.telemetry.timing import now
 from gateway.upstream.client import AttemptWire, UpstreamClient
+from gateway.upstream.errors import UpstreamConnectError, UpstreamResetError
+from gateway.upstream.h1 import H1UpstreamClient
 
 CLIENT_ENV = "LLMGW_UPSTREAM_CLIENT"
 
@@ -36,23 +38,16 @@ _WIRE: contextvars.ContextVar[AttemptWire | None] = contextvars.ContextVar("llmg
 
 
 class ClientKind(StrEnum):
+    H1 = "h1"
     AIOHTTP = "aiohttp"
     HTTPX = "httpx"
     HTTPX2 = "httpx2"
     HTTPX_AIOHTTP = "httpx-aiohttp"
 
 
-class UpstreamConnectError(ConnectionRefusedError):
-    """The connection could not be opened (the engine counts it as a connect failure)."""
-
-
-class UpstreamResetError(ConnectionResetError):
-    """The connection broke after it was open (the engine counts it as a reset)."""
-
-
 def parse_kind(value: str | None) -> ClientKind:
     if not value:
-        return ClientKind.AIOHTTP
+        return ClientKind.H1
     try:
         return ClientKind(value.strip().lower())
     except ValueError:
@@ -68,7 +63,12 @@ def selected_kind() -> ClientKind:
 
 def make_client(dep: DeploymentConfig) -> Any:
     """The upstream client for one deployment, of the kind ``LLMGW_UPSTREAM_CLIENT`` names."""
-    kind = selected_kind()
+    return client_of_kind(selected_kind(), dep)
+
+
+def client_of_kind(kind: ClientKind, dep: DeploymentConfig) -> Any:
+    if kind is ClientKind.H1:
+        return H1UpstreamClient(dep)
     if kind is ClientKind.AIOHTTP:
         return UpstreamClient(dep)
     return HttpxUpstreamClient(dep, kind)

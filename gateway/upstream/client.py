@@ -81,6 +81,17 @@ class _ObservedConnector(aiohttp.TCPConnector):
         return proto
 
 
+def static_headers(dep: DeploymentConfig) -> dict[str, str]:
+    """The headers every request to ``dep`` carries: content type, identity encoding, auth, configured."""
+    headers: dict[str, str] = {"content-type": _JSON, "accept-encoding": "identity"}
+    if dep.api_key and dep.auth_header == "authorization":
+        headers["authorization"] = f"Bearer {dep.api_key}"
+    elif dep.api_key and dep.auth_header == "api-key":
+        headers["api-key"] = dep.api_key
+    headers.update(dep.headers)
+    return headers
+
+
 class UpstreamClient:
     """Pooled HTTP client for one deployment; auth and static headers pre-built once."""
 
@@ -88,13 +99,7 @@ class UpstreamClient:
         self.deployment = dep
         self.base_url = dep.base_url
         self.host = dep.base_url.split("://", 1)[1].split("/", 1)[0]
-        headers: dict[str, str] = {"content-type": _JSON, "accept-encoding": "identity"}
-        if dep.api_key and dep.auth_header == "authorization":
-            headers["authorization"] = f"Bearer {dep.api_key}"
-        elif dep.api_key and dep.auth_header == "api-key":
-            headers["api-key"] = dep.api_key
-        headers.update(dep.headers)
-        self.static_headers = headers
+        self.static_headers = static_headers(dep)
         self._session: aiohttp.ClientSession | None = None
         self._connector: _ObservedConnector | None = None
 

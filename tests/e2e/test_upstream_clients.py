@@ -17,8 +17,8 @@ import pytest
 from aiohttp import web
 
 from gateway.config import DeploymentConfig
-from gateway.upstream.alt_clients import CLIENT_ENV, ClientKind, HttpxUpstreamClient, parse_kind
-from gateway.upstream.client import AttemptWire, UpstreamClient
+from gateway.upstream.alt_clients import CLIENT_ENV, ClientKind, client_of_kind, parse_kind
+from gateway.upstream.client import AttemptWire
 
 KINDS = list(ClientKind)
 
@@ -80,7 +80,7 @@ async def provider() -> AsyncIterator[tuple[Provider, str]]:
 
 def _client(kind: ClientKind, base_url: str) -> Any:
     dep = DeploymentConfig(id="p", base_url=base_url, api_key="sk-test")
-    return UpstreamClient(dep) if kind is ClientKind.AIOHTTP else HttpxUpstreamClient(dep, kind)
+    return client_of_kind(kind, dep)
 
 
 def run(test: Callable[[], Awaitable[None]]) -> None:
@@ -175,7 +175,8 @@ def test_refused_connection_is_a_connect_failure(kind: ClientKind) -> None:
 
 
 def test_client_kind_comes_from_the_environment_value() -> None:
-    assert parse_kind(None) is ClientKind.AIOHTTP
+    assert parse_kind(None) is ClientKind.H1
+    assert parse_kind("aiohttp") is ClientKind.AIOHTTP
     assert parse_kind("HTTPX-aiohttp") is ClientKind.HTTPX_AIOHTTP
     with pytest.raises(ValueError, match=CLIENT_ENV):
         parse_kind("requests")

@@ -1,0 +1,353 @@
+"""The default upstream client (gateway/upstream/h1.py) against raw HTTP/1.1 servers on loopback.
+
+What the shared client tests (test_upstream_clients.py) do not reach: bodies framed every way HTTP/1.1
+allows, large bodies and a slow reader, the pool's limit, queue and expiry, TLS, and providers that
+answer garbage or hang up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from gateway.config import DeploymentConfig
+from gateway.upstream.client import AttemptWire
+from gateway.upstream.errors import UpstreamConnectError, UpstreamConnectTimeout, UpstreamResetError
+from gateway.upstream.h1 import HIGH_WATER, H1UpstreamClient
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (ln.split(b":", 1) for ln in lines[1:] if ln)}
+    body = await reader.readexactly(int(headers.get(b"content-length", b"0")))
+    return lines[0], headers, body
+
+
+@asynccontextmanager
+async def raw_server(handler: Handler, tls: ssl.SSLContext | None = None) -> AsyncIterator[tuple[str, list[int]]]:
+    """A server running ``handler`` per connection; yields its base URL and the list of connection numbers."""
+    conns: list[int] = []
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conns.append(len(conns))
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(on_conn, "127.0.0.1", 0, ssl=tls)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}/v1", conns
+    finally:
+        server.close()
+
+
+def keep_alive(respond: Callable[[bytes, bytes], bytes]) -> Handler:
+    """A handler answering every request on the connection with ``respond(request_line, body)``."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            line, _headers, body = await read_request(reader)
+            writer.write(respond(line, body))
+            await writer.drain()
+    return handler
+
+
+def client(base: str, **pool: float) -> H1UpstreamClient:
+    return H1UpstreamClient(DeploymentConfig(id="p", base_url=base, api_key="sk-test", pool=pool,
+                                             timeouts={"connect_ms": 300}))
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(test(), 20))
+
+
+def test_request_head_carries_path_host_auth_and_length() -> None:
+    seen: list[tuple[bytes, dict[bytes, bytes], bytes]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_request(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+        await writer.drain()
+
+    async def scenario() -> None:
+        async with raw_server(handler) as (base, _):
+            c = client(base)
+            await c.start()
+            headers = {**c.static_headers, "x-request-id": "r1"}
+            resp = await c.post("/chat/completions", b'{"a":1}', headers, AttemptWire())
+            assert (resp.status, await resp.read()) == (200, b"{}")
+            resp.release()
+            await c.close()
+        line, h, body = seen[0]
+        assert line == b"POST /v1/chat/completions HTTP/1.1"
+        assert h[b"host"] == base.split("//")[1].split("/")[0].encode()
+        assert h[b"authorization"] == b"Bearer sk-test" and h[b"x-request-id"] == b"r1"
+        assert h[b"content-length"] == b"7" and body == b'{"a":1}'
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+def test_a_large_body_arrives_whole_however_it_is_framed(framing: str) -> None:
+    payload = bytes(range(256)) * (3 * HIGH_WATER // 256)  # past the pause threshold: must not stall
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        if framing == "length":
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(payload) + payload)
+        elif framing == "chunked":
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            for i in range(0, len(payload), 10_000):
+                part = payload[i:i + 10_000]
+                writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+            writer.write(b"0\r\n\r\n")
+        else:  # no length: the body ends when the connection does
+            writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n" + payload)
+            await writer.drain()
+            writer.close()
+            return
+        await writer.drain()
+        await reader.read()  # hold the connection open until the client closes it
+
+    async def scenario() -> None:
+        async with raw_server(handler) as (base, _):
+            c = client(base)
+            await c.start()
+            resp = await c.post("/x", b"{}", c.static_headers, AttemptWire())
+            assert await resp.read() == payload
+            resp.release()
+            assert c.pool_counts() == {"idle": 0 if framing == "close" else 1, "active": 0}
+            await c.close()
+
+    run(scenario)
+
+
+def test_a_slow_reader_pauses_the_provider_instead_of_buffering_the_stream() -> None:
+    total = 40 * HIGH_WATER
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % total)
+        for _ in range(total // 65536):
+            writer.write(b"x" * 65536)
+            await writer.drain()
+
+    async def scenario() -> None:
+        async with raw_server(handler) as (base, _):
+            c = client(base)
+            await c.start()
+            resp = await c.post("/x", b"{}", c.static_headers, AttemptWire())
+            got, biggest = 0, 0
+            while chunk := await resp.content.readany():
+                got += len(chunk)
+                biggest = max(biggest, len(chunk))
+                await asyncio.sleep(0.002)  # a client slower than its provider
+            assert got == total
+            # what piles up between two reads: the threshold plus at most one socket read (256 KiB)
+            assert biggest <= 2 * HIGH_WATER
+            resp.release()
+            await c.close()
+
+    run(scenario)
+
+
+def test_the_pool_limit_queues_callers_and_hands_connections_on() -> None:
+    gate = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            await gate.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async def scenario() -> None:
+        async with raw_server(handler) as (base, conns):
+            c = client(base, max_connections=1, min_connections=0)
+            await c.start()
+
+            async def call() -> AttemptWire:
+                wire = AttemptWire()
+                resp = await c.post("/x", b"{}", c.static_headers, wire)
+                assert await resp.read() == b"ok"
+                resp.release()
+                return wire
+
+            tasks = [asyncio.create_task(call()) for _ in range(3)]
+            await asyncio.sleep(0.1)
+            assert c.pool_counts() == {"idle": 0, "active": 1}
+            gate.set()
+            wires = await asyncio.gather(*tasks)
+            assert len(conns) == 1 and c.connections_opened == 1
+            waited = sorted(w.pool_wait_ms for w in wires)
+            assert waited[0] < 5.0 and waited[-1] >= 50.0  # the last caller queued behind two responses
+            assert [w.reused for w in wires].count(False) == 1
+            await c.close()
+
+    run(scenario)
+
+
+def test_a_cancelled_caller_does_not_lose_the_pool_slot() -> None:
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                await read_request(reader)
+                await release.wait()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                await writer.drain()
+
+        async with raw_server(handler) as (base, _):
+            c = client(base, max_connections=1, min_connections=0)
+            await c.start()
+            first = asyncio.create_task(c.post("/x", b"{}", c.static_headers, AttemptWire()))
+            queued = asyncio.create_task(c.post("/x", b"{}", c.static_headers, AttemptWire()))
+            await asyncio.sleep(0.05)
+            first.cancel()  # closes its connection: the slot goes to the queued caller
+            release.set()
+            resp = await asyncio.wait_for(queued, 2)
+            assert resp.status == 200
+            resp.release()
+            assert c.pool_counts() == {"idle": 1, "active": 0}
+            await c.close()
+
+    run(scenario)
+
+
+def test_idle_connections_past_keepalive_expiry_are_replaced() -> None:
+    async def scenario() -> None:
+        ok = keep_alive(lambda _line, _body: b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        async with raw_server(ok) as (base, conns):
+            c = client(base, keepalive_expiry_s=0.05)
+            await c.start()
+            for pause in (0.0, 0.0, 0.1):
+                await asyncio.sleep(pause)
+                wire = AttemptWire()
+                resp = await c.post("/x", b"{}", c.static_headers, wire)
+                await resp.read()
+                resp.release()
+            assert len(conns) == 2 and c.connections_opened == 2
+            assert c.pool_counts() == {"idle": 1, "active": 0}
+            await c.close()
+
+    run(scenario)
+
+
+def test_connection_close_from_the_provider_is_not_reused() -> None:
+    async def scenario() -> None:
+        bye = keep_alive(lambda _line, _body: b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+        async with raw_server(bye) as (base, conns):
+            c = client(base)
+            await c.start()
+            for _ in range(2):
+                resp = await c.post("/x", b"{}", c.static_headers, AttemptWire())
+                await resp.read()
+                resp.release()
+            assert len(conns) == 2 and c.pool_counts()["idle"] == 0
+            await c.close()
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("answer", [b"", b"NOT HTTP AT ALL\r\n\r\n", b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc"])
+def test_a_provider_that_hangs_up_or_answers_garbage_is_a_reset(answer: bytes) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+
+    async def scenario() -> None:
+        async with raw_server(handler) as (base, _):
+            c = client(base)
+            await c.start()
+            with pytest.raises(UpstreamResetError):
+                resp = await c.post("/x", b"{}", c.static_headers, AttemptWire())
+                await resp.read()  # a body cut short fails here, after the head
+            assert c.pool_counts() == {"idle": 0, "active": 0}
+            await c.close()
+
+    run(scenario)
+
+
+def test_connect_failures_are_connect_errors() -> None:
+    async def scenario() -> None:
+        async with raw_server(keep_alive(lambda _l, _b: b"")) as (base, _):
+            pass  # closed: its port now refuses
+        c = client(base)
+        await c.start()
+        with pytest.raises(UpstreamConnectError):
+            await c.post("/x", b"{}", c.static_headers, AttemptWire())
+        assert c.pool_counts() == {"idle": 0, "active": 0}
+        # a listener whose accept queue is full drops new SYNs: the connect timeout applies
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(4)]
+        for f in fillers:
+            f.setblocking(False)
+            try:
+                f.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+        try:
+            c2 = client(f"http://127.0.0.1:{port}/v1")
+            await c2.start()
+            with pytest.raises(UpstreamConnectTimeout, match="connect_ms"):
+                await c2.post("/x", b"{}", c2.static_headers, AttemptWire())
+            assert c2.pool_counts() == {"idle": 0, "active": 0}
+        finally:
+            for f in [*fillers, listener]:
+                f.close()
+
+    run(scenario)
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_tls_upstreams_are_verified(tls_files: tuple[Path, Path]) -> None:
+    cert, key = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+
+    async def scenario() -> None:
+        ok = keep_alive(lambda _line, body: b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        async with raw_server(ok, tls=server_ctx) as (base, _):
+            untrusted = client(base)
+            await untrusted.start()
+            with pytest.raises(UpstreamConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await untrusted.post("/x", b"{}", untrusted.static_headers, AttemptWire())
+            trusted = client(base)
+            await trusted.start()
+            assert trusted._ssl is not None
+            trusted._ssl.load_verify_locations(cert)  # as a private CA in the system store would be
+            for _ in range(2):
+                resp = await trusted.post("/x", b"hello", trusted.static_headers, AttemptWire())
+                assert await resp.read() == b"hello"
+                resp.release()
+            assert trusted.connections_opened == 1
+            await trusted.close()
+
+    run(scenario)
