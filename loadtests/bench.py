@@ -15,7 +15,7 @@ divided by every response of the run).
 
     make bench                                         # llmgw, floor, direct
     .venv/bin/python loadtests/bench.py --with-litellm --out loadtests/results/today.md
-    .venv/bin/python loadtests/bench.py --upstream-clients aiohttp,httpx,httpx2,httpx-aiohttp \\
+    .venv/bin/python loadtests/bench.py --upstream-clients h1,aiohttp,httpx,httpx2,httpx-aiohttp \\
         --concurrency 1,16 --targets direct,floor,llmgw
 
 Exit codes: 0 done, 1 a process failed, 2 set-up problem (no bench dir, missing tools).
@@ -46,7 +46,7 @@ from fleet import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 NETNS_ENV = "LLMGW_BENCH_IN_NETNS"
-CLIENT_KINDS = ("aiohttp", "httpx", "httpx2", "httpx-aiohttp")
+CLIENT_KINDS = ("h1", "aiohttp", "httpx", "httpx2", "httpx-aiohttp")
 # paths of this machine stay out of the raw results, which may be committed
 MACHINE_ARGS = frozenset({"bench_dir", "bench_python", "gateway_python", "lock", "out"})
 
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--targets", default="direct,floor,llmgw,litellm",
                     help="subset and order; litellm only with --with-litellm")
     ap.add_argument("--with-litellm", action="store_true", help="also run LiteLLM's proxy (peers/litellm/start.sh)")
-    ap.add_argument("--upstream-clients", default="aiohttp",
+    ap.add_argument("--upstream-clients", default="h1",
                     help=f"one gateway target per LLMGW_UPSTREAM_CLIENT value ({', '.join(CLIENT_KINDS)})")
     ap.add_argument("--llmgw-workers", default="1",
                     help="one gateway target per value of `serve --workers` (e.g. 1,2; use --pin off for > 1)")
@@ -455,8 +455,9 @@ def main(argv: list[str] | None = None) -> int:
         mock_base = mock_root + "/v1"
         targets: list[Target] = []
         versions = {"llm-gateway": pip_version(a.gateway_python, "llm-gateway"),
-                    "aiohttp": pip_version(a.gateway_python, "aiohttp"),
-                    "uvicorn": pip_version(a.gateway_python, "uvicorn")}
+                    "upstream client": ", ".join(a.clients),
+                    "uvicorn": pip_version(a.gateway_python, "uvicorn"),
+                    "httptools": pip_version(a.gateway_python, "httptools")}
         for name in wanted:
             if name == DIRECT:
                 targets.append(Target(DIRECT, mock_base, "mock-model"))
@@ -473,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                     for workers in a.workers:
                         targets.append(start_gateway(a, gateway_name(client, workers, a), client, workers,
                                                      mock_base, tmp, cpu_proxy, services))
-                    if client != "aiohttp":
+                    if client != "h1":
                         versions[client] = pip_version(a.gateway_python, client)
                 if a.otel:
                     sink = start_otlp_sink(a, tmp, cpu_load, services)

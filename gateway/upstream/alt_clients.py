@@ -1,9 +1,9 @@
 """Interchangeable upstream HTTP clients, chosen once at start-up by ``LLMGW_UPSTREAM_CLIENT``.
 
-``aiohttp`` (the default, ``gateway/upstream/client.py``) is what the gateway ships with. The others
-exist so the choice stays measurable inside the real gateway (docs/benchmarks.md, "Choosing the
-upstream client"): ``httpx``, ``httpx2`` and ``httpx-aiohttp`` (httpx's API over an aiohttp
-transport). They are drop-in: same attributes and methods as ``UpstreamClient``, a response that
+``h1`` (the default, ``gateway/upstream/h1.py``) is what the gateway ships with. The others exist so
+the choice stays measurable inside the real gateway (docs/benchmarks.md, "Choosing the upstream
+client"): ``aiohttp`` (``client.py``), ``httpx``, ``httpx2`` and ``httpx-aiohttp`` (httpx's API over
+an aiohttp transport). They are drop-in: same attributes and methods as ``UpstreamClient``, a response that
 reads like aiohttp's (``status``, ``headers``, ``content.readany()``, ``read()``, ``release()``,
 ``close()``), and transport failures raised as ``ConnectionError`` subclasses, which the engine
 already classifies (refused/timed-out connect -> connect failure, anything later -> reset).

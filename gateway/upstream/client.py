@@ -1,8 +1,9 @@
-"""The one place that does upstream HTTP: a pooled, kept-alive client per deployment.
+"""What every upstream client shares (``AttemptWire``, ``static_headers``), and aiohttp's client.
 
-Built on aiohttp's client (chosen by measurement, see docs/benchmarks.md). Connection set-up and
-reuse are observed per request by the connector, so the access log can say whether a request paid
-for a cold connection (``upstream_connect_ms``) or waited for a pooled one (``pool_wait_ms``).
+The default client is ``h1.py``; this aiohttp one stays selectable (``LLMGW_UPSTREAM_CLIENT=aiohttp``)
+as the reference it is measured against (docs/benchmarks.md). Connection set-up and reuse are
+observed per request by the connector, so the access log can say whether a request paid for a cold
+connection (``upstream_connect_ms``) or waited for a pooled one (``pool_wait_ms``).
 """
 
 from __future__ import annotations

@@ -197,6 +197,9 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.response is None:  # bytes on an idle connection (a 408 before a close, say): not reusable
+            self.close()
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -376,7 +379,7 @@ class H1UpstreamClient:
             idle = self._idle
             while idle:
                 conn = idle.pop()
-                if conn.closed or t0 - conn.idle_since > self._expiry_s:
+                if conn.closed or t0 - conn.idle_since > self._expiry_s or conn.transport.is_closing():
                     conn.close()
                     continue
                 self._busy.add(conn)

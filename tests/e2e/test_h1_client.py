@@ -351,3 +351,28 @@ def test_tls_upstreams_are_verified(tls_files: tuple[Path, Path]) -> None:
             await trusted.close()
 
     run(scenario)
+
+
+def test_bytes_on_an_idle_connection_retire_it() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        await asyncio.sleep(0.05)  # then, unasked, what some load balancers send before they hang up
+        writer.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+        await reader.read()  # ... but this one keeps the connection open
+
+    async def scenario() -> None:
+        async with raw_server(handler) as (base, conns):
+            c = client(base)
+            await c.start()
+            for pause in (0.0, 0.15):
+                await asyncio.sleep(pause)
+                resp = await c.post("/x", b"{}", c.static_headers, AttemptWire())
+                assert resp.status == 200
+                await resp.read()
+                resp.release()
+            assert len(conns) == 2
+            await c.close()
+
+    run(scenario)

@@ -48,6 +48,10 @@ def test_model_defaults_and_deployment_inheritance():
     (lambda r: r["models"][0]["deployments"].append({"id": "d", "base_url": "http://h:1"}), "deployment id 'd' is used twice"),
     (lambda r: r["models"][0].update(timeouts={"ttft_ms": -1}), "models[0].timeouts.ttft_ms"),
     (lambda r: r.update(servr={}), "servr: unknown key"),
+    (lambda r: r["models"][0]["deployments"][0].update(headers={"x-team": "a\r\nx-admin: 1"}),
+     "models[0].deployments[0].headers: the value of 'x-team' holds a line break"),
+    (lambda r: r["models"][0]["deployments"][0].update(headers={"bad name": "v"}), "'bad name' is not a valid HTTP header"),
+    (lambda r: r["models"][0]["deployments"][0].update(api_key="sk-1\n"), "deployments[0].api_key: holds a line break"),
 ])
 def test_errors_name_the_key(mutate, message):
     raw = _cfg()
