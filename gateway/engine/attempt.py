@@ -19,6 +19,7 @@ from gateway.policy.retry import FailureKind, parse_retry_after
 from gateway.telemetry.timing import now
 from gateway.upstream.client import AttemptWire
 from gateway.upstream.errors import UpstreamConnectTimeout
+from gateway.upstream.h1 import H1Response
 
 MAX_ERROR_BODY = 64 * 1024
 
@@ -55,7 +56,7 @@ class Attempt:
         self.failure: FailureKind | None = None
         self.timeout_flag: str | None = None
         self.retry_after_s: float | None = None
-        self.resp: aiohttp.ClientResponse | None = None
+        self.resp: H1Response | aiohttp.ClientResponse | None = None  # the selected client's response
         self.chunks: list[bytes] = []  # stream bytes read before commit
         self.body: bytes = b""  # non-stream body, or an upstream error body
         self.error_detail = ""
@@ -141,7 +142,7 @@ class Attempt:
         self.error_detail = detail
         self.t_end = now()
 
-    async def _read_error(self, resp: aiohttp.ClientResponse, wall_now: float) -> None:
+    async def _read_error(self, resp: H1Response | aiohttp.ClientResponse, wall_now: float) -> None:
         self.status = resp.status
         self.body = await resp.content.read(MAX_ERROR_BODY)
         self.resp_headers = _forwardable(resp.headers)

@@ -22,7 +22,9 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -164,6 +166,8 @@ class Metrics:
         self._loop = LoopCollector()
         if reg is not None:
             reg.register(self._loop)
+            GCCollector(registry=reg)  # python_gc_*: collections per generation, to tell GC pauses apart
+            ProcessCollector(registry=reg)  # process_*: CPU seconds, resident memory, open fds
 
         self.requests = self._counter("llmgw_requests_total", "Client requests by outcome.",
                                 ["model", "deployment", "region", "code", "flags"])
@@ -205,6 +209,8 @@ class Metrics:
         self.state_up = self._gauge("llmgw_state_backend_up", "1 while the shared state backend answers.", mode="max")
         self.route_decisions = self._counter("llmgw_route_decisions_total", "Routing decisions by reason.",
                                        ["model", "deployment", "reason"])
+        self.gc_frozen = self._gauge("llmgw_gc_frozen_objects", "Start-up objects kept out of the cyclic GC.",
+                                     mode="max")
         self.latency_estimate = self._gauge("llmgw_deployment_latency_estimate_seconds",
                                       "Routing's live TTFT/latency estimate per deployment.", ["deployment"], mode="max")
         self._children: dict[tuple, Any] = {}
