@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -197,6 +198,7 @@ class DeploymentConfig(_Strict):
     weight: float = Field(1.0, gt=0)
     priority: int = Field(0, ge=0)
     max_concurrency: int = Field(0, ge=0)  # 0 = unlimited
+    ca_file: str | None = None  # PEM bundle trusted for this https:// upstream, besides the system store
     timeouts: TimeoutsConfig = TimeoutsConfig()
     pool: PoolConfig = PoolConfig()
 
@@ -209,6 +211,17 @@ class DeploymentConfig(_Strict):
         if parts.username or parts.password:  # it would show in logs, spans and admin views
             raise ValueError("credentials in the URL; put the key in api_key (or an authorization header)")
         return v.rstrip("/")
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=v)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load CA certificates from {v!r}: {exc}") from None
+        return v
 
     @field_validator("headers")
     @classmethod

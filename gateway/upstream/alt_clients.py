@@ -26,7 +26,7 @@ import aiohttp
 
 from gateway.config import DeploymentConfig
 from gateway.telemetry.timing import now
-from gateway.upstream.client import AttemptWire, UpstreamClient
+from gateway.upstream.client import AttemptWire, UpstreamClient, tls_context
 from gateway.upstream.errors import UpstreamConnectError, UpstreamResetError
 from gateway.upstream.h1 import H1UpstreamClient
 
@@ -237,13 +237,14 @@ class HttpxUpstreamClient:
 
             self._connector = _CountingConnector(limit=pool.max_connections, limit_per_host=0,
                                                  keepalive_timeout=pool.keepalive_expiry_s, ttl_dns_cache=300,
-                                                 family=socket.AF_UNSPEC)
+                                                 family=socket.AF_UNSPEC, ssl=tls_context(self.deployment) or True)
             session = aiohttp.ClientSession(connector=self._connector, auto_decompress=False,
                                             cookie_jar=aiohttp.DummyCookieJar(),
                                             skip_auto_headers=("User-Agent", "Accept-Encoding"))
             transport: Any = AiohttpTransport(client=session, limits=limits, trust_env=False)
         else:
-            transport = lib.AsyncHTTPTransport(limits=limits, trust_env=False)
+            transport = lib.AsyncHTTPTransport(limits=limits, trust_env=False,
+                                               verify=tls_context(self.deployment) or True)
             pool_impl = transport._pool  # httpcore's pool: wrap its network backend to see connects
             self._backend = _CountingBackend(pool_impl._network_backend)
             pool_impl._network_backend = self._backend

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import socket
+import ssl
 from typing import Any
 
 import aiohttp
@@ -93,6 +94,17 @@ def static_headers(dep: DeploymentConfig) -> dict[str, str]:
     return headers
 
 
+def tls_context(dep: DeploymentConfig) -> ssl.SSLContext | None:
+    """Verification for an https:// deployment: the system CA store, plus ``ca_file`` when set."""
+    if not dep.base_url.startswith("https://"):
+        return None
+    ctx = ssl.create_default_context()
+    if dep.ca_file:
+        ctx.load_verify_locations(cafile=dep.ca_file)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
 class UpstreamClient:
     """Pooled HTTP client for one deployment; auth and static headers pre-built once."""
 
@@ -112,6 +124,7 @@ class UpstreamClient:
             keepalive_timeout=pool.keepalive_expiry_s,
             ttl_dns_cache=300,
             family=socket.AF_UNSPEC,
+            ssl=tls_context(self.deployment) or True,
         )
         self._session = aiohttp.ClientSession(
             connector=self._connector,

@@ -25,7 +25,7 @@ import httptools
 
 from gateway.config import DeploymentConfig
 from gateway.telemetry.timing import now
-from gateway.upstream.client import AttemptWire, static_headers
+from gateway.upstream.client import AttemptWire, static_headers, tls_context
 from gateway.upstream.errors import UpstreamConnectError, UpstreamConnectTimeout, UpstreamResetError
 
 # A response body buffered past this (a client slower than its provider) pauses reading from the
@@ -335,9 +335,7 @@ class H1UpstreamClient:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        if self._tls:
-            self._ssl = ssl.create_default_context()
-            self._ssl.set_alpn_protocols(["http/1.1"])
+        self._ssl = tls_context(self.deployment)
 
     async def close(self) -> None:
         for conn in [*self._idle, *self._busy]:

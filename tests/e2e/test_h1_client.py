@@ -15,9 +15,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from gateway.config import DeploymentConfig
+from gateway.config import ConfigError, DeploymentConfig, parse_config
+from gateway.upstream.alt_clients import ClientKind, client_of_kind
 from gateway.upstream.client import AttemptWire
 from gateway.upstream.errors import UpstreamConnectError, UpstreamConnectTimeout, UpstreamResetError
 from gateway.upstream.h1 import HIGH_WATER, H1UpstreamClient
@@ -55,11 +57,14 @@ async def raw_server(handler: Handler, tls: ssl.SSLContext | None = None) -> Asy
         server.close()
 
 
-def keep_alive(respond: Callable[[bytes, bytes], bytes]) -> Handler:
-    """A handler answering every request on the connection with ``respond(request_line, body)``."""
+def keep_alive(respond: Callable[[bytes, bytes], bytes], gate: asyncio.Event | None = None) -> Handler:
+    """A handler answering every request on the connection with ``respond(request_line, body)``,
+    each answer held back until ``gate`` is set when there is one."""
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             line, _headers, body = await read_request(reader)
+            if gate is not None:
+                await gate.wait()
             writer.write(respond(line, body))
             await writer.drain()
     return handler
@@ -68,6 +73,14 @@ def keep_alive(respond: Callable[[bytes, bytes], bytes]) -> Handler:
 def client(base: str, **pool: float) -> H1UpstreamClient:
     return H1UpstreamClient(DeploymentConfig(id="p", base_url=base, api_key="sk-test", pool=pool,
                                              timeouts={"connect_ms": 300}))
+
+
+async def fetch(c: H1UpstreamClient, wire: AttemptWire | None = None) -> tuple[int, bytes]:
+    """One POST read to its end and released, as the engine does."""
+    resp = await c.post("/x", b"{}", c.static_headers, wire or AttemptWire())
+    data = await resp.read()
+    resp.release()
+    return resp.status, data
 
 
 def run(test: Callable[[], Awaitable[None]]) -> None:
@@ -164,26 +177,25 @@ def test_a_slow_reader_pauses_the_provider_instead_of_buffering_the_stream() -> 
     run(scenario)
 
 
-def test_the_pool_limit_queues_callers_and_hands_connections_on() -> None:
+@asynccontextmanager
+async def one_connection_pool(answer: bytes) -> AsyncIterator[tuple[H1UpstreamClient, asyncio.Event, list[int]]]:
+    """A client allowed one connection, to a provider whose answers wait until the yielded gate is set."""
     gate = asyncio.Event()
+    async with raw_server(keep_alive(lambda _line, _body: answer, gate)) as (base, conns):
+        c = client(base, max_connections=1, min_connections=0)
+        await c.start()
+        try:
+            yield c, gate, conns
+        finally:
+            await c.close()
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await read_request(reader)
-            await gate.wait()
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-            await writer.drain()
 
+def test_the_pool_limit_queues_callers_and_hands_connections_on() -> None:
     async def scenario() -> None:
-        async with raw_server(handler) as (base, conns):
-            c = client(base, max_connections=1, min_connections=0)
-            await c.start()
-
+        async with one_connection_pool(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok") as (c, gate, conns):
             async def call() -> AttemptWire:
                 wire = AttemptWire()
-                resp = await c.post("/x", b"{}", c.static_headers, wire)
-                assert await resp.read() == b"ok"
-                resp.release()
+                assert await fetch(c, wire) == (200, b"ok")
                 return wire
 
             tasks = [asyncio.create_task(call()) for _ in range(3)]
@@ -195,69 +207,44 @@ def test_the_pool_limit_queues_callers_and_hands_connections_on() -> None:
             waited = sorted(w.pool_wait_ms for w in wires)
             assert waited[0] < 5.0 and waited[-1] >= 50.0  # the last caller queued behind two responses
             assert [w.reused for w in wires].count(False) == 1
-            await c.close()
 
     run(scenario)
 
 
 def test_a_cancelled_caller_does_not_lose_the_pool_slot() -> None:
     async def scenario() -> None:
-        release = asyncio.Event()
-
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            while True:
-                await read_request(reader)
-                await release.wait()
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                await writer.drain()
-
-        async with raw_server(handler) as (base, _):
-            c = client(base, max_connections=1, min_connections=0)
-            await c.start()
+        async with one_connection_pool(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n") as (c, gate, _):
             first = asyncio.create_task(c.post("/x", b"{}", c.static_headers, AttemptWire()))
             queued = asyncio.create_task(c.post("/x", b"{}", c.static_headers, AttemptWire()))
             await asyncio.sleep(0.05)
             first.cancel()  # closes its connection: the slot goes to the queued caller
-            release.set()
+            gate.set()
             resp = await asyncio.wait_for(queued, 2)
             assert resp.status == 200
             resp.release()
             assert c.pool_counts() == {"idle": 1, "active": 0}
-            await c.close()
 
     run(scenario)
 
 
-def test_idle_connections_past_keepalive_expiry_are_replaced() -> None:
+@pytest.mark.parametrize(("answer", "pool", "pauses", "idle_after"), [
+    # expired: the first two calls share a connection, the third (after 0.1 s idle) opens a new one
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", {"keepalive_expiry_s": 0.05}, (0.0, 0.0, 0.1), 1),
+    # the provider said it closes: each call opens its own
+    (b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n", {}, (0.0, 0.0), 0),
+], ids=["keepalive-expiry", "connection-close"])
+def test_a_connection_is_not_reused_past_expiry_or_after_connection_close(
+        answer: bytes, pool: dict[str, float], pauses: tuple[float, ...], idle_after: int) -> None:
     async def scenario() -> None:
-        ok = keep_alive(lambda _line, _body: b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-        async with raw_server(ok) as (base, conns):
-            c = client(base, keepalive_expiry_s=0.05)
+        async with raw_server(keep_alive(lambda _line, _body: answer)) as (base, conns):
+            c = client(base, **pool)
             await c.start()
-            for pause in (0.0, 0.0, 0.1):
+            for pause in pauses:
                 await asyncio.sleep(pause)
-                wire = AttemptWire()
-                resp = await c.post("/x", b"{}", c.static_headers, wire)
-                await resp.read()
-                resp.release()
+                assert (await fetch(c))[0] == 200
+            await asyncio.sleep(0.05)
             assert len(conns) == 2 and c.connections_opened == 2
-            assert c.pool_counts() == {"idle": 1, "active": 0}
-            await c.close()
-
-    run(scenario)
-
-
-def test_connection_close_from_the_provider_is_not_reused() -> None:
-    async def scenario() -> None:
-        bye = keep_alive(lambda _line, _body: b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
-        async with raw_server(bye) as (base, conns):
-            c = client(base)
-            await c.start()
-            for _ in range(2):
-                resp = await c.post("/x", b"{}", c.static_headers, AttemptWire())
-                await resp.read()
-                resp.release()
-            assert len(conns) == 2 and c.pool_counts()["idle"] == 0
+            assert c.pool_counts() == {"idle": idle_after, "active": 0}
             await c.close()
 
     run(scenario)
@@ -327,30 +314,40 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
-def test_tls_upstreams_are_verified(tls_files: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize("kind", list(ClientKind), ids=[k.value for k in ClientKind])
+def test_tls_upstreams_are_verified_with_the_deployments_ca_file(tls_files: tuple[Path, Path], kind: ClientKind) -> None:
     cert, key = tls_files
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
 
     async def scenario() -> None:
         ok = keep_alive(lambda _line, body: b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
-        async with raw_server(ok, tls=server_ctx) as (base, _):
-            untrusted = client(base)
+        async with raw_server(ok, tls=server_ctx) as (base, conns):
+            untrusted = client_of_kind(kind, DeploymentConfig(id="u", base_url=base))
             await untrusted.start()
-            with pytest.raises(UpstreamConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            with pytest.raises((aiohttp.ClientConnectorError, ConnectionRefusedError), match="CERTIFICATE_VERIFY_FAILED"):
                 await untrusted.post("/x", b"{}", untrusted.static_headers, AttemptWire())
-            trusted = client(base)
+            await untrusted.close()
+            trusted = client_of_kind(kind, DeploymentConfig(id="t", base_url=base, ca_file=str(cert)))
             await trusted.start()
-            assert trusted._ssl is not None
-            trusted._ssl.load_verify_locations(cert)  # as a private CA in the system store would be
+            opened_before = len(conns)
             for _ in range(2):
                 resp = await trusted.post("/x", b"hello", trusted.static_headers, AttemptWire())
                 assert await resp.read() == b"hello"
                 resp.release()
-            assert trusted.connections_opened == 1
+            await asyncio.sleep(0.05)
+            assert len(conns) - opened_before == 1 and trusted.connections_opened == 1
             await trusted.close()
 
     run(scenario)
+
+
+def test_a_ca_file_that_does_not_load_fails_at_start_up(tmp_path: Path) -> None:
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate")
+    with pytest.raises(ConfigError, match=r"models\[0\]\.deployments\[0\]\.ca_file: cannot load CA certificates"):
+        parse_config({"models": [{"name": "m", "deployments": [
+            {"id": "d", "base_url": "https://h/v1", "ca_file": str(bad)}]}]}, env={})
 
 
 def test_bytes_on_an_idle_connection_retire_it() -> None:
@@ -368,10 +365,7 @@ def test_bytes_on_an_idle_connection_retire_it() -> None:
             await c.start()
             for pause in (0.0, 0.15):
                 await asyncio.sleep(pause)
-                resp = await c.post("/x", b"{}", c.static_headers, AttemptWire())
-                assert resp.status == 200
-                await resp.read()
-                resp.release()
+                assert (await fetch(c))[0] == 200
             assert len(conns) == 2
             await c.close()
 
