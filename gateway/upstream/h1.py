@@ -400,6 +400,8 @@ class H1UpstreamClient:
                     else:
                         self._hand_on(handed)
                 raise
+            if conn is not None and (conn.closed or conn.transport.is_closing()):
+                conn = None  # it died on the way over: not counted in the pool any more, so open one
             if conn is not None:  # handed over directly by a release
                 self._busy.add(conn)
                 if wire is not None:

@@ -227,6 +227,24 @@ def test_a_cancelled_caller_does_not_lose_the_pool_slot() -> None:
     run(scenario)
 
 
+def test_a_connection_lost_on_its_way_to_a_queued_caller_is_replaced() -> None:
+    async def scenario() -> None:
+        async with one_connection_pool(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok") as (c, gate, conns):
+            gate.set()
+            resp = await c.post("/x", b"{}", c.static_headers, AttemptWire())
+            await resp.read()
+            queued = asyncio.create_task(fetch(c))
+            await asyncio.sleep(0.02)
+            conn = resp._conn
+            assert conn is not None and conn.transport is not None
+            resp.release()  # handed straight to the queued caller ...
+            conn.transport.abort()  # ... and lost before that caller runs
+            assert await asyncio.wait_for(queued, 2) == (200, b"ok")
+            assert len(conns) == 2
+
+    run(scenario)
+
+
 @pytest.mark.parametrize(("answer", "pool", "pauses", "idle_after"), [
     # expired: the first two calls share a connection, the third (after 0.1 s idle) opens a new one
     (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", {"keepalive_expiry_s": 0.05}, (0.0, 0.0, 0.1), 1),
