@@ -165,15 +165,16 @@ class H1Response:
 
     def release(self) -> None:
         """Done with the response: a connection whose response was read to the end goes back to the pool."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.release(reusable=self.content.at_eof)
+        self._let_go(self.content.at_eof)
 
     def close(self) -> None:
         """Abort: close the connection now, so the provider sees the client leave and stops generating."""
+        self._let_go(False)
+
+    def _let_go(self, reusable: bool) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.release(reusable=False)
+            conn.release(reusable)
 
 
 class _Connection(asyncio.Protocol):
@@ -318,7 +319,6 @@ class H1UpstreamClient:
         self.host = url.netloc
         self._hostname = url.hostname or ""
         self._port = url.port or (443 if url.scheme == "https" else 80)
-        self._tls = url.scheme == "https"
         self._prefix = url.path.rstrip("/")
         self._host_line = f"host: {url.netloc}\r\n"
         self.static_headers = static_headers(dep)
@@ -394,11 +394,7 @@ class H1UpstreamClient:
                 conn = await waiter
             except BaseException:
                 if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                    handed = waiter.result()  # handed a connection (or a slot) as we were cancelled: pass it on
-                    if handed is None:
-                        self._wake_one(None)
-                    else:
-                        self._hand_on(handed)
+                    self._hand_on(waiter.result())  # handed a connection (or a slot) as we were cancelled
                 raise
             if conn is not None and (conn.closed or conn.transport.is_closing()):
                 conn = None  # it died on the way over: not counted in the pool any more, so open one
@@ -421,7 +417,7 @@ class H1UpstreamClient:
         try:
             async with asyncio.timeout(self._connect_s):
                 await self.loop.create_connection(lambda: conn, self._hostname, self._port, ssl=self._ssl,
-                                                  server_hostname=self._hostname if self._tls else None)
+                                                  server_hostname=self._hostname if self._ssl else None)
         except TimeoutError:
             raise UpstreamConnectTimeout(f"connect to {self.host} timed out after "
                                          f"{self._connect_s * 1000:.0f} ms (timeouts.connect_ms)") from None
@@ -432,7 +428,7 @@ class H1UpstreamClient:
             if not conn.closed and conn.transport is None:
                 conn.closed = True
             if conn.closed:
-                self._wake_one(None)
+                self._hand_on(None)
         self.opened += 1
         if wire is not None:
             wire.connect_end = now()
@@ -444,32 +440,26 @@ class H1UpstreamClient:
         self._busy.discard(conn)
         self._hand_on(conn)
 
-    def _hand_on(self, conn: _Connection) -> None:
+    def _hand_on(self, conn: _Connection | None) -> None:
+        """To the first caller still queued: a connection, or (None) a free slot to open one in. With
+        nobody queued, a connection goes to the idle pool and a slot simply stays free."""
         queue = self._queue
         while queue:
             w = queue.popleft()
             if not w.done():
                 w.set_result(conn)
                 return
-        conn.idle_since = now()
-        self._idle.append(conn)
+        if conn is not None:
+            conn.idle_since = now()
+            self._idle.append(conn)
 
     def discard(self, conn: _Connection) -> None:
         """A connection closed (by either side): it leaves the pool and frees a slot for a queued caller."""
         if conn in self._busy:
             self._busy.discard(conn)
-            self._wake_one(None)
+            self._hand_on(None)
         elif conn in self._idle:
             self._idle.remove(conn)
-
-    def _wake_one(self, value: None) -> None:
-        """A slot freed up: the first queued caller opens a connection of its own."""
-        queue = self._queue
-        while queue:
-            w = queue.popleft()
-            if not w.done():
-                w.set_result(value)
-                return
 
     # ------------------------------------------------------------ pool facts
 
