@@ -173,6 +173,14 @@ class PoolConfig(_Strict):
         return self
 
 
+class ResponseLimitsConfig(_Strict):
+    """What a provider's answer may cost the gateway before it is refused as malformed (502, flag UPE)."""
+
+    max_head_bytes: int = Field(64 * 1024, ge=1024)  # status line and headers, 1xx heads included
+    max_headers: int = Field(100, ge=8)  # header lines in one response head
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # a non-stream body (streams are relayed, not held)
+
+
 class WarmupConfig(_Strict):
     schemas: list[dict[str, Any] | str] = []
     timeout_ms: float = Field(60000.0, gt=0)
@@ -201,6 +209,7 @@ class DeploymentConfig(_Strict):
     ca_file: str | None = None  # PEM bundle trusted for this https:// upstream, besides the system store
     timeouts: TimeoutsConfig = TimeoutsConfig()
     pool: PoolConfig = PoolConfig()
+    response_limits: ResponseLimitsConfig = ResponseLimitsConfig()
 
     @field_validator("base_url")
     @classmethod
@@ -251,6 +260,7 @@ class ModelConfig(_Strict):
     routing: RoutingConfig = RoutingConfig()
     outlier: OutlierConfig = OutlierConfig()
     pool: PoolConfig = PoolConfig()
+    response_limits: ResponseLimitsConfig = ResponseLimitsConfig()
     warmup: WarmupConfig = WarmupConfig()
     fallbacks: list[str] = []
     fallback_on: list[str | int] = ["5xx", "429", "timeout", "overload", "unhealthy"]
@@ -335,8 +345,9 @@ def expand_env(value: Any, path: str = "", env: dict[str, str] | None = None) ->
     return value
 
 
-_INHERITED_MODEL_KEYS = ("timeouts", "retry", "hedging", "routing", "outlier", "pool", "warmup", "fallback_on", "degrade")
-_INHERITED_DEPLOYMENT_KEYS = ("timeouts", "pool")
+_INHERITED_MODEL_KEYS = ("timeouts", "retry", "hedging", "routing", "outlier", "pool", "warmup", "fallback_on", "degrade",
+                         "response_limits")
+_INHERITED_DEPLOYMENT_KEYS = ("timeouts", "pool", "response_limits")
 
 
 def _merge(base: Any, over: Any) -> Any:

@@ -59,5 +59,10 @@ def upstream_unreachable(detail: str, flag: str = "UF") -> GatewayError:
                         None, flag=flag)
 
 
+def upstream_protocol_error(detail: str) -> GatewayError:
+    return GatewayError(502, f"The upstream sent an invalid response: {detail}", "server_error",
+                        "upstream_protocol_error", None, flag="UPE")
+
+
 def deadline_exceeded(message: str, flag: str) -> GatewayError:
     return GatewayError(504, message, "timeout_error", "timeout", None, flag=flag)

@@ -173,7 +173,7 @@ class Attempt:
 
 
 _FORWARD_PREFIXES = ("x-ratelimit-", "openai-", "anthropic-", "x-ms-")
-_FORWARD_NAMES = frozenset({"content-type", "retry-after"})
+_FORWARD_NAMES = frozenset({"content-type", "retry-after", "content-encoding"})  # the body is relayed as is
 
 
 def _forwardable(headers: aiohttp.typedefs.LooseHeaders) -> dict[str, str]:

@@ -571,6 +571,8 @@ class Exchange:
         if f.failure is FailureKind.CONNECT:
             self.timeout_flag = f.timeout_flag  # "connect" when connect_ms ran out, else None (refused, DNS)
             return errors.upstream_unreachable(f"deployment '{f.dep.id}': {f.error_detail}", "UF")
+        if f.error_detail.startswith("UpstreamProtocolError"):  # see attempt._describe
+            return errors.upstream_protocol_error(f"deployment '{f.dep.id}': {f.error_detail}")
         return errors.upstream_unreachable(f"deployment '{f.dep.id}' reset the connection: {f.error_detail}", "UC")
 
     def _deadline_ms(self) -> float:

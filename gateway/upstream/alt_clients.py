@@ -24,10 +24,11 @@ from typing import Any
 
 import aiohttp
 
-from gateway.config import DeploymentConfig
+from gateway.config import DeploymentConfig, ResponseLimitsConfig
 from gateway.telemetry.timing import now
 from gateway.upstream.client import AttemptWire, UpstreamClient, tls_context
-from gateway.upstream.errors import UpstreamConnectError, UpstreamResetError
+from gateway.upstream.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamResetError
+from gateway.upstream.framing import body_fault, head_fault
 from gateway.upstream.h1 import H1UpstreamClient
 
 CLIENT_ENV = "LLMGW_UPSTREAM_CLIENT"
@@ -81,25 +82,36 @@ def client_of_kind(kind: ClientKind, dep: DeploymentConfig) -> Any:
 class _Errors:
     connect: tuple[type[BaseException], ...]  # failures before the connection was open
     transport: type[BaseException]  # base class of every other transport failure
+    protocol: tuple[type[BaseException], ...] = ()  # the provider's answer broke HTTP/1.1
+    host: str = ""  # the upstream's address: kept out of messages, which reach clients
+
+
+# httpcore/h11 report a provider that hung up early as a protocol error; like h1, count it as a reset (UC).
+_CLOSED_EARLY = ("peer closed connection", "Server disconnected")
 
 
 def _translate(exc: BaseException, errors: _Errors) -> OSError:
     text = f"{type(exc).__name__}: {exc}"
+    if errors.host:
+        text = text.replace(errors.host, "the provider")
     if isinstance(exc, errors.connect):
         return UpstreamConnectError(text)
+    if isinstance(exc, errors.protocol) and not any(m in text for m in _CLOSED_EARLY):
+        return UpstreamProtocolError(text)
     return UpstreamResetError(text)
 
 
 class _Body:
     """aiohttp-style reader over an httpx response's raw byte iterator."""
 
-    __slots__ = ("_it", "_buf", "_eof", "_errors")
+    __slots__ = ("_it", "_buf", "_eof", "_errors", "_limits")
 
-    def __init__(self, response: Any, errors: _Errors) -> None:
+    def __init__(self, response: Any, errors: _Errors, limits: ResponseLimitsConfig) -> None:
         self._it = response.aiter_raw().__aiter__()
         self._buf = b""
         self._eof = False
         self._errors = errors
+        self._limits = limits
 
     async def _next(self) -> bytes:
         try:
@@ -129,6 +141,8 @@ class _Body:
             chunk = await self._next()
             parts.append(chunk)
             have += len(chunk)
+            if n < 0 and (fault := body_fault(have, self._limits)) is not None:
+                raise UpstreamProtocolError(fault)
         data = b"".join(parts)
         if 0 <= n < len(data):
             data, self._buf = data[:n], data[n:]
@@ -145,7 +159,7 @@ class AltResponse:
         self._client = client
         self.status: int = response.status_code
         self.headers = response.headers  # case-insensitive .get() and .items() with lower-case names
-        self.content = _Body(response, client.errors)
+        self.content = _Body(response, client.errors, client.deployment.response_limits)
 
     async def read(self) -> bytes:
         return await self.content.read()
@@ -201,6 +215,26 @@ class _CountingConnector(aiohttp.TCPConnector):
         return proto
 
 
+class _NoReuseAfterStrayBytes:
+    """An httpcore connection that counts as expired when idle with bytes left over from the last response.
+
+    h11 keeps whatever followed a response in the same read (an unsolicited second response) as the
+    start of the next one; httpcore would hand it to the next request on that connection. The pool
+    closes an expired connection instead of reusing it."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def has_expired(self) -> bool:
+        if self._inner.has_expired():
+            return True
+        h11_conn = getattr(self._inner._connection, "_h11_state", None)  # None until connected, or HTTP/2
+        return h11_conn is not None and self._inner.is_idle() and bool(h11_conn.trailing_data[0])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 # ------------------------------------------------------------------ the client
 
 
@@ -227,7 +261,8 @@ class HttpxUpstreamClient:
         else:
             import httpx as lib
         self._lib = lib
-        self.errors = _Errors((lib.ConnectError, lib.ConnectTimeout, lib.PoolTimeout), lib.TransportError)
+        self.errors = _Errors((lib.ConnectError, lib.ConnectTimeout, lib.PoolTimeout), lib.TransportError,
+                              (lib.RemoteProtocolError,), self.host)
         pool = self.deployment.pool
         limits = lib.Limits(max_connections=pool.max_connections, max_keepalive_connections=pool.max_connections,
                             keepalive_expiry=pool.keepalive_expiry_s)
@@ -248,6 +283,8 @@ class HttpxUpstreamClient:
             pool_impl = transport._pool  # httpcore's pool: wrap its network backend to see connects
             self._backend = _CountingBackend(pool_impl._network_backend)
             pool_impl._network_backend = self._backend
+            make_connection = pool_impl.create_connection
+            pool_impl.create_connection = lambda origin: _NoReuseAfterStrayBytes(make_connection(origin))
         self._client = lib.AsyncClient(transport=transport, timeout=timeout, trust_env=False,
                                        follow_redirects=False)
 
@@ -275,6 +312,10 @@ class HttpxUpstreamClient:
             raise _translate(exc, self.errors) from exc
         finally:
             _WIRE.reset(token)
+        fault = head_fault(response.status_code, response.headers.raw, self.deployment.response_limits)
+        if fault is not None:
+            await response.aclose()
+            raise UpstreamProtocolError(fault)
         return AltResponse(response, self)
 
     async def get(self, path: str, timeout_s: float) -> tuple[int, bytes]:

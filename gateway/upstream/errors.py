@@ -17,3 +17,8 @@ class UpstreamConnectTimeout(UpstreamConnectError):
 
 class UpstreamResetError(ConnectionResetError):
     """The connection broke after it was open (the engine counts it as a reset)."""
+
+
+class UpstreamProtocolError(UpstreamResetError):
+    """The provider's answer broke HTTP/1.1 or a response limit (bad status, malformed or oversized head,
+    a body past ``response_limits.max_body_bytes``): the connection is closed, the engine answers 502 (UPE)."""

@@ -26,7 +26,13 @@ import httptools
 from gateway.config import DeploymentConfig
 from gateway.telemetry.timing import now
 from gateway.upstream.client import AttemptWire, static_headers, tls_context
-from gateway.upstream.errors import UpstreamConnectError, UpstreamConnectTimeout, UpstreamResetError
+from gateway.upstream.errors import (
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamProtocolError,
+    UpstreamResetError,
+)
+from gateway.upstream.framing import body_fault, count_fault, size_fault, status_fault
 
 # A response body buffered past this (a client slower than its provider) pauses reading from the
 # provider until the relay catches up: memory per stream stays bounded, TCP pushes back upstream.
@@ -105,7 +111,8 @@ class Body:
     async def read(self, n: int = -1) -> bytes:
         """Up to n bytes (the whole body when n < 0), fewer only at its end; the rest stays buffered.
 
-        Taking each chunk as it comes keeps reading unpaused however large the body is."""
+        Taking each chunk as it comes keeps reading unpaused however large the body is; a whole body
+        past ``response_limits.max_body_bytes`` is refused (UpstreamProtocolError) instead of held."""
         parts: list[bytes] = []
         have = 0
         while True:
@@ -113,6 +120,8 @@ class Body:
                 data = self._take()
                 parts.append(data)
                 have += len(data)
+                if n < 0 and (fault := body_fault(have, self._conn.pool.limits)) is not None:
+                    raise UpstreamProtocolError(fault)
             if self._eof or 0 <= n <= have:
                 break
             if self._exc is not None:
@@ -192,6 +201,8 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = True
         self.closed = False
         self.idle_since = 0.0
+        self.head_bytes = 0  # bytes fed while no final response head was complete (1xx heads included)
+        self.fault: str | None = None  # why the response in hand is malformed, set by a parser callback
 
     # ------------------------------------------------------------ asyncio.Protocol
 
@@ -199,13 +210,27 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self.response is None:  # bytes on an idle connection (a 408 before a close, say): not reusable
+        resp = self.response
+        if resp is None:  # bytes on an idle connection (a 408 before a close, say): not reusable
             self.close()
             return
+        if self.complete:  # bytes after the end of the response nobody asked for: never reuse this connection
+            self.keep_alive = False
+            return
+        head_open = resp.status == 0
+        if head_open:
+            self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._broken(UpstreamResetError(f"invalid HTTP response from {self.pool.host}: {exc}"))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if self.complete:  # a second response right after the first, in the same read: the first stands
+                self.keep_alive = False
+                return
+            self._broken(UpstreamProtocolError(self.fault or f"invalid HTTP response: {exc}"))
+            self.close()
+            return
+        if head_open and resp.status == 0 and (fault := size_fault(self.head_bytes, self.pool.limits)):
+            self._broken(UpstreamProtocolError(fault))  # an endless head is refused once it passes the limit
             self.close()
 
     def eof_received(self) -> bool | None:
@@ -214,7 +239,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         reason = f": {exc}" if exc is not None else ""
-        self._broken(UpstreamResetError(f"{self.pool.host} closed the connection{reason}"))
+        self._broken(UpstreamResetError(f"the provider closed the connection{reason}"))
         self.pool.discard(self)
 
     def _broken(self, exc: BaseException) -> None:
@@ -235,12 +260,25 @@ class _Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------ httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self.complete:  # the provider sent another response after the one asked for
+            self.keep_alive = False
+            raise UpstreamProtocolError("unsolicited response")  # stops the parser: the rest is dropped
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.raw_headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        raw = self.raw_headers
+        if len(raw) >= self.pool.limits.max_headers:
+            self.fault = count_fault(len(raw) + 1, self.pool.limits)
+            raise UpstreamProtocolError(self.fault)
+        raw.append((name.decode("latin-1").lower(), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         resp = self.response
+        if (fault := status_fault(status)) is not None or (status == 101 and (fault := "101 Switching Protocols "
+                                                                              "to a request that asked for none")):
+            self.fault = fault
+            raise UpstreamProtocolError(fault)
         if status < 200 or resp is None:  # 1xx: an interim answer; the real head follows
             self.raw_headers = []
             return
@@ -283,6 +321,7 @@ class _Connection(asyncio.Protocol):
         """Write one request; return its response once the head arrived (the body keeps arriving)."""
         self.response = resp = H1Response(self)
         self.complete = False
+        self.head_bytes = 0
         self.waiter = waiter = self.loop.create_future()
         self.transport.write(head + body if body else head)  # type: ignore[union-attr]
         try:
@@ -323,6 +362,7 @@ class H1UpstreamClient:
         self._host_line = f"host: {url.netloc}\r\n"
         self.static_headers = static_headers(dep)
         self._limit = dep.pool.max_connections
+        self.limits = dep.response_limits
         self._expiry_s = dep.pool.keepalive_expiry_s
         self._connect_s = dep.timeouts.connect_ms / 1000.0
         self._idle: list[_Connection] = []  # last in, first out: the most recently used is the warmest
@@ -345,7 +385,7 @@ class H1UpstreamClient:
         while self._queue:
             w = self._queue.popleft()
             if not w.done():
-                w.set_exception(UpstreamConnectError(f"client for {self.host} closed"))
+                w.set_exception(UpstreamConnectError("the upstream client is closed"))
 
     # ------------------------------------------------------------ requests
 
@@ -419,10 +459,10 @@ class H1UpstreamClient:
                 await self.loop.create_connection(lambda: conn, self._hostname, self._port, ssl=self._ssl,
                                                   server_hostname=self._hostname if self._ssl else None)
         except TimeoutError:
-            raise UpstreamConnectTimeout(f"connect to {self.host} timed out after "
-                                         f"{self._connect_s * 1000:.0f} ms (timeouts.connect_ms)") from None
-        except OSError as exc:
-            raise UpstreamConnectError(f"cannot connect to {self.host}: {exc}") from exc
+            raise UpstreamConnectTimeout(f"connect timed out after {self._connect_s * 1000:.0f} ms "
+                                         "(timeouts.connect_ms)") from None
+        except OSError as exc:  # the reason alone: the OS's text names the address, which stays internal
+            raise UpstreamConnectError(f"cannot connect: {exc.strerror or type(exc).__name__}") from exc
         finally:
             self._opening -= 1
             if not conn.closed and conn.transport is None:
