@@ -16,6 +16,8 @@ open or opening; a caller over the limit queues (first come, first served) and t
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import ssl
 from collections import deque
 from typing import Any
@@ -462,7 +464,7 @@ class H1UpstreamClient:
             raise UpstreamConnectTimeout(f"connect timed out after {self._connect_s * 1000:.0f} ms "
                                          "(timeouts.connect_ms)") from None
         except OSError as exc:  # the reason alone: the OS's text names the address, which stays internal
-            raise UpstreamConnectError(f"cannot connect: {exc.strerror or type(exc).__name__}") from exc
+            raise UpstreamConnectError(f"cannot connect: {_reason(exc)}") from exc
         finally:
             self._opening -= 1
             if not conn.closed and conn.transport is None:
@@ -519,3 +521,10 @@ class H1UpstreamClient:
 
     def __repr__(self) -> str:
         return f"H1UpstreamClient({self.host}, idle={len(self._idle)}, busy={len(self._busy)})"
+
+
+def _reason(exc: OSError) -> str:
+    """Why a connect failed, without the address asyncio writes into the text (it reaches clients)."""
+    if isinstance(exc, socket.gaierror):
+        return exc.strerror or "name resolution failed"
+    return os.strerror(exc.errno) if exc.errno else type(exc).__name__

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import Gateway
+from conftest import Gateway, free_port
 from rawserver import Conn, RawProvider, Request, completion, response, sse_events
 
 CLIENTS = ["h1", "httpx"]
@@ -180,6 +180,8 @@ class Rig:
                                                       "api_key": "sk-raw", "model": "raw"}],
                        **({"response_limits": LIMITS[case]} if case in LIMITS else {})}
                       for case in CASES]
+            models.append({"name": "closed-port", "deployments": [{"id": "dep-closed-port", "api_key": "sk-raw",
+                                                                   "base_url": f"http://127.0.0.1:{free_port()}/v1"}]})
             cfg = {"model_defaults": {"pool": {"min_connections": 0, "validate_on_start": False,
                                                "keepwarm_interval_s": 0}},
                    "models": models}
@@ -383,6 +385,13 @@ def test_gzip_although_identity_was_asked_reaches_the_client_readable(case: Any)
     assert r.status_code == 200 and r.headers["content-encoding"] == "gzip"
     assert r.json()["choices"][0]["message"]["content"] == "zipped"  # httpx decoded it by that header
     assert [c.logged(rid) for rid in c.ids] == [(200, {"-"})] * 2
+
+
+def test_an_unreachable_provider_is_named_by_its_deployment_id_not_its_address(case: Any) -> None:
+    c = case("closed-port")
+    assert_openai_error(c.post(), 502, "upstream_unreachable", "dep-closed-port")
+    status, flags = c.logged(c.ids[-1])
+    assert status == 502 and "UF" in flags
 
 
 # ------------------------------------------------------------------ framing the gateway already handled
