@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from gateway.engine.alarms import SLACK_S, Alarms
-from gateway.engine.sse import error_event, usage_of
+from gateway.engine.sse import UsageTail, error_event
 from gateway.telemetry.timing import now
 
 if TYPE_CHECKING:
@@ -37,7 +37,8 @@ async def relay_stream(ex: Exchange, w: Attempt, send: Any) -> None:
     await send({"type": "http.response.body", "body": first, "more_body": True})
     ex.t_first_sent = now()
     sent = len(first)
-    usage_chunk = first if b'"usage"' in first else None
+    usage = UsageTail()
+    usage.feed(first)
 
     # The hard end: the attempt's per-try limit or the request deadline, whichever is first.
     per_try_end = w.t_start + dep.per_try_s
@@ -53,8 +54,7 @@ async def relay_stream(ex: Exchange, w: Attempt, send: Any) -> None:
             watchdog.last = now()
             if not chunk:
                 break
-            if b'"usage"' in chunk:
-                usage_chunk = chunk
+            usage.feed(chunk)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             sent += len(chunk)
     except asyncio.CancelledError:
@@ -89,8 +89,7 @@ async def relay_stream(ex: Exchange, w: Attempt, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"", "more_body": False})
     ex.t_last_sent = now()
     ex.bytes_sent = sent
-    if usage_chunk is not None:
-        ex.prompt_tokens, ex.completion_tokens = usage_of(usage_chunk)
+    ex.prompt_tokens, ex.completion_tokens = usage.usage()
     w.finish()
 
 

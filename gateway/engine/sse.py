@@ -78,6 +78,41 @@ def usage_of(data: bytes) -> tuple[int | None, int | None]:
     return (int(p.group(1)) if p else None), (int(c.group(1)) if c else None)
 
 
+_USAGE = b'"usage"'
+_USAGE_MAX = 4096  # a usage object with every detail field is ~400 bytes
+
+
+class UsageTail:
+    """The relayed stream from its last ``"usage"`` on (a few KiB at most), fed chunk by chunk.
+
+    A usage object split across chunks (or its key split between two) is still read whole, without
+    buffering the stream: only bytes from the last mention of usage are kept."""
+
+    __slots__ = ("_tail", "_edge")
+
+    def __init__(self) -> None:
+        self._tail: bytes | None = None
+        self._edge = b""  # the previous chunk's last bytes: the key may start there
+
+    def feed(self, chunk: bytes) -> None:
+        i = chunk.rfind(_USAGE)
+        if i >= 0:
+            self._tail = chunk[i:i + _USAGE_MAX]
+        else:
+            joined = self._edge + chunk[:len(_USAGE) - 1]
+            j = joined.find(_USAGE)
+            tail = self._tail
+            if j >= 0:
+                self._tail = joined[j:len(self._edge)] + chunk[:_USAGE_MAX]
+            elif tail is not None and len(tail) < _USAGE_MAX:
+                self._tail = tail + chunk[:_USAGE_MAX - len(tail)]
+        edge = self._edge + chunk if len(chunk) < len(_USAGE) - 1 else chunk
+        self._edge = edge[-(len(_USAGE) - 1):]
+
+    def usage(self) -> tuple[int | None, int | None]:
+        return usage_of(self._tail) if self._tail is not None else (None, None)
+
+
 def error_event(message: str, typ: str, code: str) -> bytes:
     """A final SSE event telling a client why a started stream ended early (never a silent cut)."""
     body = orjson.dumps({"error": {"message": message, "type": typ, "param": None, "code": code}})
