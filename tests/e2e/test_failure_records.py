@@ -1,0 +1,56 @@
+"""Failures recorded as they happened: no access-log line lost to a killed worker, refused requests
+logged with the model they named."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import dep
+from conftest import model as model_
+
+FAST = {"ttft_ms": 1, "ttft_dist": "fixed", "itl_ms": 0, "tokens": 2, "tail_p": 0}
+
+
+def workers_of(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children]
+
+
+def test_lines_of_completed_requests_survive_sigkill_of_every_worker(sims_factory, gateways):
+    sims = sims_factory({"sim-a": ("us-east", FAST)})
+    gw = gateways({"models": [model_("chat", [dep("a", sims.base_url("sim-a"))])]}, workers=2)
+    end = time.monotonic() + 20
+    while len(workers_of(gw.proc.pid)) < 2:  # the supervisor's children: the two workers
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    ids = [f"kill-{i}" for i in range(30)]
+    body = {"model": "chat", "messages": [{"role": "user", "content": "x"}]}
+    with httpx.Client(timeout=10, headers={"connection": "close"}) as c:  # a new connection each: both workers serve
+        for i, rid in enumerate(ids):
+            r = c.post(gw.url + "/v1/chat/completions", json={**body, "stream": i % 2 == 1},
+                       headers={"x-request-id": rid})
+            assert r.status_code == 200
+    for pid in workers_of(gw.proc.pid):  # at once, no chance to flush anything
+        os.kill(pid, signal.SIGKILL)
+    logged = {rec["request_id"] for rec in gw.records()}
+    assert [rid for rid in ids if rid not in logged] == []
+
+
+@pytest.mark.parametrize(("body", "code", "model"), [
+    ({"model": "chat", "stream": "yes", "messages": []}, "invalid_type", "chat"),
+    ({"model": "demo-chat", "messages": "hi"}, "invalid_type", "demo-chat"),
+    ({"model": 42, "messages": []}, "invalid_value", None),
+    ({"messages": []}, "missing_required_parameter", None),
+])
+def test_a_refused_request_logs_the_model_it_named(sims_factory, gateways, body, code, model):
+    sims = sims_factory({"sim-a": ("us-east", FAST)})
+    gw = gateways({"models": [model_("chat", [dep("a", sims.base_url("sim-a"))])]})
+    r = httpx.post(gw.url + "/v1/chat/completions", json=body, headers={"x-request-id": "bad-1"}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["code"] == code
+    rec = next(rec for rec in gw.records(wait_for=1) if rec["request_id"] == "bad-1")
+    assert (rec["response_code"], rec["response_flags"], rec["model"]) == (400, "BR", model)
