@@ -16,6 +16,7 @@ class GatewayError(Exception):
     param: str | None = None
     flag: str | None = None  # Envoy-style response flag for the access log
     retry_after: str | None = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # more response headers (x-ratelimit-* on a 429)
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, self.param)

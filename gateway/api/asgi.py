@@ -94,6 +94,7 @@ class GatewayASGI:
         raw_headers = scope["headers"]
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
         key = None
+        body: dict[str, Any] | None = None  # once parsed: a refused request still logs its model
         try:
             request_id = _request_id(headers.get("x-request-id"))
             if sum(len(k) + len(v) for k, v in raw_headers) > self.max_header:
@@ -107,22 +108,23 @@ class GatewayASGI:
                 key = await self.guard.authenticate(headers)  # raises 401
             raw = await self._read_body(headers, receive)
             t_body = now()
-            body = self._parse(raw, upstream_path)
+            body = self._load(raw)
+            self._check(body, raw, upstream_path)
             if key is not None:
                 await self.guard.admit(key, body["model"], raw, body)  # raises 403/429
         except GatewayError as exc:
             return await self._reject(scope, send, exc, t0, wall, headers, request_id=locals().get("request_id"),
-                                      api_key_id=key.id if key is not None else None)
+                                      api_key_id=key.id if key is not None else None, model=_model_of(body))
         except _ClientGone:
             return
         eng = self.engine
         if self.lifecycle.draining:
             return await self._reject(scope, send, GatewayError(
                 503, "The gateway is shutting down; retry on another replica.", "server_error", "draining",
-                flag="LR", retry_after="1"), t0, wall, headers, request_id=request_id)
+                flag="LR", retry_after="1"), t0, wall, headers, request_id=request_id, model=body["model"])
         if not eng.admit():
             return await self._reject(scope, send, errors.overloaded("gateway"), t0, wall, headers,
-                                      request_id=request_id)
+                                      request_id=request_id, model=body["model"])
         client = scope.get("client")
         task = asyncio.current_task()
         ex = Exchange(eng, task, path=scope["path"], upstream_path=upstream_path, body=body, raw_len=len(raw),
@@ -179,7 +181,7 @@ class GatewayASGI:
             if not msg.get("more_body"):
                 return b"".join(parts)
 
-    def _parse(self, raw: bytes, upstream_path: str) -> dict[str, Any]:
+    def _load(self, raw: bytes) -> dict[str, Any]:
         if not raw:
             raise errors.bad_request("Request body is empty; expected a JSON object.")
         try:
@@ -188,6 +190,9 @@ class GatewayASGI:
             raise errors.bad_request(f"Request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise errors.bad_request("Request body must be a JSON object.")
+        return body
+
+    def _check(self, body: dict[str, Any], raw: bytes, upstream_path: str) -> None:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise errors.bad_request("'model' is required and must be a non-empty string.", param="model",
@@ -208,11 +213,10 @@ class GatewayASGI:
         # Deep nesting costs the gateway and providers; count brackets first (C speed), walk only if needed.
         if raw.count(b"{") + raw.count(b"[") > self.max_depth and _depth(body, self.max_depth) > self.max_depth:
             raise errors.bad_request(f"JSON nesting deeper than {self.max_depth} levels.", code="too_deep")
-        return body
 
     async def _reject(self, scope: dict[str, Any], send: Any, err: GatewayError, t0: float, wall: float,
                       headers: dict[str, str] | None = None, request_id: str | None = None,
-                      api_key_id: str | None = None) -> None:
+                      api_key_id: str | None = None, model: str | None = None) -> None:
         body = err.body()
         rid = request_id or _request_id(None)
         hdrs = [_JSON_CT, (b"content-length", b"%d" % len(body)), (b"x-request-id", rid.encode())]
@@ -220,6 +224,7 @@ class GatewayASGI:
             hdrs.append((b"retry-after", err.retry_after.encode()))
         if err.status == 401:
             hdrs.append((b"www-authenticate", b'Bearer realm="llm-gateway"'))
+        hdrs.extend(err.headers)
         await send({"type": "http.response.start", "status": err.status, "headers": hdrs})
         await send({"type": "http.response.body", "body": body, "more_body": False})
         t1 = now()
@@ -228,7 +233,7 @@ class GatewayASGI:
         self.engine.record_rejected(rejected_record(
             wall=wall, request_id=rid, method=scope.get("method", "-"), path=scope["path"], err=err,
             duration_ms=(t1 - t0) * 1000.0, bytes_sent=len(body), headers=headers,
-            client=f"{client[0]}:{client[1]}" if client else None, api_key_id=api_key_id))
+            client=f"{client[0]}:{client[1]}" if client else None, api_key_id=api_key_id, model=model))
 
     # ------------------------------------------------------------------ simple endpoints
 
@@ -357,13 +362,19 @@ def _depth(obj: Any, limit: int) -> int:
     return depth
 
 
+def _model_of(body: dict[str, Any] | None) -> str | None:
+    """The model a refused request named, when its body parsed and named one (for the log only)."""
+    model = body.get("model") if body is not None else None
+    return model if isinstance(model, str) and 0 < len(model) <= 256 else None
+
+
 def rejected_record(*, wall: float, request_id: str, method: str, path: str, err: GatewayError, duration_ms: float,
                     bytes_sent: int, headers: dict[str, str], client: str | None,
-                    api_key_id: str | None = None) -> dict[str, Any]:
+                    api_key_id: str | None = None, model: str | None = None) -> dict[str, Any]:
     rec: dict[str, Any] = dict.fromkeys(FIELDS)
     rec.update({
         "start_time": iso_utc(wall), "request_id": request_id, "traceparent": headers.get("traceparent"),
-        "method": method, "path": path, "model": None, "stream": False, "response_code": err.status,
+        "method": method, "path": path, "model": model, "stream": False, "response_code": err.status,
         "response_flags": err.flag or "-", "duration_ms": round(duration_ms, 3),
         "gateway_overhead_ms": round(duration_ms, 3), "attempts": 0, "retry_count": 0, "hedge_count": 0,
         "error_type": err.code, "bytes_received": int(headers.get("content-length") or 0)

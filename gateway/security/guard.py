@@ -112,9 +112,10 @@ class Guard:
                 ok, retry = await self.local.window_limit(k, cost, limit, 60.0)
         if not ok:
             self._limited(key, name)
+            wait = max(1, math.ceil(retry))
             raise GatewayError(429, f"Rate limit reached for key '{key.id}': {limit} {name}. Retry after "
-                                    f"{math.ceil(retry)} s.", "rate_limit_error", "rate_limit_exceeded",
-                               flag="RL", retry_after=str(max(1, math.ceil(retry))))
+                                    f"{wait} s.", "rate_limit_error", "rate_limit_exceeded",
+                               flag="RL", retry_after=str(wait), headers=ratelimit_headers(name, limit, wait))
 
     def track(self, key: ApiKey) -> Callable[[Any], None]:
         self.concurrency[key.id] = self.concurrency.get(key.id, 0) + 1
@@ -143,3 +144,14 @@ def estimate_tokens(raw: bytes, body: dict[str, Any]) -> int:
     """Admission estimate for tpm: ~4 bytes per prompt token plus the completion the request allows."""
     out = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens") or 256
     return len(raw) // 4 + (out if isinstance(out, int) and out > 0 else 256)
+
+
+_LIMIT_UNITS = {"rpm": b"requests", "tpm": b"tokens"}
+
+
+def ratelimit_headers(name: str, limit: int, wait_s: int) -> tuple[tuple[bytes, bytes], ...]:
+    """OpenAI's rate-limit headers for a refused request: the limit, nothing left, and when it resets."""
+    unit = _LIMIT_UNITS[name]
+    reset = b"%ds" % wait_s if wait_s < 60 else b"%dm%ds" % divmod(wait_s, 60)
+    return ((b"x-ratelimit-limit-" + unit, b"%d" % limit), (b"x-ratelimit-remaining-" + unit, b"0"),
+            (b"x-ratelimit-reset-" + unit, reset))

@@ -222,6 +222,9 @@ def test_rpm_limit_is_429_with_retry_after_and_logged_by_key_id(keyed):
     err = _error(r)
     assert err["code"] == "rate_limit_exceeded" and err["type"] == "rate_limit_error"
     assert 1 <= int(r.headers["retry-after"]) <= 60
+    wait = int(r.headers["retry-after"])  # OpenAI's headers too: the limit, none left, and when it resets
+    assert (r.headers["x-ratelimit-limit-requests"], r.headers["x-ratelimit-remaining-requests"]) == ("3", "0")
+    assert r.headers["x-ratelimit-reset-requests"] == (f"{wait}s" if wait < 60 else "1m0s")
     assert sims.stats("sim-a")["served"]["chat"] == before
     with pytest.raises(openai.RateLimitError):
         gw.client(api_key=KEYS["rpm"]).chat.completions.create(model="chat", messages=MSG)
@@ -241,6 +244,7 @@ def test_tpm_limit_charges_the_completion_allowance(keyed):
     assert _chat(gw.url, KEYS["tpm"], max_tokens=200).status_code == 200  # ~20 + 200 of 300
     r = _chat(gw.url, KEYS["tpm"], max_tokens=200)
     assert r.status_code == 429 and _error(r)["code"] == "rate_limit_exceeded" and "tpm" in _error(r)["message"]
+    assert r.headers["x-ratelimit-limit-tokens"] == "300" and r.headers["x-ratelimit-remaining-tokens"] == "0"
     # an absurd allowance costs the whole window, not more, and does not break the accounting
     r = _chat(gw.url, KEYS["tpm"], max_tokens=10**30)
     assert r.status_code == 429 and int(r.headers["retry-after"]) <= 60

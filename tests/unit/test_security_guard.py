@@ -168,3 +168,10 @@ def test_redis_key_cache_expires_so_revocation_takes_effect(monkeypatch):
     asyncio.run(store.put(ApiKey("dup", "sha256:x")))
     with pytest.raises(ValueError, match="exists"):
         asyncio.run(store.put(ApiKey("dup", "sha256:y")))
+
+
+def test_a_refused_request_carries_openais_rate_limit_headers():
+    assert guard_mod.ratelimit_headers("rpm", 3, 7) == (
+        (b"x-ratelimit-limit-requests", b"3"), (b"x-ratelimit-remaining-requests", b"0"),
+        (b"x-ratelimit-reset-requests", b"7s"))
+    assert dict(guard_mod.ratelimit_headers("tpm", 300, 60))[b"x-ratelimit-reset-tokens"] == b"1m0s"
