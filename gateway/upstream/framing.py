@@ -40,6 +40,18 @@ def body_fault(size: int, limits: ResponseLimitsConfig) -> str | None:
     return f"response body larger than {limits.max_body_bytes} bytes (response_limits.max_body_bytes)"
 
 
+def encoding_fault(content_type: str | None, content_encoding: str | None) -> str | None:
+    """An event stream the gateway cannot read: compressed although it asked for identity.
+
+    A non-stream body is passed on with its ``Content-Encoding`` for the client to decode; a stream's
+    events must be read to find the first token, and are relayed as they arrive."""
+    if not content_encoding or content_encoding.strip().lower() == "identity":
+        return None
+    if content_type is None or not content_type.lstrip().lower().startswith("text/event-stream"):
+        return None
+    return f"an event stream with content-encoding {content_encoding!r} although identity was asked"
+
+
 def head_fault(status: int, raw: Iterable[tuple[bytes, bytes]], limits: ResponseLimitsConfig) -> str | None:
     """Everything above for a head parsed whole by a library (the h1 client checks as it parses)."""
     fault = status_fault(status)
@@ -47,6 +59,7 @@ def head_fault(status: int, raw: Iterable[tuple[bytes, bytes]], limits: Response
         return fault
     count = size = 0
     framing = set()
+    ctype = encoding = b""
     for name, value in raw:
         count += 1
         size += len(name) + len(value) + 4
@@ -55,6 +68,11 @@ def head_fault(status: int, raw: Iterable[tuple[bytes, bytes]], limits: Response
         lower = name.lower()
         if lower in _FRAMING:
             framing.add(lower)
+        elif lower == b"content-type":
+            ctype = value
+        elif lower == b"content-encoding":
+            encoding = value
     if len(framing) == 2:  # the httptools parser (h1) refuses these alike: a smuggling vector
         return "both Content-Length and Transfer-Encoding in the response head"
-    return count_fault(count, limits) or size_fault(size, limits)
+    return (count_fault(count, limits) or size_fault(size, limits)
+            or encoding_fault(ctype.decode("latin-1"), encoding.decode("latin-1")))

@@ -34,7 +34,7 @@ from gateway.upstream.errors import (
     UpstreamProtocolError,
     UpstreamResetError,
 )
-from gateway.upstream.framing import body_fault, count_fault, size_fault, status_fault
+from gateway.upstream.framing import body_fault, count_fault, encoding_fault, size_fault, status_fault
 
 # A response body buffered past this (a client slower than its provider) pauses reading from the
 # provider until the relay catches up: memory per stream stays bounded, TCP pushes back upstream.
@@ -292,6 +292,10 @@ class _Connection(asyncio.Protocol):
             for key, text in pairs:
                 old = dict.get(headers, key)
                 dict.__setitem__(headers, key, text if old is None else f"{old}, {text}")
+        if "content-encoding" in headers and (fault := encoding_fault(headers.get("content-type"),
+                                                                    headers["content-encoding"])):
+            self.fault = fault
+            raise UpstreamProtocolError(fault)
         w = self.waiter
         if w is not None and not w.done():
             w.set_result(resp)

@@ -157,6 +157,9 @@ CASES: dict[str, Any] = {
     "keepalive-requests": closing_after(2),
     "keepalive-timeout": hang_up_when_idle(),
     "small-limits": answer_each(lambda conn, i: ok_json("x" * 2000)),
+    "gzip-stream": answer_each(lambda conn, i: response("200 OK", [("content-type", "text/event-stream"),
+                                                                   ("content-encoding", "gzip")],
+                                                        gzip.compress(sse_events("hello world")))),
 }
 LIMITS = {"small-limits": {"max_body_bytes": 1024}}  # response_limits of a case's model
 
@@ -392,6 +395,15 @@ def test_an_unreachable_provider_is_named_by_its_deployment_id_not_its_address(c
     assert_openai_error(c.post(), 502, "upstream_unreachable", "dep-closed-port")
     status, flags = c.logged(c.ids[-1])
     assert status == 502 and "UF" in flags
+
+
+def test_a_gzip_event_stream_although_identity_was_asked_is_a_502(case: Any) -> None:
+    c = case("gzip-stream")  # its events cannot be read for the first token, nor relayed as they come
+    with pytest.raises(openai.InternalServerError) as info:
+        c.chat(stream=True)
+    assert info.value.status_code == 502 and "content-encoding" in info.value.body["message"]
+    status, flags = c.logged(c.ids[-1])
+    assert status == 502 and "UPE" in flags
 
 
 # ------------------------------------------------------------------ framing the gateway already handled
