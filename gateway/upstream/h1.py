@@ -122,8 +122,8 @@ class Body:
                 data = self._take()
                 parts.append(data)
                 have += len(data)
-                if n < 0 and (fault := body_fault(have, self._conn.pool.limits)) is not None:
-                    raise UpstreamProtocolError(fault)
+                if n < 0 and have > self._conn.limits.max_body_bytes:
+                    raise UpstreamProtocolError(body_fault(have, self._conn.limits))
             if self._eof or 0 <= n <= have:
                 break
             if self._exc is not None:
@@ -203,6 +203,8 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = True
         self.closed = False
         self.idle_since = 0.0
+        self.limits = pool.limits
+        self.max_headers = pool.limits.max_headers
         self.head_bytes = 0  # bytes fed while no final response head was complete (1xx heads included)
         self.fault: str | None = None  # why the response in hand is malformed, set by a parser callback
 
@@ -231,7 +233,7 @@ class _Connection(asyncio.Protocol):
             self._broken(UpstreamProtocolError(self.fault or f"invalid HTTP response: {exc}"))
             self.close()
             return
-        if head_open and resp.status == 0 and (fault := size_fault(self.head_bytes, self.pool.limits)):
+        if head_open and resp.status == 0 and (fault := size_fault(self.head_bytes, self.limits)):
             self._broken(UpstreamProtocolError(fault))  # an endless head is refused once it passes the limit
             self.close()
 
@@ -269,18 +271,17 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         raw = self.raw_headers
-        if len(raw) >= self.pool.limits.max_headers:
-            self.fault = count_fault(len(raw) + 1, self.pool.limits)
+        if len(raw) >= self.max_headers:
+            self.fault = count_fault(len(raw) + 1, self.limits)
             raise UpstreamProtocolError(self.fault)
         raw.append((name.decode("latin-1").lower(), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         resp = self.response
-        if (fault := status_fault(status)) is not None or (status == 101 and (fault := "101 Switching Protocols "
-                                                                              "to a request that asked for none")):
-            self.fault = fault
-            raise UpstreamProtocolError(fault)
+        if status < 100 or status > 599 or status == 101:
+            self.fault = status_fault(status) or "101 Switching Protocols to a request that asked for none"
+            raise UpstreamProtocolError(self.fault)
         if status < 200 or resp is None:  # 1xx: an interim answer; the real head follows
             self.raw_headers = []
             return
@@ -292,8 +293,8 @@ class _Connection(asyncio.Protocol):
             for key, text in pairs:
                 old = dict.get(headers, key)
                 dict.__setitem__(headers, key, text if old is None else f"{old}, {text}")
-        if "content-encoding" in headers and (fault := encoding_fault(headers.get("content-type"),
-                                                                    headers["content-encoding"])):
+        encoding = dict.get(headers, "content-encoding")
+        if encoding is not None and (fault := encoding_fault(dict.get(headers, "content-type"), encoding)):
             self.fault = fault
             raise UpstreamProtocolError(fault)
         w = self.waiter
@@ -531,4 +532,6 @@ def _reason(exc: OSError) -> str:
     """Why a connect failed, without the address asyncio writes into the text (it reaches clients)."""
     if isinstance(exc, socket.gaierror):
         return exc.strerror or "name resolution failed"
+    if isinstance(exc, ssl.SSLError):  # certificate problems: the library's words are the diagnosis
+        return str(exc)
     return os.strerror(exc.errno) if exc.errno else type(exc).__name__
