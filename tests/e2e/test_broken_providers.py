@@ -15,7 +15,9 @@ import itertools
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -319,6 +321,18 @@ def test_an_unsolicited_second_response_in_the_same_write_is_dropped_with_its_co
     assert [r.connection for r in log.requests[-2:]] == [before, before + 1]
     wait_for(lambda: log.notes.count("closed") >= before + 1)  # the gateway closed the first connection
     assert [c.logged(rid) for rid in c.ids] == [(200, {"-"})] * 2
+
+
+def test_under_concurrency_no_request_gets_another_ones_answer(case: Any) -> None:
+    c = case("stray-same-write")
+    log = c.rig.provider.logs["stray-same-write"]
+    before = log.connections
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda _: c.chat().choices[0].message.content, range(50)))
+    assert len(set(answers)) == 50 and "stray" not in answers  # a reused connection would answer twice
+    served = Counter(r.connection for r in log.requests if r.connection >= before)
+    assert len(served) == 50 and set(served.values()) == {1}
+    assert [c.logged(rid) for rid in c.ids] == [(200, {"-"})] * 50
 
 
 def test_an_unsolicited_response_30ms_later_retires_the_idle_connection(case: Any) -> None:
