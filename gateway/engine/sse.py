@@ -41,15 +41,27 @@ def _usable_event(data: bytes) -> bool:
 
 
 class FirstTokenScanner:
-    """Fed raw upstream chunks; says when the first usable event has been seen."""
+    """Fed raw upstream chunks; says when the first usable event has been seen.
 
-    __slots__ = ("_buf",)
+    Bytes of an unfinished line wait as a list and are joined once its newline arrives: a long line
+    fed in many small chunks costs its length, not its length squared."""
+
+    __slots__ = ("_parts",)
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._parts: list[bytes] = []
 
     def feed(self, chunk: bytes) -> bool:
-        buf = self._buf + chunk
+        parts = self._parts
+        if b"\n" not in chunk:
+            parts.append(chunk)
+            return False
+        if parts:
+            parts.append(chunk)
+            buf = b"".join(parts)
+            self._parts = []
+        else:
+            buf = chunk
         start = 0
         while True:
             end = buf.find(b"\n", start)
@@ -58,9 +70,9 @@ class FirstTokenScanner:
             line = buf[start:end].rstrip(b"\r")
             start = end + 1
             if line.startswith(b"data:") and _usable_event(line[5:].strip()):
-                self._buf = b""
                 return True
-        self._buf = buf[start:]
+        if start < len(buf):
+            self._parts = [buf[start:]]
         return False
 
 
