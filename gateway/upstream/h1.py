@@ -11,6 +11,12 @@ docs/benchmarks.md ("Choosing the upstream client") has the figures.
 The pool keeps idle connections last-in first-out (the warmest first), at most ``max_connections``
 open or opening; a caller over the limit queues (first come, first served) and the wait shows as
 ``pool_wait_ms``. Idle connections past ``keepalive_expiry_s`` are closed when next looked at.
+
+A response is checked as it is parsed (``framing.py``, the deployment's ``response_limits``): a head
+past its size or count limit is refused as soon as it passes it, a status outside 100-599 or an
+unasked-for 101 at once, a whole non-stream body past ``max_body_bytes`` before it is held. Any of
+these, or anything httptools refuses, is an ``UpstreamProtocolError`` (502, UPE). Bytes after the end
+of a response are never parsed as the next one: the connection is closed instead of reused.
 """
 
 from __future__ import annotations
