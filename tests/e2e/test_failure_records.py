@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 from conftest import dep
 from conftest import model as model_
 
@@ -41,16 +40,20 @@ def test_lines_of_completed_requests_survive_sigkill_of_every_worker(sims_factor
     assert [rid for rid in ids if rid not in logged] == []
 
 
-@pytest.mark.parametrize(("body", "code", "model"), [
+REFUSED = [  # (body, error code, the model the log should name)
     ({"model": "chat", "stream": "yes", "messages": []}, "invalid_type", "chat"),
     ({"model": "demo-chat", "messages": "hi"}, "invalid_type", "demo-chat"),
+    ({"model": "chat", "messages": [[[[[[[[[[]]]]]]]]]]}, "too_deep", "chat"),
     ({"model": 42, "messages": []}, "invalid_value", None),
     ({"messages": []}, "missing_required_parameter", None),
-])
-def test_a_refused_request_logs_the_model_it_named(sims_factory, gateways, body, code, model):
+]
+
+
+def test_a_refused_request_logs_the_model_it_named(sims_factory, gateways):
     sims = sims_factory({"sim-a": ("us-east", FAST)})
-    gw = gateways({"models": [model_("chat", [dep("a", sims.base_url("sim-a"))])]})
-    r = httpx.post(gw.url + "/v1/chat/completions", json=body, headers={"x-request-id": "bad-1"}, timeout=10)
-    assert r.status_code == 400 and r.json()["error"]["code"] == code
-    rec = next(rec for rec in gw.records(wait_for=1) if rec["request_id"] == "bad-1")
-    assert (rec["response_code"], rec["response_flags"], rec["model"]) == (400, "BR", model)
+    gw = gateways({"server": {"max_json_depth": 8}, "models": [model_("chat", [dep("a", sims.base_url("sim-a"))])]})
+    for i, (body, code, model) in enumerate(REFUSED):
+        r = httpx.post(gw.url + "/v1/chat/completions", json=body, headers={"x-request-id": f"bad-{i}"}, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
+        rec = next(rec for rec in gw.records(wait_for=i + 1) if rec["request_id"] == f"bad-{i}")
+        assert (rec["response_code"], rec["response_flags"], rec["model"]) == (400, "BR", model), rec
