@@ -117,6 +117,8 @@ def hang_up_when_idle(conn_answers: int = 1) -> Any:
 CHUNKED = [("content-type", "application/json"), ("transfer-encoding", "chunked")]
 BODY = completion("framed")
 GZ = gzip.compress(completion("zipped"))
+STREAM_START = sse_events("hello world").split(b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\","
+                                              b"\"choices\":[{\"index\":0,\"delta\":{},")[0]  # role and words
 
 CASES: dict[str, Any] = {
     "good": answer_each(lambda conn, i: ok_json(f"c{conn.number}r{i}")),
@@ -159,6 +161,12 @@ CASES: dict[str, Any] = {
     "keepalive-requests": closing_after(2),
     "keepalive-timeout": hang_up_when_idle(),
     "small-limits": answer_each(lambda conn, i: ok_json("x" * 2000)),
+    "stream-cut": once(response("200 OK", [("content-type", "text/event-stream"), ("transfer-encoding", "chunked")],
+                                b"%x\r\n%s\r\n" % (len(STREAM_START), STREAM_START), length=False)),
+    "stream-bad-chunk": once(response("200 OK", [("content-type", "text/event-stream"),
+                                                 ("transfer-encoding", "chunked")],
+                                      b"%x\r\n%s\r\nzz\r\n" % (len(STREAM_START), STREAM_START), length=False),
+                             then_close=False),
     "gzip-stream": answer_each(lambda conn, i: response("200 OK", [("content-type", "text/event-stream"),
                                                                    ("content-encoding", "gzip")],
                                                         gzip.compress(sse_events("hello world")))),
@@ -418,6 +426,18 @@ def test_a_gzip_event_stream_although_identity_was_asked_is_a_502(case: Any) -> 
     assert info.value.status_code == 502 and "content-encoding" in info.value.body["message"]
     status, flags = c.logged(c.ids[-1])
     assert status == 502 and "UPE" in flags
+
+
+@pytest.mark.parametrize("name", ["stream-cut", "stream-bad-chunk"])
+def test_a_stream_broken_after_whole_events_ends_with_an_error_the_sdk_raises(case: Any, name: str) -> None:
+    c = case(name)
+    got: list[str] = []
+    with pytest.raises(openai.APIError) as info:
+        for chunk in c.chat(stream=True):
+            got.extend(ch.delta.content or "" for ch in chunk.choices)
+    assert got == ["", "hello", "world"] and f"'dep-{name}'" in str(info.value.message)
+    status, flags = c.logged(c.ids[-1])
+    assert status == 200 and flags & {"UC", "UPE"}  # the provider broke the stream it had started
 
 
 # ------------------------------------------------------------------ framing the gateway already handled
