@@ -40,18 +40,28 @@ def _usable_event(data: bytes) -> bool:
     return any(delta.get(k) for k in _USABLE_DELTA_KEYS)
 
 
+# Bytes before the first usable token are held until commit (they may still be dropped for a retry or
+# a hedge). A provider streaming this much without one is committed anyway: from then on its bytes are
+# relayed under backpressure instead of held (a role chunk and a few keep-alives are ~200 bytes).
+PRE_TOKEN_MAX = 1024 * 1024
+
+
 class FirstTokenScanner:
-    """Fed raw upstream chunks; says when the first usable event has been seen.
+    """Fed raw upstream chunks; says when the first usable event has been seen (or ``PRE_TOKEN_MAX``).
 
     Bytes of an unfinished line wait as a list and are joined once its newline arrives: a long line
     fed in many small chunks costs its length, not its length squared."""
 
-    __slots__ = ("_parts",)
+    __slots__ = ("_parts", "_seen")
 
     def __init__(self) -> None:
         self._parts: list[bytes] = []
+        self._seen = 0
 
     def feed(self, chunk: bytes) -> bool:
+        self._seen += len(chunk)
+        if self._seen > PRE_TOKEN_MAX:
+            return True
         parts = self._parts
         if b"\n" not in chunk:
             parts.append(chunk)

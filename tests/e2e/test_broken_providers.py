@@ -29,6 +29,7 @@ from rawserver import Conn, RawProvider, Request, completion, response, sse_even
 
 CLIENTS = ["h1", "httpx"]
 BIG_BODY = 300 * 1024 * 1024
+FLOOD = 200 * 1024 * 1024
 
 
 # ------------------------------------------------------------------ scripts: one per case
@@ -88,6 +89,15 @@ async def huge_body(conn: Conn, first: Request) -> None:
     block = b" " * (1024 * 1024)
     for _ in range(BIG_BODY // len(block)):  # ends early when the gateway hangs up
         await conn.send(block)
+
+
+async def keepalive_flood(conn: Conn, first: Request) -> None:
+    """200 MB of SSE comments before the first token, then a short stream; the connection's end ends it."""
+    await conn.send(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+    block = b": keep-alive\n\n" * (1024 * 1024 // 14)
+    for _ in range(FLOOD // len(block)):
+        await conn.send(block)
+    await conn.send(sse_events("hello world"))
 
 
 def ok_json(content: str) -> bytes:
@@ -167,6 +177,7 @@ CASES: dict[str, Any] = {
                                                  ("transfer-encoding", "chunked")],
                                       b"%x\r\n%s\r\nzz\r\n" % (len(STREAM_START), STREAM_START), length=False),
                              then_close=False),
+    "keepalive-flood": keepalive_flood,
     "gzip-stream": answer_each(lambda conn, i: response("200 OK", [("content-type", "text/event-stream"),
                                                                    ("content-encoding", "gzip")],
                                                         gzip.compress(sse_events("hello world")))),
@@ -393,6 +404,21 @@ def test_a_300mb_body_is_capped_with_bounded_memory(case: Any) -> None:
     status, flags = c.logged(c.ids[-1])
     assert status == 502 and "UPE" in flags
     assert peak_rss_mb(c.gw.proc.pid) < 250  # the 64 MiB cap, never the 300 MB body
+
+
+def test_200mb_before_the_first_token_are_relayed_not_held(case: Any) -> None:
+    c = case("keepalive-flood")
+    body = {"model": c.name, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    size, tail = 0, b""
+    with httpx.stream("POST", c.gw.url + "/v1/chat/completions", json=body, timeout=60,
+                      headers={"x-request-id": c.next_id()}) as r:
+        assert r.status_code == 200
+        for data in r.iter_raw():
+            size += len(data)
+            tail = (tail + data)[-2000:]
+    assert size > FLOOD - 1024 * 1024 and b'"content":"world"' in tail and tail.endswith(b"data: [DONE]\n\n")
+    assert c.logged(c.ids[-1]) == (200, {"-"})
+    assert peak_rss_mb(c.gw.proc.pid) < 250  # committed after a bounded prefix, then relayed under backpressure
 
 
 def test_response_limits_are_configurable_per_model(case: Any) -> None:

@@ -77,3 +77,18 @@ def test_invalid_traceparent_starts_a_new_trace():
         assert parse_traceparent(bad) is None
         ctx = TraceContext(bad, "x=1")
         assert len(ctx.trace_id) == 32 and ctx.tracestate is None
+
+
+def test_a_stream_without_a_usable_token_is_committed_after_a_bounded_prefix():
+    from gateway.engine.sse import PRE_TOKEN_MAX
+
+    s = FirstTokenScanner()
+    keepalive = b": keep-alive\n\n" * 1000
+    fed = 0
+    while not s.feed(keepalive):
+        fed += len(keepalive)
+        assert fed <= PRE_TOKEN_MAX  # held no longer than this before the relay takes over
+    assert fed + len(keepalive) > PRE_TOKEN_MAX
+    line = FirstTokenScanner()  # one endless line without a newline, too
+    assert not any(line.feed(b"x" * 4096) for _ in range(PRE_TOKEN_MAX // 4096))
+    assert line.feed(b"x")
