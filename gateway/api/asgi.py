@@ -114,17 +114,18 @@ class GatewayASGI:
                 await self.guard.admit(key, body["model"], raw, body)  # raises 403/429
         except GatewayError as exc:
             return await self._reject(scope, send, exc, t0, wall, headers, request_id=locals().get("request_id"),
-                                      api_key_id=key.id if key is not None else None, model=_model_of(body))
+                                      api_key_id=key.id if key is not None else None, model=_model_of(body),
+                                      stream=_stream_of(body))
         except _ClientGone:
             return
         eng = self.engine
         if self.lifecycle.draining:
             return await self._reject(scope, send, GatewayError(
                 503, "The gateway is shutting down; retry on another replica.", "server_error", "draining",
-                flag="LR", retry_after="1"), t0, wall, headers, request_id=request_id, model=body["model"])
+                flag="LR", retry_after="1"), t0, wall, headers, request_id=request_id, model=body["model"], stream=_stream_of(body))
         if not eng.admit():
             return await self._reject(scope, send, errors.overloaded("gateway"), t0, wall, headers,
-                                      request_id=request_id, model=body["model"])
+                                      request_id=request_id, model=body["model"], stream=_stream_of(body))
         client = scope.get("client")
         task = asyncio.current_task()
         ex = Exchange(eng, task, path=scope["path"], upstream_path=upstream_path, body=body, raw_len=len(raw),
@@ -216,7 +217,7 @@ class GatewayASGI:
 
     async def _reject(self, scope: dict[str, Any], send: Any, err: GatewayError, t0: float, wall: float,
                       headers: dict[str, str] | None = None, request_id: str | None = None,
-                      api_key_id: str | None = None, model: str | None = None) -> None:
+                      api_key_id: str | None = None, model: str | None = None, stream: bool = False) -> None:
         body = err.body()
         rid = request_id or _request_id(None)
         hdrs = [_JSON_CT, (b"content-length", b"%d" % len(body)), (b"x-request-id", rid.encode())]
@@ -233,7 +234,8 @@ class GatewayASGI:
         self.engine.record_rejected(rejected_record(
             wall=wall, request_id=rid, method=scope.get("method", "-"), path=scope["path"], err=err,
             duration_ms=(t1 - t0) * 1000.0, bytes_sent=len(body), headers=headers,
-            client=f"{client[0]}:{client[1]}" if client else None, api_key_id=api_key_id, model=model))
+            client=f"{client[0]}:{client[1]}" if client else None, api_key_id=api_key_id, model=model,
+            stream=stream))
 
     # ------------------------------------------------------------------ simple endpoints
 
@@ -368,13 +370,17 @@ def _model_of(body: dict[str, Any] | None) -> str | None:
     return model if isinstance(model, str) and 0 < len(model) <= 256 else None
 
 
+def _stream_of(body: dict[str, Any] | None) -> bool:
+    return body is not None and body.get("stream") is True
+
+
 def rejected_record(*, wall: float, request_id: str, method: str, path: str, err: GatewayError, duration_ms: float,
                     bytes_sent: int, headers: dict[str, str], client: str | None,
-                    api_key_id: str | None = None, model: str | None = None) -> dict[str, Any]:
+                    api_key_id: str | None = None, model: str | None = None, stream: bool = False) -> dict[str, Any]:
     rec: dict[str, Any] = dict.fromkeys(FIELDS)
     rec.update({
         "start_time": iso_utc(wall), "request_id": request_id, "traceparent": headers.get("traceparent"),
-        "method": method, "path": path, "model": model, "stream": False, "response_code": err.status,
+        "method": method, "path": path, "model": model, "stream": stream, "response_code": err.status,
         "response_flags": err.flag or "-", "duration_ms": round(duration_ms, 3),
         "gateway_overhead_ms": round(duration_ms, 3), "attempts": 0, "retry_count": 0, "hedge_count": 0,
         "error_type": err.code, "bytes_received": int(headers.get("content-length") or 0)

@@ -43,7 +43,7 @@ def test_lines_of_completed_requests_survive_sigkill_of_every_worker(sims_factor
 REFUSED = [  # (body, error code, the model the log should name)
     ({"model": "chat", "stream": "yes", "messages": []}, "invalid_type", "chat"),
     ({"model": "demo-chat", "messages": "hi"}, "invalid_type", "demo-chat"),
-    ({"model": "chat", "messages": [[[[[[[[[[]]]]]]]]]]}, "too_deep", "chat"),
+    ({"model": "chat", "stream": True, "messages": [[[[[[[[[[]]]]]]]]]]}, "too_deep", "chat"),
     ({"model": 42, "messages": []}, "invalid_value", None),
     ({"messages": []}, "missing_required_parameter", None),
 ]
@@ -57,3 +57,4 @@ def test_a_refused_request_logs_the_model_it_named(sims_factory, gateways):
         assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
         rec = next(rec for rec in gw.records(wait_for=i + 1) if rec["request_id"] == f"bad-{i}")
         assert (rec["response_code"], rec["response_flags"], rec["model"]) == (400, "BR", model), rec
+        assert rec["stream"] is (body.get("stream") is True)
