@@ -31,8 +31,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check gateway tests loadtests
 	$(BIN)/lint-imports
 
+# The headline benchmark: direct, the Python floor, Envoy, Portkey (where Node.js is), llmgw and LiteLLM,
+# side by side in one interleaved run (installs the peers under /tmp/peers first; see loadtests/README.md).
 bench: $(STAMP)
-	$(BIN)/python loadtests/bench.py
+	bash loadtests/peers/setup.sh
+	BENCH_PY=$${BENCH_PY:-/tmp/peers/bench-venv/bin/python} $(BIN)/python loadtests/bench.py --with-litellm
 
 clean:
 	rm -rf $(VENV) build *.egg-info
