@@ -47,7 +47,8 @@ class Topology:
             self.client = RedisCluster.from_url(target.url, **sockets)
         elif target.mode == "sentinel":
             kw: dict[str, Any] = dict(parse_url(target.url))
-            for k in ("host", "port", "path", "connection_class"):
+            for k in ("host", "port", "path", "connection_class", "socket_timeout", "socket_connect_timeout",
+                      "health_check_interval"):  # where to connect comes from the sentinels, how long from timeout_ms
                 kw.pop(k, None)
             tls = target.url.startswith("rediss:")
             self._sentinel = Sentinel(list(target.sentinels), sentinel_kwargs={
