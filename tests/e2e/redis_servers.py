@@ -48,7 +48,11 @@ class RedisProc:
         self.log = open(self.dir / "log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.client = redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=2)
-        wait_for(self.client.ping, 10, f"{name} on port {self.port}")
+        try:
+            wait_for(self.client.ping, 10, f"{name} on port {self.port}")
+        except AssertionError as exc:
+            self.kill()
+            raise AssertionError(f"{exc}; its log: {(self.dir / 'log').read_text()[-2000:]}") from None
 
     @property
     def address(self) -> str:
@@ -69,7 +73,9 @@ class Cluster:
         self.nodes: list[RedisProc] = []
         try:
             for i in range(3):
+                # the bus port gets a free port of its own (port + 10000 may be taken, or beyond 65535)
                 self.nodes.append(RedisProc(root, f"cluster{i}", "--cluster-enabled", "yes",
+                                            "--cluster-port", str(free_port()),
                                             "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"))
             out = subprocess.run(["redis-cli", "--cluster", "create", *(n.address for n in self.nodes),
                                   "--cluster-yes"], capture_output=True, text=True, timeout=30)
