@@ -5,6 +5,8 @@ Plus the O(1) rate limit: many requests keep the per-request Redis work constant
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -236,3 +238,46 @@ def test_rate_limit_work_per_request_stays_constant_however_many_requests(privat
     assert _chat(gw, KEY_SHARED).status_code == 200
     tat = r.get(redis_prefix + "rl:{shared}:rpm")
     assert float(tat) > 0 and r.pttl(redis_prefix + "rl:{shared}:rpm") <= 20_001  # rpm 3: 20 s per request
+
+
+# ---------------------------------------------------------------- a Redis that never answers
+
+
+def test_a_redis_that_accepts_but_never_answers_delays_no_request_beyond_the_state_timeout(sims_factory, gateways):
+    """A hung primary (accepts connections, never replies) is worse than a dead one: only the state
+    timeout stands between it and every rate-limited request."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        silent.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(silent.accept()[0])
+
+    acceptor = threading.Thread(target=accept)
+    acceptor.start()
+    try:
+        sims = sims_factory({"sim-a": ("us-east", FAST)})
+        gw = gateways({"state": {"backend": "redis", "redis_url": f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
+                                 "timeout_ms": 200},
+                       "auth": {"mode": "keys", "keys": KEYS},
+                       "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]}, ready_timeout=30)
+        slowest = 0.0
+        for _ in range(3):  # the first asks Redis and gives up after 200 ms; the next ones decide locally
+            t0 = time.monotonic()
+            assert _chat(gw, KEY_SHARED).status_code == 200
+            slowest = max(slowest, time.monotonic() - t0)
+        assert _chat(gw, KEY_SHARED).status_code == 429  # rpm 3, held locally
+        assert slowest < 3.0  # without the bound, the first would hang until the client gave up (10 s)
+        assert held  # the gateway did connect: it was the silence, not a refusal
+        assert "TimeoutError" in gw.stderr() and "enforcing limits locally" in gw.stderr()
+        assert metric_value(gw.metrics(), "llmgw_state_backend_up") == 0
+    finally:
+        stop.set()
+        acceptor.join()
+        for s in (*held, silent):
+            s.close()
