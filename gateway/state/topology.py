@@ -51,8 +51,10 @@ class Topology:
                       "health_check_interval"):  # where to connect comes from the sentinels, how long from timeout_ms
                 kw.pop(k, None)
             tls = target.url.startswith("rediss:")
+            tls_options = {k: v for k, v in kw.items() if k.startswith("ssl_")}  # the sentinels' TLS as the primary's
             self._sentinel = Sentinel(list(target.sentinels), sentinel_kwargs={
-                **sockets, "password": target.sentinel_password, "ssl": tls, "retry": Retry(NoBackoff(), 0)})
+                **sockets, **tls_options, "password": target.sentinel_password, "ssl": tls,
+                "retry": Retry(NoBackoff(), 0)})
             self.client = self._sentinel.master_for(target.sentinel_master, ssl=tls, retry=Retry(NoBackoff(), 0),
                                                     health_check_interval=0, **sockets, **kw)
         else:

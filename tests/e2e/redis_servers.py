@@ -115,7 +115,7 @@ class SentinelSet:
                 f"sentinel down-after-milliseconds {MASTER_SET} {down_after_ms}\n"
                 f"sentinel failover-timeout {MASTER_SET} 10000\n"))
             wait_for(lambda: any(r["port"] == self.replica.port for r in self.sentinel.client.sentinel_slaves(MASTER_SET)),
-                     20, "the sentinel to see the replica")
+                     30, "the sentinel to see the replica")
         except BaseException:
             self.stop()
             raise

@@ -180,3 +180,28 @@ def test_limits_go_local_while_redis_is_away_and_the_seconds_are_counted(monkeyp
     asyncio.run(g.admit(key, "m", b"{}", {}))
     assert len(backend.calls) == 1  # shared again
     assert _value(metrics, "llmgw_state_local_only_seconds_total") == pytest.approx(4.0)
+
+
+def test_sentinel_and_cluster_clients_carry_the_urls_credentials_tls_and_timeout():
+    """Built without a network: what each redis-py client will present when it connects."""
+    from gateway.state.topology import RedisTarget, Topology
+
+    s = Topology(RedisTarget(mode="sentinel", url="rediss://app:pw@ignored:1/3?ssl_cert_reqs=none",
+                             sentinels=(("s1", 26379),), sentinel_master="mymaster", sentinel_password="spw",
+                             timeout_s=0.3))
+    primary = s.client.connection_pool
+    assert primary.service_name == "mymaster" and "SSL" in primary.connection_class.__name__
+    kw = primary.connection_kwargs
+    assert (kw["username"], kw["password"], kw["db"], kw["ssl_cert_reqs"]) == ("app", "pw", 3, "none")
+    assert kw["socket_timeout"] == kw["socket_connect_timeout"] == 0.3 and "host" not in kw
+    sentinel = s._sentinel.sentinels[0].connection_pool
+    assert "SSL" in sentinel.connection_class.__name__
+    skw = sentinel.connection_kwargs
+    assert (skw["host"], skw["port"], skw["password"], skw["ssl_cert_reqs"]) == ("s1", 26379, "spw", "none")
+    assert s.primaries() == []  # unknown until the sentinels are asked
+
+    c = Topology(RedisTarget(mode="cluster", url="rediss://:pw@seed:7000/0", timeout_s=0.3))
+    assert c.client.connection_kwargs["password"] == "pw" and c.client.connection_kwargs["socket_timeout"] == 0.3
+    assert "SSL" in c.client.connection_kwargs["connection_class"].__name__
+    one = Topology(RedisTarget(url="redis://:pw@h:6380/0", timeout_s=0.3))
+    assert one.primaries() == ["h:6380"]
