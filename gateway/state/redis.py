@@ -2,7 +2,8 @@
 
 Works the same on one server, behind Sentinel and on a Redis Cluster (see ``topology``): every script
 touches keys that share a hash tag, pipelines hold single-key commands only (a cluster pipeline sends
-each to its node), and nothing scans the keyspace. Every call is bounded by the state timeout.
+each to its node), and nothing scans the keyspace. Every call a request can wait on is bounded by
+the state timeout (the background sync round is bounded by its caller).
 """
 
 from __future__ import annotations
