@@ -35,7 +35,7 @@ async def _warmup(cfg, learned: bool) -> int:  # noqa: ANN001
     from gateway.upstream.client import UpstreamClient
     from gateway.upstream.schemas import SchemaLearner, schema_fingerprint, warm_all
 
-    backend = make_state(cfg.state.backend, cfg.state.redis_url, cfg.state.key_prefix)
+    backend = make_state(cfg.state)
     learner = SchemaLearner(backend, ttl_s=cfg.state.key_ttl_s, max_per_model=10_000)
     clients: list[UpstreamClient] = []
     failed_required = False

@@ -54,6 +54,11 @@ class StateConfig(_Strict):
     key_prefix: str = "llmgw:"
     sync_interval_ms: float = Field(500.0, ge=50)
     key_ttl_s: float = Field(600.0, ge=10)
+    redis_mode: Literal["standalone", "sentinel", "cluster"] = "standalone"
+    sentinels: list[str] = []  # "host:port" of each sentinel (redis_mode: sentinel)
+    sentinel_master: str | None = None  # the master set name the sentinels monitor
+    sentinel_password: str | None = None  # AUTH for the sentinels themselves, when they require one
+    timeout_ms: float = Field(500.0, gt=0, le=60000)  # longest any request waits on Redis
 
     @field_validator("redis_url")
     @classmethod
@@ -61,6 +66,34 @@ class StateConfig(_Strict):
         if urlsplit(v).scheme not in ("redis", "rediss", "unix"):
             raise ValueError("not a redis:// URL")
         return v
+
+    @field_validator("sentinels")
+    @classmethod
+    def _sentinels(cls, v: list[str]) -> list[str]:
+        for i, s in enumerate(v):
+            host, _, port = s.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"entry {i} ({s!r}) is not host:port")
+        return v
+
+    def topology_error(self) -> str | None:
+        """A combination of keys that cannot run, as "state.<key>: why" (None when it can)."""
+        mode, url = self.redis_mode, urlsplit(self.redis_url)
+        if mode != "standalone" and self.backend != "redis":
+            return f"state.redis_mode: {mode} needs state.backend: redis"
+        if mode == "sentinel":
+            if not self.sentinels:
+                return 'state.sentinels: redis_mode sentinel needs at least one sentinel "host:port"'
+            if not self.sentinel_master:
+                return "state.sentinel_master: redis_mode sentinel needs the master set name (Bitnami: mymaster)"
+        elif self.sentinels or self.sentinel_master or self.sentinel_password:
+            key = "sentinels" if self.sentinels else "sentinel_master" if self.sentinel_master else "sentinel_password"
+            return f"state.{key}: only used with state.redis_mode: sentinel (it is {mode})"
+        if mode != "standalone" and url.scheme == "unix":
+            return f"state.redis_url: redis_mode {mode} needs a redis:// or rediss:// URL, not a unix socket"
+        if mode == "cluster" and url.path.strip("/") not in ("", "0"):
+            return "state.redis_url: Redis Cluster has only database 0"
+        return None
 
 
 class AccessLogConfig(_Strict):
@@ -306,6 +339,13 @@ class GatewayConfig(_Strict):
             raise ValueError("fallbacks: loop " + " -> ".join(cycle))
         return self
 
+    @model_validator(mode="after")
+    def _state_topology(self) -> GatewayConfig:
+        err = self.state.topology_error()
+        if err:
+            raise ValueError(err)
+        return self
+
     def model(self, name: str) -> ModelConfig | None:
         for m in self.models:
             if m.name == name:
@@ -480,6 +520,8 @@ def redact(cfg: GatewayConfig) -> dict[str, Any]:
                             for k, v in d["headers"].items()}
     for k in data["auth"]["keys"]:
         k["hash"] = k["hash"][:15] + "…"
+    if data["state"].get("sentinel_password"):
+        data["state"]["sentinel_password"] = "***"
     url = urlsplit(data["state"]["redis_url"])
     if url.password:
         data["state"]["redis_url"] = data["state"]["redis_url"].replace(url.password, "***")

@@ -18,7 +18,7 @@ def add_key_commands(sub: argparse._SubParsersAction) -> None:
     h.set_defaults(func=cmd_hash)
     for name, fn in (("create", cmd_create), ("list", cmd_list), ("revoke", cmd_revoke)):
         p = ks.add_parser(name)
-        p.add_argument("--config", "-c", help="gateway config (for state.redis_url and key_prefix)")
+        p.add_argument("--config", "-c", help="gateway config (for state.redis_* and key_prefix)")
         p.add_argument("--redis-url", help="overrides the config's state.redis_url")
         p.add_argument("--key-prefix", help="overrides the config's state.key_prefix")
         if name in ("create", "revoke"):
@@ -38,17 +38,19 @@ def cmd_hash(args: argparse.Namespace) -> int:
 
 
 def _store(args: argparse.Namespace) -> RedisKeyStore:
-    from gateway.state.redis import RedisState
+    from gateway.config import StateConfig
+    from gateway.state.redis import RedisState, redis_target
 
-    url, prefix = "redis://127.0.0.1:6379/0", "llmgw:"
+    state = StateConfig(backend="redis")
     if args.config:
         try:
-            cfg = load_config(args.config)
+            state = load_config(args.config).state
         except ConfigError as exc:
             print(f"llmgw: invalid config {args.config}:\n{exc}", file=sys.stderr)
             raise SystemExit(2) from None
-        url, prefix = cfg.state.redis_url, cfg.state.key_prefix
-    return RedisKeyStore(RedisState(args.redis_url or url, args.key_prefix or prefix, timeout_s=3.0))
+    # the config's redis_mode (sentinel, cluster) applies; --redis-url replaces its URL
+    target = redis_target(state, url=args.redis_url, timeout_s=3.0)
+    return RedisKeyStore(RedisState(target, args.key_prefix or state.key_prefix))
 
 
 def _run(coro_fn, args: argparse.Namespace) -> int:  # noqa: ANN001

@@ -207,6 +207,12 @@ class Metrics:
         self.rate_limited = self._counter("llmgw_rate_limited_total", "Requests refused by a key's limits.",
                                     ["key", "limit"])
         self.state_up = self._gauge("llmgw_state_backend_up", "1 while the shared state backend answers.", mode="max")
+        self.state_primary = self._gauge("llmgw_state_backend_primary", "1 for each Redis primary the state backend "
+                                         "uses now, 0 for one it used before.", ["mode", "address"], mode="max")
+        self.state_reconnects = self._counter("llmgw_state_backend_reconnects_total", "Times state sharing resumed "
+                                              "after an outage or moved to a new primary.")
+        self.state_local_seconds = self._counter("llmgw_state_local_only_seconds_total", "Seconds rate limits were "
+                                                 "decided locally because the state backend did not answer.")
         self.route_decisions = self._counter("llmgw_route_decisions_total", "Routing decisions by reason.",
                                        ["model", "deployment", "reason"])
         self.gc_frozen = self._gauge("llmgw_gc_frozen_objects", "Start-up objects kept out of the cyclic GC.",
