@@ -209,6 +209,8 @@ class Metrics:
         self.state_up = self._gauge("llmgw_state_backend_up", "1 while the shared state backend answers.", mode="max")
         self.route_decisions = self._counter("llmgw_route_decisions_total", "Routing decisions by reason.",
                                        ["model", "deployment", "reason"])
+        self.affinity_routes = self._counter("llmgw_affinity_routes_total", "Keyed requests (routing.affinity) by "
+                                             "placement: home, rehome, spill, fallback, unkeyed.", ["model", "result"])
         self.gc_frozen = self._gauge("llmgw_gc_frozen_objects", "Start-up objects kept out of the cyclic GC.",
                                      mode="max")
         self.latency_estimate = self._gauge("llmgw_deployment_latency_estimate_seconds",

@@ -1,0 +1,134 @@
+"""Prefix-cache affinity: a keyed request goes to its home deployment, by consistent hashing with bounded loads.
+
+A provider caches the prompt prefixes it has prefilled, so the turns of one conversation are fastest where
+the previous turn ran. The key (see ``affinity_key``) is placed on a hash ring of the model's deployments
+(``VNODES`` points each, so keys spread evenly and a deployment leaving moves only its own keys, each to
+the next deployment on the ring). The walk from the key's point gives the order of preference:
+
+- the first deployment is the key's *home*;
+- a deployment that is gone (ejected, cooling down after a 429, at max_concurrency) or already tried by
+  this request is skipped: its keys *rehome* to their next deployment on the ring, the same one for every
+  replica, and come back when it returns;
+- a deployment at its load bound is skipped too (Mirrokni, Thorup, Zadimoghaddam, "Consistent hashing with
+  bounded loads", 2016): no deployment takes more than ceil((1 + epsilon) x the mean in-flight load), so a
+  hot key or an unlucky hash spills to the next deployment on the ring instead of piling up;
+- a target much slower than the fastest usable deployment (its recent median first-token time above
+  ``slow_factor`` x theirs) is not worth its cache: the request *spills* to the usual latency choice.
+
+Pure: the engine passes each deployment's facts and gets a decision back; no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from bisect import bisect_left
+from collections.abc import Mapping, Sequence
+from enum import StrEnum
+from typing import NamedTuple
+
+from gateway.policy.routing import RouteReason
+
+# Points per deployment on the ring: the spread of keys over 3-10 deployments stays within a few percent of
+# even, and a ring of 10 deployments is 1,600 points (built once at start-up).
+VNODES = 160
+
+
+class AffinityMode(StrEnum):
+    OFF = "off"
+    PREFIX = "prefix"  # key from the leading content (an explicit key, when given, wins)
+    KEY = "key"  # only an explicit key: prompt_cache_key or the x-llmgw-affinity header
+
+
+def hash64(data: bytes) -> int:
+    """A 64-bit hash that every replica computes alike (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+class HashRing:
+    """Deployment ids on a ring of virtual nodes; ``order(key)`` is the clockwise walk from the key's point.
+
+    The walk for every point is computed once, so a lookup is one bisect.
+    """
+
+    __slots__ = ("ids", "_points", "_walks")
+
+    def __init__(self, ids: Sequence[str], vnodes: int = VNODES) -> None:
+        self.ids = tuple(dict.fromkeys(ids))
+        placed = sorted((hash64(f"{d}#{i}".encode()), d) for d in self.ids for i in range(vnodes))
+        self._points = [p for p, _ in placed]
+        owners = [d for _, d in placed]
+        n, size = len(self.ids), len(owners)
+        interned: dict[tuple[str, ...], tuple[str, ...]] = {}
+        walks: list[tuple[str, ...]] = []
+        for i in range(size):
+            seen: dict[str, None] = {}
+            j = i
+            while len(seen) < n:
+                seen.setdefault(owners[j % size])
+                j += 1
+            walk = tuple(seen)
+            walks.append(interned.setdefault(walk, walk))
+        self._walks = walks
+
+    def order(self, key: int) -> tuple[str, ...]:
+        """Every deployment once, home first, then the ones its keys move to if it is gone."""
+        if not self._walks:
+            return ()
+        i = bisect_left(self._points, key)
+        return self._walks[i if i < len(self._walks) else 0]
+
+
+class AffinityView(NamedTuple):  # one deployment's facts, as the engine sees them now
+    usable: bool  # not ejected, not cooling down after a 429, not at max_concurrency
+    inflight: int
+    typical_ms: float | None  # recent median first-token (or whole-response) time; None without enough data
+
+
+class AffinityDecision(NamedTuple):
+    deployment_id: str | None  # None: spill to the usual choice, avoiding ``avoid``
+    reason: RouteReason  # AFFINITY_HOME, AFFINITY_REHOME or AFFINITY_SPILL
+    avoid: frozenset[str] = frozenset()
+
+
+def load_bound(inflight_total: int, deployments: int, epsilon: float) -> int:
+    """The most requests one deployment may hold: ceil((1 + epsilon) x mean), the new request counted."""
+    return math.ceil((1.0 + epsilon) * (inflight_total + 1) / deployments)
+
+
+def place(order: Sequence[str], views: Mapping[str, AffinityView], *, exclude: frozenset[str] | set[str],
+          epsilon: float, slow_factor: float) -> AffinityDecision | None:
+    """Where a keyed request goes; None when no deployment on the ring is usable (the usual choice decides).
+
+    ``order``: the ring walk for the key (home first). ``exclude``: deployments this request already
+    tried or is running on (a hedge or retry takes the next deployment on the ring).
+    """
+    usable = [d for d in order if views[d].usable]
+    if not usable:
+        return None
+    total = 0
+    for d in usable:
+        total += views[d].inflight
+    bound = load_bound(total, len(usable), epsilon)
+    spilled = False
+    target = None
+    for d in usable:
+        if d in exclude:
+            continue
+        if views[d].inflight + 1 > bound:
+            spilled = True  # a full deployment passes its keys on, as one that is gone does
+            continue
+        target = d
+        break
+    if target is None:
+        return None
+    typical = views[target].typical_ms
+    if typical is not None and slow_factor > 0.0:
+        best = min((t for d in usable if d != target and (t := views[d].typical_ms) is not None), default=None)
+        if best is not None and typical > slow_factor * best:
+            return AffinityDecision(None, RouteReason.AFFINITY_SPILL, frozenset((target,)))
+    if spilled:
+        return AffinityDecision(target, RouteReason.AFFINITY_SPILL)
+    if target == order[0]:
+        return AffinityDecision(target, RouteReason.AFFINITY_HOME)
+    return AffinityDecision(target, RouteReason.AFFINITY_REHOME)
