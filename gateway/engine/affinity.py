@@ -15,13 +15,17 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from gateway.config import ModelConfig
-from gateway.policy.affinity import AffinityDecision, AffinityMode, AffinityView, HashRing, place
+from gateway.policy.affinity import AffinityMode, AffinityView, HashRing, place
 from gateway.policy.affinity_key import AFFINITY_HEADER, affinity_key
 from gateway.policy.routing import Candidate, Locality, RouteDecision, RouteReason
 
 if TYPE_CHECKING:
     from gateway.engine.exchange import Exchange
     from gateway.engine.registry import DeploymentRuntime, ModelRuntime
+
+# Slowness is judged on a deployment's last few samples: a 60 s median would keep sending a conversation to
+# a home that turned slow for as long as its fast past outweighs its slow present.
+RECENT_SAMPLES = 9
 
 # llmgw_affinity_routes_total{result}: how a keyed request's primary attempt was placed.
 _RESULTS = {RouteReason.AFFINITY_HOME: "home", RouteReason.AFFINITY_REHOME: "rehome",
@@ -47,7 +51,7 @@ class AffinityRouter:
         return None if cfg.routing.affinity == AffinityMode.OFF else cls(cfg)
 
     def route(self, ex: Exchange, m: ModelRuntime, candidates: Sequence[Candidate], tried: set[str],
-              now: float) -> AffinityDecision | None:
+              now: float) -> RouteDecision | None:
         """The affine choice for the exchange's next attempt; None: unkeyed, or the usual choice decides."""
         key = ex.affinity_key
         if key is None:
@@ -73,7 +77,7 @@ class AffinityRouter:
 
     def decide(self, key: int, deployments: Sequence[DeploymentRuntime], candidates: Sequence[Candidate],
                tried: set[str], *, region: str | None, locality: Locality, stream: bool,
-               now: float) -> AffinityDecision | None:
+               now: float) -> RouteDecision | None:
         """None: the usual choice decides (nothing on the ring is usable, or strict locality has no ring)."""
         ring = self.ring
         if region is not None and locality is not Locality.OFF:
@@ -85,5 +89,5 @@ class AffinityRouter:
         views = {}
         for d, c in zip(deployments, candidates, strict=True):
             window = d.ttft_window if stream else d.latency_window
-            views[d.id] = AffinityView(c.healthy, d.inflight, window.quantile(0.5, now))
+            views[d.id] = AffinityView(c.healthy, d.inflight, window.recent_median(RECENT_SAMPLES, now))
         return place(ring.order(key), views, exclude=tried, epsilon=self.epsilon, slow_factor=self.slow_factor)

@@ -26,7 +26,7 @@ from gateway.policy.fallback import FallbackReason, fallback_reason_for, should_
 from gateway.policy.hedging import hedge_delay, loser_sample_ms
 from gateway.policy.outlier import OutlierVerdict, record_outcome
 from gateway.policy.retry import FailureKind, RetryVerdict, is_retriable, plan_retry
-from gateway.policy.routing import RouteDecision, RouteReason, choose
+from gateway.policy.routing import RouteReason, choose
 from gateway.telemetry.timing import iso_utc, ms, now, round3, union_length
 from gateway.telemetry.tracing import TraceContext, new_span_id
 
@@ -203,18 +203,14 @@ class Exchange:
         t = now()
         h = self.headers
         cands = [d.candidate(t, self.stream) for d in m.deployments]
-        affine = None
-        if m.affinity is not None and "x-gateway-deployment" not in h:
-            affine = m.affinity.route(self, m, cands, tried, t)
-        if affine is not None and affine.deployment_id is not None:
-            decision: RouteDecision | None = RouteDecision(affine.deployment_id, affine.reason)
-        else:
+        decision = None
+        if m.affinity is not None and "x-gateway-deployment" not in h:  # routing.affinity: the key's ring first
+            decision = m.affinity.route(self, m, cands, tried, t)
+        if decision is None:
             decision = choose(cands, strategy=m.strategy, locality=m.locality, home_region=self.engine.home_region,
                               preferred_region=h.get("x-gateway-region"), pinned=h.get("x-gateway-deployment"),
-                              exclude=frozenset(tried) if affine is None else frozenset(tried) | affine.avoid,
-                              cross_region_penalty_ms=m.penalty_ms, rng=self.engine.registry.rng, rr_counter=m.rr)
-            if affine is not None and decision is not None:  # home is slow: the usual choice, elsewhere
-                decision = RouteDecision(decision.deployment_id, affine.reason)
+                              exclude=frozenset(tried), cross_region_penalty_ms=m.penalty_ms,
+                              rng=self.engine.registry.rng, rr_counter=m.rr)
         m.rr += 1
         if m.affinity is not None and kind is AttemptKind.PRIMARY:
             m.affinity.count(self, m, decision)

@@ -9,11 +9,15 @@ the next deployment on the ring). The walk from the key's point gives the order 
 - a deployment that is gone (ejected, cooling down after a 429, at max_concurrency) or already tried by
   this request is skipped: its keys *rehome* to their next deployment on the ring, the same one for every
   replica, and come back when it returns;
-- a deployment at its load bound is skipped too (Mirrokni, Thorup, Zadimoghaddam, "Consistent hashing with
-  bounded loads", 2016): no deployment takes more than ceil((1 + epsilon) x the mean in-flight load), so a
-  hot key or an unlucky hash spills to the next deployment on the ring instead of piling up;
-- a target much slower than the fastest usable deployment (its recent median first-token time above
-  ``slow_factor`` x theirs) is not worth its cache: the request *spills* to the usual latency choice.
+- a deployment at its load bound is passed over too (Mirrokni, Thorup, Zadimoghaddam, "Consistent hashing
+  with bounded loads", 2016): no deployment takes more than ceil((1 + epsilon) x the mean in-flight load),
+  so a hot key or an unlucky hash *spills* to the next deployment on the ring instead of piling up;
+- so is one much slower than the fastest usable deployment (the median of its last few first-token
+  times above ``slow_factor`` x the fastest's): its cache is not worth the wait.
+
+Spilling along the ring rather than to the latency choice keeps a spilled conversation's turns together
+on one deployment (the next on its ring), whose cache then serves them; when nothing on the ring will
+do, the usual latency/locality choice decides.
 
 Pure: the engine passes each deployment's facts and gets a decision back; no I/O, no clock.
 """
@@ -27,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import NamedTuple
 
-from gateway.policy.routing import RouteReason
+from gateway.policy.routing import RouteDecision, RouteReason
 
 # Points per deployment on the ring: the spread of keys over 3-10 deployments stays within a few percent of
 # even, and a ring of 10 deployments is 1,600 points (built once at start-up).
@@ -82,13 +86,7 @@ class HashRing:
 class AffinityView(NamedTuple):  # one deployment's facts, as the engine sees them now
     usable: bool  # not ejected, not cooling down after a 429, not at max_concurrency
     inflight: int
-    typical_ms: float | None  # recent median first-token (or whole-response) time; None without enough data
-
-
-class AffinityDecision(NamedTuple):
-    deployment_id: str | None  # None: spill to the usual choice, avoiding ``avoid``
-    reason: RouteReason  # AFFINITY_HOME, AFFINITY_REHOME or AFFINITY_SPILL
-    avoid: frozenset[str] = frozenset()
+    recent_ms: float | None  # median of its last few first-token (or whole-response) times; None: too few
 
 
 def load_bound(inflight_total: int, deployments: int, epsilon: float) -> int:
@@ -97,38 +95,33 @@ def load_bound(inflight_total: int, deployments: int, epsilon: float) -> int:
 
 
 def place(order: Sequence[str], views: Mapping[str, AffinityView], *, exclude: frozenset[str] | set[str],
-          epsilon: float, slow_factor: float) -> AffinityDecision | None:
-    """Where a keyed request goes; None when no deployment on the ring is usable (the usual choice decides).
+          epsilon: float, slow_factor: float) -> RouteDecision | None:
+    """Where a keyed request goes; None when nothing on its ring will do (the usual choice decides then).
 
-    ``order``: the ring walk for the key (home first). ``exclude``: deployments this request already
-    tried or is running on (a hedge or retry takes the next deployment on the ring).
+    ``order``: the ring walk for the key, home first. ``exclude``: deployments this request already tried
+    or is running on (a hedge or a retry takes the next deployment on the ring).
     """
     usable = [d for d in order if views[d].usable]
     if not usable:
         return None
     total = 0
+    fastest = math.inf
     for d in usable:
-        total += views[d].inflight
+        v = views[d]
+        total += v.inflight
+        if v.recent_ms is not None and v.recent_ms < fastest:
+            fastest = v.recent_ms
     bound = load_bound(total, len(usable), epsilon)
-    spilled = False
-    target = None
+    too_slow = slow_factor * fastest if slow_factor > 0.0 and fastest < math.inf else math.inf
+    passed_on = False
     for d in usable:
         if d in exclude:
             continue
-        if views[d].inflight + 1 > bound:
-            spilled = True  # a full deployment passes its keys on, as one that is gone does
+        v = views[d]
+        if v.inflight + 1 > bound or (v.recent_ms is not None and v.recent_ms > too_slow):
+            passed_on = True  # full or slow: its keys go on along the ring, as a gone one's do
             continue
-        target = d
-        break
-    if target is None:
-        return None
-    typical = views[target].typical_ms
-    if typical is not None and slow_factor > 0.0:
-        best = min((t for d in usable if d != target and (t := views[d].typical_ms) is not None), default=None)
-        if best is not None and typical > slow_factor * best:
-            return AffinityDecision(None, RouteReason.AFFINITY_SPILL, frozenset((target,)))
-    if spilled:
-        return AffinityDecision(target, RouteReason.AFFINITY_SPILL)
-    if target == order[0]:
-        return AffinityDecision(target, RouteReason.AFFINITY_HOME)
-    return AffinityDecision(target, RouteReason.AFFINITY_REHOME)
+        if d == order[0]:
+            return RouteDecision(d, RouteReason.AFFINITY_HOME)
+        return RouteDecision(d, RouteReason.AFFINITY_SPILL if passed_on else RouteReason.AFFINITY_REHOME)
+    return None

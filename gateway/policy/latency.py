@@ -161,6 +161,19 @@ class QuantileWindow:
             rank = n - 1
         return self._sorted[rank]
 
+    def recent_median(self, n: int, now: float) -> float | None:
+        """The median of the last ``n`` samples still in the window; None with fewer than half of ``n``.
+
+        What a deployment is like now, robust to a single outlier either way (affinity's slowness test).
+        """
+        self._expire(now)
+        values = self._values
+        k = len(values)
+        if k * 2 < n or k == 0:
+            return None
+        last = sorted(values[i] for i in range(max(0, k - n), k))
+        return last[len(last) // 2]
+
     def __len__(self) -> int:
         """Samples held (ones past ``max_age_s`` leave at the next ``add`` or ``quantile``)."""
         return len(self._sorted)
