@@ -23,9 +23,10 @@ if TYPE_CHECKING:
     from gateway.engine.exchange import Exchange
     from gateway.engine.registry import DeploymentRuntime, ModelRuntime
 
-# Slowness is judged on a deployment's last few samples: a 60 s median would keep sending a conversation to
-# a home that turned slow for as long as its fast past outweighs its slow present.
-RECENT_SAMPLES = 9
+# Slowness is judged on the fastest of a deployment's last few samples: a median would take a wave of
+# cache misses (new conversations, rehomed ones) for slowness, and a 60 s window would keep sending
+# conversations to a home that turned slow for as long as its fast past outweighs its slow present.
+RECENT_SAMPLES = 5
 
 # llmgw_affinity_routes_total{result}: how a keyed request's primary attempt was placed.
 _RESULTS = {RouteReason.AFFINITY_HOME: "home", RouteReason.AFFINITY_REHOME: "rehome",
@@ -89,5 +90,5 @@ class AffinityRouter:
         views = {}
         for d, c in zip(deployments, candidates, strict=True):
             window = d.ttft_window if stream else d.latency_window
-            views[d.id] = AffinityView(c.healthy, d.inflight, window.recent_median(RECENT_SAMPLES, now))
+            views[d.id] = AffinityView(c.healthy, d.inflight, window.recent_min(RECENT_SAMPLES, now))
         return place(ring.order(key), views, exclude=tried, epsilon=self.epsilon, slow_factor=self.slow_factor)

@@ -12,8 +12,9 @@ the next deployment on the ring). The walk from the key's point gives the order 
 - a deployment at its load bound is passed over too (Mirrokni, Thorup, Zadimoghaddam, "Consistent hashing
   with bounded loads", 2016): no deployment takes more than ceil((1 + epsilon) x the mean in-flight load),
   so a hot key or an unlucky hash *spills* to the next deployment on the ring instead of piling up;
-- so is one much slower than the fastest usable deployment (the median of its last few first-token
-  times above ``slow_factor`` x the fastest's): its cache is not worth the wait.
+- so is one much slower than the fastest usable deployment (the fastest of its last few first-token
+  times above ``slow_factor`` x the other's): its cache is not worth the wait. The fastest, not the
+  median: cache misses are slow too, and a wave of them is no reason to move a conversation.
 
 Spilling along the ring rather than to the latency choice keeps a spilled conversation's turns together
 on one deployment (the next on its ring), whose cache then serves them; when nothing on the ring will
@@ -86,7 +87,7 @@ class HashRing:
 class AffinityView(NamedTuple):  # one deployment's facts, as the engine sees them now
     usable: bool  # not ejected, not cooling down after a 429, not at max_concurrency
     inflight: int
-    recent_ms: float | None  # median of its last few first-token (or whole-response) times; None: too few
+    recent_ms: float | None  # fastest of its last few first-token (or whole-response) times; None: too few
 
 
 def load_bound(inflight_total: int, deployments: int, epsilon: float) -> int:

@@ -161,18 +161,18 @@ class QuantileWindow:
             rank = n - 1
         return self._sorted[rank]
 
-    def recent_median(self, n: int, now: float) -> float | None:
-        """The median of the last ``n`` samples still in the window; None with fewer than half of ``n``.
+    def recent_min(self, n: int, now: float) -> float | None:
+        """The fastest of the last ``n`` samples still in the window; None with fewer than ``n``.
 
-        What a deployment is like now, robust to a single outlier either way (affinity's slowness test).
+        What a deployment can do now at best (affinity's slowness test): prompt-cache misses, however
+        many, leave it alone as long as one of the last ``n`` hit; a deployment that turned slow moves it.
         """
         self._expire(now)
         values = self._values
         k = len(values)
-        if k * 2 < n or k == 0:
+        if k < n or n <= 0:
             return None
-        last = sorted(values[i] for i in range(max(0, k - n), k))
-        return last[len(last) // 2]
+        return min(values[i] for i in range(k - n, k))
 
     def __len__(self) -> int:
         """Samples held (ones past ``max_age_s`` leave at the next ``add`` or ``quantile``)."""
