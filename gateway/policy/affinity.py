@@ -103,24 +103,27 @@ def place(order: Sequence[str], views: Mapping[str, AffinityView], *, exclude: f
     or is running on (a hedge or a retry takes the next deployment on the ring).
     """
     usable = [d for d in order if views[d].usable]
-    if not usable:
-        return None
-    total = 0
     fastest = math.inf
     for d in usable:
-        v = views[d]
-        total += v.inflight
-        if v.recent_ms is not None and v.recent_ms < fastest:
-            fastest = v.recent_ms
-    bound = load_bound(total, len(usable), epsilon)
+        ms = views[d].recent_ms
+        if ms is not None and ms < fastest:
+            fastest = ms
     too_slow = slow_factor * fastest if slow_factor > 0.0 and fastest < math.inf else math.inf
-    passed_on = False
-    for d in usable:
+    # The load bound is over the deployments that may take keyed requests: a slow one holds few, and
+    # counting it would pull the mean down and push the others over.
+    eligible = [d for d in usable if (ms := views[d].recent_ms) is None or ms <= too_slow]
+    if not eligible:
+        return None
+    total = 0
+    for d in eligible:
+        total += views[d].inflight
+    bound = load_bound(total, len(eligible), epsilon)
+    passed_on = eligible[0] != usable[0]  # the first usable one is slow: its keys go on
+    for d in eligible:
         if d in exclude:
             continue
-        v = views[d]
-        if v.inflight + 1 > bound or (v.recent_ms is not None and v.recent_ms > too_slow):
-            passed_on = True  # full or slow: its keys go on along the ring, as a gone one's do
+        if views[d].inflight + 1 > bound:
+            passed_on = True  # full: its keys go on along the ring, as a gone one's do
             continue
         if d == order[0]:
             return RouteDecision(d, RouteReason.AFFINITY_HOME)

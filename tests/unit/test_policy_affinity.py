@@ -110,6 +110,13 @@ def test_a_slow_home_spills_along_the_ring():
     assert place(("b", "a", "c"), v, exclude=frozenset(), epsilon=0.25, slow_factor=0.0)[0] == "b"
 
 
+def test_a_slow_deployment_does_not_count_in_the_others_bound():
+    """A slow home holds little: counted in the mean it would push the others over their bound."""
+    v = {"a": AffinityView(True, 0, 900.0), "b": AffinityView(True, 4, 50.0), "c": AffinityView(True, 4, 60.0)}
+    assert place(("a", "b", "c"), v, exclude=frozenset(), epsilon=0.25, slow_factor=3.0) == \
+        ("b", RouteReason.AFFINITY_SPILL)
+
+
 def test_the_bound_holds_for_any_arrival_order():
     """Place many keyed requests that never finish: no deployment ever exceeds ceil((1+eps) x mean)."""
     ring = HashRing(["a", "b", "c", "d"])
