@@ -23,10 +23,12 @@ if TYPE_CHECKING:
     from gateway.engine.exchange import Exchange
     from gateway.engine.registry import DeploymentRuntime, ModelRuntime
 
-# Slowness is judged on the fastest of a deployment's last few samples: a median would take a wave of
-# cache misses (new conversations, rehomed ones) for slowness, and a 60 s window would keep sending
-# conversations to a home that turned slow for as long as its fast past outweighs its slow present.
-RECENT_SAMPLES = 5
+# Slowness is judged on the fastest of a deployment's last 16 samples. Not a median: a wave of cache
+# misses (new conversations, or a gone deployment's rehomed ones) would read as slowness and move more
+# conversations, whose misses would then move more (measured: half of all turns spilled with the fastest
+# of 5). Not the 60 s window: a home that turned slow would keep its conversations for as long as its fast
+# past outweighs its slow present.
+RECENT_SAMPLES = 16
 
 # llmgw_affinity_routes_total{result}: how a keyed request's primary attempt was placed.
 _RESULTS = {RouteReason.AFFINITY_HOME: "home", RouteReason.AFFINITY_REHOME: "rehome",

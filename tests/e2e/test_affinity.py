@@ -116,3 +116,20 @@ def test_key_mode_follows_the_header_or_prompt_cache_key_only(sims_factory, gate
     recs = gw.records(wait_for=10)
     assert recs[-1]["affinity_key"] is None and recs[-1]["route_reason"] != "affinity-home"
     assert metric_value(gw.metrics(), "llmgw_affinity_routes_total", model="chat", result="unkeyed") == 1
+
+
+def test_two_replicas_without_shared_state_agree_on_every_home(sims_factory, gateways):
+    """The ring is a function of the deployment ids: replicas need no state backend to agree."""
+    sims = sims_factory({name: ("us-east", KNOBS) for name in SIMS})
+    cfg = {"server": {"region": "us-east"},
+           "models": [model("chat", [dep(name, sims.base_url(name)) for name in SIMS],
+                            routing={"affinity": "prefix"})]}
+    clients = [gateways(cfg).client(), gateways(cfg).client()]
+    histories: dict[int, list[dict]] = {c: [] for c in range(6)}
+    for turn in range(4):
+        for conv, history in histories.items():
+            _turn(clients[(conv + turn) % 2], conv, history, f"question {turn}")  # turns alternate replicas
+    served = _served(sims)
+    assert len(served) == 6
+    for conv, names in served.items():
+        assert len(names) == 4 and len(set(names)) == 1, (conv, names)

@@ -162,10 +162,10 @@ def test_routing_follows_home_through_ejection_slowness_and_recovery():
     clock.advance(31.0)  # the ejection ran out: the key goes home again
     assert _decide(m, key, clock) == (home, RouteReason.AFFINITY_HOME)
 
-    for _ in range(4):  # home turns 5x slower than the others: while one of its last 5 was fast, it stays ...
+    for _ in range(15):  # home turns 5x slower than the others: while one of its last 16 was fast, it stays ...
         by_id[home].observe(400.0, clock(), True)
         assert _decide(m, key, clock) == (home, RouteReason.AFFINITY_HOME)
-    by_id[home].observe(400.0, clock(), True)  # ... when all 5 were slow, it is slow
+    by_id[home].observe(400.0, clock(), True)  # ... when all 16 were slow, it is slow
     assert _decide(m, key, clock) == (nxt, RouteReason.AFFINITY_SPILL)
     clock.advance(61.0)  # its slow samples age out of the window: it is tried again
     for d in m.deployments:
@@ -196,9 +196,12 @@ def test_a_wave_of_cache_misses_is_not_slowness():
     key = KEYS[2]
     home = m.affinity.ring.order(key)[0]
     for d in m.deployments:
-        for _ in range(10):
+        for _ in range(20):
             d.observe(50.0, clock(), True)  # cache hits
     for _ in range(3):
         for ms in (300.0, 320.0, 50.0, 310.0):  # three misses to one hit, again and again
             m.by_id[home].observe(ms, clock(), True)
             assert _decide(m, key, clock) == (home, RouteReason.AFFINITY_HOME)
+    for _ in range(12):  # a gone deployment's conversations arrive: a wave of misses in a row
+        m.by_id[home].observe(300.0, clock(), True)
+        assert _decide(m, key, clock) == (home, RouteReason.AFFINITY_HOME)
