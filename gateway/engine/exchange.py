@@ -51,7 +51,7 @@ class Exchange:
                  "winner", "last_failure", "error", "timeout_flag", "fallback_from", "fallback_reason",
                  "served_model", "status", "bytes_received", "bytes_sent", "t_routed", "t_first_sent", "t_last_sent",
                  "prompt_tokens", "completion_tokens", "client_gone", "committed", "finished", "closing", "_bodies",
-                 "_base_headers", "deadline")
+                 "_base_headers", "deadline", "affinity_key")
 
     def __init__(self, engine: Engine, task: asyncio.Task, *, path: str, upstream_path: str, body: dict[str, Any], raw_len: int,
                  headers: dict[str, str], t_received: float, t_body: float, wall_start: float,
@@ -105,6 +105,7 @@ class Exchange:
         self._bodies: dict[str, bytes] = {}
         self._base_headers: dict[str, str] | None = None
         self.deadline: Deadline | None = None
+        self.affinity_key: int | None = None  # routing.affinity: the request's key, once derived
 
     # ------------------------------------------------------------------ entry
 
@@ -201,12 +202,18 @@ class Exchange:
     def _start(self, m: ModelRuntime, kind: AttemptKind, tried: set[str]) -> Attempt | None:
         t = now()
         h = self.headers
-        decision = choose([d.candidate(t, self.stream) for d in m.deployments], strategy=m.strategy,
-                          locality=m.locality, home_region=self.engine.home_region,
-                          preferred_region=h.get("x-gateway-region"), pinned=h.get("x-gateway-deployment"),
-                          exclude=frozenset(tried), cross_region_penalty_ms=m.penalty_ms,
-                          rng=self.engine.registry.rng, rr_counter=m.rr)
+        cands = [d.candidate(t, self.stream) for d in m.deployments]
+        decision = None
+        if m.affinity is not None and "x-gateway-deployment" not in h:  # routing.affinity: the key's ring first
+            decision = m.affinity.route(self, m, cands, tried, t)
+        if decision is None:
+            decision = choose(cands, strategy=m.strategy, locality=m.locality, home_region=self.engine.home_region,
+                              preferred_region=h.get("x-gateway-region"), pinned=h.get("x-gateway-deployment"),
+                              exclude=frozenset(tried), cross_region_penalty_ms=m.penalty_ms,
+                              rng=self.engine.registry.rng, rr_counter=m.rr)
         m.rr += 1
+        if m.affinity is not None and kind is AttemptKind.PRIMARY:
+            m.affinity.count(self, m, decision)
         if decision is None:
             self.error = errors.GatewayError(503, f"No deployment of model '{m.name}' is available in this region.",
                                              "server_error", "no_healthy_upstream", flag="UH")
@@ -659,6 +666,7 @@ class Exchange:
             "backoff_ms": round3(sum(b - a for a, b in self.waits) * 1000.0) if self.waits else 0.0,
             "timeout_flag": self.timeout_flag,
             "route_reason": self.route_reason,  # a StrEnum: logged as its value
+            "affinity_key": f"{self.affinity_key:016x}" if self.affinity_key is not None else None,
             "fallback_from": self.fallback_from,
             "fallback_reason": self.fallback_reason,
             "error_type": self.error.code if self.error is not None else None,

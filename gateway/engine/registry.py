@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 
 from gateway.config import DeploymentConfig, GatewayConfig, ModelConfig
+from gateway.engine.affinity import AffinityRouter
 from gateway.policy.budget import RetryBudget, TokenBucket
 from gateway.policy.latency import PeakEwma, QuantileWindow
 from gateway.policy.outlier import OutlierState, is_ejected
@@ -68,7 +69,7 @@ class DeploymentRuntime:
 
 class ModelRuntime:
     __slots__ = ("cfg", "name", "deployments", "by_id", "retry_budget", "hedge_bucket", "rr", "retry_on",
-                 "strategy", "locality", "penalty_ms", "total_s", "hedge_delay_s", "chain")
+                 "strategy", "locality", "penalty_ms", "total_s", "hedge_delay_s", "chain", "affinity")
 
     def __init__(self, cfg: ModelConfig) -> None:
         self.cfg = cfg
@@ -87,6 +88,7 @@ class ModelRuntime:
         self.total_s = cfg.timeouts.total_ms / 1000.0
         self.hedge_delay_s: float | None = None  # last delay used, for the gauge
         self.chain: tuple[ModelRuntime, ...] = (self,)  # with its fallbacks, set by the Registry
+        self.affinity = AffinityRouter.build(cfg)  # None: routing.affinity is off
 
     def ejected_share(self, now: float) -> float:
         n = sum(1 for d in self.deployments if is_ejected(d.outlier, now))

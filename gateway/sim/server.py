@@ -17,6 +17,7 @@ import orjson
 
 from gateway.sim.asks import Ask, BadRequest, read_ask
 from gateway.sim.exchange import Exchange, Plan
+from gateway.sim.prefix_cache import PrefixCache, prompt_text
 from gateway.sim.profile import SimProfile, happens, sample_ttft_ms
 from gateway.sim.protocol import Connection, Request, header_line
 from gateway.sim.stats import Endpoint, Outcome, SimStats
@@ -60,6 +61,7 @@ class SimServer:
         self._conns: set[Connection] = set()
         self._in_flight = 0
         self._schemas: dict[bytes, float] = {}  # schema key -> loop time its compile is done
+        self._prefix_cache = PrefixCache()
         self._server: asyncio.AbstractServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -183,12 +185,15 @@ class SimServer:
             ttft_ms = sample_ttft_ms(prof, rng)
             if ask.schema_key is not None:
                 ttft_ms += self._schema_wait_ms(ask.schema_key, prof, req.t0, rec)
+            if prof.prefix_cache_tokens or prof.prefill_ms_per_1k:
+                ttft_ms += self._prefill_ms(req.body, ask.prompt_tokens, prof, rec)
             rec["ttft_ms"] = round(ttft_ms, 3)
         tokens, finish = prof.tokens, "stop"
         if ask.max_tokens is not None and ask.max_tokens < tokens:
             tokens, finish = ask.max_tokens, "length"
         answer = Answer(sim=self.name, serial=rec["serial"], model=ask.model, tokens=tokens, finish_reason=finish,
-                        prompt_tokens=ask.prompt_tokens, include_usage=ask.include_usage, created=int(req.started_at))
+                        prompt_tokens=ask.prompt_tokens, include_usage=ask.include_usage, created=int(req.started_at),
+                        cached_tokens=rec.get("cached_tokens") or 0)
         shape = self._shape(endpoint, answer, ask, prof)
         if endpoint is Endpoint.EMBEDDINGS:
             tokens = 1  # one answer at ttft; the token count means nothing here
@@ -227,6 +232,17 @@ class SimServer:
             rec["cold_schema"] = True
             return prof.cold_schema_ms
         return max(0.0, ready - t0) * 1000.0
+
+    def _prefill_ms(self, raw: bytes, prompt_tokens: int, prof: SimProfile, rec: dict[str, Any]) -> float:
+        """Prefill of the prompt tokens the prefix cache does not hold (all of them without a cache)."""
+        cached = 0
+        if prof.prefix_cache_tokens:
+            cached = min(prompt_tokens, self._prefix_cache.lookup_and_fill(prompt_text(orjson.loads(raw)),
+                                                                             prof.prefix_cache_tokens))
+        rec["cached_tokens"] = cached
+        self._stats.prompt_tokens_cached += cached
+        self._stats.prompt_tokens_uncached += prompt_tokens - cached
+        return (prompt_tokens - cached) / 1000.0 * prof.prefill_ms_per_1k
 
     def _ended(self, ex: Exchange, outcome: Outcome) -> None:
         self._in_flight -= 1

@@ -24,7 +24,7 @@ FIELDS = (
     "ttft_ms", "upstream_service_time_ms", "gateway_overhead_ms", "upstream_host", "upstream_cluster",
     "upstream_region", "upstream_model", "upstream_connect_ms", "upstream_reused_connection", "pool_wait_ms",
     "attempts", "retry_count", "hedge_count", "hedge_winner", "hedge_delay_ms", "hedge_loser", "backoff_ms",
-    "timeout_flag", "route_reason", "fallback_from", "fallback_reason", "error_type", "bytes_received",
+    "timeout_flag", "route_reason", "affinity_key", "fallback_from", "fallback_reason", "error_type", "bytes_received",
     "bytes_sent", "prompt_tokens", "completion_tokens", "user_agent", "downstream_remote_address", "api_key_id",
 )
 

@@ -215,6 +215,8 @@ class Metrics:
                                                  "decided locally because the state backend did not answer.")
         self.route_decisions = self._counter("llmgw_route_decisions_total", "Routing decisions by reason.",
                                        ["model", "deployment", "reason"])
+        self.affinity_routes = self._counter("llmgw_affinity_routes_total", "Keyed requests (routing.affinity) by "
+                                             "placement: home, rehome, spill, fallback, unkeyed.", ["model", "result"])
         self.gc_frozen = self._gauge("llmgw_gc_frozen_objects", "Start-up objects kept out of the cyclic GC.",
                                      mode="max")
         self.latency_estimate = self._gauge("llmgw_deployment_latency_estimate_seconds",
