@@ -61,3 +61,14 @@ def upstream_unreachable(detail: str, flag: str = "UF") -> GatewayError:
 
 def deadline_exceeded(message: str, flag: str) -> GatewayError:
     return GatewayError(504, message, "timeout_error", "timeout", None, flag=flag)
+
+
+def upstream_protocol_error(detail: str) -> GatewayError:
+    return GatewayError(502, f"The upstream answered with invalid HTTP: {detail}", "server_error",
+                        "upstream_protocol_error", None, flag="UPE")
+
+
+def internal_error() -> GatewayError:
+    """A gateway bug (an unexpected exception): a 500 the client can report, flag GE; the detail is logged."""
+    return GatewayError(500, "The gateway failed to handle the request (an internal error, logged).",
+                        "server_error", "internal_error", None, flag="GE")

@@ -46,7 +46,7 @@ from fleet import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 NETNS_ENV = "LLMGW_BENCH_IN_NETNS"
-CLIENT_KINDS = ("h1", "aiohttp", "httpx", "httpx2", "httpx-aiohttp")
+CLIENT_KINDS = ("h1", "httpx")
 # paths of this machine stay out of the raw results, which may be committed
 MACHINE_ARGS = frozenset({"bench_dir", "bench_python", "gateway_python", "lock", "out"})
 

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from gateway.config import GatewayConfig
+from gateway import errors
+from gateway.config import DeploymentConfig, GatewayConfig
 from gateway.engine.alarms import Alarms
+from gateway.engine.clock import MONOTONIC, Clock
 from gateway.engine.registry import DeploymentRuntime, Registry
+from gateway.errors import GatewayError
+from gateway.policy.deadline import Deadline, DeadlineSource, resolve_deadline
 from gateway.telemetry.accesslog import AccessLog
 from gateway.telemetry.metrics import Metrics
-from gateway.telemetry.timing import now
+from gateway.upstream.base import UpstreamClient
+from gateway.upstream.select import make_client
 
 if TYPE_CHECKING:
     from gateway.engine.exchange import Exchange
@@ -29,10 +35,14 @@ _NOT_FORWARDED = frozenset({
 
 class Engine:
     def __init__(self, cfg: GatewayConfig, *, home_region: str | None, metrics: Metrics,
-                 access_log: AccessLog | None, seed: int | None = None) -> None:
+                 access_log: AccessLog | None, seed: int | None = None, clock: Clock = MONOTONIC,
+                 upstream: Callable[[DeploymentConfig], UpstreamClient] = make_client) -> None:
+        """``clock``: the one time source of the request path; ``upstream``: builds each deployment's client."""
         self.cfg = cfg
         self.home_region = home_region
-        self.registry = Registry(cfg, home_region, seed)
+        self.clock = clock
+        self.now = clock.now
+        self.registry = Registry(cfg, home_region, seed, upstream)
         self.metrics = metrics
         self.access_log = access_log
         self.inflight = 0
@@ -43,7 +53,7 @@ class Engine:
         self.warm_learned: Any = None  # async (model, json_schema, skip_deployment) -> None
         self.state_backend: Any = None
         self.tracing: Any = None  # telemetry.otel.Tracing when OTLP export is on
-        self.alarms = Alarms()  # every request's deadlines (first token, hedge, stream idle) on one loop timer
+        self.alarms = Alarms(clock)  # every request's deadlines (first token, hedge, stream idle) on one loop timer
         self._inflight_gauge = metrics.inflight
         self._requests = metrics.requests
         self._forward_cache: dict[str, bool] = {}
@@ -66,6 +76,20 @@ class Engine:
         self.inflight += 1
         self._inflight_gauge.inc()
         return True
+
+    def deadline_for(self, model_name: str, headers: dict[str, str],
+                     t_received: float) -> tuple[Deadline, GatewayError | None]:
+        """The request's deadline: the earliest of the model's ``total_ms`` and the client's and SDK's timeout
+        headers. With an error (unknown model, malformed header) the request is answered at once, and the
+        deadline is only what the record needs."""
+        model = self.registry.models.get(model_name)
+        if model is None:
+            return Deadline(t_received, DeadlineSource.TOTAL), errors.model_not_found(model_name)
+        try:
+            return resolve_deadline(t_received, model.total_s * 1000.0, headers.get("x-gateway-timeout-ms"),
+                                    headers.get("x-stainless-timeout") or headers.get("x-stainless-read-timeout")), None
+        except ValueError as exc:
+            return Deadline(t_received, DeadlineSource.TOTAL), errors.bad_request(str(exc), code="invalid_header")
 
     def upstream_headers(self, client_headers: dict[str, str], request_id: str) -> dict[str, str]:
         """Client headers worth forwarding (x-*, openai-*, user-agent ...), minus credentials and hop-by-hop."""
@@ -90,7 +114,7 @@ class Engine:
         self.metrics.child(self.metrics.ejections, dep.id).inc()
         self.metrics.child(self.metrics.ejected, dep.id).set(1)
         log.warning("deployment %s ejected for %.0f s after %d consecutive failures", dep.id,
-                    dep.outlier.ejected_until - now(), dep.outlier.consecutive_failures)
+                    dep.outlier.ejected_until - self.now(), dep.outlier.consecutive_failures)
         if self.sync is not None:
             self.sync.publish_ejection(dep)
 
