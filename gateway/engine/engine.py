@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from gateway import errors
 from gateway.config import DeploymentConfig, GatewayConfig
 from gateway.engine.alarms import Alarms
 from gateway.engine.clock import MONOTONIC, Clock
-from gateway.engine.registry import DeploymentRuntime, Registry
+from gateway.engine.registry import DeploymentRuntime, ModelRuntime, Registry
+from gateway.engine.sync import StateSync
 from gateway.errors import GatewayError
 from gateway.policy.deadline import Deadline, DeadlineSource, resolve_deadline
+from gateway.state.base import StateBackend
 from gateway.telemetry.accesslog import AccessLog
 from gateway.telemetry.metrics import Metrics
+from gateway.telemetry.otel import Tracing
+from gateway.telemetry.views import ExchangeView
 from gateway.upstream.base import UpstreamClient
+from gateway.upstream.schemas import SchemaLearner
 from gateway.upstream.select import make_client
-
-if TYPE_CHECKING:
-    from gateway.engine.exchange import Exchange
 
 log = logging.getLogger("llmgw")
 
@@ -31,6 +33,37 @@ _NOT_FORWARDED = frozenset({
     "proxy-authorization", "proxy-authenticate", "proxy-connection", "te", "trailer", "transfer-encoding",
     "upgrade", "accept-encoding", "expect", "traceparent", "tracestate", "x-request-id",
 })
+
+
+class WinningAttempt(Protocol):
+    @property
+    def dep(self) -> DeploymentRuntime: ...
+
+
+class EndedExchange(ExchangeView, Protocol):
+    """What ``finish`` and the record hooks (tracing: ``ExchangeView``) read of a request that has ended
+    (``exchange.Exchange``); a Protocol so this module does not import the exchange, which imports it."""
+
+    @property
+    def stream(self) -> bool: ...
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def body(self) -> dict[str, Any]: ...
+
+    @property
+    def served_model(self) -> ModelRuntime | None: ...
+
+    @property
+    def winner(self) -> WinningAttempt | None: ...
+
+    def record(self) -> dict[str, Any]: ...
+
+
+RecordHook = Callable[[EndedExchange, dict[str, Any]], None]  # (the ended exchange, its access-log record)
+WarmLearned = Callable[[str, dict[str, Any], str | None], Awaitable[None]]  # (model, json_schema, skip deployment)
 
 
 class Engine:
@@ -47,12 +80,12 @@ class Engine:
         self.access_log = access_log
         self.inflight = 0
         self.max_inflight = cfg.server.max_inflight
-        self.sync: Any = None  # engine.sync.StateSync, set by the app when a backend is configured
-        self.schema_learner: Any = None  # upstream.schemas.SchemaLearner
-        self.on_record: list[Any] = []  # hooks called with each access-log record (tracing)
-        self.warm_learned: Any = None  # async (model, json_schema, skip_deployment) -> None
-        self.state_backend: Any = None
-        self.tracing: Any = None  # telemetry.otel.Tracing when OTLP export is on
+        self.sync: StateSync | None = None  # set by the app when a backend is configured
+        self.schema_learner: SchemaLearner | None = None
+        self.on_record: list[RecordHook] = []  # hooks called with each access-log record (tracing)
+        self.warm_learned: WarmLearned | None = None
+        self.state_backend: StateBackend | None = None
+        self.tracing: Tracing | None = None  # when OTLP export is on
         self.alarms = Alarms(clock)  # every request's deadlines (first token, hedge, stream idle) on one loop timer
         self._inflight_gauge = metrics.inflight
         self._requests = metrics.requests
@@ -118,7 +151,7 @@ class Engine:
         if self.sync is not None:
             self.sync.publish_ejection(dep)
 
-    def finish(self, ex: Exchange) -> None:
+    def finish(self, ex: EndedExchange) -> None:
         """Exactly once per request: access-log record and metrics."""
         self.inflight -= 1
         self._inflight_gauge.dec()
@@ -148,7 +181,7 @@ class Engine:
         for hook in self.on_record:
             hook(ex, rec)
 
-    def _learn_schema(self, ex: Exchange) -> None:
+    def _learn_schema(self, ex: EndedExchange) -> None:
         rf = ex.body.get("response_format")
         if type(rf) is not dict or rf.get("type") != "json_schema":
             return

@@ -12,13 +12,14 @@ import logging
 import time
 from collections.abc import Coroutine
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from gateway import errors
 from gateway.engine.alarms import Alarm
 from gateway.engine.attempt import Attempt, AttemptKind, AttemptState
+from gateway.engine.engine import Engine
 from gateway.engine.interrupt import CancelReason, Interrupt
 from gateway.engine.registry import DeploymentRuntime, ModelRuntime
 from gateway.engine.relay import RelayOutcome, Send, relay_stream
@@ -33,9 +34,6 @@ from gateway.policy.retry import FailureKind, RetryVerdict, is_retriable, plan_r
 from gateway.policy.routing import RouteReason, choose
 from gateway.telemetry.timing import iso_utc, ms, round3, union_length
 from gateway.telemetry.tracing import TraceContext, new_span_id
-
-if TYPE_CHECKING:
-    from gateway.engine.engine import Engine
 
 log = logging.getLogger("llmgw")
 
@@ -582,7 +580,7 @@ class Exchange:
         f = self.last_failure
         if f is None:
             return errors.GatewayError(503, f"No deployment of model '{self.model_name}' could take the request.",
-                                       "server_error", "no_healthy_upstream", flag="UH")
+                                       "server_error", "no_healthy_upstream", flag=ResponseFlag.NO_HEALTHY_UPSTREAM)
         if f.failure is FailureKind.STATUS:
             return (f.status, f.body, f)
         if f.failure is FailureKind.TIMEOUT:
