@@ -19,6 +19,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check gateway tests loadtests
 	$(BIN)/lint-imports
+	$(BIN)/mypy gateway/engine gateway/upstream gateway/policy
 	$(BIN)/pytest -q tests
 
 unit: $(STAMP)
@@ -30,6 +31,7 @@ e2e: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests loadtests
 	$(BIN)/lint-imports
+	$(BIN)/mypy gateway/engine gateway/upstream gateway/policy
 
 bench: $(STAMP)
 	$(BIN)/python loadtests/bench.py

@@ -15,6 +15,7 @@ from gateway.engine.alarms import Alarms
 from gateway.engine.interrupt import CancelReason, Interrupt
 from gateway.engine.registry import DeploymentRuntime
 from gateway.engine.sse import FirstTokenScanner
+from gateway.policy.budget import RetryBudget
 from gateway.policy.retry import FailureKind, parse_retry_after
 from gateway.upstream.base import ResponseHeaders, UpstreamResponse
 from gateway.upstream.errors import (
@@ -68,7 +69,7 @@ class Attempt:
         self.resp_headers: dict[str, str] | None = None
         self.released = False
         self.finished = False
-        self.budget = None  # policy.budget.RetryBudget whose slot this retry holds
+        self.budget: RetryBudget | None = None  # whose slot this retry holds
         self.interrupt: Interrupt | None = None  # how to stop the task this attempt runs in
         dep.inflight += 1
 
@@ -138,7 +139,12 @@ class Attempt:
         return self
 
     def _expire(self) -> None:
-        self.interrupt.cancel(CancelReason.FIRST_TOKEN_TIMEOUT)
+        self.stop(CancelReason.FIRST_TOKEN_TIMEOUT)
+
+    def stop(self, reason: CancelReason) -> None:
+        """Interrupt the task this attempt runs in (a no-op before it started)."""
+        if self.interrupt is not None:
+            self.interrupt.cancel(reason)
 
     def _fail(self, kind: FailureKind, detail: str) -> None:
         self.state = AttemptState.FAILED

@@ -189,11 +189,11 @@ class Engine:
         if type(js) is not dict or type(js.get("schema")) is not dict:
             return
         m = ex.served_model
-        if not m.cfg.warmup.learn:
+        learner, warm = self.schema_learner, self.warm_learned
+        if m is None or learner is None or warm is None or not m.cfg.warmup.learn:
             return
         skip = ex.winner.dep.id if ex.winner is not None else None
-        warm = self.warm_learned
-        self.schema_learner.observe(m.name, js, lambda model, schema: warm(model, schema, skip))
+        learner.observe(m.name, js, lambda model, schema: warm(model, schema, skip))
 
     def record_rejected(self, rec: dict[str, Any]) -> None:
         """A request refused before an Exchange existed (bad input, auth, limits): log it the same way."""

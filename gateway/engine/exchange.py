@@ -338,7 +338,7 @@ class Exchange:
                         self._lost(m, loser)
                         self._censored(loser, t_win, hedge_s)
                     for a in tasks.values():
-                        a.interrupt.cancel(CancelReason.RACE_LOST)
+                        a.stop(CancelReason.RACE_LOST)
                         self._lost(m, a)
                         self._censored(a, t_win, hedge_s)
                     tasks.clear()
@@ -398,6 +398,7 @@ class Exchange:
         """Decide whether to retry a failed attempt; wait the backoff; start the retry."""
         self.last_failure = failed
         t = self.now()
+        assert failed.failure is not None  # a failed attempt says why
         retriable = is_retriable(failed.failure, failed.status, m.retry_on)
         # Retry-After binds the deployment that said it; when another deployment can take the retry, go there.
         retry_after = failed.retry_after_s
@@ -471,6 +472,7 @@ class Exchange:
         t = self.now()
         metrics = self.engine.metrics
         if a.ok:
+            assert a.t_first is not None  # set with READY
             dep.observe((a.t_first - a.t_start) * 1000.0, t, self.stream)
             failed = False
             outcome = "success"
@@ -487,7 +489,7 @@ class Exchange:
                 if a.status == 429:
                     dep.cooldown_until = t + (a.retry_after_s if a.retry_after_s is not None else 1.0)
             else:
-                outcome = kind.value
+                outcome = kind.value if kind is not None else "failed"
         if a.wire.connect_end is not None and a.wire.connect_start is not None:
             metrics.child(metrics.connect, dep.id).observe(a.wire.connect_end - a.wire.connect_start)
         metrics.child(metrics.attempts, m.name, dep.id, outcome).inc()
@@ -548,6 +550,7 @@ class Exchange:
             p, c = usage_of(body)
             self.prompt_tokens, self.completion_tokens = p, c
             headers = self._response_headers(w, "application/json", len(body))
+            assert w.t_end is not None  # a non-stream winner has its whole body
             up_ms = (w.t_end - w.t_start) * 1000.0
             gw_ms = (self.now() - self.t_received) * 1000.0 - up_ms
             headers.append((b"x-gateway-upstream-service-time", b"%d" % round(up_ms)))
@@ -581,7 +584,7 @@ class Exchange:
         if f is None:
             return errors.GatewayError(503, f"No deployment of model '{self.model_name}' could take the request.",
                                        "server_error", "no_healthy_upstream", flag=ResponseFlag.NO_HEALTHY_UPSTREAM)
-        if f.failure is FailureKind.STATUS:
+        if f.failure is FailureKind.STATUS and f.status is not None:
             return (f.status, f.body, f)
         if f.failure is FailureKind.TIMEOUT:
             self.timeout_flag = f.timeout_flag
@@ -812,7 +815,7 @@ class _Race:
     def close(self) -> None:
         self.disarm()
         for a in self.tasks.values():
-            a.interrupt.cancel(CancelReason.RACE_LOST)
+            a.stop(CancelReason.RACE_LOST)
 
 
 __all__ = ["Exchange", "ExchangeState", "DeadlineSource"]

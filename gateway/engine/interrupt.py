@@ -55,9 +55,10 @@ class Interrupt:
         """In an ``except CancelledError``: the pending reason if it is one of ``reasons`` (consumed, the task
         un-cancelled), else None (re-raise: an outer handler, or the server, owns this cancel)."""
         reason = self.pending
-        if reason is None or reason not in reasons:
+        task = self.task
+        if reason is None or reason not in reasons or task is None:
             return None
         self.pending = None
-        if self.task.uncancel() > self._base:  # cancelled from outside too: that one still stands
+        if task.uncancel() > self._base:  # cancelled from outside too: that one still stands
             return None
         return reason

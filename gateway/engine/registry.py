@@ -82,7 +82,7 @@ class ModelRuntime:
         self.retry_budget = RetryBudget(r.budget_percent, r.min_retry_concurrency)
         self.hedge_bucket = TokenBucket(cfg.hedging.budget_percent)
         self.rr = 0
-        self.retry_on = frozenset(r.retry_on)
+        self.retry_on = frozenset(str(c) for c in r.retry_on)  # strings once validated
         self.strategy = Strategy(cfg.routing.strategy)
         self.locality = Locality(cfg.routing.locality)
         self.penalty_ms = cfg.routing.cross_region_penalty_ms

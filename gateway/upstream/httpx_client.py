@@ -151,7 +151,7 @@ class HttpxUpstreamClient:
                                              verify=tls_context(self.deployment) or True)
         pool_impl = transport._pool  # httpcore's pool: wrap its network backend to see connects
         self._backend = _CountingBackend(pool_impl._network_backend)
-        pool_impl._network_backend = self._backend
+        pool_impl._network_backend = self._backend  # type: ignore[assignment]
         self._client = httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False,
                                          follow_redirects=False)
 

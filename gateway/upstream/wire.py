@@ -53,7 +53,7 @@ def static_headers(dep: DeploymentConfig) -> dict[str, str]:
         headers["authorization"] = f"Bearer {dep.api_key}"
     elif dep.api_key and dep.auth_header == "api-key":
         headers["api-key"] = dep.api_key
-    headers.update(dep.headers)
+    headers.update({k: str(v) for k, v in dep.headers.items()})  # str already (validated); typed so
     return headers
 
 
