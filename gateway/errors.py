@@ -70,6 +70,11 @@ def upstream_protocol_error(detail: str) -> GatewayError:
                         "upstream_protocol_error", None, flag=ResponseFlag.UPSTREAM_PROTOCOL_ERROR)
 
 
+def draining() -> GatewayError:
+    return GatewayError(503, "The gateway is shutting down; retry on another replica.", "server_error", "draining",
+                        None, flag=ResponseFlag.DRAINING, retry_after="1")
+
+
 def internal_error() -> GatewayError:
     """A gateway bug (an unexpected exception): a 500 the client can report, flag GE; the detail is logged."""
     return GatewayError(500, "The gateway failed to handle the request (an internal error, logged).",

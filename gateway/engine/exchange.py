@@ -23,7 +23,7 @@ from gateway.engine.engine import Engine
 from gateway.engine.interrupt import CancelReason, Interrupt
 from gateway.engine.registry import DeploymentRuntime, ModelRuntime
 from gateway.engine.relay import RelayOutcome, Send, relay_stream
-from gateway.engine.sse import usage_of
+from gateway.engine.sse import error_event, usage_of
 from gateway.errors import GatewayError
 from gateway.flags import ResponseFlag
 from gateway.policy.deadline import Deadline, DeadlineSource, attempt_timeout
@@ -54,7 +54,7 @@ class Exchange:
                  "flags", "retries", "hedges", "model_retries", "model_hedges", "hedge_delay_ms", "route_reason",
                  "winner", "last_failure", "error", "timeout_flag", "fallback_from", "fallback_reason",
                  "served_model", "status", "bytes_received", "bytes_sent", "t_routed", "t_first_sent", "t_last_sent",
-                 "prompt_tokens", "completion_tokens", "client_gone", "committed", "finished", "_closing", "_bodies",
+                 "prompt_tokens", "completion_tokens", "committed", "finished", "_closing", "_bodies",
                  "_base_headers", "deadline", "rejected", "now", "interrupt", "relay")
 
     def __init__(self, engine: Engine, task: asyncio.Task, *, path: str, upstream_path: str, body: dict[str, Any], raw_len: int,
@@ -106,7 +106,6 @@ class Exchange:
         self.t_last_sent: float | None = None
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
-        self.client_gone = False
         self.committed = False
         self.finished = False
         self._closing = False  # the final body is being sent: a disconnect now changes nothing
@@ -123,8 +122,6 @@ class Exchange:
 
     def cancel(self, reason: CancelReason) -> None:
         """Stop what the request's task waits for, for ``reason`` (see engine/interrupt.py)."""
-        if reason is CancelReason.CLIENT_GONE:
-            self.client_gone = True
         self.interrupt.cancel(reason)
 
     # ------------------------------------------------------------------ entry
@@ -145,17 +142,22 @@ class Exchange:
         except GatewayError as exc:
             await self._send_error(send, exc)
         except asyncio.CancelledError:
-            # The client went away (the disconnect watcher interrupted us): abort everything upstream.
-            self._abort_all()
-            if self.interrupt.claim(CancelReason.CLIENT_GONE, CancelReason.DRAIN) is None:
+            # The client went away (the disconnect watcher interrupted us) or shutdown cut the request
+            # short: abort everything upstream.
+            self._abort_all(winner_too=True)
+            reason = self.interrupt.claim(CancelReason.CLIENT_GONE, CancelReason.DRAIN)
+            if reason is None:
                 raise
-            self.flags.append(ResponseFlag.CLIENT_GONE)
-            if not self.status:
-                self.status = 499
+            if reason is CancelReason.CLIENT_GONE:
+                self.flags.append(ResponseFlag.CLIENT_GONE)
+                if not self.status:
+                    self.status = 499
+            else:
+                await self._end_early(send, errors.draining())
         except Exception:  # a gateway bug: answer like an API (500, flag GE), log it, never status 0
             log.exception("request %s failed inside the gateway", self.request_id)
-            self._abort_all()
-            await self._internal_error(send)
+            self._abort_all(winner_too=True)
+            await self._end_early(send, errors.internal_error())
         finally:
             self._abort_all()
             self.finished = True
@@ -640,27 +642,33 @@ class Exchange:
             self.timeout_flag = out.timeout_flag
         self.prompt_tokens, self.completion_tokens = out.prompt_tokens, out.completion_tokens
 
-    async def _internal_error(self, send: Send) -> None:
-        """An unexpected exception: a 500 if no response started yet; a started one is ended where it is."""
-        err = errors.internal_error()
+    async def _end_early(self, send: Send, err: GatewayError) -> None:
+        """Answer ``err`` as the response when none has started; else end the started one with it (a final
+        SSE error event for a stream), so the client is never left with a silent cut."""
         self.error = err
-        if ResponseFlag.INTERNAL_ERROR not in self.flags:
-            self.flags.append(ResponseFlag.INTERNAL_ERROR)
+        if err.flag and err.flag not in self.flags:
+            self.flags.append(err.flag)
         try:
             started = self.t_first_sent is not None or (self.relay is not None and self.relay.started)
             if not started:
                 await self._send_error(send, err)
             elif not self.closing:
                 self._closing = True
+                if self.stream:
+                    ev = error_event(err.message, err.type, err.code or "error")
+                    await send({"type": "http.response.body", "body": ev, "more_body": True})
+                    self.bytes_sent += len(ev)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+                self.t_last_sent = self.now()
         except Exception:  # the client is gone too: the record still says what happened
-            log.debug("could not answer request %s after an internal error", self.request_id)
+            log.debug("could not answer request %s after %s", self.request_id, err.code)
         if not self.status:
-            self.status = 500
+            self.status = err.status
 
-    def _abort_all(self) -> None:
+    def _abort_all(self, winner_too: bool = False) -> None:
+        """Abort attempts still holding a connection; the committed winner too when the request was cut short."""
         for a in self.attempts:
-            if a is not self.winner or not self.committed or self.client_gone:
+            if a is not self.winner or not self.committed or winner_too:
                 a.abort()
             a.finish()
 

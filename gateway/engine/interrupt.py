@@ -27,7 +27,7 @@ class CancelReason(IntEnum):
     STREAM_HARD_END = 3  # the committed stream reached per_try_ms or the request deadline
     HEDGE_WON = 4  # another attempt of the race has its first token: stop waiting for this one
     RACE_LOST = 5  # this attempt's race was won by another (or is over): it is a loser
-    DRAIN = 6  # the gateway is shutting down
+    DRAIN = 6  # the gateway is shutting down: the request is answered 503 draining (LR), or its stream ended
     CLIENT_GONE = 7  # the client disconnected: nothing is worth finishing
 
 

@@ -266,3 +266,68 @@ def test_an_unexpected_exception_is_an_openai_shaped_500_with_flag_ge() -> None:
         assert pb.engine.inflight == 0
 
     play(scenario)
+
+
+def test_an_unexpected_exception_mid_stream_ends_the_stream_with_an_error_event() -> None:
+    async def scenario() -> None:
+        pb = Playbook([model("m", "a", timeouts=STREAM_TIMEOUTS)],
+                      by_deployment(a=Reply(200, {"content-type": "text/event-stream"}, [(0.1, sse("one"))],
+                                            then_fail=RuntimeError("a bug in a client"))))
+        call = pb.call("m", stream=True)
+        rec = await pb.finish(call)
+        events = call.down.events()
+        assert events[0] == '{"choices":[{"index":0,"delta":{"content":"one"}}]}'
+        assert '"code":"internal_error"' in events[-1] and call.down.complete
+        assert pb.upstream.requests[0].closed_at is not None
+        assert (rec["response_code"], rec["response_flags"], rec["bytes_sent"]) == (200, "GE", len(call.down.body))
+
+    play(scenario)
+
+
+# ---------------------------------------------------------------------------------------------- shutdown
+
+
+def test_shutdown_cuts_a_waiting_request_short_with_a_503_draining() -> None:
+    async def scenario() -> None:
+        pb = Playbook([model("m", "a", timeouts=STREAM_TIMEOUTS)],
+                      by_deployment(a=Reply.stream((4.0, sse("late")))))
+        call = pb.call("m", stream=True)
+        await pb.play(0.5)
+        call.exchange.cancel(CancelReason.DRAIN)
+        rec = await pb.finish(call)
+        assert call.down.status == 503 and call.down.headers["retry-after"] == "1"
+        assert call.down.json()["error"]["code"] == "draining"
+        assert pb.upstream.requests[0].closed_at == pytest.approx(1000.5, abs=0.002)
+        assert (rec["response_code"], rec["response_flags"]) == (503, "LR")
+
+    play(scenario)
+
+
+def test_shutdown_ends_a_started_stream_with_an_error_event() -> None:
+    async def scenario() -> None:
+        pb = Playbook([model("m", "a", timeouts=STREAM_TIMEOUTS)],
+                      by_deployment(a=Reply.stream((0.1, sse("one")), (5.0, sse("two")))))
+        call = pb.call("m", stream=True)
+        await pb.play(0.5)
+        call.exchange.cancel(CancelReason.DRAIN)
+        rec = await pb.finish(call)
+        assert '"code":"draining"' in call.down.events()[-1] and call.down.complete
+        assert (rec["response_code"], rec["response_flags"]) == (200, "LR")
+
+    play(scenario)
+
+
+def test_the_client_leaving_outranks_a_pending_first_token_timeout() -> None:
+    async def scenario() -> None:
+        pb = Playbook([model("m", "a", timeouts={"ttft_ms": 500, "per_try_ms": 60000, "idle_ms": 30000},
+                             retry={"max_retries": 2})],
+                      by_deployment(a=Reply.stream((4.0, sse("late")))))
+        call = pb.call("m", stream=True)
+        await pb.play(0.499)
+        pb.clock.advance(0.002)  # the first-token alarm fires: its interrupt is pending, not yet delivered
+        call.exchange.cancel(CancelReason.CLIENT_GONE)  # the client leaves in the same loop turn
+        rec = await pb.finish(call)
+        assert len(pb.upstream.requests) == 1  # no retry for a client that has gone
+        assert (rec["response_code"], rec["response_flags"], rec["timeout_flag"]) == (499, "DC", None)
+
+    play(scenario)
