@@ -15,7 +15,7 @@ divided by every response of the run).
 
     make bench                                         # llmgw, floor, direct
     .venv/bin/python loadtests/bench.py --with-litellm --out loadtests/results/today.md
-    .venv/bin/python loadtests/bench.py --upstream-clients h1,aiohttp,httpx,httpx2,httpx-aiohttp \\
+    .venv/bin/python loadtests/bench.py --upstream-clients h1,httpx \\
         --concurrency 1,16 --targets direct,floor,llmgw
 
 Exit codes: 0 done, 1 a process failed, 2 set-up problem (no bench dir, missing tools).
