@@ -331,3 +331,20 @@ def test_the_client_leaving_outranks_a_pending_first_token_timeout() -> None:
         assert (rec["response_code"], rec["response_flags"], rec["timeout_flag"]) == (499, "DC", None)
 
     play(scenario)
+
+
+def test_a_retry_after_within_the_deadline_is_waited_out_on_the_clock() -> None:
+    async def scenario() -> None:
+        replies = iter([Reply.json({"error": {"message": "slow down"}}, status=429, headers={"retry-after": "0.5"}),
+                        Reply.json(OK, after=0.01)])
+        pb = Playbook([model("m", "a", retry={"max_retries": 1})], lambda req: next(replies))
+        call = pb.call("m", headers={"x-gateway-timeout-ms": "3000"})
+        await pb.play(0.499)
+        assert len(pb.upstream.requests) == 1  # waiting out Retry-After
+        await pb.play(0.002)
+        assert len(pb.upstream.requests) == 2 and pb.upstream.requests[1].at == pytest.approx(1000.5)
+        rec = await pb.finish(call)
+        assert call.down.status == 200
+        assert (rec["retry_count"], rec["backoff_ms"], rec["response_flags"]) == (1, 500.0, "-")
+
+    play(scenario)
