@@ -22,7 +22,6 @@ from gateway.telemetry.otel import Tracing
 from gateway.telemetry.views import ExchangeView
 from gateway.upstream.base import UpstreamClient
 from gateway.upstream.schemas import SchemaLearner
-from gateway.upstream.select import make_client
 
 log = logging.getLogger("llmgw")
 
@@ -68,9 +67,10 @@ WarmLearned = Callable[[str, dict[str, Any], str | None], Awaitable[None]]  # (m
 
 class Engine:
     def __init__(self, cfg: GatewayConfig, *, home_region: str | None, metrics: Metrics,
-                 access_log: AccessLog | None, seed: int | None = None, clock: Clock = MONOTONIC,
-                 upstream: Callable[[DeploymentConfig], UpstreamClient] = make_client) -> None:
-        """``clock``: the one time source of the request path; ``upstream``: builds each deployment's client."""
+                 access_log: AccessLog | None, upstream: Callable[[DeploymentConfig], UpstreamClient],
+                 seed: int | None = None, clock: Clock = MONOTONIC) -> None:
+        """``upstream``: builds each deployment's client (``upstream.select.make_client`` in production: the
+        engine knows clients only by the Protocols of upstream/base.py); ``clock``: the request path's time."""
         self.cfg = cfg
         self.home_region = home_region
         self.clock = clock

@@ -16,7 +16,6 @@ from gateway.policy.latency import PeakEwma, QuantileWindow
 from gateway.policy.outlier import OutlierState, is_ejected
 from gateway.policy.routing import Candidate, Locality, Strategy
 from gateway.upstream.base import UpstreamClient
-from gateway.upstream.select import make_client
 
 
 class DeploymentRuntime:
@@ -25,7 +24,7 @@ class DeploymentRuntime:
                  "priority", "model_name", "connect_timeout_s", "ttft_s", "per_try_s", "idle_s")
 
     def __init__(self, cfg: DeploymentConfig, model_name: str, decay_s: float,
-                 upstream: Callable[[DeploymentConfig], UpstreamClient] = make_client) -> None:
+                 upstream: Callable[[DeploymentConfig], UpstreamClient]) -> None:
         self.cfg = cfg
         self.id = cfg.id
         self.region = cfg.region
@@ -72,7 +71,7 @@ class ModelRuntime:
     __slots__ = ("cfg", "name", "deployments", "by_id", "retry_budget", "hedge_bucket", "rr", "retry_on",
                  "strategy", "locality", "penalty_ms", "total_s", "hedge_delay_s", "chain")
 
-    def __init__(self, cfg: ModelConfig, upstream: Callable[[DeploymentConfig], UpstreamClient] = make_client) -> None:
+    def __init__(self, cfg: ModelConfig, upstream: Callable[[DeploymentConfig], UpstreamClient]) -> None:
         self.cfg = cfg
         self.name = cfg.name
         decay = cfg.routing.ewma_decay_s
@@ -109,8 +108,8 @@ class ModelRuntime:
 
 
 class Registry:
-    def __init__(self, cfg: GatewayConfig, home_region: str | None, seed: int | None = None,
-                 upstream: Callable[[DeploymentConfig], UpstreamClient] = make_client) -> None:
+    def __init__(self, cfg: GatewayConfig, home_region: str | None, seed: int | None,
+                 upstream: Callable[[DeploymentConfig], UpstreamClient]) -> None:
         self.cfg = cfg
         self.home_region = home_region
         self.models = {m.name: ModelRuntime(m, upstream) for m in cfg.models}
