@@ -49,7 +49,7 @@ class ExchangeState(StrEnum):
 
 
 class Exchange:
-    __slots__ = ("engine", "task", "path", "upstream_path", "body", "model_name", "stream", "headers", "t_received",
+    __slots__ = ("engine", "path", "upstream_path", "body", "model_name", "stream", "headers", "t_received",
                  "t_body", "wall_start", "request_id", "client", "api_key_id", "trace", "state", "attempts", "waits",
                  "flags", "retries", "hedges", "model_retries", "model_hedges", "hedge_delay_ms", "route_reason",
                  "winner", "last_failure", "error", "timeout_flag", "fallback_from", "fallback_reason",
@@ -64,8 +64,8 @@ class Exchange:
         """``deadline``: from ``Engine.deadline_for``; ``rejected``: the error it found (answered at once)."""
         self.engine = engine
         self.now = engine.clock.now
-        self.task = task  # the request's task: inline attempts, the relay and the race run in it
-        self.interrupt = Interrupt(task)  # the one way to stop what the request's task waits for
+        # The request's task runs the inline attempts, the race and the relay; this is how to stop what it waits for.
+        self.interrupt = Interrupt(task)
         self.path = path
         self.upstream_path = upstream_path
         self.body = body
