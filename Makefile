@@ -19,6 +19,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check gateway tests loadtests
 	$(BIN)/lint-imports
+	$(BIN)/mypy gateway/engine gateway/upstream gateway/policy
 	$(BIN)/pytest -q tests
 
 unit: $(STAMP)
@@ -30,6 +31,7 @@ e2e: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests loadtests
 	$(BIN)/lint-imports
+	$(BIN)/mypy gateway/engine gateway/upstream gateway/policy
 
 # The headline benchmark: direct, the Python floor, Envoy, Portkey (where Node.js is), llmgw and LiteLLM,
 # side by side in one interleaved run (installs the peers under /tmp/peers first; see loadtests/README.md).

@@ -16,6 +16,7 @@ from gateway.telemetry.accesslog import AccessLog
 from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.otel import Tracing, otlp_endpoint
 from gateway.upstream.prewarm import keep_warm, prewarm
+from gateway.upstream.select import make_client
 
 log = logging.getLogger("llmgw")
 
@@ -124,7 +125,7 @@ def build_app(cfg: GatewayConfig, *, region: str | None = None, seed: int | None
     metrics = Metrics()
     access_log = AccessLog(cfg.access_log.path, cfg.access_log.format, cfg.access_log.queue_size,
                            on_drop=metrics.accesslog_dropped.inc)
-    engine = Engine(cfg, home_region=home, metrics=metrics, access_log=access_log, seed=seed)
+    engine = Engine(cfg, home_region=home, metrics=metrics, access_log=access_log, upstream=make_client, seed=seed)
     lifecycle = Lifecycle(cfg, engine)
     from gateway.features import install_features
 

@@ -32,8 +32,9 @@ def cmd_warmup(args: argparse.Namespace) -> int:
 
 async def _warmup(cfg, learned: bool) -> int:  # noqa: ANN001
     from gateway.state.redis import make_state
-    from gateway.upstream.client import UpstreamClient
+    from gateway.upstream.base import UpstreamClient
     from gateway.upstream.schemas import SchemaLearner, schema_fingerprint, warm_all
+    from gateway.upstream.select import make_client
 
     backend = make_state(cfg.state)
     learner = SchemaLearner(backend, ttl_s=cfg.state.key_ttl_s, max_per_model=10_000)
@@ -54,7 +55,7 @@ async def _warmup(cfg, learned: bool) -> int:  # noqa: ANN001
                 continue
             jobs = []
             for d in m.deployments:
-                c = UpstreamClient(d)
+                c = make_client(d)
                 await c.start()
                 clients.append(c)
                 jobs += [(c, m.name, d.model or m.name, s) for s in unique.values()]

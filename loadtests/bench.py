@@ -15,7 +15,7 @@ divided by every response of the run).
 
     make bench                                         # llmgw, floor, direct
     .venv/bin/python loadtests/bench.py --with-litellm --out loadtests/results/today.md
-    .venv/bin/python loadtests/bench.py --upstream-clients h1,aiohttp,httpx,httpx2,httpx-aiohttp \\
+    .venv/bin/python loadtests/bench.py --upstream-clients h1,httpx \\
         --concurrency 1,16 --targets direct,floor,llmgw
 
 Exit codes: 0 done, 1 a process failed, 2 set-up problem (no bench dir, missing tools).
@@ -58,7 +58,7 @@ from fleet import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 NETNS_ENV = "LLMGW_BENCH_IN_NETNS"
-CLIENT_KINDS = ("h1", "aiohttp", "httpx", "httpx2", "httpx-aiohttp")
+CLIENT_KINDS = ("h1", "httpx")
 # paths of this machine stay out of the raw results, which may be committed
 MACHINE_ARGS = frozenset({"bench_dir", "bench_python", "gateway_python", "lock", "out", "envoy_bin", "portkey_dir"})
 TARGETS = ("direct", "floor", "envoy", "portkey", "llmgw", "litellm")

@@ -18,6 +18,7 @@ from gateway import errors
 from gateway.api.protocol import DISCONNECT_KEY, arrival
 from gateway.engine.engine import Engine
 from gateway.engine.exchange import Exchange
+from gateway.engine.interrupt import CancelReason
 from gateway.errors import GatewayError
 from gateway.telemetry.accesslog import FIELDS
 from gateway.telemetry.timing import iso_utc, now
@@ -125,17 +126,17 @@ class GatewayASGI:
                                       request_id=request_id)
         client = scope.get("client")
         task = asyncio.current_task()
+        deadline, rejected = eng.deadline_for(body["model"], headers, t0)
         ex = Exchange(eng, task, path=scope["path"], upstream_path=upstream_path, body=body, raw_len=len(raw),
                       headers=headers, t_received=t0, t_body=t_body, wall_start=wall, request_id=request_id,
-                      client=f"{client[0]}:{client[1]}" if client else None,
+                      client=f"{client[0]}:{client[1]}" if client else None, deadline=deadline, rejected=rejected,
                       api_key_id=key.id if key is not None else None)
         ex_done = self.guard.track(key) if key is not None else None
 
         def on_disconnect(_: Any = None) -> None:
             # uvicorn also reports "disconnect" once our response is complete; only act before that.
             if not ex.closing and not ex.finished:
-                ex.client_gone = True
-                task.cancel()
+                ex.cancel(CancelReason.CLIENT_GONE)
 
         if DISCONNECT_KEY in scope:  # our protocol calls it when the connection drops
             scope[DISCONNECT_KEY] = on_disconnect

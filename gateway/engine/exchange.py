@@ -8,30 +8,34 @@ downstream as they arrive, and ends as exactly one access-log record plus metric
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Coroutine
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from gateway import errors
 from gateway.engine.alarms import Alarm
 from gateway.engine.attempt import Attempt, AttemptKind, AttemptState
+from gateway.engine.engine import Engine
+from gateway.engine.interrupt import CancelReason, Interrupt
 from gateway.engine.registry import DeploymentRuntime, ModelRuntime
-from gateway.engine.relay import relay_stream
-from gateway.engine.sse import usage_of
+from gateway.engine.relay import RelayOutcome, Send, relay_stream
+from gateway.engine.sse import error_event, usage_of
 from gateway.errors import GatewayError
-from gateway.policy.deadline import Deadline, DeadlineSource, attempt_timeout, resolve_deadline
+from gateway.flags import ResponseFlag
+from gateway.policy.deadline import Deadline, DeadlineSource, attempt_timeout
 from gateway.policy.fallback import FallbackReason, fallback_reason_for, should_degrade
 from gateway.policy.hedging import hedge_delay, loser_sample_ms
 from gateway.policy.outlier import OutlierVerdict, record_outcome
 from gateway.policy.retry import FailureKind, RetryVerdict, is_retriable, plan_retry
 from gateway.policy.routing import RouteReason, choose
-from gateway.telemetry.timing import iso_utc, ms, now, round3, union_length
+from gateway.telemetry.timing import iso_utc, ms, round3, union_length
 from gateway.telemetry.tracing import TraceContext, new_span_id
 
-if TYPE_CHECKING:
-    from gateway.engine.engine import Engine
+log = logging.getLogger("llmgw")
 
 MIN_ATTEMPT_MS = 50.0
 
@@ -45,19 +49,23 @@ class ExchangeState(StrEnum):
 
 
 class Exchange:
-    __slots__ = ("engine", "task", "path", "upstream_path", "body", "model_name", "stream", "headers", "t_received",
+    __slots__ = ("engine", "path", "upstream_path", "body", "model_name", "stream", "headers", "t_received",
                  "t_body", "wall_start", "request_id", "client", "api_key_id", "trace", "state", "attempts", "waits",
                  "flags", "retries", "hedges", "model_retries", "model_hedges", "hedge_delay_ms", "route_reason",
                  "winner", "last_failure", "error", "timeout_flag", "fallback_from", "fallback_reason",
                  "served_model", "status", "bytes_received", "bytes_sent", "t_routed", "t_first_sent", "t_last_sent",
-                 "prompt_tokens", "completion_tokens", "client_gone", "committed", "finished", "closing", "_bodies",
-                 "_base_headers", "deadline", "affinity_key")
+                 "prompt_tokens", "completion_tokens", "committed", "finished", "_closing", "_bodies",
+                 "_base_headers", "deadline", "rejected", "now", "interrupt", "relay", "affinity_key")
 
     def __init__(self, engine: Engine, task: asyncio.Task, *, path: str, upstream_path: str, body: dict[str, Any], raw_len: int,
                  headers: dict[str, str], t_received: float, t_body: float, wall_start: float,
-                 request_id: str, client: str | None, api_key_id: str | None = None) -> None:
+                 request_id: str, client: str | None, deadline: Deadline, rejected: GatewayError | None = None,
+                 api_key_id: str | None = None) -> None:
+        """``deadline``: from ``Engine.deadline_for``; ``rejected``: the error it found (answered at once)."""
         self.engine = engine
-        self.task = task  # the request's task: inline attempts, the relay and the race run in it
+        self.now = engine.clock.now
+        # The request's task runs the inline attempts, the race and the relay; this is how to stop what it waits for.
+        self.interrupt = Interrupt(task)
         self.path = path
         self.upstream_path = upstream_path
         self.body = body
@@ -98,30 +106,35 @@ class Exchange:
         self.t_last_sent: float | None = None
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
-        self.client_gone = False
         self.committed = False
         self.finished = False
-        self.closing = False  # the final body is being sent: a disconnect now changes nothing
+        self._closing = False  # the final body is being sent: a disconnect now changes nothing
         self._bodies: dict[str, bytes] = {}
         self._base_headers: dict[str, str] | None = None
-        self.deadline: Deadline | None = None
         self.affinity_key: int | None = None  # routing.affinity: the request's key, once derived
+        self.deadline = deadline
+        self.rejected = rejected
+        self.relay: RelayOutcome | None = None
+
+    @property
+    def closing(self) -> bool:
+        """The final body is being sent: a disconnect now changes nothing."""
+        return self._closing or (self.relay is not None and self.relay.closing)
+
+    def cancel(self, reason: CancelReason) -> None:
+        """Stop what the request's task waits for, for ``reason`` (see engine/interrupt.py)."""
+        self.interrupt.cancel(reason)
 
     # ------------------------------------------------------------------ entry
 
-    async def run(self, send: Any) -> None:
+    async def run(self, send: Send) -> None:
         eng = self.engine
         try:
+            if self.rejected is not None:
+                raise self.rejected
             model = eng.registry.models.get(self.model_name)
             if model is None:
                 raise errors.model_not_found(self.model_name)
-            try:
-                self.deadline = resolve_deadline(self.t_received, model.total_s * 1000.0,
-                                                 self.headers.get("x-gateway-timeout-ms"),
-                                                 self.headers.get("x-stainless-timeout")
-                                                 or self.headers.get("x-stainless-read-timeout"))
-            except ValueError as exc:
-                raise errors.bad_request(str(exc), code="invalid_header") from None
             winner = await self._run_chain(model)
             if winner is not None:
                 await self._deliver(winner, send)
@@ -130,14 +143,22 @@ class Exchange:
         except GatewayError as exc:
             await self._send_error(send, exc)
         except asyncio.CancelledError:
-            # The client went away (the disconnect watcher cancelled us): abort everything upstream.
-            self._abort_all()
-            if not self.client_gone:
+            # The client went away (the disconnect watcher interrupted us) or shutdown cut the request
+            # short: abort everything upstream.
+            self._abort_all(winner_too=True)
+            reason = self.interrupt.claim(CancelReason.CLIENT_GONE, CancelReason.DRAIN)
+            if reason is None:
                 raise
-            self.task.uncancel()
-            self.flags.append("DC")
-            if not self.status:
-                self.status = 499
+            if reason is CancelReason.CLIENT_GONE:
+                self.flags.append(ResponseFlag.CLIENT_GONE)
+                if not self.status:
+                    self.status = 499
+            else:
+                await self._end_early(send, errors.draining())
+        except Exception:  # a gateway bug: answer like an API (500, flag GE), log it, never status 0
+            log.exception("request %s failed inside the gateway", self.request_id)
+            self._abort_all(winner_too=True)
+            await self._end_early(send, errors.internal_error())
         finally:
             self._abort_all()
             self.finished = True
@@ -151,7 +172,7 @@ class Exchange:
         for i, m in enumerate(chain):
             last = i == len(chain) - 1
             if not last:
-                t = now()
+                t = self.now()
                 reason = None
                 if "unhealthy" in fallback_on and m.all_ejected(t):
                     reason = FallbackReason.UNHEALTHY
@@ -182,7 +203,7 @@ class Exchange:
                               when_expected_exceeds_remaining=d.when_expected_ttft_exceeds_remaining)
 
     def _fallback_reason(self) -> FallbackReason | None:
-        if self.error is not None and self.error.flag == "UO":
+        if self.error is not None and self.error.flag == ResponseFlag.OVERFLOW:
             return FallbackReason.OVERLOAD
         f = self.last_failure
         if f is None:
@@ -200,7 +221,7 @@ class Exchange:
     # ------------------------------------------------------------------ attempts within one model
 
     def _start(self, m: ModelRuntime, kind: AttemptKind, tried: set[str]) -> Attempt | None:
-        t = now()
+        t = self.now()
         h = self.headers
         cands = [d.candidate(t, self.stream) for d in m.deployments]
         decision = None
@@ -216,7 +237,7 @@ class Exchange:
             m.affinity.count(self, m, decision)
         if decision is None:
             self.error = errors.GatewayError(503, f"No deployment of model '{m.name}' is available in this region.",
-                                             "server_error", "no_healthy_upstream", flag="UH")
+                                             "server_error", "no_healthy_upstream", flag=ResponseFlag.NO_HEALTHY_UPSTREAM)
             return None
         dep = m.by_id[decision.deployment_id]
         if dep.at_capacity():
@@ -227,7 +248,7 @@ class Exchange:
         if per_try is None:
             self.error = errors.deadline_exceeded(
                 f"Request deadline of {self._deadline_ms():.0f} ms ({self.deadline.source.value}) left too little "
-                "time for another upstream attempt.", "DT")
+                "time for another upstream attempt.", ResponseFlag.DEADLINE)
             self.timeout_flag = "total"
             return None
         if kind is AttemptKind.PRIMARY or self.route_reason is None:
@@ -236,13 +257,13 @@ class Exchange:
             self.t_routed = t
         self.engine.metrics.child(self.engine.metrics.route_decisions, m.name, dep.id, decision.reason).inc()
         tried.add(dep.id)
-        att = Attempt(kind, dep, len(self.attempts))
+        att = Attempt(kind, dep, len(self.attempts), self.now)
         self.attempts.append(att)
         self.state = ExchangeState.WAITING_FIRST_TOKEN
         return att
 
-    def _run_attempt(self, att: Attempt, task: asyncio.Task | None) -> Any:
-        """The attempt's coroutine; ``task`` is the one it will run in (None: find out when it starts)."""
+    def _run_attempt(self, att: Attempt, interrupt: Interrupt) -> Coroutine[Any, Any, Attempt]:
+        """The attempt's coroutine; ``interrupt`` stops the task it will run in."""
         dep = att.dep
         t = att.t_start
         remaining = self.deadline.remaining(t)
@@ -252,7 +273,7 @@ class Exchange:
         if remaining < limit:
             limit, flag = remaining, "total"
         return att.run(self.upstream_path, self._body_for(dep), self._headers_for(att), self.stream,
-                       max(limit, 0.001), flag, time.time(), self.engine.alarms, task)
+                       max(limit, 0.001), flag, time.time(), self.engine.alarms, interrupt)
 
     async def _run_model(self, m: ModelRuntime) -> Attempt | None:
         m.retry_budget.request_started()
@@ -270,7 +291,7 @@ class Exchange:
         hedge_s = self._hedge_delay(m)
         if hedge_s is None:
             while True:  # no hedging: attempts run inline, one after another
-                await self._run_attempt(att, self.task)
+                await self._run_attempt(att, self.interrupt)
                 self._record(m, att)
                 if att.ok:
                     return att
@@ -296,14 +317,13 @@ class Exchange:
                 a = race.inline
                 if a is not None:
                     try:
-                        await self._run_attempt(a, self.task)
+                        await self._run_attempt(a, self.interrupt)
                         finished = [a]
                     except asyncio.CancelledError:
-                        if not race.interrupted or self.task.uncancel() > 0:  # also cancelled from outside
+                        if self.interrupt.claim(CancelReason.HEDGE_WON) is None:  # not the race's own interrupt
                             raise
                         loser, finished = a, []
                     race.inline = None
-                    race.interrupted = False
                     if tasks:  # hedges that ended meanwhile
                         finished.extend(tasks.pop(t) for t in [t for t in tasks if t.done()])
                 else:
@@ -322,12 +342,12 @@ class Exchange:
                 for a in failed:
                     a.finish()
                 if winner is not None:
-                    t_win = now()
+                    t_win = self.now()
                     if loser is not None:
                         self._lost(m, loser)
                         self._censored(loser, t_win, hedge_s)
-                    for t, a in tasks.items():
-                        t.cancel()
+                    for a in tasks.values():
+                        a.stop(CancelReason.RACE_LOST)
                         self._lost(m, a)
                         self._censored(a, t_win, hedge_s)
                     tasks.clear()
@@ -349,8 +369,8 @@ class Exchange:
         """The hedge timer fired: start a hedge if the budget and a deployment allow."""
         if not m.hedge_bucket.try_take():
             self.engine.metrics.child(self.engine.metrics.hedges, m.name, "suppressed").inc()
-            if "HS" not in self.flags:
-                self.flags.append("HS")
+            if ResponseFlag.HEDGE_SUPPRESSED not in self.flags:
+                self.flags.append(ResponseFlag.HEDGE_SUPPRESSED)
             return None
         err = self.error
         h = self._start(m, AttemptKind.HEDGE, tried)
@@ -386,7 +406,8 @@ class Exchange:
     async def _next_after_failure(self, m: ModelRuntime, failed: Attempt, tried: set[str]) -> Attempt | None:
         """Decide whether to retry a failed attempt; wait the backoff; start the retry."""
         self.last_failure = failed
-        t = now()
+        t = self.now()
+        assert failed.failure is not None  # a failed attempt says why
         retriable = is_retriable(failed.failure, failed.status, m.retry_on)
         # Retry-After binds the deployment that said it; when another deployment can take the retry, go there.
         retry_after = failed.retry_after_s
@@ -405,7 +426,7 @@ class Exchange:
             if decision.verdict is RetryVerdict.BUDGET:
                 metrics.child(metrics.retry_budget_exhausted, m.name).inc()
             if decision.verdict in (RetryVerdict.BUDGET, RetryVerdict.LIMIT) and retriable:
-                self.flags.append("URX")
+                self.flags.append(ResponseFlag.RETRY_LIMIT_EXCEEDED)
             if decision.verdict is not RetryVerdict.NOT_RETRIABLE:
                 metrics.child(metrics.retries, m.name, decision.verdict.value).inc()
             return None
@@ -413,9 +434,9 @@ class Exchange:
         att = None
         try:
             if decision.delay_s > 0:
-                w0 = now()
-                await asyncio.sleep(decision.delay_s)
-                self.waits.append((w0, now()))
+                w0 = self.now()
+                await self.engine.clock.sleep(decision.delay_s)
+                self.waits.append((w0, self.now()))
             self.retries += 1
             self.model_retries += 1
             att = self._start(m, AttemptKind.RETRY, tried)
@@ -440,7 +461,7 @@ class Exchange:
             d = hedge_delay(enabled=hc.enabled or header is not None,
                             fixed_delay_ms=None if hc.delay_ms == "auto" else float(hc.delay_ms),
                             quantile=hc.quantile, min_delay_ms=hc.min_delay_ms, max_delay_ms=hc.max_delay_ms,
-                            window=window, header=header, now=now())
+                            window=window, header=header, now=self.now())
         except ValueError as exc:
             raise errors.bad_request(str(exc), code="invalid_header") from None
         m.hedge_bucket.deposit()
@@ -457,15 +478,16 @@ class Exchange:
     def _record(self, m: ModelRuntime, a: Attempt) -> None:
         """Feed what an attempt showed into routing stats, outlier detection and metrics."""
         dep = a.dep
-        t = now()
+        t = self.now()
         metrics = self.engine.metrics
         if a.ok:
+            assert a.t_first is not None  # set with READY
             dep.observe((a.t_first - a.t_start) * 1000.0, t, self.stream)
             failed = False
             outcome = "success"
         else:
             kind = a.failure
-            failed = kind in (FailureKind.CONNECT, FailureKind.RESET, FailureKind.TIMEOUT) or (
+            failed = kind in (FailureKind.CONNECT, FailureKind.RESET, FailureKind.TIMEOUT, FailureKind.PROTOCOL) or (
                 a.status is not None and a.status >= 500)
             if kind is FailureKind.TIMEOUT:
                 peak = (t - a.t_start) * 1000.0  # a stall counts as at least this slow
@@ -476,7 +498,7 @@ class Exchange:
                 if a.status == 429:
                     dep.cooldown_until = t + (a.retry_after_s if a.retry_after_s is not None else 1.0)
             else:
-                outcome = kind.value
+                outcome = kind.value if kind is not None else "failed"
         if a.wire.connect_end is not None and a.wire.connect_start is not None:
             metrics.child(metrics.connect, dep.id).observe(a.wire.connect_end - a.wire.connect_start)
         metrics.child(metrics.attempts, m.name, dep.id, outcome).inc()
@@ -517,29 +539,37 @@ class Exchange:
 
     # ------------------------------------------------------------------ downstream
 
-    async def _deliver(self, w: Attempt, send: Any) -> None:
+    async def _deliver(self, w: Attempt, send: Send) -> None:
         self.winner = w
         self.committed = True
-        if w.kind is AttemptKind.RETRY and "URX" in self.flags:
-            self.flags.remove("URX")
+        if w.kind is AttemptKind.RETRY and ResponseFlag.RETRY_LIMIT_EXCEEDED in self.flags:
+            self.flags.remove(ResponseFlag.RETRY_LIMIT_EXCEEDED)
         if self.stream:
             self.state = ExchangeState.STREAMING
-            await relay_stream(self, w, send)
+            out = self.relay = RelayOutcome()
+            self.status = 200
+            try:
+                await relay_stream(w, send, out, headers=self._response_headers(w, "text/event-stream; charset=utf-8", None),
+                                   deadline=self.deadline, alarms=self.engine.alarms, interrupt=self.interrupt,
+                                   now=self.now)
+            finally:
+                self._took(out)
         else:
             body = w.body
             p, c = usage_of(body)
             self.prompt_tokens, self.completion_tokens = p, c
             headers = self._response_headers(w, "application/json", len(body))
+            assert w.t_end is not None  # a non-stream winner has its whole body
             up_ms = (w.t_end - w.t_start) * 1000.0
-            gw_ms = (now() - self.t_received) * 1000.0 - up_ms
+            gw_ms = (self.now() - self.t_received) * 1000.0 - up_ms
             headers.append((b"x-gateway-upstream-service-time", b"%d" % round(up_ms)))
             headers.append((b"server-timing", b"gateway;dur=%.3f, upstream;dur=%.3f" % (gw_ms, up_ms)))
             self.status = 200
-            self.t_first_sent = now()
-            self.closing = True
+            self.t_first_sent = self.now()
+            self._closing = True
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": body, "more_body": False})
-            self.t_last_sent = now()
+            self.t_last_sent = self.now()
             self.bytes_sent = len(body)
             w.finish()
         self.state = ExchangeState.DONE
@@ -562,28 +592,32 @@ class Exchange:
         f = self.last_failure
         if f is None:
             return errors.GatewayError(503, f"No deployment of model '{self.model_name}' could take the request.",
-                                       "server_error", "no_healthy_upstream", flag="UH")
-        if f.failure is FailureKind.STATUS:
+                                       "server_error", "no_healthy_upstream", flag=ResponseFlag.NO_HEALTHY_UPSTREAM)
+        if f.failure is FailureKind.STATUS and f.status is not None:
             return (f.status, f.body, f)
         if f.failure is FailureKind.TIMEOUT:
             self.timeout_flag = f.timeout_flag
             if f.timeout_flag == "total":
                 return errors.deadline_exceeded(
                     f"Request deadline of {self._deadline_ms():.0f} ms ({self.deadline.source.value}) exceeded "
-                    f"waiting for deployment '{f.dep.id}'.", "DT")
+                    f"waiting for deployment '{f.dep.id}'.", ResponseFlag.DEADLINE)
             limit = f.dep.cfg.timeouts.ttft_ms if f.timeout_flag == "ttft" else f.dep.cfg.timeouts.per_try_ms
             return errors.deadline_exceeded(
                 f"Upstream timeout: deployment '{f.dep.id}' gave no {'first token' if self.stream else 'response'} "
-                f"within {f.timeout_flag}_ms={limit:.0f}.", "UT")
+                f"within {f.timeout_flag}_ms={limit:.0f}.", ResponseFlag.UPSTREAM_TIMEOUT)
         if f.failure is FailureKind.CONNECT:
             self.timeout_flag = f.timeout_flag  # "connect" when connect_ms ran out, else None (refused, DNS)
-            return errors.upstream_unreachable(f"deployment '{f.dep.id}': {f.error_detail}", "UF")
-        return errors.upstream_unreachable(f"deployment '{f.dep.id}' reset the connection: {f.error_detail}", "UC")
+            return errors.upstream_unreachable(f"deployment '{f.dep.id}': {f.error_detail}",
+                                               ResponseFlag.UPSTREAM_CONNECT_FAILURE)
+        if f.failure is FailureKind.PROTOCOL:
+            return errors.upstream_protocol_error(f"deployment '{f.dep.id}': {f.error_detail}")
+        return errors.upstream_unreachable(f"deployment '{f.dep.id}' reset the connection: {f.error_detail}",
+                                           ResponseFlag.UPSTREAM_RESET)
 
     def _deadline_ms(self) -> float:
         return (self.deadline.expires_at - self.t_received) * 1000.0
 
-    async def _send_error(self, send: Any, err: GatewayError | tuple[int, bytes, Attempt]) -> None:
+    async def _send_error(self, send: Send, err: GatewayError | tuple[int, bytes, Attempt]) -> None:
         if isinstance(err, tuple):  # an upstream HTTP error, passed through with its status and body
             status, body, att = err
             headers = self._response_headers(att, (att.resp_headers or {}).get("content-type", "application/json"),
@@ -598,16 +632,50 @@ class Exchange:
                 self.flags.append(err.flag)
         self.status = status
         self.state = ExchangeState.FAILED
-        self.t_first_sent = now()
-        self.closing = True
+        self.t_first_sent = self.now()
+        self._closing = True
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
-        self.t_last_sent = now()
+        self.t_last_sent = self.now()
         self.bytes_sent = len(body)
 
-    def _abort_all(self) -> None:
+    def _took(self, out: RelayOutcome) -> None:
+        """What the relay did, into the record (also when the client cut it short)."""
+        self.bytes_sent = out.bytes_sent
+        self.t_first_sent = out.t_first_sent
+        self.t_last_sent = out.t_last_sent
+        if out.failure_flag is not None:
+            self.flags.append(out.failure_flag)
+            self.timeout_flag = out.timeout_flag
+        self.prompt_tokens, self.completion_tokens = out.prompt_tokens, out.completion_tokens
+
+    async def _end_early(self, send: Send, err: GatewayError) -> None:
+        """Answer ``err`` as the response when none has started; else end the started one with it (a final
+        SSE error event for a stream), so the client is never left with a silent cut."""
+        self.error = err
+        if err.flag and err.flag not in self.flags:
+            self.flags.append(err.flag)
+        try:
+            started = self.t_first_sent is not None or (self.relay is not None and self.relay.started)
+            if not started:
+                await self._send_error(send, err)
+            elif not self.closing:
+                self._closing = True
+                if self.stream:
+                    ev = error_event(err.message, err.type, err.code or "error")
+                    await send({"type": "http.response.body", "body": ev, "more_body": True})
+                    self.bytes_sent += len(ev)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                self.t_last_sent = self.now()
+        except Exception:  # the client is gone too: the record still says what happened
+            log.debug("could not answer request %s after %s", self.request_id, err.code)
+        if not self.status:
+            self.status = err.status
+
+    def _abort_all(self, winner_too: bool = False) -> None:
+        """Abort attempts still holding a connection; the committed winner too when the request was cut short."""
         for a in self.attempts:
-            if a is not self.winner or not self.committed or self.client_gone:
+            if a is not self.winner or not self.committed or winner_too:
                 a.abort()
             a.finish()
 
@@ -620,7 +688,7 @@ class Exchange:
         return union_length(spans)
 
     def record(self) -> dict[str, Any]:
-        end = self.t_last_sent or now()
+        end = self.t_last_sent or self.now()
         w = self.winner or self.last_failure or (self.attempts[-1] if self.attempts else None)
         duration = (end - self.t_received) * 1000.0
         overhead = duration - self.upstream_wait_s() * 1000.0 if self.attempts else duration
@@ -685,16 +753,16 @@ class Exchange:
 class _Race:
     """The moving parts of one hedging race: the hedge timer, the hedge tasks, and the interrupt.
 
-    The attempt that started alone runs inline in the exchange's task (``inline``); hedges run as tasks.
-    A hedge whose first token comes while ``inline`` still waits cancels the exchange's task, the way
-    asyncio.timeout interrupts a wait, and sets ``interrupted`` so the race knows that cancel is its own.
+    The attempt that started alone runs inline in the exchange's task (``inline``); hedges run as tasks,
+    each with an ``Interrupt`` of its own. A hedge whose first token comes while ``inline`` still waits
+    interrupts the exchange's task (HEDGE_WON), which the race claims; losers are interrupted (RACE_LOST).
     A hedge that fails meanwhile is accounted at once (its deployment's health must not wait for the
     primary). A class rather than closures: closures that call each other form a reference cycle per
     request, and freeing those wakes the cyclic GC (measured: +4 % instructions per request). The race
     and the exchange's alarms reference each other only while an alarm is armed.
     """
 
-    __slots__ = ("ex", "m", "tried", "hedge_s", "tasks", "inline", "interrupted", "alarm", "waiter")
+    __slots__ = ("ex", "m", "tried", "hedge_s", "tasks", "inline", "alarm", "waiter")
 
     def __init__(self, ex: Exchange, m: ModelRuntime, tried: set[str], hedge_s: float) -> None:
         self.ex = ex
@@ -703,7 +771,6 @@ class _Race:
         self.hedge_s = hedge_s
         self.tasks: dict[asyncio.Task, Attempt] = {}
         self.inline: Attempt | None = None
-        self.interrupted = False
         self.alarm: Alarm | None = None
         self.waiter: asyncio.Future[None] | None = None
 
@@ -721,7 +788,9 @@ class _Race:
         self.alarm = None
         h = self.ex._hedge(self.m, self.tried)
         if h is not None:
-            t = asyncio.get_running_loop().create_task(self.ex._run_attempt(h, None))
+            h.interrupt = interrupt = Interrupt(None)
+            t = asyncio.get_running_loop().create_task(self.ex._run_attempt(h, interrupt))
+            interrupt.task = t
             t.add_done_callback(self._on_done)
             self.tasks[t] = h
             self.arm(h.t_start)
@@ -730,14 +799,13 @@ class _Race:
         w = self.waiter
         if w is not None and not w.done():
             w.set_result(None)
-        if self.inline is None or self.interrupted or t.cancelled():
+        if self.inline is None or self.ex.interrupt.pending is not None or t.cancelled():
             return
         a = self.tasks.get(t)
         if a is None:
             return
         if a.ok:
-            self.interrupted = True
-            self.ex.task.cancel()
+            self.ex.interrupt.cancel(CancelReason.HEDGE_WON)
         else:
             del self.tasks[t]
             self.ex._record(self.m, a)
@@ -762,8 +830,8 @@ class _Race:
 
     def close(self) -> None:
         self.disarm()
-        for t in self.tasks:
-            t.cancel()
+        for a in self.tasks.values():
+            a.stop(CancelReason.RACE_LOST)
 
 
 __all__ = ["Exchange", "ExchangeState", "DeadlineSource"]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from gateway.telemetry.views import ExchangeView
+
 DEFAULT_SERVICE_NAME = "llm-gateway"
 # Probes and scrapes would otherwise add a root span every few seconds per pod.
 DEFAULT_EXCLUDED_URLS = "/healthz$,/readyz$,/metrics$"
@@ -67,7 +69,7 @@ class Tracing:
         return OpenTelemetryMiddleware(app, excluded_urls=excluded, tracer_provider=self.provider,
                                        exclude_spans=["receive", "send"])
 
-    def adopt_server_span(self, ex: Any) -> None:
+    def adopt_server_span(self, ex: ExchangeView) -> None:
         """Send upstream the server span's ids and sampling decision, so the provider's records hang off it."""
         from opentelemetry import trace
 
@@ -77,7 +79,7 @@ class Tracing:
             ex.trace.span_id = format(ctx.span_id, "016x")
             ex.trace.flags = format(ctx.trace_flags, "02x")
 
-    def record_attempts(self, ex: Any, rec: dict[str, Any]) -> None:
+    def record_attempts(self, ex: ExchangeView, rec: dict[str, Any]) -> None:
         from opentelemetry import trace
         from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCode, TraceFlags
 

@@ -2,10 +2,10 @@
 
 Upstream calls always have one shape (a POST of a body the gateway already holds to one host, JSON or
 SSE back), so a request here is one pre-joined head plus the body in one write, and the response is
-parsed by the C parser uvicorn uses for the downstream side. aiohttp's general-purpose client (still
-selectable: ``LLMGW_UPSTREAM_CLIENT=aiohttp``) builds a URL, a header multidict, request, payload,
-writer, timer and reader objects per call: about 3,500 bytecode instructions per proxied request
-against about 670 here, and a third fewer machine instructions for the whole gateway.
+parsed by the C parser uvicorn uses for the downstream side. A general-purpose client (aiohttp, measured)
+builds a URL, a header multidict, request, payload, writer, timer and reader objects per call: about
+3,500 bytecode instructions per proxied request against about 670 here, and a third fewer machine
+instructions for the whole gateway. It implements the Protocols of ``base.py`` and their read contract.
 docs/benchmarks.md ("Choosing the upstream client") has the figures.
 
 The pool keeps idle connections last-in first-out (the warmest first), at most ``max_connections``
@@ -25,8 +25,8 @@ import httptools
 
 from gateway.config import DeploymentConfig
 from gateway.telemetry.timing import now
-from gateway.upstream.client import AttemptWire, static_headers, tls_context
 from gateway.upstream.errors import UpstreamConnectError, UpstreamConnectTimeout, UpstreamResetError
+from gateway.upstream.wire import AttemptWire, static_headers, tls_context
 
 # A response body buffered past this (a client slower than its provider) pauses reading from the
 # provider until the relay catches up: memory per stream stays bounded, TCP pushes back upstream.
@@ -148,7 +148,7 @@ _NO_HEADERS = Headers()
 
 
 class H1Response:
-    """The subset of ``aiohttp.ClientResponse`` the engine uses: status, headers, content, read, release, close.
+    """An ``UpstreamResponse`` (base.py): status, headers, content, read, release, close.
 
     Repeated response headers are joined with ", " (RFC 9110 5.3)."""
 

@@ -15,11 +15,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
-from gateway.upstream.client import UpstreamClient
+from gateway.upstream.base import UpstreamClient
+from gateway.upstream.errors import UpstreamError
 
 log = logging.getLogger("llmgw.warmup")
 
@@ -63,14 +63,14 @@ async def warm_one(client: UpstreamClient, model: str, upstream_model: str, json
         async with asyncio.timeout(timeout_s):
             async for attempt in AsyncRetrying(stop=stop_after_attempt(3), reraise=True,
                                                wait=wait_random_exponential(multiplier=0.05, max=0.5),
-                                               retry=retry_if_exception_type((aiohttp.ClientConnectionError,
+                                               retry=retry_if_exception_type((UpstreamError,
                                                                               ConnectionError))):
                 with attempt:
                     status, text = await _post(client, body, headers)
     except TimeoutError:
         return WarmupResult(model, client.deployment.id, name, False, (loop.time() - t0) * 1000,
                             f"timed out after {timeout_s * 1000:.0f} ms")
-    except (aiohttp.ClientError, OSError) as exc:
+    except (UpstreamError, OSError) as exc:
         return WarmupResult(model, client.deployment.id, name, False, (loop.time() - t0) * 1000,
                             f"{type(exc).__name__}: {exc}"[:200])
     ms = (loop.time() - t0) * 1000
@@ -80,7 +80,7 @@ async def warm_one(client: UpstreamClient, model: str, upstream_model: str, json
 
 
 async def _post(client: UpstreamClient, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
-    from gateway.upstream.client import AttemptWire
+    from gateway.upstream.wire import AttemptWire
 
     resp = await client.post("/chat/completions", body, headers, AttemptWire())
     try:
