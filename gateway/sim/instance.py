@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import re._parser as _parser  # the stdlib's own regex parser: a shortest string for a pattern
 from typing import Any
 
 MAX_DEPTH = 24
@@ -35,6 +36,7 @@ class _Builder:
     def __init__(self, root: dict[str, Any], label: str) -> None:
         self.root = root
         self.label = label
+        self.active: list[str] = []  # $refs being expanded: a branch back into one of them is a cycle
 
     def build(self, schema: Any, depth: int) -> Any:
         if schema is True or not isinstance(schema, dict):
@@ -46,7 +48,11 @@ class _Builder:
             target = self._resolve(ref)
             if target is not None:
                 siblings = {k: v for k, v in schema.items() if k != "$ref"}
-                return self.build({**target, **siblings} if siblings else target, depth + 1)
+                self.active.append(ref)
+                try:
+                    return self.build({**target, **siblings} if siblings else target, depth + 1)
+                finally:
+                    self.active.pop()
         if "const" in schema:
             return schema["const"]
         enum = schema.get("enum")
@@ -56,7 +62,7 @@ class _Builder:
             branches = schema.get(key)
             if isinstance(branches, list) and branches:
                 rest = {k: v for k, v in schema.items() if k != key}
-                return self.build(_merge(rest, _first_useful(branches)), depth + 1)
+                return self.build(_merge(rest, _first_useful(branches, self.active)), depth + 1)
         all_of = schema.get("allOf")
         if isinstance(all_of, list) and all_of:
             merged = {k: v for k, v in schema.items() if k != "allOf"}
@@ -157,7 +163,7 @@ class _Builder:
         if low is not None and value < low:
             value = low
         if xlow is not None and value <= xlow:
-            value = math.floor(xlow) + 1 if integer else xlow + 1
+            value = math.floor(xlow) + 1 if integer else (math.floor(xlow / step) + 1) * step if step else xlow + 1
         if high is not None and value > high:
             value = high
         if xhigh is not None and value >= xhigh:
@@ -188,13 +194,15 @@ def _type_of(schema: dict[str, Any]) -> str | None:
     return None
 
 
-def _first_useful(branches: list[Any]) -> dict[str, Any]:
-    """The first branch that is a real schema, preferring one that is not just `null` (Optional[X] -> X)."""
+def _first_useful(branches: list[Any], active: list[str]) -> dict[str, Any]:
+    """The first branch that is a real schema, preferring one that is not just `null` (Optional[X] -> X)
+    unless it leads back into a $ref being expanded (a recursive Optional ends with null)."""
     dicts = [b for b in branches if isinstance(b, dict)]
-    for b in dicts:
+    fresh = [b for b in dicts if b.get("$ref") not in active]
+    for b in fresh:
         if b.get("type") != "null":
             return b
-    return dicts[0] if dicts else {}
+    return fresh[0] if fresh else dicts[0] if dicts else {}
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -220,12 +228,77 @@ def _vary(value: Any, i: int) -> Any:
 
 
 def _matching(pattern: str, preferred: str) -> str:
-    """`preferred` when it matches (JSON Schema patterns are unanchored searches), else a known candidate."""
+    """`preferred` when it matches (JSON Schema patterns are unanchored searches), else a shortest string
+    built from the pattern itself, else a known candidate."""
     try:
         rx = re.compile(pattern)
     except (re.error, RecursionError, OverflowError):
         return preferred
-    for candidate in (preferred, *_PATTERN_CANDIDATES):
-        if rx.search(candidate):
+    if rx.search(preferred):
+        return preferred
+    try:
+        built = _from_regex(_parser.parse(pattern), 0)
+    except Exception:  # an exotic construct: fall back on the candidates
+        built = None
+    for candidate in (built, *_PATTERN_CANDIDATES):
+        if candidate is not None and rx.search(candidate):
             return candidate
     return preferred
+
+
+def _from_regex(items: Any, depth: int) -> str:
+    """A shortest string for a parsed regex (sre's parse tree): each repeat at its minimum, first branches."""
+    if depth > 50:
+        raise ValueError("regex too deep")
+    out = []
+    for op, arg in items:
+        name = str(op)
+        if name == "LITERAL":
+            out.append(chr(arg))
+        elif name == "NOT_LITERAL":
+            out.append("a" if arg != ord("a") else "b")
+        elif name == "ANY":
+            out.append("a")
+        elif name == "IN":
+            out.append(_from_class(arg))
+        elif name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            low, _high, sub = arg
+            out.append(_from_regex(sub, depth + 1) * min(low, 1000))
+        elif name == "SUBPATTERN":
+            out.append(_from_regex(arg[-1], depth + 1))
+        elif name == "ATOMIC_GROUP":
+            out.append(_from_regex(arg, depth + 1))
+        elif name == "BRANCH":
+            out.append(_from_regex(arg[1][0], depth + 1))
+        elif name == "CATEGORY":
+            out.append(_CATEGORY.get(str(arg), "a"))
+        elif name in ("AT", "ASSERT", "ASSERT_NOT", "GROUPREF", "GROUPREF_EXISTS"):
+            continue
+        else:
+            raise ValueError(name)
+    return "".join(out)
+
+
+_CATEGORY = {"CATEGORY_DIGIT": "0", "CATEGORY_NOT_DIGIT": "a", "CATEGORY_SPACE": " ", "CATEGORY_NOT_SPACE": "a",
+             "CATEGORY_WORD": "a", "CATEGORY_NOT_WORD": "-"}
+
+
+def _from_class(items: Any) -> str:
+    negate = any(str(op) == "NEGATE" for op, _ in items)
+    if negate:
+        banned = set()
+        for op, arg in items:
+            if str(op) == "LITERAL":
+                banned.add(chr(arg))
+            elif str(op) == "RANGE":
+                banned.update(chr(c) for c in range(arg[0], min(arg[1], 0x10FFFF) + 1) if c < 0x3000)
+        return next(c for c in "a0A-_ xZ9" if c not in banned)
+    for op, arg in items:
+        name = str(op)
+        if name == "LITERAL":
+            return chr(arg)
+        if name == "RANGE":
+            return chr(arg[0])
+        if name == "CATEGORY":
+            return _CATEGORY.get(str(arg), "a")
+    return "a"
