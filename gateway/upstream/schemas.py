@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,13 +71,24 @@ async def warm_one(client: UpstreamClient, model: str, upstream_model: str, json
     except TimeoutError:
         return WarmupResult(model, client.deployment.id, name, False, (loop.time() - t0) * 1000,
                             f"timed out after {timeout_s * 1000:.0f} ms")
-    except (aiohttp.ClientError, OSError) as exc:
+    except (aiohttp.ClientConnectorError, OSError) as exc:
+        return WarmupResult(model, client.deployment.id, name, False, (loop.time() - t0) * 1000,
+                            connect_failure(exc, client.deployment.base_url))
+    except aiohttp.ClientError as exc:
         return WarmupResult(model, client.deployment.id, name, False, (loop.time() - t0) * 1000,
                             f"{type(exc).__name__}: {exc}"[:200])
     ms = (loop.time() - t0) * 1000
     if status == 200:
         return WarmupResult(model, client.deployment.id, name, True, ms, "ok")
     return WarmupResult(model, client.deployment.id, name, False, ms, f"HTTP {status}: {text[:200]}")
+
+
+def connect_failure(exc: BaseException, base_url: str) -> str:
+    """A connect error said with the deployment's own URL (aiohttp's text says `ssl:default` even for http)."""
+    os_error = getattr(exc, "os_error", exc)
+    code = getattr(os_error, "errno", None)
+    reason = os.strerror(code) if isinstance(code, int) and code > 0 else str(os_error) or type(exc).__name__
+    return f"cannot connect to {base_url}: {reason}"[:200]
 
 
 async def _post(client: UpstreamClient, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
