@@ -288,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim_cli.add_arguments(sm)
     sm.set_defaults(func=cmd_sim)
 
-    r = sub.add_parser("report", help="latency report from access logs: percentiles and tail causes")
+    r = sub.add_parser("report", help="latency report from access logs: percentiles and tail causes",
+                       description="Summarise JSON access logs (files, '-' for stdin): latency percentiles by model "
+                                   "and deployment, and which causes (hedges, retries, cold schemas ...) explain the tail.")
     from gateway.telemetry import report
 
     report.add_arguments(r)
