@@ -10,14 +10,15 @@ ACCESS_LOG ?= access.log
 
 .PHONY: run test unit e2e clients lint bench setup node-deps clean
 
-# `make run` needs the gateway alone: no test tools, no pip self-upgrade (each costs a download on a fresh clone)
+# `make run` needs the gateway and the SDK the README uses, nothing else: no test tools, no pip self-upgrade
+# (each costs downloads on a fresh clone)
 $(RUN_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[demo]'
 	touch $@
 
 $(STAMP): pyproject.toml $(RUN_STAMP)
-	$(BIN)/pip install -q -e '.[dev,compat]'
+	$(BIN)/pip install -q -e '.[demo,dev,compat]'
 	touch $@
 
 $(NODE_STAMP): tests/node/package.json tests/node/package-lock.json

@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.set_defaults(func=cmd_sim)
 
     r = sub.add_parser("report", help="latency report from access logs: percentiles and tail causes",
-                       description="Summarise JSON access logs (files, '-' for stdin): latency percentiles by model "
+                       description="Summarise a JSON access log (a file, '-' for stdin): latency percentiles by model "
                                    "and deployment, and which causes (hedges, retries, cold schemas ...) explain the tail.")
     from gateway.telemetry import report
 
