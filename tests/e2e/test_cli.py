@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import socket
 import subprocess
 import sys
@@ -129,3 +130,20 @@ def test_serve_on_a_port_in_use_says_so_at_once():
     assert out.returncode == 1, out.stderr
     assert f"cannot listen on 127.0.0.1:{port}: the address is already in use" in out.stderr
     assert "Traceback" not in out.stderr and "demo" not in out.stderr  # nothing was started
+
+
+def test_make_test_brings_its_own_redis_when_none_answers():
+    """tests/with_redis.py (what `make test` runs pytest with), on a port where nothing answers."""
+    port = free_port()
+    script = Path(__file__).resolve().parents[1] / "with_redis.py"
+    probe = [sys.executable, "-c", f"import redis; print(redis.Redis(port={port}).ping())"]
+    out = subprocess.run([sys.executable, str(script), *probe], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "WITH_REDIS_PORT": str(port)})
+    assert out.returncode == 0, out.stderr
+    assert f"no Redis answered on 127.0.0.1:{port}: starting" in out.stdout and "True" in out.stdout
+    assert f"stopped the redis-server started for this run on 127.0.0.1:{port}" in out.stdout
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # gone with the command
+    failing = subprocess.run([sys.executable, str(script), sys.executable, "-c", "raise SystemExit(3)"],
+                             capture_output=True, text=True, timeout=60, env={**os.environ, "WITH_REDIS_PORT": str(port)})
+    assert failing.returncode == 3  # the command's exit code is make's
