@@ -7,7 +7,10 @@ import enum
 from typing import Any, Literal
 
 import jsonschema
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
 from gateway.sim.content import schema_in_text, split
@@ -104,3 +107,17 @@ def test_schema_quoted_in_a_prompt_is_found_last_one_wins():
 def test_split_keeps_the_text_and_the_piece_count():
     assert split("abcdefg", 3) == ["abc", "de", "fg"]
     assert split("ab", 5) == ["a", "b"] and split("", 4) == [""]
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
+                     | st.sampled_from(["object", "array", "string", "integer", "#", "#/$defs/a", "^[a-z]{3}$"]),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+                         st.sampled_from(["type", "properties", "required", "items", "$ref", "$defs", "anyOf", "enum",
+                                          "minItems", "minimum", "pattern", "allOf", "a", "minLength"]),
+                         inner, max_size=5), max_leaves=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(schema=_json)
+def test_any_json_as_a_schema_gives_a_json_value(schema):
+    orjson.dumps(instance_of(schema))  # never raises, always serialisable
