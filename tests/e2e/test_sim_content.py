@@ -177,3 +177,14 @@ def test_what_openai_refuses_is_refused_alike(sim, body: dict[str, Any], param: 
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert (err["param"], err["code"], err["type"]) == (param, code, "invalid_request_error") and err["message"]
+
+
+def test_stats_say_which_kind_of_answer_was_given(sim):
+    stats_url = str(sim.base_url).removesuffix("/v1/") + "/sim/stats"
+    before = len(httpx.get(stats_url, timeout=5).json()["recent"])
+    sim.chat.completions.create(model="m", messages=MSG)
+    sim.chat.completions.create(model="m", messages=MSG, tools=[WEATHER])
+    sim.chat.completions.parse(model="m", messages=MSG, response_format=Plan)
+    sim.chat.completions.create(model="m", messages=MSG, n=2)
+    recent = httpx.get(stats_url, timeout=5).json()["recent"][before:]
+    assert [r["content"] for r in recent] == [None, "tools", "json", "text"]
