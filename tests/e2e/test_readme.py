@@ -62,6 +62,10 @@ def test_every_readme_block_runs_verbatim(tmp_path):
     blocks = readme_blocks()
     assert sum(b.lang in RUN_LANGS and not b.directive.startswith("skip") for b in blocks) >= 6
     assert [b.directive for b in blocks].count("server") == 1
+    stamp = ROOT / ".venv" / ".installed-run"
+    # `make run` in the scratch directory must find the gateway installed, or it would install it from there
+    assert stamp.exists() and stamp.stat().st_mtime >= (ROOT / "pyproject.toml").stat().st_mtime, \
+        "install first: `make setup` (or run this test through `make test`)"
     work = scratch_checkout(tmp_path)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "MAKE", "MFLAGS"))}
