@@ -359,8 +359,10 @@ class GatewayConfig(_Strict):
 # ---------------------------------------------------------------- loading
 
 
-def expand_env(value: Any, path: str = "", env: dict[str, str] | None = None) -> Any:
-    """Expand ${VAR} and ${VAR:-default} in every string; an unset VAR without default is an error."""
+def expand_env(value: Any, path: str = "", env: dict[str, str] | None = None,
+               missing: dict[str, str] | None = None) -> Any:
+    """Expand ${VAR} and ${VAR:-default} in every string; an unset VAR without default is an error, or,
+    given `missing`, recorded there (key path -> message) and replaced by "" so every problem is found."""
     env = os.environ if env is None else env
     if isinstance(value, str):
         def sub(m: re.Match[str]) -> str:
@@ -369,12 +371,16 @@ def expand_env(value: Any, path: str = "", env: dict[str, str] | None = None) ->
                 return env[var]
             if default is not None:
                 return default
-            raise ConfigError(f"{path or '<root>'}: environment variable {var} is not set (use ${{{var}:-default}})")
+            message = f"{path or '<root>'}: environment variable {var} is not set (use ${{{var}:-default}})"
+            if missing is None:
+                raise ConfigError(message)
+            missing[path or "<root>"] = message
+            return ""
         return _ENV_REF.sub(sub, value)
     if isinstance(value, dict):
-        return {k: expand_env(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+        return {k: expand_env(v, f"{path}.{k}" if path else str(k), env, missing) for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+        return [expand_env(v, f"{path}[{i}]", env, missing) for i, v in enumerate(value)]
     return value
 
 
@@ -460,11 +466,21 @@ def _format_validation_error(exc: ValidationError) -> str:
 def parse_config(raw: Any, env: dict[str, str] | None = None) -> GatewayConfig:
     if not isinstance(raw, dict):
         raise ConfigError("<root>: the config must be a YAML mapping")
-    expanded = expand_env(raw, env=env)
+    missing: dict[str, str] = {}
+    expanded = expand_env(raw, env=env, missing=missing)
+    problems = list(missing.values())  # every unset variable and every invalid key, reported at once
     try:
-        return GatewayConfig.model_validate(_apply_inheritance(expanded))
+        cfg = GatewayConfig.model_validate(_apply_inheritance(expanded))
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc)) from None
+        # a key whose variable is unset is reported once, as unset, not again as invalid
+        problems += [line for line in _format_validation_error(exc).splitlines()
+                     if line.split(": ", 1)[0] not in missing]
+    except ConfigError as exc:
+        problems.append(str(exc))
+    else:
+        if not problems:
+            return cfg
+    raise ConfigError("\n".join(problems))
 
 
 def load_config(path: str | Path, env: dict[str, str] | None = None) -> GatewayConfig:

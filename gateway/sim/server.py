@@ -34,6 +34,7 @@ from gateway.sim.wire import (
     model_entry,
     models_body,
 )
+from gateway.sim.wire_rich import rich_shape
 
 ROUTES = {
     "/v1/chat/completions": Endpoint.CHAT,
@@ -194,7 +195,11 @@ class SimServer:
         answer = Answer(sim=self.name, serial=rec["serial"], model=ask.model, tokens=tokens, finish_reason=finish,
                         prompt_tokens=ask.prompt_tokens, include_usage=ask.include_usage, created=int(req.started_at),
                         cached_tokens=rec.get("cached_tokens") or 0)
-        shape = self._shape(endpoint, answer, ask, prof)
+        if ask.content is not None:
+            shape, tokens = rich_shape(endpoint, answer, ask.content, prof.tokens, ask.max_tokens)
+            rec["content"] = ask.content.mode.value
+        else:
+            shape = self._shape(endpoint, answer, ask, prof)
         if endpoint is Endpoint.EMBEDDINGS:
             tokens = 1  # one answer at ttft; the token count means nothing here
         request_id = req.headers.get("x-request-id") or f"req_{self.name}_{rec['serial']}"
@@ -276,7 +281,7 @@ class SimServer:
                "tracestate": h.get("tracestate"), "user_agent": h.get("user-agent"),
                "authorization_present": "authorization" in h or "api-key" in h, "headers_seen": seen,
                "started_at": req.started_at, "first_byte_at": None, "ended_at": None, "outcome": None,
-               "status": None, "cold_schema": False, "ttft_ms": None, "connection": conn.id}
+               "status": None, "content": None, "cold_schema": False, "ttft_ms": None, "connection": conn.id}
         self._stats.recent.append(rec)
         return rec
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from gateway.upstream.base import UpstreamClient
-from gateway.upstream.errors import UpstreamError
+from gateway.upstream.errors import UpstreamConnectError, UpstreamError
 
 log = logging.getLogger("llmgw.warmup")
 
@@ -70,6 +71,9 @@ async def warm_one(client: UpstreamClient, model: str, upstream_model: str, json
     except TimeoutError:
         return WarmupResult(model, client.deployment.id, name, False, (loop.time() - t0) * 1000,
                             f"timed out after {timeout_s * 1000:.0f} ms")
+    except (UpstreamConnectError, ConnectionRefusedError) as exc:
+        return WarmupResult(model, client.deployment.id, name, False, (loop.time() - t0) * 1000,
+                            connect_failure(exc, client.deployment.base_url))
     except (UpstreamError, OSError) as exc:
         return WarmupResult(model, client.deployment.id, name, False, (loop.time() - t0) * 1000,
                             f"{type(exc).__name__}: {exc}"[:200])
@@ -77,6 +81,14 @@ async def warm_one(client: UpstreamClient, model: str, upstream_model: str, json
     if status == 200:
         return WarmupResult(model, client.deployment.id, name, True, ms, "ok")
     return WarmupResult(model, client.deployment.id, name, False, ms, f"HTTP {status}: {text[:200]}")
+
+
+def connect_failure(exc: BaseException, base_url: str) -> str:
+    """A connect error said with the deployment's own URL (aiohttp's text says `ssl:default` even for http)."""
+    os_error = getattr(exc, "os_error", exc)
+    code = getattr(os_error, "errno", None)
+    reason = os.strerror(code) if isinstance(code, int) and code > 0 else str(os_error) or type(exc).__name__
+    return f"cannot connect to {base_url}: {reason}"[:200]
 
 
 async def _post(client: UpstreamClient, body: bytes, headers: dict[str, str]) -> tuple[int, str]:

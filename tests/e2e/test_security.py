@@ -165,7 +165,7 @@ def test_config_key_made_with_keys_hash(keyed):
     # Bearer (OpenAI SDK) and api-key (Azure-style clients) both work
     r = gw.client(api_key=KEYS["all"]).chat.completions.create(model="chat", messages=MSG)
     assert r.choices[0].message.content
-    r = httpx.post(gw.url + "/v1/chat/completions", headers={"api-key": KEYS["all"]}, json={"model": "chat"})
+    r = httpx.post(gw.url + "/v1/chat/completions", headers={"api-key": KEYS["all"]}, json={"model": "chat", "messages": MSG})
     assert r.status_code == 200, r.text
 
 

@@ -6,6 +6,7 @@ import math
 from collections import Counter
 
 from fake_clock import FakeClock
+from scripted_upstream import Reply, ScriptedUpstream
 
 from gateway.config import ModelConfig
 from gateway.engine.registry import ModelRuntime
@@ -134,10 +135,14 @@ def test_the_bound_holds_for_any_arrival_order():
 # ---------------------------------------------------------------- the engine's view on a fake clock
 
 
+# Routing decisions never reach a provider: the scripted upstream only fills the client seam.
+_NO_UPSTREAM = ScriptedUpstream(FakeClock(), lambda req: Reply())
+
+
 def _model(**routing) -> ModelRuntime:
     deps = [{"id": i, "base_url": f"http://127.0.0.1:{9 + n}", "region": "us"} for n, i in enumerate("abc")]
     return ModelRuntime(ModelConfig(name="chat", deployments=deps,
-                                    routing={"affinity": "prefix", **routing}))
+                                    routing={"affinity": "prefix", **routing}), _NO_UPSTREAM.client)
 
 
 def _decide(m: ModelRuntime, key: int, clock: FakeClock, tried: set[str] | None = None):
@@ -186,7 +191,7 @@ def test_routing_respects_the_bound_with_live_inflight_counts():
 
 def test_affinity_off_builds_nothing():
     deps = [{"id": "a", "base_url": "http://127.0.0.1:9"}]
-    assert ModelRuntime(ModelConfig(name="chat", deployments=deps)).affinity is None
+    assert ModelRuntime(ModelConfig(name="chat", deployments=deps), _NO_UPSTREAM.client).affinity is None
 
 
 def test_a_wave_of_cache_misses_is_not_slowness():
