@@ -84,8 +84,8 @@ async def warm_one(client: UpstreamClient, model: str, upstream_model: str, json
 
 
 def connect_failure(exc: BaseException, base_url: str) -> str:
-    """A connect error said with the deployment's own URL (aiohttp's text says `ssl:default` even for http)."""
-    os_error = getattr(exc, "os_error", exc)
+    """A connect error said with the deployment's own URL and the OS's reason (not asyncio's address text)."""
+    os_error = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
     code = getattr(os_error, "errno", None)
     reason = os.strerror(code) if isinstance(code, int) and code > 0 else str(os_error) or type(exc).__name__
     return f"cannot connect to {base_url}: {reason}"[:200]
