@@ -613,7 +613,8 @@ def test_admin_port_serves_ops_endpoints_and_main_port_does_not(ops):
     assert httpx.get(admin_url + "/admin/deployments", headers=auth).json()["deployments"][0]["deployment"] == "a"
     r = httpx.post(admin_url + "/v1/chat/completions", headers=auth, json={"model": "chat", "messages": MSG})
     assert r.status_code == 404  # the proxy is not on the admin port
-    assert httpx.get(gw.url + "/openapi.json").status_code == 200  # API docs stay with the API
+    assert httpx.get(gw.url + "/openapi.json", headers=auth).status_code == 200  # API docs stay with the API
+    assert httpx.get(gw.url + "/openapi.json").status_code == 401  # ... behind a key when keys are on
 
 
 def test_cors_for_listed_origins_only(ops):
