@@ -105,10 +105,7 @@ class _ConnectHandshake(asyncio.Protocol):
             return
         end = self._buf.find(b"\r\n\r\n")
         if end >= 0:
-            if end + 4 < len(self._buf):  # nothing may follow the answer before TLS starts
-                self.answer.set_exception(UpstreamConnectError("proxy sent data after its CONNECT answer"))
-            else:
-                self.answer.set_result(self._buf[:end])
+            self.answer.set_result(self._buf)
         elif len(self._buf) > MAX_CONNECT_RESPONSE:
             self.answer.set_exception(UpstreamConnectError("proxy's CONNECT answer is too long"))
 
@@ -133,11 +130,14 @@ async def open_connection(loop: asyncio.AbstractEventLoop, protocol: asyncio.Pro
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         auth = f"proxy-authorization: {route.authorization}\r\n" if route.authorization else ""
         transport.write(f"CONNECT {target} HTTP/1.1\r\nhost: {target}\r\n{auth}\r\n".encode("latin-1"))
-        head = await handshake.answer
+        answer = await handshake.answer
+        head, _, rest = answer.partition(b"\r\n\r\n")
         status = head.split(b" ", 2)[1] if head.startswith(b"HTTP/1.") and head.count(b" ") >= 1 else b"?"
         if status != b"200":
             line = head.split(b"\r\n", 1)[0].decode("latin-1")[:200]
             raise UpstreamConnectError(f"proxy {route.shown} refused CONNECT {target}: {line}")
+        if rest:  # the provider speaks only after our TLS hello: anything here is the proxy misbehaving
+            raise UpstreamConnectError(f"proxy {route.shown} sent data after its CONNECT answer")
         tls_transport = await loop.start_tls(transport, protocol, tls, server_hostname=host)
     except BaseException:
         transport.close()
