@@ -8,11 +8,12 @@ too many arrays and objects, or nests too deep.
 Counting brackets and commas in the raw bytes is an upper bound (string contents count too), and it
 decides almost every request at once. Only a body over a bound is looked at closely: escapes dropped,
 strings cut out by splitting on quotes, then only the structure is counted; the depth is the number
-of passes that strip innermost ``[]``/``{}`` pairs.
+of passes that strip innermost ``[]``/``{}`` pairs (at most ``max_json_containers`` brackets by then).
 """
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 
@@ -23,6 +24,9 @@ class JsonLimit(StrEnum):
 
 
 _BRACKETS_ONLY = bytes(c for c in range(256) if c not in b"[]{}")
+# One scan removes only the pairs that were innermost before it (two replace() calls in a row would
+# also remove a ``{}`` that the first one just made, and count ``{[]}`` as one level).
+_INNERMOST = re.compile(rb"\[\]|\{\}")
 
 
 def json_over_limit(raw: bytes, max_elements: int, max_containers: int, max_depth: int) -> JsonLimit | None:
@@ -47,7 +51,7 @@ def json_over_limit(raw: bytes, max_elements: int, max_containers: int, max_dept
     if containers > max_depth:
         brackets = structure.translate(None, _BRACKETS_ONLY)
         for _ in range(max_depth):
-            inner = brackets.replace(b"[]", b"").replace(b"{}", b"")
+            inner = _INNERMOST.sub(b"", brackets)
             if not inner or len(inner) == len(brackets):  # all matched, or not JSON (the parser says so)
                 return None
             brackets = inner
