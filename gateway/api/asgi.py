@@ -17,7 +17,7 @@ import orjson
 
 from gateway import errors
 from gateway.api.edge import EdgeLimits
-from gateway.api.jsonlimits import JsonLimit, json_over_limit
+from gateway.api.jsonlimits import JsonLimit, JsonMarks, count_marks, deeper_than, json_over_limit
 from gateway.api.protocol import DISCONNECT_KEY, arrival
 from gateway.engine.engine import Engine
 from gateway.engine.exchange import Exchange
@@ -114,9 +114,9 @@ class GatewayASGI:
                                    "invalid_request_error", "unsupported_media_type", flag="BR")
             if self.guard is not None:
                 key = await self.guard.authenticate(headers)  # raises 401
-            raw = await self._read_body(headers, receive)
+            raw, marks = await self._read_body(headers, receive)
             t_body = now()
-            body = self._parse(raw, upstream_path)
+            body = self._parse(raw, upstream_path, marks)
             if key is not None:
                 await self.guard.admit(key, body["model"], raw, body)  # raises 403/429
         except GatewayError as exc:
@@ -159,7 +159,9 @@ class GatewayASGI:
             if ex_done is not None:
                 ex_done(ex)
 
-    async def _read_body(self, headers: dict[str, str], receive: Any) -> bytes:
+    async def _read_body(self, headers: dict[str, str], receive: Any) -> tuple[bytes, JsonMarks | None]:
+        """The body, and for one that came in parts its JSON marks counted part by part as they arrived
+        (so a large body's counting is spread over its upload instead of blocking the loop at the end)."""
         cl = headers.get("content-length")
         if cl is not None:
             cl = cl.strip(" \t")  # optional whitespace around a field value (RFC 9110 5.5)
@@ -174,9 +176,10 @@ class GatewayASGI:
         if len(body) > self.max_body:  # without Content-Length, uvicorn may hand over the whole body at once
             raise errors.too_large(self.max_body)
         if not msg.get("more_body"):
-            return body
+            return body, None
         parts = [body]
         size = len(body)
+        marks = count_marks(body)
         while True:
             msg = await receive()
             if msg["type"] == "http.disconnect":
@@ -186,15 +189,16 @@ class GatewayASGI:
             if size > self.max_body:
                 raise errors.too_large(self.max_body)
             parts.append(chunk)
+            marks = marks.add(count_marks(chunk))
             if not msg.get("more_body"):
-                return b"".join(parts)
+                return b"".join(parts), marks
 
-    def _parse(self, raw: bytes, upstream_path: str) -> dict[str, Any]:
+    def _parse(self, raw: bytes, upstream_path: str, marks: JsonMarks | None = None) -> dict[str, Any]:
         if not raw:
             raise errors.bad_request("Request body is empty; expected a JSON object.")
-        # What parsing would cost is judged on the bytes first (C speed): millions of tiny values or deep
-        # nesting are refused before orjson builds them.
-        over = json_over_limit(raw, self.max_elements, self.max_containers, self.max_depth)
+        # What parsing would cost is judged on the bytes first (C speed): millions of tiny values are
+        # refused before orjson builds them.
+        over, containers = json_over_limit(raw, self.max_elements, self.max_containers, marks)
         if over is not None:
             self._count_limit(over.value)
             raise self._json_limit_error(over)
@@ -221,12 +225,14 @@ class GatewayASGI:
             if len(msgs) > self.max_messages:
                 raise errors.bad_request(f"Too many messages ({len(msgs)}); the limit is {self.max_messages}.",
                                          param="messages", code="too_many_messages")
+        # Deep nesting costs the gateway and providers; the walk is bounded by the containers counted above.
+        if containers > self.max_depth and deeper_than(body, self.max_depth):
+            self._count_limit("json_depth")
+            raise errors.bad_request(f"JSON nesting deeper than {self.max_depth} levels (server.max_json_depth).",
+                                     code="too_deep")
         return body
 
     def _json_limit_error(self, over: JsonLimit) -> GatewayError:
-        if over is JsonLimit.DEPTH:
-            return errors.bad_request(f"JSON nesting deeper than {self.max_depth} levels (server.max_json_depth).",
-                                      code="too_deep")
         if over is JsonLimit.CONTAINERS:
             return errors.bad_request(f"The body holds more than {self.max_containers} JSON arrays and objects "
                                       "(server.max_json_containers).", code="too_many_elements")

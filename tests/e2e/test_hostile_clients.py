@@ -27,9 +27,13 @@ KEY = "sk-gw-hostile-00000000000000000000000000000000"
 AUTH = {"authorization": f"Bearer {KEY}"}
 FAST = {"ttft_ms": 1, "ttft_dist": "fixed", "itl_ms": 0, "tokens": 2, "tail_p": 0}
 MSG = [{"role": "user", "content": "hi"}]
-# A normal request during an attack may take this many times its own quiet median (loaded CI machines
-# jitter); a stalled event loop costs hundreds of times more, which is what this catches.
-SLOWDOWN_FACTOR = 5.0
+# A normal request during an attack: its median may be this many times its own quiet median, and its
+# slowest this many times. Generous, because an attack's upload itself takes CPU on a small, shared CI
+# machine (a 7 MB body slowed normal requests about tenfold at worst there, by contention). A stalled
+# event loop costs far more: before the head limit, one request waited 1.8 s (300 times its median)
+# behind a 32 MB header while the median stayed low, which is why the slowest one is checked too.
+SLOWDOWN_FACTOR = 20.0
+STALL_FACTOR = 50.0
 
 
 def _cfg(sims: Sims, **server: Any) -> dict[str, Any]:
@@ -83,7 +87,10 @@ class Probe:
         return samples, out[0] if out else None
 
     def assert_unaffected(self, base: float, samples: list[float], what: str) -> None:
-        assert statistics.median(samples) <= SLOWDOWN_FACTOR * base, (what, base, sorted(samples))
+        seen = f"{what}: quiet median {base * 1000:.1f} ms; during: {len(samples)} requests, median " \
+               f"{statistics.median(samples) * 1000:.1f} ms, slowest {max(samples) * 1000:.1f} ms"
+        assert statistics.median(samples) <= SLOWDOWN_FACTOR * base, seen
+        assert max(samples) <= STALL_FACTOR * base, seen
 
     def close(self) -> None:
         self.client.close()

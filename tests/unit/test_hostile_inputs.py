@@ -11,15 +11,15 @@ import orjson
 import pytest
 import yaml
 
-from gateway.api.jsonlimits import JsonLimit, json_over_limit
+from gateway.api.jsonlimits import JsonLimit, deeper_than, json_over_limit
 from gateway.config import ConfigError, parse_config, redact, redact_url
 from gateway.security.guard import estimate_tokens
 from gateway.telemetry.accesslog import FIELDS, format_text
 from gateway.upstream.proxy import bypassed, proxy_for
 
 
-def over(raw: bytes, elements: int = 1000, containers: int = 100, depth: int = 8) -> JsonLimit | None:
-    return json_over_limit(raw, elements, containers, depth)
+def over(raw: bytes, elements: int = 1000, containers: int = 100) -> JsonLimit | None:
+    return json_over_limit(raw, elements, containers)[0]
 
 
 def test_an_ordinary_body_is_decided_by_the_upper_bounds():
@@ -47,9 +47,17 @@ def test_brackets_and_commas_inside_strings_are_not_structure():
 
 def test_depth_counts_levels_of_nesting():
     def nested(n: int) -> bytes:
-        return b"{" + b'"a": [' * (n - 1) + b"]" * (n - 1) + b"}"
-    assert over(nested(8) + b" " + b"{}" * 10) is None  # many containers, but 8 deep
-    assert over(nested(9) + b" " + b"{}" * 10) is JsonLimit.DEPTH
+        return b'{"a": ' + b"[" * (n - 1) + b"]" * (n - 1) + b"}"
+    assert not deeper_than(orjson.loads(nested(8)), 8)
+    assert deeper_than(orjson.loads(nested(9)), 8)
+    assert not deeper_than({"a": [1, 2, {"b": "c"}]}, 3)
+
+
+def test_the_container_count_bounds_the_depth_walk():
+    raw = b'{"a": "[[[[", "b": [[]]}'
+    assert json_over_limit(raw, 1000, 100) == (None, 7)  # an upper bound: the check only needs to be safe
+    many = b'{"m": [' + b",".join([b'"[x]"'] * 5000) + b"], " + b'"b": [[]]}'
+    assert json_over_limit(many, 100_000, 100) == (None, 4)  # over the bound: counted outside strings
 
 
 def test_invalid_json_is_left_to_the_parser():
@@ -146,3 +154,28 @@ def test_no_proxy_star_and_suffixes():
     assert bypassed("api.example.com", 443, "example.com") and bypassed("example.com", 443, ".example.com")
     assert not bypassed("badexample.com", 443, "example.com")
     assert not bypassed("api.example.com", 443, None)
+
+
+@pytest.mark.parametrize("few_quotes", [0, 4096], ids=["split", "spans"])
+def test_both_ways_of_cutting_strings_agree(monkeypatch, few_quotes):
+    import gateway.api.jsonlimits as jl
+
+    monkeypatch.setattr(jl, "FEW_QUOTES", few_quotes)
+    hidden = orjson.dumps({"m": [f'[{{"{i}", \\' for i in range(300)]})  # brackets, commas, escapes in strings
+    assert over(hidden) is None
+    assert over(hidden[:-1] + b', [' + b"[]," * 100 + b"[]]}") is JsonLimit.CONTAINERS
+    escapes = b'{"a": "x\\\\", "b": [' + b'"\\"]",' * 101 + b'"]"]}'  # \\ then a real quote; \\" inside
+    assert over(escapes, containers=3) is None
+    assert over(escapes.replace(b'"]"]}', b'[], []]}'), containers=3) is JsonLimit.CONTAINERS
+
+
+def test_marks_counted_part_by_part_give_the_same_answer():
+    from gateway.api.jsonlimits import count_marks
+
+    raw = b'{"m": "[[,", "x": [' + b",".join([b"[]"] * 150) + b"]}"
+    parts = [raw[i:i + 7] for i in range(0, len(raw), 7)]
+    marks = count_marks(parts[0])
+    for p in parts[1:]:
+        marks = marks.add(count_marks(p))
+    assert marks == count_marks(raw)
+    assert json_over_limit(raw, 1000, 100, marks) == json_over_limit(raw, 1000, 100) == (JsonLimit.CONTAINERS, 152)  # { and [ and 150 []
