@@ -42,16 +42,18 @@ def proxy_for(base_url: str, setting: str | None, env: Mapping[str, str]) -> Pro
     if setting == "direct":
         return None
     target = urlsplit(base_url)
+    source = "proxy"
     if setting is None:
         names = ("https_proxy", "HTTPS_PROXY") if target.scheme == "https" else ("http_proxy", "HTTP_PROXY")
-        setting = next((env[n] for n in names if env.get(n)), None)
-        if setting is None or bypassed(target.hostname or "", target.port, env.get("no_proxy") or env.get("NO_PROXY")):
+        source = next((n for n in names if env.get(n)), "")
+        if not source or bypassed(target.hostname or "", target.port, env.get("no_proxy") or env.get("NO_PROXY")):
             return None
+        setting = env[source]
         if "://" not in setting:  # HTTPS_PROXY=proxy:3128 is common
             setting = "http://" + setting
     url = urlsplit(setting)
-    if url.scheme != "http" or not url.hostname:
-        raise ValueError(f"unsupported proxy {url.scheme}://{url.hostname or ''} (expected http://host:port)")
+    if url.scheme != "http" or not url.hostname:  # named without its credentials
+        raise ValueError(f"{source}: unsupported proxy {url.scheme}://{url.hostname or ''} (expected http://host:port)")
     auth = None
     if url.username is not None:
         raw = f"{unquote(url.username)}:{unquote(url.password or '')}".encode("latin-1")

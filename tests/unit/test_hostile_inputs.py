@@ -179,3 +179,9 @@ def test_marks_counted_part_by_part_give_the_same_answer():
         marks = marks.add(count_marks(p))
     assert marks == count_marks(raw)
     assert json_over_limit(raw, 1000, 100, marks) == json_over_limit(raw, 1000, 100) == (JsonLimit.CONTAINERS, 152)  # { and [ and 150 []
+
+
+def test_an_unusable_proxy_in_the_environment_is_named_without_its_credentials():
+    with pytest.raises(ValueError, match=r"^HTTPS_PROXY: unsupported proxy socks5://p \(expected") as err:
+        proxy_for("https://api.openai.com/v1", None, {"HTTPS_PROXY": "socks5://user:secret@p:1080"})
+    assert "secret" not in str(err.value)
