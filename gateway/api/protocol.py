@@ -106,7 +106,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
             if limit < 0:  # refused: anything read before reading paused is dropped
                 return
             seen = self._head_seen + len(data)
-            budget = limit - self._head_seen
+            budget = max(limit - self._head_seen, 0)
             if seen > limit and not _head_ends_within(data, budget):
                 super().data_received(data[:budget])  # what fits: the request line, for the log
                 if not self.transport.is_closing():  # (unless the parser already refused it)
@@ -196,7 +196,7 @@ def _head_ends_within(data: bytes, budget: int) -> bool:
     """Whether the head's blank line falls within ``budget`` more bytes of ``data`` (one C-speed scan of
     at most ``budget`` bytes). A blank line split across reads shows as ``data`` starting with the
     rest of it; the parser judges whether it really was one."""
-    return data.startswith((b"\n", b"\r\n")) or data.find(b"\r\n\r\n", 0, max(budget, 0) + 4) >= 0
+    return data.startswith((b"\n", b"\r\n")) or data.find(b"\r\n\r\n", 0, budget + 4) >= 0
 
 
 def arrival(scope: dict[str, Any]) -> tuple[float, float]:
