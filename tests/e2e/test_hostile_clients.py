@@ -130,7 +130,9 @@ def _send_head_flood(port: int, size: int) -> bytes:
 
 @pytest.mark.parametrize("mb", [8, 32, 64])
 def test_a_huge_request_header_is_refused_while_parsing_and_others_carry_on(edge, probe, mb):
-    before = metric_value(edge.metrics(), "llmgw_input_limits_total", limit="head_too_large")
+    m = edge.metrics()
+    before = metric_value(m, "llmgw_input_limits_total", limit="head_too_large")
+    rss_before = metric_value(m, "process_resident_memory_bytes")
     base = probe.baseline()
     samples, answer = probe.during(lambda: _send_head_flood(edge.port, mb << 20))
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
@@ -141,7 +143,10 @@ def test_a_huge_request_header_is_refused_while_parsing_and_others_carry_on(edge
     rec = [r for r in edge.records(wait_for=1) if r["response_code"] == 431][-1]
     assert rec["response_flags"] == "BR" and rec["error_type"] == "headers_too_large"
     assert rec["method"] == "POST" and rec["path"] == "/v1/chat/completions"
-    assert metric_value(edge.metrics(), "llmgw_input_limits_total", limit="head_too_large") == before + 1
+    m = edge.metrics()
+    assert metric_value(m, "llmgw_input_limits_total", limit="head_too_large") == before + 1
+    # nothing of the flood was buffered (before the limit: +290 MB for 64 MB)
+    assert metric_value(m, "process_resident_memory_bytes") - rss_before < 16 << 20
 
 
 def test_headers_up_to_the_limit_pass(edge):
