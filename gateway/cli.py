@@ -140,7 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     common: dict[str, Any] = dict(host=host, port=port, loop="uvloop", http=TimedHttpToolsProtocol, lifespan="on",
                                   access_log=False, log_level=args.log_level, server_header=False,
                                   timeout_graceful_shutdown=cfg.server.drain_timeout_s, backlog=4096,
-                                  timeout_keep_alive=75,
+                                  timeout_keep_alive=cfg.server.idle_timeout_s,
                                   # the access log records the peer as connected; uvicorn's X-Forwarded-For
                                   # rewriting (trusting 127.0.0.1 only) would cost every request a middleware
                                   proxy_headers=False)

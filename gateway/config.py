@@ -13,7 +13,7 @@ import re
 import ssl
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -43,6 +43,10 @@ class ServerConfig(_Strict):
     max_header_bytes: int = Field(64 * 1024, ge=1024)
     max_json_depth: int = Field(64, ge=4, le=10_000)
     max_messages: int = Field(2048, ge=1)
+    max_json_elements: int = Field(500_000, ge=1000)  # values in a request body (checked on its bytes)
+    max_json_containers: int = Field(20_000, ge=16)  # arrays and objects in a request body
+    request_headers_timeout_s: float = Field(10.0, gt=0)  # a request head must arrive within this
+    idle_timeout_s: float = Field(75.0, gt=0)  # a connection without a request in flight is closed after this
     max_inflight: int = Field(0, ge=0)  # 0 = unlimited
     drain_timeout_s: float = Field(30.0, ge=0)
     cors_origins: list[str] = []
@@ -128,7 +132,7 @@ class AuthConfig(_Strict):
     mode: Literal["none", "keys"] = "none"
     keys: list[ApiKeyConfig] = []
     redis_keys: bool = True  # also accept keys created with `llmgw keys create` (redis state backend)
-    protect_metrics: bool = False  # /metrics and /admin/* need a valid key too
+    protect_metrics: bool = False  # the admin listener too: /metrics and /admin/* need a valid key there
     cache_ttl_s: float = Field(5.0, ge=0, le=300)  # how long a Redis key lookup is reused (revocation delay)
 
 
@@ -235,6 +239,7 @@ class DeploymentConfig(_Strict):
     priority: int = Field(0, ge=0)
     max_concurrency: int = Field(0, ge=0)  # 0 = unlimited
     ca_file: str | None = None  # PEM bundle trusted for this https:// upstream, besides the system store
+    proxy: str | None = None  # http://[user:pass@]host:port, or "direct"; unset: HTTPS_PROXY/HTTP_PROXY/NO_PROXY
     timeouts: TimeoutsConfig = TimeoutsConfig()
     pool: PoolConfig = PoolConfig()
 
@@ -268,14 +273,40 @@ class DeploymentConfig(_Strict):
                 raise ValueError(f"{k!r} is not a valid HTTP header name")
             if _CTL.search(val):
                 raise ValueError(f"the value of {k!r} holds a line break or control character")
+            if not _latin1(val):
+                raise ValueError(f"the value of {k!r} holds characters an HTTP header cannot carry (only latin-1; "
+                                 "percent- or base64-encode it)")
         return out
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, v: str | None) -> str | None:
+        if v is None or v == "direct":
+            return v
+        parts = urlsplit(v)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError("expected http://[user:password@]host:port of a forward proxy, or \"direct\" "
+                             "(a TLS connection to the proxy itself is not supported)")
+        if parts.path not in ("", "/") or parts.query:
+            raise ValueError("a proxy URL has no path or query")
+        return v
 
     @field_validator("api_key")
     @classmethod
     def _key(cls, v: str | None) -> str | None:
         if v is not None and _CTL.search(v):
             raise ValueError("holds a line break or control character")
+        if v is not None and not _latin1(v):
+            raise ValueError("holds characters an HTTP header cannot carry (only latin-1)")
         return v
+
+
+def _latin1(value: str) -> bool:
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class ModelConfig(_Strict):
@@ -523,25 +554,41 @@ def _resolve_schema_files(cfg: GatewayConfig, base: Path) -> GatewayConfig:
     return cfg.model_copy(update={"models": models}) if changed else cfg
 
 
-# Header names that carry credentials: authorization, api-key, x-api-key, x-goog-api-key,
-# ocp-apim-subscription-key, cookie, x-auth-token ...
-_SECRET_HEADER_WORDS = ("auth", "key", "token", "secret", "password", "cookie", "signature")
+# What /admin/config and check-config show as is. Allow-lists, not deny-lists: a header or query
+# parameter named in a way nobody foresaw (x-upstream-credential, ?sig=) is hidden all the same.
+_SHOWN_QUERY_PARAMS = frozenset({"api-version", "db", "protocol", "timeout", "socket_timeout", "health_check_interval"})
+REDACTED = "***"
+
+
+def redact_url(url: str | None) -> str | None:
+    """A URL without its secrets: userinfo replaced, every query value not on the allow-list replaced."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = REDACTED + "@" + netloc.rpartition("@")[2]
+    query = "&".join(
+        p if p.partition("=")[0].lower() in _SHOWN_QUERY_PARAMS or "=" not in p else p.partition("=")[0] + "=" + REDACTED
+        for p in parts.query.split("&")) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def redact(cfg: GatewayConfig) -> dict[str, Any]:
-    """The config as a dict with every secret replaced, for check-config and /admin output."""
+    """The config as a dict with every secret replaced, for check-config and /admin output: every header
+    value, provider key, URL userinfo and query value not known to be harmless."""
     data = cfg.model_dump(mode="json")
     for m in data["models"]:
         for d in m["deployments"]:
             if d.get("api_key"):
-                d["api_key"] = "***"
-            d["headers"] = {k: ("***" if any(w in k for w in _SECRET_HEADER_WORDS) else v)
-                            for k, v in d["headers"].items()}
+                d["api_key"] = REDACTED
+            d["headers"] = dict.fromkeys(d["headers"], REDACTED)
+            d["base_url"] = redact_url(d["base_url"])
+            d["proxy"] = redact_url(d.get("proxy"))
     for k in data["auth"]["keys"]:
         k["hash"] = k["hash"][:15] + "…"
     if data["state"].get("sentinel_password"):
-        data["state"]["sentinel_password"] = "***"
-    url = urlsplit(data["state"]["redis_url"])
-    if url.password:
-        data["state"]["redis_url"] = data["state"]["redis_url"].replace(url.password, "***")
+        data["state"]["sentinel_password"] = REDACTED
+    data["state"]["redis_url"] = redact_url(data["state"]["redis_url"])
+    data["tracing"]["otlp_endpoint"] = redact_url(data["tracing"]["otlp_endpoint"])
     return data

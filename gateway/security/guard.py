@@ -162,6 +162,9 @@ class Guard:
 
 
 def estimate_tokens(raw: bytes, body: dict[str, Any]) -> int:
-    """Admission estimate for tpm: ~4 bytes per prompt token plus the completion the request allows."""
+    """Admission estimate for tpm: ~4 bytes per prompt token plus the completion the request allows, once
+    per choice (``n``)."""
     out = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens") or 256
-    return len(raw) // 4 + (out if isinstance(out, int) and out > 0 else 256)
+    n = body.get("n")
+    choices = n if isinstance(n, int) and n > 1 else 1
+    return len(raw) // 4 + (out if isinstance(out, int) and out > 0 else 256) * choices

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import random
 import re
+import ssl
 import time
 from typing import Any
 
@@ -56,6 +57,7 @@ class SimServer:
         self.host = host
         self.port = port
         self._rng = random.Random(seed)
+        self.tls: ssl.SSLContext | None = None  # set before start() to serve https (tests of TLS and proxies)
         self._stats = SimStats()
         self._serial = 0
         self._conn_serial = 0
@@ -72,7 +74,7 @@ class SimServer:
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._new_connection, self.host, self.port, backlog=4096,
-                                                reuse_address=True)
+                                                reuse_address=True, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = loop.call_later(0.25, self._sweep)
 

@@ -204,6 +204,8 @@ class Metrics:
                                  ["from", "to", "reason"])
         self.overflow = self._counter("llmgw_overflow_total", "Requests refused at once by a concurrency limit.",
                                 ["scope"])
+        self.input_limits = self._counter("llmgw_input_limits_total", "Requests and connections refused or closed "
+                                          "by an input limit (head size and time, idle, JSON cost).", ["limit"])
         self.rate_limited = self._counter("llmgw_rate_limited_total", "Requests refused by a key's limits.",
                                     ["key", "limit"])
         self.state_up = self._gauge("llmgw_state_backend_up", "1 while the shared state backend answers.", mode="max")

@@ -16,6 +16,7 @@ open or opening; a caller over the limit queues (first come, first served) and t
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections import deque
 from typing import Any
@@ -26,6 +27,7 @@ import httptools
 from gateway.config import DeploymentConfig
 from gateway.telemetry.timing import now
 from gateway.upstream.errors import UpstreamConnectError, UpstreamConnectTimeout, UpstreamResetError
+from gateway.upstream.proxy import open_connection, proxy_for
 from gateway.upstream.wire import AttemptWire, static_headers, tls_context
 
 # A response body buffered past this (a client slower than its provider) pauses reading from the
@@ -321,6 +323,11 @@ class H1UpstreamClient:
         self._port = url.port or (443 if url.scheme == "https" else 80)
         self._prefix = url.path.rstrip("/")
         self._host_line = f"host: {url.netloc}\r\n"
+        self._proxy = proxy_for(dep.base_url, dep.proxy, os.environ)
+        if self._proxy is not None and url.scheme == "http":  # the proxy forwards: absolute-form requests
+            self._prefix = f"http://{url.netloc}{self._prefix}"
+            if self._proxy.authorization:
+                self._host_line += f"proxy-authorization: {self._proxy.authorization}\r\n"
         self.static_headers = static_headers(dep)
         self._limit = dep.pool.max_connections
         self._expiry_s = dep.pool.keepalive_expiry_s
@@ -416,8 +423,7 @@ class H1UpstreamClient:
             wire.connect_start = t0
         try:
             async with asyncio.timeout(self._connect_s):
-                await self.loop.create_connection(lambda: conn, self._hostname, self._port, ssl=self._ssl,
-                                                  server_hostname=self._hostname if self._ssl else None)
+                await open_connection(self.loop, conn, self._proxy, self._hostname, self._port, self._ssl)
         except TimeoutError:
             raise UpstreamConnectTimeout(f"connect to {self.host} timed out after "
                                          f"{self._connect_s * 1000:.0f} ms (timeouts.connect_ms)") from None

@@ -201,8 +201,19 @@ def test_schema_rejects_wrong_values(chart, values, where):
 # ------------------------------------------------------------------------------------ the pod
 
 
+def test_probes_and_scrapes_use_the_admin_port_by_default(chart):
+    # With keys on, the API port answers /metrics only with a key: Prometheus scrapes the admin port.
+    values = with_values(None, **{"metrics.serviceMonitor.enabled": True})
+    docs = render(chart, values)
+    c = gateway_container(docs)
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "admin": 9090}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    assert rendered_config(docs)["server"]["admin_port"] == 9090
+    assert [e["port"] for e in one(docs, "ServiceMonitor")["spec"]["endpoints"]] == ["admin"]
+
+
 def test_probes_target_the_gateway_endpoints_on_named_ports(chart):
-    c = gateway_container(render(chart))
+    c = gateway_container(render(chart, with_values(None, **{"gateway.server.admin_port": None})))
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
     assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
@@ -210,7 +221,7 @@ def test_probes_target_the_gateway_endpoints_on_named_ports(chart):
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 60, "start-up must outlast pool validation"
     assert c["args"] == ["serve", "--config", CONFIG_PATH]
-    svc = one(render(chart), "Service")
+    svc = one(render(chart, with_values(None, **{"gateway.server.admin_port": None})), "Service")
     assert [(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [("http", 8080, "http")]
 
 
