@@ -98,23 +98,23 @@ class ExchangeView(Protocol):
     t_last_sent: float | None
 
 
-class _PresetIds:
+def _preset_ids() -> Any:
     """The SDK's id source, told the ids the gateway already sent upstream before each span starts."""
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
-    def __init__(self) -> None:
-        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+    class PresetIds(RandomIdGenerator):
+        span_id = 0
+        trace_id = 0
 
-        self._random = RandomIdGenerator()
-        self.span_id = 0
-        self.trace_id = 0
+        def generate_span_id(self) -> int:
+            v, self.span_id = self.span_id, 0
+            return v or super().generate_span_id()
 
-    def generate_span_id(self) -> int:
-        v, self.span_id = self.span_id, 0
-        return v or self._random.generate_span_id()
+        def generate_trace_id(self) -> int:
+            v, self.trace_id = self.trace_id, 0
+            return v or super().generate_trace_id()
 
-    def generate_trace_id(self) -> int:
-        v, self.trace_id = self.trace_id, 0
-        return v or self._random.generate_trace_id()
+    return PresetIds()
 
 
 def _address(netloc: str | None) -> tuple[str | None, int | None]:
@@ -142,10 +142,10 @@ class Tracing:
 
         name = service_name or os.environ.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME
         self.sampler = Sampler.from_env()
-        self.ids = _PresetIds()
+        self.ids = _preset_ids()
         # The decision is taken on arrival (``sample``): spans written afterwards are all kept.
         self.provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}), sampler=ALWAYS_ON,
-                                       id_generator=self.ids)  # type: ignore[arg-type]
+                                       id_generator=self.ids)
         # Queue size and delay come from OTEL_BSP_* (defaults 2048 spans, 5 s) unless set here; a full
         # queue drops spans rather than waiting.
         self.provider.add_span_processor(BatchSpanProcessor(
