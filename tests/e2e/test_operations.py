@@ -53,12 +53,13 @@ def _gauge(gw: Any, name: str, **labels: str) -> float:
 
 
 def _two_deployments(sims: Any, **extra: Any) -> dict[str, Any]:
-    # a first by priority; two failures eject it for 1.5 s; b answers meanwhile (and the retry)
+    # a first by priority; two failures eject it for 4 s (long enough to be seen on a busy machine); b answers
+    # meanwhile (and the retry)
     return {"models": [model("chat", [dep("a", sims.base_url("sim-a"), priority=0),
                                       dep("b", sims.base_url("sim-b"), priority=1)],
                              routing={"strategy": "priority"},
                              retry={"max_retries": 1, "budget_percent": 100, "backoff_base_ms": 1, "backoff_max_ms": 1},
-                             outlier={"consecutive_failures": 2, "base_ejection_s": 1.5})], **extra}
+                             outlier={"consecutive_failures": 2, "base_ejection_s": 4})], **extra}
 
 
 def test_ejected_gauge_goes_back_to_zero_when_the_ejection_ends(sims_factory, gateways):
