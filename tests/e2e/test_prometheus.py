@@ -1,5 +1,5 @@
 """The chart's alerts in a real Prometheus scraping a real two-worker gateway while a provider fails and
-recovers: the alerts fire, then resolve, as Prometheus' own API reports them.
+recovers (a worker killed on the way): the alerts fire, then resolve, as Prometheus' own API reports them.
 
 Prometheus (Debian's package, scripts/install-test-tools.sh) runs with a one-second scrape and rule
 evaluation; the rules are the chart's PrometheusRule as the real helm renders it, with `for: 0s`.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import httpx
 import pytest
 import yaml
 from conftest import HTTP, dep, free_port, model
+from test_operations import _worker_pids
 
 CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "llm-gateway"
 NAMESPACE, RELEASE = "llm", "gw"
@@ -145,6 +147,10 @@ def test_alerts_fire_while_a_provider_fails_and_resolve_when_it_recovers(sims_fa
 
     prom.wait("the ejection and no-healthy-upstream alerts to fire", fail_until_ejected)
     assert not _firing(prom, "LLMGatewayNoHealthyUpstream", model="chat")  # b still serves chat
+    # a worker dies mid-incident: its replacement starts clean, its gauges leave the pod's merged view
+    victim = _worker_pids(gw.proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    prom.wait("a replacement worker", lambda: len(w := _worker_pids(gw.proc.pid)) == 2 and victim not in w)
     sims.set("sim-a", error_rate=0.0)
     sims.set("sim-c", error_rate=0.0)
     # no request needed: ejections end with time, the gauges follow, and the alerts resolve
@@ -152,3 +158,5 @@ def test_alerts_fire_while_a_provider_fails_and_resolve_when_it_recovers(sims_fa
               and not prom.alerts("LLMGatewayNoHealthyUpstream"), timeout=40)
     assert prom.query(f'max(llmgw_deployment_ejected{{job="{JOB}"}}) == 0')
     assert prom.query(f'min(llmgw_model_healthy_deployments{{job="{JOB}", model="solo"}}) == 1')
+    assert prom.query(f'max_over_time(llmgw_inflight_requests{{job="{JOB}"}}[5s]) == 0')
+    assert not prom.alerts("LLMGatewayTargetDown")  # the pod kept answering scrapes throughout
