@@ -11,6 +11,7 @@ import asyncio
 from typing import Protocol
 
 from gateway.engine.registry import Registry
+from gateway.policy.outlier import is_ejected
 from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.timing import now
 
@@ -38,7 +39,7 @@ class StateGauges:
                     m.child(m.pool_connections, d.id, state).set(n)
                 est = d.ttft if d.ttft.samples else d.latency
                 m.child(m.latency_estimate, d.id).set(est.value(t) / 1000.0)
-                ejected = t < d.outlier.ejected_until
+                ejected = is_ejected(d.outlier, t)
                 m.child(m.ejected, model.name, d.id).set(1 if ejected else 0)
                 healthy += not ejected and d.cooldown_until <= t  # at capacity is busy, not unhealthy
             m.child(m.healthy, model.name).set(healthy)
