@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from gateway.telemetry.tracing import TraceContext
@@ -82,20 +83,77 @@ class Sampler:
         return int(tc.trace_id[16:], 16) < self.bound
 
 
+class _Valued(Protocol):
+    @property
+    def value(self) -> str: ...
+
+
+class _ClientView(Protocol):
+    @property
+    def host(self) -> str: ...
+
+
+class _DeploymentView(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def region(self) -> str: ...
+    @property
+    def upstream_model(self) -> str: ...
+    @property
+    def client(self) -> _ClientView: ...
+
+
+class AttemptView(Protocol):
+    """What one finished upstream try offers its span (engine.attempt.Attempt)."""
+
+    @property
+    def kind(self) -> _Valued: ...  # the role: primary, retry, hedge
+    @property
+    def state(self) -> _Valued: ...
+    @property
+    def failure(self) -> _Valued | None: ...
+    @property
+    def dep(self) -> _DeploymentView: ...
+    @property
+    def index(self) -> int: ...
+    @property
+    def t_start(self) -> float: ...
+    @property
+    def t_end(self) -> float | None: ...
+    @property
+    def status(self) -> int | None: ...
+    @property
+    def resp(self) -> Any: ...  # the upstream client's response (its ``status``), when headers came
+    @property
+    def error_detail(self) -> str: ...
+    @property
+    def ok(self) -> bool: ...
+
+
 class ExchangeView(Protocol):
     """What a finished request offers its spans (engine.exchange.Exchange)."""
 
-    trace: TraceContext
-    attempts: list[Any]
-    path: str
-    upstream_path: str
-    model_name: str
-    stream: bool
-    headers: dict[str, str]
-    request_id: str
-    t_received: float
-    wall_start: float
-    t_last_sent: float | None
+    @property
+    def trace(self) -> TraceContext: ...
+    @property
+    def attempts(self) -> Sequence[AttemptView]: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def upstream_path(self) -> str: ...
+    @property
+    def model_name(self) -> str: ...
+    @property
+    def stream(self) -> bool: ...
+    @property
+    def headers(self) -> dict[str, str]: ...
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def t_received(self) -> float: ...
+    @property
+    def wall_start(self) -> float: ...
 
 
 def _preset_ids() -> Any:
