@@ -189,6 +189,62 @@ def _address(netloc: str | None) -> tuple[str | None, int | None]:
     return host, int(port) if port.isdigit() else None
 
 
+def _server_attributes(ex: ExchangeView, rec: dict[str, Any], operation: str) -> dict[str, Any]:
+    """HTTP and GenAI conventions for the request as the client saw it, and the gateway's own facts."""
+    status = rec["response_code"]
+    attrs: dict[str, Any] = {
+        "http.request.method": "POST", "url.path": ex.path, "http.route": ex.path,
+        "http.response.status_code": status,
+        "gen_ai.operation.name": operation, "gen_ai.request.model": ex.model_name,
+        "llmgw.request_id": ex.request_id, "llmgw.stream": ex.stream, "llmgw.response_flags": rec["response_flags"],
+        "llmgw.attempts": rec["attempts"], "llmgw.retry_count": rec["retry_count"],
+        "llmgw.hedge_count": rec["hedge_count"]}
+    address, port = _address(ex.headers.get("host"))
+    if address:
+        attrs["server.address"] = address
+        if port:
+            attrs["server.port"] = port
+    optional = (("gen_ai.response.model", rec["upstream_model"]), ("llmgw.route_reason", rec["route_reason"]),
+                ("llmgw.deployment", rec["upstream_cluster"]), ("llmgw.region", rec["upstream_region"]),
+                ("gen_ai.usage.input_tokens", rec["prompt_tokens"]),
+                ("gen_ai.usage.output_tokens", rec["completion_tokens"]),
+                ("llmgw.fallback_from", rec["fallback_from"]), ("error.type", rec["error_type"]),
+                ("llmgw.ttft_ms", rec["ttft_ms"]))
+    for k, v in optional:
+        if v is not None:
+            attrs[k] = str(v) if k == "llmgw.route_reason" else v  # a StrEnum: exported as its value
+    if status >= 500 and "error.type" not in attrs:
+        attrs["error.type"] = str(status)
+    return attrs
+
+
+def _attempt_attributes(ex: ExchangeView, a: AttemptView, operation: str, server: dict[str, Any],
+                        rec: dict[str, Any]) -> dict[str, Any]:
+    """GenAI conventions for one upstream try as the provider saw it, and its role in the request."""
+    attrs: dict[str, Any] = {
+        "gen_ai.operation.name": operation, "gen_ai.request.model": a.dep.upstream_model,
+        "llmgw.request_id": ex.request_id, "llmgw.model": ex.model_name,
+        "llmgw.deployment": a.dep.id, "llmgw.region": a.dep.region, "llmgw.attempt.kind": a.kind.value,
+        "llmgw.attempt.index": a.index, "llmgw.attempt.outcome": a.state.value}
+    host, port = _address(a.dep.client.host)
+    if host:
+        attrs["server.address"] = host
+        if port:
+            attrs["server.port"] = port
+    status = a.status if a.status is not None else (a.resp.status if a.resp is not None else None)
+    if status is not None:  # none when the attempt never got response headers
+        attrs["http.response.status_code"] = status
+    if a.ok:
+        attrs["gen_ai.response.model"] = a.dep.upstream_model
+        if a.dep.id == rec["upstream_cluster"]:  # the answer the client got: its usage
+            for k in ("gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens"):
+                if k in server:
+                    attrs[k] = server[k]
+    if a.failure is not None:
+        attrs["error.type"] = a.failure.value
+    return attrs
+
+
 class Tracing:
     def __init__(self, endpoint: str, service_name: str | None) -> None:
         """``service_name`` None: ``OTEL_SERVICE_NAME`` if set, else the default."""
@@ -231,7 +287,6 @@ class Tracing:
         from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCode, TraceFlags
 
         t0, wall0 = ex.t_received, ex.wall_start
-        end = t0 + rec["duration_ms"] / 1000.0
 
         def ns(t: float) -> int:
             return int((wall0 + (t - t0)) * 1e9)
@@ -243,68 +298,24 @@ class Tracing:
             parent = Context()
             self.ids.trace_id = int(tc.trace_id, 16)
         operation = OPERATIONS.get(ex.upstream_path, "chat")
-        status = rec["response_code"]
-        attrs: dict[str, Any] = {
-            "http.request.method": "POST", "url.path": ex.path, "http.route": ex.path,
-            "http.response.status_code": status,
-            "gen_ai.operation.name": operation, "gen_ai.request.model": ex.model_name,
-            "llmgw.request_id": ex.request_id, "llmgw.stream": ex.stream, "llmgw.response_flags": rec["response_flags"],
-            "llmgw.attempts": rec["attempts"], "llmgw.retry_count": rec["retry_count"],
-            "llmgw.hedge_count": rec["hedge_count"]}
-        address, port = _address(ex.headers.get("host"))
-        if address:
-            attrs["server.address"] = address
-            if port:
-                attrs["server.port"] = port
-        optional = (("gen_ai.response.model", rec["upstream_model"]), ("llmgw.route_reason", rec["route_reason"]),
-                    ("llmgw.deployment", rec["upstream_cluster"]), ("llmgw.region", rec["upstream_region"]),
-                    ("gen_ai.usage.input_tokens", rec["prompt_tokens"]),
-                    ("gen_ai.usage.output_tokens", rec["completion_tokens"]),
-                    ("llmgw.fallback_from", rec["fallback_from"]), ("error.type", rec["error_type"]),
-                    ("llmgw.ttft_ms", rec["ttft_ms"]))
-        for k, v in optional:
-            if v is not None:
-                attrs[k] = str(v) if k == "llmgw.route_reason" else v
-        if status >= 500 and "error.type" not in attrs:
-            attrs["error.type"] = str(status)
+        attrs = _server_attributes(ex, rec, operation)
         self.ids.span_id = int(tc.span_id, 16)
         server = self.tracer.start_span(f"POST {ex.path}", context=parent, kind=trace.SpanKind.SERVER,
                                         start_time=ns(t0), attributes=attrs)
-        if status >= 500:
+        if rec["response_code"] >= 500:
             server.set_status(Status(StatusCode.ERROR))
         under_server = trace.set_span_in_context(server)
-        winner = rec["upstream_cluster"]
         for a in ex.attempts:
             if a.t_end is None:
                 continue
-            host, port = _address(a.dep.client.host)
-            a_attrs: dict[str, Any] = {
-                "gen_ai.operation.name": operation, "gen_ai.request.model": a.dep.upstream_model,
-                "llmgw.request_id": ex.request_id, "llmgw.model": ex.model_name,
-                "llmgw.deployment": a.dep.id, "llmgw.region": a.dep.region, "llmgw.attempt.kind": a.kind.value,
-                "llmgw.attempt.index": a.index, "llmgw.attempt.outcome": a.state.value}
-            if host:
-                a_attrs["server.address"] = host
-                if port:
-                    a_attrs["server.port"] = port
-            a_status = a.status if a.status is not None else (a.resp.status if a.resp is not None else None)
-            if a_status is not None:  # none when the attempt never got response headers
-                a_attrs["http.response.status_code"] = a_status
-            if a.ok:
-                a_attrs["gen_ai.response.model"] = a.dep.upstream_model
-                if a.dep.id == winner:
-                    for k in ("gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens"):
-                        if k in attrs:
-                            a_attrs[k] = attrs[k]
-            if a.failure is not None:
-                a_attrs["error.type"] = a.failure.value
             self.ids.span_id = int(tc.attempt_span_id(a.index), 16)
-            span = self.tracer.start_span(f"{operation} {a.dep.upstream_model}", context=under_server,
-                                          kind=trace.SpanKind.CLIENT, start_time=ns(a.t_start), attributes=a_attrs)
+            span = self.tracer.start_span(
+                f"{operation} {a.dep.upstream_model}", context=under_server, kind=trace.SpanKind.CLIENT,
+                start_time=ns(a.t_start), attributes=_attempt_attributes(ex, a, operation, attrs, rec))
             if a.failure is not None:
                 span.set_status(Status(StatusCode.ERROR, a.error_detail or a.failure.value))
             span.end(end_time=ns(a.t_end))
-        server.end(end_time=ns(end))
+        server.end(end_time=ns(t0 + rec["duration_ms"] / 1000.0))
 
     def shutdown(self) -> None:
         """Flush what is queued and stop the export thread (blocks: call it off the event loop)."""
