@@ -14,20 +14,16 @@ HTTP and GenAI semantic conventions (``gen_ai.*``), plus the gateway's own (``ll
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from gateway.telemetry.sampling import Sampler
 from gateway.telemetry.tracing import TraceContext
 
 DEFAULT_SERVICE_NAME = "llm-gateway"
 OPERATIONS = {"/chat/completions": "chat", "/completions": "text_completion", "/embeddings": "embeddings",
               "/responses": "chat"}
-_SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
-             "parentbased_traceidratio")
-
-log = logging.getLogger("llmgw.tracing")
 
 
 def otlp_endpoint(configured: str | None) -> str | None:
@@ -45,42 +41,6 @@ def otlp_endpoint(configured: str | None) -> str | None:
         return None
     ep = ep.rstrip("/")
     return ep if ep.endswith("/v1/traces") else ep + "/v1/traces"
-
-
-class Sampler:
-    """The SDK's standard samplers, decided on the trace id and the caller's flags alone (no SDK objects).
-
-    ``traceidratio`` keeps a trace when the low 64 bits of its id fall under ``ratio * 2**64``, as the
-    SDK's TraceIdRatioBased does, so every service sampling by ratio keeps the same traces."""
-
-    __slots__ = ("parent_based", "bound")
-
-    def __init__(self, name: str = "parentbased_always_on", arg: str | None = None) -> None:
-        name = name.strip().lower()
-        if name not in _SAMPLERS:
-            log.warning("OTEL_TRACES_SAMPLER=%s is not supported here: using parentbased_always_on", name)
-            name = "parentbased_always_on"
-        self.parent_based = name.startswith("parentbased_")
-        rule = name.removeprefix("parentbased_")
-        if rule == "traceidratio":
-            try:
-                ratio = min(max(float(arg if arg is not None else "1.0"), 0.0), 1.0)
-            except ValueError:
-                log.warning("OTEL_TRACES_SAMPLER_ARG=%s is not a number: sampling everything", arg)
-                ratio = 1.0
-            self.bound = round(ratio * (1 << 64))
-        else:
-            self.bound = 1 << 64 if rule == "always_on" else 0
-
-    @classmethod
-    def from_env(cls) -> Sampler:
-        return cls(os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
-                   os.environ.get("OTEL_TRACES_SAMPLER_ARG"))
-
-    def sampled(self, tc: TraceContext) -> bool:
-        if self.parent_based and tc.incoming is not None:
-            return tc.sampled  # the caller decided
-        return int(tc.trace_id[16:], 16) < self.bound
 
 
 class _Valued(Protocol):

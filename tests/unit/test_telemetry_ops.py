@@ -19,7 +19,7 @@ from gateway.engine.gauges import StateGauges
 from gateway.engine.registry import Registry
 from gateway.telemetry.logs import REQUEST_ID, JsonFormatter
 from gateway.telemetry.metrics import Metrics, drop_dead_workers
-from gateway.telemetry.otel import Sampler
+from gateway.telemetry.sampling import Sampler
 from gateway.telemetry.timing import now
 from gateway.telemetry.tracing import TraceContext
 
