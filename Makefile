@@ -8,7 +8,7 @@ PORT ?= 8080
 # the demo's access log (JSON lines, read by `llmgw report`); ACCESS_LOG=- writes it to stdout instead
 ACCESS_LOG ?= access.log
 
-.PHONY: run test unit e2e clients lint bench setup node-deps clean
+.PHONY: run test unit e2e clients lint bench setup node-deps clean tools
 
 # `make run` needs the gateway and the SDK the README uses, nothing else: no test tools, no pip self-upgrade
 # (each costs downloads on a fresh clone)
@@ -32,16 +32,20 @@ node-deps: $(NODE_STAMP)
 run: $(RUN_STAMP)
 	LLMGW_ACCESS_LOG=$(ACCESS_LOG) $(BIN)/llmgw serve --port $(PORT)
 
-test: $(STAMP) $(NODE_STAMP)
+# promtool, prometheus and helm for the chart, alert and scrape tests (idempotent).
+tools: $(STAMP)
+	VENV=$(VENV) scripts/install-test-tools.sh
+
+test: $(STAMP) $(NODE_STAMP) tools
 	$(BIN)/ruff check gateway tests loadtests
 	$(BIN)/lint-imports
 	$(BIN)/mypy gateway/engine gateway/upstream gateway/policy
 	$(BIN)/python tests/with_redis.py $(BIN)/pytest -q tests
 
-unit: $(STAMP)
+unit: $(STAMP) tools
 	$(BIN)/pytest tests/unit
 
-e2e: $(STAMP) $(NODE_STAMP)
+e2e: $(STAMP) $(NODE_STAMP) tools
 	$(BIN)/python tests/with_redis.py $(BIN)/pytest tests/e2e
 
 clients: $(STAMP) $(NODE_STAMP)

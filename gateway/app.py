@@ -12,6 +12,7 @@ from gateway.api.asgi import GatewayASGI
 from gateway.api.docs import build_docs_app
 from gateway.config import GatewayConfig, load_config
 from gateway.engine.engine import Engine
+from gateway.engine.gauges import StateGauges
 from gateway.telemetry.accesslog import AccessLog
 from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.otel import Tracing, otlp_endpoint
@@ -38,6 +39,7 @@ class Lifecycle:
         self._tasks: list[asyncio.Task] = []
         self.extra_start: list[Any] = []  # async callables run at start (warm-up, state sync)
         self.extra_stop: list[Any] = []
+        self.gauges = StateGauges(engine.registry, engine.metrics, cfg.state.backend)
 
     async def start(self) -> None:
         eng = self.engine
@@ -59,6 +61,9 @@ class Lifecycle:
                     keep_warm(c, interval, self._on_keepwarm)))
         for fn in self.extra_start:
             await fn(self)
+        self.gauges.sync = self.engine.sync
+        if self.engine.metrics.multiprocess:  # the scrape is answered by one worker: each keeps its files current
+            self._tasks.append(asyncio.get_running_loop().create_task(self.gauges.run()))
         self._freeze_startup_objects()
         self.started = True
 
@@ -111,13 +116,7 @@ class Lifecycle:
         return ready, detail
 
     def refresh_gauges(self) -> None:
-        m = self.engine.metrics
-        for d in self.engine.registry.deployments:
-            counts = d.client.pool_counts()
-            for state, n in counts.items():
-                m.child(m.pool_connections, d.id, state).set(n)
-            est = d.ttft if d.ttft.samples else d.latency
-            m.child(m.latency_estimate, d.id).set(est.value(asyncio.get_running_loop().time()) / 1000.0)
+        self.gauges.refresh()
 
 
 def build_app(cfg: GatewayConfig, *, region: str | None = None, seed: int | None = None) -> Any:
@@ -138,13 +137,12 @@ def build_app(cfg: GatewayConfig, *, region: str | None = None, seed: int | None
         named = cfg.tracing.service_name if "service_name" in cfg.tracing.model_fields_set else None
         tracing = Tracing(endpoint, named)
         engine.tracing = tracing
-        engine.on_record.append(tracing.record_attempts)
+        engine.on_record.append(tracing.record)
 
         async def stop_tracing(_lc: Any) -> None:
             await asyncio.to_thread(tracing.shutdown)  # the final export must not stall the admin listener
 
         lifecycle.extra_stop.append(stop_tracing)
-        app = tracing.wrap(app)
     if cfg.server.admin_port is not None:
         from gateway.api.admin import AdminServer
 

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import errno
 import ipaddress
-import logging
 import os
 import signal
 import socket
@@ -18,6 +17,7 @@ from typing import Any
 from gateway.config import ConfigError, GatewayConfig, load_config, redact
 
 EXIT_CONFIG = 2
+EXIT_STARTUP = 3  # a worker could not start (port taken, start-up check failed): uvicorn's own code
 
 # The embedded demo's simulated providers: (name, region, profile knobs).
 DEMO_SIMS = (
@@ -106,12 +106,15 @@ def _fresh_multiprocess_dir() -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import logging.config
+
     import uvicorn
 
     from gateway.api.protocol import TimedHttpToolsProtocol
+    from gateway.telemetry.logs import log_config
 
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging_cfg = log_config(args.log_level)
+    logging.config.dictConfig(logging_cfg)
     sims = None
     path = args.config
     if path is None:
@@ -138,7 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "listening on %s without API keys (auth.mode: none): anyone who can reach it can spend your provider quota",
             host)
     common: dict[str, Any] = dict(host=host, port=port, loop="uvloop", http=TimedHttpToolsProtocol, lifespan="on",
-                                  access_log=False, log_level=args.log_level, server_header=False,
+                                  access_log=False, log_level=args.log_level, log_config=logging_cfg, server_header=False,
                                   timeout_graceful_shutdown=cfg.server.drain_timeout_s, backlog=4096,
                                   timeout_keep_alive=cfg.server.idle_timeout_s,
                                   # the access log records the peer as connected; uvicorn's X-Forwarded-For
@@ -154,12 +157,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             server = uvicorn.Server(uvicorn.Config(build_app(cfg), **common))
             server.run()
-            return 0 if server.started else 1
+            return 0 if server.started else EXIT_STARTUP
         # Several workers: each builds its own app from the config file; metrics merge through a shared dir.
+        from gateway.workers import run_workers
+
         os.environ["LLMGW_CONFIG"] = os.path.abspath(path)
         _fresh_multiprocess_dir()
-        uvicorn.run("gateway.app:create_app", factory=True, workers=workers, **common)
-        return 0
+        return run_workers(uvicorn.Config("gateway.app:create_app", factory=True, workers=workers, **common),
+                           os.environ["PROMETHEUS_MULTIPROC_DIR"])
     finally:
         if sims is not None:
             sims.stop()

@@ -43,7 +43,7 @@ class MonotonicClock:
 
     def call_at(self, when: float, fn: Callable[[], None]) -> Timer:
         loop = self._loop
-        if loop is None:
+        if loop is None or loop.is_closed():  # asking asyncio costs a getpid(); a closed loop was a past run
             loop = self._loop = asyncio.get_running_loop()
         return loop.call_later(max(0.0, when - _monotonic_now()), fn)
 

@@ -144,8 +144,7 @@ class Engine:
         return out
 
     def on_ejected(self, dep: DeploymentRuntime) -> None:
-        self.metrics.child(self.metrics.ejections, dep.id).inc()
-        self.metrics.child(self.metrics.ejected, dep.id).set(1)
+        self.metrics.child(self.metrics.ejections, dep.id).inc()  # llmgw_deployment_ejected: engine.gauges, from state
         log.warning("deployment %s ejected for %.0f s after %d consecutive failures", dep.id,
                     dep.outlier.ejected_until - self.now(), dep.outlier.consecutive_failures)
         if self.sync is not None:
@@ -167,7 +166,7 @@ class Engine:
         m.child(m.request_duration, model, stream).observe(rec["duration_ms"] / 1000.0)
         m.child(m.overhead, model).observe(rec["gateway_overhead_ms"] / 1000.0)
         if rec["ttft_ms"] is not None:
-            m.child(m.ttft, model, dep).observe(rec["ttft_ms"] / 1000.0)
+            m.child(m.ttft, model, dep, stream).observe(rec["ttft_ms"] / 1000.0)
         if ex.winner is not None and rec["upstream_service_time_ms"] is not None:
             m.child(m.upstream_duration, model, dep).observe(rec["upstream_service_time_ms"] / 1000.0)
         if rec["prompt_tokens"]:

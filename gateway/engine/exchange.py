@@ -32,8 +32,9 @@ from gateway.policy.hedging import hedge_delay, loser_sample_ms
 from gateway.policy.outlier import OutlierVerdict, record_outcome
 from gateway.policy.retry import FailureKind, RetryVerdict, is_retriable, plan_retry
 from gateway.policy.routing import RouteReason, choose
+from gateway.telemetry.logs import REQUEST_ID
 from gateway.telemetry.timing import iso_utc, ms, round3, union_length
-from gateway.telemetry.tracing import TraceContext, new_span_id
+from gateway.telemetry.tracing import TraceContext
 
 log = logging.getLogger("llmgw")
 
@@ -80,7 +81,8 @@ class Exchange:
         self.api_key_id = api_key_id
         self.trace = TraceContext(headers.get("traceparent"), headers.get("tracestate"))
         if engine.tracing is not None:
-            engine.tracing.adopt_server_span(self)
+            engine.tracing.sample(self.trace)
+        REQUEST_ID.set(request_id)  # log lines of this request's task (and the tasks it starts) carry it
         self.state = ExchangeState.ROUTING
         self.attempts: list[Attempt] = []
         self.waits: list[tuple[float, float]] = []  # backoff intervals on the critical path
@@ -529,10 +531,8 @@ class Exchange:
             base = self._base_headers = self.engine.upstream_headers(self.headers, self.request_id)
         h = dict(base)
         h.update(att.dep.client.static_headers)  # the deployment's own headers (auth, static) always win
-        # Retries and hedges get span ids of their own, unless OTLP export is on: then every attempt names
-        # the exported server span, so no provider record hangs off a span that was never sent.
-        span = self.trace.span_id if att.index == 0 or self.engine.tracing is not None else new_span_id()
-        h["traceparent"] = f"00-{self.trace.trace_id}-{span}-{self.trace.flags}"
+        # Each attempt names its own span id (with export on: the id of its exported attempt span).
+        h["traceparent"] = self.trace.attempt_traceparent(att.index)
         if self.trace.tracestate:
             h["tracestate"] = self.trace.tracestate
         return h

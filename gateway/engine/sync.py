@@ -116,8 +116,6 @@ class StateSync:
         if until > d.outlier.ejected_until:
             d.outlier.ejected_until = until
             d.outlier.ejections = max(d.outlier.ejections, int(ejections))
-            m = self.engine.metrics
-            m.child(m.ejected, d.id).set(1)
             log.warning("deployment %s ejected by another replica for %.0f s", d.id, until - mono)
 
     def publish_ejection(self, d: DeploymentRuntime) -> None:
@@ -161,5 +159,4 @@ class StateSync:
         elif not up and self.up is not False:
             log.warning("state backend %s unreachable (%s): serving on local state until it returns",
                         self.backend.name, f"{type(exc).__name__}: {exc}" if exc else "?")
-        self.up = up
-        self.engine.metrics.state_up.set(1 if up else 0)
+        self.up = up  # llmgw_state_backend_up reads it (engine.gauges)

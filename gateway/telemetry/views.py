@@ -24,6 +24,9 @@ class DeploymentView(Protocol):
     def region(self) -> str: ...
 
     @property
+    def upstream_model(self) -> str: ...
+
+    @property
     def client(self) -> UpstreamHostView: ...
 
 
@@ -36,7 +39,13 @@ class AttemptView(Protocol):
     """One upstream try, as an attempt span shows it."""
 
     @property
-    def kind(self) -> Enum: ...
+    def kind(self) -> Enum: ...  # the role: primary, retry, hedge
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def ok(self) -> bool: ...
 
     @property
     def state(self) -> Enum: ...
@@ -71,6 +80,21 @@ class ExchangeView(Protocol):
 
     @property
     def model_name(self) -> str: ...
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def upstream_path(self) -> str: ...
+
+    @property
+    def stream(self) -> bool: ...
+
+    @property
+    def headers(self) -> dict[str, str]: ...
+
+    @property
+    def request_id(self) -> str: ...
 
     @property
     def t_received(self) -> float: ...

@@ -219,3 +219,21 @@ Environment shared by the gateway container and the warm-up Job.
 {{ toYaml . }}
 {{- end }}
 {{- end }}
+
+{{/*
+Port of the OTLP collector: the one in gateway.tracing.otlp_endpoint, else the URL scheme's default
+when it names a scheme, else networkPolicy.egress.tracing.port.
+*/}}
+{{- define "llm-gateway.otlpPort" -}}
+{{- $otlp := toString (dig "tracing" "otlp_endpoint" "" .Values.gateway) }}
+{{- $port := "" }}
+{{- if $otlp }}
+{{- $u := urlParse $otlp }}
+{{- $hostPort := splitList ":" (get $u "host") }}
+{{- if gt (len $hostPort) 1 }}{{ $port = last $hostPort }}
+{{- else if eq (get $u "scheme") "https" }}{{ $port = "443" }}
+{{- else if eq (get $u "scheme") "http" }}{{ $port = "80" }}
+{{- end }}
+{{- end }}
+{{- $port | default .Values.networkPolicy.egress.tracing.port }}
+{{- end }}
