@@ -78,6 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.api.protocol import TimedHttpToolsProtocol
+    from gateway.app import DRAIN_GRACE_S
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -100,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host)
     common: dict[str, Any] = dict(host=host, port=port, loop="uvloop", http=TimedHttpToolsProtocol, lifespan="on",
                                   access_log=False, log_level=args.log_level, server_header=False,
-                                  timeout_graceful_shutdown=cfg.server.drain_timeout_s, backlog=4096,
+                                  timeout_graceful_shutdown=cfg.server.drain_timeout_s + DRAIN_GRACE_S, backlog=4096,
                                   timeout_keep_alive=75,
                                   # the access log records the peer as connected; uvicorn's X-Forwarded-For
                                   # rewriting (trusting 127.0.0.1 only) would cost every request a middleware

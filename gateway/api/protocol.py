@@ -30,6 +30,11 @@ SCOPE_KEY = "llmgw.t_first_byte"
 DISCONNECT_KEY = "llmgw.on_disconnect"
 
 
+def client_gone() -> None:
+    """What ``DISCONNECT_KEY`` holds when the client left before the app put its callback there (during
+    auth, the body read, a rate-limit check): the app looks before it goes upstream."""
+
+
 class HeadWithBodyTransport:
     """A connection's transport that holds the first write after ``hold_next`` is set (a response's head)
     until the next write, or the end of the loop turn, whichever comes first."""
@@ -88,6 +93,8 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         hook = None
         if cycle is not None and not cycle.response_complete:
             hook = cycle.scope.get(DISCONNECT_KEY)
+            if hook is None:
+                cycle.scope[DISCONNECT_KEY] = client_gone  # type: ignore[typeddict-unknown-key]
         super().connection_lost(exc)
         if hook is not None:
             hook()
