@@ -7,6 +7,8 @@ import threading
 import time
 
 import httpx
+import openai
+import orjson
 from conftest import dep, model
 
 
@@ -42,3 +44,54 @@ def test_sigterm_drains_the_stream_refuses_new_connections_and_exits_zero(sims_f
     assert time.monotonic() - t_sig >= 1.5  # it waited for the stream rather than cutting it
     rec = gw.records(wait_for=1)[-1]
     assert rec["response_code"] == 200 and rec["response_flags"] == "-"
+
+
+def test_sigterm_cuts_streams_still_open_at_the_drain_timeout_with_an_error_event(sims_factory, gateways):
+    # Streams longer than the drain: at drain_timeout_s each gets a final SSE error event (the SDK raises an
+    # APIError), is logged with the bytes it really got and flag LR; no traceback; exit 0.
+    sims = sims_factory({"sim-a": ("us-east", {"ttft_ms": 20, "ttft_dist": "fixed", "itl_ms": 50, "tokens": 1000,
+                                               "tail_p": 0})})
+    gw = gateways({"server": {"drain_timeout_s": 2}, "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+    started = [threading.Event() for _ in range(3)]
+    results: dict[int, object] = {}
+
+    def sdk_stream(i: int) -> None:
+        texts = []
+        try:
+            for chunk in gw.client().chat.completions.create(model="chat", messages=[], stream=True):
+                texts.append(chunk.choices[0].delta.content)
+                started[i].set()
+        except Exception as exc:  # the test is which one
+            results[i] = (texts, exc)
+
+    def raw_stream(i: int) -> None:
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=30,
+                          json={"model": "chat", "stream": True, "messages": []}) as r:
+            body = b""
+            for part in r.iter_bytes():
+                body += part
+                started[i].set()
+        results[i] = body
+
+    threads = [threading.Thread(target=sdk_stream, args=(0,)), threading.Thread(target=sdk_stream, args=(1,)),
+               threading.Thread(target=raw_stream, args=(2,))]
+    for t in threads:
+        t.start()
+    assert all(e.wait(15) for e in started)
+    gw.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(20)
+    assert gw.proc.wait(15) == 0
+    for i in (0, 1):
+        texts, exc = results[i]
+        assert texts and isinstance(exc, openai.APIError) and "shutting down" in str(exc), repr(exc)
+    body = results[2]
+    events = [e for e in body.decode().split("\n\n") if e]
+    assert orjson.loads(events[-1][len("data: "):])["error"]["code"] == "draining"
+    assert all(orjson.loads(e[len("data: "):]) for e in events)  # whole events, none glued
+    recs = gw.records(wait_for=3)
+    assert len(recs) == 3  # one record per client request
+    assert all((r["response_code"], r["response_flags"]) == (200, "LR") and r["bytes_sent"] > 0 for r in recs)
+    assert len(body) in [r["bytes_sent"] for r in recs]  # the real bytes, the final event included
+    err = gw.stderr()
+    assert "Traceback" not in err and "Exception in ASGI application" not in err, err
