@@ -177,6 +177,10 @@ def test_a_client_that_leaves_right_after_sending_is_logged_and_never_relayed(si
     st = sims.stats("sim-a")
     assert st["in_flight"] == 0 and st["served"]["chat"] == 0 and st["requests"] - before <= n, st
     assert all(r["duration_ms"] < 2500 for r in recs)  # the provider's 3 s first token was never waited for
+    m = gw.metrics()  # every attempt that started is counted once, as cancelled
+    attempts = sum(r["attempts"] for r in recs)
+    assert metric_value(m, "llmgw_upstream_attempts_total") == attempts
+    assert metric_value(m, "llmgw_upstream_attempts_total", outcome="cancelled") == attempts
     _no_tracebacks(gw)
 
 
