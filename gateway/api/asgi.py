@@ -72,7 +72,14 @@ class GatewayASGI:
             path = scope["path"]
             upstream_path = PROXY_ROUTES.get(path)
             if upstream_path is not None:
-                return await self._proxy(scope, receive, send, upstream_path, *arrival(scope))
+                try:
+                    return await self._proxy(scope, receive, send, upstream_path, *arrival(scope))
+                except asyncio.CancelledError:
+                    if not self.lifecycle.draining:
+                        raise
+                    # uvicorn's forced cancel, DRAIN_GRACE_S after the drain deadline cut the request short
+                    # (app.py): it has been answered and logged as far as it could; a traceback adds nothing.
+                    return
             handler = self._simple.get(path)
             if handler is not None:
                 return await handler(scope, receive, send)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 
@@ -93,5 +94,28 @@ def test_sigterm_cuts_streams_still_open_at_the_drain_timeout_with_an_error_even
     assert len(recs) == 3  # one record per client request
     assert all((r["response_code"], r["response_flags"]) == (200, "LR") and r["bytes_sent"] > 0 for r in recs)
     assert len(body) in [r["bytes_sent"] for r in recs]  # the real bytes, the final event included
+    err = gw.stderr()
+    assert "Traceback" not in err and "Exception in ASGI application" not in err, err
+
+
+def test_a_stream_to_a_client_that_stopped_reading_is_cut_at_the_drain_timeout_without_a_traceback(
+        sims_factory, gateways):
+    # The client reads nothing: the gateway's writes wait for it, so even the final event cannot go out and
+    # uvicorn's forced cancel ends the request. It is still logged once, and nothing is printed as a crash.
+    sims = sims_factory({"sim-a": ("us-east", {"ttft_ms": 5, "ttft_dist": "fixed", "itl_ms": 0, "tokens": 1_000_000,
+                                               "tail_p": 0})})
+    gw = gateways({"server": {"drain_timeout_s": 1}, "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+    body = orjson.dumps({"model": "chat", "stream": True, "messages": []})
+    with socket.create_connection(("127.0.0.1", gw.port)) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        first = s.recv(1024)
+        assert first.startswith(b"HTTP/1.1 200")
+        time.sleep(1.0)  # ... and read nothing more: the gateway's writes now wait for this client
+        gw.proc.send_signal(signal.SIGTERM)
+        assert gw.proc.wait(15) == 0
+    (rec,) = gw.records(wait_for=1)
+    assert (rec["response_code"], rec["response_flags"]) == (200, "LR") and rec["bytes_sent"] > len(first)
     err = gw.stderr()
     assert "Traceback" not in err and "Exception in ASGI application" not in err, err
