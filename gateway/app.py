@@ -12,7 +12,9 @@ from gateway.api.asgi import GatewayASGI
 from gateway.api.docs import build_docs_app
 from gateway.config import GatewayConfig, load_config
 from gateway.engine.engine import Engine
+from gateway.engine.exchange import Exchange
 from gateway.engine.gauges import StateGauges
+from gateway.engine.interrupt import CancelReason
 from gateway.telemetry.accesslog import AccessLog
 from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.otel import Tracing, otlp_endpoint
@@ -22,6 +24,9 @@ from gateway.upstream.select import make_client
 log = logging.getLogger("llmgw")
 
 CONFIG_ENV = "LLMGW_CONFIG"
+# uvicorn cancels what still runs this long after the drain time (cli.py): the requests cut short at the
+# drain deadline (DRAIN) get that long to send their final answer and be logged.
+DRAIN_GRACE_S = 1.0
 
 
 class Lifecycle:
@@ -40,9 +45,13 @@ class Lifecycle:
         self.extra_start: list[Any] = []  # async callables run at start (warm-up, state sync)
         self.extra_stop: list[Any] = []
         self.gauges = StateGauges(engine.registry, engine.metrics, cfg.state.backend)
+        self.open: set[Exchange] = set()  # requests in flight (the edge adds and removes them)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         eng = self.engine
+        self._loop = asyncio.get_running_loop()
         if eng.access_log is not None:
             eng.access_log.start()
         await eng.start()
@@ -81,6 +90,25 @@ class Lifecycle:
             m.child(m.keepwarm, dep, "ok").inc(ok)
         if failed:
             m.child(m.keepwarm, dep, "failed").inc(failed)
+
+    def begin_drain(self) -> None:
+        """SIGTERM/SIGINT (called from the signal handler): not ready from now on, and the requests still in
+        flight when ``drain_timeout_s`` is up are cut short (DRAIN) before uvicorn cancels their tasks."""
+        self.draining = True
+        loop = self._loop
+        if loop is not None and self._drain_timer is None:
+            loop.call_soon_threadsafe(self._arm_drain)
+
+    def _arm_drain(self) -> None:
+        if self._drain_timer is None:
+            self._drain_timer = asyncio.get_running_loop().call_later(self.cfg.server.drain_timeout_s, self.cut_open)
+
+    def cut_open(self) -> None:
+        """The drain time is up: each open request answers 503 draining, or ends its stream with an error event."""
+        if self.open:
+            log.warning("drain timeout: cutting %d request(s) short", len(self.open))
+        for ex in list(self.open):
+            ex.cancel(CancelReason.DRAIN)
 
     async def stop(self) -> None:
         self.draining = True

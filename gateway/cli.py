@@ -111,6 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.api.protocol import TimedHttpToolsProtocol
+    from gateway.app import DRAIN_GRACE_S
     from gateway.telemetry.logs import log_config
 
     logging_cfg = log_config(args.log_level)
@@ -142,7 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host)
     common: dict[str, Any] = dict(host=host, port=port, loop="uvloop", http=TimedHttpToolsProtocol, lifespan="on",
                                   access_log=False, log_level=args.log_level, log_config=logging_cfg, server_header=False,
-                                  timeout_graceful_shutdown=cfg.server.drain_timeout_s, backlog=4096,
+                                  timeout_graceful_shutdown=cfg.server.drain_timeout_s + DRAIN_GRACE_S, backlog=4096,
                                   timeout_keep_alive=cfg.server.idle_timeout_s,
                                   # the access log records the peer as connected; uvicorn's X-Forwarded-For
                                   # rewriting (trusting 127.0.0.1 only) would cost every request a middleware

@@ -18,11 +18,12 @@ import orjson
 from gateway import errors
 from gateway.api.edge import EdgeLimits
 from gateway.api.jsonlimits import JsonLimit, JsonMarks, count_marks, deeper_than, json_over_limit
-from gateway.api.protocol import DISCONNECT_KEY, arrival
+from gateway.api.protocol import DISCONNECT_KEY, arrival, client_gone
 from gateway.engine.engine import Engine
 from gateway.engine.exchange import Exchange
 from gateway.engine.interrupt import CancelReason
 from gateway.errors import GatewayError
+from gateway.flags import ResponseFlag
 from gateway.telemetry.accesslog import FIELDS
 from gateway.telemetry.timing import iso_utc, now
 from gateway.telemetry.tracing import new_request_id
@@ -78,7 +79,14 @@ class GatewayASGI:
             path = scope["path"]
             upstream_path = PROXY_ROUTES.get(path)
             if upstream_path is not None:
-                return await self._proxy(scope, receive, send, upstream_path, *arrival(scope))
+                try:
+                    return await self._proxy(scope, receive, send, upstream_path, *arrival(scope))
+                except asyncio.CancelledError:
+                    if not self.lifecycle.draining:
+                        raise
+                    # uvicorn's forced cancel, DRAIN_GRACE_S after the drain deadline cut the request short
+                    # (app.py): it has been answered and logged as far as it could; a traceback adds nothing.
+                    return
             handler = self._simple.get(path)
             if handler is not None:
                 return await handler(scope, receive, send)
@@ -108,11 +116,11 @@ class GatewayASGI:
             request_id = _request_id(headers.get("x-request-id"))
             if sum(len(k) + len(v) for k, v in raw_headers) > self.max_header:
                 raise GatewayError(431, f"Request headers exceed {self.max_header} bytes.", "invalid_request_error",
-                                   "headers_too_large", flag="BR")
+                                   "headers_too_large", flag=ResponseFlag.BAD_REQUEST)
             ctype = headers.get("content-type")
             if ctype is not None and ctype[:16].lower() != "application/json":  # media types ignore case
                 raise GatewayError(415, f"Content-Type must be application/json, not {ctype[:100]!r}.",
-                                   "invalid_request_error", "unsupported_media_type", flag="BR")
+                                   "invalid_request_error", "unsupported_media_type", flag=ResponseFlag.BAD_REQUEST)
             if self.guard is not None:
                 key = await self.guard.authenticate(headers)  # raises 401
             raw, marks = await self._read_body(headers, receive)
@@ -123,13 +131,16 @@ class GatewayASGI:
         except GatewayError as exc:
             return await self._reject(scope, send, exc, t0, wall, headers, request_id=locals().get("request_id"),
                                       api_key_id=key.id if key is not None else None)
-        except _ClientGone:
-            return
+        except _ClientGone:  # left during the body read: nothing to answer, but the request is logged
+            return await self._reject(scope, send, _CLIENT_GONE, t0, wall, headers,
+                                      request_id=locals().get("request_id"),
+                                      api_key_id=key.id if key is not None else None, answered=False)
+        if scope.get(DISCONNECT_KEY) is client_gone:  # left during auth or a rate-limit check: nothing goes upstream
+            return await self._reject(scope, send, _CLIENT_GONE, t0, wall, headers, request_id=request_id,
+                                      api_key_id=key.id if key is not None else None, answered=False)
         eng = self.engine
         if self.lifecycle.draining:
-            return await self._reject(scope, send, GatewayError(
-                503, "The gateway is shutting down; retry on another replica.", "server_error", "draining",
-                flag="LR", retry_after="1"), t0, wall, headers, request_id=request_id)
+            return await self._reject(scope, send, errors.draining(), t0, wall, headers, request_id=request_id)
         if not eng.admit():
             return await self._reject(scope, send, errors.overloaded("gateway"), t0, wall, headers,
                                       request_id=request_id)
@@ -151,9 +162,11 @@ class GatewayASGI:
             scope[DISCONNECT_KEY] = on_disconnect
         else:  # any other server: a pending receive() is how ASGI reports a disconnect
             asyncio.get_running_loop().create_task(receive()).add_done_callback(on_disconnect)
+        self.lifecycle.open.add(ex)
         try:
             await ex.run(send)
         finally:
+            self.lifecycle.open.discard(ex)
             # No cancel needed for a watcher: once the response is complete uvicorn wakes receive() with a
             # final "disconnect", so it ends by itself (and its callback sees the exchange finished).
             scope.pop(DISCONNECT_KEY, None)
@@ -254,16 +267,18 @@ class GatewayASGI:
 
     async def _reject(self, scope: dict[str, Any], send: Any, err: GatewayError, t0: float, wall: float,
                       headers: dict[str, str] | None = None, request_id: str | None = None,
-                      api_key_id: str | None = None) -> None:
-        body = err.body()
+                      api_key_id: str | None = None, answered: bool = True) -> None:
+        """Answer ``err`` and log it; ``answered`` False: the client has gone, so only log it."""
+        body = err.body() if answered else b""
         rid = request_id or _request_id(None)
-        hdrs = [_JSON_CT, (b"content-length", b"%d" % len(body)), (b"x-request-id", rid.encode())]
-        if err.retry_after:
-            hdrs.append((b"retry-after", err.retry_after.encode()))
-        if err.status == 401:
-            hdrs.append((b"www-authenticate", b'Bearer realm="llm-gateway"'))
-        await send({"type": "http.response.start", "status": err.status, "headers": hdrs})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        if answered:
+            hdrs = [_JSON_CT, (b"content-length", b"%d" % len(body)), (b"x-request-id", rid.encode())]
+            if err.retry_after:
+                hdrs.append((b"retry-after", err.retry_after.encode()))
+            if err.status == 401:
+                hdrs.append((b"www-authenticate", b'Bearer realm="llm-gateway"'))
+            await send({"type": "http.response.start", "status": err.status, "headers": hdrs})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
         t1 = now()
         headers = headers or {}
         client = scope.get("client")
@@ -364,6 +379,11 @@ class _ClientGone(Exception):
     pass
 
 
+# Logged (never sent) for a client that left before its request went upstream; 499 as nginx logs it.
+_CLIENT_GONE = GatewayError(499, "The client closed the connection before the request went upstream.",
+                            "invalid_request_error", "client_closed_request", flag=ResponseFlag.CLIENT_GONE)
+
+
 def _chain_sigterm(lifecycle: Any) -> None:
     """Turn /readyz not-ready the moment SIGTERM arrives, then let uvicorn's own handler drain."""
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -373,7 +393,7 @@ def _chain_sigterm(lifecycle: Any) -> None:
             return  # not the main thread (tests running the app in a thread)
 
         def handler(signum: int, frame: Any, prev: Any = prev) -> None:
-            lifecycle.draining = True
+            lifecycle.begin_drain()
             if callable(prev):
                 prev(signum, frame)
 

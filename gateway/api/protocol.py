@@ -41,6 +41,11 @@ LINGER_S = 1.0  # how long a refused client may keep sending (dropped) before it
 DISCONNECT_KEY = "llmgw.on_disconnect"
 
 
+def client_gone() -> None:
+    """What ``DISCONNECT_KEY`` holds when the client left before the app put its callback there (during
+    auth, the body read, a rate-limit check): the app looks before it goes upstream."""
+
+
 class HeadWithBodyTransport:
     """A connection's transport that holds the first write after ``hold_next`` is set (a response's head)
     until the next write, or the end of the loop turn, whichever comes first."""
@@ -185,6 +190,8 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         hook = None
         if cycle is not None and not cycle.response_complete:
             hook = cycle.scope.get(DISCONNECT_KEY)
+            if hook is None:
+                cycle.scope[DISCONNECT_KEY] = client_gone  # type: ignore[typeddict-unknown-key]
         if self._edge is not None:
             self._edge.connections.discard(self)
         super().connection_lost(exc)

@@ -45,7 +45,7 @@ class AttemptState(StrEnum):
 class Attempt:
     __slots__ = ("kind", "dep", "index", "wire", "state", "t_start", "t_headers", "t_first", "t_end", "status",
                  "failure", "timeout_flag", "retry_after_s", "resp", "chunks", "body", "error_detail",
-                 "resp_headers", "released", "finished", "budget", "now", "interrupt")
+                 "resp_headers", "released", "finished", "budget", "now", "interrupt", "outcome")
 
     def __init__(self, kind: AttemptKind, dep: DeploymentRuntime, index: int, now: Callable[[], float]) -> None:
         self.kind = kind
@@ -71,6 +71,7 @@ class Attempt:
         self.finished = False
         self.budget: RetryBudget | None = None  # whose slot this retry holds
         self.interrupt: Interrupt | None = None  # how to stop the task this attempt runs in
+        self.outcome: str | None = None  # its llmgw_upstream_attempts_total label, once counted (exactly once)
         dep.inflight += 1
 
     @property

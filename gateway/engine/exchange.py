@@ -56,7 +56,7 @@ class Exchange:
                  "winner", "last_failure", "error", "timeout_flag", "fallback_from", "fallback_reason",
                  "served_model", "status", "bytes_received", "bytes_sent", "t_routed", "t_first_sent", "t_last_sent",
                  "prompt_tokens", "completion_tokens", "committed", "finished", "_closing", "_bodies",
-                 "_base_headers", "deadline", "rejected", "now", "interrupt", "relay", "affinity_key")
+                 "_base_headers", "deadline", "rejected", "now", "interrupt", "relay", "affinity_key", "_fallbacks")
 
     def __init__(self, engine: Engine, task: asyncio.Task, *, path: str, upstream_path: str, body: dict[str, Any], raw_len: int,
                  headers: dict[str, str], t_received: float, t_body: float, wall_start: float,
@@ -99,6 +99,7 @@ class Exchange:
         self.timeout_flag: str | None = None
         self.fallback_from: str | None = None
         self.fallback_reason: str | None = None
+        self._fallbacks: list[tuple[str, str, FallbackReason]] = []  # hops decided, logged once a model they led to runs
         self.served_model: ModelRuntime | None = None
         self.status = 0
         self.bytes_received = raw_len
@@ -163,6 +164,9 @@ class Exchange:
             await self._end_early(send, errors.internal_error())
         finally:
             self._abort_all()
+            for a in self.attempts:  # every attempt counted once: what is still open was cut short
+                if a.outcome is None:
+                    self._count(a, self._stream_outcome() if a is self.winner else "cancelled")
             self.finished = True
             eng.finish(self)
 
@@ -213,12 +217,19 @@ class Exchange:
         return fallback_reason_for(f.status, f.failure.value if f.failure else None)
 
     def _note_fallback(self, frm: ModelRuntime, to: ModelRuntime, reason: FallbackReason) -> None:
-        if self.fallback_from is None:
-            self.fallback_from = frm.name
-        self.fallback_reason = reason.value
-        self.engine.metrics.child(self.engine.metrics.fallbacks, frm.name, to.name, reason.value).inc()
+        """A fallback decided; logged and counted only once an attempt of a model it led to starts (a
+        fallback the deadline left no time for never ran)."""
+        self._fallbacks.append((frm.name, to.name, reason))
         self.last_failure = None
         self.error = None
+
+    def _fallbacks_ran(self) -> None:
+        for frm, to, reason in self._fallbacks:
+            if self.fallback_from is None:
+                self.fallback_from = frm
+            self.fallback_reason = reason.value
+            self.engine.metrics.child(self.engine.metrics.fallbacks, frm, to, reason.value).inc()
+        self._fallbacks.clear()
 
     # ------------------------------------------------------------------ attempts within one model
 
@@ -261,6 +272,8 @@ class Exchange:
         tried.add(dep.id)
         att = Attempt(kind, dep, len(self.attempts), self.now)
         self.attempts.append(att)
+        if self._fallbacks:
+            self._fallbacks_ran()
         self.state = ExchangeState.WAITING_FIRST_TOKEN
         return att
 
@@ -403,7 +416,24 @@ class Exchange:
         self.engine.metrics.child(self.engine.metrics.hedges, m.name, "cancelled").inc()
         if a.kind is AttemptKind.HEDGE:
             self.engine.metrics.child(self.engine.metrics.hedges, m.name, "lost").inc()
-        self.engine.metrics.child(self.engine.metrics.attempts, m.name, a.dep.id, "cancelled").inc()
+        self._count(a, "cancelled")
+
+    def _count(self, a: Attempt, outcome: str) -> None:
+        """``llmgw_upstream_attempts_total``: each attempt once, with how it ended."""
+        if a.outcome is None:
+            a.outcome = outcome
+            metrics = self.engine.metrics
+            metrics.child(metrics.attempts, a.dep.model_name, a.dep.id, outcome).inc()
+
+    def _stream_outcome(self) -> str:
+        """How the committed stream ended: relayed to its end, timed out, reset, or cut short (the client
+        left, shutdown, a gateway error)."""
+        out = self.relay
+        if out is None or (out.failure_flag is None and not out.closing):
+            return "cancelled"
+        if out.failure_flag is ResponseFlag.UPSTREAM_RESET:
+            return "reset"
+        return "success" if out.failure_flag is None else "timeout"
 
     async def _next_after_failure(self, m: ModelRuntime, failed: Attempt, tried: set[str]) -> Attempt | None:
         """Decide whether to retry a failed attempt; wait the backoff; start the retry."""
@@ -503,7 +533,8 @@ class Exchange:
                 outcome = kind.value if kind is not None else "failed"
         if a.wire.connect_end is not None and a.wire.connect_start is not None:
             metrics.child(metrics.connect, dep.id).observe(a.wire.connect_end - a.wire.connect_start)
-        metrics.child(metrics.attempts, m.name, dep.id, outcome).inc()
+        if not (a.ok and self.stream):  # a stream's outcome is known when its relay ends (_stream_outcome)
+            self._count(a, outcome)
         if a.failure is FailureKind.STATUS and a.status is not None and a.status < 500:
             return  # client errors and 429 say nothing about the deployment's health
         verdict = record_outcome(dep.outlier, failed=failed, now=t,
@@ -662,7 +693,8 @@ class Exchange:
             elif not self.closing:
                 self._closing = True
                 if self.stream:
-                    ev = error_event(err.message, err.type, err.code or "error")
+                    ev = error_event(err.message, err.type, err.code or "error",
+                                     self.relay is None or self.relay.at_event_end)
                     await send({"type": "http.response.body", "body": ev, "more_body": True})
                     self.bytes_sent += len(ev)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -28,13 +28,28 @@ SSE_HEADERS = (
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 )
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+MAX_HELD = 256 * 1024  # an "event" longer than this is relayed as it comes (the stream is no SSE of ours to fix)
+
+
+def split_at_event_end(data: bytes) -> tuple[bytes, bytes]:
+    """``data`` cut after its last complete SSE event: (whole events, the start of an unfinished one).
+
+    The relay sends whole events only, so a stream cut mid-event never leaves the client a half event
+    for the final error event to be glued onto (the openai SDK would raise a bare JSONDecodeError on it
+    instead of an ``APIError``). Events almost always arrive whole: one ``endswith`` per chunk."""
+    if data.endswith(_EVENT_ENDS):
+        return data, b""
+    ends = [i + len(sep) for sep in _EVENT_ENDS if (i := data.rfind(sep)) >= 0]
+    end = max(ends) if ends else 0
+    return data[:end], data[end:]
 
 
 class RelayOutcome:
     """What relaying one stream did; filled as it goes, so a relay cut short by the client still tells."""
 
     __slots__ = ("started", "closing", "bytes_sent", "t_first_sent", "t_last_sent", "failure_flag",
-                 "timeout_flag", "prompt_tokens", "completion_tokens")
+                 "timeout_flag", "prompt_tokens", "completion_tokens", "at_event_end")
 
     def __init__(self) -> None:
         self.started = False  # the 200 head went out
@@ -46,6 +61,7 @@ class RelayOutcome:
         self.timeout_flag: str | None = None  # "idle", "per_try" or "total" for a timed-out stream
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        self.at_event_end = True  # what was sent ends with a whole event: an error event may follow as it is
 
 
 async def relay_stream(w: Attempt, send: Send, out: RelayOutcome, *, headers: list[tuple[bytes, bytes]],
@@ -57,10 +73,11 @@ async def relay_stream(w: Attempt, send: Send, out: RelayOutcome, *, headers: li
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     first = b"".join(w.chunks) if len(w.chunks) != 1 else w.chunks[0]
     w.chunks = []
+    usage_chunk = first if b'"usage"' in first else None
+    first, held = split_at_event_end(first)  # ``held``: an unfinished event, sent once it is whole
     await send({"type": "http.response.body", "body": first, "more_body": True})
     out.t_first_sent = now()
     sent = out.bytes_sent = len(first)
-    usage_chunk = first if b'"usage"' in first else None
 
     # The hard end: the attempt's per-try limit or the request deadline, whichever is first.
     per_try_end = w.t_start + dep.per_try_s
@@ -78,6 +95,15 @@ async def relay_stream(w: Attempt, send: Send, out: RelayOutcome, *, headers: li
                 break
             if b'"usage"' in chunk:
                 usage_chunk = chunk
+            if held or not chunk.endswith(_EVENT_ENDS):
+                chunk, held = split_at_event_end(held + chunk)
+                if len(held) > MAX_HELD:
+                    chunk, held = chunk + held, b""
+                    out.at_event_end = False
+                elif not chunk:
+                    continue
+                else:
+                    out.at_event_end = True
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             sent += len(chunk)
             out.bytes_sent = sent
@@ -104,11 +130,17 @@ async def relay_stream(w: Attempt, send: Send, out: RelayOutcome, *, headers: li
         out.failure_flag = flag
         out.timeout_flag = tflag
         typ, code = ("timeout_error", "timeout") if tflag else ("server_error", "upstream_reset")
-        ev = error_event(message, typ, code)
+        if held:  # the provider's unfinished event is dropped: it was never sent, and could not be parsed
+            message += f" An unfinished event ({len(held)} bytes) was dropped."
+        ev = error_event(message, typ, code, out.at_event_end)
         await send({"type": "http.response.body", "body": ev, "more_body": True})
         sent += len(ev)
         out.bytes_sent = sent
     else:
+        if held:  # the stream ended cleanly without a final blank line: relay it as it came
+            await send({"type": "http.response.body", "body": held, "more_body": True})
+            sent += len(held)
+            out.bytes_sent = sent
         w.resp.release()
         w.released = True
     out.closing = True

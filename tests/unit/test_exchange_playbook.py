@@ -11,11 +11,12 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 import pytest
 from scripted_upstream import DONE, Playbook, Reply, Request, sse
 
 from gateway.engine.interrupt import CancelReason
-from gateway.upstream.errors import UpstreamConnectError, UpstreamProtocolError
+from gateway.upstream.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamResetError
 
 OK = {"id": "c1", "object": "chat.completion", "choices": [{"index": 0, "message": {"content": "ok"}}],
       "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
@@ -346,5 +347,123 @@ def test_a_retry_after_within_the_deadline_is_waited_out_on_the_clock() -> None:
         rec = await pb.finish(call)
         assert call.down.status == 200
         assert (rec["retry_count"], rec["backoff_ms"], rec["response_flags"]) == (1, 500.0, "-")
+
+    play(scenario)
+
+
+# ---------------------------------------------------------------------------------------------- cut mid-event
+
+
+def _whole_events(call: Any) -> list[dict[str, Any]]:
+    """Every event the client got parses as JSON (what the openai SDK does with each), in order."""
+    body = call.down.body.decode()
+    assert body.endswith("\n\n")
+    return [orjson.loads(e[len("data: "):]) for e in body.split("\n\n") if e and e != "data: [DONE]"]
+
+
+def test_a_stream_broken_in_the_middle_of_an_event_ends_with_a_separate_error_event() -> None:
+    async def scenario() -> None:
+        pb = Playbook([model("m", "a", timeouts=STREAM_TIMEOUTS)],
+                      by_deployment(a=Reply(200, {"content-type": "text/event-stream"},
+                                            [(0.1, sse("one")), (0.1, b'data: {"id":"x","obj')],
+                                            then_fail=UpstreamResetError("peer closed"))))
+        call = pb.call("m", stream=True)
+        rec = await pb.finish(call)
+        events = _whole_events(call)  # no half event glued to the error event
+        assert events[0]["choices"][0]["delta"]["content"] == "one"
+        assert len(events) == 2 and events[1]["error"]["code"] == "upstream_reset"
+        assert "unfinished event (20 bytes) was dropped" in events[1]["error"]["message"]
+        assert (rec["response_flags"], rec["bytes_sent"]) == ("UC", len(call.down.body))
+
+    play(scenario)
+
+
+def test_a_slow_stream_cut_at_per_try_mid_event_ends_with_a_separate_error_event() -> None:
+    async def scenario() -> None:
+        pb = Playbook([model("m", "a", timeouts={"ttft_ms": 1000, "per_try_ms": 2000, "idle_ms": 30000})],
+                      by_deployment(a=Reply.stream((0.1, sse("one")), (0.5, b'data: {"choices":[{"ind'), stall=True)))
+        call = pb.call("m", stream=True)
+        await pb.play(1.0)
+        assert call.down.body == sse("one")  # the unfinished event is held back until it is whole
+        rec = await pb.finish(call)
+        events = _whole_events(call)
+        assert len(events) == 2 and events[1]["error"]["code"] == "timeout" and "per_try_ms=2000" in \
+            events[1]["error"]["message"]
+        assert (rec["response_flags"], rec["timeout_flag"]) == ("UT", "per_try")
+
+    play(scenario)
+
+
+def test_events_split_across_reads_are_relayed_whole_and_nothing_is_lost() -> None:
+    two = sse("two")
+    async def scenario() -> None:
+        pb = Playbook([model("m", "a", timeouts=STREAM_TIMEOUTS)],
+                      by_deployment(a=Reply.stream((0.1, sse("one") + two[:9]), (0.1, two[9:-1]), (0.1, two[-1:]),
+                                                   (0.1, b"data: [DONE]\n"))))  # the last one lacks its blank line
+        call = pb.call("m", stream=True)
+        rec = await pb.finish(call)
+        bodies = [m["body"] for m in call.down.messages if m["type"] == "http.response.body" and m["body"]]
+        assert bodies == [sse("one"), two, b"data: [DONE]\n"]  # whole events; a clean end relays the rest as it came
+        assert (rec["response_flags"], rec["bytes_sent"]) == ("-", len(call.down.body))
+
+    play(scenario)
+
+
+# ---------------------------------------------------------------------------------------------- attempts counted once
+
+
+def _attempts_metric(pb: Playbook) -> dict[tuple[str, str], float]:
+    text = pb.engine.metrics.render()[0].decode()
+    out: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        if line.startswith("llmgw_upstream_attempts_total{"):
+            labels, value = line.rsplit(" ", 1)
+            dep = labels.split('deployment="')[1].split('"')[0]
+            outcome = labels.split('outcome="')[1].split('"')[0]
+            out[(dep, outcome)] = out.get((dep, outcome), 0) + float(value)
+    return out
+
+
+def test_a_client_cancel_counts_each_attempt_once_as_cancelled() -> None:
+    async def scenario() -> None:
+        pb = Playbook([model("m", "a", "b", hedging={"enabled": True, "delay_ms": 100}, timeouts=STREAM_TIMEOUTS)],
+                      by_deployment(a=Reply.stream((0.05, sse("one")), (0.05, sse("two")), (5.0, sse("three"))),
+                                    b=Reply.stream((3.0, sse("b")))))
+        mid = pb.call("m", stream=True)  # cancelled after two chunks: a stream, not a success
+        await pb.play(0.5)
+        mid.exchange.cancel(CancelReason.CLIENT_GONE)
+        rec = await pb.finish(mid)
+        assert rec["bytes_sent"] == len(mid.down.body) > 0 and rec["response_flags"] == "DC"
+        assert _attempts_metric(pb) == {("a", "cancelled"): 1}
+        pb.upstream.handler = by_deployment(a=Reply.stream((3.0, sse("a"))), b=Reply.stream((3.0, sse("b"))))
+        early = pb.call("m", stream=True)  # cancelled before any first token, during a hedge race
+        await pb.play(0.2)
+        early.exchange.cancel(CancelReason.CLIENT_GONE)
+        await pb.finish(early)
+        assert _attempts_metric(pb) == {("a", "cancelled"): 2, ("b", "cancelled"): 1}
+        pb.upstream.handler = lambda req: Reply.stream((0.05, sse("x")), (0.01, DONE))
+        done = pb.call("m", stream=True)  # relayed to its end: a success, counted once
+        await pb.finish(done)
+        won = done.record["upstream_cluster"]
+        assert _attempts_metric(pb) == {("a", "cancelled"): 2, ("b", "cancelled"): 1, (won, "success"): 1}
+
+    play(scenario)
+
+
+# ---------------------------------------------------------------------------------------------- fallbacks that never ran
+
+
+def test_a_deadline_504_does_not_log_or_count_a_fallback_that_never_ran() -> None:
+    async def scenario() -> None:
+        pb = Playbook([model("m", "a", fallbacks=["m2"], fallback_on=["timeout"],
+                             timeouts={"ttft_ms": 5000, "per_try_ms": 5000}, retry={"max_retries": 0}),
+                       model("m2", "c")],
+                      by_deployment(a=Reply.json(OK, after=10.0), c=Reply.json(OK)))
+        call = pb.call("m", headers={"x-gateway-timeout-ms": "1000"})
+        rec = await pb.finish(call)
+        assert [r.deployment for r in pb.upstream.requests] == ["a"]  # no time was left for m2
+        assert call.down.status == 504
+        assert (rec["fallback_from"], rec["fallback_reason"], rec["timeout_flag"]) == (None, None, "total")
+        assert "llmgw_fallbacks_total{" not in pb.engine.metrics.render()[0].decode()
 
     play(scenario)
