@@ -20,7 +20,7 @@ log = logging.getLogger("llmgw.warmup")
 
 def install_features(cfg: GatewayConfig, engine: Any, lifecycle: Any) -> Any:
     """Attach configured features; returns the auth guard (None when auth is off)."""
-    backend = make_state(cfg.state.backend, cfg.state.redis_url, cfg.state.key_prefix)
+    backend = make_state(cfg.state)
     engine.state_backend = backend
     if cfg.state.backend == "redis":
         sync = StateSync(engine, backend, cfg.state.sync_interval_ms / 1000.0, cfg.state.key_ttl_s)

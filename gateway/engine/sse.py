@@ -2,7 +2,8 @@
 
 Before an attempt is committed the gateway parses its events to know when the first *usable* token
 arrived (content, a tool call, a refusal, reasoning; not the empty role chunk). After commit it
-never parses: bytes are relayed as they arrive, and only a chunk that mentions usage is scanned.
+never parses: bytes are relayed as they arrive, and only what follows the last mention of usage is
+kept and scanned (``UsageTail``).
 """
 
 from __future__ import annotations
@@ -135,7 +136,10 @@ class UsageTail:
         return usage_of(self._tail) if self._tail is not None else (None, None)
 
 
-def error_event(message: str, typ: str, code: str) -> bytes:
-    """A final SSE event telling a client why a started stream ended early (never a silent cut)."""
+def error_event(message: str, typ: str, code: str, at_event_end: bool = True) -> bytes:
+    """A final SSE event telling a client why a started stream ended early (never a silent cut).
+
+    ``at_event_end`` False: what was sent before ends inside an event, which a blank line closes first, so
+    the error is an event of its own."""
     body = orjson.dumps({"error": {"message": message, "type": typ, "param": None, "code": code}})
-    return b"data: " + body + b"\n\n"
+    return (b"data: " if at_event_end else b"\n\ndata: ") + body + b"\n\n"

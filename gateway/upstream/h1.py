@@ -2,10 +2,10 @@
 
 Upstream calls always have one shape (a POST of a body the gateway already holds to one host, JSON or
 SSE back), so a request here is one pre-joined head plus the body in one write, and the response is
-parsed by the C parser uvicorn uses for the downstream side. aiohttp's general-purpose client (still
-selectable: ``LLMGW_UPSTREAM_CLIENT=aiohttp``) builds a URL, a header multidict, request, payload,
-writer, timer and reader objects per call: about 3,500 bytecode instructions per proxied request
-against about 670 here, and a third fewer machine instructions for the whole gateway.
+parsed by the C parser uvicorn uses for the downstream side. A general-purpose client (aiohttp, measured)
+builds a URL, a header multidict, request, payload, writer, timer and reader objects per call: about
+3,500 bytecode instructions per proxied request against about 670 here, and a third fewer machine
+instructions for the whole gateway. It implements the Protocols of ``base.py`` and their read contract.
 docs/benchmarks.md ("Choosing the upstream client") has the figures.
 
 The pool keeps idle connections last-in first-out (the warmest first), at most ``max_connections``
@@ -33,7 +33,6 @@ import httptools
 
 from gateway.config import DeploymentConfig
 from gateway.telemetry.timing import now
-from gateway.upstream.client import AttemptWire, static_headers, tls_context
 from gateway.upstream.errors import (
     UpstreamConnectError,
     UpstreamConnectTimeout,
@@ -41,6 +40,8 @@ from gateway.upstream.errors import (
     UpstreamResetError,
 )
 from gateway.upstream.framing import body_fault, count_fault, encoding_fault, size_fault, status_fault
+from gateway.upstream.proxy import open_connection, proxy_for
+from gateway.upstream.wire import AttemptWire, static_headers, tls_context
 
 # A response body buffered past this (a client slower than its provider) pauses reading from the
 # provider until the relay catches up: memory per stream stays bounded, TCP pushes back upstream.
@@ -151,7 +152,7 @@ class Headers(dict[str, str]):
 
     __slots__ = ()
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:
         return dict.get(self, key.lower(), default)
 
     def __getitem__(self, key: str) -> str:
@@ -165,7 +166,7 @@ _NO_HEADERS = Headers()
 
 
 class H1Response:
-    """The subset of ``aiohttp.ClientResponse`` the engine uses: status, headers, content, read, release, close.
+    """An ``UpstreamResponse`` (base.py): status, headers, content, read, release, close.
 
     Repeated response headers are joined with ", " (RFC 9110 5.3)."""
 
@@ -373,6 +374,11 @@ class H1UpstreamClient:
         self._port = url.port or (443 if url.scheme == "https" else 80)
         self._prefix = url.path.rstrip("/")
         self._host_line = f"host: {url.netloc}\r\n"
+        self._proxy = proxy_for(dep.base_url, dep.proxy, os.environ)
+        if self._proxy is not None and url.scheme == "http":  # the proxy forwards: absolute-form requests
+            self._prefix = f"http://{url.netloc}{self._prefix}"
+            if self._proxy.authorization:
+                self._host_line += f"proxy-authorization: {self._proxy.authorization}\r\n"
         self.static_headers = static_headers(dep)
         self._limit = dep.pool.max_connections
         self.limits = dep.response_limits
@@ -431,7 +437,7 @@ class H1UpstreamClient:
             idle = self._idle
             while idle:
                 conn = idle.pop()
-                if conn.closed or t0 - conn.idle_since > self._expiry_s or conn.transport.is_closing():
+                if conn.closed or t0 - conn.idle_since > self._expiry_s or _closing(conn):
                     conn.close()
                     continue
                 self._busy.add(conn)
@@ -444,19 +450,19 @@ class H1UpstreamClient:
             waiter: asyncio.Future[_Connection | None] = self.loop.create_future()
             self._queue.append(waiter)
             try:
-                conn = await waiter
+                handed = await waiter
             except BaseException:
                 if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                     self._hand_on(waiter.result())  # handed a connection (or a slot) as we were cancelled
                 raise
-            if conn is not None and (conn.closed or conn.transport.is_closing()):
-                conn = None  # it died on the way over: not counted in the pool any more, so open one
-            if conn is not None:  # handed over directly by a release
-                self._busy.add(conn)
+            if handed is not None and (handed.closed or _closing(handed)):
+                handed = None  # it died on the way over: not counted in the pool any more, so open one
+            if handed is not None:  # handed over directly by a release
+                self._busy.add(handed)
                 if wire is not None:
                     wire.reused = True
                     wire.dequeued_at = now()
-                return conn
+                return handed
             t0 = now()  # a slot opened up: look again
         return await self._open(wire)
 
@@ -469,8 +475,7 @@ class H1UpstreamClient:
             wire.connect_start = t0
         try:
             async with asyncio.timeout(self._connect_s):
-                await self.loop.create_connection(lambda: conn, self._hostname, self._port, ssl=self._ssl,
-                                                  server_hostname=self._hostname if self._ssl else None)
+                await open_connection(self.loop, conn, self._proxy, self._hostname, self._port, self._ssl)
         except TimeoutError:
             raise UpstreamConnectTimeout(f"connect timed out after {self._connect_s * 1000:.0f} ms "
                                          "(timeouts.connect_ms)") from None
@@ -534,8 +539,15 @@ class H1UpstreamClient:
         return f"H1UpstreamClient({self.host}, idle={len(self._idle)}, busy={len(self._busy)})"
 
 
+def _closing(conn: _Connection) -> bool:
+    transport = conn.transport
+    return transport is None or transport.is_closing()
+
+
 def _reason(exc: OSError) -> str:
     """Why a connect failed, without the address asyncio writes into the text (it reaches clients)."""
+    if isinstance(exc, UpstreamConnectError):  # the egress proxy's own diagnosis (proxy.py)
+        return str(exc)
     if isinstance(exc, socket.gaierror):
         return exc.strerror or "name resolution failed"
     if isinstance(exc, ssl.SSLError):  # certificate problems: the library's words are the diagnosis

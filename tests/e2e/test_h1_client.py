@@ -15,14 +15,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from gateway.config import ConfigError, DeploymentConfig, parse_config
-from gateway.upstream.alt_clients import ClientKind, client_of_kind
-from gateway.upstream.client import AttemptWire
-from gateway.upstream.errors import UpstreamConnectError, UpstreamConnectTimeout, UpstreamResetError
+from gateway.upstream.errors import (
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamProtocolError,
+    UpstreamResetError,
+)
 from gateway.upstream.h1 import HIGH_WATER, H1UpstreamClient
+from gateway.upstream.select import ClientKind, client_of_kind
+from gateway.upstream.wire import AttemptWire
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -268,8 +272,13 @@ def test_a_connection_is_not_reused_past_expiry_or_after_connection_close(
     run(scenario)
 
 
-@pytest.mark.parametrize("answer", [b"", b"NOT HTTP AT ALL\r\n\r\n", b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc"])
-def test_a_provider_that_hangs_up_or_answers_garbage_is_a_reset(answer: bytes) -> None:
+@pytest.mark.parametrize(("answer", "error"), [
+    (b"", UpstreamResetError),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc", UpstreamResetError),
+    (b"NOT HTTP AT ALL\r\n\r\n", UpstreamProtocolError),  # the provider answered, not in HTTP: 502 UPE
+])
+def test_a_provider_that_hangs_up_is_a_reset_and_one_that_answers_garbage_a_protocol_error(
+        answer: bytes, error: type[Exception]) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(answer)
@@ -279,7 +288,7 @@ def test_a_provider_that_hangs_up_or_answers_garbage_is_a_reset(answer: bytes) -
         async with raw_server(handler) as (base, _):
             c = client(base)
             await c.start()
-            with pytest.raises(UpstreamResetError):
+            with pytest.raises(error):
                 resp = await c.post("/x", b"{}", c.static_headers, AttemptWire())
                 await resp.read()  # a body cut short fails here, after the head
             assert c.pool_counts() == {"idle": 0, "active": 0}
@@ -343,7 +352,7 @@ def test_tls_upstreams_are_verified_with_the_deployments_ca_file(tls_files: tupl
         async with raw_server(ok, tls=server_ctx) as (base, conns):
             untrusted = client_of_kind(kind, DeploymentConfig(id="u", base_url=base))
             await untrusted.start()
-            with pytest.raises((aiohttp.ClientConnectorError, ConnectionRefusedError), match="CERTIFICATE_VERIFY_FAILED"):
+            with pytest.raises(UpstreamConnectError, match="CERTIFICATE_VERIFY_FAILED"):
                 await untrusted.post("/x", b"{}", untrusted.static_headers, AttemptWire())
             await untrusted.close()
             trusted = client_of_kind(kind, DeploymentConfig(id="t", base_url=base, ca_file=str(cert)))
