@@ -84,6 +84,8 @@ class Gateway:
         cfg = dict(cfg)
         cfg.setdefault("server", {})
         cfg["server"] = {"host": "127.0.0.1", "drain_timeout_s": 5, **cfg["server"], "port": self.port}
+        if cfg["server"].get("admin_port") == "auto":  # a port of its own, for configs shared by several gateways
+            cfg["server"]["admin_port"] = free_port()
         cfg["access_log"] = {"path": str(self.log_path), "format": "json", **cfg.get("access_log", {})}
         self.config_path = tmp / f"{name}-{self.port}.yaml"
         self.config_path.write_text(yaml.safe_dump(cfg))

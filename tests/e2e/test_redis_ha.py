@@ -57,7 +57,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def _cluster_cfg(cluster: Cluster, prefix: str, **models: Any) -> dict[str, Any]:
-    return {"state": {"backend": "redis", "redis_mode": "cluster", "redis_url": cluster.seed_url,
+    return {"server": {"admin_port": "auto"},  # with keys on, /metrics is served on the admin port
+            "state": {"backend": "redis", "redis_mode": "cluster", "redis_url": cluster.seed_url,
                       "key_prefix": prefix, "sync_interval_ms": 100},
             "auth": {"mode": "keys", "keys": KEYS, "cache_ttl_s": 0.5},
             "models": [models.get("chat") or model("chat", [dep("a", "http://127.0.0.1:9/v1")])]}
@@ -74,7 +75,7 @@ def test_cluster_shares_rate_limits_and_key_quotas_across_two_gateways(cluster, 
 
     # A key created in the cluster with the CLI (the config's redis_mode applies), with a token quota.
     conf = tmp_path / "cli.yaml"
-    conf.write_text(yaml.safe_dump(cfg))
+    conf.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "server"}))
     from test_security import _keys  # the CLI in-process
 
     made = _keys("create", "--config", str(conf), "--id", "quota", "--tpm", "300")
@@ -140,7 +141,8 @@ def test_sentinel_failover_under_load_fails_no_request_and_limits_are_shared_aga
 
 def _failover_under_load(servers: SentinelSet, sims_factory: Any, gateways: Any, prefix: str) -> None:
     sims = sims_factory({"sim-a": ("us-east", FAST)})
-    cfg = {"state": {"backend": "redis", "redis_mode": "sentinel", "sentinels": [servers.sentinel.address],
+    cfg = {"server": {"admin_port": "auto"},  # with keys on, /metrics is served on the admin port
+           "state": {"backend": "redis", "redis_mode": "sentinel", "sentinels": [servers.sentinel.address],
                      "sentinel_master": MASTER_SET, "key_prefix": prefix, "sync_interval_ms": 100,
                      "timeout_ms": 250},
            "auth": {"mode": "keys", "keys": KEYS},
