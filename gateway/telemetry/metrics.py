@@ -193,6 +193,9 @@ class Metrics:
         self.hedge_delay = self._gauge("llmgw_hedge_delay_seconds", "Current hedge delay.", ["model"], mode="max")
         self.ejections = self._counter("llmgw_ejections_total", "Outlier ejections.", ["deployment"])
         self.ejected = self._gauge("llmgw_deployment_ejected", "1 while a deployment is ejected.", ["deployment"], mode="max")
+        self.reachable = self._gauge("llmgw_deployment_reachable", "1 while a deployment answers its checks (start-up, "
+                                     "keep-warm, re-checks every 5 s while down), 0 while not.", ["deployment"],
+                                     mode="livemin")
         self.pool_connections = self._gauge("llmgw_pool_connections", "Upstream connections by state.",
                                       ["deployment", "state"], mode="livesum")
         self.keepwarm = self._counter("llmgw_keepwarm_pings_total", "Keep-warm pings by result.", ["deployment", "result"])
