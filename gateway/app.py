@@ -21,6 +21,7 @@ from gateway.state.redis import make_state
 from gateway.telemetry.accesslog import AccessLog
 from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.otel import Tracing, otlp_endpoint
+from gateway.telemetry.timing import now
 from gateway.upstream import warmup
 from gateway.upstream.prewarm import keep_warm, prewarm
 from gateway.upstream.reachability import ReachabilityBoard
@@ -47,9 +48,7 @@ class Lifecycle:
         self.started = False
         self.pools_ready = False
         self.warmup: warmup.SchemaWarmup | None = None  # set while required warm-ups can hold readiness
-        m = engine.metrics
-        self.reachability = ReachabilityBoard((d.id for d in engine.registry.deployments),
-                                              lambda dep, ok: m.child(m.reachable, dep).set(1 if ok else 0))
+        self.reachability = ReachabilityBoard((d.id for d in engine.registry.deployments), self._on_reachability)
         self._tasks: list[asyncio.Task] = []
         self.extra_start: list[Any] = []  # async callables run at start (warm-up, state sync)
         self.extra_stop: list[Any] = []
@@ -96,6 +95,14 @@ class Lifecycle:
             self.reachability.record(dep, True, "keep-warm ping answered", t)
         elif failed:
             self.reachability.record(dep, False, f"{failed} keep-warm ping(s) failed", t)
+
+    def _on_reachability(self, dep: str, reachable: bool) -> None:
+        m = self.engine.metrics
+        m.child(m.reachable, dep).set(1 if reachable else 0)
+        t = now()
+        for model in self.engine.registry.models.values():  # retries follow what the checks saw
+            if dep in model.by_id:
+                model.retry_budget.mark_reachable(dep, reachable, t)
 
     @property
     def warmup_done(self) -> bool:

@@ -59,6 +59,10 @@ class FailureRate:
         return self.failed / (self.failed + self.ok + PRIOR)
 
 
+# What a failed health check weighs: hopeless for ~30 s without further news (checks repeat every 5 s).
+_UNREACHABLE_FAILURES = 1000.0
+
+
 class BudgetVerdict(StrEnum):
     OK = "ok"  # charged: the retry holds a slot until it ends
     FREE = "free"  # the target is likely to answer: not charged, no slot
@@ -119,6 +123,13 @@ class RetryBudget:
         if r is None:
             r = self.rates[deployment] = FailureRate(now)
         r.observe(failed, now)
+
+    def mark_reachable(self, deployment: str, reachable: bool, now: float) -> None:
+        """A health check's verdict: unreachable makes the deployment hopeless at once (retrying a closed
+        port only delays the answer); reachable again starts it afresh, as a new deployment."""
+        r = self.rates[deployment] = FailureRate(now)
+        if not reachable:
+            r.failed = _UNREACHABLE_FAILURES
 
     def failure_rate(self, deployment: str, now: float) -> float:
         r = self.rates.get(deployment)

@@ -27,7 +27,8 @@ class Reachability:
 
 
 class ReachabilityBoard:
-    """One entry per deployment; ``on_change(deployment, reachable)`` feeds the metric."""
+    """One entry per deployment; ``on_change(deployment, reachable)`` is called on every change and on
+    every failed check (it feeds the metric and the retry budget)."""
 
     def __init__(self, deployments: Iterable[str], on_change: Callable[[str, bool], None]) -> None:
         self.entries = {d: Reachability() for d in deployments}
@@ -37,8 +38,9 @@ class ReachabilityBoard:
         e = self.entries.setdefault(deployment, Reachability())
         changed = e.reachable is not ok
         e.reachable, e.detail, e.checked_at = ok, detail, now
-        if changed:
+        if changed or not ok:  # a failed check is news every time (it renews "unreachable")
             self.on_change(deployment, ok)
+        if changed:
             (log.info if ok else log.error)("deployment %s is %s: %s", deployment,
                                             "reachable" if ok else "UNREACHABLE", detail)
 

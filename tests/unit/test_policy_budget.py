@@ -158,3 +158,12 @@ def test_zero_percent_allows_only_the_initial_token():
     for _ in range(100):
         bucket.deposit()
     assert [bucket.try_take() for _ in range(2)] == [True, False]
+
+
+def test_a_failed_health_check_makes_the_deployment_hopeless_and_a_passed_one_forgives_it():
+    clock = FakeClock()
+    budget = RetryBudget(deployments=("a",), now=clock())
+    budget.mark_reachable("a", False, clock())
+    assert budget.check("a", clock()) is BudgetVerdict.HOPELESS
+    budget.mark_reachable("a", True, clock())
+    assert budget.failure_rate("a", clock()) == 0.0
