@@ -113,6 +113,10 @@ def test_the_only_deployment_dead_costs_at_most_1_3x_upstream_requests(sims_fact
     assert n <= upstream <= 1.3 * n
     recs = gw.records(wait_for=n)
     assert sum(r["retry_verdict"] == "hopeless" for r in recs) > n / 2  # most were refused: the target is dead
+    with pytest.raises(openai.InternalServerError) as info:  # and the SDK is told not to multiply it
+        chat(gw.client(max_retries=2))
+    assert info.value.response.headers["x-should-retry"] == "false"
+    assert chat_requests_seen(sims, "a") == upstream + 1
 
 
 def test_a_clients_short_deadline_never_ejects_the_healthy_provider(sims_factory, gateways):
