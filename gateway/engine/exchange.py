@@ -22,7 +22,7 @@ from gateway.engine.relay import relay_stream
 from gateway.engine.sse import usage_of
 from gateway.errors import GatewayError
 from gateway.policy.attribution import Blame, blame, censored_latency_ms
-from gateway.policy.deadline import Deadline, DeadlineSource, attempt_timeout, resolve_deadline
+from gateway.policy.deadline import SDK_SOURCES, Deadline, DeadlineSource, attempt_timeout, resolve_deadline
 from gateway.policy.fallback import FallbackReason, fallback_reason_for, should_degrade
 from gateway.policy.hedging import hedge_delay, loser_sample_ms
 from gateway.policy.outlier import OutlierVerdict, record_outcome
@@ -528,6 +528,11 @@ class Exchange:
             self.flags.remove("URX")
         if self.stream:
             self.state = ExchangeState.STREAMING
+            if self.deadline.source in SDK_SOURCES:
+                # An SDK's timeout bounds the wait for the response to start (and each read), not a
+                # stream's length: from here on only the gateway's own limits and the client's header apply.
+                self.deadline = resolve_deadline(self.t_received, self.engine.registry.models[self.model_name].total_s
+                                                 * 1000.0, self.headers.get("x-gateway-timeout-ms"), None)
             await relay_stream(self, w, send)
         else:
             body = w.body

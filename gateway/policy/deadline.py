@@ -16,8 +16,8 @@ class DeadlineSource(StrEnum):
     SDK_READ = "x-stainless-read-timeout"  # what the Python SDK sends: its read timeout, in seconds
 
 
-# Sources that are the client's own limit: an attempt they cut is censored, never the provider's failure.
-CLIENT_SOURCES = frozenset({DeadlineSource.CLIENT, DeadlineSource.SDK, DeadlineSource.SDK_READ})
+# An SDK's timeout: it bounds the wait for the response to start, not how long a stream may run.
+SDK_SOURCES = frozenset({DeadlineSource.SDK, DeadlineSource.SDK_READ})
 
 
 class Deadline(NamedTuple):  # immutable, and ~5x cheaper to build than a frozen dataclass

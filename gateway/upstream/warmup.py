@@ -79,10 +79,12 @@ class SchemaWarmup:
     """The server's warm-up: ``done`` once every model had its first pass and every required one is warm."""
 
     def __init__(self, models: list[ModelWarmup], on_results: Callable[[ModelWarmup, list[Job], list[WarmupResult]],
-                 None], sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 None], sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 warm: Callable[[ModelWarmup, list[Job]], Awaitable[list[WarmupResult]]] = warm_pass) -> None:
         self.models = models
         self.on_results = on_results
         self.sleep = sleep
+        self.warm = warm
         self.state: dict[str, dict[str, Any]] = {m.name: {"state": "running", "ok": 0, "failed": 0, "passes": 0}
                                                  for m in models}
 
@@ -102,7 +104,7 @@ class SchemaWarmup:
         pending = mw.jobs
         st = self.state[mw.name]
         while True:
-            results = await warm_pass(mw, pending)
+            results = await self.warm(mw, pending)
             self.on_results(mw, pending, results)
             st["passes"] += 1
             st["ok"] += sum(r.ok for r in results)

@@ -209,3 +209,17 @@ def _profile(knobs: dict[str, Any]) -> SimProfile:
     p = SimProfile()
     p.update(knobs)
     return p
+
+
+def test_an_sdk_timeout_bounds_the_wait_for_a_stream_not_its_length(sims_factory, gateways):
+    # The SDK's timeout is a read timeout: a stream with tokens every 100 ms never trips a 0.5 s one,
+    # however long it runs. Through the gateway it must not either.
+    sims = sims_factory({"a": ("us-east", {**QUICK, "ttft_ms": 50, "itl_ms": 100, "tokens": 10})})
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("a"))])]})
+    client = gw.client(timeout=0.5)
+    stream = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}], stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    rec = gw.records(wait_for=1)[-1]
+    assert rec["response_code"] == 200 and rec["response_flags"] == "-", rec
+    assert rec["completion_tokens"] in (None, 10) and text
+    assert sims.stats("a")["cancelled"]["mid_stream"] == 0
