@@ -199,6 +199,7 @@ class Exchange:
         self.engine.metrics.child(self.engine.metrics.fallbacks, frm.name, to.name, reason.value).inc()
         self.last_failure = None
         self.error = None
+        self.retry_verdict = None  # the next model's retries decide what the client is told
 
     # ------------------------------------------------------------------ attempts within one model
 
