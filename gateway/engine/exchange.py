@@ -21,7 +21,7 @@ from gateway.engine.registry import DeploymentRuntime, ModelRuntime
 from gateway.engine.relay import relay_stream
 from gateway.engine.sse import usage_of
 from gateway.errors import GatewayError
-from gateway.policy.attribution import Blame, blame, censored_latency_ms
+from gateway.policy.attribution import Blame, blame, censored_latency_ms, retry_evidence
 from gateway.policy.deadline import SDK_SOURCES, Deadline, DeadlineSource, attempt_timeout, resolve_deadline
 from gateway.policy.fallback import FallbackReason, fallback_reason_for, should_degrade
 from gateway.policy.hedging import hedge_delay, loser_sample_ms
@@ -484,9 +484,11 @@ class Exchange:
         if a.wire.connect_end is not None and a.wire.connect_start is not None:
             metrics.child(metrics.connect, dep.id).observe(a.wire.connect_end - a.wire.connect_start)
         metrics.child(metrics.attempts, m.name, dep.id, outcome).inc()
+        evidence = retry_evidence(who, a.status)
+        if evidence is not None:
+            m.retry_budget.observe(dep.id, evidence, t)
         if who is Blame.NEUTRAL or who is Blame.DEADLINE:
             return  # client errors, 429 and the request's own deadline say nothing about the deployment's health
-        m.retry_budget.observe(dep.id, failed, t)
         verdict = record_outcome(dep.outlier, failed=failed, now=t,
                                  consecutive_threshold=m.cfg.outlier.consecutive_failures,
                                  base_ejection_s=m.cfg.outlier.base_ejection_s,

@@ -35,6 +35,19 @@ def blame(ok: bool, failure: FailureKind | None, status: int | None, timeout_fla
     return Blame.PROVIDER_FAILURE
 
 
+def retry_evidence(who: Blame, status: int | None) -> bool | None:
+    """What an outcome tells the retry budget about "would a retry there succeed": True (no), False
+    (yes), None (nothing). Like the provider's record, except that a 429 says a retry there now would
+    fail too: a provider shedding load must not be retried harder (LiteLLM's 429 storms)."""
+    if who is Blame.PROVIDER_FAILURE:
+        return True
+    if who is Blame.PROVIDER_OK:
+        return False
+    if who is Blame.NEUTRAL and status == 429:
+        return True
+    return None
+
+
 def censored_latency_ms(estimate_ms: float, waited_ms: float) -> float | None:
     """What an attempt cut after ``waited_ms`` tells a latency estimate: only "at least this slow".
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.policy.attribution import Blame, blame, censored_latency_ms
+from gateway.policy.attribution import Blame, blame, censored_latency_ms, retry_evidence
 from gateway.policy.retry import FailureKind
 
 
@@ -31,3 +31,14 @@ def test_a_deadline_shorter_than_the_provider_says_nothing_about_a_slower_estima
 
 def test_a_deadline_longer_than_the_estimate_raises_it_to_at_least_that():
     assert censored_latency_ms(estimate_ms=100.0, waited_ms=400.0) == 400.0
+
+
+@pytest.mark.parametrize(("who", "status", "expected"), [
+    (Blame.PROVIDER_OK, 200, False),
+    (Blame.PROVIDER_FAILURE, 503, True),
+    (Blame.NEUTRAL, 429, True),  # rate-limited: retrying there now fails too, so it is not free
+    (Blame.NEUTRAL, 400, None),  # the request's fault: nothing about the provider
+    (Blame.DEADLINE, None, None),  # the client's deadline: nothing either
+])
+def test_what_the_retry_budget_learns(who, status, expected):
+    assert retry_evidence(who, status) is expected
