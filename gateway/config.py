@@ -105,7 +105,7 @@ class TimeoutsConfig(_Strict):
     per_try_ms: float = Field(120000.0, gt=0)
     idle_ms: float = Field(30000.0, gt=0)
     total_ms: float = Field(300000.0, gt=0)
-    sdk_reply_margin_ms: float = Field(50.0, ge=0)
+    sdk_reply_margin_ms: float = Field(100.0, ge=0)
 
 
 class RetryConfig(_Strict):

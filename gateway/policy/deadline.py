@@ -44,9 +44,9 @@ def _positive(raw: str) -> float | None:
 
 
 def sdk_margin_s(timeout_s: float, margin_ms: float) -> float:
-    """How much earlier than an SDK's ``timeout_s`` the gateway answers: ``margin_ms``, at most a quarter."""
+    """How much earlier than an SDK's ``timeout_s`` the gateway answers: ``margin_ms``, at most a third."""
     m = margin_ms / 1000.0
-    q = timeout_s / 4.0
+    q = timeout_s / 3.0
     return m if m < q else q
 
 
