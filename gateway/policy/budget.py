@@ -64,7 +64,7 @@ _UNREACHABLE_FAILURES = 1000.0
 
 
 class BudgetVerdict(StrEnum):
-    OK = "ok"  # charged: the retry holds a slot until it ends
+    CHARGED = "charged"  # allowed, and charged: the retry holds a slot until it ends
     FREE = "free"  # the target is likely to answer: not charged, no slot
     HOPELESS = "hopeless"  # the target fails nearly everything: a retry would only add load
     CONCURRENCY = "concurrency"  # Envoy's cap: too many retries in flight for the active requests
@@ -152,7 +152,7 @@ class RetryBudget:
             self._t = now
 
     def check(self, target: str, now: float) -> BudgetVerdict:
-        """Whether a retry against ``target`` may start now: OK takes a slot (``release`` it when done), FREE none."""
+        """Whether a retry against ``target`` may start now: CHARGED takes a slot (``release`` it when done), FREE none."""
         rate = self.failure_rate(target, now)
         if rate >= HOPELESS_AT:
             self.exhausted_total += 1
@@ -169,7 +169,7 @@ class RetryBudget:
             self._retries += 1.0
             self.retries_in_flight += 1
             self.acquired_total += 1
-            return BudgetVerdict.OK
+            return BudgetVerdict.CHARGED
         return BudgetVerdict.FREE
 
     def try_acquire(self) -> bool:

@@ -91,7 +91,7 @@ class RetryState:
         if delay + min_attempt_s > remaining_s:
             return _DEADLINE
         verdict = budget.check(target, now)
-        if verdict is BudgetVerdict.OK or verdict is BudgetVerdict.FREE:
+        if verdict is BudgetVerdict.CHARGED or verdict is BudgetVerdict.FREE:
             self.retries += 1
-            return RetryPlan(RetryVerdict.RETRY, delay, target, verdict is BudgetVerdict.OK)
+            return RetryPlan(RetryVerdict.RETRY, delay, target, verdict is BudgetVerdict.CHARGED)
         return RetryPlan(_BUDGET_VERDICTS[verdict], 0.0, target)

@@ -74,10 +74,10 @@ def test_a_failing_target_is_charged_with_envoys_concurrency_cap():
     for _ in range(100):
         budget.request_started()
     assert budget.concurrency_limit() == 20
-    assert all(budget.check("a", clock()) is BudgetVerdict.OK for _ in range(20))
+    assert all(budget.check("a", clock()) is BudgetVerdict.CHARGED for _ in range(20))
     assert budget.check("a", clock()) is BudgetVerdict.CONCURRENCY  # the 21st concurrent retry
     budget.release()
-    assert budget.check("a", clock()) is BudgetVerdict.OK
+    assert budget.check("a", clock()) is BudgetVerdict.CHARGED
 
 
 def test_min_retry_concurrency_is_the_floor_at_low_traffic():
@@ -85,7 +85,7 @@ def test_min_retry_concurrency_is_the_floor_at_low_traffic():
     budget = RetryBudget(percent=20, min_retry_concurrency=3, deployments=("a",), now=clock())
     failing(budget, "a", clock, 10)
     budget.request_started()  # one active request: 20 % of it would allow none
-    assert [budget.check("a", clock()) for _ in range(4)] == [BudgetVerdict.OK] * 3 + [BudgetVerdict.CONCURRENCY]
+    assert [budget.check("a", clock()) for _ in range(4)] == [BudgetVerdict.CHARGED] * 3 + [BudgetVerdict.CONCURRENCY]
 
 
 def test_charged_retries_are_the_floor_plus_percent_of_requests_over_the_window():
@@ -96,7 +96,7 @@ def test_charged_retries_are_the_floor_plus_percent_of_requests_over_the_window(
     for _ in range(100):
         budget.request_started()
     granted = 0
-    while budget.check("a", clock()) is BudgetVerdict.OK:
+    while budget.check("a", clock()) is BudgetVerdict.CHARGED:
         granted += 1
     assert granted == 20 + 10  # 20 % of 100 requests plus 1/s over the 10 s window (Finagle's floor)
     assert budget.check("a", clock()) is BudgetVerdict.RATIO
@@ -107,7 +107,7 @@ def test_the_floor_alone_covers_a_cold_start():
     budget = RetryBudget(min_retries_per_s=1.0, deployments=("a",), now=clock())
     failing(budget, "a", clock, 10)
     budget.request_started()
-    assert [budget.check("a", clock()) for _ in range(3)] == [BudgetVerdict.OK] * 3  # no traffic history yet
+    assert [budget.check("a", clock()) for _ in range(3)] == [BudgetVerdict.CHARGED] * 3  # no traffic history yet
 
 
 def test_release_and_finish_never_go_negative():
