@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
 # llm-gateway image: `docker build -t llm-gateway:0.1.0 .`
-# Pin the base by digest in your own builds (PYTHON_IMAGE=python:3.11-slim@sha256:...).
-ARG PYTHON_IMAGE=python:3.11-slim
+# The base is pinned to an exact release; pin it by digest too where you build (the digest of the
+# multi-architecture index: `docker buildx imagetools inspect python:3.11.14-slim-bookworm`), e.g.
+# --build-arg PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:<digest>.
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 # ---- build: install the package and its runtime dependencies into a virtualenv ---------------------
 FROM ${PYTHON_IMAGE} AS build
@@ -11,11 +13,17 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
+# Dependencies first, from the lock (runtime only, no [dev] extra, exact versions): this layer is
+# reused until requirements.lock changes, so a code change rebuilds only the layers below. Every
+# native dependency (uvloop, httptools, orjson, pydantic-core) ships manylinux wheels: no compiler.
+COPY requirements.lock ./
+RUN pip install --no-deps -r requirements.lock
+# Then the package itself, without resolving anything again; `pip check` fails the build when the
+# lock no longer satisfies pyproject.toml. pip leaves the venv afterwards.
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
-# Runtime dependencies only (no [dev] extra). Every native dependency (uvloop, httptools, orjson,
-# pydantic-core) ships manylinux wheels, so no compiler is needed. pip leaves the venv afterwards.
-RUN pip install . \
+RUN pip install --no-deps . \
+ && pip check \
  && pip uninstall --yes pip \
  && python -m compileall -q /opt/venv/lib
 

@@ -1,38 +1,66 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
+NODE_STAMP := tests/node/node_modules/.installed
+PORT ?= 8080
+# the demo's access log (JSON lines, read by `llmgw report`); ACCESS_LOG=- writes it to stdout instead
+ACCESS_LOG ?= access.log
 
-.PHONY: run test unit e2e lint bench setup clean
+.PHONY: run test unit e2e clients lint bench setup node-deps clean tools
 
-$(STAMP): pyproject.toml
+# `make run` needs the gateway and the SDK the README uses, nothing else: no test tools, no pip self-upgrade
+# (each costs downloads on a fresh clone)
+$(RUN_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
-	touch $(STAMP)
+	$(BIN)/pip install -q -e '.[demo]'
+	touch $@
 
-setup: $(STAMP)
+$(STAMP): pyproject.toml $(RUN_STAMP)
+	$(BIN)/pip install -q -e '.[demo,dev,compat]'
+	touch $@
 
-run: $(STAMP)
-	$(BIN)/llmgw serve
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
+	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
-test: $(STAMP)
+setup: $(STAMP) $(NODE_STAMP)
+
+node-deps: $(NODE_STAMP)
+
+run: $(RUN_STAMP)
+	LLMGW_ACCESS_LOG=$(ACCESS_LOG) $(BIN)/llmgw serve --port $(PORT)
+
+# promtool, prometheus and helm for the chart, alert and scrape tests (idempotent).
+tools: $(STAMP)
+	VENV=$(VENV) scripts/install-test-tools.sh
+
+test: $(STAMP) $(NODE_STAMP) tools
 	$(BIN)/ruff check gateway tests loadtests
 	$(BIN)/lint-imports
-	$(BIN)/pytest -q tests
+	$(BIN)/mypy gateway/engine gateway/upstream gateway/policy
+	$(BIN)/python tests/with_redis.py $(BIN)/pytest -q tests
 
-unit: $(STAMP)
+unit: $(STAMP) tools
 	$(BIN)/pytest tests/unit
 
-e2e: $(STAMP)
-	$(BIN)/pytest tests/e2e
+e2e: $(STAMP) $(NODE_STAMP) tools
+	$(BIN)/python tests/with_redis.py $(BIN)/pytest tests/e2e
+
+clients: $(STAMP) $(NODE_STAMP)
+	$(BIN)/python tests/with_redis.py $(BIN)/pytest tests/e2e/test_clients.py tests/e2e/test_readme.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests loadtests
 	$(BIN)/lint-imports
+	$(BIN)/mypy gateway/engine gateway/upstream gateway/policy
 
+# The headline benchmark: direct, the Python floor, Envoy, Portkey (where Node.js is), llmgw and LiteLLM,
+# side by side in one interleaved run (installs the peers under /tmp/peers first; see loadtests/README.md).
 bench: $(STAMP)
-	$(BIN)/python loadtests/bench.py
+	bash loadtests/peers/setup.sh
+	BENCH_PY=$${BENCH_PY:-/tmp/peers/bench-venv/bin/python} $(BIN)/python loadtests/bench.py --with-litellm
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info tests/node/node_modules

@@ -16,20 +16,26 @@ from gateway.api.asgi import GatewayASGI
 from gateway.api.docs import build_docs_app
 from gateway.config import GatewayConfig, load_config
 from gateway.engine.engine import Engine
+from gateway.engine.exchange import Exchange
+from gateway.engine.gauges import StateGauges
+from gateway.engine.interrupt import CancelReason
 from gateway.engine.sync import StateSync
 from gateway.state.redis import make_state
 from gateway.telemetry.accesslog import AccessLog
 from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.otel import Tracing, otlp_endpoint
-from gateway.telemetry.timing import now
 from gateway.upstream import warmup
 from gateway.upstream.prewarm import keep_warm, prewarm
 from gateway.upstream.reachability import ReachabilityBoard
 from gateway.upstream.schemas import SchemaLearner, WarmupResult, schema_fingerprint, warm_all
+from gateway.upstream.select import make_client
 
 log = logging.getLogger("llmgw")
 
 CONFIG_ENV = "LLMGW_CONFIG"
+# uvicorn cancels what still runs this long after the drain time (cli.py): the requests cut short at the
+# drain deadline (DRAIN) get that long to send their final answer and be logged.
+DRAIN_GRACE_S = 1.0
 
 
 class Lifecycle:
@@ -52,9 +58,14 @@ class Lifecycle:
         self._tasks: list[asyncio.Task] = []
         self.extra_start: list[Any] = []  # async callables run at start (warm-up, state sync)
         self.extra_stop: list[Any] = []
+        self.gauges = StateGauges(engine.registry, engine.metrics, cfg.state.backend)
+        self.open: set[Exchange] = set()  # requests in flight (the edge adds and removes them)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         eng = self.engine
+        self._loop = asyncio.get_running_loop()
         if eng.access_log is not None:
             eng.access_log.start()
         await eng.start()
@@ -73,6 +84,9 @@ class Lifecycle:
             self.reachability.recheck({c.deployment.id: c for c in eng.registry.clients()})))
         for fn in self.extra_start:
             await fn(self)
+        self.gauges.sync = self.engine.sync
+        if self.engine.metrics.multiprocess:  # the scrape is answered by one worker: each keeps its files current
+            self._tasks.append(asyncio.get_running_loop().create_task(self.gauges.run()))
         self._freeze_startup_objects()
         self.started = True
 
@@ -99,7 +113,7 @@ class Lifecycle:
     def _on_reachability(self, dep: str, reachable: bool) -> None:
         m = self.engine.metrics
         m.child(m.reachable, dep).set(1 if reachable else 0)
-        t = now()
+        t = self.engine.now()
         for model in self.engine.registry.models.values():  # retries follow what the checks saw
             if dep in model.by_id:
                 model.retry_budget.mark_reachable(dep, reachable, t)
@@ -107,6 +121,25 @@ class Lifecycle:
     @property
     def warmup_done(self) -> bool:
         return self.warmup is None or self.warmup.done
+
+    def begin_drain(self) -> None:
+        """SIGTERM/SIGINT (called from the signal handler): not ready from now on, and the requests still in
+        flight when ``drain_timeout_s`` is up are cut short (DRAIN) before uvicorn cancels their tasks."""
+        self.draining = True
+        loop = self._loop
+        if loop is not None and self._drain_timer is None:
+            loop.call_soon_threadsafe(self._arm_drain)
+
+    def _arm_drain(self) -> None:
+        if self._drain_timer is None:
+            self._drain_timer = asyncio.get_running_loop().call_later(self.cfg.server.drain_timeout_s, self.cut_open)
+
+    def cut_open(self) -> None:
+        """The drain time is up: each open request answers 503 draining, or ends its stream with an error event."""
+        if self.open:
+            log.warning("drain timeout: cutting %d request(s) short", len(self.open))
+        for ex in list(self.open):
+            ex.cancel(CancelReason.DRAIN)
 
     async def stop(self) -> None:
         self.draining = True
@@ -140,13 +173,7 @@ class Lifecycle:
         return ready, detail
 
     def refresh_gauges(self) -> None:
-        m = self.engine.metrics
-        for d in self.engine.registry.deployments:
-            counts = d.client.pool_counts()
-            for state, n in counts.items():
-                m.child(m.pool_connections, d.id, state).set(n)
-            est = d.ttft if d.ttft.samples else d.latency
-            m.child(m.latency_estimate, d.id).set(est.value(asyncio.get_running_loop().time()) / 1000.0)
+        self.gauges.refresh()
 
 
 def build_app(cfg: GatewayConfig, *, region: str | None = None, seed: int | None = None) -> Any:
@@ -154,9 +181,9 @@ def build_app(cfg: GatewayConfig, *, region: str | None = None, seed: int | None
     metrics = Metrics()
     access_log = AccessLog(cfg.access_log.path, cfg.access_log.format, cfg.access_log.queue_size,
                            on_drop=metrics.accesslog_dropped.inc)
-    engine = Engine(cfg, home_region=home, metrics=metrics, access_log=access_log, seed=seed)
+    engine = Engine(cfg, home_region=home, metrics=metrics, access_log=access_log, upstream=make_client, seed=seed)
     lifecycle = Lifecycle(cfg, engine)
-    backend = make_state(cfg.state.backend, cfg.state.redis_url, cfg.state.key_prefix)
+    backend = make_state(cfg.state)
     engine.state_backend = backend
     if cfg.state.backend == "redis":
         _install_sync(cfg, engine, lifecycle, backend)
@@ -174,13 +201,12 @@ def build_app(cfg: GatewayConfig, *, region: str | None = None, seed: int | None
         named = cfg.tracing.service_name if "service_name" in cfg.tracing.model_fields_set else None
         tracing = Tracing(endpoint, named)
         engine.tracing = tracing
-        engine.on_record.append(tracing.record_attempts)
+        engine.on_record.append(tracing.record)
 
         async def stop_tracing(_lc: Any) -> None:
             await asyncio.to_thread(tracing.shutdown)  # the final export must not stall the admin listener
 
         lifecycle.extra_stop.append(stop_tracing)
-        app = tracing.wrap(app)
     if cfg.server.admin_port is not None:
         from gateway.api.admin import AdminServer
 

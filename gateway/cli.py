@@ -1,12 +1,14 @@
-"""`llmgw`: serve | check-config | warmup | report | sim | keys."""
+"""`llmgw`: serve | check-config | warmup | report | sim | keys (each with --help)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import errno
 import ipaddress
-import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 from importlib import resources
@@ -15,6 +17,7 @@ from typing import Any
 from gateway.config import ConfigError, GatewayConfig, load_config, redact
 
 EXIT_CONFIG = 2
+EXIT_STARTUP = 3  # a worker could not start (port taken, start-up check failed): uvicorn's own code
 
 # The embedded demo's simulated providers: (name, region, profile knobs).
 DEMO_SIMS = (
@@ -52,6 +55,34 @@ def _load(path: str) -> GatewayConfig:
         raise SystemExit(EXIT_CONFIG) from None
 
 
+def _load_demo(path: str) -> GatewayConfig:
+    """The demo's config before its simulators run (their ports are placeholders): for host and port."""
+    for name, _region, _knobs in DEMO_SIMS:
+        os.environ.setdefault(name.upper().replace("-", "_") + "_PORT", "1")
+    return _load(path)
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why (host, port) cannot be bound, or None: checked before anything starts, so a port in use is one
+    clear line at once instead of a traceback after start-up."""
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return f"cannot resolve {host!r} ({exc.strerror})"
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "the address is already in use (choose another port: --port, or `make run PORT=8081`)"
+            return exc.strerror or str(exc)
+    return None
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -75,22 +106,34 @@ def _fresh_multiprocess_dir() -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import logging.config
+
     import uvicorn
 
     from gateway.api.protocol import TimedHttpToolsProtocol
+    from gateway.app import DRAIN_GRACE_S
+    from gateway.telemetry.logs import log_config
 
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging_cfg = log_config(args.log_level)
+    logging.config.dictConfig(logging_cfg)
     sims = None
     path = args.config
     if path is None:
-        sims = start_demo_sims()
         path = demo_config_path()
-        print("llmgw: no --config given: serving the embedded demo (simulated providers in us-east and eu-west)",
-              file=sys.stderr)
-    cfg = _load(path)
+        cfg = _load_demo(path)
+    else:
+        cfg = _load(path)
     host = args.host or cfg.server.host
     port = cfg.server.port if args.port is None else args.port
+    problem = _cannot_listen(host, port)
+    if problem is not None:
+        print(f"llmgw: cannot listen on {host}:{port}: {problem}", file=sys.stderr)
+        return 1
+    if args.config is None:
+        sims = start_demo_sims()
+        cfg = _load(path)  # again, now that the simulators' ports are known
+        print(f"llmgw: no --config given: serving the embedded demo on http://{host}:{port}/v1 (simulated providers "
+              f"in us-east and eu-west; access log: {cfg.access_log.path})", file=sys.stderr)
     workers = args.workers or cfg.server.workers
     if args.region:
         os.environ["GATEWAY_REGION"] = args.region
@@ -99,9 +142,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "listening on %s without API keys (auth.mode: none): anyone who can reach it can spend your provider quota",
             host)
     common: dict[str, Any] = dict(host=host, port=port, loop="uvloop", http=TimedHttpToolsProtocol, lifespan="on",
-                                  access_log=False, log_level=args.log_level, server_header=False,
-                                  timeout_graceful_shutdown=cfg.server.drain_timeout_s, backlog=4096,
-                                  timeout_keep_alive=75,
+                                  access_log=False, log_level=args.log_level, log_config=logging_cfg, server_header=False,
+                                  timeout_graceful_shutdown=cfg.server.drain_timeout_s + DRAIN_GRACE_S, backlog=4096,
+                                  timeout_keep_alive=cfg.server.idle_timeout_s,
                                   # the access log records the peer as connected; uvicorn's X-Forwarded-For
                                   # rewriting (trusting 127.0.0.1 only) would cost every request a middleware
                                   proxy_headers=False)
@@ -115,12 +158,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             server = uvicorn.Server(uvicorn.Config(build_app(cfg), **common))
             server.run()
-            return 0 if server.started else 1
+            return 0 if server.started else EXIT_STARTUP
         # Several workers: each builds its own app from the config file; metrics merge through a shared dir.
+        from gateway.workers import run_workers
+
         os.environ["LLMGW_CONFIG"] = os.path.abspath(path)
         _fresh_multiprocess_dir()
-        uvicorn.run("gateway.app:create_app", factory=True, workers=workers, **common)
-        return 0
+        return run_workers(uvicorn.Config("gateway.app:create_app", factory=True, workers=workers, **common),
+                           os.environ["PROMETHEUS_MULTIPROC_DIR"])
     finally:
         if sims is not None:
             sims.stop()
@@ -137,12 +182,61 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for d in m["deployments"]:
             print(f"{m['name']:<22} {d['id']:<24} {d['region']:<12} {(d['model'] or m['name']):<22} "
                   f"{d['base_url']:<40} {'***' if d['api_key'] else '-':<5} {','.join(m['fallbacks']) or '-'}")
+    if not _is_loopback(cfg.server.host) and cfg.auth.mode == "none":
+        print(f"\nwarning: server.host {cfg.server.host} accepts connections from other machines and auth.mode is "
+              "none: anyone who can reach it can spend your provider quota. Set auth.mode: keys (docs/security.md) "
+              "or listen on 127.0.0.1 behind your own proxy.", file=sys.stderr)
     if args.verbose:
         import yaml
 
         print()
         print(yaml.safe_dump(data, sort_keys=False))
     return 0
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    return asyncio.run(_warmup(_load(args.config), not args.no_learned))
+
+
+async def _warmup(cfg: GatewayConfig, learned: bool) -> int:
+    """One pass of the server's own warm-up (gateway/upstream/warmup.py) over every model, then a report."""
+    from gateway.state.redis import make_state
+    from gateway.upstream import warmup
+    from gateway.upstream.base import UpstreamClient
+    from gateway.upstream.schemas import SchemaLearner
+    from gateway.upstream.select import make_client
+
+    backend = make_state(cfg.state)
+    learner = SchemaLearner(backend, ttl_s=cfg.state.key_ttl_s, max_per_model=10_000) if learned else None
+    clients: list[UpstreamClient] = []
+    failed_required = False
+    total = 0
+    print(f"{'MODEL':<20} {'DEPLOYMENT':<24} {'SCHEMA':<28} {'RESULT':<8} {'MS':>9}  DETAIL")
+    try:
+        for m in cfg.models:
+            deployments = []
+            for d in m.deployments:
+                c = make_client(d)
+                clients.append(c)
+                deployments.append((c, d.model or m.name))
+            for mw in await warmup.plan([(m.name, m.warmup, deployments)], learner):
+                for c, _ in deployments:
+                    await c.start()
+                for r in await warmup.warm_pass(mw):
+                    total += 1
+                    print(f"{r.model:<20} {r.deployment:<24} {r.schema[:28]:<28} {'ok' if r.ok else 'FAILED':<8} "
+                          f"{r.ms:>9.1f}  {r.detail}")
+                    if not r.ok and m.warmup.required:
+                        failed_required = True
+    finally:
+        for c in clients:
+            await c.close()
+        try:
+            await backend.close()
+        except Exception:
+            pass
+    print(f"\n{total} warm-up request(s); {'a REQUIRED warm-up failed' if failed_required else 'all required ok'}")
+    return 1 if failed_required else 0
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -159,37 +253,53 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmgw", description="OpenAI-compatible, latency-aware LLM gateway")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("serve", help="run the gateway (no --config: the embedded demo with simulated providers)")
-    s.add_argument("--config", "-c", help="gateway config YAML")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--workers", type=int)
+    s = sub.add_parser("serve", help="run the gateway (no --config: the embedded demo with simulated providers)",
+                       description="Run the gateway. Without --config it serves the embedded demo: two simulated "
+                                   "providers started in-process, models demo-chat, demo-fast and demo-embed.")
+    s.add_argument("--config", "-c", metavar="FILE", help="gateway config YAML (default: the embedded demo)")
+    s.add_argument("--host", help="address to listen on (default: server.host)")
+    s.add_argument("--port", type=int, help="port to listen on (default: server.port)")
+    s.add_argument("--workers", type=int, help="worker processes (default: server.workers)")
     s.add_argument("--region", help="the gateway's own region (overrides server.region and GATEWAY_REGION)")
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="server log level on stderr (default: %(default)s)")
     s.set_defaults(func=cmd_serve)
 
-    c = sub.add_parser("check-config", help="validate a config and print the resolved routing table")
-    c.add_argument("file")
+    c = sub.add_parser("check-config", help="validate a config and print the resolved routing table",
+                       description="Validate a config: report every problem at once (unset ${VAR}s, invalid keys), "
+                                   "warn about risky settings, print the routing table with secrets redacted.")
+    c.add_argument("file", help="gateway config YAML")
     c.add_argument("--verbose", "-v", action="store_true", help="also print the full resolved config (redacted)")
     c.set_defaults(func=cmd_check_config)
 
-    sm = sub.add_parser("sim", help="run a simulated OpenAI-compatible provider")
+    w = sub.add_parser("warmup", help="warm every configured and learned schema on every deployment, then exit",
+                       description="Send each json_schema to each deployment once (as a Helm hook does before "
+                                   "traffic). Exits non-zero when a warm-up marked required fails.")
+    w.add_argument("--config", "-c", required=True, metavar="FILE", help="gateway config YAML")
+    w.add_argument("--no-learned", action="store_true", help="skip schemas learned from traffic (state backend)")
+    w.set_defaults(func=cmd_warmup)
+
+    sm = sub.add_parser("sim", help="run a simulated OpenAI-compatible provider",
+                        description="A simulated OpenAI-compatible provider: realistic latency, faults on demand, "
+                                    "tool calls and structured output, and /sim/stats telling what it saw.")
     from gateway.sim import cli as sim_cli
 
     sim_cli.add_arguments(sm)
     sm.set_defaults(func=cmd_sim)
 
-    r = sub.add_parser("report", help="latency report from access logs: percentiles and tail causes")
+    r = sub.add_parser("report", help="latency report from access logs: percentiles and tail causes",
+                       description="Summarise a JSON access log (a file, '-' for stdin): latency percentiles by model "
+                                   "and deployment, and which causes (hedges, retries, cold schemas ...) explain the tail.")
     from gateway.telemetry import report
 
     report.add_arguments(r)
     r.set_defaults(func=cmd_report)
 
-    from gateway.cli_more import add_more_commands
+    from gateway.security.cli import add_key_commands
 
-    add_more_commands(sub)
+    add_key_commands(sub)
     return p
 
 

@@ -13,7 +13,7 @@ import re
 import ssl
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -43,6 +43,10 @@ class ServerConfig(_Strict):
     max_header_bytes: int = Field(64 * 1024, ge=1024)
     max_json_depth: int = Field(64, ge=4, le=10_000)
     max_messages: int = Field(2048, ge=1)
+    max_json_elements: int = Field(500_000, ge=1000)  # values in a request body (checked on its bytes)
+    max_json_containers: int = Field(20_000, ge=16)  # arrays and objects in a request body
+    request_headers_timeout_s: float = Field(10.0, gt=0)  # a request head must arrive within this
+    idle_timeout_s: float = Field(75.0, gt=0)  # a connection without a request in flight is closed after this
     max_inflight: int = Field(0, ge=0)  # 0 = unlimited
     drain_timeout_s: float = Field(30.0, ge=0)
     cors_origins: list[str] = []
@@ -54,6 +58,11 @@ class StateConfig(_Strict):
     key_prefix: str = "llmgw:"
     sync_interval_ms: float = Field(500.0, ge=50)
     key_ttl_s: float = Field(600.0, ge=10)
+    redis_mode: Literal["standalone", "sentinel", "cluster"] = "standalone"
+    sentinels: list[str] = []  # "host:port" of each sentinel (redis_mode: sentinel)
+    sentinel_master: str | None = None  # the master set name the sentinels monitor
+    sentinel_password: str | None = None  # AUTH for the sentinels themselves, when they require one
+    timeout_ms: float = Field(500.0, gt=0, le=60000)  # longest any request waits on Redis
 
     @field_validator("redis_url")
     @classmethod
@@ -61,6 +70,34 @@ class StateConfig(_Strict):
         if urlsplit(v).scheme not in ("redis", "rediss", "unix"):
             raise ValueError("not a redis:// URL")
         return v
+
+    @field_validator("sentinels")
+    @classmethod
+    def _sentinels(cls, v: list[str]) -> list[str]:
+        for i, s in enumerate(v):
+            host, _, port = s.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"entry {i} ({s!r}) is not host:port")
+        return v
+
+    def topology_error(self) -> str | None:
+        """A combination of keys that cannot run, as "state.<key>: why" (None when it can)."""
+        mode, url = self.redis_mode, urlsplit(self.redis_url)
+        if mode != "standalone" and self.backend != "redis":
+            return f"state.redis_mode: {mode} needs state.backend: redis"
+        if mode == "sentinel":
+            if not self.sentinels:
+                return 'state.sentinels: redis_mode sentinel needs at least one sentinel "host:port"'
+            if not self.sentinel_master:
+                return "state.sentinel_master: redis_mode sentinel needs the master set name (Bitnami: mymaster)"
+        elif self.sentinels or self.sentinel_master or self.sentinel_password:
+            key = "sentinels" if self.sentinels else "sentinel_master" if self.sentinel_master else "sentinel_password"
+            return f"state.{key}: only used with state.redis_mode: sentinel (it is {mode})"
+        if mode != "standalone" and url.scheme == "unix":
+            return f"state.redis_url: redis_mode {mode} needs a redis:// or rediss:// URL, not a unix socket"
+        if mode == "cluster" and url.path.strip("/") not in ("", "0"):
+            return "state.redis_url: Redis Cluster has only database 0"
+        return None
 
 
 class AccessLogConfig(_Strict):
@@ -95,7 +132,7 @@ class AuthConfig(_Strict):
     mode: Literal["none", "keys"] = "none"
     keys: list[ApiKeyConfig] = []
     redis_keys: bool = True  # also accept keys created with `llmgw keys create` (redis state backend)
-    protect_metrics: bool = False  # /metrics and /admin/* need a valid key too
+    protect_metrics: bool = False  # the admin listener too: /metrics and /admin/* need a valid key there
     cache_ttl_s: float = Field(5.0, ge=0, le=300)  # how long a Redis key lookup is reused (revocation delay)
 
 
@@ -147,6 +184,9 @@ class RoutingConfig(_Strict):
     locality: Literal["prefer", "strict", "off"] = "prefer"
     cross_region_penalty_ms: float = Field(50.0, ge=0)
     ewma_decay_s: float = Field(10.0, gt=0)
+    affinity: Literal["off", "prefix", "key"] = "off"  # prefix-cache affinity (policy/affinity.py)
+    affinity_epsilon: float = Field(0.25, ge=0)  # no deployment above ceil((1 + epsilon) x mean in-flight)
+    affinity_slow_factor: float = Field(3.0, ge=0)  # home slower than this x the fastest: spill (0 = never)
 
 
 class OutlierConfig(_Strict):
@@ -201,6 +241,7 @@ class DeploymentConfig(_Strict):
     priority: int = Field(0, ge=0)
     max_concurrency: int = Field(0, ge=0)  # 0 = unlimited
     ca_file: str | None = None  # PEM bundle trusted for this https:// upstream, besides the system store
+    proxy: str | None = None  # http://[user:pass@]host:port, or "direct"; unset: HTTPS_PROXY/HTTP_PROXY/NO_PROXY
     timeouts: TimeoutsConfig = TimeoutsConfig()
     pool: PoolConfig = PoolConfig()
 
@@ -234,14 +275,40 @@ class DeploymentConfig(_Strict):
                 raise ValueError(f"{k!r} is not a valid HTTP header name")
             if _CTL.search(val):
                 raise ValueError(f"the value of {k!r} holds a line break or control character")
+            if not _latin1(val):
+                raise ValueError(f"the value of {k!r} holds characters an HTTP header cannot carry (only latin-1; "
+                                 "percent- or base64-encode it)")
         return out
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, v: str | None) -> str | None:
+        if v is None or v == "direct":
+            return v
+        parts = urlsplit(v)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError("expected http://[user:password@]host:port of a forward proxy, or \"direct\" "
+                             "(a TLS connection to the proxy itself is not supported)")
+        if parts.path not in ("", "/") or parts.query:
+            raise ValueError("a proxy URL has no path or query")
+        return v
 
     @field_validator("api_key")
     @classmethod
     def _key(cls, v: str | None) -> str | None:
         if v is not None and _CTL.search(v):
             raise ValueError("holds a line break or control character")
+        if v is not None and not _latin1(v):
+            raise ValueError("holds characters an HTTP header cannot carry (only latin-1)")
         return v
+
+
+def _latin1(value: str) -> bool:
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class ModelConfig(_Strict):
@@ -308,6 +375,13 @@ class GatewayConfig(_Strict):
             raise ValueError("fallbacks: loop " + " -> ".join(cycle))
         return self
 
+    @model_validator(mode="after")
+    def _state_topology(self) -> GatewayConfig:
+        err = self.state.topology_error()
+        if err:
+            raise ValueError(err)
+        return self
+
     def model(self, name: str) -> ModelConfig | None:
         for m in self.models:
             if m.name == name:
@@ -318,8 +392,10 @@ class GatewayConfig(_Strict):
 # ---------------------------------------------------------------- loading
 
 
-def expand_env(value: Any, path: str = "", env: dict[str, str] | None = None) -> Any:
-    """Expand ${VAR} and ${VAR:-default} in every string; an unset VAR without default is an error."""
+def expand_env(value: Any, path: str = "", env: dict[str, str] | None = None,
+               missing: dict[str, str] | None = None) -> Any:
+    """Expand ${VAR} and ${VAR:-default} in every string; an unset VAR without default is an error, or,
+    given `missing`, recorded there (key path -> message) and replaced by "" so every problem is found."""
     env = os.environ if env is None else env
     if isinstance(value, str):
         def sub(m: re.Match[str]) -> str:
@@ -328,12 +404,16 @@ def expand_env(value: Any, path: str = "", env: dict[str, str] | None = None) ->
                 return env[var]
             if default is not None:
                 return default
-            raise ConfigError(f"{path or '<root>'}: environment variable {var} is not set (use ${{{var}:-default}})")
+            message = f"{path or '<root>'}: environment variable {var} is not set (use ${{{var}:-default}})"
+            if missing is None:
+                raise ConfigError(message)
+            missing[path or "<root>"] = message
+            return ""
         return _ENV_REF.sub(sub, value)
     if isinstance(value, dict):
-        return {k: expand_env(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+        return {k: expand_env(v, f"{path}.{k}" if path else str(k), env, missing) for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+        return [expand_env(v, f"{path}[{i}]", env, missing) for i, v in enumerate(value)]
     return value
 
 
@@ -419,11 +499,21 @@ def _format_validation_error(exc: ValidationError) -> str:
 def parse_config(raw: Any, env: dict[str, str] | None = None) -> GatewayConfig:
     if not isinstance(raw, dict):
         raise ConfigError("<root>: the config must be a YAML mapping")
-    expanded = expand_env(raw, env=env)
+    missing: dict[str, str] = {}
+    expanded = expand_env(raw, env=env, missing=missing)
+    problems = list(missing.values())  # every unset variable and every invalid key, reported at once
     try:
-        return GatewayConfig.model_validate(_apply_inheritance(expanded))
+        cfg = GatewayConfig.model_validate(_apply_inheritance(expanded))
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc)) from None
+        # a key whose variable is unset is reported once, as unset, not again as invalid
+        problems += [line for line in _format_validation_error(exc).splitlines()
+                     if line.split(": ", 1)[0] not in missing]
+    except ConfigError as exc:
+        problems.append(str(exc))
+    else:
+        if not problems:
+            return cfg
+    raise ConfigError("\n".join(problems))
 
 
 def load_config(path: str | Path, env: dict[str, str] | None = None) -> GatewayConfig:
@@ -466,23 +556,41 @@ def _resolve_schema_files(cfg: GatewayConfig, base: Path) -> GatewayConfig:
     return cfg.model_copy(update={"models": models}) if changed else cfg
 
 
-# Header names that carry credentials: authorization, api-key, x-api-key, x-goog-api-key,
-# ocp-apim-subscription-key, cookie, x-auth-token ...
-_SECRET_HEADER_WORDS = ("auth", "key", "token", "secret", "password", "cookie", "signature")
+# What /admin/config and check-config show as is. Allow-lists, not deny-lists: a header or query
+# parameter named in a way nobody foresaw (x-upstream-credential, ?sig=) is hidden all the same.
+_SHOWN_QUERY_PARAMS = frozenset({"api-version", "db", "protocol", "timeout", "socket_timeout", "health_check_interval"})
+REDACTED = "***"
+
+
+def redact_url(url: str | None) -> str | None:
+    """A URL without its secrets: userinfo replaced, every query value not on the allow-list replaced."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = REDACTED + "@" + netloc.rpartition("@")[2]
+    query = "&".join(
+        p if p.partition("=")[0].lower() in _SHOWN_QUERY_PARAMS or "=" not in p else p.partition("=")[0] + "=" + REDACTED
+        for p in parts.query.split("&")) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def redact(cfg: GatewayConfig) -> dict[str, Any]:
-    """The config as a dict with every secret replaced, for check-config and /admin output."""
+    """The config as a dict with every secret replaced, for check-config and /admin output: every header
+    value, provider key, URL userinfo and query value not known to be harmless."""
     data = cfg.model_dump(mode="json")
     for m in data["models"]:
         for d in m["deployments"]:
             if d.get("api_key"):
-                d["api_key"] = "***"
-            d["headers"] = {k: ("***" if any(w in k for w in _SECRET_HEADER_WORDS) else v)
-                            for k, v in d["headers"].items()}
+                d["api_key"] = REDACTED
+            d["headers"] = dict.fromkeys(d["headers"], REDACTED)
+            d["base_url"] = redact_url(d["base_url"])
+            d["proxy"] = redact_url(d.get("proxy"))
     for k in data["auth"]["keys"]:
         k["hash"] = k["hash"][:15] + "…"
-    url = urlsplit(data["state"]["redis_url"])
-    if url.password:
-        data["state"]["redis_url"] = data["state"]["redis_url"].replace(url.password, "***")
+    if data["state"].get("sentinel_password"):
+        data["state"]["sentinel_password"] = REDACTED
+    data["state"]["redis_url"] = redact_url(data["state"]["redis_url"])
+    data["tracing"]["otlp_endpoint"] = redact_url(data["tracing"]["otlp_endpoint"])
     return data

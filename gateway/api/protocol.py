@@ -14,6 +14,14 @@ uvicorn writes a response's head as soon as the app sends ``http.response.start`
 next message: two send() calls and two loopback packets per response. The transport here holds each
 response's first write until the next one of the same loop turn, so head and first body bytes leave
 together, as aiohttp's server sends them.
+
+With the app's ``EdgeLimits`` (``api/edge.py``) in the lifespan state, the protocol also bounds each
+request head: bytes are counted as they arrive, before httptools sees them (it would buffer a header of
+any size), and a head over ``server.max_header_bytes`` is answered 431 at once; heads slower than
+``server.request_headers_timeout_s`` get 408, and connections silent from the start are closed.
+This leans on uvicorn's parser callbacks (``on_message_begin``, ``on_headers_complete``,
+``on_message_complete``) and ``cycle``/``app_state``: pyproject bounds uvicorn's version and
+tests/unit/test_protocol_transport.py checks that they are still there.
 """
 
 from __future__ import annotations
@@ -24,10 +32,18 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.api.edge import EDGE_KEY, EdgeLimits, head_timeout, head_too_large, response_bytes
+from gateway.errors import GatewayError
 from gateway.telemetry.timing import now
 
 SCOPE_KEY = "llmgw.t_first_byte"
+LINGER_S = 1.0  # how long a refused client may keep sending (dropped) before its connection closes
 DISCONNECT_KEY = "llmgw.on_disconnect"
+
+
+def client_gone() -> None:
+    """What ``DISCONNECT_KEY`` holds when the client left before the app put its callback there (during
+    auth, the body read, a rate-limit check): the app looks before it goes upstream."""
 
 
 class HeadWithBodyTransport:
@@ -72,25 +88,122 @@ class HeadWithBodyTransport:
 
 
 class TimedHttpToolsProtocol(HttpToolsProtocol):
+    # Without EdgeLimits in the app state (another app, tests) these stay off: nothing counted or timed.
+    _edge: EdgeLimits | None = None
+    _head_limit = 0  # bytes a head may still take; 0 while no head is being read (a body is)
+    _head_seen = 0  # bytes received since the current head may have begun
+    _head_t = 0.0  # when the pending head's first byte was parsed; 0.0 = no head pending
+    _born = 0.0
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.transport = HeadWithBodyTransport(transport, self.loop)  # type: ignore[assignment]
+        edge = self.app_state.get(EDGE_KEY)
+        if edge is not None:
+            self._edge = edge
+            self._head_limit = edge.max_head_bytes
+            self._born = now()
+            edge.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        limit = self._head_limit
+        if limit:
+            if limit < 0:  # refused: anything read before reading paused is dropped
+                return
+            seen = self._head_seen + len(data)
+            budget = max(limit - self._head_seen, 0)
+            if seen > limit and not _head_ends_within(data, budget):
+                super().data_received(data[:budget])  # what fits: the request line, for the log
+                if not self.transport.is_closing():  # (unless the parser already refused it)
+                    self._refuse(head_too_large(limit), "head_too_large")
+                return
+            self._head_seen = seen
+        super().data_received(data)
 
     def on_message_begin(self) -> None:
         t = now()
         super().on_message_begin()
+        self._head_t = t
         self.transport.hold_next = True  # type: ignore[attr-defined]
         self.scope[SCOPE_KEY] = t  # type: ignore[typeddict-unknown-key]
         self.scope[DISCONNECT_KEY] = None  # type: ignore[typeddict-unknown-key]
+
+    def on_headers_complete(self) -> None:
+        self._head_t = 0.0
+        self._head_limit = 0  # the body is the app's to bound (server.max_body_bytes)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        edge = self._edge
+        if edge is not None:  # the next head may begin: count again
+            self._head_limit = edge.max_head_bytes
+            self._head_seen = 0
+
+    def expire(self, t: float, head_timeout_s: float, idle_timeout_s: float) -> None:
+        """Called by the edge's sweep: a head slower than its timeout gets 408; a connection that has
+        not begun a request since it opened is closed after the idle timeout. (After a response,
+        uvicorn's keep-alive timer, ``server.idle_timeout_s`` too, closes idle connections.)"""
+        if self._head_limit < 0:  # refused already, closing
+            return
+        if self._head_t:
+            if t - self._head_t > head_timeout_s:
+                self._refuse(head_timeout(head_timeout_s), "head_timeout")
+        elif self.cycle is None and t - self._born > idle_timeout_s and not self.transport.is_closing():
+            self.transport.close()
+            if self._edge is not None:
+                self._edge.on_limit("idle_timeout")
+
+    def _refuse(self, err: GatewayError, limit: str) -> None:
+        """Answer (unless a response of an earlier pipelined request is still being written), close the
+        connection, and log the refusal as a request."""
+        edge = self._edge
+        started = self._head_t or now()
+        self._head_limit = -1
+        self._head_t = 0.0
+        cycle = self.cycle
+        transport = self.transport
+        if (cycle is None or cycle.response_complete) and transport.can_write_eof():
+            # Delayed close, as Envoy and nginx do: closing at once with the client's bytes unread
+            # would reset the connection, and the client might never read the answer.
+            transport.write(response_bytes(err))
+            transport.flush()  # type: ignore[attr-defined]  # not held back as a response head
+            transport.write_eof()
+            transport.pause_reading()  # the rest of a flood waits in the kernel: TCP stops the sender
+            self.loop.call_later(LINGER_S, transport.close)
+        else:
+            transport.close()
+        if edge is not None:
+            edge.on_limit(limit)
+            url = getattr(self, "url", b"")  # set by uvicorn once a request began
+            edge.on_refused(err, self._method() if url else "-", url[:512].decode("latin-1") or "-",
+                            f"{self.client[0]}:{self.client[1]}" if self.client else None, started)
+
+    def _method(self) -> str:
+        try:
+            return self.parser.get_method().decode("latin-1")
+        except Exception:  # the request line itself is not complete
+            return "-"
 
     def connection_lost(self, exc: Exception | None) -> None:
         cycle = self.cycle
         hook = None
         if cycle is not None and not cycle.response_complete:
             hook = cycle.scope.get(DISCONNECT_KEY)
+            if hook is None:
+                cycle.scope[DISCONNECT_KEY] = client_gone  # type: ignore[typeddict-unknown-key]
+        if self._edge is not None:
+            self._edge.connections.discard(self)
         super().connection_lost(exc)
         if hook is not None:
             hook()
+
+
+def _head_ends_within(data: bytes, budget: int) -> bool:
+    """Whether the head's blank line falls within ``budget`` more bytes of ``data`` (one C-speed scan of
+    at most ``budget`` bytes). A blank line split across reads shows as ``data`` starting with the
+    rest of it; the parser judges whether it really was one."""
+    return data.startswith((b"\n", b"\r\n")) or data.find(b"\r\n\r\n", 0, budget + 4) >= 0
 
 
 def arrival(scope: dict[str, Any]) -> tuple[float, float]:

@@ -10,14 +10,12 @@ head, or all at once when they outnumber the live ones.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from heapq import heapify, heappop, heappush
 from itertools import count
-from typing import Any
 
-from gateway.telemetry.timing import now
+from gateway.engine.clock import MONOTONIC, Clock, Timer
 
 log = logging.getLogger("llmgw")
 
@@ -30,17 +28,17 @@ Alarm = list  # [when, seq, callback or None once fired or cancelled]: compares 
 
 
 class Alarms:
-    """``at(when, fn)`` calls ``fn()`` on the loop at ``when`` (this module's monotonic clock), unless
-    ``cancel``-led first. Use from the event loop's thread only."""
+    """``at(when, fn)`` calls ``fn()`` on the loop at ``when`` (``clock.now()`` time), unless ``cancel``-led
+    first. Use from the event loop's thread only."""
 
-    __slots__ = ("_clock", "_loop", "_heap", "_seq", "_timer", "_timer_at", "_cancelled")
+    __slots__ = ("_clock", "_now", "_heap", "_seq", "_timer", "_timer_at", "_cancelled")
 
-    def __init__(self, clock: Callable[[], float] = now, loop: Any = None) -> None:
+    def __init__(self, clock: Clock = MONOTONIC) -> None:
         self._clock = clock
-        self._loop = loop  # the running loop, found at the first arm
+        self._now = clock.now
         self._heap: list[Alarm] = []
         self._seq = count()
-        self._timer: Any = None
+        self._timer: Timer | None = None
         self._timer_at: float | None = None
         self._cancelled = 0
 
@@ -68,16 +66,14 @@ class Alarms:
     def _wake_at(self, when: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        self._timer = self._loop.call_later(max(0.0, when - self._clock()), self._fire)
+        self._timer = self._clock.call_at(when, self._fire)
         self._timer_at = when
 
     def _fire(self) -> None:
         self._timer = None
         self._timer_at = None
         heap = self._heap
-        due = self._clock() + SLACK_S
+        due = self._now() + SLACK_S
         while heap:
             alarm = heap[0]
             fn = alarm[2]

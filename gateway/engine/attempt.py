@@ -8,18 +8,23 @@ closed), so the provider stops generating.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from enum import StrEnum
 
-import aiohttp
-
 from gateway.engine.alarms import Alarms
+from gateway.engine.interrupt import CancelReason, Interrupt
 from gateway.engine.registry import DeploymentRuntime
 from gateway.engine.sse import FirstTokenScanner
+from gateway.policy.budget import RetryBudget
 from gateway.policy.retry import FailureKind, parse_retry_after
-from gateway.telemetry.timing import now
-from gateway.upstream.client import AttemptWire
-from gateway.upstream.errors import UpstreamConnectTimeout
-from gateway.upstream.h1 import H1Response
+from gateway.upstream.base import ResponseHeaders, UpstreamResponse
+from gateway.upstream.errors import (
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamProtocolError,
+)
+from gateway.upstream.wire import AttemptWire
 
 MAX_ERROR_BODY = 64 * 1024
 
@@ -40,12 +45,13 @@ class AttemptState(StrEnum):
 class Attempt:
     __slots__ = ("kind", "dep", "index", "wire", "state", "t_start", "t_headers", "t_first", "t_end", "status",
                  "failure", "timeout_flag", "retry_after_s", "resp", "chunks", "body", "error_detail",
-                 "resp_headers", "released", "finished", "budget")
+                 "resp_headers", "released", "finished", "budget", "now", "interrupt", "outcome")
 
-    def __init__(self, kind: AttemptKind, dep: DeploymentRuntime, index: int) -> None:
+    def __init__(self, kind: AttemptKind, dep: DeploymentRuntime, index: int, now: Callable[[], float]) -> None:
         self.kind = kind
         self.dep = dep
         self.index = index
+        self.now = now  # the engine's clock
         self.wire = AttemptWire()
         self.state = AttemptState.RUNNING
         self.t_start = now()
@@ -56,14 +62,16 @@ class Attempt:
         self.failure: FailureKind | None = None
         self.timeout_flag: str | None = None
         self.retry_after_s: float | None = None
-        self.resp: H1Response | aiohttp.ClientResponse | None = None  # the selected client's response
+        self.resp: UpstreamResponse | None = None
         self.chunks: list[bytes] = []  # stream bytes read before commit
         self.body: bytes = b""  # non-stream body, or an upstream error body
         self.error_detail = ""
         self.resp_headers: dict[str, str] | None = None
         self.released = False
         self.finished = False
-        self.budget = None  # policy.budget.RetryBudget whose slot this retry holds
+        self.budget: RetryBudget | None = None  # whose slot this retry holds
+        self.interrupt: Interrupt | None = None  # how to stop the task this attempt runs in
+        self.outcome: str | None = None  # its llmgw_upstream_attempts_total label, once counted (exactly once)
         dep.inflight += 1
 
     @property
@@ -72,24 +80,17 @@ class Attempt:
 
     async def run(self, path: str, body: bytes, headers: dict[str, str], stream: bool,
                   first_token_timeout_s: float, timeout_flag: str, wall_now: float, alarms: Alarms,
-                  task: asyncio.Task | None = None) -> Attempt:
-        """Run until READY or FAILED; raise CancelledError (after aborting) if cancelled.
+                  interrupt: Interrupt) -> Attempt:
+        """Run until READY or FAILED; raise CancelledError (after aborting) if cancelled for another reason.
 
-        The first-token limit works as asyncio.timeout() does (cancel this task, and on the way out tell
-        that cancel from anyone else's by the task's cancel count), on the shared ``alarms``. ``task``:
-        the task this runs in, when the caller knows it (asking asyncio costs a getpid() call).
+        The first-token limit is an alarm on the shared ``alarms`` that interrupts the task this runs in
+        (``interrupt``) with FIRST_TOKEN_TIMEOUT; any other interrupt is not this attempt's to handle.
         """
-        if task is None:
-            task = asyncio.current_task()
-        cancels_before = task.cancelling()
-        expired = False
-
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            task.cancel()
-
-        alarm = alarms.at(self.t_start + first_token_timeout_s, expire)
+        self.interrupt = interrupt
+        if interrupt.task is None:
+            interrupt.task = asyncio.current_task()
+        now = self.now
+        alarm = alarms.at(self.t_start + first_token_timeout_s, self._expire)
         try:
             resp = await self.dep.client.post(path, body, headers, self.wire)
             self.resp = resp
@@ -117,32 +118,42 @@ class Attempt:
             self.state = AttemptState.READY
             return self
         except asyncio.CancelledError:
-            if not expired or task.uncancel() > cancels_before:  # cancelled from outside (too)
+            if interrupt.claim(CancelReason.FIRST_TOKEN_TIMEOUT) is None:  # someone else's interrupt
                 self.state = AttemptState.CANCELLED
                 self.abort()
                 raise
             self._fail(FailureKind.TIMEOUT, f"no {'first token' if stream else 'response'} within "
                        f"{first_token_timeout_s * 1000:.0f} ms ({timeout_flag})")
             self.timeout_flag = timeout_flag
-        except (UpstreamConnectTimeout, aiohttp.ServerTimeoutError) as exc:  # timeouts.connect_ms (aiohttp's
-            self._fail(FailureKind.CONNECT, _describe(exc))  # only configured timeout)
-            self.timeout_flag = "connect"
-        except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
+        except UpstreamConnectTimeout as exc:  # timeouts.connect_ms
             self._fail(FailureKind.CONNECT, _describe(exc))
-        except (aiohttp.ClientError, ConnectionError, OSError) as exc:
+            self.timeout_flag = "connect"
+        except UpstreamConnectError as exc:
+            self._fail(FailureKind.CONNECT, _describe(exc))
+        except UpstreamProtocolError as exc:
+            self._fail(FailureKind.PROTOCOL, _describe(exc))
+        except UpstreamError as exc:  # reset, and any other failure a client maps into the tree
             self._fail(FailureKind.RESET, _describe(exc))
         finally:
             alarms.cancel(alarm)
         self.abort()
         return self
 
+    def _expire(self) -> None:
+        self.stop(CancelReason.FIRST_TOKEN_TIMEOUT)
+
+    def stop(self, reason: CancelReason) -> None:
+        """Interrupt the task this attempt runs in (a no-op before it started)."""
+        if self.interrupt is not None:
+            self.interrupt.cancel(reason)
+
     def _fail(self, kind: FailureKind, detail: str) -> None:
         self.state = AttemptState.FAILED
         self.failure = kind
         self.error_detail = detail
-        self.t_end = now()
+        self.t_end = self.now()
 
-    async def _read_error(self, resp: H1Response | aiohttp.ClientResponse, wall_now: float) -> None:
+    async def _read_error(self, resp: UpstreamResponse, wall_now: float) -> None:
         self.status = resp.status
         self.body = await resp.content.read(MAX_ERROR_BODY)
         self.resp_headers = _forwardable(resp.headers)
@@ -154,7 +165,7 @@ class Attempt:
     def abort(self) -> None:
         """Close the upstream connection now (the provider sees it and stops generating)."""
         if self.t_end is None:
-            self.t_end = now()
+            self.t_end = self.now()
         resp = self.resp
         if resp is not None and not self.released:
             resp.close()
@@ -169,14 +180,14 @@ class Attempt:
         if self.budget is not None:
             self.budget.release()
         if self.t_end is None:
-            self.t_end = now()
+            self.t_end = self.now()
 
 
 _FORWARD_PREFIXES = ("x-ratelimit-", "openai-", "anthropic-", "x-ms-")
 _FORWARD_NAMES = frozenset({"content-type", "retry-after"})
 
 
-def _forwardable(headers: aiohttp.typedefs.LooseHeaders) -> dict[str, str]:
+def _forwardable(headers: ResponseHeaders) -> dict[str, str]:
     out = {}
     for k, v in headers.items():
         lk = k.lower()

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
-from gateway.config import GatewayConfig
+from gateway import errors
+from gateway.config import DeploymentConfig, GatewayConfig
 from gateway.engine.alarms import Alarms
-from gateway.engine.registry import DeploymentRuntime, Registry
+from gateway.engine.clock import MONOTONIC, Clock
+from gateway.engine.registry import DeploymentRuntime, ModelRuntime, Registry
+from gateway.engine.sync import StateSync
+from gateway.errors import GatewayError
+from gateway.policy.deadline import Deadline, DeadlineSource, resolve_deadline
+from gateway.state.base import StateBackend
 from gateway.telemetry.accesslog import AccessLog
 from gateway.telemetry.metrics import Metrics
-from gateway.telemetry.timing import now
-
-if TYPE_CHECKING:
-    from gateway.engine.exchange import Exchange
+from gateway.telemetry.otel import Tracing
+from gateway.telemetry.views import ExchangeView
+from gateway.upstream.base import UpstreamClient
+from gateway.upstream.schemas import SchemaLearner
 
 log = logging.getLogger("llmgw")
 
@@ -27,23 +34,59 @@ _NOT_FORWARDED = frozenset({
 })
 
 
+class WinningAttempt(Protocol):
+    @property
+    def dep(self) -> DeploymentRuntime: ...
+
+
+class EndedExchange(ExchangeView, Protocol):
+    """What ``finish`` and the record hooks (tracing: ``ExchangeView``) read of a request that has ended
+    (``exchange.Exchange``); a Protocol so this module does not import the exchange, which imports it."""
+
+    @property
+    def stream(self) -> bool: ...
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def body(self) -> dict[str, Any]: ...
+
+    @property
+    def served_model(self) -> ModelRuntime | None: ...
+
+    @property
+    def winner(self) -> WinningAttempt | None: ...
+
+    def record(self) -> dict[str, Any]: ...
+
+
+RecordHook = Callable[[EndedExchange, dict[str, Any]], None]  # (the ended exchange, its access-log record)
+WarmLearned = Callable[[str, dict[str, Any], str | None], Awaitable[None]]  # (model, json_schema, skip deployment)
+
+
 class Engine:
     def __init__(self, cfg: GatewayConfig, *, home_region: str | None, metrics: Metrics,
-                 access_log: AccessLog | None, seed: int | None = None) -> None:
+                 access_log: AccessLog | None, upstream: Callable[[DeploymentConfig], UpstreamClient],
+                 seed: int | None = None, clock: Clock = MONOTONIC) -> None:
+        """``upstream``: builds each deployment's client (``upstream.select.make_client`` in production: the
+        engine knows clients only by the Protocols of upstream/base.py); ``clock``: the request path's time."""
         self.cfg = cfg
         self.home_region = home_region
-        self.registry = Registry(cfg, home_region, seed)
+        self.clock = clock
+        self.now = clock.now
+        self.registry = Registry(cfg, home_region, seed, upstream)
         self.metrics = metrics
         self.access_log = access_log
         self.inflight = 0
         self.max_inflight = cfg.server.max_inflight
-        self.sync: Any = None  # engine.sync.StateSync, set by the app when a backend is configured
-        self.schema_learner: Any = None  # upstream.schemas.SchemaLearner
-        self.on_record: list[Any] = []  # hooks called with each access-log record (tracing)
-        self.warm_learned: Any = None  # async (model, json_schema, skip_deployment) -> None
-        self.state_backend: Any = None
-        self.tracing: Any = None  # telemetry.otel.Tracing when OTLP export is on
-        self.alarms = Alarms()  # every request's deadlines (first token, hedge, stream idle) on one loop timer
+        self.sync: StateSync | None = None  # set by the app when a backend is configured
+        self.schema_learner: SchemaLearner | None = None
+        self.on_record: list[RecordHook] = []  # hooks called with each access-log record (tracing)
+        self.warm_learned: WarmLearned | None = None
+        self.state_backend: StateBackend | None = None
+        self.tracing: Tracing | None = None  # when OTLP export is on
+        self.alarms = Alarms(clock)  # every request's deadlines (first token, hedge, stream idle) on one loop timer
         self._inflight_gauge = metrics.inflight
         self._requests = metrics.requests
         self._forward_cache: dict[str, bool] = {}
@@ -67,6 +110,21 @@ class Engine:
         self._inflight_gauge.inc()
         return True
 
+    def deadline_for(self, model_name: str, headers: dict[str, str],
+                     t_received: float) -> tuple[Deadline, GatewayError | None]:
+        """The request's deadline: the earliest of the model's ``total_ms`` and the client's and SDK's timeout
+        headers. With an error (unknown model, malformed header) the request is answered at once, and the
+        deadline is only what the record needs."""
+        model = self.registry.models.get(model_name)
+        if model is None:
+            return Deadline(t_received, DeadlineSource.TOTAL), errors.model_not_found(model_name)
+        try:
+            return resolve_deadline(t_received, model.total_s * 1000.0, headers.get("x-gateway-timeout-ms"),
+                                    headers.get("x-stainless-timeout"), headers.get("x-stainless-read-timeout"),
+                                    model.cfg.timeouts.sdk_reply_margin_ms), None
+        except ValueError as exc:
+            return Deadline(t_received, DeadlineSource.TOTAL), errors.bad_request(str(exc), code="invalid_header")
+
     def upstream_headers(self, client_headers: dict[str, str], request_id: str) -> dict[str, str]:
         """Client headers worth forwarding (x-*, openai-*, user-agent ...), minus credentials and hop-by-hop."""
         out = {"x-request-id": request_id}
@@ -87,14 +145,13 @@ class Engine:
         return out
 
     def on_ejected(self, dep: DeploymentRuntime) -> None:
-        self.metrics.child(self.metrics.ejections, dep.id).inc()
-        self.metrics.child(self.metrics.ejected, dep.id).set(1)
+        self.metrics.child(self.metrics.ejections, dep.id).inc()  # llmgw_deployment_ejected: engine.gauges, from state
         log.warning("deployment %s ejected for %.0f s after %d consecutive failures", dep.id,
-                    dep.outlier.ejected_until - now(), dep.outlier.consecutive_failures)
+                    dep.outlier.ejected_until - self.now(), dep.outlier.consecutive_failures)
         if self.sync is not None:
             self.sync.publish_ejection(dep)
 
-    def finish(self, ex: Exchange) -> None:
+    def finish(self, ex: EndedExchange) -> None:
         """Exactly once per request: access-log record and metrics."""
         self.inflight -= 1
         self._inflight_gauge.dec()
@@ -110,7 +167,7 @@ class Engine:
         m.child(m.request_duration, model, stream).observe(rec["duration_ms"] / 1000.0)
         m.child(m.overhead, model).observe(rec["gateway_overhead_ms"] / 1000.0)
         if rec["ttft_ms"] is not None:
-            m.child(m.ttft, model, dep).observe(rec["ttft_ms"] / 1000.0)
+            m.child(m.ttft, model, dep, stream).observe(rec["ttft_ms"] / 1000.0)
         if ex.winner is not None and rec["upstream_service_time_ms"] is not None:
             m.child(m.upstream_duration, model, dep).observe(rec["upstream_service_time_ms"] / 1000.0)
         if rec["prompt_tokens"]:
@@ -124,7 +181,7 @@ class Engine:
         for hook in self.on_record:
             hook(ex, rec)
 
-    def _learn_schema(self, ex: Exchange) -> None:
+    def _learn_schema(self, ex: EndedExchange) -> None:
         rf = ex.body.get("response_format")
         if type(rf) is not dict or rf.get("type") != "json_schema":
             return
@@ -132,11 +189,11 @@ class Engine:
         if type(js) is not dict or type(js.get("schema")) is not dict:
             return
         m = ex.served_model
-        if not m.cfg.warmup.learn:
+        learner, warm = self.schema_learner, self.warm_learned
+        if m is None or learner is None or warm is None or not m.cfg.warmup.learn:
             return
         skip = ex.winner.dep.id if ex.winner is not None else None
-        warm = self.warm_learned
-        self.schema_learner.observe(m.name, js, lambda model, schema: warm(model, schema, skip))
+        learner.observe(m.name, js, lambda model, schema: warm(model, schema, skip))
 
     def record_rejected(self, rec: dict[str, Any]) -> None:
         """A request refused before an Exchange existed (bad input, auth, limits): log it the same way."""

@@ -8,19 +8,24 @@ downstream as they arrive, and ends as exactly one access-log record plus metric
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Coroutine
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from gateway import errors
 from gateway.engine.alarms import Alarm
 from gateway.engine.attempt import Attempt, AttemptKind, AttemptState
+from gateway.engine.engine import Engine
+from gateway.engine.interrupt import CancelReason, Interrupt
 from gateway.engine.registry import DeploymentRuntime, ModelRuntime
-from gateway.engine.relay import relay_stream
-from gateway.engine.sse import usage_of
+from gateway.engine.relay import RelayOutcome, Send, relay_stream
+from gateway.engine.sse import error_event, usage_of
 from gateway.errors import GatewayError
+from gateway.flags import ResponseFlag
 from gateway.policy.attribution import Blame, blame, censored_latency_ms, retry_evidence
 from gateway.policy.deadline import SDK_SOURCES, Deadline, DeadlineSource, attempt_timeout, resolve_deadline
 from gateway.policy.fallback import FallbackReason, fallback_reason_for, should_degrade
@@ -29,11 +34,11 @@ from gateway.policy.outlier import OutlierVerdict, record_outcome
 from gateway.policy.retry import FailureKind, RetryVerdict
 from gateway.policy.retry_state import RetryState
 from gateway.policy.routing import RouteReason, choose
-from gateway.telemetry.timing import iso_utc, ms, now, round3, union_length
-from gateway.telemetry.tracing import TraceContext, new_span_id
+from gateway.telemetry.logs import REQUEST_ID
+from gateway.telemetry.timing import iso_utc, ms, round3, union_length
+from gateway.telemetry.tracing import TraceContext
 
-if TYPE_CHECKING:
-    from gateway.engine.engine import Engine
+log = logging.getLogger("llmgw")
 
 MIN_ATTEMPT_MS = 50.0
 
@@ -47,19 +52,24 @@ class ExchangeState(StrEnum):
 
 
 class Exchange:
-    __slots__ = ("engine", "task", "path", "upstream_path", "body", "model_name", "stream", "headers", "t_received",
+    __slots__ = ("engine", "path", "upstream_path", "body", "model_name", "stream", "headers", "t_received",
                  "t_body", "wall_start", "request_id", "client", "api_key_id", "trace", "state", "attempts", "waits",
                  "flags", "retries", "hedges", "retry_state", "model_hedges", "hedge_delay_ms", "route_reason",
                  "winner", "last_failure", "error", "timeout_flag", "fallback_from", "fallback_reason",
                  "served_model", "status", "bytes_received", "bytes_sent", "t_routed", "t_first_sent", "t_last_sent",
-                 "prompt_tokens", "completion_tokens", "client_gone", "committed", "finished", "closing", "_bodies",
-                 "_base_headers", "deadline", "retry_verdict")
+                 "prompt_tokens", "completion_tokens", "committed", "finished", "_closing", "_bodies",
+                 "_base_headers", "deadline", "rejected", "now", "interrupt", "relay", "affinity_key", "_fallbacks",
+                 "retry_verdict")
 
     def __init__(self, engine: Engine, task: asyncio.Task, *, path: str, upstream_path: str, body: dict[str, Any], raw_len: int,
                  headers: dict[str, str], t_received: float, t_body: float, wall_start: float,
-                 request_id: str, client: str | None, api_key_id: str | None = None) -> None:
+                 request_id: str, client: str | None, deadline: Deadline, rejected: GatewayError | None = None,
+                 api_key_id: str | None = None) -> None:
+        """``deadline``: from ``Engine.deadline_for``; ``rejected``: the error it found (answered at once)."""
         self.engine = engine
-        self.task = task  # the request's task: inline attempts, the relay and the race run in it
+        self.now = engine.clock.now
+        # The request's task runs the inline attempts, the race and the relay; this is how to stop what it waits for.
+        self.interrupt = Interrupt(task)
         self.path = path
         self.upstream_path = upstream_path
         self.body = body
@@ -74,7 +84,8 @@ class Exchange:
         self.api_key_id = api_key_id
         self.trace = TraceContext(headers.get("traceparent"), headers.get("tracestate"))
         if engine.tracing is not None:
-            engine.tracing.adopt_server_span(self)
+            engine.tracing.sample(self.trace)
+        REQUEST_ID.set(request_id)  # log lines of this request's task (and the tasks it starts) carry it
         self.state = ExchangeState.ROUTING
         self.attempts: list[Attempt] = []
         self.waits: list[tuple[float, float]] = []  # backoff intervals on the critical path
@@ -92,6 +103,7 @@ class Exchange:
         self.timeout_flag: str | None = None
         self.fallback_from: str | None = None
         self.fallback_reason: str | None = None
+        self._fallbacks: list[tuple[str, str, FallbackReason]] = []  # hops decided, logged once a model they led to runs
         self.served_model: ModelRuntime | None = None
         self.status = 0
         self.bytes_received = raw_len
@@ -101,30 +113,35 @@ class Exchange:
         self.t_last_sent: float | None = None
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
-        self.client_gone = False
         self.committed = False
         self.finished = False
-        self.closing = False  # the final body is being sent: a disconnect now changes nothing
+        self._closing = False  # the final body is being sent: a disconnect now changes nothing
         self._bodies: dict[str, bytes] = {}
         self._base_headers: dict[str, str] | None = None
-        self.deadline: Deadline | None = None
+        self.affinity_key: int | None = None  # routing.affinity: the request's key, once derived
+        self.deadline = deadline
+        self.rejected = rejected
+        self.relay: RelayOutcome | None = None
+
+    @property
+    def closing(self) -> bool:
+        """The final body is being sent: a disconnect now changes nothing."""
+        return self._closing or (self.relay is not None and self.relay.closing)
+
+    def cancel(self, reason: CancelReason) -> None:
+        """Stop what the request's task waits for, for ``reason`` (see engine/interrupt.py)."""
+        self.interrupt.cancel(reason)
 
     # ------------------------------------------------------------------ entry
 
-    async def run(self, send: Any) -> None:
+    async def run(self, send: Send) -> None:
         eng = self.engine
         try:
+            if self.rejected is not None:
+                raise self.rejected
             model = eng.registry.models.get(self.model_name)
             if model is None:
                 raise errors.model_not_found(self.model_name)
-            try:
-                self.deadline = resolve_deadline(self.t_received, model.total_s * 1000.0,
-                                                 self.headers.get("x-gateway-timeout-ms"),
-                                                 self.headers.get("x-stainless-timeout"),
-                                                 self.headers.get("x-stainless-read-timeout"),
-                                                 model.cfg.timeouts.sdk_reply_margin_ms)
-            except ValueError as exc:
-                raise errors.bad_request(str(exc), code="invalid_header") from None
             winner = await self._run_chain(model)
             if winner is not None:
                 await self._deliver(winner, send)
@@ -133,16 +150,27 @@ class Exchange:
         except GatewayError as exc:
             await self._send_error(send, exc)
         except asyncio.CancelledError:
-            # The client went away (the disconnect watcher cancelled us): abort everything upstream.
-            self._abort_all()
-            if not self.client_gone:
+            # The client went away (the disconnect watcher interrupted us) or shutdown cut the request
+            # short: abort everything upstream.
+            self._abort_all(winner_too=True)
+            reason = self.interrupt.claim(CancelReason.CLIENT_GONE, CancelReason.DRAIN)
+            if reason is None:
                 raise
-            self.task.uncancel()
-            self.flags.append("DC")
-            if not self.status:
-                self.status = 499
+            if reason is CancelReason.CLIENT_GONE:
+                self.flags.append(ResponseFlag.CLIENT_GONE)
+                if not self.status:
+                    self.status = 499
+            else:
+                await self._end_early(send, errors.draining())
+        except Exception:  # a gateway bug: answer like an API (500, flag GE), log it, never status 0
+            log.exception("request %s failed inside the gateway", self.request_id)
+            self._abort_all(winner_too=True)
+            await self._end_early(send, errors.internal_error())
         finally:
             self._abort_all()
+            for a in self.attempts:  # every attempt counted once: what is still open was cut short
+                if a.outcome is None:
+                    self._count(a, self._stream_outcome() if a is self.winner else "cancelled")
             self.finished = True
             eng.finish(self)
 
@@ -154,7 +182,7 @@ class Exchange:
         for i, m in enumerate(chain):
             last = i == len(chain) - 1
             if not last:
-                t = now()
+                t = self.now()
                 reason = None
                 if "unhealthy" in fallback_on and m.all_ejected(t):
                     reason = FallbackReason.UNHEALTHY
@@ -185,7 +213,7 @@ class Exchange:
                               when_expected_exceeds_remaining=d.when_expected_ttft_exceeds_remaining)
 
     def _fallback_reason(self) -> FallbackReason | None:
-        if self.error is not None and self.error.flag == "UO":
+        if self.error is not None and self.error.flag == ResponseFlag.OVERFLOW:
             return FallbackReason.OVERLOAD
         f = self.last_failure
         if f is None:
@@ -193,28 +221,41 @@ class Exchange:
         return fallback_reason_for(f.status, f.failure.value if f.failure else None)
 
     def _note_fallback(self, frm: ModelRuntime, to: ModelRuntime, reason: FallbackReason) -> None:
-        if self.fallback_from is None:
-            self.fallback_from = frm.name
-        self.fallback_reason = reason.value
-        self.engine.metrics.child(self.engine.metrics.fallbacks, frm.name, to.name, reason.value).inc()
+        """A fallback decided; logged and counted only once an attempt of a model it led to starts (a
+        fallback the deadline left no time for never ran)."""
+        self._fallbacks.append((frm.name, to.name, reason))
         self.last_failure = None
         self.error = None
         self.retry_verdict = None  # the next model's retries decide what the client is told
 
+    def _fallbacks_ran(self) -> None:
+        for frm, to, reason in self._fallbacks:
+            if self.fallback_from is None:
+                self.fallback_from = frm
+            self.fallback_reason = reason.value
+            self.engine.metrics.child(self.engine.metrics.fallbacks, frm, to, reason.value).inc()
+        self._fallbacks.clear()
+
     # ------------------------------------------------------------------ attempts within one model
 
     def _start(self, m: ModelRuntime, kind: AttemptKind, tried: set[str]) -> Attempt | None:
-        t = now()
+        t = self.now()
         h = self.headers
-        decision = choose([d.candidate(t, self.stream) for d in m.deployments], strategy=m.strategy,
-                          locality=m.locality, home_region=self.engine.home_region,
-                          preferred_region=h.get("x-gateway-region"), pinned=h.get("x-gateway-deployment"),
-                          exclude=frozenset(tried), cross_region_penalty_ms=m.penalty_ms,
-                          rng=self.engine.registry.rng, rr_counter=m.rr)
+        cands = [d.candidate(t, self.stream) for d in m.deployments]
+        decision = None
+        if m.affinity is not None and "x-gateway-deployment" not in h:  # routing.affinity: the key's ring first
+            decision = m.affinity.route(self, m, cands, tried, t)
+        if decision is None:
+            decision = choose(cands, strategy=m.strategy, locality=m.locality, home_region=self.engine.home_region,
+                              preferred_region=h.get("x-gateway-region"), pinned=h.get("x-gateway-deployment"),
+                              exclude=frozenset(tried), cross_region_penalty_ms=m.penalty_ms,
+                              rng=self.engine.registry.rng, rr_counter=m.rr)
         m.rr += 1
+        if m.affinity is not None and kind is AttemptKind.PRIMARY:
+            m.affinity.count(self, m, decision)
         if decision is None:
             self.error = errors.GatewayError(503, f"No deployment of model '{m.name}' is available in this region.",
-                                             "server_error", "no_healthy_upstream", flag="UH")
+                                             "server_error", "no_healthy_upstream", flag=ResponseFlag.NO_HEALTHY_UPSTREAM)
             return None
         dep = m.by_id[decision.deployment_id]
         if dep.at_capacity():
@@ -225,7 +266,8 @@ class Exchange:
         if per_try is None:
             self.error = errors.deadline_exceeded(
                 f"{self._deadline_text()} ran out: {max(self.deadline.remaining(t), 0.0) * 1000.0:.0f} ms left, "
-                f"less than the {MIN_ATTEMPT_MS:.0f} ms an upstream attempt needs. {self._attempts_text()}", "DT")
+                f"less than the {MIN_ATTEMPT_MS:.0f} ms an upstream attempt needs. {self._attempts_text()}",
+                ResponseFlag.DEADLINE)
             self.timeout_flag = "total"
             return None
         if kind is AttemptKind.PRIMARY or self.route_reason is None:
@@ -234,13 +276,15 @@ class Exchange:
             self.t_routed = t
         self.engine.metrics.child(self.engine.metrics.route_decisions, m.name, dep.id, decision.reason).inc()
         tried.add(dep.id)
-        att = Attempt(kind, dep, len(self.attempts))
+        att = Attempt(kind, dep, len(self.attempts), self.now)
         self.attempts.append(att)
+        if self._fallbacks:
+            self._fallbacks_ran()
         self.state = ExchangeState.WAITING_FIRST_TOKEN
         return att
 
-    def _run_attempt(self, att: Attempt, task: asyncio.Task | None) -> Any:
-        """The attempt's coroutine; ``task`` is the one it will run in (None: find out when it starts)."""
+    def _run_attempt(self, att: Attempt, interrupt: Interrupt) -> Coroutine[Any, Any, Attempt]:
+        """The attempt's coroutine; ``interrupt`` stops the task it will run in."""
         dep = att.dep
         t = att.t_start
         remaining = self.deadline.remaining(t)
@@ -250,7 +294,7 @@ class Exchange:
         if remaining < limit:
             limit, flag = remaining, "total"
         return att.run(self.upstream_path, self._body_for(dep), self._headers_for(att), self.stream,
-                       max(limit, 0.001), flag, time.time(), self.engine.alarms, task)
+                       max(limit, 0.001), flag, time.time(), self.engine.alarms, interrupt)
 
     async def _run_model(self, m: ModelRuntime) -> Attempt | None:
         m.retry_budget.request_started()
@@ -269,7 +313,7 @@ class Exchange:
         hedge_s = self._hedge_delay(m)
         if hedge_s is None:
             while True:  # no hedging: attempts run inline, one after another
-                await self._run_attempt(att, self.task)
+                await self._run_attempt(att, self.interrupt)
                 self._record(m, att)
                 if att.ok:
                     return att
@@ -295,14 +339,13 @@ class Exchange:
                 a = race.inline
                 if a is not None:
                     try:
-                        await self._run_attempt(a, self.task)
+                        await self._run_attempt(a, self.interrupt)
                         finished = [a]
                     except asyncio.CancelledError:
-                        if not race.interrupted or self.task.uncancel() > 0:  # also cancelled from outside
+                        if self.interrupt.claim(CancelReason.HEDGE_WON) is None:  # not the race's own interrupt
                             raise
                         loser, finished = a, []
                     race.inline = None
-                    race.interrupted = False
                     if tasks:  # hedges that ended meanwhile
                         finished.extend(tasks.pop(t) for t in [t for t in tasks if t.done()])
                 else:
@@ -321,12 +364,12 @@ class Exchange:
                 for a in failed:
                     a.finish()
                 if winner is not None:
-                    t_win = now()
+                    t_win = self.now()
                     if loser is not None:
                         self._lost(m, loser)
                         self._censored(loser, t_win, hedge_s)
-                    for t, a in tasks.items():
-                        t.cancel()
+                    for a in tasks.values():
+                        a.stop(CancelReason.RACE_LOST)
                         self._lost(m, a)
                         self._censored(a, t_win, hedge_s)
                     tasks.clear()
@@ -348,8 +391,8 @@ class Exchange:
         """The hedge timer fired: start a hedge if the budget and a deployment allow."""
         if not m.hedge_bucket.try_take():
             self.engine.metrics.child(self.engine.metrics.hedges, m.name, "suppressed").inc()
-            if "HS" not in self.flags:
-                self.flags.append("HS")
+            if ResponseFlag.HEDGE_SUPPRESSED not in self.flags:
+                self.flags.append(ResponseFlag.HEDGE_SUPPRESSED)
             return None
         err = self.error
         h = self._start(m, AttemptKind.HEDGE, tried)
@@ -364,6 +407,7 @@ class Exchange:
         """Failures while another attempt runs: that attempt now plays the retry, and takes a retry-budget
         slot when one is free (it is already running either way)."""
         self.retries += failures
+        assert self.retry_state is not None  # set by _attempts for the model being tried
         self.retry_state.count(failures)
         if running.budget is None and m.retry_budget.try_acquire():
             running.budget = m.retry_budget
@@ -380,17 +424,36 @@ class Exchange:
         self.engine.metrics.child(self.engine.metrics.hedges, m.name, "cancelled").inc()
         if a.kind is AttemptKind.HEDGE:
             self.engine.metrics.child(self.engine.metrics.hedges, m.name, "lost").inc()
-        self.engine.metrics.child(self.engine.metrics.attempts, m.name, a.dep.id, "cancelled").inc()
+        self._count(a, "cancelled")
+
+    def _count(self, a: Attempt, outcome: str) -> None:
+        """``llmgw_upstream_attempts_total``: each attempt once, with how it ended."""
+        if a.outcome is None:
+            a.outcome = outcome
+            metrics = self.engine.metrics
+            metrics.child(metrics.attempts, a.dep.model_name, a.dep.id, outcome).inc()
+
+    def _stream_outcome(self) -> str:
+        """How the committed stream ended: relayed to its end, timed out, reset, or cut short (the client
+        left, shutdown, a gateway error)."""
+        out = self.relay
+        if out is None or (out.failure_flag is None and not out.closing):
+            return "cancelled"
+        if out.failure_flag is ResponseFlag.UPSTREAM_RESET:
+            return "reset"
+        return "success" if out.failure_flag is None else "timeout"
 
     async def _next_after_failure(self, m: ModelRuntime, failed: Attempt, tried: set[str]) -> Attempt | None:
         """Decide whether to retry a failed attempt; wait the backoff; start the retry."""
         self.last_failure = failed
-        t = now()
+        t = self.now()
+        assert failed.failure is not None  # a failed attempt says why
         rc = m.cfg.retry
         # Retry-After binds the deployment that said it; when another deployment can take the retry, go there.
         retry_after = failed.retry_after_s
         if retry_after is not None and self._other_available(m, failed.dep, t):
             retry_after = None
+        assert self.retry_state is not None  # set by _attempts for the model being tried
         plan = self.retry_state.decide(
             failure=failed.failure, status=failed.status, failed=failed.dep.id,
             alternatives=[d.id for d in m.deployments if d.id not in tried and d.healthy(t)],
@@ -403,7 +466,7 @@ class Exchange:
             if verdict is RetryVerdict.BUDGET or verdict is RetryVerdict.HOPELESS:
                 metrics.child(metrics.retry_budget_exhausted, m.name).inc()
             if verdict is RetryVerdict.BUDGET or verdict is RetryVerdict.LIMIT or verdict is RetryVerdict.HOPELESS:
-                self.flags.append("URX")
+                self.flags.append(ResponseFlag.RETRY_LIMIT_EXCEEDED)
             if verdict is not RetryVerdict.NOT_RETRIABLE:
                 metrics.child(metrics.retries, m.name, verdict.value).inc()
             return None
@@ -411,9 +474,9 @@ class Exchange:
         att = None
         try:
             if plan.delay_s > 0:
-                w0 = now()
-                await asyncio.sleep(plan.delay_s)
-                self.waits.append((w0, now()))
+                w0 = self.now()
+                await self.engine.clock.sleep(plan.delay_s)
+                self.waits.append((w0, self.now()))
             self.retries += 1
             att = self._start(m, AttemptKind.RETRY, tried)
             return att
@@ -438,7 +501,7 @@ class Exchange:
             d = hedge_delay(enabled=hc.enabled or header is not None,
                             fixed_delay_ms=None if hc.delay_ms == "auto" else float(hc.delay_ms),
                             quantile=hc.quantile, min_delay_ms=hc.min_delay_ms, max_delay_ms=hc.max_delay_ms,
-                            window=window, header=header, now=now())
+                            window=window, header=header, now=self.now())
         except ValueError as exc:
             raise errors.bad_request(str(exc), code="invalid_header") from None
         m.hedge_bucket.deposit()
@@ -455,10 +518,11 @@ class Exchange:
     def _record(self, m: ModelRuntime, a: Attempt) -> None:
         """Feed what an attempt showed into routing stats, outlier detection and metrics."""
         dep = a.dep
-        t = now()
+        t = self.now()
         metrics = self.engine.metrics
         who = blame(a.ok, a.failure, a.status, a.timeout_flag)
         if a.ok:
+            assert a.t_first is not None  # set with READY
             dep.observe((a.t_first - a.t_start) * 1000.0, t, self.stream)
             failed = False
             outcome = "success"
@@ -480,10 +544,11 @@ class Exchange:
                 if a.status == 429:
                     dep.cooldown_until = t + (a.retry_after_s if a.retry_after_s is not None else 1.0)
             else:
-                outcome = kind.value
+                outcome = kind.value if kind is not None else "failed"
         if a.wire.connect_end is not None and a.wire.connect_start is not None:
             metrics.child(metrics.connect, dep.id).observe(a.wire.connect_end - a.wire.connect_start)
-        metrics.child(metrics.attempts, m.name, dep.id, outcome).inc()
+        if not (a.ok and self.stream):  # a stream's outcome is known when its relay ends (_stream_outcome)
+            self._count(a, outcome)
         evidence = retry_evidence(who, a.status)
         if evidence is not None:
             m.retry_budget.observe(dep.id, evidence, t)
@@ -514,21 +579,19 @@ class Exchange:
             base = self._base_headers = self.engine.upstream_headers(self.headers, self.request_id)
         h = dict(base)
         h.update(att.dep.client.static_headers)  # the deployment's own headers (auth, static) always win
-        # Retries and hedges get span ids of their own, unless OTLP export is on: then every attempt names
-        # the exported server span, so no provider record hangs off a span that was never sent.
-        span = self.trace.span_id if att.index == 0 or self.engine.tracing is not None else new_span_id()
-        h["traceparent"] = f"00-{self.trace.trace_id}-{span}-{self.trace.flags}"
+        # Each attempt names its own span id (with export on: the id of its exported attempt span).
+        h["traceparent"] = self.trace.attempt_traceparent(att.index)
         if self.trace.tracestate:
             h["tracestate"] = self.trace.tracestate
         return h
 
     # ------------------------------------------------------------------ downstream
 
-    async def _deliver(self, w: Attempt, send: Any) -> None:
+    async def _deliver(self, w: Attempt, send: Send) -> None:
         self.winner = w
         self.committed = True
-        if w.kind is AttemptKind.RETRY and "URX" in self.flags:
-            self.flags.remove("URX")
+        if w.kind is AttemptKind.RETRY and ResponseFlag.RETRY_LIMIT_EXCEEDED in self.flags:
+            self.flags.remove(ResponseFlag.RETRY_LIMIT_EXCEEDED)
         if self.stream:
             self.state = ExchangeState.STREAMING
             if self.deadline.source in SDK_SOURCES:
@@ -536,22 +599,30 @@ class Exchange:
                 # stream's length: from here on only the gateway's own limits and the client's header apply.
                 self.deadline = resolve_deadline(self.t_received, self.engine.registry.models[self.model_name].total_s
                                                  * 1000.0, self.headers.get("x-gateway-timeout-ms"), None)
-            await relay_stream(self, w, send)
+            out = self.relay = RelayOutcome()
+            self.status = 200
+            try:
+                await relay_stream(w, send, out, headers=self._response_headers(w, "text/event-stream; charset=utf-8", None),
+                                   deadline=self.deadline, alarms=self.engine.alarms, interrupt=self.interrupt,
+                                   now=self.now)
+            finally:
+                self._took(out)
         else:
             body = w.body
             p, c = usage_of(body)
             self.prompt_tokens, self.completion_tokens = p, c
             headers = self._response_headers(w, "application/json", len(body))
+            assert w.t_end is not None  # a non-stream winner has its whole body
             up_ms = (w.t_end - w.t_start) * 1000.0
-            gw_ms = (now() - self.t_received) * 1000.0 - up_ms
+            gw_ms = (self.now() - self.t_received) * 1000.0 - up_ms
             headers.append((b"x-gateway-upstream-service-time", b"%d" % round(up_ms)))
             headers.append((b"server-timing", b"gateway;dur=%.3f, upstream;dur=%.3f" % (gw_ms, up_ms)))
             self.status = 200
-            self.t_first_sent = now()
-            self.closing = True
+            self.t_first_sent = self.now()
+            self._closing = True
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": body, "more_body": False})
-            self.t_last_sent = now()
+            self.t_last_sent = self.now()
             self.bytes_sent = len(body)
             w.finish()
         self.state = ExchangeState.DONE
@@ -574,23 +645,27 @@ class Exchange:
         f = self.last_failure
         if f is None:
             return errors.GatewayError(503, f"No deployment of model '{self.model_name}' could take the request.",
-                                       "server_error", "no_healthy_upstream", flag="UH")
-        if f.failure is FailureKind.STATUS:
+                                       "server_error", "no_healthy_upstream", flag=ResponseFlag.NO_HEALTHY_UPSTREAM)
+        if f.failure is FailureKind.STATUS and f.status is not None:
             return (f.status, f.body, f)
         if f.failure is FailureKind.TIMEOUT:
             self.timeout_flag = f.timeout_flag
             if f.timeout_flag == "total":
                 return errors.deadline_exceeded(
                     f"{self._deadline_text()} ran out waiting for deployment '{f.dep.id}'. {self._attempts_text()}",
-                    "DT")
+                    ResponseFlag.DEADLINE)
             limit = f.dep.cfg.timeouts.ttft_ms if f.timeout_flag == "ttft" else f.dep.cfg.timeouts.per_try_ms
             return errors.deadline_exceeded(
                 f"Upstream timeout: deployment '{f.dep.id}' gave no {'first token' if self.stream else 'response'} "
-                f"within {f.timeout_flag}_ms={limit:.0f}.", "UT")
+                f"within {f.timeout_flag}_ms={limit:.0f}.", ResponseFlag.UPSTREAM_TIMEOUT)
         if f.failure is FailureKind.CONNECT:
             self.timeout_flag = f.timeout_flag  # "connect" when connect_ms ran out, else None (refused, DNS)
-            return errors.upstream_unreachable(f"deployment '{f.dep.id}': {f.error_detail}", "UF")
-        return errors.upstream_unreachable(f"deployment '{f.dep.id}' reset the connection: {f.error_detail}", "UC")
+            return errors.upstream_unreachable(f"deployment '{f.dep.id}': {f.error_detail}",
+                                               ResponseFlag.UPSTREAM_CONNECT_FAILURE)
+        if f.failure is FailureKind.PROTOCOL:
+            return errors.upstream_protocol_error(f"deployment '{f.dep.id}': {f.error_detail}")
+        return errors.upstream_unreachable(f"deployment '{f.dep.id}' reset the connection: {f.error_detail}",
+                                           ResponseFlag.UPSTREAM_RESET)
 
     def _deadline_ms(self) -> float:
         return (self.deadline.expires_at + self.deadline.margin_s - self.t_received) * 1000.0
@@ -607,7 +682,7 @@ class Exchange:
             return "No upstream attempt was made."
         parts = []
         for a in self.attempts:
-            ran = ((a.t_end if a.t_end is not None else now()) - a.t_start) * 1000.0
+            ran = ((a.t_end if a.t_end is not None else self.now()) - a.t_start) * 1000.0
             if a.ok:
                 how = "answered"
             elif a.failure is FailureKind.TIMEOUT:
@@ -621,7 +696,7 @@ class Exchange:
             parts.append(f"'{a.dep.id}' {ran:.0f} ms ({how})")
         return f"Attempts: {', '.join(parts)}."
 
-    async def _send_error(self, send: Any, err: GatewayError | tuple[int, bytes, Attempt]) -> None:
+    async def _send_error(self, send: Send, err: GatewayError | tuple[int, bytes, Attempt]) -> None:
         if isinstance(err, tuple):  # an upstream HTTP error, passed through with its status and body
             status, body, att = err
             headers = self._response_headers(att, (att.resp_headers or {}).get("content-type", "application/json"),
@@ -634,22 +709,57 @@ class Exchange:
                 headers.append((b"retry-after", err.retry_after.encode()))
             if err.flag and err.flag not in self.flags:
                 self.flags.append(err.flag)
-        if "DT" in self.flags or self.retry_verdict is RetryVerdict.HOPELESS:
+        if ResponseFlag.DEADLINE in self.flags or self.retry_verdict is RetryVerdict.HOPELESS:
             # The deadline is spent, or the deployment fails nearly everything: a client retry cannot
             # succeed and would only add load. The official SDKs honour this header.
             headers.append((b"x-should-retry", b"false"))
         self.status = status
         self.state = ExchangeState.FAILED
-        self.t_first_sent = now()
-        self.closing = True
+        self.t_first_sent = self.now()
+        self._closing = True
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
-        self.t_last_sent = now()
+        self.t_last_sent = self.now()
         self.bytes_sent = len(body)
 
-    def _abort_all(self) -> None:
+    def _took(self, out: RelayOutcome) -> None:
+        """What the relay did, into the record (also when the client cut it short)."""
+        self.bytes_sent = out.bytes_sent
+        self.t_first_sent = out.t_first_sent
+        self.t_last_sent = out.t_last_sent
+        if out.failure_flag is not None:
+            self.flags.append(out.failure_flag)
+            self.timeout_flag = out.timeout_flag
+        self.prompt_tokens, self.completion_tokens = out.prompt_tokens, out.completion_tokens
+
+    async def _end_early(self, send: Send, err: GatewayError) -> None:
+        """Answer ``err`` as the response when none has started; else end the started one with it (a final
+        SSE error event for a stream), so the client is never left with a silent cut."""
+        self.error = err
+        if err.flag and err.flag not in self.flags:
+            self.flags.append(err.flag)
+        try:
+            started = self.t_first_sent is not None or (self.relay is not None and self.relay.started)
+            if not started:
+                await self._send_error(send, err)
+            elif not self.closing:
+                self._closing = True
+                if self.stream:
+                    ev = error_event(err.message, err.type, err.code or "error",
+                                     self.relay is None or self.relay.at_event_end)
+                    await send({"type": "http.response.body", "body": ev, "more_body": True})
+                    self.bytes_sent += len(ev)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                self.t_last_sent = self.now()
+        except Exception:  # the client is gone too: the record still says what happened
+            log.debug("could not answer request %s after %s", self.request_id, err.code)
+        if not self.status:
+            self.status = err.status
+
+    def _abort_all(self, winner_too: bool = False) -> None:
+        """Abort attempts still holding a connection; the committed winner too when the request was cut short."""
         for a in self.attempts:
-            if a is not self.winner or not self.committed or self.client_gone:
+            if a is not self.winner or not self.committed or winner_too:
                 a.abort()
             a.finish()
 
@@ -662,7 +772,7 @@ class Exchange:
         return union_length(spans)
 
     def record(self) -> dict[str, Any]:
-        end = self.t_last_sent or now()
+        end = self.t_last_sent or self.now()
         w = self.winner or self.last_failure or (self.attempts[-1] if self.attempts else None)
         duration = (end - self.t_received) * 1000.0
         overhead = duration - self.upstream_wait_s() * 1000.0 if self.attempts else duration
@@ -709,6 +819,7 @@ class Exchange:
             "timeout_flag": self.timeout_flag,
             "retry_verdict": self.retry_verdict,  # why retries stopped (a StrEnum), None when they did not
             "route_reason": self.route_reason,  # a StrEnum: logged as its value
+            "affinity_key": f"{self.affinity_key:016x}" if self.affinity_key is not None else None,
             "fallback_from": self.fallback_from,
             "fallback_reason": self.fallback_reason,
             "error_type": self.error.code if self.error is not None else None,
@@ -727,16 +838,16 @@ class Exchange:
 class _Race:
     """The moving parts of one hedging race: the hedge timer, the hedge tasks, and the interrupt.
 
-    The attempt that started alone runs inline in the exchange's task (``inline``); hedges run as tasks.
-    A hedge whose first token comes while ``inline`` still waits cancels the exchange's task, the way
-    asyncio.timeout interrupts a wait, and sets ``interrupted`` so the race knows that cancel is its own.
+    The attempt that started alone runs inline in the exchange's task (``inline``); hedges run as tasks,
+    each with an ``Interrupt`` of its own. A hedge whose first token comes while ``inline`` still waits
+    interrupts the exchange's task (HEDGE_WON), which the race claims; losers are interrupted (RACE_LOST).
     A hedge that fails meanwhile is accounted at once (its deployment's health must not wait for the
     primary). A class rather than closures: closures that call each other form a reference cycle per
     request, and freeing those wakes the cyclic GC (measured: +4 % instructions per request). The race
     and the exchange's alarms reference each other only while an alarm is armed.
     """
 
-    __slots__ = ("ex", "m", "tried", "hedge_s", "tasks", "inline", "interrupted", "alarm", "waiter")
+    __slots__ = ("ex", "m", "tried", "hedge_s", "tasks", "inline", "alarm", "waiter")
 
     def __init__(self, ex: Exchange, m: ModelRuntime, tried: set[str], hedge_s: float) -> None:
         self.ex = ex
@@ -745,7 +856,6 @@ class _Race:
         self.hedge_s = hedge_s
         self.tasks: dict[asyncio.Task, Attempt] = {}
         self.inline: Attempt | None = None
-        self.interrupted = False
         self.alarm: Alarm | None = None
         self.waiter: asyncio.Future[None] | None = None
 
@@ -763,7 +873,9 @@ class _Race:
         self.alarm = None
         h = self.ex._hedge(self.m, self.tried)
         if h is not None:
-            t = asyncio.get_running_loop().create_task(self.ex._run_attempt(h, None))
+            h.interrupt = interrupt = Interrupt(None)
+            t = asyncio.get_running_loop().create_task(self.ex._run_attempt(h, interrupt))
+            interrupt.task = t
             t.add_done_callback(self._on_done)
             self.tasks[t] = h
             self.arm(h.t_start)
@@ -772,14 +884,13 @@ class _Race:
         w = self.waiter
         if w is not None and not w.done():
             w.set_result(None)
-        if self.inline is None or self.interrupted or t.cancelled():
+        if self.inline is None or self.ex.interrupt.pending is not None or t.cancelled():
             return
         a = self.tasks.get(t)
         if a is None:
             return
         if a.ok:
-            self.interrupted = True
-            self.ex.task.cancel()
+            self.ex.interrupt.cancel(CancelReason.HEDGE_WON)
         else:
             del self.tasks[t]
             self.ex._record(self.m, a)
@@ -804,8 +915,8 @@ class _Race:
 
     def close(self) -> None:
         self.disarm()
-        for t in self.tasks:
-            t.cancel()
+        for a in self.tasks.values():
+            a.stop(CancelReason.RACE_LOST)
 
 
 __all__ = ["Exchange", "ExchangeState", "DeadlineSource"]

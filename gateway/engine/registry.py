@@ -8,14 +8,15 @@ background.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 from gateway.config import DeploymentConfig, GatewayConfig, ModelConfig
+from gateway.engine.affinity import AffinityRouter
 from gateway.policy.budget import RetryBudget, TokenBucket
 from gateway.policy.latency import PeakEwma, QuantileWindow
 from gateway.policy.outlier import OutlierState, is_ejected
 from gateway.policy.routing import Candidate, Locality, Strategy
-from gateway.upstream.alt_clients import make_client
-from gateway.upstream.client import UpstreamClient
+from gateway.upstream.base import UpstreamClient
 
 
 class DeploymentRuntime:
@@ -23,13 +24,14 @@ class DeploymentRuntime:
                  "latency_window", "outlier", "inflight", "cooldown_until", "max_concurrency", "weight",
                  "priority", "model_name", "connect_timeout_s", "ttft_s", "per_try_s", "idle_s")
 
-    def __init__(self, cfg: DeploymentConfig, model_name: str, decay_s: float) -> None:
+    def __init__(self, cfg: DeploymentConfig, model_name: str, decay_s: float,
+                 upstream: Callable[[DeploymentConfig], UpstreamClient]) -> None:
         self.cfg = cfg
         self.id = cfg.id
         self.region = cfg.region
         self.model_name = model_name
         self.upstream_model = cfg.model or model_name
-        self.client = make_client(cfg)
+        self.client = upstream(cfg)
         self.ttft = PeakEwma(decay_s=decay_s)
         self.latency = PeakEwma(decay_s=decay_s)
         self.ttft_window = QuantileWindow()
@@ -68,26 +70,27 @@ class DeploymentRuntime:
 
 class ModelRuntime:
     __slots__ = ("cfg", "name", "deployments", "by_id", "retry_budget", "hedge_bucket", "rr", "retry_on",
-                 "strategy", "locality", "penalty_ms", "total_s", "hedge_delay_s", "chain")
+                 "strategy", "locality", "penalty_ms", "total_s", "hedge_delay_s", "chain", "affinity")
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, upstream: Callable[[DeploymentConfig], UpstreamClient]) -> None:
         self.cfg = cfg
         self.name = cfg.name
         decay = cfg.routing.ewma_decay_s
-        self.deployments = [DeploymentRuntime(d, cfg.name, decay) for d in cfg.deployments]
+        self.deployments = [DeploymentRuntime(d, cfg.name, decay, upstream) for d in cfg.deployments]
         self.by_id = {d.id: d for d in self.deployments}
         r = cfg.retry
         self.retry_budget = RetryBudget(r.budget_percent, r.min_retry_concurrency, r.min_retries_per_s,
                                         tuple(d.id for d in self.deployments))
         self.hedge_bucket = TokenBucket(cfg.hedging.budget_percent)
         self.rr = 0
-        self.retry_on = frozenset(r.retry_on)
+        self.retry_on = frozenset(str(c) for c in r.retry_on)  # strings once validated
         self.strategy = Strategy(cfg.routing.strategy)
         self.locality = Locality(cfg.routing.locality)
         self.penalty_ms = cfg.routing.cross_region_penalty_ms
         self.total_s = cfg.timeouts.total_ms / 1000.0
         self.hedge_delay_s: float | None = None  # last delay used, for the gauge
         self.chain: tuple[ModelRuntime, ...] = (self,)  # with its fallbacks, set by the Registry
+        self.affinity = AffinityRouter.build(cfg)  # None: routing.affinity is off
 
     def ejected_share(self, now: float) -> float:
         n = sum(1 for d in self.deployments if is_ejected(d.outlier, now))
@@ -108,10 +111,11 @@ class ModelRuntime:
 
 
 class Registry:
-    def __init__(self, cfg: GatewayConfig, home_region: str | None, seed: int | None = None) -> None:
+    def __init__(self, cfg: GatewayConfig, home_region: str | None, seed: int | None,
+                 upstream: Callable[[DeploymentConfig], UpstreamClient]) -> None:
         self.cfg = cfg
         self.home_region = home_region
-        self.models = {m.name: ModelRuntime(m) for m in cfg.models}
+        self.models = {m.name: ModelRuntime(m, upstream) for m in cfg.models}
         for m in self.models.values():  # this model, then its fallbacks in order
             m.chain = (m, *(self.models[n] for n in m.cfg.fallbacks))
         self.deployments = [d for m in self.models.values() for d in m.deployments]

@@ -2,51 +2,91 @@
 
 Bounded by the idle timeout between chunks, the attempt's per-try limit and the request deadline;
 when any fires, or the upstream breaks mid-stream, the client gets a final SSE error event instead
-of a silent cut.
+of a silent cut. The relay writes what happened into a ``RelayOutcome`` and returns it; it reads and
+writes nothing else of the exchange.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
-
 from gateway.engine.alarms import SLACK_S, Alarms
+from gateway.engine.interrupt import CancelReason, Interrupt
 from gateway.engine.sse import error_event, usage_of
-from gateway.telemetry.timing import now
+from gateway.flags import ResponseFlag
+from gateway.policy.deadline import Deadline
+from gateway.upstream.errors import UpstreamError
 
 if TYPE_CHECKING:
     from gateway.engine.attempt import Attempt
-    from gateway.engine.exchange import Exchange
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]  # the ASGI send
 
 SSE_HEADERS = (
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 )
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+MAX_HELD = 256 * 1024  # an "event" longer than this is relayed as it comes (the stream is no SSE of ours to fix)
 
 
-async def relay_stream(ex: Exchange, w: Attempt, send: Any) -> None:
+def split_at_event_end(data: bytes) -> tuple[bytes, bytes]:
+    """``data`` cut after its last complete SSE event: (whole events, the start of an unfinished one).
+
+    The relay sends whole events only, so a stream cut mid-event never leaves the client a half event
+    for the final error event to be glued onto (the openai SDK would raise a bare JSONDecodeError on it
+    instead of an ``APIError``). Events almost always arrive whole: one ``endswith`` per chunk."""
+    if data.endswith(_EVENT_ENDS):
+        return data, b""
+    ends = [i + len(sep) for sep in _EVENT_ENDS if (i := data.rfind(sep)) >= 0]
+    end = max(ends) if ends else 0
+    return data[:end], data[end:]
+
+
+class RelayOutcome:
+    """What relaying one stream did; filled as it goes, so a relay cut short by the client still tells."""
+
+    __slots__ = ("started", "closing", "bytes_sent", "t_first_sent", "t_last_sent", "failure_flag",
+                 "timeout_flag", "prompt_tokens", "completion_tokens", "at_event_end")
+
+    def __init__(self) -> None:
+        self.started = False  # the 200 head went out
+        self.closing = False  # the final (empty) body is being sent: a disconnect now changes nothing
+        self.bytes_sent = 0
+        self.t_first_sent: float | None = None
+        self.t_last_sent: float | None = None
+        self.failure_flag: ResponseFlag | None = None  # UT, DT or UC when the stream ended with an error event
+        self.timeout_flag: str | None = None  # "idle", "per_try" or "total" for a timed-out stream
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.at_event_end = True  # what was sent ends with a whole event: an error event may follow as it is
+
+
+async def relay_stream(w: Attempt, send: Send, out: RelayOutcome, *, headers: list[tuple[bytes, bytes]],
+                       deadline: Deadline, alarms: Alarms, interrupt: Interrupt,
+                       now: Callable[[], float]) -> RelayOutcome:
     dep = w.dep
-    headers = ex._response_headers(w, "text/event-stream; charset=utf-8", None)
     headers.extend(SSE_HEADERS)
-    ex.status = 200
+    out.started = True
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     first = b"".join(w.chunks) if len(w.chunks) != 1 else w.chunks[0]
     w.chunks = []
-    await send({"type": "http.response.body", "body": first, "more_body": True})
-    ex.t_first_sent = now()
-    sent = len(first)
     usage_chunk = first if b'"usage"' in first else None
+    first, held = split_at_event_end(first)  # ``held``: an unfinished event, sent once it is whole
+    await send({"type": "http.response.body", "body": first, "more_body": True})
+    out.t_first_sent = now()
+    sent = out.bytes_sent = len(first)
 
     # The hard end: the attempt's per-try limit or the request deadline, whichever is first.
     per_try_end = w.t_start + dep.per_try_s
-    hard_end = min(per_try_end, ex.deadline.expires_at)
-    hard_flag = "per_try" if per_try_end <= ex.deadline.expires_at else "total"
-    idle = dep.idle_s
+    hard_end = min(per_try_end, deadline.expires_at)
+    hard_flag = "per_try" if per_try_end <= deadline.expires_at else "total"
+    assert w.resp is not None
     content = w.resp.content
-    failure: tuple[str, str, str] | None = None  # (flag, timeout_flag, message)
-    watchdog = _Watchdog(idle, hard_end, ex.engine.alarms, ex.task)
+    failure: tuple[ResponseFlag, str | None, str] | None = None  # (flag, timeout_flag, message)
+    watchdog = _Watchdog(dep.idle_s, hard_end, alarms, interrupt, now)
     try:
         while True:
             chunk = await content.readany()
@@ -55,43 +95,61 @@ async def relay_stream(ex: Exchange, w: Attempt, send: Any) -> None:
                 break
             if b'"usage"' in chunk:
                 usage_chunk = chunk
+            if held or not chunk.endswith(_EVENT_ENDS):
+                chunk, held = split_at_event_end(held + chunk)
+                if len(held) > MAX_HELD:
+                    chunk, held = chunk + held, b""
+                    out.at_event_end = False
+                elif not chunk:
+                    continue
+                else:
+                    out.at_event_end = True
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             sent += len(chunk)
+            out.bytes_sent = sent
     except asyncio.CancelledError:
-        if not watchdog.fired:
+        reason = interrupt.claim(CancelReason.STREAM_HARD_END, CancelReason.STREAM_IDLE)
+        if reason is None:
             raise  # the client left (or shutdown): not ours to handle
-        ex.task.uncancel()
-        if watchdog.fired == "hard":
-            flag = "DT" if hard_flag == "total" else "UT"
+        if reason is CancelReason.STREAM_HARD_END:
+            flag = ResponseFlag.DEADLINE if hard_flag == "total" else ResponseFlag.UPSTREAM_TIMEOUT
             limit = "the request deadline" if hard_flag == "total" else f"per_try_ms={dep.cfg.timeouts.per_try_ms:.0f}"
             failure = (flag, hard_flag, f"Stream stopped: {limit} reached.")
         else:
-            failure = ("UT", "idle", f"Stream stopped: deployment '{dep.id}' sent nothing for "
-                                     f"idle_ms={dep.cfg.timeouts.idle_ms:.0f}.")
-    except (aiohttp.ClientError, ConnectionError, OSError) as exc:
-        failure = ("UC", None, f"Stream stopped: deployment '{dep.id}' broke the stream ({type(exc).__name__}).")
+            failure = (ResponseFlag.UPSTREAM_TIMEOUT, "idle", f"Stream stopped: deployment '{dep.id}' sent "
+                       f"nothing for idle_ms={dep.cfg.timeouts.idle_ms:.0f}.")
+    except UpstreamError as exc:
+        failure = (ResponseFlag.UPSTREAM_RESET, None,
+                   f"Stream stopped: deployment '{dep.id}' broke the stream ({type(exc).__name__}).")
     finally:
         watchdog.stop()
     w.t_end = now()
     if failure is not None:
         flag, tflag, message = failure
         w.abort()
-        ex.flags.append(flag)
-        ex.timeout_flag = tflag
+        out.failure_flag = flag
+        out.timeout_flag = tflag
         typ, code = ("timeout_error", "timeout") if tflag else ("server_error", "upstream_reset")
-        ev = error_event(message, typ, code)
+        if held:  # the provider's unfinished event is dropped: it was never sent, and could not be parsed
+            message += f" An unfinished event ({len(held)} bytes) was dropped."
+        ev = error_event(message, typ, code, out.at_event_end)
         await send({"type": "http.response.body", "body": ev, "more_body": True})
         sent += len(ev)
+        out.bytes_sent = sent
     else:
+        if held:  # the stream ended cleanly without a final blank line: relay it as it came
+            await send({"type": "http.response.body", "body": held, "more_body": True})
+            sent += len(held)
+            out.bytes_sent = sent
         w.resp.release()
         w.released = True
-    ex.closing = True
+    out.closing = True
     await send({"type": "http.response.body", "body": b"", "more_body": False})
-    ex.t_last_sent = now()
-    ex.bytes_sent = sent
+    out.t_last_sent = now()
     if usage_chunk is not None:
-        ex.prompt_tokens, ex.completion_tokens = usage_of(usage_chunk)
+        out.prompt_tokens, out.completion_tokens = usage_of(usage_chunk)
     w.finish()
+    return out
 
 
 class _Watchdog:
@@ -99,17 +157,18 @@ class _Watchdog:
 
     Rescheduling a timeout per chunk costs a timer cancel and a new one for every token; instead the
     relay stamps ``last`` (one clock read) and the alarm, when it fires, checks how long it really
-    was and either re-arms for the rest or cancels the relay task.
+    was and either re-arms for the rest or interrupts the relay.
     """
 
-    __slots__ = ("idle", "hard_end", "last", "fired", "_task", "_alarms", "_alarm")
+    __slots__ = ("idle", "hard_end", "last", "_now", "_interrupt", "_alarms", "_alarm")
 
-    def __init__(self, idle: float, hard_end: float, alarms: Alarms, task: asyncio.Task) -> None:
+    def __init__(self, idle: float, hard_end: float, alarms: Alarms, interrupt: Interrupt,
+                 now: Callable[[], float]) -> None:
         self.idle = idle
         self.hard_end = hard_end
+        self._now = now
         self.last = now()
-        self.fired: str | None = None
-        self._task = task
+        self._interrupt = interrupt
         self._alarms = alarms
         self._arm()
 
@@ -117,15 +176,13 @@ class _Watchdog:
         self._alarm = self._alarms.at(min(self.last + self.idle, self.hard_end), self._check)
 
     def _check(self) -> None:
-        t = now() + SLACK_S
+        t = self._now() + SLACK_S
         if t >= self.hard_end:
-            self.fired = "hard"
+            self._interrupt.cancel(CancelReason.STREAM_HARD_END)
         elif t >= self.last + self.idle:
-            self.fired = "idle"
+            self._interrupt.cancel(CancelReason.STREAM_IDLE)
         else:
             self._arm()
-            return
-        self._task.cancel()
 
     def stop(self) -> None:
         self._alarms.cancel(self._alarm)

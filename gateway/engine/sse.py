@@ -78,7 +78,10 @@ def usage_of(data: bytes) -> tuple[int | None, int | None]:
     return (int(p.group(1)) if p else None), (int(c.group(1)) if c else None)
 
 
-def error_event(message: str, typ: str, code: str) -> bytes:
-    """A final SSE event telling a client why a started stream ended early (never a silent cut)."""
+def error_event(message: str, typ: str, code: str, at_event_end: bool = True) -> bytes:
+    """A final SSE event telling a client why a started stream ended early (never a silent cut).
+
+    ``at_event_end`` False: what was sent before ends inside an event, which a blank line closes first, so
+    the error is an event of its own."""
     body = orjson.dumps({"error": {"message": message, "type": typ, "param": None, "code": code}})
-    return b"data: " + body + b"\n\n"
+    return (b"data: " if at_event_end else b"\n\ndata: ") + body + b"\n\n"

@@ -2,7 +2,9 @@
 
 Latency estimates and ejections travel through the state backend in one pipelined round trip per
 interval, never on a request's path. When the backend is down, requests keep flowing on local state;
-the outage is logged once, shown by ``llmgw_state_backend_up``, and sharing resumes by itself.
+the outage is logged once, shown by ``llmgw_state_backend_up``, and sharing resumes by itself (behind
+Sentinel, with the promoted primary: ``llmgw_state_backend_primary`` shows which one is in use and
+``llmgw_state_backend_reconnects_total`` counts the moves).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class StateSync:
         self._seen: dict[tuple[str, str], float] = {}  # (deployment, replica) -> last merged wall ts
         self._task: asyncio.Task | None = None
         self._pending: set[asyncio.Task] = set()
+        self._primaries: list[str] = []
 
     def key(self, kind: str, dep_id: str) -> str:
         return f"{self.backend.prefix}{kind}:{dep_id}"
@@ -77,6 +80,9 @@ class StateSync:
         except Exception as exc:
             self._mark(False, exc)
             return
+        moved = self._show_primaries()
+        if moved or self.up is False:
+            self.engine.metrics.state_reconnects.inc()
         self._mark(True)
         self.rounds += 1
         for d in deps:
@@ -110,8 +116,6 @@ class StateSync:
         if until > d.outlier.ejected_until:
             d.outlier.ejected_until = until
             d.outlier.ejections = max(d.outlier.ejections, int(ejections))
-            m = self.engine.metrics
-            m.child(m.ejected, d.id).set(1)
             log.warning("deployment %s ejected by another replica for %.0f s", d.id, until - mono)
 
     def publish_ejection(self, d: DeploymentRuntime) -> None:
@@ -130,6 +134,24 @@ class StateSync:
         except Exception as exc:
             self._mark(False, exc)
 
+    def _show_primaries(self) -> bool:
+        """Publish the primaries in use; True when they changed from known ones (a failover followed)."""
+        current = self.backend.primaries()
+        before = self._primaries
+        if current == before:
+            return False
+        m = self.engine.metrics
+        for addr in before:
+            if addr not in current:
+                m.child(m.state_primary, self.backend.mode, addr).set(0)
+        for addr in current:
+            m.child(m.state_primary, self.backend.mode, addr).set(1)
+        self._primaries = current
+        if before:
+            log.warning("state backend %s now uses primary %s (was %s)", self.backend.mode, ", ".join(current),
+                        ", ".join(before))
+        return bool(before)
+
     def _mark(self, up: bool, exc: BaseException | None = None) -> None:
         if up and self.up is not True:
             if self.up is False:
@@ -137,5 +159,4 @@ class StateSync:
         elif not up and self.up is not False:
             log.warning("state backend %s unreachable (%s): serving on local state until it returns",
                         self.backend.name, f"{type(exc).__name__}: {exc}" if exc else "?")
-        self.up = up
-        self.engine.metrics.state_up.set(1 if up else 0)
+        self.up = up  # llmgw_state_backend_up reads it (engine.gauges)

@@ -29,7 +29,7 @@ def fallback_reason_for(status: int | None, kind: str | None) -> FallbackReason 
         return FallbackReason.RATE_LIMITED
     if status is not None and 500 <= status < 600:
         return FallbackReason.STATUS_5XX
-    if kind == "connect-failure" or kind == "reset":
+    if kind in ("connect-failure", "reset", "protocol-error"):
         return FallbackReason.STATUS_5XX
     if kind == "overload":
         return FallbackReason.OVERLOAD

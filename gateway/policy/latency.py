@@ -161,6 +161,19 @@ class QuantileWindow:
             rank = n - 1
         return self._sorted[rank]
 
+    def recent_min(self, n: int, now: float) -> float | None:
+        """The fastest of the last ``n`` samples still in the window; None with fewer than ``n``.
+
+        What a deployment can do now at best (affinity's slowness test): prompt-cache misses, however
+        many, leave it alone as long as one of the last ``n`` hit; a deployment that turned slow moves it.
+        """
+        self._expire(now)
+        values = self._values
+        k = len(values)
+        if k < n or n <= 0:
+            return None
+        return min(values[i] for i in range(k - n, k))
+
     def __len__(self) -> int:
         """Samples held (ones past ``max_age_s`` leave at the next ``add`` or ``quantile``)."""
         return len(self._sorted)

@@ -17,6 +17,7 @@ class FailureKind(StrEnum):
     RESET = "reset"
     TIMEOUT = "timeout"
     STATUS = "status"
+    PROTOCOL = "protocol-error"  # the provider answered, but not in acceptable HTTP; retried as a "reset"
 
 
 # 4xx says "your request is wrong": retrying it elsewhere gives the same answer. Except these.
@@ -30,6 +31,8 @@ def is_retriable(kind: FailureKind, status: int | None, retry_on: frozenset[str]
 
     A 4xx other than 408/409/429 is never retried, even if listed.
     """
+    if kind is FailureKind.PROTOCOL:
+        return "reset" in retry_on  # as Envoy's "reset" covers protocol errors
     if kind is not FailureKind.STATUS:
         return kind.value in retry_on
     if status is None or not 0 <= status < 600:

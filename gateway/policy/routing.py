@@ -25,6 +25,9 @@ class RouteReason(StrEnum):
     ONLY_CHOICE = "only-choice"
     PANIC = "panic"  # nothing is healthy: route anyway rather than fail
     REMOTE = "remote"  # locality off (or no local deployment exists) and the pick is in another region
+    AFFINITY_HOME = "affinity-home"  # routing.affinity: the key's home deployment (policy/affinity.py)
+    AFFINITY_REHOME = "affinity-rehome"  # home is gone: the next deployment on the key's ring
+    AFFINITY_SPILL = "affinity-spill"  # home is at its load bound or slow: another deployment takes it
 
 
 class Strategy(StrEnum):

@@ -6,28 +6,44 @@ import argparse
 import asyncio
 import sys
 
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.security.keys import ApiKey, RedisKeyStore, hash_key, new_key
+
+_HELP = {
+    "create": ("create a key in the state backend (Redis) and print it once",
+               "Create an API key, store its hash in the config's Redis state backend and print the key once. "
+               "The gateway accepts it at once (auth.mode: keys, auth.redis_keys: true)."),
+    "list": ("list the keys in the state backend (Redis)", "List the keys stored in the config's Redis state backend "
+             "(ids, models, limits, metadata; never the keys themselves)."),
+    "revoke": ("revoke a key in the state backend (Redis)", "Revoke a key by id; gateways stop accepting it within "
+               "auth.cache_ttl_s."),
+}
 
 
 def add_key_commands(sub: argparse._SubParsersAction) -> None:
-    k = sub.add_parser("keys", help="gateway API keys: hash | create | list | revoke")
-    ks = k.add_subparsers(dest="keys_command", required=True)
-    h = ks.add_parser("hash", help="print the hash of a key for auth.keys[].hash")
-    h.add_argument("key")
+    k = sub.add_parser("keys", help="gateway API keys: hash | create | list | revoke",
+                       description="Gateway API keys. `hash` makes a hash for auth.keys in the config; create, list "
+                                   "and revoke manage keys in the Redis state backend, shared by every gateway.")
+    ks = k.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
+    h = ks.add_parser("hash", help="print the hash of a key for auth.keys[].hash",
+                      description="Print the hash of KEY, to list it in the config under auth.keys[].hash.")
+    h.add_argument("key", help="the key (e.g. sk-gw-...)")
     h.set_defaults(func=cmd_hash)
     for name, fn in (("create", cmd_create), ("list", cmd_list), ("revoke", cmd_revoke)):
-        p = ks.add_parser(name)
-        p.add_argument("--config", "-c", help="gateway config (for state.redis_url and key_prefix)")
-        p.add_argument("--redis-url", help="overrides the config's state.redis_url")
-        p.add_argument("--key-prefix", help="overrides the config's state.key_prefix")
+        short, long = _HELP[name]
+        p = ks.add_parser(name, help=short, description=long)
+        p.add_argument("--config", "-c", metavar="FILE",
+                       help="gateway config: its state.redis_url and key_prefix (state.backend must be redis)")
+        p.add_argument("--redis-url", help="overrides the config's state.redis_url (default without a config: "
+                                           "redis://127.0.0.1:6379/0)")
+        p.add_argument("--key-prefix", help="overrides the config's state.key_prefix (default: llmgw:)")
         if name in ("create", "revoke"):
-            p.add_argument("--id", required=True)
+            p.add_argument("--id", required=True, help="the key's id, as it appears in the access log")
         if name == "create":
-            p.add_argument("--models", default="*", help="comma-separated globs, e.g. 'chat-*,demo-embed'")
-            p.add_argument("--rpm", type=int)
-            p.add_argument("--tpm", type=int)
-            p.add_argument("--max-concurrency", type=int)
+            p.add_argument("--models", default="*", help="comma-separated globs, e.g. 'chat-*,demo-embed' (default: *)")
+            p.add_argument("--rpm", type=int, help="requests per minute (default: no limit)")
+            p.add_argument("--tpm", type=int, help="tokens per minute (default: no limit)")
+            p.add_argument("--max-concurrency", type=int, help="requests in flight at once (default: no limit)")
             p.add_argument("--meta", action="append", default=[], help="KEY=VALUE, e.g. team=voice (repeatable)")
         p.set_defaults(func=fn)
 
@@ -38,17 +54,36 @@ def cmd_hash(args: argparse.Namespace) -> int:
 
 
 def _store(args: argparse.Namespace) -> RedisKeyStore:
-    from gateway.state.redis import RedisState
+    from gateway.config import StateConfig
+    from gateway.state.redis import RedisState, redis_target
 
-    url, prefix = "redis://127.0.0.1:6379/0", "llmgw:"
+    state = StateConfig(backend="redis")
     if args.config:
         try:
             cfg = load_config(args.config)
         except ConfigError as exc:
             print(f"llmgw: invalid config {args.config}:\n{exc}", file=sys.stderr)
             raise SystemExit(2) from None
-        url, prefix = cfg.state.redis_url, cfg.state.key_prefix
-    return RedisKeyStore(RedisState(args.redis_url or url, args.key_prefix or prefix, timeout_s=3.0))
+        problem = _cannot_hold_keys(cfg)
+        if problem is not None:
+            print(f"llmgw keys: {args.config}: {problem}", file=sys.stderr)
+            raise SystemExit(2)
+        state = cfg.state
+    # the config's redis_mode (sentinel, cluster) applies; --redis-url replaces its URL
+    target = redis_target(state, url=args.redis_url, timeout_s=3.0)
+    return RedisKeyStore(RedisState(target, args.key_prefix or state.key_prefix))
+
+
+def _cannot_hold_keys(cfg: GatewayConfig) -> str | None:
+    """Why keys managed here would never reach a gateway running this config, or None."""
+    if cfg.state.backend != "redis":
+        return (f"state.backend is {cfg.state.backend!r}: keys live in the Redis state backend, and a gateway with "
+                "this config reads none. Set state.backend: redis (and state.redis_url), or list keys in the config "
+                "under auth.keys with hashes from `llmgw keys hash KEY`.")
+    if not cfg.auth.redis_keys:
+        return ("auth.redis_keys is false: gateways with this config accept only the keys listed in auth.keys. "
+                "Set auth.redis_keys: true, or add the key's hash (`llmgw keys hash KEY`) to auth.keys.")
+    return None
 
 
 def _run(coro_fn, args: argparse.Namespace) -> int:  # noqa: ANN001

@@ -1,7 +1,9 @@
 """The edge's access control: who is calling, may they use this model, are they within their limits.
 
-Limits are shared by every replica through the state backend (one round trip, a Lua sliding
-window in Redis); when Redis is unreachable the gateway falls back to local limits and says so once.
+Limits are shared by every replica through the state backend: rpm and tpm together in one round
+trip, GCRA in a Lua script (``gateway.policy.ratelimit``), O(1) per request. When Redis does not answer
+within the state timeout the gateway decides locally, says so once, counts the seconds it spent so
+(``llmgw_state_local_only_seconds_total``) and goes back to the shared limits by itself.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from gateway.config import AuthConfig
 from gateway.errors import GatewayError
+from gateway.policy.ratelimit import LimitCheck
 from gateway.security.keys import ApiKey, RedisKeyStore, bearer_token, constant_time_equal, hash_key
 from gateway.state.memory import MemoryState
 
@@ -42,6 +45,8 @@ class Guard:
         self._cache: dict[str, tuple[ApiKey | None, float]] = {}
         self._redis_ok = True
         self._redis_retry_at = 0.0  # monotonic; while in the future, limits are local and lookups cached
+        self._local_since = 0.0  # monotonic time Redis stopped answering
+        self._limit_keys: dict[str, tuple[str, str]] = {}
 
     async def authenticate(self, headers: dict[str, str]) -> ApiKey:
         token = bearer_token(headers)
@@ -80,12 +85,10 @@ class Guard:
         if not key.allows(model):
             raise GatewayError(403, f"The API key '{key.id}' may not use model '{model}'.", "invalid_request_error",
                                "model_not_allowed", "model", flag="UAEX")
-        self._check_concurrency(key)  # before the windows: a refused request spends no rpm/tpm
-        if key.rpm is not None:
-            await self._window(key, "rpm", 1, key.rpm)
-        if key.tpm is not None:
-            await self._window(key, "tpm", estimate_tokens(raw, body), key.tpm)
-        # Again after the awaits above: others may have been admitted meanwhile. From here to track()
+        self._check_concurrency(key)  # before the limits: a refused request spends no rpm/tpm
+        if key.rpm is not None or key.tpm is not None:
+            await self._rate_limit(key, raw, body)
+        # Again after the await above: others may have been admitted meanwhile. From here to track()
         # the edge does not yield, so the count cannot be overtaken.
         self._check_concurrency(key)
 
@@ -96,21 +99,34 @@ class Guard:
                                     f"{key.max_concurrency}).", "rate_limit_error", "rate_limit_exceeded",
                                flag="RL", retry_after="1")
 
-    async def _window(self, key: ApiKey, name: str, cost: int, limit: int) -> None:
-        k = f"{self.backend.prefix}rl:{name}:{key.id}"
-        # A request bigger than the whole window costs the whole window: it is admitted only into an
-        # empty window, and the count never holds numbers too large for the Lua script's integers.
-        cost = min(cost, limit)
+    async def _rate_limit(self, key: ApiKey, raw: bytes, body: dict[str, Any]) -> None:
+        names = self._limit_keys.get(key.id)
+        if names is None:
+            # One hash tag per API key: both limits sit in one cluster slot, so one script sees both.
+            base = f"{self.backend.prefix}rl:{{{key.id}}}:"
+            names = self._limit_keys[key.id] = (base + "rpm", base + "tpm")
+        checks: list[LimitCheck] = []
+        limits: list[tuple[str, int]] = []
+        if key.rpm is not None:
+            checks.append(LimitCheck(names[0], 1, key.rpm))
+            limits.append(("rpm", key.rpm))
+        if key.tpm is not None:
+            # A request bigger than the whole limit costs the whole limit: admitted only into an idle
+            # bucket, and the script never sees numbers beyond its floats' precision.
+            checks.append(LimitCheck(names[1], min(estimate_tokens(raw, body), key.tpm), key.tpm))
+            limits.append(("tpm", key.tpm))
         if time.monotonic() < self._redis_retry_at:
-            ok, retry = await self.local.window_limit(k, cost, limit, 60.0)
+            decision = await self.local.rate_limit(checks, 60.0)
         else:
             try:
-                ok, retry = await self.backend.window_limit(k, cost, limit, 60.0)
+                decision = await self.backend.rate_limit(checks, 60.0)
                 self._redis_up()
             except Exception as exc:
                 self._redis_down(exc)
-                ok, retry = await self.local.window_limit(k, cost, limit, 60.0)
-        if not ok:
+                decision = await self.local.rate_limit(checks, 60.0)
+        if decision.refused >= 0:
+            name, limit = limits[decision.refused]
+            retry = decision.retry_after_s
             self._limited(key, name)
             raise GatewayError(429, f"Rate limit reached for key '{key.id}': {limit} {name}. Retry after "
                                     f"{math.ceil(retry)} s.", "rate_limit_error", "rate_limit_exceeded",
@@ -128,18 +144,27 @@ class Guard:
         self.metrics.child(self.metrics.rate_limited, key.id, limit).inc()
 
     def _redis_down(self, exc: BaseException) -> None:
-        self._redis_retry_at = time.monotonic() + REDIS_RETRY_S
+        t = time.monotonic()
+        self._redis_retry_at = t + REDIS_RETRY_S
         if self._redis_ok:
-            log.warning("auth: state backend unreachable (%s); enforcing limits locally until it returns", exc)
+            log.warning("auth: state backend unreachable (%s); enforcing limits locally until it returns",
+                        f"{type(exc).__name__}: {exc}")
             self._redis_ok = False
+            self._local_since = t
 
     def _redis_up(self) -> None:
         if not self._redis_ok:
-            log.warning("auth: state backend reachable again; shared limits resumed")
+            local_s = time.monotonic() - self._local_since
+            self.metrics.state_local_seconds.inc(local_s)
+            log.warning("auth: state backend reachable again after %.1f s of local limits; shared limits resumed",
+                        local_s)
             self._redis_ok = True
 
 
 def estimate_tokens(raw: bytes, body: dict[str, Any]) -> int:
-    """Admission estimate for tpm: ~4 bytes per prompt token plus the completion the request allows."""
+    """Admission estimate for tpm: ~4 bytes per prompt token plus the completion the request allows, once
+    per choice (``n``)."""
     out = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens") or 256
-    return len(raw) // 4 + (out if isinstance(out, int) and out > 0 else 256)
+    n = body.get("n")
+    choices = n if isinstance(n, int) and n > 1 else 1
+    return len(raw) // 4 + (out if isinstance(out, int) and out > 0 else 256) * choices

@@ -7,19 +7,15 @@ from typing import Any
 
 import orjson
 
+from gateway.sim.content import ContentAsk, read_content
 from gateway.sim.stats import Endpoint
+from gateway.sim.validation import BadRequest, check_chat, check_responses
+
+__all__ = ["Ask", "BadRequest", "read_ask"]
 
 MAX_EMBEDDING_INPUTS = 2048
 MAX_EMBEDDING_DIM = 8192
 _TOKEN_CAPS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
 
 
 @dataclass(slots=True)
@@ -33,6 +29,7 @@ class Ask:
     dimensions: int | None  # embeddings only
     as_base64: bool  # embeddings only
     prompt_tokens: int
+    content: ContentAsk | None = None  # chat / Responses: what to answer with; None = the plain token text
 
 
 def read_ask(endpoint: Endpoint, raw: bytes) -> Ask:
@@ -51,6 +48,13 @@ def read_ask(endpoint: Endpoint, raw: bytes) -> Ask:
     if not isinstance(stream, bool):
         raise BadRequest(f"Invalid type for 'stream': expected a boolean, but got {type(stream).__name__}.",
                          "stream", "invalid_type")
+    content = None
+    if endpoint is Endpoint.CHAT:
+        check_chat(body)
+        content = read_content(body, responses=False)
+    elif endpoint is Endpoint.RESPONSES:
+        check_responses(body)
+        content = read_content(body, responses=True)
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     cap = None
@@ -74,7 +78,7 @@ def read_ask(endpoint: Endpoint, raw: bytes) -> Ask:
         prompt_tokens = sum(max(1, len(x) // 4 if isinstance(x, str) else len(x)) for x in inputs)
     return Ask(model=model, stream=stream, include_usage=include_usage, max_tokens=cap,
                schema_key=_schema_key(endpoint, body), inputs=inputs, dimensions=dimensions,
-               as_base64=body.get("encoding_format") == "base64", prompt_tokens=prompt_tokens)
+               as_base64=body.get("encoding_format") == "base64", prompt_tokens=prompt_tokens, content=content)
 
 
 def _embedding_inputs(value: Any) -> list[Any]:

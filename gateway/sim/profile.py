@@ -32,6 +32,8 @@ class SimProfile:
     idle_close_s: float = 0.0  # close keep-alive connections idle this long (0 = never), like an LB
     require_key: str | None = None  # when set, /v1 requests must carry this key (Bearer or api-key)
     embedding_dim: int = 16
+    prefix_cache_tokens: int = 0  # prompt-prefix cache (LRU of 16-token blocks) capacity in tokens; 0 = none
+    prefill_ms_per_1k: float = 0.0  # extra TTFT per 1,000 prompt tokens not served from the prefix cache
 
     def update(self, patch: dict[str, Any]) -> None:
         """Apply a partial update; all values are validated before any is applied."""

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import random
 import re
+import ssl
 import time
 from typing import Any
 
@@ -17,6 +18,7 @@ import orjson
 
 from gateway.sim.asks import Ask, BadRequest, read_ask
 from gateway.sim.exchange import Exchange, Plan
+from gateway.sim.prefix_cache import PrefixCache, prompt_text
 from gateway.sim.profile import SimProfile, happens, sample_ttft_ms
 from gateway.sim.protocol import Connection, Request, header_line
 from gateway.sim.stats import Endpoint, Outcome, SimStats
@@ -33,6 +35,7 @@ from gateway.sim.wire import (
     model_entry,
     models_body,
 )
+from gateway.sim.wire_rich import rich_shape
 
 ROUTES = {
     "/v1/chat/completions": Endpoint.CHAT,
@@ -54,12 +57,14 @@ class SimServer:
         self.host = host
         self.port = port
         self._rng = random.Random(seed)
+        self.tls: ssl.SSLContext | None = None  # set before start() to serve https (tests of TLS and proxies)
         self._stats = SimStats()
         self._serial = 0
         self._conn_serial = 0
         self._conns: set[Connection] = set()
         self._in_flight = 0
         self._schemas: dict[bytes, float] = {}  # schema key -> loop time its compile is done
+        self._prefix_cache = PrefixCache()
         self._server: asyncio.AbstractServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -69,7 +74,7 @@ class SimServer:
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._new_connection, self.host, self.port, backlog=4096,
-                                                reuse_address=True)
+                                                reuse_address=True, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = loop.call_later(0.25, self._sweep)
 
@@ -183,13 +188,20 @@ class SimServer:
             ttft_ms = sample_ttft_ms(prof, rng)
             if ask.schema_key is not None:
                 ttft_ms += self._schema_wait_ms(ask.schema_key, prof, req.t0, rec)
+            if prof.prefix_cache_tokens or prof.prefill_ms_per_1k:
+                ttft_ms += self._prefill_ms(req.body, ask.prompt_tokens, prof, rec)
             rec["ttft_ms"] = round(ttft_ms, 3)
         tokens, finish = prof.tokens, "stop"
         if ask.max_tokens is not None and ask.max_tokens < tokens:
             tokens, finish = ask.max_tokens, "length"
         answer = Answer(sim=self.name, serial=rec["serial"], model=ask.model, tokens=tokens, finish_reason=finish,
-                        prompt_tokens=ask.prompt_tokens, include_usage=ask.include_usage, created=int(req.started_at))
-        shape = self._shape(endpoint, answer, ask, prof)
+                        prompt_tokens=ask.prompt_tokens, include_usage=ask.include_usage, created=int(req.started_at),
+                        cached_tokens=rec.get("cached_tokens") or 0)
+        if ask.content is not None:
+            shape, tokens = rich_shape(endpoint, answer, ask.content, prof.tokens, ask.max_tokens)
+            rec["content"] = ask.content.mode.value
+        else:
+            shape = self._shape(endpoint, answer, ask, prof)
         if endpoint is Endpoint.EMBEDDINGS:
             tokens = 1  # one answer at ttft; the token count means nothing here
         request_id = req.headers.get("x-request-id") or f"req_{self.name}_{rec['serial']}"
@@ -228,6 +240,17 @@ class SimServer:
             return prof.cold_schema_ms
         return max(0.0, ready - t0) * 1000.0
 
+    def _prefill_ms(self, raw: bytes, prompt_tokens: int, prof: SimProfile, rec: dict[str, Any]) -> float:
+        """Prefill of the prompt tokens the prefix cache does not hold (all of them without a cache)."""
+        cached = 0
+        if prof.prefix_cache_tokens:
+            cached = min(prompt_tokens, self._prefix_cache.lookup_and_fill(prompt_text(orjson.loads(raw)),
+                                                                             prof.prefix_cache_tokens))
+        rec["cached_tokens"] = cached
+        self._stats.prompt_tokens_cached += cached
+        self._stats.prompt_tokens_uncached += prompt_tokens - cached
+        return (prompt_tokens - cached) / 1000.0 * prof.prefill_ms_per_1k
+
     def _ended(self, ex: Exchange, outcome: Outcome) -> None:
         self._in_flight -= 1
         rec = ex.rec
@@ -260,7 +283,7 @@ class SimServer:
                "tracestate": h.get("tracestate"), "user_agent": h.get("user-agent"),
                "authorization_present": "authorization" in h or "api-key" in h, "headers_seen": seen,
                "started_at": req.started_at, "first_byte_at": None, "ended_at": None, "outcome": None,
-               "status": None, "cold_schema": False, "ttft_ms": None, "connection": conn.id}
+               "status": None, "content": None, "cold_schema": False, "ttft_ms": None, "connection": conn.id}
         self._stats.recent.append(rec)
         return rec
 

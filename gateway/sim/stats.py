@@ -44,6 +44,8 @@ class SimStats:
     connections_opened: int = 0
     idle_closed: int = 0
     cold_schema_hits: int = 0
+    prompt_tokens_cached: int = 0  # prefix cache (prefix_cache_tokens): prompt tokens it served
+    prompt_tokens_uncached: int = 0  # and the ones prefilled (prefill_ms_per_1k each 1,000)
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT_MAX))
 
     def snapshot(self, *, name: str, region: str, in_flight: int, connections_open: int, schemas_seen: int,
@@ -68,6 +70,7 @@ class SimStats:
             "connections_open": connections_open,
             "idle_closed": self.idle_closed,
             "cold_schema_hits": self.cold_schema_hits,
+            "prompt_tokens": {"cached": self.prompt_tokens_cached, "uncached": self.prompt_tokens_uncached},
             "schemas_seen": schemas_seen,
             "profile": profile,
             "recent": [dict(r) for r in list(self.recent)],

@@ -32,6 +32,7 @@ class Answer:
     prompt_tokens: int
     include_usage: bool
     created: int
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
     _json_head: bytes = field(default=b"", repr=False)
 
     def token(self, i: int) -> str:
@@ -97,7 +98,7 @@ class ChatShape(Shape):
         a = self.a
         return {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.tokens,
                 "total_tokens": a.prompt_tokens + a.tokens,
-                "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                "prompt_tokens_details": {"cached_tokens": a.cached_tokens, "audio_tokens": 0},
                 "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
                                               "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
 
@@ -196,7 +197,7 @@ class ResponsesShape(Shape):
         status = ("incomplete" if incomplete else "completed") if done else "in_progress"
         usage = None
         if done:
-            usage = {"input_tokens": a.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            usage = {"input_tokens": a.prompt_tokens, "input_tokens_details": {"cached_tokens": a.cached_tokens},
                      "output_tokens": a.tokens, "output_tokens_details": {"reasoning_tokens": 0},
                      "total_tokens": a.prompt_tokens + a.tokens}
         return {"id": self.id, "object": "response", "created_at": a.created, "status": status,

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from gateway.policy.ratelimit import LimitCheck, LimitDecision
+
 
 @dataclass(slots=True)
 class SyncBatch:
@@ -27,7 +29,8 @@ class SyncResult:
 
 
 class StateBackend(Protocol):
-    name: str
+    name: str  # "memory" or "redis"
+    mode: str  # "memory", or the redis_mode: "standalone", "sentinel", "cluster"
     prefix: str
 
     async def start(self) -> None: ...
@@ -38,4 +41,10 @@ class StateBackend(Protocol):
     async def hset(self, key: str, mapping: dict[str, bytes], ttl_s: float | None) -> None: ...
     async def hgetall(self, key: str) -> dict[str, bytes]: ...
     async def hdel(self, key: str, field: str) -> int: ...
-    async def window_limit(self, key: str, cost: int, limit: int, window_s: float) -> tuple[bool, float]: ...
+    async def rate_limit(self, checks: list[LimitCheck], period_s: float) -> LimitDecision:
+        """GCRA over every check at once (see gateway.policy.ratelimit); one round trip, O(1) per check."""
+        ...
+
+    def primaries(self) -> list[str]:
+        """Addresses of the primaries in use now ("host:port"); empty when unknown or not applicable."""
+        ...

@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import time
 
+from gateway.policy.ratelimit import LimitCheck, LimitDecision, gcra
 from gateway.state.base import SyncBatch, SyncResult
 
 
 class MemoryState:
     name = "memory"
+    mode = "memory"
 
     def __init__(self, prefix: str = "llmgw:") -> None:
         self.prefix = prefix
         self._kv: dict[str, tuple[bytes, float]] = {}
         self._h: dict[str, tuple[dict[str, bytes], float]] = {}
-        self._windows: dict[str, list[tuple[float, int]]] = {}
+        self._tats: dict[str, float] = {}
 
     async def start(self) -> None:
         return None
 
     async def close(self) -> None:
         return None
+
+    def primaries(self) -> list[str]:
+        return []
 
     def _alive(self, exp: float) -> bool:
         return exp == 0 or exp > time.time()
@@ -56,15 +61,13 @@ class MemoryState:
             return 1
         return 0
 
-    async def window_limit(self, key: str, cost: int, limit: int, window_s: float) -> tuple[bool, float]:
-        """Sliding-window counter: allow when the window's total plus cost stays within limit."""
-        t = time.time()
-        entries = [(ts, c) for ts, c in self._windows.get(key, []) if ts > t - window_s]
-        used = sum(c for _, c in entries)
-        if used + cost > limit and entries:
-            retry = max(0.0, entries[0][0] + window_s - t)
-            self._windows[key] = entries
-            return False, retry
-        entries.append((t, cost))
-        self._windows[key] = entries
-        return True, 0.0
+    async def rate_limit(self, checks: list[LimitCheck], period_s: float) -> LimitDecision:
+        now = time.time()
+        tats = self._tats
+        if len(tats) > 100_000:  # keys past their TAT hold nothing: forget them
+            self._tats = tats = {k: t for k, t in tats.items() if t > now}
+        decision, new = gcra([tats.get(c.key, 0.0) for c in checks], checks, now, period_s)
+        if decision.refused < 0:
+            for c, t in zip(checks, new, strict=True):
+                tats[c.key] = t
+        return decision

@@ -1,54 +1,76 @@
-"""Redis state: shared by every worker and replica. Pipelined, prefixed, expiring keys."""
+"""Redis state: shared by every worker and replica. Pipelined, prefixed, expiring keys.
+
+Works the same on one server, behind Sentinel and on a Redis Cluster (see ``topology``): every script
+touches keys that share a hash tag, pipelines hold single-key commands only (a cluster pipeline sends
+each to its node), and nothing scans the keyspace. Every call a request can wait on is bounded by
+the state timeout (the background sync round is bounded by its caller).
+"""
 
 from __future__ import annotations
 
-import time
+import asyncio
+from typing import TYPE_CHECKING
 
-import redis.asyncio as aioredis
-
+from gateway.policy.ratelimit import ADMITTED, LimitCheck, LimitDecision
 from gateway.state.base import SyncBatch, SyncResult
+from gateway.state.memory import MemoryState
+from gateway.state.topology import RedisTarget, Topology
 
-# Sliding-window log in one round trip: drop old entries, count, admit or refuse atomically.
-_WINDOW_LUA = """
-local key = KEYS[1]
-local now = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local limit = tonumber(ARGV[4])
-local member = ARGV[5]
-redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-local entries = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-local used = 0
-for i = 1, #entries, 2 do
-  local c = tonumber(string.match(entries[i], '^([^:]+):'))
-  used = used + (c or 1)
+if TYPE_CHECKING:
+    from gateway.config import StateConfig
+
+# GCRA over several limits at once (gateway.policy.ratelimit is the reference): one GET and one SET
+# per limit, whatever the traffic. Redis's own clock (TIME), so replicas with skewed clocks agree.
+# KEYS: one TAT per limit, sharing a hash tag; ARGV: period in ms, then cost and limit per key.
+# Returns {0, "0"} when admitted, else {i, retry-after ms} for the first limit (1-based) that refused.
+_GCRA_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local period = tonumber(ARGV[1])
+local tats = {}
+for i, key in ipairs(KEYS) do
+  local cost = tonumber(ARGV[2 * i])
+  local limit = tonumber(ARGV[2 * i + 1])
+  local tat = tonumber(redis.call('GET', key)) or now
+  if tat < now then tat = now end
+  local new = tat + cost * period / limit
+  if new - now > period then
+    return {i, string.format('%.3f', new - period - now)}
+  end
+  tats[i] = new
 end
-if used + cost > limit and #entries > 0 then
-  local oldest = tonumber(entries[2])
-  return {0, tostring(oldest + window - now)}
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, string.format('%.6f', tats[i]), 'PX', math.ceil(tats[i] - now) + 1)
 end
-redis.call('ZADD', key, now, cost .. ':' .. member)
-redis.call('PEXPIRE', key, math.ceil(window * 1000) + 1000)
-return {1, '0'}
+return {0, '0'}
 """
 
 
 class RedisState:
     name = "redis"
 
-    def __init__(self, url: str, prefix: str = "llmgw:", timeout_s: float = 0.5) -> None:
-        self.url = url
+    def __init__(self, target: RedisTarget, prefix: str = "llmgw:") -> None:
+        self.target = target
+        self.mode = target.mode
         self.prefix = prefix
-        self._client = aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                         health_check_interval=0, retry_on_timeout=False)
-        self._window = self._client.register_script(_WINDOW_LUA)
-        self._seq = 0
+        self.timeout_s = target.timeout_s
+        self._topology = Topology(target)
+        self._client = self._topology.client
+        self._gcra = self._client.register_script(_GCRA_LUA)
+
+    @property
+    def url(self) -> str:
+        return self.target.url
+
+    def primaries(self) -> list[str]:
+        return self._topology.primaries()
 
     async def start(self) -> None:
-        await self._client.ping()
+        async with asyncio.timeout(self.timeout_s * 4):  # a cold start may discover the topology first
+            await self._client.ping()
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._topology.close()
 
     async def sync(self, batch: SyncBatch, ttl_s: float) -> SyncResult:
         pipe = self._client.pipeline(transaction=False)
@@ -58,48 +80,60 @@ class RedisState:
             pipe.pexpire(k, ttl_ms)
         for k in batch.read_hashes:
             pipe.hgetall(k)
-        if batch.read_keys:
-            pipe.mget(batch.read_keys)
+        for k in batch.read_keys:  # GET each, not MGET: on a cluster the keys live on different nodes
+            pipe.get(k)
         out = await pipe.execute()
         out = out[2 * len(batch.hset):]
         hashes = {}
         for k, v in zip(batch.read_hashes, out, strict=False):
             hashes[k] = {f.decode() if isinstance(f, bytes) else f: val for f, val in v.items()}
-        keys: dict[str, bytes | None] = {}
-        if batch.read_keys:
-            keys = dict(zip(batch.read_keys, out[len(batch.read_hashes)], strict=False))
+        keys: dict[str, bytes | None] = dict(zip(batch.read_keys, out[len(batch.read_hashes):], strict=True))
         return SyncResult(hashes, keys)
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
-        await self._client.set(key, value, px=max(1, int(ttl_s * 1000)))
+        async with asyncio.timeout(self.timeout_s):
+            await self._client.set(key, value, px=max(1, int(ttl_s * 1000)))
 
     async def get(self, key: str) -> bytes | None:
-        return await self._client.get(key)
+        async with asyncio.timeout(self.timeout_s):
+            return await self._client.get(key)
 
     async def hset(self, key: str, mapping: dict[str, bytes], ttl_s: float | None) -> None:
         pipe = self._client.pipeline(transaction=False)
         pipe.hset(key, mapping=mapping)
         if ttl_s:
             pipe.pexpire(key, int(ttl_s * 1000))
-        await pipe.execute()
+        async with asyncio.timeout(self.timeout_s):
+            await pipe.execute()
 
     async def hgetall(self, key: str) -> dict[str, bytes]:
-        raw = await self._client.hgetall(key)
+        async with asyncio.timeout(self.timeout_s):
+            raw = await self._client.hgetall(key)
         return {f.decode() if isinstance(f, bytes) else f: v for f, v in raw.items()}
 
     async def hdel(self, key: str, field: str) -> int:
-        return int(await self._client.hdel(key, field))
+        async with asyncio.timeout(self.timeout_s):
+            return int(await self._client.hdel(key, field))
 
-    async def window_limit(self, key: str, cost: int, limit: int, window_s: float) -> tuple[bool, float]:
-        self._seq += 1
-        ok, retry = await self._window(keys=[key], args=[time.time(), window_s, cost, limit,
-                                                         f"{time.time_ns()}-{self._seq}-{id(self)}"])
-        return bool(int(ok)), float(retry)
+    async def rate_limit(self, checks: list[LimitCheck], period_s: float) -> LimitDecision:
+        args: list[float | int] = [period_s * 1000.0]
+        for c in checks:
+            args += (c.cost, c.limit)
+        async with asyncio.timeout(self.timeout_s):
+            refused, retry_ms = await self._gcra(keys=[c.key for c in checks], args=args)
+        refused = int(refused)
+        return ADMITTED if refused == 0 else LimitDecision(refused - 1, float(retry_ms) / 1000.0)
 
 
-def make_state(backend: str, redis_url: str, prefix: str):  # -> StateBackend
-    if backend == "redis":
-        return RedisState(redis_url, prefix)
-    from gateway.state.memory import MemoryState
+def make_state(cfg: StateConfig) -> RedisState | MemoryState:
+    """The configured backend: ``MemoryState`` or a ``RedisState`` for ``cfg.redis_mode``."""
+    if cfg.backend == "redis":
+        return RedisState(redis_target(cfg), cfg.key_prefix)
+    return MemoryState(cfg.key_prefix)
 
-    return MemoryState(prefix)
+
+def redis_target(cfg: StateConfig, url: str | None = None, timeout_s: float | None = None) -> RedisTarget:
+    """A ``RedisTarget`` from the ``state`` config section (``url`` overrides ``state.redis_url``)."""
+    sentinels = tuple((h, int(p)) for h, _, p in (s.rpartition(":") for s in cfg.sentinels))
+    return RedisTarget(cfg.redis_mode, url or cfg.redis_url, sentinels, cfg.sentinel_master or "",
+                       cfg.sentinel_password, timeout_s if timeout_s is not None else cfg.timeout_ms / 1000.0)

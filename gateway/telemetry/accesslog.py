@@ -24,7 +24,7 @@ FIELDS = (
     "ttft_ms", "upstream_service_time_ms", "gateway_overhead_ms", "upstream_host", "upstream_cluster",
     "upstream_region", "upstream_model", "upstream_connect_ms", "upstream_reused_connection", "pool_wait_ms",
     "attempts", "retry_count", "hedge_count", "hedge_winner", "hedge_delay_ms", "hedge_loser", "backoff_ms",
-    "timeout_flag", "route_reason", "fallback_from", "fallback_reason", "error_type", "bytes_received",
+    "timeout_flag", "route_reason", "affinity_key", "fallback_from", "fallback_reason", "error_type", "bytes_received",
     "bytes_sent", "prompt_tokens", "completion_tokens", "user_agent", "downstream_remote_address", "api_key_id",
 )
 
@@ -33,20 +33,32 @@ FLUSH_INTERVAL_S = 0.02
 
 
 def format_text(rec: dict[str, Any]) -> bytes:
-    """Envoy's default format, then the gateway's own timing fields as key=value."""
-    def q(v: Any) -> str:
-        return "-" if v is None else str(v)
-
+    """Envoy's default format, then the gateway's own timing fields as key=value. Every value is escaped
+    (control characters, quotes, backslashes, as Envoy does): a ``%0A`` in a path or a quote in a
+    user-agent cannot start a forged line or shift the fields after it."""
+    q = _escaped
     line = (
-        f'[{rec["start_time"]}] "{rec["method"]} {rec["path"]} HTTP/1.1" {rec["response_code"]} '
-        f'{rec["response_flags"]} {rec["bytes_received"]} {rec["bytes_sent"]} {q(_int(rec["duration_ms"]))} '
+        f'[{rec["start_time"]}] "{q(rec["method"])} {q(rec["path"])} HTTP/1.1" {rec["response_code"]} '
+        f'{q(rec["response_flags"])} {rec["bytes_received"]} {rec["bytes_sent"]} {q(_int(rec["duration_ms"]))} '
         f'{q(_int(rec["upstream_service_time_ms"]))} "{q(rec["downstream_remote_address"])}" '
-        f'"{q(rec["user_agent"])}" "{rec["request_id"]}" "{q(rec["model"])}" "{q(rec["upstream_host"])}" '
+        f'"{q(rec["user_agent"])}" "{q(rec["request_id"])}" "{q(rec["model"])}" "{q(rec["upstream_host"])}" '
         f'ttft_ms={q(rec["ttft_ms"])} overhead_ms={q(rec["gateway_overhead_ms"])} '
         f'cluster={q(rec["upstream_cluster"])} attempts={q(rec["attempts"])} hedges={q(rec["hedge_count"])} '
         f'route={q(rec["route_reason"])} traceparent={q(rec["traceparent"])}\n'
     )
     return line.encode()
+
+
+# What JSON string escaping leaves alone but splits or garbles a line: DEL, C1 controls (NEL among
+# them) and the Unicode line and paragraph separators.
+_MORE_BREAKS = {c: f"\\u{c:04x}" for c in (*range(0x7F, 0xA0), 0x2028, 0x2029)}
+
+
+def _escaped(v: Any) -> str:
+    s = "-" if v is None else str(v)
+    if s.isprintable() and '"' not in s and "\\" not in s:  # the common case: nothing to escape
+        return s
+    return orjson.dumps(s)[1:-1].decode().translate(_MORE_BREAKS)
 
 
 def _int(v: float | None) -> int | None:

@@ -7,7 +7,10 @@ histogram two), about 3 % of a proxied request's instructions.
 
 With several uvicorn workers the gateway sets ``PROMETHEUS_MULTIPROC_DIR`` before the workers start,
 every worker writes its samples there, and ``/metrics`` merges them (prometheus_client's
-multiprocess mode), so a scrape sees the whole pod whichever worker answers it.
+multiprocess mode), so a scrape sees the whole pod whichever worker answers it. Gauges that describe
+state (ejections, pools, estimates) use prometheus_client's ``live*`` modes and every worker rewrites
+them from its state every second (``engine.gauges``); a scrape first drops the files of workers that
+are gone (``drop_dead_workers``), so a killed worker's in-flight requests and connections stop counting.
 """
 
 from __future__ import annotations
@@ -32,12 +35,51 @@ from prometheus_client.utils import floatToGoString
 
 # Gateway overhead lives in microseconds; upstream time in hundreds of ms to minutes.
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0, 120.0)
+# Up to and past the default 300 s deadline (timeouts.total_ms), so a request that uses it all lands in a bucket.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0,
+                   120.0, 180.0, 300.0, 600.0)
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def _pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (a killed worker not yet reaped by its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no procfs: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def drop_dead_workers(path: str) -> list[int]:
+    """Remove the live-gauge files of workers that are gone; their counters and histograms stay (totals
+    must not go backwards). Returns the pids dropped."""
+    from prometheus_client.multiprocess import mark_process_dead
+
+    dead: set[int] = set()
+    for name in os.listdir(path):
+        if not (name.startswith("gauge_live") and name.endswith(".db")):
+            continue
+        try:
+            pid = int(name[:-3].rsplit("_", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        if pid not in dead and not _pid_alive(pid):
+            dead.add(pid)
+    for pid in dead:
+        mark_process_dead(pid, path)
+    return sorted(dead)
 
 
 class _Value:
@@ -173,8 +215,9 @@ class Metrics:
                                 ["model", "deployment", "region", "code", "flags"])
         self.request_duration = self._histogram("llmgw_request_duration_seconds", "Whole request, first byte in to last byte out.",
                                           ["model", "stream"], buckets=LATENCY_BUCKETS)
-        self.ttft = self._histogram("llmgw_ttft_seconds", "Time to first content token as the client saw it.",
-                              ["model", "deployment"], buckets=LATENCY_BUCKETS)
+        self.ttft = self._histogram("llmgw_ttft_seconds",
+                                    "Time to first content token as the client saw it (stream=false: the whole response).",
+                                    ["model", "deployment", "stream"], buckets=LATENCY_BUCKETS)
         self.upstream_duration = self._histogram("llmgw_upstream_duration_seconds", "Upstream service time of the winning attempt.",
                                            ["model", "deployment"], buckets=LATENCY_BUCKETS)
         self.overhead = self._histogram("llmgw_gateway_overhead_seconds", "Time the gateway itself added to a request.",
@@ -190,9 +233,13 @@ class Metrics:
         self.retry_budget_exhausted = self._counter("llmgw_retry_budget_exhausted_total", "Retries refused by the budget.",
                                               ["model"])
         self.hedges = self._counter("llmgw_hedges_total", "Hedged attempts by outcome.", ["model", "outcome"])
-        self.hedge_delay = self._gauge("llmgw_hedge_delay_seconds", "Current hedge delay.", ["model"], mode="max")
+        self.hedge_delay = self._gauge("llmgw_hedge_delay_seconds", "Current hedge delay.", ["model"], mode="livemax")
         self.ejections = self._counter("llmgw_ejections_total", "Outlier ejections.", ["deployment"])
-        self.ejected = self._gauge("llmgw_deployment_ejected", "1 while a deployment is ejected.", ["deployment"], mode="max")
+        self.ejected = self._gauge("llmgw_deployment_ejected", "1 while a deployment is ejected, 0 otherwise.",
+                                  ["model", "deployment"], mode="livemax")
+        self.healthy = self._gauge("llmgw_model_healthy_deployments",
+                                   "Deployments of a model that routing may pick (not ejected, not cooling down).",
+                                   ["model"], mode="livemin")
         self.reachable = self._gauge("llmgw_deployment_reachable", "1 while a deployment answers its checks (start-up, "
                                      "keep-warm, re-checks every 5 s while down), 0 while not.", ["deployment"],
                                      mode="livemin")
@@ -207,15 +254,27 @@ class Metrics:
                                  ["from", "to", "reason"])
         self.overflow = self._counter("llmgw_overflow_total", "Requests refused at once by a concurrency limit.",
                                 ["scope"])
+        self.input_limits = self._counter("llmgw_input_limits_total", "Requests and connections refused or closed "
+                                          "by an input limit (head size and time, idle, JSON cost).", ["limit"])
         self.rate_limited = self._counter("llmgw_rate_limited_total", "Requests refused by a key's limits.",
                                     ["key", "limit"])
-        self.state_up = self._gauge("llmgw_state_backend_up", "1 while the shared state backend answers.", mode="max")
+        self.state_up = self._gauge("llmgw_state_backend_up",
+                                    "1 while the state backend answers (backend=memory: always 1, nothing shared).",
+                                    ["backend"], mode="livemin")
+        self.state_primary = self._gauge("llmgw_state_backend_primary", "1 for each Redis primary the state backend "
+                                         "uses now, 0 for one it used before.", ["mode", "address"], mode="max")
+        self.state_reconnects = self._counter("llmgw_state_backend_reconnects_total", "Times state sharing resumed "
+                                              "after an outage or moved to a new primary.")
+        self.state_local_seconds = self._counter("llmgw_state_local_only_seconds_total", "Seconds rate limits were "
+                                                 "decided locally because the state backend did not answer.")
         self.route_decisions = self._counter("llmgw_route_decisions_total", "Routing decisions by reason.",
                                        ["model", "deployment", "reason"])
+        self.affinity_routes = self._counter("llmgw_affinity_routes_total", "Keyed requests (routing.affinity) by "
+                                             "placement: home, rehome, spill, fallback, unkeyed.", ["model", "result"])
         self.gc_frozen = self._gauge("llmgw_gc_frozen_objects", "Start-up objects kept out of the cyclic GC.",
-                                     mode="max")
+                                     mode="livemax")
         self.latency_estimate = self._gauge("llmgw_deployment_latency_estimate_seconds",
-                                      "Routing's live TTFT/latency estimate per deployment.", ["deployment"], mode="max")
+                                      "Routing's live TTFT/latency estimate per deployment.", ["deployment"], mode="livemax")
         self._children: dict[tuple, Any] = {}
 
     def _counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Any:
@@ -250,7 +309,9 @@ class Metrics:
         if self.multiprocess:
             from prometheus_client import multiprocess
 
+            path = multiprocess_dir()
+            drop_dead_workers(path)
             reg = CollectorRegistry()
-            multiprocess.MultiProcessCollector(reg)
+            multiprocess.MultiProcessCollector(reg, path)
             return generate_latest(reg), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

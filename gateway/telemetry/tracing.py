@@ -2,7 +2,11 @@
 
 The gateway continues the client's trace (or starts one) and sends upstream the same trace id with
 its own span id, so provider-side and application-side records stitch together. Optional OTLP export
-(one span per upstream attempt) lives in ``otel.py`` and is off unless configured.
+(a server span and one span per upstream attempt) lives in ``otel.py`` and is off unless configured.
+
+Every retry and hedge names a span id of its own upstream, so a provider can tell the attempts of one
+request apart. With export off the first attempt uses the gateway's span id; with export on each
+attempt's id is the id of its exported attempt span (``attempt_ids``), a child of the server span.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ def parse_traceparent(value: str | None) -> tuple[str, str, str] | None:
 class TraceContext:
     """The trace this request belongs to, and the span id the gateway uses for its upstream calls."""
 
-    __slots__ = ("trace_id", "parent_id", "span_id", "flags", "tracestate", "incoming")
+    __slots__ = ("trace_id", "parent_id", "span_id", "flags", "tracestate", "incoming", "exported", "attempt_ids")
 
     def __init__(self, traceparent: str | None, tracestate: str | None) -> None:
         parsed = parse_traceparent(traceparent)
@@ -65,6 +69,27 @@ class TraceContext:
             self.incoming = None
         self.span_id = new_span_id()
         self.tracestate = tracestate if parsed else None
+        self.exported = False  # set by otel.Tracing.sample: this request's spans will be exported
+        self.attempt_ids: list[str] | None = None  # span id per attempt index, once a second id was needed
+
+    @property
+    def sampled(self) -> bool:
+        return self.flags[1] in "13579bdf"  # the low bit of the flags byte
+
+    def attempt_span_id(self, index: int) -> str:
+        """The span id attempt ``index`` names upstream: the gateway's own for a lone first attempt when
+        nothing is exported, else a fresh one, remembered so its exported span carries the same id."""
+        if index == 0 and not self.exported:
+            return self.span_id
+        ids = self.attempt_ids
+        if ids is None:
+            ids = self.attempt_ids = []
+        while len(ids) <= index:
+            ids.append(new_span_id())
+        return ids[index]
+
+    def attempt_traceparent(self, index: int) -> str:
+        return f"00-{self.trace_id}-{self.attempt_span_id(index)}-{self.flags}"
 
     @property
     def traceparent(self) -> str:

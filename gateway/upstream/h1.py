@@ -2,10 +2,10 @@
 
 Upstream calls always have one shape (a POST of a body the gateway already holds to one host, JSON or
 SSE back), so a request here is one pre-joined head plus the body in one write, and the response is
-parsed by the C parser uvicorn uses for the downstream side. aiohttp's general-purpose client (still
-selectable: ``LLMGW_UPSTREAM_CLIENT=aiohttp``) builds a URL, a header multidict, request, payload,
-writer, timer and reader objects per call: about 3,500 bytecode instructions per proxied request
-against about 670 here, and a third fewer machine instructions for the whole gateway.
+parsed by the C parser uvicorn uses for the downstream side. A general-purpose client (aiohttp, measured)
+builds a URL, a header multidict, request, payload, writer, timer and reader objects per call: about
+3,500 bytecode instructions per proxied request against about 670 here, and a third fewer machine
+instructions for the whole gateway. It implements the Protocols of ``base.py`` and their read contract.
 docs/benchmarks.md ("Choosing the upstream client") has the figures.
 
 The pool keeps idle connections last-in first-out (the warmest first), at most ``max_connections``
@@ -16,6 +16,7 @@ open or opening; a caller over the limit queues (first come, first served) and t
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections import deque
 from typing import Any
@@ -25,8 +26,9 @@ import httptools
 
 from gateway.config import DeploymentConfig
 from gateway.telemetry.timing import now
-from gateway.upstream.client import AttemptWire, static_headers, tls_context
 from gateway.upstream.errors import UpstreamConnectError, UpstreamConnectTimeout, UpstreamResetError
+from gateway.upstream.proxy import open_connection, proxy_for
+from gateway.upstream.wire import AttemptWire, static_headers, tls_context
 
 # A response body buffered past this (a client slower than its provider) pauses reading from the
 # provider until the relay catches up: memory per stream stays bounded, TCP pushes back upstream.
@@ -148,7 +150,7 @@ _NO_HEADERS = Headers()
 
 
 class H1Response:
-    """The subset of ``aiohttp.ClientResponse`` the engine uses: status, headers, content, read, release, close.
+    """An ``UpstreamResponse`` (base.py): status, headers, content, read, release, close.
 
     Repeated response headers are joined with ", " (RFC 9110 5.3)."""
 
@@ -321,6 +323,11 @@ class H1UpstreamClient:
         self._port = url.port or (443 if url.scheme == "https" else 80)
         self._prefix = url.path.rstrip("/")
         self._host_line = f"host: {url.netloc}\r\n"
+        self._proxy = proxy_for(dep.base_url, dep.proxy, os.environ)
+        if self._proxy is not None and url.scheme == "http":  # the proxy forwards: absolute-form requests
+            self._prefix = f"http://{url.netloc}{self._prefix}"
+            if self._proxy.authorization:
+                self._host_line += f"proxy-authorization: {self._proxy.authorization}\r\n"
         self.static_headers = static_headers(dep)
         self._limit = dep.pool.max_connections
         self._expiry_s = dep.pool.keepalive_expiry_s
@@ -416,8 +423,7 @@ class H1UpstreamClient:
             wire.connect_start = t0
         try:
             async with asyncio.timeout(self._connect_s):
-                await self.loop.create_connection(lambda: conn, self._hostname, self._port, ssl=self._ssl,
-                                                  server_hostname=self._hostname if self._ssl else None)
+                await open_connection(self.loop, conn, self._proxy, self._hostname, self._port, self._ssl)
         except TimeoutError:
             raise UpstreamConnectTimeout(f"connect to {self.host} timed out after "
                                          f"{self._connect_s * 1000:.0f} ms (timeouts.connect_ms)") from None

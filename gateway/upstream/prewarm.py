@@ -12,7 +12,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from gateway.upstream.client import UpstreamClient
+from gateway.upstream.base import UpstreamClient
 
 log = logging.getLogger("llmgw.prewarm")
 

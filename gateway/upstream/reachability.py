@@ -11,7 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from gateway.upstream.client import UpstreamClient
+from gateway.upstream.base import UpstreamClient
 from gateway.upstream.prewarm import PrewarmResult, prewarm
 
 log = logging.getLogger("llmgw.reachability")

@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
-from gateway.upstream.client import UpstreamClient
+from gateway.upstream.base import UpstreamClient
+from gateway.upstream.errors import UpstreamConnectError, UpstreamError
 
 log = logging.getLogger("llmgw.warmup")
 
@@ -63,14 +64,17 @@ async def warm_one(client: UpstreamClient, model: str, upstream_model: str, json
         async with asyncio.timeout(timeout_s):
             async for attempt in AsyncRetrying(stop=stop_after_attempt(3), reraise=True,
                                                wait=wait_random_exponential(multiplier=0.05, max=0.5),
-                                               retry=retry_if_exception_type((aiohttp.ClientConnectionError,
+                                               retry=retry_if_exception_type((UpstreamError,
                                                                               ConnectionError))):
                 with attempt:
                     status, text = await _post(client, body, headers)
     except TimeoutError:
         return WarmupResult(model, client.deployment.id, name, False, (loop.time() - t0) * 1000,
                             f"timed out after {timeout_s * 1000:.0f} ms")
-    except (aiohttp.ClientError, OSError) as exc:
+    except (UpstreamConnectError, ConnectionRefusedError) as exc:
+        return WarmupResult(model, client.deployment.id, name, False, (loop.time() - t0) * 1000,
+                            connect_failure(exc, client.deployment.base_url))
+    except (UpstreamError, OSError) as exc:
         return WarmupResult(model, client.deployment.id, name, False, (loop.time() - t0) * 1000,
                             f"{type(exc).__name__}: {exc}"[:200])
     ms = (loop.time() - t0) * 1000
@@ -79,8 +83,16 @@ async def warm_one(client: UpstreamClient, model: str, upstream_model: str, json
     return WarmupResult(model, client.deployment.id, name, False, ms, f"HTTP {status}: {text[:200]}")
 
 
+def connect_failure(exc: BaseException, base_url: str) -> str:
+    """A connect error said with the deployment's own URL and the OS's reason (not asyncio's address text)."""
+    os_error = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    code = getattr(os_error, "errno", None)
+    reason = os.strerror(code) if isinstance(code, int) and code > 0 else str(os_error) or type(exc).__name__
+    return f"cannot connect to {base_url}: {reason}"[:200]
+
+
 async def _post(client: UpstreamClient, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
-    from gateway.upstream.client import AttemptWire
+    from gateway.upstream.wire import AttemptWire
 
     resp = await client.post("/chat/completions", body, headers, AttemptWire())
     try:

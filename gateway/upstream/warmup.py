@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.config import WarmupConfig
-from gateway.upstream.client import UpstreamClient
+from gateway.upstream.base import UpstreamClient
 from gateway.upstream.schemas import SchemaLearner, WarmupResult, schema_fingerprint, warm_all
 
 log = logging.getLogger("llmgw.warmup")
@@ -57,7 +57,8 @@ async def plan(models: Iterable[tuple[str, WarmupConfig, list[tuple[UpstreamClie
     """
     out = []
     for name, cfg, deployments in models:
-        schemas = list(cfg.schemas)
+        # load_config reads schema files into dicts: a str left here is a path nothing could read
+        schemas = [s for s in cfg.schemas if isinstance(s, dict)]
         if learner is not None and cfg.learn:
             try:
                 schemas += await asyncio.wait_for(learner.load(name), timeout=load_timeout_s)

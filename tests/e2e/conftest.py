@@ -243,3 +243,41 @@ def private_redis() -> Iterator[tuple[int, subprocess.Popen]]:
 def redis_prefix() -> str:
     """A fresh key prefix per test so tests sharing the real Redis never see each other's keys."""
     return f"llmgw-test-{os.getpid()}-{time.monotonic_ns()}:"
+
+
+class TinyProxy:
+    """A real forward proxy (Debian's tinyproxy) on a free port, with basic auth; its log says what it relayed."""
+
+    def __init__(self, tmp: Path, user: str, password: str) -> None:
+        self.port = free_port()
+        self.log_path = tmp / f"tinyproxy-{self.port}.log"
+        conf = tmp / f"tinyproxy-{self.port}.conf"
+        conf.write_text(f"Port {self.port}\nListen 127.0.0.1\nTimeout 30\nMaxClients 50\nAllow 127.0.0.1\n"
+                        f"BasicAuth {user} {password}\nLogFile \"{self.log_path}\"\nLogLevel Info\n"
+                        "DisableViaHeader Yes\n")
+        self.proc = subprocess.Popen(["tinyproxy", "-d", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        end = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > end:
+                    raise RuntimeError(f"tinyproxy did not start: {self.log()}") from None
+                time.sleep(0.05)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

@@ -118,5 +118,5 @@ def test_redis_stopped_mid_test_no_request_fails(sims_factory, gateways, private
         _post(gw)  # asserts 200 each
     time.sleep(0.3)
     text = HTTP.get(gw.url + "/metrics").text
-    assert "llmgw_state_backend_up 0.0" in text
+    assert 'llmgw_state_backend_up{backend="redis"} 0.0' in text
     assert gw.stderr().count("unreachable") == 1  # logged once, not per request

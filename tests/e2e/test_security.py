@@ -165,7 +165,7 @@ def test_config_key_made_with_keys_hash(keyed):
     # Bearer (OpenAI SDK) and api-key (Azure-style clients) both work
     r = gw.client(api_key=KEYS["all"]).chat.completions.create(model="chat", messages=MSG)
     assert r.choices[0].message.content
-    r = httpx.post(gw.url + "/v1/chat/completions", headers={"api-key": KEYS["all"]}, json={"model": "chat"})
+    r = httpx.post(gw.url + "/v1/chat/completions", headers={"api-key": KEYS["all"]}, json={"model": "chat", "messages": MSG})
     assert r.status_code == 200, r.text
 
 
@@ -299,7 +299,7 @@ def test_provider_keys_never_leak(keyed):
     assert config.status_code == 200
     dep_cfg = config.json()["models"][0]["deployments"][0]
     assert dep_cfg["api_key"] == "***" and dep_cfg["headers"] == {
-        "x-api-key": "***", "ocp-apim-subscription-key": "***", "x-team": "voice"}
+        "x-api-key": "***", "ocp-apim-subscription-key": "***", "x-team": "***"}  # every value: an allow-list
     seen.append(config.text)
     seen.append(httpx.get(gw.url + "/admin/deployments", headers=auth).text)
     seen.append(httpx.get(gw.url + "/metrics", headers=auth).text)
@@ -613,7 +613,8 @@ def test_admin_port_serves_ops_endpoints_and_main_port_does_not(ops):
     assert httpx.get(admin_url + "/admin/deployments", headers=auth).json()["deployments"][0]["deployment"] == "a"
     r = httpx.post(admin_url + "/v1/chat/completions", headers=auth, json={"model": "chat", "messages": MSG})
     assert r.status_code == 404  # the proxy is not on the admin port
-    assert httpx.get(gw.url + "/openapi.json").status_code == 200  # API docs stay with the API
+    assert httpx.get(gw.url + "/openapi.json", headers=auth).status_code == 200  # API docs stay with the API
+    assert httpx.get(gw.url + "/openapi.json").status_code == 401  # ... behind a key when keys are on
 
 
 def test_cors_for_listed_origins_only(ops):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 
 import httpx
+import openai
+import orjson
 from conftest import dep, model
 
 
@@ -42,3 +45,77 @@ def test_sigterm_drains_the_stream_refuses_new_connections_and_exits_zero(sims_f
     assert time.monotonic() - t_sig >= 1.5  # it waited for the stream rather than cutting it
     rec = gw.records(wait_for=1)[-1]
     assert rec["response_code"] == 200 and rec["response_flags"] == "-"
+
+
+def test_sigterm_cuts_streams_still_open_at_the_drain_timeout_with_an_error_event(sims_factory, gateways):
+    # Streams longer than the drain: at drain_timeout_s each gets a final SSE error event (the SDK raises an
+    # APIError), is logged with the bytes it really got and flag LR; no traceback; exit 0.
+    sims = sims_factory({"sim-a": ("us-east", {"ttft_ms": 20, "ttft_dist": "fixed", "itl_ms": 50, "tokens": 1000,
+                                               "tail_p": 0})})
+    gw = gateways({"server": {"drain_timeout_s": 2}, "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+    started = [threading.Event() for _ in range(3)]
+    results: dict[int, object] = {}
+
+    def sdk_stream(i: int) -> None:
+        texts = []
+        try:
+            for chunk in gw.client().chat.completions.create(model="chat", messages=[], stream=True):
+                texts.append(chunk.choices[0].delta.content)
+                started[i].set()
+        except Exception as exc:  # the test is which one
+            results[i] = (texts, exc)
+
+    def raw_stream(i: int) -> None:
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=30,
+                          json={"model": "chat", "stream": True, "messages": []}) as r:
+            body = b""
+            for part in r.iter_bytes():
+                body += part
+                started[i].set()
+        results[i] = body
+
+    threads = [threading.Thread(target=sdk_stream, args=(0,)), threading.Thread(target=sdk_stream, args=(1,)),
+               threading.Thread(target=raw_stream, args=(2,))]
+    for t in threads:
+        t.start()
+    assert all(e.wait(15) for e in started)
+    gw.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(20)
+    assert gw.proc.wait(15) == 0
+    for i in (0, 1):
+        texts, exc = results[i]
+        assert texts and isinstance(exc, openai.APIError) and "shutting down" in str(exc), repr(exc)
+    body = results[2]
+    events = [e for e in body.decode().split("\n\n") if e]
+    assert orjson.loads(events[-1][len("data: "):])["error"]["code"] == "draining"
+    assert all(orjson.loads(e[len("data: "):]) for e in events)  # whole events, none glued
+    recs = gw.records(wait_for=3)
+    assert len(recs) == 3  # one record per client request
+    assert all((r["response_code"], r["response_flags"]) == (200, "LR") and r["bytes_sent"] > 0 for r in recs)
+    assert len(body) in [r["bytes_sent"] for r in recs]  # the real bytes, the final event included
+    err = gw.stderr()
+    assert "Traceback" not in err and "Exception in ASGI application" not in err, err
+
+
+def test_a_stream_to_a_client_that_stopped_reading_is_cut_at_the_drain_timeout_without_a_traceback(
+        sims_factory, gateways):
+    # The client reads nothing: the gateway's writes wait for it, so even the final event cannot go out and
+    # uvicorn's forced cancel ends the request. It is still logged once, and nothing is printed as a crash.
+    sims = sims_factory({"sim-a": ("us-east", {"ttft_ms": 5, "ttft_dist": "fixed", "itl_ms": 0, "tokens": 1_000_000,
+                                               "tail_p": 0})})
+    gw = gateways({"server": {"drain_timeout_s": 1}, "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+    body = orjson.dumps({"model": "chat", "stream": True, "messages": []})
+    with socket.create_connection(("127.0.0.1", gw.port)) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        first = s.recv(1024)
+        assert first.startswith(b"HTTP/1.1 200")
+        time.sleep(1.0)  # ... and read nothing more: the gateway's writes now wait for this client
+        gw.proc.send_signal(signal.SIGTERM)
+        assert gw.proc.wait(15) == 0
+    (rec,) = gw.records(wait_for=1)
+    assert (rec["response_code"], rec["response_flags"]) == (200, "LR") and rec["bytes_sent"] > len(first)
+    err = gw.stderr()
+    assert "Traceback" not in err and "Exception in ASGI application" not in err, err

@@ -24,6 +24,7 @@ from gateway.sim.runner import SimThread
 
 FAST = {"ttft_ms": 0, "ttft_dist": "fixed", "itl_ms": 0, "tokens": 4, "tail_p": 0}
 TOKEN = re.compile(r"(sim-a)#(\d+):(\d+) ")
+MSG = [{"role": "user", "content": "hi"}]
 
 
 class Sim:
@@ -40,7 +41,7 @@ class Sim:
         self.http = http
 
     def post(self, path: str, body: dict[str, Any] | None = None, **kw: Any) -> httpx.Response:
-        return self.http.post(self.url + path, json=body if body is not None else {"model": "m"}, **kw)
+        return self.http.post(self.url + path, json=body if body is not None else {"model": "m", "messages": MSG}, **kw)
 
     def get(self, path: str, **kw: Any) -> httpx.Response:
         return self.http.get(self.url + path, **kw)
@@ -106,7 +107,7 @@ def test_chat_non_stream_shape_and_usage(sim):
 
 def test_chat_stream_shape_with_usage_chunk(sim):
     with sim.http.stream("POST", sim.url + "/v1/chat/completions", timeout=10,
-                      json={"model": "m", "stream": True, "stream_options": {"include_usage": True}}) as r:
+                      json={"model": "m", "messages": MSG, "stream": True, "stream_options": {"include_usage": True}}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["transfer-encoding"] == "chunked" and r.headers["cache-control"] == "no-cache"
         text = r.read().decode()
@@ -122,7 +123,7 @@ def test_chat_stream_shape_with_usage_chunk(sim):
     assert chunks[6]["choices"] == [] and chunks[6]["usage"]["completion_tokens"] == 4
     assert all(c["usage"] is None for c in chunks[:6])
     # without include_usage: no usage chunk and no usage key
-    r = sim.post("/v1/chat/completions", {"model": "m", "stream": True})
+    r = sim.post("/v1/chat/completions", {"model": "m", "messages": MSG, "stream": True})
     events = sse_data(r.text)
     assert len(events) == 1 + 4 + 1 + 1 and "usage" not in events[0]
 
@@ -138,7 +139,7 @@ def test_completions_stream_non_stream_and_token_caps(sim):
     texts = [e["choices"][0]["text"] for e in events[:-1]]
     assert texts == [f"sim-a#2:{i} " for i in range(4)] + [""]
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
-    chat = sim.post("/v1/chat/completions", {"model": "m", "max_completion_tokens": 1}).json()
+    chat = sim.post("/v1/chat/completions", {"model": "m", "messages": MSG, "max_completion_tokens": 1}).json()
     assert chat["choices"][0]["message"]["content"] == "sim-a#3:0 " and chat["choices"][0]["finish_reason"] == "length"
 
 
@@ -205,7 +206,7 @@ def test_timing_follows_a_fixed_profile(sim):
     assert 0.30 <= time.monotonic() - t0 < 0.42  # ttft + 4 * itl = 310 ms
     arrivals = []
     t0 = time.monotonic()
-    with sim.http.stream("POST", sim.url + "/v1/chat/completions", json={"model": "m", "stream": True}) as r:
+    with sim.http.stream("POST", sim.url + "/v1/chat/completions", json={"model": "m", "messages": MSG, "stream": True}) as r:
         for line in r.iter_lines():
             if '"content":"sim-a' in line:
                 arrivals.append(time.monotonic() - t0)
@@ -249,7 +250,7 @@ def test_per_request_override_headers(sim):
 def test_injected_errors_are_openai_shaped_with_retry_after(sim):
     sim.set(error_rate=1.0, error_status=503, retry_after="1")
     for _ in range(3):
-        r = sim.post("/v1/chat/completions", {"model": "m", "stream": True})
+        r = sim.post("/v1/chat/completions", {"model": "m", "messages": MSG, "stream": True})
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     sdk = openai.OpenAI(base_url=sim.base_url, api_key="k", max_retries=0)
@@ -266,7 +267,7 @@ def test_injected_errors_are_openai_shaped_with_retry_after(sim):
 
 def test_client_disconnect_mid_stream_is_counted_at_once(sim):
     sim.set(tokens=200, itl_ms=20)
-    with sim.http.stream("POST", sim.url + "/v1/chat/completions", json={"model": "m", "stream": True}) as r:
+    with sim.http.stream("POST", sim.url + "/v1/chat/completions", json={"model": "m", "messages": MSG, "stream": True}) as r:
         lines = r.iter_lines()
         while '"content":"sim-a' not in next(lines):
             pass
@@ -288,7 +289,7 @@ def test_stall_never_answers_until_the_client_leaves(sim):
     sim.set(stall_rate=1.0)
     t0 = time.monotonic()
     with pytest.raises(httpx.ReadTimeout):
-        sim.post("/v1/chat/completions", {"model": "m", "stream": True}, timeout=0.4)
+        sim.post("/v1/chat/completions", {"model": "m", "messages": MSG, "stream": True}, timeout=0.4)
     assert time.monotonic() - t0 >= 0.4
     st = wait_for(lambda: (s := sim.stats())["cancelled"]["before_first_byte"] and s)
     assert st["stalled"] == 1 and st["in_flight"] == 0
@@ -301,7 +302,7 @@ def test_reset_closes_the_stream_after_n_tokens(sim):
     got = []
     with pytest.raises(httpx.RemoteProtocolError):  # noqa: SIM117 - the error is raised while reading
         with sim.http.stream("POST", sim.url + "/v1/chat/completions",
-                          json={"model": "m", "stream": True}) as r:
+                          json={"model": "m", "messages": MSG, "stream": True}) as r:
             for line in r.iter_lines():
                 got.extend(TOKEN.findall(line))
     assert [int(g[2]) for g in got] == [0, 1]
@@ -310,7 +311,7 @@ def test_reset_closes_the_stream_after_n_tokens(sim):
     st = sim.stats()
     assert st["resets"] == 2 and [r["outcome"] for r in st["recent"]] == ["reset", "reset"]
     assert st["cancelled"] == {"before_first_byte": 0, "mid_stream": 0}
-    r = sim.post("/v1/chat/completions", {"model": "m", "stream": True}, headers={"x-sim-reset-rate": "0"})
+    r = sim.post("/v1/chat/completions", {"model": "m", "messages": MSG, "stream": True}, headers={"x-sim-reset-rate": "0"})
     assert r.status_code == 200 and sse_data(r.text)[-1] == "[DONE]"
 
 
@@ -319,7 +320,7 @@ def test_cold_schema_is_paid_once_per_schema(sim):
 
     def ask(schema: dict[str, Any]) -> float:
         t0 = time.monotonic()
-        r = sim.post("/v1/chat/completions", {"model": "m", "response_format": {
+        r = sim.post("/v1/chat/completions", {"model": "m", "messages": MSG, "response_format": {
             "type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": schema}}})
         assert r.status_code == 200
         return time.monotonic() - t0
@@ -393,7 +394,7 @@ def test_stats_record_what_the_provider_saw(sim):
     headers = {"x-request-id": "r-1", "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
                "tracestate": "app=1", "user-agent": "ua/1", "x-custom": "c", "openai-organization": "org",
                "x-sim-tokens": "3", "authorization": "Bearer secret-value", "x-api-key": "also-secret"}
-    sim.post("/v1/chat/completions", {"model": "sim-large", "stream": True}, headers=headers)
+    sim.post("/v1/chat/completions", {"model": "sim-large", "messages": MSG, "stream": True}, headers=headers)
     with cf.ThreadPoolExecutor(4) as pool:  # four requests in flight at once, over four connections
         codes = list(pool.map(lambda _: sim.post("/v1/embeddings", {"model": "e", "input": "x"}).status_code,
                               range(4)))
@@ -435,7 +436,7 @@ def test_bad_input_never_breaks_the_server(sim):
         assert s.recv(4096).startswith(b"HTTP/1.1 400")
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:  # two pipelined requests, in order
         req = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s"
-        body = b'{"model": "m"}'
+        body = b'{"model": "m", "messages": []}'
         s.sendall(req % (len(body), body) * 2)
         data = b""
         while data.count(b"HTTP/1.1 200") < 2 or not data.endswith(b"}"):
@@ -452,7 +453,7 @@ def test_command_line_runs_one_simulator():
     try:
         line = proc.stdout.readline()
         url = re.search(r"http://\S+", line).group(0)
-        r = httpx.post(url + "/chat/completions", json={"model": "m"}, timeout=5)
+        r = httpx.post(url + "/chat/completions", json={"model": "m", "messages": MSG}, timeout=5)
         assert r.json()["choices"][0]["message"]["content"] == "cli-sim#1:0 cli-sim#1:1 "
         assert httpx.get(url.removesuffix("/v1") + "/sim/stats").json()["region"] == "eu-west"
     finally:

@@ -173,10 +173,28 @@ def test_a_retried_request_exports_a_server_span_and_one_client_span_per_attempt
         assert server.start_ns <= att.start_ns < att.end_ns <= server.end_ns
     assert primary.end_ns <= retry.start_ns
 
-    # What each provider saw: the client's trace, with the exported server span as parent.
-    for name in ("sim-a", "sim-b"):
+    # What each provider saw: the client's trace, with its own attempt's exported span as parent.
+    for name, att in (("sim-a", primary), ("sim-b", retry)):
         (call,) = _chat_calls(sims, name)
-        assert _parts(call["traceparent"]) == (CLIENT_TRACE, server.span_id, "01"), name
+        assert _parts(call["traceparent"]) == (CLIENT_TRACE, att.span_id, "01"), name
+
+    # OpenTelemetry's GenAI conventions, and what the gateway knows of the request
+    rid = r.headers["x-request-id"]
+    assert server.name == "POST /v1/chat/completions"
+    assert server.attributes["gen_ai.operation.name"] == "chat"
+    assert server.attributes["gen_ai.request.model"] == "chat"
+    assert server.attributes["gen_ai.response.model"] == "sim-large"
+    assert server.attributes["gen_ai.usage.input_tokens"] > 0 and server.attributes["gen_ai.usage.output_tokens"] > 0
+    assert server.attributes["server.address"] == "127.0.0.1"
+    assert server.attributes["llmgw.request_id"] == rid
+    assert server.attributes["llmgw.route_reason"] and server.attributes["llmgw.retry_count"] == 1
+    for att in (primary, retry):
+        assert att.name == "chat sim-large"
+        assert att.attributes["gen_ai.operation.name"] == "chat" and att.attributes["gen_ai.request.model"] == "sim-large"
+        assert att.attributes["server.address"] == "127.0.0.1" and att.attributes["llmgw.request_id"] == rid
+    assert retry.attributes["gen_ai.response.model"] == "sim-large" and "gen_ai.response.model" not in primary.attributes
+    assert retry.attributes["gen_ai.usage.output_tokens"] == server.attributes["gen_ai.usage.output_tokens"]
+    assert primary.attributes["error.type"]
 
 
 def test_a_stream_without_traceparent_starts_a_trace_the_provider_shares(sims_factory, gateways, collector):
@@ -196,12 +214,37 @@ def test_a_stream_without_traceparent_starts_a_trace_the_provider_shares(sims_fa
     attempt = next(s for s in spans if s.kind == CLIENT)
     assert server.parent_id == ""  # a new trace starts at the gateway: no made-up parent
     assert server.service == "gw-under-test"
-    assert parent == server.span_id
+    assert parent == attempt.span_id != server.span_id
     assert attempt.parent_id == server.span_id
     assert attempt.attributes["llmgw.deployment"] == "a" and attempt.attributes["llmgw.region"] == "us-east"
     assert attempt.attributes["llmgw.attempt.kind"] == "primary"
     assert attempt.attributes["llmgw.attempt.outcome"] == "ready"
     assert gw.records(wait_for=1)[-1]["traceparent"].split("-")[1] == trace_id
+
+
+def test_a_hedge_and_its_primary_name_different_exported_spans_upstream(sims_factory, gateways, collector):
+    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "ttft_ms": 400}), "sim-b": ("us-east", QUICK)})
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"), priority=0),
+                                             dep("b", sims.base_url("sim-b"), priority=1)],
+                                    routing={"strategy": "priority", "locality": "off"},
+                                    hedging={"enabled": True, "delay_ms": 50, "min_delay_ms": 0, "budget_percent": 100})]},
+                  env={"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url})
+    r = _chat(gw, stream=True, headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01"})
+    assert r.headers["x-gateway-upstream"] == "b"
+    spans = collector.trace(CLIENT_TRACE, _one_server_and_clients(2))
+    assert _one_server_and_clients(2)(spans), spans
+    server = next(s for s in spans if s.kind == SERVER)
+    attempts = {s.attributes["llmgw.attempt.kind"]: s for s in spans if s.kind == CLIENT}
+    assert set(attempts) == {"primary", "hedge"}
+    assert attempts["primary"].attributes["llmgw.attempt.outcome"] == "cancelled"
+    assert attempts["hedge"].attributes["llmgw.attempt.outcome"] == "ready"
+    assert server.attributes["llmgw.hedge_count"] == 1
+    seen = {}
+    for name, kind in (("sim-a", "primary"), ("sim-b", "hedge")):
+        (call,) = _chat_calls(sims, name)
+        seen[kind] = _parts(call["traceparent"])[1]
+        assert seen[kind] == attempts[kind].span_id and attempts[kind].parent_id == server.span_id, kind
+    assert seen["primary"] != seen["hedge"]  # the provider can tell the attempts apart
 
 
 def test_unsampled_requests_export_nothing_and_say_so_upstream(sims_factory, gateways, collector):
@@ -219,8 +262,8 @@ def test_unsampled_requests_export_nothing_and_say_so_upstream(sims_factory, gat
     assert gw.stop() == 0  # shutdown flushes whatever is still queued
     spans = collector.spans
     assert _one_server_and_clients(1)(spans), spans  # only the sampled request's server and attempt span
-    server = next(s for s in spans if s.kind == SERVER)
-    assert {s.trace_id for s in spans} == {CLIENT_TRACE} and client_sampled[1] == server.span_id
+    attempt = next(s for s in spans if s.kind == CLIENT)
+    assert {s.trace_id for s in spans} == {CLIENT_TRACE} and client_sampled[1] == attempt.span_id
 
 
 def test_with_tracing_off_nothing_is_exported(sims_factory, gateways, collector, monkeypatch):

@@ -7,11 +7,22 @@ import sys
 import time
 
 import httpx
+import redis
 from conftest import HTTP, REDIS_URL, dep, model
 
 QUICK = {"ttft_ms": 20, "ttft_dist": "fixed", "itl_ms": 1, "tokens": 2, "tail_p": 0}
 SCHEMA = {"name": "turn", "strict": True, "schema": {"type": "object", "properties": {"intent": {"type": "string"}},
                                                      "required": ["intent"], "additionalProperties": False}}
+
+
+def _eventually(condition, timeout: float = 15.0) -> bool:
+    """Poll until `condition()` holds (a background step finished), however busy the machine."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _structured(gw, schema=SCHEMA):
@@ -82,7 +93,8 @@ def test_schema_learned_by_one_gateway_is_warmed_by_another(sims_factory, gatewa
     state = {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": redis_prefix}
     gw1 = gateways({"state": state, "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
     assert _structured(gw1) >= 1.5  # the first ever use of this schema is cold
-    time.sleep(0.3)  # learned in the background
+    learned = redis.Redis.from_url(REDIS_URL)  # learned in the background: wait until it is shared
+    assert _eventually(lambda: learned.hlen(f"{redis_prefix}schemas:chat") == 1)
     # a new gateway for a new region: it warms what traffic taught the first one, before it is ready
     gw2 = gateways({"state": state, "models": [model("chat", [dep("c", sims.base_url("sim-c"), region="eu-west")])]})
     assert sims.stats("sim-c")["cold_schema_hits"] == 1
@@ -96,8 +108,11 @@ def test_learned_schema_is_warmed_on_the_models_other_deployments(sims_factory, 
                                              dep("b", sims.base_url("sim-b"), priority=1)],
                                     routing={"strategy": "priority"})]})
     _structured(gw)
-    time.sleep(1.2)
-    assert sims.stats("sim-b")["cold_schema_hits"] == 1  # warmed in the background
+    def warmed() -> bool:  # the background warm-up has been answered (its compile is done)
+        return any(r["cold_schema"] and r["outcome"] == "ok" for r in sims.stats("sim-b")["recent"])
+
+    assert _eventually(warmed)
+    assert sims.stats("sim-b")["cold_schema_hits"] == 1
     r = HTTP.post(gw.url + "/v1/chat/completions", headers={"x-gateway-deployment": "b"}, timeout=10, json={
         "model": "chat", "messages": [], "response_format": {"type": "json_schema", "json_schema": SCHEMA}})
     assert r.status_code == 200 and float(r.headers["x-gateway-upstream-service-time"]) < 400

@@ -34,9 +34,22 @@ class FakeLoop:
         t.fn()
 
 
+class LoopClock:
+    """The fake clock's time with the fake loop's timers, so the test sees the one loop timer."""
+
+    def __init__(self, clock: FakeClock, loop: FakeLoop) -> None:
+        self.clock, self.loop = clock, loop
+
+    def now(self) -> float:
+        return self.clock.t
+
+    def call_at(self, when: float, fn) -> FakeTimer:
+        return self.loop.call_later(max(0.0, when - self.clock.t), fn)
+
+
 def _alarms() -> tuple[Alarms, FakeClock, FakeLoop]:
     clock, loop = FakeClock(), FakeLoop()
-    return Alarms(clock, loop), clock, loop
+    return Alarms(LoopClock(clock, loop)), clock, loop
 
 
 def test_one_loop_timer_serves_many_alarms_in_deadline_order():

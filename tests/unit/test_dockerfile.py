@@ -72,7 +72,9 @@ FINAL = STAGES[-1]
 
 def test_multi_stage_on_python_311_slim():
     assert len(STAGES) >= 2
-    assert all(s.base.startswith("python:3.11-slim") for s in STAGES), [s.base for s in STAGES]
+    # an exact release (a digest may follow), never a moving tag like 3.11-slim
+    assert all(re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?(@sha256:[0-9a-f]{64})?", s.base) for s in STAGES), \
+        [s.base for s in STAGES]
     build = STAGES[0]
     assert build.name and any(f"--from={build.name}" in c for c in FINAL.all("COPY"))
     # The runtime stage only copies the built environment: no compiling, no pip.
@@ -81,7 +83,7 @@ def test_multi_stage_on_python_311_slim():
 
 def test_only_runtime_dependencies_are_installed():
     runs = " ".join(r for s in STAGES for r in s.all("RUN"))
-    assert re.search(r"pip install \.(\s|$)", runs), "the package itself, without extras"
+    assert re.search(r"pip install --no-deps \.(\s|$)", runs), "the package itself, without extras"
     assert "[dev]" not in runs and ".[" not in runs
     for name in DEV_ONLY:
         assert name not in runs, name
@@ -165,3 +167,44 @@ def test_dockerignore_sends_only_what_the_build_copies():
     for private in (".git/config", ".venv/bin/python", "tests/unit/test_dockerfile.py", ".env", "loadtests/bench.py",
                     "gateway/__pycache__/cli.cpython-311.pyc", "deploy/helm/llm-gateway/values.yaml"):
         assert _ignored(private, patterns), private
+
+
+LOCK = ROOT / "requirements.lock"
+
+
+def _name(req: str) -> str:
+    return re.split(r"[\s<>=!~;\[]", req.strip(), maxsplit=1)[0].lower().replace("_", "-").replace(".", "-")
+
+
+def test_dependencies_install_from_the_lock_before_the_source_is_copied():
+    build = STAGES[0]
+    ops = [(o, a) for o, a in build.instructions if o in ("COPY", "RUN")]
+    copy_lock = next(i for i, (o, a) in enumerate(ops) if o == "COPY" and "requirements.lock" in a)
+    install = next(i for i, (o, a) in enumerate(ops) if o == "RUN" and "-r requirements.lock" in a)
+    copy_src = next(i for i, (o, a) in enumerate(ops) if o == "COPY" and a.startswith("gateway"))
+    assert copy_lock < install < copy_src, "a code change must not invalidate the dependency layer"
+    assert "--no-deps" in ops[install][1], "the lock is complete: nothing unpinned is resolved"
+    assert any("pip check" in a for o, a in ops[copy_src:] if o == "RUN"), "a stale lock fails the build"
+
+
+def test_the_lock_pins_every_runtime_dependency_and_their_requirements():
+    import tomllib
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    lines = [ln for ln in LOCK.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+==[A-Za-z0-9.+!-]+", ln) for ln in lines), "exact pins only"
+    locked = {_name(ln) for ln in lines}
+    runtime = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert {_name(r) for r in runtime} <= locked
+    assert not {_name(d) for d in DEV_ONLY} & locked, "dev tools stay out of the image"
+    env = {"sys_platform": "linux", "platform_system": "Linux", "python_version": "3.11", "extra": ""}
+    for pkg in sorted(locked):  # closed under requirements (as this environment's metadata states them)
+        try:
+            reqs = requires(pkg) or []
+        except PackageNotFoundError:
+            continue
+        for r in map(Requirement, reqs):
+            if r.marker is None or r.marker.evaluate(env):
+                assert _name(r.name) in locked, f"{pkg} needs {r.name}, which requirements.lock does not pin"

@@ -1,7 +1,8 @@
-"""The Helm chart, rendered and linted in-process (helm-python-sdk), validated against Kubernetes 1.32.
+"""The Helm chart, rendered and linted by the real helm binary, validated against Kubernetes 1.32.
 
-No cluster and no helm binary: ``helm_python`` binds Helm's Go SDK, ``kubernetes_validate`` holds the
-API schemas offline. Two value sets: the chart defaults and an everything-on fixture.
+No cluster: ``helm template`` is told the Kubernetes version and the Prometheus Operator's kinds
+(helm_cli.py), ``kubernetes_validate`` holds the API schemas offline. Two value sets: the chart
+defaults and an everything-on fixture. Other Kubernetes versions: test_helm_versions.py.
 """
 
 from __future__ import annotations
@@ -18,22 +19,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import helm_python
 import kubernetes_validate
 import pytest
 import yaml
+from helm_cli import CHART, RenderFailed, ValuesRejected, lint, manifests, template
 from prometheus_client import CollectorRegistry
 
 from gateway.telemetry.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "deploy" / "helm" / "llm-gateway"
 ALL_ON = Path(__file__).parent / "fixtures" / "helm-values-all-on.yaml"
 RELEASE, NAMESPACE = "gw", "llm"
 FULLNAME = "gw-llm-gateway"
 K8S_VERSION = "1.32"
 CONFIG_PATH = "/etc/llmgw/config.yaml"
-YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the dashboard JSON is large
 
 Manifest = dict[str, Any]
 
@@ -41,10 +40,21 @@ Manifest = dict[str, Any]
 # ------------------------------------------------------------------------------------------ helpers
 
 
+class HelmChart:
+    """A chart directory rendered with the real helm (the name tests have always used)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def render(self, values: dict[str, Any] | None = None, *, name: str = RELEASE, namespace: str = NAMESPACE,
+               ) -> list[Manifest]:
+        text = template(values, chart=self.path, name=name, namespace=namespace, kube_version=K8S_VERSION)
+        return [d for d in manifests(text) if d.get("kind")]
+
+
 @pytest.fixture(scope="module")
 def chart() -> Any:
-    with helm_python.Chart.load(CHART) as c:
-        yield c
+    return HelmChart(CHART)
 
 
 def _all_on_values() -> dict[str, Any]:
@@ -52,13 +62,7 @@ def _all_on_values() -> dict[str, Any]:
 
 
 def render(chart: Any, values: dict[str, Any] | None = None) -> list[Manifest]:
-    out = chart.render(values=values, name=RELEASE, namespace=NAMESPACE)
-    docs: list[Manifest] = []
-    for path, text in sorted(out.items()):
-        if path.endswith("NOTES.txt"):
-            continue
-        docs += [d for d in yaml.load_all(text, Loader=YAML_LOADER) if d]
-    return docs
+    return chart.render(values)
 
 
 def with_values(base: dict[str, Any] | None, **dotted: Any) -> dict[str, Any]:
@@ -116,9 +120,9 @@ def variant(request: pytest.FixtureRequest, chart: Any) -> tuple[str, dict[str, 
 
 def test_lint_reports_no_warnings_or_errors(variant):
     _, values, _ = variant
-    report = helm_python.lint(CHART, values=values, strict=True, kube_version=f"v{K8S_VERSION}.0")
-    problems = [m for m in report["messages"] if m["severity"] >= 2]
-    assert problems == [] and report["errors"] == []
+    proc = lint(values, kube_version=K8S_VERSION, strict=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
 
 
 def _check_service_monitor(doc: Manifest) -> None:
@@ -138,6 +142,10 @@ def _check_prometheus_rule(doc: Manifest) -> None:
     for g in groups:
         assert g["name"] and g["rules"]
         for r in g["rules"]:
+            assert isinstance(r["expr"], str) and r["expr"].strip()
+            if "record" in r:  # recording rules (promtool checks them: test_alert_rules.py)
+                assert set(r) == {"record", "expr"} and re.fullmatch(r"llmgw:[a-z_]+:[a-z_0-9]+", r["record"])
+                continue
             assert set(r) <= {"alert", "expr", "for", "labels", "annotations"}
             assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", r["alert"])
             assert isinstance(r["expr"], str) and r["expr"].strip()
@@ -191,18 +199,27 @@ def test_all_on_values_render_every_optional_resource(chart):
     ({"redis": {"url": "http://redis:6379"}}, "/redis/url"),
 ])
 def test_schema_rejects_wrong_values(chart, values, where):
-    with pytest.raises(helm_python.HelmValuesError, match=re.escape(where)):
-        chart.validate_schema(values)
-    with pytest.raises(helm_python.HelmValuesError):
-        chart.render(values=values, name=RELEASE, namespace=NAMESPACE)
-    assert helm_python.lint(CHART, values=values)["errors"]
+    with pytest.raises(ValuesRejected, match=re.escape(where)):
+        chart.render(values)
+    assert lint(values, strict=False).returncode != 0
 
 
 # ------------------------------------------------------------------------------------ the pod
 
 
+def test_probes_and_scrapes_use_the_admin_port_by_default(chart):
+    # With keys on, the API port answers /metrics only with a key: Prometheus scrapes the admin port.
+    values = with_values(None, **{"metrics.serviceMonitor.enabled": True})
+    docs = render(chart, values)
+    c = gateway_container(docs)
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "admin": 9090}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    assert rendered_config(docs)["server"]["admin_port"] == 9090
+    assert [e["port"] for e in one(docs, "ServiceMonitor")["spec"]["endpoints"]] == ["admin"]
+
+
 def test_probes_target_the_gateway_endpoints_on_named_ports(chart):
-    c = gateway_container(render(chart))
+    c = gateway_container(render(chart, with_values(None, **{"gateway.server.admin_port": None})))
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
     assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
@@ -210,7 +227,7 @@ def test_probes_target_the_gateway_endpoints_on_named_ports(chart):
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 60, "start-up must outlast pool validation"
     assert c["args"] == ["serve", "--config", CONFIG_PATH]
-    svc = one(render(chart), "Service")
+    svc = one(render(chart, with_values(None, **{"gateway.server.admin_port": None})), "Service")
     assert [(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [("http", 8080, "http")]
 
 
@@ -320,7 +337,7 @@ def test_grace_period_is_derived_from_prestop_drain_and_margin(chart):
 
 def test_explicit_grace_period_shorter_than_prestop_plus_drain_fails(chart):
     values = with_values(None, **{"lifecycle.terminationGracePeriodSeconds": 30})
-    with pytest.raises(helm_python.HelmRenderError, match="terminationGracePeriodSeconds"):
+    with pytest.raises(RenderFailed, match="terminationGracePeriodSeconds"):
         render(chart, values)
     ok = with_values(None, **{"lifecycle.terminationGracePeriodSeconds": 120})
     assert one(render(chart, ok), "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
@@ -328,12 +345,12 @@ def test_explicit_grace_period_shorter_than_prestop_plus_drain_fails(chart):
 
 def test_drain_shorter_than_the_longest_request_fails_unless_allowed(chart):
     longer = with_values(None, **{"gateway.model_defaults.timeouts.total_ms": 600000})
-    with pytest.raises(helm_python.HelmRenderError, match=r"drain_timeout_s .* longest request .*600 s"):
+    with pytest.raises(RenderFailed, match=r"drain_timeout_s .* longest request .*600 s"):
         render(chart, longer)
     # A deployment-level timeout counts too.
     per_deployment = _all_on_values()
     per_deployment["gateway"]["models"][1]["deployments"][0]["timeouts"] = {"total_ms": 200000}
-    with pytest.raises(helm_python.HelmRenderError, match="200 s"):
+    with pytest.raises(RenderFailed, match="200 s"):
         render(chart, per_deployment)
     allowed = with_values(longer, **{"lifecycle.allowDrainShorterThanRequests": True})
     assert one(render(chart, allowed), "Deployment")
@@ -372,15 +389,14 @@ def test_provider_keys_come_from_the_secret_never_the_configmap(chart):
 def test_a_literal_provider_key_is_refused_by_schema_and_template(chart, tmp_path):
     values = _all_on_values()
     values["gateway"]["models"][1]["deployments"][0]["api_key"] = "sk-live-0123456789"
-    with pytest.raises(helm_python.HelmValuesError, match="api_key"):
+    with pytest.raises(ValuesRejected, match="api_key"):
         render(chart, values)
     # Without the schema (helm --skip-schema-validation, or a fork that drops it) the template still refuses it.
     unchecked = tmp_path / "llm-gateway"
     shutil.copytree(CHART, unchecked)
     (unchecked / "values.schema.json").unlink()
-    with helm_python.Chart.load(unchecked) as no_schema, \
-            pytest.raises(helm_python.HelmRenderError, match=r"models\[1\]\.deployments\[0\]\.api_key .* never puts"):
-        render(no_schema, values)
+    with pytest.raises(RenderFailed, match=r"models\[1\]\.deployments\[0\]\.api_key .* never puts"):
+        render(HelmChart(unchecked), values)
 
 
 def test_redis_url_is_merged_into_the_state_config(chart):
@@ -398,7 +414,7 @@ def test_redis_url_is_merged_into_the_state_config(chart):
     ({"gateway.state.backend": "redis"}, "no Redis is named"),
 ])
 def test_inconsistent_redis_values_fail(chart, values, message):
-    with pytest.raises(helm_python.HelmRenderError, match=message):
+    with pytest.raises(RenderFailed, match=message):
         render(chart, with_values(None, **values))
 
 
@@ -508,21 +524,102 @@ def _metric_refs(expr: str) -> set[str]:
     return set(re.findall(r"\bllmgw_[a-z_]+\b", expr))
 
 
+ISSUE_ALERTS = {
+    "LLMGatewayTargetDown", "LLMGatewayAbsent", "LLMGatewayErrorBudgetFastBurn", "LLMGatewayErrorBudgetSlowBurn",
+    "LLMGatewayTTFTBudgetFastBurn", "LLMGatewayTTFTBudgetSlowBurn", "LLMGatewayLatencyBudgetFastBurn",
+    "LLMGatewayLatencyBudgetSlowBurn", "LLMGatewayNoHealthyUpstream", "LLMGatewayRetryBudgetExhausted",
+    "LLMGatewayHedgeBudgetExhausted", "LLMGatewayDeploymentEjected", "LLMGatewayStateBackendDown",
+    "LLMGatewayOverheadP99High", "LLMGatewayWarmupFailed", "LLMGatewayAccessLogDropped",
+}
+
+
+def _rules(docs: list[Manifest]) -> tuple[dict[str, Manifest], dict[str, Manifest]]:
+    """(alerts by name, recording rules by name) of the release's PrometheusRule."""
+    rules = [r for g in one(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]]
+    return {r["alert"]: r for r in rules if "alert" in r}, {r["record"]: r for r in rules if "record" in r}
+
+
+def _runbook_anchors() -> set[str]:
+    """GitHub's anchors of docs/operations.md's headings."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    return {re.sub(r"[^a-z0-9 _-]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.+)$", text, re.MULTILINE)}
+
+
 def test_alerts_cover_the_issue_and_use_exported_metrics(chart, monkeypatch):
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    rule = one(render(chart, _all_on_values()), "PrometheusRule")
-    rules = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
-    assert {"LLMGatewayOverheadP99High", "LLMGatewayErrorRateHigh", "LLMGatewayDeploymentEjected",
-            "LLMGatewayRetryBudgetExhausted", "LLMGatewayWarmupFailed"} <= set(rules)
+    alerts, records = _rules(render(chart, _all_on_values()))
+    assert set(alerts) == ISSUE_ALERTS
     exported = _exported_metric_names()
-    for name, r in rules.items():
+    anchors = _runbook_anchors()
+    for name, r in records.items():
         refs = _metric_refs(r["expr"])
         assert refs and refs <= exported, f"{name} uses unknown metrics {refs - exported}"
+        assert f'namespace="{NAMESPACE}", job="{FULLNAME}"' in r["expr"], name
+    for name, r in alerts.items():
+        refs = _metric_refs(r["expr"]) | set(re.findall(r"\bllmgw:[a-z_]+:[a-z_0-9]+", r["expr"]))
+        assert refs <= exported | set(records), f"{name} uses unknown series {refs - exported - set(records)}"
+        assert refs or re.search(r"\bup\{", r["expr"]), name  # the gateway's series, or Prometheus' own `up`
         assert f'namespace="{NAMESPACE}", job="{FULLNAME}"' in r["expr"], name
         assert r["labels"]["team"] == "platform"
         for text in r["annotations"].values():
             assert "{{ $" in text or "{{" not in text  # Prometheus templates survive Helm's
-    assert "{{ $labels.model }}" in rules["LLMGatewayErrorRateHigh"]["annotations"]["summary"]
+        url = r["annotations"]["runbook_url"]
+        assert url.split("#")[0].endswith("docs/operations.md") and url.split("#")[1] == name.lower(), url
+        assert name.lower() in anchors, f"docs/operations.md has no runbook section for {name}"
+    assert "{{ $labels.model }}" in alerts["LLMGatewayErrorBudgetFastBurn"]["annotations"]["summary"]
+
+
+def test_state_backend_alert_only_with_a_shared_backend(chart):
+    alone = with_values(None, **{"metrics.prometheusRule.enabled": True})
+    assert "LLMGatewayStateBackendDown" not in _rules(render(chart, alone))[0]
+    for shared in ({"redis.url": "redis://r:6379/0"}, {"redis.enabled": True}):
+        alerts = _rules(render(chart, with_values(alone, **shared)))[0]
+        assert 'backend!="memory"' in alerts["LLMGatewayStateBackendDown"]["expr"]
+
+
+def test_slo_thresholds_are_latency_bucket_bounds():
+    from prometheus_client.utils import floatToGoString
+
+    from gateway.telemetry.metrics import LATENCY_BUCKETS
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    slos = schema["properties"]["metrics"]["properties"]["prometheusRule"]["properties"]["slos"]["properties"]
+    bounds = [floatToGoString(b) for b in LATENCY_BUCKETS]
+    assert slos["ttft"]["properties"]["le"]["enum"] == bounds == slos["latency"]["properties"]["le"]["enum"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["metrics"]["prometheusRule"]["slos"]
+    assert values["ttft"]["le"] in bounds and values["latency"]["le"] in bounds
+    assert LATENCY_BUCKETS[-1] > 300, "the default 300 s deadline needs a bucket"
+
+
+def test_monitoring_resources_only_where_their_crds_exist():
+    values = _all_on_values()
+    without = [d["kind"] for d in manifests(template(values, api_versions=()))]
+    assert "ServiceMonitor" not in without and "PrometheusRule" not in without
+    assert "Deployment" in without
+    with_crds = [d["kind"] for d in manifests(template(values))]
+    assert "ServiceMonitor" in with_crds and "PrometheusRule" in with_crds
+
+
+def test_network_policy_lets_traces_out_to_the_collector(chart):
+    base = _all_on_values()
+    before = one(render(chart, base), "NetworkPolicy")["spec"]["egress"]
+
+    def added_rules(**dotted: Any) -> list[Manifest]:
+        egress = one(render(chart, with_values(base, **dotted)), "NetworkPolicy")["spec"]["egress"]
+        extra = list(egress)
+        for r in before:
+            extra.remove(r)
+        return extra
+
+    assert added_rules(**{"gateway.tracing": {"otlp_endpoint": "http://otel-collector.observability:4318"}}) == [
+        {"ports": [{"port": 4318, "protocol": "TCP"}]}]
+    assert added_rules(**{"gateway.tracing": {"otlp_endpoint": "https://otel.example.com"}}) == [
+        {"ports": [{"port": 443, "protocol": "TCP"}]}]
+    # an endpoint set through OTEL_EXPORTER_OTLP_ENDPOINT in `env`: say so, and where the collector lives
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}}}
+    assert added_rules(**{"networkPolicy.egress.tracing": {"enabled": True, "port": 4317, "to": [peer]}}) == [
+        {"ports": [{"port": 4317, "protocol": "TCP"}], "to": [peer]}]
 
 
 def test_dashboard_is_a_grafana_sidecar_configmap_over_exported_metrics(chart, monkeypatch):

@@ -162,4 +162,9 @@ def test_verdict_values_are_the_names_used_in_metrics():
     assert [v.value for v in RetryVerdict] == [
         "retry", "failover", "not-retriable", "retry-limit", "budget-exhausted", "hopeless", "deadline",
         "retry-after-exceeds-deadline"]
-    assert [k.value for k in FailureKind] == ["connect-failure", "reset", "timeout", "status"]
+    assert [k.value for k in FailureKind] == ["connect-failure", "reset", "timeout", "status", "protocol-error"]
+
+
+def test_a_protocol_error_is_retried_when_resets_are():
+    assert is_retriable(FailureKind.PROTOCOL, None, frozenset({"reset"}))
+    assert not is_retriable(FailureKind.PROTOCOL, None, frozenset({"connect-failure", "timeout", "5xx"}))

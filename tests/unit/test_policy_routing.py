@@ -376,4 +376,5 @@ def test_a_fully_healthy_local_tier_consumes_no_randomness():
 
 def test_reason_values_are_the_names_in_the_access_log():
     assert [r.value for r in RouteReason] == [
-        "local", "spillover", "failover", "pinned", "only-choice", "panic", "remote"]
+        "local", "spillover", "failover", "pinned", "only-choice", "panic", "remote",
+        "affinity-home", "affinity-rehome", "affinity-spill"]

@@ -44,7 +44,7 @@ class DeadRedis(MemoryState):
         super().__init__()
         self.calls = 0
 
-    async def window_limit(self, *a: Any) -> tuple[bool, float]:
+    async def rate_limit(self, *a: Any) -> Any:
         self.calls += 1
         raise ConnectionError("refused")
 
@@ -56,9 +56,9 @@ class DeadRedis(MemoryState):
 class SlowWindow(MemoryState):
     """Shared windows that take a round trip, as Redis does: other requests run meanwhile."""
 
-    async def window_limit(self, *a: Any) -> tuple[bool, float]:
+    async def rate_limit(self, *a: Any) -> Any:
         await asyncio.sleep(0.01)
-        return await super().window_limit(*a)
+        return await super().rate_limit(*a)
 
 
 def test_keys_are_random_and_stored_as_hashes():

@@ -120,6 +120,23 @@ resolves it (deployment, then model, then model_defaults, then the gateway's def
 {{- end }}
 {{- end }}
 
+{{/* state.redis_mode and the Sentinel keys, set from redis.mode and redis.sentinel. */}}
+{{- define "llm-gateway.redisTopology" -}}
+{{- $r := .Values.redis }}
+{{- $state := .state }}
+{{- if eq (default "standalone" $r.mode) "sentinel" }}
+{{- $_ := set $state "backend" "redis" }}
+{{- $_ := set $state "redis_mode" "sentinel" }}
+{{- $_ := set $state "sentinels" $r.sentinel.hosts }}
+{{- $_ := set $state "sentinel_master" $r.sentinel.masterSet }}
+{{- if $r.sentinel.password }}
+{{- $_ := set $state "sentinel_password" $r.sentinel.password }}
+{{- end }}
+{{- else if eq (default "standalone" $r.mode) "cluster" }}
+{{- $_ := set $state "redis_mode" "cluster" }}
+{{- end }}
+{{- end }}
+
 {{/*
 The gateway config as rendered into the ConfigMap: .Values.gateway, with state.backend and
 state.redis_url set from the redis values when they name a Redis.
@@ -132,6 +149,7 @@ state.redis_url set from the redis values when they name a Redis.
 {{- $_ := set $state "backend" "redis" }}
 {{- $_ := set $state "redis_url" $url }}
 {{- end }}
+{{- include "llm-gateway.redisTopology" (dict "Values" .Values "state" $state) }}
 {{- $_ := set $cfg "state" $state }}
 {{- toYaml $cfg }}
 {{- end }}
@@ -143,8 +161,18 @@ Checks that need more than a JSON schema; each failure names the value to change
 {{- if and .Values.redis.enabled .Values.redis.url }}
 {{- fail "redis.enabled and redis.url are mutually exclusive: use url for an existing Redis, enabled for a trial one" }}
 {{- end }}
+{{- $mode := default "standalone" .Values.redis.mode }}
+{{- if and .Values.redis.enabled (ne $mode "standalone") }}
+{{- fail (printf "redis.mode %s needs an existing Redis: the in-chart trial Redis (redis.enabled) is standalone" $mode) }}
+{{- end }}
+{{- if and (eq $mode "sentinel") (not .Values.redis.sentinel.hosts) }}
+{{- fail "redis.mode is sentinel: list the sentinels in redis.sentinel.hosts (Bitnami: <release>-redis.<namespace>:26379)" }}
+{{- end }}
+{{- if and (eq $mode "cluster") (not .Values.redis.url) }}
+{{- fail "redis.mode is cluster: set redis.url to a seed node of the cluster" }}
+{{- end }}
 {{- $state := default (dict) .Values.gateway.state }}
-{{- if and (eq (toString (default "memory" $state.backend)) "redis") (not (include "llm-gateway.redisUrl" .)) (not $state.redis_url) }}
+{{- if and (eq (toString (default "memory" $state.backend)) "redis") (not (include "llm-gateway.redisUrl" .)) (not $state.redis_url) (ne $mode "sentinel") }}
 {{- fail "gateway.state.backend is redis but no Redis is named: set redis.url (or redis.enabled for a trial)" }}
 {{- end }}
 {{- range $i, $m := (.Values.gateway.models | default list) }}
@@ -190,4 +218,22 @@ Environment shared by the gateway container and the warm-up Job.
 {{- with .Values.envFrom }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/*
+Port of the OTLP collector: the one in gateway.tracing.otlp_endpoint, else the URL scheme's default
+when it names a scheme, else networkPolicy.egress.tracing.port.
+*/}}
+{{- define "llm-gateway.otlpPort" -}}
+{{- $otlp := toString (dig "tracing" "otlp_endpoint" "" .Values.gateway) }}
+{{- $port := "" }}
+{{- if $otlp }}
+{{- $u := urlParse $otlp }}
+{{- $hostPort := splitList ":" (get $u "host") }}
+{{- if gt (len $hostPort) 1 }}{{ $port = last $hostPort }}
+{{- else if eq (get $u "scheme") "https" }}{{ $port = "443" }}
+{{- else if eq (get $u "scheme") "http" }}{{ $port = "80" }}
+{{- end }}
+{{- end }}
+{{- $port | default .Values.networkPolicy.egress.tracing.port }}
 {{- end }}

@@ -1,0 +1,82 @@
+"""Connection-level limits of the public listener: how big a request head may grow, how long it may
+take to arrive, and how long a fresh connection may stay silent.
+
+They act in the HTTP protocol (``api/protocol.py``), before a request exists for the app: a 64 MB
+header is refused after its first 64 KiB instead of being buffered whole, and a client sending its
+head one byte a second (slowloris) is cut off after ``request_headers_timeout_s``, as Envoy does.
+The app hands an ``EdgeLimits`` to the protocol through the lifespan state (``scope["state"]``), so
+every connection of a worker finds it without a global, and a plain uvicorn simply has none.
+
+Timeouts are checked by one sweep per worker over its open connections, not by a timer per request:
+a request pays only for storing when its head began, which the protocol reads anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from gateway.config import ServerConfig
+from gateway.errors import GatewayError
+from gateway.telemetry.timing import now
+
+EDGE_KEY = "llmgw.edge"
+
+
+class EdgeConnection(Protocol):
+    def expire(self, t: float, head_timeout_s: float, idle_timeout_s: float) -> None: ...
+
+
+def head_too_large(limit: int) -> GatewayError:
+    return GatewayError(431, f"Request head (request line and headers) exceeds the gateway's limit of {limit} bytes.",
+                        "invalid_request_error", "headers_too_large", flag="BR")
+
+
+def head_timeout(timeout_s: float) -> GatewayError:
+    return GatewayError(408, f"Request head not received within {timeout_s:g} s (server.request_headers_timeout_s).",
+                        "invalid_request_error", "request_timeout", flag="HT")
+
+
+def response_bytes(err: GatewayError) -> bytes:
+    """A whole HTTP/1.1 response closing the connection, written by the protocol itself."""
+    body = err.body()
+    reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}.get(err.status, b"Error")
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+            % (err.status, reason, len(body))) + body
+
+
+class EdgeLimits:
+    """One worker's connection limits, its open connections, and the sweep that times them out."""
+
+    def __init__(self, srv: ServerConfig, on_refused: Callable[[GatewayError, str, str, str | None, float], None],
+                 on_limit: Callable[[str], None]) -> None:
+        self.max_head_bytes = srv.max_header_bytes
+        self.head_timeout_s = srv.request_headers_timeout_s
+        self.idle_timeout_s = srv.idle_timeout_s
+        self.on_refused = on_refused  # (error, method, path, client, started) -> log and count as a request
+        self.on_limit = on_limit  # (limit name) -> count; idle closes are not requests, so only counted
+        self.connections: set[EdgeConnection] = set()
+        # The sweep's period bounds how late a timeout fires: a quarter of the shortest, at most 1 s.
+        self.sweep_s = max(0.02, min(1.0, self.head_timeout_s / 4, self.idle_timeout_s / 4))
+        self._task: asyncio.Task[None] | None = None
+
+    def install(self, state: dict[str, Any] | None) -> None:
+        """Start the sweep and offer the limits to the protocol through the lifespan state."""
+        if state is not None:
+            state[EDGE_KEY] = self
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._sweep())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _sweep(self) -> None:
+        head_s, idle_s = self.head_timeout_s, self.idle_timeout_s
+        while True:
+            await asyncio.sleep(self.sweep_s)
+            t = now()
+            for conn in list(self.connections):
+                conn.expire(t, head_s, idle_s)

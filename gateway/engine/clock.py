@@ -1,0 +1,51 @@
+"""The engine's time source, passed in: production reads the monotonic clock, tests move a fake one.
+
+``Engine``, ``Exchange``, ``Attempt``, the relay and ``Alarms`` read time only through a ``Clock``, so
+a unit test drives a whole exchange (hedge timers, first-token limits, backoff, stream watchdogs) with
+``tests/unit/fake_clock.py`` and no real sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol
+
+from gateway.telemetry.timing import now as _monotonic_now
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Monotonic seconds."""
+        ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+    def call_at(self, when: float, fn: Callable[[], None]) -> Timer:
+        """Call ``fn()`` on the event loop once ``now() >= when``."""
+        ...
+
+
+class MonotonicClock:
+    """The production clock: ``telemetry.timing.now`` and the running event loop's timers."""
+
+    __slots__ = ("_loop",)
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None  # the running loop, found at the first timer
+
+    now = staticmethod(_monotonic_now)
+    sleep = staticmethod(asyncio.sleep)
+
+    def call_at(self, when: float, fn: Callable[[], None]) -> Timer:
+        loop = self._loop
+        if loop is None or loop.is_closed():  # asking asyncio costs a getpid(); a closed loop was a past run
+            loop = self._loop = asyncio.get_running_loop()
+        return loop.call_later(max(0.0, when - _monotonic_now()), fn)
+
+
+MONOTONIC = MonotonicClock()

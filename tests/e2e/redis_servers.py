@@ -1,0 +1,129 @@
+"""Real Redis topologies for the e2e tests, from Debian's redis-server: a 3-node Cluster, and a
+primary with a replica watched by a sentinel. Free ports on 127.0.0.1, one temp dir each, killed at
+teardown. Readiness is waited on as events (cluster_state:ok, the sentinel seeing the replica)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+from conftest import free_port
+
+MASTER_SET = "gwprimary"
+
+
+def wait_for(cond: Callable[[], object], timeout: float, what: str) -> object:
+    """Poll ``cond`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+    end = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < end:
+        try:
+            v = cond()
+            if v:
+                return v
+        except Exception as exc:  # the server may still be starting
+            last = exc
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what} (last error: {last!r})")
+
+
+class RedisProc:
+    """One redis-server (or sentinel) process on its own port and directory."""
+
+    def __init__(self, root: Path, name: str, *args: str, config: str | None = None) -> None:
+        self.port = free_port()
+        self.dir = root / f"{name}-{self.port}"
+        self.dir.mkdir(parents=True)
+        cmd = ["redis-server"]
+        if config is not None:  # a sentinel rewrites its config file, so it gets one of its own
+            conf = self.dir / "sentinel.conf"
+            conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n{config}")
+            cmd += [str(conf), "--sentinel"]
+        else:
+            cmd += ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
+                    "--appendonly", "no", *args]
+        self.log = open(self.dir / "log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.client = redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            wait_for(self.client.ping, 10, f"{name} on port {self.port}")
+        except AssertionError as exc:
+            self.kill()
+            raise AssertionError(f"{exc}; its log: {(self.dir / 'log').read_text()[-2000:]}") from None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.client.close()
+        self.log.close()
+
+
+class Cluster:
+    """Three primaries, no replicas, slots split by `redis-cli --cluster create`."""
+
+    def __init__(self, root: Path) -> None:
+        self.nodes: list[RedisProc] = []
+        try:
+            for i in range(3):
+                # the bus port gets a free port of its own (port + 10000 may be taken, or beyond 65535)
+                self.nodes.append(RedisProc(root, f"cluster{i}", "--cluster-enabled", "yes",
+                                            "--cluster-port", str(free_port()),
+                                            "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"))
+            out = subprocess.run(["redis-cli", "--cluster", "create", *(n.address for n in self.nodes),
+                                  "--cluster-yes"], capture_output=True, text=True, timeout=30)
+            assert out.returncode == 0, out.stdout + out.stderr
+            for n in self.nodes:
+                wait_for(lambda n=n: n.client.cluster("info")["cluster_state"] == "ok", 20,
+                         f"cluster_state:ok on {n.address}")
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def seed_url(self) -> str:
+        return f"redis://{self.nodes[0].address}/0"
+
+    def client(self) -> redis.RedisCluster:
+        return redis.RedisCluster(host="127.0.0.1", port=self.nodes[0].port)
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.kill()
+
+
+class SentinelSet:
+    """A primary, its replica and one sentinel (quorum 1) that promotes the replica when the primary dies."""
+
+    def __init__(self, root: Path, down_after_ms: int = 1000) -> None:
+        self.primary = RedisProc(root, "primary")
+        self.replica: RedisProc | None = None
+        self.sentinel: RedisProc | None = None
+        try:
+            self.replica = RedisProc(root, "replica", "--replicaof", "127.0.0.1", str(self.primary.port))
+            wait_for(lambda: self.replica.client.info("replication")["master_link_status"] == "up", 10,
+                     "the replica's link to the primary")
+            self.sentinel = RedisProc(root, "sentinel", config=(
+                f"sentinel monitor {MASTER_SET} 127.0.0.1 {self.primary.port} 1\n"
+                f"sentinel down-after-milliseconds {MASTER_SET} {down_after_ms}\n"
+                f"sentinel failover-timeout {MASTER_SET} 10000\n"))
+            wait_for(lambda: any(r["port"] == self.replica.port for r in self.sentinel.client.sentinel_slaves(MASTER_SET)),
+                     30, "the sentinel to see the replica")
+        except BaseException:
+            self.stop()
+            raise
+
+    def master_port(self) -> int:
+        return int(self.sentinel.client.sentinel_get_master_addr_by_name(MASTER_SET)[1])
+
+    def stop(self) -> None:
+        for p in (self.sentinel, self.replica, self.primary):
+            if p is not None:
+                p.kill()

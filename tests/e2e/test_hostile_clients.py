@@ -1,0 +1,352 @@
+"""Hostile clients against the real gateway: each case gets its expected answer, names the limit that
+fired (access-log flag, ``llmgw_input_limits_total``), and a normal request sent meanwhile on its own
+connection stays near its own baseline (medians, compared with a generous factor, never a fixed window).
+
+Before these limits, a 64 MB request header held the worker for seconds, 2.4 million empty arrays cost
+over a second of parsing, and slow or silent connections stayed open forever.
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from conftest import Gateway, Sims, dep, free_port, metric_value, model
+
+from gateway.security.keys import hash_key
+
+KEY = "sk-gw-hostile-00000000000000000000000000000000"
+AUTH = {"authorization": f"Bearer {KEY}"}
+FAST = {"ttft_ms": 1, "ttft_dist": "fixed", "itl_ms": 0, "tokens": 2, "tail_p": 0}
+MSG = [{"role": "user", "content": "hi"}]
+# A normal request during an attack: its median may be this many times its own quiet median, and its
+# slowest this many times. Generous, because on a small shared CI machine an attack's upload takes CPU
+# (a 7 MB body slowed normal requests about tenfold there, by contention) and the scheduler alone
+# leaves a process waiting 100 ms now and then. A stalled event loop costs far more: before these
+# limits one request waited 1.8 s (300 times its median) behind a 32 MB header, and 1.4-2.5 s behind
+# each 7.2 MB body of arrays, while the median stayed low: hence the check on the slowest one.
+SLOWDOWN_FACTOR = 20.0
+STALL_FACTOR = 100.0
+
+
+def _cfg(sims: Sims, **server: Any) -> dict[str, Any]:
+    return {"server": server,
+            "auth": {"mode": "keys", "keys": [{"id": "hostile", "hash": hash_key(KEY)}]},
+            "models": [model("chat", [dep("a", sims.base_url("sim-a"))], retry={"max_retries": 0})]}
+
+
+@pytest.fixture(scope="module")
+def sims() -> Iterator[Sims]:
+    s = Sims({"sim-a": ("us-east", FAST)})
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def edge(sims: Sims, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """Default limits, keys on, ops endpoints on the admin port."""
+    gw = Gateway(_cfg(sims, admin_port=free_port()), tmp_path_factory.mktemp("edge"), name="edge")
+    yield gw
+    gw.stop()
+
+
+class Probe:
+    """A normal client: one keep-alive connection, one small request at a time, each timed."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.client = httpx.Client(base_url=gw.url, headers=AUTH, timeout=30)
+
+    def once(self) -> float:
+        t0 = time.perf_counter()
+        r = self.client.post("/v1/chat/completions", json={"model": "chat", "messages": MSG})
+        took = time.perf_counter() - t0
+        assert r.status_code == 200, r.text
+        return took
+
+    def baseline(self) -> float:
+        for _ in range(3):
+            self.once()
+        return statistics.median(self.once() for _ in range(15))
+
+    def during(self, attack: Callable[[], Any]) -> tuple[list[float], Any]:
+        """Run ``attack`` in a thread; time normal requests until it is over (at least five)."""
+        out: list[Any] = []
+        t = threading.Thread(target=lambda: out.append(attack()), daemon=True)
+        t.start()
+        samples = []
+        while t.is_alive() or len(samples) < 5:
+            samples.append(self.once())
+        t.join(60)
+        return samples, out[0] if out else None
+
+    def assert_unaffected(self, base: float, samples: list[float], what: str) -> None:
+        seen = f"{what}: quiet median {base * 1000:.1f} ms; during: {len(samples)} requests, median " \
+               f"{statistics.median(samples) * 1000:.1f} ms, slowest {max(samples) * 1000:.1f} ms"
+        assert statistics.median(samples) <= SLOWDOWN_FACTOR * base, seen
+        assert max(samples) <= STALL_FACTOR * base, seen
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@pytest.fixture
+def probe(edge: Gateway) -> Iterator[Probe]:
+    p = Probe(edge)
+    yield p
+    p.close()
+
+
+def _send_head_flood(port: int, size: int) -> bytes:
+    """A request whose one header is ``size`` bytes, sent as fast as the gateway takes it; returns all the
+    gateway answered (read by a second thread, so an answer sent mid-upload is not lost)."""
+    got: list[bytes] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        def read() -> None:
+            try:
+                while chunk := s.recv(65536):
+                    got.append(chunk)
+            except OSError:
+                pass
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        chunk = b"a" * (1 << 20)
+        try:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-flood: ")
+            for _ in range(size >> 20):
+                s.sendall(chunk)
+            s.sendall(b"\r\n\r\n")
+        except OSError:  # the gateway closed the connection: what a refused client sees
+            pass
+        reader.join(30)
+    return b"".join(got)
+
+
+@pytest.mark.parametrize("mb", [8, 32, 64])
+def test_a_huge_request_header_is_refused_while_parsing_and_others_carry_on(edge, probe, mb):
+    m = edge.metrics()
+    before = metric_value(m, "llmgw_input_limits_total", limit="head_too_large")
+    rss_before = metric_value(m, "process_resident_memory_bytes")
+    base = probe.baseline()
+    samples, answer = probe.during(lambda: _send_head_flood(edge.port, mb << 20))
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    body = orjson.loads(answer.partition(b"\r\n\r\n")[2])
+    assert body["error"]["code"] == "headers_too_large" and body["error"]["type"] == "invalid_request_error"
+    probe.assert_unaffected(base, samples, f"{mb} MB header")
+    # refused before auth (no key was sent): 431, not 401; logged and counted as such
+    rec = [r for r in edge.records(wait_for=1) if r["response_code"] == 431][-1]
+    assert rec["response_flags"] == "BR" and rec["error_type"] == "headers_too_large"
+    assert rec["method"] == "POST" and rec["path"] == "/v1/chat/completions"
+    m = edge.metrics()
+    assert metric_value(m, "llmgw_input_limits_total", limit="head_too_large") == before + 1
+    # nothing of the flood was buffered (before the limit: +290 MB for 64 MB)
+    assert metric_value(m, "process_resident_memory_bytes") - rss_before < 16 << 20
+
+
+def test_headers_up_to_the_limit_pass(edge):
+    r = httpx.post(edge.url + "/v1/chat/completions", json={"model": "chat", "messages": MSG},
+                   headers={**AUTH, "x-pad": "p" * 60_000}, timeout=10)
+    assert r.status_code == 200, r.text
+
+
+def _json_attack(gw: Gateway, raw: bytes, times: int = 3) -> list[httpx.Response]:
+    with httpx.Client(base_url=gw.url, headers={**AUTH, "content-type": "application/json"}, timeout=60) as c:
+        return [c.post("/v1/chat/completions", content=raw) for _ in range(times)]
+
+
+@pytest.mark.parametrize(("item", "limit"), [(b"[]", "json_containers"), (b"7", "json_elements")])
+def test_millions_of_tiny_json_values_are_refused_before_parsing(edge, probe, item, limit):
+    raw = b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}], "x": [' + \
+        b",".join([item] * 2_400_000) + b"]}"
+    assert len(raw) < 10 << 20  # inside the body limit: only the element limits can refuse it
+    before = metric_value(edge.metrics(), "llmgw_input_limits_total", limit=limit)
+    base = probe.baseline()
+    samples, answers = probe.during(lambda: _json_attack(edge, raw))
+    for r in answers:
+        assert r.status_code == 400, r.text[:300]
+        err = r.json()["error"]
+        assert err["code"] == "too_many_elements" and f"server.max_{limit}" in err["message"]
+    probe.assert_unaffected(base, samples, limit)
+    assert metric_value(edge.metrics(), "llmgw_input_limits_total", limit=limit) == before + 3
+    rec = [r for r in edge.records(wait_for=1) if r["error_type"] == "too_many_elements"][-1]
+    assert rec["response_code"] == 400 and rec["response_flags"] == "BR"
+
+
+def test_brackets_commas_and_quotes_inside_strings_are_not_structure(edge):
+    # 600,000 commas and 200,000 brackets, all inside one prompt (with escaped quotes): an ordinary request
+    text = 'say "[a, b], {c, d}" then, \\ and, ' * 50_000
+    r = httpx.post(edge.url + "/v1/chat/completions", headers=AUTH, timeout=30,
+                   json={"model": "chat", "messages": [{"role": "user", "content": text}]})
+    assert r.status_code == 200, r.text[:300]
+
+
+def test_deep_nesting_is_refused_on_the_bytes(edge):
+    deep = b'{"model": "chat", "x": ' + b"[" * 200 + b"]" * 200 + b"}"
+    r = httpx.post(edge.url + "/v1/chat/completions", content=deep, timeout=10,
+                   headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_deep"
+
+
+def test_content_length_with_trailing_whitespace_is_accepted(edge):
+    body = orjson.dumps({"model": "chat", "messages": MSG})
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)} \r\nconnection: close\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as s:
+        s.sendall(head.encode() + body)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+
+
+# ------------------------------------------------------------------ slow and silent connections
+
+@pytest.fixture(scope="module")
+def slow_edge(sims: Sims, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = Gateway(_cfg(sims, admin_port=free_port(), request_headers_timeout_s=0.5, idle_timeout_s=1.0),
+                 tmp_path_factory.mktemp("slow"), name="slow")
+    yield gw
+    gw.stop()
+
+
+def _until_closed(s: socket.socket, trickle: bytes = b"", every_s: float = 0.05) -> bytes:
+    """Send ``trickle`` a byte at a time (nothing when empty) until the gateway closes; all it answered."""
+    s.settimeout(every_s)
+    got = b""
+    end = time.monotonic() + 30  # a generous bound for the close event, not the measurement
+    i = 0
+    while time.monotonic() < end:
+        if trickle:
+            try:
+                s.send(trickle[i % len(trickle):i % len(trickle) + 1])
+                i += 1
+            except OSError:
+                return got
+        try:
+            chunk = s.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
+    raise AssertionError(f"connection still open after 30 s; got {got[:200]!r}")
+
+
+def test_slowloris_and_silent_connections_are_closed(slow_edge):
+    gw = slow_edge
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-slow: " + b"s" * 10_000
+    before = {k: metric_value(gw.metrics(), "llmgw_input_limits_total", limit=k) for k in ("head_timeout", "idle_timeout")}
+    results: dict[str, bytes] = {}
+
+    def slow(i: int) -> None:
+        with socket.create_connection(("127.0.0.1", gw.port)) as s:
+            results[f"slow{i}"] = _until_closed(s, head)
+
+    def silent(i: int) -> None:
+        with socket.create_connection(("127.0.0.1", gw.port)) as s:
+            results[f"silent{i}"] = _until_closed(s)
+
+    def after_a_request() -> None:  # a keep-alive connection that trickles its second head
+        body = orjson.dumps({"model": "chat", "messages": MSG})
+        first = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
+                 f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
+        with socket.create_connection(("127.0.0.1", gw.port)) as s:
+            s.sendall(first)
+            s.settimeout(10)
+            answer = s.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+            results["keepalive"] = _until_closed(s, head)
+
+    threads = [threading.Thread(target=slow, args=(i,)) for i in range(4)]
+    threads += [threading.Thread(target=silent, args=(i,)) for i in range(3)]
+    threads.append(threading.Thread(target=after_a_request))
+    for t in threads:
+        t.start()
+    probe = Probe(gw)
+    while any(t.is_alive() for t in threads):  # the gateway keeps serving meanwhile
+        probe.once()
+    probe.close()
+    for t in threads:
+        t.join()
+    for name in ("slow0", "slow1", "slow2", "slow3", "keepalive"):
+        # (the keep-alive one may still read the tail of its first response before the 408)
+        assert b"HTTP/1.1 408 " in results[name][:4096], (name, results[name][:200])
+        assert b'"code":"request_timeout"' in results[name]
+    for name in ("silent0", "silent1", "silent2"):
+        assert results[name] == b"", name  # closed without a word: no request was begun
+    m = gw.metrics()
+    assert metric_value(m, "llmgw_input_limits_total", limit="head_timeout") == before["head_timeout"] + 5
+    assert metric_value(m, "llmgw_input_limits_total", limit="idle_timeout") == before["idle_timeout"] + 3
+    recs = [r for r in gw.records(wait_for=5) if r["response_code"] == 408]
+    assert len(recs) == 5 and {r["response_flags"] for r in recs} == {"HT"}
+
+
+# ------------------------------------------------------------------ ops endpoints and the admin view
+
+@pytest.fixture(scope="module")
+def keyed_public(sims: Sims, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """Keys on, no admin port: everything is on the public port."""
+    cfg = _cfg(sims)
+    cfg["models"][0]["deployments"][0]["headers"] = {"x-upstream-credential": "cred-0123456789"}
+    cfg["state"] = {"backend": "memory", "redis_url": "redis://127.0.0.1:6379/0?password=redis-pw-42&db=1"}
+    gw = Gateway(cfg, tmp_path_factory.mktemp("public"), name="public")
+    yield gw
+    gw.stop()
+
+
+def test_ops_endpoints_need_a_key_on_the_public_port(keyed_public):
+    gw = keyed_public
+    for path in ("/metrics", "/admin/config", "/admin/deployments", "/docs", "/openapi.json", "/redoc"):
+        r = httpx.get(gw.url + path, timeout=10)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+        assert httpx.get(gw.url + path, headers=AUTH, timeout=10).status_code == 200, path
+    for path in ("/healthz", "/readyz"):  # probes stay open
+        assert httpx.get(gw.url + path, timeout=10).status_code == 200
+
+
+def test_the_admin_port_serves_prometheus_without_a_key(edge):
+    text = httpx.get(edge.admin_url + "/metrics", timeout=10).text
+    assert "llmgw_requests_total" in text
+    assert httpx.get(edge.url + "/metrics", headers=AUTH, timeout=10).status_code == 404  # not on the API port
+    assert httpx.get(edge.url + "/docs", timeout=10).status_code == 401
+
+
+def test_admin_config_shows_no_secret(keyed_public):
+    gw = keyed_public
+    text = httpx.get(gw.url + "/admin/config", headers=AUTH, timeout=10).text
+    for secret in ("cred-0123456789", "redis-pw-42", "sim-key"):
+        assert secret not in text, secret
+    data = orjson.loads(text)
+    assert data["models"][0]["deployments"][0]["headers"] == {"x-upstream-credential": "***"}
+    assert data["state"]["redis_url"] == "redis://127.0.0.1:6379/0?password=***&db=1"
+
+
+# ------------------------------------------------------------------ the text access log
+
+def test_text_access_log_lines_cannot_be_forged(sims: Sims, tmp_path: Path):
+    cfg = _cfg(sims)
+    cfg["access_log"] = {"format": "text"}
+    gw = Gateway(cfg, tmp_path, name="text")
+    try:
+        forged = '[2026-01-01T00:00:00Z] "GET /admin HTTP/1.1" 200'
+        r = httpx.get(gw.url + "/v1/x%0A" + forged.replace(" ", "%20").replace('"', "%22"), timeout=10)
+        assert r.status_code == 404
+        r = httpx.post(gw.url + "/v1/chat/completions", json={"model": "chat", "messages": MSG}, timeout=10,
+                       headers={**AUTH, "user-agent": b'evil" "injected\x85second line'})  # \x85: NEL
+        assert r.status_code == 200
+        lines = gw.lines(wait_for=2)
+        assert len(lines) == 2, lines
+        assert "\\n" + forged.replace('"', '\\"') in lines[0]
+        assert '"evil\\" \\"injected\\u0085second line"' in lines[1]
+        assert lines[1].count('" "') == 4  # user agent, request id, model and host stay separate fields
+    finally:
+        gw.stop()

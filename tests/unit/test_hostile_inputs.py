@@ -1,0 +1,187 @@
+"""Pure decisions behind the hostile-input limits: JSON cost on the bytes, redaction, header values in
+config, the tpm estimate, access-log escaping, and which proxy a deployment uses."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+import yaml
+
+from gateway.api.jsonlimits import JsonLimit, deeper_than, json_over_limit
+from gateway.config import ConfigError, parse_config, redact, redact_url
+from gateway.security.guard import estimate_tokens
+from gateway.telemetry.accesslog import FIELDS, format_text
+from gateway.upstream.proxy import bypassed, proxy_for
+
+
+def over(raw: bytes, elements: int = 1000, containers: int = 100) -> JsonLimit | None:
+    return json_over_limit(raw, elements, containers)[0]
+
+
+def test_an_ordinary_body_is_decided_by_the_upper_bounds():
+    assert over(orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi, there"}]})) is None
+
+
+def test_many_empty_arrays_break_the_container_limit():
+    assert over(b'{"x": [' + b",".join([b"[]"] * 101) + b"]}") is JsonLimit.CONTAINERS
+
+
+def test_many_scalars_break_the_element_limit():
+    assert over(b'{"x": [' + b",".join([b"1"] * 1000) + b"]}") is JsonLimit.ELEMENTS
+    assert over(b'{"x": [' + b",".join([b"1"] * 990) + b"]}") is None
+
+
+def test_many_strings_break_the_element_limit_before_any_split():
+    assert over(b'{"x": [' + b",".join([b'"a"'] * 1200) + b"]}") is JsonLimit.ELEMENTS
+
+
+def test_brackets_and_commas_inside_strings_are_not_structure():
+    text = 'a [b], {c}, \\" [ { , ' * 200  # escaped quotes do not end the string
+    assert over(orjson.dumps({"model": "m", "content": text})) is None
+    assert over(orjson.dumps({"k": "\\\\", "x": "[[[[[[[[[[[[[[[[[[[["})) is None  # an escaped backslash
+
+
+def test_depth_counts_levels_of_nesting():
+    def nested(n: int) -> bytes:
+        return b'{"a": ' + b"[" * (n - 1) + b"]" * (n - 1) + b"}"
+    assert not deeper_than(orjson.loads(nested(8)), 8)
+    assert deeper_than(orjson.loads(nested(9)), 8)
+    assert not deeper_than({"a": [1, 2, {"b": "c"}]}, 3)
+
+
+def test_the_container_count_bounds_the_depth_walk():
+    raw = b'{"a": "[[[[", "b": [[]]}'
+    assert json_over_limit(raw, 1000, 100) == (None, 7)  # an upper bound: the check only needs to be safe
+    many = b'{"m": [' + b",".join([b'"[x]"'] * 5000) + b"], " + b'"b": [[]]}'
+    assert json_over_limit(many, 100_000, 100) == (None, 4)  # over the bound: counted outside strings
+
+
+def test_invalid_json_is_left_to_the_parser():
+    assert over(b"[" * 20 + b"}" * 20) is None
+
+
+def _cfg(**deployment) -> dict:
+    return {"models": [{"name": "m", "deployments": [{"id": "d", "base_url": "https://api.example/v1", **deployment}]}]}
+
+
+def test_every_header_value_and_url_secret_is_redacted():
+    cfg = parse_config({
+        **_cfg(api_key="sk-provider", headers={"x-upstream-credential": "cred-v4lue", "x-team": "voice"},
+               proxy="http://user:pw@proxy.internal:3128"),
+        "state": {"redis_url": "redis://:redis-pw@redis:6379/0?password=qs-pw&db=2"},
+        "tracing": {"otlp_endpoint": "https://otel-user:otel-pw@collector:4318?token=t0k"},
+    }, env={})
+    data = redact(cfg)
+    shown = orjson.dumps(data).decode()
+    for secret in ("sk-provider", "cred-v4lue", "voice", "user:pw", "redis-pw", "qs-pw", "otel-pw", "otel-user", "t0k"):
+        assert secret not in shown, secret
+    d = data["models"][0]["deployments"][0]
+    assert d["headers"] == {"x-upstream-credential": "***", "x-team": "***"}
+    assert d["proxy"] == "http://***@proxy.internal:3128"
+    assert data["state"]["redis_url"] == "redis://***@redis:6379/0?password=***&db=2"
+    assert data["tracing"]["otlp_endpoint"] == "https://***@collector:4318?token=***"
+
+
+def test_harmless_query_parameters_stay_readable():
+    assert redact_url("https://x.openai.azure.com/openai?api-version=2024-06-01&sig=abc") == \
+        "https://x.openai.azure.com/openai?api-version=2024-06-01&sig=***"
+
+
+@pytest.mark.parametrize("value", ["naïve ✓ token", "日本"])
+def test_a_header_value_http_cannot_carry_fails_naming_the_key(value):
+    with pytest.raises(ConfigError, match=r"models\[0\]\.deployments\[0\]\.headers: the value of 'x-note' holds "
+                                          r"characters an HTTP header cannot carry"):
+        parse_config(_cfg(headers={"x-note": value}), env={})
+    assert parse_config(_cfg(headers={"x-note": "café"}), env={})  # latin-1 is fine
+
+
+def test_check_config_rejects_a_non_latin1_header(tmp_path: Path):
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(_cfg(headers={"x-note": "✓"}), allow_unicode=True))
+    out = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(path)], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "models[0].deployments[0].headers: the value of 'x-note'" in out.stderr
+
+
+def test_a_proxy_setting_must_be_an_http_proxy_url():
+    with pytest.raises(ConfigError, match=r"models\[0\]\.deployments\[0\]\.proxy: expected http://"):
+        parse_config(_cfg(proxy="socks5://p:1080"), env={})
+
+
+def test_tpm_estimate_counts_every_choice():
+    raw = b"x" * 400
+    assert estimate_tokens(raw, {"max_tokens": 100}) == 200
+    assert estimate_tokens(raw, {"max_tokens": 100, "n": 4}) == 500
+    assert estimate_tokens(raw, {"n": 2}) == 100 + 512
+    assert estimate_tokens(raw, {"max_tokens": 100, "n": "9"}) == 200  # not a count: one choice
+
+
+def test_text_log_escapes_what_could_forge_a_line_or_split_a_field():
+    rec = dict.fromkeys(FIELDS)
+    rec.update(start_time="2026-01-01T00:00:00Z", method="GET", path='/v1/x\n[forged] "GET / HTTP/1.1" 200',
+               response_code=404, response_flags="NR", bytes_received=0, bytes_sent=10, duration_ms=1.0,
+               user_agent='a" "b\u2028c\x85d\\', request_id="r1")
+    line = format_text(rec).decode()
+    assert line.count("\n") == 1 and line.endswith("\n") and len(line.splitlines()) == 1
+    assert '"GET /v1/x\\n[forged] \\"GET / HTTP/1.1\\" 200 HTTP/1.1"' in line
+    assert '"a\\" \\"b\\u2028c\\u0085d\\\\"' in line
+
+
+def test_proxy_from_the_environment_by_scheme_and_no_proxy():
+    env = {"HTTPS_PROXY": "http://u:p%40ss@proxy:3128", "HTTP_PROXY": "plain-proxy:8080",
+           "NO_PROXY": ".internal,10.0.0.0/8,localhost:8000"}
+    r = proxy_for("https://api.openai.com/v1", None, env)
+    assert r is not None and (r.host, r.port, r.shown) == ("proxy", 3128, "http://proxy:3128")
+    assert r.authorization == "Basic dTpwQHNz"  # u:p@ss
+    plain = proxy_for("http://vllm:8000/v1", None, env)
+    assert plain is not None and (plain.host, plain.port, plain.authorization) == ("plain-proxy", 8080, None)
+    assert proxy_for("https://llm.internal/v1", None, env) is None
+    assert proxy_for("http://10.1.2.3/v1", None, env) is None
+    assert proxy_for("http://localhost:8000/v1", None, env) is None
+    assert proxy_for("http://localhost:9000/v1", None, env) is not None  # another port
+    assert proxy_for("https://api.openai.com/v1", "direct", env) is None
+    assert proxy_for("https://api.openai.com/v1", None, {}) is None
+    own = proxy_for("https://llm.internal/v1", "http://egress:3128", env)  # the config wins over NO_PROXY
+    assert own is not None and own.host == "egress"
+
+
+def test_no_proxy_star_and_suffixes():
+    assert bypassed("anything", 443, "*")
+    assert bypassed("api.example.com", 443, "example.com") and bypassed("example.com", 443, ".example.com")
+    assert not bypassed("badexample.com", 443, "example.com")
+    assert not bypassed("api.example.com", 443, None)
+
+
+@pytest.mark.parametrize("few_quotes", [0, 4096], ids=["split", "spans"])
+def test_both_ways_of_cutting_strings_agree(monkeypatch, few_quotes):
+    import gateway.api.jsonlimits as jl
+
+    monkeypatch.setattr(jl, "FEW_QUOTES", few_quotes)
+    hidden = orjson.dumps({"m": [f'[{{"{i}", \\' for i in range(300)]})  # brackets, commas, escapes in strings
+    assert over(hidden) is None
+    assert over(hidden[:-1] + b', [' + b"[]," * 100 + b"[]]}") is JsonLimit.CONTAINERS
+    escapes = b'{"a": "x\\\\", "b": [' + b'"\\"]",' * 101 + b'"]"]}'  # \\ then a real quote; \\" inside
+    assert over(escapes, containers=3) is None
+    assert over(escapes.replace(b'"]"]}', b'[], []]}'), containers=3) is JsonLimit.CONTAINERS
+
+
+def test_marks_counted_part_by_part_give_the_same_answer():
+    from gateway.api.jsonlimits import count_marks
+
+    raw = b'{"m": "[[,", "x": [' + b",".join([b"[]"] * 150) + b"]}"
+    parts = [raw[i:i + 7] for i in range(0, len(raw), 7)]
+    marks = count_marks(parts[0])
+    for p in parts[1:]:
+        marks = marks.add(count_marks(p))
+    assert marks == count_marks(raw)
+    assert json_over_limit(raw, 1000, 100, marks) == json_over_limit(raw, 1000, 100) == (JsonLimit.CONTAINERS, 152)  # { and [ and 150 []
+
+
+def test_an_unusable_proxy_in_the_environment_is_named_without_its_credentials():
+    with pytest.raises(ValueError, match=r"^HTTPS_PROXY: unsupported proxy socks5://p \(expected") as err:
+        proxy_for("https://api.openai.com/v1", None, {"HTTPS_PROXY": "socks5://user:secret@p:1080"})
+    assert "secret" not in str(err.value)

@@ -1,0 +1,86 @@
+"""gateway/api/protocol.py subclasses uvicorn's private ``HttpToolsProtocol``: pin what it relies on.
+
+uvicorn is bounded above in pyproject.toml to the versions this was checked against; this test drives
+the real protocol class with a request and a lost connection, so a uvicorn that renamed what we use
+fails here, by name, before it fails in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from packaging.requirements import Requirement
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+from gateway.api.protocol import DISCONNECT_KEY, SCOPE_KEY, TimedHttpToolsProtocol
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_installed_uvicorn_is_within_the_bound_the_protocol_was_checked_against() -> None:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (spec,) = [Requirement(d) for d in deps if re.match(r"uvicorn\b", d)]
+    assert any(s.operator == "<" for s in spec.specifier), "uvicorn needs an upper bound: protocol.py uses its internals"
+    assert spec.specifier.contains(version("uvicorn")), f"uvicorn {version('uvicorn')} is outside {spec.specifier}"
+
+
+class _Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def writelines(self, parts: Any) -> None:
+        self.written.append(b"".join(parts))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 5000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def test_the_protocol_stamps_the_scope_and_reports_a_disconnect_through_uvicorns_internals() -> None:
+    async def scenario() -> None:
+        seen: dict[str, Any] = {}
+        gone = asyncio.Event()
+
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            seen.update(scope)
+            scope[DISCONNECT_KEY] = gone.set  # what the edge does
+            await asyncio.sleep(3600)  # the client leaves before the answer
+
+        config = Config(app, http=TimedHttpToolsProtocol, lifespan="off", access_log=False, log_level="warning")
+        config.load()
+        proto = TimedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+        transport = _Transport()
+        proto.connection_made(transport)
+        proto.data_received(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\n\r\n{}")
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert isinstance(seen.get(SCOPE_KEY), float)  # on_message_begin ran, and self.scope is the request's
+        assert proto.cycle is not None and proto.cycle.response_complete is False
+        proto.connection_lost(None)
+        assert gone.is_set()  # connection_lost found the hook through self.cycle.scope
+        for task in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
+            task.cancel()
+
+    asyncio.run(scenario())
