@@ -1,4 +1,8 @@
-"""Composition root: config -> state -> upstreams -> engine -> ASGI app, and the app's lifecycle."""
+"""Composition root: config -> state -> upstreams -> engine -> ASGI app, and the app's lifecycle.
+
+Optional parts (shared state, schema warm-up, auth, tracing, the admin listener, CORS) are wired here
+from config, each costing the hot path nothing when it is off.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +19,15 @@ from gateway.engine.engine import Engine
 from gateway.engine.exchange import Exchange
 from gateway.engine.gauges import StateGauges
 from gateway.engine.interrupt import CancelReason
+from gateway.engine.sync import StateSync
+from gateway.state.redis import make_state
 from gateway.telemetry.accesslog import AccessLog
 from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.otel import Tracing, otlp_endpoint
+from gateway.upstream import warmup
 from gateway.upstream.prewarm import keep_warm, prewarm
+from gateway.upstream.reachability import ReachabilityBoard
+from gateway.upstream.schemas import SchemaLearner, WarmupResult, schema_fingerprint, warm_all
 from gateway.upstream.select import make_client
 
 log = logging.getLogger("llmgw")
@@ -30,7 +39,13 @@ DRAIN_GRACE_S = 1.0
 
 
 class Lifecycle:
-    """Start-up (pools, warm-up, state sync), readiness, and shutdown (drain) of one worker."""
+    """Start-up (pools, warm-up, state sync), readiness, and shutdown (drain) of one worker.
+
+    Ready means this pod can serve: config loaded, listeners up, pools opened, required warm-ups done,
+    not draining. Whether each provider can be reached is reported (``deployments`` in /readyz,
+    /admin/deployments, ``llmgw_deployment_reachable``) and re-checked, but never holds readiness: a
+    pod unready because a provider is down gets no traffic, not even for the models that work.
+    """
 
     def __init__(self, cfg: GatewayConfig, engine: Engine) -> None:
         self.cfg = cfg
@@ -38,9 +53,8 @@ class Lifecycle:
         self.draining = False
         self.started = False
         self.pools_ready = False
-        self.warmup_done = True
-        self.warmup_detail: dict[str, Any] = {}
-        self.prewarm_failures: dict[str, str] = {}
+        self.warmup: warmup.SchemaWarmup | None = None  # set while required warm-ups can hold readiness
+        self.reachability = ReachabilityBoard((d.id for d in engine.registry.deployments), self._on_reachability)
         self._tasks: list[asyncio.Task] = []
         self.extra_start: list[Any] = []  # async callables run at start (warm-up, state sync)
         self.extra_stop: list[Any] = []
@@ -55,19 +69,19 @@ class Lifecycle:
         if eng.access_log is not None:
             eng.access_log.start()
         await eng.start()
+        loop = asyncio.get_running_loop()
         results = await asyncio.gather(*(prewarm(c) for c in eng.registry.clients()))
         for r in results:
             if r.ok:
                 log.info("pool %s: %d connection(s) open", r.deployment, r.opened)
-            else:
-                self.prewarm_failures[r.deployment] = r.detail
-                log.error("deployment %s failed its start-up check: %s", r.deployment, r.detail)
+            self.reachability.record_check(r, loop.time())
         self.pools_ready = True
         for c in eng.registry.clients():
             interval = c.deployment.pool.keepwarm_interval_s
             if interval > 0:
-                self._tasks.append(asyncio.get_running_loop().create_task(
-                    keep_warm(c, interval, self._on_keepwarm)))
+                self._tasks.append(loop.create_task(keep_warm(c, interval, self._on_keepwarm)))
+        self._tasks.append(loop.create_task(
+            self.reachability.recheck({c.deployment.id: c for c in eng.registry.clients()})))
         for fn in self.extra_start:
             await fn(self)
         self.gauges.sync = self.engine.sync
@@ -90,6 +104,23 @@ class Lifecycle:
             m.child(m.keepwarm, dep, "ok").inc(ok)
         if failed:
             m.child(m.keepwarm, dep, "failed").inc(failed)
+        t = asyncio.get_running_loop().time()
+        if ok:
+            self.reachability.record(dep, True, "keep-warm ping answered", t)
+        elif failed:
+            self.reachability.record(dep, False, f"{failed} keep-warm ping(s) failed", t)
+
+    def _on_reachability(self, dep: str, reachable: bool) -> None:
+        m = self.engine.metrics
+        m.child(m.reachable, dep).set(1 if reachable else 0)
+        t = self.engine.now()
+        for model in self.engine.registry.models.values():  # retries follow what the checks saw
+            if dep in model.by_id:
+                model.retry_budget.mark_reachable(dep, reachable, t)
+
+    @property
+    def warmup_done(self) -> bool:
+        return self.warmup is None or self.warmup.done
 
     def begin_drain(self) -> None:
         """SIGTERM/SIGINT (called from the signal handler): not ready from now on, and the requests still in
@@ -122,23 +153,21 @@ class Lifecycle:
             self.engine.access_log.close()
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
+        warmup_done = self.warmup_done
         detail: dict[str, Any] = {
             "status": "ready",
             "pools_ready": self.pools_ready,
-            "warmup_done": self.warmup_done,
+            "warmup_done": warmup_done,
             "draining": self.draining,
         }
-        if self.prewarm_failures:
-            detail["failed_deployments"] = self.prewarm_failures
-        if self.warmup_detail:
-            detail["warmup"] = self.warmup_detail
-        ready = self.started and self.pools_ready and self.warmup_done and not self.draining
-        # A deployment failing its start-up check does not block readiness while others of its model work.
-        if ready and self.prewarm_failures:
-            for m in self.engine.registry.models.values():
-                if all(d.id in self.prewarm_failures for d in m.deployments):
-                    ready = False
-                    detail["unavailable_models"] = detail.get("unavailable_models", []) + [m.name]
+        down = self.reachability.unreachable()
+        if down:  # reported, not a gate: requests for these fail fast or fall back, the rest are served
+            detail["failed_deployments"] = {d: self.reachability.entries[d].detail for d in down}
+            detail["unavailable_models"] = [m.name for m in self.engine.registry.models.values()
+                                            if all(d.id in down for d in m.deployments)]
+        if self.warmup is not None:
+            detail["warmup"] = self.warmup.detail()
+        ready = self.started and self.pools_ready and warmup_done and not self.draining
         if not ready:
             detail["status"] = "draining" if self.draining else "not-ready"
         return ready, detail
@@ -154,9 +183,16 @@ def build_app(cfg: GatewayConfig, *, region: str | None = None, seed: int | None
                            on_drop=metrics.accesslog_dropped.inc)
     engine = Engine(cfg, home_region=home, metrics=metrics, access_log=access_log, upstream=make_client, seed=seed)
     lifecycle = Lifecycle(cfg, engine)
-    from gateway.features import install_features
+    backend = make_state(cfg.state)
+    engine.state_backend = backend
+    if cfg.state.backend == "redis":
+        _install_sync(cfg, engine, lifecycle, backend)
+    _install_warmup(cfg, engine, lifecycle, backend)
+    guard = None
+    if cfg.auth.mode == "keys":
+        from gateway.security.guard import Guard
 
-    guard = install_features(cfg, engine, lifecycle)
+        guard = Guard(cfg.auth, backend, engine.metrics)
     edge = GatewayASGI(engine, build_docs_app(engine, lifecycle), lifecycle, guard)
     app: Any = edge
     endpoint = otlp_endpoint(cfg.tracing.otlp_endpoint)
@@ -190,3 +226,73 @@ def create_app() -> Any:
     if not path:
         raise RuntimeError(f"{CONFIG_ENV} is not set")
     return build_app(load_config(path))
+
+
+# ---------------------------------------------------------------------- optional parts
+
+def _install_sync(cfg: GatewayConfig, engine: Engine, lifecycle: Lifecycle, backend: Any) -> None:
+    sync = StateSync(engine, backend, cfg.state.sync_interval_ms / 1000.0, cfg.state.key_ttl_s)
+    engine.sync = sync
+
+    async def start_sync(_lc: Lifecycle) -> None:
+        await sync.start()
+
+    async def stop_sync(_lc: Lifecycle) -> None:
+        await sync.close()
+
+    lifecycle.extra_start.append(start_sync)
+    lifecycle.extra_stop.append(stop_sync)
+
+
+def _install_warmup(cfg: GatewayConfig, engine: Engine, lifecycle: Lifecycle, backend: Any) -> None:
+    """Schema warm-up before ready (gateway/upstream/warmup.py) and learned schemas warmed in the background."""
+    learner = SchemaLearner(backend, ttl_s=max(cfg.state.key_ttl_s, 7 * 86400.0),
+                            max_per_model=max(m.warmup.learned_max for m in cfg.models))
+    if any(m.warmup.learn for m in cfg.models):
+        engine.schema_learner = learner
+
+    def count(results: list[WarmupResult]) -> None:
+        m = engine.metrics
+        for r in results:
+            m.child(m.warmup, r.model, r.deployment, "ok" if r.ok else "failed").inc()
+            m.child(m.warmup_seconds, r.model, r.deployment).observe(r.ms / 1000.0)
+
+    async def warm_learned(model: str, json_schema: dict[str, Any], skip: str | None = None) -> None:
+        m = engine.registry.models[model]
+        jobs = [(d.client, m.name, d.upstream_model, json_schema) for d in m.deployments if d.id != skip]
+        count(await warm_all(jobs, timeout_s=m.cfg.warmup.timeout_ms / 1000.0, concurrency=m.cfg.warmup.concurrency))
+
+    engine.warm_learned = warm_learned
+
+    def on_results(mw: warmup.ModelWarmup, jobs: list[warmup.Job], results: list[WarmupResult]) -> None:
+        count(results)
+        for job, r in zip(jobs, results, strict=True):
+            (log.info if r.ok else log.error)("warm-up %s/%s schema %s: %s in %.0f ms", r.model, r.deployment,
+                                              r.schema, r.detail, r.ms)
+            if r.ok and engine.schema_learner is not None:
+                engine.schema_learner.mark(mw.name, schema_fingerprint(job[3]))
+
+    async def start_warmup(lc: Lifecycle) -> None:
+        models = await warmup.plan(
+            ((m.name, m.cfg.warmup, [(d.client, d.upstream_model) for d in m.deployments])
+             for m in engine.registry.models.values()),
+            learner if engine.schema_learner is not None else None, load_timeout_s=2.0)
+        if not models:
+            return
+        run = warmup.SchemaWarmup(models, on_results)
+        lc.warmup = run  # readiness waits for the first pass, and for required warm-ups to succeed
+        loop = asyncio.get_running_loop()
+        lc._tasks.append(loop.create_task(run.run()))
+        if not any(mw.cfg.required for mw in models):
+            # Nothing required: readiness waits at most the longest warm-up timeout.
+            limit = max(mw.cfg.timeout_ms for mw in models) / 1000.0
+            lc._tasks.append(loop.create_task(_ready_after(lc, run, limit)))
+
+    lifecycle.extra_start.append(start_warmup)
+
+
+async def _ready_after(lc: Lifecycle, run: warmup.SchemaWarmup, seconds: float) -> None:
+    await asyncio.sleep(seconds)
+    if lc.warmup is run and not run.done:
+        log.warning("warm-up still running after %.0f s; taking traffic (warm-up not required)", seconds)
+        lc.warmup = None

@@ -199,41 +199,35 @@ def cmd_warmup(args: argparse.Namespace) -> int:
 
 
 async def _warmup(cfg: GatewayConfig, learned: bool) -> int:
+    """One pass of the server's own warm-up (gateway/upstream/warmup.py) over every model, then a report."""
     from gateway.state.redis import make_state
+    from gateway.upstream import warmup
     from gateway.upstream.base import UpstreamClient
-    from gateway.upstream.schemas import SchemaLearner, schema_fingerprint, warm_all
+    from gateway.upstream.schemas import SchemaLearner
     from gateway.upstream.select import make_client
 
     backend = make_state(cfg.state)
-    learner = SchemaLearner(backend, ttl_s=cfg.state.key_ttl_s, max_per_model=10_000)
+    learner = SchemaLearner(backend, ttl_s=cfg.state.key_ttl_s, max_per_model=10_000) if learned else None
     clients: list[UpstreamClient] = []
     failed_required = False
     total = 0
     print(f"{'MODEL':<20} {'DEPLOYMENT':<24} {'SCHEMA':<28} {'RESULT':<8} {'MS':>9}  DETAIL")
     try:
         for m in cfg.models:
-            schemas = list(m.warmup.schemas)
-            if learned and m.warmup.learn:
-                try:
-                    schemas += await asyncio.wait_for(learner.load(m.name), timeout=3.0)
-                except Exception as exc:
-                    print(f"warning: learned schemas for {m.name} unavailable: {exc}", file=sys.stderr)
-            unique = {schema_fingerprint(s): s for s in schemas}
-            if not unique:
-                continue
-            jobs = []
+            deployments = []
             for d in m.deployments:
                 c = make_client(d)
-                await c.start()
                 clients.append(c)
-                jobs += [(c, m.name, d.model or m.name, s) for s in unique.values()]
-            results = await warm_all(jobs, timeout_s=m.warmup.timeout_ms / 1000.0, concurrency=m.warmup.concurrency)
-            for r in results:
-                total += 1
-                print(f"{r.model:<20} {r.deployment:<24} {r.schema[:28]:<28} {'ok' if r.ok else 'FAILED':<8} "
-                      f"{r.ms:>9.1f}  {r.detail}")
-                if not r.ok and m.warmup.required:
-                    failed_required = True
+                deployments.append((c, d.model or m.name))
+            for mw in await warmup.plan([(m.name, m.warmup, deployments)], learner):
+                for c, _ in deployments:
+                    await c.start()
+                for r in await warmup.warm_pass(mw):
+                    total += 1
+                    print(f"{r.model:<20} {r.deployment:<24} {r.schema[:28]:<28} {'ok' if r.ok else 'FAILED':<8} "
+                          f"{r.ms:>9.1f}  {r.detail}")
+                    if not r.ok and m.warmup.required:
+                        failed_required = True
     finally:
         for c in clients:
             await c.close()

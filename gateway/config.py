@@ -142,15 +142,17 @@ class TimeoutsConfig(_Strict):
     per_try_ms: float = Field(120000.0, gt=0)
     idle_ms: float = Field(30000.0, gt=0)
     total_ms: float = Field(300000.0, gt=0)
+    sdk_reply_margin_ms: float = Field(100.0, ge=0)
 
 
 class RetryConfig(_Strict):
-    max_retries: int = Field(2, ge=0, le=10)
+    max_retries: int = Field(10, ge=0, le=10)
     retry_on: list[str | int] = ["connect-failure", "reset", "502", "503", "504", "429", "timeout"]
     backoff_base_ms: float = Field(25.0, ge=0)
     backoff_max_ms: float = Field(250.0, ge=0)
     budget_percent: float = Field(20.0, ge=0, le=100)
     min_retry_concurrency: int = Field(3, ge=0)
+    min_retries_per_s: float = Field(1.0, ge=0)
 
     @field_validator("retry_on")
     @classmethod

@@ -46,6 +46,8 @@ def build_docs_app(engine: Engine, lifecycle: Any) -> FastAPI:
                     "ttft_estimate_ms": round(d.ttft.value(t), 1), "ttft_samples": d.ttft.samples,
                     "latency_estimate_ms": round(d.latency.value(t), 1), "latency_samples": d.latency.samples,
                     "pool": d.client.pool_counts(), "connections_opened": d.client.connections_opened,
+                    "failure_rate": round(m.retry_budget.failure_rate(d.id, t), 3),
+                    **_reachability(lifecycle, d.id),
                 })
         return {"home_region": engine.home_region, "deployments": out}
 
@@ -54,3 +56,9 @@ def build_docs_app(engine: Engine, lifecycle: Any) -> FastAPI:
         return redact(engine.cfg)
 
     return app
+
+
+def _reachability(lifecycle: Any, deployment: str) -> dict[str, Any]:
+    """Whether the deployment answers its checks (start-up, keep-warm, re-checks while down)."""
+    e = lifecycle.reachability.entries.get(deployment)
+    return {"reachable": e.reachable if e else None, "reachability_detail": e.detail if e else "not checked"}

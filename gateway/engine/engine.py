@@ -120,7 +120,8 @@ class Engine:
             return Deadline(t_received, DeadlineSource.TOTAL), errors.model_not_found(model_name)
         try:
             return resolve_deadline(t_received, model.total_s * 1000.0, headers.get("x-gateway-timeout-ms"),
-                                    headers.get("x-stainless-timeout") or headers.get("x-stainless-read-timeout")), None
+                                    headers.get("x-stainless-timeout"), headers.get("x-stainless-read-timeout"),
+                                    model.cfg.timeouts.sdk_reply_margin_ms), None
         except ValueError as exc:
             return Deadline(t_received, DeadlineSource.TOTAL), errors.bad_request(str(exc), code="invalid_header")
 

@@ -26,11 +26,13 @@ from gateway.engine.relay import RelayOutcome, Send, relay_stream
 from gateway.engine.sse import error_event, usage_of
 from gateway.errors import GatewayError
 from gateway.flags import ResponseFlag
-from gateway.policy.deadline import Deadline, DeadlineSource, attempt_timeout
+from gateway.policy.attribution import Blame, blame, censored_latency_ms, retry_evidence
+from gateway.policy.deadline import SDK_SOURCES, Deadline, DeadlineSource, attempt_timeout, resolve_deadline
 from gateway.policy.fallback import FallbackReason, fallback_reason_for, should_degrade
 from gateway.policy.hedging import hedge_delay, loser_sample_ms
 from gateway.policy.outlier import OutlierVerdict, record_outcome
-from gateway.policy.retry import FailureKind, RetryVerdict, is_retriable, plan_retry
+from gateway.policy.retry import FailureKind, RetryVerdict
+from gateway.policy.retry_state import RetryState
 from gateway.policy.routing import RouteReason, choose
 from gateway.telemetry.logs import REQUEST_ID
 from gateway.telemetry.timing import iso_utc, ms, round3, union_length
@@ -52,11 +54,12 @@ class ExchangeState(StrEnum):
 class Exchange:
     __slots__ = ("engine", "path", "upstream_path", "body", "model_name", "stream", "headers", "t_received",
                  "t_body", "wall_start", "request_id", "client", "api_key_id", "trace", "state", "attempts", "waits",
-                 "flags", "retries", "hedges", "model_retries", "model_hedges", "hedge_delay_ms", "route_reason",
+                 "flags", "retries", "hedges", "retry_state", "model_hedges", "hedge_delay_ms", "route_reason",
                  "winner", "last_failure", "error", "timeout_flag", "fallback_from", "fallback_reason",
                  "served_model", "status", "bytes_received", "bytes_sent", "t_routed", "t_first_sent", "t_last_sent",
                  "prompt_tokens", "completion_tokens", "committed", "finished", "_closing", "_bodies",
-                 "_base_headers", "deadline", "rejected", "now", "interrupt", "relay", "affinity_key", "_fallbacks")
+                 "_base_headers", "deadline", "rejected", "now", "interrupt", "relay", "affinity_key", "_fallbacks",
+                 "retry_verdict")
 
     def __init__(self, engine: Engine, task: asyncio.Task, *, path: str, upstream_path: str, body: dict[str, Any], raw_len: int,
                  headers: dict[str, str], t_received: float, t_body: float, wall_start: float,
@@ -89,7 +92,8 @@ class Exchange:
         self.flags: list[str] = []
         self.retries = 0  # totals over the whole request (all models of the fallback chain), for the log
         self.hedges = 0
-        self.model_retries = 0  # this model's own, for its max_retries / max_hedges
+        self.retry_state: RetryState | None = None  # this model's retries (its max_retries and budget)
+        self.retry_verdict: RetryVerdict | None = None  # why retries stopped, when they did
         self.model_hedges = 0
         self.hedge_delay_ms: float | None = None
         self.route_reason: RouteReason | None = None
@@ -222,6 +226,7 @@ class Exchange:
         self._fallbacks.append((frm.name, to.name, reason))
         self.last_failure = None
         self.error = None
+        self.retry_verdict = None  # the next model's retries decide what the client is told
 
     def _fallbacks_ran(self) -> None:
         for frm, to, reason in self._fallbacks:
@@ -260,8 +265,9 @@ class Exchange:
         per_try = attempt_timeout(self.deadline, t, dep.per_try_s * 1000.0, MIN_ATTEMPT_MS)
         if per_try is None:
             self.error = errors.deadline_exceeded(
-                f"Request deadline of {self._deadline_ms():.0f} ms ({self.deadline.source.value}) left too little "
-                "time for another upstream attempt.", ResponseFlag.DEADLINE)
+                f"{self._deadline_text()} ran out: {max(self.deadline.remaining(t), 0.0) * 1000.0:.0f} ms left, "
+                f"less than the {MIN_ATTEMPT_MS:.0f} ms an upstream attempt needs. {self._attempts_text()}",
+                ResponseFlag.DEADLINE)
             self.timeout_flag = "total"
             return None
         if kind is AttemptKind.PRIMARY or self.route_reason is None:
@@ -298,7 +304,8 @@ class Exchange:
             m.retry_budget.request_finished()
 
     async def _attempts(self, m: ModelRuntime) -> Attempt | None:
-        self.model_retries = self.model_hedges = 0
+        self.retry_state = RetryState(m.retry_budget, m.cfg.retry.max_retries, m.retry_on)
+        self.model_hedges = 0
         tried: set[str] = set()
         att = self._start(m, AttemptKind.PRIMARY, tried)
         if att is None:
@@ -400,7 +407,8 @@ class Exchange:
         """Failures while another attempt runs: that attempt now plays the retry, and takes a retry-budget
         slot when one is free (it is already running either way)."""
         self.retries += failures
-        self.model_retries += failures
+        assert self.retry_state is not None  # set by _attempts for the model being tried
+        self.retry_state.count(failures)
         if running.budget is None and m.retry_budget.try_acquire():
             running.budget = m.retry_budget
 
@@ -440,44 +448,44 @@ class Exchange:
         self.last_failure = failed
         t = self.now()
         assert failed.failure is not None  # a failed attempt says why
-        retriable = is_retriable(failed.failure, failed.status, m.retry_on)
+        rc = m.cfg.retry
         # Retry-After binds the deployment that said it; when another deployment can take the retry, go there.
         retry_after = failed.retry_after_s
         if retry_after is not None and self._other_available(m, failed.dep, t):
             retry_after = None
-        budget = m.retry_budget
-        acquired = retriable and self.model_retries < m.cfg.retry.max_retries and budget.try_acquire()
-        decision = plan_retry(retries_done=self.model_retries, max_retries=m.cfg.retry.max_retries, retriable=retriable,
-                              retry_after_s=retry_after, remaining_s=self.deadline.remaining(t),
-                              min_attempt_s=MIN_ATTEMPT_MS / 1000.0, base_ms=m.cfg.retry.backoff_base_ms,
-                              max_ms=m.cfg.retry.backoff_max_ms, budget_ok=acquired, rng=self.engine.registry.rng)
+        assert self.retry_state is not None  # set by _attempts for the model being tried
+        plan = self.retry_state.decide(
+            failure=failed.failure, status=failed.status, failed=failed.dep.id,
+            alternatives=[d.id for d in m.deployments if d.id not in tried and d.healthy(t)],
+            retry_after_s=retry_after, remaining_s=self.deadline.remaining(t), min_attempt_s=MIN_ATTEMPT_MS / 1000.0,
+            base_ms=rc.backoff_base_ms, max_ms=rc.backoff_max_ms, rng=self.engine.registry.rng, now=t)
         metrics = self.engine.metrics
-        if decision.verdict is not RetryVerdict.RETRY:
-            if acquired:
-                budget.release()
-            if decision.verdict is RetryVerdict.BUDGET:
+        verdict = plan.verdict
+        if not plan.retry:
+            self.retry_verdict = verdict
+            if verdict is RetryVerdict.BUDGET or verdict is RetryVerdict.HOPELESS:
                 metrics.child(metrics.retry_budget_exhausted, m.name).inc()
-            if decision.verdict in (RetryVerdict.BUDGET, RetryVerdict.LIMIT) and retriable:
+            if verdict is RetryVerdict.BUDGET or verdict is RetryVerdict.LIMIT or verdict is RetryVerdict.HOPELESS:
                 self.flags.append(ResponseFlag.RETRY_LIMIT_EXCEEDED)
-            if decision.verdict is not RetryVerdict.NOT_RETRIABLE:
-                metrics.child(metrics.retries, m.name, decision.verdict.value).inc()
+            if verdict is not RetryVerdict.NOT_RETRIABLE:
+                metrics.child(metrics.retries, m.name, verdict.value).inc()
             return None
-        metrics.child(metrics.retries, m.name, "retry").inc()
+        metrics.child(metrics.retries, m.name, verdict.value).inc()
         att = None
         try:
-            if decision.delay_s > 0:
+            if plan.delay_s > 0:
                 w0 = self.now()
-                await self.engine.clock.sleep(decision.delay_s)
+                await self.engine.clock.sleep(plan.delay_s)
                 self.waits.append((w0, self.now()))
             self.retries += 1
-            self.model_retries += 1
             att = self._start(m, AttemptKind.RETRY, tried)
             return att
         finally:
-            if att is None:
-                budget.release()
-            else:
-                att.budget = budget  # the retry holds its budget slot until it ends
+            if plan.charged:
+                if att is None:
+                    m.retry_budget.release()
+                else:
+                    att.budget = m.retry_budget  # the retry holds its budget slot until it ends
 
     def _other_available(self, m: ModelRuntime, dep: DeploymentRuntime, t: float) -> bool:
         return any(d is not dep and d.healthy(t) for d in m.deployments)
@@ -512,6 +520,7 @@ class Exchange:
         dep = a.dep
         t = self.now()
         metrics = self.engine.metrics
+        who = blame(a.ok, a.failure, a.status, a.timeout_flag)
         if a.ok:
             assert a.t_first is not None  # set with READY
             dep.observe((a.t_first - a.t_start) * 1000.0, t, self.stream)
@@ -519,12 +528,17 @@ class Exchange:
             outcome = "success"
         else:
             kind = a.failure
-            failed = kind in (FailureKind.CONNECT, FailureKind.RESET, FailureKind.TIMEOUT, FailureKind.PROTOCOL) or (
-                a.status is not None and a.status >= 500)
+            failed = who is Blame.PROVIDER_FAILURE
             if kind is FailureKind.TIMEOUT:
                 peak = (t - a.t_start) * 1000.0  # a stall counts as at least this slow
-                (dep.ttft if self.stream else dep.latency).observe(peak, t)
-                outcome = "timeout"
+                ewma = dep.ttft if self.stream else dep.latency
+                if failed:
+                    ewma.observe(peak, t)
+                else:  # the request's deadline cut it: "slower than peak", never a failure
+                    sample = censored_latency_ms(ewma.value(t), peak)
+                    if sample is not None:
+                        ewma.observe(sample, t)
+                outcome = "timeout" if failed else "deadline"
             elif kind is FailureKind.STATUS:
                 outcome = str(a.status)
                 if a.status == 429:
@@ -535,8 +549,11 @@ class Exchange:
             metrics.child(metrics.connect, dep.id).observe(a.wire.connect_end - a.wire.connect_start)
         if not (a.ok and self.stream):  # a stream's outcome is known when its relay ends (_stream_outcome)
             self._count(a, outcome)
-        if a.failure is FailureKind.STATUS and a.status is not None and a.status < 500:
-            return  # client errors and 429 say nothing about the deployment's health
+        evidence = retry_evidence(who, a.status)
+        if evidence is not None:
+            m.retry_budget.observe(dep.id, evidence, t)
+        if who is Blame.NEUTRAL or who is Blame.DEADLINE:
+            return  # client errors, 429 and the request's own deadline say nothing about the deployment's health
         verdict = record_outcome(dep.outlier, failed=failed, now=t,
                                  consecutive_threshold=m.cfg.outlier.consecutive_failures,
                                  base_ejection_s=m.cfg.outlier.base_ejection_s,
@@ -577,6 +594,11 @@ class Exchange:
             self.flags.remove(ResponseFlag.RETRY_LIMIT_EXCEEDED)
         if self.stream:
             self.state = ExchangeState.STREAMING
+            if self.deadline.source in SDK_SOURCES:
+                # An SDK's timeout bounds the wait for the response to start (and each read), not a
+                # stream's length: from here on only the gateway's own limits and the client's header apply.
+                self.deadline = resolve_deadline(self.t_received, self.engine.registry.models[self.model_name].total_s
+                                                 * 1000.0, self.headers.get("x-gateway-timeout-ms"), None)
             out = self.relay = RelayOutcome()
             self.status = 200
             try:
@@ -630,8 +652,8 @@ class Exchange:
             self.timeout_flag = f.timeout_flag
             if f.timeout_flag == "total":
                 return errors.deadline_exceeded(
-                    f"Request deadline of {self._deadline_ms():.0f} ms ({self.deadline.source.value}) exceeded "
-                    f"waiting for deployment '{f.dep.id}'.", ResponseFlag.DEADLINE)
+                    f"{self._deadline_text()} ran out waiting for deployment '{f.dep.id}'. {self._attempts_text()}",
+                    ResponseFlag.DEADLINE)
             limit = f.dep.cfg.timeouts.ttft_ms if f.timeout_flag == "ttft" else f.dep.cfg.timeouts.per_try_ms
             return errors.deadline_exceeded(
                 f"Upstream timeout: deployment '{f.dep.id}' gave no {'first token' if self.stream else 'response'} "
@@ -646,7 +668,33 @@ class Exchange:
                                            ResponseFlag.UPSTREAM_RESET)
 
     def _deadline_ms(self) -> float:
-        return (self.deadline.expires_at - self.t_received) * 1000.0
+        return (self.deadline.expires_at + self.deadline.margin_s - self.t_received) * 1000.0
+
+    def _deadline_text(self) -> str:
+        """Which limit fired, as the client set it: "Request deadline of 150 ms (x-stainless-timeout, ...)"."""
+        d = self.deadline
+        early = f", answered {d.margin_s * 1000.0:.0f} ms early so the SDK reads it" if d.margin_s else ""
+        return f"Request deadline of {self._deadline_ms():.0f} ms ({d.source.value}{early})"
+
+    def _attempts_text(self) -> str:
+        """How long each attempt ran and how it ended, for the 504's message."""
+        if not self.attempts:
+            return "No upstream attempt was made."
+        parts = []
+        for a in self.attempts:
+            ran = ((a.t_end if a.t_end is not None else self.now()) - a.t_start) * 1000.0
+            if a.ok:
+                how = "answered"
+            elif a.failure is FailureKind.TIMEOUT:
+                how = "cut by the deadline" if a.timeout_flag == "total" else f"{a.timeout_flag}_ms timeout"
+            elif a.failure is FailureKind.STATUS:
+                how = f"HTTP {a.status}"
+            elif a.failure is not None:
+                how = a.failure.value
+            else:
+                how = "cancelled" if a.state is AttemptState.CANCELLED else "running"
+            parts.append(f"'{a.dep.id}' {ran:.0f} ms ({how})")
+        return f"Attempts: {', '.join(parts)}."
 
     async def _send_error(self, send: Send, err: GatewayError | tuple[int, bytes, Attempt]) -> None:
         if isinstance(err, tuple):  # an upstream HTTP error, passed through with its status and body
@@ -661,6 +709,10 @@ class Exchange:
                 headers.append((b"retry-after", err.retry_after.encode()))
             if err.flag and err.flag not in self.flags:
                 self.flags.append(err.flag)
+        if ResponseFlag.DEADLINE in self.flags or self.retry_verdict is RetryVerdict.HOPELESS:
+            # The deadline is spent, or the deployment fails nearly everything: a client retry cannot
+            # succeed and would only add load. The official SDKs honour this header.
+            headers.append((b"x-should-retry", b"false"))
         self.status = status
         self.state = ExchangeState.FAILED
         self.t_first_sent = self.now()
@@ -765,6 +817,7 @@ class Exchange:
             "hedge_loser": loser,
             "backoff_ms": round3(sum(b - a for a, b in self.waits) * 1000.0) if self.waits else 0.0,
             "timeout_flag": self.timeout_flag,
+            "retry_verdict": self.retry_verdict,  # why retries stopped (a StrEnum), None when they did not
             "route_reason": self.route_reason,  # a StrEnum: logged as its value
             "affinity_key": f"{self.affinity_key:016x}" if self.affinity_key is not None else None,
             "fallback_from": self.fallback_from,

@@ -79,7 +79,8 @@ class ModelRuntime:
         self.deployments = [DeploymentRuntime(d, cfg.name, decay, upstream) for d in cfg.deployments]
         self.by_id = {d.id: d for d in self.deployments}
         r = cfg.retry
-        self.retry_budget = RetryBudget(r.budget_percent, r.min_retry_concurrency)
+        self.retry_budget = RetryBudget(r.budget_percent, r.min_retry_concurrency, r.min_retries_per_s,
+                                        tuple(d.id for d in self.deployments))
         self.hedge_bucket = TokenBucket(cfg.hedging.budget_percent)
         self.rr = 0
         self.retry_on = frozenset(str(c) for c in r.retry_on)  # strings once validated

@@ -83,9 +83,11 @@ def full_jitter_backoff(retry_index: int, base_ms: float, max_ms: float, rng: ra
 
 class RetryVerdict(StrEnum):
     RETRY = "retry"
+    FAILOVER = "failover"  # another deployment, healthy, takes the retry: not charged to the budget
     NOT_RETRIABLE = "not-retriable"
     LIMIT = "retry-limit"
     BUDGET = "budget-exhausted"
+    HOPELESS = "hopeless"  # the target fails nearly everything: a retry would only add load
     DEADLINE = "deadline"
     RETRY_AFTER_TOO_LONG = "retry-after-exceeds-deadline"
 

@@ -240,6 +240,9 @@ class Metrics:
         self.healthy = self._gauge("llmgw_model_healthy_deployments",
                                    "Deployments of a model that routing may pick (not ejected, not cooling down).",
                                    ["model"], mode="livemin")
+        self.reachable = self._gauge("llmgw_deployment_reachable", "1 while a deployment answers its checks (start-up, "
+                                     "keep-warm, re-checks every 5 s while down), 0 while not.", ["deployment"],
+                                     mode="livemin")
         self.pool_connections = self._gauge("llmgw_pool_connections", "Upstream connections by state.",
                                       ["deployment", "state"], mode="livesum")
         self.keepwarm = self._counter("llmgw_keepwarm_pings_total", "Keep-warm pings by result.", ["deployment", "result"])

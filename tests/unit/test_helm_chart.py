@@ -446,6 +446,18 @@ def test_rendered_config_passes_llmgw_check_config(variant, tmp_path):
     assert "sk-test" not in proc.stdout and "az-test" not in proc.stdout
 
 
+
+def test_default_values_leave_retries_to_the_gateway_defaults(chart):
+    """The chart sets no retry policy of its own: a fixed max_retries there would override the gateway's
+    budget-bounded default for every model."""
+    from gateway.config import RetryConfig, parse_config
+
+    raw = rendered_config(render(chart))
+    assert "retry" not in raw.get("model_defaults", {})
+    assert all("retry" not in m for m in raw["models"])
+    cfg = parse_config(raw, env={"OPENAI_API_KEY": "sk-test"})
+    assert all(m.retry == RetryConfig() for m in cfg.models)
+
 # ---------------------------------------------------------------------------------- warm-up hook
 
 

@@ -2,68 +2,112 @@
 
 from __future__ import annotations
 
-from gateway.policy.budget import RetryBudget, TokenBucket
+from fake_clock import FakeClock
+
+from gateway.policy.budget import (
+    HOPELESS_AT,
+    LIKELY_BELOW,
+    PRIOR,
+    WINDOW_S,
+    BudgetVerdict,
+    FailureRate,
+    RetryBudget,
+    TokenBucket,
+)
 
 
-def run_outage(budget: RetryBudget, requests: int, max_retries: int) -> tuple[int, int]:
-    """Sequential client requests against an upstream failing 100%: each retries as often as allowed.
-
-    Returns (retries granted, retries refused).
-    """
-    retries = refused = 0
-    for _ in range(requests):
-        budget.request_started()
-        for _ in range(max_retries):
-            if not budget.try_acquire():
-                refused += 1
-                break
-            retries += 1
-            budget.release()  # the retry failed too
-        budget.request_finished()
-    return retries, refused
+def failing(budget: RetryBudget, dep: str, clock: FakeClock, n: int) -> None:
+    for _ in range(n):
+        budget.observe(dep, True, clock())
 
 
-def test_a_total_outage_gets_at_most_budget_percent_of_requests_as_retries():
-    budget = RetryBudget(percent=20, min_retry_concurrency=3)
-    retries, refused = run_outage(budget, requests=1000, max_retries=2)
-    assert retries <= 0.2 * 1000 + 3  # the ratio, plus the initial allowance
-    assert retries >= 0.2 * 1000 - 1  # and the budget is really available, not just refused
-    assert budget.exhausted_total == refused > 700  # every refusal counted (for the metric and URX)
-    # Upstream requests: 1000 originals + retries <= (1 + 20%) of client requests, plus the allowance.
-    assert 1000 + retries <= 1.2 * 1000 + 3
+def test_a_fresh_deployment_is_presumed_fine_and_failing_needs_evidence():
+    clock = FakeClock()
+    r = FailureRate(clock())
+    assert r.rate(clock()) == 0.0
+    for _ in range(3):
+        r.observe(True, clock())
+    assert r.rate(clock()) == 3 / (3 + PRIOR) < LIKELY_BELOW  # three failures in a row: bad luck, not an outage
 
 
-def test_concurrency_limit_is_percent_of_active_requests():
-    budget = RetryBudget(percent=20, min_retry_concurrency=3, cap=1000)  # large cap: isolate concurrency
+def test_the_failure_rate_forgets_over_the_window():
+    clock = FakeClock()
+    r = FailureRate(clock())
     for _ in range(100):
-        budget.request_started()
-    assert budget.concurrency_limit() == 20
-    assert all(budget.try_acquire() for _ in range(20))
-    assert budget.retries_in_flight == 20
-    assert not budget.try_acquire()  # the 21st concurrent retry
-    budget.release()
-    assert budget.try_acquire()  # one ended, one may start
+        r.observe(True, clock())
+    assert r.rate(clock()) >= HOPELESS_AT
+    clock.advance(WINDOW_S * 5)  # quiet for a while: the deployment gets a fresh chance
+    assert r.rate(clock()) < 0.3
 
 
-def test_min_retry_concurrency_is_the_floor_at_low_traffic():
-    budget = RetryBudget(percent=20, min_retry_concurrency=3)
-    budget.request_started()  # one active request: 20% of it would allow none
-    assert [budget.try_acquire() for _ in range(4)] == [True, True, True, False]
+def test_successes_between_folds_count_with_the_failures():
+    clock = FakeClock()
+    r = FailureRate(clock())
+    for i in range(1000):
+        r.observe(i % 10 < 3, clock.advance(0.001))  # 30 % failing, 1,000 attempts a second
+    assert abs(r.rate(clock()) - 0.3) < 0.02
+
+
+def test_a_retry_likely_to_succeed_is_free_and_holds_no_slot():
+    clock = FakeClock()
+    budget = RetryBudget(deployments=("a",), now=clock())
+    budget.request_started()
+    for _ in range(100):
+        assert budget.check("a", clock()) is BudgetVerdict.FREE
+    assert budget.retries_in_flight == 0
+
+
+def test_a_hopeless_target_gets_no_retry():
+    clock = FakeClock()
+    budget = RetryBudget(deployments=("a",), now=clock())
+    failing(budget, "a", clock, 60)
+    assert budget.failure_rate("a", clock()) >= HOPELESS_AT
+    assert budget.check("a", clock()) is BudgetVerdict.HOPELESS
     assert budget.exhausted_total == 1
 
 
-def test_the_saved_up_allowance_is_capped_so_a_quiet_period_cannot_fund_a_storm():
-    budget = RetryBudget(percent=20, min_retry_concurrency=3, cap=10)
-    for _ in range(10_000):  # a long healthy period
+def test_a_failing_target_is_charged_with_envoys_concurrency_cap():
+    clock = FakeClock()
+    budget = RetryBudget(percent=20, min_retry_concurrency=3, min_retries_per_s=100, deployments=("a",),
+                         now=clock())
+    failing(budget, "a", clock, 10)  # rate 10/16: more likely to fail than not, not hopeless
+    for _ in range(100):
         budget.request_started()
-        budget.request_finished()
-    assert budget.balance == 10
-    budget.request_started()
+    assert budget.concurrency_limit() == 20
+    assert all(budget.check("a", clock()) is BudgetVerdict.CHARGED for _ in range(20))
+    assert budget.check("a", clock()) is BudgetVerdict.CONCURRENCY  # the 21st concurrent retry
+    budget.release()
+    assert budget.check("a", clock()) is BudgetVerdict.CHARGED
+
+
+def test_min_retry_concurrency_is_the_floor_at_low_traffic():
+    clock = FakeClock()
+    budget = RetryBudget(percent=20, min_retry_concurrency=3, deployments=("a",), now=clock())
+    failing(budget, "a", clock, 10)
+    budget.request_started()  # one active request: 20 % of it would allow none
+    assert [budget.check("a", clock()) for _ in range(4)] == [BudgetVerdict.CHARGED] * 3 + [BudgetVerdict.CONCURRENCY]
+
+
+def test_charged_retries_are_the_floor_plus_percent_of_requests_over_the_window():
+    clock = FakeClock()
+    budget = RetryBudget(percent=20, min_retry_concurrency=1000, min_retries_per_s=1.0, deployments=("a",),
+                         now=clock())
+    failing(budget, "a", clock, 10)
+    for _ in range(100):
+        budget.request_started()
     granted = 0
-    while budget.try_acquire():
+    while budget.check("a", clock()) is BudgetVerdict.CHARGED:
         granted += 1
-        budget.release()
-    assert granted == 10
+    assert granted == 20 + 10  # 20 % of 100 requests plus 1/s over the 10 s window (Finagle's floor)
+    assert budget.check("a", clock()) is BudgetVerdict.RATIO
+
+
+def test_the_floor_alone_covers_a_cold_start():
+    clock = FakeClock()
+    budget = RetryBudget(min_retries_per_s=1.0, deployments=("a",), now=clock())
+    failing(budget, "a", clock, 10)
+    budget.request_started()
+    assert [budget.check("a", clock()) for _ in range(3)] == [BudgetVerdict.CHARGED] * 3  # no traffic history yet
 
 
 def test_release_and_finish_never_go_negative():
@@ -73,9 +117,10 @@ def test_release_and_finish_never_go_negative():
     assert budget.retries_in_flight == 0 and budget.active_requests == 0
 
 
-def test_zero_percent_allows_only_the_initial_allowance_ever():
-    budget = RetryBudget(percent=0, min_retry_concurrency=3)
-    assert run_outage(budget, requests=100, max_retries=2)[0] == 3
+def test_an_attempt_playing_a_retry_takes_a_concurrency_slot_only():
+    budget = RetryBudget(percent=20, min_retry_concurrency=2)
+    budget.request_started()
+    assert [budget.try_acquire() for _ in range(3)] == [True, True, False]
 
 
 # ---------------------------------------------------------------- hedge bucket
@@ -113,3 +158,12 @@ def test_zero_percent_allows_only_the_initial_token():
     for _ in range(100):
         bucket.deposit()
     assert [bucket.try_take() for _ in range(2)] == [True, False]
+
+
+def test_a_failed_health_check_makes_the_deployment_hopeless_and_a_passed_one_forgives_it():
+    clock = FakeClock()
+    budget = RetryBudget(deployments=("a",), now=clock())
+    budget.mark_reachable("a", False, clock())
+    assert budget.check("a", clock()) is BudgetVerdict.HOPELESS
+    budget.mark_reachable("a", True, clock())
+    assert budget.failure_rate("a", clock()) == 0.0

@@ -92,3 +92,25 @@ def test_no_attempt_after_the_deadline_even_without_a_minimum():
 def test_a_zero_per_try_limit_means_the_deadline_alone_bounds_the_attempt():
     d = Deadline(10.0, DeadlineSource.TOTAL)
     assert attempt_timeout(d, 4.0, per_try_ms=0.0) == pytest.approx(6.0)
+
+
+def test_an_sdk_timeout_is_answered_early_enough_for_the_sdk_to_read_it():
+    d = resolve_deadline(100.0, 300_000, None, "2.5", sdk_margin_ms=50.0)
+    assert d.source is DeadlineSource.SDK and d.margin_s == 0.05
+    assert d.expires_at == pytest.approx(100.0 + 2.45)
+
+
+def test_the_margin_never_takes_more_than_a_third_of_a_short_sdk_timeout():
+    d = resolve_deadline(0.0, 300_000, None, "0.15", sdk_margin_ms=100.0)
+    assert d.margin_s == pytest.approx(0.05) and d.expires_at == pytest.approx(0.1)
+
+
+def test_the_python_sdks_read_timeout_is_its_deadline_when_no_other_is_sent():
+    d = resolve_deadline(0.0, 300_000, None, None, "0.4", sdk_margin_ms=50.0)
+    assert d.source is DeadlineSource.SDK_READ and d.expires_at == pytest.approx(0.35)
+    assert resolve_deadline(0.0, 300_000, None, "0.3", "0.4").source is DeadlineSource.SDK  # x-stainless-timeout first
+
+
+def test_a_client_header_shorter_than_the_sdk_timeout_is_answered_on_time():
+    d = resolve_deadline(0.0, 300_000, "100", None, "0.4", sdk_margin_ms=50.0)
+    assert d == Deadline(0.1, DeadlineSource.CLIENT)

@@ -160,7 +160,8 @@ def test_the_budget_is_asked_last_so_other_refusals_never_count_as_exhaustion():
 
 def test_verdict_values_are_the_names_used_in_metrics():
     assert [v.value for v in RetryVerdict] == [
-        "retry", "not-retriable", "retry-limit", "budget-exhausted", "deadline", "retry-after-exceeds-deadline"]
+        "retry", "failover", "not-retriable", "retry-limit", "budget-exhausted", "hopeless", "deadline",
+        "retry-after-exceeds-deadline"]
     assert [k.value for k in FailureKind] == ["connect-failure", "reset", "timeout", "status", "protocol-error"]
 
 

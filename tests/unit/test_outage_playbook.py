@@ -1,0 +1,136 @@
+"""Outage playbooks (issue 18): the real Exchange against scripted providers, on a fake clock.
+
+Each scenario sends many requests one after another, so the retry state, the failure rates and the
+outlier detector evolve as they would in production, and then checks what clients got and what the
+providers saw (tests/unit/scripted_upstream.py records every upstream request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from scripted_upstream import Playbook, Reply, Request
+
+from gateway.upstream.errors import UpstreamConnectError
+
+OK = {"id": "c1", "object": "chat.completion", "choices": [{"index": 0, "message": {"content": "ok"}}],
+      "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+BUSY = {"error": {"message": "overloaded", "type": "server_error"}}
+
+
+def play(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), 60))  # a real-time guard only against a hang of the test itself
+
+
+def model(name: str, *deployments: str, **cfg: Any) -> dict[str, Any]:
+    return {"name": name, "deployments": list(deployments), "routing": {"strategy": "round-robin"}, **cfg}
+
+
+async def serve(pb: Playbook, n: int, headers: dict[str, str] | None = None,
+                ) -> list[tuple[int, dict[str, str], dict[str, Any]]]:
+    """``n`` requests one after another: (status, response headers, access-log record) of each."""
+    out = []
+    for _ in range(n):
+        call = pb.call("m", headers=headers)
+        rec = await pb.finish(call)
+        assert call.down.status is not None
+        out.append((call.down.status, call.down.headers, rec))
+    return out
+
+
+def test_one_of_two_deployments_failing_everything_is_failed_over_at_once() -> None:
+    async def scenario() -> None:
+        def handler(req: Request) -> Reply:
+            if req.deployment == "a":
+                return Reply.json(BUSY, status=503, after=0.01)
+            return Reply.json(OK, after=0.02)
+
+        pb = Playbook([model("m", "a", "b")], handler)
+        results = await serve(pb, 40)
+        assert [s for s, _, _ in results] == [200] * 40
+        assert {rec["upstream_cluster"] for _, _, rec in results} == {"b"}
+        # A failover to the healthy deployment waits no backoff and leaves the client no sign of trouble.
+        assert all(rec["backoff_ms"] == 0.0 and rec["response_flags"] == "-" for _, _, rec in results)
+        assert all(rec["retry_count"] <= 1 for _, _, rec in results)
+        # The failing deployment sees at most one attempt per request, and none once it is ejected.
+        to_a = pb.upstream.to("a")
+        assert 1 <= len(to_a) <= 5  # outlier.consecutive_failures
+        assert len(pb.upstream.requests) <= 40 + len(to_a)
+        failovers = pb.engine.metrics.child(pb.engine.metrics.retries, "m", "failover")
+        assert failovers.value == len(to_a)
+
+    play(scenario)
+
+
+def test_the_only_deployment_failing_30_percent_is_retried_and_every_request_served() -> None:
+    async def scenario() -> None:
+        seen = [0]
+
+        def handler(req: Request) -> Reply:
+            seen[0] += 1
+            if seen[0] % 10 in (1, 4, 7):  # 3 of every 10 upstream requests fail
+                return Reply.json(BUSY, status=503, after=0.01)
+            return Reply.json(OK, after=0.02)
+
+        pb = Playbook([model("m", "a")], handler)
+        results = await serve(pb, 100)
+        assert [s for s, _, _ in results] == [200] * 100
+        retried = [rec for _, _, rec in results if rec["retry_count"]]
+        assert retried and all(rec["response_flags"] == "-" for rec in retried)
+        # A deployment failing less than half the time gets free retries: about 1/(1 - 0.3) requests each.
+        assert len(pb.upstream.requests) <= 150
+        budget = pb.engine.registry.models["m"].retry_budget
+        assert budget.exhausted_total == 0 and budget.acquired_total == 0  # never charged, never refused
+
+    play(scenario)
+
+
+def test_a_dead_deployment_is_hopeless_and_its_load_bounded() -> None:
+    async def scenario() -> None:
+        pb = Playbook([model("m", "a")], lambda req: Reply(fail=UpstreamConnectError("refused"), head_after=0.001))
+        results = await serve(pb, 100)
+        assert {s for s, _, _ in results} == {502}
+        # The failure rate climbs with every refused connect until retrying is hopeless: from then on a
+        # request costs the provider one attempt and the client is told a retry cannot help.
+        hopeless = [(h, rec) for _, h, rec in results if rec["retry_verdict"] == "hopeless"]
+        assert len(hopeless) >= 50
+        assert all(h.get("x-should-retry") == "false" and rec["attempts"] == 1 and "URX" in rec["response_flags"]
+                   for h, rec in hopeless)
+        assert all(rec["retry_verdict"] == "hopeless" for _, _, rec in results[-50:])
+        assert len(pb.upstream.requests) <= 100 * 1.5  # not max_retries + 1 = 11 per request
+        metrics = pb.engine.metrics
+        assert metrics.child(metrics.retries, "m", "hopeless").value == len(hopeless)
+
+    play(scenario)
+
+
+def test_a_client_deadline_shorter_than_the_provider_never_ejects_it() -> None:
+    async def scenario() -> None:
+        pb = Playbook([model("m", "a", "b")], lambda req: Reply.json(OK, after=2.0))
+        calls, results = [], []
+        for _ in range(20):
+            calls.append(call := pb.call("m", headers={"x-gateway-timeout-ms": "500"}))
+            rec = await pb.finish(call)
+            results.append((call.down.status, call.down.headers, rec))
+        assert {s for s, _, _ in results} == {504}
+        assert calls[0].down.json()["error"]["message"] == (
+            "Request deadline of 500 ms (x-gateway-timeout-ms) ran out waiting for deployment 'a'. "
+            "Attempts: 'a' 500 ms (cut by the deadline).")
+        for _, h, rec in results:
+            assert h["x-should-retry"] == "false"  # the same deadline would run out again
+            assert rec["response_flags"] == "DT" and rec["timeout_flag"] == "total"
+        m = pb.engine.registry.models["m"]
+        t = pb.clock.t
+        assert all(d.healthy(t) for d in m.deployments)  # cut by the client's deadline: not the provider's fault
+        assert pb.engine.metrics.child(pb.engine.metrics.ejections, "a").value == 0
+        assert m.retry_budget.failure_rate("a", t) == 0.0 and m.retry_budget.failure_rate("b", t) == 0.0
+        cut = pb.engine.metrics.child(pb.engine.metrics.attempts, "m", "a", "deadline").value
+        assert cut >= 10
+        # A client with time to wait is served by the same providers.
+        call = pb.call("m")
+        rec = await pb.finish(call)
+        assert call.down.status == 200 and rec["response_flags"] == "-"
+
+    play(scenario)
