@@ -144,10 +144,11 @@ class Engine:
             out["x-request-id"] = request_id
         return out
 
-    def on_ejected(self, dep: DeploymentRuntime) -> None:
+    def on_ejected(self, dep: DeploymentRuntime, failures: int) -> None:
+        """``failures``: the consecutive failures that ejected it (the outlier state is reset by then)."""
         self.metrics.child(self.metrics.ejections, dep.id).inc()  # llmgw_deployment_ejected: engine.gauges, from state
         log.warning("deployment %s ejected for %.0f s after %d consecutive failures", dep.id,
-                    dep.outlier.ejected_until - self.now(), dep.outlier.consecutive_failures)
+                    dep.outlier.ejected_until - self.now(), failures)
         if self.sync is not None:
             self.sync.publish_ejection(dep)
 

@@ -562,7 +562,7 @@ class Exchange:
                                  max_ejection_percent=m.cfg.outlier.max_ejection_percent,
                                  deployments=len(m.deployments))
         if verdict is OutlierVerdict.EJECT:
-            self.engine.on_ejected(dep)
+            self.engine.on_ejected(dep, m.cfg.outlier.consecutive_failures)
 
     # ------------------------------------------------------------------ upstream request
 

@@ -8,9 +8,11 @@ providers saw (tests/unit/scripted_upstream.py records every upstream request).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from scripted_upstream import Playbook, Reply, Request
 
 from gateway.upstream.errors import UpstreamConnectError
@@ -40,7 +42,7 @@ async def serve(pb: Playbook, n: int, headers: dict[str, str] | None = None,
     return out
 
 
-def test_one_of_two_deployments_failing_everything_is_failed_over_at_once() -> None:
+def test_one_of_two_deployments_failing_everything_is_failed_over_at_once(caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
         def handler(req: Request) -> Reply:
             if req.deployment == "a":
@@ -60,7 +62,10 @@ def test_one_of_two_deployments_failing_everything_is_failed_over_at_once() -> N
         assert len(pb.upstream.requests) <= 40 + len(to_a)
         failovers = pb.engine.metrics.child(pb.engine.metrics.retries, "m", "failover")
         assert failovers.value == len(to_a)
+        assert len(to_a) == 5  # ejected: the log names the failures that did it (not the counter reset since)
+        assert "deployment a ejected for 30 s after 5 consecutive failures" in caplog.text
 
+    caplog.set_level(logging.WARNING, logger="llmgw")
     play(scenario)
 
 
