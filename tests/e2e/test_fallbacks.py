@@ -7,7 +7,7 @@ import sys
 import time
 
 import yaml
-from conftest import HTTP, dep, metric_value, model
+from harness import HTTP, dep, metric_value, model
 
 QUICK = {"ttft_ms": 20, "ttft_dist": "fixed", "itl_ms": 1, "tokens": 3, "tail_p": 0}
 

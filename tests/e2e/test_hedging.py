@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from conftest import HTTP, dep, metric_value, model
+from harness import HTTP, dep, metric_value, model
 
 TAILED = {"ttft_ms": 80, "ttft_dist": "fixed", "itl_ms": 5, "tokens": 6, "tail_p": 0.15, "tail_ms": 2000}
 TOKEN = re.compile(r"(sim-[ab])#(\d+):(\d+) ")

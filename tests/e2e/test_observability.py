@@ -9,7 +9,7 @@ import time
 import httpx
 import orjson
 import pytest
-from conftest import HTTP, dep, free_port, metric_value, model
+from harness import HTTP, dep, free_port, metric_value, model
 
 FIXED = {"ttft_ms": 200, "ttft_dist": "fixed", "itl_ms": 0, "tokens": 1, "tail_p": 0}
 

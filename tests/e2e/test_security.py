@@ -21,7 +21,7 @@ import openai
 import orjson
 import pytest
 import redis
-from conftest import REDIS_URL, Gateway, Sims, dep, free_port, metric_value, model
+from harness import REDIS_URL, Gateway, Sims, dep, free_port, metric_value, model
 
 from gateway.cli import main as cli_main
 from gateway.security.keys import hash_key

@@ -10,7 +10,7 @@ import time
 import httpx
 import openai
 import orjson
-from conftest import dep, model
+from harness import dep, model
 
 
 def test_sigterm_drains_the_stream_refuses_new_connections_and_exits_zero(sims_factory, gateways):
