@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 
 import orjson
 
+from gateway.flags import ResponseFlag
+
 METRICS = ("duration_ms", "ttft_ms", "upstream_service_time_ms", "gateway_overhead_ms")
 METRIC_LABELS = {"duration_ms": "duration", "ttft_ms": "ttft", "upstream_service_time_ms": "upstream",
                  "gateway_overhead_ms": "overhead"}
@@ -71,7 +73,7 @@ class ThresholdSource(StrEnum):
 _CAUSES = tuple(Cause)
 _BIT = {c: 1 << i for i, c in enumerate(_CAUSES)}
 _SHARE_OF_DURATION = 0.10  # queueing / gateway overhead count as a cause above this share of the request
-_TIMEOUT_FLAGS = frozenset(("UT", "DT"))
+_TIMEOUT_FLAGS = frozenset((ResponseFlag.UPSTREAM_TIMEOUT, ResponseFlag.DEADLINE))
 
 
 @dataclass(frozen=True, slots=True)
