@@ -284,7 +284,7 @@ def test_client_disconnect_mid_stream_is_counted_at_once(sim):
     st = wait_for(lambda: (s := sim.stats())["cancelled"]["mid_stream"] and s)
     assert st["cancelled"] == {"before_first_byte": 0, "mid_stream": 1}
     rec = st["recent"][-1]
-    assert rec["outcome"] == "cancelled" and rec["ended_at"] - closed_at < 0.1
+    assert rec["outcome"] == "cancelled" and rec["ended_at"] - closed_at < LATE_S  # not at the stream's end, 4 s on
     assert st["in_flight"] == 0 and st["served"]["chat"] == 0
     # a non-stream request abandoned before its answer
     sim.set(ttft_ms=3000)
