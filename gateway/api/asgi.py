@@ -20,7 +20,7 @@ from gateway import errors
 from gateway.api.edge import EdgeLimits
 from gateway.api.jsonlimits import JsonLimit, JsonMarks, count_marks, deeper_than, json_over_limit
 from gateway.api.protocol import DISCONNECT_KEY, arrival, client_gone
-from gateway.api.types import ASGIApp, Lifecycle, Receive, Scope, Send
+from gateway.api.types import ASGIApp, JsonObject, Lifecycle, Receive, Scope, Send
 from gateway.engine.engine import Engine
 from gateway.engine.exchange import Exchange
 from gateway.engine.interrupt import CancelReason
@@ -116,7 +116,7 @@ class GatewayASGI:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
         key = None
         guard = self.guard
-        body: dict[str, Any] | None = None  # once parsed: a refused request still logs its model
+        body: JsonObject | None = None  # once parsed: a refused request still logs its model
         try:
             request_id = _request_id(headers.get("x-request-id"))
             if sum(len(k) + len(v) for k, v in raw_headers) > self.max_header:
@@ -131,9 +131,9 @@ class GatewayASGI:
             raw, marks = await self._read_body(headers, receive)
             t_body = now()
             body, containers = self._load(raw, marks)
-            self._check(body, upstream_path, containers)
+            model = self._check(body, upstream_path, containers)
             if key is not None and guard is not None:  # a key only ever comes from the guard
-                await guard.admit(key, body["model"], raw, body)  # raises 403/429
+                await guard.admit(key, model, raw, body)  # raises 403/429
         except GatewayError as exc:
             return await self._reject(scope, send, exc, t0, wall, headers, request_id=locals().get("request_id"),
                                       api_key_id=key.id if key is not None else None, model=_model_of(body),
@@ -145,18 +145,18 @@ class GatewayASGI:
         if scope.get(DISCONNECT_KEY) is client_gone:  # left during auth or a rate-limit check: nothing goes upstream
             return await self._reject(scope, send, _CLIENT_GONE, t0, wall, headers, request_id=request_id,
                                       api_key_id=key.id if key is not None else None, answered=False,
-                                      model=body["model"], stream=_stream_of(body))
+                                      model=model, stream=_stream_of(body))
         eng = self.engine
         if self.lifecycle.draining:
             return await self._reject(scope, send, errors.draining(), t0, wall, headers, request_id=request_id,
-                                      model=body["model"], stream=_stream_of(body))
+                                      model=model, stream=_stream_of(body))
         if not eng.admit():
             return await self._reject(scope, send, errors.overloaded("gateway"), t0, wall, headers,
-                                      request_id=request_id, model=body["model"], stream=_stream_of(body))
+                                      request_id=request_id, model=model, stream=_stream_of(body))
         client = scope.get("client")
         task = asyncio.current_task()
         assert task is not None  # an ASGI app always runs in a task
-        deadline, rejected = eng.deadline_for(body["model"], headers, t0)
+        deadline, rejected = eng.deadline_for(model, headers, t0)
         ex = Exchange(eng, task, path=scope["path"], upstream_path=upstream_path, body=body, raw_len=len(raw),
                       headers=headers, t_received=t0, t_body=t_body, wall_start=wall, request_id=request_id,
                       client=f"{client[0]}:{client[1]}" if client else None, deadline=deadline, rejected=rejected,
@@ -217,7 +217,7 @@ class GatewayASGI:
             if not msg.get("more_body"):
                 return b"".join(parts), marks
 
-    def _load(self, raw: bytes, marks: JsonMarks | None = None) -> tuple[dict[str, Any], int]:
+    def _load(self, raw: bytes, marks: JsonMarks | None = None) -> tuple[JsonObject, int]:
         """The body as a JSON object, and how many containers it holds (for the depth check)."""
         if not raw:
             raise errors.bad_request("Request body is empty; expected a JSON object.")
@@ -235,7 +235,8 @@ class GatewayASGI:
             raise errors.bad_request("Request body must be a JSON object.")
         return body, containers
 
-    def _check(self, body: dict[str, Any], upstream_path: str, containers: int) -> None:
+    def _check(self, body: JsonObject, upstream_path: str, containers: int) -> str:
+        """Refuses what no provider should see; returns the model asked for."""
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise errors.bad_request("'model' is required and must be a non-empty string.", param="model",
@@ -258,6 +259,7 @@ class GatewayASGI:
             self._count_limit("json_depth")
             raise errors.bad_request(f"JSON nesting deeper than {self.max_depth} levels (server.max_json_depth).",
                                      code="too_deep")
+        return model
 
     def _json_limit_error(self, over: JsonLimit) -> GatewayError:
         if over is JsonLimit.CONTAINERS:
@@ -426,13 +428,13 @@ def _request_id(value: str | None) -> str:
     return new_request_id()
 
 
-def _model_of(body: dict[str, Any] | None) -> str | None:
+def _model_of(body: JsonObject | None) -> str | None:
     """The model a refused request named, when its body parsed and named one (for the log only)."""
     model = body.get("model") if body is not None else None
     return model if isinstance(model, str) and 0 < len(model) <= 256 else None
 
 
-def _stream_of(body: dict[str, Any] | None) -> bool:
+def _stream_of(body: JsonObject | None) -> bool:
     return body is not None and body.get("stream") is True
 
 
