@@ -39,7 +39,7 @@ tools: $(STAMP)
 test: $(STAMP) $(NODE_STAMP) tools
 	$(BIN)/ruff check gateway tests loadtests
 	$(BIN)/lint-imports
-	$(BIN)/mypy gateway/engine gateway/upstream gateway/policy
+	$(BIN)/mypy gateway
 	$(BIN)/python tests/with_redis.py $(BIN)/pytest -q tests
 
 unit: $(STAMP) tools
@@ -54,7 +54,7 @@ clients: $(STAMP) $(NODE_STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests loadtests
 	$(BIN)/lint-imports
-	$(BIN)/mypy gateway/engine gateway/upstream gateway/policy
+	$(BIN)/mypy gateway
 
 # The headline benchmark: direct, the Python floor, Envoy, Portkey (where Node.js is), llmgw and LiteLLM,
 # side by side in one interleaved run (installs the peers under /tmp/peers first; see loadtests/README.md).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import ssl
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -402,16 +403,16 @@ class GatewayConfig(_Strict):
 # ---------------------------------------------------------------- loading
 
 
-def expand_env(value: Any, path: str = "", env: dict[str, str] | None = None,
+def expand_env(value: Any, path: str = "", env: Mapping[str, str] | None = None,
                missing: dict[str, str] | None = None) -> Any:
     """Expand ${VAR} and ${VAR:-default} in every string; an unset VAR without default is an error, or,
     given `missing`, recorded there (key path -> message) and replaced by "" so every problem is found."""
-    env = os.environ if env is None else env
+    environ: Mapping[str, str] = os.environ if env is None else env
     if isinstance(value, str):
         def sub(m: re.Match[str]) -> str:
             var, default = m.group(1), m.group(2)
-            if var in env:
-                return env[var]
+            if var in environ:
+                return environ[var]
             if default is not None:
                 return default
             message = f"{path or '<root>'}: environment variable {var} is not set (use ${{{var}:-default}})"
@@ -421,9 +422,9 @@ def expand_env(value: Any, path: str = "", env: dict[str, str] | None = None,
             return ""
         return _ENV_REF.sub(sub, value)
     if isinstance(value, dict):
-        return {k: expand_env(v, f"{path}.{k}" if path else str(k), env, missing) for k, v in value.items()}
+        return {k: expand_env(v, f"{path}.{k}" if path else str(k), environ, missing) for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env(v, f"{path}[{i}]", env, missing) for i, v in enumerate(value)]
+        return [expand_env(v, f"{path}[{i}]", environ, missing) for i, v in enumerate(value)]
     return value
 
 

@@ -26,3 +26,4 @@ class ResponseFlag(StrEnum):
     BAD_REQUEST = "BR"
     NO_ROUTE = "NR"
     INTERNAL_ERROR = "GE"  # a gateway bug: an unexpected exception answered 500
+    REQUEST_HEADERS_TIMEOUT = "HT"  # the request head did not arrive within server.request_headers_timeout_s

@@ -11,18 +11,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Any
+from typing import TYPE_CHECKING
+
+from gateway.api.types import ASGIApp
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger("llmgw")
 
 
 class AdminServer:
-    def __init__(self, app: Any, host: str, port: int, drain_timeout_s: float = 2.0) -> None:
+    def __init__(self, app: ASGIApp, host: str, port: int, drain_timeout_s: float = 2.0) -> None:
         self.app = app
         self.host = host
         self.port = port
         self.drain_timeout_s = drain_timeout_s
-        self._server: Any = None
+        self._server: uvicorn.Server | None = None
         self._sock: socket.socket | None = None
         self._tick: asyncio.Task | None = None
 
@@ -38,13 +43,13 @@ class AdminServer:
             raise RuntimeError(f"server.admin_port: cannot listen on {self.host}:{self.port} ({exc.strerror})") from None
         return sock
 
-    async def start(self, _lifecycle: Any = None) -> None:
+    async def start(self, _lifecycle: object = None) -> None:
         import uvicorn
 
         cfg = uvicorn.Config(self.app, interface="asgi3", lifespan="off", http="httptools", access_log=False,
                              log_config=None,
                              server_header=False, proxy_headers=False,
-                             timeout_graceful_shutdown=self.drain_timeout_s)
+                             timeout_graceful_shutdown=self.drain_timeout_s)  # type: ignore[arg-type]  # a float: uvicorn waits with asyncio
         cfg.load()
         self._sock = self._bind()
         server = uvicorn.Server(cfg)
@@ -56,7 +61,7 @@ class AdminServer:
         log.info("admin endpoints on http://%s:%d (/metrics, /healthz, /readyz, /admin/*)", self.host,
                  self._sock.getsockname()[1])
 
-    async def stop(self, _lifecycle: Any = None) -> None:
+    async def stop(self, _lifecycle: object = None) -> None:
         if self._server is None:
             return
         self._server.should_exit = True

@@ -11,6 +11,7 @@ import asyncio
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from types import FrameType
 from typing import Any
 
 import orjson
@@ -19,11 +20,13 @@ from gateway import errors
 from gateway.api.edge import EdgeLimits
 from gateway.api.jsonlimits import JsonLimit, JsonMarks, count_marks, deeper_than, json_over_limit
 from gateway.api.protocol import DISCONNECT_KEY, arrival, client_gone
+from gateway.api.types import ASGIApp, JsonObject, Lifecycle, Receive, Scope, Send
 from gateway.engine.engine import Engine
 from gateway.engine.exchange import Exchange
 from gateway.engine.interrupt import CancelReason
 from gateway.errors import GatewayError
 from gateway.flags import ResponseFlag
+from gateway.security.guard import Guard
 from gateway.telemetry.accesslog import FIELDS
 from gateway.telemetry.timing import iso_utc, now
 from gateway.telemetry.tracing import new_request_id
@@ -45,7 +48,7 @@ _DOCS_PATHS = ("/docs", "/openapi.json", "/redoc")
 
 
 class GatewayASGI:
-    def __init__(self, engine: Engine, fallback_app: Any, lifecycle: Any, guard: Any = None) -> None:
+    def __init__(self, engine: Engine, fallback_app: ASGIApp, lifecycle: Lifecycle, guard: Guard | None = None) -> None:
         self.engine = engine
         self.fallback_app = fallback_app
         self.lifecycle = lifecycle  # app.Lifecycle: start/stop, readiness
@@ -74,7 +77,7 @@ class GatewayASGI:
             {"id": m.name, "object": "model", "created": 0, "owned_by": "llm-gateway"} for m in engine.cfg.models
         ]})
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = scope["path"]
             upstream_path = PROXY_ROUTES.get(path)
@@ -105,14 +108,15 @@ class GatewayASGI:
 
     # ------------------------------------------------------------------ proxy
 
-    async def _proxy(self, scope: dict[str, Any], receive: Any, send: Any, upstream_path: str, t0: float,
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send, upstream_path: str, t0: float,
                      wall: float) -> None:
         if scope["method"] != "POST":
             return await self._reject(scope, send, errors.method_not_allowed(scope["method"], "POST"), t0, wall)
         raw_headers = scope["headers"]
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
         key = None
-        body: dict[str, Any] | None = None  # once parsed: a refused request still logs its model
+        guard = self.guard
+        body: JsonObject | None = None  # once parsed: a refused request still logs its model
         try:
             request_id = _request_id(headers.get("x-request-id"))
             if sum(len(k) + len(v) for k, v in raw_headers) > self.max_header:
@@ -122,14 +126,14 @@ class GatewayASGI:
             if ctype is not None and ctype[:16].lower() != "application/json":  # media types ignore case
                 raise GatewayError(415, f"Content-Type must be application/json, not {ctype[:100]!r}.",
                                    "invalid_request_error", "unsupported_media_type", flag=ResponseFlag.BAD_REQUEST)
-            if self.guard is not None:
-                key = await self.guard.authenticate(headers)  # raises 401
+            if guard is not None:
+                key = await guard.authenticate(headers)  # raises 401
             raw, marks = await self._read_body(headers, receive)
             t_body = now()
             body, containers = self._load(raw, marks)
-            self._check(body, upstream_path, containers)
-            if key is not None:
-                await self.guard.admit(key, body["model"], raw, body)  # raises 403/429
+            model = self._check(body, upstream_path, containers)
+            if key is not None and guard is not None:  # a key only ever comes from the guard
+                await guard.admit(key, model, raw, body)  # raises 403/429
         except GatewayError as exc:
             return await self._reject(scope, send, exc, t0, wall, headers, request_id=locals().get("request_id"),
                                       api_key_id=key.id if key is not None else None, model=_model_of(body),
@@ -141,24 +145,25 @@ class GatewayASGI:
         if scope.get(DISCONNECT_KEY) is client_gone:  # left during auth or a rate-limit check: nothing goes upstream
             return await self._reject(scope, send, _CLIENT_GONE, t0, wall, headers, request_id=request_id,
                                       api_key_id=key.id if key is not None else None, answered=False,
-                                      model=body["model"], stream=_stream_of(body))
+                                      model=model, stream=_stream_of(body))
         eng = self.engine
         if self.lifecycle.draining:
             return await self._reject(scope, send, errors.draining(), t0, wall, headers, request_id=request_id,
-                                      model=body["model"], stream=_stream_of(body))
+                                      model=model, stream=_stream_of(body))
         if not eng.admit():
             return await self._reject(scope, send, errors.overloaded("gateway"), t0, wall, headers,
-                                      request_id=request_id, model=body["model"], stream=_stream_of(body))
+                                      request_id=request_id, model=model, stream=_stream_of(body))
         client = scope.get("client")
         task = asyncio.current_task()
-        deadline, rejected = eng.deadline_for(body["model"], headers, t0)
+        assert task is not None  # an ASGI app always runs in a task
+        deadline, rejected = eng.deadline_for(model, headers, t0)
         ex = Exchange(eng, task, path=scope["path"], upstream_path=upstream_path, body=body, raw_len=len(raw),
                       headers=headers, t_received=t0, t_body=t_body, wall_start=wall, request_id=request_id,
                       client=f"{client[0]}:{client[1]}" if client else None, deadline=deadline, rejected=rejected,
                       api_key_id=key.id if key is not None else None)
-        ex_done = self.guard.track(key) if key is not None else None
+        ex_done = guard.track(key) if key is not None and guard is not None else None
 
-        def on_disconnect(_: Any = None) -> None:
+        def on_disconnect(_: object = None) -> None:
             # uvicorn also reports "disconnect" once our response is complete; only act before that.
             if not ex.closing and not ex.finished:
                 ex.cancel(CancelReason.CLIENT_GONE)
@@ -166,7 +171,7 @@ class GatewayASGI:
         if DISCONNECT_KEY in scope:  # our protocol calls it when the connection drops
             scope[DISCONNECT_KEY] = on_disconnect
         else:  # any other server: a pending receive() is how ASGI reports a disconnect
-            asyncio.get_running_loop().create_task(receive()).add_done_callback(on_disconnect)
+            asyncio.ensure_future(receive()).add_done_callback(on_disconnect)
         self.lifecycle.open.add(ex)
         try:
             await ex.run(send)
@@ -178,7 +183,7 @@ class GatewayASGI:
             if ex_done is not None:
                 ex_done(ex)
 
-    async def _read_body(self, headers: dict[str, str], receive: Any) -> tuple[bytes, JsonMarks | None]:
+    async def _read_body(self, headers: dict[str, str], receive: Receive) -> tuple[bytes, JsonMarks | None]:
         """The body, and for one that came in parts its JSON marks counted part by part as they arrived
         (so a large body's counting is spread over its upload instead of blocking the loop at the end)."""
         cl = headers.get("content-length")
@@ -212,7 +217,7 @@ class GatewayASGI:
             if not msg.get("more_body"):
                 return b"".join(parts), marks
 
-    def _load(self, raw: bytes, marks: JsonMarks | None = None) -> tuple[dict[str, Any], int]:
+    def _load(self, raw: bytes, marks: JsonMarks | None = None) -> tuple[JsonObject, int]:
         """The body as a JSON object, and how many containers it holds (for the depth check)."""
         if not raw:
             raise errors.bad_request("Request body is empty; expected a JSON object.")
@@ -230,7 +235,8 @@ class GatewayASGI:
             raise errors.bad_request("Request body must be a JSON object.")
         return body, containers
 
-    def _check(self, body: dict[str, Any], upstream_path: str, containers: int) -> None:
+    def _check(self, body: JsonObject, upstream_path: str, containers: int) -> str:
+        """Refuses what no provider should see; returns the model asked for."""
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise errors.bad_request("'model' is required and must be a non-empty string.", param="model",
@@ -253,6 +259,7 @@ class GatewayASGI:
             self._count_limit("json_depth")
             raise errors.bad_request(f"JSON nesting deeper than {self.max_depth} levels (server.max_json_depth).",
                                      code="too_deep")
+        return model
 
     def _json_limit_error(self, over: JsonLimit) -> GatewayError:
         if over is JsonLimit.CONTAINERS:
@@ -273,7 +280,7 @@ class GatewayASGI:
             wall=time.time() - (t1 - t0), request_id=new_request_id(), method=method, path=path, err=err,
             duration_ms=(t1 - t0) * 1000.0, bytes_sent=0, headers={}, client=client))
 
-    async def _reject(self, scope: dict[str, Any], send: Any, err: GatewayError, t0: float, wall: float,
+    async def _reject(self, scope: Scope, send: Send, err: GatewayError, t0: float, wall: float,
                       headers: dict[str, str] | None = None, request_id: str | None = None,
                       api_key_id: str | None = None, answered: bool = True, model: str | None = None,
                       stream: bool = False) -> None:
@@ -301,19 +308,19 @@ class GatewayASGI:
 
     # ------------------------------------------------------------------ simple endpoints
 
-    async def _respond(self, send: Any, status: int, body: bytes, ctype: bytes = b"application/json") -> None:
+    async def _respond(self, send: Send, status: int, body: bytes, ctype: bytes = b"application/json") -> None:
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", ctype), (b"content-length", b"%d" % len(body))]})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
-    async def _healthz(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def _healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._respond(send, 200, b'{"status":"ok"}')
 
-    async def _readyz(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
         ready, detail = self.lifecycle.readiness()
         await self._respond(send, 200 if ready else 503, orjson.dumps(detail))
 
-    async def _refused(self, scope: dict[str, Any], send: Any, public: bool = False) -> bool:
+    async def _refused(self, scope: Scope, send: Send, public: bool = False) -> bool:
         """With keys on, /metrics, /admin/* and the API docs on the public port need a valid key; on the
         admin listener only with auth.protect_metrics. Answers 401 and says so."""
         if self.guard is None or not (public or self.guard.protect_metrics):
@@ -326,11 +333,11 @@ class GatewayASGI:
             return True
         return False
 
-    async def _admin(self, scope: dict[str, Any], receive: Any, send: Any, public: bool = False) -> None:
+    async def _admin(self, scope: Scope, receive: Receive, send: Send, public: bool = False) -> None:
         if not await self._refused(scope, send, public):
             await self.fallback_app(scope, receive, send)
 
-    async def serve_admin(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def serve_admin(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI app of the admin listener (server.admin_port): admin routes only."""
         if scope["type"] != "http":
             return
@@ -343,23 +350,23 @@ class GatewayASGI:
         err = errors.not_found(path)
         await self._respond(send, err.status, err.body())
 
-    async def _metrics(self, scope: dict[str, Any], receive: Any, send: Any, public: bool = False) -> None:
+    async def _metrics(self, scope: Scope, receive: Receive, send: Send, public: bool = False) -> None:
         if await self._refused(scope, send, public):
             return
         self.lifecycle.refresh_gauges()
         body, ctype = self.engine.metrics.render()
         await self._respond(send, 200, body, ctype.encode())
 
-    async def _public_metrics(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def _public_metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._metrics(scope, receive, send, public=True)
 
-    async def _models(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] != "GET":
             err = errors.method_not_allowed(scope["method"], "GET")
             return await self._respond(send, err.status, err.body())
         await self._respond(send, 200, self._models_body)
 
-    async def _model(self, scope: dict[str, Any], send: Any, name: str) -> None:
+    async def _model(self, scope: Scope, send: Send, name: str) -> None:
         if name in self.engine.registry.models:
             body = orjson.dumps({"id": name, "object": "model", "created": 0, "owned_by": "llm-gateway"})
             return await self._respond(send, 200, body)
@@ -368,7 +375,7 @@ class GatewayASGI:
 
     # ------------------------------------------------------------------ lifespan
 
-    async def _lifespan(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         while True:
             msg = await receive()
             if msg["type"] == "lifespan.startup":
@@ -396,7 +403,7 @@ _CLIENT_GONE = GatewayError(499, "The client closed the connection before the re
                             "invalid_request_error", "client_closed_request", flag=ResponseFlag.CLIENT_GONE)
 
 
-def _chain_sigterm(lifecycle: Any) -> None:
+def _chain_sigterm(lifecycle: Lifecycle) -> None:
     """Turn /readyz not-ready the moment SIGTERM arrives, then let uvicorn's own handler drain."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
@@ -404,7 +411,7 @@ def _chain_sigterm(lifecycle: Any) -> None:
         except ValueError:
             return  # not the main thread (tests running the app in a thread)
 
-        def handler(signum: int, frame: Any, prev: Any = prev) -> None:
+        def handler(signum: int, frame: FrameType | None, prev: object = prev) -> None:
             lifecycle.begin_drain()
             if callable(prev):
                 prev(signum, frame)
@@ -421,13 +428,13 @@ def _request_id(value: str | None) -> str:
     return new_request_id()
 
 
-def _model_of(body: dict[str, Any] | None) -> str | None:
+def _model_of(body: JsonObject | None) -> str | None:
     """The model a refused request named, when its body parsed and named one (for the log only)."""
     model = body.get("model") if body is not None else None
     return model if isinstance(model, str) and 0 < len(model) <= 256 else None
 
 
-def _stream_of(body: dict[str, Any] | None) -> bool:
+def _stream_of(body: JsonObject | None) -> bool:
     return body is not None and body.get("stream") is True
 
 

@@ -9,8 +9,7 @@ header, so `access-control-allow-credentials` is never sent.
 
 from __future__ import annotations
 
-from typing import Any
-
+from gateway.api.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.errors import error_body
 
 _METHODS = b"GET, POST, OPTIONS"
@@ -26,7 +25,7 @@ _MAX_AGE = b"600"
 
 
 class CORSMiddleware:
-    def __init__(self, app: Any, origins: list[str]) -> None:
+    def __init__(self, app: ASGIApp, origins: list[str]) -> None:
         self.app = app
         self.any_origin = "*" in origins
         self.origins = frozenset(o.rstrip("/").encode("latin-1") for o in origins if o != "*")
@@ -34,7 +33,7 @@ class CORSMiddleware:
     def _allowed(self, origin: bytes) -> bool:
         return self.any_origin or origin in self.origins
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         origin = None
@@ -54,7 +53,7 @@ class CORSMiddleware:
         if not self._allowed(origin):
             return await self.app(scope, receive, send)
 
-        async def send_with_cors(msg: dict[str, Any]) -> None:
+        async def send_with_cors(msg: Message) -> None:
             if msg["type"] == "http.response.start":
                 headers = list(msg.get("headers", []))
                 headers += [(b"access-control-allow-origin", origin), (b"vary", b"Origin"),
@@ -64,7 +63,7 @@ class CORSMiddleware:
 
         await self.app(scope, receive, send_with_cors)
 
-    async def _preflight(self, send: Any, origin: bytes, request_headers: bytes) -> None:
+    async def _preflight(self, send: Send, origin: bytes, request_headers: bytes) -> None:
         if not self._allowed(origin):
             body = error_body(f"Origin {origin.decode('latin-1')[:200]!r} is not allowed by server.cors_origins.",
                               "invalid_request_error", "cors_origin_not_allowed")
@@ -78,7 +77,7 @@ class CORSMiddleware:
         await _respond(send, 204, headers, b"")
 
 
-async def _respond(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+async def _respond(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
     headers = headers + [(b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

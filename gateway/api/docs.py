@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import Body, FastAPI
 
+from gateway.api.types import Lifecycle
 from gateway.config import redact
 from gateway.engine.engine import Engine
 from gateway.policy.outlier import is_ejected
@@ -18,7 +19,7 @@ from gateway.telemetry.timing import now
 _EXAMPLE = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}], "stream": False}
 
 
-def build_docs_app(engine: Engine, lifecycle: Any) -> FastAPI:
+def build_docs_app(engine: Engine, lifecycle: Lifecycle) -> FastAPI:
     app = FastAPI(title="llm-gateway", version="0.1.0",
                   description="OpenAI-compatible, latency-aware LLM gateway. Point the OpenAI SDK's base_url at /v1.")
 

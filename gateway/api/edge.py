@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from gateway.config import ServerConfig
 from gateway.errors import GatewayError
+from gateway.flags import ResponseFlag
 from gateway.telemetry.timing import now
 
 EDGE_KEY = "llmgw.edge"
@@ -30,12 +31,13 @@ class EdgeConnection(Protocol):
 
 def head_too_large(limit: int) -> GatewayError:
     return GatewayError(431, f"Request head (request line and headers) exceeds the gateway's limit of {limit} bytes.",
-                        "invalid_request_error", "headers_too_large", flag="BR")
+                        "invalid_request_error", "headers_too_large", flag=ResponseFlag.BAD_REQUEST)
 
 
 def head_timeout(timeout_s: float) -> GatewayError:
     return GatewayError(408, f"Request head not received within {timeout_s:g} s (server.request_headers_timeout_s).",
-                        "invalid_request_error", "request_timeout", flag="HT")
+                        "invalid_request_error", "request_timeout",
+                        flag=ResponseFlag.REQUEST_HEADERS_TIMEOUT)
 
 
 def response_bytes(err: GatewayError) -> bytes:

@@ -14,7 +14,7 @@ splitting on quotes once escapes are dropped). The cost stays proportional to th
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 
 class JsonLimit(StrEnum):
@@ -62,10 +62,10 @@ def json_over_limit(raw: bytes, max_elements: int, max_containers: int,
     else:
         # Keep only the bytes that matter (a fast C pass that shrinks prose and code several times),
         # drop escaped backslashes, then escaped quotes: every remaining quote opens or closes a string.
-        marks = raw.translate(None, _NOT_MARKS)
-        if b"\\" in marks:
-            marks = marks.replace(b"\\\\", b"").replace(b'\\"', b"")
-        structure = b"".join(marks.split(b'"')[::2])
+        kept = raw.translate(None, _NOT_MARKS)
+        if b"\\" in kept:
+            kept = kept.replace(b"\\\\", b"").replace(b'\\"', b"")
+        structure = b"".join(kept.split(b'"')[::2])
         containers = structure.count(b"[") + structure.count(b"{")
         commas = structure.count(b",")
     if containers > max_containers:
@@ -99,7 +99,7 @@ def _string_spans(raw: bytes) -> list[tuple[int, int]]:
     return spans
 
 
-def deeper_than(obj: Any, limit: int) -> bool:
+def deeper_than(obj: object, limit: int) -> bool:
     """Whether parsed JSON nests deeper than ``limit`` levels; walks at most the containers it holds,
     which ``json_over_limit`` bounded before parsing."""
     depth = 0
@@ -108,7 +108,7 @@ def deeper_than(obj: Any, limit: int) -> bool:
         depth += 1
         if depth > limit:
             return True
-        nxt = []
+        nxt: list[object] = []
         for o in level:
             if isinstance(o, dict):
                 nxt.extend(v for v in o.values() if isinstance(v, dict | list))

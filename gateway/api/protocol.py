@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.api.edge import EDGE_KEY, EdgeLimits, head_timeout, head_too_large, response_bytes
+from gateway.api.types import Scope
 from gateway.errors import GatewayError
 from gateway.telemetry.timing import now
 
@@ -83,7 +85,7 @@ class HeadWithBodyTransport:
     def is_closing(self) -> bool:
         return self._transport.is_closing()
 
-    def __getattr__(self, name: str) -> Any:  # everything else is the transport's own
+    def __getattr__(self, name: str) -> object:  # everything else is the transport's own
         return getattr(self._transport, name)
 
 
@@ -125,8 +127,8 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._head_t = t
         self.transport.hold_next = True  # type: ignore[attr-defined]
-        self.scope[SCOPE_KEY] = t  # type: ignore[typeddict-unknown-key]
-        self.scope[DISCONNECT_KEY] = None  # type: ignore[typeddict-unknown-key]
+        self.scope[SCOPE_KEY] = t  # type: ignore[literal-required]
+        self.scope[DISCONNECT_KEY] = None  # type: ignore[literal-required]
 
     def on_headers_complete(self) -> None:
         self._head_t = 0.0
@@ -189,9 +191,9 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         hook = None
         if cycle is not None and not cycle.response_complete:
-            hook = cycle.scope.get(DISCONNECT_KEY)
+            hook = cast("Callable[[], None] | None", cycle.scope.get(DISCONNECT_KEY))
             if hook is None:
-                cycle.scope[DISCONNECT_KEY] = client_gone  # type: ignore[typeddict-unknown-key]
+                cycle.scope[DISCONNECT_KEY] = client_gone  # type: ignore[literal-required]
         if self._edge is not None:
             self._edge.connections.discard(self)
         super().connection_lost(exc)
@@ -206,7 +208,7 @@ def _head_ends_within(data: bytes, budget: int) -> bool:
     return data.startswith((b"\n", b"\r\n")) or data.find(b"\r\n\r\n", 0, budget + 4) >= 0
 
 
-def arrival(scope: dict[str, Any]) -> tuple[float, float]:
+def arrival(scope: Scope) -> tuple[float, float]:
     """The request's first byte on the monotonic clock and on the wall clock (now, if it was not stamped).
 
     The wall time is derived from the same instant, so ``start_time`` and exported spans line up with

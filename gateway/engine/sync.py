@@ -13,19 +13,22 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import orjson
 
 from gateway.engine.registry import DeploymentRuntime
-from gateway.state.base import SyncBatch
+from gateway.state.base import StateBackend, SyncBatch
 from gateway.telemetry.timing import now
+
+if TYPE_CHECKING:
+    from gateway.engine.engine import Engine  # which owns the sync: a cycle at run time
 
 log = logging.getLogger("llmgw.state")
 
 
 class StateSync:
-    def __init__(self, engine: Any, backend: Any, interval_s: float, ttl_s: float) -> None:
+    def __init__(self, engine: Engine, backend: StateBackend, interval_s: float, ttl_s: float) -> None:
         self.engine = engine
         self.backend = backend
         self.interval_s = interval_s

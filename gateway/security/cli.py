@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Awaitable, Callable
 
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.security.keys import ApiKey, RedisKeyStore, hash_key, new_key
@@ -86,7 +87,7 @@ def _cannot_hold_keys(cfg: GatewayConfig) -> str | None:
     return None
 
 
-def _run(coro_fn, args: argparse.Namespace) -> int:  # noqa: ANN001
+def _run(coro_fn: Callable[[RedisKeyStore, argparse.Namespace], Awaitable[int]], args: argparse.Namespace) -> int:
     store = _store(args)
 
     async def main() -> int:

@@ -221,7 +221,7 @@ class Connection(asyncio.Protocol):
         head = b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s%s\r\n" % (
             status, REASONS.get(status, b"Status"), content_type, len(body), headers,
             b"" if self.keep_alive else b"connection: close\r\n")
-        self.transport.write(head + body)
+        self.transport.write(head + body)  # type: ignore[union-attr]  # writable: connected
 
     def stream_head(self, headers: bytes = b"") -> bytes:
         # keep-alive streams are chunked; otherwise the end of the stream is the end of the connection
@@ -238,7 +238,7 @@ class Connection(asyncio.Protocol):
         else:
             out = head + data
         if out:
-            self.transport.write(out)
+            self.transport.write(out)  # type: ignore[union-attr]  # writable: connected
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

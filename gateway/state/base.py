@@ -30,8 +30,11 @@ class SyncResult:
 
 class StateBackend(Protocol):
     name: str  # "memory" or "redis"
-    mode: str  # "memory", or the redis_mode: "standalone", "sentinel", "cluster"
     prefix: str
+
+    @property
+    def mode(self) -> str:  # "memory", or the redis_mode: "standalone", "sentinel", "cluster"
+        ...
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...

@@ -40,7 +40,7 @@ class Topology:
     def __init__(self, target: RedisTarget) -> None:
         self.mode = target.mode
         t = target.timeout_s
-        sockets = {"socket_timeout": t, "socket_connect_timeout": t}
+        sockets: dict[str, Any] = {"socket_timeout": t, "socket_connect_timeout": t}
         self._sentinel: Sentinel | None = None
         self.client: Any
         if target.mode == "cluster":

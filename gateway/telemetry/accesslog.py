@@ -61,7 +61,7 @@ def format_text(rec: dict[str, Any]) -> bytes:
 _MORE_BREAKS = {c: f"\\u{c:04x}" for c in (*range(0x7F, 0xA0), 0x2028, 0x2029)}
 
 
-def _escaped(v: Any) -> str:
+def _escaped(v: object) -> str:
     s = "-" if v is None else str(v)
     if s.isprintable() and '"' not in s and "\\" not in s:  # the common case: nothing to escape
         return s
@@ -160,7 +160,7 @@ class AccessLog:
                     try:
                         n = os.write(self._fd, data)  # type: ignore[arg-type]
                     except BlockingIOError:
-                        select.select([], [self._fd], [], 1.0)
+                        select.select([], [self._fd], [], 1.0)  # type: ignore[type-var]  # set while running
                         continue
                     data = data[n:]
             except OSError:

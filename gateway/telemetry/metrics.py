@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Generic, TypeVar, overload
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -111,23 +111,24 @@ class _Buckets:
         self.counts[bisect_left(self.bounds, amount)] += 1  # le is inclusive: the first bound >= amount
 
 
-class _LoopMetric:
+_S = TypeVar("_S", _Value, _Buckets)
+
+
+class _LoopMetric(Generic[_S]):
     """A metric family updated on the event loop without locks; the same ``labels(...)`` / ``inc`` surface as
     prometheus_client's, exported by ``LoopCollector``."""
-
-    family_type: Any = None  # prometheus_client's family class for counters and gauges
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self.children: dict[tuple[str, ...], Any] = {}
-        self._plain = None if self.labelnames else self._new()  # unlabelled: the metric is its own child
+        self.children: dict[tuple[str, ...], _S] = {}
+        self._plain: _S | None = None if self.labelnames else self._new()  # unlabelled: the metric is its own child
 
-    def _new(self) -> Any:
-        return _Value()
+    def _new(self) -> _S:
+        raise NotImplementedError
 
-    def labels(self, *values: str) -> Any:
+    def labels(self, *values: str) -> _S:
         if len(values) != len(self.labelnames):
             raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
         c = self.children.get(values)
@@ -135,13 +136,23 @@ class _LoopMetric:
             c = self.children[values] = self._new()
         return c
 
-    def inc(self, amount: float = 1.0) -> None:
-        self._plain.inc(amount)
-
-    def samples(self) -> Iterator[tuple[tuple[str, ...], Any]]:
+    def samples(self) -> Iterator[tuple[tuple[str, ...], _S]]:
         if self._plain is not None:
             yield (), self._plain
         yield from list(self.children.items())
+
+    def family(self) -> Metric:
+        raise NotImplementedError
+
+
+class _LoopValueMetric(_LoopMetric[_Value]):
+    family_type: type[CounterMetricFamily] | type[GaugeMetricFamily]  # prometheus_client's family class
+
+    def _new(self) -> _Value:
+        return _Value()
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._plain.inc(amount)  # type: ignore[union-attr]  # unlabelled only, as with prometheus_client
 
     def family(self) -> Metric:
         f = self.family_type(self.name, self.documentation, labels=self.labelnames)
@@ -150,28 +161,28 @@ class _LoopMetric:
         return f
 
 
-class LoopCounter(_LoopMetric):
+class LoopCounter(_LoopValueMetric):
     family_type = CounterMetricFamily
 
 
-class LoopGauge(_LoopMetric):
+class LoopGauge(_LoopValueMetric):
     family_type = GaugeMetricFamily
 
     def dec(self, amount: float = 1.0) -> None:
-        self._plain.dec(amount)
+        self._plain.dec(amount)  # type: ignore[union-attr]
 
     def set(self, value: float) -> None:
-        self._plain.set(value)
+        self._plain.set(value)  # type: ignore[union-attr]
 
 
-class LoopHistogram(_LoopMetric):
+class LoopHistogram(_LoopMetric[_Buckets]):
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (),
                  buckets: Sequence[float] = ()) -> None:
         self.bounds = tuple(float(b) for b in buckets if b != float("inf"))
         self._le = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
         super().__init__(name, documentation, labelnames)
 
-    def _new(self) -> Any:
+    def _new(self) -> _Buckets:
         return _Buckets(self.bounds)
 
     def family(self) -> Metric:
@@ -186,11 +197,21 @@ class LoopHistogram(_LoopMetric):
         return f
 
 
+# A metric is prometheus_client's (multiprocess mode) or the loop's own; a labelled child, either's child.
+CounterMetric = Counter | LoopCounter
+GaugeMetric = Gauge | LoopGauge
+HistogramMetric = Histogram | LoopHistogram
+CounterChild = Counter | _Value
+GaugeChild = Gauge | _Value
+HistogramChild = Histogram | _Buckets
+_L = TypeVar("_L", LoopCounter, LoopGauge, LoopHistogram)
+
+
 class LoopCollector:
     """Exports the loop metrics at scrape time (every family, labelled children or not)."""
 
     def __init__(self) -> None:
-        self.metrics: list[_LoopMetric] = []
+        self.metrics: list[_LoopValueMetric | LoopHistogram] = []
 
     def collect(self) -> Iterator[Metric]:
         for m in self.metrics:
@@ -275,29 +296,37 @@ class Metrics:
                                      mode="livemax")
         self.latency_estimate = self._gauge("llmgw_deployment_latency_estimate_seconds",
                                       "Routing's live TTFT/latency estimate per deployment.", ["deployment"], mode="livemax")
-        self._children: dict[tuple, Any] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], CounterChild | GaugeChild | HistogramChild] = {}
 
-    def _counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Any:
+    def _counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> CounterMetric:
         if self.multiprocess:
             return Counter(name, doc, labels)
         return self._add(LoopCounter(name, doc, labels))
 
-    def _gauge(self, name: str, doc: str, labels: Sequence[str] = (), *, mode: str) -> Any:
+    def _gauge(self, name: str, doc: str, labels: Sequence[str] = (), *, mode: str) -> GaugeMetric:
         """``mode``: how multiprocess mode merges workers ("livesum" for amounts, "max" for states)."""
         if self.multiprocess:
-            return Gauge(name, doc, labels, multiprocess_mode=mode)
+            return Gauge(name, doc, labels, multiprocess_mode=mode)  # type: ignore[arg-type]  # a mode name
         return self._add(LoopGauge(name, doc, labels))
 
-    def _histogram(self, name: str, doc: str, labels: Sequence[str], *, buckets: Sequence[float]) -> Any:
+    def _histogram(self, name: str, doc: str, labels: Sequence[str], *, buckets: Sequence[float]) -> HistogramMetric:
         if self.multiprocess:
             return Histogram(name, doc, labels, buckets=buckets)
         return self._add(LoopHistogram(name, doc, labels, buckets))
 
-    def _add(self, metric: _LoopMetric) -> Any:
+    def _add(self, metric: _L) -> _L:
         self._loop.metrics.append(metric)
         return metric
 
-    def child(self, metric: Any, *labels: str) -> Any:
+    @overload
+    def child(self, metric: CounterMetric, *labels: str) -> CounterChild: ...
+    @overload
+    def child(self, metric: GaugeMetric, *labels: str) -> GaugeChild: ...
+    @overload
+    def child(self, metric: HistogramMetric, *labels: str) -> HistogramChild: ...
+
+    def child(self, metric: CounterMetric | GaugeMetric | HistogramMetric,
+              *labels: str) -> CounterChild | GaugeChild | HistogramChild:
         """Cached labelled child: one dict lookup on the hot path instead of prometheus' locked lookup."""
         key = (id(metric), labels)
         c = self._children.get(key)
@@ -310,8 +339,10 @@ class Metrics:
             from prometheus_client import multiprocess
 
             path = multiprocess_dir()
+            assert path is not None  # multiprocess mode is set by it
             drop_dead_workers(path)
             reg = CollectorRegistry()
             multiprocess.MultiProcessCollector(reg, path)
             return generate_latest(reg), CONTENT_TYPE_LATEST
+        assert self.registry is not None  # always, outside multiprocess mode
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

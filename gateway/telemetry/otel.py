@@ -15,7 +15,7 @@ HTTP and GenAI semantic conventions (``gen_ai.*``), plus the gateway's own (``ll
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.telemetry.sampling import Sampler
 from gateway.telemetry.tracing import TraceContext
@@ -43,7 +43,18 @@ def otlp_endpoint(configured: str | None) -> str | None:
     return ep if ep.endswith("/v1/traces") else ep + "/v1/traces"
 
 
-def _preset_ids() -> Any:
+class PresetIdSource(Protocol):
+    """An OpenTelemetry id generator whose next ids can be preset (0: draw a random one)."""
+
+    span_id: int
+    trace_id: int
+
+    def generate_span_id(self) -> int: ...
+
+    def generate_trace_id(self) -> int: ...
+
+
+def _preset_ids() -> PresetIdSource:
     """The SDK's id source, told the ids the gateway already sent upstream before each span starts."""
     from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
@@ -146,7 +157,7 @@ class Tracing:
         self.ids = _preset_ids()
         # The decision is taken on arrival (``sample``): spans written afterwards are all kept.
         self.provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}), sampler=ALWAYS_ON,
-                                       id_generator=self.ids)
+                                       id_generator=self.ids)  # type: ignore[arg-type]  # a RandomIdGenerator
         # Queue size and delay come from OTEL_BSP_* (defaults 2048 spans, 5 s) unless set here; a full
         # queue drops spans rather than waiting.
         self.provider.add_span_processor(BatchSpanProcessor(

@@ -13,7 +13,7 @@ import gzip
 import math
 import sys
 from dataclasses import replace
-from typing import IO
+from typing import IO, cast
 
 from gateway.telemetry.report_render import Format, render
 from gateway.telemetry.report_stats import (
@@ -72,7 +72,7 @@ def _open(path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
     if path == "-":
         return contextlib.nullcontext(sys.stdin.buffer)
     if path.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return cast("IO[bytes]", gzip.open(path, "rb"))
     return open(path, "rb", buffering=1 << 20)  # noqa: SIM115 - returned to a with-statement
 
 

@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from fractions import Fraction
 from operator import itemgetter
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
+
+from gateway.flags import ResponseFlag
 
 METRICS = ("duration_ms", "ttft_ms", "upstream_service_time_ms", "gateway_overhead_ms")
 METRIC_LABELS = {"duration_ms": "duration", "ttft_ms": "ttft", "upstream_service_time_ms": "upstream",
@@ -71,7 +73,7 @@ class ThresholdSource(StrEnum):
 _CAUSES = tuple(Cause)
 _BIT = {c: 1 << i for i, c in enumerate(_CAUSES)}
 _SHARE_OF_DURATION = 0.10  # queueing / gateway overhead count as a cause above this share of the request
-_TIMEOUT_FLAGS = frozenset(("UT", "DT"))
+_TIMEOUT_FLAGS = frozenset((ResponseFlag.UPSTREAM_TIMEOUT, ResponseFlag.DEADLINE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +160,12 @@ def load_records(stream: Iterable[str]) -> tuple[list[dict], int]:
 # ---------------------------------------------------------------------------------------------- numbers
 
 
+def _rank_or_inf(sorted_values: Sequence[float], p: float) -> float:
+    """``nearest_rank``, or infinity (no value is above it) when there are no values."""
+    r = nearest_rank(sorted_values, p)
+    return math.inf if r is None else r
+
+
 def nearest_rank(sorted_values: Sequence[float], p: float) -> float | None:
     """Nearest-rank percentile of ascending ``sorted_values``; None when empty."""
     n = len(sorted_values)
@@ -178,7 +186,7 @@ def _stats(sorted_values: Sequence[float]) -> MetricStats:
 _NUMBER = frozenset((int, float))  # exact types: JSON true/false must not count as 1 / 0 ms
 
 
-def _label(v: Any) -> str:
+def _label(v: object) -> str:
     if v is None or v == "":
         return NONE_LABEL
     return v if type(v) is str else str(v)
@@ -350,7 +358,7 @@ def _tail(cols: _Columns, threshold: float | None, source: ThresholdSource, perc
     n = 0
     if threshold is not None:
         # Per (model, stream): the first-token time above which a request's upstream was slow for its kind.
-        ft_limit = [nearest_rank(sorted(v), percentile) if v else math.inf for v in cols.ft_values]
+        ft_limit = [_rank_or_inf(sorted(v), percentile) for v in cols.ft_values]
         slow = _BIT[Cause.SLOW_UPSTREAM_TTFT]
         unexplained = _BIT[Cause.UNEXPLAINED]
         dur, ft, ft_key, local = cols.duration, cols.first_token, cols.ft_key, cols.causes
@@ -369,7 +377,10 @@ def _tail(cols: _Columns, threshold: float | None, source: ThresholdSource, perc
     return TailBreakdown(threshold, source, percentile, n, causes)
 
 
-def parse_choice(enum: type[StrEnum], value: str, what: str) -> Any:
+_Choice = TypeVar("_Choice", bound=StrEnum)
+
+
+def parse_choice(enum: type[_Choice], value: str, what: str) -> _Choice:
     try:
         return enum(value)
     except ValueError:

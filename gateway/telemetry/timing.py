@@ -34,11 +34,11 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
         a, b = intervals[0]
         return max(0.0, b - a)
     total = 0.0
-    cur_a, cur_b = None, None
-    for a, b in sorted(intervals):
-        if cur_b is None or a > cur_b:
-            if cur_b is not None:
-                total += cur_b - cur_a
+    ordered = iter(sorted(intervals))
+    cur_a, cur_b = next(ordered)
+    for a, b in ordered:
+        if a > cur_b:
+            total += cur_b - cur_a
             cur_a, cur_b = a, b
         elif b > cur_b:
             cur_b = b

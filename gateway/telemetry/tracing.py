@@ -58,6 +58,8 @@ class TraceContext:
     """The trace this request belongs to, and the span id the gateway uses for its upstream calls."""
 
     __slots__ = ("trace_id", "parent_id", "span_id", "flags", "tracestate", "incoming", "exported", "attempt_ids")
+    parent_id: str | None  # the caller's span, when the request came with a valid traceparent
+    incoming: str | None
 
     def __init__(self, traceparent: str | None, tracestate: str | None) -> None:
         parsed = parse_traceparent(traceparent)

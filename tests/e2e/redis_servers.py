@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import redis
-from conftest import free_port
+from harness import free_port
 
 MASTER_SET = "gwprimary"
 

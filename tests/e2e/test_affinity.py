@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from conftest import HTTP, dep, metric_value, model
+from harness import HTTP, dep, metric_value, model
 
 SIMS = ("sim-a", "sim-b", "sim-c")
 KNOBS = {"ttft_ms": 5, "ttft_dist": "fixed", "itl_ms": 1, "tokens": 2, "tail_p": 0,

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import Gateway, free_port
+from harness import Gateway, free_port
 from rawserver import Conn, RawProvider, Request, completion, response, sse_events
 
 CLIENTS = ["h1", "httpx"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis
 import yaml
-from conftest import REDIS_URL, free_port
+from harness import REDIS_URL, free_port
 
 from gateway.cli import build_parser
 from gateway.cli import main as cli_main

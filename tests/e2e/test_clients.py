@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import openai
 import pytest
-from conftest import Gateway, Sims, dep, free_port, model
+from harness import Gateway, Sims, dep, free_port, model
 from pydantic import BaseModel, Field
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "node"

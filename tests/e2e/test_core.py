@@ -9,7 +9,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import dep, free_port, model
+from harness import dep, free_port, model
 
 FAST = {"ttft_ms": 30, "ttft_dist": "fixed", "itl_ms": 5, "tokens": 8, "tail_p": 0}
 

@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import HTTP, free_port
+from harness import HTTP, free_port
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Gateway, Sims, TinyProxy, dep, model
+from harness import Gateway, Sims, TinyProxy, dep, model
 
 from gateway.sim.profile import SimProfile
 from gateway.sim.runner import SimThread

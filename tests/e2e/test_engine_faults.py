@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 import openai
 import orjson
 import pytest
-from conftest import dep, metric_value, model
+from harness import dep, metric_value, model
 
 RAW_POOL = {"min_connections": 0, "validate_on_start": False}
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import dep
-from conftest import model as model_
+from harness import dep
+from harness import model as model_
 
 FAST = {"ttft_ms": 1, "ttft_dist": "fixed", "itl_ms": 0, "tokens": 2, "tail_p": 0}
 

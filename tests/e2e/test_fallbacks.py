@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import yaml
-from conftest import HTTP, dep, metric_value, model
+from harness import HTTP, dep, metric_value, model
 
 QUICK = {"ttft_ms": 20, "ttft_dist": "fixed", "itl_ms": 1, "tokens": 3, "tail_p": 0}
 
@@ -44,11 +43,13 @@ def test_ejected_model_goes_to_the_fallback_at_once(sims_factory, gateways):
     gw = gateways(_cfg(sims, outlier={"consecutive_failures": 2, "max_ejection_percent": 100}))
     assert _post(gw).status_code == 200  # two failures eject big-1, the fallback answers
     touched = len(sims.stats("sim-big")["recent"])
-    t0 = time.monotonic()
     r = _post(gw)
-    assert r.status_code == 200 and time.monotonic() - t0 < 0.3
+    assert r.status_code == 200
     assert len(sims.stats("sim-big")["recent"]) == touched  # not touched again
-    assert gw.records(wait_for=2)[-1]["fallback_reason"] == "unhealthy"
+    rec = gw.records(wait_for=2)[-1]
+    # "at once": the only attempt was the fallback's, no time went to retries or backoff on big
+    assert rec["fallback_reason"] == "unhealthy" and rec["upstream_cluster"] == "small-1"
+    assert rec["attempts"] == 1 and rec["retry_count"] == 0 and rec["backoff_ms"] == 0
 
 
 def test_deadline_aware_degradation(sims_factory, gateways):
@@ -57,14 +58,13 @@ def test_deadline_aware_degradation(sims_factory, gateways):
     gw = gateways(_cfg(sims, degrade={"when_expected_ttft_exceeds_remaining": True}))
     assert _post(gw, stream=True).status_code == 200  # teaches routing big's TTFT (~1 s)
     before = len(sims.stats("sim-big")["recent"])
-    t0 = time.monotonic()
     r = _post(gw, headers={"x-gateway-timeout-ms": "400"}, stream=True)
-    elapsed = time.monotonic() - t0
-    assert r.status_code == 200 and "sim-small#" in r.text
-    assert elapsed < 0.4
+    assert r.status_code == 200 and "sim-small#" in r.text and '"error"' not in r.text
     assert len(sims.stats("sim-big")["recent"]) == before  # no attempt that could not finish in time
     rec = gw.records(wait_for=2)[-1]
     assert rec["fallback_from"] == "big" and rec["fallback_reason"] == "degrade"
+    # answered within the 400 ms deadline: the gateway enforces it, and it did not fire
+    assert rec["timeout_flag"] is None and rec["response_flags"] == "-" and rec["attempts"] == 1
 
 
 def test_no_fallback_after_bytes_went_downstream(sims_factory, gateways):

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from conftest import REDIS_URL, Gateway, Sims, dep, model
+from harness import REDIS_URL, Gateway, Sims, dep, model
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 

@@ -7,10 +7,13 @@ import time
 
 import httpx
 import pytest
-from conftest import HTTP, dep, metric_value, model
+from harness import HTTP, dep, metric_value, model
 
 TAILED = {"ttft_ms": 80, "ttft_dist": "fixed", "itl_ms": 5, "tokens": 6, "tail_p": 0.15, "tail_ms": 2000}
 TOKEN = re.compile(r"(sim-[ab])#(\d+):(\d+) ")
+# A hedge's win cancels the loser at once; a busy machine delays that by tens of milliseconds, while a loser
+# left to run would end at its 2 s tail, over 1.5 s after the win.
+CANCEL_SLACK_S = 0.5
 
 
 def _gw(sims_factory, gateways, hedging, b_tail_p=0.0):
@@ -50,7 +53,9 @@ def test_hedged_streams_carry_one_attempts_content_and_losers_are_cancelled(sims
         winner = [a for a in attempts if a["outcome"] == "ok"]
         loser = [a for a in attempts if a["outcome"] == "cancelled"]
         assert len(winner) == 1 and len(loser) == 1, attempts
-        assert loser[0]["ended_at"] - winner[0]["first_byte_at"] < 0.05  # cancelled within 50 ms of the win
+        # the loser is the primary waiting in its 2 s tail: cut off there, at the win, not left to run
+        assert loser[0]["first_byte_at"] is None
+        assert loser[0]["ended_at"] - winner[0]["first_byte_at"] < CANCEL_SLACK_S
         assert r["hedge_winner"] in ("primary", "hedge") and r["hedge_delay_ms"] == 300
     text = gw.metrics()
     assert metric_value(text, "llmgw_hedges_total", model="chat", outcome="won") >= 1

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from conftest import Gateway, Sims, dep, free_port, metric_value, model
+from harness import Gateway, Sims, dep, free_port, metric_value, model
 
 from gateway.security.keys import hash_key
 

@@ -9,9 +9,14 @@ import time
 import httpx
 import orjson
 import pytest
-from conftest import HTTP, dep, free_port, metric_value, model
+from harness import HTTP, dep, free_port, metric_value, model
 
 FIXED = {"ttft_ms": 200, "ttft_dist": "fixed", "itl_ms": 0, "tokens": 1, "tail_p": 0}
+# The simulator never answers before its profile says, so lower bounds are exact (less 5 ms of rounding and
+# timer resolution). Upper bounds allow what a busy machine adds to one request (scheduling delays of tens of
+# milliseconds) and still catch a gateway that waits where it should not (a timer, a missed wake-up).
+BUSY_SLACK_MS = 120
+OVERHEAD_CEILING_MS = 50  # the gateway adds well under 1 ms on an idle machine
 
 
 def _chat(gw, stream=False, headers=None, **body):
@@ -26,15 +31,15 @@ def test_logged_upstream_time_matches_the_simulator(sims_factory, gateways):
         assert _chat(gw).status_code == 200
     recs = gw.records(wait_for=5)
     for rec in recs:
-        assert 195 <= rec["upstream_service_time_ms"] <= 260, rec
-        assert rec["gateway_overhead_ms"] < 10, rec
+        assert 195 <= rec["upstream_service_time_ms"] <= 200 + BUSY_SLACK_MS, rec
+        assert rec["gateway_overhead_ms"] < OVERHEAD_CEILING_MS, rec
         assert rec["duration_ms"] == pytest.approx(rec["upstream_service_time_ms"] + rec["gateway_overhead_ms"],
                                                    abs=0.01)
         assert rec["upstream_connect_ms"] == 0 and rec["upstream_reused_connection"] is True  # pre-warmed pool
         assert rec["attempts"] == 1 and rec["response_flags"] == "-"
     r = _chat(gw)
     up = float(r.headers["x-gateway-upstream-service-time"])
-    assert 195 <= up <= 260
+    assert 195 <= up <= 200 + BUSY_SLACK_MS
     timing = r.headers["server-timing"]
     assert timing.startswith("gateway;dur=") and "upstream;dur=" in timing
 
@@ -45,9 +50,9 @@ def test_stream_ttft_is_logged_and_close_to_the_simulator(sims_factory, gateways
     r = _chat(gw, stream=True, stream_options={"include_usage": True})
     assert r.status_code == 200
     rec = gw.records(wait_for=1)[-1]
-    assert 195 <= rec["ttft_ms"] <= 260
-    assert 195 + 4 * 50 <= rec["upstream_service_time_ms"] <= 520
-    assert rec["gateway_overhead_ms"] < 10
+    assert 195 <= rec["ttft_ms"] <= 200 + BUSY_SLACK_MS
+    assert 195 + 4 * 50 <= rec["upstream_service_time_ms"] <= 200 + 4 * 50 + BUSY_SLACK_MS
+    assert rec["gateway_overhead_ms"] < OVERHEAD_CEILING_MS
     assert rec["completion_tokens"] == 5 and rec["stream"] is True
 
 

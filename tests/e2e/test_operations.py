@@ -21,7 +21,7 @@ import httpx
 import orjson
 import pytest
 import yaml
-from conftest import HTTP, REDIS_URL, dep, free_port, metric_value, model
+from harness import HTTP, REDIS_URL, dep, free_port, metric_value, model
 
 QUICK = {"ttft_ms": 10, "ttft_dist": "fixed", "itl_ms": 2, "tokens": 3, "tail_p": 0}
 FAILING = {**QUICK, "error_rate": 1.0, "error_status": 503}

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import HTTP, dep, free_port, model
+from harness import HTTP, dep, free_port, model
 from test_operations import _worker_pids
 
 CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "llm-gateway"

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 import yaml
-from conftest import Gateway, dep, metric_value, model
+from harness import Gateway, dep, metric_value, model
 from redis_servers import MASTER_SET, Cluster, SentinelSet, wait_for
 
 from gateway.security.keys import hash_key

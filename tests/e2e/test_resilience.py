@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from conftest import HTTP, REDIS_URL, dep, metric_value, model
+from harness import HTTP, REDIS_URL, dep, metric_value, model
 
 QUICK = {"ttft_ms": 20, "ttft_dist": "fixed", "itl_ms": 5, "tokens": 4, "tail_p": 0}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import time
 
-from conftest import HTTP, REDIS_URL, dep, model
+from harness import HTTP, REDIS_URL, dep, model
 
 BASE = {"ttft_ms": 60, "ttft_dist": "fixed", "itl_ms": 2, "tokens": 2, "tail_p": 0}
 

@@ -198,25 +198,34 @@ def test_openai_sdk_against_the_simulator(sim):
 
 
 # -- timing --------------------------------------------------------------------------------------------------
+# The simulator never writes early (its timers fire at or after their due time), so lower bounds are exact.
+# Upper bounds only tell "on schedule" from "ignores the schedule": they allow LATE_S on top, what a busy
+# machine can delay the simulator's loop by, and still well under one of the profile's inter-token gaps.
+LATE_S = 0.2
+
+
 def test_timing_follows_a_fixed_profile(sim):
-    sim.set(ttft_ms=150, itl_ms=40, tokens=5)
+    ttft, itl = 0.3, 0.25
+    sim.set(ttft_ms=ttft * 1000, itl_ms=itl * 1000, tokens=4)
     t0 = time.monotonic()
     r = sim.post("/v1/chat/completions")
+    elapsed = time.monotonic() - t0
     assert r.status_code == 200
-    assert 0.30 <= time.monotonic() - t0 < 0.42  # ttft + 4 * itl = 310 ms
+    due = ttft + 3 * itl  # a non-stream answer is written when its last token is due
+    assert due <= elapsed < due + LATE_S
+    assert due * 1000 - 1 <= int(r.headers["openai-processing-ms"]) < (due + LATE_S) * 1000
     arrivals = []
     t0 = time.monotonic()
     with sim.http.stream("POST", sim.url + "/v1/chat/completions", json={"model": "m", "messages": MSG, "stream": True}) as r:
         for line in r.iter_lines():
             if '"content":"sim-a' in line:
                 arrivals.append(time.monotonic() - t0)
-    assert len(arrivals) == 5
-    assert 0.14 <= arrivals[0] < 0.23
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
-    assert all(0.01 <= g < 0.1 for g in gaps), gaps  # spread out, not batched
-    assert 0.14 <= arrivals[-1] - arrivals[0] < 0.2  # 4 * itl, on an absolute schedule
+    assert len(arrivals) == 4
+    # token i at ttft + i * itl: spread out (not batched at the end), on an absolute schedule (no drift)
+    for i, at in enumerate(arrivals):
+        assert ttft + i * itl <= at < ttft + i * itl + LATE_S, arrivals
     rec = sim.stats()["recent"][-1]
-    assert rec["ttft_ms"] == 150 and 0.14 <= rec["first_byte_at"] - rec["started_at"] < 0.2
+    assert rec["ttft_ms"] == ttft * 1000 and ttft - 0.001 <= rec["first_byte_at"] - rec["started_at"] < ttft + LATE_S
 
 
 def test_ttft_distribution_and_tail():
@@ -234,9 +243,9 @@ def test_ttft_distribution_and_tail():
 def test_per_request_override_headers(sim):
     r = sim.post("/v1/chat/completions", headers={"x-sim-tokens": "2", "x-sim-ttft-ms": "0"})
     assert r.json()["choices"][0]["message"]["content"] == "sim-a#1:0 sim-a#1:1 "
-    t0 = time.monotonic()
-    assert sim.post("/v1/chat/completions", headers={"x-sim-ttft-ms": "200", "x-sim-tokens": "1"}).status_code == 200
-    assert time.monotonic() - t0 >= 0.2
+    r = sim.post("/v1/chat/completions", headers={"x-sim-ttft-ms": "200", "x-sim-tokens": "1"})
+    assert r.status_code == 200 and int(r.headers["openai-processing-ms"]) >= 199
+    assert sim.stats()["recent"][-1]["ttft_ms"] == 200
     r = sim.post("/v1/chat/completions", headers={"x-sim-error-rate": "1", "x-sim-error-status": "429"})
     assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
     bad = sim.post("/v1/chat/completions", headers={"x-sim-tokens": "many"})
@@ -275,7 +284,7 @@ def test_client_disconnect_mid_stream_is_counted_at_once(sim):
     st = wait_for(lambda: (s := sim.stats())["cancelled"]["mid_stream"] and s)
     assert st["cancelled"] == {"before_first_byte": 0, "mid_stream": 1}
     rec = st["recent"][-1]
-    assert rec["outcome"] == "cancelled" and rec["ended_at"] - closed_at < 0.1
+    assert rec["outcome"] == "cancelled" and rec["ended_at"] - closed_at < LATE_S  # not at the stream's end, 4 s on
     assert st["in_flight"] == 0 and st["served"]["chat"] == 0
     # a non-stream request abandoned before its answer
     sim.set(ttft_ms=3000)
@@ -287,10 +296,8 @@ def test_client_disconnect_mid_stream_is_counted_at_once(sim):
 
 def test_stall_never_answers_until_the_client_leaves(sim):
     sim.set(stall_rate=1.0)
-    t0 = time.monotonic()
-    with pytest.raises(httpx.ReadTimeout):
+    with pytest.raises(httpx.ReadTimeout):  # nothing came in 0.4 s; the stats below show it never would
         sim.post("/v1/chat/completions", {"model": "m", "messages": MSG, "stream": True}, timeout=0.4)
-    assert time.monotonic() - t0 >= 0.4
     st = wait_for(lambda: (s := sim.stats())["cancelled"]["before_first_byte"] and s)
     assert st["stalled"] == 1 and st["in_flight"] == 0
     rec = st["recent"][-1]
@@ -318,27 +325,26 @@ def test_reset_closes_the_stream_after_n_tokens(sim):
 def test_cold_schema_is_paid_once_per_schema(sim):
     sim.set(cold_schema_ms=400)
 
-    def ask(schema: dict[str, Any]) -> float:
-        t0 = time.monotonic()
+    def ask(schema: dict[str, Any]) -> int:
+        """The sim's own processing time (ms) for a request with this schema."""
         r = sim.post("/v1/chat/completions", {"model": "m", "messages": MSG, "response_format": {
             "type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": schema}}})
         assert r.status_code == 200
-        return time.monotonic() - t0
+        return int(r.headers["openai-processing-ms"])
 
     a = {"type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]}
     a_reordered = {"required": ["x"], "properties": {"x": {"type": "string"}}, "type": "object"}
-    assert ask(a) >= 0.4
-    assert ask(a_reordered) < 0.2  # same schema in canonical form: already compiled
-    assert ask({"type": "object"}) >= 0.4
-    t0 = time.monotonic()  # the Responses API's text.format shares the compiled schema
+    assert ask(a) >= 399
+    ask(a_reordered)  # same schema in canonical form: already compiled (its ttft_ms below is 0)
+    assert ask({"type": "object"}) >= 399
+    # the Responses API's text.format shares the compiled schema
     sim.post("/v1/responses", {"model": "m", "input": "x", "text": {"format": {"type": "json_schema",
                                                                                  "name": "x", "schema": a}}})
-    assert time.monotonic() - t0 < 0.2
     assert sim.post("/v1/chat/completions").status_code == 200  # no response_format: no cost, not counted
     st = sim.stats()
     assert st["cold_schema_hits"] == 2 and st["schemas_seen"] == 2
     assert [r["cold_schema"] for r in st["recent"]] == [True, False, True, False, False]
-    assert st["recent"][0]["ttft_ms"] == 400
+    assert [r["ttft_ms"] for r in st["recent"]] == [400, 0, 400, 0, 0]  # the compile wait is the only delay
 
 
 def test_idle_keep_alive_connections_are_closed_like_a_load_balancer(sim):

@@ -8,7 +8,7 @@ import time
 
 import httpx
 import redis
-from conftest import HTTP, REDIS_URL, dep, model
+from harness import HTTP, REDIS_URL, dep, model
 
 QUICK = {"ttft_ms": 20, "ttft_dist": "fixed", "itl_ms": 1, "tokens": 2, "tail_p": 0}
 SCHEMA = {"name": "turn", "strict": True, "schema": {"type": "object", "properties": {"intent": {"type": "string"}},

@@ -1,0 +1,227 @@
+"""e2e harness: real gateway processes (uvicorn on a real port), real simulated providers, real Redis.
+
+Tests talk to the gateway with the real openai SDK and ask the simulators what they saw; the only
+gateway-side facts they read are its public outputs (responses, headers, access log, /metrics).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import yaml
+
+from gateway.sim.profile import SimProfile
+from gateway.sim.runner import SimThread
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+# One client for the whole run: building an httpx client per request (SSL context and all) costs tens of
+# milliseconds on these machines and would pollute every timing a test measures.
+HTTP = httpx.Client(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Sims:
+    """Simulated providers running in a background thread of the test process."""
+
+    def __init__(self, specs: dict[str, tuple[str, dict[str, Any]]]) -> None:
+        profiles = []
+        for name, (region, knobs) in specs.items():
+            p = SimProfile()
+            p.update(knobs)
+            profiles.append((name, region, p))
+        self._thread = SimThread(profiles)
+        self.ports = self._thread.start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}"
+
+    def base_url(self, name: str) -> str:
+        return self.url(name) + "/v1"
+
+    def stats(self, name: str) -> dict[str, Any]:
+        # One connection per read, closed after it: tests that count a sim's connections then know that
+        # each read adds exactly one, whether or not a pooled keep-alive would have survived the sim's idle timer.
+        return HTTP.get(self.url(name) + "/sim/stats", headers={"connection": "close"}, timeout=5).json()
+
+    def set(self, name: str, **knobs: Any) -> None:
+        r = HTTP.post(self.url(name) + "/sim/profile", json=knobs, timeout=5)
+        assert r.status_code == 200, r.text
+
+    def reset(self, name: str) -> None:
+        HTTP.post(self.url(name) + "/sim/reset", timeout=5)
+
+    def stop(self) -> None:
+        self._thread.stop()
+
+
+class Gateway:
+    """One `llmgw serve` process with its own config, port and access log."""
+
+    def __init__(self, cfg: dict[str, Any], tmp: Path, *, workers: int = 1, env: dict[str, str] | None = None,
+                 ready_timeout: float = 20.0, wait_ready: bool = True, name: str = "gw",
+                 stock_uvicorn: str | None = None) -> None:
+        """``stock_uvicorn`` ("h11" or "httptools") serves the app with plain uvicorn and that HTTP protocol
+        instead of `llmgw serve`, as a user embedding the ASGI app elsewhere would."""
+        self.port = free_port()
+        self.log_path = tmp / f"{name}-{self.port}-access.jsonl"
+        cfg = dict(cfg)
+        cfg.setdefault("server", {})
+        cfg["server"] = {"host": "127.0.0.1", "drain_timeout_s": 5, **cfg["server"], "port": self.port}
+        if cfg["server"].get("admin_port") == "auto":  # a port of its own, for configs shared by several gateways
+            cfg["server"]["admin_port"] = free_port()
+        cfg["access_log"] = {"path": str(self.log_path), "format": "json", **cfg.get("access_log", {})}
+        self.config_path = tmp / f"{name}-{self.port}.yaml"
+        self.config_path.write_text(yaml.safe_dump(cfg))
+        self.stderr_path = tmp / f"{name}-{self.port}.stderr"
+        full_env = {**os.environ, **(env or {})}
+        full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115
+        cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path), "--log-level", "warning"]
+        if workers > 1:
+            cmd += ["--workers", str(workers)]
+        if stock_uvicorn is not None:
+            full_env["LLMGW_CONFIG"] = str(self.config_path)
+            cmd = [sys.executable, "-m", "uvicorn", "gateway.app:create_app", "--factory", "--host", "127.0.0.1",
+                   "--port", str(self.port), "--http", stock_uvicorn, "--log-level", "warning"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._stderr, env=full_env)
+        self.url = f"http://127.0.0.1:{self.port}"
+        admin_port = cfg["server"].get("admin_port")
+        # probes and /metrics live on server.admin_port when it is set
+        self.admin_url = f"http://127.0.0.1:{admin_port}" if admin_port else self.url
+        if wait_ready:
+            self.wait_ready(ready_timeout)
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}: {self.stderr()}")
+            try:
+                if HTTP.get(self.admin_url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"gateway not ready after {timeout}s: {self.stderr()}")
+
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text()[-4000:]
+        except OSError:
+            return ""
+
+    def client(self, **kw: Any) -> Any:
+        from openai import OpenAI
+
+        kw.setdefault("max_retries", 0)
+        kw.setdefault("timeout", 30)
+        return OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "test-key"), **kw)
+
+    def records(self, wait_for: int = 0, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Access-log records written so far (waits until at least ``wait_for`` are there)."""
+        end = time.monotonic() + timeout
+        while True:
+            recs = []
+            if self.log_path.exists():
+                recs = [orjson.loads(line) for line in self.log_path.read_bytes().splitlines() if line.strip()]
+            if len(recs) >= wait_for or time.monotonic() > end:
+                return recs
+            time.sleep(0.05)
+
+    def lines(self, wait_for: int = 0, timeout: float = 5.0) -> list[str]:
+        end = time.monotonic() + timeout
+        while True:
+            lines = self.log_path.read_text().splitlines() if self.log_path.exists() else []
+            if len(lines) >= wait_for or time.monotonic() > end:
+                return lines
+
+            time.sleep(0.05)
+
+    def metrics(self) -> str:
+        return HTTP.get(self.admin_url + "/metrics", timeout=5).text
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._stderr.close()
+        return self.proc.returncode
+
+
+def model(name: str, deployments: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"name": name, "deployments": deployments, **extra}
+
+
+def dep(id: str, base_url: str, region: str = "us-east", **extra: Any) -> dict[str, Any]:
+    return {"id": id, "base_url": base_url, "api_key": "sim-key", "model": "sim-large", "region": region, **extra}
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        if head.split("{", 1)[0] != name:
+            continue
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+class TinyProxy:
+    """A real forward proxy (Debian's tinyproxy) on a free port, with basic auth; its log says what it relayed."""
+
+    def __init__(self, tmp: Path, user: str, password: str) -> None:
+        self.port = free_port()
+        self.log_path = tmp / f"tinyproxy-{self.port}.log"
+        conf = tmp / f"tinyproxy-{self.port}.conf"
+        conf.write_text(f"Port {self.port}\nListen 127.0.0.1\nTimeout 30\nMaxClients 50\nAllow 127.0.0.1\n"
+                        f"BasicAuth {user} {password}\nLogFile \"{self.log_path}\"\nLogLevel Info\n"
+                        "DisableViaHeader Yes\n")
+        self.proc = subprocess.Popen(["tinyproxy", "-d", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        end = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > end:
+                    raise RuntimeError(f"tinyproxy did not start: {self.log()}") from None
+                time.sleep(0.05)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
