@@ -15,7 +15,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import HTTP, dep, free_port, metric_value, model
+from harness import HTTP, dep, free_port, metric_value, model
 
 from gateway.sim.profile import SimProfile
 from gateway.sim.runner import SimThread
