@@ -48,7 +48,8 @@ def test_warmup_gates_readiness_and_the_first_user_request_is_warm(sims_factory,
                   wait_ready=False)
     not_ready_seen = False
     t0 = time.monotonic()
-    while time.monotonic() - t0 < 15:
+    give_up = t0 + 15  # a hang guard, not a timing check
+    while time.monotonic() < give_up:
         try:
             r = HTTP.get(gw.url + "/readyz", timeout=1)
         except httpx.HTTPError:
@@ -60,7 +61,8 @@ def test_warmup_gates_readiness_and_the_first_user_request_is_warm(sims_factory,
         elif r.status_code == 200:
             break
         time.sleep(0.05)
-    assert not_ready_seen and time.monotonic() - t0 >= 1.8  # ready only once the 2 s compile was paid
+    waited_s = time.monotonic() - t0  # a lower bound: a busy machine only makes it longer
+    assert not_ready_seen and waited_s >= 1.8  # ready only once the 2 s compile was paid
     st = sims.stats("sim-a")
     assert st["cold_schema_hits"] == 1
     assert _structured(gw) < 0.5
