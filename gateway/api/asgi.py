@@ -112,14 +112,17 @@ class GatewayASGI:
                      wall: float) -> None:
         if scope["method"] != "POST":
             return await self._reject(scope, send, errors.method_not_allowed(scope["method"], "POST"), t0, wall)
-        raw_headers = scope["headers"]
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
+        headers: dict[str, str] = {}
+        header_bytes = 0
+        for k, v in scope["headers"]:  # one pass: decoded, and their size measured
+            headers[k.decode("latin-1")] = v.decode("latin-1")
+            header_bytes += len(k) + len(v)
         key = None
         guard = self.guard
         body: JsonObject | None = None  # once parsed: a refused request still logs its model
         try:
             request_id = _request_id(headers.get("x-request-id"))
-            if sum(len(k) + len(v) for k, v in raw_headers) > self.max_header:
+            if header_bytes > self.max_header:
                 raise GatewayError(431, f"Request headers exceed {self.max_header} bytes.", "invalid_request_error",
                                    "headers_too_large", flag=ResponseFlag.BAD_REQUEST)
             ctype = headers.get("content-type")

@@ -38,7 +38,10 @@ def _usable_event(data: bytes) -> bool:
     delta = c.get("delta")
     if delta is None:
         return bool(c.get("text"))  # legacy completions
-    return any(delta.get(k) for k in _USABLE_DELTA_KEYS)
+    for k in _USABLE_DELTA_KEYS:  # a loop, not any(<generator>): this runs for every event before commit
+        if delta.get(k):
+            return True
+    return False
 
 
 # Bytes before the first usable token are held until commit (they may still be dropped for a retry or
