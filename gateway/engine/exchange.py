@@ -437,11 +437,12 @@ class Exchange:
         """How the committed stream ended: relayed to its end, timed out, reset, or cut short (the client
         left, shutdown, a gateway error)."""
         out = self.relay
-        if out is None or (out.failure_flag is None and not out.closing):
+        if out is None:
             return "cancelled"
-        if out.failure_flag is ResponseFlag.UPSTREAM_RESET:
-            return "reset"
-        return "success" if out.failure_flag is None else "timeout"
+        flag = out.failure_flag
+        if flag is None:
+            return "success" if out.closing else "cancelled"
+        return "reset" if flag is ResponseFlag.UPSTREAM_RESET else "timeout"
 
     async def _next_after_failure(self, m: ModelRuntime, failed: Attempt, tried: set[str]) -> Attempt | None:
         """Decide whether to retry a failed attempt; wait the backoff; start the retry."""

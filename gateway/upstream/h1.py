@@ -288,11 +288,11 @@ class _Connection(asyncio.Protocol):
             raise UpstreamProtocolError(self.fault)
         status = self.parser.get_status_code()
         resp = self.response
-        if status < 100 or status > 599 or status == 101:
-            self.fault = status_fault(status) or "101 Switching Protocols to a request that asked for none"
-            raise UpstreamProtocolError(self.fault)
-        if status < 200 or resp is None:  # 1xx: an interim answer; the real head follows
-            self.raw_headers = []
+        if status < 200 or status > 599 or resp is None:  # not a final answer: malformed, or an interim 1xx
+            if status < 100 or status > 599 or status == 101:
+                self.fault = status_fault(status) or "101 Switching Protocols to a request that asked for none"
+                raise UpstreamProtocolError(self.fault)
+            self.raw_headers = []  # 1xx: an interim answer; the real head follows
             return
         resp.status = status
         pairs, self.raw_headers = self.raw_headers, []
