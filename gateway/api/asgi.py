@@ -11,6 +11,7 @@ import asyncio
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from itertools import chain
 from types import FrameType
 from typing import Any
 
@@ -119,7 +120,7 @@ class GatewayASGI:
         body: JsonObject | None = None  # once parsed: a refused request still logs its model
         try:
             request_id = _request_id(headers.get("x-request-id"))
-            if sum(len(k) + len(v) for k, v in raw_headers) > self.max_header:
+            if sum(map(len, chain.from_iterable(raw_headers))) > self.max_header:  # names and values, at C speed
                 raise GatewayError(431, f"Request headers exceed {self.max_header} bytes.", "invalid_request_error",
                                    "headers_too_large", flag=ResponseFlag.BAD_REQUEST)
             ctype = headers.get("content-type")
@@ -165,7 +166,7 @@ class GatewayASGI:
 
         def on_disconnect(_: object = None) -> None:
             # uvicorn also reports "disconnect" once our response is complete; only act before that.
-            if not ex.closing and not ex.finished:
+            if not ex.finished and not ex.closing:
                 ex.cancel(CancelReason.CLIENT_GONE)
 
         if DISCONNECT_KEY in scope:  # our protocol calls it when the connection drops

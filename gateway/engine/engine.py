@@ -118,9 +118,13 @@ class Engine:
         model = self.registry.models.get(model_name)
         if model is None:
             return Deadline(t_received, DeadlineSource.TOTAL), errors.model_not_found(model_name)
+        client_ms = headers.get("x-gateway-timeout-ms")
+        sdk_s = headers.get("x-stainless-timeout")
+        sdk_read_s = headers.get("x-stainless-read-timeout")
+        if client_ms is None and sdk_s is None and sdk_read_s is None:  # the usual case: the model's total alone
+            return Deadline(t_received + model.total_s, DeadlineSource.TOTAL), None
         try:
-            return resolve_deadline(t_received, model.total_s * 1000.0, headers.get("x-gateway-timeout-ms"),
-                                    headers.get("x-stainless-timeout"), headers.get("x-stainless-read-timeout"),
+            return resolve_deadline(t_received, model.total_s * 1000.0, client_ms, sdk_s, sdk_read_s,
                                     model.cfg.timeouts.sdk_reply_margin_ms), None
         except ValueError as exc:
             return Deadline(t_received, DeadlineSource.TOTAL), errors.bad_request(str(exc), code="invalid_header")

@@ -437,11 +437,12 @@ class Exchange:
         """How the committed stream ended: relayed to its end, timed out, reset, or cut short (the client
         left, shutdown, a gateway error)."""
         out = self.relay
-        if out is None or (out.failure_flag is None and not out.closing):
+        if out is None:
             return "cancelled"
-        if out.failure_flag is ResponseFlag.UPSTREAM_RESET:
-            return "reset"
-        return "success" if out.failure_flag is None else "timeout"
+        flag = out.failure_flag
+        if flag is None:
+            return "success" if out.closing else "cancelled"
+        return "reset" if flag is ResponseFlag.UPSTREAM_RESET else "timeout"
 
     async def _next_after_failure(self, m: ModelRuntime, failed: Attempt, tried: set[str]) -> Attempt | None:
         """Decide whether to retry a failed attempt; wait the backoff; start the retry."""
@@ -520,8 +521,9 @@ class Exchange:
         dep = a.dep
         t = self.now()
         metrics = self.engine.metrics
-        who = blame(a.ok, a.failure, a.status, a.timeout_flag)
-        if a.ok:
+        ok = a.ok
+        who = blame(ok, a.failure, a.status, a.timeout_flag)
+        if ok:
             assert a.t_first is not None  # set with READY
             dep.observe((a.t_first - a.t_start) * 1000.0, t, self.stream)
             failed = False
@@ -547,7 +549,7 @@ class Exchange:
                 outcome = kind.value if kind is not None else "failed"
         if a.wire.connect_end is not None and a.wire.connect_start is not None:
             metrics.child(metrics.connect, dep.id).observe(a.wire.connect_end - a.wire.connect_start)
-        if not (a.ok and self.stream):  # a stream's outcome is known when its relay ends (_stream_outcome)
+        if not (ok and self.stream):  # a stream's outcome is known when its relay ends (_stream_outcome)
             self._count(a, outcome)
         evidence = retry_evidence(who, a.status)
         if evidence is not None:

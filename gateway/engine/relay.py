@@ -46,22 +46,20 @@ def split_at_event_end(data: bytes) -> tuple[bytes, bytes]:
 
 
 class RelayOutcome:
-    """What relaying one stream did; filled as it goes, so a relay cut short by the client still tells."""
+    """What relaying one stream did; filled as it goes, so a relay cut short by the client still tells.
 
-    __slots__ = ("started", "closing", "bytes_sent", "t_first_sent", "t_last_sent", "failure_flag",
-                 "timeout_flag", "prompt_tokens", "completion_tokens", "at_event_end")
+    Fields start as class-level defaults (all immutable), so a new outcome costs no per-field set-up."""
 
-    def __init__(self) -> None:
-        self.started = False  # the 200 head went out
-        self.closing = False  # the final (empty) body is being sent: a disconnect now changes nothing
-        self.bytes_sent = 0
-        self.t_first_sent: float | None = None
-        self.t_last_sent: float | None = None
-        self.failure_flag: ResponseFlag | None = None  # UT, DT or UC when the stream ended with an error event
-        self.timeout_flag: str | None = None  # "idle", "per_try" or "total" for a timed-out stream
-        self.prompt_tokens: int | None = None
-        self.completion_tokens: int | None = None
-        self.at_event_end = True  # what was sent ends with a whole event: an error event may follow as it is
+    started: bool = False  # the 200 head went out
+    closing: bool = False  # the final (empty) body is being sent: a disconnect now changes nothing
+    bytes_sent: int = 0
+    t_first_sent: float | None = None
+    t_last_sent: float | None = None
+    failure_flag: ResponseFlag | None = None  # UT, DT or UC when the stream ended with an error event
+    timeout_flag: str | None = None  # "idle", "per_try" or "total" for a timed-out stream
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    at_event_end: bool = True  # what was sent ends with a whole event: an error event may follow as it is
 
 
 async def relay_stream(w: Attempt, send: Send, out: RelayOutcome, *, headers: list[tuple[bytes, bytes]],

@@ -38,7 +38,7 @@ def _usable_event(data: bytes) -> bool:
     delta = c.get("delta")
     if delta is None:
         return bool(c.get("text"))  # legacy completions
-    return any(delta.get(k) for k in _USABLE_DELTA_KEYS)
+    return any(map(delta.get, _USABLE_DELTA_KEYS))  # map, not a generator: no Python frame per key
 
 
 # Bytes before the first usable token are held until commit (they may still be dropped for a retry or
@@ -103,6 +103,7 @@ def usage_of(data: bytes) -> tuple[int | None, int | None]:
 
 _USAGE = b'"usage"'
 _USAGE_MAX = 4096  # a usage object with every detail field is ~400 bytes
+_KEY_PART = len(_USAGE) - 1  # the most of the key that can end a chunk without being in it whole
 
 
 class UsageTail:
@@ -122,15 +123,15 @@ class UsageTail:
         if i >= 0:
             self._tail = chunk[i:i + _USAGE_MAX]
         else:
-            joined = self._edge + chunk[:len(_USAGE) - 1]
-            j = joined.find(_USAGE)
+            edge = self._edge
+            # The key can only start in the previous bytes if they hold its opening quote (rarely so).
+            j = (edge + chunk[:_KEY_PART]).find(_USAGE) if b'"' in edge else -1
             tail = self._tail
-            if j >= 0:
-                self._tail = joined[j:len(self._edge)] + chunk[:_USAGE_MAX]
+            if j >= 0:  # the key starts in ``edge`` (a key starting in ``chunk`` would be found whole there)
+                self._tail = edge[j:] + chunk[:_USAGE_MAX]
             elif tail is not None and len(tail) < _USAGE_MAX:
                 self._tail = tail + chunk[:_USAGE_MAX - len(tail)]
-        edge = self._edge + chunk if len(chunk) < len(_USAGE) - 1 else chunk
-        self._edge = edge[-(len(_USAGE) - 1):]
+        self._edge = chunk[-_KEY_PART:] if len(chunk) >= _KEY_PART else (self._edge + chunk)[-_KEY_PART:]
 
     def usage(self) -> tuple[int | None, int | None]:
         return usage_of(self._tail) if self._tail is not None else (None, None)

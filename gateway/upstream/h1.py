@@ -240,8 +240,9 @@ class _Connection(asyncio.Protocol):
             self._broken(UpstreamProtocolError(self.fault or f"invalid HTTP response: {exc}"))
             self.close()
             return
-        if head_open and resp.status == 0 and (fault := size_fault(self.head_bytes, self.limits)):
-            self._broken(UpstreamProtocolError(fault))  # an endless head is refused once it passes the limit
+        if head_open and resp.status == 0 and (fault := count_fault(len(self.raw_headers), self.limits)
+                                               or size_fault(self.head_bytes, self.limits)):
+            self._broken(UpstreamProtocolError(fault))  # an endless head is refused once it passes a limit
             self.close()
 
     def eof_received(self) -> bool | None:
@@ -277,20 +278,21 @@ class _Connection(asyncio.Protocol):
             raise UpstreamProtocolError("unsolicited response")  # stops the parser: the rest is dropped
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        raw = self.raw_headers
-        if len(raw) >= self.max_headers:
-            self.fault = count_fault(len(raw) + 1, self.limits)
-            raise UpstreamProtocolError(self.fault)
-        raw.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        # Counted once per head (on_headers_complete, or data_received for a head still open), not here
+        # per header: until then the head's byte limit bounds how many pile up.
+        self.raw_headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
+        if len(self.raw_headers) > self.max_headers:
+            self.fault = count_fault(len(self.raw_headers), self.limits)
+            raise UpstreamProtocolError(self.fault)
         status = self.parser.get_status_code()
         resp = self.response
-        if status < 100 or status > 599 or status == 101:
-            self.fault = status_fault(status) or "101 Switching Protocols to a request that asked for none"
-            raise UpstreamProtocolError(self.fault)
-        if status < 200 or resp is None:  # 1xx: an interim answer; the real head follows
-            self.raw_headers = []
+        if status < 200 or status > 599 or resp is None:  # not a final answer: malformed, or an interim 1xx
+            if status < 100 or status > 599 or status == 101:
+                self.fault = status_fault(status) or "101 Switching Protocols to a request that asked for none"
+                raise UpstreamProtocolError(self.fault)
+            self.raw_headers = []  # 1xx: an interim answer; the real head follows
             return
         resp.status = status
         pairs, self.raw_headers = self.raw_headers, []

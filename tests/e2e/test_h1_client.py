@@ -297,6 +297,31 @@ def test_a_provider_that_hangs_up_is_a_reset_and_one_that_answers_garbage_a_prot
     run(scenario)
 
 
+@pytest.mark.parametrize("head_ends", [True, False])
+def test_too_many_response_headers_are_refused_by_count_whether_or_not_the_head_ends(head_ends: bool) -> None:
+    # The count is checked once per head, not per header: when the head is complete, and while it is
+    # still open (a provider trickling headers), before the byte limit is reached either way.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        # ten: the parser hands on a header once the next one starts, so an open head shows nine
+        head = b"HTTP/1.1 200 OK\r\n" + b"".join(b"x-h%d: v\r\n" % i for i in range(10))
+        writer.write(head + b"content-length: 2\r\n\r\n{}" if head_ends else head)
+        await writer.drain()
+        await reader.read()  # held open until the client hangs up
+
+    async def scenario() -> None:
+        async with raw_server(handler) as (base, _):
+            c = H1UpstreamClient(DeploymentConfig(id="p", base_url=base, api_key="sk-test",
+                                                  response_limits={"max_headers": 8}))
+            await c.start()
+            with pytest.raises(UpstreamProtocolError, match=r"more than 8 response headers \(response_limits"):
+                await c.post("/x", b"{}", c.static_headers, AttemptWire())
+            assert c.pool_counts() == {"idle": 0, "active": 0}
+            await c.close()
+
+    run(scenario)
+
+
 def test_connect_failures_are_connect_errors() -> None:
     async def scenario() -> None:
         async with raw_server(keep_alive(lambda _l, _b: b"")) as (base, _):
