@@ -549,13 +549,18 @@ class Exchange:
                 outcome = kind.value if kind is not None else "failed"
         if a.wire.connect_end is not None and a.wire.connect_start is not None:
             metrics.child(metrics.connect, dep.id).observe(a.wire.connect_end - a.wire.connect_start)
-        if not (ok and self.stream):  # a stream's outcome is known when its relay ends (_stream_outcome)
-            self._count(a, outcome)
+        if ok and self.stream:
+            return  # a stream's outcome is known when its relay ends (_stream_outcome, _stream_ended)
+        self._count(a, outcome)
         evidence = retry_evidence(who, a.status)
         if evidence is not None:
             m.retry_budget.observe(dep.id, evidence, t)
         if who is Blame.NEUTRAL or who is Blame.DEADLINE:
             return  # client errors, 429 and the request's own deadline say nothing about the deployment's health
+        self._judge(m, dep, failed, t)
+
+    def _judge(self, m: ModelRuntime, dep: DeploymentRuntime, failed: bool, t: float) -> None:
+        """One provider-caused outcome for outlier detection (ejection)."""
         verdict = record_outcome(dep.outlier, failed=failed, now=t,
                                  consecutive_threshold=m.cfg.outlier.consecutive_failures,
                                  base_ejection_s=m.cfg.outlier.base_ejection_s,
@@ -609,6 +614,7 @@ class Exchange:
                                    now=self.now)
             finally:
                 self._took(out)
+            self._stream_ended(w, out)
         else:
             body = w.body
             p, c = usage_of(body)
@@ -628,6 +634,24 @@ class Exchange:
             self.bytes_sent = len(body)
             w.finish()
         self.state = ExchangeState.DONE
+
+    def _stream_ended(self, w: Attempt, out: RelayOutcome) -> None:
+        """A committed stream's health, once its relay ended: relayed to its end (ok), or broken or stalled by
+        the provider (UC, or UT: idle_ms / per_try_ms). Cut by the request's own deadline (DT), the client or
+        a shutdown, it says nothing about the provider. Its first token alone proved nothing yet."""
+        flag = out.failure_flag
+        if flag is ResponseFlag.UPSTREAM_RESET or flag is ResponseFlag.UPSTREAM_TIMEOUT:
+            failed = True
+        elif flag is None and out.closing:
+            failed = False
+        else:
+            return
+        m = self.served_model
+        if m is None:
+            return
+        t = self.now()
+        m.retry_budget.observe(w.dep.id, failed, t)
+        self._judge(m, w.dep, failed, t)
 
     def _response_headers(self, w: Attempt | None, content_type: str, length: int | None) -> list[tuple[bytes, bytes]]:
         h = [(b"content-type", content_type.encode()), (b"x-request-id", self.request_id.encode())]

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from scripted_upstream import Playbook, Reply, Request
 
-from gateway.upstream.errors import UpstreamConnectError
+from gateway.upstream.errors import UpstreamConnectError, UpstreamResetError
 
 OK = {"id": "c1", "object": "chat.completion", "choices": [{"index": 0, "message": {"content": "ok"}}],
       "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
@@ -137,5 +137,44 @@ def test_a_client_deadline_shorter_than_the_provider_never_ejects_it() -> None:
         call = pb.call("m")
         rec = await pb.finish(call)
         assert call.down.status == 200 and rec["response_flags"] == "-"
+
+    play(scenario)
+
+
+def _sse(text: str) -> bytes:
+    return b'data: {"choices":[{"index":0,"delta":{"content":"%s"}}]}\n\n' % text.encode()
+
+
+def test_streams_the_provider_breaks_mid_way_count_against_it_and_eject_it() -> None:
+    """A stream's first token is a success; a provider that then breaks the stream (UC) or stalls it past
+    idle_ms (UT) has failed, and five such streams in a row eject it like five failed attempts would."""
+    async def scenario() -> None:
+        broken = Reply(200, {"content-type": "text/event-stream"}, [(0.01, _sse("one"))],
+                       then_fail=UpstreamResetError("peer closed"))
+        stalled = Reply.stream((0.01, _sse("one")), stall=True)
+        pb = Playbook([model("m", "a", "b", timeouts={"ttft_ms": 1000, "per_try_ms": 60000, "idle_ms": 200})],
+                      lambda req: (broken if len(pb.upstream.to("a")) % 2 else stalled) if req.deployment == "a"
+                      else Reply.stream((0.01, _sse("fine")), (0.01, b"data: [DONE]\n\n")))
+        flags = []
+        for _ in range(10):
+            call = pb.call("m", stream=True)
+            flags.append((await pb.finish(call))["response_flags"])
+        a = pb.engine.registry.models["m"].by_id["a"]
+        assert flags.count("UC") + flags.count("UT") == 5  # round-robin: a served every other request until ejected
+        assert a.outlier.ejected_until > pb.clock.t  # ejected: the broken streams counted against it
+        assert pb.upstream.to("a")[-1] is pb.upstream.to("a")[4]  # nothing more went to it
+
+    play(scenario)
+
+
+def test_streams_cut_by_the_clients_own_deadline_never_count_against_the_provider() -> None:
+    async def scenario() -> None:
+        slow = Reply.stream((0.01, _sse("one")), (5.0, _sse("two")), (0.01, b"data: [DONE]\n\n"))
+        pb = Playbook([model("m", "a")], lambda req: slow)
+        for _ in range(8):
+            call = pb.call("m", stream=True, headers={"x-gateway-timeout-ms": "1000"})
+            assert (await pb.finish(call))["response_flags"] == "DT"
+        a = pb.engine.registry.models["m"].by_id["a"]
+        assert a.outlier.ejected_until <= pb.clock.t and a.outlier.consecutive_failures == 0
 
     play(scenario)
