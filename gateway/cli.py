@@ -155,9 +155,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         if workers == 1:
             from gateway.app import build_app
+            from gateway.workers import listening_socket
 
-            server = uvicorn.Server(uvicorn.Config(build_app(cfg), **common))
-            server.run()
+            config = uvicorn.Config(build_app(cfg), **common)
+            server = uvicorn.Server(config)
+            server.run(sockets=[listening_socket(config)])
             return 0 if server.started else EXIT_STARTUP
         # Several workers: each builds its own app from the config file; metrics merge through a shared dir.
         from gateway.workers import run_workers

@@ -7,6 +7,7 @@ in-flight requests and connections no longer exist) and exits non-zero when a wo
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from uvicorn import Config
@@ -34,9 +35,18 @@ class Supervisor(Multiprocess):
                 mark_process_dead(p.pid, self.metrics_dir)
 
 
+def listening_socket(config: Config) -> socket.socket:
+    """The public socket, bound and listening before the app starts (as uvicorn's supervisor binds it for
+    workers): a connection made while start-up runs waits in the backlog instead of being refused, which
+    matters once readiness is probed on the admin port, ready before uvicorn would bind the public one."""
+    sock: socket.socket = config.bind_socket()  # exits 1 itself when the port is taken
+    sock.listen(config.backlog)
+    return sock
+
+
 def run_workers(config: Config, metrics_dir: str | None) -> int:
     """Serve with ``config.workers`` processes; the exit code says whether they started."""
-    sock = config.bind_socket()  # exits 1 itself when the port is taken
+    sock = listening_socket(config)
     sup = Supervisor(config, [sock], metrics_dir)
     try:
         sup.run()

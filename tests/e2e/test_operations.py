@@ -237,3 +237,38 @@ def test_a_start_that_fails_exits_non_zero_whatever_the_worker_count(sims_factor
         blocker.close()
     assert proc.returncode == 3, err.decode()[-2000:]
     assert b"server.admin_port: cannot listen" in err
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_the_public_port_queues_connections_while_start_up_runs(gateways):
+    """Readiness is probed on the admin port, which answers once start-up is done; the public port must not
+    refuse connections then (uvicorn binds it only after start-up): it listens before start-up, and a
+    connection made meanwhile is answered once the gateway is up."""
+    silent = socket.socket()  # a provider that accepts connections and never answers: pool pre-warm waits on it
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    try:
+        gw = gateways({"server": {"admin_port": "auto"},
+                       "models": [model("chat", [dep("a", f"http://127.0.0.1:{silent.getsockname()[1]}/v1")])]},
+                      wait_ready=False)
+        admin_port = int(gw.admin_url.rsplit(":", 1)[1])
+        give_up = time.monotonic() + 30  # a hang guard, not a timing check
+        while not _accepts(gw.port):
+            assert gw.proc.poll() is None and time.monotonic() < give_up, gw.stderr()
+            time.sleep(0.02)
+        # the public port listens while start-up (pre-warming the silent provider) still runs: the admin
+        # listener, started when it ends, is not there yet
+        assert not _accepts(admin_port)
+        early = httpx.Client(base_url=gw.url, timeout=30)
+        assert early.get("/v1/models").status_code == 200  # queued, then answered once the gateway is up
+        early.close()
+        gw.wait_ready()
+    finally:
+        silent.close()
