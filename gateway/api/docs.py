@@ -59,7 +59,7 @@ def build_docs_app(engine: Engine, lifecycle: Lifecycle) -> FastAPI:
     return app
 
 
-def _reachability(lifecycle: Any, deployment: str) -> dict[str, Any]:
+def _reachability(lifecycle: Lifecycle, deployment: str) -> dict[str, Any]:
     """Whether the deployment answers its checks (start-up, keep-warm, re-checks while down)."""
     e = lifecycle.reachability.entries.get(deployment)
     return {"reachable": e.reachable if e else None, "reachability_detail": e.detail if e else "not checked"}

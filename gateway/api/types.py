@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from gateway.engine.exchange import Exchange
+    from gateway.upstream.reachability import ReachabilityBoard
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -26,6 +27,7 @@ class Lifecycle(Protocol):
 
     draining: bool
     open: set[Exchange]  # requests in flight: the edge adds and removes them
+    reachability: ReachabilityBoard  # each deployment's last check, for /admin/deployments
 
     async def start(self) -> None: ...
 
