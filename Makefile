@@ -38,6 +38,7 @@ tools: $(STAMP)
 
 test: $(STAMP) $(NODE_STAMP) tools
 	$(BIN)/ruff check gateway tests loadtests
+	$(BIN)/ruff format --check gateway tests loadtests
 	$(BIN)/lint-imports
 	$(BIN)/mypy gateway
 	$(BIN)/python tests/with_redis.py $(BIN)/pytest -q tests
@@ -53,6 +54,7 @@ clients: $(STAMP) $(NODE_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests loadtests
+	$(BIN)/ruff format --check gateway tests loadtests
 	$(BIN)/lint-imports
 	$(BIN)/mypy gateway
 

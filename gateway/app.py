@@ -54,7 +54,9 @@ class Lifecycle:
         self.started = False
         self.pools_ready = False
         self.warmup: warmup.SchemaWarmup | None = None  # set while required warm-ups can hold readiness
-        self.reachability = ReachabilityBoard((d.id for d in engine.registry.deployments), self._on_reachability)
+        self.reachability = ReachabilityBoard(
+            (d.id for d in engine.registry.deployments), self._on_reachability
+        )
         self._tasks: list[asyncio.Task] = []
         self.extra_start: list[Any] = []  # async callables run at start (warm-up, state sync)
         self.extra_stop: list[Any] = []
@@ -80,12 +82,15 @@ class Lifecycle:
             interval = c.deployment.pool.keepwarm_interval_s
             if interval > 0:
                 self._tasks.append(loop.create_task(keep_warm(c, interval, self._on_keepwarm)))
-        self._tasks.append(loop.create_task(
-            self.reachability.recheck({c.deployment.id: c for c in eng.registry.clients()})))
+        self._tasks.append(
+            loop.create_task(self.reachability.recheck({c.deployment.id: c for c in eng.registry.clients()}))
+        )
         for fn in self.extra_start:
             await fn(self)
         self.gauges.sync = self.engine.sync
-        if self.engine.metrics.multiprocess:  # the scrape is answered by one worker: each keeps its files current
+        if (
+            self.engine.metrics.multiprocess
+        ):  # the scrape is answered by one worker: each keeps its files current
             self._tasks.append(asyncio.get_running_loop().create_task(self.gauges.run()))
         self._freeze_startup_objects()
         self.started = True
@@ -132,7 +137,9 @@ class Lifecycle:
 
     def _arm_drain(self) -> None:
         if self._drain_timer is None:
-            self._drain_timer = asyncio.get_running_loop().call_later(self.cfg.server.drain_timeout_s, self.cut_open)
+            self._drain_timer = asyncio.get_running_loop().call_later(
+                self.cfg.server.drain_timeout_s, self.cut_open
+            )
 
     def cut_open(self) -> None:
         """The drain time is up: each open request answers 503 draining, or ends its stream with an error event."""
@@ -163,8 +170,11 @@ class Lifecycle:
         down = self.reachability.unreachable()
         if down:  # reported, not a gate: requests for these fail fast or fall back, the rest are served
             detail["failed_deployments"] = {d: self.reachability.entries[d].detail for d in down}
-            detail["unavailable_models"] = [m.name for m in self.engine.registry.models.values()
-                                            if all(d.id in down for d in m.deployments)]
+            detail["unavailable_models"] = [
+                m.name
+                for m in self.engine.registry.models.values()
+                if all(d.id in down for d in m.deployments)
+            ]
         if self.warmup is not None:
             detail["warmup"] = self.warmup.detail()
         ready = self.started and self.pools_ready and warmup_done and not self.draining
@@ -179,9 +189,15 @@ class Lifecycle:
 def build_app(cfg: GatewayConfig, *, region: str | None = None, seed: int | None = None) -> Any:
     home = region or os.environ.get("GATEWAY_REGION") or cfg.server.region
     metrics = Metrics()
-    access_log = AccessLog(cfg.access_log.path, cfg.access_log.format, cfg.access_log.queue_size,
-                           on_drop=metrics.accesslog_dropped.inc)
-    engine = Engine(cfg, home_region=home, metrics=metrics, access_log=access_log, upstream=make_client, seed=seed)
+    access_log = AccessLog(
+        cfg.access_log.path,
+        cfg.access_log.format,
+        cfg.access_log.queue_size,
+        on_drop=metrics.accesslog_dropped.inc,
+    )
+    engine = Engine(
+        cfg, home_region=home, metrics=metrics, access_log=access_log, upstream=make_client, seed=seed
+    )
     lifecycle = Lifecycle(cfg, engine)
     backend = make_state(cfg.state)
     engine.state_backend = backend
@@ -230,6 +246,7 @@ def create_app() -> Any:
 
 # ---------------------------------------------------------------------- optional parts
 
+
 def _install_sync(cfg: GatewayConfig, engine: Engine, lifecycle: Lifecycle, backend: Any) -> None:
     sync = StateSync(engine, backend, cfg.state.sync_interval_ms / 1000.0, cfg.state.key_ttl_s)
     engine.sync = sync
@@ -246,8 +263,11 @@ def _install_sync(cfg: GatewayConfig, engine: Engine, lifecycle: Lifecycle, back
 
 def _install_warmup(cfg: GatewayConfig, engine: Engine, lifecycle: Lifecycle, backend: Any) -> None:
     """Schema warm-up before ready (gateway/upstream/warmup.py) and learned schemas warmed in the background."""
-    learner = SchemaLearner(backend, ttl_s=max(cfg.state.key_ttl_s, 7 * 86400.0),
-                            max_per_model=max(m.warmup.learned_max for m in cfg.models))
+    learner = SchemaLearner(
+        backend,
+        ttl_s=max(cfg.state.key_ttl_s, 7 * 86400.0),
+        max_per_model=max(m.warmup.learned_max for m in cfg.models),
+    )
     if any(m.warmup.learn for m in cfg.models):
         engine.schema_learner = learner
 
@@ -260,23 +280,32 @@ def _install_warmup(cfg: GatewayConfig, engine: Engine, lifecycle: Lifecycle, ba
     async def warm_learned(model: str, json_schema: dict[str, Any], skip: str | None = None) -> None:
         m = engine.registry.models[model]
         jobs = [(d.client, m.name, d.upstream_model, json_schema) for d in m.deployments if d.id != skip]
-        count(await warm_all(jobs, timeout_s=m.cfg.warmup.timeout_ms / 1000.0, concurrency=m.cfg.warmup.concurrency))
+        count(
+            await warm_all(
+                jobs, timeout_s=m.cfg.warmup.timeout_ms / 1000.0, concurrency=m.cfg.warmup.concurrency
+            )
+        )
 
     engine.warm_learned = warm_learned
 
     def on_results(mw: warmup.ModelWarmup, jobs: list[warmup.Job], results: list[WarmupResult]) -> None:
         count(results)
         for job, r in zip(jobs, results, strict=True):
-            (log.info if r.ok else log.error)("warm-up %s/%s schema %s: %s in %.0f ms", r.model, r.deployment,
-                                              r.schema, r.detail, r.ms)
+            (log.info if r.ok else log.error)(
+                "warm-up %s/%s schema %s: %s in %.0f ms", r.model, r.deployment, r.schema, r.detail, r.ms
+            )
             if r.ok and engine.schema_learner is not None:
                 engine.schema_learner.mark(mw.name, schema_fingerprint(job[3]))
 
     async def start_warmup(lc: Lifecycle) -> None:
         models = await warmup.plan(
-            ((m.name, m.cfg.warmup, [(d.client, d.upstream_model) for d in m.deployments])
-             for m in engine.registry.models.values()),
-            learner if engine.schema_learner is not None else None, load_timeout_s=2.0)
+            (
+                (m.name, m.cfg.warmup, [(d.client, d.upstream_model) for d in m.deployments])
+                for m in engine.registry.models.values()
+            ),
+            learner if engine.schema_learner is not None else None,
+            load_timeout_s=2.0,
+        )
         if not models:
             return
         run = warmup.SchemaWarmup(models, on_results)

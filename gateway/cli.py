@@ -21,8 +21,16 @@ EXIT_STARTUP = 3  # a worker could not start (port taken, start-up check failed)
 
 # The embedded demo's simulated providers: (name, region, profile knobs).
 DEMO_SIMS = (
-    ("sim-us-east", "us-east", {"ttft_ms": 300.0, "ttft_sigma": 0.35, "tail_p": 0.03, "tail_ms": 2000.0, "itl_ms": 20.0}),
-    ("sim-eu-west", "eu-west", {"ttft_ms": 450.0, "ttft_sigma": 0.35, "tail_p": 0.03, "tail_ms": 2000.0, "itl_ms": 25.0}),
+    (
+        "sim-us-east",
+        "us-east",
+        {"ttft_ms": 300.0, "ttft_sigma": 0.35, "tail_p": 0.03, "tail_ms": 2000.0, "itl_ms": 20.0},
+    ),
+    (
+        "sim-eu-west",
+        "eu-west",
+        {"ttft_ms": 450.0, "ttft_sigma": 0.35, "tail_p": 0.03, "tail_ms": 2000.0, "itl_ms": 25.0},
+    ),
 )
 
 
@@ -132,22 +140,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.config is None:
         sims = start_demo_sims()
         cfg = _load(path)  # again, now that the simulators' ports are known
-        print(f"llmgw: no --config given: serving the embedded demo on http://{host}:{port}/v1 (simulated providers "
-              f"in us-east and eu-west; access log: {cfg.access_log.path})", file=sys.stderr)
+        print(
+            f"llmgw: no --config given: serving the embedded demo on http://{host}:{port}/v1 (simulated providers "
+            f"in us-east and eu-west; access log: {cfg.access_log.path})",
+            file=sys.stderr,
+        )
     workers = args.workers or cfg.server.workers
     if args.region:
         os.environ["GATEWAY_REGION"] = args.region
     if not _is_loopback(host) and cfg.auth.mode == "none":
         logging.getLogger("llmgw").warning(
             "listening on %s without API keys (auth.mode: none): anyone who can reach it can spend your provider quota",
-            host)
-    common: dict[str, Any] = dict(host=host, port=port, loop="uvloop", http=TimedHttpToolsProtocol, lifespan="on",
-                                  access_log=False, log_level=args.log_level, log_config=logging_cfg, server_header=False,
-                                  timeout_graceful_shutdown=cfg.server.drain_timeout_s + DRAIN_GRACE_S, backlog=4096,
-                                  timeout_keep_alive=cfg.server.idle_timeout_s,
-                                  # the access log records the peer as connected; uvicorn's X-Forwarded-For
-                                  # rewriting (trusting 127.0.0.1 only) would cost every request a middleware
-                                  proxy_headers=False)
+            host,
+        )
+    common: dict[str, Any] = dict(
+        host=host,
+        port=port,
+        loop="uvloop",
+        http=TimedHttpToolsProtocol,
+        lifespan="on",
+        access_log=False,
+        log_level=args.log_level,
+        log_config=logging_cfg,
+        server_header=False,
+        timeout_graceful_shutdown=cfg.server.drain_timeout_s + DRAIN_GRACE_S,
+        backlog=4096,
+        timeout_keep_alive=cfg.server.idle_timeout_s,
+        # the access log records the peer as connected; uvicorn's X-Forwarded-For
+        # rewriting (trusting 127.0.0.1 only) would cost every request a middleware
+        proxy_headers=False,
+    )
     # uvicorn re-raises SIGTERM/SIGINT once it has drained, to let the previous handler act; a no-op
     # handler makes that a clean exit 0, which is what orchestrators expect from a graceful stop.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -166,8 +188,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         os.environ["LLMGW_CONFIG"] = os.path.abspath(path)
         _fresh_multiprocess_dir()
-        return run_workers(uvicorn.Config("gateway.app:create_app", factory=True, workers=workers, **common),
-                           os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        return run_workers(
+            uvicorn.Config("gateway.app:create_app", factory=True, workers=workers, **common),
+            os.environ["PROMETHEUS_MULTIPROC_DIR"],
+        )
     finally:
         if sims is not None:
             sims.stop()
@@ -177,17 +201,26 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load(args.file)
     data = redact(cfg)
     home = os.environ.get("GATEWAY_REGION") or cfg.server.region or "-"
-    print(f"config OK: {len(cfg.models)} model(s), state={cfg.state.backend}, auth={cfg.auth.mode}, region={home}")
+    print(
+        f"config OK: {len(cfg.models)} model(s), state={cfg.state.backend}, auth={cfg.auth.mode}, region={home}"
+    )
     print()
-    print(f"{'MODEL':<22} {'DEPLOYMENT':<24} {'REGION':<12} {'UPSTREAM MODEL':<22} {'BASE URL':<40} {'KEY':<5} FALLBACKS")
+    print(
+        f"{'MODEL':<22} {'DEPLOYMENT':<24} {'REGION':<12} {'UPSTREAM MODEL':<22} {'BASE URL':<40} {'KEY':<5} FALLBACKS"
+    )
     for m in data["models"]:
         for d in m["deployments"]:
-            print(f"{m['name']:<22} {d['id']:<24} {d['region']:<12} {(d['model'] or m['name']):<22} "
-                  f"{d['base_url']:<40} {'***' if d['api_key'] else '-':<5} {','.join(m['fallbacks']) or '-'}")
+            print(
+                f"{m['name']:<22} {d['id']:<24} {d['region']:<12} {(d['model'] or m['name']):<22} "
+                f"{d['base_url']:<40} {'***' if d['api_key'] else '-':<5} {','.join(m['fallbacks']) or '-'}"
+            )
     if not _is_loopback(cfg.server.host) and cfg.auth.mode == "none":
-        print(f"\nwarning: server.host {cfg.server.host} accepts connections from other machines and auth.mode is "
-              "none: anyone who can reach it can spend your provider quota. Set auth.mode: keys (docs/security.md) "
-              "or listen on 127.0.0.1 behind your own proxy.", file=sys.stderr)
+        print(
+            f"\nwarning: server.host {cfg.server.host} accepts connections from other machines and auth.mode is "
+            "none: anyone who can reach it can spend your provider quota. Set auth.mode: keys (docs/security.md) "
+            "or listen on 127.0.0.1 behind your own proxy.",
+            file=sys.stderr,
+        )
     if args.verbose:
         import yaml
 
@@ -226,8 +259,10 @@ async def _warmup(cfg: GatewayConfig, learned: bool) -> int:
                     await c.start()
                 for r in await warmup.warm_pass(mw):
                     total += 1
-                    print(f"{r.model:<20} {r.deployment:<24} {r.schema[:28]:<28} {'ok' if r.ok else 'FAILED':<8} "
-                          f"{r.ms:>9.1f}  {r.detail}")
+                    print(
+                        f"{r.model:<20} {r.deployment:<24} {r.schema[:28]:<28} {'ok' if r.ok else 'FAILED':<8} "
+                        f"{r.ms:>9.1f}  {r.detail}"
+                    )
                     if not r.ok and m.warmup.required:
                         failed_required = True
     finally:
@@ -237,7 +272,9 @@ async def _warmup(cfg: GatewayConfig, learned: bool) -> int:
             await backend.close()
         except Exception:
             pass
-    print(f"\n{total} warm-up request(s); {'a REQUIRED warm-up failed' if failed_required else 'all required ok'}")
+    print(
+        f"\n{total} warm-up request(s); {'a REQUIRED warm-up failed' if failed_required else 'all required ok'}"
+    )
     return 1 if failed_required else 0
 
 
@@ -257,43 +294,66 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmgw", description="OpenAI-compatible, latency-aware LLM gateway")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("serve", help="run the gateway (no --config: the embedded demo with simulated providers)",
-                       description="Run the gateway. Without --config it serves the embedded demo: two simulated "
-                                   "providers started in-process, models demo-chat, demo-fast and demo-embed.")
+    s = sub.add_parser(
+        "serve",
+        help="run the gateway (no --config: the embedded demo with simulated providers)",
+        description="Run the gateway. Without --config it serves the embedded demo: two simulated "
+        "providers started in-process, models demo-chat, demo-fast and demo-embed.",
+    )
     s.add_argument("--config", "-c", metavar="FILE", help="gateway config YAML (default: the embedded demo)")
     s.add_argument("--host", help="address to listen on (default: server.host)")
     s.add_argument("--port", type=int, help="port to listen on (default: server.port)")
     s.add_argument("--workers", type=int, help="worker processes (default: server.workers)")
     s.add_argument("--region", help="the gateway's own region (overrides server.region and GATEWAY_REGION)")
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="server log level on stderr (default: %(default)s)")
+    s.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="server log level on stderr (default: %(default)s)",
+    )
     s.set_defaults(func=cmd_serve)
 
-    c = sub.add_parser("check-config", help="validate a config and print the resolved routing table",
-                       description="Validate a config: report every problem at once (unset ${VAR}s, invalid keys), "
-                                   "warn about risky settings, print the routing table with secrets redacted.")
+    c = sub.add_parser(
+        "check-config",
+        help="validate a config and print the resolved routing table",
+        description="Validate a config: report every problem at once (unset ${VAR}s, invalid keys), "
+        "warn about risky settings, print the routing table with secrets redacted.",
+    )
     c.add_argument("file", help="gateway config YAML")
-    c.add_argument("--verbose", "-v", action="store_true", help="also print the full resolved config (redacted)")
+    c.add_argument(
+        "--verbose", "-v", action="store_true", help="also print the full resolved config (redacted)"
+    )
     c.set_defaults(func=cmd_check_config)
 
-    w = sub.add_parser("warmup", help="warm every configured and learned schema on every deployment, then exit",
-                       description="Send each json_schema to each deployment once (as a Helm hook does before "
-                                   "traffic). Exits non-zero when a warm-up marked required fails.")
+    w = sub.add_parser(
+        "warmup",
+        help="warm every configured and learned schema on every deployment, then exit",
+        description="Send each json_schema to each deployment once (as a Helm hook does before "
+        "traffic). Exits non-zero when a warm-up marked required fails.",
+    )
     w.add_argument("--config", "-c", required=True, metavar="FILE", help="gateway config YAML")
-    w.add_argument("--no-learned", action="store_true", help="skip schemas learned from traffic (state backend)")
+    w.add_argument(
+        "--no-learned", action="store_true", help="skip schemas learned from traffic (state backend)"
+    )
     w.set_defaults(func=cmd_warmup)
 
-    sm = sub.add_parser("sim", help="run a simulated OpenAI-compatible provider",
-                        description="A simulated OpenAI-compatible provider: realistic latency, faults on demand, "
-                                    "tool calls and structured output, and /sim/stats telling what it saw.")
+    sm = sub.add_parser(
+        "sim",
+        help="run a simulated OpenAI-compatible provider",
+        description="A simulated OpenAI-compatible provider: realistic latency, faults on demand, "
+        "tool calls and structured output, and /sim/stats telling what it saw.",
+    )
     from gateway.sim import cli as sim_cli
 
     sim_cli.add_arguments(sm)
     sm.set_defaults(func=cmd_sim)
 
-    r = sub.add_parser("report", help="latency report from access logs: percentiles and tail causes",
-                       description="Summarise a JSON access log (a file, '-' for stdin): latency percentiles by model "
-                                   "and deployment, and which causes (hedges, retries, cold schemas ...) explain the tail.")
+    r = sub.add_parser(
+        "report",
+        help="latency report from access logs: percentiles and tail causes",
+        description="Summarise a JSON access log (a file, '-' for stdin): latency percentiles by model "
+        "and deployment, and which causes (hedges, retries, cold schemas ...) explain the tail.",
+    )
     from gateway.telemetry import report
 
     report.add_arguments(r)

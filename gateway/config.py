@@ -22,7 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gateway.policy.fallback import find_fallback_cycle
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-RETRY_CONDITIONS = frozenset({"connect-failure", "reset", "timeout", "5xx", "429", "408", "409", "500", "502", "503", "504"})
+RETRY_CONDITIONS = frozenset(
+    {"connect-failure", "reset", "timeout", "5xx", "429", "408", "409", "500", "502", "503", "504"}
+)
 FALLBACK_CONDITIONS = frozenset({"5xx", "429", "timeout", "overload", "unhealthy"})
 
 
@@ -90,9 +92,17 @@ class StateConfig(_Strict):
             if not self.sentinels:
                 return 'state.sentinels: redis_mode sentinel needs at least one sentinel "host:port"'
             if not self.sentinel_master:
-                return "state.sentinel_master: redis_mode sentinel needs the master set name (Bitnami: mymaster)"
+                return (
+                    "state.sentinel_master: redis_mode sentinel needs the master set name (Bitnami: mymaster)"
+                )
         elif self.sentinels or self.sentinel_master or self.sentinel_password:
-            key = "sentinels" if self.sentinels else "sentinel_master" if self.sentinel_master else "sentinel_password"
+            key = (
+                "sentinels"
+                if self.sentinels
+                else "sentinel_master"
+                if self.sentinel_master
+                else "sentinel_password"
+            )
             return f"state.{key}: only used with state.redis_mode: sentinel (it is {mode})"
         if mode != "standalone" and url.scheme == "unix":
             return f"state.redis_url: redis_mode {mode} needs a redis:// or rediss:// URL, not a unix socket"
@@ -221,7 +231,9 @@ class ResponseLimitsConfig(_Strict):
 
     max_head_bytes: int = Field(64 * 1024, ge=1024)  # status line and headers, 1xx heads included
     max_headers: int = Field(100, ge=8)  # header lines in one response head
-    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # a non-stream body (streams are relayed, not held)
+    max_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024
+    )  # a non-stream body (streams are relayed, not held)
 
 
 class WarmupConfig(_Strict):
@@ -250,7 +262,9 @@ class DeploymentConfig(_Strict):
     priority: int = Field(0, ge=0)
     max_concurrency: int = Field(0, ge=0)  # 0 = unlimited
     ca_file: str | None = None  # PEM bundle trusted for this https:// upstream, besides the system store
-    proxy: str | None = None  # http://[user:pass@]host:port, or "direct"; unset: HTTPS_PROXY/HTTP_PROXY/NO_PROXY
+    proxy: str | None = (
+        None  # http://[user:pass@]host:port, or "direct"; unset: HTTPS_PROXY/HTTP_PROXY/NO_PROXY
+    )
     timeouts: TimeoutsConfig = TimeoutsConfig()
     pool: PoolConfig = PoolConfig()
     response_limits: ResponseLimitsConfig = ResponseLimitsConfig()
@@ -286,8 +300,10 @@ class DeploymentConfig(_Strict):
             if _CTL.search(val):
                 raise ValueError(f"the value of {k!r} holds a line break or control character")
             if not _latin1(val):
-                raise ValueError(f"the value of {k!r} holds characters an HTTP header cannot carry (only latin-1; "
-                                 "percent- or base64-encode it)")
+                raise ValueError(
+                    f"the value of {k!r} holds characters an HTTP header cannot carry (only latin-1; "
+                    "percent- or base64-encode it)"
+                )
         return out
 
     @field_validator("proxy")
@@ -297,8 +313,10 @@ class DeploymentConfig(_Strict):
             return v
         parts = urlsplit(v)
         if parts.scheme != "http" or not parts.hostname:
-            raise ValueError("expected http://[user:password@]host:port of a forward proxy, or \"direct\" "
-                             "(a TLS connection to the proxy itself is not supported)")
+            raise ValueError(
+                'expected http://[user:password@]host:port of a forward proxy, or "direct" '
+                "(a TLS connection to the proxy itself is not supported)"
+            )
         if parts.path not in ("", "/") or parts.query:
             raise ValueError("a proxy URL has no path or query")
         return v
@@ -378,8 +396,10 @@ class GatewayConfig(_Strict):
         for i, m in enumerate(self.models):
             for j, d in enumerate(m.deployments):
                 if d.id in owners:
-                    raise ValueError(f"models[{i}].deployments[{j}].id: {d.id!r} is already used by model "
-                                     f"{owners[d.id]!r}; ids name metrics and shared state, so they must be unique")
+                    raise ValueError(
+                        f"models[{i}].deployments[{j}].id: {d.id!r} is already used by model "
+                        f"{owners[d.id]!r}; ids name metrics and shared state, so they must be unique"
+                    )
                 owners[d.id] = m.name
         cycle = find_fallback_cycle({m.name: m.fallbacks for m in self.models})
         if cycle:
@@ -403,12 +423,14 @@ class GatewayConfig(_Strict):
 # ---------------------------------------------------------------- loading
 
 
-def expand_env(value: Any, path: str = "", env: Mapping[str, str] | None = None,
-               missing: dict[str, str] | None = None) -> Any:
+def expand_env(
+    value: Any, path: str = "", env: Mapping[str, str] | None = None, missing: dict[str, str] | None = None
+) -> Any:
     """Expand ${VAR} and ${VAR:-default} in every string; an unset VAR without default is an error, or,
     given `missing`, recorded there (key path -> message) and replaced by "" so every problem is found."""
     environ: Mapping[str, str] = os.environ if env is None else env
     if isinstance(value, str):
+
         def sub(m: re.Match[str]) -> str:
             var, default = m.group(1), m.group(2)
             if var in environ:
@@ -420,16 +442,29 @@ def expand_env(value: Any, path: str = "", env: Mapping[str, str] | None = None,
                 raise ConfigError(message)
             missing[path or "<root>"] = message
             return ""
+
         return _ENV_REF.sub(sub, value)
     if isinstance(value, dict):
-        return {k: expand_env(v, f"{path}.{k}" if path else str(k), environ, missing) for k, v in value.items()}
+        return {
+            k: expand_env(v, f"{path}.{k}" if path else str(k), environ, missing) for k, v in value.items()
+        }
     if isinstance(value, list):
         return [expand_env(v, f"{path}[{i}]", environ, missing) for i, v in enumerate(value)]
     return value
 
 
-_INHERITED_MODEL_KEYS = ("timeouts", "retry", "hedging", "routing", "outlier", "pool", "warmup", "fallback_on", "degrade",
-                         "response_limits")
+_INHERITED_MODEL_KEYS = (
+    "timeouts",
+    "retry",
+    "hedging",
+    "routing",
+    "outlier",
+    "pool",
+    "warmup",
+    "fallback_on",
+    "degrade",
+    "response_limits",
+)
 _INHERITED_DEPLOYMENT_KEYS = ("timeouts", "pool", "response_limits")
 
 
@@ -450,7 +485,9 @@ def _apply_inheritance(raw: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("model_defaults: must be a mapping")
     for key in defaults:
         if key not in _INHERITED_MODEL_KEYS:
-            raise ConfigError(f"model_defaults.{key}: not a key models inherit (allowed: {', '.join(_INHERITED_MODEL_KEYS)})")
+            raise ConfigError(
+                f"model_defaults.{key}: not a key models inherit (allowed: {', '.join(_INHERITED_MODEL_KEYS)})"
+            )
     models = raw.get("models")
     if not isinstance(models, list):
         return raw
@@ -465,9 +502,7 @@ def _apply_inheritance(raw: dict[str, Any]) -> dict[str, Any]:
                 m[key] = _merge(defaults[key], m[key]) if key in m else defaults[key]
         deployments = m.get("deployments")
         if isinstance(deployments, list):
-            m["deployments"] = [
-                _inherit_deployment(d, m) if isinstance(d, dict) else d for d in deployments
-            ]
+            m["deployments"] = [_inherit_deployment(d, m) if isinstance(d, dict) else d for d in deployments]
         merged_models.append(m)
     raw["models"] = merged_models
     return raw
@@ -486,7 +521,15 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not str(part).startswith(("function-", "literal[", "union[")) and str(part) not in ("str", "int", "float", "bool", "dict", "list", "constrained-str"):
+        elif not str(part).startswith(("function-", "literal[", "union[")) and str(part) not in (
+            "str",
+            "int",
+            "float",
+            "bool",
+            "dict",
+            "list",
+            "constrained-str",
+        ):
             out += ("." if out else "") + str(part)
     return out or "<root>"
 
@@ -496,7 +539,7 @@ def _format_validation_error(exc: ValidationError) -> str:
     for err in exc.errors():
         msg = err["msg"]
         if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see docs/configuration.md)"
         loc = _format_loc(err["loc"])
@@ -518,8 +561,11 @@ def parse_config(raw: Any, env: dict[str, str] | None = None) -> GatewayConfig:
         cfg = GatewayConfig.model_validate(_apply_inheritance(expanded))
     except ValidationError as exc:
         # a key whose variable is unset is reported once, as unset, not again as invalid
-        problems += [line for line in _format_validation_error(exc).splitlines()
-                     if line.split(": ", 1)[0] not in missing]
+        problems += [
+            line
+            for line in _format_validation_error(exc).splitlines()
+            if line.split(": ", 1)[0] not in missing
+        ]
     except ConfigError as exc:
         problems.append(str(exc))
     else:
@@ -556,13 +602,17 @@ def _resolve_schema_files(cfg: GatewayConfig, base: Path) -> GatewayConfig:
                 try:
                     s = orjson.loads(fp.read_bytes())
                 except OSError as exc:
-                    raise ConfigError(f"models[{i}].warmup.schemas[{j}]: cannot read {s} ({exc.strerror})") from None
+                    raise ConfigError(
+                        f"models[{i}].warmup.schemas[{j}]: cannot read {s} ({exc.strerror})"
+                    ) from None
                 except orjson.JSONDecodeError as exc:
                     raise ConfigError(f"models[{i}].warmup.schemas[{j}]: {s} is not JSON ({exc})") from None
                 changed = True
             if not isinstance(s, dict) or not isinstance(s.get("schema"), dict) or not s.get("name"):
-                raise ConfigError(f"models[{i}].warmup.schemas[{j}]: expected {{name, strict, schema: {{...}}}} "
-                                  "as in response_format.json_schema")
+                raise ConfigError(
+                    f"models[{i}].warmup.schemas[{j}]: expected {{name, strict, schema: {{...}}}} "
+                    "as in response_format.json_schema"
+                )
             schemas.append(s)
         models.append(m.model_copy(update={"warmup": m.warmup.model_copy(update={"schemas": schemas})}))
     return cfg.model_copy(update={"models": models}) if changed else cfg
@@ -570,7 +620,9 @@ def _resolve_schema_files(cfg: GatewayConfig, base: Path) -> GatewayConfig:
 
 # What /admin/config and check-config show as is. Allow-lists, not deny-lists: a header or query
 # parameter named in a way nobody foresaw (x-upstream-credential, ?sig=) is hidden all the same.
-_SHOWN_QUERY_PARAMS = frozenset({"api-version", "db", "protocol", "timeout", "socket_timeout", "health_check_interval"})
+_SHOWN_QUERY_PARAMS = frozenset(
+    {"api-version", "db", "protocol", "timeout", "socket_timeout", "health_check_interval"}
+)
 REDACTED = "***"
 
 
@@ -582,9 +634,16 @@ def redact_url(url: str | None) -> str | None:
     netloc = parts.netloc
     if "@" in netloc:
         netloc = REDACTED + "@" + netloc.rpartition("@")[2]
-    query = "&".join(
-        p if p.partition("=")[0].lower() in _SHOWN_QUERY_PARAMS or "=" not in p else p.partition("=")[0] + "=" + REDACTED
-        for p in parts.query.split("&")) if parts.query else ""
+    query = (
+        "&".join(
+            p
+            if p.partition("=")[0].lower() in _SHOWN_QUERY_PARAMS or "=" not in p
+            else p.partition("=")[0] + "=" + REDACTED
+            for p in parts.query.split("&")
+        )
+        if parts.query
+        else ""
+    )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

@@ -33,33 +33,70 @@ def bad_request(message: str, param: str | None = None, code: str | None = "inva
 
 
 def model_not_found(name: str) -> GatewayError:
-    return GatewayError(404, f"The model '{name}' does not exist on this gateway. GET /v1/models lists the models.",
-                        "invalid_request_error", "model_not_found", "model", flag=ResponseFlag.NO_ROUTE)
+    return GatewayError(
+        404,
+        f"The model '{name}' does not exist on this gateway. GET /v1/models lists the models.",
+        "invalid_request_error",
+        "model_not_found",
+        "model",
+        flag=ResponseFlag.NO_ROUTE,
+    )
 
 
 def too_large(limit: int) -> GatewayError:
-    return GatewayError(413, f"Request body is larger than the gateway's limit of {limit} bytes.",
-                        "invalid_request_error", "request_too_large", None, flag=ResponseFlag.BAD_REQUEST)
+    return GatewayError(
+        413,
+        f"Request body is larger than the gateway's limit of {limit} bytes.",
+        "invalid_request_error",
+        "request_too_large",
+        None,
+        flag=ResponseFlag.BAD_REQUEST,
+    )
 
 
 def method_not_allowed(method: str, allowed: str) -> GatewayError:
-    return GatewayError(405, f"Method {method} is not allowed here; use {allowed}.", "invalid_request_error",
-                        "method_not_allowed", None, flag=ResponseFlag.BAD_REQUEST)
+    return GatewayError(
+        405,
+        f"Method {method} is not allowed here; use {allowed}.",
+        "invalid_request_error",
+        "method_not_allowed",
+        None,
+        flag=ResponseFlag.BAD_REQUEST,
+    )
 
 
 def not_found(path: str) -> GatewayError:
-    return GatewayError(404, f"Unknown path {path}. The gateway serves the OpenAI API under /v1.",
-                        "invalid_request_error", "unknown_url", None, flag=ResponseFlag.NO_ROUTE)
+    return GatewayError(
+        404,
+        f"Unknown path {path}. The gateway serves the OpenAI API under /v1.",
+        "invalid_request_error",
+        "unknown_url",
+        None,
+        flag=ResponseFlag.NO_ROUTE,
+    )
 
 
 def overloaded(scope: str, retry_after: str = "1") -> GatewayError:
-    return GatewayError(503, f"The gateway is at its {scope} concurrency limit; retry shortly.", "server_error",
-                        "overloaded", None, flag=ResponseFlag.OVERFLOW, retry_after=retry_after)
+    return GatewayError(
+        503,
+        f"The gateway is at its {scope} concurrency limit; retry shortly.",
+        "server_error",
+        "overloaded",
+        None,
+        flag=ResponseFlag.OVERFLOW,
+        retry_after=retry_after,
+    )
 
 
 def upstream_unreachable(detail: str, flag: str = ResponseFlag.UPSTREAM_CONNECT_FAILURE) -> GatewayError:
-    return GatewayError(502, f"The upstream could not be reached: {detail}", "server_error", "upstream_unreachable",
-                        None, flag=flag)
+    return GatewayError(
+        502,
+        f"The upstream could not be reached: {detail}",
+        "server_error",
+        "upstream_unreachable",
+        None,
+        flag=flag,
+    )
 
 
 def deadline_exceeded(message: str, flag: str) -> GatewayError:
@@ -67,16 +104,35 @@ def deadline_exceeded(message: str, flag: str) -> GatewayError:
 
 
 def upstream_protocol_error(detail: str) -> GatewayError:
-    return GatewayError(502, f"The upstream answered with invalid HTTP: {detail}", "server_error",
-                        "upstream_protocol_error", None, flag=ResponseFlag.UPSTREAM_PROTOCOL_ERROR)
+    return GatewayError(
+        502,
+        f"The upstream answered with invalid HTTP: {detail}",
+        "server_error",
+        "upstream_protocol_error",
+        None,
+        flag=ResponseFlag.UPSTREAM_PROTOCOL_ERROR,
+    )
 
 
 def draining() -> GatewayError:
-    return GatewayError(503, "The gateway is shutting down; retry on another replica.", "server_error", "draining",
-                        None, flag=ResponseFlag.DRAINING, retry_after="1")
+    return GatewayError(
+        503,
+        "The gateway is shutting down; retry on another replica.",
+        "server_error",
+        "draining",
+        None,
+        flag=ResponseFlag.DRAINING,
+        retry_after="1",
+    )
 
 
 def internal_error() -> GatewayError:
     """A gateway bug (an unexpected exception): a 500 the client can report, flag GE; the detail is logged."""
-    return GatewayError(500, "The gateway failed to handle the request (an internal error, logged).",
-                        "server_error", "internal_error", None, flag=ResponseFlag.INTERNAL_ERROR)
+    return GatewayError(
+        500,
+        "The gateway failed to handle the request (an internal error, logged).",
+        "server_error",
+        "internal_error",
+        None,
+        flag=ResponseFlag.INTERNAL_ERROR,
+    )

@@ -38,11 +38,37 @@ from fleet import Fleet, Proc, access_records, machine, report_meta, sim_stats, 
 from openloop import percentile
 
 REPO = Path(__file__).resolve().parent.parent
-ARMS = {"affinity": {"strategy": "latency", "affinity": "prefix"}, "latency": {"strategy": "latency"},
-        "round-robin": {"strategy": "round-robin"}}
+ARMS = {
+    "affinity": {"strategy": "latency", "affinity": "prefix"},
+    "latency": {"strategy": "latency"},
+    "round-robin": {"strategy": "round-robin"},
+}
 SCENARIOS = ("steady", "slow", "eject")
-WORDS = ("gear", "chain", "brake", "wheel", "spoke", "rim", "hub", "pedal", "crank", "saddle", "frame", "fork", "tyre",
-         "valve", "cable", "lever", "shifter", "bearing", "axle", "derailleur", "cassette", "sprocket", "bolt")
+WORDS = (
+    "gear",
+    "chain",
+    "brake",
+    "wheel",
+    "spoke",
+    "rim",
+    "hub",
+    "pedal",
+    "crank",
+    "saddle",
+    "frame",
+    "fork",
+    "tyre",
+    "valve",
+    "cable",
+    "lever",
+    "shifter",
+    "bearing",
+    "axle",
+    "derailleur",
+    "cassette",
+    "sprocket",
+    "bolt",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,20 +78,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--conversations", type=int, default=18, help="concurrent conversations per arm")
     p.add_argument("--turns", type=int, default=8, help="turns per conversation")
     p.add_argument("--system-tokens", type=int, default=1000, help="shared system prompt")
-    p.add_argument("--doc-tokens", type=int, default=5000, help="each conversation's own document (first turn)")
+    p.add_argument(
+        "--doc-tokens", type=int, default=5000, help="each conversation's own document (first turn)"
+    )
     p.add_argument("--question-tokens", type=int, default=40, help="each later question")
     p.add_argument("--ttft-ms", type=float, default=40.0, help="simulated base TTFT (median, lognormal)")
     p.add_argument("--sigma", type=float, default=0.2)
-    p.add_argument("--prefill-ms-per-1k", type=float, default=40.0, help="prefill cost per 1,000 uncached tokens")
+    p.add_argument(
+        "--prefill-ms-per-1k", type=float, default=40.0, help="prefill cost per 1,000 uncached tokens"
+    )
     p.add_argument("--cache-tokens", type=int, default=60_000, help="each deployment's prefix-cache capacity")
     p.add_argument("--tokens", type=int, default=16, help="completion tokens per answer")
     p.add_argument("--itl-ms", type=float, default=5.0)
     p.add_argument("--think-ms", type=float, default=50.0, help="mean pause between a conversation's turns")
-    p.add_argument("--slow-x", type=float, default=8.0, help="scenario slow: the slow deployment's TTFT factor")
+    p.add_argument(
+        "--slow-x", type=float, default=8.0, help="scenario slow: the slow deployment's TTFT factor"
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-lock", action="store_true", help="do not take the shared benchmark lock")
-    p.add_argument("--out", type=Path, default=None, help="markdown report (JSON beside it); default "
-                   "loadtests/results/affinity-<date>.md")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="markdown report (JSON beside it); default loadtests/results/affinity-<date>.md",
+    )
     a = p.parse_args(argv)
     a.scenarios = [s.strip() for s in a.scenarios.split(",") if s.strip()]
     if not a.scenarios or any(s not in SCENARIOS for s in a.scenarios):
@@ -106,16 +142,31 @@ class Arm:
     fault_at: float | None = None
 
 
-async def conversation(session: aiohttp.ClientSession, arm: Arm, a: argparse.Namespace, conv: int, system: str,
-                       fault: asyncio.Event, seed: int) -> None:
+async def conversation(
+    session: aiohttp.ClientSession,
+    arm: Arm,
+    a: argparse.Namespace,
+    conv: int,
+    system: str,
+    fault: asyncio.Event,
+    seed: int,
+) -> None:
     rng = random.Random(seed)
-    msgs: list[dict[str, str]] = [{"role": "system", "content": system},
-                                  {"role": "user", "content": f"Conversation {conv}. Read this manual:\n"
-                                                              + text(rng, a.doc_tokens)}]
+    msgs: list[dict[str, str]] = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": f"Conversation {conv}. Read this manual:\n" + text(rng, a.doc_tokens)},
+    ]
     url = arm.gateway.url + "/v1/chat/completions"
     for turn in range(a.turns):
-        body = orjson.dumps({"model": "chat", "stream": True, "max_tokens": a.tokens, "messages": msgs,
-                             "stream_options": {"include_usage": True}})
+        body = orjson.dumps(
+            {
+                "model": "chat",
+                "stream": True,
+                "max_tokens": a.tokens,
+                "messages": msgs,
+                "stream_options": {"include_usage": True},
+            }
+        )
         after = fault.is_set()
         t0 = time.perf_counter()
         ttft = None
@@ -124,8 +175,11 @@ async def conversation(session: aiohttp.ClientSession, arm: Arm, a: argparse.Nam
         upstream = None
         status = 0
         try:
-            async with session.post(url, data=body, headers={"content-type": "application/json",
-                                                             "x-request-id": f"{arm.name}-{conv}-{turn}"}) as r:
+            async with session.post(
+                url,
+                data=body,
+                headers={"content-type": "application/json", "x-request-id": f"{arm.name}-{conv}-{turn}"},
+            ) as r:
                 status = r.status
                 upstream = r.headers.get("x-gateway-upstream")
                 async for line in r.content:
@@ -143,21 +197,37 @@ async def conversation(session: aiohttp.ClientSession, arm: Arm, a: argparse.Nam
         except (TimeoutError, aiohttp.ClientError) as exc:
             print(f"{arm.name} conv {conv} turn {turn}: {type(exc).__name__}: {exc}", file=sys.stderr)
         details = (usage or {}).get("prompt_tokens_details") or {}
-        arm.turns.append(Turn(conv, turn, ttft if status == 200 else None, status, upstream,
-                              (usage or {}).get("prompt_tokens"), details.get("cached_tokens"), after))
+        arm.turns.append(
+            Turn(
+                conv,
+                turn,
+                ttft if status == 200 else None,
+                status,
+                upstream,
+                (usage or {}).get("prompt_tokens"),
+                details.get("cached_tokens"),
+                after,
+            )
+        )
         arm.done += 1
-        msgs = [*msgs, {"role": "assistant", "content": "".join(answer)},
-                {"role": "user", "content": f"Question {turn + 1}: " + text(rng, a.question_tokens)}]
+        msgs = [
+            *msgs,
+            {"role": "assistant", "content": "".join(answer)},
+            {"role": "user", "content": f"Question {turn + 1}: " + text(rng, a.question_tokens)},
+        ]
         await asyncio.sleep(rng.expovariate(1000.0 / a.think_ms) if a.think_ms > 0 else 0)
 
 
-async def inject(session: aiohttp.ClientSession, arm: Arm, scenario: str, a: argparse.Namespace,
-                 fault: asyncio.Event) -> None:
+async def inject(
+    session: aiohttp.ClientSession, arm: Arm, scenario: str, a: argparse.Namespace, fault: asyncio.Event
+) -> None:
     """Once half of the arm's turns are done, make its first deployment slow or failing."""
     total = a.conversations * a.turns
     while arm.done < total // 2:
         await asyncio.sleep(0.01)
-    knobs = {"ttft_ms": a.ttft_ms * a.slow_x} if scenario == "slow" else {"error_rate": 1.0, "error_status": 503}
+    knobs = (
+        {"ttft_ms": a.ttft_ms * a.slow_x} if scenario == "slow" else {"error_rate": 1.0, "error_status": 503}
+    )
     async with session.post(arm.sims[0].url + "/sim/profile", json=knobs) as r:
         assert r.status == 200, await r.text()
     arm.fault_at = time.perf_counter()
@@ -174,22 +244,53 @@ async def drive(arms: dict[str, Arm], scenario: str, a: argparse.Namespace) -> N
             fault = asyncio.Event()
             if scenario != "steady":
                 jobs.append(inject(session, arm, scenario, a, fault))
-            jobs += [conversation(session, arm, a, c, system, fault, a.seed * 1000 + c) for c in range(a.conversations)]
+            jobs += [
+                conversation(session, arm, a, c, system, fault, a.seed * 1000 + c)
+                for c in range(a.conversations)
+            ]
         await asyncio.gather(*jobs)
 
 
 def start(fleet: Fleet, a: argparse.Namespace, scenario: str) -> dict[str, Arm]:
     arms = {}
     for i, (name, routing) in enumerate(ARMS.items()):
-        sims = [fleet.sim(f"{scenario}-{name}-d{j}", "us-east", seed=a.seed * 100 + 10 * i + j, ttft_ms=a.ttft_ms,
-                          ttft_dist="lognormal", ttft_sigma=a.sigma, itl_ms=a.itl_ms, tokens=a.tokens,
-                          prefix_cache_tokens=a.cache_tokens, prefill_ms_per_1k=a.prefill_ms_per_1k)
-                for j in range(a.deployments)]
-        deps = [{"id": f"d{j}", "base_url": s.url + "/v1", "api_key": "sim-key", "model": "sim-large",
-                 "region": "us-east"} for j, s in enumerate(sims)]
-        cfg = {"server": {"region": "us-east"},
-               "models": [{"name": "chat", "deployments": deps, "routing": routing, "hedging": {"enabled": False},
-                           "outlier": {"consecutive_failures": 3, "base_ejection_s": 60}}]}
+        sims = [
+            fleet.sim(
+                f"{scenario}-{name}-d{j}",
+                "us-east",
+                seed=a.seed * 100 + 10 * i + j,
+                ttft_ms=a.ttft_ms,
+                ttft_dist="lognormal",
+                ttft_sigma=a.sigma,
+                itl_ms=a.itl_ms,
+                tokens=a.tokens,
+                prefix_cache_tokens=a.cache_tokens,
+                prefill_ms_per_1k=a.prefill_ms_per_1k,
+            )
+            for j in range(a.deployments)
+        ]
+        deps = [
+            {
+                "id": f"d{j}",
+                "base_url": s.url + "/v1",
+                "api_key": "sim-key",
+                "model": "sim-large",
+                "region": "us-east",
+            }
+            for j, s in enumerate(sims)
+        ]
+        cfg = {
+            "server": {"region": "us-east"},
+            "models": [
+                {
+                    "name": "chat",
+                    "deployments": deps,
+                    "routing": routing,
+                    "hedging": {"enabled": False},
+                    "outlier": {"consecutive_failures": 3, "base_ejection_s": 60},
+                }
+            ],
+        }
         gw, log = fleet.gateway(f"gw-{scenario}-{name}", cfg)
         arms[name] = Arm(name, gw, log, sims)
     fleet.wait_ready()
@@ -225,12 +326,23 @@ def summarize(scenario: str, arm: Arm) -> ArmResult:
     for r in recs:
         reasons[str(r["route_reason"])] = reasons.get(str(r["route_reason"]), 0) + 1
     return ArmResult(
-        scenario=scenario, arm=arm.name, turns=len(arm.turns), errors=sum(t.status != 200 for t in arm.turns),
-        later_ttft_ms={"mean": statistics.mean(later) if later else None, "p50": percentile(later, 50),
-                       "p95": percentile(later, 95), "p99": percentile(later, 99)},
-        first_ttft_p50_ms=percentile(first, 50), after_fault_p99_ms=percentile(after, 99) if after else None,
-        cache_hit_share=cached / ((cached + uncached) or 1), balance=max(served.values()) / mean, served=served,
-        route_reasons=reasons)
+        scenario=scenario,
+        arm=arm.name,
+        turns=len(arm.turns),
+        errors=sum(t.status != 200 for t in arm.turns),
+        later_ttft_ms={
+            "mean": statistics.mean(later) if later else None,
+            "p50": percentile(later, 50),
+            "p95": percentile(later, 95),
+            "p99": percentile(later, 99),
+        },
+        first_ttft_p50_ms=percentile(first, 50),
+        after_fault_p99_ms=percentile(after, 99) if after else None,
+        cache_hit_share=cached / ((cached + uncached) or 1),
+        balance=max(served.values()) / mean,
+        served=served,
+        route_reasons=reasons,
+    )
 
 
 def fmt(v: float | None) -> str:
@@ -238,13 +350,18 @@ def fmt(v: float | None) -> str:
 
 
 def report(a: argparse.Namespace, res: list[ArmResult], meta: dict[str, str]) -> tuple[str, bool]:
-    rows = ["| scenario | routing | later turns TTFT mean | p50 | p95 | p99 | after the fault p99 | first turn p50 "
-            "| cache-hit share | busiest / mean | errors |", "|---|---|" + "---|" * 9]
+    rows = [
+        "| scenario | routing | later turns TTFT mean | p50 | p95 | p99 | after the fault p99 | first turn p50 "
+        "| cache-hit share | busiest / mean | errors |",
+        "|---|---|" + "---|" * 9,
+    ]
     for r in res:
         t = r.later_ttft_ms
-        rows.append(f"| {r.scenario} | {r.arm} | {fmt(t['mean'])} | {fmt(t['p50'])} | {fmt(t['p95'])} "
-                    f"| {fmt(t['p99'])} | {fmt(r.after_fault_p99_ms)} | {fmt(r.first_ttft_p50_ms)} "
-                    f"| {100 * r.cache_hit_share:.0f} % | {r.balance:.2f} | {r.errors} |")
+        rows.append(
+            f"| {r.scenario} | {r.arm} | {fmt(t['mean'])} | {fmt(t['p50'])} | {fmt(t['p95'])} "
+            f"| {fmt(t['p99'])} | {fmt(r.after_fault_p99_ms)} | {fmt(r.first_ttft_p50_ms)} "
+            f"| {100 * r.cache_hit_share:.0f} % | {r.balance:.2f} | {r.errors} |"
+        )
     by = {(r.scenario, r.arm): r for r in res}
     checks: list[tuple[str, bool]] = []
     for sc in a.scenarios:
@@ -253,21 +370,33 @@ def report(a: argparse.Namespace, res: list[ArmResult], meta: dict[str, str]) ->
             continue
         if sc == "steady":
             am, lm = aff.later_ttft_ms["mean"] or 0.0, lat.later_ttft_ms["mean"] or 0.0
-            checks.append((f"steady: later-turn mean TTFT {am:.0f} ms <= half of latency routing's {lm:.0f} ms",
-                           am <= lm / 2))
-            checks.append((f"steady: cache-hit share {100 * aff.cache_hit_share:.0f} % >= 70 %",
-                           aff.cache_hit_share >= 0.70))
-            checks.append((f"steady: busiest deployment {aff.balance:.2f}x the mean <= 1.3x", aff.balance <= 1.3))
+            checks.append(
+                (
+                    f"steady: later-turn mean TTFT {am:.0f} ms <= half of latency routing's {lm:.0f} ms",
+                    am <= lm / 2,
+                )
+            )
+            checks.append(
+                (
+                    f"steady: cache-hit share {100 * aff.cache_hit_share:.0f} % >= 70 %",
+                    aff.cache_hit_share >= 0.70,
+                )
+            )
+            checks.append(
+                (f"steady: busiest deployment {aff.balance:.2f}x the mean <= 1.3x", aff.balance <= 1.3)
+            )
         else:
             ap, lp = aff.later_ttft_ms["p99"] or 0.0, lat.later_ttft_ms["p99"] or 0.0
             checks.append((f"{sc}: later-turn p99 {ap:.0f} ms <= latency routing's {lp:.0f} ms", ap <= lp))
     lines = [f"- {'met' if ok else 'MISSED'}: {what}" for what, ok in checks]
     lines += [f"- {r.scenario} / {r.arm}: served {r.served}; route reasons {r.route_reasons}" for r in res]
     head = "\n".join(f"- {k}: {v}" for k, v in meta.items())
-    md = (f"# Prefix-cache affinity benchmark ({meta['date']})\n\n{head}\n\nClient-side TTFT in ms of the turns "
-          "after each conversation's first (\"after the fault\": turns that started after the fault was injected); "
-          "cache-hit share: prompt tokens the simulated providers served from their prefix cache; busiest / mean: "
-          "requests served per deployment.\n\n" + "\n".join(rows) + "\n\n" + "\n".join(lines) + "\n")
+    md = (
+        f"# Prefix-cache affinity benchmark ({meta['date']})\n\n{head}\n\nClient-side TTFT in ms of the turns "
+        'after each conversation\'s first ("after the fault": turns that started after the fault was injected); '
+        "cache-hit share: prompt tokens the simulated providers served from their prefix cache; busiest / mean: "
+        "requests served per deployment.\n\n" + "\n".join(rows) + "\n\n" + "\n".join(lines) + "\n"
+    )
     return md, all(ok for _, ok in checks)
 
 
@@ -291,14 +420,18 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             fleet.stop()
     wall = time.monotonic() - t0
-    meta = report_meta("affinity_bench.py", argv, load_start,
-                       f"{a.deployments} deployments per arm, lognormal base TTFT median {a.ttft_ms:g} ms (sigma "
-                       f"{a.sigma:g}) + {a.prefill_ms_per_1k:g} ms per 1,000 uncached prompt tokens, prefix cache "
-                       f"{a.cache_tokens:,} tokens each; {a.tokens} tokens {a.itl_ms:g} ms apart",
-                       f"{a.conversations} concurrent conversations x {a.turns} turns per arm, arms concurrent; "
-                       f"system prompt ~{a.system_tokens} tokens (shared) + a ~{a.doc_tokens}-token document per "
-                       f"conversation, ~{a.question_tokens}-token questions, think time {a.think_ms:g} ms "
-                       f"(mean); wall time {wall:.0f} s")
+    meta = report_meta(
+        "affinity_bench.py",
+        argv,
+        load_start,
+        f"{a.deployments} deployments per arm, lognormal base TTFT median {a.ttft_ms:g} ms (sigma "
+        f"{a.sigma:g}) + {a.prefill_ms_per_1k:g} ms per 1,000 uncached prompt tokens, prefix cache "
+        f"{a.cache_tokens:,} tokens each; {a.tokens} tokens {a.itl_ms:g} ms apart",
+        f"{a.conversations} concurrent conversations x {a.turns} turns per arm, arms concurrent; "
+        f"system prompt ~{a.system_tokens} tokens (shared) + a ~{a.doc_tokens}-token document per "
+        f"conversation, ~{a.question_tokens}-token questions, think time {a.think_ms:g} ms "
+        f"(mean); wall time {wall:.0f} s",
+    )
     md, ok = report(a, res, meta)
     out = a.out or REPO / "loadtests" / "results" / f"affinity-{time.strftime('%Y-%m-%d')}.md"
     write_report(out, md, {"meta": meta, "results": [asdict(r) for r in res]})

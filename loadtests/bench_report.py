@@ -36,8 +36,18 @@ class Run:
 
     @classmethod
     def from_loadgen(cls, target: str, mode: str, conc: int, rnd: int, r: dict[str, Any]) -> Run:
-        return cls(target, mode, conc, rnd, float(r["rps"]), int(r["ok"]), int(r["completed_all"]),
-                   dict(r.get("errors") or {}), r.get("latency_ms") or None, r.get("ttft_ms") or None)
+        return cls(
+            target,
+            mode,
+            conc,
+            rnd,
+            float(r["rps"]),
+            int(r["ok"]),
+            int(r["completed_all"]),
+            dict(r.get("errors") or {}),
+            r.get("latency_ms") or None,
+            r.get("ttft_ms") or None,
+        )
 
 
 @dataclass(slots=True)
@@ -100,17 +110,28 @@ def summarize(runs: list[Run], targets: list[str], modes: list[str], concs: list
                 for r in rs:
                     for k, v in r.errors.items():
                         errors[k] = errors.get(k, 0) + v
-                out.append(Summary(
-                    mode, c, t, len(rs), median(r.rps for r in rs),
-                    median(_q(r.lat, "p50") for r in rs), median(_q(r.lat, "p99") for r in rs),
-                    median(_q(r.ttft, "p50") for r in rs), median(_q(r.ttft, "p99") for r in rs),
-                    _paired(rs, base, "lat", "p50") if paired else None,
-                    _paired(rs, base, "lat", "p99") if paired else None,
-                    _paired(rs, base, "ttft", "p50") if paired else None,
-                    _paired(rs, base, "ttft", "p99") if paired else None,
-                    median(r.cpu_ms_per_req for r in rs), median(r.cpu_pct for r in rs),
-                    max((r.rss_mb for r in rs if r.rss_mb is not None), default=None), errors,
-                    median(r.gateway_overhead_ms for r in rs)))
+                out.append(
+                    Summary(
+                        mode,
+                        c,
+                        t,
+                        len(rs),
+                        median(r.rps for r in rs),
+                        median(_q(r.lat, "p50") for r in rs),
+                        median(_q(r.lat, "p99") for r in rs),
+                        median(_q(r.ttft, "p50") for r in rs),
+                        median(_q(r.ttft, "p99") for r in rs),
+                        _paired(rs, base, "lat", "p50") if paired else None,
+                        _paired(rs, base, "lat", "p99") if paired else None,
+                        _paired(rs, base, "ttft", "p50") if paired else None,
+                        _paired(rs, base, "ttft", "p99") if paired else None,
+                        median(r.cpu_ms_per_req for r in rs),
+                        median(r.cpu_pct for r in rs),
+                        max((r.rss_mb for r in rs if r.rss_mb is not None), default=None),
+                        errors,
+                        median(r.gateway_overhead_ms for r in rs),
+                    )
+                )
     return out
 
 
@@ -130,8 +151,16 @@ class Headline:
     rps_stream: float | None
     rss_mb: float | None
 
-    METRICS = ("added_p50_json", "added_p99_json", "added_ttft_p50", "added_ttft_p99", "cpu_json", "cpu_stream",
-               "rps_json", "rps_stream")
+    METRICS = (
+        "added_p50_json",
+        "added_p99_json",
+        "added_ttft_p50",
+        "added_ttft_p99",
+        "cpu_json",
+        "cpu_stream",
+        "rps_json",
+        "rps_stream",
+    )
 
 
 def headline(summ: list[Summary], target: str, lat_conc: int, cpu_conc: int) -> Headline:
@@ -145,9 +174,18 @@ def headline(summ: list[Summary], target: str, lat_conc: int, cpu_conc: int) -> 
     j, s = one("json", lat_conc), one("stream", lat_conc)
     jc, sc = one("json", cpu_conc), one("stream", cpu_conc)
     rss = [x.rss_mb for x in summ if x.target == target and x.rss_mb is not None]
-    return Headline(target, j and j.added_p50, j and j.added_p99, s and s.added_ttft_p50, s and s.added_ttft_p99,
-                    jc and jc.cpu_ms, sc and sc.cpu_ms, best_rps("json"), best_rps("stream"),
-                    max(rss) if rss else None)
+    return Headline(
+        target,
+        j and j.added_p50,
+        j and j.added_p99,
+        s and s.added_ttft_p50,
+        s and s.added_ttft_p99,
+        jc and jc.cpu_ms,
+        sc and sc.cpu_ms,
+        best_rps("json"),
+        best_rps("stream"),
+        max(rss) if rss else None,
+    )
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -177,10 +215,17 @@ def _row(cells: Iterable[str]) -> str:
 
 def headline_table(summ: list[Summary], targets: list[str], lat_conc: int, cpu_conc: int) -> str:
     heads = {t: headline(summ, t, lat_conc, cpu_conc) for t in targets if t != DIRECT}
-    cols = [f"added p50 json, c={lat_conc} (ms)", f"added p99 json, c={lat_conc} (ms)",
-            f"added TTFT p50 stream, c={lat_conc} (ms)", f"added TTFT p99 stream, c={lat_conc} (ms)",
-            f"CPU/request json, c={cpu_conc} (ms)", f"CPU/request stream, c={cpu_conc} (ms)",
-            "RPS per core json", "RPS per core stream", "RSS max (MB)"]
+    cols = [
+        f"added p50 json, c={lat_conc} (ms)",
+        f"added p99 json, c={lat_conc} (ms)",
+        f"added TTFT p50 stream, c={lat_conc} (ms)",
+        f"added TTFT p99 stream, c={lat_conc} (ms)",
+        f"CPU/request json, c={cpu_conc} (ms)",
+        f"CPU/request stream, c={cpu_conc} (ms)",
+        "RPS per core json",
+        "RPS per core stream",
+        "RSS max (MB)",
+    ]
     lines = [_row(["target", *cols]), _row(["---"] * (len(cols) + 1))]
     for t, h in heads.items():
         lines.append(_row([t, *(fmt(getattr(h, m)) for m in Headline.METRICS), fmt(h.rss_mb, 0)]))
@@ -190,41 +235,105 @@ def headline_table(summ: list[Summary], targets: list[str], lat_conc: int, cpu_c
         for peer, label in ((ENVOY, "Envoy"), (FLOOR, "floor")):
             if peer in heads:
                 f = heads[peer]
-                lines.append(_row([f"**{g} ÷ {label}**", *(fmt_ratio(ratio(getattr(h, m), getattr(f, m)))
-                                                            for m in Headline.METRICS), "-"]))
+                lines.append(
+                    _row(
+                        [
+                            f"**{g} ÷ {label}**",
+                            *(fmt_ratio(ratio(getattr(h, m), getattr(f, m))) for m in Headline.METRICS),
+                            "-",
+                        ]
+                    )
+                )
         for peer, label in ((PORTKEY, "Portkey"), (LITELLM, "LiteLLM")):
             if peer in heads:
                 lt = heads[peer]
                 # for RPS higher is better, so the ratio is turned round to read "how many times better"
-                cells = [fmt_ratio(ratio(getattr(h, m), getattr(lt, m)) if m.startswith("rps")
-                                   else ratio(getattr(lt, m), getattr(h, m))) for m in Headline.METRICS]
+                cells = [
+                    fmt_ratio(
+                        ratio(getattr(h, m), getattr(lt, m))
+                        if m.startswith("rps")
+                        else ratio(getattr(lt, m), getattr(h, m))
+                    )
+                    for m in Headline.METRICS
+                ]
                 lines.append(_row([f"**{label} ÷ {g}** (RPS: {g} ÷ {label})", *cells, "-"]))
     return "\n".join(lines)
 
 
 def full_table(summ: list[Summary]) -> str:
-    cols = ["mode", "c", "target", "RPS", "p50 ms", "p99 ms", "+p50 ms", "+p99 ms", "TTFT p50", "+TTFT p50",
-            "+TTFT p99", "CPU ms/req", "CPU %", "RSS MB", "errors"]
+    cols = [
+        "mode",
+        "c",
+        "target",
+        "RPS",
+        "p50 ms",
+        "p99 ms",
+        "+p50 ms",
+        "+p99 ms",
+        "TTFT p50",
+        "+TTFT p50",
+        "+TTFT p99",
+        "CPU ms/req",
+        "CPU %",
+        "RSS MB",
+        "errors",
+    ]
     lines = [_row(cols), _row(["---"] * len(cols))]
     for s in summ:
         errs = ", ".join(f"{k}: {v}" for k, v in sorted(s.errors.items())) or ""
-        lines.append(_row([s.mode, str(s.conc), s.target, fmt(s.rps, 1), fmt(s.p50), fmt(s.p99), fmt(s.added_p50),
-                           fmt(s.added_p99), fmt(s.ttft_p50), fmt(s.added_ttft_p50), fmt(s.added_ttft_p99),
-                           fmt(s.cpu_ms, 3), fmt(s.cpu_pct, 0), fmt(s.rss_mb, 0), errs]))
+        lines.append(
+            _row(
+                [
+                    s.mode,
+                    str(s.conc),
+                    s.target,
+                    fmt(s.rps, 1),
+                    fmt(s.p50),
+                    fmt(s.p99),
+                    fmt(s.added_p50),
+                    fmt(s.added_p99),
+                    fmt(s.ttft_p50),
+                    fmt(s.added_ttft_p50),
+                    fmt(s.added_ttft_p99),
+                    fmt(s.cpu_ms, 3),
+                    fmt(s.cpu_pct, 0),
+                    fmt(s.rss_mb, 0),
+                    errs,
+                ]
+            )
+        )
     return "\n".join(lines)
 
 
-def markdown(title: str, meta_lines: list[str], summ: list[Summary], targets: list[str], lat_conc: int,
-             cpu_conc: int, notes: list[str]) -> str:
-    parts = [f"# {title}", "", *(f"- {m}" for m in meta_lines), "",
-             "## Headline", "",
-             f"Added latency at c={lat_conc}; CPU per request at c={cpu_conc}; RPS per core = best closed-loop "
-             "level with the proxy pinned to one core. Ratios: gateway ÷ Envoy and gateway ÷ floor (lower is "
-             "better, 1.00x = on par) and Portkey or LiteLLM ÷ gateway (how many times cheaper).", "",
-             headline_table(summ, targets, lat_conc, cpu_conc), "",
-             "## All runs", "",
-             "Medians over rounds. `+` columns: median over rounds of (target − direct) in the same round.", "",
-             full_table(summ), ""]
+def markdown(
+    title: str,
+    meta_lines: list[str],
+    summ: list[Summary],
+    targets: list[str],
+    lat_conc: int,
+    cpu_conc: int,
+    notes: list[str],
+) -> str:
+    parts = [
+        f"# {title}",
+        "",
+        *(f"- {m}" for m in meta_lines),
+        "",
+        "## Headline",
+        "",
+        f"Added latency at c={lat_conc}; CPU per request at c={cpu_conc}; RPS per core = best closed-loop "
+        "level with the proxy pinned to one core. Ratios: gateway ÷ Envoy and gateway ÷ floor (lower is "
+        "better, 1.00x = on par) and Portkey or LiteLLM ÷ gateway (how many times cheaper).",
+        "",
+        headline_table(summ, targets, lat_conc, cpu_conc),
+        "",
+        "## All runs",
+        "",
+        "Medians over rounds. `+` columns: median over rounds of (target − direct) in the same round.",
+        "",
+        full_table(summ),
+        "",
+    ]
     if notes:
         parts += ["## Checks", "", *(f"- {n}" for n in notes), ""]
     return "\n".join(parts)

@@ -92,8 +92,20 @@ class Fleet:
 
     def sim(self, name: str, region: str, seed: int, **knobs: Any) -> Proc:
         port = free_port()
-        cmd = [sys.executable, "-m", "gateway", "sim", "--port", str(port), "--name", name, "--region", region,
-               "--seed", str(seed)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "sim",
+            "--port",
+            str(port),
+            "--name",
+            name,
+            "--region",
+            region,
+            "--seed",
+            str(seed),
+        ]
         for k, v in knobs.items():
             cmd += ["--" + k.replace("_", "-"), str(v)]
         return self._spawn(name, port, cmd)
@@ -102,8 +114,11 @@ class Fleet:
         """A gateway with ``cfg`` (port and JSON access log filled in); returns it and its access log path."""
         port = free_port()
         log = self.tmp / f"{name}-access.jsonl"
-        cfg = {**cfg, "server": {"host": "127.0.0.1", **cfg.get("server", {}), "port": port},
-               "access_log": {"path": str(log), "format": "json"}}
+        cfg = {
+            **cfg,
+            "server": {"host": "127.0.0.1", **cfg.get("server", {}), "port": port},
+            "access_log": {"path": str(log), "format": "json"},
+        }
         path = self.tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--log-level", "warning"]
@@ -165,8 +180,14 @@ class SimRecorder:
 def upstream_requests(stats: dict[str, Any]) -> int:
     """Generation requests the simulator received: answered, cancelled, or failed on purpose."""
     c = stats["cancelled"]
-    return (stats["served"]["chat"] + c["before_first_byte"] + c["mid_stream"] + stats["stalled"]
-            + stats["resets"] + sum(stats["errors_injected"].values()))
+    return (
+        stats["served"]["chat"]
+        + c["before_first_byte"]
+        + c["mid_stream"]
+        + stats["stalled"]
+        + stats["resets"]
+        + sum(stats["errors_injected"].values())
+    )
 
 
 def access_records(path: Path, prefix: str, timeout: float = 10.0, expect: int = 0) -> list[dict[str, Any]]:
@@ -218,34 +239,50 @@ def cpu_model() -> str:
 def machine() -> str:
     """nproc, CPU model, kernel, Python and the load average: one line for the report."""
     load = "/".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{os.cpu_count()} CPUs ({cpu_model()}), Linux {platform.release()}, Python {platform.python_version()}, "
-            f"load average {load}")
+    return (
+        f"{os.cpu_count()} CPUs ({cpu_model()}), Linux {platform.release()}, Python {platform.python_version()}, "
+        f"load average {load}"
+    )
 
 
-async def drive_arms(urls: dict[str, str], phase: str, n: int, rate: float, seed: int,
-                     tokens: int) -> dict[str, list[StreamResult]]:
+async def drive_arms(
+    urls: dict[str, str], phase: str, n: int, rate: float, seed: int, tokens: int
+) -> dict[str, list[StreamResult]]:
     """One open-loop Poisson stream of ``n`` streaming chats per arm, all arms at the same time.
 
     Request ids are ``<phase>-<arm>-<i>`` so each arm's access log can be matched to its client results."""
     runs = []
     for i, (arm, url) in enumerate(urls.items()):
         sched = poisson_schedule(n, rate, seed=seed * 1000 + i * 10 + (0 if phase == "w" else 1))
-        runs.append(run_open_loop(url + "/v1/chat/completions", "chat", sched, id_prefix=f"{phase}-{arm}-",
-                                  max_tokens=tokens))
+        runs.append(
+            run_open_loop(
+                url + "/v1/chat/completions", "chat", sched, id_prefix=f"{phase}-{arm}-", max_tokens=tokens
+            )
+        )
     done = await asyncio.gather(*runs)
     return dict(zip(urls, done, strict=True))
 
 
 def open_loop_line(rate: float, warmup: int, requests: int, wall_s: float) -> str:
-    return (f"open loop, Poisson {rate:g} req/s per arm, arms concurrent, {warmup} warm-up + {requests} measured "
-            f"streaming requests per arm; wall time {wall_s:.0f} s")
+    return (
+        f"open loop, Poisson {rate:g} req/s per arm, arms concurrent, {warmup} warm-up + {requests} measured "
+        f"streaming requests per arm; wall time {wall_s:.0f} s"
+    )
 
 
-def report_meta(tool: str, argv: list[str] | None, machine_at_start: str, provider: str, load: str) -> dict[str, str]:
+def report_meta(
+    tool: str, argv: list[str] | None, machine_at_start: str, provider: str, load: str
+) -> dict[str, str]:
     """The header lines every benchmark report starts with: when, how it was run, on what, against what."""
     args = argv if argv is not None else sys.argv[1:]
-    return {"date": time.strftime("%Y-%m-%d %H:%M"), "command": f"loadtests/{tool} " + " ".join(args),
-            "machine (start)": machine_at_start, "machine (end)": machine(), "provider": provider, "load": load}
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": f"loadtests/{tool} " + " ".join(args),
+        "machine (start)": machine_at_start,
+        "machine (end)": machine(),
+        "provider": provider,
+        "load": load,
+    }
 
 
 def write_report(out: Path, md: str, payload: dict[str, Any]) -> None:
@@ -257,6 +294,21 @@ def write_report(out: Path, md: str, payload: dict[str, Any]) -> None:
     print(f"written: {out}", file=sys.stderr)
 
 
-__all__ = ["Fleet", "Proc", "SimRecorder", "access_records", "cpu_model", "drive_arms", "free_port", "machine",
-           "metric_value", "open_loop_line", "report_meta", "sim_reset", "sim_stats", "take_lock", "upstream_requests",
-           "write_report"]
+__all__ = [
+    "Fleet",
+    "Proc",
+    "SimRecorder",
+    "access_records",
+    "cpu_model",
+    "drive_arms",
+    "free_port",
+    "machine",
+    "metric_value",
+    "open_loop_line",
+    "report_meta",
+    "sim_reset",
+    "sim_stats",
+    "take_lock",
+    "upstream_requests",
+    "write_report",
+]

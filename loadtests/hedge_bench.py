@@ -69,14 +69,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tail-ms", type=float, default=2000.0, help="TTFT of tail requests")
     p.add_argument("--itl-ms", type=float, default=10.0)
     p.add_argument("--tokens", type=int, default=16)
-    p.add_argument("--fixed-delay-ms", type=float, default=350.0,
-                   help="the fixed arm's hedge delay (default ~ the p95 of the default TTFT mixture)")
+    p.add_argument(
+        "--fixed-delay-ms",
+        type=float,
+        default=350.0,
+        help="the fixed arm's hedge delay (default ~ the p95 of the default TTFT mixture)",
+    )
     p.add_argument("--quantile", type=float, default=0.95)
     p.add_argument("--budget-percent", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-lock", action="store_true", help="do not take the shared benchmark lock")
-    p.add_argument("--out", type=Path, default=None, help="markdown report (a .json with the raw summary "
-                   "is written next to it); default loadtests/results/hedging-<date>.md")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="markdown report (a .json with the raw summary "
+        "is written next to it); default loadtests/results/hedging-<date>.md",
+    )
     a = p.parse_args(argv)
     a.arms = [x.strip() for x in a.arms.split(",") if x.strip()]
     if not a.arms or any(x not in ARMS for x in a.arms):
@@ -88,8 +97,13 @@ def hedging_cfg(a: argparse.Namespace, arm: str) -> dict[str, Any]:
     if arm == "off":
         return {"enabled": False}
     delay: float | str = "auto" if arm == "auto" else a.fixed_delay_ms
-    return {"enabled": True, "delay_ms": delay, "quantile": a.quantile, "budget_percent": a.budget_percent,
-            "max_hedges": 1}
+    return {
+        "enabled": True,
+        "delay_ms": delay,
+        "quantile": a.quantile,
+        "budget_percent": a.budget_percent,
+        "max_hedges": 1,
+    }
 
 
 @dataclass(slots=True)
@@ -131,16 +145,33 @@ class ArmResult:
 
 
 def start(fleet: Fleet, a: argparse.Namespace) -> dict[str, Arm]:
-    knobs = {"ttft_ms": a.ttft_ms, "ttft_dist": "lognormal", "ttft_sigma": a.sigma, "tail_p": a.tail_p,
-             "tail_ms": a.tail_ms, "itl_ms": a.itl_ms, "tokens": a.tokens}
+    knobs = {
+        "ttft_ms": a.ttft_ms,
+        "ttft_dist": "lognormal",
+        "ttft_sigma": a.sigma,
+        "tail_p": a.tail_p,
+        "tail_ms": a.tail_ms,
+        "itl_ms": a.itl_ms,
+        "tokens": a.tokens,
+    }
     arms = {}
     for i, arm in enumerate(a.arms):
         us = fleet.sim(f"{arm}-us", "us-east", seed=a.seed * 100 + 2 * i, **knobs)
         eu = fleet.sim(f"{arm}-eu", "eu-west", seed=a.seed * 100 + 2 * i + 1, **knobs)
-        deps = [{"id": s.name, "base_url": s.url + "/v1", "api_key": "sim-key", "model": "sim-large",
-                 "region": region} for s, region in ((us, "us-east"), (eu, "eu-west"))]
-        cfg = {"server": {"region": "us-east"},
-               "models": [{"name": "chat", "deployments": deps, "hedging": hedging_cfg(a, arm)}]}
+        deps = [
+            {
+                "id": s.name,
+                "base_url": s.url + "/v1",
+                "api_key": "sim-key",
+                "model": "sim-large",
+                "region": region,
+            }
+            for s, region in ((us, "us-east"), (eu, "eu-west"))
+        ]
+        cfg = {
+            "server": {"region": "us-east"},
+            "models": [{"name": "chat", "deployments": deps, "hedging": hedging_cfg(a, arm)}],
+        }
         gw, log = fleet.gateway(f"gw-{arm}", cfg)
         arms[arm] = Arm(arm, gw, log, [us, eu])
     fleet.wait_ready()
@@ -154,8 +185,9 @@ def spread(values: list[float]) -> dict[str, float | None]:
     return {"n": len(v), "min": v[0], "p50": percentile(v, 50), "p99": percentile(v, 99), "max": v[-1]}
 
 
-def cancel_lags(attempts: dict[str, list[dict[str, Any]]],
-                hedged_ids: set[str]) -> tuple[list[float], int, int, int]:
+def cancel_lags(
+    attempts: dict[str, list[dict[str, Any]]], hedged_ids: set[str]
+) -> tuple[list[float], int, int, int]:
     """Per hedged request, as the simulators recorded it: loser end minus winner first byte (ms); how many
     had a loser that was not cancelled; how many hedges never reached a simulator (the race was decided
     while the hedge was still connecting: nothing to cancel); how many could not be matched."""
@@ -177,8 +209,13 @@ def cancel_lags(attempts: dict[str, list[dict[str, Any]]],
     return lags, not_cancelled, never_sent, missing
 
 
-def slow_reasons(a: argparse.Namespace, recs: list[dict[str, Any]], attempts: dict[str, list[dict[str, Any]]],
-                 results: list[StreamResult], slow_ms: float) -> dict[str, int]:
+def slow_reasons(
+    a: argparse.Namespace,
+    recs: list[dict[str, Any]],
+    attempts: dict[str, list[dict[str, Any]]],
+    results: list[StreamResult],
+    slow_ms: float,
+) -> dict[str, int]:
     """Why each stream slower than ``slow_ms`` (client TTFT) was slow."""
     by_id = {r["request_id"]: r for r in recs}
     out: dict[str, int] = {}
@@ -200,8 +237,13 @@ def slow_reasons(a: argparse.Namespace, recs: list[dict[str, Any]], attempts: di
     return out
 
 
-def summarize(a: argparse.Namespace, arm: Arm, results: list[StreamResult], warm: list[dict[str, Any]],
-              attempts: dict[str, list[dict[str, Any]]]) -> ArmResult:
+def summarize(
+    a: argparse.Namespace,
+    arm: Arm,
+    results: list[StreamResult],
+    warm: list[dict[str, Any]],
+    attempts: dict[str, list[dict[str, Any]]],
+) -> ArmResult:
     n = len(results)
     recs = access_records(arm.access_log, f"m-{arm.name}-", expect=n)
     stats = [sim_stats(s) for s in arm.sims]
@@ -215,23 +257,40 @@ def summarize(a: argparse.Namespace, arm: Arm, results: list[StreamResult], warm
     delays = [r["hedge_delay_ms"] for r in recs if r.get("hedge_delay_ms") is not None]
     wdelays = [r["hedge_delay_ms"] for r in warm if r.get("hedge_delay_ms") is not None]
     return ArmResult(
-        arm=arm.name, hedging=hedging_cfg(a, arm.name), client_requests=n, ok=sum(r.ok for r in results),
-        errors=sum(not r.ok for r in results), ttft_ms=ttft_summary(results),
+        arm=arm.name,
+        hedging=hedging_cfg(a, arm.name),
+        client_requests=n,
+        ok=sum(r.ok for r in results),
+        errors=sum(not r.ok for r in results),
+        ttft_ms=ttft_summary(results),
         gateway_ttft_p99_ms=percentile(gw_ttft, 99),
         max_client_lag_ms=max((r.lag_s for r in results), default=0.0) * 1000.0,
-        upstream_requests=upstream, extra_upstream=upstream - n, extra_upstream_pct=100.0 * (upstream - n) / n,
-        hedges=hedges, hedge_wins=sum(r.get("hedge_winner") == "hedge" for r in hedged),
-        suppressed=sum("HS" in r["response_flags"] for r in recs), cancelled=cb + cm,
-        cancelled_before_first_byte=cb, cancelled_mid_stream=cm,
+        upstream_requests=upstream,
+        extra_upstream=upstream - n,
+        extra_upstream_pct=100.0 * (upstream - n) / n,
+        hedges=hedges,
+        hedge_wins=sum(r.get("hedge_winner") == "hedge" for r in hedged),
+        suppressed=sum("HS" in r["response_flags"] for r in recs),
+        cancelled=cb + cm,
+        cancelled_before_first_byte=cb,
+        cancelled_mid_stream=cm,
         # every hedge's loser was cancelled at its provider, or never got there; the simulators' request
         # count must agree (no hedge went out uncounted)
-        losers_cancelled=(cb + cm + never_sent == hedges and not_cancelled == 0 and unmatched == 0
-                          and upstream - n == hedges - never_sent),
+        losers_cancelled=(
+            cb + cm + never_sent == hedges
+            and not_cancelled == 0
+            and unmatched == 0
+            and upstream - n == hedges - never_sent
+        ),
         hedges_never_sent=never_sent,
-        cancel_lag_ms=spread(lags), cancel_lag_checked=len(lags) + not_cancelled, cancel_lag_unmatched=unmatched,
+        cancel_lag_ms=spread(lags),
+        cancel_lag_checked=len(lags) + not_cancelled,
+        cancel_lag_unmatched=unmatched,
         slow_over_1s=slow_reasons(a, recs, attempts, results, 1000.0),
         mixed_streams=sum(len(r.producers) != 1 for r in results if r.ok),
-        hedge_delay_ms=spread(delays), warmup_hedge_delay_ms=spread(wdelays))
+        hedge_delay_ms=spread(delays),
+        warmup_hedge_delay_ms=spread(wdelays),
+    )
 
 
 def fmt(v: float | None, d: int = 0) -> str:
@@ -239,51 +298,76 @@ def fmt(v: float | None, d: int = 0) -> str:
 
 
 def report(a: argparse.Namespace, res: list[ArmResult], meta: dict[str, str]) -> tuple[str, bool]:
-    rows = ["| arm | hedging | TTFT p50 | p95 | p99 | p99.9 | max | hedges (won by hedge) | suppressed by budget "
-            "| upstream requests (extra) | losers cancelled (before 1st byte / mid-stream) | cancel lag p50 / max "
-            "| errors | streams with 2 producers |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| arm | hedging | TTFT p50 | p95 | p99 | p99.9 | max | hedges (won by hedge) | suppressed by budget "
+        "| upstream requests (extra) | losers cancelled (before 1st byte / mid-stream) | cancel lag p50 / max "
+        "| errors | streams with 2 producers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res:
         t = r.ttft_ms
         h = r.hedging
-        desc = "off" if not h["enabled"] else (
-            f"delay {h['delay_ms']}" + (f" (p{a.quantile * 100:g})" if h["delay_ms"] == "auto" else " ms")
-            + f", budget {h['budget_percent']:g} %")
+        desc = (
+            "off"
+            if not h["enabled"]
+            else (
+                f"delay {h['delay_ms']}"
+                + (f" (p{a.quantile * 100:g})" if h["delay_ms"] == "auto" else " ms")
+                + f", budget {h['budget_percent']:g} %"
+            )
+        )
         lag = r.cancel_lag_ms
         rows.append(
             f"| {r.arm} | {desc} | {fmt(t['p50'])} | {fmt(t['p95'])} | {fmt(t['p99'])} | {fmt(t['p99.9'])} "
             f"| {fmt(t['max'])} | {r.hedges} ({r.hedge_wins}) | {r.suppressed} "
             f"| {r.upstream_requests:,} (+{r.extra_upstream}, {r.extra_upstream_pct:+.2f} %) "
             f"| {r.cancelled} of {r.hedges} ({r.cancelled_before_first_byte} / {r.cancelled_mid_stream}) "
-            f"| {fmt(lag['p50'], 1)} / {fmt(lag['max'], 1)} ms (n={lag['n']}) | {r.errors} | {r.mixed_streams} |")
+            f"| {fmt(lag['p50'], 1)} / {fmt(lag['max'], 1)} ms (n={lag['n']}) | {r.errors} | {r.mixed_streams} |"
+        )
     checks, met = [], True
     base = next((r for r in res if r.arm == "off"), None)
     for r in res:
         if r.arm == "off" or base is None:
             continue
         cut = (base.ttft_ms["p99"] or 0) / (r.ttft_ms["p99"] or float("inf"))
-        ok = cut >= TARGET_P99_CUT and r.extra_upstream_pct <= TARGET_EXTRA_PCT and r.losers_cancelled \
-            and r.mixed_streams == 0 and r.errors == 0
+        ok = (
+            cut >= TARGET_P99_CUT
+            and r.extra_upstream_pct <= TARGET_EXTRA_PCT
+            and r.losers_cancelled
+            and r.mixed_streams == 0
+            and r.errors == 0
+        )
         met = met and ok
-        checks.append(f"- **{r.arm}**: p99 TTFT cut {cut:.2f}x (target >= {TARGET_P99_CUT:g}x), extra upstream "
-                      f"{r.extra_upstream_pct:.2f} % (target <= {TARGET_EXTRA_PCT:g} %), every loser cancelled: "
-                      f"{'yes' if r.losers_cancelled else 'NO'} ({r.cancelled} cancelled for {r.hedges} hedges, "
-                      f"{r.hedges_never_sent} decided before the hedge reached a provider; "
-                      f"{r.cancel_lag_checked} checked one by one, {r.cancel_lag_unmatched} unmatched), one producer "
-                      "per stream: "
-                      f"{'yes' if r.mixed_streams == 0 else 'NO'} -> **{'met' if ok else 'MISSED'}**")
+        checks.append(
+            f"- **{r.arm}**: p99 TTFT cut {cut:.2f}x (target >= {TARGET_P99_CUT:g}x), extra upstream "
+            f"{r.extra_upstream_pct:.2f} % (target <= {TARGET_EXTRA_PCT:g} %), every loser cancelled: "
+            f"{'yes' if r.losers_cancelled else 'NO'} ({r.cancelled} cancelled for {r.hedges} hedges, "
+            f"{r.hedges_never_sent} decided before the hedge reached a provider; "
+            f"{r.cancel_lag_checked} checked one by one, {r.cancel_lag_unmatched} unmatched), one producer "
+            "per stream: "
+            f"{'yes' if r.mixed_streams == 0 else 'NO'} -> **{'met' if ok else 'MISSED'}**"
+        )
         d, w = r.hedge_delay_ms, r.warmup_hedge_delay_ms
         if d["n"]:
-            checks.append(f"  - hedge delay used (ms): measured phase min {fmt(d['min'])} / p50 {fmt(d['p50'])} / "
-                          f"max {fmt(d['max'])}; warm-up phase min {fmt(w['min'])} / p50 {fmt(w['p50'])} / "
-                          f"max {fmt(w['max'])}; gateway-side TTFT p99 {fmt(r.gateway_ttft_p99_ms)} ms")
+            checks.append(
+                f"  - hedge delay used (ms): measured phase min {fmt(d['min'])} / p50 {fmt(d['p50'])} / "
+                f"max {fmt(d['max'])}; warm-up phase min {fmt(w['min'])} / p50 {fmt(w['p50'])} / "
+                f"max {fmt(w['max'])}; gateway-side TTFT p99 {fmt(r.gateway_ttft_p99_ms)} ms"
+            )
     for r in res:
         if r.slow_over_1s:
             why = "; ".join(f"{k}: {v}" for k, v in sorted(r.slow_over_1s.items(), key=lambda kv: -kv[1]))
-            checks.append(f"- streams with TTFT over 1 s, **{r.arm}**: {sum(r.slow_over_1s.values())} ({why})")
+            checks.append(
+                f"- streams with TTFT over 1 s, **{r.arm}**: {sum(r.slow_over_1s.values())} ({why})"
+            )
     head = "\n".join(f"- {k}: {v}" for k, v in meta.items())
-    md = (f"# Hedging benchmark ({meta['date']})\n\n{head}\n\nClient-side TTFT in ms, measured phase only.\n\n"
-          + "\n".join(rows) + "\n\n" + "\n".join(checks) + "\n")
+    md = (
+        f"# Hedging benchmark ({meta['date']})\n\n{head}\n\nClient-side TTFT in ms, measured phase only.\n\n"
+        + "\n".join(rows)
+        + "\n\n"
+        + "\n".join(checks)
+        + "\n"
+    )
     return md, met
 
 
@@ -306,8 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         urls = {name: arm.gateway.url for name, arm in arms.items()}
         t0 = time.monotonic()
         asyncio.run(drive_arms(urls, "w", a.warmup_requests, a.rate, a.seed, a.tokens))
-        warm = {name: access_records(arm.access_log, f"w-{name}-", expect=a.warmup_requests)
-                for name, arm in arms.items()}
+        warm = {
+            name: access_records(arm.access_log, f"w-{name}-", expect=a.warmup_requests)
+            for name, arm in arms.items()
+        }
         for arm in arms.values():
             for s in arm.sims:
                 sim_reset(s)
@@ -321,14 +407,23 @@ def main(argv: list[str] | None = None) -> int:
         for r in res:
             if r.hedges:
                 gw = arms[r.arm].gateway.url
-                r.hedging["metric_cancelled_total"] = metric_value(gw, "llmgw_hedges_total", outcome="cancelled")
+                r.hedging["metric_cancelled_total"] = metric_value(
+                    gw, "llmgw_hedges_total", outcome="cancelled"
+                )
     finally:
         fleet.stop()
-    sim_line = (f"lognormal TTFT median {a.ttft_ms:g} ms, sigma {a.sigma:g}, plus {a.tail_p * 100:g} % at "
-                f"{a.tail_ms:g} ms; {a.tokens} tokens {a.itl_ms:g} ms apart; two deployments (us-east, eu-west), "
-                "gateway in us-east, latency routing, locality prefer")
-    meta = report_meta("hedge_bench.py", argv, load_start, sim_line,
-                       open_loop_line(a.rate, a.warmup_requests, a.requests, wall))
+    sim_line = (
+        f"lognormal TTFT median {a.ttft_ms:g} ms, sigma {a.sigma:g}, plus {a.tail_p * 100:g} % at "
+        f"{a.tail_ms:g} ms; {a.tokens} tokens {a.itl_ms:g} ms apart; two deployments (us-east, eu-west), "
+        "gateway in us-east, latency routing, locality prefer"
+    )
+    meta = report_meta(
+        "hedge_bench.py",
+        argv,
+        load_start,
+        sim_line,
+        open_loop_line(a.rate, a.warmup_requests, a.requests, wall),
+    )
     md, met = report(a, res, meta)
     out = a.out or default_out()
     write_report(out, md, {"meta": meta, "arms": [asdict(r) for r in res]})

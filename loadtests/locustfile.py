@@ -66,21 +66,49 @@ QUESTIONS = [
     "Translate 'the invoice is overdue' into French and German.",
     "List three causes of slow page loads.",
 ]
-CONTEXT = " ".join(f"Ticket {i}: customer reports intermittent timeouts when exporting reports." for i in range(40))
+CONTEXT = " ".join(
+    f"Ticket {i}: customer reports intermittent timeouts when exporting reports." for i in range(40)
+)
 
 # A small recurring set, like an application's own schemas (gateways can learn and pre-warm these).
 SCHEMAS: list[dict[str, Any]] = [
-    {"name": "intent", "strict": True, "schema": {
-        "type": "object", "additionalProperties": False, "required": ["intent", "confidence"],
-        "properties": {"intent": {"type": "string", "enum": ["billing", "login", "bug", "other"]},
-                       "confidence": {"type": "number"}}}},
-    {"name": "ticket", "strict": True, "schema": {
-        "type": "object", "additionalProperties": False, "required": ["title", "priority", "tags"],
-        "properties": {"title": {"type": "string"}, "priority": {"type": "string", "enum": ["low", "high"]},
-                       "tags": {"type": "array", "items": {"type": "string"}}}}},
-    {"name": "sentiment", "strict": True, "schema": {
-        "type": "object", "additionalProperties": False, "required": ["label"],
-        "properties": {"label": {"type": "string", "enum": ["positive", "neutral", "negative"]}}}},
+    {
+        "name": "intent",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["intent", "confidence"],
+            "properties": {
+                "intent": {"type": "string", "enum": ["billing", "login", "bug", "other"]},
+                "confidence": {"type": "number"},
+            },
+        },
+    },
+    {
+        "name": "ticket",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["title", "priority", "tags"],
+            "properties": {
+                "title": {"type": "string"},
+                "priority": {"type": "string", "enum": ["low", "high"]},
+                "tags": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+    },
+    {
+        "name": "sentiment",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["label"],
+            "properties": {"label": {"type": "string", "enum": ["positive", "neutral", "negative"]}},
+        },
+    },
 ]
 
 
@@ -133,8 +161,13 @@ class ChatUser(HttpUser):
             self._json(body, f"{name} json")
 
     def _json(self, body: dict[str, Any], name: str) -> None:
-        with self.client.post("/v1/chat/completions", data=json.dumps(body), headers=self._headers(), name=name,
-                              catch_response=True) as resp:
+        with self.client.post(
+            "/v1/chat/completions",
+            data=json.dumps(body),
+            headers=self._headers(),
+            name=name,
+            catch_response=True,
+        ) as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
                 return
@@ -143,7 +176,11 @@ class ChatUser(HttpUser):
             except (ValueError, KeyError, IndexError):
                 resp.failure("not a chat completion")
                 return
-            if CHECK_JSON and "response_format" in body and not _is_json(choice.get("message", {}).get("content")):
+            if (
+                CHECK_JSON
+                and "response_format" in body
+                and not _is_json(choice.get("message", {}).get("content"))
+            ):
                 resp.failure("structured output is not JSON")
 
     def _stream(self, body: dict[str, Any], name: str) -> None:
@@ -151,8 +188,14 @@ class ChatUser(HttpUser):
         t0 = time.perf_counter()
         ttft_ms: float | None = None
         done = False
-        with self.client.post("/v1/chat/completions", data=json.dumps(body), headers=self._headers(), name=name,
-                              stream=True, catch_response=True) as resp:
+        with self.client.post(
+            "/v1/chat/completions",
+            data=json.dumps(body),
+            headers=self._headers(),
+            name=name,
+            stream=True,
+            catch_response=True,
+        ) as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
                 return
@@ -174,8 +217,14 @@ class ChatUser(HttpUser):
                 return
         if ttft_ms is not None:
             # time to first token as its own row in locust's statistics
-            self.environment.events.request.fire(request_type="TTFT", name=name, response_time=ttft_ms,
-                                                 response_length=0, exception=None, context={})
+            self.environment.events.request.fire(
+                request_type="TTFT",
+                name=name,
+                response_time=ttft_ms,
+                response_length=0,
+                exception=None,
+                context={},
+            )
 
 
 def _has_content(data: bytes) -> bool:

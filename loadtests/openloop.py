@@ -66,8 +66,14 @@ def ttft_summary(results: Iterable[StreamResult], qs: Sequence[float] = QUANTILE
     return out
 
 
-async def _one(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
-               res: StreamResult, t_sched_abs: float) -> None:
+async def _one(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    res: StreamResult,
+    t_sched_abs: float,
+) -> None:
     try:
         async with session.post(url, data=body, headers=headers) as resp:
             res.status = resp.status
@@ -93,17 +99,32 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
         res.error = f"{type(exc).__name__}: {exc}"
 
 
-async def run_open_loop(url: str, model: str, schedule: Sequence[float], *, id_prefix: str,
-                        headers: dict[str, str] | None = None, max_tokens: int = 16,
-                        timeout_s: float = 30.0) -> list[StreamResult]:
+async def run_open_loop(
+    url: str,
+    model: str,
+    schedule: Sequence[float],
+    *,
+    id_prefix: str,
+    headers: dict[str, str] | None = None,
+    max_tokens: int = 16,
+    timeout_s: float = 30.0,
+) -> list[StreamResult]:
     """Send one streaming chat completion per scheduled time to ``url`` (…/v1/chat/completions)."""
-    body = orjson.dumps({"model": model, "stream": True, "max_tokens": max_tokens,
-                         "messages": [{"role": "user", "content": "Say something short."}]})
+    body = orjson.dumps(
+        {
+            "model": model,
+            "stream": True,
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": "Say something short."}],
+        }
+    )
     base = {"content-type": "application/json", "authorization": "Bearer bench", **(headers or {})}
     conn = aiohttp.TCPConnector(limit=0, force_close=False)
     results: list[StreamResult] = []
     tasks: list[asyncio.Task[None]] = []
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+    async with aiohttp.ClientSession(
+        connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)
+    ) as session:
         start = time.perf_counter()
         for i, t in enumerate(schedule):
             delay = start + t - time.perf_counter()
@@ -112,8 +133,9 @@ async def run_open_loop(url: str, model: str, schedule: Sequence[float], *, id_p
             rid = f"{id_prefix}{i}"
             res = StreamResult(rid, t, max(0.0, time.perf_counter() - (start + t)))
             results.append(res)
-            tasks.append(asyncio.create_task(_one(session, url, body, {**base, "x-request-id": rid}, res,
-                                                  start + t)))
+            tasks.append(
+                asyncio.create_task(_one(session, url, body, {**base, "x-request-id": rid}, res, start + t))
+            )
         await asyncio.gather(*tasks)
     return results
 

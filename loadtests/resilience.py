@@ -85,19 +85,36 @@ LITELLM_KEY = "sk-resilience-local"
 def start_litellm(binary: str, num_retries: int, sim_url: str, tmp: Path) -> tuple[subprocess.Popen, str]:
     """LiteLLM's proxy with no database or callbacks, ``num_retries`` retries (it has no retry budget)."""
     port = free_port()
-    cfg = {"model_list": [{"model_name": "chat", "litellm_params": {"model": "openai/sim-large", "api_base": sim_url,
-                                                                    "api_key": "sim"}}],
-           "litellm_settings": {"num_retries": num_retries, "request_timeout": 60, "callbacks": []},
-           "router_settings": {"num_retries": num_retries},
-           "general_settings": {"disable_spend_logs": True, "disable_error_logs": True}}
+    cfg = {
+        "model_list": [
+            {
+                "model_name": "chat",
+                "litellm_params": {"model": "openai/sim-large", "api_base": sim_url, "api_key": "sim"},
+            }
+        ],
+        "litellm_settings": {"num_retries": num_retries, "request_timeout": 60, "callbacks": []},
+        "router_settings": {"num_retries": num_retries},
+        "general_settings": {"disable_spend_logs": True, "disable_error_logs": True},
+    }
     path = tmp / f"litellm-{port}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_HOST", "REDIS_URL")}
-    env.update(LITELLM_LOG="ERROR", LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOCAL_BLOG_POSTS="True",
-               LITELLM_LOCAL_POLICY_TEMPLATES="True", LITELLM_MODE="PRODUCTION", LITELLM_TELEMETRY="False",
-               DISABLE_ADMIN_UI="True", LITELLM_MASTER_KEY=LITELLM_KEY)
-    proc = subprocess.Popen([binary, "--config", str(path), "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    env.update(
+        LITELLM_LOG="ERROR",
+        LITELLM_LOCAL_MODEL_COST_MAP="True",
+        LITELLM_LOCAL_BLOG_POSTS="True",
+        LITELLM_LOCAL_POLICY_TEMPLATES="True",
+        LITELLM_MODE="PRODUCTION",
+        LITELLM_TELEMETRY="False",
+        DISABLE_ADMIN_UI="True",
+        LITELLM_MASTER_KEY=LITELLM_KEY,
+    )
+    proc = subprocess.Popen(
+        [binary, "--config", str(path), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     wait_ready(proc, url + "/health/liveliness", "litellm")
     return proc, url
@@ -105,14 +122,32 @@ def start_litellm(binary: str, num_retries: int, sim_url: str, tmp: Path) -> tup
 
 def start_gateway(sim_url: str, tmp: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cfg = {"server": {"host": "127.0.0.1", "port": port},
-           "access_log": {"path": str(tmp / f"access-{port}.jsonl"), "format": "json"},
-           "models": [{"name": "chat", "deployments": [{"id": "a", "base_url": sim_url, "api_key": "sim",
-                                                        "model": "sim-large", "region": "us-east"}]}]}
+    cfg = {
+        "server": {"host": "127.0.0.1", "port": port},
+        "access_log": {"path": str(tmp / f"access-{port}.jsonl"), "format": "json"},
+        "models": [
+            {
+                "name": "chat",
+                "deployments": [
+                    {
+                        "id": "a",
+                        "base_url": sim_url,
+                        "api_key": "sim",
+                        "model": "sim-large",
+                        "region": "us-east",
+                    }
+                ],
+            }
+        ],
+    }
     path = tmp / f"gw-{port}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(path), "--log-level", "error"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--log-level", "error"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     url = f"http://127.0.0.1:{port}"
     wait_ready(proc, url + "/readyz", "gateway")
     return proc, url
@@ -123,9 +158,13 @@ async def drive(url: str, requests: int, concurrency: int) -> tuple[int, list[fl
     ok = 0
     latencies: list[float] = []
     sem = asyncio.Semaphore(concurrency)
-    headers = {"authorization": f"Bearer {LITELLM_KEY}"}  # LiteLLM needs its master key; the gateway ignores it
-    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=concurrency),
-                                 headers=headers) as client:
+    headers = {
+        "authorization": f"Bearer {LITELLM_KEY}"
+    }  # LiteLLM needs its master key; the gateway ignores it
+    async with httpx.AsyncClient(
+        timeout=30, limits=httpx.Limits(max_connections=concurrency), headers=headers
+    ) as client:
+
         async def one() -> None:
             nonlocal ok
             async with sem:
@@ -141,7 +180,9 @@ async def drive(url: str, requests: int, concurrency: int) -> tuple[int, list[fl
     return ok, sorted(latencies)
 
 
-def measure(target: str, rate: float, requests: int, concurrency: int, tmp: Path, a: argparse.Namespace) -> Row:
+def measure(
+    target: str, rate: float, requests: int, concurrency: int, tmp: Path, a: argparse.Namespace
+) -> Row:
     profile = SimProfile()
     profile.update({**PROVIDER, "error_rate": rate})
     sims = SimThread([("a", "us-east", profile)])
@@ -163,19 +204,31 @@ def measure(target: str, rate: float, requests: int, concurrency: int, tmp: Path
             proc.kill()
             proc.wait()
         sims.stop()
-    return Row(target, rate, requests, ok, upstream, lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))])
+    return Row(
+        target, rate, requests, ok, upstream, lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+    )
 
 
 def markdown(rows: list[Row], concurrency: int, litellm_retries: int) -> str:
-    lines = [f"Resilience, one deployment answering 503 to a share of requests, {concurrency} concurrent clients, "
-             f"a fresh process per row; llmgw with default settings"
-             + (f", LiteLLM with num_retries: {litellm_retries}" if any(r.target == "litellm" for r in rows) else ""),
-             "", "| proxy | provider failure rate | requests | client success | upstream requests | amplification "
-             "| 1/(1-rate) | p50 ms | p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Resilience, one deployment answering 503 to a share of requests, {concurrency} concurrent clients, "
+        f"a fresh process per row; llmgw with default settings"
+        + (
+            f", LiteLLM with num_retries: {litellm_retries}"
+            if any(r.target == "litellm" for r in rows)
+            else ""
+        ),
+        "",
+        "| proxy | provider failure rate | requests | client success | upstream requests | amplification "
+        "| 1/(1-rate) | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         need = f"{1 / (1 - r.rate):.2f}x" if r.rate < 1 else "∞"
-        lines.append(f"| {r.target} | {r.rate * 100:.0f}% | {r.requests} | {r.success * 100:.1f}% | {r.upstream} | "
-                     f"{r.amplification:.2f}x | {need} | {r.p50_ms:.0f} | {r.p99_ms:.0f} |")
+        lines.append(
+            f"| {r.target} | {r.rate * 100:.0f}% | {r.requests} | {r.success * 100:.1f}% | {r.upstream} | "
+            f"{r.amplification:.2f}x | {need} | {r.p50_ms:.0f} | {r.p99_ms:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -185,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=20)
     ap.add_argument("--out", type=Path, help="also write the markdown table here")
-    ap.add_argument("--litellm", metavar="BIN", help="also measure LiteLLM's proxy (path of its `litellm` script)")
+    ap.add_argument(
+        "--litellm", metavar="BIN", help="also measure LiteLLM's proxy (path of its `litellm` script)"
+    )
     ap.add_argument("--litellm-num-retries", type=int, default=3, help="LiteLLM's num_retries (default 3)")
     a = ap.parse_args(argv)
     rows = []
@@ -194,8 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         for pct in (float(x) for x in a.rates.split(",") if x.strip()):
             for target in targets:
                 rows.append(measure(target, pct / 100.0, a.requests, a.concurrency, Path(tmp), a))
-                print(f"[resilience] {target} {pct:.0f}%: {rows[-1].ok}/{rows[-1].requests} ok, "
-                      f"{rows[-1].amplification:.2f}x", file=sys.stderr, flush=True)
+                print(
+                    f"[resilience] {target} {pct:.0f}%: {rows[-1].ok}/{rows[-1].requests} ok, "
+                    f"{rows[-1].amplification:.2f}x",
+                    file=sys.stderr,
+                    flush=True,
+                )
     text = markdown(rows, a.concurrency, a.litellm_num_retries)
     print(text)
     if a.out:

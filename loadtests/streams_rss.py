@@ -82,7 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tokens", type=int, default=40)
     ap.add_argument("--sample-s", type=float, default=0.2, help="RSS sampling interval")
     ap.add_argument("--limit-mb", type=float, default=300.0, help="pass when the peak RSS stays below this")
-    ap.add_argument("--timeout", type=float, default=100.0, help="give up on the streams after this many seconds")
+    ap.add_argument(
+        "--timeout", type=float, default=100.0, help="give up on the streams after this many seconds"
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
     ap.add_argument("--no-lock", action="store_true", help="do not take the benchmark lock")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (config, access log, stderr)")
@@ -109,25 +111,38 @@ def gateway_config(sim_url: str, streams: int) -> dict[str, Any]:
         "server": {"region": "local", "drain_timeout_s": 2},
         "state": {"backend": "memory"},
         "model_defaults": {
-            "timeouts": {"connect_ms": 2000, "ttft_ms": 10000, "idle_ms": 10000, "per_try_ms": 120000,
-                         "total_ms": 120000},
+            "timeouts": {
+                "connect_ms": 2000,
+                "ttft_ms": 10000,
+                "idle_ms": 10000,
+                "per_try_ms": 120000,
+                "total_ms": 120000,
+            },
             # one upstream connection per open stream: a smaller pool would queue streams, not hold them
             "pool": {"min_connections": 4, "max_connections": streams + 64},
         },
-        "models": [{
-            "name": MODEL,
-            "deployments": [{"id": "sim-a", **dep}, {"id": "sim-b", **dep}],
-            "routing": {"strategy": "latency", "locality": "prefer"},
-            "retry": {"max_retries": 2},
-            "hedging": {"enabled": True, "delay_ms": "auto", "min_delay_ms": 1000, "max_delay_ms": 2000},
-        }],
+        "models": [
+            {
+                "name": MODEL,
+                "deployments": [{"id": "sim-a", **dep}, {"id": "sim-b", **dep}],
+                "routing": {"strategy": "latency", "locality": "prefer"},
+                "retry": {"max_retries": 2},
+                "hedging": {"enabled": True, "delay_ms": "auto", "min_delay_ms": 1000, "max_delay_ms": 2000},
+            }
+        ],
     }
 
 
-async def one_stream(http: aiohttp.ClientSession, url: str, tokens: int, delay: float, counts: Counts) -> None:
+async def one_stream(
+    http: aiohttp.ClientSession, url: str, tokens: int, delay: float, counts: Counts
+) -> None:
     await asyncio.sleep(delay)
-    body = {"model": MODEL, "stream": True, "max_tokens": tokens,
-            "messages": [{"role": "user", "content": "hold this stream open"}]}
+    body = {
+        "model": MODEL,
+        "stream": True,
+        "max_tokens": tokens,
+        "messages": [{"role": "user", "content": "hold this stream open"}],
+    }
     got, done, opened = 0, False, False
     try:
         async with http.post(url, json=body) as resp:
@@ -158,7 +173,9 @@ async def one_stream(http: aiohttp.ClientSession, url: str, tokens: int, delay: 
         counts.fail("incomplete")
 
 
-async def drive(a: argparse.Namespace, gw_url: str, gw_pid: int) -> tuple[Counts, list[tuple[float, int, float]]]:
+async def drive(
+    a: argparse.Namespace, gw_url: str, gw_pid: int
+) -> tuple[Counts, list[tuple[float, int, float]]]:
     """Run every stream; returns the client's counts and RSS samples (t, open streams, MB)."""
     counts = Counts()
     samples: list[tuple[float, int, float]] = []
@@ -167,8 +184,10 @@ async def drive(a: argparse.Namespace, gw_url: str, gw_pid: int) -> tuple[Counts
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         url = gw_url + "/v1/chat/completions"
         t0 = time.monotonic()
-        tasks = [asyncio.create_task(one_stream(http, url, a.tokens, i / a.open_rate, counts))
-                 for i in range(a.streams)]
+        tasks = [
+            asyncio.create_task(one_stream(http, url, a.tokens, i / a.open_rate, counts))
+            for i in range(a.streams)
+        ]
         pending = asyncio.gather(*tasks)
         while not pending.done():
             samples.append((time.monotonic() - t0, counts.open, tree_usage(gw_pid).rss_bytes / 2**20))
@@ -184,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         take_lock()
     fleet = Fleet()
     try:
-        sim = fleet.sim("sim", "local", 1, ttft_ms=a.ttft_ms, ttft_dist="fixed", itl_ms=a.itl_ms, tokens=a.tokens)
+        sim = fleet.sim(
+            "sim", "local", 1, ttft_ms=a.ttft_ms, ttft_dist="fixed", itl_ms=a.itl_ms, tokens=a.tokens
+        )
         sim.wait_ready("/sim/stats")
         gw, log_path = fleet.gateway("gw", gateway_config(sim.url, a.streams))
         gw.wait_ready("/readyz", 120)
@@ -204,25 +225,46 @@ def main(argv: list[str] | None = None) -> int:
     waits = [r["pool_wait_ms"] for r in recs if r.get("pool_wait_ms") is not None]
     peak = max([mb for _, _, mb in samples] + [idle])
     res = Result(
-        streams=a.streams, completed=counts.completed, failed=counts.failed, max_open=counts.max_open,
-        idle_rss_mb=round(idle, 1), peak_rss_mb=round(peak, 1),
-        all_open_rss_mb=round(max(all_open), 1) if all_open else None, all_open_samples=len(all_open),
+        streams=a.streams,
+        completed=counts.completed,
+        failed=counts.failed,
+        max_open=counts.max_open,
+        idle_rss_mb=round(idle, 1),
+        peak_rss_mb=round(peak, 1),
+        all_open_rss_mb=round(max(all_open), 1) if all_open else None,
+        all_open_samples=len(all_open),
         per_stream_kb=round((max(all_open) - idle) * 1024 / a.streams, 1) if all_open else None,
-        seconds=round(seconds, 1), access_log_records=len(recs),
+        seconds=round(seconds, 1),
+        access_log_records=len(recs),
         access_log_non200=sum(1 for r in recs if r.get("response_code") != 200),
         pool_wait_ms_max=max(waits) if waits else None,
-        hedges=sum(r.get("hedge_count") or 0 for r in recs), retries=sum(r.get("retry_count") or 0 for r in recs),
-        limit_mb=a.limit_mb, passed=counts.completed == a.streams and peak < a.limit_mb,
-        settings={"open_rate": a.open_rate, "ttft_ms": a.ttft_ms, "itl_ms": a.itl_ms, "tokens": a.tokens,
-                  "sample_s": a.sample_s, "workers": 1},
-        machine=machine())
-    print(f"streams: {res.completed}/{res.streams} completed, at most {res.max_open} open at once "
-          f"(failures: {res.failed or 'none'}) in {res.seconds} s")
-    print(f"gateway RSS: idle {res.idle_rss_mb} MB, with all {res.streams} open {res.all_open_rss_mb} MB "
-          f"({res.all_open_samples} samples, {res.per_stream_kb} KB per stream), peak {res.peak_rss_mb} MB "
-          f"(limit {res.limit_mb:g} MB)")
-    print(f"access log: {res.access_log_records} records, {res.access_log_non200} non-200, "
-          f"max pool_wait_ms {res.pool_wait_ms_max}, {res.retries} retries, {res.hedges} hedges")
+        hedges=sum(r.get("hedge_count") or 0 for r in recs),
+        retries=sum(r.get("retry_count") or 0 for r in recs),
+        limit_mb=a.limit_mb,
+        passed=counts.completed == a.streams and peak < a.limit_mb,
+        settings={
+            "open_rate": a.open_rate,
+            "ttft_ms": a.ttft_ms,
+            "itl_ms": a.itl_ms,
+            "tokens": a.tokens,
+            "sample_s": a.sample_s,
+            "workers": 1,
+        },
+        machine=machine(),
+    )
+    print(
+        f"streams: {res.completed}/{res.streams} completed, at most {res.max_open} open at once "
+        f"(failures: {res.failed or 'none'}) in {res.seconds} s"
+    )
+    print(
+        f"gateway RSS: idle {res.idle_rss_mb} MB, with all {res.streams} open {res.all_open_rss_mb} MB "
+        f"({res.all_open_samples} samples, {res.per_stream_kb} KB per stream), peak {res.peak_rss_mb} MB "
+        f"(limit {res.limit_mb:g} MB)"
+    )
+    print(
+        f"access log: {res.access_log_records} records, {res.access_log_non200} non-200, "
+        f"max pool_wait_ms {res.pool_wait_ms_max}, {res.retries} retries, {res.hedges} hedges"
+    )
     print("PASS" if res.passed else "FAIL")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)

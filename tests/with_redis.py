@@ -34,12 +34,17 @@ def main(argv: list[str]) -> int:
         return subprocess.call(argv)
     server = shutil.which("redis-server")
     if server is None:
-        print(f"with_redis: no Redis answers on {HOST}:{PORT} and redis-server is not installed "
-              "(Debian/Ubuntu: apt-get install redis-server)", file=sys.stderr)
+        print(
+            f"with_redis: no Redis answers on {HOST}:{PORT} and redis-server is not installed "
+            "(Debian/Ubuntu: apt-get install redis-server)",
+            file=sys.stderr,
+        )
         return 1
     print(f"with_redis: no Redis answered on {HOST}:{PORT}: starting {server} there for this run", flush=True)
-    proc = subprocess.Popen([server, "--bind", HOST, "--port", str(PORT), "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [server, "--bind", HOST, "--port", str(PORT), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 10
         while not redis_answers():

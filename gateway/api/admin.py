@@ -40,16 +40,25 @@ class AdminServer:
             sock.bind((self.host, self.port))
         except OSError as exc:
             sock.close()
-            raise RuntimeError(f"server.admin_port: cannot listen on {self.host}:{self.port} ({exc.strerror})") from None
+            raise RuntimeError(
+                f"server.admin_port: cannot listen on {self.host}:{self.port} ({exc.strerror})"
+            ) from None
         return sock
 
     async def start(self, _lifecycle: object = None) -> None:
         import uvicorn
 
-        cfg = uvicorn.Config(self.app, interface="asgi3", lifespan="off", http="httptools", access_log=False,
-                             log_config=None,
-                             server_header=False, proxy_headers=False,
-                             timeout_graceful_shutdown=self.drain_timeout_s)  # type: ignore[arg-type]  # a float: uvicorn waits with asyncio
+        cfg = uvicorn.Config(
+            self.app,
+            interface="asgi3",
+            lifespan="off",
+            http="httptools",
+            access_log=False,
+            log_config=None,
+            server_header=False,
+            proxy_headers=False,
+            timeout_graceful_shutdown=self.drain_timeout_s,  # type: ignore[arg-type]  # a float: uvicorn waits with asyncio
+        )
         cfg.load()
         self._sock = self._bind()
         server = uvicorn.Server(cfg)
@@ -58,8 +67,11 @@ class AdminServer:
         self._server = server
         # main_loop only refreshes the Date header and watches should_exit; it costs one wake-up per 100 ms.
         self._tick = asyncio.get_running_loop().create_task(server.main_loop())
-        log.info("admin endpoints on http://%s:%d (/metrics, /healthz, /readyz, /admin/*)", self.host,
-                 self._sock.getsockname()[1])
+        log.info(
+            "admin endpoints on http://%s:%d (/metrics, /healthz, /readyz, /admin/*)",
+            self.host,
+            self._sock.getsockname()[1],
+        )
 
     async def stop(self, _lifecycle: object = None) -> None:
         if self._server is None:

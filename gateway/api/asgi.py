@@ -49,7 +49,9 @@ _DOCS_PATHS = ("/docs", "/openapi.json", "/redoc")
 
 
 class GatewayASGI:
-    def __init__(self, engine: Engine, fallback_app: ASGIApp, lifecycle: Lifecycle, guard: Guard | None = None) -> None:
+    def __init__(
+        self, engine: Engine, fallback_app: ASGIApp, lifecycle: Lifecycle, guard: Guard | None = None
+    ) -> None:
         self.engine = engine
         self.fallback_app = fallback_app
         self.lifecycle = lifecycle  # app.Lifecycle: start/stop, readiness
@@ -74,9 +76,15 @@ class GatewayASGI:
             "/v1/models": self._models,
             "/models": self._models,
         }
-        self._models_body = orjson.dumps({"object": "list", "data": [
-            {"id": m.name, "object": "model", "created": 0, "owned_by": "llm-gateway"} for m in engine.cfg.models
-        ]})
+        self._models_body = orjson.dumps(
+            {
+                "object": "list",
+                "data": [
+                    {"id": m.name, "object": "model", "created": 0, "owned_by": "llm-gateway"}
+                    for m in engine.cfg.models
+                ],
+            }
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -95,7 +103,7 @@ class GatewayASGI:
             if handler is not None:
                 return await handler(scope, receive, send)
             if path.startswith("/v1/models/"):
-                return await self._model(scope, send, path[len("/v1/models/"):])
+                return await self._model(scope, send, path[len("/v1/models/") :])
             if path.startswith("/admin") and self.admin_on_main:
                 return await self._admin(scope, receive, send, public=True)
             if path.startswith(_DOCS_PATHS):
@@ -109,10 +117,13 @@ class GatewayASGI:
 
     # ------------------------------------------------------------------ proxy
 
-    async def _proxy(self, scope: Scope, receive: Receive, send: Send, upstream_path: str, t0: float,
-                     wall: float) -> None:
+    async def _proxy(
+        self, scope: Scope, receive: Receive, send: Send, upstream_path: str, t0: float, wall: float
+    ) -> None:
         if scope["method"] != "POST":
-            return await self._reject(scope, send, errors.method_not_allowed(scope["method"], "POST"), t0, wall)
+            return await self._reject(
+                scope, send, errors.method_not_allowed(scope["method"], "POST"), t0, wall
+            )
         raw_headers = scope["headers"]
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
         key = None
@@ -120,13 +131,25 @@ class GatewayASGI:
         body: JsonObject | None = None  # once parsed: a refused request still logs its model
         try:
             request_id = _request_id(headers.get("x-request-id"))
-            if sum(map(len, chain.from_iterable(raw_headers))) > self.max_header:  # names and values, at C speed
-                raise GatewayError(431, f"Request headers exceed {self.max_header} bytes.", "invalid_request_error",
-                                   "headers_too_large", flag=ResponseFlag.BAD_REQUEST)
+            if (
+                sum(map(len, chain.from_iterable(raw_headers))) > self.max_header
+            ):  # names and values, at C speed
+                raise GatewayError(
+                    431,
+                    f"Request headers exceed {self.max_header} bytes.",
+                    "invalid_request_error",
+                    "headers_too_large",
+                    flag=ResponseFlag.BAD_REQUEST,
+                )
             ctype = headers.get("content-type")
             if ctype is not None and ctype[:16].lower() != "application/json":  # media types ignore case
-                raise GatewayError(415, f"Content-Type must be application/json, not {ctype[:100]!r}.",
-                                   "invalid_request_error", "unsupported_media_type", flag=ResponseFlag.BAD_REQUEST)
+                raise GatewayError(
+                    415,
+                    f"Content-Type must be application/json, not {ctype[:100]!r}.",
+                    "invalid_request_error",
+                    "unsupported_media_type",
+                    flag=ResponseFlag.BAD_REQUEST,
+                )
             if guard is not None:
                 key = await guard.authenticate(headers)  # raises 401
             raw, marks = await self._read_body(headers, receive)
@@ -136,32 +159,92 @@ class GatewayASGI:
             if key is not None and guard is not None:  # a key only ever comes from the guard
                 await guard.admit(key, model, raw, body)  # raises 403/429
         except GatewayError as exc:
-            return await self._reject(scope, send, exc, t0, wall, headers, request_id=locals().get("request_id"),
-                                      api_key_id=key.id if key is not None else None, model=_model_of(body),
-                                      stream=_stream_of(body))
+            return await self._reject(
+                scope,
+                send,
+                exc,
+                t0,
+                wall,
+                headers,
+                request_id=locals().get("request_id"),
+                api_key_id=key.id if key is not None else None,
+                model=_model_of(body),
+                stream=_stream_of(body),
+            )
         except _ClientGone:  # left during the body read: nothing to answer, but the request is logged
-            return await self._reject(scope, send, _CLIENT_GONE, t0, wall, headers,
-                                      request_id=locals().get("request_id"),
-                                      api_key_id=key.id if key is not None else None, answered=False)
-        if scope.get(DISCONNECT_KEY) is client_gone:  # left during auth or a rate-limit check: nothing goes upstream
-            return await self._reject(scope, send, _CLIENT_GONE, t0, wall, headers, request_id=request_id,
-                                      api_key_id=key.id if key is not None else None, answered=False,
-                                      model=model, stream=_stream_of(body))
+            return await self._reject(
+                scope,
+                send,
+                _CLIENT_GONE,
+                t0,
+                wall,
+                headers,
+                request_id=locals().get("request_id"),
+                api_key_id=key.id if key is not None else None,
+                answered=False,
+            )
+        if (
+            scope.get(DISCONNECT_KEY) is client_gone
+        ):  # left during auth or a rate-limit check: nothing goes upstream
+            return await self._reject(
+                scope,
+                send,
+                _CLIENT_GONE,
+                t0,
+                wall,
+                headers,
+                request_id=request_id,
+                api_key_id=key.id if key is not None else None,
+                answered=False,
+                model=model,
+                stream=_stream_of(body),
+            )
         eng = self.engine
         if self.lifecycle.draining:
-            return await self._reject(scope, send, errors.draining(), t0, wall, headers, request_id=request_id,
-                                      model=model, stream=_stream_of(body))
+            return await self._reject(
+                scope,
+                send,
+                errors.draining(),
+                t0,
+                wall,
+                headers,
+                request_id=request_id,
+                model=model,
+                stream=_stream_of(body),
+            )
         if not eng.admit():
-            return await self._reject(scope, send, errors.overloaded("gateway"), t0, wall, headers,
-                                      request_id=request_id, model=model, stream=_stream_of(body))
+            return await self._reject(
+                scope,
+                send,
+                errors.overloaded("gateway"),
+                t0,
+                wall,
+                headers,
+                request_id=request_id,
+                model=model,
+                stream=_stream_of(body),
+            )
         client = scope.get("client")
         task = asyncio.current_task()
         assert task is not None  # an ASGI app always runs in a task
         deadline, rejected = eng.deadline_for(model, headers, t0)
-        ex = Exchange(eng, task, path=scope["path"], upstream_path=upstream_path, body=body, raw_len=len(raw),
-                      headers=headers, t_received=t0, t_body=t_body, wall_start=wall, request_id=request_id,
-                      client=f"{client[0]}:{client[1]}" if client else None, deadline=deadline, rejected=rejected,
-                      api_key_id=key.id if key is not None else None)
+        ex = Exchange(
+            eng,
+            task,
+            path=scope["path"],
+            upstream_path=upstream_path,
+            body=body,
+            raw_len=len(raw),
+            headers=headers,
+            t_received=t0,
+            t_body=t_body,
+            wall_start=wall,
+            request_id=request_id,
+            client=f"{client[0]}:{client[1]}" if client else None,
+            deadline=deadline,
+            rejected=rejected,
+            api_key_id=key.id if key is not None else None,
+        )
         ex_done = guard.track(key) if key is not None and guard is not None else None
 
         def on_disconnect(_: object = None) -> None:
@@ -240,34 +323,49 @@ class GatewayASGI:
         """Refuses what no provider should see; returns the model asked for."""
         model = body.get("model")
         if not isinstance(model, str) or not model:
-            raise errors.bad_request("'model' is required and must be a non-empty string.", param="model",
-                                     code="invalid_value" if "model" in body else "missing_required_parameter")
+            raise errors.bad_request(
+                "'model' is required and must be a non-empty string.",
+                param="model",
+                code="invalid_value" if "model" in body else "missing_required_parameter",
+            )
         stream = body.get("stream")
         if stream is not None and not isinstance(stream, bool):
             raise errors.bad_request("'stream' must be a boolean.", param="stream", code="invalid_type")
         if stream and upstream_path not in _STREAMABLE:
-            raise errors.bad_request(f"Streaming is not supported on {upstream_path}.", param="stream",
-                                     code="invalid_value")
+            raise errors.bad_request(
+                f"Streaming is not supported on {upstream_path}.", param="stream", code="invalid_value"
+            )
         msgs = body.get("messages")
         if msgs is not None:
             if not isinstance(msgs, list):
-                raise errors.bad_request("'messages' must be an array.", param="messages", code="invalid_type")
+                raise errors.bad_request(
+                    "'messages' must be an array.", param="messages", code="invalid_type"
+                )
             if len(msgs) > self.max_messages:
-                raise errors.bad_request(f"Too many messages ({len(msgs)}); the limit is {self.max_messages}.",
-                                         param="messages", code="too_many_messages")
+                raise errors.bad_request(
+                    f"Too many messages ({len(msgs)}); the limit is {self.max_messages}.",
+                    param="messages",
+                    code="too_many_messages",
+                )
         # Deep nesting costs the gateway and providers; the walk is bounded by the containers counted above.
         if containers > self.max_depth and deeper_than(body, self.max_depth):
             self._count_limit("json_depth")
-            raise errors.bad_request(f"JSON nesting deeper than {self.max_depth} levels (server.max_json_depth).",
-                                     code="too_deep")
+            raise errors.bad_request(
+                f"JSON nesting deeper than {self.max_depth} levels (server.max_json_depth).", code="too_deep"
+            )
         return model
 
     def _json_limit_error(self, over: JsonLimit) -> GatewayError:
         if over is JsonLimit.CONTAINERS:
-            return errors.bad_request(f"The body holds more than {self.max_containers} JSON arrays and objects "
-                                      "(server.max_json_containers).", code="too_many_elements")
-        return errors.bad_request(f"The body holds more than {self.max_elements} JSON values "
-                                  "(server.max_json_elements).", code="too_many_elements")
+            return errors.bad_request(
+                f"The body holds more than {self.max_containers} JSON arrays and objects "
+                "(server.max_json_containers).",
+                code="too_many_elements",
+            )
+        return errors.bad_request(
+            f"The body holds more than {self.max_elements} JSON values (server.max_json_elements).",
+            code="too_many_elements",
+        )
 
     def _count_limit(self, limit: str) -> None:
         m = self.engine.metrics
@@ -277,14 +375,34 @@ class GatewayASGI:
         """A request the protocol refused before the app saw it (head too large or too slow): logged and
         counted like any other refused request."""
         t1 = now()
-        self.engine.record_rejected(rejected_record(
-            wall=time.time() - (t1 - t0), request_id=new_request_id(), method=method, path=path, err=err,
-            duration_ms=(t1 - t0) * 1000.0, bytes_sent=0, headers={}, client=client))
+        self.engine.record_rejected(
+            rejected_record(
+                wall=time.time() - (t1 - t0),
+                request_id=new_request_id(),
+                method=method,
+                path=path,
+                err=err,
+                duration_ms=(t1 - t0) * 1000.0,
+                bytes_sent=0,
+                headers={},
+                client=client,
+            )
+        )
 
-    async def _reject(self, scope: Scope, send: Send, err: GatewayError, t0: float, wall: float,
-                      headers: dict[str, str] | None = None, request_id: str | None = None,
-                      api_key_id: str | None = None, answered: bool = True, model: str | None = None,
-                      stream: bool = False) -> None:
+    async def _reject(
+        self,
+        scope: Scope,
+        send: Send,
+        err: GatewayError,
+        t0: float,
+        wall: float,
+        headers: dict[str, str] | None = None,
+        request_id: str | None = None,
+        api_key_id: str | None = None,
+        answered: bool = True,
+        model: str | None = None,
+        stream: bool = False,
+    ) -> None:
         """Answer ``err`` and log it; ``answered`` False: the client has gone, so only log it. ``model`` and
         ``stream``: what the request's body asked for, when it was parsed (the log only)."""
         body = err.body() if answered else b""
@@ -301,17 +419,35 @@ class GatewayASGI:
         t1 = now()
         headers = headers or {}
         client = scope.get("client")
-        self.engine.record_rejected(rejected_record(
-            wall=wall, request_id=rid, method=scope.get("method", "-"), path=scope["path"], err=err,
-            duration_ms=(t1 - t0) * 1000.0, bytes_sent=len(body), headers=headers,
-            client=f"{client[0]}:{client[1]}" if client else None, api_key_id=api_key_id, model=model,
-            stream=stream))
+        self.engine.record_rejected(
+            rejected_record(
+                wall=wall,
+                request_id=rid,
+                method=scope.get("method", "-"),
+                path=scope["path"],
+                err=err,
+                duration_ms=(t1 - t0) * 1000.0,
+                bytes_sent=len(body),
+                headers=headers,
+                client=f"{client[0]}:{client[1]}" if client else None,
+                api_key_id=api_key_id,
+                model=model,
+                stream=stream,
+            )
+        )
 
     # ------------------------------------------------------------------ simple endpoints
 
-    async def _respond(self, send: Send, status: int, body: bytes, ctype: bytes = b"application/json") -> None:
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", ctype), (b"content-length", b"%d" % len(body))]})
+    async def _respond(
+        self, send: Send, status: int, body: bytes, ctype: bytes = b"application/json"
+    ) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", ctype), (b"content-length", b"%d" % len(body))],
+            }
+        )
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -400,8 +536,13 @@ class _ClientGone(Exception):
 
 
 # Logged (never sent) for a client that left before its request went upstream; 499 as nginx logs it.
-_CLIENT_GONE = GatewayError(499, "The client closed the connection before the request went upstream.",
-                            "invalid_request_error", "client_closed_request", flag=ResponseFlag.CLIENT_GONE)
+_CLIENT_GONE = GatewayError(
+    499,
+    "The client closed the connection before the request went upstream.",
+    "invalid_request_error",
+    "client_closed_request",
+    flag=ResponseFlag.CLIENT_GONE,
+)
 
 
 def _chain_sigterm(lifecycle: Lifecycle) -> None:
@@ -439,18 +580,46 @@ def _stream_of(body: JsonObject | None) -> bool:
     return body is not None and body.get("stream") is True
 
 
-def rejected_record(*, wall: float, request_id: str, method: str, path: str, err: GatewayError, duration_ms: float,
-                    bytes_sent: int, headers: dict[str, str], client: str | None,
-                    api_key_id: str | None = None, model: str | None = None, stream: bool = False) -> dict[str, Any]:
+def rejected_record(
+    *,
+    wall: float,
+    request_id: str,
+    method: str,
+    path: str,
+    err: GatewayError,
+    duration_ms: float,
+    bytes_sent: int,
+    headers: dict[str, str],
+    client: str | None,
+    api_key_id: str | None = None,
+    model: str | None = None,
+    stream: bool = False,
+) -> dict[str, Any]:
     rec: dict[str, Any] = dict.fromkeys(FIELDS)
-    rec.update({
-        "start_time": iso_utc(wall), "request_id": request_id, "traceparent": headers.get("traceparent"),
-        "method": method, "path": path, "model": model, "stream": stream, "response_code": err.status,
-        "response_flags": err.flag or "-", "duration_ms": round(duration_ms, 3),
-        "gateway_overhead_ms": round(duration_ms, 3), "attempts": 0, "retry_count": 0, "hedge_count": 0,
-        "error_type": err.code, "bytes_received": int(cl) if (cl := (headers.get("content-length") or "").strip(" \t"))
-        .isdigit() else 0,
-        "bytes_sent": bytes_sent, "user_agent": headers.get("user-agent"), "downstream_remote_address": client,
-        "api_key_id": api_key_id,
-    })
+    rec.update(
+        {
+            "start_time": iso_utc(wall),
+            "request_id": request_id,
+            "traceparent": headers.get("traceparent"),
+            "method": method,
+            "path": path,
+            "model": model,
+            "stream": stream,
+            "response_code": err.status,
+            "response_flags": err.flag or "-",
+            "duration_ms": round(duration_ms, 3),
+            "gateway_overhead_ms": round(duration_ms, 3),
+            "attempts": 0,
+            "retry_count": 0,
+            "hedge_count": 0,
+            "error_type": err.code,
+            "bytes_received": int(cl)
+            if (cl := (headers.get("content-length") or "").strip(" \t")).isdigit()
+            else 0,
+            "bytes_sent": bytes_sent,
+            "user_agent": headers.get("user-agent"),
+            "downstream_remote_address": client,
+            "api_key_id": api_key_id,
+        }
+    )
     return rec

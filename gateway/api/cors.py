@@ -15,11 +15,22 @@ from gateway.errors import error_body
 _METHODS = b"GET, POST, OPTIONS"
 # Sent by the OpenAI SDKs and our own hints; the preflight echoes whatever else a page asks for only
 # when it is one of these.
-_ALLOWED_HEADERS = frozenset({
-    "authorization", "api-key", "content-type", "x-request-id", "traceparent", "tracestate",
-    "x-gateway-timeout-ms", "x-gateway-hedge", "x-gateway-region", "openai-organization", "openai-project",
-    "openai-beta",
-})
+_ALLOWED_HEADERS = frozenset(
+    {
+        "authorization",
+        "api-key",
+        "content-type",
+        "x-request-id",
+        "traceparent",
+        "tracestate",
+        "x-gateway-timeout-ms",
+        "x-gateway-hedge",
+        "x-gateway-region",
+        "openai-organization",
+        "openai-project",
+        "openai-beta",
+    }
+)
 _EXPOSED = b"x-request-id, x-gateway-upstream, x-gateway-upstream-service-time, retry-after, server-timing"
 _MAX_AGE = b"600"
 
@@ -56,8 +67,11 @@ class CORSMiddleware:
         async def send_with_cors(msg: Message) -> None:
             if msg["type"] == "http.response.start":
                 headers = list(msg.get("headers", []))
-                headers += [(b"access-control-allow-origin", origin), (b"vary", b"Origin"),
-                            (b"access-control-expose-headers", _EXPOSED)]
+                headers += [
+                    (b"access-control-allow-origin", origin),
+                    (b"vary", b"Origin"),
+                    (b"access-control-expose-headers", _EXPOSED),
+                ]
                 msg = {**msg, "headers": headers}
             await send(msg)
 
@@ -65,13 +79,22 @@ class CORSMiddleware:
 
     async def _preflight(self, send: Send, origin: bytes, request_headers: bytes) -> None:
         if not self._allowed(origin):
-            body = error_body(f"Origin {origin.decode('latin-1')[:200]!r} is not allowed by server.cors_origins.",
-                              "invalid_request_error", "cors_origin_not_allowed")
-            return await _respond(send, 403, [(b"content-type", b"application/json"), (b"vary", b"Origin")], body)
+            body = error_body(
+                f"Origin {origin.decode('latin-1')[:200]!r} is not allowed by server.cors_origins.",
+                "invalid_request_error",
+                "cors_origin_not_allowed",
+            )
+            return await _respond(
+                send, 403, [(b"content-type", b"application/json"), (b"vary", b"Origin")], body
+            )
         asked = [h.strip().lower() for h in request_headers.decode("latin-1").split(",") if h.strip()]
         allowed = [h for h in asked if h in _ALLOWED_HEADERS or h.startswith(("x-stainless-", "openai-"))]
-        headers = [(b"access-control-allow-origin", origin), (b"vary", b"Origin"),
-                   (b"access-control-allow-methods", _METHODS), (b"access-control-max-age", _MAX_AGE)]
+        headers = [
+            (b"access-control-allow-origin", origin),
+            (b"vary", b"Origin"),
+            (b"access-control-allow-methods", _METHODS),
+            (b"access-control-max-age", _MAX_AGE),
+        ]
         if allowed:
             headers.append((b"access-control-allow-headers", ", ".join(allowed).encode("latin-1")))
         await _respond(send, 204, headers, b"")

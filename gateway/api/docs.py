@@ -20,12 +20,17 @@ _EXAMPLE = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}
 
 
 def build_docs_app(engine: Engine, lifecycle: Lifecycle) -> FastAPI:
-    app = FastAPI(title="llm-gateway", version="0.1.0",
-                  description="OpenAI-compatible, latency-aware LLM gateway. Point the OpenAI SDK's base_url at /v1.")
+    app = FastAPI(
+        title="llm-gateway",
+        version="0.1.0",
+        description="OpenAI-compatible, latency-aware LLM gateway. Point the OpenAI SDK's base_url at /v1.",
+    )
 
     def _proxy_doc(path: str, summary: str) -> None:
         @app.post(path, summary=summary, tags=["OpenAI-compatible"])
-        async def _doc(body: dict[str, Any] = Body(..., examples=[_EXAMPLE])) -> dict[str, Any]:  # pragma: no cover
+        async def _doc(
+            body: dict[str, Any] = Body(..., examples=[_EXAMPLE]),
+        ) -> dict[str, Any]:  # pragma: no cover
             raise RuntimeError("served by the proxy edge")
 
     _proxy_doc("/v1/chat/completions", "Chat completion (stream or not), routed by the body's model")
@@ -39,17 +44,26 @@ def build_docs_app(engine: Engine, lifecycle: Lifecycle) -> FastAPI:
         out = []
         for m in engine.registry.models.values():
             for d in m.deployments:
-                out.append({
-                    "model": m.name, "deployment": d.id, "region": d.region, "inflight": d.inflight,
-                    "healthy": d.healthy(t), "ejected": is_ejected(d.outlier, t),
-                    "ejected_for_s": round(max(0.0, d.outlier.ejected_until - t), 1),
-                    "consecutive_failures": d.outlier.consecutive_failures,
-                    "ttft_estimate_ms": round(d.ttft.value(t), 1), "ttft_samples": d.ttft.samples,
-                    "latency_estimate_ms": round(d.latency.value(t), 1), "latency_samples": d.latency.samples,
-                    "pool": d.client.pool_counts(), "connections_opened": d.client.connections_opened,
-                    "failure_rate": round(m.retry_budget.failure_rate(d.id, t), 3),
-                    **_reachability(lifecycle, d.id),
-                })
+                out.append(
+                    {
+                        "model": m.name,
+                        "deployment": d.id,
+                        "region": d.region,
+                        "inflight": d.inflight,
+                        "healthy": d.healthy(t),
+                        "ejected": is_ejected(d.outlier, t),
+                        "ejected_for_s": round(max(0.0, d.outlier.ejected_until - t), 1),
+                        "consecutive_failures": d.outlier.consecutive_failures,
+                        "ttft_estimate_ms": round(d.ttft.value(t), 1),
+                        "ttft_samples": d.ttft.samples,
+                        "latency_estimate_ms": round(d.latency.value(t), 1),
+                        "latency_samples": d.latency.samples,
+                        "pool": d.client.pool_counts(),
+                        "connections_opened": d.client.connections_opened,
+                        "failure_rate": round(m.retry_budget.failure_rate(d.id, t), 3),
+                        **_reachability(lifecycle, d.id),
+                    }
+                )
         return {"home_region": engine.home_region, "deployments": out}
 
     @app.get("/admin/config", tags=["admin"], summary="The running config, secrets redacted")

@@ -30,29 +30,44 @@ class EdgeConnection(Protocol):
 
 
 def head_too_large(limit: int) -> GatewayError:
-    return GatewayError(431, f"Request head (request line and headers) exceeds the gateway's limit of {limit} bytes.",
-                        "invalid_request_error", "headers_too_large", flag=ResponseFlag.BAD_REQUEST)
+    return GatewayError(
+        431,
+        f"Request head (request line and headers) exceeds the gateway's limit of {limit} bytes.",
+        "invalid_request_error",
+        "headers_too_large",
+        flag=ResponseFlag.BAD_REQUEST,
+    )
 
 
 def head_timeout(timeout_s: float) -> GatewayError:
-    return GatewayError(408, f"Request head not received within {timeout_s:g} s (server.request_headers_timeout_s).",
-                        "invalid_request_error", "request_timeout",
-                        flag=ResponseFlag.REQUEST_HEADERS_TIMEOUT)
+    return GatewayError(
+        408,
+        f"Request head not received within {timeout_s:g} s (server.request_headers_timeout_s).",
+        "invalid_request_error",
+        "request_timeout",
+        flag=ResponseFlag.REQUEST_HEADERS_TIMEOUT,
+    )
 
 
 def response_bytes(err: GatewayError) -> bytes:
     """A whole HTTP/1.1 response closing the connection, written by the protocol itself."""
     body = err.body()
     reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}.get(err.status, b"Error")
-    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
-            % (err.status, reason, len(body))) + body
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+        % (err.status, reason, len(body))
+    ) + body
 
 
 class EdgeLimits:
     """One worker's connection limits, its open connections, and the sweep that times them out."""
 
-    def __init__(self, srv: ServerConfig, on_refused: Callable[[GatewayError, str, str, str | None, float], None],
-                 on_limit: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        srv: ServerConfig,
+        on_refused: Callable[[GatewayError, str, str, str | None, float], None],
+        on_limit: Callable[[str], None],
+    ) -> None:
         self.max_head_bytes = srv.max_header_bytes
         self.head_timeout_s = srv.request_headers_timeout_s
         self.idle_timeout_s = srv.idle_timeout_s

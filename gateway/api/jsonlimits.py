@@ -28,20 +28,24 @@ _NOT_MARKS = bytes(c for c in range(256) if c not in b'"\\[]{},')
 
 class JsonMarks(NamedTuple):
     """Counts of the bytes that may be JSON structure (string contents included)."""
+
     brackets: int  # [ and {
     commas: int
     quotes: int
 
     def add(self, other: JsonMarks) -> JsonMarks:
-        return JsonMarks(self.brackets + other.brackets, self.commas + other.commas, self.quotes + other.quotes)
+        return JsonMarks(
+            self.brackets + other.brackets, self.commas + other.commas, self.quotes + other.quotes
+        )
 
 
 def count_marks(chunk: bytes) -> JsonMarks:
     return JsonMarks(chunk.count(b"[") + chunk.count(b"{"), chunk.count(b","), chunk.count(b'"'))
 
 
-def json_over_limit(raw: bytes, max_elements: int, max_containers: int,
-                    marks: JsonMarks | None = None) -> tuple[JsonLimit | None, int]:
+def json_over_limit(
+    raw: bytes, max_elements: int, max_containers: int, marks: JsonMarks | None = None
+) -> tuple[JsonLimit | None, int]:
     """The limit ``raw`` breaks (or None), and an upper bound of its arrays and objects (for the depth
     check after parsing). ``marks``: the body's marks if already counted (as its parts arrived).
     Invalid JSON may pass: the parser reports it."""

@@ -178,8 +178,13 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         if edge is not None:
             edge.on_limit(limit)
             url = getattr(self, "url", b"")  # set by uvicorn once a request began
-            edge.on_refused(err, self._method() if url else "-", url[:512].decode("latin-1") or "-",
-                            f"{self.client[0]}:{self.client[1]}" if self.client else None, started)
+            edge.on_refused(
+                err,
+                self._method() if url else "-",
+                url[:512].decode("latin-1") or "-",
+                f"{self.client[0]}:{self.client[1]}" if self.client else None,
+                started,
+            )
 
     def _method(self) -> str:
         try:

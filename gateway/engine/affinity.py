@@ -31,8 +31,11 @@ if TYPE_CHECKING:
 RECENT_SAMPLES = 16
 
 # llmgw_affinity_routes_total{result}: how a keyed request's primary attempt was placed.
-_RESULTS = {RouteReason.AFFINITY_HOME: "home", RouteReason.AFFINITY_REHOME: "rehome",
-            RouteReason.AFFINITY_SPILL: "spill"}
+_RESULTS = {
+    RouteReason.AFFINITY_HOME: "home",
+    RouteReason.AFFINITY_REHOME: "rehome",
+    RouteReason.AFFINITY_SPILL: "spill",
+}
 
 
 class AffinityRouter:
@@ -53,8 +56,9 @@ class AffinityRouter:
     def build(cls, cfg: ModelConfig) -> AffinityRouter | None:
         return None if cfg.routing.affinity == AffinityMode.OFF else cls(cfg)
 
-    def route(self, ex: Exchange, m: ModelRuntime, candidates: Sequence[Candidate], tried: set[str],
-              now: float) -> RouteDecision | None:
+    def route(
+        self, ex: Exchange, m: ModelRuntime, candidates: Sequence[Candidate], tried: set[str], now: float
+    ) -> RouteDecision | None:
         """The affine choice for the exchange's next attempt; None: unkeyed, or the usual choice decides."""
         key = ex.affinity_key
         if key is None:
@@ -62,8 +66,16 @@ class AffinityRouter:
             if key is None:
                 return None
         region = ex.headers.get("x-gateway-region") or ex.engine.home_region
-        return self.decide(key, m.deployments, candidates, tried, region=region, locality=m.locality,
-                           stream=ex.stream, now=now)
+        return self.decide(
+            key,
+            m.deployments,
+            candidates,
+            tried,
+            region=region,
+            locality=m.locality,
+            stream=ex.stream,
+            now=now,
+        )
 
     @staticmethod
     def count(ex: Exchange, m: ModelRuntime, decision: RouteDecision | None) -> None:
@@ -78,9 +90,18 @@ class AffinityRouter:
     def key(self, body: dict[str, Any], headers: dict[str, str]) -> int | None:
         return affinity_key(self.mode, body, headers.get(AFFINITY_HEADER))
 
-    def decide(self, key: int, deployments: Sequence[DeploymentRuntime], candidates: Sequence[Candidate],
-               tried: set[str], *, region: str | None, locality: Locality, stream: bool,
-               now: float) -> RouteDecision | None:
+    def decide(
+        self,
+        key: int,
+        deployments: Sequence[DeploymentRuntime],
+        candidates: Sequence[Candidate],
+        tried: set[str],
+        *,
+        region: str | None,
+        locality: Locality,
+        stream: bool,
+        now: float,
+    ) -> RouteDecision | None:
         """None: the usual choice decides (nothing on the ring is usable, or strict locality has no ring)."""
         ring = self.ring
         if region is not None and locality is not Locality.OFF:
@@ -93,4 +114,6 @@ class AffinityRouter:
         for d, c in zip(deployments, candidates, strict=True):
             window = d.ttft_window if stream else d.latency_window
             views[d.id] = AffinityView(c.healthy, d.inflight, window.recent_min(RECENT_SAMPLES, now))
-        return place(ring.order(key), views, exclude=tried, epsilon=self.epsilon, slow_factor=self.slow_factor)
+        return place(
+            ring.order(key), views, exclude=tried, epsilon=self.epsilon, slow_factor=self.slow_factor
+        )

@@ -43,11 +43,36 @@ class AttemptState(StrEnum):
 
 
 class Attempt:
-    __slots__ = ("kind", "dep", "index", "wire", "state", "t_start", "t_headers", "t_first", "t_end", "status",
-                 "failure", "timeout_flag", "retry_after_s", "resp", "chunks", "body", "error_detail",
-                 "resp_headers", "released", "finished", "budget", "now", "interrupt", "outcome")
+    __slots__ = (
+        "kind",
+        "dep",
+        "index",
+        "wire",
+        "state",
+        "t_start",
+        "t_headers",
+        "t_first",
+        "t_end",
+        "status",
+        "failure",
+        "timeout_flag",
+        "retry_after_s",
+        "resp",
+        "chunks",
+        "body",
+        "error_detail",
+        "resp_headers",
+        "released",
+        "finished",
+        "budget",
+        "now",
+        "interrupt",
+        "outcome",
+    )
 
-    def __init__(self, kind: AttemptKind, dep: DeploymentRuntime, index: int, now: Callable[[], float]) -> None:
+    def __init__(
+        self, kind: AttemptKind, dep: DeploymentRuntime, index: int, now: Callable[[], float]
+    ) -> None:
         self.kind = kind
         self.dep = dep
         self.index = index
@@ -71,16 +96,27 @@ class Attempt:
         self.finished = False
         self.budget: RetryBudget | None = None  # whose slot this retry holds
         self.interrupt: Interrupt | None = None  # how to stop the task this attempt runs in
-        self.outcome: str | None = None  # its llmgw_upstream_attempts_total label, once counted (exactly once)
+        self.outcome: str | None = (
+            None  # its llmgw_upstream_attempts_total label, once counted (exactly once)
+        )
         dep.inflight += 1
 
     @property
     def ok(self) -> bool:
         return self.state is AttemptState.READY
 
-    async def run(self, path: str, body: bytes, headers: dict[str, str], stream: bool,
-                  first_token_timeout_s: float, timeout_flag: str, wall_now: float, alarms: Alarms,
-                  interrupt: Interrupt) -> Attempt:
+    async def run(
+        self,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        stream: bool,
+        first_token_timeout_s: float,
+        timeout_flag: str,
+        wall_now: float,
+        alarms: Alarms,
+        interrupt: Interrupt,
+    ) -> Attempt:
         """Run until READY or FAILED; raise CancelledError (after aborting) if cancelled for another reason.
 
         The first-token limit is an alarm on the shared ``alarms`` that interrupts the task this runs in
@@ -122,8 +158,11 @@ class Attempt:
                 self.state = AttemptState.CANCELLED
                 self.abort()
                 raise
-            self._fail(FailureKind.TIMEOUT, f"no {'first token' if stream else 'response'} within "
-                       f"{first_token_timeout_s * 1000:.0f} ms ({timeout_flag})")
+            self._fail(
+                FailureKind.TIMEOUT,
+                f"no {'first token' if stream else 'response'} within "
+                f"{first_token_timeout_s * 1000:.0f} ms ({timeout_flag})",
+            )
             self.timeout_flag = timeout_flag
         except UpstreamConnectTimeout as exc:  # timeouts.connect_ms
             self._fail(FailureKind.CONNECT, _describe(exc))

@@ -27,11 +27,30 @@ log = logging.getLogger("llmgw")
 
 # Client headers never forwarded upstream: hop-by-hop (RFC 9110 7.6.1), credentials meant for the
 # gateway, and what the gateway sets itself.
-_NOT_FORWARDED = frozenset({
-    "host", "content-length", "content-type", "authorization", "api-key", "cookie", "connection", "keep-alive",
-    "proxy-authorization", "proxy-authenticate", "proxy-connection", "te", "trailer", "transfer-encoding",
-    "upgrade", "accept-encoding", "expect", "traceparent", "tracestate", "x-request-id",
-})
+_NOT_FORWARDED = frozenset(
+    {
+        "host",
+        "content-length",
+        "content-type",
+        "authorization",
+        "api-key",
+        "cookie",
+        "connection",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "accept-encoding",
+        "expect",
+        "traceparent",
+        "tracestate",
+        "x-request-id",
+    }
+)
 
 
 class WinningAttempt(Protocol):
@@ -62,13 +81,23 @@ class EndedExchange(ExchangeView, Protocol):
 
 
 RecordHook = Callable[[EndedExchange, dict[str, Any]], None]  # (the ended exchange, its access-log record)
-WarmLearned = Callable[[str, dict[str, Any], str | None], Awaitable[None]]  # (model, json_schema, skip deployment)
+WarmLearned = Callable[
+    [str, dict[str, Any], str | None], Awaitable[None]
+]  # (model, json_schema, skip deployment)
 
 
 class Engine:
-    def __init__(self, cfg: GatewayConfig, *, home_region: str | None, metrics: Metrics,
-                 access_log: AccessLog | None, upstream: Callable[[DeploymentConfig], UpstreamClient],
-                 seed: int | None = None, clock: Clock = MONOTONIC) -> None:
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        *,
+        home_region: str | None,
+        metrics: Metrics,
+        access_log: AccessLog | None,
+        upstream: Callable[[DeploymentConfig], UpstreamClient],
+        seed: int | None = None,
+        clock: Clock = MONOTONIC,
+    ) -> None:
         """``upstream``: builds each deployment's client (``upstream.select.make_client`` in production: the
         engine knows clients only by the Protocols of upstream/base.py); ``clock``: the request path's time."""
         self.cfg = cfg
@@ -86,7 +115,9 @@ class Engine:
         self.warm_learned: WarmLearned | None = None
         self.state_backend: StateBackend | None = None
         self.tracing: Tracing | None = None  # when OTLP export is on
-        self.alarms = Alarms(clock)  # every request's deadlines (first token, hedge, stream idle) on one loop timer
+        self.alarms = Alarms(
+            clock
+        )  # every request's deadlines (first token, hedge, stream idle) on one loop timer
         self._inflight_gauge = metrics.inflight
         self._requests = metrics.requests
         self._forward_cache: dict[str, bool] = {}
@@ -110,8 +141,9 @@ class Engine:
         self._inflight_gauge.inc()
         return True
 
-    def deadline_for(self, model_name: str, headers: dict[str, str],
-                     t_received: float) -> tuple[Deadline, GatewayError | None]:
+    def deadline_for(
+        self, model_name: str, headers: dict[str, str], t_received: float
+    ) -> tuple[Deadline, GatewayError | None]:
         """The request's deadline: the earliest of the model's ``total_ms`` and the client's and SDK's timeout
         headers. With an error (unknown model, malformed header) the request is answered at once, and the
         deadline is only what the record needs."""
@@ -121,13 +153,23 @@ class Engine:
         client_ms = headers.get("x-gateway-timeout-ms")
         sdk_s = headers.get("x-stainless-timeout")
         sdk_read_s = headers.get("x-stainless-read-timeout")
-        if client_ms is None and sdk_s is None and sdk_read_s is None:  # the usual case: the model's total alone
+        if (
+            client_ms is None and sdk_s is None and sdk_read_s is None
+        ):  # the usual case: the model's total alone
             return Deadline(t_received + model.total_s, DeadlineSource.TOTAL), None
         try:
-            return resolve_deadline(t_received, model.total_s * 1000.0, client_ms, sdk_s, sdk_read_s,
-                                    model.cfg.timeouts.sdk_reply_margin_ms), None
+            return resolve_deadline(
+                t_received,
+                model.total_s * 1000.0,
+                client_ms,
+                sdk_s,
+                sdk_read_s,
+                model.cfg.timeouts.sdk_reply_margin_ms,
+            ), None
         except ValueError as exc:
-            return Deadline(t_received, DeadlineSource.TOTAL), errors.bad_request(str(exc), code="invalid_header")
+            return Deadline(t_received, DeadlineSource.TOTAL), errors.bad_request(
+                str(exc), code="invalid_header"
+            )
 
     def upstream_headers(self, client_headers: dict[str, str], request_id: str) -> dict[str, str]:
         """Client headers worth forwarding (x-*, openai-*, user-agent ...), minus credentials and hop-by-hop."""
@@ -150,9 +192,15 @@ class Engine:
 
     def on_ejected(self, dep: DeploymentRuntime, failures: int) -> None:
         """``failures``: the consecutive failures that ejected it (the outlier state is reset by then)."""
-        self.metrics.child(self.metrics.ejections, dep.id).inc()  # llmgw_deployment_ejected: engine.gauges, from state
-        log.warning("deployment %s ejected for %.0f s after %d consecutive failures", dep.id,
-                    dep.outlier.ejected_until - self.now(), failures)
+        self.metrics.child(
+            self.metrics.ejections, dep.id
+        ).inc()  # llmgw_deployment_ejected: engine.gauges, from state
+        log.warning(
+            "deployment %s ejected for %.0f s after %d consecutive failures",
+            dep.id,
+            dep.outlier.ejected_until - self.now(),
+            failures,
+        )
         if self.sync is not None:
             self.sync.publish_ejection(dep)
 
@@ -166,8 +214,14 @@ class Engine:
         if model != "-" and model not in self.registry.models:
             model = "-"  # unknown model names are client-chosen: keep label values bounded
         dep = rec["upstream_cluster"] or "-"
-        m.child(self._requests, model, dep, rec["upstream_region"] or "-", str(rec["response_code"]),
-                rec["response_flags"]).inc()
+        m.child(
+            self._requests,
+            model,
+            dep,
+            rec["upstream_region"] or "-",
+            str(rec["response_code"]),
+            rec["response_flags"],
+        ).inc()
         stream = "true" if ex.stream else "false"
         m.child(m.request_duration, model, stream).observe(rec["duration_ms"] / 1000.0)
         m.child(m.overhead, model).observe(rec["gateway_overhead_ms"] / 1000.0)

@@ -52,19 +52,80 @@ class ExchangeState(StrEnum):
 
 
 class Exchange:
-    __slots__ = ("engine", "path", "upstream_path", "body", "model_name", "stream", "headers", "t_received",
-                 "t_body", "wall_start", "request_id", "client", "api_key_id", "trace", "state", "attempts", "waits",
-                 "flags", "retries", "hedges", "retry_state", "model_hedges", "hedge_delay_ms", "route_reason",
-                 "winner", "last_failure", "error", "timeout_flag", "fallback_from", "fallback_reason",
-                 "served_model", "status", "bytes_received", "bytes_sent", "t_routed", "t_first_sent", "t_last_sent",
-                 "prompt_tokens", "completion_tokens", "committed", "finished", "_closing", "_bodies",
-                 "_base_headers", "deadline", "rejected", "now", "interrupt", "relay", "affinity_key", "_fallbacks",
-                 "retry_verdict")
+    __slots__ = (
+        "engine",
+        "path",
+        "upstream_path",
+        "body",
+        "model_name",
+        "stream",
+        "headers",
+        "t_received",
+        "t_body",
+        "wall_start",
+        "request_id",
+        "client",
+        "api_key_id",
+        "trace",
+        "state",
+        "attempts",
+        "waits",
+        "flags",
+        "retries",
+        "hedges",
+        "retry_state",
+        "model_hedges",
+        "hedge_delay_ms",
+        "route_reason",
+        "winner",
+        "last_failure",
+        "error",
+        "timeout_flag",
+        "fallback_from",
+        "fallback_reason",
+        "served_model",
+        "status",
+        "bytes_received",
+        "bytes_sent",
+        "t_routed",
+        "t_first_sent",
+        "t_last_sent",
+        "prompt_tokens",
+        "completion_tokens",
+        "committed",
+        "finished",
+        "_closing",
+        "_bodies",
+        "_base_headers",
+        "deadline",
+        "rejected",
+        "now",
+        "interrupt",
+        "relay",
+        "affinity_key",
+        "_fallbacks",
+        "retry_verdict",
+    )
 
-    def __init__(self, engine: Engine, task: asyncio.Task, *, path: str, upstream_path: str, body: dict[str, Any], raw_len: int,
-                 headers: dict[str, str], t_received: float, t_body: float, wall_start: float,
-                 request_id: str, client: str | None, deadline: Deadline, rejected: GatewayError | None = None,
-                 api_key_id: str | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        task: asyncio.Task,
+        *,
+        path: str,
+        upstream_path: str,
+        body: dict[str, Any],
+        raw_len: int,
+        headers: dict[str, str],
+        t_received: float,
+        t_body: float,
+        wall_start: float,
+        request_id: str,
+        client: str | None,
+        deadline: Deadline,
+        rejected: GatewayError | None = None,
+        api_key_id: str | None = None,
+    ) -> None:
         """``deadline``: from ``Engine.deadline_for``; ``rejected``: the error it found (answered at once)."""
         self.engine = engine
         self.now = engine.clock.now
@@ -103,7 +164,9 @@ class Exchange:
         self.timeout_flag: str | None = None
         self.fallback_from: str | None = None
         self.fallback_reason: str | None = None
-        self._fallbacks: list[tuple[str, str, FallbackReason]] = []  # hops decided, logged once a model they led to runs
+        self._fallbacks: list[
+            tuple[str, str, FallbackReason]
+        ] = []  # hops decided, logged once a model they led to runs
         self.served_model: ModelRuntime | None = None
         self.status = 0
         self.bytes_received = raw_len
@@ -207,10 +270,12 @@ class Exchange:
         d = m.cfg.degrade
         if d.when_remaining_ms_below is None and not d.when_expected_ttft_exceeds_remaining:
             return False
-        return should_degrade(remaining_ms=self.deadline.remaining(t) * 1000.0,
-                              when_remaining_ms_below=d.when_remaining_ms_below,
-                              expected_ttft_ms=m.expected_ttft_ms(t, self.stream),
-                              when_expected_exceeds_remaining=d.when_expected_ttft_exceeds_remaining)
+        return should_degrade(
+            remaining_ms=self.deadline.remaining(t) * 1000.0,
+            when_remaining_ms_below=d.when_remaining_ms_below,
+            expected_ttft_ms=m.expected_ttft_ms(t, self.stream),
+            when_expected_exceeds_remaining=d.when_expected_ttft_exceeds_remaining,
+        )
 
     def _fallback_reason(self) -> FallbackReason | None:
         if self.error is not None and self.error.flag == ResponseFlag.OVERFLOW:
@@ -243,19 +308,34 @@ class Exchange:
         h = self.headers
         cands = [d.candidate(t, self.stream) for d in m.deployments]
         decision = None
-        if m.affinity is not None and "x-gateway-deployment" not in h:  # routing.affinity: the key's ring first
+        if (
+            m.affinity is not None and "x-gateway-deployment" not in h
+        ):  # routing.affinity: the key's ring first
             decision = m.affinity.route(self, m, cands, tried, t)
         if decision is None:
-            decision = choose(cands, strategy=m.strategy, locality=m.locality, home_region=self.engine.home_region,
-                              preferred_region=h.get("x-gateway-region"), pinned=h.get("x-gateway-deployment"),
-                              exclude=frozenset(tried), cross_region_penalty_ms=m.penalty_ms,
-                              rng=self.engine.registry.rng, rr_counter=m.rr)
+            decision = choose(
+                cands,
+                strategy=m.strategy,
+                locality=m.locality,
+                home_region=self.engine.home_region,
+                preferred_region=h.get("x-gateway-region"),
+                pinned=h.get("x-gateway-deployment"),
+                exclude=frozenset(tried),
+                cross_region_penalty_ms=m.penalty_ms,
+                rng=self.engine.registry.rng,
+                rr_counter=m.rr,
+            )
         m.rr += 1
         if m.affinity is not None and kind is AttemptKind.PRIMARY:
             m.affinity.count(self, m, decision)
         if decision is None:
-            self.error = errors.GatewayError(503, f"No deployment of model '{m.name}' is available in this region.",
-                                             "server_error", "no_healthy_upstream", flag=ResponseFlag.NO_HEALTHY_UPSTREAM)
+            self.error = errors.GatewayError(
+                503,
+                f"No deployment of model '{m.name}' is available in this region.",
+                "server_error",
+                "no_healthy_upstream",
+                flag=ResponseFlag.NO_HEALTHY_UPSTREAM,
+            )
             return None
         dep = m.by_id[decision.deployment_id]
         if dep.at_capacity():
@@ -267,7 +347,8 @@ class Exchange:
             self.error = errors.deadline_exceeded(
                 f"{self._deadline_text()} ran out: {max(self.deadline.remaining(t), 0.0) * 1000.0:.0f} ms left, "
                 f"less than the {MIN_ATTEMPT_MS:.0f} ms an upstream attempt needs. {self._attempts_text()}",
-                ResponseFlag.DEADLINE)
+                ResponseFlag.DEADLINE,
+            )
             self.timeout_flag = "total"
             return None
         if kind is AttemptKind.PRIMARY or self.route_reason is None:
@@ -293,8 +374,17 @@ class Exchange:
             limit, flag = dep.per_try_s, "per_try"
         if remaining < limit:
             limit, flag = remaining, "total"
-        return att.run(self.upstream_path, self._body_for(dep), self._headers_for(att), self.stream,
-                       max(limit, 0.001), flag, time.time(), self.engine.alarms, interrupt)
+        return att.run(
+            self.upstream_path,
+            self._body_for(dep),
+            self._headers_for(att),
+            self.stream,
+            max(limit, 0.001),
+            flag,
+            time.time(),
+            self.engine.alarms,
+            interrupt,
+        )
 
     async def _run_model(self, m: ModelRuntime) -> Attempt | None:
         m.retry_budget.request_started()
@@ -342,7 +432,9 @@ class Exchange:
                         await self._run_attempt(a, self.interrupt)
                         finished = [a]
                     except asyncio.CancelledError:
-                        if self.interrupt.claim(CancelReason.HEDGE_WON) is None:  # not the race's own interrupt
+                        if (
+                            self.interrupt.claim(CancelReason.HEDGE_WON) is None
+                        ):  # not the race's own interrupt
                             raise
                         loser, finished = a, []
                     race.inline = None
@@ -456,17 +548,29 @@ class Exchange:
             retry_after = None
         assert self.retry_state is not None  # set by _attempts for the model being tried
         plan = self.retry_state.decide(
-            failure=failed.failure, status=failed.status, failed=failed.dep.id,
+            failure=failed.failure,
+            status=failed.status,
+            failed=failed.dep.id,
             alternatives=[d.id for d in m.deployments if d.id not in tried and d.healthy(t)],
-            retry_after_s=retry_after, remaining_s=self.deadline.remaining(t), min_attempt_s=MIN_ATTEMPT_MS / 1000.0,
-            base_ms=rc.backoff_base_ms, max_ms=rc.backoff_max_ms, rng=self.engine.registry.rng, now=t)
+            retry_after_s=retry_after,
+            remaining_s=self.deadline.remaining(t),
+            min_attempt_s=MIN_ATTEMPT_MS / 1000.0,
+            base_ms=rc.backoff_base_ms,
+            max_ms=rc.backoff_max_ms,
+            rng=self.engine.registry.rng,
+            now=t,
+        )
         metrics = self.engine.metrics
         verdict = plan.verdict
         if not plan.retry:
             self.retry_verdict = verdict
             if verdict is RetryVerdict.BUDGET or verdict is RetryVerdict.HOPELESS:
                 metrics.child(metrics.retry_budget_exhausted, m.name).inc()
-            if verdict is RetryVerdict.BUDGET or verdict is RetryVerdict.LIMIT or verdict is RetryVerdict.HOPELESS:
+            if (
+                verdict is RetryVerdict.BUDGET
+                or verdict is RetryVerdict.LIMIT
+                or verdict is RetryVerdict.HOPELESS
+            ):
                 self.flags.append(ResponseFlag.RETRY_LIMIT_EXCEEDED)
             if verdict is not RetryVerdict.NOT_RETRIABLE:
                 metrics.child(metrics.retries, m.name, verdict.value).inc()
@@ -499,10 +603,16 @@ class Exchange:
         dep0 = self.attempts[0].dep
         window = dep0.ttft_window if self.stream else dep0.latency_window
         try:
-            d = hedge_delay(enabled=hc.enabled or header is not None,
-                            fixed_delay_ms=None if hc.delay_ms == "auto" else float(hc.delay_ms),
-                            quantile=hc.quantile, min_delay_ms=hc.min_delay_ms, max_delay_ms=hc.max_delay_ms,
-                            window=window, header=header, now=self.now())
+            d = hedge_delay(
+                enabled=hc.enabled or header is not None,
+                fixed_delay_ms=None if hc.delay_ms == "auto" else float(hc.delay_ms),
+                quantile=hc.quantile,
+                min_delay_ms=hc.min_delay_ms,
+                max_delay_ms=hc.max_delay_ms,
+                window=window,
+                header=header,
+                now=self.now(),
+            )
         except ValueError as exc:
             raise errors.bad_request(str(exc), code="invalid_header") from None
         m.hedge_bucket.deposit()
@@ -561,13 +671,17 @@ class Exchange:
 
     def _judge(self, m: ModelRuntime, dep: DeploymentRuntime, failed: bool, t: float) -> None:
         """One provider-caused outcome for outlier detection (ejection)."""
-        verdict = record_outcome(dep.outlier, failed=failed, now=t,
-                                 consecutive_threshold=m.cfg.outlier.consecutive_failures,
-                                 base_ejection_s=m.cfg.outlier.base_ejection_s,
-                                 max_ejection_s=m.cfg.outlier.max_ejection_s,
-                                 ejected_share=m.ejected_share(t),
-                                 max_ejection_percent=m.cfg.outlier.max_ejection_percent,
-                                 deployments=len(m.deployments))
+        verdict = record_outcome(
+            dep.outlier,
+            failed=failed,
+            now=t,
+            consecutive_threshold=m.cfg.outlier.consecutive_failures,
+            base_ejection_s=m.cfg.outlier.base_ejection_s,
+            max_ejection_s=m.cfg.outlier.max_ejection_s,
+            ejected_share=m.ejected_share(t),
+            max_ejection_percent=m.cfg.outlier.max_ejection_percent,
+            deployments=len(m.deployments),
+        )
         if verdict is OutlierVerdict.EJECT:
             self.engine.on_ejected(dep, m.cfg.outlier.consecutive_failures)
 
@@ -604,14 +718,25 @@ class Exchange:
             if self.deadline.source in SDK_SOURCES:
                 # An SDK's timeout bounds the wait for the response to start (and each read), not a
                 # stream's length: from here on only the gateway's own limits and the client's header apply.
-                self.deadline = resolve_deadline(self.t_received, self.engine.registry.models[self.model_name].total_s
-                                                 * 1000.0, self.headers.get("x-gateway-timeout-ms"), None)
+                self.deadline = resolve_deadline(
+                    self.t_received,
+                    self.engine.registry.models[self.model_name].total_s * 1000.0,
+                    self.headers.get("x-gateway-timeout-ms"),
+                    None,
+                )
             out = self.relay = RelayOutcome()
             self.status = 200
             try:
-                await relay_stream(w, send, out, headers=self._response_headers(w, "text/event-stream; charset=utf-8", None),
-                                   deadline=self.deadline, alarms=self.engine.alarms, interrupt=self.interrupt,
-                                   now=self.now)
+                await relay_stream(
+                    w,
+                    send,
+                    out,
+                    headers=self._response_headers(w, "text/event-stream; charset=utf-8", None),
+                    deadline=self.deadline,
+                    alarms=self.engine.alarms,
+                    interrupt=self.interrupt,
+                    now=self.now,
+                )
             finally:
                 self._took(out)
             self._stream_ended(w, out)
@@ -653,7 +778,9 @@ class Exchange:
         m.retry_budget.observe(w.dep.id, failed, t)
         self._judge(m, w.dep, failed, t)
 
-    def _response_headers(self, w: Attempt | None, content_type: str, length: int | None) -> list[tuple[bytes, bytes]]:
+    def _response_headers(
+        self, w: Attempt | None, content_type: str, length: int | None
+    ) -> list[tuple[bytes, bytes]]:
         h = [(b"content-type", content_type.encode()), (b"x-request-id", self.request_id.encode())]
         if length is not None:
             h.append((b"content-length", b"%d" % length))
@@ -670,8 +797,13 @@ class Exchange:
             return self.error
         f = self.last_failure
         if f is None:
-            return errors.GatewayError(503, f"No deployment of model '{self.model_name}' could take the request.",
-                                       "server_error", "no_healthy_upstream", flag=ResponseFlag.NO_HEALTHY_UPSTREAM)
+            return errors.GatewayError(
+                503,
+                f"No deployment of model '{self.model_name}' could take the request.",
+                "server_error",
+                "no_healthy_upstream",
+                flag=ResponseFlag.NO_HEALTHY_UPSTREAM,
+            )
         if f.failure is FailureKind.STATUS and f.status is not None:
             return (f.status, f.body, f)
         if f.failure is FailureKind.TIMEOUT:
@@ -679,19 +811,24 @@ class Exchange:
             if f.timeout_flag == "total":
                 return errors.deadline_exceeded(
                     f"{self._deadline_text()} ran out waiting for deployment '{f.dep.id}'. {self._attempts_text()}",
-                    ResponseFlag.DEADLINE)
+                    ResponseFlag.DEADLINE,
+                )
             limit = f.dep.cfg.timeouts.ttft_ms if f.timeout_flag == "ttft" else f.dep.cfg.timeouts.per_try_ms
             return errors.deadline_exceeded(
                 f"Upstream timeout: deployment '{f.dep.id}' gave no {'first token' if self.stream else 'response'} "
-                f"within {f.timeout_flag}_ms={limit:.0f}.", ResponseFlag.UPSTREAM_TIMEOUT)
+                f"within {f.timeout_flag}_ms={limit:.0f}.",
+                ResponseFlag.UPSTREAM_TIMEOUT,
+            )
         if f.failure is FailureKind.CONNECT:
             self.timeout_flag = f.timeout_flag  # "connect" when connect_ms ran out, else None (refused, DNS)
-            return errors.upstream_unreachable(f"deployment '{f.dep.id}': {f.error_detail}",
-                                               ResponseFlag.UPSTREAM_CONNECT_FAILURE)
+            return errors.upstream_unreachable(
+                f"deployment '{f.dep.id}': {f.error_detail}", ResponseFlag.UPSTREAM_CONNECT_FAILURE
+            )
         if f.failure is FailureKind.PROTOCOL:
             return errors.upstream_protocol_error(f"deployment '{f.dep.id}': {f.error_detail}")
-        return errors.upstream_unreachable(f"deployment '{f.dep.id}' reset the connection: {f.error_detail}",
-                                           ResponseFlag.UPSTREAM_RESET)
+        return errors.upstream_unreachable(
+            f"deployment '{f.dep.id}' reset the connection: {f.error_detail}", ResponseFlag.UPSTREAM_RESET
+        )
 
     def _deadline_ms(self) -> float:
         return (self.deadline.expires_at + self.deadline.margin_s - self.t_received) * 1000.0
@@ -725,8 +862,9 @@ class Exchange:
     async def _send_error(self, send: Send, err: GatewayError | tuple[int, bytes, Attempt]) -> None:
         if isinstance(err, tuple):  # an upstream HTTP error, passed through with its status and body
             status, body, att = err
-            headers = self._response_headers(att, (att.resp_headers or {}).get("content-type", "application/json"),
-                                             len(body))
+            headers = self._response_headers(
+                att, (att.resp_headers or {}).get("content-type", "application/json"), len(body)
+            )
         else:
             self.error = err
             status, body = err.status, err.body()
@@ -771,8 +909,12 @@ class Exchange:
             elif not self.closing:
                 self._closing = True
                 if self.stream:
-                    ev = error_event(err.message, err.type, err.code or "error",
-                                     self.relay is None or self.relay.at_event_end)
+                    ev = error_event(
+                        err.message,
+                        err.type,
+                        err.code or "error",
+                        self.relay is None or self.relay.at_event_end,
+                    )
                     await send({"type": "http.response.body", "body": ev, "more_body": True})
                     self.bytes_sent += len(ev)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -808,7 +950,9 @@ class Exchange:
         loser = None
         if self.hedges and self.winner is not None:
             hedge_winner = "hedge" if self.winner.kind is AttemptKind.HEDGE else "primary"
-            losers = [a.dep.id for a in self.attempts if a is not self.winner and a.state is AttemptState.CANCELLED]
+            losers = [
+                a.dep.id for a in self.attempts if a is not self.winner and a.state is AttemptState.CANCELLED
+            ]
             loser = losers[0] if losers else None
         flags = ",".join(self.flags) if self.flags else "-"
         return {
@@ -857,8 +1001,6 @@ class Exchange:
             "downstream_remote_address": self.client,
             "api_key_id": self.api_key_id,
         }
-
-
 
 
 class _Race:

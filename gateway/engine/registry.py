@@ -20,12 +20,36 @@ from gateway.upstream.base import UpstreamClient
 
 
 class DeploymentRuntime:
-    __slots__ = ("cfg", "id", "region", "upstream_model", "client", "ttft", "latency", "ttft_window",
-                 "latency_window", "outlier", "inflight", "cooldown_until", "max_concurrency", "weight",
-                 "priority", "model_name", "connect_timeout_s", "ttft_s", "per_try_s", "idle_s")
+    __slots__ = (
+        "cfg",
+        "id",
+        "region",
+        "upstream_model",
+        "client",
+        "ttft",
+        "latency",
+        "ttft_window",
+        "latency_window",
+        "outlier",
+        "inflight",
+        "cooldown_until",
+        "max_concurrency",
+        "weight",
+        "priority",
+        "model_name",
+        "connect_timeout_s",
+        "ttft_s",
+        "per_try_s",
+        "idle_s",
+    )
 
-    def __init__(self, cfg: DeploymentConfig, model_name: str, decay_s: float,
-                 upstream: Callable[[DeploymentConfig], UpstreamClient]) -> None:
+    def __init__(
+        self,
+        cfg: DeploymentConfig,
+        model_name: str,
+        decay_s: float,
+        upstream: Callable[[DeploymentConfig], UpstreamClient],
+    ) -> None:
         self.cfg = cfg
         self.id = cfg.id
         self.region = cfg.region
@@ -64,13 +88,36 @@ class DeploymentRuntime:
     def candidate(self, now: float, stream: bool) -> Candidate:
         ewma = self.ttft if stream else self.latency
         est = ewma.value(now)
-        return Candidate(self.id, self.region, self.weight, self.priority, self.healthy(now),
-                         est * (self.inflight + 1), est, ewma.baseline_ms)
+        return Candidate(
+            self.id,
+            self.region,
+            self.weight,
+            self.priority,
+            self.healthy(now),
+            est * (self.inflight + 1),
+            est,
+            ewma.baseline_ms,
+        )
 
 
 class ModelRuntime:
-    __slots__ = ("cfg", "name", "deployments", "by_id", "retry_budget", "hedge_bucket", "rr", "retry_on",
-                 "strategy", "locality", "penalty_ms", "total_s", "hedge_delay_s", "chain", "affinity")
+    __slots__ = (
+        "cfg",
+        "name",
+        "deployments",
+        "by_id",
+        "retry_budget",
+        "hedge_bucket",
+        "rr",
+        "retry_on",
+        "strategy",
+        "locality",
+        "penalty_ms",
+        "total_s",
+        "hedge_delay_s",
+        "chain",
+        "affinity",
+    )
 
     def __init__(self, cfg: ModelConfig, upstream: Callable[[DeploymentConfig], UpstreamClient]) -> None:
         self.cfg = cfg
@@ -79,8 +126,12 @@ class ModelRuntime:
         self.deployments = [DeploymentRuntime(d, cfg.name, decay, upstream) for d in cfg.deployments]
         self.by_id = {d.id: d for d in self.deployments}
         r = cfg.retry
-        self.retry_budget = RetryBudget(r.budget_percent, r.min_retry_concurrency, r.min_retries_per_s,
-                                        tuple(d.id for d in self.deployments))
+        self.retry_budget = RetryBudget(
+            r.budget_percent,
+            r.min_retry_concurrency,
+            r.min_retries_per_s,
+            tuple(d.id for d in self.deployments),
+        )
         self.hedge_bucket = TokenBucket(cfg.hedging.budget_percent)
         self.rr = 0
         self.retry_on = frozenset(str(c) for c in r.retry_on)  # strings once validated
@@ -111,8 +162,13 @@ class ModelRuntime:
 
 
 class Registry:
-    def __init__(self, cfg: GatewayConfig, home_region: str | None, seed: int | None,
-                 upstream: Callable[[DeploymentConfig], UpstreamClient]) -> None:
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        home_region: str | None,
+        seed: int | None,
+        upstream: Callable[[DeploymentConfig], UpstreamClient],
+    ) -> None:
         self.cfg = cfg
         self.home_region = home_region
         self.models = {m.name: ModelRuntime(m, upstream) for m in cfg.models}

@@ -29,7 +29,9 @@ SSE_HEADERS = (
     (b"x-accel-buffering", b"no"),
 )
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
-MAX_HELD = 256 * 1024  # an "event" longer than this is relayed as it comes (the stream is no SSE of ours to fix)
+MAX_HELD = (
+    256 * 1024
+)  # an "event" longer than this is relayed as it comes (the stream is no SSE of ours to fix)
 
 
 def split_at_event_end(data: bytes) -> tuple[bytes, bytes]:
@@ -62,9 +64,17 @@ class RelayOutcome:
     at_event_end: bool = True  # what was sent ends with a whole event: an error event may follow as it is
 
 
-async def relay_stream(w: Attempt, send: Send, out: RelayOutcome, *, headers: list[tuple[bytes, bytes]],
-                       deadline: Deadline, alarms: Alarms, interrupt: Interrupt,
-                       now: Callable[[], float]) -> RelayOutcome:
+async def relay_stream(
+    w: Attempt,
+    send: Send,
+    out: RelayOutcome,
+    *,
+    headers: list[tuple[bytes, bytes]],
+    deadline: Deadline,
+    alarms: Alarms,
+    interrupt: Interrupt,
+    now: Callable[[], float],
+) -> RelayOutcome:
     dep = w.dep
     headers.extend(SSE_HEADERS)
     out.started = True
@@ -111,14 +121,25 @@ async def relay_stream(w: Attempt, send: Send, out: RelayOutcome, *, headers: li
             raise  # the client left (or shutdown): not ours to handle
         if reason is CancelReason.STREAM_HARD_END:
             flag = ResponseFlag.DEADLINE if hard_flag == "total" else ResponseFlag.UPSTREAM_TIMEOUT
-            limit = "the request deadline" if hard_flag == "total" else f"per_try_ms={dep.cfg.timeouts.per_try_ms:.0f}"
+            limit = (
+                "the request deadline"
+                if hard_flag == "total"
+                else f"per_try_ms={dep.cfg.timeouts.per_try_ms:.0f}"
+            )
             failure = (flag, hard_flag, f"Stream stopped: {limit} reached.")
         else:
-            failure = (ResponseFlag.UPSTREAM_TIMEOUT, "idle", f"Stream stopped: deployment '{dep.id}' sent "
-                       f"nothing for idle_ms={dep.cfg.timeouts.idle_ms:.0f}.")
+            failure = (
+                ResponseFlag.UPSTREAM_TIMEOUT,
+                "idle",
+                f"Stream stopped: deployment '{dep.id}' sent "
+                f"nothing for idle_ms={dep.cfg.timeouts.idle_ms:.0f}.",
+            )
     except UpstreamError as exc:
-        failure = (ResponseFlag.UPSTREAM_RESET, None,
-                   f"Stream stopped: deployment '{dep.id}' broke the stream ({type(exc).__name__}).")
+        failure = (
+            ResponseFlag.UPSTREAM_RESET,
+            None,
+            f"Stream stopped: deployment '{dep.id}' broke the stream ({type(exc).__name__}).",
+        )
     finally:
         watchdog.stop()
     w.t_end = now()
@@ -159,8 +180,9 @@ class _Watchdog:
 
     __slots__ = ("idle", "hard_end", "last", "_now", "_interrupt", "_alarms", "_alarm")
 
-    def __init__(self, idle: float, hard_end: float, alarms: Alarms, interrupt: Interrupt,
-                 now: Callable[[], float]) -> None:
+    def __init__(
+        self, idle: float, hard_end: float, alarms: Alarms, interrupt: Interrupt, now: Callable[[], float]
+    ) -> None:
         self.idle = idle
         self.hard_end = hard_end
         self._now = now

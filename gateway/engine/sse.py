@@ -28,7 +28,12 @@ def _usable_event(data: bytes) -> bool:
         return True
     typ = ev.get("type")
     if isinstance(typ, str):  # Responses API events
-        return typ.endswith(".delta") or typ in ("response.completed", "response.failed", "response.incomplete", "error")
+        return typ.endswith(".delta") or typ in (
+            "response.completed",
+            "response.failed",
+            "response.incomplete",
+            "error",
+        )
     choices = ev.get("choices")
     if not choices:
         return False  # usage-only or keep-alive chunk before content
@@ -121,7 +126,7 @@ class UsageTail:
     def feed(self, chunk: bytes) -> None:
         i = chunk.rfind(_USAGE)
         if i >= 0:
-            self._tail = chunk[i:i + _USAGE_MAX]
+            self._tail = chunk[i : i + _USAGE_MAX]
         else:
             edge = self._edge
             # The key can only start in the previous bytes if they hold its opening quote (rarely so).
@@ -130,7 +135,7 @@ class UsageTail:
             if j >= 0:  # the key starts in ``edge`` (a key starting in ``chunk`` would be found whole there)
                 self._tail = edge[j:] + chunk[:_USAGE_MAX]
             elif tail is not None and len(tail) < _USAGE_MAX:
-                self._tail = tail + chunk[:_USAGE_MAX - len(tail)]
+                self._tail = tail + chunk[: _USAGE_MAX - len(tail)]
         self._edge = chunk[-_KEY_PART:] if len(chunk) >= _KEY_PART else (self._edge + chunk)[-_KEY_PART:]
 
     def usage(self) -> tuple[int | None, int | None]:

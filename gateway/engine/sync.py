@@ -73,13 +73,23 @@ class StateSync:
         batch = SyncBatch()
         for d in deps:
             k = self.key("stats", d.id)
-            batch.hset[k] = {self.replica_id: orjson.dumps(
-                [round(d.ttft.value(mono), 3), d.ttft.samples, round(d.latency.value(mono), 3), d.latency.samples,
-                 wall])}
+            batch.hset[k] = {
+                self.replica_id: orjson.dumps(
+                    [
+                        round(d.ttft.value(mono), 3),
+                        d.ttft.samples,
+                        round(d.latency.value(mono), 3),
+                        d.latency.samples,
+                        wall,
+                    ]
+                )
+            }
             batch.read_hashes.append(k)
             batch.read_keys.append(self.key("eject", d.id))
         try:
-            res = await asyncio.wait_for(self.backend.sync(batch, self.ttl_s), timeout=max(self.interval_s, 0.5))
+            res = await asyncio.wait_for(
+                self.backend.sync(batch, self.ttl_s), timeout=max(self.interval_s, 0.5)
+            )
         except Exception as exc:
             self._mark(False, exc)
             return
@@ -151,8 +161,12 @@ class StateSync:
             m.child(m.state_primary, self.backend.mode, addr).set(1)
         self._primaries = current
         if before:
-            log.warning("state backend %s now uses primary %s (was %s)", self.backend.mode, ", ".join(current),
-                        ", ".join(before))
+            log.warning(
+                "state backend %s now uses primary %s (was %s)",
+                self.backend.mode,
+                ", ".join(current),
+                ", ".join(before),
+            )
         return bool(before)
 
     def _mark(self, up: bool, exc: BaseException | None = None) -> None:
@@ -160,6 +174,9 @@ class StateSync:
             if self.up is False:
                 log.warning("state backend %s is reachable again: sharing resumed", self.backend.name)
         elif not up and self.up is not False:
-            log.warning("state backend %s unreachable (%s): serving on local state until it returns",
-                        self.backend.name, f"{type(exc).__name__}: {exc}" if exc else "?")
+            log.warning(
+                "state backend %s unreachable (%s): serving on local state until it returns",
+                self.backend.name,
+                f"{type(exc).__name__}: {exc}" if exc else "?",
+            )
         self.up = up  # llmgw_state_backend_up reads it (engine.gauges)

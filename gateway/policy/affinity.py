@@ -95,8 +95,14 @@ def load_bound(inflight_total: int, deployments: int, epsilon: float) -> int:
     return math.ceil((1.0 + epsilon) * (inflight_total + 1) / deployments)
 
 
-def place(order: Sequence[str], views: Mapping[str, AffinityView], *, exclude: frozenset[str] | set[str],
-          epsilon: float, slow_factor: float) -> RouteDecision | None:
+def place(
+    order: Sequence[str],
+    views: Mapping[str, AffinityView],
+    *,
+    exclude: frozenset[str] | set[str],
+    epsilon: float,
+    slow_factor: float,
+) -> RouteDecision | None:
     """Where a keyed request goes; None when nothing on its ring will do (the usual choice decides then).
 
     ``order``: the ring walk for the key, home first. ``exclude``: deployments this request already tried

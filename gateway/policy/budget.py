@@ -88,12 +88,29 @@ class RetryBudget:
     and calls ``release`` once for every admitted retry when it ends.
     """
 
-    __slots__ = ("percent", "min_retry_concurrency", "min_retries_per_s", "rates", "active_requests",
-                 "retries_in_flight", "_requests", "_retries", "_t", "_requests_new", "exhausted_total",
-                 "acquired_total")
+    __slots__ = (
+        "percent",
+        "min_retry_concurrency",
+        "min_retries_per_s",
+        "rates",
+        "active_requests",
+        "retries_in_flight",
+        "_requests",
+        "_retries",
+        "_t",
+        "_requests_new",
+        "exhausted_total",
+        "acquired_total",
+    )
 
-    def __init__(self, percent: float = 20.0, min_retry_concurrency: int = 3, min_retries_per_s: float = 1.0,
-                 deployments: tuple[str, ...] = (), now: float = 0.0) -> None:
+    def __init__(
+        self,
+        percent: float = 20.0,
+        min_retry_concurrency: int = 3,
+        min_retries_per_s: float = 1.0,
+        deployments: tuple[str, ...] = (),
+        now: float = 0.0,
+    ) -> None:
         self.percent = percent
         self.min_retry_concurrency = min_retry_concurrency
         self.min_retries_per_s = min_retries_per_s

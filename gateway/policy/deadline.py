@@ -50,8 +50,14 @@ def sdk_margin_s(timeout_s: float, margin_ms: float) -> float:
     return m if m < q else q
 
 
-def resolve_deadline(now: float, total_ms: float, client_ms: str | None, sdk_timeout_s: str | None,
-                     sdk_read_timeout_s: str | None = None, sdk_margin_ms: float = 0.0) -> Deadline:
+def resolve_deadline(
+    now: float,
+    total_ms: float,
+    client_ms: str | None,
+    sdk_timeout_s: str | None,
+    sdk_read_timeout_s: str | None = None,
+    sdk_margin_ms: float = 0.0,
+) -> Deadline:
     """The earliest of ``total_ms``, ``x-gateway-timeout-ms`` (ms) and the SDK's timeout (s), one behaviour
     for all: the gateway answers its deadline with a 504 saying which limit fired.
 
@@ -80,7 +86,9 @@ def resolve_deadline(now: float, total_ms: float, client_ms: str | None, sdk_tim
     return Deadline(now + best_s, source)
 
 
-def attempt_timeout(deadline: Deadline, now: float, per_try_ms: float, min_attempt_ms: float = 50.0) -> float | None:
+def attempt_timeout(
+    deadline: Deadline, now: float, per_try_ms: float, min_attempt_ms: float = 50.0
+) -> float | None:
     """Seconds one attempt may take: min(per-try, time left); None when too little is left to start one.
 
     ``per_try_ms <= 0`` means no per-try limit (the deadline alone bounds the attempt).

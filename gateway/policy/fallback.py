@@ -38,15 +38,22 @@ def fallback_reason_for(status: int | None, kind: str | None) -> FallbackReason 
     return None
 
 
-def should_degrade(*, remaining_ms: float, when_remaining_ms_below: float | None,
-                   expected_ttft_ms: float | None, when_expected_exceeds_remaining: bool) -> bool:
+def should_degrade(
+    *,
+    remaining_ms: float,
+    when_remaining_ms_below: float | None,
+    expected_ttft_ms: float | None,
+    when_expected_exceeds_remaining: bool,
+) -> bool:
     """Go straight to the first fallback: too little time left, or more than the model is expected to need.
 
     Without an estimate (``expected_ttft_ms`` None) the expectation rule cannot fire.
     """
     if when_remaining_ms_below is not None and remaining_ms < when_remaining_ms_below:
         return True
-    return when_expected_exceeds_remaining and expected_ttft_ms is not None and expected_ttft_ms > remaining_ms
+    return (
+        when_expected_exceeds_remaining and expected_ttft_ms is not None and expected_ttft_ms > remaining_ms
+    )
 
 
 def find_fallback_cycle(graph: Mapping[str, Sequence[str]]) -> list[str] | None:
@@ -71,7 +78,7 @@ def find_fallback_cycle(graph: Mapping[str, Sequence[str]]) -> list[str] | None:
                 done.add(finished)
                 continue
             if nxt in on_path:
-                return path[on_path[nxt]:] + [nxt]
+                return path[on_path[nxt] :] + [nxt]
             if nxt in done or nxt not in graph:
                 continue
             on_path[nxt] = len(path)

@@ -32,8 +32,17 @@ def parse_hedge_header(header: str) -> float | None:
     return ms if ms > 0.0 else 0.0
 
 
-def hedge_delay(*, enabled: bool, fixed_delay_ms: float | None, quantile: float, min_delay_ms: float,
-                max_delay_ms: float, window: QuantileWindow | None, header: str | None, now: float) -> HedgeDecision:
+def hedge_delay(
+    *,
+    enabled: bool,
+    fixed_delay_ms: float | None,
+    quantile: float,
+    min_delay_ms: float,
+    max_delay_ms: float,
+    window: QuantileWindow | None,
+    header: str | None,
+    now: float,
+) -> HedgeDecision:
     """The hedge delay for one request.
 
     The header wins over config: "off" disables hedging for this request, a number of ms sets the delay
@@ -60,7 +69,9 @@ def hedge_delay(*, enabled: bool, fixed_delay_ms: float | None, quantile: float,
     return HedgeDecision(q / 1000.0, "auto")
 
 
-def loser_sample_ms(*, started: float, first_byte: float | None, cancelled: float, delay_s: float) -> float | None:
+def loser_sample_ms(
+    *, started: float, first_byte: float | None, cancelled: float, delay_s: float
+) -> float | None:
     """What a cancelled loser tells the hedge-delay window: "at least this slow", or nothing.
 
     A loser that had no first byte after waiting at least the hedge delay was at least that slow. Without

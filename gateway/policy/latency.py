@@ -25,10 +25,22 @@ class PeakEwma:
     just become much slower than it normally is.
     """
 
-    __slots__ = ("decay_s", "prior_ms", "baseline_decay_s", "_ewma", "_base", "_has_base", "samples", "last_at",
-                 "_base_at", "merges")
+    __slots__ = (
+        "decay_s",
+        "prior_ms",
+        "baseline_decay_s",
+        "_ewma",
+        "_base",
+        "_has_base",
+        "samples",
+        "last_at",
+        "_base_at",
+        "merges",
+    )
 
-    def __init__(self, decay_s: float = 10.0, prior_ms: float = 0.0, baseline_decay_s: float | None = None) -> None:
+    def __init__(
+        self, decay_s: float = 10.0, prior_ms: float = 0.0, baseline_decay_s: float | None = None
+    ) -> None:
         self.decay_s = decay_s
         self.prior_ms = prior_ms
         self.baseline_decay_s = baseline_decay_s if baseline_decay_s is not None else 10.0 * decay_s
@@ -84,7 +96,9 @@ class PeakEwma:
         if now > self.last_at:
             self.last_at = now
 
-    def merge_remote(self, value_ms: float, samples: int, now: float, baseline_ms: float | None = None) -> None:
+    def merge_remote(
+        self, value_ms: float, samples: int, now: float, baseline_ms: float | None = None
+    ) -> None:
         """Blend in another replica's estimate (and baseline, if sent), weighted by its sample count, at most
         MAX_REMOTE_WEIGHT; with nothing local yet, adopt it."""
         if samples <= 0 or not value_ms >= 0.0 or value_ms == math.inf:

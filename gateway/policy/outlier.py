@@ -33,9 +33,18 @@ def ejection_duration(ejections_before: int, base_ejection_s: float, max_ejectio
     return d if d < max_ejection_s else max_ejection_s
 
 
-def record_outcome(state: OutlierState, *, failed: bool, now: float, consecutive_threshold: int = 5,
-                   base_ejection_s: float = 30.0, max_ejection_s: float = 300.0, ejected_share: float = 0.0,
-                   max_ejection_percent: float = 50.0, deployments: int | None = None) -> OutlierVerdict:
+def record_outcome(
+    state: OutlierState,
+    *,
+    failed: bool,
+    now: float,
+    consecutive_threshold: int = 5,
+    base_ejection_s: float = 30.0,
+    max_ejection_s: float = 300.0,
+    ejected_share: float = 0.0,
+    max_ejection_percent: float = 50.0,
+    deployments: int | None = None,
+) -> OutlierVerdict:
     """Feed one attempt's outcome (failed = 5xx, connect failure, reset or timeout) and say what to do.
 
     ``ejected_share`` is the share (0..1) of the model's deployments already ejected. The ejection is

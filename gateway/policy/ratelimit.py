@@ -35,8 +35,9 @@ class LimitDecision:
 ADMITTED = LimitDecision(-1, 0.0)
 
 
-def gcra(tats: Sequence[float], checks: Sequence[LimitCheck], now: float, period: float
-         ) -> tuple[LimitDecision, list[float]]:
+def gcra(
+    tats: Sequence[float], checks: Sequence[LimitCheck], now: float, period: float
+) -> tuple[LimitDecision, list[float]]:
     """Decide ``checks`` given each key's stored TAT (0 when none); returns the decision and new TATs.
 
     Times are in any one unit (the Redis script uses milliseconds). On refusal the TATs are unchanged:

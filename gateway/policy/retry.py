@@ -110,9 +110,19 @@ _RETRY_AFTER_TOO_LONG = RetryDecision(RetryVerdict.RETRY_AFTER_TOO_LONG)
 _RETRY_NOW = RetryDecision(RetryVerdict.RETRY, 0.0)
 
 
-def plan_retry(*, retries_done: int, max_retries: int, retriable: bool, retry_after_s: float | None,
-               remaining_s: float, min_attempt_s: float, base_ms: float, max_ms: float,
-               budget_ok: bool, rng: random.Random) -> RetryDecision:
+def plan_retry(
+    *,
+    retries_done: int,
+    max_retries: int,
+    retriable: bool,
+    retry_after_s: float | None,
+    remaining_s: float,
+    min_attempt_s: float,
+    base_ms: float,
+    max_ms: float,
+    budget_ok: bool,
+    rng: random.Random,
+) -> RetryDecision:
     """Whether to retry a failed attempt and after how long; the first rule that refuses names the verdict.
 
     Order: not retriable, retry limit, a Retry-After that does not fit the deadline (the caller answers

@@ -35,8 +35,11 @@ _LIMIT = RetryPlan(RetryVerdict.LIMIT)
 _DEADLINE = RetryPlan(RetryVerdict.DEADLINE)
 _RETRY_AFTER_TOO_LONG = RetryPlan(RetryVerdict.RETRY_AFTER_TOO_LONG)
 
-_BUDGET_VERDICTS = {BudgetVerdict.HOPELESS: RetryVerdict.HOPELESS, BudgetVerdict.CONCURRENCY: RetryVerdict.BUDGET,
-                    BudgetVerdict.RATIO: RetryVerdict.BUDGET}
+_BUDGET_VERDICTS = {
+    BudgetVerdict.HOPELESS: RetryVerdict.HOPELESS,
+    BudgetVerdict.CONCURRENCY: RetryVerdict.BUDGET,
+    BudgetVerdict.RATIO: RetryVerdict.BUDGET,
+}
 
 
 class RetryState:
@@ -54,9 +57,21 @@ class RetryState:
     def count(self, n: int = 1) -> None:
         self.retries += n
 
-    def decide(self, *, failure: FailureKind, status: int | None, failed: str, alternatives: Sequence[str],
-               retry_after_s: float | None, remaining_s: float, min_attempt_s: float, base_ms: float,
-               max_ms: float, rng: random.Random, now: float) -> RetryPlan:
+    def decide(
+        self,
+        *,
+        failure: FailureKind,
+        status: int | None,
+        failed: str,
+        alternatives: Sequence[str],
+        retry_after_s: float | None,
+        remaining_s: float,
+        min_attempt_s: float,
+        base_ms: float,
+        max_ms: float,
+        rng: random.Random,
+        now: float,
+    ) -> RetryPlan:
         """Whether to retry the attempt that failed on ``failed``; the first rule that refuses names the verdict.
 
         ``alternatives``: the model's deployments this request has not tried that are healthy now (not

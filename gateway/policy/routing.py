@@ -64,9 +64,19 @@ class RouteDecision(NamedTuple):  # immutable, and ~5x cheaper to build than a f
     reason: RouteReason
 
 
-def choose(candidates: Sequence[Candidate], *, strategy: Strategy, locality: Locality, home_region: str | None,
-           preferred_region: str | None = None, pinned: str | None = None, exclude: frozenset[str] = frozenset(),
-           cross_region_penalty_ms: float = 50.0, rng: random.Random, rr_counter: int = 0) -> RouteDecision | None:
+def choose(
+    candidates: Sequence[Candidate],
+    *,
+    strategy: Strategy,
+    locality: Locality,
+    home_region: str | None,
+    preferred_region: str | None = None,
+    pinned: str | None = None,
+    exclude: frozenset[str] = frozenset(),
+    cross_region_penalty_ms: float = 50.0,
+    rng: random.Random,
+    rr_counter: int = 0,
+) -> RouteDecision | None:
     """Pick a deployment for one attempt; None only when locality is strict and the region has none.
 
     ``exclude``: deployments this request already tried or is using (retries and hedges go elsewhere);
@@ -93,8 +103,12 @@ def choose(candidates: Sequence[Candidate], *, strategy: Strategy, locality: Loc
     if len(healthy) == 1:
         only = healthy[0]
         reason = RouteReason.ONLY_CHOICE
-        if locality is Locality.PREFER and region is not None and only.region != region \
-                and _has_region(candidates, region):
+        if (
+            locality is Locality.PREFER
+            and region is not None
+            and only.region != region
+            and _has_region(candidates, region)
+        ):
             reason = RouteReason.FAILOVER
         return RouteDecision(only.id, reason)
     if region is None or locality is Locality.STRICT:
@@ -105,8 +119,16 @@ def choose(candidates: Sequence[Candidate], *, strategy: Strategy, locality: Loc
     return _prefer(candidates, avail, healthy, region, strategy, rng, rr_counter, cross_region_penalty_ms)
 
 
-def _prefer(candidates: Sequence[Candidate], avail: Sequence[Candidate], healthy: Sequence[Candidate], region: str,
-            strategy: Strategy, rng: random.Random, rr_counter: int, penalty_ms: float) -> RouteDecision:
+def _prefer(
+    candidates: Sequence[Candidate],
+    avail: Sequence[Candidate],
+    healthy: Sequence[Candidate],
+    region: str,
+    strategy: Strategy,
+    rng: random.Random,
+    rr_counter: int,
+    penalty_ms: float,
+) -> RouteDecision:
     """Locality "prefer": local tier first, spilling to remote as local health drops or local is clearly slower.
 
     "Clearly slower": the best local latency exceeds the best remote one plus the penalty. Local is read
@@ -149,8 +171,11 @@ def _prefer(candidates: Sequence[Candidate], avail: Sequence[Candidate], healthy
     if not spill:
         if best_remote > 0.0:
             spill = best_local > best_remote + penalty_ms
-        elif best_local_c is not None and best_local_c.baseline_ms is not None \
-                and best_local_c.latency_ms is not None:
+        elif (
+            best_local_c is not None
+            and best_local_c.baseline_ms is not None
+            and best_local_c.latency_ms is not None
+        ):
             # A remote without data is no evidence that local is slower, but local having become much
             # slower than it usually is is reason to try one (once: then the remote has data).
             spill = best_local > EXPLORE_FACTOR * best_local_c.baseline_ms + penalty_ms

@@ -11,41 +11,67 @@ from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.security.keys import ApiKey, RedisKeyStore, hash_key, new_key
 
 _HELP = {
-    "create": ("create a key in the state backend (Redis) and print it once",
-               "Create an API key, store its hash in the config's Redis state backend and print the key once. "
-               "The gateway accepts it at once (auth.mode: keys, auth.redis_keys: true)."),
-    "list": ("list the keys in the state backend (Redis)", "List the keys stored in the config's Redis state backend "
-             "(ids, models, limits, metadata; never the keys themselves)."),
-    "revoke": ("revoke a key in the state backend (Redis)", "Revoke a key by id; gateways stop accepting it within "
-               "auth.cache_ttl_s."),
+    "create": (
+        "create a key in the state backend (Redis) and print it once",
+        "Create an API key, store its hash in the config's Redis state backend and print the key once. "
+        "The gateway accepts it at once (auth.mode: keys, auth.redis_keys: true).",
+    ),
+    "list": (
+        "list the keys in the state backend (Redis)",
+        "List the keys stored in the config's Redis state backend "
+        "(ids, models, limits, metadata; never the keys themselves).",
+    ),
+    "revoke": (
+        "revoke a key in the state backend (Redis)",
+        "Revoke a key by id; gateways stop accepting it within auth.cache_ttl_s.",
+    ),
 }
 
 
 def add_key_commands(sub: argparse._SubParsersAction) -> None:
-    k = sub.add_parser("keys", help="gateway API keys: hash | create | list | revoke",
-                       description="Gateway API keys. `hash` makes a hash for auth.keys in the config; create, list "
-                                   "and revoke manage keys in the Redis state backend, shared by every gateway.")
+    k = sub.add_parser(
+        "keys",
+        help="gateway API keys: hash | create | list | revoke",
+        description="Gateway API keys. `hash` makes a hash for auth.keys in the config; create, list "
+        "and revoke manage keys in the Redis state backend, shared by every gateway.",
+    )
     ks = k.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
-    h = ks.add_parser("hash", help="print the hash of a key for auth.keys[].hash",
-                      description="Print the hash of KEY, to list it in the config under auth.keys[].hash.")
+    h = ks.add_parser(
+        "hash",
+        help="print the hash of a key for auth.keys[].hash",
+        description="Print the hash of KEY, to list it in the config under auth.keys[].hash.",
+    )
     h.add_argument("key", help="the key (e.g. sk-gw-...)")
     h.set_defaults(func=cmd_hash)
     for name, fn in (("create", cmd_create), ("list", cmd_list), ("revoke", cmd_revoke)):
         short, long = _HELP[name]
         p = ks.add_parser(name, help=short, description=long)
-        p.add_argument("--config", "-c", metavar="FILE",
-                       help="gateway config: its state.redis_url and key_prefix (state.backend must be redis)")
-        p.add_argument("--redis-url", help="overrides the config's state.redis_url (default without a config: "
-                                           "redis://127.0.0.1:6379/0)")
+        p.add_argument(
+            "--config",
+            "-c",
+            metavar="FILE",
+            help="gateway config: its state.redis_url and key_prefix (state.backend must be redis)",
+        )
+        p.add_argument(
+            "--redis-url",
+            help="overrides the config's state.redis_url (default without a config: "
+            "redis://127.0.0.1:6379/0)",
+        )
         p.add_argument("--key-prefix", help="overrides the config's state.key_prefix (default: llmgw:)")
         if name in ("create", "revoke"):
             p.add_argument("--id", required=True, help="the key's id, as it appears in the access log")
         if name == "create":
-            p.add_argument("--models", default="*", help="comma-separated globs, e.g. 'chat-*,demo-embed' (default: *)")
+            p.add_argument(
+                "--models", default="*", help="comma-separated globs, e.g. 'chat-*,demo-embed' (default: *)"
+            )
             p.add_argument("--rpm", type=int, help="requests per minute (default: no limit)")
             p.add_argument("--tpm", type=int, help="tokens per minute (default: no limit)")
-            p.add_argument("--max-concurrency", type=int, help="requests in flight at once (default: no limit)")
-            p.add_argument("--meta", action="append", default=[], help="KEY=VALUE, e.g. team=voice (repeatable)")
+            p.add_argument(
+                "--max-concurrency", type=int, help="requests in flight at once (default: no limit)"
+            )
+            p.add_argument(
+                "--meta", action="append", default=[], help="KEY=VALUE, e.g. team=voice (repeatable)"
+            )
         p.set_defaults(func=fn)
 
 
@@ -78,16 +104,22 @@ def _store(args: argparse.Namespace) -> RedisKeyStore:
 def _cannot_hold_keys(cfg: GatewayConfig) -> str | None:
     """Why keys managed here would never reach a gateway running this config, or None."""
     if cfg.state.backend != "redis":
-        return (f"state.backend is {cfg.state.backend!r}: keys live in the Redis state backend, and a gateway with "
-                "this config reads none. Set state.backend: redis (and state.redis_url), or list keys in the config "
-                "under auth.keys with hashes from `llmgw keys hash KEY`.")
+        return (
+            f"state.backend is {cfg.state.backend!r}: keys live in the Redis state backend, and a gateway with "
+            "this config reads none. Set state.backend: redis (and state.redis_url), or list keys in the config "
+            "under auth.keys with hashes from `llmgw keys hash KEY`."
+        )
     if not cfg.auth.redis_keys:
-        return ("auth.redis_keys is false: gateways with this config accept only the keys listed in auth.keys. "
-                "Set auth.redis_keys: true, or add the key's hash (`llmgw keys hash KEY`) to auth.keys.")
+        return (
+            "auth.redis_keys is false: gateways with this config accept only the keys listed in auth.keys. "
+            "Set auth.redis_keys: true, or add the key's hash (`llmgw keys hash KEY`) to auth.keys."
+        )
     return None
 
 
-def _run(coro_fn: Callable[[RedisKeyStore, argparse.Namespace], Awaitable[int]], args: argparse.Namespace) -> int:
+def _run(
+    coro_fn: Callable[[RedisKeyStore, argparse.Namespace], Awaitable[int]], args: argparse.Namespace
+) -> int:
     store = _store(args)
 
     async def main() -> int:
@@ -132,8 +164,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         keys = await store.list()
         print(f"{'ID':<20} {'MODELS':<30} {'RPM':>7} {'TPM':>9} {'CONC':>5}  METADATA")
         for k in keys:
-            print(f"{k.id:<20} {','.join(k.models):<30} {k.rpm or '-':>7} {k.tpm or '-':>9} "
-                  f"{k.max_concurrency or '-':>5}  {k.metadata or ''}")
+            print(
+                f"{k.id:<20} {','.join(k.models):<30} {k.rpm or '-':>7} {k.tpm or '-':>9} "
+                f"{k.max_concurrency or '-':>5}  {k.metadata or ''}"
+            )
         return 0
 
     return _run(go, args)

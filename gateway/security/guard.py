@@ -28,15 +28,19 @@ REDIS_RETRY_S = 1.0  # after a failed call, Redis is left alone this long: no re
 
 
 def _unauthorized(message: str) -> GatewayError:
-    return GatewayError(401, message, "invalid_request_error", "invalid_api_key", flag=ResponseFlag.UNAUTHORIZED)
+    return GatewayError(
+        401, message, "invalid_request_error", "invalid_api_key", flag=ResponseFlag.UNAUTHORIZED
+    )
 
 
 class Guard:
     def __init__(self, cfg: AuthConfig, backend: Any, metrics: Any) -> None:
         self.cfg = cfg
         self.protect_metrics = cfg.protect_metrics
-        self.config_keys = {k.hash: ApiKey(k.id, k.hash, tuple(k.models), k.rpm, k.tpm, k.max_concurrency,
-                                           dict(k.metadata)) for k in cfg.keys}
+        self.config_keys = {
+            k.hash: ApiKey(k.id, k.hash, tuple(k.models), k.rpm, k.tpm, k.max_concurrency, dict(k.metadata))
+            for k in cfg.keys
+        }
         self.backend = backend
         self.store = RedisKeyStore(backend) if cfg.redis_keys and backend.name == "redis" else None
         self.local = MemoryState(backend.prefix)
@@ -84,8 +88,14 @@ class Guard:
 
     async def admit(self, key: ApiKey, model: str, raw: bytes, body: dict[str, Any]) -> None:
         if not key.allows(model):
-            raise GatewayError(403, f"The API key '{key.id}' may not use model '{model}'.", "invalid_request_error",
-                               "model_not_allowed", "model", flag=ResponseFlag.UNAUTHORIZED)
+            raise GatewayError(
+                403,
+                f"The API key '{key.id}' may not use model '{model}'.",
+                "invalid_request_error",
+                "model_not_allowed",
+                "model",
+                flag=ResponseFlag.UNAUTHORIZED,
+            )
         self._check_concurrency(key)  # before the limits: a refused request spends no rpm/tpm
         if key.rpm is not None or key.tpm is not None:
             await self._rate_limit(key, raw, body)
@@ -96,9 +106,14 @@ class Guard:
     def _check_concurrency(self, key: ApiKey) -> None:
         if key.max_concurrency is not None and self.concurrency.get(key.id, 0) >= key.max_concurrency:
             self._limited(key, "concurrency")
-            raise GatewayError(429, f"Too many concurrent requests for key '{key.id}' (limit "
-                                    f"{key.max_concurrency}).", "rate_limit_error", "rate_limit_exceeded",
-                               flag=ResponseFlag.RATE_LIMITED, retry_after="1")
+            raise GatewayError(
+                429,
+                f"Too many concurrent requests for key '{key.id}' (limit {key.max_concurrency}).",
+                "rate_limit_error",
+                "rate_limit_exceeded",
+                flag=ResponseFlag.RATE_LIMITED,
+                retry_after="1",
+            )
 
     async def _rate_limit(self, key: ApiKey, raw: bytes, body: dict[str, Any]) -> None:
         names = self._limit_keys.get(key.id)
@@ -130,10 +145,15 @@ class Guard:
             retry = decision.retry_after_s
             self._limited(key, name)
             wait = max(1, math.ceil(retry))
-            raise GatewayError(429, f"Rate limit reached for key '{key.id}': {limit} {name}. Retry after "
-                                    f"{wait} s.", "rate_limit_error", "rate_limit_exceeded",
-                               flag=ResponseFlag.RATE_LIMITED, retry_after=str(wait),
-                               headers=ratelimit_headers(name, limit, wait))
+            raise GatewayError(
+                429,
+                f"Rate limit reached for key '{key.id}': {limit} {name}. Retry after {wait} s.",
+                "rate_limit_error",
+                "rate_limit_exceeded",
+                flag=ResponseFlag.RATE_LIMITED,
+                retry_after=str(wait),
+                headers=ratelimit_headers(name, limit, wait),
+            )
 
     def track(self, key: ApiKey) -> Callable[[Any], None]:
         self.concurrency[key.id] = self.concurrency.get(key.id, 0) + 1
@@ -150,8 +170,10 @@ class Guard:
         t = time.monotonic()
         self._redis_retry_at = t + REDIS_RETRY_S
         if self._redis_ok:
-            log.warning("auth: state backend unreachable (%s); enforcing limits locally until it returns",
-                        f"{type(exc).__name__}: {exc}")
+            log.warning(
+                "auth: state backend unreachable (%s); enforcing limits locally until it returns",
+                f"{type(exc).__name__}: {exc}",
+            )
             self._redis_ok = False
             self._local_since = t
 
@@ -159,8 +181,10 @@ class Guard:
         if not self._redis_ok:
             local_s = time.monotonic() - self._local_since
             self.metrics.state_local_seconds.inc(local_s)
-            log.warning("auth: state backend reachable again after %.1f s of local limits; shared limits resumed",
-                        local_s)
+            log.warning(
+                "auth: state backend reachable again after %.1f s of local limits; shared limits resumed",
+                local_s,
+            )
             self._redis_ok = True
 
 
@@ -173,7 +197,6 @@ def estimate_tokens(raw: bytes, body: dict[str, Any]) -> int:
     return len(raw) // 4 + (out if isinstance(out, int) and out > 0 else 256) * choices
 
 
-
 _LIMIT_UNITS = {"rpm": b"requests", "tpm": b"tokens"}
 
 
@@ -181,5 +204,8 @@ def ratelimit_headers(name: str, limit: int, wait_s: int) -> tuple[tuple[bytes, 
     """OpenAI's rate-limit headers for a refused request: the limit, nothing left, and when it resets."""
     unit = _LIMIT_UNITS[name]
     reset = b"%ds" % wait_s if wait_s < 60 else b"%dm%ds" % divmod(wait_s, 60)
-    return ((b"x-ratelimit-limit-" + unit, b"%d" % limit), (b"x-ratelimit-remaining-" + unit, b"0"),
-            (b"x-ratelimit-reset-" + unit, reset))
+    return (
+        (b"x-ratelimit-limit-" + unit, b"%d" % limit),
+        (b"x-ratelimit-remaining-" + unit, b"0"),
+        (b"x-ratelimit-reset-" + unit, reset),
+    )

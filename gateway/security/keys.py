@@ -41,15 +41,31 @@ class ApiKey:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
 
     def to_json(self) -> bytes:
-        return orjson.dumps({"id": self.id, "hash": self.hash, "models": list(self.models), "rpm": self.rpm,
-                             "tpm": self.tpm, "max_concurrency": self.max_concurrency, "metadata": self.metadata,
-                             "created": int(time.time())})
+        return orjson.dumps(
+            {
+                "id": self.id,
+                "hash": self.hash,
+                "models": list(self.models),
+                "rpm": self.rpm,
+                "tpm": self.tpm,
+                "max_concurrency": self.max_concurrency,
+                "metadata": self.metadata,
+                "created": int(time.time()),
+            }
+        )
 
     @classmethod
     def from_json(cls, raw: bytes) -> ApiKey:
         d: dict[str, Any] = orjson.loads(raw)
-        return cls(d["id"], d["hash"], tuple(d.get("models") or ["*"]), d.get("rpm"), d.get("tpm"),
-                   d.get("max_concurrency"), d.get("metadata") or {})
+        return cls(
+            d["id"],
+            d["hash"],
+            tuple(d.get("models") or ["*"]),
+            d.get("rpm"),
+            d.get("tpm"),
+            d.get("max_concurrency"),
+            d.get("metadata") or {},
+        )
 
 
 def bearer_token(headers: dict[str, str]) -> str | None:

@@ -9,8 +9,9 @@ from gateway.sim.cli import add_arguments, run
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway.sim",
-                                     description="Simulated OpenAI-compatible provider")
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway.sim", description="Simulated OpenAI-compatible provider"
+    )
     add_arguments(parser)
     return run(parser.parse_args())
 

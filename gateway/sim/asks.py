@@ -36,7 +36,9 @@ def read_ask(endpoint: Endpoint, raw: bytes) -> Ask:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"We could not parse the JSON body of your request ({exc}).", None, "invalid_json") from None
+        raise BadRequest(
+            f"We could not parse the JSON body of your request ({exc}).", None, "invalid_json"
+        ) from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", None, "invalid_request")
     model = body.get("model")
@@ -46,8 +48,11 @@ def read_ask(endpoint: Endpoint, raw: bytes) -> Ask:
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
-        raise BadRequest(f"Invalid type for 'stream': expected a boolean, but got {type(stream).__name__}.",
-                         "stream", "invalid_type")
+        raise BadRequest(
+            f"Invalid type for 'stream': expected a boolean, but got {type(stream).__name__}.",
+            "stream",
+            "invalid_type",
+        )
     content = None
     if endpoint is Endpoint.CHAT:
         check_chat(body)
@@ -72,13 +77,25 @@ def read_ask(endpoint: Endpoint, raw: bytes) -> Ask:
         dims = body.get("dimensions")
         if dims is not None:
             if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= MAX_EMBEDDING_DIM:
-                raise BadRequest(f"'dimensions' must be an integer between 1 and {MAX_EMBEDDING_DIM}.",
-                                 "dimensions", "invalid_value")
+                raise BadRequest(
+                    f"'dimensions' must be an integer between 1 and {MAX_EMBEDDING_DIM}.",
+                    "dimensions",
+                    "invalid_value",
+                )
             dimensions = dims
         prompt_tokens = sum(max(1, len(x) // 4 if isinstance(x, str) else len(x)) for x in inputs)
-    return Ask(model=model, stream=stream, include_usage=include_usage, max_tokens=cap,
-               schema_key=_schema_key(endpoint, body), inputs=inputs, dimensions=dimensions,
-               as_base64=body.get("encoding_format") == "base64", prompt_tokens=prompt_tokens, content=content)
+    return Ask(
+        model=model,
+        stream=stream,
+        include_usage=include_usage,
+        max_tokens=cap,
+        schema_key=_schema_key(endpoint, body),
+        inputs=inputs,
+        dimensions=dimensions,
+        as_base64=body.get("encoding_format") == "base64",
+        prompt_tokens=prompt_tokens,
+        content=content,
+    )
 
 
 def _embedding_inputs(value: Any) -> list[Any]:
@@ -88,11 +105,16 @@ def _embedding_inputs(value: Any) -> list[Any]:
         if all(isinstance(x, int) and not isinstance(x, bool) for x in value):
             return [value]  # one input given as token ids
         if len(value) > MAX_EMBEDDING_INPUTS:
-            raise BadRequest(f"'input' may hold at most {MAX_EMBEDDING_INPUTS} items.", "input", "invalid_value")
+            raise BadRequest(
+                f"'input' may hold at most {MAX_EMBEDDING_INPUTS} items.", "input", "invalid_value"
+            )
         if all(isinstance(x, (str, list)) and x for x in value):
             return value
-    raise BadRequest("'input' must be a non-empty string, array of strings or array of token arrays.", "input",
-                     "invalid_value")
+    raise BadRequest(
+        "'input' must be a non-empty string, array of strings or array of token arrays.",
+        "input",
+        "invalid_value",
+    )
 
 
 def _schema_key(endpoint: Endpoint, body: dict[str, Any]) -> bytes | None:

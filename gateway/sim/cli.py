@@ -33,8 +33,12 @@ _HELP = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=9101, help="port to bind, 0 for any (default: %(default)s)")
-    parser.add_argument("--name", default="sim", help="name in content tokens and stats (default: %(default)s)")
+    parser.add_argument(
+        "--port", type=int, default=9101, help="port to bind, 0 for any (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--name", default="sim", help="name in content tokens and stats (default: %(default)s)"
+    )
     parser.add_argument("--region", default="local", help="region reported in stats (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=None, help="random seed, for repeatable runs")
     defaults = SimProfile()
@@ -42,9 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(SimProfile):
         choices = ("fixed", "lognormal") if f.name == "ttft_dist" else None
         metavar = {Kind.FLOAT: "N", Kind.INT: "N"}.get(KINDS[f.name], "TEXT")
-        knobs.add_argument("--" + f.name.replace("_", "-"), dest="knob_" + f.name, default=None, choices=choices,
-                           metavar=None if choices else metavar,
-                           help=f"{_HELP.get(f.name, f.name)} (default: {getattr(defaults, f.name)})")
+        knobs.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest="knob_" + f.name,
+            default=None,
+            choices=choices,
+            metavar=None if choices else metavar,
+            help=f"{_HELP.get(f.name, f.name)} (default: {getattr(defaults, f.name)})",
+        )
 
 
 def profile_from_args(args: argparse.Namespace) -> SimProfile:
@@ -85,14 +94,18 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace, profile: SimProfile) -> int:
     from gateway.sim.server import SimServer
 
-    server = SimServer(profile, name=args.name, region=args.region, host=args.host, port=args.port, seed=args.seed)
+    server = SimServer(
+        profile, name=args.name, region=args.region, host=args.host, port=args.port, seed=args.seed
+    )
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"llmgw sim {server.name!r} (region {server.region}) listening on http://{server.host}:{server.port}/v1",
-          flush=True)
+    print(
+        f"llmgw sim {server.name!r} (region {server.region}) listening on http://{server.host}:{server.port}/v1",
+        flush=True,
+    )
     await stop.wait()
     await server.stop()
     return 0

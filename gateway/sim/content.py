@@ -164,7 +164,8 @@ def _format(body: dict[str, Any], responses: bool) -> Any:
             source = [{"content": source}]
         instructions = body.get("instructions") if responses else None
         texts = ([instructions] if isinstance(instructions, str) else []) + message_texts(
-            source if isinstance(source, list) else [])
+            source if isinstance(source, list) else []
+        )
         found = schema_in_text(texts)
         return found if found is not None else _ANY_OBJECT
     return None
@@ -225,7 +226,7 @@ def split(text: str, pieces: int) -> list[str]:
     out, at = [], 0
     for i in range(pieces):
         step = size + (1 if i < extra else 0)
-        out.append(text[at:at + step])
+        out.append(text[at : at + step])
         at += step
     return out
 
@@ -242,7 +243,7 @@ def _apply_stop(choice: Choice, stops: tuple[str, ...]) -> None:
         for piece in part.pieces:
             if used + len(piece) >= at:
                 if at > used:
-                    kept.append(piece[:at - used])
+                    kept.append(piece[: at - used])
                 break
             kept.append(piece)
             used += len(piece)
@@ -256,7 +257,7 @@ def _apply_cap(choice: Choice, cap: int) -> None:
         if len(part.pieces) > left:
             part.pieces = part.pieces[:left]
             part.cut = True
-            del choice.parts[i + 1 if part.pieces else i:]
+            del choice.parts[i + 1 if part.pieces else i :]
             choice.finish_reason = "length"
             return
         left -= len(part.pieces)

@@ -41,11 +41,31 @@ class Plan:
 
 
 class Exchange:
-    __slots__ = ("conn", "loop", "plan", "rec", "on_end", "phase", "attached", "next", "first_at", "handle",
-                 "first_byte", "clock", "t0")
+    __slots__ = (
+        "conn",
+        "loop",
+        "plan",
+        "rec",
+        "on_end",
+        "phase",
+        "attached",
+        "next",
+        "first_at",
+        "handle",
+        "first_byte",
+        "clock",
+        "t0",
+    )
 
-    def __init__(self, conn: Connection, plan: Plan, rec: dict[str, Any], t0: float,
-                 on_end: Callable[[Exchange, Outcome], None], clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        plan: Plan,
+        rec: dict[str, Any],
+        t0: float,
+        on_end: Callable[[Exchange, Outcome], None],
+        clock: Callable[[], float],
+    ) -> None:
         self.conn = conn
         self.loop = conn.loop
         self.plan = plan
@@ -123,7 +143,9 @@ class Exchange:
         stop = p.tokens if p.reset_after is None else min(p.reset_after, p.tokens)
         due = stop
         if p.itl_s > 0:  # tokens due by now (within half a millisecond); at least the next one
-            due = min(stop, max(self.next + 1, int((self.loop.time() + 0.0005 - self.first_at) / p.itl_s) + 1))
+            due = min(
+                stop, max(self.next + 1, int((self.loop.time() + 0.0005 - self.first_at) / p.itl_s) + 1)
+            )
         if due > self.next:
             out.append(p.shape.tokens(self.next, due))
             self.next = due

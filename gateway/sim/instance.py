@@ -18,11 +18,25 @@ MAX_DEPTH = 24
 MAX_ITEMS = 16  # minItems above this is clamped: the answer stays small
 
 _FORMATS = {
-    "date-time": "2025-01-01T00:00:00Z", "date": "2025-01-01", "time": "00:00:00Z", "duration": "P1D",
-    "email": "sim@example.com", "idn-email": "sim@example.com", "hostname": "example.com",
-    "idn-hostname": "example.com", "ipv4": "127.0.0.1", "ipv6": "::1", "uri": "https://example.com/",
-    "iri": "https://example.com/", "uri-reference": "/", "iri-reference": "/", "uuid": "00000000-0000-4000-8000-000000000000",
-    "json-pointer": "", "relative-json-pointer": "0", "regex": ".*", "uri-template": "/",
+    "date-time": "2025-01-01T00:00:00Z",
+    "date": "2025-01-01",
+    "time": "00:00:00Z",
+    "duration": "P1D",
+    "email": "sim@example.com",
+    "idn-email": "sim@example.com",
+    "hostname": "example.com",
+    "idn-hostname": "example.com",
+    "ipv4": "127.0.0.1",
+    "ipv6": "::1",
+    "uri": "https://example.com/",
+    "iri": "https://example.com/",
+    "uri-reference": "/",
+    "iri-reference": "/",
+    "uuid": "00000000-0000-4000-8000-000000000000",
+    "json-pointer": "",
+    "relative-json-pointer": "0",
+    "regex": ".*",
+    "uri-template": "/",
 }
 _PATTERN_CANDIDATES = ("a", "A", "0", "sim", "a1", "aa", "00", "abc", "2025-01-01", "sim@example.com", "")
 
@@ -127,8 +141,10 @@ class _Builder:
             prefix, items = items, schema.get("additionalItems", {})
         prefix = prefix if isinstance(prefix, list) else []
         want = schema.get("minItems")
-        want = min(want, MAX_ITEMS) if isinstance(want, int) and not isinstance(want, bool) and want > 0 else 0
-        out = [self.build(sub, depth + 1) for sub in prefix[:max(want, len(prefix))]]
+        want = (
+            min(want, MAX_ITEMS) if isinstance(want, int) and not isinstance(want, bool) and want > 0 else 0
+        )
+        out = [self.build(sub, depth + 1) for sub in prefix[: max(want, len(prefix))]]
         while len(out) < want:
             value = self.build(items if isinstance(items, dict) else {}, depth + 1)
             if schema.get("uniqueItems") is True and value in out:
@@ -154,7 +170,11 @@ class _Builder:
     def _number(schema: dict[str, Any], integer: bool) -> float:
         def num(key: str) -> float | None:
             v = schema.get(key)
-            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+            return (
+                float(v)
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                else None
+            )
 
         low, high = num("minimum"), num("maximum")
         xlow, xhigh = num("exclusiveMinimum"), num("exclusiveMaximum")
@@ -163,7 +183,13 @@ class _Builder:
         if low is not None and value < low:
             value = low
         if xlow is not None and value <= xlow:
-            value = math.floor(xlow) + 1 if integer else (math.floor(xlow / step) + 1) * step if step else xlow + 1
+            value = (
+                math.floor(xlow) + 1
+                if integer
+                else (math.floor(xlow / step) + 1) * step
+                if step
+                else xlow + 1
+            )
         if high is not None and value > high:
             value = high
         if xhigh is not None and value >= xhigh:
@@ -279,8 +305,14 @@ def _from_regex(items: Any, depth: int) -> str:
     return "".join(out)
 
 
-_CATEGORY = {"CATEGORY_DIGIT": "0", "CATEGORY_NOT_DIGIT": "a", "CATEGORY_SPACE": " ", "CATEGORY_NOT_SPACE": "a",
-             "CATEGORY_WORD": "a", "CATEGORY_NOT_WORD": "-"}
+_CATEGORY = {
+    "CATEGORY_DIGIT": "0",
+    "CATEGORY_NOT_DIGIT": "a",
+    "CATEGORY_SPACE": " ",
+    "CATEGORY_NOT_SPACE": "a",
+    "CATEGORY_WORD": "a",
+    "CATEGORY_NOT_WORD": "-",
+}
 
 
 def _from_class(items: Any) -> str:

@@ -69,7 +69,7 @@ class PrefixCache:
         hit = 0
         matching = True
         for start in range(0, len(text) - _BLOCK_BYTES + 1, _BLOCK_BYTES):  # whole blocks only, as vLLM does
-            h = hash((h, text[start:start + _BLOCK_BYTES]))
+            h = hash((h, text[start : start + _BLOCK_BYTES]))
             if matching and h in blocks:
                 blocks.move_to_end(h)
                 hit += 1

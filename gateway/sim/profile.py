@@ -50,7 +50,7 @@ class SimProfile:
         """A copy with `x-sim-<knob>` header values applied (knob in kebab case)."""
         patch: dict[str, Any] = {}
         for header, raw in headers.items():
-            name = header[len(OVERRIDE_PREFIX):].replace("-", "_")
+            name = header[len(OVERRIDE_PREFIX) :].replace("-", "_")
             if name not in KINDS:
                 raise ValueError(f"{header}: unknown simulator knob")
             try:

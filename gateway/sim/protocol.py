@@ -29,10 +29,22 @@ MAX_QUEUED = 64
 SIM_HEADER_PREFIX = "x-sim-"
 
 REASONS = {
-    100: b"Continue", 200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
-    405: b"Method Not Allowed", 408: b"Request Timeout", 409: b"Conflict", 413: b"Payload Too Large",
-    422: b"Unprocessable Entity", 429: b"Too Many Requests", 500: b"Internal Server Error", 502: b"Bad Gateway",
-    503: b"Service Unavailable", 504: b"Gateway Timeout",
+    100: b"Continue",
+    200: b"OK",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    409: b"Conflict",
+    413: b"Payload Too Large",
+    422: b"Unprocessable Entity",
+    429: b"Too Many Requests",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
 }
 
 
@@ -176,8 +188,19 @@ class Connection(asyncio.Protocol):
         path = self._url.split(b"?", 1)[0].decode("latin-1")
         method = self.parser.get_method().decode("latin-1")
         keep_alive = self.parser.should_keep_alive() and self.parser.get_http_version() == "1.1"
-        self.queue.append(Request(method, path, self._headers, self._overrides, b"".join(self._body), keep_alive,
-                                  self.loop.time(), time.time(), self._too_large))
+        self.queue.append(
+            Request(
+                method,
+                path,
+                self._headers,
+                self._overrides,
+                b"".join(self._body),
+                keep_alive,
+                self.loop.time(),
+                time.time(),
+                self._too_large,
+            )
+        )
 
     # -- answering ---------------------------------------------------------------------------------------
     def _next(self) -> None:
@@ -219,22 +242,37 @@ class Connection(asyncio.Protocol):
         if not self.writable:
             return
         head = b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s%s\r\n" % (
-            status, REASONS.get(status, b"Status"), content_type, len(body), headers,
-            b"" if self.keep_alive else b"connection: close\r\n")
+            status,
+            REASONS.get(status, b"Status"),
+            content_type,
+            len(body),
+            headers,
+            b"" if self.keep_alive else b"connection: close\r\n",
+        )
         self.transport.write(head + body)  # type: ignore[union-attr]  # writable: connected
 
     def stream_head(self, headers: bytes = b"") -> bytes:
         # keep-alive streams are chunked; otherwise the end of the stream is the end of the connection
         framing = b"transfer-encoding: chunked\r\n" if self.keep_alive else b"connection: close\r\n"
-        return (b"HTTP/1.1 200 OK\r\ncontent-type: " + SSE + b"\r\ncache-control: no-cache\r\n" + framing
-                + headers + b"\r\n")
+        return (
+            b"HTTP/1.1 200 OK\r\ncontent-type: "
+            + SSE
+            + b"\r\ncache-control: no-cache\r\n"
+            + framing
+            + headers
+            + b"\r\n"
+        )
 
     def send(self, data: bytes, *, head: bytes = b"", last: bool = False) -> None:
         """Write stream data (plus the response head if given, plus the end of the body if `last`)."""
         if not self.writable:
             return
         if self.keep_alive:
-            out = head + (b"%x\r\n%s\r\n" % (len(data), data) if data else b"") + (b"0\r\n\r\n" if last else b"")
+            out = (
+                head
+                + (b"%x\r\n%s\r\n" % (len(data), data) if data else b"")
+                + (b"0\r\n\r\n" if last else b"")
+            )
         else:
             out = head + data
         if out:
@@ -254,12 +292,15 @@ class Connection(asyncio.Protocol):
     def idle(self) -> bool:
         return self.current is None and not self.queue and not self.receiving and not self.closed
 
-    def _fail(self, status: int, message: str, code: str | None = None,
-              type_: str = "invalid_request_error") -> None:
+    def _fail(
+        self, status: int, message: str, code: str | None = None, type_: str = "invalid_request_error"
+    ) -> None:
         """Answer an error (when nothing else is being answered) and close the connection."""
         if self.current is None and not self.closed:
             self.keep_alive = False
-            self.respond(status, orjson.dumps({"error": {"message": message, "type": type_, "param": None,
-                                                         "code": code}}))
+            self.respond(
+                status,
+                orjson.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}),
+            )
         self.queue.clear()
         self.close()

@@ -22,7 +22,8 @@ class SimThread:
 
     def __init__(self, specs: list[tuple[str, str, SimProfile]], host: str = "127.0.0.1") -> None:
         self.servers: dict[str, SimServer] = {
-            name: SimServer(profile, name=name, region=region, host=host) for name, region, profile in specs}
+            name: SimServer(profile, name=name, region=region, host=host) for name, region, profile in specs
+        }
         if len(self.servers) != len(specs):
             raise ValueError("simulated provider names must be unique")
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -49,8 +49,16 @@ _SECRET = re.compile("key|token|secret|password|auth")  # header values never to
 
 
 class SimServer:
-    def __init__(self, profile: SimProfile | None = None, *, name: str = "sim", region: str = "local",
-                 host: str = "127.0.0.1", port: int = 0, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        profile: SimProfile | None = None,
+        *,
+        name: str = "sim",
+        region: str = "local",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        seed: int | None = None,
+    ) -> None:
         self.profile = profile if profile is not None else SimProfile()
         self.name = name
         self.region = region
@@ -73,8 +81,9 @@ class SimServer:
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._new_connection, self.host, self.port, backlog=4096,
-                                                reuse_address=True, ssl=self.tls)
+        self._server = await loop.create_server(
+            self._new_connection, self.host, self.port, backlog=4096, reuse_address=True, ssl=self.tls
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = loop.call_later(0.25, self._sweep)
 
@@ -94,9 +103,14 @@ class SimServer:
 
     def stats(self) -> dict[str, Any]:
         """The GET /sim/stats dict: a copy, safe to take from another thread (each copy step holds the GIL)."""
-        return self._stats.snapshot(name=self.name, region=self.region, in_flight=self._in_flight,
-                                    connections_open=len(self._conns), schemas_seen=len(self._schemas),
-                                    profile=self.profile.to_dict())
+        return self._stats.snapshot(
+            name=self.name,
+            region=self.region,
+            in_flight=self._in_flight,
+            connections_open=len(self._conns),
+            schemas_seen=len(self._schemas),
+            profile=self.profile.to_dict(),
+        )
 
     def reset_stats(self) -> None:
         self._stats = SimStats(max_in_flight=self._in_flight)
@@ -139,19 +153,29 @@ class SimServer:
             if path == "/v1/models" or path.startswith("/v1/models/"):
                 self._models(conn, req)
             else:
-                conn.respond(404, error_body(f"Invalid URL ({req.method} {path})", "invalid_request_error",
-                                             "unknown_url"))
+                conn.respond(
+                    404,
+                    error_body(f"Invalid URL ({req.method} {path})", "invalid_request_error", "unknown_url"),
+                )
             return None
         if req.method != "POST":
-            conn.respond(405, error_body(f"Method {req.method} not allowed for {path}; use POST.",
-                                         "invalid_request_error", "method_not_allowed"))
+            conn.respond(
+                405,
+                error_body(
+                    f"Method {req.method} not allowed for {path}; use POST.",
+                    "invalid_request_error",
+                    "method_not_allowed",
+                ),
+            )
             return None
         rec = self._record(conn, req)
         try:
             prof = self.profile.with_overrides(req.overrides) if req.overrides else self.profile
         except ValueError as exc:
             self._stats.bad_requests += 1
-            self._answer(conn, rec, 400, error_body(str(exc), "invalid_request_error", "invalid_sim_override"))
+            self._answer(
+                conn, rec, 400, error_body(str(exc), "invalid_request_error", "invalid_sim_override")
+            )
             return None
         if not self._authorized(prof, req):
             self._stats.unauthorized += 1
@@ -161,7 +185,9 @@ class SimServer:
             ask = read_ask(endpoint, req.body)
         except BadRequest as exc:
             self._stats.bad_requests += 1
-            self._answer(conn, rec, 400, error_body(exc.message, "invalid_request_error", exc.code, exc.param))
+            self._answer(
+                conn, rec, 400, error_body(exc.message, "invalid_request_error", exc.code, exc.param)
+            )
             return None
         rec["model"] = ask.model
         rec["stream"] = ask.stream
@@ -169,8 +195,15 @@ class SimServer:
             self._stats.streams += 1
         return self._generate(conn, req, rec, endpoint, prof, ask)
 
-    def _generate(self, conn: Connection, req: Request, rec: dict[str, Any], endpoint: Endpoint,
-                  prof: SimProfile, ask: Ask) -> Exchange | None:
+    def _generate(
+        self,
+        conn: Connection,
+        req: Request,
+        rec: dict[str, Any],
+        endpoint: Endpoint,
+        prof: SimProfile,
+        ask: Ask,
+    ) -> Exchange | None:
         rng = self._rng
         if happens(prof.error_rate, rng):
             status = prof.error_status
@@ -194,9 +227,17 @@ class SimServer:
         tokens, finish = prof.tokens, "stop"
         if ask.max_tokens is not None and ask.max_tokens < tokens:
             tokens, finish = ask.max_tokens, "length"
-        answer = Answer(sim=self.name, serial=rec["serial"], model=ask.model, tokens=tokens, finish_reason=finish,
-                        prompt_tokens=ask.prompt_tokens, include_usage=ask.include_usage, created=int(req.started_at),
-                        cached_tokens=rec.get("cached_tokens") or 0)
+        answer = Answer(
+            sim=self.name,
+            serial=rec["serial"],
+            model=ask.model,
+            tokens=tokens,
+            finish_reason=finish,
+            prompt_tokens=ask.prompt_tokens,
+            include_usage=ask.include_usage,
+            created=int(req.started_at),
+            cached_tokens=rec.get("cached_tokens") or 0,
+        )
         if ask.content is not None:
             shape, tokens = rich_shape(endpoint, answer, ask.content, prof.tokens, ask.max_tokens)
             rec["content"] = ask.content.mode.value
@@ -205,9 +246,17 @@ class SimServer:
         if endpoint is Endpoint.EMBEDDINGS:
             tokens = 1  # one answer at ttft; the token count means nothing here
         request_id = req.headers.get("x-request-id") or f"req_{self.name}_{rec['serial']}"
-        plan = Plan(endpoint=endpoint, shape=shape, stream=ask.stream, tokens=tokens, ttft_s=ttft_ms / 1000.0,
-                    itl_s=prof.itl_ms / 1000.0, stall=stall, reset_after=prof.reset_after_tokens if reset else None,
-                    headers=self._name_header + header_line(b"x-request-id", request_id))
+        plan = Plan(
+            endpoint=endpoint,
+            shape=shape,
+            stream=ask.stream,
+            tokens=tokens,
+            ttft_s=ttft_ms / 1000.0,
+            itl_s=prof.itl_ms / 1000.0,
+            stall=stall,
+            reset_after=prof.reset_after_tokens if reset else None,
+            headers=self._name_header + header_line(b"x-request-id", request_id),
+        )
         self._in_flight += 1
         if self._in_flight > self._stats.max_in_flight:
             self._stats.max_in_flight = self._in_flight
@@ -244,8 +293,10 @@ class SimServer:
         """Prefill of the prompt tokens the prefix cache does not hold (all of them without a cache)."""
         cached = 0
         if prof.prefix_cache_tokens:
-            cached = min(prompt_tokens, self._prefix_cache.lookup_and_fill(prompt_text(orjson.loads(raw)),
-                                                                             prof.prefix_cache_tokens))
+            cached = min(
+                prompt_tokens,
+                self._prefix_cache.lookup_and_fill(prompt_text(orjson.loads(raw)), prof.prefix_cache_tokens),
+            )
         rec["cached_tokens"] = cached
         self._stats.prompt_tokens_cached += cached
         self._stats.prompt_tokens_uncached += prompt_tokens - cached
@@ -278,22 +329,46 @@ class SimServer:
         for k, v in h.items():
             if k.startswith(_SEEN_PREFIXES):
                 seen[k] = "***" if _SECRET.search(k) else v
-        rec = {"serial": self._serial, "path": req.path, "model": None, "stream": False,
-               "request_id": h.get("x-request-id"), "traceparent": h.get("traceparent"),
-               "tracestate": h.get("tracestate"), "user_agent": h.get("user-agent"),
-               "authorization_present": "authorization" in h or "api-key" in h, "headers_seen": seen,
-               "started_at": req.started_at, "first_byte_at": None, "ended_at": None, "outcome": None,
-               "status": None, "content": None, "cold_schema": False, "ttft_ms": None, "connection": conn.id}
+        rec = {
+            "serial": self._serial,
+            "path": req.path,
+            "model": None,
+            "stream": False,
+            "request_id": h.get("x-request-id"),
+            "traceparent": h.get("traceparent"),
+            "tracestate": h.get("tracestate"),
+            "user_agent": h.get("user-agent"),
+            "authorization_present": "authorization" in h or "api-key" in h,
+            "headers_seen": seen,
+            "started_at": req.started_at,
+            "first_byte_at": None,
+            "ended_at": None,
+            "outcome": None,
+            "status": None,
+            "content": None,
+            "cold_schema": False,
+            "ttft_ms": None,
+            "connection": conn.id,
+        }
         self._stats.recent.append(rec)
         return rec
 
-    def _answer(self, conn: Connection, rec: dict[str, Any], status: int, body: bytes,
-                outcome: Outcome = Outcome.ERROR, headers: bytes = b"") -> None:
+    def _answer(
+        self,
+        conn: Connection,
+        rec: dict[str, Any],
+        status: int,
+        body: bytes,
+        outcome: Outcome = Outcome.ERROR,
+        headers: bytes = b"",
+    ) -> None:
         """An immediate answer to a generation request that will not generate (error, 401, bad request)."""
         now = time.time()
         rec.update(status=status, outcome=outcome.value, first_byte_at=now, ended_at=now)
         request_id = rec["request_id"] or f"req_{self.name}_{rec['serial']}"
-        conn.respond(status, body, headers=self._name_header + header_line(b"x-request-id", request_id) + headers)
+        conn.respond(
+            status, body, headers=self._name_header + header_line(b"x-request-id", request_id) + headers
+        )
 
     @staticmethod
     def _authorized(prof: SimProfile, req: Request) -> bool:
@@ -306,13 +381,23 @@ class SimServer:
         return req.headers.get("api-key") == key
 
     def _unauthorized_body(self) -> bytes:
-        return error_body(f"Incorrect API key provided to simulated provider {self.name!r}. "
-                          "Check the deployment's api_key.", "invalid_request_error", "invalid_api_key")
+        return error_body(
+            f"Incorrect API key provided to simulated provider {self.name!r}. "
+            "Check the deployment's api_key.",
+            "invalid_request_error",
+            "invalid_api_key",
+        )
 
     def _models(self, conn: Connection, req: Request) -> None:
         if req.method != "GET":
-            conn.respond(405, error_body(f"Method {req.method} not allowed for {req.path}; use GET.",
-                                         "invalid_request_error", "method_not_allowed"))
+            conn.respond(
+                405,
+                error_body(
+                    f"Method {req.method} not allowed for {req.path}; use GET.",
+                    "invalid_request_error",
+                    "method_not_allowed",
+                ),
+            )
             return
         try:
             prof = self.profile.with_overrides(req.overrides) if req.overrides else self.profile
@@ -327,7 +412,7 @@ class SimServer:
         if req.path == "/v1/models":
             conn.respond(200, models_body(list(SIM_MODELS)))
         else:
-            conn.respond(200, orjson.dumps(model_entry(req.path[len("/v1/models/"):])))
+            conn.respond(200, orjson.dumps(model_entry(req.path[len("/v1/models/") :])))
 
     # -- admin -------------------------------------------------------------------------------------------
     def _admin(self, conn: Connection, req: Request) -> None:
@@ -348,7 +433,13 @@ class SimServer:
             self.reset_stats()
             conn.respond(200, b'{"ok":true}')
         elif path in ("/sim/profile", "/sim/stats", "/sim/reset"):
-            conn.respond(405, error_body(f"Method {method} not allowed for {path}.", "invalid_request_error",
-                                         "method_not_allowed"))
+            conn.respond(
+                405,
+                error_body(
+                    f"Method {method} not allowed for {path}.", "invalid_request_error", "method_not_allowed"
+                ),
+            )
         else:
-            conn.respond(404, error_body(f"Invalid URL ({method} {path})", "invalid_request_error", "unknown_url"))
+            conn.respond(
+                404, error_body(f"Invalid URL ({method} {path})", "invalid_request_error", "unknown_url")
+            )

@@ -48,16 +48,26 @@ class SimStats:
     prompt_tokens_uncached: int = 0  # and the ones prefilled (prefill_ms_per_1k each 1,000)
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT_MAX))
 
-    def snapshot(self, *, name: str, region: str, in_flight: int, connections_open: int, schemas_seen: int,
-                 profile: dict[str, Any]) -> dict[str, Any]:
+    def snapshot(
+        self,
+        *,
+        name: str,
+        region: str,
+        in_flight: int,
+        connections_open: int,
+        schemas_seen: int,
+        profile: dict[str, Any],
+    ) -> dict[str, Any]:
         return {
             "name": name,
             "region": region,
             "served": {e.value: self.served[e.value] for e in Endpoint},
             "requests": self.requests,
             "streams": self.streams,
-            "cancelled": {"before_first_byte": self.cancelled_before_first_byte,
-                          "mid_stream": self.cancelled_mid_stream},
+            "cancelled": {
+                "before_first_byte": self.cancelled_before_first_byte,
+                "mid_stream": self.cancelled_mid_stream,
+            },
             "stalled": self.stalled,
             "resets": self.resets,
             "errors_injected": dict(self.errors_injected),

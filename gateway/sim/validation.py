@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 _RANGES = (  # (field, low, high)
-    ("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0), ("presence_penalty", -2.0, 2.0),
+    ("temperature", 0.0, 2.0),
+    ("top_p", 0.0, 1.0),
+    ("presence_penalty", -2.0, 2.0),
     ("frequency_penalty", -2.0, 2.0),
 )
 _INT_RANGES = (("n", 1, 128), ("top_logprobs", 0, 20))
@@ -46,8 +48,11 @@ def _number(body: dict[str, Any], name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRequest(f"Invalid type for '{name}': expected a decimal, but got {_kind(value)} instead.", name,
-                         "invalid_type")
+        raise BadRequest(
+            f"Invalid type for '{name}': expected a decimal, but got {_kind(value)} instead.",
+            name,
+            "invalid_type",
+        )
     return float(value)
 
 
@@ -56,8 +61,11 @@ def _integer(body: dict[str, Any], name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"Invalid type for '{name}': expected an integer, but got {_kind(value)} instead.", name,
-                         "invalid_type")
+        raise BadRequest(
+            f"Invalid type for '{name}': expected an integer, but got {_kind(value)} instead.",
+            name,
+            "invalid_type",
+        )
     return value
 
 
@@ -66,16 +74,28 @@ def check_sampling(body: dict[str, Any]) -> None:
     for name, low, high in _RANGES:
         value = _number(body, name)
         if value is not None and value < low:
-            raise BadRequest(f"Invalid '{name}': decimal below minimum value. Expected a value >= {low:g}, but got "
-                             f"{value:g} instead.", name, "decimal_below_min_value")
+            raise BadRequest(
+                f"Invalid '{name}': decimal below minimum value. Expected a value >= {low:g}, but got "
+                f"{value:g} instead.",
+                name,
+                "decimal_below_min_value",
+            )
         if value is not None and value > high:
-            raise BadRequest(f"Invalid '{name}': decimal above maximum value. Expected a value <= {high:g}, but got "
-                             f"{value:g} instead.", name, "decimal_above_max_value")
+            raise BadRequest(
+                f"Invalid '{name}': decimal above maximum value. Expected a value <= {high:g}, but got "
+                f"{value:g} instead.",
+                name,
+                "decimal_above_max_value",
+            )
     for name in _TOKEN_FIELDS:
         value = _integer(body, name)
         if value is not None and value < 1:
-            raise BadRequest(f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but got "
-                             f"{value} instead.", name, "integer_below_min_value")
+            raise BadRequest(
+                f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but got "
+                f"{value} instead.",
+                name,
+                "integer_below_min_value",
+            )
 
 
 def check_chat(body: dict[str, Any]) -> None:
@@ -83,29 +103,47 @@ def check_chat(body: dict[str, Any]) -> None:
         raise BadRequest("Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
     messages = body["messages"]
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise BadRequest(f"Invalid type for 'messages': expected an array of objects, but got {_kind(messages)} "
-                         "instead.", "messages", "invalid_type")
+        raise BadRequest(
+            f"Invalid type for 'messages': expected an array of objects, but got {_kind(messages)} instead.",
+            "messages",
+            "invalid_type",
+        )
     check_sampling(body)
     for name, low, high in _INT_RANGES:
         value = _integer(body, name)
         if value is not None and not low <= value <= high:
-            raise BadRequest(f"Invalid '{name}': integer out of range. Expected a value between {low} and {high}, "
-                             f"but got {value} instead.", name, "integer_out_of_range")
+            raise BadRequest(
+                f"Invalid '{name}': integer out of range. Expected a value between {low} and {high}, "
+                f"but got {value} instead.",
+                name,
+                "integer_out_of_range",
+            )
     logprobs = body.get("logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
-        raise BadRequest(f"Invalid type for 'logprobs': expected a boolean, but got {_kind(logprobs)} instead.",
-                         "logprobs", "invalid_type")
+        raise BadRequest(
+            f"Invalid type for 'logprobs': expected a boolean, but got {_kind(logprobs)} instead.",
+            "logprobs",
+            "invalid_type",
+        )
     if body.get("top_logprobs") is not None and logprobs is not True:
-        raise BadRequest("Invalid value for 'logprobs': must be true when 'top_logprobs' is set.", "logprobs",
-                         "invalid_value")
+        raise BadRequest(
+            "Invalid value for 'logprobs': must be true when 'top_logprobs' is set.",
+            "logprobs",
+            "invalid_value",
+        )
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, str):
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise BadRequest("Invalid type for 'stop': expected a string or an array of strings.", "stop",
-                             "invalid_type")
+            raise BadRequest(
+                "Invalid type for 'stop': expected a string or an array of strings.", "stop", "invalid_type"
+            )
         if len(stop) > MAX_STOPS:
-            raise BadRequest(f"Invalid 'stop': array too long. Expected an array with maximum length {MAX_STOPS}, "
-                             f"but got an array with length {len(stop)} instead.", "stop", "array_above_max_length")
+            raise BadRequest(
+                f"Invalid 'stop': array too long. Expected an array with maximum length {MAX_STOPS}, "
+                f"but got an array with length {len(stop)} instead.",
+                "stop",
+                "array_above_max_length",
+            )
     names = check_tools(body.get("tools"), nested=True)
     check_tool_choice(body.get("tool_choice"), names, nested=True)
     check_response_format(body.get("response_format"), messages)
@@ -122,14 +160,23 @@ def check_responses(body: dict[str, Any]) -> None:
     if isinstance(fmt, dict):
         kind = fmt.get("type")
         if kind not in FORMATS:
-            raise BadRequest(f"Invalid value: '{kind}'. Supported values are: 'text', 'json_object', and "
-                             "'json_schema'.", "text.format.type", "invalid_value")
+            raise BadRequest(
+                f"Invalid value: '{kind}'. Supported values are: 'text', 'json_object', and 'json_schema'.",
+                "text.format.type",
+                "invalid_value",
+            )
         if kind == "json_schema" and not isinstance(fmt.get("name"), str):
-            raise BadRequest("Missing required parameter: 'text.format.name'.", "text.format.name",
-                             "missing_required_parameter")
+            raise BadRequest(
+                "Missing required parameter: 'text.format.name'.",
+                "text.format.name",
+                "missing_required_parameter",
+            )
         if kind == "json_schema" and not isinstance(fmt.get("schema"), dict):
-            raise BadRequest("Missing required parameter: 'text.format.schema'.", "text.format.schema",
-                             "missing_required_parameter")
+            raise BadRequest(
+                "Missing required parameter: 'text.format.schema'.",
+                "text.format.schema",
+                "missing_required_parameter",
+            )
 
 
 def check_tools(tools: Any, *, nested: bool) -> list[str]:
@@ -137,24 +184,34 @@ def check_tools(tools: Any, *, nested: bool) -> list[str]:
     if tools is None:
         return []
     if not isinstance(tools, list):
-        raise BadRequest(f"Invalid type for 'tools': expected an array of objects, but got {_kind(tools)} instead.",
-                         "tools", "invalid_type")
+        raise BadRequest(
+            f"Invalid type for 'tools': expected an array of objects, but got {_kind(tools)} instead.",
+            "tools",
+            "invalid_type",
+        )
     names = []
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict):
-            raise BadRequest(f"Invalid type for 'tools[{i}]': expected an object, but got {_kind(tool)} instead.",
-                             f"tools[{i}]", "invalid_type")
+            raise BadRequest(
+                f"Invalid type for 'tools[{i}]': expected an object, but got {_kind(tool)} instead.",
+                f"tools[{i}]",
+                "invalid_type",
+            )
         if tool.get("type") != "function":
             if nested:
-                raise BadRequest(f"Invalid value for 'tools[{i}].type': expected 'function'.", f"tools[{i}].type",
-                                 "invalid_value")
+                raise BadRequest(
+                    f"Invalid value for 'tools[{i}].type': expected 'function'.",
+                    f"tools[{i}].type",
+                    "invalid_value",
+                )
             continue  # the Responses API's built-in tools (web_search ...): never called here
         spec = tool.get("function") if nested else tool
         where = f"tools[{i}].function" if nested else f"tools[{i}]"
         name = spec.get("name") if isinstance(spec, dict) else None
         if not isinstance(name, str) or not name:
-            raise BadRequest(f"Missing required parameter: '{where}.name'.", f"{where}.name",
-                             "missing_required_parameter")
+            raise BadRequest(
+                f"Missing required parameter: '{where}.name'.", f"{where}.name", "missing_required_parameter"
+            )
         names.append(name)
     return names
 
@@ -164,45 +221,74 @@ def check_tool_choice(choice: Any, names: list[str], *, nested: bool) -> None:
         return
     if isinstance(choice, str):
         if choice not in TOOL_CHOICES:
-            raise BadRequest(f"Invalid value: '{choice}'. Supported values are: 'none', 'auto', and 'required'.",
-                             "tool_choice", "invalid_value")
+            raise BadRequest(
+                f"Invalid value: '{choice}'. Supported values are: 'none', 'auto', and 'required'.",
+                "tool_choice",
+                "invalid_value",
+            )
         if choice == "required" and not names:
-            raise BadRequest("Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
-                             "specified.", "tool_choice", None)
+            raise BadRequest(
+                "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+                "tool_choice",
+                None,
+            )
         return
     if not isinstance(choice, dict):
-        raise BadRequest(f"Invalid type for 'tool_choice': expected a string or an object, but got {_kind(choice)} "
-                         "instead.", "tool_choice", "invalid_type")
+        raise BadRequest(
+            f"Invalid type for 'tool_choice': expected a string or an object, but got {_kind(choice)} "
+            "instead.",
+            "tool_choice",
+            "invalid_type",
+        )
     if choice.get("type") != "function":
         return  # allowed_tools, built-in tools, custom tools: left to the model
     spec = choice.get("function") if nested else choice
     name = spec.get("name") if isinstance(spec, dict) else None
     if name not in names:
-        raise BadRequest(f"Invalid value for 'tool_choice': function '{name}' is not among the 'tools'.",
-                         "tool_choice", "invalid_value")
+        raise BadRequest(
+            f"Invalid value for 'tool_choice': function '{name}' is not among the 'tools'.",
+            "tool_choice",
+            "invalid_value",
+        )
 
 
 def check_response_format(fmt: Any, messages: list[Any]) -> None:
     if fmt is None:
         return
     if not isinstance(fmt, dict):
-        raise BadRequest(f"Invalid type for 'response_format': expected an object, but got {_kind(fmt)} instead.",
-                         "response_format", "invalid_type")
+        raise BadRequest(
+            f"Invalid type for 'response_format': expected an object, but got {_kind(fmt)} instead.",
+            "response_format",
+            "invalid_type",
+        )
     kind = fmt.get("type")
     if kind not in FORMATS:
-        raise BadRequest(f"Invalid value: '{kind}'. Supported values are: 'text', 'json_object', and "
-                         "'json_schema'.", "response_format.type", "invalid_value")
+        raise BadRequest(
+            f"Invalid value: '{kind}'. Supported values are: 'text', 'json_object', and 'json_schema'.",
+            "response_format.type",
+            "invalid_value",
+        )
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict):
-            raise BadRequest("Missing required parameter: 'response_format.json_schema'.",
-                             "response_format.json_schema", "missing_required_parameter")
+            raise BadRequest(
+                "Missing required parameter: 'response_format.json_schema'.",
+                "response_format.json_schema",
+                "missing_required_parameter",
+            )
         if not isinstance(spec.get("name"), str) or not spec["name"]:
-            raise BadRequest("Missing required parameter: 'response_format.json_schema.name'.",
-                             "response_format.json_schema.name", "missing_required_parameter")
+            raise BadRequest(
+                "Missing required parameter: 'response_format.json_schema.name'.",
+                "response_format.json_schema.name",
+                "missing_required_parameter",
+            )
     elif kind == "json_object" and not any("json" in text.lower() for text in message_texts(messages)):
-        raise BadRequest("'messages' must contain the word 'json' in some form, to use 'response_format' of type "
-                         "'json_object'.", "messages", None)
+        raise BadRequest(
+            "'messages' must contain the word 'json' in some form, to use 'response_format' of type "
+            "'json_object'.",
+            "messages",
+            None,
+        )
 
 
 def message_texts(messages: list[Any]) -> list[str]:

@@ -90,30 +90,64 @@ class ChatShape(Shape):
     def _pre(self) -> bytes:
         if not self._pre_bytes:  # built on first use: non-stream answers never need it
             a = self.a
-            self._pre_bytes = _chunk_prefix({"id": self.id, "object": "chat.completion.chunk",
-                                             "created": a.created, "model": a.model, "system_fingerprint": "fp_sim"})
+            self._pre_bytes = _chunk_prefix(
+                {
+                    "id": self.id,
+                    "object": "chat.completion.chunk",
+                    "created": a.created,
+                    "model": a.model,
+                    "system_fingerprint": "fp_sim",
+                }
+            )
         return self._pre_bytes
 
     def usage(self) -> dict[str, Any]:
         a = self.a
-        return {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.tokens,
-                "total_tokens": a.prompt_tokens + a.tokens,
-                "prompt_tokens_details": {"cached_tokens": a.cached_tokens, "audio_tokens": 0},
-                "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
-                                              "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
+        return {
+            "prompt_tokens": a.prompt_tokens,
+            "completion_tokens": a.tokens,
+            "total_tokens": a.prompt_tokens + a.tokens,
+            "prompt_tokens_details": {"cached_tokens": a.cached_tokens, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        }
 
     def body(self) -> bytes:
         a = self.a
-        return orjson.dumps({
-            "id": self.id, "object": "chat.completion", "created": a.created, "model": a.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": a.text(), "refusal": None,
-                                                 "annotations": []},
-                         "logprobs": None, "finish_reason": a.finish_reason}],
-            "usage": self.usage(), "service_tier": "default", "system_fingerprint": "fp_sim"})
+        return orjson.dumps(
+            {
+                "id": self.id,
+                "object": "chat.completion",
+                "created": a.created,
+                "model": a.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {
+                            "role": "assistant",
+                            "content": a.text(),
+                            "refusal": None,
+                            "annotations": [],
+                        },
+                        "logprobs": None,
+                        "finish_reason": a.finish_reason,
+                    }
+                ],
+                "usage": self.usage(),
+                "service_tier": "default",
+                "system_fingerprint": "fp_sim",
+            }
+        )
 
     def preface(self) -> bytes:
-        return (self._pre + b'{"index":0,"delta":{"role":"assistant","content":"","refusal":null},'
-                b'"logprobs":null,"finish_reason":null}' + self._suf)
+        return (
+            self._pre + b'{"index":0,"delta":{"role":"assistant","content":"","refusal":null},'
+            b'"logprobs":null,"finish_reason":null}' + self._suf
+        )
 
     def tokens(self, start: int, stop: int) -> bytes:
         head = self._pre + b'{"index":0,"delta":{"content":' + self.a.json_head()
@@ -122,8 +156,13 @@ class ChatShape(Shape):
 
     def closing(self) -> bytes:
         a = self.a
-        out = (self._pre + b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"'
-               + a.finish_reason.encode() + b'"}' + self._suf)
+        out = (
+            self._pre
+            + b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"'
+            + a.finish_reason.encode()
+            + b'"}'
+            + self._suf
+        )
         if a.include_usage:
             out += self._pre + b'],"usage":' + orjson.dumps(self.usage()) + b"}\n\n"
         return out + DONE
@@ -140,22 +179,40 @@ class CompletionShape(Shape):
     def _pre(self) -> bytes:
         if not self._pre_bytes:
             a = self.a
-            self._pre_bytes = _chunk_prefix({"id": self.id, "object": "text_completion", "created": a.created,
-                                             "model": a.model, "system_fingerprint": "fp_sim"})
+            self._pre_bytes = _chunk_prefix(
+                {
+                    "id": self.id,
+                    "object": "text_completion",
+                    "created": a.created,
+                    "model": a.model,
+                    "system_fingerprint": "fp_sim",
+                }
+            )
         return self._pre_bytes
 
     def usage(self) -> dict[str, Any]:
         a = self.a
-        return {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.tokens,
-                "total_tokens": a.prompt_tokens + a.tokens}
+        return {
+            "prompt_tokens": a.prompt_tokens,
+            "completion_tokens": a.tokens,
+            "total_tokens": a.prompt_tokens + a.tokens,
+        }
 
     def body(self) -> bytes:
         a = self.a
-        return orjson.dumps({
-            "id": self.id, "object": "text_completion", "created": a.created, "model": a.model,
-            "system_fingerprint": "fp_sim",
-            "choices": [{"text": a.text(), "index": 0, "logprobs": None, "finish_reason": a.finish_reason}],
-            "usage": self.usage()})
+        return orjson.dumps(
+            {
+                "id": self.id,
+                "object": "text_completion",
+                "created": a.created,
+                "model": a.model,
+                "system_fingerprint": "fp_sim",
+                "choices": [
+                    {"text": a.text(), "index": 0, "logprobs": None, "finish_reason": a.finish_reason}
+                ],
+                "usage": self.usage(),
+            }
+        )
 
     def tokens(self, start: int, stop: int) -> bytes:
         head = self._pre + b'{"text":' + self.a.json_head()
@@ -164,8 +221,13 @@ class CompletionShape(Shape):
 
     def closing(self) -> bytes:
         a = self.a
-        out = (self._pre + b'{"text":"","index":0,"logprobs":null,"finish_reason":"'
-               + a.finish_reason.encode() + b'"}' + self._suf)
+        out = (
+            self._pre
+            + b'{"text":"","index":0,"logprobs":null,"finish_reason":"'
+            + a.finish_reason.encode()
+            + b'"}'
+            + self._suf
+        )
         if a.include_usage:
             out += self._pre + b'],"usage":' + orjson.dumps(self.usage()) + b"}\n\n"
         return out + DONE
@@ -183,13 +245,27 @@ class ResponsesShape(Shape):
         self._item_id_json = orjson.dumps(self.item_id)
 
     def _event(self, kind: str, seq: int, data: dict[str, Any]) -> bytes:
-        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, "sequence_number": seq, **data}) \
+        return (
+            b"event: "
+            + kind.encode()
+            + b"\ndata: "
+            + orjson.dumps({"type": kind, "sequence_number": seq, **data})
             + b"\n\n"
+        )
 
     def _message(self, done: bool) -> dict[str, Any]:
-        content = [{"type": "output_text", "text": self.a.text(), "annotations": [], "logprobs": []}] if done else []
-        return {"id": self.item_id, "type": "message", "status": "completed" if done else "in_progress",
-                "role": "assistant", "content": content}
+        content = (
+            [{"type": "output_text", "text": self.a.text(), "annotations": [], "logprobs": []}]
+            if done
+            else []
+        )
+        return {
+            "id": self.item_id,
+            "type": "message",
+            "status": "completed" if done else "in_progress",
+            "role": "assistant",
+            "content": content,
+        }
 
     def response(self, done: bool) -> dict[str, Any]:
         a = self.a
@@ -197,36 +273,72 @@ class ResponsesShape(Shape):
         status = ("incomplete" if incomplete else "completed") if done else "in_progress"
         usage = None
         if done:
-            usage = {"input_tokens": a.prompt_tokens, "input_tokens_details": {"cached_tokens": a.cached_tokens},
-                     "output_tokens": a.tokens, "output_tokens_details": {"reasoning_tokens": 0},
-                     "total_tokens": a.prompt_tokens + a.tokens}
-        return {"id": self.id, "object": "response", "created_at": a.created, "status": status,
-                "background": False, "error": None,
-                "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-                "instructions": None, "max_output_tokens": self.max_output_tokens, "model": a.model,
-                "output": [self._message(True)] if done else [], "parallel_tool_calls": True,
-                "previous_response_id": None, "reasoning": {"effort": None, "summary": None},
-                "service_tier": "default", "store": False, "temperature": 1.0,
-                "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [], "top_p": 1.0,
-                "truncation": "disabled", "usage": usage, "user": None, "metadata": {}}
+            usage = {
+                "input_tokens": a.prompt_tokens,
+                "input_tokens_details": {"cached_tokens": a.cached_tokens},
+                "output_tokens": a.tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": a.prompt_tokens + a.tokens,
+            }
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": a.created,
+            "status": status,
+            "background": False,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "instructions": None,
+            "max_output_tokens": self.max_output_tokens,
+            "model": a.model,
+            "output": [self._message(True)] if done else [],
+            "parallel_tool_calls": True,
+            "previous_response_id": None,
+            "reasoning": {"effort": None, "summary": None},
+            "service_tier": "default",
+            "store": False,
+            "temperature": 1.0,
+            "text": {"format": {"type": "text"}},
+            "tool_choice": "auto",
+            "tools": [],
+            "top_p": 1.0,
+            "truncation": "disabled",
+            "usage": usage,
+            "user": None,
+            "metadata": {},
+        }
 
     def body(self) -> bytes:
         return orjson.dumps(self.response(True))
 
     def opening(self) -> bytes:
         pending = self.response(False)
-        return (self._event("response.created", 0, {"response": pending})
-                + self._event("response.in_progress", 1, {"response": pending}))
+        return self._event("response.created", 0, {"response": pending}) + self._event(
+            "response.in_progress", 1, {"response": pending}
+        )
 
     def preface(self) -> bytes:
-        return (self._event("response.output_item.added", 2, {"output_index": 0, "item": self._message(False)})
-                + self._event("response.content_part.added", 3, {
-                    "item_id": self.item_id, "output_index": 0, "content_index": 0,
-                    "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}))
+        return self._event(
+            "response.output_item.added", 2, {"output_index": 0, "item": self._message(False)}
+        ) + self._event(
+            "response.content_part.added",
+            3,
+            {
+                "item_id": self.item_id,
+                "output_index": 0,
+                "content_index": 0,
+                "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []},
+            },
+        )
 
     def tokens(self, start: int, stop: int) -> bytes:
         head = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":'
-        mid = b',"item_id":' + self._item_id_json + b',"output_index":0,"content_index":0,"delta":' + self.a.json_head()
+        mid = (
+            b',"item_id":'
+            + self._item_id_json
+            + b',"output_index":0,"content_index":0,"delta":'
+            + self.a.json_head()
+        )
         tail = b' ","logprobs":[]}\n\n'
         return b"".join([head + b"%d" % (4 + i) + mid + b"%d" % i + tail for i in range(start, stop)])
 
@@ -235,10 +347,14 @@ class ResponsesShape(Shape):
         text = self.a.text()
         part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
         where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
-        return (self._event("response.output_text.done", seq, {**where, "text": text, "logprobs": []})
-                + self._event("response.content_part.done", seq + 1, {**where, "part": part})
-                + self._event("response.output_item.done", seq + 2, {"output_index": 0, "item": self._message(True)})
-                + self._event("response.completed", seq + 3, {"response": self.response(True)}))
+        return (
+            self._event("response.output_text.done", seq, {**where, "text": text, "logprobs": []})
+            + self._event("response.content_part.done", seq + 1, {**where, "part": part})
+            + self._event(
+                "response.output_item.done", seq + 2, {"output_index": 0, "item": self._message(True)}
+            )
+            + self._event("response.completed", seq + 3, {"response": self.response(True)})
+        )
 
 
 def embedding_vector(text: Any, dim: int) -> list[float]:
@@ -290,12 +406,19 @@ _INJECTED = {
     400: ("Simulated bad request.", "invalid_request_error", None),
     401: ("Incorrect API key provided (simulated).", "invalid_request_error", "invalid_api_key"),
     403: ("Simulated permission denied.", "invalid_request_error", None),
-    404: ("Simulated: the model does not exist or you do not have access to it.", "invalid_request_error",
-          "model_not_found"),
+    404: (
+        "Simulated: the model does not exist or you do not have access to it.",
+        "invalid_request_error",
+        "model_not_found",
+    ),
     408: ("Simulated request timeout.", "timeout", None),
     409: ("Simulated conflict.", "invalid_request_error", None),
     422: ("Simulated unprocessable request.", "invalid_request_error", None),
-    429: ("Rate limit reached for requests (simulated). Please try again later.", "requests", "rate_limit_exceeded"),
+    429: (
+        "Rate limit reached for requests (simulated). Please try again later.",
+        "requests",
+        "rate_limit_exceeded",
+    ),
     500: ("The server had an error while processing your request (simulated).", "server_error", None),
     502: ("Bad gateway (simulated).", "server_error", None),
     503: ("The server is overloaded or not ready yet (simulated).", "server_error", None),

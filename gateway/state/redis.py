@@ -83,11 +83,11 @@ class RedisState:
         for k in batch.read_keys:  # GET each, not MGET: on a cluster the keys live on different nodes
             pipe.get(k)
         out = await pipe.execute()
-        out = out[2 * len(batch.hset):]
+        out = out[2 * len(batch.hset) :]
         hashes = {}
         for k, v in zip(batch.read_hashes, out, strict=False):
             hashes[k] = {f.decode() if isinstance(f, bytes) else f: val for f, val in v.items()}
-        keys: dict[str, bytes | None] = dict(zip(batch.read_keys, out[len(batch.read_hashes):], strict=True))
+        keys: dict[str, bytes | None] = dict(zip(batch.read_keys, out[len(batch.read_hashes) :], strict=True))
         return SyncResult(hashes, keys)
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
@@ -135,5 +135,11 @@ def make_state(cfg: StateConfig) -> RedisState | MemoryState:
 def redis_target(cfg: StateConfig, url: str | None = None, timeout_s: float | None = None) -> RedisTarget:
     """A ``RedisTarget`` from the ``state`` config section (``url`` overrides ``state.redis_url``)."""
     sentinels = tuple((h, int(p)) for h, _, p in (s.rpartition(":") for s in cfg.sentinels))
-    return RedisTarget(cfg.redis_mode, url or cfg.redis_url, sentinels, cfg.sentinel_master or "",
-                       cfg.sentinel_password, timeout_s if timeout_s is not None else cfg.timeout_ms / 1000.0)
+    return RedisTarget(
+        cfg.redis_mode,
+        url or cfg.redis_url,
+        sentinels,
+        cfg.sentinel_master or "",
+        cfg.sentinel_password,
+        timeout_s if timeout_s is not None else cfg.timeout_ms / 1000.0,
+    )

@@ -47,19 +47,42 @@ class Topology:
             self.client = RedisCluster.from_url(target.url, **sockets)
         elif target.mode == "sentinel":
             kw: dict[str, Any] = dict(parse_url(target.url))
-            for k in ("host", "port", "path", "connection_class", "socket_timeout", "socket_connect_timeout",
-                      "health_check_interval"):  # where to connect comes from the sentinels, how long from timeout_ms
+            for k in (
+                "host",
+                "port",
+                "path",
+                "connection_class",
+                "socket_timeout",
+                "socket_connect_timeout",
+                "health_check_interval",
+            ):  # where to connect comes from the sentinels, how long from timeout_ms
                 kw.pop(k, None)
             tls = target.url.startswith("rediss:")
-            tls_options = {k: v for k, v in kw.items() if k.startswith("ssl_")}  # the sentinels' TLS as the primary's
-            self._sentinel = Sentinel(list(target.sentinels), sentinel_kwargs={
-                **sockets, **tls_options, "password": target.sentinel_password, "ssl": tls,
-                "retry": Retry(NoBackoff(), 0)})
-            self.client = self._sentinel.master_for(target.sentinel_master, ssl=tls, retry=Retry(NoBackoff(), 0),
-                                                    health_check_interval=0, **sockets, **kw)
+            tls_options = {
+                k: v for k, v in kw.items() if k.startswith("ssl_")
+            }  # the sentinels' TLS as the primary's
+            self._sentinel = Sentinel(
+                list(target.sentinels),
+                sentinel_kwargs={
+                    **sockets,
+                    **tls_options,
+                    "password": target.sentinel_password,
+                    "ssl": tls,
+                    "retry": Retry(NoBackoff(), 0),
+                },
+            )
+            self.client = self._sentinel.master_for(
+                target.sentinel_master,
+                ssl=tls,
+                retry=Retry(NoBackoff(), 0),
+                health_check_interval=0,
+                **sockets,
+                **kw,
+            )
         else:
-            self.client = aioredis.from_url(target.url, **sockets, health_check_interval=0,
-                                            retry=Retry(NoBackoff(), 0))
+            self.client = aioredis.from_url(
+                target.url, **sockets, health_check_interval=0, retry=Retry(NoBackoff(), 0)
+            )
 
     def primaries(self) -> list[str]:
         if self.mode == "cluster":

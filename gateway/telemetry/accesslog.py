@@ -25,13 +25,49 @@ import orjson
 
 # Field order of the JSON record; also the documented schema (docs/operations.md).
 FIELDS = (
-    "start_time", "request_id", "traceparent", "method", "path", "model", "stream", "response_code",
-    "response_flags", "duration_ms", "request_duration_ms", "response_duration_ms", "response_tx_duration_ms",
-    "ttft_ms", "upstream_service_time_ms", "gateway_overhead_ms", "upstream_host", "upstream_cluster",
-    "upstream_region", "upstream_model", "upstream_connect_ms", "upstream_reused_connection", "pool_wait_ms",
-    "attempts", "retry_count", "hedge_count", "hedge_winner", "hedge_delay_ms", "hedge_loser", "backoff_ms",
-    "timeout_flag", "route_reason", "affinity_key", "fallback_from", "fallback_reason", "error_type", "bytes_received",
-    "bytes_sent", "prompt_tokens", "completion_tokens", "user_agent", "downstream_remote_address", "api_key_id",
+    "start_time",
+    "request_id",
+    "traceparent",
+    "method",
+    "path",
+    "model",
+    "stream",
+    "response_code",
+    "response_flags",
+    "duration_ms",
+    "request_duration_ms",
+    "response_duration_ms",
+    "response_tx_duration_ms",
+    "ttft_ms",
+    "upstream_service_time_ms",
+    "gateway_overhead_ms",
+    "upstream_host",
+    "upstream_cluster",
+    "upstream_region",
+    "upstream_model",
+    "upstream_connect_ms",
+    "upstream_reused_connection",
+    "pool_wait_ms",
+    "attempts",
+    "retry_count",
+    "hedge_count",
+    "hedge_winner",
+    "hedge_delay_ms",
+    "hedge_loser",
+    "backoff_ms",
+    "timeout_flag",
+    "route_reason",
+    "affinity_key",
+    "fallback_from",
+    "fallback_reason",
+    "error_type",
+    "bytes_received",
+    "bytes_sent",
+    "prompt_tokens",
+    "completion_tokens",
+    "user_agent",
+    "downstream_remote_address",
+    "api_key_id",
 )
 
 
@@ -46,12 +82,12 @@ def format_text(rec: dict[str, Any]) -> bytes:
     q = _escaped
     line = (
         f'[{rec["start_time"]}] "{q(rec["method"])} {q(rec["path"])} HTTP/1.1" {rec["response_code"]} '
-        f'{q(rec["response_flags"])} {rec["bytes_received"]} {rec["bytes_sent"]} {q(_int(rec["duration_ms"]))} '
+        f"{q(rec['response_flags'])} {rec['bytes_received']} {rec['bytes_sent']} {q(_int(rec['duration_ms']))} "
         f'{q(_int(rec["upstream_service_time_ms"]))} "{q(rec["downstream_remote_address"])}" '
         f'"{q(rec["user_agent"])}" "{q(rec["request_id"])}" "{q(rec["model"])}" "{q(rec["upstream_host"])}" '
-        f'ttft_ms={q(rec["ttft_ms"])} overhead_ms={q(rec["gateway_overhead_ms"])} '
-        f'cluster={q(rec["upstream_cluster"])} attempts={q(rec["attempts"])} hedges={q(rec["hedge_count"])} '
-        f'route={q(rec["route_reason"])} traceparent={q(rec["traceparent"])}\n'
+        f"ttft_ms={q(rec['ttft_ms'])} overhead_ms={q(rec['gateway_overhead_ms'])} "
+        f"cluster={q(rec['upstream_cluster'])} attempts={q(rec['attempts'])} hedges={q(rec['hedge_count'])} "
+        f"route={q(rec['route_reason'])} traceparent={q(rec['traceparent'])}\n"
     )
     return line.encode()
 

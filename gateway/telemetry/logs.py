@@ -18,7 +18,11 @@ import orjson
 REQUEST_ID: ContextVar[str | None] = ContextVar("llmgw_request_id", default=None)
 
 # LogRecord attributes that are not caller-supplied `extra` fields.
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -51,12 +55,18 @@ def log_config(level: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": f"{__name__}.JsonFormatter"}},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+        },
         "root": {"handlers": ["stderr"], "level": lvl},
         "loggers": {
             # uvicorn's own loggers come with handlers of their own unless told otherwise: route them to ours.
             "uvicorn": {"handlers": [], "level": lvl, "propagate": True},
             "uvicorn.error": {"handlers": [], "level": lvl, "propagate": True},
-            "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": True},  # the access log is ours
+            "uvicorn.access": {
+                "handlers": [],
+                "level": "WARNING",
+                "propagate": True,
+            },  # the access log is ours
         },
     }

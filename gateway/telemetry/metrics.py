@@ -36,8 +36,30 @@ from prometheus_client.utils import floatToGoString
 # Gateway overhead lives in microseconds; upstream time in hundreds of ms to minutes.
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 # Up to and past the default 300 s deadline (timeouts.total_ms), so a request that uses it all lands in a bucket.
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0,
-                   120.0, 180.0, 300.0, 600.0)
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    180.0,
+    300.0,
+    600.0,
+)
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -123,7 +145,9 @@ class _LoopMetric(Generic[_S]):
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self.children: dict[tuple[str, ...], _S] = {}
-        self._plain: _S | None = None if self.labelnames else self._new()  # unlabelled: the metric is its own child
+        self._plain: _S | None = (
+            None if self.labelnames else self._new()
+        )  # unlabelled: the metric is its own child
 
     def _new(self) -> _S:
         raise NotImplementedError
@@ -176,8 +200,9 @@ class LoopGauge(_LoopValueMetric):
 
 
 class LoopHistogram(_LoopMetric[_Buckets]):
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (),
-                 buckets: Sequence[float] = ()) -> None:
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str] = (), buckets: Sequence[float] = ()
+    ) -> None:
         self.bounds = tuple(float(b) for b in buckets if b != float("inf"))
         self._le = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
         super().__init__(name, documentation, labelnames)
@@ -232,70 +257,150 @@ class Metrics:
             GCCollector(registry=reg)  # python_gc_*: collections per generation, to tell GC pauses apart
             ProcessCollector(registry=reg)  # process_*: CPU seconds, resident memory, open fds
 
-        self.requests = self._counter("llmgw_requests_total", "Client requests by outcome.",
-                                ["model", "deployment", "region", "code", "flags"])
-        self.request_duration = self._histogram("llmgw_request_duration_seconds", "Whole request, first byte in to last byte out.",
-                                          ["model", "stream"], buckets=LATENCY_BUCKETS)
-        self.ttft = self._histogram("llmgw_ttft_seconds",
-                                    "Time to first content token as the client saw it (stream=false: the whole response).",
-                                    ["model", "deployment", "stream"], buckets=LATENCY_BUCKETS)
-        self.upstream_duration = self._histogram("llmgw_upstream_duration_seconds", "Upstream service time of the winning attempt.",
-                                           ["model", "deployment"], buckets=LATENCY_BUCKETS)
-        self.overhead = self._histogram("llmgw_gateway_overhead_seconds", "Time the gateway itself added to a request.",
-                                  ["model"], buckets=OVERHEAD_BUCKETS)
-        self.attempts = self._counter("llmgw_upstream_attempts_total", "Upstream attempts by outcome.",
-                                ["model", "deployment", "outcome"])
+        self.requests = self._counter(
+            "llmgw_requests_total",
+            "Client requests by outcome.",
+            ["model", "deployment", "region", "code", "flags"],
+        )
+        self.request_duration = self._histogram(
+            "llmgw_request_duration_seconds",
+            "Whole request, first byte in to last byte out.",
+            ["model", "stream"],
+            buckets=LATENCY_BUCKETS,
+        )
+        self.ttft = self._histogram(
+            "llmgw_ttft_seconds",
+            "Time to first content token as the client saw it (stream=false: the whole response).",
+            ["model", "deployment", "stream"],
+            buckets=LATENCY_BUCKETS,
+        )
+        self.upstream_duration = self._histogram(
+            "llmgw_upstream_duration_seconds",
+            "Upstream service time of the winning attempt.",
+            ["model", "deployment"],
+            buckets=LATENCY_BUCKETS,
+        )
+        self.overhead = self._histogram(
+            "llmgw_gateway_overhead_seconds",
+            "Time the gateway itself added to a request.",
+            ["model"],
+            buckets=OVERHEAD_BUCKETS,
+        )
+        self.attempts = self._counter(
+            "llmgw_upstream_attempts_total",
+            "Upstream attempts by outcome.",
+            ["model", "deployment", "outcome"],
+        )
         self.inflight = self._gauge("llmgw_inflight_requests", "Client requests in flight.", mode="livesum")
-        self.connect = self._histogram("llmgw_upstream_connect_seconds", "New upstream connection set-up time.",
-                                 ["deployment"], buckets=CONNECT_BUCKETS)
-        self.accesslog_dropped = self._counter("llmgw_accesslog_dropped_total", "Access-log lines dropped under pressure.")
-        self.tokens = self._counter("llmgw_tokens_total", "Tokens reported by upstream usage.", ["model", "kind"])
+        self.connect = self._histogram(
+            "llmgw_upstream_connect_seconds",
+            "New upstream connection set-up time.",
+            ["deployment"],
+            buckets=CONNECT_BUCKETS,
+        )
+        self.accesslog_dropped = self._counter(
+            "llmgw_accesslog_dropped_total", "Access-log lines dropped under pressure."
+        )
+        self.tokens = self._counter(
+            "llmgw_tokens_total", "Tokens reported by upstream usage.", ["model", "kind"]
+        )
         self.retries = self._counter("llmgw_retries_total", "Retry decisions.", ["model", "reason"])
-        self.retry_budget_exhausted = self._counter("llmgw_retry_budget_exhausted_total", "Retries refused by the budget.",
-                                              ["model"])
+        self.retry_budget_exhausted = self._counter(
+            "llmgw_retry_budget_exhausted_total", "Retries refused by the budget.", ["model"]
+        )
         self.hedges = self._counter("llmgw_hedges_total", "Hedged attempts by outcome.", ["model", "outcome"])
-        self.hedge_delay = self._gauge("llmgw_hedge_delay_seconds", "Current hedge delay.", ["model"], mode="livemax")
+        self.hedge_delay = self._gauge(
+            "llmgw_hedge_delay_seconds", "Current hedge delay.", ["model"], mode="livemax"
+        )
         self.ejections = self._counter("llmgw_ejections_total", "Outlier ejections.", ["deployment"])
-        self.ejected = self._gauge("llmgw_deployment_ejected", "1 while a deployment is ejected, 0 otherwise.",
-                                  ["model", "deployment"], mode="livemax")
-        self.healthy = self._gauge("llmgw_model_healthy_deployments",
-                                   "Deployments of a model that routing may pick (not ejected, not cooling down).",
-                                   ["model"], mode="livemin")
-        self.reachable = self._gauge("llmgw_deployment_reachable", "1 while a deployment answers its checks (start-up, "
-                                     "keep-warm, re-checks every 5 s while down), 0 while not.", ["deployment"],
-                                     mode="livemin")
-        self.pool_connections = self._gauge("llmgw_pool_connections", "Upstream connections by state.",
-                                      ["deployment", "state"], mode="livesum")
-        self.keepwarm = self._counter("llmgw_keepwarm_pings_total", "Keep-warm pings by result.", ["deployment", "result"])
-        self.warmup = self._counter("llmgw_warmup_total", "Schema and connection warm-ups by result.",
-                              ["model", "deployment", "result"])
-        self.warmup_seconds = self._histogram("llmgw_warmup_seconds", "Warm-up request time.", ["model", "deployment"],
-                                        buckets=LATENCY_BUCKETS)
-        self.fallbacks = self._counter("llmgw_fallbacks_total", "Requests answered by a fallback model.",
-                                 ["from", "to", "reason"])
-        self.overflow = self._counter("llmgw_overflow_total", "Requests refused at once by a concurrency limit.",
-                                ["scope"])
-        self.input_limits = self._counter("llmgw_input_limits_total", "Requests and connections refused or closed "
-                                          "by an input limit (head size and time, idle, JSON cost).", ["limit"])
-        self.rate_limited = self._counter("llmgw_rate_limited_total", "Requests refused by a key's limits.",
-                                    ["key", "limit"])
-        self.state_up = self._gauge("llmgw_state_backend_up",
-                                    "1 while the state backend answers (backend=memory: always 1, nothing shared).",
-                                    ["backend"], mode="livemin")
-        self.state_primary = self._gauge("llmgw_state_backend_primary", "1 for each Redis primary the state backend "
-                                         "uses now, 0 for one it used before.", ["mode", "address"], mode="max")
-        self.state_reconnects = self._counter("llmgw_state_backend_reconnects_total", "Times state sharing resumed "
-                                              "after an outage or moved to a new primary.")
-        self.state_local_seconds = self._counter("llmgw_state_local_only_seconds_total", "Seconds rate limits were "
-                                                 "decided locally because the state backend did not answer.")
-        self.route_decisions = self._counter("llmgw_route_decisions_total", "Routing decisions by reason.",
-                                       ["model", "deployment", "reason"])
-        self.affinity_routes = self._counter("llmgw_affinity_routes_total", "Keyed requests (routing.affinity) by "
-                                             "placement: home, rehome, spill, fallback, unkeyed.", ["model", "result"])
-        self.gc_frozen = self._gauge("llmgw_gc_frozen_objects", "Start-up objects kept out of the cyclic GC.",
-                                     mode="livemax")
-        self.latency_estimate = self._gauge("llmgw_deployment_latency_estimate_seconds",
-                                      "Routing's live TTFT/latency estimate per deployment.", ["deployment"], mode="livemax")
+        self.ejected = self._gauge(
+            "llmgw_deployment_ejected",
+            "1 while a deployment is ejected, 0 otherwise.",
+            ["model", "deployment"],
+            mode="livemax",
+        )
+        self.healthy = self._gauge(
+            "llmgw_model_healthy_deployments",
+            "Deployments of a model that routing may pick (not ejected, not cooling down).",
+            ["model"],
+            mode="livemin",
+        )
+        self.reachable = self._gauge(
+            "llmgw_deployment_reachable",
+            "1 while a deployment answers its checks (start-up, "
+            "keep-warm, re-checks every 5 s while down), 0 while not.",
+            ["deployment"],
+            mode="livemin",
+        )
+        self.pool_connections = self._gauge(
+            "llmgw_pool_connections",
+            "Upstream connections by state.",
+            ["deployment", "state"],
+            mode="livesum",
+        )
+        self.keepwarm = self._counter(
+            "llmgw_keepwarm_pings_total", "Keep-warm pings by result.", ["deployment", "result"]
+        )
+        self.warmup = self._counter(
+            "llmgw_warmup_total",
+            "Schema and connection warm-ups by result.",
+            ["model", "deployment", "result"],
+        )
+        self.warmup_seconds = self._histogram(
+            "llmgw_warmup_seconds", "Warm-up request time.", ["model", "deployment"], buckets=LATENCY_BUCKETS
+        )
+        self.fallbacks = self._counter(
+            "llmgw_fallbacks_total", "Requests answered by a fallback model.", ["from", "to", "reason"]
+        )
+        self.overflow = self._counter(
+            "llmgw_overflow_total", "Requests refused at once by a concurrency limit.", ["scope"]
+        )
+        self.input_limits = self._counter(
+            "llmgw_input_limits_total",
+            "Requests and connections refused or closed "
+            "by an input limit (head size and time, idle, JSON cost).",
+            ["limit"],
+        )
+        self.rate_limited = self._counter(
+            "llmgw_rate_limited_total", "Requests refused by a key's limits.", ["key", "limit"]
+        )
+        self.state_up = self._gauge(
+            "llmgw_state_backend_up",
+            "1 while the state backend answers (backend=memory: always 1, nothing shared).",
+            ["backend"],
+            mode="livemin",
+        )
+        self.state_primary = self._gauge(
+            "llmgw_state_backend_primary",
+            "1 for each Redis primary the state backend uses now, 0 for one it used before.",
+            ["mode", "address"],
+            mode="max",
+        )
+        self.state_reconnects = self._counter(
+            "llmgw_state_backend_reconnects_total",
+            "Times state sharing resumed after an outage or moved to a new primary.",
+        )
+        self.state_local_seconds = self._counter(
+            "llmgw_state_local_only_seconds_total",
+            "Seconds rate limits were decided locally because the state backend did not answer.",
+        )
+        self.route_decisions = self._counter(
+            "llmgw_route_decisions_total", "Routing decisions by reason.", ["model", "deployment", "reason"]
+        )
+        self.affinity_routes = self._counter(
+            "llmgw_affinity_routes_total",
+            "Keyed requests (routing.affinity) by placement: home, rehome, spill, fallback, unkeyed.",
+            ["model", "result"],
+        )
+        self.gc_frozen = self._gauge(
+            "llmgw_gc_frozen_objects", "Start-up objects kept out of the cyclic GC.", mode="livemax"
+        )
+        self.latency_estimate = self._gauge(
+            "llmgw_deployment_latency_estimate_seconds",
+            "Routing's live TTFT/latency estimate per deployment.",
+            ["deployment"],
+            mode="livemax",
+        )
         self._children: dict[tuple[int, tuple[str, ...]], CounterChild | GaugeChild | HistogramChild] = {}
 
     def _counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> CounterMetric:
@@ -309,7 +414,9 @@ class Metrics:
             return Gauge(name, doc, labels, multiprocess_mode=mode)  # type: ignore[arg-type]  # a mode name
         return self._add(LoopGauge(name, doc, labels))
 
-    def _histogram(self, name: str, doc: str, labels: Sequence[str], *, buckets: Sequence[float]) -> HistogramMetric:
+    def _histogram(
+        self, name: str, doc: str, labels: Sequence[str], *, buckets: Sequence[float]
+    ) -> HistogramMetric:
         if self.multiprocess:
             return Histogram(name, doc, labels, buckets=buckets)
         return self._add(LoopHistogram(name, doc, labels, buckets))
@@ -325,8 +432,9 @@ class Metrics:
     @overload
     def child(self, metric: HistogramMetric, *labels: str) -> HistogramChild: ...
 
-    def child(self, metric: CounterMetric | GaugeMetric | HistogramMetric,
-              *labels: str) -> CounterChild | GaugeChild | HistogramChild:
+    def child(
+        self, metric: CounterMetric | GaugeMetric | HistogramMetric, *labels: str
+    ) -> CounterChild | GaugeChild | HistogramChild:
         """Cached labelled child: one dict lookup on the hot path instead of prometheus' locked lookup."""
         key = (id(metric), labels)
         c = self._children.get(key)

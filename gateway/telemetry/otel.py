@@ -22,8 +22,12 @@ from gateway.telemetry.tracing import TraceContext
 from gateway.telemetry.views import AttemptView, ExchangeView
 
 DEFAULT_SERVICE_NAME = "llm-gateway"
-OPERATIONS = {"/chat/completions": "chat", "/completions": "text_completion", "/embeddings": "embeddings",
-              "/responses": "chat"}
+OPERATIONS = {
+    "/chat/completions": "chat",
+    "/completions": "text_completion",
+    "/embeddings": "embeddings",
+    "/responses": "chat",
+}
 
 
 def otlp_endpoint(configured: str | None) -> str | None:
@@ -91,23 +95,35 @@ def _server_attributes(ex: ExchangeView, rec: dict[str, Any], operation: str) ->
     """HTTP and GenAI conventions for the request as the client saw it, and the gateway's own facts."""
     status = rec["response_code"]
     attrs: dict[str, Any] = {
-        "http.request.method": "POST", "url.path": ex.path, "http.route": ex.path,
+        "http.request.method": "POST",
+        "url.path": ex.path,
+        "http.route": ex.path,
         "http.response.status_code": status,
-        "gen_ai.operation.name": operation, "gen_ai.request.model": ex.model_name,
-        "llmgw.request_id": ex.request_id, "llmgw.stream": ex.stream, "llmgw.response_flags": rec["response_flags"],
-        "llmgw.attempts": rec["attempts"], "llmgw.retry_count": rec["retry_count"],
-        "llmgw.hedge_count": rec["hedge_count"]}
+        "gen_ai.operation.name": operation,
+        "gen_ai.request.model": ex.model_name,
+        "llmgw.request_id": ex.request_id,
+        "llmgw.stream": ex.stream,
+        "llmgw.response_flags": rec["response_flags"],
+        "llmgw.attempts": rec["attempts"],
+        "llmgw.retry_count": rec["retry_count"],
+        "llmgw.hedge_count": rec["hedge_count"],
+    }
     address, port = _address(ex.headers.get("host"))
     if address:
         attrs["server.address"] = address
         if port:
             attrs["server.port"] = port
-    optional = (("gen_ai.response.model", rec["upstream_model"]), ("llmgw.route_reason", rec["route_reason"]),
-                ("llmgw.deployment", rec["upstream_cluster"]), ("llmgw.region", rec["upstream_region"]),
-                ("gen_ai.usage.input_tokens", rec["prompt_tokens"]),
-                ("gen_ai.usage.output_tokens", rec["completion_tokens"]),
-                ("llmgw.fallback_from", rec["fallback_from"]), ("error.type", rec["error_type"]),
-                ("llmgw.ttft_ms", rec["ttft_ms"]))
+    optional = (
+        ("gen_ai.response.model", rec["upstream_model"]),
+        ("llmgw.route_reason", rec["route_reason"]),
+        ("llmgw.deployment", rec["upstream_cluster"]),
+        ("llmgw.region", rec["upstream_region"]),
+        ("gen_ai.usage.input_tokens", rec["prompt_tokens"]),
+        ("gen_ai.usage.output_tokens", rec["completion_tokens"]),
+        ("llmgw.fallback_from", rec["fallback_from"]),
+        ("error.type", rec["error_type"]),
+        ("llmgw.ttft_ms", rec["ttft_ms"]),
+    )
     for k, v in optional:
         if v is not None:
             attrs[k] = str(v) if k == "llmgw.route_reason" else v  # a StrEnum: exported as its value
@@ -116,14 +132,21 @@ def _server_attributes(ex: ExchangeView, rec: dict[str, Any], operation: str) ->
     return attrs
 
 
-def _attempt_attributes(ex: ExchangeView, a: AttemptView, operation: str, server: dict[str, Any],
-                        rec: dict[str, Any]) -> dict[str, Any]:
+def _attempt_attributes(
+    ex: ExchangeView, a: AttemptView, operation: str, server: dict[str, Any], rec: dict[str, Any]
+) -> dict[str, Any]:
     """GenAI conventions for one upstream try as the provider saw it, and its role in the request."""
     attrs: dict[str, Any] = {
-        "gen_ai.operation.name": operation, "gen_ai.request.model": a.dep.upstream_model,
-        "llmgw.request_id": ex.request_id, "llmgw.model": ex.model_name,
-        "llmgw.deployment": a.dep.id, "llmgw.region": a.dep.region, "llmgw.attempt.kind": a.kind.value,
-        "llmgw.attempt.index": a.index, "llmgw.attempt.outcome": a.state.value}
+        "gen_ai.operation.name": operation,
+        "gen_ai.request.model": a.dep.upstream_model,
+        "llmgw.request_id": ex.request_id,
+        "llmgw.model": ex.model_name,
+        "llmgw.deployment": a.dep.id,
+        "llmgw.region": a.dep.region,
+        "llmgw.attempt.kind": a.kind.value,
+        "llmgw.attempt.index": a.index,
+        "llmgw.attempt.outcome": a.state.value,
+    }
     host, port = _address(a.dep.client.host)
     if host:
         attrs["server.address"] = host
@@ -156,14 +179,20 @@ class Tracing:
         self.sampler = Sampler.from_env()
         self.ids = _preset_ids()
         # The decision is taken on arrival (``sample``): spans written afterwards are all kept.
-        self.provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}), sampler=ALWAYS_ON,
-                                       id_generator=self.ids)  # type: ignore[arg-type]  # a RandomIdGenerator
+        self.provider = TracerProvider(
+            resource=Resource.create({SERVICE_NAME: name}),
+            sampler=ALWAYS_ON,
+            id_generator=self.ids,  # type: ignore[arg-type]  # a RandomIdGenerator
+        )
         # Queue size and delay come from OTEL_BSP_* (defaults 2048 spans, 5 s) unless set here; a full
         # queue drops spans rather than waiting.
-        self.provider.add_span_processor(BatchSpanProcessor(
-            OTLPSpanExporter(endpoint=endpoint),
-            max_queue_size=int(os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE", "8192")),
-            schedule_delay_millis=float(os.environ.get("OTEL_BSP_SCHEDULE_DELAY", "500"))))
+        self.provider.add_span_processor(
+            BatchSpanProcessor(
+                OTLPSpanExporter(endpoint=endpoint),
+                max_queue_size=int(os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE", "8192")),
+                schedule_delay_millis=float(os.environ.get("OTEL_BSP_SCHEDULE_DELAY", "500")),
+            )
+        )
         self.tracer = self.provider.get_tracer("llm-gateway")
 
     def sample(self, tc: TraceContext) -> None:
@@ -190,16 +219,22 @@ class Tracing:
             return int((wall0 + (t - t0)) * 1e9)
 
         if tc.parent_id is not None:  # the client's span, remote
-            parent = trace.set_span_in_context(NonRecordingSpan(SpanContext(
-                int(tc.trace_id, 16), int(tc.parent_id, 16), is_remote=True, trace_flags=TraceFlags(1))))
+            parent = trace.set_span_in_context(
+                NonRecordingSpan(
+                    SpanContext(
+                        int(tc.trace_id, 16), int(tc.parent_id, 16), is_remote=True, trace_flags=TraceFlags(1)
+                    )
+                )
+            )
         else:
             parent = Context()
             self.ids.trace_id = int(tc.trace_id, 16)
         operation = OPERATIONS.get(ex.upstream_path, "chat")
         attrs = _server_attributes(ex, rec, operation)
         self.ids.span_id = int(tc.span_id, 16)
-        server = self.tracer.start_span(f"POST {ex.path}", context=parent, kind=trace.SpanKind.SERVER,
-                                        start_time=ns(t0), attributes=attrs)
+        server = self.tracer.start_span(
+            f"POST {ex.path}", context=parent, kind=trace.SpanKind.SERVER, start_time=ns(t0), attributes=attrs
+        )
         if rec["response_code"] >= 500:
             server.set_status(Status(StatusCode.ERROR))
         under_server = trace.set_span_in_context(server)
@@ -208,8 +243,12 @@ class Tracing:
                 continue
             self.ids.span_id = int(tc.attempt_span_id(a.index), 16)
             span = self.tracer.start_span(
-                f"{operation} {a.dep.upstream_model}", context=under_server, kind=trace.SpanKind.CLIENT,
-                start_time=ns(a.t_start), attributes=_attempt_attributes(ex, a, operation, attrs, rec))
+                f"{operation} {a.dep.upstream_model}",
+                context=under_server,
+                kind=trace.SpanKind.CLIENT,
+                start_time=ns(a.t_start),
+                attributes=_attempt_attributes(ex, a, operation, attrs, rec),
+            )
             if a.failure is not None:
                 span.set_status(Status(StatusCode.ERROR, a.error_detail or a.failure.value))
             span.end(end_time=ns(a.t_end))

@@ -54,18 +54,39 @@ def _percentile(s: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("access_log", metavar="ACCESS_LOG",
-                        help="JSON-lines access log (access_log.format: json); .gz is read as gzip; - for stdin")
-    parser.add_argument("--by", choices=[g.value for g in GroupBy], default=GroupBy.MODEL.value,
-                        help="group rows by model, deployment (upstream_cluster), region (upstream_region), "
-                             "route (route_reason) or path (default: model)")
-    parser.add_argument("--format", choices=[f.value for f in Format], default=Format.TEXT.value,
-                        help="output format (default: text)")
-    parser.add_argument("--threshold-ms", type=_non_negative_ms, default=None, metavar="MS",
-                        help="tail = requests with duration above MS (default: above the tail percentile)")
-    parser.add_argument("--tail-percentile", type=_percentile, default=95.0, metavar="P",
-                        help="percentile of duration that starts the tail when --threshold-ms is not given, "
-                             "and of first-token time for 'slow upstream ttft' (default: 95)")
+    parser.add_argument(
+        "access_log",
+        metavar="ACCESS_LOG",
+        help="JSON-lines access log (access_log.format: json); .gz is read as gzip; - for stdin",
+    )
+    parser.add_argument(
+        "--by",
+        choices=[g.value for g in GroupBy],
+        default=GroupBy.MODEL.value,
+        help="group rows by model, deployment (upstream_cluster), region (upstream_region), "
+        "route (route_reason) or path (default: model)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=[f.value for f in Format],
+        default=Format.TEXT.value,
+        help="output format (default: text)",
+    )
+    parser.add_argument(
+        "--threshold-ms",
+        type=_non_negative_ms,
+        default=None,
+        metavar="MS",
+        help="tail = requests with duration above MS (default: above the tail percentile)",
+    )
+    parser.add_argument(
+        "--tail-percentile",
+        type=_percentile,
+        default=95.0,
+        metavar="P",
+        help="percentile of duration that starts the tail when --threshold-ms is not given, "
+        "and of first-token time for 'slow upstream ttft' (default: 95)",
+    )
 
 
 def _open(path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
@@ -96,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         with _open(path) as fh:
             reader = RecordReader(fh)
-            report = build_report(reader, group_by=group_by, threshold_ms=threshold, percentile_of_tail=percentile)
+            report = build_report(
+                reader, group_by=group_by, threshold_ms=threshold, percentile_of_tail=percentile
+            )
     except FileNotFoundError:
         return _fail(f"no such file: {path}")
     except IsADirectoryError:
@@ -107,14 +130,30 @@ def run(args: argparse.Namespace) -> int:
 
     sys.stdout.write(render(report, fmt))
     if report.records == 0:
-        print(f"llmgw report: no JSON access-log records in {path} ({reader.skipped:,} lines skipped); "
-              "the report reads access_log.format: json", file=sys.stderr)
+        print(
+            f"llmgw report: no JSON access-log records in {path} ({reader.skipped:,} lines skipped); "
+            "the report reads access_log.format: json",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
 __all__ = [
-    "Cause", "CauseCount", "Format", "GroupBy", "GroupStats", "MetricStats", "RecordReader", "Report",
-    "TailBreakdown", "ThresholdSource", "add_arguments", "build_report", "load_records", "nearest_rank",
-    "render", "run",
+    "Cause",
+    "CauseCount",
+    "Format",
+    "GroupBy",
+    "GroupStats",
+    "MetricStats",
+    "RecordReader",
+    "Report",
+    "TailBreakdown",
+    "ThresholdSource",
+    "add_arguments",
+    "build_report",
+    "load_records",
+    "nearest_rank",
+    "render",
+    "run",
 ]

@@ -66,21 +66,35 @@ def _latency_rows(g: GroupStats, thousands: bool) -> list[list[str]]:
     for i, name in enumerate(METRICS):
         m = g.metrics[name]
         lead = [g.key, fmt_int(g.requests), fmt_int(g.errors), _err_pct(g)] if i == 0 else ["", "", "", ""]
-        rows.append([*lead, METRIC_LABELS[name], fmt_int(m.n), _ms(m.p50), _ms(m.p95), _ms(m.p99), _ms(m.max)])
+        rows.append(
+            [*lead, METRIC_LABELS[name], fmt_int(m.n), _ms(m.p50), _ms(m.p95), _ms(m.p99), _ms(m.max)]
+        )
     return rows
 
 
 def _tail_rows(t: TailBreakdown, thousands: bool) -> list[list[str]]:
     fmt_int = "{:,}".format if thousands else str
-    return [[c.cause.value, fmt_int(c.primary), _pct(t.share(c.primary)), fmt_int(c.involved),
-             _pct(t.share(c.involved))] for c in t.causes]
+    return [
+        [
+            c.cause.value,
+            fmt_int(c.primary),
+            _pct(t.share(c.primary)),
+            fmt_int(c.involved),
+            _pct(t.share(c.involved)),
+        ]
+        for c in t.causes
+    ]
 
 
 def _tail_title(r: Report) -> str:
     t = r.tail
     if t.threshold_ms is None:
         return "Tail: no request has a duration, so there is no tail."
-    why = "--threshold-ms" if t.source is ThresholdSource.OPTION else f"P{t.percentile:g} of duration, all requests"
+    why = (
+        "--threshold-ms"
+        if t.source is ThresholdSource.OPTION
+        else f"P{t.percentile:g} of duration, all requests"
+    )
     noun = "request" if t.requests == 1 else "requests"
     return f"Tail: {t.requests:,} {noun} with duration > {t.threshold_ms:.1f} ms ({why})"
 
@@ -95,8 +109,10 @@ _TAIL_NOTE = (
 
 def _summary(r: Report) -> str:
     skipped = f", {r.skipped_lines:,} lines skipped (not JSON objects)" if r.skipped_lines else ""
-    return (f"{r.records:,} requests by {r.group_by.value}{skipped}. "
-            f"Percentiles: {PERCENTILE_METHOD} over non-null values; times in ms.")
+    return (
+        f"{r.records:,} requests by {r.group_by.value}{skipped}. "
+        f"Percentiles: {PERCENTILE_METHOD} over non-null values; times in ms."
+    )
 
 
 def _align(header: Sequence[str], rows: list[list[str]], left: frozenset[int]) -> list[str]:
@@ -106,7 +122,10 @@ def _align(header: Sequence[str], rows: list[list[str]], left: frozenset[int]) -
     widths = [max(len(header[i]), *(len(r[i]) for r in full)) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
-        parts = [c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        parts = [
+            c.ljust(w) if i in left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
         return "  ".join(parts).rstrip()
 
     return [line(header), *(line(r) if r else "" for r in rows)]
@@ -148,13 +167,35 @@ def _render_markdown(r: Report) -> str:
     lines += _md_table(header, rows, _LATENCY_LEFT)
     lines += ["", f"## {_tail_title(r)}"]
     if r.tail.requests:
-        lines += ["", *_md_table(_TAIL_HEADER, _tail_rows(r.tail, thousands=False), _TAIL_LEFT), "", " ".join(_TAIL_NOTE)]
+        lines += [
+            "",
+            *_md_table(_TAIL_HEADER, _tail_rows(r.tail, thousands=False), _TAIL_LEFT),
+            "",
+            " ".join(_TAIL_NOTE),
+        ]
     return "\n".join(lines) + "\n"
 
 
-CSV_COLUMNS = ("table", "group_by", "group", "metric", "requests", "errors", "n", "p50_ms", "p95_ms", "p99_ms",
-               "max_ms", "cause", "tail_requests", "threshold_ms", "primary", "primary_share", "involved",
-               "involved_share")
+CSV_COLUMNS = (
+    "table",
+    "group_by",
+    "group",
+    "metric",
+    "requests",
+    "errors",
+    "n",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "max_ms",
+    "cause",
+    "tail_requests",
+    "threshold_ms",
+    "primary",
+    "primary_share",
+    "involved",
+    "involved_share",
+)
 
 
 def _csv_num(v: float | None) -> str:
@@ -170,34 +211,75 @@ def _render_csv(r: Report) -> str:
     for g in (*r.groups, r.overall):
         for name in METRICS:
             m = g.metrics[name]
-            w.writerow({"table": "latency", "group_by": r.group_by.value, "group": g.key, "metric": name,
-                        "requests": g.requests, "errors": g.errors, "n": m.n, "p50_ms": _csv_num(m.p50),
-                        "p95_ms": _csv_num(m.p95), "p99_ms": _csv_num(m.p99), "max_ms": _csv_num(m.max)})
+            w.writerow(
+                {
+                    "table": "latency",
+                    "group_by": r.group_by.value,
+                    "group": g.key,
+                    "metric": name,
+                    "requests": g.requests,
+                    "errors": g.errors,
+                    "n": m.n,
+                    "p50_ms": _csv_num(m.p50),
+                    "p95_ms": _csv_num(m.p95),
+                    "p99_ms": _csv_num(m.p99),
+                    "max_ms": _csv_num(m.max),
+                }
+            )
     t = r.tail
     for c in t.causes:
         ps, inv = t.share(c.primary), t.share(c.involved)
-        w.writerow({"table": "tail", "cause": c.cause.value, "tail_requests": t.requests,
-                    "threshold_ms": _csv_num(t.threshold_ms), "primary": c.primary,
-                    "primary_share": "" if ps is None else f"{ps:.4f}", "involved": c.involved,
-                    "involved_share": "" if inv is None else f"{inv:.4f}"})
+        w.writerow(
+            {
+                "table": "tail",
+                "cause": c.cause.value,
+                "tail_requests": t.requests,
+                "threshold_ms": _csv_num(t.threshold_ms),
+                "primary": c.primary,
+                "primary_share": "" if ps is None else f"{ps:.4f}",
+                "involved": c.involved,
+                "involved_share": "" if inv is None else f"{inv:.4f}",
+            }
+        )
     return out.getvalue()
 
 
 def _group_json(g: GroupStats) -> dict[str, Any]:
-    return {"group": g.key, "requests": g.requests, "errors": g.errors,
-            "metrics": {name: {"n": m.n, "p50": m.p50, "p95": m.p95, "p99": m.p99, "max": m.max}
-                        for name, m in g.metrics.items()}}
+    return {
+        "group": g.key,
+        "requests": g.requests,
+        "errors": g.errors,
+        "metrics": {
+            name: {"n": m.n, "p50": m.p50, "p95": m.p95, "p99": m.p99, "max": m.max}
+            for name, m in g.metrics.items()
+        },
+    }
 
 
 def _as_json(r: Report) -> dict[str, Any]:
     t = r.tail
     return {
-        "group_by": r.group_by.value, "records": r.records, "skipped_lines": r.skipped_lines,
-        "percentile_method": PERCENTILE_METHOD, "unit": "ms",
-        "groups": [_group_json(g) for g in r.groups], "overall": _group_json(r.overall),
-        "tail": {"threshold_ms": t.threshold_ms, "threshold_source": t.source.value, "percentile": t.percentile,
-                 "requests": t.requests,
-                 "causes": [{"cause": c.cause.value, "primary": c.primary, "primary_share": t.share(c.primary),
-                             "involved": c.involved, "involved_share": t.share(c.involved)} for c in t.causes]},
+        "group_by": r.group_by.value,
+        "records": r.records,
+        "skipped_lines": r.skipped_lines,
+        "percentile_method": PERCENTILE_METHOD,
+        "unit": "ms",
+        "groups": [_group_json(g) for g in r.groups],
+        "overall": _group_json(r.overall),
+        "tail": {
+            "threshold_ms": t.threshold_ms,
+            "threshold_source": t.source.value,
+            "percentile": t.percentile,
+            "requests": t.requests,
+            "causes": [
+                {
+                    "cause": c.cause.value,
+                    "primary": c.primary,
+                    "primary_share": t.share(c.primary),
+                    "involved": c.involved,
+                    "involved_share": t.share(c.involved),
+                }
+                for c in t.causes
+            ],
+        },
     }
-

@@ -30,8 +30,12 @@ import orjson
 from gateway.flags import ResponseFlag
 
 METRICS = ("duration_ms", "ttft_ms", "upstream_service_time_ms", "gateway_overhead_ms")
-METRIC_LABELS = {"duration_ms": "duration", "ttft_ms": "ttft", "upstream_service_time_ms": "upstream",
-                 "gateway_overhead_ms": "overhead"}
+METRIC_LABELS = {
+    "duration_ms": "duration",
+    "ttft_ms": "ttft",
+    "upstream_service_time_ms": "upstream",
+    "gateway_overhead_ms": "overhead",
+}
 PERCENTILE_METHOD = "nearest-rank"
 NONE_LABEL = "-"  # group label for records without the grouping field (Envoy's "unknown")
 ALL_LABEL = "(all)"
@@ -47,26 +51,30 @@ class GroupBy(StrEnum):
 
 
 # The access-log field each grouping reads.
-GROUP_FIELD = {GroupBy.MODEL: "model", GroupBy.DEPLOYMENT: "upstream_cluster", GroupBy.REGION: "upstream_region",
-               GroupBy.ROUTE: "route_reason", GroupBy.PATH: "path"}
-
+GROUP_FIELD = {
+    GroupBy.MODEL: "model",
+    GroupBy.DEPLOYMENT: "upstream_cluster",
+    GroupBy.REGION: "upstream_region",
+    GroupBy.ROUTE: "route_reason",
+    GroupBy.PATH: "path",
+}
 
 
 class Cause(StrEnum):
     """Why a tail request was slow. Definition order is the priority of the primary cause."""
 
-    TIMEOUT = "timeout"                    # timeout_flag set, or response_flags has UT / DT
-    RETRY = "retry"                        # retry_count > 0
-    HEDGE = "hedge"                        # hedge_count > 0
-    COLD_CONNECTION = "cold connection"    # a new upstream connection: not reused and connect time > 0
-    QUEUEING = "queueing"                  # pool_wait_ms > 10% of duration
+    TIMEOUT = "timeout"  # timeout_flag set, or response_flags has UT / DT
+    RETRY = "retry"  # retry_count > 0
+    HEDGE = "hedge"  # hedge_count > 0
+    COLD_CONNECTION = "cold connection"  # a new upstream connection: not reused and connect time > 0
+    QUEUEING = "queueing"  # pool_wait_ms > 10% of duration
     GATEWAY_OVERHEAD = "gateway overhead"  # gateway_overhead_ms > 10% of duration
     SLOW_UPSTREAM_TTFT = "slow upstream ttft"  # first token above the tail percentile of the same model
-    UNEXPLAINED = "unexplained"            # none of the above
+    UNEXPLAINED = "unexplained"  # none of the above
 
 
 class ThresholdSource(StrEnum):
-    OPTION = "option"          # --threshold-ms
+    OPTION = "option"  # --threshold-ms
     PERCENTILE = "percentile"  # the tail percentile of duration over all records
 
 
@@ -96,7 +104,7 @@ class GroupStats:
 @dataclass(frozen=True, slots=True)
 class CauseCount:
     cause: Cause
-    primary: int   # tail requests whose first matching cause is this one
+    primary: int  # tail requests whose first matching cause is this one
     involved: int  # tail requests that show this cause at all
 
 
@@ -179,8 +187,13 @@ def nearest_rank(sorted_values: Sequence[float], p: float) -> float | None:
 def _stats(sorted_values: Sequence[float]) -> MetricStats:
     if not sorted_values:
         return MetricStats(0, None, None, None, None)
-    return MetricStats(len(sorted_values), nearest_rank(sorted_values, 50), nearest_rank(sorted_values, 95),
-                       nearest_rank(sorted_values, 99), sorted_values[-1])
+    return MetricStats(
+        len(sorted_values),
+        nearest_rank(sorted_values, 50),
+        nearest_rank(sorted_values, 95),
+        nearest_rank(sorted_values, 99),
+        sorted_values[-1],
+    )
 
 
 _NUMBER = frozenset((int, float))  # exact types: JSON true/false must not count as 1 / 0 ms
@@ -208,26 +221,48 @@ class _GroupColumns:
 
 
 # The fields the report reads after the grouping field, fetched in one C call per record (itemgetter).
-_READ = ("response_code", "duration_ms", "ttft_ms", "upstream_service_time_ms", "gateway_overhead_ms", "stream",
-         "model", "response_flags", "timeout_flag", "retry_count", "hedge_count", "upstream_reused_connection",
-         "upstream_connect_ms", "pool_wait_ms")
+_READ = (
+    "response_code",
+    "duration_ms",
+    "ttft_ms",
+    "upstream_service_time_ms",
+    "gateway_overhead_ms",
+    "stream",
+    "model",
+    "response_flags",
+    "timeout_flag",
+    "retry_count",
+    "hedge_count",
+    "upstream_reused_connection",
+    "upstream_connect_ms",
+    "pool_wait_ms",
+)
 
 
 class _Columns:
     """What the report needs from the records and nothing more: per group the metric values, and per record
     the duration, the first-token time and the causes that can be read off the record alone."""
 
-    __slots__ = ("group_field", "groups", "duration", "first_token", "ft_key", "ft_keys", "ft_values", "causes")
+    __slots__ = (
+        "group_field",
+        "groups",
+        "duration",
+        "first_token",
+        "ft_key",
+        "ft_keys",
+        "ft_values",
+        "causes",
+    )
 
     def __init__(self, group_field: str) -> None:
         self.group_field = group_field
         self.groups: dict[str, _GroupColumns] = {}
-        self.duration = array("d")     # per record; NaN when unknown
+        self.duration = array("d")  # per record; NaN when unknown
         self.first_token = array("d")  # per record: ttft_ms (stream) or upstream_service_time_ms; NaN unknown
-        self.ft_key = array("I")       # per record: index of its (model, stream) in ft_keys
+        self.ft_key = array("I")  # per record: index of its (model, stream) in ft_keys
         self.ft_keys: dict[tuple[str, bool], int] = {}
         self.ft_values: list[array] = []  # per (model, stream): the non-null first-token times
-        self.causes = array("B")       # per record: bits of the causes that need no other record
+        self.causes = array("B")  # per record: bits of the causes that need no other record
 
     def add_all(self, records: Iterable[dict[str, Any]]) -> int:
         """Reduce every record to its numbers; returns the count. One flat loop over locals, because this
@@ -236,11 +271,19 @@ class _Columns:
         pick = itemgetter(*fields)
         groups, ft_keys, ft_values = self.groups, self.ft_keys, self.ft_values
         put_duration, put_ft, put_ft_key, put_causes = (
-            self.duration.append, self.first_token.append, self.ft_key.append, self.causes.append)
+            self.duration.append,
+            self.first_token.append,
+            self.ft_key.append,
+            self.causes.append,
+        )
         number, nan, share = _NUMBER, _NAN, _SHARE_OF_DURATION
         timeout_codes = _TIMEOUT_FLAGS
         b_timeout, b_retry, b_hedge = _BIT[Cause.TIMEOUT], _BIT[Cause.RETRY], _BIT[Cause.HEDGE]
-        b_cold, b_queue, b_overhead = _BIT[Cause.COLD_CONNECTION], _BIT[Cause.QUEUEING], _BIT[Cause.GATEWAY_OVERHEAD]
+        b_cold, b_queue, b_overhead = (
+            _BIT[Cause.COLD_CONNECTION],
+            _BIT[Cause.QUEUEING],
+            _BIT[Cause.GATEWAY_OVERHEAD],
+        )
         count = 0
         for rec in records:
             count += 1
@@ -248,8 +291,23 @@ class _Columns:
                 values = pick(rec)
             except KeyError:  # a record from an older or foreign writer: missing fields are unknown
                 values = tuple(rec.get(f) for f in fields)
-            (key, code, dur, ttft, ust, ovh, stream, model, flags, tflag, retries, hedges, reused, connect,
-             pool) = values
+            (
+                key,
+                code,
+                dur,
+                ttft,
+                ust,
+                ovh,
+                stream,
+                model,
+                flags,
+                tflag,
+                retries,
+                hedges,
+                reused,
+                connect,
+                pool,
+            ) = values
 
             if type(key) is not str or not key:
                 key = _label(key)
@@ -295,7 +353,9 @@ class _Columns:
                 ft_values[idx].append(ft)
 
             bits = 0
-            if tflag or (type(flags) is str and "T" in flags and not timeout_codes.isdisjoint(flags.split(","))):
+            if tflag or (
+                type(flags) is str and "T" in flags and not timeout_codes.isdisjoint(flags.split(","))
+            ):
                 bits = b_timeout
             if type(retries) in number and retries > 0:
                 bits |= b_retry
@@ -316,8 +376,14 @@ class _Columns:
 # ---------------------------------------------------------------------------------------------- report
 
 
-def build_report(records: Iterable[dict[str, Any]], *, group_by: str = "model", threshold_ms: float | None = None,
-                 percentile_of_tail: float = 95.0, skipped_lines: int = 0) -> Report:
+def build_report(
+    records: Iterable[dict[str, Any]],
+    *,
+    group_by: str = "model",
+    threshold_ms: float | None = None,
+    percentile_of_tail: float = 95.0,
+    skipped_lines: int = 0,
+) -> Report:
     """One pass over ``records`` (any iterable: a list, or a RecordReader streaming a file)."""
     gb = parse_choice(GroupBy, group_by, "group_by")
     if not 0 < percentile_of_tail <= 100:
@@ -328,9 +394,15 @@ def build_report(records: Iterable[dict[str, Any]], *, group_by: str = "model", 
     cols = _Columns(GROUP_FIELD[gb])
     count = cols.add_all(records)
 
-    groups = [GroupStats(key, g.requests, g.errors,
-                         {name: _stats(sorted(col)) for name, col in zip(METRICS, g.columns(), strict=True)})
-              for key, g in cols.groups.items()]
+    groups = [
+        GroupStats(
+            key,
+            g.requests,
+            g.errors,
+            {name: _stats(sorted(col)) for name, col in zip(METRICS, g.columns(), strict=True)},
+        )
+        for key, g in cols.groups.items()
+    ]
     groups.sort(key=lambda s: (-s.requests, s.key))
 
     # All records, one metric at a time: a sorted million-float list costs ~32 MB, so hold one at once.
@@ -352,7 +424,9 @@ def build_report(records: Iterable[dict[str, Any]], *, group_by: str = "model", 
     return Report(gb, count, skipped_lines, tuple(groups), overall, tail)
 
 
-def _tail(cols: _Columns, threshold: float | None, source: ThresholdSource, percentile: float) -> TailBreakdown:
+def _tail(
+    cols: _Columns, threshold: float | None, source: ThresholdSource, percentile: float
+) -> TailBreakdown:
     primary = [0] * len(_CAUSES)
     involved = [0] * len(_CAUSES)
     n = 0
@@ -386,4 +460,3 @@ def parse_choice(enum: type[_Choice], value: str, what: str) -> _Choice:
     except ValueError:
         choices = ", ".join(e.value for e in enum)
         raise ValueError(f"unknown {what} {value!r} (choose from {choices})") from None
-

@@ -11,8 +11,14 @@ import os
 
 from gateway.telemetry.tracing import TraceContext
 
-_SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
-             "parentbased_traceidratio")
+_SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
 
 log = logging.getLogger("llmgw.tracing")
 
@@ -44,8 +50,10 @@ class Sampler:
 
     @classmethod
     def from_env(cls) -> Sampler:
-        return cls(os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
-                   os.environ.get("OTEL_TRACES_SAMPLER_ARG"))
+        return cls(
+            os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
+            os.environ.get("OTEL_TRACES_SAMPLER_ARG"),
+        )
 
     def sampled(self, tc: TraceContext) -> bool:
         if self.parent_based and tc.incoming is not None:

@@ -55,6 +55,7 @@ def iso_utc(wall: float) -> str:
     if _iso_second[0] != sec:
         t = time.gmtime(sec)
         _iso_second[0] = sec
-        _iso_second[1] = (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:"
-                          f"{t.tm_sec:02d}.")
+        _iso_second[1] = (
+            f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}."
+        )
     return f"{_iso_second[1]}{int(wall * 1000) % 1000:03d}Z"

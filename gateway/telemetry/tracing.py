@@ -46,8 +46,13 @@ def parse_traceparent(value: str | None) -> tuple[str, str, str] | None:
     if len(parts) < 4:
         return None
     version, trace_id, span_id, flags = parts[0], parts[1], parts[2], parts[3]
-    if not (_is_hex(version, 2) and version != "ff" and _is_hex(trace_id, 32) and _is_hex(span_id, 16)
-            and _is_hex(flags, 2)):
+    if not (
+        _is_hex(version, 2)
+        and version != "ff"
+        and _is_hex(trace_id, 32)
+        and _is_hex(span_id, 16)
+        and _is_hex(flags, 2)
+    ):
         return None
     if trace_id == "0" * 32 or span_id == "0" * 16:
         return None
@@ -57,7 +62,16 @@ def parse_traceparent(value: str | None) -> tuple[str, str, str] | None:
 class TraceContext:
     """The trace this request belongs to, and the span id the gateway uses for its upstream calls."""
 
-    __slots__ = ("trace_id", "parent_id", "span_id", "flags", "tracestate", "incoming", "exported", "attempt_ids")
+    __slots__ = (
+        "trace_id",
+        "parent_id",
+        "span_id",
+        "flags",
+        "tracestate",
+        "incoming",
+        "exported",
+        "attempt_ids",
+    )
     parent_id: str | None  # the caller's span, when the request came with a valid traceparent
     incoming: str | None
 

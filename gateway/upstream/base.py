@@ -73,7 +73,9 @@ class UpstreamClient(Protocol):
 
     async def close(self) -> None: ...
 
-    async def post(self, path: str, body: bytes, headers: dict[str, str], wire: AttemptWire) -> UpstreamResponse:
+    async def post(
+        self, path: str, body: bytes, headers: dict[str, str], wire: AttemptWire
+    ) -> UpstreamResponse:
         """Send a request; return once the response head arrived (the caller reads, then releases or closes)."""
         ...
 

@@ -74,5 +74,8 @@ def head_fault(status: int, raw: Iterable[tuple[bytes, bytes]], limits: Response
             encoding = value
     if len(framing) == 2:  # the httptools parser (h1) refuses these alike: a smuggling vector
         return "both Content-Length and Transfer-Encoding in the response head"
-    return (count_fault(count, limits) or size_fault(size, limits)
-            or encoding_fault(ctype.decode("latin-1"), encoding.decode("latin-1")))
+    return (
+        count_fault(count, limits)
+        or size_fault(size, limits)
+        or encoding_fault(ctype.decode("latin-1"), encoding.decode("latin-1"))
+    )

@@ -240,8 +240,14 @@ class _Connection(asyncio.Protocol):
             self._broken(UpstreamProtocolError(self.fault or f"invalid HTTP response: {exc}"))
             self.close()
             return
-        if head_open and resp.status == 0 and (fault := count_fault(len(self.raw_headers), self.limits)
-                                               or size_fault(self.head_bytes, self.limits)):
+        if (
+            head_open
+            and resp.status == 0
+            and (
+                fault := count_fault(len(self.raw_headers), self.limits)
+                or size_fault(self.head_bytes, self.limits)
+            )
+        ):
             self._broken(UpstreamProtocolError(fault))  # an endless head is refused once it passes a limit
             self.close()
 
@@ -264,7 +270,11 @@ class _Connection(asyncio.Protocol):
         if resp is None or self.complete:
             return
         h = resp.headers
-        if resp.status and "content-length" not in h and "chunked" not in h.get("transfer-encoding", "").lower():
+        if (
+            resp.status
+            and "content-length" not in h
+            and "chunked" not in h.get("transfer-encoding", "").lower()
+        ):
             self.complete = True  # a body without a length ends when the connection does (RFC 9112 6.3)
             resp.content.feed_eof()
         else:
@@ -290,7 +300,9 @@ class _Connection(asyncio.Protocol):
         resp = self.response
         if status < 200 or status > 599 or resp is None:  # not a final answer: malformed, or an interim 1xx
             if status < 100 or status > 599 or status == 101:
-                self.fault = status_fault(status) or "101 Switching Protocols to a request that asked for none"
+                self.fault = (
+                    status_fault(status) or "101 Switching Protocols to a request that asked for none"
+                )
                 raise UpstreamProtocolError(self.fault)
             self.raw_headers = []  # 1xx: an interim answer; the real head follows
             return
@@ -413,7 +425,9 @@ class H1UpstreamClient:
     def _head(self, method: str, path: str, headers: dict[str, str], length: int | None) -> bytes:
         fields = "\r\n".join(map(": ".join, headers.items())) + "\r\n" if headers else ""  # built in C
         size = "" if length is None else f"content-length: {length}\r\n"
-        return f"{method} {self._prefix}{path} HTTP/1.1\r\n{self._host_line}{fields}{size}\r\n".encode("latin-1")
+        return f"{method} {self._prefix}{path} HTTP/1.1\r\n{self._host_line}{fields}{size}\r\n".encode(
+            "latin-1"
+        )
 
     async def post(self, path: str, body: bytes, headers: dict[str, str], wire: AttemptWire) -> H1Response:
         """Send a request and return once response headers arrived; the caller reads and releases/aborts."""
@@ -479,8 +493,9 @@ class H1UpstreamClient:
             async with asyncio.timeout(self._connect_s):
                 await open_connection(self.loop, conn, self._proxy, self._hostname, self._port, self._ssl)
         except TimeoutError:
-            raise UpstreamConnectTimeout(f"connect timed out after {self._connect_s * 1000:.0f} ms "
-                                         "(timeouts.connect_ms)") from None
+            raise UpstreamConnectTimeout(
+                f"connect timed out after {self._connect_s * 1000:.0f} ms (timeouts.connect_ms)"
+            ) from None
         except OSError as exc:  # the reason alone: the OS's text names the address, which stays internal
             raise UpstreamConnectError(f"cannot connect: {_reason(exc)}") from exc
         finally:
@@ -535,7 +550,9 @@ class H1UpstreamClient:
         """Open (or exercise) n connections at once: concurrent cheap requests take distinct connections."""
         if n <= 0:
             return []
-        return await asyncio.gather(*(self.get("/models", timeout_s) for _ in range(n)), return_exceptions=True)
+        return await asyncio.gather(
+            *(self.get("/models", timeout_s) for _ in range(n)), return_exceptions=True
+        )
 
     def __repr__(self) -> str:
         return f"H1UpstreamClient({self.host}, idle={len(self._idle)}, busy={len(self._busy)})"

@@ -201,18 +201,23 @@ class HttpxUpstreamClient:
 
     async def start(self) -> None:
         pool = self.deployment.pool
-        limits = httpx.Limits(max_connections=pool.max_connections, max_keepalive_connections=pool.max_connections,
-                              keepalive_expiry=pool.keepalive_expiry_s)
+        limits = httpx.Limits(
+            max_connections=pool.max_connections,
+            max_keepalive_connections=pool.max_connections,
+            keepalive_expiry=pool.keepalive_expiry_s,
+        )
         timeout = httpx.Timeout(None, connect=self.deployment.timeouts.connect_ms / 1000.0)
-        transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False,
-                                             verify=tls_context(self.deployment) or True)
+        transport = httpx.AsyncHTTPTransport(
+            limits=limits, trust_env=False, verify=tls_context(self.deployment) or True
+        )
         pool_impl = transport._pool  # httpcore's pool: wrap its network backend to see connects
         self._backend = _CountingBackend(pool_impl._network_backend)
         pool_impl._network_backend = self._backend  # type: ignore[assignment]
         make_connection = pool_impl.create_connection
         pool_impl.create_connection = lambda origin: _NoReuseAfterStrayBytes(make_connection(origin))  # type: ignore[method-assign]
-        self._client = httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False,
-                                         follow_redirects=False)
+        self._client = httpx.AsyncClient(
+            transport=transport, timeout=timeout, trust_env=False, follow_redirects=False
+        )
 
     async def close(self) -> None:
         if self._closing:
@@ -250,7 +255,9 @@ class HttpxUpstreamClient:
     async def get(self, path: str, timeout_s: float) -> tuple[int, bytes]:
         assert self._client is not None, "client not started"
         try:
-            response = await self._client.get(self.base_url + path, headers=self.static_headers, timeout=timeout_s)
+            response = await self._client.get(
+                self.base_url + path, headers=self.static_headers, timeout=timeout_s
+            )
         except httpx.TransportError as exc:
             raise _translate(exc, self.host) from exc
         return response.status_code, response.content
@@ -273,4 +280,6 @@ class HttpxUpstreamClient:
         """Open (or exercise) n connections at once: concurrent cheap requests take distinct connections."""
         if n <= 0:
             return []
-        return await asyncio.gather(*(self.get("/models", timeout_s) for _ in range(n)), return_exceptions=True)
+        return await asyncio.gather(
+            *(self.get("/models", timeout_s) for _ in range(n)), return_exceptions=True
+        )

@@ -37,7 +37,9 @@ async def prewarm(client: UpstreamClient, timeout_s: float = 5.0) -> PrewarmResu
     opened = client.connections_opened - before
     dep = client.deployment.id
     if errors:
-        return PrewarmResult(dep, False, opened, f"unreachable: {type(errors[0]).__name__}: {errors[0]}"[:300])
+        return PrewarmResult(
+            dep, False, opened, f"unreachable: {type(errors[0]).__name__}: {errors[0]}"[:300]
+        )
     bad = [s for s in statuses if s in (401, 403)]
     if bad:
         return PrewarmResult(dep, False, opened, f"rejected the API key (HTTP {bad[0]})")
@@ -64,4 +66,6 @@ async def keep_warm(client: UpstreamClient, interval_s: float, on_result: object
         if callable(on_result):
             on_result(client.deployment.id, len(results) - failures, failures)
         if failures:
-            log.warning("keep-warm: %d of %d pings to %s failed", failures, len(results), client.deployment.id)
+            log.warning(
+                "keep-warm: %d of %d pings to %s failed", failures, len(results), client.deployment.id
+            )

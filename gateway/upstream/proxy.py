@@ -46,14 +46,18 @@ def proxy_for(base_url: str, setting: str | None, env: Mapping[str, str]) -> Pro
     if setting is None:
         names = ("https_proxy", "HTTPS_PROXY") if target.scheme == "https" else ("http_proxy", "HTTP_PROXY")
         source = next((n for n in names if env.get(n)), "")
-        if not source or bypassed(target.hostname or "", target.port, env.get("no_proxy") or env.get("NO_PROXY")):
+        if not source or bypassed(
+            target.hostname or "", target.port, env.get("no_proxy") or env.get("NO_PROXY")
+        ):
             return None
         setting = env[source]
         if "://" not in setting:  # HTTPS_PROXY=proxy:3128 is common
             setting = "http://" + setting
     url = urlsplit(setting)
     if url.scheme != "http" or not url.hostname:  # named without its credentials
-        raise ValueError(f"{source}: unsupported proxy {url.scheme}://{url.hostname or ''} (expected http://host:port)")
+        raise ValueError(
+            f"{source}: unsupported proxy {url.scheme}://{url.hostname or ''} (expected http://host:port)"
+        )
     auth = None
     if url.username is not None:
         raw = f"{unquote(url.username)}:{unquote(url.password or '')}".encode("latin-1")
@@ -116,8 +120,14 @@ class _ConnectHandshake(asyncio.Protocol):
             self.answer.set_exception(UpstreamConnectError("proxy closed the connection during CONNECT"))
 
 
-async def open_connection(loop: asyncio.AbstractEventLoop, protocol: asyncio.Protocol, route: ProxyRoute | None,
-                          host: str, port: int, tls: ssl.SSLContext | None) -> None:
+async def open_connection(
+    loop: asyncio.AbstractEventLoop,
+    protocol: asyncio.Protocol,
+    route: ProxyRoute | None,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None,
+) -> None:
     """Connect ``protocol`` to host:port: directly, or through ``route`` (a CONNECT tunnel for TLS, the
     proxy itself for plain HTTP, whose requests then carry the absolute URL)."""
     factory: Callable[[], asyncio.Protocol] = lambda: protocol  # noqa: E731
@@ -127,7 +137,9 @@ async def open_connection(loop: asyncio.AbstractEventLoop, protocol: asyncio.Pro
     if tls is None:
         await loop.create_connection(factory, route.host, route.port)
         return
-    transport, handshake = await loop.create_connection(lambda: _ConnectHandshake(loop), route.host, route.port)
+    transport, handshake = await loop.create_connection(
+        lambda: _ConnectHandshake(loop), route.host, route.port
+    )
     try:
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         auth = f"proxy-authorization: {route.authorization}\r\n" if route.authorization else ""

@@ -41,8 +41,9 @@ class ReachabilityBoard:
         if changed or not ok:  # a failed check is news every time (it renews "unreachable")
             self.on_change(deployment, ok)
         if changed:
-            (log.info if ok else log.error)("deployment %s is %s: %s", deployment,
-                                            "reachable" if ok else "UNREACHABLE", detail)
+            (log.info if ok else log.error)(
+                "deployment %s is %s: %s", deployment, "reachable" if ok else "UNREACHABLE", detail
+            )
 
     def record_check(self, r: PrewarmResult, now: float) -> None:
         if r.detail != "skipped":  # no start-up check configured: nothing learned
@@ -54,9 +55,13 @@ class ReachabilityBoard:
     def view(self) -> dict[str, dict[str, object]]:
         return {d: {"reachable": e.reachable, "detail": e.detail} for d, e in self.entries.items()}
 
-    async def recheck(self, clients: dict[str, UpstreamClient], interval_s: float = RECHECK_S,
-                      check: Callable[[UpstreamClient], Awaitable[PrewarmResult]] = prewarm,
-                      sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    async def recheck(
+        self,
+        clients: dict[str, UpstreamClient],
+        interval_s: float = RECHECK_S,
+        check: Callable[[UpstreamClient], Awaitable[PrewarmResult]] = prewarm,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         """Forever: check the unreachable deployments again every ``interval_s``."""
         loop = asyncio.get_running_loop()
         while True:

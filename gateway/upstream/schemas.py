@@ -37,22 +37,27 @@ class WarmupResult:
 
 def schema_fingerprint(json_schema: dict[str, Any]) -> str:
     """Stable id of a schema (key order does not matter): what the provider's grammar cache keys on."""
-    return hashlib.sha256(orjson.dumps(json_schema.get("schema"), option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+    return hashlib.sha256(orjson.dumps(json_schema.get("schema"), option=orjson.OPT_SORT_KEYS)).hexdigest()[
+        :32
+    ]
 
 
 def warmup_body(upstream_model: str, json_schema: dict[str, Any]) -> bytes:
     js = dict(json_schema)
     js["strict"] = True
-    return orjson.dumps({
-        "model": upstream_model,
-        "messages": [{"role": "user", "content": "warm-up"}],
-        "max_tokens": 1,
-        "response_format": {"type": "json_schema", "json_schema": js},
-    })
+    return orjson.dumps(
+        {
+            "model": upstream_model,
+            "messages": [{"role": "user", "content": "warm-up"}],
+            "max_tokens": 1,
+            "response_format": {"type": "json_schema", "json_schema": js},
+        }
+    )
 
 
-async def warm_one(client: UpstreamClient, model: str, upstream_model: str, json_schema: dict[str, Any],
-                   timeout_s: float) -> WarmupResult:
+async def warm_one(
+    client: UpstreamClient, model: str, upstream_model: str, json_schema: dict[str, Any], timeout_s: float
+) -> WarmupResult:
     """One schema on one deployment. Connection failures are retried (tenacity); HTTP answers are final."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -62,21 +67,41 @@ async def warm_one(client: UpstreamClient, model: str, upstream_model: str, json
     headers["x-request-id"] = f"warmup-{schema_fingerprint(json_schema)[:12]}"
     try:
         async with asyncio.timeout(timeout_s):
-            async for attempt in AsyncRetrying(stop=stop_after_attempt(3), reraise=True,
-                                               wait=wait_random_exponential(multiplier=0.05, max=0.5),
-                                               retry=retry_if_exception_type((UpstreamError,
-                                                                              ConnectionError))):
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(3),
+                reraise=True,
+                wait=wait_random_exponential(multiplier=0.05, max=0.5),
+                retry=retry_if_exception_type((UpstreamError, ConnectionError)),
+            ):
                 with attempt:
                     status, text = await _post(client, body, headers)
     except TimeoutError:
-        return WarmupResult(model, client.deployment.id, name, False, (loop.time() - t0) * 1000,
-                            f"timed out after {timeout_s * 1000:.0f} ms")
+        return WarmupResult(
+            model,
+            client.deployment.id,
+            name,
+            False,
+            (loop.time() - t0) * 1000,
+            f"timed out after {timeout_s * 1000:.0f} ms",
+        )
     except (UpstreamConnectError, ConnectionRefusedError) as exc:
-        return WarmupResult(model, client.deployment.id, name, False, (loop.time() - t0) * 1000,
-                            connect_failure(exc, client.deployment.base_url))
+        return WarmupResult(
+            model,
+            client.deployment.id,
+            name,
+            False,
+            (loop.time() - t0) * 1000,
+            connect_failure(exc, client.deployment.base_url),
+        )
     except (UpstreamError, OSError) as exc:
-        return WarmupResult(model, client.deployment.id, name, False, (loop.time() - t0) * 1000,
-                            f"{type(exc).__name__}: {exc}"[:200])
+        return WarmupResult(
+            model,
+            client.deployment.id,
+            name,
+            False,
+            (loop.time() - t0) * 1000,
+            f"{type(exc).__name__}: {exc}"[:200],
+        )
     ms = (loop.time() - t0) * 1000
     if status == 200:
         return WarmupResult(model, client.deployment.id, name, True, ms, "ok")
@@ -102,8 +127,9 @@ async def _post(client: UpstreamClient, body: bytes, headers: dict[str, str]) ->
     return resp.status, data.decode("utf-8", "replace")
 
 
-async def warm_all(jobs: list[tuple[UpstreamClient, str, str, dict[str, Any]]], *, timeout_s: float,
-                   concurrency: int) -> list[WarmupResult]:
+async def warm_all(
+    jobs: list[tuple[UpstreamClient, str, str, dict[str, Any]]], *, timeout_s: float, concurrency: int
+) -> list[WarmupResult]:
     """Run (client, model, upstream_model, schema) jobs concurrently within ``concurrency``."""
     sem = asyncio.Semaphore(concurrency)
 

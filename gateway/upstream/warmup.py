@@ -49,8 +49,11 @@ class ModelWarmup:
     jobs: list[Job] = field(default_factory=list)
 
 
-async def plan(models: Iterable[tuple[str, WarmupConfig, list[tuple[UpstreamClient, str]]]],
-               learner: SchemaLearner | None, load_timeout_s: float = 3.0) -> list[ModelWarmup]:
+async def plan(
+    models: Iterable[tuple[str, WarmupConfig, list[tuple[UpstreamClient, str]]]],
+    learner: SchemaLearner | None,
+    load_timeout_s: float = 3.0,
+) -> list[ModelWarmup]:
     """The jobs of every model with something to warm: configured schemas, plus learned ones (``learner``).
 
     ``models``: (name, warmup config, [(client, upstream model) per deployment]).
@@ -72,28 +75,40 @@ async def plan(models: Iterable[tuple[str, WarmupConfig, list[tuple[UpstreamClie
 
 async def warm_pass(mw: ModelWarmup, jobs: list[Job] | None = None) -> list[WarmupResult]:
     """One pass over ``jobs`` (default: all of the model's), in job order."""
-    return await warm_all(mw.jobs if jobs is None else jobs, timeout_s=mw.cfg.timeout_ms / 1000.0,
-                          concurrency=mw.cfg.concurrency)
+    return await warm_all(
+        mw.jobs if jobs is None else jobs,
+        timeout_s=mw.cfg.timeout_ms / 1000.0,
+        concurrency=mw.cfg.concurrency,
+    )
 
 
 class SchemaWarmup:
     """The server's warm-up: ``done`` once every model had its first pass and every required one is warm."""
 
-    def __init__(self, models: list[ModelWarmup], on_results: Callable[[ModelWarmup, list[Job], list[WarmupResult]],
-                 None], sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 warm: Callable[[ModelWarmup, list[Job]], Awaitable[list[WarmupResult]]] = warm_pass) -> None:
+    def __init__(
+        self,
+        models: list[ModelWarmup],
+        on_results: Callable[[ModelWarmup, list[Job], list[WarmupResult]], None],
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        warm: Callable[[ModelWarmup, list[Job]], Awaitable[list[WarmupResult]]] = warm_pass,
+    ) -> None:
         self.models = models
         self.on_results = on_results
         self.sleep = sleep
         self.warm = warm
-        self.state: dict[str, dict[str, Any]] = {m.name: {"state": "running", "ok": 0, "failed": 0, "passes": 0}
-                                                 for m in models}
+        self.state: dict[str, dict[str, Any]] = {
+            m.name: {"state": "running", "ok": 0, "failed": 0, "passes": 0} for m in models
+        }
 
     @property
     def done(self) -> bool:
         """Every model's first pass is over, and every required model is warm."""
-        return all(self.state[m.name]["state"] == "done" if m.cfg.required else self.state[m.name]["state"] != "running"
-                   for m in self.models)
+        return all(
+            self.state[m.name]["state"] == "done"
+            if m.cfg.required
+            else self.state[m.name]["state"] != "running"
+            for m in self.models
+        )
 
     def detail(self) -> dict[str, Any]:
         return {"state": "done" if self.done else "running", "models": self.state}
@@ -120,5 +135,7 @@ class SchemaWarmup:
             delay = retry_delay_s(st["passes"] - 1)
             st["state"] = "retrying"
             st["next_retry_s"] = delay
-            log.error("required warm-up of %s: %d job(s) failed; retrying in %.1f s", mw.name, len(pending), delay)
+            log.error(
+                "required warm-up of %s: %d job(s) failed; retrying in %.1f s", mw.name, len(pending), delay
+            )
             await self.sleep(delay)

@@ -72,9 +72,18 @@ class Sims:
 class Gateway:
     """One `llmgw serve` process with its own config, port and access log."""
 
-    def __init__(self, cfg: dict[str, Any], tmp: Path, *, workers: int = 1, env: dict[str, str] | None = None,
-                 ready_timeout: float = 20.0, wait_ready: bool = True, name: str = "gw",
-                 stock_uvicorn: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        tmp: Path,
+        *,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        ready_timeout: float = 20.0,
+        wait_ready: bool = True,
+        name: str = "gw",
+        stock_uvicorn: str | None = None,
+    ) -> None:
         """``stock_uvicorn`` ("h11" or "httptools") serves the app with plain uvicorn and that HTTP protocol
         instead of `llmgw serve`, as a user embedding the ASGI app elsewhere would."""
         self.port = free_port()
@@ -82,7 +91,9 @@ class Gateway:
         cfg = dict(cfg)
         cfg.setdefault("server", {})
         cfg["server"] = {"host": "127.0.0.1", "drain_timeout_s": 5, **cfg["server"], "port": self.port}
-        if cfg["server"].get("admin_port") == "auto":  # a port of its own, for configs shared by several gateways
+        if (
+            cfg["server"].get("admin_port") == "auto"
+        ):  # a port of its own, for configs shared by several gateways
             cfg["server"]["admin_port"] = free_port()
         cfg["access_log"] = {"path": str(self.log_path), "format": "json", **cfg.get("access_log", {})}
         self.config_path = tmp / f"{name}-{self.port}.yaml"
@@ -91,13 +102,35 @@ class Gateway:
         full_env = {**os.environ, **(env or {})}
         full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115
-        cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path), "--log-level", "warning"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--config",
+            str(self.config_path),
+            "--log-level",
+            "warning",
+        ]
         if workers > 1:
             cmd += ["--workers", str(workers)]
         if stock_uvicorn is not None:
             full_env["LLMGW_CONFIG"] = str(self.config_path)
-            cmd = [sys.executable, "-m", "uvicorn", "gateway.app:create_app", "--factory", "--host", "127.0.0.1",
-                   "--port", str(self.port), "--http", stock_uvicorn, "--log-level", "warning"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "gateway.app:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--http",
+                stock_uvicorn,
+                "--log-level",
+                "warning",
+            ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._stderr, env=full_env)
         self.url = f"http://127.0.0.1:{self.port}"
         admin_port = cfg["server"].get("admin_port")
@@ -138,7 +171,9 @@ class Gateway:
         while True:
             recs = []
             if self.log_path.exists():
-                recs = [orjson.loads(line) for line in self.log_path.read_bytes().splitlines() if line.strip()]
+                recs = [
+                    orjson.loads(line) for line in self.log_path.read_bytes().splitlines() if line.strip()
+                ]
             if len(recs) >= wait_for or time.monotonic() > end:
                 return recs
             time.sleep(0.05)
@@ -172,7 +207,14 @@ def model(name: str, deployments: list[dict[str, Any]], **extra: Any) -> dict[st
 
 
 def dep(id: str, base_url: str, region: str = "us-east", **extra: Any) -> dict[str, Any]:
-    return {"id": id, "base_url": base_url, "api_key": "sim-key", "model": "sim-large", "region": region, **extra}
+    return {
+        "id": id,
+        "base_url": base_url,
+        "api_key": "sim-key",
+        "model": "sim-large",
+        "region": region,
+        **extra,
+    }
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
@@ -196,11 +238,14 @@ class TinyProxy:
         self.port = free_port()
         self.log_path = tmp / f"tinyproxy-{self.port}.log"
         conf = tmp / f"tinyproxy-{self.port}.conf"
-        conf.write_text(f"Port {self.port}\nListen 127.0.0.1\nTimeout 30\nMaxClients 50\nAllow 127.0.0.1\n"
-                        f"BasicAuth {user} {password}\nLogFile \"{self.log_path}\"\nLogLevel Info\n"
-                        "DisableViaHeader Yes\n")
-        self.proc = subprocess.Popen(["tinyproxy", "-d", "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        conf.write_text(
+            f"Port {self.port}\nListen 127.0.0.1\nTimeout 30\nMaxClients 50\nAllow 127.0.0.1\n"
+            f'BasicAuth {user} {password}\nLogFile "{self.log_path}"\nLogLevel Info\n'
+            "DisableViaHeader Yes\n"
+        )
+        self.proc = subprocess.Popen(
+            ["tinyproxy", "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         end = time.monotonic() + 10
         while True:
             try:

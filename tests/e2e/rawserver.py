@@ -32,7 +32,9 @@ class CaseLog:
 class Conn:
     """One accepted connection as a script sees it."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int, log: CaseLog) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int, log: CaseLog
+    ) -> None:
         self.reader = reader
         self.writer = writer
         self.number = number
@@ -124,8 +126,9 @@ class RawProvider:
         self._thread.join(10)
 
 
-def response(status: bytes | str, headers: list[tuple[str, str]] | None = None, body: bytes = b"",
-             length: bool = True) -> bytes:
+def response(
+    status: bytes | str, headers: list[tuple[str, str]] | None = None, body: bytes = b"", length: bool = True
+) -> bytes:
     """One HTTP/1.1 response in bytes; ``status`` is the status line after the version ("200 OK")."""
     if isinstance(status, str):
         status = status.encode()
@@ -139,17 +142,21 @@ def response(status: bytes | str, headers: list[tuple[str, str]] | None = None, 
 
 def completion(content: str = "hello", rid: str = "chatcmpl-raw") -> bytes:
     """A chat completion body (non-stream) with usage."""
-    return (b'{"id":"%s","object":"chat.completion","created":1,"model":"raw","choices":[{"index":0,'
-            b'"message":{"role":"assistant","content":"%s"},"finish_reason":"stop"}],'
-            b'"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}') % (rid.encode(), content.encode())
+    return (
+        b'{"id":"%s","object":"chat.completion","created":1,"model":"raw","choices":[{"index":0,'
+        b'"message":{"role":"assistant","content":"%s"},"finish_reason":"stop"}],'
+        b'"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'
+    ) % (rid.encode(), content.encode())
 
 
 def sse_events(content: str = "hello") -> bytes:
     """A small chat completion stream: role chunk, one content chunk per word, finish, usage, [DONE]."""
     out = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant"}}]}\n\n'
     for word in content.split(" "):
-        out += (b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"%s"}}]}\n\n'
-                % word.encode())
+        out += (
+            b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"%s"}}]}\n\n'
+            % word.encode()
+        )
     out += b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
     out += b'data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
     return out + b"data: [DONE]\n\n"

@@ -43,8 +43,19 @@ class RedisProc:
             conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n{config}")
             cmd += [str(conf), "--sentinel"]
         else:
-            cmd += ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
-                    "--appendonly", "no", *args]
+            cmd += [
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                *args,
+            ]
         self.log = open(self.dir / "log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.client = redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=2)
@@ -74,15 +85,33 @@ class Cluster:
         try:
             for i in range(3):
                 # the bus port gets a free port of its own (port + 10000 may be taken, or beyond 65535)
-                self.nodes.append(RedisProc(root, f"cluster{i}", "--cluster-enabled", "yes",
-                                            "--cluster-port", str(free_port()),
-                                            "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"))
-            out = subprocess.run(["redis-cli", "--cluster", "create", *(n.address for n in self.nodes),
-                                  "--cluster-yes"], capture_output=True, text=True, timeout=30)
+                self.nodes.append(
+                    RedisProc(
+                        root,
+                        f"cluster{i}",
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-port",
+                        str(free_port()),
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "2000",
+                    )
+                )
+            out = subprocess.run(
+                ["redis-cli", "--cluster", "create", *(n.address for n in self.nodes), "--cluster-yes"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             assert out.returncode == 0, out.stdout + out.stderr
             for n in self.nodes:
-                wait_for(lambda n=n: n.client.cluster("info")["cluster_state"] == "ok", 20,
-                         f"cluster_state:ok on {n.address}")
+                wait_for(
+                    lambda n=n: n.client.cluster("info")["cluster_state"] == "ok",
+                    20,
+                    f"cluster_state:ok on {n.address}",
+                )
         except BaseException:
             self.stop()
             raise
@@ -108,14 +137,27 @@ class SentinelSet:
         self.sentinel: RedisProc | None = None
         try:
             self.replica = RedisProc(root, "replica", "--replicaof", "127.0.0.1", str(self.primary.port))
-            wait_for(lambda: self.replica.client.info("replication")["master_link_status"] == "up", 10,
-                     "the replica's link to the primary")
-            self.sentinel = RedisProc(root, "sentinel", config=(
-                f"sentinel monitor {MASTER_SET} 127.0.0.1 {self.primary.port} 1\n"
-                f"sentinel down-after-milliseconds {MASTER_SET} {down_after_ms}\n"
-                f"sentinel failover-timeout {MASTER_SET} 10000\n"))
-            wait_for(lambda: any(r["port"] == self.replica.port for r in self.sentinel.client.sentinel_slaves(MASTER_SET)),
-                     30, "the sentinel to see the replica")
+            wait_for(
+                lambda: self.replica.client.info("replication")["master_link_status"] == "up",
+                10,
+                "the replica's link to the primary",
+            )
+            self.sentinel = RedisProc(
+                root,
+                "sentinel",
+                config=(
+                    f"sentinel monitor {MASTER_SET} 127.0.0.1 {self.primary.port} 1\n"
+                    f"sentinel down-after-milliseconds {MASTER_SET} {down_after_ms}\n"
+                    f"sentinel failover-timeout {MASTER_SET} 10000\n"
+                ),
+            )
+            wait_for(
+                lambda: any(
+                    r["port"] == self.replica.port for r in self.sentinel.client.sentinel_slaves(MASTER_SET)
+                ),
+                30,
+                "the sentinel to see the replica",
+            )
         except BaseException:
             self.stop()
             raise

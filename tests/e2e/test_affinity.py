@@ -11,26 +11,43 @@ from collections import defaultdict
 from harness import HTTP, dep, metric_value, model
 
 SIMS = ("sim-a", "sim-b", "sim-c")
-KNOBS = {"ttft_ms": 5, "ttft_dist": "fixed", "itl_ms": 1, "tokens": 2, "tail_p": 0,
-         "prefix_cache_tokens": 200_000, "prefill_ms_per_1k": 20}
+KNOBS = {
+    "ttft_ms": 5,
+    "ttft_dist": "fixed",
+    "itl_ms": 1,
+    "tokens": 2,
+    "tail_p": 0,
+    "prefix_cache_tokens": 200_000,
+    "prefill_ms_per_1k": 20,
+}
 SYSTEM = "You are the support assistant of a bicycle shop. Answer with care and cite the manual. " * 60
 
 
 def _fleet(sims_factory, gateways, **routing):
     sims = sims_factory({name: ("us-east", KNOBS) for name in SIMS})
-    cfg = {"server": {"region": "us-east"},
-           "models": [model("chat", [dep(name, sims.base_url(name)) for name in SIMS],
-                            routing={"affinity": "prefix", **routing},
-                            outlier={"consecutive_failures": 1, "base_ejection_s": 60},
-                            retry={"backoff_base_ms": 1})]}
+    cfg = {
+        "server": {"region": "us-east"},
+        "models": [
+            model(
+                "chat",
+                [dep(name, sims.base_url(name)) for name in SIMS],
+                routing={"affinity": "prefix", **routing},
+                outlier={"consecutive_failures": 1, "base_ejection_s": 60},
+                retry={"backoff_base_ms": 1},
+            )
+        ],
+    }
     return sims, gateways(cfg)
 
 
 def _turn(client, conv: int, history: list[dict], question: str, **kw):
     history.append({"role": "user", "content": question})
     raw = client.chat.completions.with_raw_response.create(
-        model="chat", messages=[{"role": "system", "content": SYSTEM}, *history],
-        extra_headers={"x-conv": str(conv)}, **kw)
+        model="chat",
+        messages=[{"role": "system", "content": SYSTEM}, *history],
+        extra_headers={"x-conv": str(conv)},
+        **kw,
+    )
     resp = raw.parse()
     history.append({"role": "assistant", "content": resp.choices[0].message.content})
     return raw.headers["x-gateway-upstream"], resp
@@ -54,9 +71,13 @@ def test_each_conversation_stays_on_one_deployment_and_hits_its_cache(sims_facto
     cached_later_turns = []
     for turn in range(4):
         for conv, history in histories.items():
-            _, resp = _turn(client, conv, history, f"conversation {conv}, question {turn}: how do I true a wheel?")
+            _, resp = _turn(
+                client, conv, history, f"conversation {conv}, question {turn}: how do I true a wheel?"
+            )
             if turn > 0:
-                cached_later_turns.append(resp.usage.prompt_tokens_details.cached_tokens / resp.usage.prompt_tokens)
+                cached_later_turns.append(
+                    resp.usage.prompt_tokens_details.cached_tokens / resp.usage.prompt_tokens
+                )
     served = _served(sims)
     assert len(served) == 9
     for conv, names in served.items():
@@ -101,18 +122,28 @@ def test_key_mode_follows_the_header_or_prompt_cache_key_only(sims_factory, gate
     sims, gw = _fleet(sims_factory, gateways, affinity="key")
     picks = set()
     for i in range(6):
-        r = HTTP.post(gw.url + "/v1/chat/completions", headers={"x-llmgw-affinity": "tenant-7"}, timeout=30,
-                      json={"model": "chat", "messages": [{"role": "user", "content": f"q{i}"}]})
+        r = HTTP.post(
+            gw.url + "/v1/chat/completions",
+            headers={"x-llmgw-affinity": "tenant-7"},
+            timeout=30,
+            json={"model": "chat", "messages": [{"role": "user", "content": f"q{i}"}]},
+        )
         assert r.status_code == 200, r.text
         picks.add(r.headers["x-gateway-upstream"])
     client = gw.client()
     for i in range(3):
         raw = client.chat.completions.with_raw_response.create(
-            model="chat", messages=[{"role": "user", "content": f"other {i}"}], extra_body={"prompt_cache_key": "tenant-7"})
+            model="chat",
+            messages=[{"role": "user", "content": f"other {i}"}],
+            extra_body={"prompt_cache_key": "tenant-7"},
+        )
         picks.add(raw.headers["x-gateway-upstream"])
     assert len(picks) == 1  # the header and prompt_cache_key name the same key
-    HTTP.post(gw.url + "/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user", "content": "x"}]},
-              timeout=30)
+    HTTP.post(
+        gw.url + "/v1/chat/completions",
+        json={"model": "chat", "messages": [{"role": "user", "content": "x"}]},
+        timeout=30,
+    )
     recs = gw.records(wait_for=10)
     assert recs[-1]["affinity_key"] is None and recs[-1]["route_reason"] != "affinity-home"
     assert metric_value(gw.metrics(), "llmgw_affinity_routes_total", model="chat", result="unkeyed") == 1
@@ -121,9 +152,12 @@ def test_key_mode_follows_the_header_or_prompt_cache_key_only(sims_factory, gate
 def test_two_replicas_without_shared_state_agree_on_every_home(sims_factory, gateways):
     """The ring is a function of the deployment ids: replicas need no state backend to agree."""
     sims = sims_factory({name: ("us-east", KNOBS) for name in SIMS})
-    cfg = {"server": {"region": "us-east"},
-           "models": [model("chat", [dep(name, sims.base_url(name)) for name in SIMS],
-                            routing={"affinity": "prefix"})]}
+    cfg = {
+        "server": {"region": "us-east"},
+        "models": [
+            model("chat", [dep(name, sims.base_url(name)) for name in SIMS], routing={"affinity": "prefix"})
+        ],
+    }
     clients = [gateways(cfg).client(), gateways(cfg).client()]
     histories: dict[int, list[dict]] = {c: [] for c in range(6)}
     for turn in range(4):

@@ -37,26 +37,32 @@ FLOOD = 200 * 1024 * 1024
 
 def answer_each(make: Any) -> Any:
     """A script answering every request on the connection with ``make(conn, i)`` (bytes), i counting from 0."""
+
     async def script(conn: Conn, first: Request) -> None:
         for i in itertools.count():
             if i:
                 await conn.read_request()
             await conn.send(make(conn, i))
+
     return script
 
 
 def once(data: bytes, then_close: bool = True) -> Any:
     """Send ``data`` for the first request, then hang up (or wait for the gateway to)."""
+
     async def script(conn: Conn, first: Request) -> None:
         await conn.send(data)
         if not then_close:
             await conn.closed_by_peer()
+
     return script
 
 
 async def stray_in_the_same_write(conn: Conn, first: Request) -> None:
-    await conn.send(response("200 OK", [("content-type", "application/json")], completion(f"c{conn.number}"))
-                    + response("200 OK", [("content-type", "application/json")], completion("stray")))
+    await conn.send(
+        response("200 OK", [("content-type", "application/json")], completion(f"c{conn.number}"))
+        + response("200 OK", [("content-type", "application/json")], completion("stray"))
+    )
     if await conn.closed_by_peer():
         conn.note("closed")
 
@@ -85,7 +91,9 @@ async def ten_thousand_headers(conn: Conn, first: Request) -> None:
 
 
 async def huge_body(conn: Conn, first: Request) -> None:
-    await conn.send(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % BIG_BODY)
+    await conn.send(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % BIG_BODY
+    )
     block = b" " * (1024 * 1024)
     for _ in range(BIG_BODY // len(block)):  # ends early when the gateway hangs up
         await conn.send(block)
@@ -106,81 +114,155 @@ def ok_json(content: str) -> bytes:
 
 def closing_after(n: int) -> Any:
     """Answers ``n`` requests per connection, the last with ``connection: close`` (nginx's keepalive_requests)."""
+
     async def script(conn: Conn, first: Request) -> None:
         for i in range(n):
             if i:
                 await conn.read_request()
             extra = [("connection", "close")] if i == n - 1 else []
-            await conn.send(response("200 OK", [("content-type", "application/json"), *extra],
-                                     completion(f"c{conn.number}r{i}")))
+            await conn.send(
+                response(
+                    "200 OK",
+                    [("content-type", "application/json"), *extra],
+                    completion(f"c{conn.number}r{i}"),
+                )
+            )
+
     return script
 
 
 def hang_up_when_idle(conn_answers: int = 1) -> Any:
     """Answers one request, then closes the connection without saying so (a keep-alive timeout)."""
+
     async def script(conn: Conn, first: Request) -> None:
         await conn.send(ok_json(f"c{conn.number}"))
         await asyncio.sleep(0.01)
+
     return script
 
 
 CHUNKED = [("content-type", "application/json"), ("transfer-encoding", "chunked")]
 BODY = completion("framed")
 GZ = gzip.compress(completion("zipped"))
-STREAM_START = sse_events("hello world").split(b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\","
-                                              b"\"choices\":[{\"index\":0,\"delta\":{},")[0]  # role and words
+STREAM_START = sse_events("hello world").split(
+    b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{},'
+)[0]  # role and words
 
 CASES: dict[str, Any] = {
     "good": answer_each(lambda conn, i: ok_json(f"c{conn.number}r{i}")),
-    "good-stream": answer_each(lambda conn, i: response("200 OK", [("content-type", "text/event-stream")],
-                                                       sse_events("hello world"))),
-    "status-999": answer_each(lambda conn, i: response("999 Weird", [("content-type", "application/json")], b"{}")),
+    "good-stream": answer_each(
+        lambda conn, i: response("200 OK", [("content-type", "text/event-stream")], sse_events("hello world"))
+    ),
+    "status-999": answer_each(
+        lambda conn, i: response("999 Weird", [("content-type", "application/json")], b"{}")
+    ),
     "stray-same-write": stray_in_the_same_write,
     "stray-later": stray_30ms_later,
-    "ctl-header": answer_each(lambda conn, i: response("200 OK", [("content-type", "application/json"),
-                                                                  ("x-ratelimit-remaining-requests", "9\x01")],
-                                                       completion())),
+    "ctl-header": answer_each(
+        lambda conn, i: response(
+            "200 OK",
+            [("content-type", "application/json"), ("x-ratelimit-remaining-requests", "9\x01")],
+            completion(),
+        )
+    ),
     "endless-head": endless_head,
     "many-headers": ten_thousand_headers,
     "huge-body": huge_body,
-    "gzip": answer_each(lambda conn, i: response("200 OK", [("content-type", "application/json"),
-                                                            ("content-encoding", "gzip")], GZ)),
+    "gzip": answer_each(
+        lambda conn, i: response(
+            "200 OK", [("content-type", "application/json"), ("content-encoding", "gzip")], GZ
+        )
+    ),
     "bad-chunk-size": once(response("200 OK", CHUNKED, b"zz\r\nabc\r\n0\r\n\r\n", length=False)),
-    "short-length": once(response("200 OK", [("content-type", "application/json"),
-                                             ("content-length", str(len(BODY) + 50))], BODY, length=False)),
-    "long-length": answer_each(lambda conn, i: response("200 OK", [("content-type", "application/json"),
-                                                                   ("content-length", "2")], b"{}" + BODY,
-                                                        length=False)),
-    "duplicate-lengths": once(response("200 OK", [("content-type", "application/json"), ("content-length", "2"),
-                                                  ("content-length", str(len(BODY)))], BODY, length=False)),
-    "length-and-chunked": once(response("200 OK", [*CHUNKED, ("content-length", "5")],
-                                        b"%x\r\n%s\r\n0\r\n\r\n" % (len(BODY), BODY), length=False)),
-    "interim-1xx": answer_each(lambda conn, i: b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n"
-                                               b"link: </style.css>\r\n\r\n" + ok_json(f"c{conn.number}r{i}")),
-    "switching-101": once(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
-                          b"\x81\x05hello"),
-    "no-content-with-body": answer_each(lambda conn, i: response("204 No Content", [("content-length", "5")],
-                                                                 b"hello", length=False)),
-    "not-modified-with-body": answer_each(lambda conn, i: response("304 Not Modified", [("content-length", "5")],
-                                                                   b"hello", length=False)),
+    "short-length": once(
+        response(
+            "200 OK",
+            [("content-type", "application/json"), ("content-length", str(len(BODY) + 50))],
+            BODY,
+            length=False,
+        )
+    ),
+    "long-length": answer_each(
+        lambda conn, i: response(
+            "200 OK",
+            [("content-type", "application/json"), ("content-length", "2")],
+            b"{}" + BODY,
+            length=False,
+        )
+    ),
+    "duplicate-lengths": once(
+        response(
+            "200 OK",
+            [
+                ("content-type", "application/json"),
+                ("content-length", "2"),
+                ("content-length", str(len(BODY))),
+            ],
+            BODY,
+            length=False,
+        )
+    ),
+    "length-and-chunked": once(
+        response(
+            "200 OK",
+            [*CHUNKED, ("content-length", "5")],
+            b"%x\r\n%s\r\n0\r\n\r\n" % (len(BODY), BODY),
+            length=False,
+        )
+    ),
+    "interim-1xx": answer_each(
+        lambda conn, i: (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n"
+            b"link: </style.css>\r\n\r\n" + ok_json(f"c{conn.number}r{i}")
+        )
+    ),
+    "switching-101": once(
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n\x81\x05hello"
+    ),
+    "no-content-with-body": answer_each(
+        lambda conn, i: response("204 No Content", [("content-length", "5")], b"hello", length=False)
+    ),
+    "not-modified-with-body": answer_each(
+        lambda conn, i: response("304 Not Modified", [("content-length", "5")], b"hello", length=False)
+    ),
     "http10": once(b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n" + completion("ten")),
-    "trailers": answer_each(lambda conn, i: response("200 OK", CHUNKED, b"%x\r\n%s\r\n0\r\nx-trailer: t\r\n\r\n"
-                                                     % (len(BODY), BODY), length=False)),
-    "close-delimited": once(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n"
-                            + completion("closed")),
+    "trailers": answer_each(
+        lambda conn, i: response(
+            "200 OK", CHUNKED, b"%x\r\n%s\r\n0\r\nx-trailer: t\r\n\r\n" % (len(BODY), BODY), length=False
+        )
+    ),
+    "close-delimited": once(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n"
+        + completion("closed")
+    ),
     "keepalive-requests": closing_after(2),
     "keepalive-timeout": hang_up_when_idle(),
     "small-limits": answer_each(lambda conn, i: ok_json("x" * 2000)),
-    "stream-cut": once(response("200 OK", [("content-type", "text/event-stream"), ("transfer-encoding", "chunked")],
-                                b"%x\r\n%s\r\n" % (len(STREAM_START), STREAM_START), length=False)),
-    "stream-bad-chunk": once(response("200 OK", [("content-type", "text/event-stream"),
-                                                 ("transfer-encoding", "chunked")],
-                                      b"%x\r\n%s\r\nzz\r\n" % (len(STREAM_START), STREAM_START), length=False),
-                             then_close=False),
+    "stream-cut": once(
+        response(
+            "200 OK",
+            [("content-type", "text/event-stream"), ("transfer-encoding", "chunked")],
+            b"%x\r\n%s\r\n" % (len(STREAM_START), STREAM_START),
+            length=False,
+        )
+    ),
+    "stream-bad-chunk": once(
+        response(
+            "200 OK",
+            [("content-type", "text/event-stream"), ("transfer-encoding", "chunked")],
+            b"%x\r\n%s\r\nzz\r\n" % (len(STREAM_START), STREAM_START),
+            length=False,
+        ),
+        then_close=False,
+    ),
     "keepalive-flood": keepalive_flood,
-    "gzip-stream": answer_each(lambda conn, i: response("200 OK", [("content-type", "text/event-stream"),
-                                                                   ("content-encoding", "gzip")],
-                                                        gzip.compress(sse_events("hello world")))),
+    "gzip-stream": answer_each(
+        lambda conn, i: response(
+            "200 OK",
+            [("content-type", "text/event-stream"), ("content-encoding", "gzip")],
+            gzip.compress(sse_events("hello world")),
+        )
+    ),
 }
 LIMITS = {"small-limits": {"max_body_bytes": 1024}}  # response_limits of a case's model
 
@@ -200,17 +282,42 @@ class Rig:
     def gateway(self, kind: str) -> Gateway:
         gw = self.gateways.get(kind)
         if gw is None:
-            models = [{"name": case, "deployments": [{"id": f"dep-{case}", "base_url": self.provider.base_url(case),
-                                                      "api_key": "sk-raw", "model": "raw"}],
-                       **({"response_limits": LIMITS[case]} if case in LIMITS else {})}
-                      for case in CASES]
-            models.append({"name": "closed-port", "deployments": [{"id": "dep-closed-port", "api_key": "sk-raw",
-                                                                   "base_url": f"http://127.0.0.1:{free_port()}/v1"}]})
-            cfg = {"model_defaults": {"pool": {"min_connections": 0, "validate_on_start": False,
-                                               "keepwarm_interval_s": 0}},
-                   "models": models}
-            gw = self.gateways[kind] = Gateway(cfg, self.tmp, name=f"broken-{kind}",
-                                               env={"LLMGW_UPSTREAM_CLIENT": kind})
+            models = [
+                {
+                    "name": case,
+                    "deployments": [
+                        {
+                            "id": f"dep-{case}",
+                            "base_url": self.provider.base_url(case),
+                            "api_key": "sk-raw",
+                            "model": "raw",
+                        }
+                    ],
+                    **({"response_limits": LIMITS[case]} if case in LIMITS else {}),
+                }
+                for case in CASES
+            ]
+            models.append(
+                {
+                    "name": "closed-port",
+                    "deployments": [
+                        {
+                            "id": "dep-closed-port",
+                            "api_key": "sk-raw",
+                            "base_url": f"http://127.0.0.1:{free_port()}/v1",
+                        }
+                    ],
+                }
+            )
+            cfg = {
+                "model_defaults": {
+                    "pool": {"min_connections": 0, "validate_on_start": False, "keepwarm_interval_s": 0}
+                },
+                "models": models,
+            }
+            gw = self.gateways[kind] = Gateway(
+                cfg, self.tmp, name=f"broken-{kind}", env={"LLMGW_UPSTREAM_CLIENT": kind}
+            )
         return gw
 
     def request_id(self, case: str) -> str:
@@ -255,13 +362,18 @@ class Case:
         return self.gw.client(default_headers={"x-request-id": self.next_id()}, timeout=60, **kw)
 
     def chat(self, stream: bool = False) -> Any:
-        return self.sdk().chat.completions.create(model=self.name, stream=stream,
-                                                  messages=[{"role": "user", "content": "hi"}])
+        return self.sdk().chat.completions.create(
+            model=self.name, stream=stream, messages=[{"role": "user", "content": "hi"}]
+        )
 
     def post(self, stream: bool = False) -> httpx.Response:
         body = {"model": self.name, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
-        return httpx.post(self.gw.url + "/v1/chat/completions", json=body, timeout=60,
-                          headers={"x-request-id": self.next_id(), "accept-encoding": "identity"})
+        return httpx.post(
+            self.gw.url + "/v1/chat/completions",
+            json=body,
+            timeout=60,
+            headers={"x-request-id": self.next_id(), "accept-encoding": "identity"},
+        )
 
     def record(self, rid: str) -> dict[str, Any]:
         end = time.monotonic() + 10
@@ -280,9 +392,9 @@ class Case:
         """One record per request sent, and no traceback."""
         for rid in self.ids:
             self.record(rid)
-        mine = self._mine()[self._records_before:]
+        mine = self._mine()[self._records_before :]
         assert len(mine) == len(self.ids), [r["request_id"] for r in mine]
-        new = self._stderr()[self._stderr_at:]
+        new = self._stderr()[self._stderr_at :]
         assert "Traceback" not in new, new
 
 
@@ -304,7 +416,9 @@ def assert_openai_error(r: httpx.Response, status: int, code: str, deployment: s
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["code"] == code, err
-    assert f"'{deployment}'" in err["message"] and not re.search(r"127\.0\.0\.1|:\d{4,5}\b", err["message"]), err
+    assert f"'{deployment}'" in err["message"] and not re.search(
+        r"127\.0\.0\.1|:\d{4,5}\b", err["message"]
+    ), err
     return err
 
 
@@ -326,7 +440,7 @@ def test_a_status_outside_100_599_is_a_502_with_flag_upe(case: Any, stream: bool
     assert info.value.status_code == 502
     assert info.value.body["code"] == "upstream_protocol_error"
     assert "999" in info.value.body["message"]
-    assert c.logged(c.ids[-1]) [0] == 502 and "UPE" in c.logged(c.ids[-1])[1]
+    assert c.logged(c.ids[-1])[0] == 502 and "UPE" in c.logged(c.ids[-1])[1]
 
 
 def test_an_unsolicited_second_response_in_the_same_write_is_dropped_with_its_connection(case: Any) -> None:
@@ -375,7 +489,9 @@ def test_a_control_byte_in_a_forwarded_header_is_a_502(case: Any) -> None:
 
 
 @pytest.mark.parametrize("name", ["endless-head", "many-headers"])
-def test_an_oversized_response_head_is_refused_at_once_and_others_are_unaffected(case: Any, name: str) -> None:
+def test_an_oversized_response_head_is_refused_at_once_and_others_are_unaffected(
+    case: Any, name: str
+) -> None:
     c = case(name)
     good = case("good")
     result: dict[str, httpx.Response] = {}
@@ -410,15 +526,22 @@ def test_200mb_before_the_first_token_are_relayed_not_held(case: Any) -> None:
     c = case("keepalive-flood")
     body = {"model": c.name, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     size, tail = 0, b""
-    with httpx.stream("POST", c.gw.url + "/v1/chat/completions", json=body, timeout=60,
-                      headers={"x-request-id": c.next_id()}) as r:
+    with httpx.stream(
+        "POST",
+        c.gw.url + "/v1/chat/completions",
+        json=body,
+        timeout=60,
+        headers={"x-request-id": c.next_id()},
+    ) as r:
         assert r.status_code == 200
         for data in r.iter_raw():
             size += len(data)
             tail = (tail + data)[-2000:]
     assert size > FLOOD - 1024 * 1024 and b'"content":"world"' in tail and tail.endswith(b"data: [DONE]\n\n")
     assert c.logged(c.ids[-1]) == (200, {"-"})
-    assert peak_rss_mb(c.gw.proc.pid) < 250  # committed after a bounded prefix, then relayed under backpressure
+    assert (
+        peak_rss_mb(c.gw.proc.pid) < 250
+    )  # committed after a bounded prefix, then relayed under backpressure
 
 
 def test_response_limits_are_configurable_per_model(case: Any) -> None:
@@ -469,13 +592,16 @@ def test_a_stream_broken_after_whole_events_ends_with_an_error_the_sdk_raises(ca
 # ------------------------------------------------------------------ framing the gateway already handled
 
 
-@pytest.mark.parametrize(("name", "code", "flag"), [
-    ("bad-chunk-size", "upstream_protocol_error", "UPE"),
-    ("duplicate-lengths", "upstream_protocol_error", "UPE"),
-    ("switching-101", "upstream_protocol_error", "UPE"),
-    ("length-and-chunked", "upstream_protocol_error", "UPE"),  # refused as request smuggling is
-    ("short-length", "upstream_unreachable", "UC"),
-])
+@pytest.mark.parametrize(
+    ("name", "code", "flag"),
+    [
+        ("bad-chunk-size", "upstream_protocol_error", "UPE"),
+        ("duplicate-lengths", "upstream_protocol_error", "UPE"),
+        ("switching-101", "upstream_protocol_error", "UPE"),
+        ("length-and-chunked", "upstream_protocol_error", "UPE"),  # refused as request smuggling is
+        ("short-length", "upstream_unreachable", "UC"),
+    ],
+)
 def test_malformed_framing_is_a_502_with_its_flag(case: Any, name: str, code: str, flag: str) -> None:
     c = case(name)
     assert_openai_error(c.post(), 502, code, f"dep-{name}")
@@ -483,11 +609,14 @@ def test_malformed_framing_is_a_502_with_its_flag(case: Any, name: str, code: st
     assert status == 502 and flag in flags
 
 
-@pytest.mark.parametrize(("name", "content"), [
-    ("trailers", "framed"),
-    ("http10", "ten"),
-    ("close-delimited", "closed"),
-])
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("trailers", "framed"),
+        ("http10", "ten"),
+        ("close-delimited", "closed"),
+    ],
+)
 def test_bodies_framed_every_legal_way_arrive_whole(case: Any, name: str, content: str) -> None:
     c = case(name)
     for _ in range(2):

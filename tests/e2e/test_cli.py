@@ -68,14 +68,28 @@ def test_keys_refuse_a_config_whose_state_cannot_hold_keys(tmp_path, redis_prefi
         out = llmgw("keys", cmd[0], "-c", memory, *cmd[1:])
         assert out.returncode == 2 and "state.backend is 'memory'" in out.stderr, out
         assert out.stdout == ""  # no key printed
-    no_redis_keys = write(tmp_path, {"state": {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": redis_prefix},
-                                     "auth": {"mode": "keys", "redis_keys": False}, "models": [CHAT]}, "b.yaml")
+    no_redis_keys = write(
+        tmp_path,
+        {
+            "state": {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": redis_prefix},
+            "auth": {"mode": "keys", "redis_keys": False},
+            "models": [CHAT],
+        },
+        "b.yaml",
+    )
     out = llmgw("keys", "create", "-c", no_redis_keys, "--id", "svc")
     assert out.returncode == 2 and "auth.redis_keys is false" in out.stderr
     assert list(redis.Redis.from_url(REDIS_URL).scan_iter(match=redis_prefix + "*")) == []
     # a config whose gateways do read Redis keys works
-    shared = write(tmp_path, {"state": {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": redis_prefix},
-                              "auth": {"mode": "keys"}, "models": [CHAT]}, "c.yaml")
+    shared = write(
+        tmp_path,
+        {
+            "state": {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": redis_prefix},
+            "auth": {"mode": "keys"},
+            "models": [CHAT],
+        },
+        "c.yaml",
+    )
     made = llmgw("keys", "create", "-c", shared, "--id", "svc")
     assert made.returncode == 0 and made.stdout.strip().startswith("sk-gw-")
     assert "svc" in llmgw("keys", "list", "-c", shared).stdout
@@ -85,14 +99,26 @@ def test_keys_refuse_a_config_whose_state_cannot_hold_keys(tmp_path, redis_prefi
 def test_check_config_reports_every_problem_at_once(tmp_path, monkeypatch):
     monkeypatch.delenv("FF_UNSET_A", raising=False)
     monkeypatch.delenv("FF_UNSET_B", raising=False)
-    cfg = {"server": {"port": "eighty"}, "state": {"backend": "disk"},
-           "models": [{"name": "chat", "deployments": [
-               {"id": "a", "base_url": "${FF_UNSET_A}", "api_key": "${FF_UNSET_B}", "model": "m"}]}]}
+    cfg = {
+        "server": {"port": "eighty"},
+        "state": {"backend": "disk"},
+        "models": [
+            {
+                "name": "chat",
+                "deployments": [
+                    {"id": "a", "base_url": "${FF_UNSET_A}", "api_key": "${FF_UNSET_B}", "model": "m"}
+                ],
+            }
+        ],
+    }
     out = llmgw("check-config", write(tmp_path, cfg))
     assert out.returncode == 2
-    for expected in ("models[0].deployments[0].base_url: environment variable FF_UNSET_A is not set",
-                     "models[0].deployments[0].api_key: environment variable FF_UNSET_B is not set",
-                     "server.port:", "state.backend:"):
+    for expected in (
+        "models[0].deployments[0].base_url: environment variable FF_UNSET_A is not set",
+        "models[0].deployments[0].api_key: environment variable FF_UNSET_B is not set",
+        "server.port:",
+        "state.backend:",
+    ):
         assert expected in out.stderr, out.stderr
     assert out.stderr.count("base_url") == 1  # reported as unset, not again as an invalid URL
 
@@ -102,7 +128,9 @@ def test_check_config_warns_about_an_open_listener_without_auth(tmp_path):
     out = llmgw("check-config", open_cfg)
     assert out.returncode == 0 and "config OK" in out.stdout
     assert "warning: server.host 0.0.0.0" in out.stderr and "auth.mode is none" in out.stderr
-    keyed = write(tmp_path, {"server": {"host": "0.0.0.0"}, "auth": {"mode": "keys"}, "models": [CHAT]}, "k.yaml")
+    keyed = write(
+        tmp_path, {"server": {"host": "0.0.0.0"}, "auth": {"mode": "keys"}, "models": [CHAT]}, "k.yaml"
+    )
     local = write(tmp_path, {"server": {"host": "127.0.0.1"}, "models": [CHAT]}, "l.yaml")
     assert "warning" not in llmgw("check-config", keyed).stderr
     assert "warning" not in llmgw("check-config", local).stderr
@@ -110,10 +138,19 @@ def test_check_config_warns_about_an_open_listener_without_auth(tmp_path):
 
 def test_warmup_connect_error_names_the_url_not_ssl(tmp_path):
     port = free_port()  # closed: nothing listens there
-    cfg = {"models": [{"name": "chat", "deployments": [{"id": "a", "base_url": f"http://127.0.0.1:{port}/v1",
-                                                        "model": "m"}],
-                       "warmup": {"schemas": [{"name": "s", "strict": True, "schema": {"type": "object"}}],
-                                  "required": True, "timeout_ms": 3000}}]}
+    cfg = {
+        "models": [
+            {
+                "name": "chat",
+                "deployments": [{"id": "a", "base_url": f"http://127.0.0.1:{port}/v1", "model": "m"}],
+                "warmup": {
+                    "schemas": [{"name": "s", "strict": True, "schema": {"type": "object"}}],
+                    "required": True,
+                    "timeout_ms": 3000,
+                },
+            }
+        ]
+    }
     out = llmgw("warmup", "-c", write(tmp_path, cfg), "--no-learned")
     assert out.returncode == 1
     assert f"cannot connect to http://127.0.0.1:{port}/v1: Connection refused" in out.stdout, out.stdout
@@ -125,8 +162,12 @@ def test_serve_on_a_port_in_use_says_so_at_once():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        out = subprocess.run([sys.executable, "-m", "gateway", "serve", "--port", str(port)], capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert out.returncode == 1, out.stderr
     assert f"cannot listen on 127.0.0.1:{port}: the address is already in use" in out.stderr
     assert "Traceback" not in out.stderr and "demo" not in out.stderr  # nothing was started
@@ -137,13 +178,23 @@ def test_make_test_brings_its_own_redis_when_none_answers():
     port = free_port()
     script = Path(__file__).resolve().parents[1] / "with_redis.py"
     probe = [sys.executable, "-c", f"import redis; print(redis.Redis(port={port}).ping())"]
-    out = subprocess.run([sys.executable, str(script), *probe], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "WITH_REDIS_PORT": str(port)})
+    out = subprocess.run(
+        [sys.executable, str(script), *probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "WITH_REDIS_PORT": str(port)},
+    )
     assert out.returncode == 0, out.stderr
     assert f"no Redis answered on 127.0.0.1:{port}: starting" in out.stdout and "True" in out.stdout
     assert f"stopped the redis-server started for this run on 127.0.0.1:{port}" in out.stdout
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0  # gone with the command
-    failing = subprocess.run([sys.executable, str(script), sys.executable, "-c", "raise SystemExit(3)"],
-                             capture_output=True, text=True, timeout=60, env={**os.environ, "WITH_REDIS_PORT": str(port)})
+    failing = subprocess.run(
+        [sys.executable, str(script), sys.executable, "-c", "raise SystemExit(3)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "WITH_REDIS_PORT": str(port)},
+    )
     assert failing.returncode == 3  # the command's exit code is make's

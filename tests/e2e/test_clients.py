@@ -23,8 +23,14 @@ from pydantic import BaseModel, Field
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "node"
 MSG = [{"role": "user", "content": "Tell me about a pet."}]
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 
 
 class Pet(BaseModel):
@@ -46,9 +52,15 @@ class Target:
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    sims = Sims({"sim-a": ("us-east", {"ttft_ms": 5, "ttft_dist": "fixed", "itl_ms": 1, "tokens": 6, "tail_p": 0})})
-    cfg = {"models": [model("chat", [dep("a", sims.base_url("sim-a"))], retry={"max_retries": 0}),
-                      model("embed", [dep("a-embed", sims.base_url("sim-a"), model="sim-embed")])]}
+    sims = Sims(
+        {"sim-a": ("us-east", {"ttft_ms": 5, "ttft_dist": "fixed", "itl_ms": 1, "tokens": 6, "tail_p": 0})}
+    )
+    cfg = {
+        "models": [
+            model("chat", [dep("a", sims.base_url("sim-a"))], retry={"max_retries": 0}),
+            model("embed", [dep("a-embed", sims.base_url("sim-a"), model="sim-embed")]),
+        ]
+    }
     gw = Gateway(cfg, tmp_path_factory.mktemp("clients"), name="clients")
     yield Target(gw, sims)
     gw.stop()
@@ -64,16 +76,28 @@ def test_openai_sync_chat_stream_tools_parse(target):
     client = openai.OpenAI(base_url=target.base_url, api_key="anything", max_retries=0)
     r = client.chat.completions.create(model="chat", messages=MSG, n=2)
     assert [c.message.content.startswith("sim-a#") for c in r.choices] == [True, True]
-    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="chat", messages=MSG, stream=True) if c.choices)
+    text = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(model="chat", messages=MSG, stream=True)
+        if c.choices
+    )
     assert text.startswith("sim-a#") and text.count(" ") == 6
-    calls = client.chat.completions.create(model="chat", messages=MSG, tools=[WEATHER],
-                                           tool_choice="required").choices[0].message.tool_calls
+    calls = (
+        client.chat.completions.create(model="chat", messages=MSG, tools=[WEATHER], tool_choice="required")
+        .choices[0]
+        .message.tool_calls
+    )
     assert calls[0].function.name == "get_weather" and "city" in json.loads(calls[0].function.arguments)
-    with client.chat.completions.stream(model="chat", messages=MSG, tools=[WEATHER], tool_choice="required") as s:
+    with client.chat.completions.stream(
+        model="chat", messages=MSG, tools=[WEATHER], tool_choice="required"
+    ) as s:
         final = s.get_final_completion()
     assert final.choices[0].message.tool_calls[0].function.name == "get_weather"
-    _pet_ok(client.chat.completions.parse(model="chat", messages=MSG, response_format=Pet).choices[0].message.parsed)
+    _pet_ok(
+        client.chat.completions.parse(model="chat", messages=MSG, response_format=Pet)
+        .choices[0]
+        .message.parsed
+    )
     tool = openai.pydantic_function_tool(Pet)
     parsed = client.chat.completions.parse(model="chat", messages=MSG, tools=[tool], tool_choice="required")
     _pet_ok(parsed.choices[0].message.tool_calls[0].function.parsed_arguments)
@@ -86,20 +110,25 @@ def test_openai_sync_responses_and_embeddings(target):
         _pet_ok(stream.get_final_response().output_parsed)
     _pet_ok(client.responses.parse(model="chat", input="a pet", text_format=Pet).output_parsed)
     tool = {"type": "function", "name": "get_weather", "parameters": WEATHER["function"]["parameters"]}
-    call = client.responses.create(model="chat", input="weather?", tools=[tool], tool_choice="required").output[0]
+    call = client.responses.create(
+        model="chat", input="weather?", tools=[tool], tool_choice="required"
+    ).output[0]
     assert call.type == "function_call" and call.name == "get_weather"
     emb = client.embeddings.create(model="embed", input=["a", "b"], dimensions=8)  # the SDK asks for base64
     assert [len(d.embedding) for d in emb.data] == [8, 8]
 
 
-@pytest.mark.parametrize(("kw", "headers", "error"), [
-    ({"temperature": 3}, {}, openai.BadRequestError),
-    ({"model": "no-such-model"}, {}, openai.NotFoundError),
-    ({}, {"x-sim-error-rate": "1", "x-sim-error-status": "429"}, openai.RateLimitError),
-    ({}, {"x-sim-error-rate": "1", "x-sim-error-status": "503"}, openai.InternalServerError),
-    # a deadline the gateway enforces (x-gateway-timeout-ms, or the SDK's own x-stainless-timeout) ends as a 504
-    ({}, {"x-sim-ttft-ms": "5000", "x-gateway-timeout-ms": "300"}, openai.InternalServerError),
-])
+@pytest.mark.parametrize(
+    ("kw", "headers", "error"),
+    [
+        ({"temperature": 3}, {}, openai.BadRequestError),
+        ({"model": "no-such-model"}, {}, openai.NotFoundError),
+        ({}, {"x-sim-error-rate": "1", "x-sim-error-status": "429"}, openai.RateLimitError),
+        ({}, {"x-sim-error-rate": "1", "x-sim-error-status": "503"}, openai.InternalServerError),
+        # a deadline the gateway enforces (x-gateway-timeout-ms, or the SDK's own x-stainless-timeout) ends as a 504
+        ({}, {"x-sim-ttft-ms": "5000", "x-gateway-timeout-ms": "300"}, openai.InternalServerError),
+    ],
+)
 def test_openai_errors_map_to_the_sdk_exception_classes(target, kw, headers, error):
     client = openai.OpenAI(base_url=target.base_url, api_key="anything", max_retries=0, timeout=20)
     with pytest.raises(error) as info:
@@ -122,15 +151,20 @@ def test_openai_async_chat_stream_tools_parse_responses_embeddings(target):
         async with openai.AsyncOpenAI(base_url=target.base_url, api_key="anything", max_retries=0) as client:
             r, stream, parsed = await asyncio.gather(
                 client.chat.completions.create(model="chat", messages=MSG),
-                client.chat.completions.create(model="chat", messages=MSG, stream=True,
-                                               stream_options={"include_usage": True}),
-                client.chat.completions.parse(model="chat", messages=MSG, response_format=Pet))
+                client.chat.completions.create(
+                    model="chat", messages=MSG, stream=True, stream_options={"include_usage": True}
+                ),
+                client.chat.completions.parse(model="chat", messages=MSG, response_format=Pet),
+            )
             assert r.choices[0].message.content.startswith("sim-a#")
             chunks = [c async for c in stream]
             assert chunks[-1].usage.completion_tokens == 6
             _pet_ok(parsed.choices[0].message.parsed)
-            calls = (await client.chat.completions.create(
-                model="chat", messages=MSG, tools=[WEATHER])).choices[0].message.tool_calls
+            calls = (
+                (await client.chat.completions.create(model="chat", messages=MSG, tools=[WEATHER]))
+                .choices[0]
+                .message.tool_calls
+            )
             assert calls[0].function.name == "get_weather"
             _pet_ok((await client.responses.parse(model="chat", input="pet", text_format=Pet)).output_parsed)
             assert len((await client.embeddings.create(model="embed", input="x")).data[0].embedding) == 16
@@ -146,15 +180,24 @@ def test_node_openai_sdk_stream_abort_and_errors(target):
     assert node is not None, "node is required (the Makefile installs tests/node with npm)"
     assert (NODE_DIR / "node_modules" / "openai").is_dir(), "run `make node-deps` (npm ci in tests/node)"
     before = target.sim_stats()["cancelled"]["mid_stream"]
-    out = subprocess.run([node, str(NODE_DIR / "compat.mjs"), target.base_url], capture_output=True, text=True,
-                         timeout=60, cwd=NODE_DIR)
+    out = subprocess.run(
+        [node, str(NODE_DIR / "compat.mjs"), target.base_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=NODE_DIR,
+    )
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen["chat"].startswith("sim-a#") and len(seen["stream"]) == 6 and seen["stream_usage"] == 6
     assert seen["tool_call"][0][0] == "lookup" and seen["tool_call"][0][1]["q"].startswith("sim-a#")
     assert seen["aborted"] is True and seen["abort_seen"] == 3, seen
-    assert seen["bad_request"] == {"class": "BadRequestError", "status": 400, "param": "temperature",
-                                   "code": "decimal_above_max_value"}
+    assert seen["bad_request"] == {
+        "class": "BadRequestError",
+        "status": 400,
+        "param": "temperature",
+        "code": "decimal_above_max_value",
+    }
     assert seen["not_found"]["class"] == "NotFoundError" and seen["not_found"]["status"] == 404
     assert seen["rate_limited"]["class"] == "RateLimitError"
     # the abort reached the provider: the gateway cancelled the upstream stream
@@ -172,7 +215,9 @@ def test_langchain_chat_openai_invoke_stream_tools_and_structured_output(target)
     assert llm.invoke("hi").content.startswith("sim-a#")
     assert "".join(c.content for c in llm.stream("hi")).count("sim-a#") == 6
     msg = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("weather in Paris?")
-    assert msg.tool_calls[0]["name"] == "get_weather" and msg.tool_calls[0]["args"]["city"].startswith("sim-a#")
+    assert msg.tool_calls[0]["name"] == "get_weather" and msg.tool_calls[0]["args"]["city"].startswith(
+        "sim-a#"
+    )
     for method in ("function_calling", "json_schema"):
         _pet_ok(llm.with_structured_output(Pet, method=method).invoke("a pet"))
     prompt = f"Describe a pet. Answer in JSON that follows this schema: {json.dumps(Pet.model_json_schema())}"
@@ -187,14 +232,24 @@ def test_litellm_as_a_client(target):
     kw = {"api_base": target.base_url, "api_key": "anything", "num_retries": 0}
     r = litellm.completion(model="openai/chat", messages=MSG, **kw)
     assert r.choices[0].message.content.startswith("sim-a#")
-    parts = [c.choices[0].delta.content or "" for c in litellm.completion(model="openai/chat", messages=MSG,
-                                                                          stream=True, **kw)]
+    parts = [
+        c.choices[0].delta.content or ""
+        for c in litellm.completion(model="openai/chat", messages=MSG, stream=True, **kw)
+    ]
     assert "".join(parts).count("sim-a#") == 6
-    calls = litellm.completion(model="openai/chat", messages=MSG, tools=[WEATHER], tool_choice="required",
-                               **kw).choices[0].message.tool_calls
+    calls = (
+        litellm.completion(model="openai/chat", messages=MSG, tools=[WEATHER], tool_choice="required", **kw)
+        .choices[0]
+        .message.tool_calls
+    )
     assert calls[0].function.name == "get_weather"
-    _pet_ok(Pet.model_validate_json(litellm.completion(model="openai/chat", messages=MSG, response_format=Pet,
-                                                       **kw).choices[0].message.content))
+    _pet_ok(
+        Pet.model_validate_json(
+            litellm.completion(model="openai/chat", messages=MSG, response_format=Pet, **kw)
+            .choices[0]
+            .message.content
+        )
+    )
     assert len(litellm.embedding(model="openai/embed", input=["x"], **kw).data[0]["embedding"]) == 16
     with pytest.raises(litellm.BadRequestError):
         litellm.completion(model="openai/chat", messages=MSG, temperature=9, **kw)
@@ -205,6 +260,8 @@ def test_litellm_as_a_client(target):
 def test_instructor_modes(target, mode):
     import instructor
 
-    client = instructor.from_openai(openai.OpenAI(base_url=target.base_url, api_key="anything", max_retries=0),
-                                    mode=getattr(instructor.Mode, mode))
+    client = instructor.from_openai(
+        openai.OpenAI(base_url=target.base_url, api_key="anything", max_retries=0),
+        mode=getattr(instructor.Mode, mode),
+    )
     _pet_ok(client.chat.completions.create(model="chat", messages=MSG, response_model=Pet, max_retries=0))

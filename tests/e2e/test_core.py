@@ -22,9 +22,17 @@ def core(sims_factory, gateways):
         "models": [
             model("chat", [dep("a", sims.base_url("sim-a"))]),
             model("embed", [dep("a-embed", sims.base_url("sim-a"), model="sim-embed")]),
-            model("dead", [dep("nowhere", f"http://127.0.0.1:{free_port()}/v1",
-                               pool={"min_connections": 0, "validate_on_start": False})],
-                  retry={"max_retries": 0}),
+            model(
+                "dead",
+                [
+                    dep(
+                        "nowhere",
+                        f"http://127.0.0.1:{free_port()}/v1",
+                        pool={"min_connections": 0, "validate_on_start": False},
+                    )
+                ],
+                retry={"max_retries": 0},
+            ),
         ],
     }
     gw = gateways(cfg)
@@ -49,8 +57,9 @@ def test_stream_first_chunk_arrives_before_generation_ends(core):
     t0 = time.monotonic()
     first = None
     parts = []
-    stream = gw.client().chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}],
-                                                 stream=True)
+    stream = gw.client().chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             if first is None:
@@ -64,8 +73,11 @@ def test_stream_first_chunk_arrives_before_generation_ends(core):
 
 def test_stream_headers_are_sse_and_unbuffered(core):
     _, gw = core
-    with httpx.stream("POST", gw.url + "/v1/chat/completions",
-                      json={"model": "chat", "stream": True, "messages": [{"role": "user", "content": "x"}]}) as r:
+    with httpx.stream(
+        "POST",
+        gw.url + "/v1/chat/completions",
+        json={"model": "chat", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["cache-control"] == "no-cache"
@@ -79,8 +91,9 @@ def test_completions_embeddings_responses_and_models(core):
     c = gw.client()
     comp = c.completions.create(model="chat", prompt="hello")
     assert comp.choices[0].text.startswith("sim-a#")
-    streamed = "".join(ch.choices[0].text for ch in c.completions.create(model="chat", prompt="x", stream=True)
-                       if ch.choices)
+    streamed = "".join(
+        ch.choices[0].text for ch in c.completions.create(model="chat", prompt="x", stream=True) if ch.choices
+    )
     assert streamed.startswith("sim-a#")
     emb = c.embeddings.create(model="embed", input=["a", "b"])
     assert len(emb.data) == 2 and len(emb.data[0].embedding) > 0
@@ -94,8 +107,11 @@ def test_completions_embeddings_responses_and_models(core):
 
 def test_request_id_round_trip_and_generated_when_absent(core):
     sims, gw = core
-    r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-request-id": "req-abc-123"},
-                   json={"model": "chat", "messages": [{"role": "user", "content": "x"}]})
+    r = httpx.post(
+        gw.url + "/v1/chat/completions",
+        headers={"x-request-id": "req-abc-123"},
+        json={"model": "chat", "messages": [{"role": "user", "content": "x"}]},
+    )
     assert r.headers["x-request-id"] == "req-abc-123"
     assert sims.stats("sim-a")["recent"][-1]["request_id"] == "req-abc-123"
     r2 = httpx.post(gw.url + "/v1/chat/completions", json={"model": "chat", "messages": []})
@@ -107,8 +123,11 @@ def test_request_id_round_trip_and_generated_when_absent(core):
 
 def test_client_authorization_is_never_forwarded(core):
     sims, gw = core
-    httpx.post(gw.url + "/v1/chat/completions", headers={"authorization": "Bearer client-secret"},
-               json={"model": "chat", "messages": []})
+    httpx.post(
+        gw.url + "/v1/chat/completions",
+        headers={"authorization": "Bearer client-secret"},
+        json={"model": "chat", "messages": []},
+    )
     seen = sims.stats("sim-a")["recent"][-1]
     assert seen["authorization_present"] is True  # the deployment's own key was sent...
     assert "client-secret" not in str(seen)  # ...never the client's
@@ -120,17 +139,22 @@ def _error(r: httpx.Response) -> dict:
     return body["error"]
 
 
-@pytest.mark.parametrize(("content", "status", "code", "param"), [
-    (b"{not json", 400, "invalid_request", None),
-    (b'{"messages": []}', 400, "missing_required_parameter", "model"),
-    (b'{"model": 42}', 400, "invalid_value", "model"),
-    (b'[1, 2]', 400, "invalid_request", None),
-    (b'{"model": "chat", "stream": "yes"}', 400, "invalid_type", "stream"),
-    (b'{"model": "nope"}', 404, "model_not_found", "model"),
-])
+@pytest.mark.parametrize(
+    ("content", "status", "code", "param"),
+    [
+        (b"{not json", 400, "invalid_request", None),
+        (b'{"messages": []}', 400, "missing_required_parameter", "model"),
+        (b'{"model": 42}', 400, "invalid_value", "model"),
+        (b"[1, 2]", 400, "invalid_request", None),
+        (b'{"model": "chat", "stream": "yes"}', 400, "invalid_type", "stream"),
+        (b'{"model": "nope"}', 404, "model_not_found", "model"),
+    ],
+)
 def test_bad_requests_get_openai_shaped_errors(core, content, status, code, param):
     _, gw = core
-    r = httpx.post(gw.url + "/v1/chat/completions", content=content, headers={"content-type": "application/json"})
+    r = httpx.post(
+        gw.url + "/v1/chat/completions", content=content, headers={"content-type": "application/json"}
+    )
     assert r.status_code == status
     err = _error(r)
     assert err["code"] == code and err["param"] == param and err["message"]
@@ -167,8 +191,11 @@ def test_unreachable_upstream_is_502_with_flag(core):
 
 def test_upstream_http_error_passes_through_with_status_and_body(core):
     _, gw = core
-    r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-sim-error-rate": "1", "x-sim-error-status": "400"},
-                   json={"model": "chat", "messages": []})
+    r = httpx.post(
+        gw.url + "/v1/chat/completions",
+        headers={"x-sim-error-rate": "1", "x-sim-error-status": "400"},
+        json={"model": "chat", "messages": []},
+    )
     assert r.status_code == 400
     assert _error(r)["message"]  # the provider's own error body
     assert gw.records(wait_for=1)[-1]["attempts"] == 1  # 400 is never retried
@@ -176,8 +203,9 @@ def test_upstream_http_error_passes_through_with_status_and_body(core):
 
 def _leave_mid_stream(sims, gw) -> dict:
     """Read two chunks of a long stream and hang up; wait until sim-a sees it; its stats after."""
-    with httpx.stream("POST", gw.url + "/v1/chat/completions",
-                      json={"model": "chat", "stream": True, "messages": []}) as r:
+    with httpx.stream(
+        "POST", gw.url + "/v1/chat/completions", json={"model": "chat", "stream": True, "messages": []}
+    ) as r:
         it = r.iter_bytes()
         next(it)
         next(it)
@@ -207,7 +235,9 @@ def test_client_disconnect_is_seen_under_a_stock_asgi_server(sims_factory, gatew
     assert r.choices[0].message.content.startswith("sim-a#")
     assert _leave_mid_stream(sims, gw)["cancelled"]["mid_stream"] == 1
     recs = gw.records(wait_for=2)
-    assert recs[0]["response_code"] == 200 and recs[0]["response_flags"] == "-"  # a finished one is no disconnect
+    assert (
+        recs[0]["response_code"] == 200 and recs[0]["response_flags"] == "-"
+    )  # a finished one is no disconnect
     assert "DC" in recs[1]["response_flags"]
 
 
@@ -219,28 +249,40 @@ def test_health_and_readiness(core):
 
 
 def _check_config(path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gateway", "check-config", str(path)], capture_output=True,
-                          text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_check_config_good_and_bad(tmp_path):
     good = tmp_path / "good.yaml"
-    good.write_text("models:\n  - name: m\n    deployments:\n      - {id: d, base_url: 'http://127.0.0.1:1/v1', "
-                    "api_key: 'sk-very-secret', model: up}\n")
+    good.write_text(
+        "models:\n  - name: m\n    deployments:\n      - {id: d, base_url: 'http://127.0.0.1:1/v1', "
+        "api_key: 'sk-very-secret', model: up}\n"
+    )
     r = _check_config(good)
     assert r.returncode == 0, r.stderr
-    assert "config OK" in r.stdout and "sk-very-secret" not in r.stdout and "http://127.0.0.1:1/v1" in r.stdout
+    assert (
+        "config OK" in r.stdout and "sk-very-secret" not in r.stdout and "http://127.0.0.1:1/v1" in r.stdout
+    )
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("models:\n  - name: m\n    deployments:\n      - {id: d, base_url: 'http://x/v1'}\n"
-                   "      - {id: e, base_url: 'not a url'}\n")
+    bad.write_text(
+        "models:\n  - name: m\n    deployments:\n      - {id: d, base_url: 'http://x/v1'}\n"
+        "      - {id: e, base_url: 'not a url'}\n"
+    )
     r = _check_config(bad)
     assert r.returncode == 2
     assert "models[0].deployments[1].base_url: not a URL" in r.stderr
     assert "Traceback" not in r.stderr
 
     typo = tmp_path / "typo.yaml"
-    typo.write_text("models:\n  - name: m\n    deployments: [{id: d, base_url: 'http://x/v1'}]\n    retyr: {}\n")
+    typo.write_text(
+        "models:\n  - name: m\n    deployments: [{id: d, base_url: 'http://x/v1'}]\n    retyr: {}\n"
+    )
     r = _check_config(typo)
     assert r.returncode == 2 and "models[0].retyr: unknown key" in r.stderr
 
@@ -248,7 +290,11 @@ def test_check_config_good_and_bad(tmp_path):
 def test_bad_config_fails_serve_at_startup(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("server: {port: 99999}\nmodels: []\n")
-    r = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(bad)], capture_output=True,
-                       text=True, timeout=30)
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 2
     assert "server.port" in r.stderr and "models" in r.stderr and "Traceback" not in r.stderr

@@ -16,8 +16,12 @@ def demo():
     port = free_port()
     # the demo writes access.log in its directory; LLMGW_ACCESS_LOG=- asks for stdout (tests/e2e/test_readme.py
     # runs the file-writing `make run` as the README says)
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port), "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "LLMGW_ACCESS_LOG": "-"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--log-level", "warning"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "LLMGW_ACCESS_LOG": "-"},
+    )
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 20
     while time.monotonic() < end:
@@ -39,8 +43,13 @@ def test_demo_answers_the_openai_sdk_at_once(demo):
     assert [m.id for m in client.models.list()] == ["demo-chat", "demo-fast", "demo-embed"]
     r = client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}])
     assert r.choices[0].message.content.startswith("sim-")
-    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="demo-chat", messages=[{"role": "user", "content": "hi"}], stream=True) if c.choices)
+    text = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="demo-chat", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        if c.choices
+    )
     assert text.startswith("sim-")
     assert len(client.embeddings.create(model="demo-embed", input="x").data[0].embedding) > 0
     proc.terminate()

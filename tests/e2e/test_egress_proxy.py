@@ -27,9 +27,28 @@ def tls_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Pat
     """A simulator serving https on 127.0.0.1 with a self-signed certificate: (port, certificate)."""
     d = tmp_path_factory.mktemp("tls")
     cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
     profile = SimProfile()
@@ -49,7 +68,9 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyProxy]:
 
 
 def _served(port: int, cert: Path) -> int:
-    stats = httpx.get(f"https://127.0.0.1:{port}/sim/stats", verify=ssl.create_default_context(cafile=str(cert)), timeout=5).json()
+    stats = httpx.get(
+        f"https://127.0.0.1:{port}/sim/stats", verify=ssl.create_default_context(cafile=str(cert)), timeout=5
+    ).json()
     return stats["served"]["chat"]
 
 
@@ -61,8 +82,12 @@ def _everything_shown(gw: Gateway, admin_auth: dict[str, str] | None = None) -> 
 def test_tls_provider_through_a_connect_tunnel_with_proxy_auth(tls_sim, proxy, gateways):
     port, cert = tls_sim
     before = _served(port, cert)
-    d = dep("tls", f"https://127.0.0.1:{port}/v1", ca_file=str(cert),
-            proxy=f"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:{proxy.port}")
+    d = dep(
+        "tls",
+        f"https://127.0.0.1:{port}/v1",
+        ca_file=str(cert),
+        proxy=f"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:{proxy.port}",
+    )
     gw = gateways({"models": [model("chat", [d])]})
     out = gw.client().chat.completions.create(model="chat", messages=MSG)
     assert out.choices[0].message.content
@@ -74,15 +99,23 @@ def test_tls_provider_through_a_connect_tunnel_with_proxy_auth(tls_sim, proxy, g
 
 def test_https_proxy_from_the_environment_and_a_wrong_password_is_a_clean_502(tls_sim, proxy, gateways):
     port, cert = tls_sim
-    d = dep("tls-env", f"https://127.0.0.1:{port}/v1", ca_file=str(cert),
-            pool={"validate_on_start": False, "min_connections": 0, "keepwarm_interval_s": 0})
-    good = gateways({"models": [model("chat", [d])]},
-                    env={"HTTPS_PROXY": f"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:{proxy.port}"})
+    d = dep(
+        "tls-env",
+        f"https://127.0.0.1:{port}/v1",
+        ca_file=str(cert),
+        pool={"validate_on_start": False, "min_connections": 0, "keepwarm_interval_s": 0},
+    )
+    good = gateways(
+        {"models": [model("chat", [d])]},
+        env={"HTTPS_PROXY": f"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:{proxy.port}"},
+    )
     n = proxy.log().count(f"CONNECT 127.0.0.1:{port}")
     assert good.client().chat.completions.create(model="chat", messages=MSG).choices[0].message.content
     assert proxy.log().count(f"CONNECT 127.0.0.1:{port}") == n + 1
-    bad = gateways({"models": [model("chat", [d], retry={"max_retries": 0})]},
-                   env={"HTTPS_PROXY": f"http://{PROXY_USER}:wrong-pw-1234@127.0.0.1:{proxy.port}"})
+    bad = gateways(
+        {"models": [model("chat", [d], retry={"max_retries": 0})]},
+        env={"HTTPS_PROXY": f"http://{PROXY_USER}:wrong-pw-1234@127.0.0.1:{proxy.port}"},
+    )
     r = httpx.post(bad.url + "/v1/chat/completions", json={"model": "chat", "messages": MSG}, timeout=10)
     assert r.status_code == 502, r.text
     assert "refused CONNECT" in r.text and "wrong-pw-1234" not in r.text  # tinyproxy answers 401, others 407
@@ -94,8 +127,10 @@ def test_https_proxy_from_the_environment_and_a_wrong_password_is_a_clean_502(tl
 def test_plain_http_provider_through_the_proxy_in_absolute_form(sims_factory, proxy, gateways):
     sims: Sims = sims_factory({"plain": ("us-east", FAST)})
     d: dict[str, Any] = dep("plain", sims.base_url("plain"))
-    gw = gateways({"models": [model("chat", [d])]},
-                  env={"HTTP_PROXY": f"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:{proxy.port}"})
+    gw = gateways(
+        {"models": [model("chat", [d])]},
+        env={"HTTP_PROXY": f"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:{proxy.port}"},
+    )
     before = sims.stats("plain")["served"]["chat"]
     assert gw.client().chat.completions.create(model="chat", messages=MSG).choices[0].message.content
     assert sims.stats("plain")["served"]["chat"] == before + 1
@@ -105,10 +140,19 @@ def test_plain_http_provider_through_the_proxy_in_absolute_form(sims_factory, pr
 def test_no_proxy_and_direct_bypass_the_proxy(sims_factory, proxy, gateways):
     sims: Sims = sims_factory({"listed": ("us-east", FAST), "direct": ("us-east", FAST)})
     # The environment's proxy has no credentials: a request that went through it would get 407.
-    env = {"HTTP_PROXY": f"http://127.0.0.1:{proxy.port}", "NO_PROXY": f"localhost,127.0.0.1:{sims.ports['listed']}"}
-    gw = gateways({"models": [model("chat", [dep("listed", sims.base_url("listed"))]),
-                              model("chat-direct", [dep("direct", sims.base_url("direct"), proxy="direct")])]},
-                  env=env)
+    env = {
+        "HTTP_PROXY": f"http://127.0.0.1:{proxy.port}",
+        "NO_PROXY": f"localhost,127.0.0.1:{sims.ports['listed']}",
+    }
+    gw = gateways(
+        {
+            "models": [
+                model("chat", [dep("listed", sims.base_url("listed"))]),
+                model("chat-direct", [dep("direct", sims.base_url("direct"), proxy="direct")]),
+            ]
+        },
+        env=env,
+    )
     client = gw.client()
     for name in ("chat", "chat-direct"):
         assert client.chat.completions.create(model=name, messages=MSG).choices[0].message.content

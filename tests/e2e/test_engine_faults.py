@@ -33,8 +33,14 @@ class RawProvider:
         async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(ln.split(b":")[1]) for ln in head.lower().split(b"\r\n")
-                               if ln.startswith(b"content-length:")), 0)
+                length = next(
+                    (
+                        int(ln.split(b":")[1])
+                        for ln in head.lower().split(b"\r\n")
+                        if ln.startswith(b"content-length:")
+                    ),
+                    0,
+                )
                 await reader.readexactly(length)
                 self.requests += 1
                 await handler(reader, writer)
@@ -79,8 +85,19 @@ def raw_provider():
 
 
 def _event(text: str) -> bytes:
-    return b"data: " + orjson.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
-                                     "choices": [{"index": 0, "delta": {"content": text}}]}) + b"\n\n"
+    return (
+        b"data: "
+        + orjson.dumps(
+            {
+                "id": "x",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": "m",
+                "choices": [{"index": 0, "delta": {"content": text}}],
+            }
+        )
+        + b"\n\n"
+    )
 
 
 def _chunk(data: bytes) -> bytes:
@@ -99,8 +116,9 @@ def _no_tracebacks(gw) -> None:
 def _stream_until_error(client, **kw) -> tuple[list[str], BaseException]:
     texts: list[str] = []
     with pytest.raises(Exception) as caught:  # noqa: PT011 - the test is which one
-        for chunk in client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}],
-                                                    stream=True, **kw):
+        for chunk in client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}], stream=True, **kw
+        ):
             texts.append(chunk.choices[0].delta.content or "")
     return texts, caught.value
 
@@ -114,7 +132,9 @@ def test_a_stream_cut_mid_event_reaches_the_sdk_as_an_api_error(raw_provider, ga
         await writer.drain()
 
     p = raw_provider(cut_mid_event)
-    gw = gateways({"models": [model("chat", [dep("a", p.base_url, pool=RAW_POOL)], retry={"max_retries": 0})]})
+    gw = gateways(
+        {"models": [model("chat", [dep("a", p.base_url, pool=RAW_POOL)], retry={"max_retries": 0})]}
+    )
     texts, exc = _stream_until_error(gw.client())
     assert texts == ["one"]
     assert isinstance(exc, openai.APIError), repr(exc)  # not a bare JSONDecodeError on a glued event
@@ -132,8 +152,18 @@ def test_a_slow_stream_cut_at_per_try_mid_event_reaches_the_sdk_as_an_api_error(
         await reader.read()  # nothing more, until the gateway gives up and closes
 
     p = raw_provider(slow)
-    gw = gateways({"models": [model("chat", [dep("a", p.base_url, pool=RAW_POOL)], retry={"max_retries": 0},
-                                    timeouts={"ttft_ms": 1000, "per_try_ms": 1500, "idle_ms": 30000})]})
+    gw = gateways(
+        {
+            "models": [
+                model(
+                    "chat",
+                    [dep("a", p.base_url, pool=RAW_POOL)],
+                    retry={"max_retries": 0},
+                    timeouts={"ttft_ms": 1000, "per_try_ms": 1500, "idle_ms": 30000},
+                )
+            ]
+        }
+    )
     texts, exc = _stream_until_error(gw.client())
     assert texts == ["one"]
     assert isinstance(exc, openai.APIError) and "per_try_ms=1500" in str(exc), repr(exc)
@@ -146,11 +176,15 @@ def test_a_slow_stream_cut_at_per_try_mid_event_reaches_the_sdk_as_an_api_error(
 BODY = orjson.dumps({"model": "chat", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
 
 
-def _send_and_leave(port: int, head_extra: bytes = b"", body: bytes = BODY, length: int | None = None) -> None:
+def _send_and_leave(
+    port: int, head_extra: bytes = b"", body: bytes = BODY, length: int | None = None
+) -> None:
     """A request (maybe only part of its body), then the client is gone at once."""
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n%s"
-                  b"content-length: %d\r\n\r\n%s" % (head_extra, len(body) if length is None else length, body))
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n%s"
+            b"content-length: %d\r\n\r\n%s" % (head_extra, len(body) if length is None else length, body)
+        )
 
 
 def _all_left(recs: list[dict], n: int, *, before_upstream: bool) -> None:
@@ -162,7 +196,9 @@ def _all_left(recs: list[dict], n: int, *, before_upstream: bool) -> None:
 
 
 def test_a_client_that_leaves_right_after_sending_is_logged_and_never_relayed(sims_factory, gateways):
-    sims = sims_factory({"sim-a": ("us-east", {"ttft_ms": 3000, "ttft_dist": "fixed", "tokens": 5, "tail_p": 0})})
+    sims = sims_factory(
+        {"sim-a": ("us-east", {"ttft_ms": 3000, "ttft_dist": "fixed", "tokens": 5, "tail_p": 0})}
+    )
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
     n = 5
     before = sims.stats("sim-a")["requests"]  # the start-up check's GET /v1/models
@@ -185,7 +221,9 @@ def test_a_client_that_leaves_right_after_sending_is_logged_and_never_relayed(si
 
 
 def test_a_client_that_leaves_during_the_body_read_is_logged_499(sims_factory, gateways):
-    sims = sims_factory({"sim-a": ("us-east", {"ttft_ms": 20, "ttft_dist": "fixed", "tokens": 5, "tail_p": 0})})
+    sims = sims_factory(
+        {"sim-a": ("us-east", {"ttft_ms": 20, "ttft_dist": "fixed", "tokens": 5, "tail_p": 0})}
+    )
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
     before = sims.stats("sim-a")["requests"]  # the start-up check's GET /v1/models
     _send_and_leave(gw.port, body=BODY[:10], length=len(BODY))
@@ -194,16 +232,23 @@ def test_a_client_that_leaves_during_the_body_read_is_logged_499(sims_factory, g
     _no_tracebacks(gw)
 
 
-def test_a_client_that_leaves_during_the_redis_rate_limit_check_sends_nothing_upstream(sims_factory, gateways,
-                                                                                      private_redis):
+def test_a_client_that_leaves_during_the_redis_rate_limit_check_sends_nothing_upstream(
+    sims_factory, gateways, private_redis
+):
     from gateway.security.keys import hash_key
 
     port, redis_proc = private_redis
-    sims = sims_factory({"sim-a": ("us-east", {"ttft_ms": 20, "ttft_dist": "fixed", "tokens": 5, "tail_p": 0})})
+    sims = sims_factory(
+        {"sim-a": ("us-east", {"ttft_ms": 20, "ttft_dist": "fixed", "tokens": 5, "tail_p": 0})}
+    )
     key = "sk-gw-test-leaver-0001"
-    gw = gateways({"state": {"backend": "redis", "redis_url": f"redis://127.0.0.1:{port}/0"},
-                   "auth": {"mode": "keys", "keys": [{"id": "leaver", "hash": hash_key(key), "rpm": 1000}]},
-                   "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+    gw = gateways(
+        {
+            "state": {"backend": "redis", "redis_url": f"redis://127.0.0.1:{port}/0"},
+            "auth": {"mode": "keys", "keys": [{"id": "leaver", "hash": hash_key(key), "rpm": 1000}]},
+            "models": [model("chat", [dep("a", sims.base_url("sim-a"))])],
+        }
+    )
     before = sims.stats("sim-a")["requests"]  # the start-up check's GET /v1/models
     redis_proc.send_signal(signal.SIGSTOP)  # the rate-limit check now waits on Redis
     try:
@@ -219,12 +264,19 @@ def test_a_client_that_leaves_during_the_redis_rate_limit_check_sends_nothing_up
 
 
 def test_a_client_cancel_mid_stream_logs_its_bytes_and_counts_the_attempt_cancelled(sims_factory, gateways):
-    sims = sims_factory({"sim-a": ("us-east", {"ttft_ms": 20, "ttft_dist": "fixed", "itl_ms": 50, "tokens": 200,
-                                               "tail_p": 0})})
+    sims = sims_factory(
+        {
+            "sim-a": (
+                "us-east",
+                {"ttft_ms": 20, "ttft_dist": "fixed", "itl_ms": 50, "tokens": 200, "tail_p": 0},
+            )
+        }
+    )
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
     client = gw.client()
     with client.chat.completions.with_streaming_response.create(
-            model="chat", messages=[{"role": "user", "content": "hi"}], stream=True) as resp:
+        model="chat", messages=[{"role": "user", "content": "hi"}], stream=True
+    ) as resp:
         got = b""
         for part in resp.iter_bytes():
             got += part

@@ -29,10 +29,15 @@ def test_lines_of_completed_requests_survive_sigkill_of_every_worker(sims_factor
         time.sleep(0.05)
     ids = [f"kill-{i}" for i in range(30)]
     body = {"model": "chat", "messages": [{"role": "user", "content": "x"}]}
-    with httpx.Client(timeout=10, headers={"connection": "close"}) as c:  # a new connection each: both workers serve
+    with httpx.Client(
+        timeout=10, headers={"connection": "close"}
+    ) as c:  # a new connection each: both workers serve
         for i, rid in enumerate(ids):
-            r = c.post(gw.url + "/v1/chat/completions", json={**body, "stream": i % 2 == 1},
-                       headers={"x-request-id": rid})
+            r = c.post(
+                gw.url + "/v1/chat/completions",
+                json={**body, "stream": i % 2 == 1},
+                headers={"x-request-id": rid},
+            )
             assert r.status_code == 200
     for pid in workers_of(gw.proc.pid):  # at once, no chance to flush anything
         os.kill(pid, signal.SIGKILL)
@@ -51,9 +56,13 @@ REFUSED = [  # (body, error code, the model the log should name)
 
 def test_a_refused_request_logs_the_model_it_named(sims_factory, gateways):
     sims = sims_factory({"sim-a": ("us-east", FAST)})
-    gw = gateways({"server": {"max_json_depth": 8}, "models": [model_("chat", [dep("a", sims.base_url("sim-a"))])]})
+    gw = gateways(
+        {"server": {"max_json_depth": 8}, "models": [model_("chat", [dep("a", sims.base_url("sim-a"))])]}
+    )
     for i, (body, code, model) in enumerate(REFUSED):
-        r = httpx.post(gw.url + "/v1/chat/completions", json=body, headers={"x-request-id": f"bad-{i}"}, timeout=10)
+        r = httpx.post(
+            gw.url + "/v1/chat/completions", json=body, headers={"x-request-id": f"bad-{i}"}, timeout=10
+        )
         assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
         rec = next(rec for rec in gw.records(wait_for=i + 1) if rec["request_id"] == f"bad-{i}")
         assert (rec["response_code"], rec["response_flags"], rec["model"]) == (400, "BR", model), rec

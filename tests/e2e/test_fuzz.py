@@ -29,13 +29,30 @@ FUZZ = settings(deadline=None, database=None, suppress_health_check=list(HealthC
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, httpx.Client]]:
     prefix = f"llmgw-test-fuzz-{time.monotonic_ns()}:"
-    sims = Sims({"sim-a": ("us-east", {"ttft_ms": 2, "ttft_dist": "fixed", "itl_ms": 0, "tokens": 2, "tail_p": 0})})
-    cfg = {"server": {"max_body_bytes": 65536, "max_json_depth": 32, "max_messages": 64},
-           "state": {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": prefix},
-           "auth": {"mode": "keys", "keys": [{"id": "fuzz", "hash": hash_key(KEY), "models": ["chat", "embed"],
-                                              "rpm": 100000, "tpm": 10**9, "max_concurrency": 50}]},
-           "models": [model("chat", [dep("a", sims.base_url("sim-a"))], retry={"max_retries": 0}),
-                      model("embed", [dep("a-embed", sims.base_url("sim-a"), model="sim-embed")])]}
+    sims = Sims(
+        {"sim-a": ("us-east", {"ttft_ms": 2, "ttft_dist": "fixed", "itl_ms": 0, "tokens": 2, "tail_p": 0})}
+    )
+    cfg = {
+        "server": {"max_body_bytes": 65536, "max_json_depth": 32, "max_messages": 64},
+        "state": {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": prefix},
+        "auth": {
+            "mode": "keys",
+            "keys": [
+                {
+                    "id": "fuzz",
+                    "hash": hash_key(KEY),
+                    "models": ["chat", "embed"],
+                    "rpm": 100000,
+                    "tpm": 10**9,
+                    "max_concurrency": 50,
+                }
+            ],
+        },
+        "models": [
+            model("chat", [dep("a", sims.base_url("sim-a"))], retry={"max_retries": 0}),
+            model("embed", [dep("a-embed", sims.base_url("sim-a"), model="sim-embed")]),
+        ],
+    }
     gw = Gateway(cfg, tmp_path_factory.mktemp("fuzz"), name="fuzz")
     client = httpx.Client(base_url=gw.url, timeout=httpx.Timeout(5.0))
     yield gw, client
@@ -74,8 +91,11 @@ def _post(client: httpx.Client, path: str, content: bytes, headers: dict[str, An
 
 
 def _alive(gw: Gateway, client: httpx.Client) -> None:
-    r = client.post("/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"},
-                    json={"model": "chat", "messages": [{"role": "user", "content": "still there?"}]})
+    r = client.post(
+        "/v1/chat/completions",
+        headers={"authorization": f"Bearer {KEY}"},
+        json={"model": "chat", "messages": [{"role": "user", "content": "still there?"}]},
+    )
     assert r.status_code == 200, r.text
     err = gw.stderr()
     assert "Traceback" not in err and "Exception in ASGI application" not in err, err[-3000:]
@@ -83,13 +103,25 @@ def _alive(gw: Gateway, client: httpx.Client) -> None:
 
 # ---------------------------------------------------------------- strategies
 
-scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**80), max_value=2**80)
-           | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30))
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=25)
-messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]) | json_values},
-                                          optional={"content": json_values, "name": json_values,
-                                                    "tool_calls": json_values}), max_size=5)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=30)
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=25,
+)
+messages = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]) | json_values},
+        optional={"content": json_values, "name": json_values, "tool_calls": json_values},
+    ),
+    max_size=5,
+)
 fields = {
     "model": st.sampled_from(["chat", "embed", "nope", "", "chat\u0000", "ch*t", "../chat"]) | json_values,
     "stream": st.booleans() | json_values,
@@ -101,28 +133,84 @@ fields = {
     "n": st.integers(min_value=-5, max_value=10**9) | json_values,
     "temperature": json_values,
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": json_values}) | json_values,
-    "response_format": st.fixed_dictionaries({"type": st.sampled_from(["json_schema", "json_object", "text"])},
-                                             optional={"json_schema": json_values}) | json_values,
+    "response_format": st.fixed_dictionaries(
+        {"type": st.sampled_from(["json_schema", "json_object", "text"])},
+        optional={"json_schema": json_values},
+    )
+    | json_values,
     "tools": json_values,
     "base_url": st.just("http://127.0.0.1:1/v1"),
 }
 requests_ = st.fixed_dictionaries({}, optional=fields)
-nested = st.integers(min_value=1, max_value=5000).map(lambda d: b'{"model": "chat", "x": ' + b"[" * d + b"]" * d + b"}")
-odd_json = st.sampled_from([
-    b"", b" ", b"null", b"[]", b"{}", b'"\\ud800"', b'{"model": "chat", "messages": [], "x": 1e400}',
-    b'{"model": "chat"', b'{"model": "chat",}', b"\xff\xfe{}", b'{"model": "chat", "model": 5}',
-    b'\xef\xbb\xbf{"model": "chat", "messages": []}', b'{"model": "\xc3\x28"}', b"NaN", b'{"model": NaN}',
-])
-header_names = st.sampled_from([
-    "x-request-id", "traceparent", "tracestate", "x-gateway-timeout-ms", "x-stainless-timeout", "x-gateway-hedge",
-    "x-gateway-region", "x-gateway-deployment", "authorization", "api-key", "content-type", "accept",
-    "accept-encoding", "expect", "cookie", "origin", "x-forwarded-for", "forwarded", "user-agent",
-]) | st.from_regex(r"\A[a-z][a-z0-9\-]{0,20}\Z").filter(
-    lambda n: not n.startswith("x-sim-") and n not in ("content-length", "transfer-encoding", "host", "connection"))
-header_values = (st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=60)
-                 | st.sampled_from(["0", "-1", "1e309", "nan", "inf", "0.0001", "99999999999999999999", "off",
-                                    "00-" + "0" * 32 + "-" + "0" * 16 + "-01", "Bearer " + KEY, "application/json",
-                                    "100-continue", "gzip"])).map(lambda v: v.strip().encode("latin-1"))
+nested = st.integers(min_value=1, max_value=5000).map(
+    lambda d: b'{"model": "chat", "x": ' + b"[" * d + b"]" * d + b"}"
+)
+odd_json = st.sampled_from(
+    [
+        b"",
+        b" ",
+        b"null",
+        b"[]",
+        b"{}",
+        b'"\\ud800"',
+        b'{"model": "chat", "messages": [], "x": 1e400}',
+        b'{"model": "chat"',
+        b'{"model": "chat",}',
+        b"\xff\xfe{}",
+        b'{"model": "chat", "model": 5}',
+        b'\xef\xbb\xbf{"model": "chat", "messages": []}',
+        b'{"model": "\xc3\x28"}',
+        b"NaN",
+        b'{"model": NaN}',
+    ]
+)
+header_names = st.sampled_from(
+    [
+        "x-request-id",
+        "traceparent",
+        "tracestate",
+        "x-gateway-timeout-ms",
+        "x-stainless-timeout",
+        "x-gateway-hedge",
+        "x-gateway-region",
+        "x-gateway-deployment",
+        "authorization",
+        "api-key",
+        "content-type",
+        "accept",
+        "accept-encoding",
+        "expect",
+        "cookie",
+        "origin",
+        "x-forwarded-for",
+        "forwarded",
+        "user-agent",
+    ]
+) | st.from_regex(r"\A[a-z][a-z0-9\-]{0,20}\Z").filter(
+    lambda n: (
+        not n.startswith("x-sim-") and n not in ("content-length", "transfer-encoding", "host", "connection")
+    )
+)
+header_values = (
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=60)
+    | st.sampled_from(
+        [
+            "0",
+            "-1",
+            "1e309",
+            "nan",
+            "inf",
+            "0.0001",
+            "99999999999999999999",
+            "off",
+            "00-" + "0" * 32 + "-" + "0" * 16 + "-01",
+            "Bearer " + KEY,
+            "application/json",
+            "100-continue",
+            "gzip",
+        ]
+    )
+).map(lambda v: v.strip().encode("latin-1"))
 
 
 # ---------------------------------------------------------------- properties
@@ -170,11 +258,22 @@ def test_garbage_on_the_socket_never_hangs_the_server(target):
     gw, client = target
 
     @settings(FUZZ, max_examples=30)
-    @given(data=st.binary(min_size=1, max_size=300) | st.builds(
-        lambda line, rest: line + b"\r\n" + rest,
-        st.sampled_from([b"POST /v1/chat/completions HTTP/1.1", b"GET / HTTP/1.0", b"POST * HTTP/1.1",
-                         b"POST http://127.0.0.1:1/v1/chat/completions HTTP/1.1", b"BREW /pot HTCPCP/1.0"]),
-        st.binary(max_size=200)))
+    @given(
+        data=st.binary(min_size=1, max_size=300)
+        | st.builds(
+            lambda line, rest: line + b"\r\n" + rest,
+            st.sampled_from(
+                [
+                    b"POST /v1/chat/completions HTTP/1.1",
+                    b"GET / HTTP/1.0",
+                    b"POST * HTTP/1.1",
+                    b"POST http://127.0.0.1:1/v1/chat/completions HTTP/1.1",
+                    b"BREW /pot HTCPCP/1.0",
+                ]
+            ),
+            st.binary(max_size=200),
+        )
+    )
     def run(data: bytes) -> None:
         with socket.create_connection(("127.0.0.1", gw.port), timeout=3) as s:
             s.sendall(data)

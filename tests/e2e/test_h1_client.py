@@ -40,7 +40,9 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes,
 
 
 @asynccontextmanager
-async def raw_server(handler: Handler, tls: ssl.SSLContext | None = None) -> AsyncIterator[tuple[str, list[int]]]:
+async def raw_server(
+    handler: Handler, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[tuple[str, list[int]]]:
     """A server running ``handler`` per connection; yields its base URL and the list of connection numbers."""
     conns: list[int] = []
 
@@ -64,6 +66,7 @@ async def raw_server(handler: Handler, tls: ssl.SSLContext | None = None) -> Asy
 def keep_alive(respond: Callable[[bytes, bytes], bytes], gate: asyncio.Event | None = None) -> Handler:
     """A handler answering every request on the connection with ``respond(request_line, body)``,
     each answer held back until ``gate`` is set when there is one."""
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             line, _headers, body = await read_request(reader)
@@ -71,12 +74,14 @@ def keep_alive(respond: Callable[[bytes, bytes], bytes], gate: asyncio.Event | N
                 await gate.wait()
             writer.write(respond(line, body))
             await writer.drain()
+
     return handler
 
 
 def client(base: str, **pool: float) -> H1UpstreamClient:
-    return H1UpstreamClient(DeploymentConfig(id="p", base_url=base, api_key="sk-test", pool=pool,
-                                             timeouts={"connect_ms": 300}))
+    return H1UpstreamClient(
+        DeploymentConfig(id="p", base_url=base, api_key="sk-test", pool=pool, timeouts={"connect_ms": 300})
+    )
 
 
 async def fetch(c: H1UpstreamClient, wire: AttemptWire | None = None) -> tuple[int, bytes]:
@@ -128,7 +133,7 @@ def test_a_large_body_arrives_whole_however_it_is_framed(framing: str) -> None:
         elif framing == "chunked":
             writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
             for i in range(0, len(payload), 10_000):
-                part = payload[i:i + 10_000]
+                part = payload[i : i + 10_000]
                 writer.write(b"%x\r\n%s\r\n" % (len(part), part))
             writer.write(b"0\r\n\r\n")
         else:  # no length: the body ends when the connection does
@@ -182,7 +187,9 @@ def test_a_slow_reader_pauses_the_provider_instead_of_buffering_the_stream() -> 
 
 
 @asynccontextmanager
-async def one_connection_pool(answer: bytes) -> AsyncIterator[tuple[H1UpstreamClient, asyncio.Event, list[int]]]:
+async def one_connection_pool(
+    answer: bytes,
+) -> AsyncIterator[tuple[H1UpstreamClient, asyncio.Event, list[int]]]:
     """A client allowed one connection, to a provider whose answers wait until the yielded gate is set."""
     gate = asyncio.Event()
     async with raw_server(keep_alive(lambda _line, _body: answer, gate)) as (base, conns):
@@ -197,6 +204,7 @@ async def one_connection_pool(answer: bytes) -> AsyncIterator[tuple[H1UpstreamCl
 def test_the_pool_limit_queues_callers_and_hands_connections_on() -> None:
     async def scenario() -> None:
         async with one_connection_pool(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok") as (c, gate, conns):
+
             async def call() -> AttemptWire:
                 wire = AttemptWire()
                 assert await fetch(c, wire) == (200, b"ok")
@@ -249,14 +257,19 @@ def test_a_connection_lost_on_its_way_to_a_queued_caller_is_replaced() -> None:
     run(scenario)
 
 
-@pytest.mark.parametrize(("answer", "pool", "pauses", "idle_after"), [
-    # expired: the first two calls share a connection, the third (after 0.1 s idle) opens a new one
-    (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", {"keepalive_expiry_s": 0.05}, (0.0, 0.0, 0.1), 1),
-    # the provider said it closes: each call opens its own
-    (b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n", {}, (0.0, 0.0), 0),
-], ids=["keepalive-expiry", "connection-close"])
+@pytest.mark.parametrize(
+    ("answer", "pool", "pauses", "idle_after"),
+    [
+        # expired: the first two calls share a connection, the third (after 0.1 s idle) opens a new one
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", {"keepalive_expiry_s": 0.05}, (0.0, 0.0, 0.1), 1),
+        # the provider said it closes: each call opens its own
+        (b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n", {}, (0.0, 0.0), 0),
+    ],
+    ids=["keepalive-expiry", "connection-close"],
+)
 def test_a_connection_is_not_reused_past_expiry_or_after_connection_close(
-        answer: bytes, pool: dict[str, float], pauses: tuple[float, ...], idle_after: int) -> None:
+    answer: bytes, pool: dict[str, float], pauses: tuple[float, ...], idle_after: int
+) -> None:
     async def scenario() -> None:
         async with raw_server(keep_alive(lambda _line, _body: answer)) as (base, conns):
             c = client(base, **pool)
@@ -272,13 +285,17 @@ def test_a_connection_is_not_reused_past_expiry_or_after_connection_close(
     run(scenario)
 
 
-@pytest.mark.parametrize(("answer", "error"), [
-    (b"", UpstreamResetError),
-    (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc", UpstreamResetError),
-    (b"NOT HTTP AT ALL\r\n\r\n", UpstreamProtocolError),  # the provider answered, not in HTTP: 502 UPE
-])
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (b"", UpstreamResetError),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc", UpstreamResetError),
+        (b"NOT HTTP AT ALL\r\n\r\n", UpstreamProtocolError),  # the provider answered, not in HTTP: 502 UPE
+    ],
+)
 def test_a_provider_that_hangs_up_is_a_reset_and_one_that_answers_garbage_a_protocol_error(
-        answer: bytes, error: type[Exception]) -> None:
+    answer: bytes, error: type[Exception]
+) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(answer)
@@ -311,10 +328,13 @@ def test_too_many_response_headers_are_refused_by_count_whether_or_not_the_head_
 
     async def scenario() -> None:
         async with raw_server(handler) as (base, _):
-            c = H1UpstreamClient(DeploymentConfig(id="p", base_url=base, api_key="sk-test",
-                                                  response_limits={"max_headers": 8}))
+            c = H1UpstreamClient(
+                DeploymentConfig(id="p", base_url=base, api_key="sk-test", response_limits={"max_headers": 8})
+            )
             await c.start()
-            with pytest.raises(UpstreamProtocolError, match=r"more than 8 response headers \(response_limits"):
+            with pytest.raises(
+                UpstreamProtocolError, match=r"more than 8 response headers \(response_limits"
+            ):
                 await c.post("/x", b"{}", c.static_headers, AttemptWire())
             assert c.pool_counts() == {"idle": 0, "active": 0}
             await c.close()
@@ -360,20 +380,43 @@ def test_connect_failures_are_connect_errors() -> None:
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("tls")
     cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
 @pytest.mark.parametrize("kind", list(ClientKind), ids=[k.value for k in ClientKind])
-def test_tls_upstreams_are_verified_with_the_deployments_ca_file(tls_files: tuple[Path, Path], kind: ClientKind) -> None:
+def test_tls_upstreams_are_verified_with_the_deployments_ca_file(
+    tls_files: tuple[Path, Path], kind: ClientKind
+) -> None:
     cert, key = tls_files
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
 
     async def scenario() -> None:
-        ok = keep_alive(lambda _line, body: b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        ok = keep_alive(
+            lambda _line, body: b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        )
         async with raw_server(ok, tls=server_ctx) as (base, conns):
             untrusted = client_of_kind(kind, DeploymentConfig(id="u", base_url=base))
             await untrusted.start()
@@ -397,9 +440,20 @@ def test_tls_upstreams_are_verified_with_the_deployments_ca_file(tls_files: tupl
 def test_a_ca_file_that_does_not_load_fails_at_start_up(tmp_path: Path) -> None:
     bad = tmp_path / "ca.pem"
     bad.write_text("not a certificate")
-    with pytest.raises(ConfigError, match=r"models\[0\]\.deployments\[0\]\.ca_file: cannot load CA certificates"):
-        parse_config({"models": [{"name": "m", "deployments": [
-            {"id": "d", "base_url": "https://h/v1", "ca_file": str(bad)}]}]}, env={})
+    with pytest.raises(
+        ConfigError, match=r"models\[0\]\.deployments\[0\]\.ca_file: cannot load CA certificates"
+    ):
+        parse_config(
+            {
+                "models": [
+                    {
+                        "name": "m",
+                        "deployments": [{"id": "d", "base_url": "https://h/v1", "ca_file": str(bad)}],
+                    }
+                ]
+            },
+            env={},
+        )
 
 
 def test_bytes_on_an_idle_connection_retire_it() -> None:

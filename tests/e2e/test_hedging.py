@@ -19,10 +19,22 @@ CANCEL_SLACK_S = 0.5
 def _gw(sims_factory, gateways, hedging, b_tail_p=0.0):
     # Primary attempts go to a (priority 0) whose TTFT has a 2 s tail; hedges go to b.
     sims = sims_factory({"sim-a": ("us-east", TAILED), "sim-b": ("eu-west", {**TAILED, "tail_p": b_tail_p})})
-    gw = gateways({"server": {"region": "us-east"},
-                   "models": [model("chat", [dep("a", sims.base_url("sim-a"), region="us-east", priority=0),
-                                             dep("b", sims.base_url("sim-b"), region="eu-west", priority=1)],
-                                    routing={"strategy": "priority", "locality": "off"}, hedging=hedging)]})
+    gw = gateways(
+        {
+            "server": {"region": "us-east"},
+            "models": [
+                model(
+                    "chat",
+                    [
+                        dep("a", sims.base_url("sim-a"), region="us-east", priority=0),
+                        dep("b", sims.base_url("sim-b"), region="eu-west", priority=1),
+                    ],
+                    routing={"strategy": "priority", "locality": "off"},
+                    hedging=hedging,
+                )
+            ],
+        }
+    )
     return sims, gw
 
 
@@ -32,8 +44,12 @@ def test_hedged_streams_carry_one_attempts_content_and_losers_are_cancelled(sims
     n = 40
     for i in range(n):
         text = ""
-        for chunk in client.chat.completions.create(model="chat", stream=True, extra_headers={"x-request-id": f"h{i}"},
-                                                    messages=[{"role": "user", "content": "x"}]):
+        for chunk in client.chat.completions.create(
+            model="chat",
+            stream=True,
+            extra_headers={"x-request-id": f"h{i}"},
+            messages=[{"role": "user", "content": "x"}],
+        ):
             if chunk.choices and chunk.choices[0].delta.content:
                 text += chunk.choices[0].delta.content
         producers = {(m.group(1), m.group(2)) for m in TOKEN.finditer(text)}
@@ -66,13 +82,20 @@ def test_hedged_non_stream_request_returns_exactly_one_body(sims_factory, gatewa
     sims, gw = _gw(sims_factory, gateways, {"enabled": True, "delay_ms": 150, "budget_percent": 100})
     sims.set("sim-a", tail_p=1.0)
     sims.set("sim-b", tail_p=1.0)
-    r = HTTP.post(gw.url + "/v1/chat/completions", headers={"x-gateway-deployment": "a"}, timeout=10,
-                   json={"model": "chat", "messages": [{"role": "user", "content": "x"}]})
+    r = HTTP.post(
+        gw.url + "/v1/chat/completions",
+        headers={"x-gateway-deployment": "a"},
+        timeout=10,
+        json={"model": "chat", "messages": [{"role": "user", "content": "x"}]},
+    )
     # pinned requests are not hedged elsewhere; an unpinned one is
     assert r.status_code == 200
     sims.set("sim-b", tail_p=0.0)
-    body = HTTP.post(gw.url + "/v1/chat/completions", timeout=10,
-                      json={"model": "chat", "messages": [{"role": "user", "content": "x"}]})
+    body = HTTP.post(
+        gw.url + "/v1/chat/completions",
+        timeout=10,
+        json={"model": "chat", "messages": [{"role": "user", "content": "x"}]},
+    )
     data = body.json()
     assert len(data["choices"]) == 1
     assert len({m.group(1) for m in TOKEN.finditer(data["choices"][0]["message"]["content"])}) == 1
@@ -98,17 +121,29 @@ def test_hedge_header_off_and_override(sims_factory, gateways):
     sims, gw = _gw(sims_factory, gateways, {"enabled": False})
     sims.set("sim-a", tail_p=1.0, tail_ms=400)
     sims.set("sim-b", tail_p=1.0, tail_ms=400)
-    r = HTTP.post(gw.url + "/v1/chat/completions", headers={"x-gateway-hedge": "100"}, timeout=10,
-                   json={"model": "chat", "messages": []})
+    r = HTTP.post(
+        gw.url + "/v1/chat/completions",
+        headers={"x-gateway-hedge": "100"},
+        timeout=10,
+        json={"model": "chat", "messages": []},
+    )
     assert r.status_code == 200
-    r = HTTP.post(gw.url + "/v1/chat/completions", headers={"x-gateway-hedge": "off"}, timeout=10,
-                   json={"model": "chat", "messages": []})
+    r = HTTP.post(
+        gw.url + "/v1/chat/completions",
+        headers={"x-gateway-hedge": "off"},
+        timeout=10,
+        json={"model": "chat", "messages": []},
+    )
     assert r.status_code == 200
     recs = gw.records(wait_for=2)
     assert recs[0]["hedge_count"] == 1 and recs[0]["hedge_delay_ms"] == 100
     assert recs[1]["hedge_count"] == 0
-    bad = HTTP.post(gw.url + "/v1/chat/completions", headers={"x-gateway-hedge": "soon"}, timeout=10,
-                     json={"model": "chat", "messages": []})
+    bad = HTTP.post(
+        gw.url + "/v1/chat/completions",
+        headers={"x-gateway-hedge": "soon"},
+        timeout=10,
+        json={"model": "chat", "messages": []},
+    )
     assert bad.status_code == 400 and "x-gateway-hedge" in bad.json()["error"]["message"]
 
 
@@ -121,11 +156,18 @@ def test_a_winning_hedge_interrupts_the_waiting_primary(sims_factory, gateways):
     sims, gw = _gw(sims_factory, gateways, {"enabled": True, "delay_ms": 100, "budget_percent": 100})
     sims.set("sim-a", tail_p=1.0, tail_ms=3000)
     client = gw.client()
-    r = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}],
-                                       extra_headers={"x-request-id": "json"})
+    r = client.chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "x"}], extra_headers={"x-request-id": "json"}
+    )
     assert {m.group(1) for m in TOKEN.finditer(r.choices[0].message.content)} == {"sim-b"}
-    chunks = list(client.chat.completions.create(model="chat", stream=True, messages=[{"role": "user", "content": "x"}],
-                                                 extra_headers={"x-request-id": "stream"}))
+    chunks = list(
+        client.chat.completions.create(
+            model="chat",
+            stream=True,
+            messages=[{"role": "user", "content": "x"}],
+            extra_headers={"x-request-id": "stream"},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert {m.group(1) for m in TOKEN.finditer(text)} == {"sim-b"}
     recs = {r["request_id"]: r for r in gw.records(wait_for=2)}
@@ -138,7 +180,10 @@ def test_a_winning_hedge_interrupts_the_waiting_primary(sims_factory, gateways):
     assert sims.stats("sim-a")["in_flight"] == 0
     text = gw.metrics()
     assert metric_value(text, "llmgw_hedges_total", model="chat", outcome="won") == 2
-    assert metric_value(text, "llmgw_upstream_attempts_total", model="chat", deployment="a", outcome="cancelled") == 2
+    assert (
+        metric_value(text, "llmgw_upstream_attempts_total", model="chat", deployment="a", outcome="cancelled")
+        == 2
+    )
 
 
 def test_a_hedge_failing_while_the_primary_waits_counts_as_the_retry(sims_factory, gateways):
@@ -150,7 +195,12 @@ def test_a_hedge_failing_while_the_primary_waits_counts_as_the_retry(sims_factor
     rec = gw.records(wait_for=1)[-1]
     assert rec["attempts"] == 2 and rec["hedge_count"] == 1 and rec["retry_count"] == 1
     assert rec["hedge_winner"] == "primary" and rec["hedge_loser"] is None
-    assert metric_value(gw.metrics(), "llmgw_upstream_attempts_total", model="chat", deployment="b", outcome="503") == 1
+    assert (
+        metric_value(
+            gw.metrics(), "llmgw_upstream_attempts_total", model="chat", deployment="b", outcome="503"
+        )
+        == 1
+    )
 
 
 def test_client_leaving_during_a_hedge_cancels_both_attempts(sims_factory, gateways):
@@ -158,8 +208,12 @@ def test_client_leaving_during_a_hedge_cancels_both_attempts(sims_factory, gatew
     sims.set("sim-a", tail_p=1.0, tail_ms=3000)
     sims.set("sim-b", tail_p=1.0, tail_ms=3000)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(gw.url + "/v1/chat/completions", timeout=0.6, headers={"x-request-id": "gone"},
-                   json={"model": "chat", "stream": True, "messages": []})
+        httpx.post(
+            gw.url + "/v1/chat/completions",
+            timeout=0.6,
+            headers={"x-request-id": "gone"},
+            json={"model": "chat", "stream": True, "messages": []},
+        )
     rec = gw.records(wait_for=1)[-1]
     assert rec["response_code"] == 499 and "DC" in rec["response_flags"] and rec["hedge_count"] == 1
     end = time.monotonic() + 2

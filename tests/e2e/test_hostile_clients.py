@@ -38,9 +38,11 @@ STALL_FACTOR = 100.0
 
 
 def _cfg(sims: Sims, **server: Any) -> dict[str, Any]:
-    return {"server": server,
-            "auth": {"mode": "keys", "keys": [{"id": "hostile", "hash": hash_key(KEY)}]},
-            "models": [model("chat", [dep("a", sims.base_url("sim-a"))], retry={"max_retries": 0})]}
+    return {
+        "server": server,
+        "auth": {"mode": "keys", "keys": [{"id": "hostile", "hash": hash_key(KEY)}]},
+        "models": [model("chat", [dep("a", sims.base_url("sim-a"))], retry={"max_retries": 0})],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +90,10 @@ class Probe:
         return samples, out[0] if out else None
 
     def assert_unaffected(self, base: float, samples: list[float], what: str) -> None:
-        seen = f"{what}: quiet median {base * 1000:.1f} ms; during: {len(samples)} requests, median " \
-               f"{statistics.median(samples) * 1000:.1f} ms, slowest {max(samples) * 1000:.1f} ms"
+        seen = (
+            f"{what}: quiet median {base * 1000:.1f} ms; during: {len(samples)} requests, median "
+            f"{statistics.median(samples) * 1000:.1f} ms, slowest {max(samples) * 1000:.1f} ms"
+        )
         assert statistics.median(samples) <= SLOWDOWN_FACTOR * base, seen
         assert max(samples) <= STALL_FACTOR * base, seen
 
@@ -109,12 +113,14 @@ def _send_head_flood(port: int, size: int) -> bytes:
     gateway answered (read by a second thread, so an answer sent mid-upload is not lost)."""
     got: list[bytes] = []
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+
         def read() -> None:
             try:
                 while chunk := s.recv(65536):
                     got.append(chunk)
             except OSError:
                 pass
+
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         chunk = b"a" * (1 << 20)
@@ -151,8 +157,12 @@ def test_a_huge_request_header_is_refused_while_parsing_and_others_carry_on(edge
 
 
 def test_headers_up_to_the_limit_pass(edge):
-    r = httpx.post(edge.url + "/v1/chat/completions", json={"model": "chat", "messages": MSG},
-                   headers={**AUTH, "x-pad": "p" * 60_000}, timeout=10)
+    r = httpx.post(
+        edge.url + "/v1/chat/completions",
+        json={"model": "chat", "messages": MSG},
+        headers={**AUTH, "x-pad": "p" * 60_000},
+        timeout=10,
+    )
     assert r.status_code == 200, r.text
 
 
@@ -163,8 +173,11 @@ def _json_attack(gw: Gateway, raw: bytes, times: int = 3) -> list[httpx.Response
 
 @pytest.mark.parametrize(("item", "limit"), [(b"[]", "json_containers"), (b"7", "json_elements")])
 def test_millions_of_tiny_json_values_are_refused_before_parsing(edge, probe, item, limit):
-    raw = b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}], "x": [' + \
-        b",".join([item] * 2_400_000) + b"]}"
+    raw = (
+        b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}], "x": ['
+        + b",".join([item] * 2_400_000)
+        + b"]}"
+    )
     assert len(raw) < 10 << 20  # inside the body limit: only the element limits can refuse it
     before = metric_value(edge.metrics(), "llmgw_input_limits_total", limit=limit)
     base = probe.baseline()
@@ -182,22 +195,32 @@ def test_millions_of_tiny_json_values_are_refused_before_parsing(edge, probe, it
 def test_brackets_commas_and_quotes_inside_strings_are_not_structure(edge):
     # 600,000 commas and 200,000 brackets, all inside one prompt (with escaped quotes): an ordinary request
     text = 'say "[a, b], {c, d}" then, \\ and, ' * 50_000
-    r = httpx.post(edge.url + "/v1/chat/completions", headers=AUTH, timeout=30,
-                   json={"model": "chat", "messages": [{"role": "user", "content": text}]})
+    r = httpx.post(
+        edge.url + "/v1/chat/completions",
+        headers=AUTH,
+        timeout=30,
+        json={"model": "chat", "messages": [{"role": "user", "content": text}]},
+    )
     assert r.status_code == 200, r.text[:300]
 
 
 def test_deep_nesting_is_refused_on_the_bytes(edge):
     deep = b'{"model": "chat", "x": ' + b"[" * 200 + b"]" * 200 + b"}"
-    r = httpx.post(edge.url + "/v1/chat/completions", content=deep, timeout=10,
-                   headers={**AUTH, "content-type": "application/json"})
+    r = httpx.post(
+        edge.url + "/v1/chat/completions",
+        content=deep,
+        timeout=10,
+        headers={**AUTH, "content-type": "application/json"},
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "too_deep"
 
 
 def test_content_length_with_trailing_whitespace_is_accepted(edge):
     body = orjson.dumps({"model": "chat", "messages": MSG})
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
-            f"content-type: application/json\r\ncontent-length: {len(body)} \r\nconnection: close\r\n\r\n")
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)} \r\nconnection: close\r\n\r\n"
+    )
     with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as s:
         s.sendall(head.encode() + body)
         answer = b""
@@ -208,10 +231,14 @@ def test_content_length_with_trailing_whitespace_is_accepted(edge):
 
 # ------------------------------------------------------------------ slow and silent connections
 
+
 @pytest.fixture(scope="module")
 def slow_edge(sims: Sims, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = Gateway(_cfg(sims, admin_port=free_port(), request_headers_timeout_s=0.5, idle_timeout_s=1.0),
-                 tmp_path_factory.mktemp("slow"), name="slow")
+    gw = Gateway(
+        _cfg(sims, admin_port=free_port(), request_headers_timeout_s=0.5, idle_timeout_s=1.0),
+        tmp_path_factory.mktemp("slow"),
+        name="slow",
+    )
     yield gw
     gw.stop()
 
@@ -225,7 +252,7 @@ def _until_closed(s: socket.socket, trickle: bytes = b"", every_s: float = 0.05)
     while time.monotonic() < end:
         if trickle:
             try:
-                s.send(trickle[i % len(trickle):i % len(trickle) + 1])
+                s.send(trickle[i % len(trickle) : i % len(trickle) + 1])
                 i += 1
             except OSError:
                 return got
@@ -244,7 +271,10 @@ def _until_closed(s: socket.socket, trickle: bytes = b"", every_s: float = 0.05)
 def test_slowloris_and_silent_connections_are_closed(slow_edge):
     gw = slow_edge
     head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-slow: " + b"s" * 10_000
-    before = {k: metric_value(gw.metrics(), "llmgw_input_limits_total", limit=k) for k in ("head_timeout", "idle_timeout")}
+    before = {
+        k: metric_value(gw.metrics(), "llmgw_input_limits_total", limit=k)
+        for k in ("head_timeout", "idle_timeout")
+    }
     results: dict[str, bytes] = {}
 
     def slow(i: int) -> None:
@@ -257,8 +287,10 @@ def test_slowloris_and_silent_connections_are_closed(slow_edge):
 
     def after_a_request() -> None:  # a keep-alive connection that trickles its second head
         body = orjson.dumps({"model": "chat", "messages": MSG})
-        first = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
-                 f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
+        first = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        ).encode() + body
         with socket.create_connection(("127.0.0.1", gw.port)) as s:
             s.sendall(first)
             s.settimeout(10)
@@ -292,6 +324,7 @@ def test_slowloris_and_silent_connections_are_closed(slow_edge):
 
 # ------------------------------------------------------------------ ops endpoints and the admin view
 
+
 @pytest.fixture(scope="module")
 def keyed_public(sims: Sims, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """Keys on, no admin port: everything is on the public port."""
@@ -316,7 +349,9 @@ def test_ops_endpoints_need_a_key_on_the_public_port(keyed_public):
 def test_the_admin_port_serves_prometheus_without_a_key(edge):
     text = httpx.get(edge.admin_url + "/metrics", timeout=10).text
     assert "llmgw_requests_total" in text
-    assert httpx.get(edge.url + "/metrics", headers=AUTH, timeout=10).status_code == 404  # not on the API port
+    assert (
+        httpx.get(edge.url + "/metrics", headers=AUTH, timeout=10).status_code == 404
+    )  # not on the API port
     assert httpx.get(edge.url + "/docs", timeout=10).status_code == 401
 
 
@@ -332,6 +367,7 @@ def test_admin_config_shows_no_secret(keyed_public):
 
 # ------------------------------------------------------------------ the text access log
 
+
 def test_text_access_log_lines_cannot_be_forged(sims: Sims, tmp_path: Path):
     cfg = _cfg(sims)
     cfg["access_log"] = {"format": "text"}
@@ -340,8 +376,12 @@ def test_text_access_log_lines_cannot_be_forged(sims: Sims, tmp_path: Path):
         forged = '[2026-01-01T00:00:00Z] "GET /admin HTTP/1.1" 200'
         r = httpx.get(gw.url + "/v1/x%0A" + forged.replace(" ", "%20").replace('"', "%22"), timeout=10)
         assert r.status_code == 404
-        r = httpx.post(gw.url + "/v1/chat/completions", json={"model": "chat", "messages": MSG}, timeout=10,
-                       headers={**AUTH, "user-agent": b'evil" "injected\x85second line'})  # \x85: NEL
+        r = httpx.post(
+            gw.url + "/v1/chat/completions",
+            json={"model": "chat", "messages": MSG},
+            timeout=10,
+            headers={**AUTH, "user-agent": b'evil" "injected\x85second line'},
+        )  # \x85: NEL
         assert r.status_code == 200
         lines = gw.lines(wait_for=2)
         assert len(lines) == 2, lines

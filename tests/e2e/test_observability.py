@@ -20,8 +20,12 @@ OVERHEAD_CEILING_MS = 50  # the gateway adds well under 1 ms on an idle machine
 
 
 def _chat(gw, stream=False, headers=None, **body):
-    return HTTP.post(gw.url + "/v1/chat/completions", headers=headers or {}, timeout=30,
-                      json={"model": "chat", "messages": [{"role": "user", "content": "x"}], "stream": stream, **body})
+    return HTTP.post(
+        gw.url + "/v1/chat/completions",
+        headers=headers or {},
+        timeout=30,
+        json={"model": "chat", "messages": [{"role": "user", "content": "x"}], "stream": stream, **body},
+    )
 
 
 def test_logged_upstream_time_matches_the_simulator(sims_factory, gateways):
@@ -33,9 +37,12 @@ def test_logged_upstream_time_matches_the_simulator(sims_factory, gateways):
     for rec in recs:
         assert 195 <= rec["upstream_service_time_ms"] <= 200 + BUSY_SLACK_MS, rec
         assert rec["gateway_overhead_ms"] < OVERHEAD_CEILING_MS, rec
-        assert rec["duration_ms"] == pytest.approx(rec["upstream_service_time_ms"] + rec["gateway_overhead_ms"],
-                                                   abs=0.01)
-        assert rec["upstream_connect_ms"] == 0 and rec["upstream_reused_connection"] is True  # pre-warmed pool
+        assert rec["duration_ms"] == pytest.approx(
+            rec["upstream_service_time_ms"] + rec["gateway_overhead_ms"], abs=0.01
+        )
+        assert (
+            rec["upstream_connect_ms"] == 0 and rec["upstream_reused_connection"] is True
+        )  # pre-warmed pool
         assert rec["attempts"] == 1 and rec["response_flags"] == "-"
     r = _chat(gw)
     up = float(r.headers["x-gateway-upstream-service-time"])
@@ -59,26 +66,50 @@ def test_stream_ttft_is_logged_and_close_to_the_simulator(sims_factory, gateways
 @pytest.fixture
 def flaky(sims_factory, gateways):
     sims = sims_factory({"sim-a": ("us-east", {**FIXED, "ttft_ms": 20})})
-    gw = gateways({"models": [
-        model("chat", [dep("a", sims.base_url("sim-a"))], retry={"max_retries": 1, "budget_percent": 100},
-              timeouts={"ttft_ms": 300}),
-        model("dead", [dep("nowhere", f"http://127.0.0.1:{free_port()}/v1",
-                           pool={"min_connections": 0, "validate_on_start": False})], retry={"max_retries": 0}),
-    ]})
+    gw = gateways(
+        {
+            "models": [
+                model(
+                    "chat",
+                    [dep("a", sims.base_url("sim-a"))],
+                    retry={"max_retries": 1, "budget_percent": 100},
+                    timeouts={"ttft_ms": 300},
+                ),
+                model(
+                    "dead",
+                    [
+                        dep(
+                            "nowhere",
+                            f"http://127.0.0.1:{free_port()}/v1",
+                            pool={"min_connections": 0, "validate_on_start": False},
+                        )
+                    ],
+                    retry={"max_retries": 0},
+                ),
+            ]
+        }
+    )
     return sims, gw
 
 
-@pytest.mark.parametrize(("headers", "model_name", "stream", "status", "flag"), [
-    ({}, "dead", False, 502, "UF"),
-    ({"x-sim-stall-rate": "1"}, "chat", False, 504, "UT"),
-    ({"x-sim-error-rate": "1", "x-sim-error-status": "503"}, "chat", False, 503, "URX"),
-    ({"x-sim-reset-rate": "1", "x-sim-reset-after-tokens": "0"}, "chat", True, 502, "UC"),
-    ({"x-gateway-timeout-ms": "150", "x-sim-stall-rate": "1"}, "chat", False, 504, "DT"),
-])
+@pytest.mark.parametrize(
+    ("headers", "model_name", "stream", "status", "flag"),
+    [
+        ({}, "dead", False, 502, "UF"),
+        ({"x-sim-stall-rate": "1"}, "chat", False, 504, "UT"),
+        ({"x-sim-error-rate": "1", "x-sim-error-status": "503"}, "chat", False, 503, "URX"),
+        ({"x-sim-reset-rate": "1", "x-sim-reset-after-tokens": "0"}, "chat", True, 502, "UC"),
+        ({"x-gateway-timeout-ms": "150", "x-sim-stall-rate": "1"}, "chat", False, 504, "DT"),
+    ],
+)
 def test_each_failure_kind_has_its_flag(flaky, headers, model_name, stream, status, flag):
     _, gw = flaky
-    r = HTTP.post(gw.url + "/v1/chat/completions", headers=headers, timeout=30,
-                   json={"model": model_name, "stream": stream, "messages": []})
+    r = HTTP.post(
+        gw.url + "/v1/chat/completions",
+        headers=headers,
+        timeout=30,
+        json={"model": model_name, "stream": stream, "messages": []},
+    )
     assert r.status_code == status, r.text
     rec = gw.records(wait_for=1)[-1]
     assert flag in rec["response_flags"].split(","), rec
@@ -91,8 +122,11 @@ def test_metrics_add_up_with_two_workers(sims_factory, gateways):
     n = 30
     with httpx.Client(timeout=10) as c:  # one connection per request so both workers get traffic
         for _ in range(n):
-            r = c.post(gw.url + "/v1/chat/completions", headers={"connection": "close"},
-                       json={"model": "chat", "messages": []})
+            r = c.post(
+                gw.url + "/v1/chat/completions",
+                headers={"connection": "close"},
+                json={"model": "chat", "messages": []},
+            )
             assert r.status_code == 200
     gw.records(wait_for=n)
     text = gw.metrics()
@@ -126,7 +160,9 @@ def test_traceparent_continues_the_client_trace(sims_factory, gateways):
 
 def test_text_access_log_format(sims_factory, gateways):
     sims = sims_factory({"sim-a": ("us-east", {**FIXED, "ttft_ms": 5})})
-    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])], "access_log": {"format": "text"}})
+    gw = gateways(
+        {"models": [model("chat", [dep("a", sims.base_url("sim-a"))])], "access_log": {"format": "text"}}
+    )
     r = _chat(gw, headers={"x-request-id": "text-1", "user-agent": "ua-test"})
     assert r.status_code == 200
     line = gw.lines(wait_for=1)[-1]
@@ -141,8 +177,12 @@ def test_report_reads_the_gateways_own_log(sims_factory, gateways):
     for _ in range(10):
         _chat(gw)
     gw.records(wait_for=10)
-    out = subprocess.run([sys.executable, "-m", "gateway", "report", str(gw.log_path), "--format", "json"],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "report", str(gw.log_path), "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     data = orjson.loads(out.stdout)
     assert "chat" in out.stdout and data

@@ -21,17 +21,26 @@ from gateway.sim.profile import SimProfile
 from gateway.sim.runner import SimThread
 
 QUICK = {"ttft_ms": 20, "ttft_dist": "fixed", "itl_ms": 5, "tokens": 4, "tail_p": 0}
-SCHEMA = {"name": "turn", "strict": True, "schema": {"type": "object", "properties": {"intent": {"type": "string"}},
-                                                     "required": ["intent"], "additionalProperties": False}}
+SCHEMA = {
+    "name": "turn",
+    "strict": True,
+    "schema": {
+        "type": "object",
+        "properties": {"intent": {"type": "string"}},
+        "required": ["intent"],
+        "additionalProperties": False,
+    },
+}
 
 
 def chat(client: openai.OpenAI, **kw: Any) -> Any:
-    return client.chat.completions.with_raw_response.create(model="chat", messages=[{"role": "user", "content": "x"}],
-                                                            **kw)
+    return client.chat.completions.with_raw_response.create(
+        model="chat", messages=[{"role": "user", "content": "x"}], **kw
+    )
 
 
 def outcome(client: openai.OpenAI, **kw: Any) -> str:
-    """"ok", or the SDK's exception class name and the status when there is one."""
+    """ "ok", or the SDK's exception class name and the status when there is one."""
     try:
         chat(client, **kw)
         return "ok"
@@ -61,30 +70,51 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def admin_deployment(gw: Any, dep_id: str) -> dict[str, Any]:
-    return next(d for d in HTTP.get(gw.admin_url + "/admin/deployments").json()["deployments"] if d["deployment"] == dep_id)
+    return next(
+        d
+        for d in HTTP.get(gw.admin_url + "/admin/deployments").json()["deployments"]
+        if d["deployment"] == dep_id
+    )
 
 
 def test_one_of_two_deployments_answering_503_to_everything_is_hidden(sims_factory, gateways):
-    sims = sims_factory({"bad": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 503}),
-                         "good": ("us-east", QUICK)})
-    gw = gateways({"models": [model("chat", [dep("bad", sims.base_url("bad")), dep("good", sims.base_url("good"))])]})
+    sims = sims_factory(
+        {"bad": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 503}), "good": ("us-east", QUICK)}
+    )
+    gw = gateways(
+        {"models": [model("chat", [dep("bad", sims.base_url("bad")), dep("good", sims.base_url("good"))])]}
+    )
     client = gw.client()
     assert [outcome(client) for _ in range(30)] == ["ok"] * 30
     recs = gw.records(wait_for=30)
     # every retry was a failover to the healthy deployment, none charged to the budget
     assert all(r["upstream_cluster"] == "good" and r["retry_verdict"] is None for r in recs)
-    assert metric_value(gw.metrics(), "llmgw_retries_total", model="chat", reason="failover") == \
-        sum(r["retry_count"] for r in recs) > 0
+    assert (
+        metric_value(gw.metrics(), "llmgw_retries_total", model="chat", reason="failover")
+        == sum(r["retry_count"] for r in recs)
+        > 0
+    )
 
 
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_local_region_dead_remote_healthy_every_request_is_served(sims_factory, gateways, concurrency):
     sims = sims_factory({"remote": ("eu-west", QUICK)})
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: connection refused
-    gw = gateways({"server": {"region": "us-east"},
-                   "models": [model("chat", [dep("local", dead, region="us-east"),
-                                             dep("remote", sims.base_url("remote"), region="eu-west")],
-                                    routing={"locality": "prefer"})]})
+    gw = gateways(
+        {
+            "server": {"region": "us-east"},
+            "models": [
+                model(
+                    "chat",
+                    [
+                        dep("local", dead, region="us-east"),
+                        dep("remote", sims.base_url("remote"), region="eu-west"),
+                    ],
+                    routing={"locality": "prefer"},
+                )
+            ],
+        }
+    )
     client = gw.client()
     n = 30 if concurrency == 1 else 40
     assert run_clients(n, concurrency, lambda: outcome(client)) == ["ok"] * n
@@ -98,7 +128,9 @@ def test_thirty_percent_503s_on_the_only_deployment_are_hidden_within_1_7x(sims_
     n = 60
     results = run_clients(n, 8, lambda: outcome(client))
     recs = gw.records(wait_for=n)
-    assert results == ["ok"] * n, [(r["response_code"], r["response_flags"], r["retry_verdict"]) for r in recs]
+    assert results == ["ok"] * n, [
+        (r["response_code"], r["response_flags"], r["retry_verdict"]) for r in recs
+    ]
     upstream = chat_requests_seen(sims, "a")
     assert upstream == sum(r["attempts"] for r in recs) <= 1.7 * n
 
@@ -112,7 +144,9 @@ def test_the_only_deployment_dead_costs_at_most_1_3x_upstream_requests(sims_fact
     upstream = chat_requests_seen(sims, "a")
     assert n <= upstream <= 1.3 * n
     recs = gw.records(wait_for=n)
-    assert sum(r["retry_verdict"] == "hopeless" for r in recs) > n / 2  # most were refused: the target is dead
+    assert (
+        sum(r["retry_verdict"] == "hopeless" for r in recs) > n / 2
+    )  # most were refused: the target is dead
     with pytest.raises(openai.InternalServerError) as info:  # and the SDK is told not to multiply it
         chat(gw.client(max_retries=2))
     assert info.value.response.headers["x-should-retry"] == "false"
@@ -122,13 +156,26 @@ def test_the_only_deployment_dead_costs_at_most_1_3x_upstream_requests(sims_fact
 def test_a_clients_short_deadline_never_ejects_the_healthy_provider(sims_factory, gateways):
     slow = {**QUICK, "ttft_ms": 300}  # healthy, but slower than the client's deadline
     sims = sims_factory({"near": ("us-east", slow), "far": ("eu-west", {**QUICK, "ttft_ms": 600})})
-    gw = gateways({"server": {"region": "us-east"},
-                   "models": [model("chat", [dep("near", sims.base_url("near"), region="us-east"),
-                                             dep("far", sims.base_url("far"), region="eu-west")],
-                                    routing={"locality": "prefer"})]})
+    gw = gateways(
+        {
+            "server": {"region": "us-east"},
+            "models": [
+                model(
+                    "chat",
+                    [
+                        dep("near", sims.base_url("near"), region="us-east"),
+                        dep("far", sims.base_url("far"), region="eu-west"),
+                    ],
+                    routing={"locality": "prefer"},
+                )
+            ],
+        }
+    )
     client = gw.client()
     header = [outcome(client, extra_headers={"x-gateway-timeout-ms": "150"}) for _ in range(8)]
-    sdk = [outcome(gw.client(timeout=0.15, max_retries=2)) for _ in range(4)]  # sent as x-stainless-read-timeout
+    sdk = [
+        outcome(gw.client(timeout=0.15, max_retries=2)) for _ in range(4)
+    ]  # sent as x-stainless-read-timeout
     assert header == ["InternalServerError:504"] * 8 and sdk == ["InternalServerError:504"] * 4
     near = admin_deployment(gw, "near")
     assert near["ejected"] is False and near["consecutive_failures"] == 0 and near["failure_rate"] == 0.0
@@ -145,8 +192,14 @@ def test_a_clients_short_deadline_never_ejects_the_healthy_provider(sims_factory
 def test_a_provider_down_at_start_up_leaves_the_pod_ready_and_is_seen_back(sims_factory, gateways):
     sims = sims_factory({"other": ("us-east", QUICK)})
     port = free_port()
-    gw = gateways({"models": [model("chat", [dep("down", f"http://127.0.0.1:{port}/v1")]),
-                              model("other", [dep("ok", sims.base_url("other"))])]})  # waits for /readyz 200
+    gw = gateways(
+        {
+            "models": [
+                model("chat", [dep("down", f"http://127.0.0.1:{port}/v1")]),
+                model("other", [dep("ok", sims.base_url("other"))]),
+            ]
+        }
+    )  # waits for /readyz 200
     ready = HTTP.get(gw.admin_url + "/readyz")
     assert ready.status_code == 200 and ready.json()["unavailable_models"] == ["chat"]
     assert admin_deployment(gw, "down")["reachable"] is False
@@ -170,9 +223,18 @@ def test_a_provider_down_at_start_up_leaves_the_pod_ready_and_is_seen_back(sims_
 
 def test_a_required_warm_up_is_retried_until_the_provider_is_back(sims_factory, gateways):
     sims = sims_factory({"a": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 503})})
-    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("a"))],
-                                    warmup={"schemas": [SCHEMA], "required": True, "timeout_ms": 5000})]},
-                  wait_ready=False)
+    gw = gateways(
+        {
+            "models": [
+                model(
+                    "chat",
+                    [dep("a", sims.base_url("a"))],
+                    warmup={"schemas": [SCHEMA], "required": True, "timeout_ms": 5000},
+                )
+            ]
+        },
+        wait_ready=False,
+    )
 
     def readyz() -> Any:
         try:
@@ -186,7 +248,9 @@ def test_a_required_warm_up_is_retried_until_the_provider_is_back(sims_factory, 
 
     wait_for(retrying, 30, "a second failed warm-up pass while the provider is down")
     sims.set("a", error_rate=0.0)
-    wait_for(lambda: (r := readyz()) is not None and r.status_code == 200, 30, "readiness within 30 s of recovery")
+    wait_for(
+        lambda: (r := readyz()) is not None and r.status_code == 200, 30, "readiness within 30 s of recovery"
+    )
     assert readyz().json()["warmup"]["models"]["chat"]["state"] == "done"
 
 
@@ -217,7 +281,9 @@ def test_an_sdk_timeout_bounds_the_wait_for_a_stream_not_its_length(sims_factory
     sims = sims_factory({"a": ("us-east", {**QUICK, "ttft_ms": 50, "itl_ms": 100, "tokens": 10})})
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("a"))])]})
     client = gw.client(timeout=0.5)
-    stream = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}], stream=True)
+    stream = client.chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "x"}], stream=True
+    )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     rec = gw.records(wait_for=1)[-1]
     assert rec["response_code"] == 200 and rec["response_flags"] == "-", rec

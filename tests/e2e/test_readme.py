@@ -24,7 +24,9 @@ import httpx
 from harness import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-FENCE = re.compile(r"(?:<!-- readme-test: (?P<directive>[^>]*?) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)```", re.S)
+FENCE = re.compile(
+    r"(?:<!-- readme-test: (?P<directive>[^>]*?) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)```", re.S
+)
 RUN_LANGS = ("bash", "python")
 # What some blocks must print (doctest style): block text fragment -> expected output fragment
 EXPECT = {
@@ -64,8 +66,9 @@ def test_every_readme_block_runs_verbatim(tmp_path):
     assert [b.directive for b in blocks].count("server") == 1
     stamp = ROOT / ".venv" / ".installed-run"
     # `make run` in the scratch directory must find the gateway installed, or it would install it from there
-    assert stamp.exists() and stamp.stat().st_mtime >= (ROOT / "pyproject.toml").stat().st_mtime, \
+    assert stamp.exists() and stamp.stat().st_mtime >= (ROOT / "pyproject.toml").stat().st_mtime, (
         "install first: `make setup` (or run this test through `make test`)"
+    )
     work = scratch_checkout(tmp_path)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "MAKE", "MFLAGS"))}
@@ -85,16 +88,32 @@ def test_every_readme_block_runs_verbatim(tmp_path):
             if block.directive == "server":
                 t0 = time.monotonic()
                 with open(server_log, "wb") as log:
-                    server = subprocess.Popen(["bash", "-c", body], cwd=work, env=env, stdout=log,
-                                              stderr=subprocess.STDOUT, start_new_session=True)
+                    server = subprocess.Popen(
+                        ["bash", "-c", body],
+                        cwd=work,
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
                 _wait_ready(port, server, server_log, where)
                 print(f"`make run` answered after {time.monotonic() - t0:.1f} s")
                 continue
-            script = body if block.lang == "bash" else f".venv/bin/python - <<'README_PY'\n{body}\nREADME_PY\n"
+            script = (
+                body if block.lang == "bash" else f".venv/bin/python - <<'README_PY'\n{body}\nREADME_PY\n"
+            )
             t0 = time.monotonic()
-            out = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", "\n".join([*exports, script])], cwd=work,
-                                 env=env, capture_output=True, text=True, timeout=120)
-            assert out.returncode == 0, f"{where}\nexit {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+            out = subprocess.run(
+                ["bash", "-e", "-o", "pipefail", "-c", "\n".join([*exports, script])],
+                cwd=work,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert out.returncode == 0, (
+                f"{where}\nexit {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+            )
             for fragment, expected in EXPECT.items():
                 if fragment in block.body:
                     assert expected in out.stdout, f"{where}\nexpected {expected!r} in:\n{out.stdout[-2000:]}"

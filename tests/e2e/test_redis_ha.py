@@ -25,14 +25,19 @@ from gateway.security.keys import hash_key
 FAST = {"ttft_ms": 5, "ttft_dist": "fixed", "itl_ms": 1, "tokens": 3, "tail_p": 0}
 KEY_LOAD = "sk-gw-ha-load-0001"
 KEY_SHARED = "sk-gw-ha-shared-0002"
-KEYS = [{"id": "load", "hash": hash_key(KEY_LOAD), "rpm": 1_000_000},
-        {"id": "shared", "hash": hash_key(KEY_SHARED), "rpm": 3}]
+KEYS = [
+    {"id": "load", "hash": hash_key(KEY_LOAD), "rpm": 1_000_000},
+    {"id": "shared", "hash": hash_key(KEY_SHARED), "rpm": 3},
+]
 HTTP = httpx.Client(timeout=10)
 
 
 def _chat(gw: Gateway, key: str, **body: Any) -> httpx.Response:
-    return HTTP.post(gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
-                     json={"model": "chat", "messages": [{"role": "user", "content": "hi"}], **body})
+    return HTTP.post(
+        gw.url + "/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json={"model": "chat", "messages": [{"role": "user", "content": "hi"}], **body},
+    )
 
 
 def _shared_limit_holds(gw1: Gateway, gw2: Gateway) -> None:
@@ -57,15 +62,23 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def _cluster_cfg(cluster: Cluster, prefix: str, **models: Any) -> dict[str, Any]:
-    return {"server": {"admin_port": "auto"},  # with keys on, /metrics is served on the admin port
-            "state": {"backend": "redis", "redis_mode": "cluster", "redis_url": cluster.seed_url,
-                      "key_prefix": prefix, "sync_interval_ms": 100},
-            "auth": {"mode": "keys", "keys": KEYS, "cache_ttl_s": 0.5},
-            "models": [models.get("chat") or model("chat", [dep("a", "http://127.0.0.1:9/v1")])]}
+    return {
+        "server": {"admin_port": "auto"},  # with keys on, /metrics is served on the admin port
+        "state": {
+            "backend": "redis",
+            "redis_mode": "cluster",
+            "redis_url": cluster.seed_url,
+            "key_prefix": prefix,
+            "sync_interval_ms": 100,
+        },
+        "auth": {"mode": "keys", "keys": KEYS, "cache_ttl_s": 0.5},
+        "models": [models.get("chat") or model("chat", [dep("a", "http://127.0.0.1:9/v1")])],
+    }
 
 
-def test_cluster_shares_rate_limits_and_key_quotas_across_two_gateways(cluster, sims_factory, gateways,
-                                                                       redis_prefix, tmp_path):
+def test_cluster_shares_rate_limits_and_key_quotas_across_two_gateways(
+    cluster, sims_factory, gateways, redis_prefix, tmp_path
+):
     sims = sims_factory({"sim-a": ("us-east", FAST)})
     cfg = _cluster_cfg(cluster, redis_prefix, chat=model("chat", [dep("a", sims.base_url("sim-a"))]))
     gw1, gw2 = gateways(cfg, wait_ready=False), gateways(cfg, wait_ready=False)
@@ -89,20 +102,26 @@ def test_cluster_shares_rate_limits_and_key_quotas_across_two_gateways(cluster, 
     # Every limit key of one API key sits in one slot (a hash tag per key), spread over the nodes.
     c = cluster.client()
     tagged = [k.decode() for n in cluster.nodes for k in n.client.keys(redis_prefix + "rl:*")]
-    assert {k.split("}")[0] for k in tagged} == {redis_prefix + "rl:{shared", redis_prefix + "rl:{quota"}, tagged
+    assert {k.split("}")[0] for k in tagged} == {redis_prefix + "rl:{shared", redis_prefix + "rl:{quota"}, (
+        tagged
+    )
     assert len({c.keyslot(k) for k in tagged if "{quota}" in k}) == 1
     c.close()
     assert metric_value(gw1.metrics(), "llmgw_state_backend_primary", mode="cluster") == 3
     assert metric_value(gw1.metrics(), "llmgw_rate_limited_total", key="quota", limit="tpm") == 1
 
 
-def test_cluster_shares_ejections_and_latency_across_two_gateways(cluster, sims_factory, gateways, redis_prefix):
-    sims = sims_factory({"sim-a": ("us-east", {**FAST, "ttft_ms": 150}),
-                         "sim-b": ("us-east", FAST)})
-    chat = model("chat", [dep("a", sims.base_url("sim-a"), priority=0), dep("b", sims.base_url("sim-b"), priority=1)],
-                 routing={"strategy": "priority"},
-                 outlier={"consecutive_failures": 3, "base_ejection_s": 30, "max_ejection_percent": 50},
-                 retry={"backoff_base_ms": 1, "budget_percent": 100})
+def test_cluster_shares_ejections_and_latency_across_two_gateways(
+    cluster, sims_factory, gateways, redis_prefix
+):
+    sims = sims_factory({"sim-a": ("us-east", {**FAST, "ttft_ms": 150}), "sim-b": ("us-east", FAST)})
+    chat = model(
+        "chat",
+        [dep("a", sims.base_url("sim-a"), priority=0), dep("b", sims.base_url("sim-b"), priority=1)],
+        routing={"strategy": "priority"},
+        outlier={"consecutive_failures": 3, "base_ejection_s": 30, "max_ejection_percent": 50},
+        retry={"backoff_base_ms": 1, "budget_percent": 100},
+    )
     cfg = _cluster_cfg(cluster, redis_prefix, chat=chat)
     cfg["auth"] = {"mode": "none"}
     gw1, gw2 = gateways(cfg, wait_ready=False), gateways(cfg, wait_ready=False)
@@ -111,15 +130,23 @@ def test_cluster_shares_ejections_and_latency_across_two_gateways(cluster, sims_
     post = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
     for _ in range(3):  # gw1 learns a's latency (~150 ms); gw2 has served nothing
         assert HTTP.post(gw1.url + "/v1/chat/completions", json=post).status_code == 200
-    wait_for(lambda: metric_value(gw2.metrics(), "llmgw_deployment_latency_estimate_seconds", deployment="a") > 0.1,
-             10, "gw2 to adopt gw1's latency estimate of a")
+    wait_for(
+        lambda: (
+            metric_value(gw2.metrics(), "llmgw_deployment_latency_estimate_seconds", deployment="a") > 0.1
+        ),
+        10,
+        "gw2 to adopt gw1's latency estimate of a",
+    )
 
     sims.set("sim-a", error_rate=1.0, error_status=503)
     for _ in range(3):
         assert HTTP.post(gw1.url + "/v1/chat/completions", json=post).status_code == 200  # retried on b
     assert metric_value(gw1.metrics(), "llmgw_ejections_total", deployment="a") == 1
-    wait_for(lambda: metric_value(gw2.metrics(), "llmgw_deployment_ejected", deployment="a") == 1, 10,
-             "gw2 to learn of the ejection through the cluster")
+    wait_for(
+        lambda: metric_value(gw2.metrics(), "llmgw_deployment_ejected", deployment="a") == 1,
+        10,
+        "gw2 to learn of the ejection through the cluster",
+    )
     before = len(sims.stats("sim-a")["recent"])
     for _ in range(3):
         r = HTTP.post(gw2.url + "/v1/chat/completions", json=post)
@@ -131,7 +158,8 @@ def test_cluster_shares_ejections_and_latency_across_two_gateways(cluster, sims_
 
 
 def test_sentinel_failover_under_load_fails_no_request_and_limits_are_shared_again(
-        tmp_path: Path, sims_factory, gateways, redis_prefix):
+    tmp_path: Path, sims_factory, gateways, redis_prefix
+):
     servers = SentinelSet(tmp_path / "redis")
     try:
         _failover_under_load(servers, sims_factory, gateways, redis_prefix)
@@ -141,19 +169,35 @@ def test_sentinel_failover_under_load_fails_no_request_and_limits_are_shared_aga
 
 def _failover_under_load(servers: SentinelSet, sims_factory: Any, gateways: Any, prefix: str) -> None:
     sims = sims_factory({"sim-a": ("us-east", FAST)})
-    cfg = {"server": {"admin_port": "auto"},  # with keys on, /metrics is served on the admin port
-           "state": {"backend": "redis", "redis_mode": "sentinel", "sentinels": [servers.sentinel.address],
-                     "sentinel_master": MASTER_SET, "key_prefix": prefix, "sync_interval_ms": 100,
-                     "timeout_ms": 250},
-           "auth": {"mode": "keys", "keys": KEYS},
-           "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]}
+    cfg = {
+        "server": {"admin_port": "auto"},  # with keys on, /metrics is served on the admin port
+        "state": {
+            "backend": "redis",
+            "redis_mode": "sentinel",
+            "sentinels": [servers.sentinel.address],
+            "sentinel_master": MASTER_SET,
+            "key_prefix": prefix,
+            "sync_interval_ms": 100,
+            "timeout_ms": 250,
+        },
+        "auth": {"mode": "keys", "keys": KEYS},
+        "models": [model("chat", [dep("a", sims.base_url("sim-a"))])],
+    }
     gw1, gw2 = gateways(cfg, wait_ready=False), gateways(cfg, wait_ready=False)
     gw1.wait_ready()
     gw2.wait_ready()
     old, new = servers.primary, servers.replica
     for gw in (gw1, gw2):
-        wait_for(lambda gw=gw: metric_value(gw.metrics(), "llmgw_state_backend_primary", mode="sentinel",
-                                            address=old.address) == 1, 10, "the gateways to find the primary")
+        wait_for(
+            lambda gw=gw: (
+                metric_value(
+                    gw.metrics(), "llmgw_state_backend_primary", mode="sentinel", address=old.address
+                )
+                == 1
+            ),
+            10,
+            "the gateways to find the primary",
+        )
 
     # A light load on both gateways, paced, bounded in count; the primary dies after the first 100.
     results: list[int | str] = []
@@ -178,10 +222,17 @@ def _failover_under_load(servers: SentinelSet, sims_factory: Any, gateways: Any,
         wait_for(lambda: servers.master_port() == new.port, 30, "the sentinel to promote the replica")
         t_promoted = time.monotonic()
         for gw in (gw1, gw2):  # both follow the new primary and their limits are shared again
-            wait_for(lambda gw=gw: metric_value(gw.metrics(), "llmgw_state_backend_primary", mode="sentinel",
-                                                address=new.address) == 1
-                     and metric_value(gw.metrics(), "llmgw_state_local_only_seconds_total") > 0, 30,
-                     "the gateways to follow the promoted primary")
+            wait_for(
+                lambda gw=gw: (
+                    metric_value(
+                        gw.metrics(), "llmgw_state_backend_primary", mode="sentinel", address=new.address
+                    )
+                    == 1
+                    and metric_value(gw.metrics(), "llmgw_state_local_only_seconds_total") > 0
+                ),
+                30,
+                "the gateways to follow the promoted primary",
+            )
         t_followed = time.monotonic()
         sent_after = len(results)
     finally:
@@ -200,31 +251,45 @@ def _failover_under_load(servers: SentinelSet, sims_factory: Any, gateways: Any,
     # the limits live in the promoted primary now, and hold across both gateways again
     _shared_limit_holds(gw1, gw2)
     assert new.client.exists(prefix + "rl:{shared}:rpm") == 1
-    print(f"\nfailover: {len(results)} requests, {len(failed)} failed; {sent_after - sent_before} sent between the "
-          f"kill and both gateways following; promotion {t_promoted - t_kill:.2f} s after the kill; gateways on the "
-          f"new primary {t_followed - t_kill:.2f} s after the kill; limits local-only per gateway "
-          f"{', '.join(f'{s:.2f} s' for s in local_s)}")
+    print(
+        f"\nfailover: {len(results)} requests, {len(failed)} failed; {sent_after - sent_before} sent between the "
+        f"kill and both gateways following; promotion {t_promoted - t_kill:.2f} s after the kill; gateways on the "
+        f"new primary {t_followed - t_kill:.2f} s after the kill; limits local-only per gateway "
+        f"{', '.join(f'{s:.2f} s' for s in local_s)}"
+    )
 
 
 # ---------------------------------------------------------------- O(1) per request
 
 
-def test_rate_limit_work_per_request_stays_constant_however_many_requests(private_redis, sims_factory, gateways,
-                                                                        redis_prefix):
+def test_rate_limit_work_per_request_stays_constant_however_many_requests(
+    private_redis, sims_factory, gateways, redis_prefix
+):
     """The old sliding-window log read every entry of the window per call; GCRA keeps one number per limit.
     Measured as Redis sees it: commands run per request (INFO commandstats) and the limit's stored size."""
     port, _ = private_redis
     sims = sims_factory({"sim-a": ("us-east", FAST)})
-    gw = gateways({"state": {"backend": "redis", "redis_url": f"redis://127.0.0.1:{port}/0", "key_prefix": redis_prefix,
-                             "sync_interval_ms": 3_600_000},  # no sync round during the test: only the limits talk
-                   "auth": {"mode": "keys", "keys": KEYS},
-                   "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+    gw = gateways(
+        {
+            "state": {
+                "backend": "redis",
+                "redis_url": f"redis://127.0.0.1:{port}/0",
+                "key_prefix": redis_prefix,
+                "sync_interval_ms": 3_600_000,
+            },  # no sync round during the test: only the limits talk
+            "auth": {"mode": "keys", "keys": KEYS},
+            "models": [model("chat", [dep("a", sims.base_url("sim-a"))])],
+        }
+    )
     r = redis.Redis(port=port)
     key = redis_prefix + "rl:{load}:rpm"
 
     def commands() -> int:
-        return sum(v["calls"] for name, v in r.info("commandstats").items()
-                   if name.split("_", 1)[1] in ("evalsha", "eval", "time", "get", "set"))
+        return sum(
+            v["calls"]
+            for name, v in r.info("commandstats").items()
+            if name.split("_", 1)[1] in ("evalsha", "eval", "time", "get", "set")
+        )
 
     def run(n: int) -> float:
         before = commands()
@@ -245,7 +310,9 @@ def test_rate_limit_work_per_request_stays_constant_however_many_requests(privat
 # ---------------------------------------------------------------- a Redis that never answers
 
 
-def test_a_redis_that_accepts_but_never_answers_delays_no_request_beyond_the_state_timeout(sims_factory, gateways):
+def test_a_redis_that_accepts_but_never_answers_delays_no_request_beyond_the_state_timeout(
+    sims_factory, gateways
+):
     """A hung primary (accepts connections, never replies) is worse than a dead one: only the state
     timeout stands between it and every rate-limited request."""
     silent = socket.socket()
@@ -264,10 +331,18 @@ def test_a_redis_that_accepts_but_never_answers_delays_no_request_beyond_the_sta
     acceptor.start()
     try:
         sims = sims_factory({"sim-a": ("us-east", FAST)})
-        gw = gateways({"state": {"backend": "redis", "redis_url": f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
-                                 "timeout_ms": 200},
-                       "auth": {"mode": "keys", "keys": KEYS},
-                       "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]}, ready_timeout=30)
+        gw = gateways(
+            {
+                "state": {
+                    "backend": "redis",
+                    "redis_url": f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
+                    "timeout_ms": 200,
+                },
+                "auth": {"mode": "keys", "keys": KEYS},
+                "models": [model("chat", [dep("a", sims.base_url("sim-a"))])],
+            },
+            ready_timeout=30,
+        )
         slowest = 0.0
         for _ in range(3):  # the first asks Redis and gives up after 200 ms; the next ones decide locally
             t0 = time.monotonic()

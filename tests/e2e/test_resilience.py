@@ -14,21 +14,39 @@ QUICK = {"ttft_ms": 20, "ttft_dist": "fixed", "itl_ms": 5, "tokens": 4, "tail_p"
 
 
 def _post(gw, model_name="chat", stream=False, headers=None, timeout=30):
-    return HTTP.post(gw.url + "/v1/chat/completions", headers=headers or {}, timeout=timeout,
-                      json={"model": model_name, "stream": stream, "messages": [{"role": "user", "content": "x"}]})
+    return HTTP.post(
+        gw.url + "/v1/chat/completions",
+        headers=headers or {},
+        timeout=timeout,
+        json={"model": model_name, "stream": stream, "messages": [{"role": "user", "content": "x"}]},
+    )
 
 
 def test_thirty_percent_503s_all_client_requests_succeed(sims_factory, gateways):
-    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "error_rate": 0.3}),
-                         "sim-b": ("us-east", {**QUICK, "error_rate": 0.3})})
+    sims = sims_factory(
+        {
+            "sim-a": ("us-east", {**QUICK, "error_rate": 0.3}),
+            "sim-b": ("us-east", {**QUICK, "error_rate": 0.3}),
+        }
+    )
     # Defaults only, fresh process: a 30 % error rate is a transient failure, retried free of the budget.
-    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a")), dep("b", sims.base_url("sim-b"))],
-                                    outlier={"consecutive_failures": 50})]})
+    gw = gateways(
+        {
+            "models": [
+                model(
+                    "chat",
+                    [dep("a", sims.base_url("sim-a")), dep("b", sims.base_url("sim-b"))],
+                    outlier={"consecutive_failures": 50},
+                )
+            ]
+        }
+    )
     n = 40
     codes = [_post(gw).status_code for _ in range(n)]
     recs = gw.records(wait_for=n)
-    assert codes == [200] * n, [(r["response_code"], r["response_flags"], r["retry_count"]) for r in recs
-                                if r["response_code"] != 200]
+    assert codes == [200] * n, [
+        (r["response_code"], r["response_flags"], r["retry_count"]) for r in recs if r["response_code"] != 200
+    ]
     retries = sum(r["retry_count"] for r in recs)
     injected = sum(sum(sims.stats(s)["errors_injected"].values()) for s in ("sim-a", "sim-b"))
     assert retries == injected > 0
@@ -51,11 +69,28 @@ def test_connect_timeout_is_a_connect_failure_after_connect_ms(gateways):
             pass
         fillers.append(c)
     try:
-        gw = gateways({"models": [model("chat", [dep("hung", f"http://127.0.0.1:{port}/v1",
-                                                     pool={"min_connections": 0, "validate_on_start": False,
-                                                           "keepwarm_interval_s": 0},
-                                                     timeouts={"connect_ms": 200})],
-                                        retry={"max_retries": 0})]})
+        gw = gateways(
+            {
+                "models": [
+                    model(
+                        "chat",
+                        [
+                            dep(
+                                "hung",
+                                f"http://127.0.0.1:{port}/v1",
+                                pool={
+                                    "min_connections": 0,
+                                    "validate_on_start": False,
+                                    "keepwarm_interval_s": 0,
+                                },
+                                timeouts={"connect_ms": 200},
+                            )
+                        ],
+                        retry={"max_retries": 0},
+                    )
+                ]
+            }
+        )
         t0 = time.monotonic()
         r = _post(gw)
         elapsed = time.monotonic() - t0
@@ -71,7 +106,9 @@ def test_connect_timeout_is_a_connect_failure_after_connect_ms(gateways):
 
 
 def test_retry_after_is_honoured(sims_factory, gateways):
-    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 429, "retry_after": "1"})})
+    sims = sims_factory(
+        {"sim-a": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 429, "retry_after": "1"})}
+    )
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))], retry={"max_retries": 2})]})
     threading.Timer(0.3, lambda: sims.set("sim-a", error_rate=0.0)).start()
     t0 = time.monotonic()
@@ -86,7 +123,9 @@ def test_retry_after_is_honoured(sims_factory, gateways):
 
 
 def test_retry_after_beyond_the_deadline_answers_429_at_once(sims_factory, gateways):
-    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 429, "retry_after": "30"})})
+    sims = sims_factory(
+        {"sim-a": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 429, "retry_after": "30"})}
+    )
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))], retry={"max_retries": 2})]})
     r = _post(gw, headers={"x-gateway-timeout-ms": "2000"})
     assert r.status_code == 429 and r.headers["retry-after"] == "30"
@@ -99,10 +138,22 @@ def test_retry_after_beyond_the_deadline_answers_429_at_once(sims_factory, gatew
 
 def test_stalled_upstream_times_out_on_time_and_retry_elsewhere_succeeds(sims_factory, gateways):
     sims = sims_factory({"sim-a": ("us-east", {**QUICK, "stall_rate": 1.0}), "sim-b": ("us-east", QUICK)})
-    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"), priority=0),
-                                             dep("b", sims.base_url("sim-b"), priority=1)],
-                                    routing={"strategy": "priority"}, timeouts={"ttft_ms": 300},
-                                    retry={"backoff_base_ms": 1, "backoff_max_ms": 1})]})
+    gw = gateways(
+        {
+            "models": [
+                model(
+                    "chat",
+                    [
+                        dep("a", sims.base_url("sim-a"), priority=0),
+                        dep("b", sims.base_url("sim-b"), priority=1),
+                    ],
+                    routing={"strategy": "priority"},
+                    timeouts={"ttft_ms": 300},
+                    retry={"backoff_base_ms": 1, "backoff_max_ms": 1},
+                )
+            ]
+        }
+    )
     t0 = time.monotonic()
     r = _post(gw)
     elapsed = time.monotonic() - t0
@@ -117,10 +168,24 @@ def test_stalled_upstream_times_out_on_time_and_retry_elsewhere_succeeds(sims_fa
 
 def test_budget_holds_upstream_requests_when_everything_fails(sims_factory, gateways):
     sims = sims_factory({"sim-a": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 503})})
-    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))],
-                                    retry={"max_retries": 3, "budget_percent": 20, "min_retry_concurrency": 3,
-                                           "backoff_base_ms": 1, "backoff_max_ms": 2},
-                                    outlier={"consecutive_failures": 1000})]})
+    gw = gateways(
+        {
+            "models": [
+                model(
+                    "chat",
+                    [dep("a", sims.base_url("sim-a"))],
+                    retry={
+                        "max_retries": 3,
+                        "budget_percent": 20,
+                        "min_retry_concurrency": 3,
+                        "backoff_base_ms": 1,
+                        "backoff_max_ms": 2,
+                    },
+                    outlier={"consecutive_failures": 1000},
+                )
+            ]
+        }
+    )
     n = 50
     codes = [_post(gw).status_code for _ in range(n)]
     assert set(codes) == {503}
@@ -137,7 +202,9 @@ def test_budget_holds_upstream_requests_when_everything_fails(sims_factory, gate
 
 def test_total_deadline_holds_within_a_few_ms(sims_factory, gateways):
     sims = sims_factory({"sim-a": ("us-east", {**QUICK, "stall_rate": 1.0})})
-    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))], timeouts={"ttft_ms": 10000})]})
+    gw = gateways(
+        {"models": [model("chat", [dep("a", sims.base_url("sim-a"))], timeouts={"ttft_ms": 10000})]}
+    )
     for limit_ms in (300, 600):
         t0 = time.monotonic()
         r = _post(gw, headers={"x-gateway-timeout-ms": str(limit_ms)})
@@ -164,7 +231,9 @@ def test_sdk_timeout_header_is_the_clients_deadline(sims_factory, gateways):
 
 
 def test_mid_stream_failure_ends_with_an_error_event(sims_factory, gateways):
-    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "tokens": 10, "reset_rate": 1.0, "reset_after_tokens": 3})})
+    sims = sims_factory(
+        {"sim-a": ("us-east", {**QUICK, "tokens": 10, "reset_rate": 1.0, "reset_after_tokens": 3})}
+    )
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
     r = _post(gw, stream=True)
     assert r.status_code == 200
@@ -187,7 +256,9 @@ def test_idle_timeout_between_chunks(sims_factory, gateways):
 
 def test_overflow_answers_503_at_once(sims_factory, gateways):
     sims = sims_factory({"sim-a": ("us-east", {**QUICK, "ttft_ms": 800})})
-    gw = gateways({"server": {"max_inflight": 2}, "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+    gw = gateways(
+        {"server": {"max_inflight": 2}, "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]}
+    )
     with cf.ThreadPoolExecutor(3) as pool:
         slow = [pool.submit(_post, gw) for _ in range(2)]
         time.sleep(0.3)
@@ -201,14 +272,26 @@ def test_overflow_answers_503_at_once(sims_factory, gateways):
 
 
 def test_ejection_is_shared_through_redis_and_readmitted(sims_factory, gateways, redis_prefix):
-    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 503}),
-                         "sim-b": ("us-east", QUICK)})
-    cfg = {"state": {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": redis_prefix, "sync_interval_ms": 100},
-           "models": [model("chat", [dep("a", sims.base_url("sim-a"), priority=0),
-                                     dep("b", sims.base_url("sim-b"), priority=1)],
-                            routing={"strategy": "priority"},
-                            outlier={"consecutive_failures": 3, "base_ejection_s": 2, "max_ejection_percent": 50},
-                            retry={"backoff_base_ms": 1, "budget_percent": 100})]}
+    sims = sims_factory(
+        {"sim-a": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 503}), "sim-b": ("us-east", QUICK)}
+    )
+    cfg = {
+        "state": {
+            "backend": "redis",
+            "redis_url": REDIS_URL,
+            "key_prefix": redis_prefix,
+            "sync_interval_ms": 100,
+        },
+        "models": [
+            model(
+                "chat",
+                [dep("a", sims.base_url("sim-a"), priority=0), dep("b", sims.base_url("sim-b"), priority=1)],
+                routing={"strategy": "priority"},
+                outlier={"consecutive_failures": 3, "base_ejection_s": 2, "max_ejection_percent": 50},
+                retry={"backoff_base_ms": 1, "budget_percent": 100},
+            )
+        ],
+    }
     gw1 = gateways(cfg)
     gw2 = gateways(cfg)
     for _ in range(3):

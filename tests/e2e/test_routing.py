@@ -11,20 +11,33 @@ BASE = {"ttft_ms": 60, "ttft_dist": "fixed", "itl_ms": 2, "tokens": 2, "tail_p":
 
 
 def _post(gw, headers=None, stream=True):
-    r = HTTP.post(gw.url + "/v1/chat/completions", headers=headers or {}, timeout=30,
-                   json={"model": "chat", "stream": stream, "messages": [{"role": "user", "content": "x"}]})
+    r = HTTP.post(
+        gw.url + "/v1/chat/completions",
+        headers=headers or {},
+        timeout=30,
+        json={"model": "chat", "stream": stream, "messages": [{"role": "user", "content": "x"}]},
+    )
     assert r.status_code == 200, r.text
     return r.headers["x-gateway-upstream"]
 
 
 def _two_regions(sims_factory, gateways, routing=None, state=None, n_gateways=1):
     sims = sims_factory({"sim-us": ("us-east", BASE), "sim-eu": ("eu-west", BASE)})
-    cfg = {"server": {"region": "us-east"},
-           "models": [model("chat", [dep("us", sims.base_url("sim-us"), region="us-east"),
-                                     dep("eu", sims.base_url("sim-eu"), region="eu-west")],
-                            routing={"ewma_decay_s": 1.0, "cross_region_penalty_ms": 30, **(routing or {})},
-                            outlier={"consecutive_failures": 2, "base_ejection_s": 1},
-                            retry={"backoff_base_ms": 1})]}
+    cfg = {
+        "server": {"region": "us-east"},
+        "models": [
+            model(
+                "chat",
+                [
+                    dep("us", sims.base_url("sim-us"), region="us-east"),
+                    dep("eu", sims.base_url("sim-eu"), region="eu-west"),
+                ],
+                routing={"ewma_decay_s": 1.0, "cross_region_penalty_ms": 30, **(routing or {})},
+                outlier={"consecutive_failures": 2, "base_ejection_s": 1},
+                retry={"backoff_base_ms": 1},
+            )
+        ],
+    }
     if state:
         cfg["state"] = state
     gws = [gateways(cfg) for _ in range(n_gateways)]
@@ -44,7 +57,7 @@ def test_slow_local_region_spills_over_and_comes_back(sims_factory, gateways):
         _post(gw)
     sims.set("sim-us", ttft_ms=180)  # 3x slower
     picks = [_post(gw) for _ in range(40)]
-    moved_after = next(i for i in range(len(picks)) if picks[i:i + 10].count("eu") >= 9)
+    moved_after = next(i for i in range(len(picks)) if picks[i : i + 10].count("eu") >= 9)
     assert moved_after <= 10, picks
     assert picks[-20:].count("eu") >= 18, picks
     sims.set("sim-us", ttft_ms=60)  # recovered
@@ -89,8 +102,9 @@ def test_round_robin_alternates(sims_factory, gateways):
 
 def test_two_gateways_sharing_redis_converge(sims_factory, gateways, redis_prefix):
     state = {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": redis_prefix, "sync_interval_ms": 100}
-    sims, (gw1, gw2) = _two_regions(sims_factory, gateways, state=state, n_gateways=2,
-                                    routing={"ewma_decay_s": 30.0})
+    sims, (gw1, gw2) = _two_regions(
+        sims_factory, gateways, state=state, n_gateways=2, routing={"ewma_decay_s": 30.0}
+    )
     sims.set("sim-us", ttft_ms=250)
     for _ in range(10):  # gw1 measures both regions; gw2 measures nothing itself
         _post(gw1, {"x-gateway-deployment": "us"})

@@ -35,8 +35,9 @@ MSG = [{"role": "user", "content": "hi"}]
 
 
 def _keys_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gateway", "keys", *args], capture_output=True, text=True,
-                          timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "keys", *args], capture_output=True, text=True, timeout=30
+    )
 
 
 def _keys(*args: str) -> subprocess.CompletedProcess:
@@ -56,13 +57,23 @@ def _error(r: httpx.Response) -> dict[str, Any]:
     return body["error"]
 
 
-def _chat(base: str, key: str | None, /, model_name: str = "chat", headers: dict[str, str] | None = None,
-          **body: Any) -> httpx.Response:
+def _chat(
+    base: str,
+    key: str | None,
+    /,
+    model_name: str = "chat",
+    headers: dict[str, str] | None = None,
+    **body: Any,
+) -> httpx.Response:
     h = dict(headers or {})
     if key is not None:
         h["authorization"] = f"Bearer {key}"
-    return httpx.post(base + "/v1/chat/completions", headers=h, timeout=10,
-                      json={"model": model_name, "messages": MSG, **body})
+    return httpx.post(
+        base + "/v1/chat/completions",
+        headers=h,
+        timeout=10,
+        json={"model": model_name, "messages": MSG, **body},
+    )
 
 
 def _records_of(gw: Gateway, key_id: str | None, n: int) -> list[dict[str, Any]]:
@@ -84,7 +95,9 @@ def _purge(prefix: str) -> None:
 # ---------------------------------------------------------------- a gateway with keys, shared by many tests
 
 KEY_CACHE_TTL_S = 0.5  # the keyed gateway's auth.cache_ttl_s: how long a revoked Redis key may keep working
-REVOKE_HANG_GUARD_S = 30.0  # only stops a key that is never revoked; the TTL is checked on logged arrival times
+REVOKE_HANG_GUARD_S = (
+    30.0  # only stops a key that is never revoked; the TTL is checked on logged arrival times
+)
 LOG_CLOCK_EPSILON_S = 0.005  # start_time is the arrival instant on the wall clock, written to the millisecond
 
 
@@ -99,8 +112,12 @@ KEYS = {name: f"sk-gw-test-{name}-{i:04d}" for i, name in enumerate(["a", "rpm",
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sims, Gateway, str]]:
     """One gateway, auth.mode keys, Redis state; each test uses its own key so limits never collide."""
     prefix = f"llmgw-test-sec-{time.monotonic_ns()}:"
-    sims = Sims({"sim-a": ("us-east", {**FAST, "require_key": PROVIDER_KEY}),
-                 "sim-b": ("us-east", {**FAST, "require_key": PROVIDER_KEY})})
+    sims = Sims(
+        {
+            "sim-a": ("us-east", {**FAST, "require_key": PROVIDER_KEY}),
+            "sim-b": ("us-east", {**FAST, "require_key": PROVIDER_KEY}),
+        }
+    )
     keys = [
         {"id": "team-a", "hash": hash_key(KEYS["a"]), "models": ["chat*"]},
         {"id": "team-rpm", "hash": hash_key(KEYS["rpm"]), "rpm": 3},
@@ -112,15 +129,36 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sims, Gate
         "state": {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": prefix},
         "auth": {"mode": "keys", "keys": keys, "protect_metrics": True, "cache_ttl_s": KEY_CACHE_TTL_S},
         "models": [
-            model("chat", [dep("a", sims.base_url("sim-a"), api_key=PROVIDER_KEY,
-                               headers={"x-api-key": HEADER_SECRET, "ocp-apim-subscription-key": HEADER_SECRET,
-                                        "x-team": "voice"})]),
+            model(
+                "chat",
+                [
+                    dep(
+                        "a",
+                        sims.base_url("sim-a"),
+                        api_key=PROVIDER_KEY,
+                        headers={
+                            "x-api-key": HEADER_SECRET,
+                            "ocp-apim-subscription-key": HEADER_SECRET,
+                            "x-team": "voice",
+                        },
+                    )
+                ],
+            ),
             model("chat-mini", [dep("a-mini", sims.base_url("sim-a"), api_key=PROVIDER_KEY)]),
             model("embed", [dep("a-embed", sims.base_url("sim-a"), api_key=PROVIDER_KEY, model="sim-embed")]),
             # a deployment whose provider key is wrong: the provider answers 401 to every request
-            model("broken", [dep("b-wrong", sims.base_url("sim-b"), api_key=WRONG_PROVIDER_KEY,
-                                 pool={"validate_on_start": False, "min_connections": 0})],
-                  retry={"max_retries": 0}),
+            model(
+                "broken",
+                [
+                    dep(
+                        "b-wrong",
+                        sims.base_url("sim-b"),
+                        api_key=WRONG_PROVIDER_KEY,
+                        pool={"validate_on_start": False, "min_connections": 0},
+                    )
+                ],
+                retry={"max_retries": 0},
+            ),
         ],
     }
     gw = Gateway(cfg, tmp_path_factory.mktemp("keyed"), name="keyed")
@@ -133,7 +171,9 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sims, Gate
 def test_key_lifecycle_through_the_cli(keyed):
     _, gw, prefix = keyed
     store = ["--redis-url", REDIS_URL, "--key-prefix", prefix]
-    made = _keys_cli("create", *store, "--id", "svc-x", "--models", "chat*", "--rpm", "5", "--meta", "team=voice")
+    made = _keys_cli(
+        "create", *store, "--id", "svc-x", "--models", "chat*", "--rpm", "5", "--meta", "team=voice"
+    )
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip().splitlines()[-1]
     assert key.startswith("sk-gw-") and len(key) > 40
@@ -168,7 +208,9 @@ def test_key_lifecycle_through_the_cli(keyed):
     # logged it) before the cache entry, read before the revocation, expired.
     passed = _records_of(gw, "svc-x", 2 + passed_after)  # with the chat and the refused embedding above
     assert len(passed) == 2 + passed_after
-    assert all(_epoch(rec["start_time"]) < revoked_at + KEY_CACHE_TTL_S + LOG_CLOCK_EPSILON_S for rec in passed)
+    assert all(
+        _epoch(rec["start_time"]) < revoked_at + KEY_CACHE_TTL_S + LOG_CLOCK_EPSILON_S for rec in passed
+    )
     assert _keys("revoke", *store, "--id", "svc-x").returncode == 1
     assert "svc-x" not in _keys("list", *store).stdout
 
@@ -183,17 +225,24 @@ def test_config_key_made_with_keys_hash(keyed):
     # Bearer (OpenAI SDK) and api-key (Azure-style clients) both work
     r = gw.client(api_key=KEYS["all"]).chat.completions.create(model="chat", messages=MSG)
     assert r.choices[0].message.content
-    r = httpx.post(gw.url + "/v1/chat/completions", headers={"api-key": KEYS["all"]}, json={"model": "chat", "messages": MSG})
+    r = httpx.post(
+        gw.url + "/v1/chat/completions",
+        headers={"api-key": KEYS["all"]},
+        json={"model": "chat", "messages": MSG},
+    )
     assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize("headers", [
-    {},
-    {"authorization": "Bearer sk-gw-not-a-key"},
-    {"authorization": f"Basic {KEYS['all']}"},
-    {"authorization": "Bearer"},
-    {"api-key": "nope"},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"authorization": "Bearer sk-gw-not-a-key"},
+        {"authorization": f"Basic {KEYS['all']}"},
+        {"authorization": "Bearer"},
+        {"api-key": "nope"},
+    ],
+)
 def test_missing_or_invalid_key_is_401(keyed, headers):
     sims, gw, _ = keyed
     before = sims.stats("sim-a")["served"]["chat"]
@@ -241,7 +290,10 @@ def test_rpm_limit_is_429_with_retry_after_and_logged_by_key_id(keyed):
     assert err["code"] == "rate_limit_exceeded" and err["type"] == "rate_limit_error"
     assert 1 <= int(r.headers["retry-after"]) <= 60
     wait = int(r.headers["retry-after"])  # OpenAI's headers too: the limit, none left, and when it resets
-    assert (r.headers["x-ratelimit-limit-requests"], r.headers["x-ratelimit-remaining-requests"]) == ("3", "0")
+    assert (r.headers["x-ratelimit-limit-requests"], r.headers["x-ratelimit-remaining-requests"]) == (
+        "3",
+        "0",
+    )
     assert r.headers["x-ratelimit-reset-requests"] == (f"{wait}s" if wait < 60 else "1m0s")
     assert sims.stats("sim-a")["served"]["chat"] == before
     with pytest.raises(openai.RateLimitError):
@@ -261,7 +313,9 @@ def test_tpm_limit_charges_the_completion_allowance(keyed):
     _, gw, _ = keyed
     assert _chat(gw.url, KEYS["tpm"], max_tokens=200).status_code == 200  # ~20 + 200 of 300
     r = _chat(gw.url, KEYS["tpm"], max_tokens=200)
-    assert r.status_code == 429 and _error(r)["code"] == "rate_limit_exceeded" and "tpm" in _error(r)["message"]
+    assert (
+        r.status_code == 429 and _error(r)["code"] == "rate_limit_exceeded" and "tpm" in _error(r)["message"]
+    )
     assert r.headers["x-ratelimit-limit-tokens"] == "300" and r.headers["x-ratelimit-remaining-tokens"] == "0"
     # an absurd allowance costs the whole window, not more, and does not break the accounting
     r = _chat(gw.url, KEYS["tpm"], max_tokens=10**30)
@@ -282,9 +336,13 @@ def test_concurrency_cap_per_key(keyed):
     assert _error(refused)["code"] == "rate_limit_exceeded" and refused.headers["retry-after"] == "1"
     # slots are given back when requests end, streams included
     for _ in range(3):
-        with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=10,
-                          headers={"authorization": f"Bearer {KEYS['conc']}"},
-                          json={"model": "chat", "stream": True, "messages": MSG}) as r:
+        with httpx.stream(
+            "POST",
+            gw.url + "/v1/chat/completions",
+            timeout=10,
+            headers={"authorization": f"Bearer {KEYS['conc']}"},
+            json={"model": "chat", "stream": True, "messages": MSG},
+        ) as r:
             assert r.status_code == 200
             b"".join(r.iter_bytes())
     with ThreadPoolExecutor(2) as pool:
@@ -321,12 +379,19 @@ def test_provider_keys_never_leak(keyed):
     assert config.status_code == 200
     dep_cfg = config.json()["models"][0]["deployments"][0]
     assert dep_cfg["api_key"] == "***" and dep_cfg["headers"] == {
-        "x-api-key": "***", "ocp-apim-subscription-key": "***", "x-team": "***"}  # every value: an allow-list
+        "x-api-key": "***",
+        "ocp-apim-subscription-key": "***",
+        "x-team": "***",
+    }  # every value: an allow-list
     seen.append(config.text)
     seen.append(httpx.get(gw.url + "/admin/deployments", headers=auth).text)
     seen.append(httpx.get(gw.url + "/metrics", headers=auth).text)
-    checked = subprocess.run([sys.executable, "-m", "gateway", "check-config", "-v", str(gw.config_path)],
-                             capture_output=True, text=True, timeout=30)
+    checked = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "-v", str(gw.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert checked.returncode == 0, checked.stderr
     seen += [checked.stdout, checked.stderr]
     _records_of(gw, "team-all", n + 3)  # the access log is written by a background thread
@@ -343,9 +408,11 @@ def test_provider_keys_never_leak(keyed):
 
 def test_a_limit_shared_by_two_gateways_holds_in_total(sims_factory, gateways, redis_prefix):
     sims = sims_factory({"sim-a": ("us-east", FAST)})
-    cfg = {"state": {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": redis_prefix},
-           "auth": {"mode": "keys", "keys": [{"id": "shared", "hash": hash_key(KEYS["all"]), "rpm": 6}]},
-           "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]}
+    cfg = {
+        "state": {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": redis_prefix},
+        "auth": {"mode": "keys", "keys": [{"id": "shared", "hash": hash_key(KEYS["all"]), "rpm": 6}]},
+        "models": [model("chat", [dep("a", sims.base_url("sim-a"))])],
+    }
     gw1, gw2 = gateways(cfg, wait_ready=False), gateways(cfg, wait_ready=False)  # start side by side
     gw1.wait_ready()
     gw2.wait_ready()
@@ -363,9 +430,11 @@ def test_a_limit_shared_by_two_gateways_holds_in_total(sims_factory, gateways, r
 def test_redis_down_falls_back_to_local_limits(sims_factory, gateways, private_redis):
     port, proc = private_redis
     sims = sims_factory({"sim-a": ("us-east", FAST)})
-    cfg = {"state": {"backend": "redis", "redis_url": f"redis://127.0.0.1:{port}/0", "sync_interval_ms": 100},
-           "auth": {"mode": "keys", "keys": [{"id": "team-a", "hash": hash_key(KEYS["a"]), "rpm": 4}]},
-           "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]}
+    cfg = {
+        "state": {"backend": "redis", "redis_url": f"redis://127.0.0.1:{port}/0", "sync_interval_ms": 100},
+        "auth": {"mode": "keys", "keys": [{"id": "team-a", "hash": hash_key(KEYS["a"]), "rpm": 4}]},
+        "models": [model("chat", [dep("a", sims.base_url("sim-a"))])],
+    }
     gw = gateways(cfg)
     assert [_chat(gw.url, KEYS["a"]).status_code for _ in range(3)] == [200] * 3  # 3 of 4, counted in Redis
     proc.kill()
@@ -418,13 +487,32 @@ class _Recorder:
             def do_POST(self) -> None:  # noqa: N802
                 n = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(n)
-                recorder.requests.append({"method": "POST", "path": self.path, "body": body,
-                                          "headers": {k.lower(): v for k, v in self.headers.items()}})
-                self._send(orjson.dumps({
-                    "id": "rec-1", "object": "chat.completion", "created": 0, "model": "rec",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
-                                 "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}))
+                recorder.requests.append(
+                    {
+                        "method": "POST",
+                        "path": self.path,
+                        "body": body,
+                        "headers": {k.lower(): v for k, v in self.headers.items()},
+                    }
+                )
+                self._send(
+                    orjson.dumps(
+                        {
+                            "id": "rec-1",
+                            "object": "chat.completion",
+                            "created": 0,
+                            "model": "rec",
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "message": {"role": "assistant", "content": "ok"},
+                                    "finish_reason": "stop",
+                                }
+                            ],
+                            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                        }
+                    )
+                )
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
@@ -441,10 +529,17 @@ def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sims, G
     """auth off, small input limits; a recorder upstream; a canary provider the config never names."""
     sims = Sims({"sim-a": ("us-east", FAST), "canary": ("us-east", FAST)})
     rec = _Recorder()
-    cfg = {"server": {"max_header_bytes": 2048, "max_json_depth": 16, "max_messages": 4, "max_body_bytes": 8192},
-           "models": [model("chat", [dep("a", sims.base_url("sim-a"))]),
-                      model("rec", [dep("rec", f"http://127.0.0.1:{rec.port}/v1",
-                                        pool={"keepwarm_interval_s": 0})], retry={"max_retries": 0})]}
+    cfg = {
+        "server": {"max_header_bytes": 2048, "max_json_depth": 16, "max_messages": 4, "max_body_bytes": 8192},
+        "models": [
+            model("chat", [dep("a", sims.base_url("sim-a"))]),
+            model(
+                "rec",
+                [dep("rec", f"http://127.0.0.1:{rec.port}/v1", pool={"keepwarm_interval_s": 0})],
+                retry={"max_retries": 0},
+            ),
+        ],
+    }
     gw = Gateway(cfg, tmp_path_factory.mktemp("hardened"), name="hardened")
     yield sims, gw, rec
     gw.stop()
@@ -495,30 +590,43 @@ def test_json_nesting_depth_limit(hardened):
     assert r.status_code == 400 and _error(r)["code"] == "too_deep"
     # deeper than the JSON parser itself goes: still a clean 400 (fits the body limit)
     deep = b'{"model": "chat", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}"
-    r = httpx.post(gw.url + "/v1/chat/completions", content=deep, headers={"content-type": "application/json"})
+    r = httpx.post(
+        gw.url + "/v1/chat/completions", content=deep, headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and _error(r)["code"] in ("too_deep", "invalid_request")
 
 
 def test_too_many_messages(hardened):
     _, gw, _ = hardened
     four = [{"role": "user", "content": str(i)} for i in range(4)]
-    assert httpx.post(gw.url + "/v1/chat/completions", json={"model": "chat", "messages": four}).status_code == 200
+    assert (
+        httpx.post(gw.url + "/v1/chat/completions", json={"model": "chat", "messages": four}).status_code
+        == 200
+    )
     r = httpx.post(gw.url + "/v1/chat/completions", json={"model": "chat", "messages": four + four[:1]})
     assert r.status_code == 400
     err = _error(r)
     assert err["code"] == "too_many_messages" and err["param"] == "messages"
 
 
-@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=x",
-                                   "application/xml"])
+@pytest.mark.parametrize(
+    "ctype",
+    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=x", "application/xml"],
+)
 def test_non_json_content_type_is_415(hardened, ctype):
     _, gw, _ = hardened
-    r = httpx.post(gw.url + "/v1/chat/completions", content=b'{"model": "chat", "messages": []}',
-                   headers={"content-type": ctype})
+    r = httpx.post(
+        gw.url + "/v1/chat/completions",
+        content=b'{"model": "chat", "messages": []}',
+        headers={"content-type": ctype},
+    )
     assert r.status_code == 415 and _error(r)["code"] == "unsupported_media_type"
     for ok in ("application/json; charset=utf-8", "Application/JSON"):
-        r = httpx.post(gw.url + "/v1/chat/completions", content=b'{"model": "chat", "messages": []}',
-                       headers={"content-type": ok})
+        r = httpx.post(
+            gw.url + "/v1/chat/completions",
+            content=b'{"model": "chat", "messages": []}',
+            headers={"content-type": ok},
+        )
         assert r.status_code == 200, ok
 
 
@@ -528,9 +636,11 @@ def test_body_limit_holds_without_content_length(hardened):
 
     def chunks() -> Iterator[bytes]:  # chunked: the size is only known while reading
         for i in range(0, len(big), 1000):
-            yield big[i:i + 1000]
+            yield big[i : i + 1000]
 
-    r = httpx.post(gw.url + "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    r = httpx.post(
+        gw.url + "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert r.status_code == 413 and _error(r)["code"] == "request_too_large"
 
 
@@ -538,11 +648,13 @@ def test_hop_by_hop_headers_are_never_forwarded(hardened):
     _, gw, rec = hardened
     body = b'{"model": "rec", "messages": [{"role": "user", "content": "hi"}]}'
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
-    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-               b"Connection: keep-alive, X-Hop-Canary\r\nX-Hop-Canary: canary\r\n"
-               b"Keep-Alive: timeout=5, canary\r\nTE: trailers, canary\r\nTrailer: x-canary\r\n"
-               b"Proxy-Authorization: Basic Y2FuYXJ5\r\nProxy-Connection: canary\r\nUpgrade: canary/1.0\r\n"
-               b"X-Kept: yes\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked)
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        b"Connection: keep-alive, X-Hop-Canary\r\nX-Hop-Canary: canary\r\n"
+        b"Keep-Alive: timeout=5, canary\r\nTE: trailers, canary\r\nTrailer: x-canary\r\n"
+        b"Proxy-Authorization: Basic Y2FuYXJ5\r\nProxy-Connection: canary\r\nUpgrade: canary/1.0\r\n"
+        b"X-Kept: yes\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked
+    )
     n = len(rec.requests)
     resp = _raw(gw.port, request)
     head, _, payload = resp.partition(b"\r\n\r\n")
@@ -551,8 +663,17 @@ def test_hop_by_hop_headers_are_never_forwarded(hardened):
     assert sent["method"] == "POST" and orjson.loads(sent["body"])["messages"][0]["content"] == "hi"
     got = sent["headers"]
     assert got.get("x-kept") == "yes"  # ordinary x- headers do go through
-    for name in ("connection", "keep-alive", "te", "trailer", "proxy-authorization", "proxy-connection",
-                 "upgrade", "transfer-encoding", "x-hop-canary"):
+    for name in (
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "proxy-authorization",
+        "proxy-connection",
+        "upgrade",
+        "transfer-encoding",
+        "x-hop-canary",
+    ):
         assert "canary" not in got.get(name, "").lower(), (name, got)
     assert "x-hop-canary" not in got and "transfer-encoding" not in got and "proxy-authorization" not in got
     assert int(got["content-length"]) == len(sent["body"])  # re-framed, not relayed chunked
@@ -569,20 +690,36 @@ def test_the_gateway_only_calls_configured_upstreams(hardened):
     canary_host = canary.removeprefix("http://")
     before = sims.stats("sim-a")["served"]["chat"]
     opened = sims.stats("canary")["connections_opened"]  # our own /sim/stats calls count as connections
-    hostile = {"x-forwarded-host": canary_host, "forwarded": f"host={canary_host};proto=http",
-               "x-original-url": canary + "/v1/chat/completions", "x-rewrite-url": canary + "/v1",
-               "x-forwarded-proto": "http", "x-forwarded-port": str(sims.ports["canary"]),
-               "x-gateway-deployment": "canary", "x-gateway-region": canary}
+    hostile = {
+        "x-forwarded-host": canary_host,
+        "forwarded": f"host={canary_host};proto=http",
+        "x-original-url": canary + "/v1/chat/completions",
+        "x-rewrite-url": canary + "/v1",
+        "x-forwarded-proto": "http",
+        "x-forwarded-port": str(sims.ports["canary"]),
+        "x-gateway-deployment": "canary",
+        "x-gateway-region": canary,
+    }
     for name, value in hostile.items():
         r = _chat(gw.url, None, headers={name: value})
         assert r.status_code in (200, 400, 404), (name, r.status_code, r.text)
     for field in ("base_url", "api_base", "url", "endpoint", "azure_endpoint"):
         assert _chat(gw.url, None, **{field: canary + "/v1"}).status_code == 200
     body = b'{"model": "chat", "messages": []}'
-    for target in (canary.encode() + b"/v1/chat/completions", b"//" + canary_host.encode() + b"/v1/chat/completions"):
-        _raw(gw.port, b"POST " + target + b" HTTP/1.1\r\nHost: " + canary_host.encode() +
-             b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
-             + body)
+    for target in (
+        canary.encode() + b"/v1/chat/completions",
+        b"//" + canary_host.encode() + b"/v1/chat/completions",
+    ):
+        _raw(
+            gw.port,
+            b"POST "
+            + target
+            + b" HTTP/1.1\r\nHost: "
+            + canary_host.encode()
+            + b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+            % len(body)
+            + body,
+        )
     st = sims.stats("canary")
     assert st["requests"] == 0 and st["connections_opened"] == opened + 1, st
     assert sims.stats("sim-a")["served"]["chat"] > before
@@ -593,8 +730,9 @@ def test_cors_is_off_unless_configured(hardened):
     origin = {"origin": "https://evil.example"}
     r = _chat(gw.url, None, headers=origin)
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
-    r = httpx.options(gw.url + "/v1/chat/completions",
-                      headers={**origin, "access-control-request-method": "POST"})
+    r = httpx.options(
+        gw.url + "/v1/chat/completions", headers={**origin, "access-control-request-method": "POST"}
+    )
     assert not any(k.startswith("access-control-") for k in r.headers)
 
 
@@ -606,9 +744,18 @@ def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, str
     """Keys with protect_metrics, an admin port, and CORS for two origins."""
     sims = Sims({"sim-a": ("us-east", FAST)})
     admin_port = free_port()
-    cfg = {"server": {"admin_port": admin_port, "cors_origins": ["https://app.example", "http://localhost:3000/"]},
-           "auth": {"mode": "keys", "keys": [{"id": "ops", "hash": hash_key(KEYS["all"])}], "protect_metrics": True},
-           "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]}
+    cfg = {
+        "server": {
+            "admin_port": admin_port,
+            "cors_origins": ["https://app.example", "http://localhost:3000/"],
+        },
+        "auth": {
+            "mode": "keys",
+            "keys": [{"id": "ops", "hash": hash_key(KEYS["all"])}],
+            "protect_metrics": True,
+        },
+        "models": [model("chat", [dep("a", sims.base_url("sim-a"))])],
+    }
     gw = Gateway(cfg, tmp_path_factory.mktemp("ops"), name="ops")
     admin_url = f"http://127.0.0.1:{admin_port}"
     yield gw, admin_url
@@ -632,7 +779,10 @@ def test_admin_port_serves_ops_endpoints_and_main_port_does_not(ops):
     text = httpx.get(admin_url + "/metrics", headers=auth).text
     assert metric_value(text, "llmgw_requests_total", code="200") >= 1
     assert httpx.get(admin_url + "/admin/deployments").status_code == 401
-    assert httpx.get(admin_url + "/admin/deployments", headers=auth).json()["deployments"][0]["deployment"] == "a"
+    assert (
+        httpx.get(admin_url + "/admin/deployments", headers=auth).json()["deployments"][0]["deployment"]
+        == "a"
+    )
     r = httpx.post(admin_url + "/v1/chat/completions", headers=auth, json={"model": "chat", "messages": MSG})
     assert r.status_code == 404  # the proxy is not on the admin port
     assert httpx.get(gw.url + "/openapi.json", headers=auth).status_code == 200  # API docs stay with the API
@@ -642,8 +792,10 @@ def test_admin_port_serves_ops_endpoints_and_main_port_does_not(ops):
 def test_cors_for_listed_origins_only(ops):
     gw, _ = ops
     key = KEYS["all"]
-    pre = {"access-control-request-method": "POST",
-           "access-control-request-headers": "authorization, content-type, x-stainless-os, x-evil"}
+    pre = {
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type, x-stainless-os, x-evil",
+    }
     r = httpx.options(gw.url + "/v1/chat/completions", headers={"origin": "https://app.example", **pre})
     assert r.status_code == 204  # preflights carry no key; they are answered before auth
     assert r.headers["access-control-allow-origin"] == "https://app.example"
@@ -663,8 +815,12 @@ def test_cors_for_listed_origins_only(ops):
     assert "x-request-id" in r.headers["access-control-expose-headers"] and "Origin" in r.headers["vary"]
     r = _chat(gw.url, None, headers={"origin": "https://app.example"})  # the page can read why it failed
     assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "https://app.example"
-    with httpx.stream("POST", gw.url + "/v1/chat/completions", headers={"origin": "https://app.example", **{
-            "authorization": f"Bearer {key}"}}, json={"model": "chat", "stream": True, "messages": MSG}) as st:
+    with httpx.stream(
+        "POST",
+        gw.url + "/v1/chat/completions",
+        headers={"origin": "https://app.example", **{"authorization": f"Bearer {key}"}},
+        json={"model": "chat", "stream": True, "messages": MSG},
+    ) as st:
         assert st.headers["access-control-allow-origin"] == "https://app.example"
         assert b"".join(st.iter_bytes()).rstrip().endswith(b"[DONE]")
     r = _chat(gw.url, key, headers={"origin": "https://evil.example"})
@@ -674,10 +830,16 @@ def test_cors_for_listed_origins_only(ops):
 
 def test_credentials_in_a_base_url_are_refused_without_echoing_them(tmp_path: Path):
     cfg = tmp_path / "gw.yaml"
-    cfg.write_text("models:\n  - name: m\n    deployments:\n"
-                   f"      - {{id: d, base_url: 'https://user:{PROVIDER_KEY}@api.example/v1'}}\n")
-    r = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(cfg)], capture_output=True, text=True,
-                       timeout=30)
+    cfg.write_text(
+        "models:\n  - name: m\n    deployments:\n"
+        f"      - {{id: d, base_url: 'https://user:{PROVIDER_KEY}@api.example/v1'}}\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 2 and "models[0].deployments[0].base_url: credentials in the URL" in r.stderr
     assert PROVIDER_KEY not in r.stdout + r.stderr
 

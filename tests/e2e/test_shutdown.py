@@ -14,15 +14,27 @@ from harness import dep, model
 
 
 def test_sigterm_drains_the_stream_refuses_new_connections_and_exits_zero(sims_factory, gateways):
-    sims = sims_factory({"sim-a": ("us-east", {"ttft_ms": 50, "ttft_dist": "fixed", "itl_ms": 100, "tokens": 20,
-                                               "tail_p": 0})})
-    gw = gateways({"server": {"drain_timeout_s": 10}, "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+    sims = sims_factory(
+        {
+            "sim-a": (
+                "us-east",
+                {"ttft_ms": 50, "ttft_dist": "fixed", "itl_ms": 100, "tokens": 20, "tail_p": 0},
+            )
+        }
+    )
+    gw = gateways(
+        {"server": {"drain_timeout_s": 10}, "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]}
+    )
     result: dict = {}
     under_way = threading.Event()
 
     def stream() -> None:
-        with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=30,
-                          json={"model": "chat", "stream": True, "messages": []}) as r:
+        with httpx.stream(
+            "POST",
+            gw.url + "/v1/chat/completions",
+            timeout=30,
+            json={"model": "chat", "stream": True, "messages": []},
+        ) as r:
             result["status"] = r.status_code
             chunks = r.iter_bytes()
             body = [next(chunks)]  # the first token: the 2 s stream is under way
@@ -56,9 +68,17 @@ def test_sigterm_drains_the_stream_refuses_new_connections_and_exits_zero(sims_f
 def test_sigterm_cuts_streams_still_open_at_the_drain_timeout_with_an_error_event(sims_factory, gateways):
     # Streams longer than the drain: at drain_timeout_s each gets a final SSE error event (the SDK raises an
     # APIError), is logged with the bytes it really got and flag LR; no traceback; exit 0.
-    sims = sims_factory({"sim-a": ("us-east", {"ttft_ms": 20, "ttft_dist": "fixed", "itl_ms": 50, "tokens": 1000,
-                                               "tail_p": 0})})
-    gw = gateways({"server": {"drain_timeout_s": 2}, "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+    sims = sims_factory(
+        {
+            "sim-a": (
+                "us-east",
+                {"ttft_ms": 20, "ttft_dist": "fixed", "itl_ms": 50, "tokens": 1000, "tail_p": 0},
+            )
+        }
+    )
+    gw = gateways(
+        {"server": {"drain_timeout_s": 2}, "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]}
+    )
     started = [threading.Event() for _ in range(3)]
     results: dict[int, object] = {}
 
@@ -72,16 +92,23 @@ def test_sigterm_cuts_streams_still_open_at_the_drain_timeout_with_an_error_even
             results[i] = (texts, exc)
 
     def raw_stream(i: int) -> None:
-        with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=30,
-                          json={"model": "chat", "stream": True, "messages": []}) as r:
+        with httpx.stream(
+            "POST",
+            gw.url + "/v1/chat/completions",
+            timeout=30,
+            json={"model": "chat", "stream": True, "messages": []},
+        ) as r:
             body = b""
             for part in r.iter_bytes():
                 body += part
                 started[i].set()
         results[i] = body
 
-    threads = [threading.Thread(target=sdk_stream, args=(0,)), threading.Thread(target=sdk_stream, args=(1,)),
-               threading.Thread(target=raw_stream, args=(2,))]
+    threads = [
+        threading.Thread(target=sdk_stream, args=(0,)),
+        threading.Thread(target=sdk_stream, args=(1,)),
+        threading.Thread(target=raw_stream, args=(2,)),
+    ]
     for t in threads:
         t.start()
     assert all(e.wait(15) for e in started)
@@ -94,8 +121,8 @@ def test_sigterm_cuts_streams_still_open_at_the_drain_timeout_with_an_error_even
         assert texts and isinstance(exc, openai.APIError) and "shutting down" in str(exc), repr(exc)
     body = results[2]
     events = [e for e in body.decode().split("\n\n") if e]
-    assert orjson.loads(events[-1][len("data: "):])["error"]["code"] == "draining"
-    assert all(orjson.loads(e[len("data: "):]) for e in events)  # whole events, none glued
+    assert orjson.loads(events[-1][len("data: ") :])["error"]["code"] == "draining"
+    assert all(orjson.loads(e[len("data: ") :]) for e in events)  # whole events, none glued
     recs = gw.records(wait_for=3)
     assert len(recs) == 3  # one record per client request
     assert all((r["response_code"], r["response_flags"]) == (200, "LR") and r["bytes_sent"] > 0 for r in recs)
@@ -105,17 +132,28 @@ def test_sigterm_cuts_streams_still_open_at_the_drain_timeout_with_an_error_even
 
 
 def test_a_stream_to_a_client_that_stopped_reading_is_cut_at_the_drain_timeout_without_a_traceback(
-        sims_factory, gateways):
+    sims_factory, gateways
+):
     # The client reads nothing: the gateway's writes wait for it, so even the final event cannot go out and
     # uvicorn's forced cancel ends the request. It is still logged once, and nothing is printed as a crash.
-    sims = sims_factory({"sim-a": ("us-east", {"ttft_ms": 5, "ttft_dist": "fixed", "itl_ms": 0, "tokens": 1_000_000,
-                                               "tail_p": 0})})
-    gw = gateways({"server": {"drain_timeout_s": 1}, "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+    sims = sims_factory(
+        {
+            "sim-a": (
+                "us-east",
+                {"ttft_ms": 5, "ttft_dist": "fixed", "itl_ms": 0, "tokens": 1_000_000, "tail_p": 0},
+            )
+        }
+    )
+    gw = gateways(
+        {"server": {"drain_timeout_s": 1}, "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]}
+    )
     body = orjson.dumps({"model": "chat", "stream": True, "messages": []})
     with socket.create_connection(("127.0.0.1", gw.port)) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
-                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        )
         first = s.recv(1024)
         assert first.startswith(b"HTTP/1.1 200")
         time.sleep(1.0)  # ... and read nothing more: the gateway's writes now wait for this client

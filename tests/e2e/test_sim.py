@@ -41,7 +41,9 @@ class Sim:
         self.http = http
 
     def post(self, path: str, body: dict[str, Any] | None = None, **kw: Any) -> httpx.Response:
-        return self.http.post(self.url + path, json=body if body is not None else {"model": "m", "messages": MSG}, **kw)
+        return self.http.post(
+            self.url + path, json=body if body is not None else {"model": "m", "messages": MSG}, **kw
+        )
 
     def get(self, path: str, **kw: Any) -> httpx.Response:
         return self.http.get(self.url + path, **kw)
@@ -91,8 +93,11 @@ def wait_for(fn, timeout: float = 2.0) -> Any:
 
 # -- wire shapes ---------------------------------------------------------------------------------------------
 def test_chat_non_stream_shape_and_usage(sim):
-    r = sim.post("/v1/chat/completions", {"model": "sim-large", "messages": [{"role": "user", "content": "hi"}]},
-             headers={"x-request-id": "rid-1"})
+    r = sim.post(
+        "/v1/chat/completions",
+        {"model": "sim-large", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"x-request-id": "rid-1"},
+    )
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     assert r.headers["x-request-id"] == "rid-1"
     body = r.json()
@@ -106,8 +111,12 @@ def test_chat_non_stream_shape_and_usage(sim):
 
 
 def test_chat_stream_shape_with_usage_chunk(sim):
-    with sim.http.stream("POST", sim.url + "/v1/chat/completions", timeout=10,
-                      json={"model": "m", "messages": MSG, "stream": True, "stream_options": {"include_usage": True}}) as r:
+    with sim.http.stream(
+        "POST",
+        sim.url + "/v1/chat/completions",
+        timeout=10,
+        json={"model": "m", "messages": MSG, "stream": True, "stream_options": {"include_usage": True}},
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["transfer-encoding"] == "chunked" and r.headers["cache-control"] == "no-cache"
         text = r.read().decode()
@@ -131,16 +140,25 @@ def test_chat_stream_shape_with_usage_chunk(sim):
 def test_completions_stream_non_stream_and_token_caps(sim):
     body = sim.post("/v1/completions", {"model": "m", "prompt": "x", "max_tokens": 2}).json()
     assert body["object"] == "text_completion"
-    assert body["choices"][0] == {"text": "sim-a#1:0 sim-a#1:1 ", "index": 0, "logprobs": None,
-                                  "finish_reason": "length"}
+    assert body["choices"][0] == {
+        "text": "sim-a#1:0 sim-a#1:1 ",
+        "index": 0,
+        "logprobs": None,
+        "finish_reason": "length",
+    }
     assert body["usage"]["completion_tokens"] == 2
     events = sse_data(sim.post("/v1/completions", {"model": "m", "prompt": "x", "stream": True}).text)
     assert events[-1] == "[DONE]"
     texts = [e["choices"][0]["text"] for e in events[:-1]]
     assert texts == [f"sim-a#2:{i} " for i in range(4)] + [""]
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
-    chat = sim.post("/v1/chat/completions", {"model": "m", "messages": MSG, "max_completion_tokens": 1}).json()
-    assert chat["choices"][0]["message"]["content"] == "sim-a#3:0 " and chat["choices"][0]["finish_reason"] == "length"
+    chat = sim.post(
+        "/v1/chat/completions", {"model": "m", "messages": MSG, "max_completion_tokens": 1}
+    ).json()
+    assert (
+        chat["choices"][0]["message"]["content"] == "sim-a#3:0 "
+        and chat["choices"][0]["finish_reason"] == "length"
+    )
 
 
 def test_embeddings_float_and_base64(sim):
@@ -150,8 +168,9 @@ def test_embeddings_float_and_base64(sim):
     vecs = [d["embedding"] for d in body["data"]]
     assert len(vecs[0]) == 16 and vecs[0] == vecs[2] != vecs[1]  # deterministic per input
     assert abs(sum(x * x for x in vecs[0]) - 1) < 1e-3
-    b64 = sim.post("/v1/embeddings", {"model": "e", "input": "a", "encoding_format": "base64",
-                                       "dimensions": 8}).json()
+    b64 = sim.post(
+        "/v1/embeddings", {"model": "e", "input": "a", "encoding_format": "base64", "dimensions": 8}
+    ).json()
     raw = base64.b64decode(b64["data"][0]["embedding"])
     assert len(struct.unpack("<8f", raw)) == 8 and b64["usage"]["prompt_tokens"] >= 1
 
@@ -187,9 +206,16 @@ def test_openai_sdk_against_the_simulator(sim):
     client = openai.OpenAI(base_url=sim.base_url, api_key="k", max_retries=0)
     r = client.chat.completions.create(model="sim-large", messages=[{"role": "user", "content": "hi"}])
     assert r.choices[0].message.content.startswith("sim-a#1:0 ") and r.usage.completion_tokens == 4
-    parts = [c.choices[0].delta.content for c in client.chat.completions.create(
-        model="sim-large", messages=[{"role": "user", "content": "hi"}], stream=True,
-        stream_options={"include_usage": True}) if c.choices and c.choices[0].delta.content]
+    parts = [
+        c.choices[0].delta.content
+        for c in client.chat.completions.create(
+            model="sim-large",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        if c.choices and c.choices[0].delta.content
+    ]
     assert parts == [f"sim-a#2:{i} " for i in range(4)]
     emb = client.embeddings.create(model="sim-embed", input="hello")  # the SDK asks for base64
     assert len(emb.data[0].embedding) == 16
@@ -216,7 +242,9 @@ def test_timing_follows_a_fixed_profile(sim):
     assert due * 1000 - 1 <= int(r.headers["openai-processing-ms"]) < (due + LATE_S) * 1000
     arrivals = []
     t0 = time.monotonic()
-    with sim.http.stream("POST", sim.url + "/v1/chat/completions", json={"model": "m", "messages": MSG, "stream": True}) as r:
+    with sim.http.stream(
+        "POST", sim.url + "/v1/chat/completions", json={"model": "m", "messages": MSG, "stream": True}
+    ) as r:
         for line in r.iter_lines():
             if '"content":"sim-a' in line:
                 arrivals.append(time.monotonic() - t0)
@@ -225,7 +253,10 @@ def test_timing_follows_a_fixed_profile(sim):
     for i, at in enumerate(arrivals):
         assert ttft + i * itl <= at < ttft + i * itl + LATE_S, arrivals
     rec = sim.stats()["recent"][-1]
-    assert rec["ttft_ms"] == ttft * 1000 and ttft - 0.001 <= rec["first_byte_at"] - rec["started_at"] < ttft + LATE_S
+    assert (
+        rec["ttft_ms"] == ttft * 1000
+        and ttft - 0.001 <= rec["first_byte_at"] - rec["started_at"] < ttft + LATE_S
+    )
 
 
 def test_ttft_distribution_and_tail():
@@ -276,7 +307,9 @@ def test_injected_errors_are_openai_shaped_with_retry_after(sim):
 
 def test_client_disconnect_mid_stream_is_counted_at_once(sim):
     sim.set(tokens=200, itl_ms=20)
-    with sim.http.stream("POST", sim.url + "/v1/chat/completions", json={"model": "m", "messages": MSG, "stream": True}) as r:
+    with sim.http.stream(
+        "POST", sim.url + "/v1/chat/completions", json={"model": "m", "messages": MSG, "stream": True}
+    ) as r:
         lines = r.iter_lines()
         while '"content":"sim-a' not in next(lines):
             pass
@@ -284,7 +317,9 @@ def test_client_disconnect_mid_stream_is_counted_at_once(sim):
     st = wait_for(lambda: (s := sim.stats())["cancelled"]["mid_stream"] and s)
     assert st["cancelled"] == {"before_first_byte": 0, "mid_stream": 1}
     rec = st["recent"][-1]
-    assert rec["outcome"] == "cancelled" and rec["ended_at"] - closed_at < LATE_S  # not at the stream's end, 4 s on
+    assert (
+        rec["outcome"] == "cancelled" and rec["ended_at"] - closed_at < LATE_S
+    )  # not at the stream's end, 4 s on
     assert st["in_flight"] == 0 and st["served"]["chat"] == 0
     # a non-stream request abandoned before its answer
     sim.set(ttft_ms=3000)
@@ -308,8 +343,9 @@ def test_reset_closes_the_stream_after_n_tokens(sim):
     sim.set(reset_rate=1.0, reset_after_tokens=2, tokens=6, itl_ms=5)
     got = []
     with pytest.raises(httpx.RemoteProtocolError):  # noqa: SIM117 - the error is raised while reading
-        with sim.http.stream("POST", sim.url + "/v1/chat/completions",
-                          json={"model": "m", "messages": MSG, "stream": True}) as r:
+        with sim.http.stream(
+            "POST", sim.url + "/v1/chat/completions", json={"model": "m", "messages": MSG, "stream": True}
+        ) as r:
             for line in r.iter_lines():
                 got.extend(TOKEN.findall(line))
     assert [int(g[2]) for g in got] == [0, 1]
@@ -318,7 +354,11 @@ def test_reset_closes_the_stream_after_n_tokens(sim):
     st = sim.stats()
     assert st["resets"] == 2 and [r["outcome"] for r in st["recent"]] == ["reset", "reset"]
     assert st["cancelled"] == {"before_first_byte": 0, "mid_stream": 0}
-    r = sim.post("/v1/chat/completions", {"model": "m", "messages": MSG, "stream": True}, headers={"x-sim-reset-rate": "0"})
+    r = sim.post(
+        "/v1/chat/completions",
+        {"model": "m", "messages": MSG, "stream": True},
+        headers={"x-sim-reset-rate": "0"},
+    )
     assert r.status_code == 200 and sse_data(r.text)[-1] == "[DONE]"
 
 
@@ -327,8 +367,17 @@ def test_cold_schema_is_paid_once_per_schema(sim):
 
     def ask(schema: dict[str, Any]) -> int:
         """The sim's own processing time (ms) for a request with this schema."""
-        r = sim.post("/v1/chat/completions", {"model": "m", "messages": MSG, "response_format": {
-            "type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": schema}}})
+        r = sim.post(
+            "/v1/chat/completions",
+            {
+                "model": "m",
+                "messages": MSG,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "strict": True, "schema": schema},
+                },
+            },
+        )
         assert r.status_code == 200
         return int(r.headers["openai-processing-ms"])
 
@@ -338,8 +387,10 @@ def test_cold_schema_is_paid_once_per_schema(sim):
     ask(a_reordered)  # same schema in canonical form: already compiled (its ttft_ms below is 0)
     assert ask({"type": "object"}) >= 399
     # the Responses API's text.format shares the compiled schema
-    sim.post("/v1/responses", {"model": "m", "input": "x", "text": {"format": {"type": "json_schema",
-                                                                                 "name": "x", "schema": a}}})
+    sim.post(
+        "/v1/responses",
+        {"model": "m", "input": "x", "text": {"format": {"type": "json_schema", "name": "x", "schema": a}}},
+    )
     assert sim.post("/v1/chat/completions").status_code == 200  # no response_format: no cost, not counted
     st = sim.stats()
     assert st["cold_schema_hits"] == 2 and st["schemas_seen"] == 2
@@ -375,7 +426,11 @@ def test_require_key_answers_401_like_openai(sim):
     st = sim.stats()
     assert st["unauthorized"] == 4
     assert [(r["outcome"], r["authorization_present"]) for r in st["recent"]] == [
-        ("unauthorized", False), ("unauthorized", True), ("ok", True), ("ok", True)]
+        ("unauthorized", False),
+        ("unauthorized", True),
+        ("ok", True),
+        ("ok", True),
+    ]
     assert "right" not in str(st["recent"])
 
 
@@ -386,33 +441,57 @@ def test_admin_profile_update_and_bad_knobs(sim):
     assert r.status_code == 200 and r.json()["tokens"] == 2 and r.json()["retry_after"] == "3"
     assert sim.http.get(url).json() == r.json()
     assert sim.post("/v1/chat/completions").json()["usage"]["completion_tokens"] == 2
-    for patch, named in [({"tokenz": 1}, "tokenz"), ({"tokens": "many"}, "tokens"), ({"error_rate": 2}, "error_rate"),
-                         ({"ttft_dist": "gaussian"}, "ttft_dist"), ({"itl_ms": -1}, "itl_ms"),
-                         ({"tokens": 1, "stall_rate": True}, "stall_rate")]:
+    for patch, named in [
+        ({"tokenz": 1}, "tokenz"),
+        ({"tokens": "many"}, "tokens"),
+        ({"error_rate": 2}, "error_rate"),
+        ({"ttft_dist": "gaussian"}, "ttft_dist"),
+        ({"itl_ms": -1}, "itl_ms"),
+        ({"tokens": 1, "stall_rate": True}, "stall_rate"),
+    ]:
         bad = sim.http.post(url, json=patch)
         assert bad.status_code == 400 and named in bad.json()["error"]["message"], bad.text
-    assert sim.http.get(url).json()["tokens"] == 2  # a rejected patch changes nothing, not even its valid part
+    assert (
+        sim.http.get(url).json()["tokens"] == 2
+    )  # a rejected patch changes nothing, not even its valid part
     assert sim.http.post(url, content=b"{nope").status_code == 400
 
 
 def test_stats_record_what_the_provider_saw(sim):
     sim.set(ttft_ms=100, itl_ms=0)
-    headers = {"x-request-id": "r-1", "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-               "tracestate": "app=1", "user-agent": "ua/1", "x-custom": "c", "openai-organization": "org",
-               "x-sim-tokens": "3", "authorization": "Bearer secret-value", "x-api-key": "also-secret"}
+    headers = {
+        "x-request-id": "r-1",
+        "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "tracestate": "app=1",
+        "user-agent": "ua/1",
+        "x-custom": "c",
+        "openai-organization": "org",
+        "x-sim-tokens": "3",
+        "authorization": "Bearer secret-value",
+        "x-api-key": "also-secret",
+    }
     sim.post("/v1/chat/completions", {"model": "sim-large", "messages": MSG, "stream": True}, headers=headers)
     with cf.ThreadPoolExecutor(4) as pool:  # four requests in flight at once, over four connections
-        codes = list(pool.map(lambda _: sim.post("/v1/embeddings", {"model": "e", "input": "x"}).status_code,
-                              range(4)))
+        codes = list(
+            pool.map(lambda _: sim.post("/v1/embeddings", {"model": "e", "input": "x"}).status_code, range(4))
+        )
     assert codes == [200] * 4
     sim.post("/v1/responses", {"model": "m", "input": "x"})
     st = sim.stats()
     rec = st["recent"][0]
     assert rec["serial"] == 1 and rec["path"] == "/v1/chat/completions" and rec["model"] == "sim-large"
-    assert rec["stream"] is True and rec["request_id"] == "r-1" and rec["traceparent"] == headers["traceparent"]
-    assert rec["tracestate"] == "app=1" and rec["user_agent"] == "ua/1" and rec["authorization_present"] is True
-    assert rec["headers_seen"] == {"x-request-id": "r-1", "x-custom": "c", "openai-organization": "org",
-                                   "x-api-key": "***"}
+    assert (
+        rec["stream"] is True and rec["request_id"] == "r-1" and rec["traceparent"] == headers["traceparent"]
+    )
+    assert (
+        rec["tracestate"] == "app=1" and rec["user_agent"] == "ua/1" and rec["authorization_present"] is True
+    )
+    assert rec["headers_seen"] == {
+        "x-request-id": "r-1",
+        "x-custom": "c",
+        "openai-organization": "org",
+        "x-api-key": "***",
+    }
     assert rec["outcome"] == "ok" and rec["ttft_ms"] == 100 and rec["cold_schema"] is False
     assert rec["started_at"] < rec["first_byte_at"] <= rec["ended_at"]
     assert "secret" not in str(st)
@@ -429,8 +508,12 @@ def test_stats_record_what_the_provider_saw(sim):
 
 
 def test_bad_input_never_breaks_the_server(sim):
-    for content, code in [(b"{not json", "invalid_json"), (b"[1]", "invalid_request"), (b"{}", "missing_required_parameter"),
-                          (b'{"model": "m", "stream": "yes"}', "invalid_type")]:
+    for content, code in [
+        (b"{not json", "invalid_json"),
+        (b"[1]", "invalid_request"),
+        (b"{}", "missing_required_parameter"),
+        (b'{"model": "m", "stream": "yes"}', "invalid_type"),
+    ]:
         r = sim.http.post(sim.url + "/v1/chat/completions", content=content)
         assert r.status_code == 400 and r.json()["error"]["code"] == code
     assert sim.post("/v1/embeddings", {"model": "e", "input": []}).status_code == 400
@@ -453,9 +536,27 @@ def test_bad_input_never_breaks_the_server(sim):
 
 
 def test_command_line_runs_one_simulator():
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.sim", "--port", "0", "--name", "cli-sim",
-                             "--region", "eu-west", "--ttft-ms", "5", "--ttft-dist", "fixed", "--tokens", "2"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway.sim",
+            "--port",
+            "0",
+            "--name",
+            "cli-sim",
+            "--region",
+            "eu-west",
+            "--ttft-ms",
+            "5",
+            "--ttft-dist",
+            "fixed",
+            "--tokens",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         url = re.search(r"http://\S+", line).group(0)
@@ -465,6 +566,7 @@ def test_command_line_runs_one_simulator():
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
-    bad = subprocess.run([sys.executable, "-m", "gateway.sim", "--tail-p", "3"], capture_output=True, text=True,
-                         timeout=30)
+    bad = subprocess.run(
+        [sys.executable, "-m", "gateway.sim", "--tail-p", "3"], capture_output=True, text=True, timeout=30
+    )
     assert bad.returncode == 2 and "--tail-p" in bad.stderr

@@ -87,17 +87,29 @@ class Collector:
             resource = {a.key: _value(a.value) for a in rs.resource.attributes}
             for ss in rs.scope_spans:
                 for s in ss.spans:
-                    got.append(ExportedSpan(
-                        name=s.name, kind=s.kind, trace_id=s.trace_id.hex(), span_id=s.span_id.hex(),
-                        parent_id=s.parent_span_id.hex(), start_ns=s.start_time_unix_nano,
-                        end_ns=s.end_time_unix_nano, attributes={a.key: _value(a.value) for a in s.attributes},
-                        service=resource.get("service.name", "")))
+                    got.append(
+                        ExportedSpan(
+                            name=s.name,
+                            kind=s.kind,
+                            trace_id=s.trace_id.hex(),
+                            span_id=s.span_id.hex(),
+                            parent_id=s.parent_span_id.hex(),
+                            start_ns=s.start_time_unix_nano,
+                            end_ns=s.end_time_unix_nano,
+                            attributes={a.key: _value(a.value) for a in s.attributes},
+                            service=resource.get("service.name", ""),
+                        )
+                    )
         with self._lock:
             self.posts += 1
             self.spans.extend(got)
 
-    def trace(self, trace_id: str, until: Callable[[list[ExportedSpan]], bool], timeout: float = 5.0,
-              ) -> list[ExportedSpan]:
+    def trace(
+        self,
+        trace_id: str,
+        until: Callable[[list[ExportedSpan]], bool],
+        timeout: float = 5.0,
+    ) -> list[ExportedSpan]:
         """The spans of one trace, once ``until`` holds for them (the exporter sends in batches)."""
         end = time.monotonic() + timeout
         while True:
@@ -120,14 +132,20 @@ def collector() -> Iterator[Collector]:
 
 
 def _chat(gw: Any, stream: bool = False, headers: dict[str, str] | None = None) -> Any:
-    r = HTTP.post(gw.url + "/v1/chat/completions", headers=headers or {}, timeout=30,
-                  json={"model": "chat", "stream": stream, "messages": [{"role": "user", "content": "x"}]})
+    r = HTTP.post(
+        gw.url + "/v1/chat/completions",
+        headers=headers or {},
+        timeout=30,
+        json={"model": "chat", "stream": stream, "messages": [{"role": "user", "content": "x"}]},
+    )
     assert r.status_code == 200, r.text
     return r
 
 
 def _one_server_and_clients(n: int) -> Callable[[list[ExportedSpan]], bool]:
-    return lambda spans: (sum(s.kind == SERVER for s in spans) == 1 and sum(s.kind == CLIENT for s in spans) == n)
+    return lambda spans: (
+        sum(s.kind == SERVER for s in spans) == 1 and sum(s.kind == CLIENT for s in spans) == n
+    )
 
 
 def _parts(traceparent: str) -> tuple[str, str, str]:
@@ -139,16 +157,33 @@ def _chat_calls(sims: Any, name: str) -> list[dict[str, Any]]:
     return [r for r in sims.stats(name)["recent"] if r["path"] == "/v1/chat/completions"]
 
 
-def test_a_retried_request_exports_a_server_span_and_one_client_span_per_attempt(sims_factory, gateways,
-                                                                                 collector):
-    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 503}),
-                         "sim-b": ("eu-west", QUICK)})
-    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"), region="us-east", priority=0),
-                                             dep("b", sims.base_url("sim-b"), region="eu-west", priority=1)],
-                                    routing={"strategy": "priority"},
-                                    retry={"max_retries": 1, "budget_percent": 100, "backoff_base_ms": 1,
-                                           "backoff_max_ms": 1})]},
-                  env={"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_SERVICE_NAME": "from-env"})
+def test_a_retried_request_exports_a_server_span_and_one_client_span_per_attempt(
+    sims_factory, gateways, collector
+):
+    sims = sims_factory(
+        {"sim-a": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 503}), "sim-b": ("eu-west", QUICK)}
+    )
+    gw = gateways(
+        {
+            "models": [
+                model(
+                    "chat",
+                    [
+                        dep("a", sims.base_url("sim-a"), region="us-east", priority=0),
+                        dep("b", sims.base_url("sim-b"), region="eu-west", priority=1),
+                    ],
+                    routing={"strategy": "priority"},
+                    retry={
+                        "max_retries": 1,
+                        "budget_percent": 100,
+                        "backoff_base_ms": 1,
+                        "backoff_max_ms": 1,
+                    },
+                )
+            ]
+        },
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_SERVICE_NAME": "from-env"},
+    )
     r = _chat(gw, headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01"})
     assert r.headers["x-gateway-upstream"] == "b"
 
@@ -159,7 +194,9 @@ def test_a_retried_request_exports_a_server_span_and_one_client_span_per_attempt
     assert server.service == "from-env"  # the standard variable names the service when the config does not
     # readiness probes (the harness polled /readyz before the request) are not traced; spans leave in order
     assert not [s for s in collector.spans if "readyz" in s.name]
-    assert server.attributes.get("http.response.status_code", server.attributes.get("http.status_code")) == 200
+    assert (
+        server.attributes.get("http.response.status_code", server.attributes.get("http.status_code")) == 200
+    )
     primary, retry = sorted((s for s in spans if s.kind == CLIENT), key=lambda s: s.start_ns)
     assert primary.attributes["llmgw.deployment"] == "a" and primary.attributes["llmgw.region"] == "us-east"
     assert primary.attributes["llmgw.attempt.kind"] == "primary"
@@ -184,15 +221,24 @@ def test_a_retried_request_exports_a_server_span_and_one_client_span_per_attempt
     assert server.attributes["gen_ai.operation.name"] == "chat"
     assert server.attributes["gen_ai.request.model"] == "chat"
     assert server.attributes["gen_ai.response.model"] == "sim-large"
-    assert server.attributes["gen_ai.usage.input_tokens"] > 0 and server.attributes["gen_ai.usage.output_tokens"] > 0
+    assert (
+        server.attributes["gen_ai.usage.input_tokens"] > 0
+        and server.attributes["gen_ai.usage.output_tokens"] > 0
+    )
     assert server.attributes["server.address"] == "127.0.0.1"
     assert server.attributes["llmgw.request_id"] == rid
     assert server.attributes["llmgw.route_reason"] and server.attributes["llmgw.retry_count"] == 1
     for att in (primary, retry):
         assert att.name == "chat sim-large"
-        assert att.attributes["gen_ai.operation.name"] == "chat" and att.attributes["gen_ai.request.model"] == "sim-large"
+        assert (
+            att.attributes["gen_ai.operation.name"] == "chat"
+            and att.attributes["gen_ai.request.model"] == "sim-large"
+        )
         assert att.attributes["server.address"] == "127.0.0.1" and att.attributes["llmgw.request_id"] == rid
-    assert retry.attributes["gen_ai.response.model"] == "sim-large" and "gen_ai.response.model" not in primary.attributes
+    assert (
+        retry.attributes["gen_ai.response.model"] == "sim-large"
+        and "gen_ai.response.model" not in primary.attributes
+    )
     assert retry.attributes["gen_ai.usage.output_tokens"] == server.attributes["gen_ai.usage.output_tokens"]
     assert primary.attributes["error.type"]
 
@@ -200,8 +246,12 @@ def test_a_retried_request_exports_a_server_span_and_one_client_span_per_attempt
 def test_a_stream_without_traceparent_starts_a_trace_the_provider_shares(sims_factory, gateways, collector):
     sims = sims_factory({"sim-a": ("us-east", QUICK)})
     # the config key turns export on as well as the standard environment variables do
-    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])],
-                   "tracing": {"otlp_endpoint": collector.url, "service_name": "gw-under-test"}})
+    gw = gateways(
+        {
+            "models": [model("chat", [dep("a", sims.base_url("sim-a"))])],
+            "tracing": {"otlp_endpoint": collector.url, "service_name": "gw-under-test"},
+        }
+    )
     r = _chat(gw, stream=True)
     assert "data: [DONE]" in r.text
     (call,) = _chat_calls(sims, "sim-a")
@@ -224,11 +274,22 @@ def test_a_stream_without_traceparent_starts_a_trace_the_provider_shares(sims_fa
 
 def test_a_hedge_and_its_primary_name_different_exported_spans_upstream(sims_factory, gateways, collector):
     sims = sims_factory({"sim-a": ("us-east", {**QUICK, "ttft_ms": 400}), "sim-b": ("us-east", QUICK)})
-    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"), priority=0),
-                                             dep("b", sims.base_url("sim-b"), priority=1)],
-                                    routing={"strategy": "priority", "locality": "off"},
-                                    hedging={"enabled": True, "delay_ms": 50, "min_delay_ms": 0, "budget_percent": 100})]},
-                  env={"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url})
+    gw = gateways(
+        {
+            "models": [
+                model(
+                    "chat",
+                    [
+                        dep("a", sims.base_url("sim-a"), priority=0),
+                        dep("b", sims.base_url("sim-b"), priority=1),
+                    ],
+                    routing={"strategy": "priority", "locality": "off"},
+                    hedging={"enabled": True, "delay_ms": 50, "min_delay_ms": 0, "budget_percent": 100},
+                )
+            ]
+        },
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url},
+    )
     r = _chat(gw, stream=True, headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01"})
     assert r.headers["x-gateway-upstream"] == "b"
     spans = collector.trace(CLIENT_TRACE, _one_server_and_clients(2))
@@ -250,8 +311,10 @@ def test_a_hedge_and_its_primary_name_different_exported_spans_upstream(sims_fac
 def test_unsampled_requests_export_nothing_and_say_so_upstream(sims_factory, gateways, collector):
     sims = sims_factory({"sim-a": ("us-east", QUICK)})
     # new traces are not sampled; a client's sampling decision is followed
-    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]},
-                  env={"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_TRACES_SAMPLER": "parentbased_always_off"})
+    gw = gateways(
+        {"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]},
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_TRACES_SAMPLER": "parentbased_always_off"},
+    )
     _chat(gw, headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-00"})
     _chat(gw)
     _chat(gw, headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01"})
@@ -271,9 +334,14 @@ def test_with_tracing_off_nothing_is_exported(sims_factory, gateways, collector,
         monkeypatch.delenv(var, raising=False)
     sims = sims_factory({"sim-a": ("us-east", QUICK)})
     # an empty endpoint (``${OTEL_COLLECTOR:-}`` unset) and other signals' endpoints leave trace export off
-    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])], "tracing": {"otlp_endpoint": ""}},
-                  env={"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": collector.url + "/v1/traces",
-                       "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": collector.url + "/v1/traces", "OTEL_TRACES_EXPORTER": "otlp"})
+    gw = gateways(
+        {"models": [model("chat", [dep("a", sims.base_url("sim-a"))])], "tracing": {"otlp_endpoint": ""}},
+        env={
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": collector.url + "/v1/traces",
+            "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": collector.url + "/v1/traces",
+            "OTEL_TRACES_EXPORTER": "otlp",
+        },
+    )
     _chat(gw)
     _chat(gw, stream=True)
     assert gw.stop() == 0  # a gateway with export on flushes its batch at shutdown: none may arrive

@@ -183,6 +183,11 @@ def test_refused_connection_is_a_connect_failure(kind: ClientKind) -> None:
 def test_client_kind_comes_from_the_environment_value() -> None:
     assert parse_kind(None) is ClientKind.H1
     assert parse_kind(" HTTPX ") is ClientKind.HTTPX
-    for gone in ("aiohttp", "httpx2", "httpx-aiohttp", "requests"):  # removed (docs/benchmarks.md) or never there
+    for gone in (
+        "aiohttp",
+        "httpx2",
+        "httpx-aiohttp",
+        "requests",
+    ):  # removed (docs/benchmarks.md) or never there
         with pytest.raises(ValueError, match=CLIENT_ENV):
             parse_kind(gone)

@@ -33,7 +33,9 @@ class ValuesRejected(RenderFailed):
 
 def tool(name: str) -> str:
     """A test tool from the virtualenv's bin directory or PATH; fails (never skips) when missing."""
-    found = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    found = shutil.which(
+        name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    )
     if found is None:
         pytest.fail(f"{name} is not installed: run scripts/install-test-tools.sh")
     return found
@@ -49,12 +51,28 @@ def _values_file(values: dict[str, Any] | None, stack: list[str]) -> list[str]:
     return ["--values", path]
 
 
-def template(values: dict[str, Any] | None = None, *, chart: Path = CHART, name: str = "gw", namespace: str = "llm",
-             kube_version: str = "1.32", api_versions: tuple[str, ...] = MONITORING_CRDS) -> str:
+def template(
+    values: dict[str, Any] | None = None,
+    *,
+    chart: Path = CHART,
+    name: str = "gw",
+    namespace: str = "llm",
+    kube_version: str = "1.32",
+    api_versions: tuple[str, ...] = MONITORING_CRDS,
+) -> str:
     tmp: list[str] = []
     try:
-        cmd = [tool("helm"), "template", name, str(chart), "--namespace", namespace, "--kube-version", kube_version,
-               *_values_file(values, tmp)]
+        cmd = [
+            tool("helm"),
+            "template",
+            name,
+            str(chart),
+            "--namespace",
+            namespace,
+            "--kube-version",
+            kube_version,
+            *_values_file(values, tmp),
+        ]
         for v in api_versions:
             cmd += ["--api-versions", v]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
@@ -72,8 +90,13 @@ def manifests(text: str) -> list[dict[str, Any]]:
     return [d for d in yaml.load_all(text, Loader=YAML_LOADER) if d]
 
 
-def lint(values: dict[str, Any] | None = None, *, chart: Path = CHART, kube_version: str = "1.32",
-         strict: bool = True) -> subprocess.CompletedProcess[str]:
+def lint(
+    values: dict[str, Any] | None = None,
+    *,
+    chart: Path = CHART,
+    kube_version: str = "1.32",
+    strict: bool = True,
+) -> subprocess.CompletedProcess[str]:
     tmp: list[str] = []
     try:
         cmd = [tool("helm"), "lint", str(chart), "--kube-version", kube_version, *_values_file(values, tmp)]

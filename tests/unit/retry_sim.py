@@ -33,10 +33,21 @@ class SimResult:
         return self.upstream / self.requests if self.requests else 1.0
 
 
-def simulate(failure_rates: dict[str, float], *, rate_per_s: float = 0.0, duration_s: float = 30.0,
-             concurrency: int = 0, requests: int = 0, latency_s: float = 0.02, max_retries: int = 10,
-             budget_percent: float = 20.0, min_retry_concurrency: int = 3, min_retries_per_s: float = 1.0,
-             deadline_s: float = 300.0, seed: int = 1) -> SimResult:
+def simulate(
+    failure_rates: dict[str, float],
+    *,
+    rate_per_s: float = 0.0,
+    duration_s: float = 30.0,
+    concurrency: int = 0,
+    requests: int = 0,
+    latency_s: float = 0.02,
+    max_retries: int = 10,
+    budget_percent: float = 20.0,
+    min_retry_concurrency: int = 3,
+    min_retries_per_s: float = 1.0,
+    deadline_s: float = 300.0,
+    seed: int = 1,
+) -> SimResult:
     """Open loop (``rate_per_s`` Poisson arrivals for ``duration_s``) or closed loop (``concurrency``
     clients sending ``requests`` in all). Each attempt takes ``latency_s`` and fails with its
     deployment's rate; the first attempt of a request goes to the first deployment, retries go where
@@ -91,9 +102,19 @@ def simulate(failure_rates: dict[str, float], *, rate_per_s: float = 0.0, durati
         finished = not failed
         if failed:
             alts = [d for d in deps if d not in tried]
-            plan = rs.decide(failure=FailureKind.STATUS, status=503, failed=dep, alternatives=alts,
-                             retry_after_s=None, remaining_s=deadline - t, min_attempt_s=0.05, base_ms=25.0,
-                             max_ms=250.0, rng=rng, now=t)
+            plan = rs.decide(
+                failure=FailureKind.STATUS,
+                status=503,
+                failed=dep,
+                alternatives=alts,
+                retry_after_s=None,
+                remaining_s=deadline - t,
+                min_attempt_s=0.05,
+                base_ms=25.0,
+                max_ms=250.0,
+                rng=rng,
+                now=t,
+            )
             if plan.retry:
                 req[1] = plan.target
                 req[4] = plan.charged
@@ -112,8 +133,10 @@ def simulate(failure_rates: dict[str, float], *, rate_per_s: float = 0.0, durati
 def table() -> str:
     rates = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
     traffic = (1, 10, 100, 1000)
-    lines = ["| failure rate | " + " | ".join(f"{r} req/s" for r in traffic) + " |",
-             "|---|" + "---|" * len(traffic)]
+    lines = [
+        "| failure rate | " + " | ".join(f"{r} req/s" for r in traffic) + " |",
+        "|---|" + "---|" * len(traffic),
+    ]
     for p in rates:
         cells = []
         for r in traffic:

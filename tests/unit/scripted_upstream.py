@@ -53,14 +53,17 @@ class Reply:
     stall: bool = False  # after the chunks, send nothing more until the gateway closes the connection
 
     @staticmethod
-    def json(body: dict[str, Any], *, after: float = 0.0, status: int = 200,
-             headers: dict[str, str] | None = None) -> Reply:
+    def json(
+        body: dict[str, Any], *, after: float = 0.0, status: int = 200, headers: dict[str, str] | None = None
+    ) -> Reply:
         h = {"content-type": "application/json", **(headers or {})}
         return Reply(status, h, [(0.0, orjson.dumps(body))], head_after=after)
 
     @staticmethod
     def stream(*chunks: tuple[float, bytes], head_after: float = 0.0, stall: bool = False) -> Reply:
-        return Reply(200, {"content-type": "text/event-stream"}, list(chunks), head_after=head_after, stall=stall)
+        return Reply(
+            200, {"content-type": "text/event-stream"}, list(chunks), head_after=head_after, stall=stall
+        )
 
 
 @dataclass
@@ -282,8 +285,15 @@ class Playbook:
         for m in models:
             m["deployments"] = [_deployment(d) if isinstance(d, str) else d for d in m["deployments"]]
         cfg = parse_config({"models": models}, env={})
-        self.engine = Engine(cfg, home_region=None, metrics=Metrics(), access_log=None, seed=1,
-                             clock=self.clock, upstream=self.upstream.client)
+        self.engine = Engine(
+            cfg,
+            home_region=None,
+            metrics=Metrics(),
+            access_log=None,
+            seed=1,
+            clock=self.clock,
+            upstream=self.upstream.client,
+        )
         self.records: list[dict[str, Any]] = []
         self.engine.on_record.append(lambda ex, rec: self.records.append(rec))
 
@@ -299,10 +309,22 @@ class Playbook:
         async def run() -> None:
             assert eng.admit()
             deadline, rejected = eng.deadline_for(model, hdrs, t0)
-            ex = Exchange(eng, asyncio.current_task(), path="/v1/chat/completions",
-                          upstream_path="/chat/completions", body=body, raw_len=len(raw), headers=hdrs,
-                          t_received=t0, t_body=t0, wall_start=wall_now(), request_id=f"req-{len(self.records)}",
-                          client="127.0.0.1:1", deadline=deadline, rejected=rejected)
+            ex = Exchange(
+                eng,
+                asyncio.current_task(),
+                path="/v1/chat/completions",
+                upstream_path="/chat/completions",
+                body=body,
+                raw_len=len(raw),
+                headers=hdrs,
+                t_received=t0,
+                t_body=t0,
+                wall_start=wall_now(),
+                request_id=f"req-{len(self.records)}",
+                client="127.0.0.1:1",
+                deadline=deadline,
+                rejected=rejected,
+            )
             call.exchange = ex
             n = len(self.records)
             await ex.run(down.send)
@@ -341,5 +363,3 @@ class Playbook:
         call.task.result()
         assert call.record is not None
         return call.record
-
-

@@ -11,7 +11,9 @@ import orjson
 
 from gateway.telemetry.accesslog import AccessLog
 
-REC = orjson.loads(Path(__file__).with_name("fixtures").joinpath("access_log.jsonl").read_bytes().splitlines()[0])
+REC = orjson.loads(
+    Path(__file__).with_name("fixtures").joinpath("access_log.jsonl").read_bytes().splitlines()[0]
+)
 
 
 def test_a_line_is_in_the_file_when_write_returns(tmp_path: Path) -> None:
@@ -21,7 +23,9 @@ def test_a_line_is_in_the_file_when_write_returns(tmp_path: Path) -> None:
     try:
         for i in range(3):
             log.write({**REC, "request_id": f"r{i}"})
-            assert orjson.loads(path.read_bytes().splitlines()[-1])["request_id"] == f"r{i}"  # no loop, no wait
+            assert (
+                orjson.loads(path.read_bytes().splitlines()[-1])["request_id"] == f"r{i}"
+            )  # no loop, no wait
     finally:
         log.close()
 
@@ -42,5 +46,7 @@ def test_a_stalled_pipe_reader_does_not_block_and_loses_nothing() -> None:
     reader.start()
     log.close(timeout=10)  # the writer thread drains the rest once the reader reads
     reader.join(10)
-    assert [orjson.loads(line)["request_id"] for line in bytes(out).splitlines()] == [f"r{i}" for i in range(200)]
+    assert [orjson.loads(line)["request_id"] for line in bytes(out).splitlines()] == [
+        f"r{i}" for i in range(200)
+    ]
     assert drops == []

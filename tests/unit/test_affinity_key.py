@@ -15,7 +15,10 @@ def turns(system: dict, first: str, n: int) -> list[dict]:
     bodies = []
     for i in range(n):
         bodies.append({"model": "chat", "messages": list(msgs)})
-        msgs += [{"role": "assistant", "content": f"answer {i}"}, {"role": "user", "content": f"follow-up {i}"}]
+        msgs += [
+            {"role": "assistant", "content": f"answer {i}"},
+            {"role": "user", "content": f"follow-up {i}"},
+        ]
     return bodies
 
 
@@ -40,7 +43,9 @@ def test_another_conversation_under_the_same_system_prompt_gets_its_own_key():
 def test_a_system_prompt_differing_only_past_the_hashed_characters_still_differs_by_length():
     long_a = {"role": "system", "content": "x" * PIECE_CHARS + "a"}
     long_b = {"role": "system", "content": "x" * PIECE_CHARS + "bb"}
-    assert affinity_key(PREFIX, turns(long_a, "q", 1)[0], None) != affinity_key(PREFIX, turns(long_b, "q", 1)[0], None)
+    assert affinity_key(PREFIX, turns(long_a, "q", 1)[0], None) != affinity_key(
+        PREFIX, turns(long_b, "q", 1)[0], None
+    )
 
 
 def test_content_parts_count_like_strings_do():
@@ -51,11 +56,23 @@ def test_content_parts_count_like_strings_do():
 
 
 def test_responses_api_input_and_instructions():
-    first = {"model": "chat", "instructions": "Be brief.", "input": [{"role": "user", "content": "plan a trip"}]}
-    later = {**first, "input": [*first["input"], {"role": "assistant", "content": "where?"},
-                                {"role": "user", "content": "Lisbon"}]}
+    first = {
+        "model": "chat",
+        "instructions": "Be brief.",
+        "input": [{"role": "user", "content": "plan a trip"}],
+    }
+    later = {
+        **first,
+        "input": [
+            *first["input"],
+            {"role": "assistant", "content": "where?"},
+            {"role": "user", "content": "Lisbon"},
+        ],
+    }
     assert affinity_key(PREFIX, first, None) == affinity_key(PREFIX, later, None) is not None
-    assert affinity_key(PREFIX, {"input": "plan a trip"}, None) != affinity_key(PREFIX, {"input": "plan a walk"}, None)
+    assert affinity_key(PREFIX, {"input": "plan a trip"}, None) != affinity_key(
+        PREFIX, {"input": "plan a walk"}, None
+    )
 
 
 def test_responses_api_chain_keys_on_its_instructions():
@@ -66,8 +83,12 @@ def test_responses_api_chain_keys_on_its_instructions():
 
 
 def test_legacy_prompt():
-    assert affinity_key(PREFIX, {"prompt": "Once upon"}, None) == affinity_key(PREFIX, {"prompt": ["Once upon"]}, None)
-    assert affinity_key(PREFIX, {"prompt": "Once upon"}, None) != affinity_key(PREFIX, {"prompt": "Twice"}, None)
+    assert affinity_key(PREFIX, {"prompt": "Once upon"}, None) == affinity_key(
+        PREFIX, {"prompt": ["Once upon"]}, None
+    )
+    assert affinity_key(PREFIX, {"prompt": "Once upon"}, None) != affinity_key(
+        PREFIX, {"prompt": "Twice"}, None
+    )
 
 
 def test_an_explicit_key_wins_and_key_mode_uses_nothing_else():

@@ -28,138 +28,383 @@ def _alert(name: str, at: str, *firing: dict[str, str]) -> dict[str, Any]:
     return {"eval_time": at, "alertname": name, "exp_alerts": [{"exp_labels": labels} for labels in firing]}
 
 
-def _burn_case(alert: str, slo: str, severity: str, series: list[dict[str, str]], fire_at: str, quiet_at: str,
-               interval: str = "1m") -> dict[str, Any]:
+def _burn_case(
+    alert: str,
+    slo: str,
+    severity: str,
+    series: list[dict[str, str]],
+    fire_at: str,
+    quiet_at: str,
+    interval: str = "1m",
+) -> dict[str, Any]:
     labels = {**SEL, "model": "chat", "severity": severity, "slo": slo}
-    return {"interval": interval, "input_series": series,
-            "alert_rule_test": [_alert(alert, fire_at, labels), _alert(alert, quiet_at)]}
+    return {
+        "interval": interval,
+        "input_series": series,
+        "alert_rule_test": [_alert(alert, fire_at, labels), _alert(alert, quiet_at)],
+    }
 
 
 # Each case: series that make one alert fire, then stop; the first eval_time sees it firing (after its
 # `for`), the second resolved.
 CASES: dict[str, dict[str, Any]] = {
-    "LLMGatewayTargetDown": {"interval": "1m", "input_series": [
-        _series("up", "1 1 0x10 1x10", instance="10.0.0.1:9090", pod="gw-a"),
-        _series("up", "1x22", instance="10.0.0.2:9090", pod="gw-b")],
+    "LLMGatewayTargetDown": {
+        "interval": "1m",
+        "input_series": [
+            _series("up", "1 1 0x10 1x10", instance="10.0.0.1:9090", pod="gw-a"),
+            _series("up", "1x22", instance="10.0.0.2:9090", pod="gw-b"),
+        ],
         "alert_rule_test": [
-            _alert("LLMGatewayTargetDown", "9m", {**SEL, "instance": "10.0.0.1:9090", "pod": "gw-a",
-                                                  "severity": "warning"}),
-            _alert("LLMGatewayTargetDown", "18m")]},
-    "LLMGatewayAbsent": {"interval": "1m", "input_series": [
-        _series("up", "1x3 0x10 1x10", instance="10.0.0.1:9090", pod="gw-a")],
+            _alert(
+                "LLMGatewayTargetDown",
+                "9m",
+                {**SEL, "instance": "10.0.0.1:9090", "pod": "gw-a", "severity": "warning"},
+            ),
+            _alert("LLMGatewayTargetDown", "18m"),
+        ],
+    },
+    "LLMGatewayAbsent": {
+        "interval": "1m",
+        "input_series": [_series("up", "1x3 0x10 1x10", instance="10.0.0.1:9090", pod="gw-a")],
         # absent() has no series to take labels from: the rule names the release itself
-        "alert_rule_test": [_alert("LLMGatewayAbsent", "11m", {"severity": "critical", **SEL}),
-                            _alert("LLMGatewayAbsent", "16m")]},
-    "LLMGatewayNoHealthyUpstream": {"interval": "1m", "input_series": [
-        _series("llmgw_model_healthy_deployments", "2 0x6 2x6", model="chat", pod="gw-a"),
-        _series("llmgw_model_healthy_deployments", "2x13", model="chat", pod="gw-b"),
-        _series("llmgw_model_healthy_deployments", "1x13", model="embed", pod="gw-a")],
+        "alert_rule_test": [
+            _alert("LLMGatewayAbsent", "11m", {"severity": "critical", **SEL}),
+            _alert("LLMGatewayAbsent", "16m"),
+        ],
+    },
+    "LLMGatewayNoHealthyUpstream": {
+        "interval": "1m",
+        "input_series": [
+            _series("llmgw_model_healthy_deployments", "2 0x6 2x6", model="chat", pod="gw-a"),
+            _series("llmgw_model_healthy_deployments", "2x13", model="chat", pod="gw-b"),
+            _series("llmgw_model_healthy_deployments", "1x13", model="embed", pod="gw-a"),
+        ],
         "alert_rule_test": [
             _alert("LLMGatewayNoHealthyUpstream", "4m", {"model": "chat", "severity": "critical"}),
-            _alert("LLMGatewayNoHealthyUpstream", "9m")]},
-    "LLMGatewayDeploymentEjected": {"interval": "1m", "input_series": [
-        _series("llmgw_deployment_ejected", "0 1x7 0x5", model="chat", deployment="a", pod="gw-a"),
-        _series("llmgw_deployment_ejected", "0x13", model="chat", deployment="b", pod="gw-a")],
+            _alert("LLMGatewayNoHealthyUpstream", "9m"),
+        ],
+    },
+    "LLMGatewayDeploymentEjected": {
+        "interval": "1m",
+        "input_series": [
+            _series("llmgw_deployment_ejected", "0 1x7 0x5", model="chat", deployment="a", pod="gw-a"),
+            _series("llmgw_deployment_ejected", "0x13", model="chat", deployment="b", pod="gw-a"),
+        ],
         "alert_rule_test": [
-            _alert("LLMGatewayDeploymentEjected", "7m", {"model": "chat", "deployment": "a", "severity": "warning"}),
-            _alert("LLMGatewayDeploymentEjected", "10m")]},
-    "LLMGatewayRetryBudgetExhausted": {"interval": "1m", "input_series": [
-        _series("llmgw_retry_budget_exhausted_total", "0x3 0+5x10 50x15", model="chat", pod="gw-a")],
+            _alert(
+                "LLMGatewayDeploymentEjected",
+                "7m",
+                {"model": "chat", "deployment": "a", "severity": "warning"},
+            ),
+            _alert("LLMGatewayDeploymentEjected", "10m"),
+        ],
+    },
+    "LLMGatewayRetryBudgetExhausted": {
+        "interval": "1m",
+        "input_series": [
+            _series("llmgw_retry_budget_exhausted_total", "0x3 0+5x10 50x15", model="chat", pod="gw-a")
+        ],
         "alert_rule_test": [
             _alert("LLMGatewayRetryBudgetExhausted", "12m", {"model": "chat", "severity": "warning"}),
-            _alert("LLMGatewayRetryBudgetExhausted", "25m")]},
-    "LLMGatewayHedgeBudgetExhausted": {"interval": "1m", "input_series": [
-        _series("llmgw_hedges_total", "0x2 0+3x25 75x20", model="chat", outcome="suppressed", pod="gw-a"),
-        _series("llmgw_hedges_total", "0+9x47", model="chat", outcome="won", pod="gw-a")],
+            _alert("LLMGatewayRetryBudgetExhausted", "25m"),
+        ],
+    },
+    "LLMGatewayHedgeBudgetExhausted": {
+        "interval": "1m",
+        "input_series": [
+            _series("llmgw_hedges_total", "0x2 0+3x25 75x20", model="chat", outcome="suppressed", pod="gw-a"),
+            _series("llmgw_hedges_total", "0+9x47", model="chat", outcome="won", pod="gw-a"),
+        ],
         "alert_rule_test": [
             _alert("LLMGatewayHedgeBudgetExhausted", "22m", {"model": "chat", "severity": "info"}),
-            _alert("LLMGatewayHedgeBudgetExhausted", "40m")]},
-    "LLMGatewayWarmupFailed": {"interval": "1m", "input_series": [
-        _series("llmgw_warmup_total", "0x2 1x50", model="chat", deployment="a", result="failed", pod="gw-a"),
-        _series("llmgw_warmup_total", "0x2 4x50", model="chat", deployment="b", result="ok", pod="gw-a")],
+            _alert("LLMGatewayHedgeBudgetExhausted", "40m"),
+        ],
+    },
+    "LLMGatewayWarmupFailed": {
+        "interval": "1m",
+        "input_series": [
+            _series(
+                "llmgw_warmup_total", "0x2 1x50", model="chat", deployment="a", result="failed", pod="gw-a"
+            ),
+            _series("llmgw_warmup_total", "0x2 4x50", model="chat", deployment="b", result="ok", pod="gw-a"),
+        ],
         "alert_rule_test": [
-            _alert("LLMGatewayWarmupFailed", "5m", {"model": "chat", "deployment": "a", "severity": "warning"}),
-            _alert("LLMGatewayWarmupFailed", "40m")]},
-    "LLMGatewayStateBackendDown": {"interval": "1m", "input_series": [
-        _series("llmgw_state_backend_up", "1 0x5 1x5", backend="redis", pod="gw-a"),
-        # a pod on the in-memory backend never pages, whatever it reports
-        _series("llmgw_state_backend_up", "0x11", backend="memory", pod="gw-m")],
+            _alert(
+                "LLMGatewayWarmupFailed", "5m", {"model": "chat", "deployment": "a", "severity": "warning"}
+            ),
+            _alert("LLMGatewayWarmupFailed", "40m"),
+        ],
+    },
+    "LLMGatewayStateBackendDown": {
+        "interval": "1m",
+        "input_series": [
+            _series("llmgw_state_backend_up", "1 0x5 1x5", backend="redis", pod="gw-a"),
+            # a pod on the in-memory backend never pages, whatever it reports
+            _series("llmgw_state_backend_up", "0x11", backend="memory", pod="gw-m"),
+        ],
         "alert_rule_test": [
             _alert("LLMGatewayStateBackendDown", "4m", {"pod": "gw-a", "severity": "warning"}),
-            _alert("LLMGatewayStateBackendDown", "10m")]},
-    "LLMGatewayAccessLogDropped": {"interval": "1m", "input_series": [
-        _series("llmgw_accesslog_dropped_total", "0x2 0+10x15 160x20", pod="gw-a")],
+            _alert("LLMGatewayStateBackendDown", "10m"),
+        ],
+    },
+    "LLMGatewayAccessLogDropped": {
+        "interval": "1m",
+        "input_series": [_series("llmgw_accesslog_dropped_total", "0x2 0+10x15 160x20", pod="gw-a")],
         "alert_rule_test": [
             _alert("LLMGatewayAccessLogDropped", "14m", {"pod": "gw-a", "severity": "info"}),
-            _alert("LLMGatewayAccessLogDropped", "35m")]},
-    "LLMGatewayOverheadP99High": {"interval": "1m", "input_series": [
-        # slow (every request between 1 and 10 ms) for 15 minutes, then fast (under 1 ms)
-        _series("llmgw_gateway_overhead_seconds_bucket", "0x15 0+100x15", model="chat", le="0.001", pod="gw-a"),
-        _series("llmgw_gateway_overhead_seconds_bucket", "0+100x31", model="chat", le="0.01", pod="gw-a"),
-        _series("llmgw_gateway_overhead_seconds_bucket", "0+100x31", model="chat", le="+Inf", pod="gw-a")],
+            _alert("LLMGatewayAccessLogDropped", "35m"),
+        ],
+    },
+    "LLMGatewayOverheadP99High": {
+        "interval": "1m",
+        "input_series": [
+            # slow (every request between 1 and 10 ms) for 15 minutes, then fast (under 1 ms)
+            _series(
+                "llmgw_gateway_overhead_seconds_bucket", "0x15 0+100x15", model="chat", le="0.001", pod="gw-a"
+            ),
+            _series("llmgw_gateway_overhead_seconds_bucket", "0+100x31", model="chat", le="0.01", pod="gw-a"),
+            _series("llmgw_gateway_overhead_seconds_bucket", "0+100x31", model="chat", le="+Inf", pod="gw-a"),
+        ],
         "alert_rule_test": [
             _alert("LLMGatewayOverheadP99High", "13m", {"severity": "warning"}),
-            _alert("LLMGatewayOverheadP99High", "30m")]},
+            _alert("LLMGatewayOverheadP99High", "30m"),
+        ],
+    },
     # 10 % errors for 70 minutes (budget 0.5 %: burn 20), then none; the 30 m window lets go at 100 m.
-    "LLMGatewayErrorBudgetFastBurn": _burn_case("LLMGatewayErrorBudgetFastBurn", "availability", "critical", [
-        _series("llmgw_requests_total", "0+90x120", model="chat", code="200", deployment="a", region="r",
-                flags="-", pod="gw-a"),
-        _series("llmgw_requests_total", "0+10x70 700x50", model="chat", code="503", deployment="a", region="r",
-                flags="UF", pod="gw-a")], "65m", "110m"),
+    "LLMGatewayErrorBudgetFastBurn": _burn_case(
+        "LLMGatewayErrorBudgetFastBurn",
+        "availability",
+        "critical",
+        [
+            _series(
+                "llmgw_requests_total",
+                "0+90x120",
+                model="chat",
+                code="200",
+                deployment="a",
+                region="r",
+                flags="-",
+                pod="gw-a",
+            ),
+            _series(
+                "llmgw_requests_total",
+                "0+10x70 700x50",
+                model="chat",
+                code="503",
+                deployment="a",
+                region="r",
+                flags="UF",
+                pod="gw-a",
+            ),
+        ],
+        "65m",
+        "110m",
+    ),
     # 2 % errors for 3 hours (burn 4), then none: a ticket, gone once the 2 h and 6 h windows clear.
-    "LLMGatewayErrorBudgetSlowBurn": _burn_case("LLMGatewayErrorBudgetSlowBurn", "availability", "warning", [
-        _series("llmgw_requests_total", "0+980x60", model="chat", code="200", deployment="a", region="r",
-                flags="-", pod="gw-a"),
-        _series("llmgw_requests_total", "0+20x18 360x42", model="chat", code="503", deployment="a", region="r",
-                flags="UF", pod="gw-a")], "170m", "9h", interval="10m"),
+    "LLMGatewayErrorBudgetSlowBurn": _burn_case(
+        "LLMGatewayErrorBudgetSlowBurn",
+        "availability",
+        "warning",
+        [
+            _series(
+                "llmgw_requests_total",
+                "0+980x60",
+                model="chat",
+                code="200",
+                deployment="a",
+                region="r",
+                flags="-",
+                pod="gw-a",
+            ),
+            _series(
+                "llmgw_requests_total",
+                "0+20x18 360x42",
+                model="chat",
+                code="503",
+                deployment="a",
+                region="r",
+                flags="UF",
+                pod="gw-a",
+            ),
+        ],
+        "170m",
+        "9h",
+        interval="10m",
+    ),
     # half the streams slower than 2 s to their first token for 40 minutes, then all fast
-    "LLMGatewayTTFTBudgetFastBurn": _burn_case("LLMGatewayTTFTBudgetFastBurn", "ttft", "critical", [
-        _series("llmgw_ttft_seconds_bucket", "0+50x40 2100+100x49", model="chat", deployment="a", stream="true",
-                le="2.0", pod="gw-a"),
-        _series("llmgw_ttft_seconds_count", "0+100x90", model="chat", deployment="a", stream="true", pod="gw-a"),
-        # non-streamed answers are slow by nature and never count against the TTFT objective
-        _series("llmgw_ttft_seconds_bucket", "0x90", model="chat", deployment="a", stream="false", le="2.0",
-                pod="gw-a"),
-        _series("llmgw_ttft_seconds_count", "0+100x90", model="chat", deployment="a", stream="false",
-                pod="gw-a")], "30m", "80m"),
+    "LLMGatewayTTFTBudgetFastBurn": _burn_case(
+        "LLMGatewayTTFTBudgetFastBurn",
+        "ttft",
+        "critical",
+        [
+            _series(
+                "llmgw_ttft_seconds_bucket",
+                "0+50x40 2100+100x49",
+                model="chat",
+                deployment="a",
+                stream="true",
+                le="2.0",
+                pod="gw-a",
+            ),
+            _series(
+                "llmgw_ttft_seconds_count",
+                "0+100x90",
+                model="chat",
+                deployment="a",
+                stream="true",
+                pod="gw-a",
+            ),
+            # non-streamed answers are slow by nature and never count against the TTFT objective
+            _series(
+                "llmgw_ttft_seconds_bucket",
+                "0x90",
+                model="chat",
+                deployment="a",
+                stream="false",
+                le="2.0",
+                pod="gw-a",
+            ),
+            _series(
+                "llmgw_ttft_seconds_count",
+                "0+100x90",
+                model="chat",
+                deployment="a",
+                stream="false",
+                pod="gw-a",
+            ),
+        ],
+        "30m",
+        "80m",
+    ),
     # 5 % of streams slow for 3 hours (burn 5), then none
-    "LLMGatewayTTFTBudgetSlowBurn": _burn_case("LLMGatewayTTFTBudgetSlowBurn", "ttft", "warning", [
-        _series("llmgw_ttft_seconds_bucket", "0+950x18 18100+1000x41", model="chat", deployment="a", stream="true",
-                le="2.0", pod="gw-a"),
-        _series("llmgw_ttft_seconds_count", "0+1000x60", model="chat", deployment="a", stream="true",
-                pod="gw-a")], "170m", "9h", interval="10m"),
-    "LLMGatewayLatencyBudgetFastBurn": _burn_case("LLMGatewayLatencyBudgetFastBurn", "latency", "critical", [
-        _series("llmgw_request_duration_seconds_bucket", "0+50x40 2100+100x49", model="chat", stream="false",
-                le="30.0", pod="gw-a"),
-        _series("llmgw_request_duration_seconds_count", "0+100x90", model="chat", stream="false", pod="gw-a")],
-        "30m", "80m"),
-    "LLMGatewayLatencyBudgetSlowBurn": _burn_case("LLMGatewayLatencyBudgetSlowBurn", "latency", "warning", [
-        _series("llmgw_request_duration_seconds_bucket", "0+950x18 18100+1000x41", model="chat", stream="false",
-                le="30.0", pod="gw-a"),
-        _series("llmgw_request_duration_seconds_count", "0+1000x60", model="chat", stream="false", pod="gw-a")],
-        "170m", "9h", interval="10m"),
+    "LLMGatewayTTFTBudgetSlowBurn": _burn_case(
+        "LLMGatewayTTFTBudgetSlowBurn",
+        "ttft",
+        "warning",
+        [
+            _series(
+                "llmgw_ttft_seconds_bucket",
+                "0+950x18 18100+1000x41",
+                model="chat",
+                deployment="a",
+                stream="true",
+                le="2.0",
+                pod="gw-a",
+            ),
+            _series(
+                "llmgw_ttft_seconds_count",
+                "0+1000x60",
+                model="chat",
+                deployment="a",
+                stream="true",
+                pod="gw-a",
+            ),
+        ],
+        "170m",
+        "9h",
+        interval="10m",
+    ),
+    "LLMGatewayLatencyBudgetFastBurn": _burn_case(
+        "LLMGatewayLatencyBudgetFastBurn",
+        "latency",
+        "critical",
+        [
+            _series(
+                "llmgw_request_duration_seconds_bucket",
+                "0+50x40 2100+100x49",
+                model="chat",
+                stream="false",
+                le="30.0",
+                pod="gw-a",
+            ),
+            _series(
+                "llmgw_request_duration_seconds_count", "0+100x90", model="chat", stream="false", pod="gw-a"
+            ),
+        ],
+        "30m",
+        "80m",
+    ),
+    "LLMGatewayLatencyBudgetSlowBurn": _burn_case(
+        "LLMGatewayLatencyBudgetSlowBurn",
+        "latency",
+        "warning",
+        [
+            _series(
+                "llmgw_request_duration_seconds_bucket",
+                "0+950x18 18100+1000x41",
+                model="chat",
+                stream="false",
+                le="30.0",
+                pod="gw-a",
+            ),
+            _series(
+                "llmgw_request_duration_seconds_count", "0+1000x60", model="chat", stream="false", pod="gw-a"
+            ),
+        ],
+        "170m",
+        "9h",
+        interval="10m",
+    ),
 }
 
 # Traffic well within every objective: no burn-rate alert may fire at any point.
-QUIET = {"interval": "10m", "input_series": [
-    _series("llmgw_requests_total", "0+997x54", model="chat", code="200", deployment="a", region="r", flags="-",
-            pod="gw-a"),
-    _series("llmgw_requests_total", "0+3x54", model="chat", code="503", deployment="a", region="r", flags="UF",
-            pod="gw-a"),
-    _series("llmgw_ttft_seconds_bucket", "0+995x54", model="chat", deployment="a", stream="true", le="2.0",
-            pod="gw-a"),
-    _series("llmgw_ttft_seconds_count", "0+1000x54", model="chat", deployment="a", stream="true", pod="gw-a"),
-    _series("llmgw_request_duration_seconds_bucket", "0+995x54", model="chat", stream="false", le="30.0",
-            pod="gw-a"),
-    _series("llmgw_request_duration_seconds_count", "0+1000x54", model="chat", stream="false", pod="gw-a")],
-    "alert_rule_test": [_alert(name, at) for name in CASES if "Burn" in name for at in ("1h", "3h", "9h")]}
+QUIET = {
+    "interval": "10m",
+    "input_series": [
+        _series(
+            "llmgw_requests_total",
+            "0+997x54",
+            model="chat",
+            code="200",
+            deployment="a",
+            region="r",
+            flags="-",
+            pod="gw-a",
+        ),
+        _series(
+            "llmgw_requests_total",
+            "0+3x54",
+            model="chat",
+            code="503",
+            deployment="a",
+            region="r",
+            flags="UF",
+            pod="gw-a",
+        ),
+        _series(
+            "llmgw_ttft_seconds_bucket",
+            "0+995x54",
+            model="chat",
+            deployment="a",
+            stream="true",
+            le="2.0",
+            pod="gw-a",
+        ),
+        _series(
+            "llmgw_ttft_seconds_count", "0+1000x54", model="chat", deployment="a", stream="true", pod="gw-a"
+        ),
+        _series(
+            "llmgw_request_duration_seconds_bucket",
+            "0+995x54",
+            model="chat",
+            stream="false",
+            le="30.0",
+            pod="gw-a",
+        ),
+        _series(
+            "llmgw_request_duration_seconds_count", "0+1000x54", model="chat", stream="false", pod="gw-a"
+        ),
+    ],
+    "alert_rule_test": [_alert(name, at) for name in CASES if "Burn" in name for at in ("1h", "3h", "9h")],
+}
 
 
 @pytest.fixture(scope="module")
 def rules(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str]]:
     """(full rules file, annotation-free copy, alert names) of the chart with a shared state backend."""
-    docs = manifests(template({"metrics": {"prometheusRule": {"enabled": True}},
-                               "redis": {"url": "redis://redis:6379/0"}}))
+    docs = manifests(
+        template({"metrics": {"prometheusRule": {"enabled": True}}, "redis": {"url": "redis://redis:6379/0"}})
+    )
     (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
     groups = rule["spec"]["groups"]
     d = tmp_path_factory.mktemp("rules")
@@ -174,7 +419,9 @@ def rules(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[st
 
 def test_promtool_accepts_every_rule_and_template(rules):
     full, _, _ = rules
-    proc = subprocess.run([tool("promtool"), "check", "rules", str(full)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [tool("promtool"), "check", "rules", str(full)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -184,5 +431,7 @@ def test_every_alert_fires_and_resolves(rules, tmp_path):
     tests = {"rule_files": [str(bare)], "evaluation_interval": "1m", "tests": [*CASES.values(), QUIET]}
     spec = tmp_path / "alerts-test.yaml"
     spec.write_text(yaml.safe_dump(tests, sort_keys=False))
-    proc = subprocess.run([tool("promtool"), "test", "rules", str(spec)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [tool("promtool"), "test", "rules", str(spec)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]

@@ -14,7 +14,9 @@ sys.modules["bench_report"] = br
 _spec.loader.exec_module(br)
 
 
-def run(target: str, rnd: int, p50: float, conc: int = 1, mode: str = "json", cpu: float | None = None) -> br.Run:
+def run(
+    target: str, rnd: int, p50: float, conc: int = 1, mode: str = "json", cpu: float | None = None
+) -> br.Run:
     r = br.Run(target, mode, conc, rnd, 100.0, 10, 10, {}, {"p50": p50, "p99": p50 * 2}, None)
     r.cpu_ms_per_req = cpu
     return r
@@ -22,8 +24,14 @@ def run(target: str, rnd: int, p50: float, conc: int = 1, mode: str = "json", cp
 
 def test_added_latency_is_the_median_of_per_round_differences_with_direct() -> None:
     # direct drifts between rounds; the gateway is always 1 ms above it in the same round
-    runs = [run("direct", 0, 1.0), run("direct", 1, 5.0), run("direct", 2, 9.0),
-            run("llmgw", 0, 2.0), run("llmgw", 1, 6.0), run("llmgw", 2, 10.0)]
+    runs = [
+        run("direct", 0, 1.0),
+        run("direct", 1, 5.0),
+        run("direct", 2, 9.0),
+        run("llmgw", 0, 2.0),
+        run("llmgw", 1, 6.0),
+        run("llmgw", 2, 10.0),
+    ]
     summ = br.summarize(runs, ["direct", "llmgw"], ["json"], [1])
     gw = next(s for s in summ if s.target == "llmgw")
     assert gw.added_p50 == 1.0
@@ -38,8 +46,12 @@ def test_ratio_is_undefined_for_non_positive_added_latency() -> None:
 
 
 def test_headline_takes_latency_at_low_and_cpu_at_chosen_concurrency() -> None:
-    runs = [run("direct", 0, 1.0), run("direct", 0, 3.0, conc=16),
-            run("floor", 0, 1.5, cpu=0.5), run("floor", 0, 5.0, conc=16, cpu=0.4)]
+    runs = [
+        run("direct", 0, 1.0),
+        run("direct", 0, 3.0, conc=16),
+        run("floor", 0, 1.5, cpu=0.5),
+        run("floor", 0, 5.0, conc=16, cpu=0.4),
+    ]
     summ = br.summarize(runs, ["direct", "floor"], ["json"], [1, 16])
     h = br.headline(summ, "floor", lat_conc=1, cpu_conc=16)
     assert h.added_p50_json == 0.5

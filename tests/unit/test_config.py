@@ -12,7 +12,9 @@ from gateway.config import ConfigError, GatewayConfig, parse_config, redact
 
 
 def _cfg(**model_extra):
-    return {"models": [{"name": "m", "deployments": [{"id": "d", "base_url": "http://h:1/v1"}], **model_extra}]}
+    return {
+        "models": [{"name": "m", "deployments": [{"id": "d", "base_url": "http://h:1/v1"}], **model_extra}]
+    }
 
 
 def test_env_expansion_with_default_and_missing_var():
@@ -22,14 +24,18 @@ def test_env_expansion_with_default_and_missing_var():
     cfg = parse_config(raw, env={"KEY_X": "secret"})
     d = cfg.models[0].deployments[0]
     assert d.api_key == "secret" and d.model == "gpt-x"
-    with pytest.raises(ConfigError, match=r"models\[0\]\.deployments\[0\]\.api_key: environment variable KEY_X"):
+    with pytest.raises(
+        ConfigError, match=r"models\[0\]\.deployments\[0\]\.api_key: environment variable KEY_X"
+    ):
         parse_config(raw, env={})
 
 
 def test_model_defaults_and_deployment_inheritance():
     raw = _cfg(timeouts={"ttft_ms": 700})
     raw["model_defaults"] = {"timeouts": {"connect_ms": 300, "ttft_ms": 900}, "retry": {"max_retries": 4}}
-    raw["models"][0]["deployments"].append({"id": "e", "base_url": "http://h:2/v1", "timeouts": {"idle_ms": 5}})
+    raw["models"][0]["deployments"].append(
+        {"id": "e", "base_url": "http://h:2/v1", "timeouts": {"idle_ms": 5}}
+    )
     cfg = parse_config(raw)
     m = cfg.models[0]
     assert m.retry.max_retries == 4
@@ -39,20 +45,46 @@ def test_model_defaults_and_deployment_inheritance():
     assert d1.timeouts.idle_ms == 5 and d1.timeouts.ttft_ms == 700
 
 
-@pytest.mark.parametrize(("mutate", "message"), [
-    (lambda r: r["models"][0]["deployments"][0].update(base_url="ftp://x"), "models[0].deployments[0].base_url: not a URL"),
-    (lambda r: r["models"][0].update(retry={"retry_on": ["teapot"]}), "models[0].retry.retry_on: unknown condition 'teapot'"),
-    (lambda r: r["models"][0].update(hedging={"min_delay_ms": 10, "max_delay_ms": 5}), "min_delay_ms must not exceed"),
-    (lambda r: r["models"][0].update(fallbacks=["ghost"]), "models[0].fallbacks[0]: 'ghost' is not a configured model"),
-    (lambda r: r.update(state={"backend": "etcd"}), "state.backend"),
-    (lambda r: r["models"][0]["deployments"].append({"id": "d", "base_url": "http://h:1"}), "deployment id 'd' is used twice"),
-    (lambda r: r["models"][0].update(timeouts={"ttft_ms": -1}), "models[0].timeouts.ttft_ms"),
-    (lambda r: r.update(servr={}), "servr: unknown key"),
-    (lambda r: r["models"][0]["deployments"][0].update(headers={"x-team": "a\r\nx-admin: 1"}),
-     "models[0].deployments[0].headers: the value of 'x-team' holds a line break"),
-    (lambda r: r["models"][0]["deployments"][0].update(headers={"bad name": "v"}), "'bad name' is not a valid HTTP header"),
-    (lambda r: r["models"][0]["deployments"][0].update(api_key="sk-1\n"), "deployments[0].api_key: holds a line break"),
-])
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (
+            lambda r: r["models"][0]["deployments"][0].update(base_url="ftp://x"),
+            "models[0].deployments[0].base_url: not a URL",
+        ),
+        (
+            lambda r: r["models"][0].update(retry={"retry_on": ["teapot"]}),
+            "models[0].retry.retry_on: unknown condition 'teapot'",
+        ),
+        (
+            lambda r: r["models"][0].update(hedging={"min_delay_ms": 10, "max_delay_ms": 5}),
+            "min_delay_ms must not exceed",
+        ),
+        (
+            lambda r: r["models"][0].update(fallbacks=["ghost"]),
+            "models[0].fallbacks[0]: 'ghost' is not a configured model",
+        ),
+        (lambda r: r.update(state={"backend": "etcd"}), "state.backend"),
+        (
+            lambda r: r["models"][0]["deployments"].append({"id": "d", "base_url": "http://h:1"}),
+            "deployment id 'd' is used twice",
+        ),
+        (lambda r: r["models"][0].update(timeouts={"ttft_ms": -1}), "models[0].timeouts.ttft_ms"),
+        (lambda r: r.update(servr={}), "servr: unknown key"),
+        (
+            lambda r: r["models"][0]["deployments"][0].update(headers={"x-team": "a\r\nx-admin: 1"}),
+            "models[0].deployments[0].headers: the value of 'x-team' holds a line break",
+        ),
+        (
+            lambda r: r["models"][0]["deployments"][0].update(headers={"bad name": "v"}),
+            "'bad name' is not a valid HTTP header",
+        ),
+        (
+            lambda r: r["models"][0]["deployments"][0].update(api_key="sk-1\n"),
+            "deployments[0].api_key: holds a line break",
+        ),
+    ],
+)
 def test_errors_name_the_key(mutate, message):
     raw = _cfg()
     mutate(raw)
@@ -62,17 +94,21 @@ def test_errors_name_the_key(mutate, message):
 
 
 def test_fallback_loop_is_rejected():
-    raw = {"models": [
-        {"name": "a", "deployments": [{"id": "a1", "base_url": "http://h/v1"}], "fallbacks": ["b"]},
-        {"name": "b", "deployments": [{"id": "b1", "base_url": "http://h/v1"}], "fallbacks": ["a"]},
-    ]}
+    raw = {
+        "models": [
+            {"name": "a", "deployments": [{"id": "a1", "base_url": "http://h/v1"}], "fallbacks": ["b"]},
+            {"name": "b", "deployments": [{"id": "b1", "base_url": "http://h/v1"}], "fallbacks": ["a"]},
+        ]
+    }
     with pytest.raises(ConfigError, match="fallbacks: loop a -> b -> a"):
         parse_config(raw)
 
 
 def test_redact_hides_every_secret():
     raw = _cfg()
-    raw["models"][0]["deployments"][0].update(api_key="sk-secret", headers={"api-key": "az-secret", "x-team": "t"})
+    raw["models"][0]["deployments"][0].update(
+        api_key="sk-secret", headers={"api-key": "az-secret", "x-team": "t"}
+    )
     raw["state"] = {"backend": "redis", "redis_url": "redis://:pw-secret@h:6379/0"}
     text = str(redact(parse_config(raw)))
     assert "sk-secret" not in text and "az-secret" not in text and "pw-secret" not in text

@@ -13,7 +13,15 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 CHART_VALUES = ROOT / "deploy" / "helm" / "llm-gateway" / "values.yaml"
-DEV_ONLY = ("pytest", "ruff", "hypothesis", "import-linter", "helm-python-sdk", "kubernetes-validate", "locust")
+DEV_ONLY = (
+    "pytest",
+    "ruff",
+    "hypothesis",
+    "import-linter",
+    "helm-python-sdk",
+    "kubernetes-validate",
+    "locust",
+)
 
 
 @dataclass(slots=True)
@@ -73,8 +81,9 @@ FINAL = STAGES[-1]
 def test_multi_stage_on_python_311_slim():
     assert len(STAGES) >= 2
     # an exact release (a digest may follow), never a moving tag like 3.11-slim
-    assert all(re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?(@sha256:[0-9a-f]{64})?", s.base) for s in STAGES), \
-        [s.base for s in STAGES]
+    assert all(
+        re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?(@sha256:[0-9a-f]{64})?", s.base) for s in STAGES
+    ), [s.base for s in STAGES]
     build = STAGES[0]
     assert build.name and any(f"--from={build.name}" in c for c in FINAL.all("COPY"))
     # The runtime stage only copies the built environment: no compiling, no pip.
@@ -100,13 +109,20 @@ def test_runs_as_a_numeric_non_root_user_matching_the_chart():
     assert (pod["runAsUser"], pod["runAsGroup"]) == (int(uid), int(gid))
     # USER comes after everything that needs root.
     ops = [o for o, _ in FINAL.instructions]
-    assert "RUN" not in ops[ops.index("USER"):]
+    assert "RUN" not in ops[ops.index("USER") :]
 
 
 def test_entrypoint_is_llmgw_serve_on_the_chart_config_path():
     assert exec_form(FINAL.last("ENTRYPOINT")) == ["llmgw"]
-    assert exec_form(FINAL.last("CMD")) == ["serve", "--config", "/etc/llmgw/config.yaml", "--host", "0.0.0.0",
-                                            "--port", "8080"]
+    assert exec_form(FINAL.last("CMD")) == [
+        "serve",
+        "--config",
+        "/etc/llmgw/config.yaml",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8080",
+    ]
     assert FINAL.last("EXPOSE") == "8080"
     gateway_values = yaml.safe_load(CHART_VALUES.read_text())["gateway"]
     assert gateway_values["server"]["port"] == 8080
@@ -156,7 +172,9 @@ def _ignored(path: str, patterns: list[str]) -> bool:
 
 
 def test_dockerignore_sends_only_what_the_build_copies():
-    patterns = [ln.strip() for ln in DOCKERIGNORE.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    patterns = [
+        ln.strip() for ln in DOCKERIGNORE.read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
     copied = [arg.split()[:-1] for s in STAGES for arg in s.all("COPY") if "--from=" not in arg]
     sources = [src for srcs in copied for src in srcs]
     assert sources, "the build stage copies the sources"
@@ -164,8 +182,15 @@ def test_dockerignore_sends_only_what_the_build_copies():
         assert (ROOT / src).exists(), src
         assert not _ignored(src.rstrip("/"), patterns), f"{src} is copied but ignored"
     assert not _ignored("gateway/config.py", patterns)
-    for private in (".git/config", ".venv/bin/python", "tests/unit/test_dockerfile.py", ".env", "loadtests/bench.py",
-                    "gateway/__pycache__/cli.cpython-311.pyc", "deploy/helm/llm-gateway/values.yaml"):
+    for private in (
+        ".git/config",
+        ".venv/bin/python",
+        "tests/unit/test_dockerfile.py",
+        ".env",
+        "loadtests/bench.py",
+        "gateway/__pycache__/cli.cpython-311.pyc",
+        "deploy/helm/llm-gateway/values.yaml",
+    ):
         assert _ignored(private, patterns), private
 
 

@@ -18,8 +18,12 @@ from scripted_upstream import DONE, Playbook, Reply, Request, sse
 from gateway.engine.interrupt import CancelReason
 from gateway.upstream.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamResetError
 
-OK = {"id": "c1", "object": "chat.completion", "choices": [{"index": 0, "message": {"content": "ok"}}],
-      "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+OK = {
+    "id": "c1",
+    "object": "chat.completion",
+    "choices": [{"index": 0, "message": {"content": "ok"}}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+}
 STREAM_TIMEOUTS = {"ttft_ms": 5000, "per_try_ms": 60000, "idle_ms": 30000}
 
 
@@ -35,6 +39,7 @@ def by_deployment(**replies: Callable[[Request], Reply] | Reply) -> Callable[[Re
     def handler(req: Request) -> Reply:
         r = replies[req.deployment]
         return r(req) if callable(r) else r
+
     return handler
 
 
@@ -43,20 +48,30 @@ def by_deployment(**replies: Callable[[Request], Reply] | Reply) -> Callable[[Re
 
 def test_a_hedge_that_wins_interrupts_the_primary() -> None:
     async def scenario() -> None:
-        pb = Playbook([model("m", "a", "b", hedging={"enabled": True, "delay_ms": 100}, timeouts=STREAM_TIMEOUTS)],
-                      by_deployment(a=Reply.stream((2.0, sse("slow")), (0, DONE)),
-                                    b=Reply.stream((0.05, sse("fast")), (0.01, DONE))))
+        pb = Playbook(
+            [model("m", "a", "b", hedging={"enabled": True, "delay_ms": 100}, timeouts=STREAM_TIMEOUTS)],
+            by_deployment(
+                a=Reply.stream((2.0, sse("slow")), (0, DONE)),
+                b=Reply.stream((0.05, sse("fast")), (0.01, DONE)),
+            ),
+        )
         call = pb.call("m", stream=True)
         await pb.play(0.099)
-        assert [r.deployment for r in pb.upstream.requests] == ["a"]  # the primary alone, until the hedge delay
+        assert [r.deployment for r in pb.upstream.requests] == [
+            "a"
+        ]  # the primary alone, until the hedge delay
         await pb.play(0.002)
         assert [r.deployment for r in pb.upstream.requests] == ["a", "b"]  # the hedge goes out at 100 ms
         rec = await pb.finish(call)
         a, b = pb.upstream.requests
-        assert a.closed_at is not None and a.closed_at == pytest.approx(1000.151, abs=0.002)  # interrupted at b's token
+        assert a.closed_at is not None and a.closed_at == pytest.approx(
+            1000.151, abs=0.002
+        )  # interrupted at b's token
         assert b.closed_at is None and b.released
         assert call.down.status == 200 and call.down.events() == [
-            '{"choices":[{"index":0,"delta":{"content":"fast"}}]}', "[DONE]"]
+            '{"choices":[{"index":0,"delta":{"content":"fast"}}]}',
+            "[DONE]",
+        ]
         assert (rec["hedge_count"], rec["hedge_winner"], rec["hedge_loser"]) == (1, "hedge", "a")
         assert (rec["response_code"], rec["response_flags"], rec["upstream_cluster"]) == (200, "-", "b")
 
@@ -65,10 +80,21 @@ def test_a_hedge_that_wins_interrupts_the_primary() -> None:
 
 def test_a_hedge_that_fails_while_the_primary_waits_counts_as_the_retry() -> None:
     async def scenario() -> None:
-        pb = Playbook([model("m", "a", "b", hedging={"enabled": True, "delay_ms": 100},
-                             retry={"max_retries": 1, "backoff_base_ms": 0})],
-                      by_deployment(a=Reply.json(OK, after=0.3),
-                                    b=Reply.json({"error": {"message": "busy"}}, after=0.05, status=503)))
+        pb = Playbook(
+            [
+                model(
+                    "m",
+                    "a",
+                    "b",
+                    hedging={"enabled": True, "delay_ms": 100},
+                    retry={"max_retries": 1, "backoff_base_ms": 0},
+                )
+            ],
+            by_deployment(
+                a=Reply.json(OK, after=0.3),
+                b=Reply.json({"error": {"message": "busy"}}, after=0.05, status=503),
+            ),
+        )
         call = pb.call("m")
         await pb.play(0.2)  # the hedge went out at 100 ms and failed at 150 ms; the primary still waits
         assert [r.deployment for r in pb.upstream.requests] == ["a", "b"]
@@ -86,8 +112,11 @@ def test_a_hedge_that_fails_while_the_primary_waits_counts_as_the_retry() -> Non
 
 def test_a_retry_after_beyond_the_deadline_is_answered_at_once() -> None:
     async def scenario() -> None:
-        limited = Reply.json({"error": {"message": "slow down", "type": "rate_limit"}}, status=429,
-                             headers={"retry-after": "30"})
+        limited = Reply.json(
+            {"error": {"message": "slow down", "type": "rate_limit"}},
+            status=429,
+            headers={"retry-after": "30"},
+        )
         pb = Playbook([model("m", "a", retry={"max_retries": 2})], by_deployment(a=limited))
         call = pb.call("m", headers={"x-gateway-timeout-ms": "2000"})
         await pb.play(0.0)  # no time passes: the answer must not wait for anything
@@ -95,7 +124,9 @@ def test_a_retry_after_beyond_the_deadline_is_answered_at_once() -> None:
         rec = await pb.finish(call)
         assert len(pb.upstream.requests) == 1
         assert call.down.status == 429 and call.down.headers["retry-after"] == "30"
-        assert call.down.json()["error"]["message"] == "slow down"  # the provider's own answer, passed through
+        assert (
+            call.down.json()["error"]["message"] == "slow down"
+        )  # the provider's own answer, passed through
         assert rec["retry_count"] == 0 and rec["duration_ms"] == 0.0
 
     play(scenario)
@@ -103,9 +134,12 @@ def test_a_retry_after_beyond_the_deadline_is_answered_at_once() -> None:
 
 def test_a_connect_failure_is_retried_on_another_deployment() -> None:
     async def scenario() -> None:
-        pb = Playbook([model("m", "a", "b", retry={"max_retries": 1, "backoff_base_ms": 0})],
-                      by_deployment(a=Reply(fail=UpstreamConnectError("refused"), head_after=0.01),
-                                    b=Reply.json(OK, after=0.02)))
+        pb = Playbook(
+            [model("m", "a", "b", retry={"max_retries": 1, "backoff_base_ms": 0})],
+            by_deployment(
+                a=Reply(fail=UpstreamConnectError("refused"), head_after=0.01), b=Reply.json(OK, after=0.02)
+            ),
+        )
         call = pb.call("m")
         rec = await pb.finish(call)
         assert [r.deployment for r in pb.upstream.requests] == ["a", "b"]
@@ -117,9 +151,13 @@ def test_a_connect_failure_is_retried_on_another_deployment() -> None:
 
 def test_a_malformed_provider_answer_is_a_502_with_flag_upe() -> None:
     async def scenario() -> None:
-        pb = Playbook([model("m", "a", "b", retry={"max_retries": 1, "backoff_base_ms": 0}),
-                       model("n", "c", retry={"retry_on": ["connect-failure", "5xx"]})],
-                      lambda req: Reply(fail=UpstreamProtocolError("status line 'HTTP/1.1 99x'")))
+        pb = Playbook(
+            [
+                model("m", "a", "b", retry={"max_retries": 1, "backoff_base_ms": 0}),
+                model("n", "c", retry={"retry_on": ["connect-failure", "5xx"]}),
+            ],
+            lambda req: Reply(fail=UpstreamProtocolError("status line 'HTTP/1.1 99x'")),
+        )
         call = pb.call("m")
         rec = await pb.finish(call)
         assert [r.deployment for r in pb.upstream.requests] == ["a", "b"]  # retried as a reset is
@@ -139,11 +177,15 @@ def test_a_malformed_provider_answer_is_a_502_with_flag_upe() -> None:
 
 def test_a_stalled_stream_ends_with_an_sse_error_at_the_hard_end() -> None:
     async def scenario() -> None:
-        pb = Playbook([model("m", "a", timeouts={"ttft_ms": 1000, "per_try_ms": 60000, "idle_ms": 30000})],
-                      by_deployment(a=Reply.stream((0.1, sse("one")), stall=True)))
+        pb = Playbook(
+            [model("m", "a", timeouts={"ttft_ms": 1000, "per_try_ms": 60000, "idle_ms": 30000})],
+            by_deployment(a=Reply.stream((0.1, sse("one")), stall=True)),
+        )
         call = pb.call("m", stream=True, headers={"x-gateway-timeout-ms": "3000"})
         await pb.play(2.9)
-        assert call.down.events() == ['{"choices":[{"index":0,"delta":{"content":"one"}}]}']  # relayed, then silence
+        assert call.down.events() == [
+            '{"choices":[{"index":0,"delta":{"content":"one"}}]}'
+        ]  # relayed, then silence
         assert not call.down.complete
         await pb.play(0.2)  # the request deadline (3 s) is the hard end, before idle_ms and per_try_ms
         rec = await pb.finish(call)
@@ -157,8 +199,10 @@ def test_a_stalled_stream_ends_with_an_sse_error_at_the_hard_end() -> None:
 
 def test_a_stream_idle_too_long_ends_with_ut() -> None:
     async def scenario() -> None:
-        pb = Playbook([model("m", "a", timeouts={"ttft_ms": 1000, "per_try_ms": 60000, "idle_ms": 500})],
-                      by_deployment(a=Reply.stream((0.1, sse("one")), (0.3, sse("two")), stall=True)))
+        pb = Playbook(
+            [model("m", "a", timeouts={"ttft_ms": 1000, "per_try_ms": 60000, "idle_ms": 500})],
+            by_deployment(a=Reply.stream((0.1, sse("one")), (0.3, sse("two")), stall=True)),
+        )
         call = pb.call("m", stream=True)
         rec = await pb.finish(call)
         assert len(call.down.events()) == 3 and "idle_ms=500" in call.down.events()[-1]
@@ -173,8 +217,10 @@ def test_a_stream_idle_too_long_ends_with_ut() -> None:
 
 def test_the_client_leaves_while_waiting_for_the_first_token() -> None:
     async def scenario() -> None:
-        pb = Playbook([model("m", "a", timeouts=STREAM_TIMEOUTS)],
-                      by_deployment(a=Reply.stream((4.0, sse("late")), (0, DONE))))
+        pb = Playbook(
+            [model("m", "a", timeouts=STREAM_TIMEOUTS)],
+            by_deployment(a=Reply.stream((4.0, sse("late")), (0, DONE))),
+        )
         call = pb.call("m", stream=True)
         await pb.play(0.5)
         call.exchange.cancel(CancelReason.CLIENT_GONE)
@@ -188,8 +234,10 @@ def test_the_client_leaves_while_waiting_for_the_first_token() -> None:
 
 def test_the_client_leaves_mid_stream() -> None:
     async def scenario() -> None:
-        pb = Playbook([model("m", "a", timeouts=STREAM_TIMEOUTS)],
-                      by_deployment(a=Reply.stream((0.1, sse("one")), (0.1, sse("two")), (5.0, sse("three")))))
+        pb = Playbook(
+            [model("m", "a", timeouts=STREAM_TIMEOUTS)],
+            by_deployment(a=Reply.stream((0.1, sse("one")), (0.1, sse("two")), (5.0, sse("three")))),
+        )
         call = pb.call("m", stream=True)
         await pb.play(0.5)
         assert len(call.down.events()) == 2
@@ -205,8 +253,10 @@ def test_the_client_leaves_mid_stream() -> None:
 
 def test_the_client_leaves_during_a_hedge_race() -> None:
     async def scenario() -> None:
-        pb = Playbook([model("m", "a", "b", hedging={"enabled": True, "delay_ms": 100}, timeouts=STREAM_TIMEOUTS)],
-                      by_deployment(a=Reply.stream((3.0, sse("a"))), b=Reply.stream((3.0, sse("b")))))
+        pb = Playbook(
+            [model("m", "a", "b", hedging={"enabled": True, "delay_ms": 100}, timeouts=STREAM_TIMEOUTS)],
+            by_deployment(a=Reply.stream((3.0, sse("a"))), b=Reply.stream((3.0, sse("b")))),
+        )
         call = pb.call("m", stream=True)
         await pb.play(0.2)
         assert len(pb.upstream.requests) == 2
@@ -223,9 +273,13 @@ def test_the_client_leaves_during_a_hedge_race() -> None:
 
 def test_a_failing_model_falls_back_to_the_next() -> None:
     async def scenario() -> None:
-        pb = Playbook([model("m", "a", retry={"max_retries": 0}, fallbacks=["m2"]), model("m2", "c")],
-                      by_deployment(a=Reply.json({"error": {"message": "down"}}, status=503, after=0.01),
-                                    c=Reply.json(OK, after=0.01)))
+        pb = Playbook(
+            [model("m", "a", retry={"max_retries": 0}, fallbacks=["m2"]), model("m2", "c")],
+            by_deployment(
+                a=Reply.json({"error": {"message": "down"}}, status=503, after=0.01),
+                c=Reply.json(OK, after=0.01),
+            ),
+        )
         call = pb.call("m")
         rec = await pb.finish(call)
         assert [(r.deployment, r.body["model"]) for r in pb.upstream.requests] == [("a", "m"), ("c", "m2")]
@@ -237,9 +291,10 @@ def test_a_failing_model_falls_back_to_the_next() -> None:
 
 def test_too_little_time_left_degrades_to_the_fallback_without_trying() -> None:
     async def scenario() -> None:
-        pb = Playbook([model("m", "a", fallbacks=["m2"], degrade={"when_remaining_ms_below": 1000}),
-                       model("m2", "c")],
-                      by_deployment(a=Reply.json(OK), c=Reply.json(OK, after=0.01)))
+        pb = Playbook(
+            [model("m", "a", fallbacks=["m2"], degrade={"when_remaining_ms_below": 1000}), model("m2", "c")],
+            by_deployment(a=Reply.json(OK), c=Reply.json(OK, after=0.01)),
+        )
         call = pb.call("m", headers={"x-gateway-timeout-ms": "800"})
         rec = await pb.finish(call)
         assert [r.deployment for r in pb.upstream.requests] == ["c"]  # the big model was never asked
@@ -263,7 +318,11 @@ def test_an_unexpected_exception_is_an_openai_shaped_500_with_flag_ge() -> None:
         err = call.down.json()["error"]
         assert (err["type"], err["code"]) == ("server_error", "internal_error")
         assert set(err) == {"message", "type", "param", "code"}
-        assert (rec["response_code"], rec["response_flags"], rec["error_type"]) == (500, "GE", "internal_error")
+        assert (rec["response_code"], rec["response_flags"], rec["error_type"]) == (
+            500,
+            "GE",
+            "internal_error",
+        )
         assert pb.engine.inflight == 0
 
     play(scenario)
@@ -271,16 +330,28 @@ def test_an_unexpected_exception_is_an_openai_shaped_500_with_flag_ge() -> None:
 
 def test_an_unexpected_exception_mid_stream_ends_the_stream_with_an_error_event() -> None:
     async def scenario() -> None:
-        pb = Playbook([model("m", "a", timeouts=STREAM_TIMEOUTS)],
-                      by_deployment(a=Reply(200, {"content-type": "text/event-stream"}, [(0.1, sse("one"))],
-                                            then_fail=RuntimeError("a bug in a client"))))
+        pb = Playbook(
+            [model("m", "a", timeouts=STREAM_TIMEOUTS)],
+            by_deployment(
+                a=Reply(
+                    200,
+                    {"content-type": "text/event-stream"},
+                    [(0.1, sse("one"))],
+                    then_fail=RuntimeError("a bug in a client"),
+                )
+            ),
+        )
         call = pb.call("m", stream=True)
         rec = await pb.finish(call)
         events = call.down.events()
         assert events[0] == '{"choices":[{"index":0,"delta":{"content":"one"}}]}'
         assert '"code":"internal_error"' in events[-1] and call.down.complete
         assert pb.upstream.requests[0].closed_at is not None
-        assert (rec["response_code"], rec["response_flags"], rec["bytes_sent"]) == (200, "GE", len(call.down.body))
+        assert (rec["response_code"], rec["response_flags"], rec["bytes_sent"]) == (
+            200,
+            "GE",
+            len(call.down.body),
+        )
 
     play(scenario)
 
@@ -290,8 +361,9 @@ def test_an_unexpected_exception_mid_stream_ends_the_stream_with_an_error_event(
 
 def test_shutdown_cuts_a_waiting_request_short_with_a_503_draining() -> None:
     async def scenario() -> None:
-        pb = Playbook([model("m", "a", timeouts=STREAM_TIMEOUTS)],
-                      by_deployment(a=Reply.stream((4.0, sse("late")))))
+        pb = Playbook(
+            [model("m", "a", timeouts=STREAM_TIMEOUTS)], by_deployment(a=Reply.stream((4.0, sse("late"))))
+        )
         call = pb.call("m", stream=True)
         await pb.play(0.5)
         call.exchange.cancel(CancelReason.DRAIN)
@@ -306,8 +378,10 @@ def test_shutdown_cuts_a_waiting_request_short_with_a_503_draining() -> None:
 
 def test_shutdown_ends_a_started_stream_with_an_error_event() -> None:
     async def scenario() -> None:
-        pb = Playbook([model("m", "a", timeouts=STREAM_TIMEOUTS)],
-                      by_deployment(a=Reply.stream((0.1, sse("one")), (5.0, sse("two")))))
+        pb = Playbook(
+            [model("m", "a", timeouts=STREAM_TIMEOUTS)],
+            by_deployment(a=Reply.stream((0.1, sse("one")), (5.0, sse("two")))),
+        )
         call = pb.call("m", stream=True)
         await pb.play(0.5)
         call.exchange.cancel(CancelReason.DRAIN)
@@ -320,9 +394,17 @@ def test_shutdown_ends_a_started_stream_with_an_error_event() -> None:
 
 def test_the_client_leaving_outranks_a_pending_first_token_timeout() -> None:
     async def scenario() -> None:
-        pb = Playbook([model("m", "a", timeouts={"ttft_ms": 500, "per_try_ms": 60000, "idle_ms": 30000},
-                             retry={"max_retries": 2})],
-                      by_deployment(a=Reply.stream((4.0, sse("late")))))
+        pb = Playbook(
+            [
+                model(
+                    "m",
+                    "a",
+                    timeouts={"ttft_ms": 500, "per_try_ms": 60000, "idle_ms": 30000},
+                    retry={"max_retries": 2},
+                )
+            ],
+            by_deployment(a=Reply.stream((4.0, sse("late")))),
+        )
         call = pb.call("m", stream=True)
         await pb.play(0.499)
         pb.clock.advance(0.002)  # the first-token alarm fires: its interrupt is pending, not yet delivered
@@ -336,8 +418,12 @@ def test_the_client_leaving_outranks_a_pending_first_token_timeout() -> None:
 
 def test_a_retry_after_within_the_deadline_is_waited_out_on_the_clock() -> None:
     async def scenario() -> None:
-        replies = iter([Reply.json({"error": {"message": "slow down"}}, status=429, headers={"retry-after": "0.5"}),
-                        Reply.json(OK, after=0.01)])
+        replies = iter(
+            [
+                Reply.json({"error": {"message": "slow down"}}, status=429, headers={"retry-after": "0.5"}),
+                Reply.json(OK, after=0.01),
+            ]
+        )
         pb = Playbook([model("m", "a", retry={"max_retries": 1})], lambda req: next(replies))
         call = pb.call("m", headers={"x-gateway-timeout-ms": "3000"})
         await pb.play(0.499)
@@ -358,15 +444,22 @@ def _whole_events(call: Any) -> list[dict[str, Any]]:
     """Every event the client got parses as JSON (what the openai SDK does with each), in order."""
     body = call.down.body.decode()
     assert body.endswith("\n\n")
-    return [orjson.loads(e[len("data: "):]) for e in body.split("\n\n") if e and e != "data: [DONE]"]
+    return [orjson.loads(e[len("data: ") :]) for e in body.split("\n\n") if e and e != "data: [DONE]"]
 
 
 def test_a_stream_broken_in_the_middle_of_an_event_ends_with_a_separate_error_event() -> None:
     async def scenario() -> None:
-        pb = Playbook([model("m", "a", timeouts=STREAM_TIMEOUTS)],
-                      by_deployment(a=Reply(200, {"content-type": "text/event-stream"},
-                                            [(0.1, sse("one")), (0.1, b'data: {"id":"x","obj')],
-                                            then_fail=UpstreamResetError("peer closed"))))
+        pb = Playbook(
+            [model("m", "a", timeouts=STREAM_TIMEOUTS)],
+            by_deployment(
+                a=Reply(
+                    200,
+                    {"content-type": "text/event-stream"},
+                    [(0.1, sse("one")), (0.1, b'data: {"id":"x","obj')],
+                    then_fail=UpstreamResetError("peer closed"),
+                )
+            ),
+        )
         call = pb.call("m", stream=True)
         rec = await pb.finish(call)
         events = _whole_events(call)  # no half event glued to the error event
@@ -380,15 +473,20 @@ def test_a_stream_broken_in_the_middle_of_an_event_ends_with_a_separate_error_ev
 
 def test_a_slow_stream_cut_at_per_try_mid_event_ends_with_a_separate_error_event() -> None:
     async def scenario() -> None:
-        pb = Playbook([model("m", "a", timeouts={"ttft_ms": 1000, "per_try_ms": 2000, "idle_ms": 30000})],
-                      by_deployment(a=Reply.stream((0.1, sse("one")), (0.5, b'data: {"choices":[{"ind'), stall=True)))
+        pb = Playbook(
+            [model("m", "a", timeouts={"ttft_ms": 1000, "per_try_ms": 2000, "idle_ms": 30000})],
+            by_deployment(a=Reply.stream((0.1, sse("one")), (0.5, b'data: {"choices":[{"ind'), stall=True)),
+        )
         call = pb.call("m", stream=True)
         await pb.play(1.0)
         assert call.down.body == sse("one")  # the unfinished event is held back until it is whole
         rec = await pb.finish(call)
         events = _whole_events(call)
-        assert len(events) == 2 and events[1]["error"]["code"] == "timeout" and "per_try_ms=2000" in \
-            events[1]["error"]["message"]
+        assert (
+            len(events) == 2
+            and events[1]["error"]["code"] == "timeout"
+            and "per_try_ms=2000" in events[1]["error"]["message"]
+        )
         assert (rec["response_flags"], rec["timeout_flag"]) == ("UT", "per_try")
 
     play(scenario)
@@ -396,14 +494,24 @@ def test_a_slow_stream_cut_at_per_try_mid_event_ends_with_a_separate_error_event
 
 def test_events_split_across_reads_are_relayed_whole_and_nothing_is_lost() -> None:
     two = sse("two")
+
     async def scenario() -> None:
-        pb = Playbook([model("m", "a", timeouts=STREAM_TIMEOUTS)],
-                      by_deployment(a=Reply.stream((0.1, sse("one") + two[:9]), (0.1, two[9:-1]), (0.1, two[-1:]),
-                                                   (0.1, b"data: [DONE]\n"))))  # the last one lacks its blank line
+        pb = Playbook(
+            [model("m", "a", timeouts=STREAM_TIMEOUTS)],
+            by_deployment(
+                a=Reply.stream(
+                    (0.1, sse("one") + two[:9]), (0.1, two[9:-1]), (0.1, two[-1:]), (0.1, b"data: [DONE]\n")
+                )
+            ),
+        )  # the last one lacks its blank line
         call = pb.call("m", stream=True)
         rec = await pb.finish(call)
         bodies = [m["body"] for m in call.down.messages if m["type"] == "http.response.body" and m["body"]]
-        assert bodies == [sse("one"), two, b"data: [DONE]\n"]  # whole events; a clean end relays the rest as it came
+        assert bodies == [
+            sse("one"),
+            two,
+            b"data: [DONE]\n",
+        ]  # whole events; a clean end relays the rest as it came
         assert (rec["response_flags"], rec["bytes_sent"]) == ("-", len(call.down.body))
 
     play(scenario)
@@ -426,9 +534,13 @@ def _attempts_metric(pb: Playbook) -> dict[tuple[str, str], float]:
 
 def test_a_client_cancel_counts_each_attempt_once_as_cancelled() -> None:
     async def scenario() -> None:
-        pb = Playbook([model("m", "a", "b", hedging={"enabled": True, "delay_ms": 100}, timeouts=STREAM_TIMEOUTS)],
-                      by_deployment(a=Reply.stream((0.05, sse("one")), (0.05, sse("two")), (5.0, sse("three"))),
-                                    b=Reply.stream((3.0, sse("b")))))
+        pb = Playbook(
+            [model("m", "a", "b", hedging={"enabled": True, "delay_ms": 100}, timeouts=STREAM_TIMEOUTS)],
+            by_deployment(
+                a=Reply.stream((0.05, sse("one")), (0.05, sse("two")), (5.0, sse("three"))),
+                b=Reply.stream((3.0, sse("b"))),
+            ),
+        )
         mid = pb.call("m", stream=True)  # cancelled after two chunks: a stream, not a success
         await pb.play(0.5)
         mid.exchange.cancel(CancelReason.CLIENT_GONE)
@@ -455,10 +567,20 @@ def test_a_client_cancel_counts_each_attempt_once_as_cancelled() -> None:
 
 def test_a_deadline_504_does_not_log_or_count_a_fallback_that_never_ran() -> None:
     async def scenario() -> None:
-        pb = Playbook([model("m", "a", fallbacks=["m2"], fallback_on=["timeout"],
-                             timeouts={"ttft_ms": 5000, "per_try_ms": 5000}, retry={"max_retries": 0}),
-                       model("m2", "c")],
-                      by_deployment(a=Reply.json(OK, after=10.0), c=Reply.json(OK)))
+        pb = Playbook(
+            [
+                model(
+                    "m",
+                    "a",
+                    fallbacks=["m2"],
+                    fallback_on=["timeout"],
+                    timeouts={"ttft_ms": 5000, "per_try_ms": 5000},
+                    retry={"max_retries": 0},
+                ),
+                model("m2", "c"),
+            ],
+            by_deployment(a=Reply.json(OK, after=10.0), c=Reply.json(OK)),
+        )
         call = pb.call("m", headers={"x-gateway-timeout-ms": "1000"})
         rec = await pb.finish(call)
         assert [r.deployment for r in pb.upstream.requests] == ["a"]  # no time was left for m2

@@ -46,8 +46,13 @@ class HelmChart:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def render(self, values: dict[str, Any] | None = None, *, name: str = RELEASE, namespace: str = NAMESPACE,
-               ) -> list[Manifest]:
+    def render(
+        self,
+        values: dict[str, Any] | None = None,
+        *,
+        name: str = RELEASE,
+        namespace: str = NAMESPACE,
+    ) -> list[Manifest]:
         text = template(values, chart=self.path, name=name, namespace=namespace, kube_version=K8S_VERSION)
         return [d for d in manifests(text) if d.get("kind")]
 
@@ -171,33 +176,61 @@ def test_every_manifest_is_valid_kubernetes(variant):
 
 def test_default_values_render_only_the_core(chart):
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in render(chart))
-    assert kinds == sorted([
-        ("ConfigMap", FULLNAME), ("ConfigMap", f"{FULLNAME}-dashboard"), ("ConfigMap", f"{FULLNAME}-warmup-config"),
-        ("Deployment", FULLNAME), ("Job", f"{FULLNAME}-warmup"), ("PodDisruptionBudget", FULLNAME),
-        ("Pod", f"{FULLNAME}-test-readyz"), ("Service", FULLNAME), ("ServiceAccount", FULLNAME),
-    ])
+    assert kinds == sorted(
+        [
+            ("ConfigMap", FULLNAME),
+            ("ConfigMap", f"{FULLNAME}-dashboard"),
+            ("ConfigMap", f"{FULLNAME}-warmup-config"),
+            ("Deployment", FULLNAME),
+            ("Job", f"{FULLNAME}-warmup"),
+            ("PodDisruptionBudget", FULLNAME),
+            ("Pod", f"{FULLNAME}-test-readyz"),
+            ("Service", FULLNAME),
+            ("ServiceAccount", FULLNAME),
+        ]
+    )
 
 
 def test_all_on_values_render_every_optional_resource(chart):
     kinds = {(d["kind"], d["metadata"]["name"]) for d in render(chart, _all_on_values())}
     assert {
-        ("HorizontalPodAutoscaler", FULLNAME), ("ServiceMonitor", FULLNAME), ("PrometheusRule", FULLNAME),
-        ("NetworkPolicy", FULLNAME), ("Deployment", f"{FULLNAME}-redis"), ("Service", f"{FULLNAME}-redis"),
+        ("HorizontalPodAutoscaler", FULLNAME),
+        ("ServiceMonitor", FULLNAME),
+        ("PrometheusRule", FULLNAME),
+        ("NetworkPolicy", FULLNAME),
+        ("Deployment", f"{FULLNAME}-redis"),
+        ("Service", f"{FULLNAME}-redis"),
     } <= kinds
 
 
-@pytest.mark.parametrize(("values", "where"), [
-    ({"replicaCount": "three"}, "/replicaCount"),
-    ({"replicas": 3}, "replicas"),
-    ({"service": {"type": "Ingress"}}, "/service/type"),
-    ({"lifecycle": {"preStopSleepSeconds": -1}}, "/lifecycle/preStopSleepSeconds"),
-    ({"gateway": {"server": {"host": "127.0.0.1"}}}, "/gateway/server/host"),
-    ({"gateway": {"server": {"port": 70000}}}, "/gateway/server/port"),
-    ({"gateway": {"models": []}}, "/gateway/models"),
-    ({"gateway": {"models": [{"name": "m", "deployments": [
-        {"id": "d", "base_url": "https://x/v1", "api_key": "sk-live-123"}]}]}}, "api_key"),
-    ({"redis": {"url": "http://redis:6379"}}, "/redis/url"),
-])
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"replicaCount": "three"}, "/replicaCount"),
+        ({"replicas": 3}, "replicas"),
+        ({"service": {"type": "Ingress"}}, "/service/type"),
+        ({"lifecycle": {"preStopSleepSeconds": -1}}, "/lifecycle/preStopSleepSeconds"),
+        ({"gateway": {"server": {"host": "127.0.0.1"}}}, "/gateway/server/host"),
+        ({"gateway": {"server": {"port": 70000}}}, "/gateway/server/port"),
+        ({"gateway": {"models": []}}, "/gateway/models"),
+        (
+            {
+                "gateway": {
+                    "models": [
+                        {
+                            "name": "m",
+                            "deployments": [
+                                {"id": "d", "base_url": "https://x/v1", "api_key": "sk-live-123"}
+                            ],
+                        }
+                    ]
+                }
+            },
+            "api_key",
+        ),
+        ({"redis": {"url": "http://redis:6379"}}, "/redis/url"),
+    ],
+)
 def test_schema_rejects_wrong_values(chart, values, where):
     with pytest.raises(ValuesRejected, match=re.escape(where)):
         chart.render(values)
@@ -225,7 +258,9 @@ def test_probes_target_the_gateway_endpoints_on_named_ports(chart):
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     startup = c["startupProbe"]
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60, "start-up must outlast pool validation"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60, (
+        "start-up must outlast pool validation"
+    )
     assert c["args"] == ["serve", "--config", CONFIG_PATH]
     svc = one(render(chart, with_values(None, **{"gateway.server.admin_port": None})), "Service")
     assert [(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [("http", 8080, "http")]
@@ -271,7 +306,9 @@ def test_gateway_runs_as_the_image_user_with_writable_scratch_only(chart):
     assert mounts["/etc/llmgw"]["readOnly"] is True
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
-    assert "PROMETHEUS_MULTIPROC_DIR" not in env_of(gateway_container(docs)), "one worker needs no multiprocess dir"
+    assert "PROMETHEUS_MULTIPROC_DIR" not in env_of(gateway_container(docs)), (
+        "one worker needs no multiprocess dir"
+    )
 
 
 def test_several_workers_get_a_writable_metrics_dir(chart):
@@ -296,7 +333,11 @@ def test_pods_spread_across_zones_and_nodes(chart):
 
 def test_selectors_match_their_pods(variant):
     _, _, docs = variant
-    pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in docs if d["kind"] == "Deployment"}
+    pods = {
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+        for d in docs
+        if d["kind"] == "Deployment"
+    }
     gateway = pods[FULLNAME]
     assert one(docs, "Deployment")["spec"]["selector"]["matchLabels"].items() <= gateway.items()
     assert one(docs, "Service")["spec"]["selector"].items() <= gateway.items()
@@ -307,11 +348,16 @@ def test_selectors_match_their_pods(variant):
         assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
         assert {e["port"] for e in sm["spec"]["endpoints"]} <= {p["name"] for p in svc["spec"]["ports"]}
     if f"{FULLNAME}-redis" in pods:
-        assert not any(sm["spec"]["selector"]["matchLabels"].items()
-                       <= one(docs, "Service", f"{FULLNAME}-redis")["metadata"]["labels"].items() for sm in monitors)
+        assert not any(
+            sm["spec"]["selector"]["matchLabels"].items()
+            <= one(docs, "Service", f"{FULLNAME}-redis")["metadata"]["labels"].items()
+            for sm in monitors
+        )
         redis = pods[f"{FULLNAME}-redis"]
         assert one(docs, "Service", f"{FULLNAME}-redis")["spec"]["selector"].items() <= redis.items()
-        assert not one(docs, "Service")["spec"]["selector"].items() <= redis.items(), "gateway Service must not select Redis"
+        assert not one(docs, "Service")["spec"]["selector"].items() <= redis.items(), (
+            "gateway Service must not select Redis"
+        )
 
 
 # --------------------------------------------------------------------------- graceful termination
@@ -329,8 +375,15 @@ def test_grace_period_outlasts_prestop_and_drain(variant):
 
 
 def test_grace_period_is_derived_from_prestop_drain_and_margin(chart):
-    values = with_values(None, **{"lifecycle.preStopSleepSeconds": 7, "lifecycle.terminationMarginSeconds": 3,
-                                  "gateway.server.drain_timeout_s": 90.5, "gateway.model_defaults.timeouts.total_ms": 90000})
+    values = with_values(
+        None,
+        **{
+            "lifecycle.preStopSleepSeconds": 7,
+            "lifecycle.terminationMarginSeconds": 3,
+            "gateway.server.drain_timeout_s": 90.5,
+            "gateway.model_defaults.timeouts.total_ms": 90000,
+        },
+    )
     pod = one(render(chart, values), "Deployment")["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == 7 + 91 + 3
 
@@ -340,7 +393,10 @@ def test_explicit_grace_period_shorter_than_prestop_plus_drain_fails(chart):
     with pytest.raises(RenderFailed, match="terminationGracePeriodSeconds"):
         render(chart, values)
     ok = with_values(None, **{"lifecycle.terminationGracePeriodSeconds": 120})
-    assert one(render(chart, ok), "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
+    assert (
+        one(render(chart, ok), "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        == 120
+    )
 
 
 def test_drain_shorter_than_the_longest_request_fails_unless_allowed(chart):
@@ -365,9 +421,14 @@ def test_config_checksum_rolls_pods_only_when_the_config_changes(chart):
     text = one(base, "ConfigMap")["data"]["config.yaml"]
     assert checksum == hashlib.sha256(text.rstrip("\n").encode()).hexdigest()
     changed = render(chart, with_values(None, **{"gateway.server.max_inflight": 500}))
-    assert one(changed, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != checksum
+    assert (
+        one(changed, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        != checksum
+    )
     same = render(chart, {"replicaCount": 5})
-    assert one(same, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"] == checksum
+    assert (
+        one(same, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"] == checksum
+    )
 
 
 def test_provider_keys_come_from_the_secret_never_the_configmap(chart):
@@ -401,18 +462,24 @@ def test_a_literal_provider_key_is_refused_by_schema_and_template(chart, tmp_pat
 
 def test_redis_url_is_merged_into_the_state_config(chart):
     trial = rendered_config(render(chart, with_values(None, **{"redis.enabled": True})))
-    assert trial["state"] == {"backend": "redis", "redis_url": f"redis://{FULLNAME}-redis.{NAMESPACE}.svc:6379/0",
-                              "key_prefix": "llmgw:"}
+    assert trial["state"] == {
+        "backend": "redis",
+        "redis_url": f"redis://{FULLNAME}-redis.{NAMESPACE}.svc:6379/0",
+        "key_prefix": "llmgw:",
+    }
     url = "redis://:${REDIS_PASSWORD}@redis-master.redis.svc:6379/0"
     external = rendered_config(render(chart, with_values(None, **{"redis.url": url})))
     assert external["state"]["backend"] == "redis" and external["state"]["redis_url"] == url
     assert rendered_config(render(chart))["state"]["backend"] == "memory"
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"redis.enabled": True, "redis.url": "redis://r:6379/0"}, "mutually exclusive"),
-    ({"gateway.state.backend": "redis"}, "no Redis is named"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"redis.enabled": True, "redis.url": "redis://r:6379/0"}, "mutually exclusive"),
+        ({"gateway.state.backend": "redis"}, "no Redis is named"),
+    ],
+)
 def test_inconsistent_redis_values_fail(chart, values, message):
     with pytest.raises(RenderFailed, match=message):
         render(chart, with_values(None, **values))
@@ -422,9 +489,13 @@ def test_region_from_value_or_pod_annotation(chart):
     assert "GATEWAY_REGION" not in env_of(gateway_container(render(chart)))
     explicit = env_of(gateway_container(render(chart, {"region": "eu-west"})))
     assert explicit["GATEWAY_REGION"] == {"name": "GATEWAY_REGION", "value": "eu-west"}
-    annotated = env_of(gateway_container(render(chart, {"regionFromAnnotation": "topology.kubernetes.io/region"})))
-    assert annotated["GATEWAY_REGION"]["valueFrom"]["fieldRef"]["fieldPath"] == \
-        "metadata.annotations['topology.kubernetes.io/region']"
+    annotated = env_of(
+        gateway_container(render(chart, {"regionFromAnnotation": "topology.kubernetes.io/region"}))
+    )
+    assert (
+        annotated["GATEWAY_REGION"]["valueFrom"]["fieldRef"]["fieldPath"]
+        == "metadata.annotations['topology.kubernetes.io/region']"
+    )
 
 
 def _check_config(text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -432,8 +503,14 @@ def _check_config(text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]
     path.write_text(text)
     env = {k: v for k, v in os.environ.items() if k != "GATEWAY_REGION"}
     env.update(OPENAI_API_KEY="sk-test", AZURE_API_KEY="az-test")
-    return subprocess.run([sys.executable, "-m", "gateway", "check-config", str(path)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(path)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_rendered_config_passes_llmgw_check_config(variant, tmp_path):
@@ -444,7 +521,6 @@ def test_rendered_config_passes_llmgw_check_config(variant, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("config OK")
     assert "sk-test" not in proc.stdout and "az-test" not in proc.stdout
-
 
 
 def test_default_values_leave_retries_to_the_gateway_defaults(chart):
@@ -458,6 +534,7 @@ def test_default_values_leave_retries_to_the_gateway_defaults(chart):
     cfg = parse_config(raw, env={"OPENAI_API_KEY": "sk-test"})
     assert all(m.retry == RetryConfig() for m in cfg.models)
 
+
 # ---------------------------------------------------------------------------------- warm-up hook
 
 
@@ -470,7 +547,9 @@ def test_warmup_job_is_a_hook_with_the_new_config(chart):
         assert ann["helm.sh/hook"] == "post-install,pre-upgrade"
         assert set(ann["helm.sh/hook-delete-policy"].split(",")) == {"before-hook-creation", "hook-succeeded"}
     # The config is created before the Job that mounts it.
-    assert int(hook_cm["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(job["metadata"]["annotations"]["helm.sh/hook-weight"])
+    assert int(hook_cm["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(
+        job["metadata"]["annotations"]["helm.sh/hook-weight"]
+    )
     spec = job["spec"]["template"]["spec"]
     assert spec["restartPolicy"] == "Never"
     c = spec["containers"][0]
@@ -537,11 +616,22 @@ def _metric_refs(expr: str) -> set[str]:
 
 
 ISSUE_ALERTS = {
-    "LLMGatewayTargetDown", "LLMGatewayAbsent", "LLMGatewayErrorBudgetFastBurn", "LLMGatewayErrorBudgetSlowBurn",
-    "LLMGatewayTTFTBudgetFastBurn", "LLMGatewayTTFTBudgetSlowBurn", "LLMGatewayLatencyBudgetFastBurn",
-    "LLMGatewayLatencyBudgetSlowBurn", "LLMGatewayNoHealthyUpstream", "LLMGatewayRetryBudgetExhausted",
-    "LLMGatewayHedgeBudgetExhausted", "LLMGatewayDeploymentEjected", "LLMGatewayStateBackendDown",
-    "LLMGatewayOverheadP99High", "LLMGatewayWarmupFailed", "LLMGatewayAccessLogDropped",
+    "LLMGatewayTargetDown",
+    "LLMGatewayAbsent",
+    "LLMGatewayErrorBudgetFastBurn",
+    "LLMGatewayErrorBudgetSlowBurn",
+    "LLMGatewayTTFTBudgetFastBurn",
+    "LLMGatewayTTFTBudgetSlowBurn",
+    "LLMGatewayLatencyBudgetFastBurn",
+    "LLMGatewayLatencyBudgetSlowBurn",
+    "LLMGatewayNoHealthyUpstream",
+    "LLMGatewayRetryBudgetExhausted",
+    "LLMGatewayHedgeBudgetExhausted",
+    "LLMGatewayDeploymentEjected",
+    "LLMGatewayStateBackendDown",
+    "LLMGatewayOverheadP99High",
+    "LLMGatewayWarmupFailed",
+    "LLMGatewayAccessLogDropped",
 }
 
 
@@ -554,8 +644,10 @@ def _rules(docs: list[Manifest]) -> tuple[dict[str, Manifest], dict[str, Manifes
 def _runbook_anchors() -> set[str]:
     """GitHub's anchors of docs/operations.md's headings."""
     text = (ROOT / "docs" / "operations.md").read_text()
-    return {re.sub(r"[^a-z0-9 _-]", "", h.strip().lower()).replace(" ", "-")
-            for h in re.findall(r"^#+ (.+)$", text, re.MULTILINE)}
+    return {
+        re.sub(r"[^a-z0-9 _-]", "", h.strip().lower()).replace(" ", "-")
+        for h in re.findall(r"^#+ (.+)$", text, re.MULTILINE)
+    }
 
 
 def test_alerts_cover_the_issue_and_use_exported_metrics(chart, monkeypatch):
@@ -624,14 +716,17 @@ def test_network_policy_lets_traces_out_to_the_collector(chart):
             extra.remove(r)
         return extra
 
-    assert added_rules(**{"gateway.tracing": {"otlp_endpoint": "http://otel-collector.observability:4318"}}) == [
-        {"ports": [{"port": 4318, "protocol": "TCP"}]}]
+    assert added_rules(
+        **{"gateway.tracing": {"otlp_endpoint": "http://otel-collector.observability:4318"}}
+    ) == [{"ports": [{"port": 4318, "protocol": "TCP"}]}]
     assert added_rules(**{"gateway.tracing": {"otlp_endpoint": "https://otel.example.com"}}) == [
-        {"ports": [{"port": 443, "protocol": "TCP"}]}]
+        {"ports": [{"port": 443, "protocol": "TCP"}]}
+    ]
     # an endpoint set through OTEL_EXPORTER_OTLP_ENDPOINT in `env`: say so, and where the collector lives
     peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}}}
     assert added_rules(**{"networkPolicy.egress.tracing": {"enabled": True, "port": 4317, "to": [peer]}}) == [
-        {"ports": [{"port": 4317, "protocol": "TCP"}], "to": [peer]}]
+        {"ports": [{"port": 4317, "protocol": "TCP"}], "to": [peer]}
+    ]
 
 
 def test_dashboard_is_a_grafana_sidecar_configmap_over_exported_metrics(chart, monkeypatch):
@@ -644,13 +739,28 @@ def test_dashboard_is_a_grafana_sidecar_configmap_over_exported_metrics(chart, m
     refs = set().union(*(_metric_refs(e) for e in exprs))
     exported = _exported_metric_names()
     assert refs <= exported, f"dashboard uses unknown metrics {refs - exported}"
-    wanted = {"llmgw_requests_total", "llmgw_request_duration_seconds_bucket", "llmgw_ttft_seconds_bucket",
-              "llmgw_upstream_duration_seconds_bucket", "llmgw_gateway_overhead_seconds_bucket", "llmgw_hedges_total",
-              "llmgw_retries_total", "llmgw_ejections_total", "llmgw_pool_connections"}
+    wanted = {
+        "llmgw_requests_total",
+        "llmgw_request_duration_seconds_bucket",
+        "llmgw_ttft_seconds_bucket",
+        "llmgw_upstream_duration_seconds_bucket",
+        "llmgw_gateway_overhead_seconds_bucket",
+        "llmgw_hedges_total",
+        "llmgw_retries_total",
+        "llmgw_ejections_total",
+        "llmgw_pool_connections",
+    }
     assert wanted <= refs
     titles = " ".join(p["title"] for p in dash["panels"])
-    for word in ("P50 / P95 / P99", "Time to first token", "Upstream time vs gateway overhead", "Hedges", "Retries",
-                 "Ejections", "Pool connections"):
+    for word in (
+        "P50 / P95 / P99",
+        "Time to first token",
+        "Upstream time vs gateway overhead",
+        "Hedges",
+        "Retries",
+        "Ejections",
+        "Pool connections",
+    ):
         assert word in titles
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))

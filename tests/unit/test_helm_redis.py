@@ -16,18 +16,27 @@ def chart() -> Any:
     return HelmChart(CHART)
 
 
-SENTINEL = {"redis.mode": "sentinel", "redis.url": "redis://:${REDIS_PASSWORD}@redis/0",
-            "redis.sentinel.hosts": ["redis.redis.svc.cluster.local:26379"],
-            "redis.sentinel.password": "${REDIS_PASSWORD}"}
+SENTINEL = {
+    "redis.mode": "sentinel",
+    "redis.url": "redis://:${REDIS_PASSWORD}@redis/0",
+    "redis.sentinel.hosts": ["redis.redis.svc.cluster.local:26379"],
+    "redis.sentinel.password": "${REDIS_PASSWORD}",
+}
 
 
 def test_sentinel_values_render_the_bitnami_layout(chart, tmp_path, monkeypatch):
     monkeypatch.setenv("REDIS_PASSWORD", "pw")
     docs = render(chart, with_values(None, **SENTINEL, **{"networkPolicy.enabled": True}))
     state = rendered_config(docs)["state"]
-    assert state == {"backend": "redis", "redis_mode": "sentinel", "redis_url": "redis://:${REDIS_PASSWORD}@redis/0",
-                     "sentinels": ["redis.redis.svc.cluster.local:26379"], "sentinel_master": "mymaster",
-                     "sentinel_password": "${REDIS_PASSWORD}", "key_prefix": "llmgw:"}
+    assert state == {
+        "backend": "redis",
+        "redis_mode": "sentinel",
+        "redis_url": "redis://:${REDIS_PASSWORD}@redis/0",
+        "sentinels": ["redis.redis.svc.cluster.local:26379"],
+        "sentinel_master": "mymaster",
+        "sentinel_password": "${REDIS_PASSWORD}",
+        "key_prefix": "llmgw:",
+    }
     egress = one(docs, "NetworkPolicy")["spec"]["egress"]
     assert any({"port": 26379, "protocol": "TCP"} in rule.get("ports", []) for rule in egress)
     proc = _check_config(one(docs, "ConfigMap")["data"]["config.yaml"], tmp_path)
@@ -45,21 +54,27 @@ def test_cluster_values_render_a_seed_node(chart, tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"redis.mode": "sentinel"}, "redis.sentinel.hosts"),
-    ({"redis.mode": "cluster"}, "seed node"),
-    ({"redis.mode": "cluster", "redis.enabled": True}, "in-chart trial Redis"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"redis.mode": "sentinel"}, "redis.sentinel.hosts"),
+        ({"redis.mode": "cluster"}, "seed node"),
+        ({"redis.mode": "cluster", "redis.enabled": True}, "in-chart trial Redis"),
+    ],
+)
 def test_inconsistent_topology_values_fail(chart, values: dict[str, Any], message):
     with pytest.raises(RenderFailed, match=message):
         render(chart, with_values(None, **values))
 
 
-@pytest.mark.parametrize(("values", "where"), [
-    ({**SENTINEL, "redis.sentinel.password": "literal-password"}, "/redis/sentinel/password"),
-    ({"redis.mode": "ring"}, "/redis/mode"),
-    ({**SENTINEL, "redis.sentinel.hosts": ["no-port"]}, "/redis/sentinel/hosts/0"),
-])
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({**SENTINEL, "redis.sentinel.password": "literal-password"}, "/redis/sentinel/password"),
+        ({"redis.mode": "ring"}, "/redis/mode"),
+        ({**SENTINEL, "redis.sentinel.hosts": ["no-port"]}, "/redis/sentinel/hosts/0"),
+    ],
+)
 def test_schema_rejects_wrong_topology_values(chart, values: dict[str, Any], where):
     with pytest.raises(ValuesRejected, match=re.escape(where)):
         render(chart, with_values(None, **values))

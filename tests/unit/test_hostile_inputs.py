@@ -48,6 +48,7 @@ def test_brackets_and_commas_inside_strings_are_not_structure():
 def test_depth_counts_levels_of_nesting():
     def nested(n: int) -> bytes:
         return b'{"a": ' + b"[" * (n - 1) + b"]" * (n - 1) + b"}"
+
     assert not deeper_than(orjson.loads(nested(8)), 8)
     assert deeper_than(orjson.loads(nested(9)), 8)
     assert not deeper_than({"a": [1, 2, {"b": "c"}]}, 3)
@@ -65,19 +66,39 @@ def test_invalid_json_is_left_to_the_parser():
 
 
 def _cfg(**deployment) -> dict:
-    return {"models": [{"name": "m", "deployments": [{"id": "d", "base_url": "https://api.example/v1", **deployment}]}]}
+    return {
+        "models": [
+            {"name": "m", "deployments": [{"id": "d", "base_url": "https://api.example/v1", **deployment}]}
+        ]
+    }
 
 
 def test_every_header_value_and_url_secret_is_redacted():
-    cfg = parse_config({
-        **_cfg(api_key="sk-provider", headers={"x-upstream-credential": "cred-v4lue", "x-team": "voice"},
-               proxy="http://user:pw@proxy.internal:3128"),
-        "state": {"redis_url": "redis://:redis-pw@redis:6379/0?password=qs-pw&db=2"},
-        "tracing": {"otlp_endpoint": "https://otel-user:otel-pw@collector:4318?token=t0k"},
-    }, env={})
+    cfg = parse_config(
+        {
+            **_cfg(
+                api_key="sk-provider",
+                headers={"x-upstream-credential": "cred-v4lue", "x-team": "voice"},
+                proxy="http://user:pw@proxy.internal:3128",
+            ),
+            "state": {"redis_url": "redis://:redis-pw@redis:6379/0?password=qs-pw&db=2"},
+            "tracing": {"otlp_endpoint": "https://otel-user:otel-pw@collector:4318?token=t0k"},
+        },
+        env={},
+    )
     data = redact(cfg)
     shown = orjson.dumps(data).decode()
-    for secret in ("sk-provider", "cred-v4lue", "voice", "user:pw", "redis-pw", "qs-pw", "otel-pw", "otel-user", "t0k"):
+    for secret in (
+        "sk-provider",
+        "cred-v4lue",
+        "voice",
+        "user:pw",
+        "redis-pw",
+        "qs-pw",
+        "otel-pw",
+        "otel-user",
+        "t0k",
+    ):
         assert secret not in shown, secret
     d = data["models"][0]["deployments"][0]
     assert d["headers"] == {"x-upstream-credential": "***", "x-team": "***"}
@@ -87,14 +108,19 @@ def test_every_header_value_and_url_secret_is_redacted():
 
 
 def test_harmless_query_parameters_stay_readable():
-    assert redact_url("https://x.openai.azure.com/openai?api-version=2024-06-01&sig=abc") == \
-        "https://x.openai.azure.com/openai?api-version=2024-06-01&sig=***"
+    assert (
+        redact_url("https://x.openai.azure.com/openai?api-version=2024-06-01&sig=abc")
+        == "https://x.openai.azure.com/openai?api-version=2024-06-01&sig=***"
+    )
 
 
 @pytest.mark.parametrize("value", ["naïve ✓ token", "日本"])
 def test_a_header_value_http_cannot_carry_fails_naming_the_key(value):
-    with pytest.raises(ConfigError, match=r"models\[0\]\.deployments\[0\]\.headers: the value of 'x-note' holds "
-                                          r"characters an HTTP header cannot carry"):
+    with pytest.raises(
+        ConfigError,
+        match=r"models\[0\]\.deployments\[0\]\.headers: the value of 'x-note' holds "
+        r"characters an HTTP header cannot carry",
+    ):
         parse_config(_cfg(headers={"x-note": value}), env={})
     assert parse_config(_cfg(headers={"x-note": "café"}), env={})  # latin-1 is fine
 
@@ -102,7 +128,9 @@ def test_a_header_value_http_cannot_carry_fails_naming_the_key(value):
 def test_check_config_rejects_a_non_latin1_header(tmp_path: Path):
     path = tmp_path / "gw.yaml"
     path.write_text(yaml.safe_dump(_cfg(headers={"x-note": "✓"}), allow_unicode=True))
-    out = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(path)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(path)], capture_output=True, text=True
+    )
     assert out.returncode != 0
     assert "models[0].deployments[0].headers: the value of 'x-note'" in out.stderr
 
@@ -122,9 +150,18 @@ def test_tpm_estimate_counts_every_choice():
 
 def test_text_log_escapes_what_could_forge_a_line_or_split_a_field():
     rec = dict.fromkeys(FIELDS)
-    rec.update(start_time="2026-01-01T00:00:00Z", method="GET", path='/v1/x\n[forged] "GET / HTTP/1.1" 200',
-               response_code=404, response_flags="NR", bytes_received=0, bytes_sent=10, duration_ms=1.0,
-               user_agent='a" "b\u2028c\x85d\\', request_id="r1")
+    rec.update(
+        start_time="2026-01-01T00:00:00Z",
+        method="GET",
+        path='/v1/x\n[forged] "GET / HTTP/1.1" 200',
+        response_code=404,
+        response_flags="NR",
+        bytes_received=0,
+        bytes_sent=10,
+        duration_ms=1.0,
+        user_agent='a" "b\u2028c\x85d\\',
+        request_id="r1",
+    )
     line = format_text(rec).decode()
     assert line.count("\n") == 1 and line.endswith("\n") and len(line.splitlines()) == 1
     assert '"GET /v1/x\\n[forged] \\"GET / HTTP/1.1\\" 200 HTTP/1.1"' in line
@@ -132,8 +169,11 @@ def test_text_log_escapes_what_could_forge_a_line_or_split_a_field():
 
 
 def test_proxy_from_the_environment_by_scheme_and_no_proxy():
-    env = {"HTTPS_PROXY": "http://u:p%40ss@proxy:3128", "HTTP_PROXY": "plain-proxy:8080",
-           "NO_PROXY": ".internal,10.0.0.0/8,localhost:8000"}
+    env = {
+        "HTTPS_PROXY": "http://u:p%40ss@proxy:3128",
+        "HTTP_PROXY": "plain-proxy:8080",
+        "NO_PROXY": ".internal,10.0.0.0/8,localhost:8000",
+    }
     r = proxy_for("https://api.openai.com/v1", None, env)
     assert r is not None and (r.host, r.port, r.shown) == ("proxy", 3128, "http://proxy:3128")
     assert r.authorization == "Basic dTpwQHNz"  # u:p@ss
@@ -161,24 +201,30 @@ def test_both_ways_of_cutting_strings_agree(monkeypatch, few_quotes):
     import gateway.api.jsonlimits as jl
 
     monkeypatch.setattr(jl, "FEW_QUOTES", few_quotes)
-    hidden = orjson.dumps({"m": [f'[{{"{i}", \\' for i in range(300)]})  # brackets, commas, escapes in strings
+    hidden = orjson.dumps(
+        {"m": [f'[{{"{i}", \\' for i in range(300)]}
+    )  # brackets, commas, escapes in strings
     assert over(hidden) is None
-    assert over(hidden[:-1] + b', [' + b"[]," * 100 + b"[]]}") is JsonLimit.CONTAINERS
+    assert over(hidden[:-1] + b", [" + b"[]," * 100 + b"[]]}") is JsonLimit.CONTAINERS
     escapes = b'{"a": "x\\\\", "b": [' + b'"\\"]",' * 101 + b'"]"]}'  # \\ then a real quote; \\" inside
     assert over(escapes, containers=3) is None
-    assert over(escapes.replace(b'"]"]}', b'[], []]}'), containers=3) is JsonLimit.CONTAINERS
+    assert over(escapes.replace(b'"]"]}', b"[], []]}"), containers=3) is JsonLimit.CONTAINERS
 
 
 def test_marks_counted_part_by_part_give_the_same_answer():
     from gateway.api.jsonlimits import count_marks
 
     raw = b'{"m": "[[,", "x": [' + b",".join([b"[]"] * 150) + b"]}"
-    parts = [raw[i:i + 7] for i in range(0, len(raw), 7)]
+    parts = [raw[i : i + 7] for i in range(0, len(raw), 7)]
     marks = count_marks(parts[0])
     for p in parts[1:]:
         marks = marks.add(count_marks(p))
     assert marks == count_marks(raw)
-    assert json_over_limit(raw, 1000, 100, marks) == json_over_limit(raw, 1000, 100) == (JsonLimit.CONTAINERS, 152)  # { and [ and 150 []
+    assert (
+        json_over_limit(raw, 1000, 100, marks)
+        == json_over_limit(raw, 1000, 100)
+        == (JsonLimit.CONTAINERS, 152)
+    )  # { and [ and 150 []
 
 
 def test_an_unusable_proxy_in_the_environment_is_named_without_its_credentials():

@@ -7,8 +7,12 @@ import asyncio
 from gateway.engine.interrupt import CancelReason, Interrupt
 
 
-async def _waiting(started: asyncio.Event, seen: list[CancelReason | None], intr_box: list[Interrupt],
-                   claims: tuple[CancelReason, ...]) -> str:
+async def _waiting(
+    started: asyncio.Event,
+    seen: list[CancelReason | None],
+    intr_box: list[Interrupt],
+    claims: tuple[CancelReason, ...],
+) -> str:
     started.set()
     try:
         await asyncio.sleep(3600)

@@ -30,20 +30,33 @@ def _drive(counter, gauge, hist) -> None:
     gauge.set(7)
     gauge.dec(2)
     h = hist.labels("a")
-    for v in (0.00005, 0.0000499, 0.0001, 0.0003, 1.0, 1.5, 0.0):  # on a bound, just below, between, past the last
+    for v in (
+        0.00005,
+        0.0000499,
+        0.0001,
+        0.0003,
+        1.0,
+        1.5,
+        0.0,
+    ):  # on a bound, just below, between, past the last
         h.observe(v)
     hist.labels("b")  # a child with no samples yet is exported too
 
 
 def test_loop_metrics_export_what_prometheus_client_would():
     ref = CollectorRegistry()
-    _drive(Counter("llmgw_x_total", "X.", ["model", "code"], registry=ref),
-           Gauge("llmgw_inflight", "In flight.", registry=ref),
-           Histogram("llmgw_overhead_seconds", "Overhead.", ["model"], buckets=OVERHEAD_BUCKETS, registry=ref))
+    _drive(
+        Counter("llmgw_x_total", "X.", ["model", "code"], registry=ref),
+        Gauge("llmgw_inflight", "In flight.", registry=ref),
+        Histogram("llmgw_overhead_seconds", "Overhead.", ["model"], buckets=OVERHEAD_BUCKETS, registry=ref),
+    )
     ours = CollectorRegistry()
     loop = LoopCollector()
-    loop.metrics += [LoopCounter("llmgw_x_total", "X.", ["model", "code"]), LoopGauge("llmgw_inflight", "In flight."),
-                     LoopHistogram("llmgw_overhead_seconds", "Overhead.", ["model"], OVERHEAD_BUCKETS)]
+    loop.metrics += [
+        LoopCounter("llmgw_x_total", "X.", ["model", "code"]),
+        LoopGauge("llmgw_inflight", "In flight."),
+        LoopHistogram("llmgw_overhead_seconds", "Overhead.", ["model"], OVERHEAD_BUCKETS),
+    ]
     ours.register(loop)
     _drive(*loop.metrics)
     assert _exposition(ours) == _exposition(ref)
@@ -63,5 +76,7 @@ def test_metrics_in_one_process_are_loop_metrics(monkeypatch):
     m.child(m.requests, "chat", "a", "us-east", "200", "-").inc()
     m.inflight.inc()
     text = m.render()[0].decode()
-    assert 'llmgw_requests_total{code="200",deployment="a",flags="-",model="chat",region="us-east"} 1.0' in text
+    assert (
+        'llmgw_requests_total{code="200",deployment="a",flags="-",model="chat",region="us-east"} 1.0' in text
+    )
     assert "llmgw_inflight_requests 1.0" in text

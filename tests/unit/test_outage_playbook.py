@@ -17,8 +17,12 @@ from scripted_upstream import Playbook, Reply, Request
 
 from gateway.upstream.errors import UpstreamConnectError, UpstreamResetError
 
-OK = {"id": "c1", "object": "chat.completion", "choices": [{"index": 0, "message": {"content": "ok"}}],
-      "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+OK = {
+    "id": "c1",
+    "object": "chat.completion",
+    "choices": [{"index": 0, "message": {"content": "ok"}}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+}
 BUSY = {"error": {"message": "overloaded", "type": "server_error"}}
 
 
@@ -30,8 +34,11 @@ def model(name: str, *deployments: str, **cfg: Any) -> dict[str, Any]:
     return {"name": name, "deployments": list(deployments), "routing": {"strategy": "round-robin"}, **cfg}
 
 
-async def serve(pb: Playbook, n: int, headers: dict[str, str] | None = None,
-                ) -> list[tuple[int, dict[str, str], dict[str, Any]]]:
+async def serve(
+    pb: Playbook,
+    n: int,
+    headers: dict[str, str] | None = None,
+) -> list[tuple[int, dict[str, str], dict[str, Any]]]:
     """``n`` requests one after another: (status, response headers, access-log record) of each."""
     out = []
     for _ in range(n):
@@ -42,7 +49,9 @@ async def serve(pb: Playbook, n: int, headers: dict[str, str] | None = None,
     return out
 
 
-def test_one_of_two_deployments_failing_everything_is_failed_over_at_once(caplog: pytest.LogCaptureFixture) -> None:
+def test_one_of_two_deployments_failing_everything_is_failed_over_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def scenario() -> None:
         def handler(req: Request) -> Reply:
             if req.deployment == "a":
@@ -94,15 +103,19 @@ def test_the_only_deployment_failing_30_percent_is_retried_and_every_request_ser
 
 def test_a_dead_deployment_is_hopeless_and_its_load_bounded() -> None:
     async def scenario() -> None:
-        pb = Playbook([model("m", "a")], lambda req: Reply(fail=UpstreamConnectError("refused"), head_after=0.001))
+        pb = Playbook(
+            [model("m", "a")], lambda req: Reply(fail=UpstreamConnectError("refused"), head_after=0.001)
+        )
         results = await serve(pb, 100)
         assert {s for s, _, _ in results} == {502}
         # The failure rate climbs with every refused connect until retrying is hopeless: from then on a
         # request costs the provider one attempt and the client is told a retry cannot help.
         hopeless = [(h, rec) for _, h, rec in results if rec["retry_verdict"] == "hopeless"]
         assert len(hopeless) >= 50
-        assert all(h.get("x-should-retry") == "false" and rec["attempts"] == 1 and "URX" in rec["response_flags"]
-                   for h, rec in hopeless)
+        assert all(
+            h.get("x-should-retry") == "false" and rec["attempts"] == 1 and "URX" in rec["response_flags"]
+            for h, rec in hopeless
+        )
         assert all(rec["retry_verdict"] == "hopeless" for _, _, rec in results[-50:])
         assert len(pb.upstream.requests) <= 100 * 1.5  # not max_retries + 1 = 11 per request
         metrics = pb.engine.metrics
@@ -122,13 +135,16 @@ def test_a_client_deadline_shorter_than_the_provider_never_ejects_it() -> None:
         assert {s for s, _, _ in results} == {504}
         assert calls[0].down.json()["error"]["message"] == (
             "Request deadline of 500 ms (x-gateway-timeout-ms) ran out waiting for deployment 'a'. "
-            "Attempts: 'a' 500 ms (cut by the deadline).")
+            "Attempts: 'a' 500 ms (cut by the deadline)."
+        )
         for _, h, rec in results:
             assert h["x-should-retry"] == "false"  # the same deadline would run out again
             assert rec["response_flags"] == "DT" and rec["timeout_flag"] == "total"
         m = pb.engine.registry.models["m"]
         t = pb.clock.t
-        assert all(d.healthy(t) for d in m.deployments)  # cut by the client's deadline: not the provider's fault
+        assert all(
+            d.healthy(t) for d in m.deployments
+        )  # cut by the client's deadline: not the provider's fault
         assert pb.engine.metrics.child(pb.engine.metrics.ejections, "a").value == 0
         assert m.retry_budget.failure_rate("a", t) == 0.0 and m.retry_budget.failure_rate("b", t) == 0.0
         cut = pb.engine.metrics.child(pb.engine.metrics.attempts, "m", "a", "deadline").value
@@ -148,19 +164,31 @@ def _sse(text: str) -> bytes:
 def test_streams_the_provider_breaks_mid_way_count_against_it_and_eject_it() -> None:
     """A stream's first token is a success; a provider that then breaks the stream (UC) or stalls it past
     idle_ms (UT) has failed, and five such streams in a row eject it like five failed attempts would."""
+
     async def scenario() -> None:
-        broken = Reply(200, {"content-type": "text/event-stream"}, [(0.01, _sse("one"))],
-                       then_fail=UpstreamResetError("peer closed"))
+        broken = Reply(
+            200,
+            {"content-type": "text/event-stream"},
+            [(0.01, _sse("one"))],
+            then_fail=UpstreamResetError("peer closed"),
+        )
         stalled = Reply.stream((0.01, _sse("one")), stall=True)
-        pb = Playbook([model("m", "a", "b", timeouts={"ttft_ms": 1000, "per_try_ms": 60000, "idle_ms": 200})],
-                      lambda req: (broken if len(pb.upstream.to("a")) % 2 else stalled) if req.deployment == "a"
-                      else Reply.stream((0.01, _sse("fine")), (0.01, b"data: [DONE]\n\n")))
+        pb = Playbook(
+            [model("m", "a", "b", timeouts={"ttft_ms": 1000, "per_try_ms": 60000, "idle_ms": 200})],
+            lambda req: (
+                (broken if len(pb.upstream.to("a")) % 2 else stalled)
+                if req.deployment == "a"
+                else Reply.stream((0.01, _sse("fine")), (0.01, b"data: [DONE]\n\n"))
+            ),
+        )
         flags = []
         for _ in range(10):
             call = pb.call("m", stream=True)
             flags.append((await pb.finish(call))["response_flags"])
         a = pb.engine.registry.models["m"].by_id["a"]
-        assert flags.count("UC") + flags.count("UT") == 5  # round-robin: a served every other request until ejected
+        assert (
+            flags.count("UC") + flags.count("UT") == 5
+        )  # round-robin: a served every other request until ejected
         assert a.outlier.ejected_until > pb.clock.t  # ejected: the broken streams counted against it
         assert pb.upstream.to("a")[-1] is pb.upstream.to("a")[4]  # nothing more went to it
 

@@ -102,9 +102,15 @@ def test_nothing_usable_on_the_ring_leaves_the_choice_to_usual_routing():
 
 
 def test_a_slow_home_spills_along_the_ring():
-    v = {"a": AffinityView(True, 0, 100.0), "b": AffinityView(True, 0, 400.0), "c": AffinityView(True, 0, 120.0)}
-    assert place(("b", "a", "c"), v, exclude=frozenset(), epsilon=0.25, slow_factor=3.0) == \
-        ("a", RouteReason.AFFINITY_SPILL)
+    v = {
+        "a": AffinityView(True, 0, 100.0),
+        "b": AffinityView(True, 0, 400.0),
+        "c": AffinityView(True, 0, 120.0),
+    }
+    assert place(("b", "a", "c"), v, exclude=frozenset(), epsilon=0.25, slow_factor=3.0) == (
+        "a",
+        RouteReason.AFFINITY_SPILL,
+    )
     v["b"] = AffinityView(True, 0, 250.0)  # 2.5x: slower, but its cache is still worth it
     assert place(("b", "a", "c"), v, exclude=frozenset(), epsilon=0.25, slow_factor=3.0)[0] == "b"
     v["b"] = AffinityView(True, 0, 4000.0)  # any slowness at all is fine with slow_factor 0
@@ -113,9 +119,15 @@ def test_a_slow_home_spills_along_the_ring():
 
 def test_a_slow_deployment_does_not_count_in_the_others_bound():
     """A slow home holds little: counted in the mean it would push the others over their bound."""
-    v = {"a": AffinityView(True, 0, 900.0), "b": AffinityView(True, 4, 50.0), "c": AffinityView(True, 4, 60.0)}
-    assert place(("a", "b", "c"), v, exclude=frozenset(), epsilon=0.25, slow_factor=3.0) == \
-        ("b", RouteReason.AFFINITY_SPILL)
+    v = {
+        "a": AffinityView(True, 0, 900.0),
+        "b": AffinityView(True, 4, 50.0),
+        "c": AffinityView(True, 4, 60.0),
+    }
+    assert place(("a", "b", "c"), v, exclude=frozenset(), epsilon=0.25, slow_factor=3.0) == (
+        "b",
+        RouteReason.AFFINITY_SPILL,
+    )
 
 
 def test_the_bound_holds_for_any_arrival_order():
@@ -125,8 +137,13 @@ def test_the_bound_holds_for_any_arrival_order():
         load = dict.fromkeys("abcd", 0)
         for i, k in enumerate(KEYS[:2000]):
             key = KEYS[i % 7] if i % 2 else k  # half of them on 7 hot keys
-            d = place(ring.order(key), {x: AffinityView(True, n, None) for x, n in load.items()},
-                      exclude=frozenset(), epsilon=eps, slow_factor=0.0)
+            d = place(
+                ring.order(key),
+                {x: AffinityView(True, n, None) for x, n in load.items()},
+                exclude=frozenset(),
+                epsilon=eps,
+                slow_factor=0.0,
+            )
             load[d.deployment_id] += 1
             total = sum(load.values())
             assert max(load.values()) <= math.ceil((1 + eps) * total / 4), (eps, i, load)
@@ -141,14 +158,24 @@ _NO_UPSTREAM = ScriptedUpstream(FakeClock(), lambda req: Reply())
 
 def _model(**routing) -> ModelRuntime:
     deps = [{"id": i, "base_url": f"http://127.0.0.1:{9 + n}", "region": "us"} for n, i in enumerate("abc")]
-    return ModelRuntime(ModelConfig(name="chat", deployments=deps,
-                                    routing={"affinity": "prefix", **routing}), _NO_UPSTREAM.client)
+    return ModelRuntime(
+        ModelConfig(name="chat", deployments=deps, routing={"affinity": "prefix", **routing}),
+        _NO_UPSTREAM.client,
+    )
 
 
 def _decide(m: ModelRuntime, key: int, clock: FakeClock, tried: set[str] | None = None):
     cands = [d.candidate(clock(), True) for d in m.deployments]
-    return m.affinity.decide(key, m.deployments, cands, tried or set(), region="us", locality=Locality.PREFER,
-                             stream=True, now=clock())
+    return m.affinity.decide(
+        key,
+        m.deployments,
+        cands,
+        tried or set(),
+        region="us",
+        locality=Locality.PREFER,
+        stream=True,
+        now=clock(),
+    )
 
 
 def test_routing_follows_home_through_ejection_slowness_and_recovery():
@@ -167,7 +194,9 @@ def test_routing_follows_home_through_ejection_slowness_and_recovery():
     clock.advance(31.0)  # the ejection ran out: the key goes home again
     assert _decide(m, key, clock) == (home, RouteReason.AFFINITY_HOME)
 
-    for _ in range(15):  # home turns 5x slower than the others: while one of its last 16 was fast, it stays ...
+    for _ in range(
+        15
+    ):  # home turns 5x slower than the others: while one of its last 16 was fast, it stays ...
         by_id[home].observe(400.0, clock(), True)
         assert _decide(m, key, clock) == (home, RouteReason.AFFINITY_HOME)
     by_id[home].observe(400.0, clock(), True)  # ... when all 16 were slow, it is slow

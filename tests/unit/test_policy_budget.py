@@ -27,7 +27,9 @@ def test_a_fresh_deployment_is_presumed_fine_and_failing_needs_evidence():
     assert r.rate(clock()) == 0.0
     for _ in range(3):
         r.observe(True, clock())
-    assert r.rate(clock()) == 3 / (3 + PRIOR) < LIKELY_BELOW  # three failures in a row: bad luck, not an outage
+    assert (
+        r.rate(clock()) == 3 / (3 + PRIOR) < LIKELY_BELOW
+    )  # three failures in a row: bad luck, not an outage
 
 
 def test_the_failure_rate_forgets_over_the_window():
@@ -68,8 +70,9 @@ def test_a_hopeless_target_gets_no_retry():
 
 def test_a_failing_target_is_charged_with_envoys_concurrency_cap():
     clock = FakeClock()
-    budget = RetryBudget(percent=20, min_retry_concurrency=3, min_retries_per_s=100, deployments=("a",),
-                         now=clock())
+    budget = RetryBudget(
+        percent=20, min_retry_concurrency=3, min_retries_per_s=100, deployments=("a",), now=clock()
+    )
     failing(budget, "a", clock, 10)  # rate 10/16: more likely to fail than not, not hopeless
     for _ in range(100):
         budget.request_started()
@@ -85,13 +88,16 @@ def test_min_retry_concurrency_is_the_floor_at_low_traffic():
     budget = RetryBudget(percent=20, min_retry_concurrency=3, deployments=("a",), now=clock())
     failing(budget, "a", clock, 10)
     budget.request_started()  # one active request: 20 % of it would allow none
-    assert [budget.check("a", clock()) for _ in range(4)] == [BudgetVerdict.CHARGED] * 3 + [BudgetVerdict.CONCURRENCY]
+    assert [budget.check("a", clock()) for _ in range(4)] == [BudgetVerdict.CHARGED] * 3 + [
+        BudgetVerdict.CONCURRENCY
+    ]
 
 
 def test_charged_retries_are_the_floor_plus_percent_of_requests_over_the_window():
     clock = FakeClock()
-    budget = RetryBudget(percent=20, min_retry_concurrency=1000, min_retries_per_s=1.0, deployments=("a",),
-                         now=clock())
+    budget = RetryBudget(
+        percent=20, min_retry_concurrency=1000, min_retries_per_s=1.0, deployments=("a",), now=clock()
+    )
     failing(budget, "a", clock, 10)
     for _ in range(100):
         budget.request_started()
@@ -107,7 +113,9 @@ def test_the_floor_alone_covers_a_cold_start():
     budget = RetryBudget(min_retries_per_s=1.0, deployments=("a",), now=clock())
     failing(budget, "a", clock, 10)
     budget.request_started()
-    assert [budget.check("a", clock()) for _ in range(3)] == [BudgetVerdict.CHARGED] * 3  # no traffic history yet
+    assert [budget.check("a", clock()) for _ in range(3)] == [
+        BudgetVerdict.CHARGED
+    ] * 3  # no traffic history yet
 
 
 def test_release_and_finish_never_go_negative():
@@ -124,6 +132,7 @@ def test_an_attempt_playing_a_retry_takes_a_concurrency_slot_only():
 
 
 # ---------------------------------------------------------------- hedge bucket
+
 
 def test_hedges_stay_within_budget_percent_of_requests():
     bucket = TokenBucket(percent=5)

@@ -108,7 +108,9 @@ def test_the_margin_never_takes_more_than_a_third_of_a_short_sdk_timeout():
 def test_the_python_sdks_read_timeout_is_its_deadline_when_no_other_is_sent():
     d = resolve_deadline(0.0, 300_000, None, None, "0.4", sdk_margin_ms=50.0)
     assert d.source is DeadlineSource.SDK_READ and d.expires_at == pytest.approx(0.35)
-    assert resolve_deadline(0.0, 300_000, None, "0.3", "0.4").source is DeadlineSource.SDK  # x-stainless-timeout first
+    assert (
+        resolve_deadline(0.0, 300_000, None, "0.3", "0.4").source is DeadlineSource.SDK
+    )  # x-stainless-timeout first
 
 
 def test_a_client_header_shorter_than_the_sdk_timeout_is_answered_on_time():

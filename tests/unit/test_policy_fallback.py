@@ -35,8 +35,12 @@ def test_reason_values_are_the_fallback_on_names():
 
 
 def degrade(**overrides) -> bool:
-    kw = dict(remaining_ms=400.0, when_remaining_ms_below=None, expected_ttft_ms=None,
-              when_expected_exceeds_remaining=False)
+    kw = dict(
+        remaining_ms=400.0,
+        when_remaining_ms_below=None,
+        expected_ttft_ms=None,
+        when_expected_exceeds_remaining=False,
+    )
     kw.update(overrides)
     return should_degrade(**kw)
 
@@ -62,8 +66,12 @@ def test_no_estimate_means_no_expectation_based_degrade():
 
 
 def test_either_rule_is_enough():
-    assert degrade(remaining_ms=100.0, when_remaining_ms_below=200.0, expected_ttft_ms=50.0,
-                   when_expected_exceeds_remaining=True)
+    assert degrade(
+        remaining_ms=100.0,
+        when_remaining_ms_below=200.0,
+        expected_ttft_ms=50.0,
+        when_expected_exceeds_remaining=True,
+    )
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,16 @@ from gateway.policy.latency import QuantileWindow
 
 
 def decide(window: QuantileWindow | None = None, **overrides) -> HedgeDecision:
-    kw = dict(enabled=True, fixed_delay_ms=None, quantile=0.95, min_delay_ms=50.0, max_delay_ms=2000.0,
-              window=window, header=None, now=FakeClock()())
+    kw = dict(
+        enabled=True,
+        fixed_delay_ms=None,
+        quantile=0.95,
+        min_delay_ms=50.0,
+        max_delay_ms=2000.0,
+        window=window,
+        header=None,
+        now=FakeClock()(),
+    )
     kw.update(overrides)
     return hedge_delay(**kw)
 
@@ -77,14 +85,19 @@ def test_an_invalid_header_is_a_bad_request_naming_it(header):
 
 
 def test_a_loser_that_waited_the_delay_without_a_byte_counts_as_at_least_that_slow():
-    assert loser_sample_ms(started=10.0, first_byte=None, cancelled=10.42, delay_s=0.35) == pytest.approx(420.0)
+    assert loser_sample_ms(started=10.0, first_byte=None, cancelled=10.42, delay_s=0.35) == pytest.approx(
+        420.0
+    )
 
 
-@pytest.mark.parametrize(("first_byte", "cancelled", "delay_s"), [
-    (10.1, 10.5, 0.3),  # it had its first byte: recorded when the byte came
-    (None, 10.2, 0.3),  # cancelled before the delay (a fast failure's replacement won): says nothing
-    (None, 10.5, 0.0),  # no delay: nothing to be "at least"
-])
+@pytest.mark.parametrize(
+    ("first_byte", "cancelled", "delay_s"),
+    [
+        (10.1, 10.5, 0.3),  # it had its first byte: recorded when the byte came
+        (None, 10.2, 0.3),  # cancelled before the delay (a fast failure's replacement won): says nothing
+        (None, 10.5, 0.0),  # no delay: nothing to be "at least"
+    ],
+)
 def test_other_losers_add_nothing_to_the_window(first_byte, cancelled, delay_s):
     assert loser_sample_ms(started=10.0, first_byte=first_byte, cancelled=cancelled, delay_s=delay_s) is None
 
@@ -98,5 +111,7 @@ def test_counting_losers_keeps_the_auto_delay_from_drifting_below_the_tail():
         win.add(sample if not stuck else 150.0, float(i))
         with_losers.add(sample if not stuck else 150.0, float(i))
         if stuck:
-            with_losers.add(loser_sample_ms(started=i, first_byte=None, cancelled=i + 0.4, delay_s=0.35), float(i))
+            with_losers.add(
+                loser_sample_ms(started=i, first_byte=None, cancelled=i + 0.4, delay_s=0.35), float(i)
+            )
     assert win.quantile(0.95, 100.0) < 210.0 <= with_losers.quantile(0.95, 100.0)

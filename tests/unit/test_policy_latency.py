@@ -115,7 +115,9 @@ def test_the_baseline_is_the_usual_level_and_moves_slowly():
     assert e.baseline_ms == pytest.approx(60.0)
     e.observe(180.0, clock())  # just got 3x slower
     assert e.value(clock()) == 180.0  # the estimate believes it at once...
-    assert e.baseline_ms == pytest.approx(60.0 + 120.0 * (1 - math.exp(-0.01)))  # ...the baseline barely moves
+    assert e.baseline_ms == pytest.approx(
+        60.0 + 120.0 * (1 - math.exp(-0.01))
+    )  # ...the baseline barely moves
     clock.advance(100.0)
     assert e.baseline_ms == pytest.approx(60.0, abs=2.0)  # and it does not decay with age
 

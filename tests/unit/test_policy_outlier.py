@@ -88,7 +88,10 @@ def test_without_the_deployment_count_the_current_share_is_checked():
 def test_the_first_ejection_of_a_model_is_always_allowed():
     # A model with one deployment can still eject it: routing then panics, and "unhealthy" fallbacks fire.
     clock, s = FakeClock(), OutlierState()
-    assert fail(s, clock, 5, ejected_share=0.0, deployments=1, max_ejection_percent=50.0)[-1] is OutlierVerdict.EJECT
+    assert (
+        fail(s, clock, 5, ejected_share=0.0, deployments=1, max_ejection_percent=50.0)[-1]
+        is OutlierVerdict.EJECT
+    )
 
 
 def test_a_deployment_healthy_for_the_max_period_is_forgiven():

@@ -22,6 +22,7 @@ DEFAULT_RETRY_ON = frozenset({"connect-failure", "reset", "502", "503", "504", "
 
 # ---------------------------------------------------------------- is_retriable
 
+
 @pytest.mark.parametrize(
     ("kind", "status", "retry_on", "expected"),
     [
@@ -73,12 +74,15 @@ def test_retry_after_as_seconds_or_http_date(value, expected):
     assert parse_retry_after(value, NOW_WALL) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("value", [None, "", "  ", "soon", "-1", "nan", "inf", "1e999", "0x10", "Wed, 99 Foo"])
+@pytest.mark.parametrize(
+    "value", [None, "", "  ", "soon", "-1", "nan", "inf", "1e999", "0x10", "Wed, 99 Foo"]
+)
 def test_retry_after_garbage_is_ignored(value):
     assert parse_retry_after(value, NOW_WALL) is None
 
 
 # ---------------------------------------------------------------- backoff
+
 
 def test_full_jitter_backoff_stays_within_the_doubling_cap():
     rng = random.Random(1)
@@ -100,10 +104,21 @@ def test_backoff_is_deterministic_for_a_seed_and_survives_absurd_retry_counts():
 
 # ---------------------------------------------------------------- plan_retry
 
+
 def plan(**overrides) -> RetryDecision:
     """A retry that would happen: retriable, first retry, no Retry-After, 10 s left, budget available."""
-    kw = dict(retries_done=0, max_retries=2, retriable=True, retry_after_s=None, remaining_s=10.0,
-              min_attempt_s=0.05, base_ms=25.0, max_ms=250.0, budget_ok=True, rng=random.Random(3))
+    kw = dict(
+        retries_done=0,
+        max_retries=2,
+        retriable=True,
+        retry_after_s=None,
+        remaining_s=10.0,
+        min_attempt_s=0.05,
+        base_ms=25.0,
+        max_ms=250.0,
+        budget_ok=True,
+        rng=random.Random(3),
+    )
     kw.update(overrides)
     return plan_retry(**kw)
 
@@ -160,9 +175,22 @@ def test_the_budget_is_asked_last_so_other_refusals_never_count_as_exhaustion():
 
 def test_verdict_values_are_the_names_used_in_metrics():
     assert [v.value for v in RetryVerdict] == [
-        "retry", "failover", "not-retriable", "retry-limit", "budget-exhausted", "hopeless", "deadline",
-        "retry-after-exceeds-deadline"]
-    assert [k.value for k in FailureKind] == ["connect-failure", "reset", "timeout", "status", "protocol-error"]
+        "retry",
+        "failover",
+        "not-retriable",
+        "retry-limit",
+        "budget-exhausted",
+        "hopeless",
+        "deadline",
+        "retry-after-exceeds-deadline",
+    ]
+    assert [k.value for k in FailureKind] == [
+        "connect-failure",
+        "reset",
+        "timeout",
+        "status",
+        "protocol-error",
+    ]
 
 
 def test_a_protocol_error_is_retried_when_resets_are():

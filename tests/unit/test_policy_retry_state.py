@@ -17,11 +17,29 @@ from gateway.policy.retry import FailureKind, RetryVerdict
 from gateway.policy.retry_state import RetryState
 
 
-def decide(state: RetryState, clock: FakeClock, *, failed: str = "a", alternatives: tuple[str, ...] = (),
-           status: int = 503, remaining_s: float = 30.0, retry_after_s: float | None = None):
-    return state.decide(failure=FailureKind.STATUS, status=status, failed=failed, alternatives=alternatives,
-                        retry_after_s=retry_after_s, remaining_s=remaining_s, min_attempt_s=0.05, base_ms=25.0,
-                        max_ms=250.0, rng=random.Random(1), now=clock())
+def decide(
+    state: RetryState,
+    clock: FakeClock,
+    *,
+    failed: str = "a",
+    alternatives: tuple[str, ...] = (),
+    status: int = 503,
+    remaining_s: float = 30.0,
+    retry_after_s: float | None = None,
+):
+    return state.decide(
+        failure=FailureKind.STATUS,
+        status=status,
+        failed=failed,
+        alternatives=alternatives,
+        retry_after_s=retry_after_s,
+        remaining_s=remaining_s,
+        min_attempt_s=0.05,
+        base_ms=25.0,
+        max_ms=250.0,
+        rng=random.Random(1),
+        now=clock(),
+    )
 
 
 def budget_with(clock: FakeClock, failures: dict[str, int], **kw) -> RetryBudget:
@@ -96,6 +114,7 @@ def test_hedge_failures_count_towards_the_limit():
 
 # ---------------------------------------------------------------- the scenarios, simulated
 
+
 @pytest.mark.parametrize("seed", range(20))
 def test_thirty_percent_503s_eight_clients_sixty_requests_all_succeed_under_1_7x(seed):
     r = simulate({"a": 0.3}, concurrency=8, requests=60, seed=seed)
@@ -143,7 +162,9 @@ def test_upstream_load_is_bounded_at_any_failure_rate_and_traffic(p, rate, seed)
 
 
 @SIM
-@given(p=st.floats(0.95, 1.0), rate=st.sampled_from([20, 50, 100, 200, 500, 1000]), seed=st.integers(0, 10_000))
+@given(
+    p=st.floats(0.95, 1.0), rate=st.sampled_from([20, 50, 100, 200, 500, 1000]), seed=st.integers(0, 10_000)
+)
 def test_an_outage_is_not_amplified_once_traffic_shows_it(p, rate, seed):
     r = simulate({"a": p}, rate_per_s=rate, duration_s=max(20.0, 200.0 / rate), seed=seed)
     assert r.amplification <= 1.3

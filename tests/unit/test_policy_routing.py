@@ -15,13 +15,25 @@ from gateway.policy.routing import Candidate, Locality, RouteDecision, RouteReas
 HOME = "eu"
 
 
-def dep(id: str, region: str = HOME, cost: float = 100.0, healthy: bool = True, weight: float = 1.0,
-        priority: int = 0, latency: float | None = None, baseline: float | None = None) -> Candidate:
+def dep(
+    id: str,
+    region: str = HOME,
+    cost: float = 100.0,
+    healthy: bool = True,
+    weight: float = 1.0,
+    priority: int = 0,
+    latency: float | None = None,
+    baseline: float | None = None,
+) -> Candidate:
     return Candidate(id, region, weight, priority, healthy, cost, latency, baseline)
 
 
-def route(cands, *, strategy=Strategy.LATENCY, locality=Locality.PREFER, home=HOME, seed=0, **kw) -> RouteDecision:
-    return choose(cands, strategy=strategy, locality=locality, home_region=home, rng=random.Random(seed), **kw)
+def route(
+    cands, *, strategy=Strategy.LATENCY, locality=Locality.PREFER, home=HOME, seed=0, **kw
+) -> RouteDecision:
+    return choose(
+        cands, strategy=strategy, locality=locality, home_region=home, rng=random.Random(seed), **kw
+    )
 
 
 def tally(cands, n=1000, seed=42, **kw) -> tuple[Counter, Counter]:
@@ -69,7 +81,9 @@ def test_p2c_with_live_cost_sends_over_90_percent_to_a_deployment_3x_faster():
             inflight[k] -= 1
             ewma[k].observe(ms, at)
         cands = [dep(k, cost=ewma[k].value(clock()) * (inflight[k] + 1)) for k in base]
-        k = choose(cands, strategy=Strategy.LATENCY, locality=Locality.PREFER, home_region=HOME, rng=rng).deployment_id
+        k = choose(
+            cands, strategy=Strategy.LATENCY, locality=Locality.PREFER, home_region=HOME, rng=rng
+        ).deployment_id
         picks[k] += 1
         inflight[k] += 1
         ms = base[k] * rng.uniform(0.8, 1.2)
@@ -119,7 +133,11 @@ def test_priority_uses_the_lowest_priority_number_that_has_a_healthy_deployment(
 
 
 def test_priority_balances_within_a_level_by_p2c():
-    cands = [dep("p0-fast", priority=0, cost=100), dep("p0-slow", priority=0, cost=300), dep("p1", priority=1, cost=1)]
+    cands = [
+        dep("p0-fast", priority=0, cost=100),
+        dep("p0-slow", priority=0, cost=300),
+        dep("p1", priority=1, cost=1),
+    ]
     ids, _ = tally(cands, strategy=Strategy.PRIORITY)
     assert ids == {"p0-fast": 1000}
 
@@ -143,8 +161,14 @@ def test_overprovisioning_absorbs_a_small_loss_of_local_health():
 
 def test_spill_share_follows_the_overprovisioning_factor_when_half_the_local_deployments_are_down():
     # 2 of 4 healthy: local keeps 1.4 * 0.5 = 70%, 30% spills over.
-    cands = [dep("eu-1"), dep("eu-2"), dep("eu-3", healthy=False), dep("eu-4", healthy=False),
-             dep("us-1", "us"), dep("us-2", "us")]
+    cands = [
+        dep("eu-1"),
+        dep("eu-2"),
+        dep("eu-3", healthy=False),
+        dep("eu-4", healthy=False),
+        dep("us-1", "us"),
+        dep("us-2", "us"),
+    ]
     ids, reasons = tally(cands, n=2000)
     assert reasons[RouteReason.SPILLOVER] / 2000 == pytest.approx(0.30, abs=0.03)
     assert reasons[RouteReason.LOCAL] + reasons[RouteReason.SPILLOVER] == 2000
@@ -208,22 +232,34 @@ def test_local_much_slower_than_its_baseline_tries_a_remote_without_data():
 
 def test_local_at_its_usual_level_or_one_outlier_above_does_not_explore_a_remote_without_data():
     for now_ms in (80, 140):  # 140: a single slow answer lifts the peak estimate; not enough to explore
-        cands = [dep("eu-1", cost=now_ms, latency=now_ms, baseline=60), dep("us-1", "us", cost=0.0, latency=0.0)]
+        cands = [
+            dep("eu-1", cost=now_ms, latency=now_ms, baseline=60),
+            dep("us-1", "us", cost=0.0, latency=0.0),
+        ]
         assert tally(cands, cross_region_penalty_ms=30)[1] == {RouteReason.LOCAL: 1000}
 
 
 def test_a_remote_estimate_that_decayed_while_unused_is_stale_not_fast():
     # us-1 usually answers in 100 ms; unused for a while, its estimate decayed to 20. Local 100 stays.
-    cands = [dep("eu-1", cost=100, latency=100, baseline=100), dep("us-1", "us", cost=20, latency=20, baseline=100)]
+    cands = [
+        dep("eu-1", cost=100, latency=100, baseline=100),
+        dep("us-1", "us", cost=20, latency=20, baseline=100),
+    ]
     assert tally(cands, cross_region_penalty_ms=30)[1] == {RouteReason.LOCAL: 1000}
     # Local clearly slower than the remote's usual level still spills:
-    cands = [dep("eu-1", cost=160, latency=160, baseline=100), dep("us-1", "us", cost=20, latency=20, baseline=100)]
+    cands = [
+        dep("eu-1", cost=160, latency=160, baseline=100),
+        dep("us-1", "us", cost=20, latency=20, baseline=100),
+    ]
     assert tally(cands, cross_region_penalty_ms=30)[1] == {RouteReason.SPILLOVER: 1000}
 
 
 def test_a_decayed_local_estimate_is_what_lets_a_recovered_local_region_back_in():
     # Local was 300 (spilled), unused since, decayed to 90: no longer clearly slower than remote 100 + 30.
-    cands = [dep("eu-1", cost=90, latency=90, baseline=250), dep("us-1", "us", cost=100, latency=100, baseline=100)]
+    cands = [
+        dep("eu-1", cost=90, latency=90, baseline=250),
+        dep("us-1", "us", cost=100, latency=100, baseline=100),
+    ]
     assert tally(cands, cross_region_penalty_ms=30)[1] == {RouteReason.LOCAL: 1000}
 
 
@@ -242,10 +278,18 @@ def test_a_slow_local_region_loses_its_traffic_and_gets_it_back_after_recovering
 
     def post(outlier: bool = False) -> RouteDecision:
         t = clock()
-        cands = [Candidate(k, regions[k], 1.0, 0, True, ewma[k].value(t), ewma[k].value(t), ewma[k].baseline_ms)
-                 for k in ttft]
-        d = choose(cands, strategy=Strategy.LATENCY, locality=Locality.PREFER, home_region="us-east",
-                   cross_region_penalty_ms=30, rng=rng)
+        cands = [
+            Candidate(k, regions[k], 1.0, 0, True, ewma[k].value(t), ewma[k].value(t), ewma[k].baseline_ms)
+            for k in ttft
+        ]
+        d = choose(
+            cands,
+            strategy=Strategy.LATENCY,
+            locality=Locality.PREFER,
+            home_region="us-east",
+            cross_region_penalty_ms=30,
+            rng=rng,
+        )
         ms = ttft[d.deployment_id] * rng.uniform(0.95, 1.05) * (1.8 if outlier else 1.0)
         clock.advance(ms / 1000)
         ewma[d.deployment_id].observe(ms, clock())
@@ -376,5 +420,14 @@ def test_a_fully_healthy_local_tier_consumes_no_randomness():
 
 def test_reason_values_are_the_names_in_the_access_log():
     assert [r.value for r in RouteReason] == [
-        "local", "spillover", "failover", "pinned", "only-choice", "panic", "remote",
-        "affinity-home", "affinity-rehome", "affinity-spill"]
+        "local",
+        "spillover",
+        "failover",
+        "pinned",
+        "only-choice",
+        "panic",
+        "remote",
+        "affinity-home",
+        "affinity-rehome",
+        "affinity-spill",
+    ]

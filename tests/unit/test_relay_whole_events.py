@@ -29,8 +29,10 @@ def _fragments(data: bytes, cuts: list[int]) -> list[tuple[float, bytes]]:
 
 def _relay(reply: Reply) -> tuple[list[bytes], dict]:
     async def scenario() -> tuple[list[bytes], dict]:
-        pb = Playbook([{"name": "m", "deployments": ["a"], "timeouts": TIMEOUTS, "retry": {"max_retries": 0}}],
-                      lambda req: reply)
+        pb = Playbook(
+            [{"name": "m", "deployments": ["a"], "timeouts": TIMEOUTS, "retry": {"max_retries": 0}}],
+            lambda req: reply,
+        )
         call = pb.call("m", stream=True)
         rec = await pb.finish(call)
         return [m["body"] for m in call.down.messages if m["type"] == "http.response.body" and m["body"]], rec
@@ -50,18 +52,25 @@ def test_a_fragmented_stream_arrives_whole_and_unchanged(words: list[str], cuts:
 
 @settings(max_examples=60, deadline=None)
 @given(texts, st.lists(st.integers(min_value=0, max_value=10_000), max_size=12), st.integers(min_value=1))
-def test_a_stream_broken_anywhere_ends_with_whole_events_and_one_error_event(words: list[str], cuts: list[int],
-                                                                             at: int) -> None:
+def test_a_stream_broken_anywhere_ends_with_whole_events_and_one_error_event(
+    words: list[str], cuts: list[int], at: int
+) -> None:
     data = b"".join(sse(w) for w in words)
     first = sse(words[0])
-    broken = data[: len(first) + at % (len(data) - len(first) + 1)]  # the first event whole: the stream committed
-    reply = Reply(200, {"content-type": "text/event-stream"}, _fragments(broken, cuts),
-                  then_fail=UpstreamResetError("peer closed"))
+    broken = data[
+        : len(first) + at % (len(data) - len(first) + 1)
+    ]  # the first event whole: the stream committed
+    reply = Reply(
+        200,
+        {"content-type": "text/event-stream"},
+        _fragments(broken, cuts),
+        then_fail=UpstreamResetError("peer closed"),
+    )
     bodies, rec = _relay(reply)
     got = b"".join(bodies)
     whole, _ = split_at_event_end(broken)
     assert got.startswith(whole)
-    events = [orjson.loads(e[len(b"data: "):]) for e in got.split(b"\n\n") if e]  # every event parses
+    events = [orjson.loads(e[len(b"data: ") :]) for e in got.split(b"\n\n") if e]  # every event parses
     assert events[-1]["error"]["code"] == "upstream_reset"
     assert len(events) == whole.count(b"\n\n") + 1
     assert (rec["response_flags"], rec["bytes_sent"]) == ("UC", len(got))

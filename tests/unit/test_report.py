@@ -40,7 +40,9 @@ def fixture_records() -> list[dict[str, Any]]:
     return records
 
 
-def stats(group: rp.GroupStats, metric: str) -> tuple[int, float | None, float | None, float | None, float | None]:
+def stats(
+    group: rp.GroupStats, metric: str
+) -> tuple[int, float | None, float | None, float | None, float | None]:
     m = group.metrics[metric]
     return m.n, m.p50, m.p95, m.p99, m.max
 
@@ -59,12 +61,12 @@ def causes(t: rp.TailBreakdown) -> dict[str, tuple[int, int]]:
 
 def test_nearest_rank_by_hand():
     one_to_twenty = [float(i) for i in range(1, 21)]
-    assert rp.nearest_rank(one_to_twenty, 50) == 10.0   # ceil(0.50 * 20) = 10
-    assert rp.nearest_rank(one_to_twenty, 95) == 19.0   # ceil(0.95 * 20) = 19, not 20 from 19.000000000000004
-    assert rp.nearest_rank(one_to_twenty, 99) == 20.0   # ceil(19.8) = 20
-    assert rp.nearest_rank(one_to_twenty, 0) == 1.0     # rank 0 clamps to the first value
+    assert rp.nearest_rank(one_to_twenty, 50) == 10.0  # ceil(0.50 * 20) = 10
+    assert rp.nearest_rank(one_to_twenty, 95) == 19.0  # ceil(0.95 * 20) = 19, not 20 from 19.000000000000004
+    assert rp.nearest_rank(one_to_twenty, 99) == 20.0  # ceil(19.8) = 20
+    assert rp.nearest_rank(one_to_twenty, 0) == 1.0  # rank 0 clamps to the first value
     thousand = [float(i) for i in range(1, 1001)]
-    assert rp.nearest_rank(thousand, 99.9) == 999.0     # ceil(0.999 * 1000) = 999
+    assert rp.nearest_rank(thousand, 99.9) == 999.0  # ceil(0.999 * 1000) = 999
     assert rp.nearest_rank([7.5], 99) == 7.5
     assert rp.nearest_rank([], 50) is None
 
@@ -120,7 +122,11 @@ def test_fixture_by_deployment_by_hand():
     r = rp.build_report(fixture_records(), group_by="deployment")
     # 7 + 7 + 5 + 1; equal counts sort by name; l01 (503 UH) reached no deployment: "-"
     assert [(g.key, g.requests, g.errors) for g in r.groups] == [
-        ("aoai-eastus", 7, 1), ("vllm-eu", 7, 1), ("openai-us", 5, 0), ("-", 1, 1)]
+        ("aoai-eastus", 7, 1),
+        ("vllm-eu", 7, 1),
+        ("openai-us", 5, 0),
+        ("-", 1, 1),
+    ]
     d = by_key(r)
     # aoai-eastus, n=7: 120 150 180 240 300 800 3200 -> rank 4 = 240, rank 7 = 3200
     assert stats(d["aoai-eastus"], "duration_ms") == (7, 240.0, 3200.0, 3200.0, 3200.0)
@@ -137,7 +143,12 @@ def test_fixture_by_deployment_by_hand():
 def test_other_groupings_read_their_fields():
     records = fixture_records()
     region = rp.build_report(records, group_by="region")
-    assert [(g.key, g.requests) for g in region.groups] == [("eastus", 7), ("eu-west", 7), ("us", 5), ("-", 1)]
+    assert [(g.key, g.requests) for g in region.groups] == [
+        ("eastus", 7),
+        ("eu-west", 7),
+        ("us", 5),
+        ("-", 1),
+    ]
     route = rp.build_report(records, group_by="route")
     assert [(g.key, g.requests) for g in route.groups] == [("lowest_latency", 18), ("-", 1), ("hedge", 1)]
     path = rp.build_report(records, group_by="path")
@@ -169,8 +180,14 @@ def test_fixture_threshold_option():
     # strictly above its own.
     assert (t.threshold_ms, t.source, t.requests) == (600.0, ThresholdSource.OPTION, 7)
     assert causes(t) == {
-        "timeout": (2, 2), "retry": (1, 2), "hedge": (1, 1), "cold connection": (1, 1), "queueing": (1, 1),
-        "gateway overhead": (1, 1), "slow upstream ttft": (0, 0), "unexplained": (0, 0),
+        "timeout": (2, 2),
+        "retry": (1, 2),
+        "hedge": (1, 1),
+        "cold connection": (1, 1),
+        "queueing": (1, 1),
+        "gateway overhead": (1, 1),
+        "slow upstream ttft": (0, 0),
+        "unexplained": (0, 0),
     }
     assert t.share(2) == pytest.approx(2 / 7)
     # The threshold is strict: at 650 the 650 ms request (the queueing one) is not in the tail.
@@ -184,10 +201,21 @@ def test_fixture_threshold_option():
 
 def rec(**kw: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
-        "model": "m", "stream": True, "response_code": 200, "response_flags": "-", "duration_ms": 100.0,
-        "ttft_ms": 50.0, "upstream_service_time_ms": 90.0, "gateway_overhead_ms": 1.0,
-        "upstream_cluster": "d1", "upstream_reused_connection": True, "upstream_connect_ms": 0.0,
-        "pool_wait_ms": 0.0, "retry_count": 0, "hedge_count": 0, "timeout_flag": None,
+        "model": "m",
+        "stream": True,
+        "response_code": 200,
+        "response_flags": "-",
+        "duration_ms": 100.0,
+        "ttft_ms": 50.0,
+        "upstream_service_time_ms": 90.0,
+        "gateway_overhead_ms": 1.0,
+        "upstream_cluster": "d1",
+        "upstream_reused_connection": True,
+        "upstream_connect_ms": 0.0,
+        "pool_wait_ms": 0.0,
+        "retry_count": 0,
+        "hedge_count": 0,
+        "timeout_flag": None,
     }
     base.update(kw)
     return base
@@ -197,29 +225,44 @@ def test_tail_causes_on_crafted_records():
     fast = [rec() for _ in range(20)] + [rec(stream=False, ttft_ms=None) for _ in range(20)]
     slow = 1000.0  # every crafted request below is in the tail (threshold 500); 10% of it is 100 ms
     tail = [
-        rec(duration_ms=slow, timeout_flag="idle"),                                         # timeout
-        rec(duration_ms=slow, response_flags="DT"),                                         # timeout
-        rec(duration_ms=slow, response_flags="UF,URX", retry_count=1),                      # retry, not timeout
-        rec(duration_ms=slow, retry_count=1, hedge_count=1),                                # retry + hedge
+        rec(duration_ms=slow, timeout_flag="idle"),  # timeout
+        rec(duration_ms=slow, response_flags="DT"),  # timeout
+        rec(duration_ms=slow, response_flags="UF,URX", retry_count=1),  # retry, not timeout
+        rec(duration_ms=slow, retry_count=1, hedge_count=1),  # retry + hedge
         rec(duration_ms=slow, upstream_reused_connection=False, upstream_connect_ms=40.0),  # cold connection
-        rec(duration_ms=slow, upstream_reused_connection=False, upstream_connect_ms=0.0),   # unexplained
-        rec(duration_ms=slow, upstream_reused_connection=None, upstream_connect_ms=30.0),   # unknown: unexplained
-        rec(duration_ms=slow, pool_wait_ms=150.0),                                          # queueing
-        rec(duration_ms=slow, gateway_overhead_ms=101.0),                                   # gateway overhead
-        rec(duration_ms=slow, ttft_ms=900.0),                                               # slow ttft (stream)
-        rec(duration_ms=slow, stream=False, ttft_ms=None, upstream_service_time_ms=950.0),  # slow ttft (upstream)
-        rec(duration_ms=slow, ttft_ms=None),                                                # unexplained
-        rec(duration_ms=slow, response_flags="UT", upstream_reused_connection=False,        # timeout + cold
-            upstream_connect_ms=30.0, pool_wait_ms=200.0),                                  #   + queueing
-        rec(duration_ms=slow, pool_wait_ms=100.0, gateway_overhead_ms=100.0),               # exactly 10%: none
+        rec(duration_ms=slow, upstream_reused_connection=False, upstream_connect_ms=0.0),  # unexplained
+        rec(
+            duration_ms=slow, upstream_reused_connection=None, upstream_connect_ms=30.0
+        ),  # unknown: unexplained
+        rec(duration_ms=slow, pool_wait_ms=150.0),  # queueing
+        rec(duration_ms=slow, gateway_overhead_ms=101.0),  # gateway overhead
+        rec(duration_ms=slow, ttft_ms=900.0),  # slow ttft (stream)
+        rec(
+            duration_ms=slow, stream=False, ttft_ms=None, upstream_service_time_ms=950.0
+        ),  # slow ttft (upstream)
+        rec(duration_ms=slow, ttft_ms=None),  # unexplained
+        rec(
+            duration_ms=slow,
+            response_flags="UT",
+            upstream_reused_connection=False,  # timeout + cold
+            upstream_connect_ms=30.0,
+            pool_wait_ms=200.0,
+        ),  #   + queueing
+        rec(duration_ms=slow, pool_wait_ms=100.0, gateway_overhead_ms=100.0),  # exactly 10%: none
     ]
     # Stream first tokens of model m: 30 x 50 ms and one 900 -> P95 rank ceil(29.45) = 30 = 50, so only the
     # 900 is slow. Non-stream upstream times: 20 x 90 and one 950 -> P95 rank ceil(19.95) = 20 = 90.
     t = rp.build_report(fast + tail, threshold_ms=500).tail
     assert t.requests == 14
     assert causes(t) == {
-        "timeout": (3, 3), "retry": (2, 2), "hedge": (0, 1), "cold connection": (1, 2), "queueing": (1, 2),
-        "gateway overhead": (1, 1), "slow upstream ttft": (2, 2), "unexplained": (4, 4),
+        "timeout": (3, 3),
+        "retry": (2, 2),
+        "hedge": (0, 1),
+        "cold connection": (1, 2),
+        "queueing": (1, 2),
+        "gateway overhead": (1, 1),
+        "slow upstream ttft": (2, 2),
+        "unexplained": (4, 4),
     }
     assert [c.cause for c in t.causes] == list(Cause)  # the table lists every cause, in priority order
 
@@ -280,13 +323,23 @@ def test_json_format_round_trips():
     assert (data["records"], data["skipped_lines"], data["group_by"]) == (20, 3, "model")
     assert data["percentile_method"] == "nearest-rank"
     assert data["groups"][0]["group"] == "gpt-4o-mini"
-    assert data["groups"][0]["metrics"]["duration_ms"] == {"n": 12, "p50": 240.0, "p95": 3200.0, "p99": 3200.0,
-                                                           "max": 3200.0}
+    assert data["groups"][0]["metrics"]["duration_ms"] == {
+        "n": 12,
+        "p50": 240.0,
+        "p95": 3200.0,
+        "p99": 3200.0,
+        "max": 3200.0,
+    }
     assert data["overall"]["metrics"]["gateway_overhead_ms"]["p99"] == 250.0
     assert data["tail"]["threshold_source"] == "option"
     timeout = data["tail"]["causes"][0]
-    assert timeout == {"cause": "timeout", "primary": 2, "primary_share": pytest.approx(2 / 7), "involved": 2,
-                       "involved_share": pytest.approx(2 / 7)}
+    assert timeout == {
+        "cause": "timeout",
+        "primary": 2,
+        "primary_share": pytest.approx(2 / 7),
+        "involved": 2,
+        "involved_share": pytest.approx(2 / 7),
+    }
 
 
 def test_csv_format_parses():
@@ -302,7 +355,11 @@ def test_csv_format_parses():
     assert (none_ttft["n"], none_ttft["p50_ms"]) == ("0", "")  # unknown is an empty cell, not 0
     assert [row["cause"] for row in tail] == [c.value for c in Cause]
     queueing = next(row for row in tail if row["cause"] == "queueing")
-    assert (queueing["tail_requests"], queueing["primary"], float(queueing["threshold_ms"])) == ("7", "1", 600.0)
+    assert (queueing["tail_requests"], queueing["primary"], float(queueing["threshold_ms"])) == (
+        "7",
+        "1",
+        600.0,
+    )
 
 
 def test_markdown_format_has_header_rows():
@@ -311,7 +368,9 @@ def test_markdown_format_has_header_rows():
     header = "| model | requests | errors | err % | metric | n | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) |"
     i = lines.index(header)
     assert lines[i + 1].startswith("| --- | ---: |")
-    assert lines[i + 2] == "| gpt-4o-mini | 12 | 1 | 8.3% | duration | 12 | 240.0 | 3200.0 | 3200.0 | 3200.0 |"
+    assert (
+        lines[i + 2] == "| gpt-4o-mini | 12 | 1 | 8.3% | duration | 12 | 240.0 | 3200.0 | 3200.0 | 3200.0 |"
+    )
     assert "| cause | primary | primary % | involved | involved % |" in lines
     assert "| timeout | 1 | 100.0% | 1 | 100.0% |" in lines
 
@@ -329,11 +388,21 @@ def test_text_format_is_aligned_with_units():
     assert "p95 ms" in rows[0] and "max ms" in rows[0]
     # Right-aligned numbers: every row of the table ends at the same column.
     assert len({len(line) for line in rows}) == 1
-    assert rows[1].split() == ["gpt-4o-mini", "12", "1", "8.3%", "duration", "12", "240.0", "3200.0", "3200.0",
-                               "3200.0"]
+    assert rows[1].split() == [
+        "gpt-4o-mini",
+        "12",
+        "1",
+        "8.3%",
+        "duration",
+        "12",
+        "240.0",
+        "3200.0",
+        "3200.0",
+        "3200.0",
+    ]
     assert "Tail: 7 requests with duration > 600.0 ms (--threshold-ms)" in lines
     c = lines.index(next(line for line in lines if line.startswith("cause ")))
-    cause_table = lines[c:c + 1 + len(Cause)]
+    cause_table = lines[c : c + 1 + len(Cause)]
     assert len({len(line) for line in cause_table}) == 1
     assert [line.split("  ")[0] for line in cause_table[1:]] == [cause.value for cause in Cause]
     assert cause_table[1].split()[1:] == ["2", "28.6%", "2", "28.6%"]  # timeout: 2 of 7 tail requests
@@ -360,8 +429,9 @@ def test_run_on_the_fixture(capsys: pytest.CaptureFixture[str]):
     assert data["tail"]["requests"] == 7
 
 
-def test_run_reads_stdin_and_gzip(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                  capsys: pytest.CaptureFixture[str]):
+def test_run_reads_stdin_and_gzip(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
     data = FIXTURE.read_bytes()
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
     assert rp.run(parse("-", "--format", "json")) == 0
@@ -395,6 +465,8 @@ def test_run_bad_options_return_2(capsys: pytest.CaptureFixture[str]):
 
 def test_run_on_a_log_without_json_records_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     text_log = tmp_path / "access.log"
-    text_log.write_text('[2024-11-05T03:11:02.000Z] "POST /v1/chat/completions HTTP/1.1" 200 - 412 1890 230\n')
+    text_log.write_text(
+        '[2024-11-05T03:11:02.000Z] "POST /v1/chat/completions HTTP/1.1" 200 - 412 1890 230\n'
+    )
     assert rp.run(parse(str(text_log))) == 1
     assert "access_log.format: json" in capsys.readouterr().err

@@ -67,14 +67,17 @@ def test_keys_are_random_and_stored_as_hashes():
     assert hash_key(k1).startswith("sha256:") and len(hash_key(k1)) == 7 + 64 and k1 not in hash_key(k1)
 
 
-@pytest.mark.parametrize(("headers", "token"), [
-    ({"authorization": "Bearer abc"}, "abc"),
-    ({"authorization": "bearer  abc "}, "abc"),
-    ({"authorization": "Basic abc"}, None),
-    ({"authorization": "Bearer"}, None),
-    ({"api-key": "abc"}, "abc"),
-    ({}, None),
-])
+@pytest.mark.parametrize(
+    ("headers", "token"),
+    [
+        ({"authorization": "Bearer abc"}, "abc"),
+        ({"authorization": "bearer  abc "}, "abc"),
+        ({"authorization": "Basic abc"}, None),
+        ({"authorization": "Bearer"}, None),
+        ({"api-key": "abc"}, "abc"),
+        ({}, None),
+    ],
+)
 def test_bearer_token(headers, token):
     assert bearer_token(headers) == token
 
@@ -172,6 +175,8 @@ def test_redis_key_cache_expires_so_revocation_takes_effect(monkeypatch):
 
 def test_a_refused_request_carries_openais_rate_limit_headers():
     assert guard_mod.ratelimit_headers("rpm", 3, 7) == (
-        (b"x-ratelimit-limit-requests", b"3"), (b"x-ratelimit-remaining-requests", b"0"),
-        (b"x-ratelimit-reset-requests", b"7s"))
+        (b"x-ratelimit-limit-requests", b"3"),
+        (b"x-ratelimit-remaining-requests", b"0"),
+        (b"x-ratelimit-reset-requests", b"7s"),
+    )
     assert dict(guard_mod.ratelimit_headers("tpm", 300, 60))[b"x-ratelimit-reset-tokens"] == b"1m0s"

@@ -44,21 +44,64 @@ class Person(BaseModel):
 
 SCHEMAS: list[tuple[str, dict[str, Any]]] = [
     ("pydantic model with $defs, $ref, anyOf, enums, recursion", Person.model_json_schema()),
-    ("strict object", {"type": "object", "properties": {"intent": {"type": "string"}}, "required": ["intent"],
-                       "additionalProperties": False}),
+    (
+        "strict object",
+        {
+            "type": "object",
+            "properties": {"intent": {"type": "string"}},
+            "required": ["intent"],
+            "additionalProperties": False,
+        },
+    ),
     ("type list with null", {"type": ["null", "integer"], "minimum": 7}),
-    ("oneOf of objects", {"oneOf": [{"type": "object", "properties": {"a": {"const": 1}}, "required": ["a"]},
-                                    {"type": "string"}]}),
-    ("allOf merges required", {"allOf": [{"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},
-                                         {"properties": {"b": {"type": "boolean"}}, "required": ["b"]}]}),
-    ("definitions (draft 7)", {"definitions": {"n": {"type": "number", "exclusiveMaximum": -3}},
-                               "type": "object", "properties": {"x": {"$ref": "#/definitions/n"}}, "required": ["x"]}),
-    ("tuple prefixItems", {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}], "minItems": 2}),
-    ("formats", {"type": "object", "required": ["e", "u", "id", "t"], "properties": {
-        "e": {"type": "string", "format": "email"}, "u": {"type": "string", "format": "uri"},
-        "id": {"type": "string", "format": "uuid"}, "t": {"type": "string", "format": "date-time"}}}),
-    ("unique array of enum-free strings", {"type": "array", "items": {"type": "string"}, "minItems": 3,
-                                           "uniqueItems": True}),
+    (
+        "oneOf of objects",
+        {
+            "oneOf": [
+                {"type": "object", "properties": {"a": {"const": 1}}, "required": ["a"]},
+                {"type": "string"},
+            ]
+        },
+    ),
+    (
+        "allOf merges required",
+        {
+            "allOf": [
+                {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},
+                {"properties": {"b": {"type": "boolean"}}, "required": ["b"]},
+            ]
+        },
+    ),
+    (
+        "definitions (draft 7)",
+        {
+            "definitions": {"n": {"type": "number", "exclusiveMaximum": -3}},
+            "type": "object",
+            "properties": {"x": {"$ref": "#/definitions/n"}},
+            "required": ["x"],
+        },
+    ),
+    (
+        "tuple prefixItems",
+        {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}], "minItems": 2},
+    ),
+    (
+        "formats",
+        {
+            "type": "object",
+            "required": ["e", "u", "id", "t"],
+            "properties": {
+                "e": {"type": "string", "format": "email"},
+                "u": {"type": "string", "format": "uri"},
+                "id": {"type": "string", "format": "uuid"},
+                "t": {"type": "string", "format": "date-time"},
+            },
+        },
+    ),
+    (
+        "unique array of enum-free strings",
+        {"type": "array", "items": {"type": "string"}, "minItems": 3, "uniqueItems": True},
+    ),
     ("integer multipleOf and exclusive bounds", {"type": "integer", "exclusiveMinimum": 10, "multipleOf": 4}),
     ("minProperties", {"type": "object", "properties": {"a": {"type": "null"}}, "minProperties": 1}),
     ("implicit object", {"properties": {"q": {"type": "string", "minLength": 12}}, "required": ["q"]}),
@@ -85,12 +128,25 @@ def test_openai_strict_schema_of_a_model_is_instantiated():
     schema = to_strict_json_schema(Person)
     value = instance_of(schema, "x")
     jsonschema.validate(value, schema)
-    assert Person.model_validate(value).nickname is not None  # strict: every property required, anyOf -> first
+    assert (
+        Person.model_validate(value).nickname is not None
+    )  # strict: every property required, anyOf -> first
 
 
 def test_unknown_or_broken_schemas_give_a_value_not_an_error():
-    for schema in (None, 3, "x", [], {"$ref": "#/nowhere"}, {"$ref": "http://example.com/s"}, {"type": "wat"},
-                   {"anyOf": []}, {"pattern": "("}, {"items": 5, "minItems": 10**9}, {"enum": []}):
+    for schema in (
+        None,
+        3,
+        "x",
+        [],
+        {"$ref": "#/nowhere"},
+        {"$ref": "http://example.com/s"},
+        {"type": "wat"},
+        {"anyOf": []},
+        {"pattern": "("},
+        {"items": 5, "minItems": 10**9},
+        {"enum": []},
+    ):
         instance_of(schema)
     deep: dict[str, Any] = {"type": "object", "required": ["a"], "properties": {"a": {"$ref": "#"}}}
     assert isinstance(instance_of(deep), dict)  # a required cycle ends at the depth limit
@@ -99,9 +155,11 @@ def test_unknown_or_broken_schemas_give_a_value_not_an_error():
 def test_schema_quoted_in_a_prompt_is_found_last_one_wins():
     example = '{"properties": {"foo": {"type": "array"}}, "required": ["foo"]}'
     real = '{"properties": {"city": {"type": "string"}}, "required": ["city"], "type": "object"}'
-    text = f"Format instructions. For example {example} is well formatted. Here is the schema:\n```\n{real}\n```"
+    text = (
+        f"Format instructions. For example {example} is well formatted. Here is the schema:\n```\n{real}\n```"
+    )
     assert schema_in_text([text])["required"] == ["city"]
-    assert schema_in_text(["no json here {not json} {\"a\": 1}"]) is None
+    assert schema_in_text(['no json here {not json} {"a": 1}']) is None
 
 
 def test_split_keeps_the_text_and_the_piece_count():
@@ -109,12 +167,40 @@ def test_split_keeps_the_text_and_the_piece_count():
     assert split("ab", 5) == ["a", "b"] and split("", 4) == [""]
 
 
-_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
-                     | st.sampled_from(["object", "array", "string", "integer", "#", "#/$defs/a", "^[a-z]{3}$"]),
-                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-                         st.sampled_from(["type", "properties", "required", "items", "$ref", "$defs", "anyOf", "enum",
-                                          "minItems", "minimum", "pattern", "allOf", "a", "minLength"]),
-                         inner, max_size=5), max_leaves=30)
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8)
+    | st.sampled_from(["object", "array", "string", "integer", "#", "#/$defs/a", "^[a-z]{3}$"]),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "type",
+                    "properties",
+                    "required",
+                    "items",
+                    "$ref",
+                    "$defs",
+                    "anyOf",
+                    "enum",
+                    "minItems",
+                    "minimum",
+                    "pattern",
+                    "allOf",
+                    "a",
+                    "minLength",
+                ]
+            ),
+            inner,
+            max_size=5,
+        )
+    ),
+    max_leaves=30,
+)
 
 
 @settings(max_examples=300, deadline=None)

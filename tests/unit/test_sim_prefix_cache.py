@@ -14,18 +14,25 @@ def chat(*msgs: dict) -> bytes:
 def test_a_later_turn_finds_the_earlier_turn_cached():
     cache = PrefixCache()
     t1 = chat({"role": "user", "content": "why?"})
-    t2 = chat({"role": "user", "content": "why?"}, {"role": "assistant", "content": "because"},
-              {"role": "user", "content": "and then?"})
+    t2 = chat(
+        {"role": "user", "content": "why?"},
+        {"role": "assistant", "content": "because"},
+        {"role": "user", "content": "and then?"},
+    )
     assert cache.lookup_and_fill(t1, 100_000) == 0  # cold
     hit = cache.lookup_and_fill(t2, 100_000)
     assert len(t1) // 4 - BLOCK_TOKENS <= hit <= len(t1) // 4  # all of turn 1 but its last partial block
-    assert cache.lookup_and_fill(t2, 100_000) == (len(t2) // 64) * BLOCK_TOKENS  # the same prompt again: all of it
+    assert (
+        cache.lookup_and_fill(t2, 100_000) == (len(t2) // 64) * BLOCK_TOKENS
+    )  # the same prompt again: all of it
 
 
 def test_a_different_system_prompt_shares_nothing():
     cache = PrefixCache()
     cache.lookup_and_fill(chat({"role": "user", "content": "hi"}), 100_000)
-    other = prompt_text({"messages": [{"role": "system", "content": "Legal. " * 300}, {"role": "user", "content": "hi"}]})
+    other = prompt_text(
+        {"messages": [{"role": "system", "content": "Legal. " * 300}, {"role": "user", "content": "hi"}]}
+    )
     assert cache.lookup_and_fill(other, 100_000) == 0
 
 

@@ -27,7 +27,9 @@ def test_event_split_across_chunks_is_found_once_complete():
 def test_tool_calls_done_and_responses_deltas_are_usable():
     assert FirstTokenScanner().feed(b'data: {"choices":[{"delta":{"tool_calls":[{"index":0}]}}]}\n')
     assert FirstTokenScanner().feed(b"data: [DONE]\n\n")
-    assert FirstTokenScanner().feed(b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta"}\n')
+    assert FirstTokenScanner().feed(
+        b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta"}\n'
+    )
     assert not FirstTokenScanner().feed(b'event: response.created\ndata: {"type":"response.created"}\n')
     assert FirstTokenScanner().feed(b'data: {"choices":[{"text":"x","index":0}]}\n')  # legacy completions
 
@@ -41,8 +43,10 @@ def test_usage_sniffing_without_a_full_parse():
     # names that merely end like ours do not count; details objects after the totals do not confuse it
     anthropic_like = b'{"usage":{"cache_creation_input_tokens":99,"input_tokens":5,"output_tokens":6}}'
     assert usage_of(anthropic_like) == (5, 6)
-    detailed = (b'{"usage":{"prompt_tokens":9,"completion_tokens":2,'
-                b'"prompt_tokens_details":{"cached_tokens":4},"completion_tokens_details":{"reasoning_tokens":1}}}')
+    detailed = (
+        b'{"usage":{"prompt_tokens":9,"completion_tokens":2,'
+        b'"prompt_tokens_details":{"cached_tokens":4},"completion_tokens_details":{"reasoning_tokens":1}}}'
+    )
     assert usage_of(detailed) == (9, 2)
     assert usage_of(b'{"prompt_tokens":1,"usage":{"completion_tokens":3}}') == (None, 3)  # only after "usage"
 
@@ -73,7 +77,12 @@ def test_trace_context_continues_client_trace_with_own_span():
 
 
 def test_invalid_traceparent_starts_a_new_trace():
-    for bad in (None, "garbage", "00-" + "0" * 32 + "-00f067aa0ba902b7-01", "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"):
+    for bad in (
+        None,
+        "garbage",
+        "00-" + "0" * 32 + "-00f067aa0ba902b7-01",
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    ):
         assert parse_traceparent(bad) is None
         ctx = TraceContext(bad, "x=1")
         assert len(ctx.trace_id) == 32 and ctx.tracestate is None

@@ -17,8 +17,9 @@ from gateway.engine.sse import FirstTokenScanner, UsageTail, usage_of
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 
 
-def chunk_event(delta: dict | None = None, choices: bool = True, usage: dict | None = None,
-                finish: str | None = None) -> dict:
+def chunk_event(
+    delta: dict | None = None, choices: bool = True, usage: dict | None = None, finish: str | None = None
+) -> dict:
     ev: dict = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "model": "m"}
     ev["choices"] = [{"index": 0, "delta": delta or {}, "finish_reason": finish}] if choices else []
     ev["usage"] = usage  # OpenAI sends "usage": null in every chunk when include_usage is on
@@ -30,19 +31,35 @@ role = st.just((orjson.dumps(chunk_event({"role": "assistant", "content": ""})),
 keepalive = st.just((b"", False))  # a comment line, not a data line
 empty_choices = st.just((orjson.dumps(chunk_event(choices=False)), False))
 content = TEXT.filter(bool).map(lambda t: (orjson.dumps(chunk_event({"content": t})), True))
-tool = TEXT.map(lambda t: (orjson.dumps(chunk_event({"tool_calls": [{"index": 0, "function": {"arguments": t}}]})),
-                           True))
+tool = TEXT.map(
+    lambda t: (orjson.dumps(chunk_event({"tool_calls": [{"index": 0, "function": {"arguments": t}}]})), True)
+)
 finish = st.just((orjson.dumps(chunk_event(finish="stop")), True))
 tokens = st.integers(0, 10**7)
-usage = st.tuples(tokens, tokens).map(lambda pc: (orjson.dumps(chunk_event(
-    choices=False, usage={"prompt_tokens": pc[0], "completion_tokens": pc[1], "total_tokens": pc[0] + pc[1],
-                          "prompt_tokens_details": {"cached_tokens": 0}})), False))
+usage = st.tuples(tokens, tokens).map(
+    lambda pc: (
+        orjson.dumps(
+            chunk_event(
+                choices=False,
+                usage={
+                    "prompt_tokens": pc[0],
+                    "completion_tokens": pc[1],
+                    "total_tokens": pc[0] + pc[1],
+                    "prompt_tokens_details": {"cached_tokens": 0},
+                },
+            )
+        ),
+        False,
+    )
+)
 
 
 @st.composite
 def streams(draw: st.DrawFn) -> tuple[bytes, int | None, tuple[int | None, int | None]]:
     """An SSE stream; the offset just past the line of its first usable event; its usage."""
-    events = draw(st.lists(st.one_of(role, keepalive, empty_choices, content, tool, finish, usage), max_size=12))
+    events = draw(
+        st.lists(st.one_of(role, keepalive, empty_choices, content, tool, finish, usage), max_size=12)
+    )
     if draw(st.booleans()):
         events.append((b"[DONE]", True))
     newline = draw(st.sampled_from([b"\n", b"\r\n"]))
@@ -85,7 +102,8 @@ def relay(chunks: list[bytes]) -> tuple[bytes, int | None, tuple[int | None, int
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(streams(), st.lists(st.integers(0, 10**6), max_size=40))
 def test_relay_first_token_and_usage_do_not_depend_on_where_the_stream_is_cut(
-        stream: tuple[bytes, int | None, tuple[int | None, int | None]], points: list[int]) -> None:
+    stream: tuple[bytes, int | None, tuple[int | None, int | None]], points: list[int]
+) -> None:
     data, first_end, expected_usage = stream
     chunks = cut(data, points)
     sent, fired_at, got_usage = relay(chunks)
@@ -100,13 +118,15 @@ def test_relay_first_token_and_usage_do_not_depend_on_where_the_stream_is_cut(
 
 @settings(max_examples=200, deadline=None)
 @given(st.tuples(tokens, tokens), st.lists(st.integers(1, 7), min_size=1, max_size=400))
-def test_usage_cut_into_pieces_smaller_than_its_key_is_still_read(pc: tuple[int, int], sizes: list[int]) -> None:
+def test_usage_cut_into_pieces_smaller_than_its_key_is_still_read(
+    pc: tuple[int, int], sizes: list[int]
+) -> None:
     body = b'data: {"choices":[],"usage":{"prompt_tokens":%d,"completion_tokens":%d}}\n\n' % pc
     chunks, at = [], 0
     for n in sizes * (len(body) // len(sizes) + 1):
         if at >= len(body):
             break
-        chunks.append(body[at:at + n])
+        chunks.append(body[at : at + n])
         at += n
     tail = UsageTail()
     for c in chunks:

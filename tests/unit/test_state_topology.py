@@ -25,31 +25,63 @@ ROOT = Path(__file__).parents[2]
 
 
 def _cfg(**state: Any) -> dict[str, Any]:
-    return {"state": state, "models": [{"name": "m", "deployments": [{"id": "d", "base_url": "http://h:1/v1"}]}]}
+    return {
+        "state": state,
+        "models": [{"name": "m", "deployments": [{"id": "d", "base_url": "http://h:1/v1"}]}],
+    }
 
 
-@pytest.mark.parametrize(("state", "message"), [
-    ({"redis_mode": "cluster"}, r"state\.redis_mode: cluster needs state\.backend: redis"),
-    ({"backend": "redis", "redis_mode": "sentinel", "sentinel_master": "mymaster"}, r"state\.sentinels: "),
-    ({"backend": "redis", "redis_mode": "sentinel", "sentinels": ["s:26379"]}, r"state\.sentinel_master: "),
-    ({"backend": "redis", "sentinels": ["s:26379"]}, r"state\.sentinels: only used with state\.redis_mode: sentinel"),
-    ({"backend": "redis", "redis_mode": "cluster", "sentinel_master": "m"}, r"state\.sentinel_master: only used"),
-    ({"backend": "redis", "redis_mode": "cluster", "redis_url": "redis://h:7000/2"},
-     r"state\.redis_url: Redis Cluster has only database 0"),
-    ({"backend": "redis", "redis_mode": "cluster", "redis_url": "unix:///run/redis.sock"},
-     r"state\.redis_url: redis_mode cluster needs a redis:// or rediss:// URL"),
-    ({"backend": "redis", "redis_mode": "sentinel", "sentinels": ["no-port"], "sentinel_master": "m"},
-     r"state\.sentinels: entry 0 \('no-port'\) is not host:port"),
-    ({"backend": "redis", "redis_mode": "ring"}, r"state\.redis_mode: "),
-])
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ({"redis_mode": "cluster"}, r"state\.redis_mode: cluster needs state\.backend: redis"),
+        (
+            {"backend": "redis", "redis_mode": "sentinel", "sentinel_master": "mymaster"},
+            r"state\.sentinels: ",
+        ),
+        (
+            {"backend": "redis", "redis_mode": "sentinel", "sentinels": ["s:26379"]},
+            r"state\.sentinel_master: ",
+        ),
+        (
+            {"backend": "redis", "sentinels": ["s:26379"]},
+            r"state\.sentinels: only used with state\.redis_mode: sentinel",
+        ),
+        (
+            {"backend": "redis", "redis_mode": "cluster", "sentinel_master": "m"},
+            r"state\.sentinel_master: only used",
+        ),
+        (
+            {"backend": "redis", "redis_mode": "cluster", "redis_url": "redis://h:7000/2"},
+            r"state\.redis_url: Redis Cluster has only database 0",
+        ),
+        (
+            {"backend": "redis", "redis_mode": "cluster", "redis_url": "unix:///run/redis.sock"},
+            r"state\.redis_url: redis_mode cluster needs a redis:// or rediss:// URL",
+        ),
+        (
+            {"backend": "redis", "redis_mode": "sentinel", "sentinels": ["no-port"], "sentinel_master": "m"},
+            r"state\.sentinels: entry 0 \('no-port'\) is not host:port",
+        ),
+        ({"backend": "redis", "redis_mode": "ring"}, r"state\.redis_mode: "),
+    ],
+)
 def test_a_topology_that_cannot_run_fails_at_start_up_naming_the_key(state, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(_cfg(**state))
 
 
 def test_sentinel_and_cluster_configs_resolve_to_targets():
-    s = parse_config(_cfg(backend="redis", redis_mode="sentinel", sentinels=["10.0.0.1:26379", "[::1]:26380"],
-                          sentinel_master="mymaster", redis_url="rediss://:pw@ignored:6379/1", timeout_ms=250)).state
+    s = parse_config(
+        _cfg(
+            backend="redis",
+            redis_mode="sentinel",
+            sentinels=["10.0.0.1:26379", "[::1]:26380"],
+            sentinel_master="mymaster",
+            redis_url="rediss://:pw@ignored:6379/1",
+            timeout_ms=250,
+        )
+    ).state
     t = redis_target(s)
     assert t.mode == "sentinel" and t.sentinels == (("10.0.0.1", 26379), ("[::1]", 26380))
     assert t.sentinel_master == "mymaster" and t.timeout_s == 0.25 and t.url.startswith("rediss://")
@@ -58,8 +90,16 @@ def test_sentinel_and_cluster_configs_resolve_to_targets():
 
 
 def test_redis_passwords_are_redacted():
-    cfg = parse_config(_cfg(backend="redis", redis_mode="sentinel", sentinels=["s:26379"], sentinel_master="mymaster",
-                            sentinel_password="sentinel-SECRET", redis_url="redis://:data-SECRET@x:6379/0"))
+    cfg = parse_config(
+        _cfg(
+            backend="redis",
+            redis_mode="sentinel",
+            sentinels=["s:26379"],
+            sentinel_master="mymaster",
+            sentinel_password="sentinel-SECRET",
+            redis_url="redis://:data-SECRET@x:6379/0",
+        )
+    )
     shown = str(redact(cfg))
     assert "SECRET" not in shown and "mymaster" in shown and "s:26379" in shown
 
@@ -90,9 +130,12 @@ def test_both_limits_of_a_key_go_to_one_cluster_slot_in_one_call():
 def test_nothing_scans_the_keyspace():
     """KEYS and SCAN walk every key of a node; on a cluster they would also miss the other nodes."""
     pattern = re.compile(r"""\.(keys|scan|scan_iter)\(|['"](KEYS|SCAN)['"]""")
-    hits = [f"{p.relative_to(ROOT)}:{i}" for p in (ROOT / "gateway").rglob("*.py")
-            for i, line in enumerate(p.read_text().splitlines(), 1)
-            if pattern.search(line) and "redis" in p.read_text()]
+    hits = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in (ROOT / "gateway").rglob("*.py")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line) and "redis" in p.read_text()
+    ]
     assert not hits, hits
 
 
@@ -135,7 +178,10 @@ def test_sync_shows_the_primary_in_use_and_counts_the_moves():
 
     async def rounds() -> None:
         await sync.round()
-        assert _value(engine.metrics, "llmgw_state_backend_primary", mode="sentinel", address="10.0.0.1:6379") == 1
+        assert (
+            _value(engine.metrics, "llmgw_state_backend_primary", mode="sentinel", address="10.0.0.1:6379")
+            == 1
+        )
         backend.fail = True  # the primary dies
         await sync.round()
         assert sync.up is False
@@ -186,9 +232,16 @@ def test_sentinel_and_cluster_clients_carry_the_urls_credentials_tls_and_timeout
     """Built without a network: what each redis-py client will present when it connects."""
     from gateway.state.topology import RedisTarget, Topology
 
-    s = Topology(RedisTarget(mode="sentinel", url="rediss://app:pw@ignored:1/3?ssl_cert_reqs=none",
-                             sentinels=(("s1", 26379),), sentinel_master="mymaster", sentinel_password="spw",
-                             timeout_s=0.3))
+    s = Topology(
+        RedisTarget(
+            mode="sentinel",
+            url="rediss://app:pw@ignored:1/3?ssl_cert_reqs=none",
+            sentinels=(("s1", 26379),),
+            sentinel_master="mymaster",
+            sentinel_password="spw",
+            timeout_s=0.3,
+        )
+    )
     primary = s.client.connection_pool
     assert primary.service_name == "mymaster" and "SSL" in primary.connection_class.__name__
     kw = primary.connection_kwargs
@@ -201,7 +254,9 @@ def test_sentinel_and_cluster_clients_carry_the_urls_credentials_tls_and_timeout
     assert s.primaries() == []  # unknown until the sentinels are asked
 
     c = Topology(RedisTarget(mode="cluster", url="rediss://:pw@seed:7000/0", timeout_s=0.3))
-    assert c.client.connection_kwargs["password"] == "pw" and c.client.connection_kwargs["socket_timeout"] == 0.3
+    assert (
+        c.client.connection_kwargs["password"] == "pw" and c.client.connection_kwargs["socket_timeout"] == 0.3
+    )
     assert "SSL" in c.client.connection_kwargs["connection_class"].__name__
     one = Topology(RedisTarget(url="redis://:pw@h:6380/0", timeout_s=0.3))
     assert one.primaries() == ["h:6380"]

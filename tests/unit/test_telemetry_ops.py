@@ -49,7 +49,10 @@ def test_ratio_sampling_keeps_the_same_traces_as_the_sdk():
         for _ in range(500):
             trace_id = rng.getrandbits(128) or 1
             tc = TraceContext(f"00-{trace_id:032x}-00f067aa0ba902b7-01", None)
-            assert ours.sampled(tc) == sdk.should_sample(None, trace_id, "x").decision.is_sampled(), (ratio, trace_id)
+            assert ours.sampled(tc) == sdk.should_sample(None, trace_id, "x").decision.is_sampled(), (
+                ratio,
+                trace_id,
+            )
 
 
 def test_an_unknown_sampler_or_bad_ratio_falls_back_like_the_sdk(caplog):
@@ -87,8 +90,13 @@ def test_a_log_line_is_one_json_object_with_time_level_logger_and_pid():
     rec = logging.LogRecord("llmgw.state", logging.WARNING, __file__, 1, "backend %s down", ("redis",), None)
     rec.created = 1767225600.25
     line = _line(rec)
-    assert line == {"timestamp": "2026-01-01T00:00:00.250Z", "level": "WARNING", "logger": "llmgw.state",
-                    "message": "backend redis down", "pid": os.getpid()}
+    assert line == {
+        "timestamp": "2026-01-01T00:00:00.250Z",
+        "level": "WARNING",
+        "logger": "llmgw.state",
+        "message": "backend redis down",
+        "pid": os.getpid(),
+    }
 
 
 def test_a_line_written_for_a_request_carries_its_id_and_exceptions_their_traceback():
@@ -124,13 +132,20 @@ def test_a_dead_workers_live_gauges_are_dropped_and_its_counters_kept(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()  # reaped: its pid is gone
     dead, alive = child.pid, os.getpid()
-    names = [f"gauge_livesum_{dead}.db", f"gauge_livemax_{dead}.db", f"counter_{dead}.db", f"histogram_{dead}.db",
-             f"gauge_livesum_{alive}.db", f"gauge_max_{dead}.db"]
+    names = [
+        f"gauge_livesum_{dead}.db",
+        f"gauge_livemax_{dead}.db",
+        f"counter_{dead}.db",
+        f"histogram_{dead}.db",
+        f"gauge_livesum_{alive}.db",
+        f"gauge_max_{dead}.db",
+    ]
     for n in names:
         (tmp_path / n).write_bytes(b"")
     assert drop_dead_workers(str(tmp_path)) == [dead]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f"counter_{dead}.db", f"histogram_{dead}.db", f"gauge_livesum_{alive}.db", f"gauge_max_{dead}.db"])
+        [f"counter_{dead}.db", f"histogram_{dead}.db", f"gauge_livesum_{alive}.db", f"gauge_max_{dead}.db"]
+    )
 
 
 # ------------------------------------------------------------------------------------- state gauges
@@ -139,9 +154,24 @@ def test_a_dead_workers_live_gauges_are_dropped_and_its_counters_kept(tmp_path):
 @pytest.fixture
 def gauges(monkeypatch: pytest.MonkeyPatch) -> tuple[StateGauges, Registry, Metrics]:
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    cfg = parse_config({"models": [{"name": "chat", "deployments": [
-        {"id": "a", "base_url": "http://127.0.0.1:9/v1"}, {"id": "b", "base_url": "http://127.0.0.1:9/v1"}]}]}, env={})
-    registry, metrics = Registry(cfg, None, 0, ScriptedUpstream(FakeClock(), lambda req: Reply()).client), Metrics()
+    cfg = parse_config(
+        {
+            "models": [
+                {
+                    "name": "chat",
+                    "deployments": [
+                        {"id": "a", "base_url": "http://127.0.0.1:9/v1"},
+                        {"id": "b", "base_url": "http://127.0.0.1:9/v1"},
+                    ],
+                }
+            ]
+        },
+        env={},
+    )
+    registry, metrics = (
+        Registry(cfg, None, 0, ScriptedUpstream(FakeClock(), lambda req: Reply()).client),
+        Metrics(),
+    )
     return StateGauges(registry, metrics, "memory"), registry, metrics
 
 

@@ -73,7 +73,9 @@ def instructions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
         mp.setenv("OTEL_TRACES_SAMPLER", "always_off")
         out["unsampled"] = asyncio.run(_per_request(tmp_path_factory.mktemp("unsampled"), export))
         mp.setenv("OTEL_TRACES_SAMPLER", "always_on")
-        mp.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "1")  # the flush at shutdown gives up on the closed port soon
+        mp.setenv(
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "1"
+        )  # the flush at shutdown gives up on the closed port soon
         out["sampled"] = asyncio.run(_per_request(tmp_path_factory.mktemp("sampled"), export))
     finally:
         mp.undo()
@@ -85,9 +87,12 @@ def test_an_unsampled_request_costs_under_three_percent_more(instructions):
     share = (unsampled - off) / off
     assert share < MAX_UNSAMPLED_SHARE, (
         f"export on, not sampled: {unsampled:.0f} instructions per request against {off:.0f} untraced "
-        f"(+{share:.1%}, limit {MAX_UNSAMPLED_SHARE:.0%})")
+        f"(+{share:.1%}, limit {MAX_UNSAMPLED_SHARE:.0%})"
+    )
 
 
 def test_the_counter_sees_tracing_work(instructions):
     # a sampled request builds its spans in gateway code: the measure above can see tracing work
-    assert instructions["sampled"] - instructions["off"] > 5 * max(instructions["unsampled"] - instructions["off"], 1)
+    assert instructions["sampled"] - instructions["off"] > 5 * max(
+        instructions["unsampled"] - instructions["off"], 1
+    )

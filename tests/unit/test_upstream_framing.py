@@ -16,17 +16,32 @@ def test_an_ordinary_head_passes():
     assert head_fault(103, [], LIMITS) is None and head_fault(599, [], LIMITS) is None
 
 
-@pytest.mark.parametrize(("status", "raw", "says"), [
-    (999, OK, "invalid status code 999"),
-    (99, OK, "invalid status code 99"),
-    (200, [(b"x-a", b"1\x01")], "control character in the value of response header 'x-a'"),
-    (200, [(b"x-a", b"1\x7f")], "control character"),
-    (200, [(b"x-a", b"1\r\n")], "control character"),
-    (200, [(b"Content-Length", b"5"), (b"Transfer-Encoding", b"chunked")], "both Content-Length and Transfer-Encoding"),
-    (200, [(b"x-h%d" % i, b"v") for i in range(9)], "more than 8 response headers (response_limits.max_headers)"),
-    (200, [(b"x-big", b"a" * 1100)], "larger than 1024 bytes (response_limits.max_head_bytes)"),
-    (200, [(b"content-type", b"text/event-stream"), (b"content-encoding", b"gzip")], "content-encoding 'gzip'"),
-])
+@pytest.mark.parametrize(
+    ("status", "raw", "says"),
+    [
+        (999, OK, "invalid status code 999"),
+        (99, OK, "invalid status code 99"),
+        (200, [(b"x-a", b"1\x01")], "control character in the value of response header 'x-a'"),
+        (200, [(b"x-a", b"1\x7f")], "control character"),
+        (200, [(b"x-a", b"1\r\n")], "control character"),
+        (
+            200,
+            [(b"Content-Length", b"5"), (b"Transfer-Encoding", b"chunked")],
+            "both Content-Length and Transfer-Encoding",
+        ),
+        (
+            200,
+            [(b"x-h%d" % i, b"v") for i in range(9)],
+            "more than 8 response headers (response_limits.max_headers)",
+        ),
+        (200, [(b"x-big", b"a" * 1100)], "larger than 1024 bytes (response_limits.max_head_bytes)"),
+        (
+            200,
+            [(b"content-type", b"text/event-stream"), (b"content-encoding", b"gzip")],
+            "content-encoding 'gzip'",
+        ),
+    ],
+)
 def test_a_head_breaking_a_rule_names_it(status, raw, says):
     assert says in head_fault(status, raw, LIMITS)
 

@@ -26,8 +26,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_installed_uvicorn_is_within_the_bound_the_protocol_was_checked_against() -> None:
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     (spec,) = [Requirement(d) for d in deps if re.match(r"uvicorn\b", d)]
-    assert any(s.operator == "<" for s in spec.specifier), "uvicorn needs an upper bound: protocol.py uses its internals"
-    assert spec.specifier.contains(version("uvicorn")), f"uvicorn {version('uvicorn')} is outside {spec.specifier}"
+    assert any(s.operator == "<" for s in spec.specifier), (
+        "uvicorn needs an upper bound: protocol.py uses its internals"
+    )
+    assert spec.specifier.contains(version("uvicorn")), (
+        f"uvicorn {version('uvicorn')} is outside {spec.specifier}"
+    )
 
 
 class _Transport(asyncio.Transport):
@@ -68,7 +72,9 @@ def test_the_protocol_stamps_the_scope_and_reports_a_disconnect_through_uvicorns
             scope[DISCONNECT_KEY] = gone.set  # what the edge does
             await asyncio.sleep(3600)  # the client leaves before the answer
 
-        config = Config(app, http=TimedHttpToolsProtocol, lifespan="off", access_log=False, log_level="warning")
+        config = Config(
+            app, http=TimedHttpToolsProtocol, lifespan="off", access_log=False, log_level="warning"
+        )
         config.load()
         proto = TimedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
         transport = _Transport()

@@ -44,15 +44,22 @@ def run(models: list[ModelWarmup], provider: Provider) -> tuple[SchemaWarmup, li
 
 
 def model(required: bool) -> ModelWarmup:
-    return ModelWarmup("chat", WarmupConfig(schemas=[SCHEMA], required=required), [(None, "chat", "m", SCHEMA)])
+    return ModelWarmup(
+        "chat", WarmupConfig(schemas=[SCHEMA], required=required), [(None, "chat", "m", SCHEMA)]
+    )
 
 
 def test_a_required_warm_up_is_retried_with_backoff_until_the_provider_is_back():
     warm, slept, done_seen = run([model(required=True)], Provider(up_after=7))
     assert slept == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]  # never more than 10 s after the provider is back
     assert done_seen == [False] * 7 and warm.done
-    assert warm.detail()["models"]["chat"] == {"state": "done", "ok": 1, "failed": 0, "passes": 8,
-                                                "next_retry_s": 10.0}
+    assert warm.detail()["models"]["chat"] == {
+        "state": "done",
+        "ok": 1,
+        "failed": 0,
+        "passes": 8,
+        "next_retry_s": 10.0,
+    }
 
 
 def test_an_optional_warm_up_that_fails_is_reported_once_and_never_holds_readiness():

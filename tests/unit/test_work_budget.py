@@ -52,7 +52,9 @@ MEASURED = 20
 
 _PKG = str(Path(gateway.__file__).parent) + os.sep
 _SIM = _PKG + "sim" + os.sep
-_CO_RESUMABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
+_CO_RESUMABLE = (
+    inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
+)
 _RESUME = dis.opmap["RESUME"]
 # The instructions of an ``await`` that repeat once per suspension: how often depends on timing, not work.
 _AWAIT_LOOP = frozenset(dis.opmap[n] for n in ("SEND", "YIELD_VALUE", "RESUME", "JUMP_BACKWARD_NO_INTERRUPT"))
@@ -72,7 +74,7 @@ class WorkCounter:
         path = code.co_filename
         if not path.startswith(_PKG) or path.startswith(_SIM):
             return None
-        name = f"{path[len(_PKG):-3].replace(os.sep, '.')}:{code.co_qualname}"
+        name = f"{path[len(_PKG) : -3].replace(os.sep, '.')}:{code.co_qualname}"
         return name, code.co_code, bool(code.co_flags & _CO_RESUMABLE)
 
     def __call__(self, frame: FrameType, event: str, arg: Any) -> Any:
@@ -106,32 +108,62 @@ def _config(sim_a: int, sim_b: int, log_path: Path) -> Any:
     retries with a budget, hedging (its delay never fires here, so the count does not depend on timing),
     JSON access log, metrics."""
     quiet_pool = {"min_connections": 1, "keepwarm_interval_s": 0}
-    return parse_config({
-        "server": {"host": "127.0.0.1", "port": 0},
-        "access_log": {"path": str(log_path), "format": "json"},
-        "models": [{
-            "name": "chat",
-            "routing": {"strategy": "latency"},
-            "retry": {"max_retries": 2, "budget_percent": 20},
-            "hedging": {"enabled": True, "delay_ms": 60_000, "max_delay_ms": 60_000},
-            "deployments": [
-                {"id": "a", "base_url": f"http://127.0.0.1:{sim_a}/v1", "api_key": "k", "model": "sim-large",
-                 "region": "us-east", "pool": quiet_pool},
-                {"id": "b", "base_url": f"http://127.0.0.1:{sim_b}/v1", "api_key": "k", "model": "sim-large",
-                 "region": "us-east", "pool": quiet_pool},
+    return parse_config(
+        {
+            "server": {"host": "127.0.0.1", "port": 0},
+            "access_log": {"path": str(log_path), "format": "json"},
+            "models": [
+                {
+                    "name": "chat",
+                    "routing": {"strategy": "latency"},
+                    "retry": {"max_retries": 2, "budget_percent": 20},
+                    "hedging": {"enabled": True, "delay_ms": 60_000, "max_delay_ms": 60_000},
+                    "deployments": [
+                        {
+                            "id": "a",
+                            "base_url": f"http://127.0.0.1:{sim_a}/v1",
+                            "api_key": "k",
+                            "model": "sim-large",
+                            "region": "us-east",
+                            "pool": quiet_pool,
+                        },
+                        {
+                            "id": "b",
+                            "base_url": f"http://127.0.0.1:{sim_b}/v1",
+                            "api_key": "k",
+                            "model": "sim-large",
+                            "region": "us-east",
+                            "pool": quiet_pool,
+                        },
+                    ],
+                }
             ],
-        }],
-    }, env={})
+        },
+        env={},
+    )
 
 
 def _scope(body: bytes) -> dict[str, Any]:
     return {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-        "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50123), "server": ("127.0.0.1", 8080),
-        "headers": [(b"host", b"gateway"), (b"content-type", b"application/json"),
-                    (b"content-length", b"%d" % len(body)), (b"authorization", b"Bearer client-key"),
-                    (b"user-agent", b"work-budget/1.0"), (b"accept", b"*/*")],
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 50123),
+        "server": ("127.0.0.1", 8080),
+        "headers": [
+            (b"host", b"gateway"),
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            (b"authorization", b"Bearer client-key"),
+            (b"user-agent", b"work-budget/1.0"),
+            (b"accept", b"*/*"),
+        ],
     }
 
 
@@ -164,9 +196,17 @@ async def _request(app: Any, body: bytes) -> tuple[int, bytes]:
 
 
 def _body(stream: bool) -> bytes:
-    return orjson.dumps({"model": "chat", "stream": stream, "temperature": 0.2,
-                         "messages": [{"role": "system", "content": "Be brief."},
-                                      {"role": "user", "content": "Say hello."}]})
+    return orjson.dumps(
+        {
+            "model": "chat",
+            "stream": stream,
+            "temperature": 0.2,
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Say hello."},
+            ],
+        }
+    )
 
 
 async def _measure(tmp: Path) -> dict[str, WorkCounter]:
@@ -209,8 +249,12 @@ def _top(counts: Counter[str], n: int = 12) -> str:
     by_module: Counter[str] = Counter()
     for name, c in counts.items():
         by_module[name.split(":")[0]] += c
-    return ("by function:\n" + "\n".join(f"  {c / MEASURED:9.1f}  {name}" for name, c in counts.most_common(n))
-            + "\nby module:\n" + "\n".join(f"  {c / MEASURED:9.1f}  {m}" for m, c in by_module.most_common(8)))
+    return (
+        "by function:\n"
+        + "\n".join(f"  {c / MEASURED:9.1f}  {name}" for name, c in counts.most_common(n))
+        + "\nby module:\n"
+        + "\n".join(f"  {c / MEASURED:9.1f}  {m}" for m, c in by_module.most_common(8))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -227,8 +271,10 @@ def test_work_per_request_stays_within_budget(measured: dict[str, WorkCounter], 
     assert per_request <= budget, (
         f"{kind} request: {per_request:.1f} {unit} in gateway code per request, over the budget of {budget} "
         f"(Python {sys.version_info.major}.{sys.version_info.minor}). "
-        f"Top contributors ({unit} per request), {_top(counts)}")
+        f"Top contributors ({unit} per request), {_top(counts)}"
+    )
     # a floor too: a counter that stopped seeing gateway code would pass every budget
     assert per_request >= budget / 2, (
         f"{kind} request: {per_request:.1f} {unit} per request, under half the budget of {budget}: lower the "
-        f"budget to keep the guard tight (or check the counter still sees gateway code). {_top(counts)}")
+        f"budget to keep the guard tight (or check the counter still sees gateway code). {_top(counts)}"
+    )
