@@ -11,18 +11,16 @@ is an upper bound of the CPU share.
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_work_budget import MEASURED, WARMUP, WorkCounter, _body, _config, _request
+from test_work_budget import MEASURED, _body, _config, count_requests
 
 from gateway.app import build_app
 from gateway.config import TracingConfig
 from gateway.sim.profile import SimProfile
 from gateway.sim.server import SimServer
-from gateway.telemetry.accesslog import FLUSH_INTERVAL_S
 
 MAX_UNSAMPLED_SHARE = 0.03
 
@@ -39,20 +37,7 @@ async def _per_request(tmp: Path, tracing: TracingConfig | None) -> float:
     app = build_app(cfg, seed=0)
     await app.lifecycle.start()
     try:
-        body = _body(False)
-        for _ in range(WARMUP):
-            status, out = await _request(app, body)
-            assert status == 200, out
-        await asyncio.sleep(FLUSH_INTERVAL_S * 2)
-        counter = WorkCounter()
-        previous = sys.gettrace()
-        sys.settrace(counter)
-        try:
-            for _ in range(MEASURED):
-                status, out = await _request(app, body)
-                await asyncio.sleep(FLUSH_INTERVAL_S * 1.5)
-        finally:
-            sys.settrace(previous)
+        counter, status, out = await count_requests(app, _body(False))
         assert status == 200, out
         assert (app.engine.tracing is not None) == (tracing is not None)
         return sum(counter.instructions.values()) / MEASURED

@@ -209,6 +209,25 @@ def _body(stream: bool) -> bytes:
     )
 
 
+async def count_requests(app: Any, body: bytes) -> tuple[WorkCounter, int, bytes]:
+    """Warm up, then count the gateway work of MEASURED identical requests; the last one's status and body."""
+    for _ in range(WARMUP):  # caches, metric children, pooled connections
+        status, out = await _request(app, body)
+        assert status == 200, out
+    await asyncio.sleep(FLUSH_INTERVAL_S * 2)
+    counter = WorkCounter()
+    previous = sys.gettrace()
+    sys.settrace(counter)
+    try:
+        for _ in range(MEASURED):
+            status, out = await _request(app, body)
+            # the access-log batch handoff runs on a timer: let it fire once per request
+            await asyncio.sleep(FLUSH_INTERVAL_S * 1.5)
+    finally:
+        sys.settrace(previous)
+    return counter, status, out
+
+
 async def _measure(tmp: Path) -> dict[str, WorkCounter]:
     profile = SimProfile()
     profile.update({"ttft_ms": 0, "ttft_dist": "fixed", "itl_ms": 0, "tokens": 8, "tail_p": 0})
@@ -221,21 +240,7 @@ async def _measure(tmp: Path) -> dict[str, WorkCounter]:
     counts: dict[str, WorkCounter] = {}
     try:
         for kind, stream in (("json", False), ("stream", True)):
-            body = _body(stream)
-            for _ in range(WARMUP):  # caches, metric children, pooled connections
-                status, out = await _request(app, body)
-                assert status == 200, out
-            await asyncio.sleep(FLUSH_INTERVAL_S * 2)
-            counter = WorkCounter()
-            previous = sys.gettrace()
-            sys.settrace(counter)
-            try:
-                for _ in range(MEASURED):
-                    status, out = await _request(app, body)
-                    # the access-log batch handoff runs on a timer: let it fire once per request
-                    await asyncio.sleep(FLUSH_INTERVAL_S * 1.5)
-            finally:
-                sys.settrace(previous)
+            counter, status, out = await count_requests(app, _body(stream))
             assert status == 200 and (b"[DONE]" in out if stream else b'"choices"' in out), out
             counts[kind] = counter
     finally:
