@@ -79,12 +79,17 @@ async def relay_stream(
     headers.extend(SSE_HEADERS)
     out.started = True
     await send({"type": "http.response.start", "status": 200, "headers": headers})
+    assert w.resp is not None
+    content = w.resp.content
     first = b"".join(w.chunks) if len(w.chunks) != 1 else w.chunks[0]
     w.chunks = []
     usage = UsageTail()  # fed every byte as it arrives: a usage object split across chunks still counts
     usage.feed(first)
     first, held = split_at_event_end(first)  # ``held``: an unfinished event, sent once it is whole
-    await send({"type": "http.response.body", "body": first, "more_body": True})
+    # ``ended``: the provider's body has ended and the bytes in hand are its last. They go out with the
+    # end of the response (one write instead of two): a short stream often arrives in a single read.
+    ended = out.closing = not held and content.at_eof
+    await send({"type": "http.response.body", "body": first, "more_body": not ended})
     out.t_first_sent = now()
     sent = out.bytes_sent = len(first)
 
@@ -92,14 +97,14 @@ async def relay_stream(
     per_try_end = w.t_start + dep.per_try_s
     hard_end = min(per_try_end, deadline.expires_at)
     hard_flag = "per_try" if per_try_end <= deadline.expires_at else "total"
-    assert w.resp is not None
-    content = w.resp.content
     failure: tuple[ResponseFlag, str | None, str] | None = None  # (flag, timeout_flag, message)
-    watchdog = _Watchdog(dep.idle_s, hard_end, alarms, interrupt, now)
+    watchdog: _Watchdog | None = None
     try:
-        while True:
+        if not ended:
+            watchdog = wd = _Watchdog(dep.idle_s, hard_end, alarms, interrupt, now)
+        while not ended:
             chunk = await content.readany()
-            watchdog.last = now()
+            wd.last = now()
             if not chunk:
                 break
             usage.feed(chunk)
@@ -112,7 +117,8 @@ async def relay_stream(
                     continue
                 else:
                     out.at_event_end = True
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            ended = out.closing = not held and content.at_eof
+            await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
             sent += len(chunk)
             out.bytes_sent = sent
     except asyncio.CancelledError:
@@ -141,10 +147,14 @@ async def relay_stream(
             f"Stream stopped: deployment '{dep.id}' broke the stream ({type(exc).__name__}).",
         )
     finally:
-        watchdog.stop()
+        if watchdog is not None:
+            watchdog.stop()
     w.t_end = now()
     if failure is not None:
         flag, tflag, message = failure
+        ended = (
+            False  # a send that was to end the response was interrupted before it wrote: the error ends it
+        )
         w.abort()
         out.failure_flag = flag
         out.timeout_flag = tflag
@@ -162,8 +172,9 @@ async def relay_stream(
             out.bytes_sent = sent
         w.resp.release()
         w.released = True
-    out.closing = True
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    if not ended:
+        out.closing = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
     out.t_last_sent = now()
     out.prompt_tokens, out.completion_tokens = usage.usage()
     w.finish()

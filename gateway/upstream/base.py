@@ -12,6 +12,8 @@ The read contract (every implementation obeys it; the shared client tests check 
   ``read()`` (``n < 0``) waits for the whole body. Bytes past ``n`` stay buffered for the next read.
   So an error body read with ``read(MAX_ERROR_BODY)`` is never cut short by how it was chunked.
 - A failure is raised as an ``errors.UpstreamError``; bytes that arrived before it are returned first.
+- ``at_eof`` is True once the body has ended and every byte was read (the next ``readany()`` is ``b""``);
+  False while that is not known yet, so a client that learns of the end only by reading again may say False.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class ResponseBody(Protocol):
     def readany(self) -> Awaitable[bytes]: ...
 
     def read(self, n: int = -1) -> Awaitable[bytes]: ...
+
+    @property
+    def at_eof(self) -> bool: ...
 
 
 class UpstreamResponse(Protocol):

@@ -80,6 +80,10 @@ class _Body:
             if chunk or self._eof:
                 return chunk
 
+    @property
+    def at_eof(self) -> bool:  # httpx tells of the end only when read again: mostly False after data
+        return self._eof and not self._buf
+
     async def read(self, n: int = -1) -> bytes:
         """Exactly n bytes (all when n < 0), fewer only at the end of the body; a whole body past
         ``response_limits.max_body_bytes`` is refused (UpstreamProtocolError) instead of held."""

@@ -109,11 +109,13 @@ def test_stream_chunks_arrive_as_sent_and_the_connection_is_reused(kind: ClientK
                     assert resp.headers.get("X-RATELIMIT-REMAINING") == "9"
                     # the first chunk is readable while the provider still holds back the second
                     assert await asyncio.wait_for(resp.content.readany(), 2) == b"data: one\n\n"
+                    assert not resp.content.at_eof  # more is coming
                     seen.release.set()
                     rest = b""
                     while chunk := await resp.content.readany():
                         rest += chunk
                     assert rest == b"data: two\n\n"
+                    assert resp.content.at_eof
                     assert await resp.content.readany() == b""
                     resp.release()
                 await asyncio.sleep(0.05)

@@ -51,6 +51,9 @@ class Reply:
     fail: BaseException | None = None  # raised by post() at head_after instead of a head (connect, reset...)
     then_fail: BaseException | None = None  # raised after the chunks (a stream broken mid-way)
     stall: bool = False  # after the chunks, send nothing more until the gateway closes the connection
+    # The body's end comes with its last chunk (HTTP/1.1's terminator in the same read): ``at_eof`` is
+    # True as that chunk is read. Otherwise the end is known only when the reader asks again (httpx).
+    end_with_last: bool = False
 
     @staticmethod
     def json(
@@ -60,9 +63,19 @@ class Reply:
         return Reply(status, h, [(0.0, orjson.dumps(body))], head_after=after)
 
     @staticmethod
-    def stream(*chunks: tuple[float, bytes], head_after: float = 0.0, stall: bool = False) -> Reply:
+    def stream(
+        *chunks: tuple[float, bytes],
+        head_after: float = 0.0,
+        stall: bool = False,
+        end_with_last: bool = False,
+    ) -> Reply:
         return Reply(
-            200, {"content-type": "text/event-stream"}, list(chunks), head_after=head_after, stall=stall
+            200,
+            {"content-type": "text/event-stream"},
+            list(chunks),
+            head_after=head_after,
+            stall=stall,
+            end_with_last=end_with_last,
         )
 
 
@@ -98,6 +111,9 @@ class _Body:
             delay, data = self._steps.pop(0)
             if delay > 0:
                 await self._clock.sleep(delay)
+            r = self._reply
+            if not self._steps and r.end_with_last and r.then_fail is None and not r.stall:
+                self._eof = True
             return data
         if self._reply.then_fail is not None:
             self._eof = True
