@@ -9,6 +9,7 @@ writes nothing else of the exchange.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,7 @@ class RelayOutcome:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     at_event_end: bool = True  # what was sent ends with a whole event: an error event may follow as it is
+    client_blocked: bool = False  # the hard end found a send waiting for a client that did not read (DT)
 
 
 async def relay_stream(
@@ -104,7 +106,6 @@ async def relay_stream(
             watchdog = wd = _Watchdog(dep.idle_s, hard_end, alarms, interrupt, now)
         while not ended:
             chunk = await content.readany()
-            wd.last = now()
             if not chunk:
                 break
             usage.feed(chunk)
@@ -118,21 +119,29 @@ async def relay_stream(
                 else:
                     out.at_event_end = True
             ended = out.closing = not held and content.at_eof
+            wd.last = (
+                WAITING_ON_CLIENT  # a send waits while the client does not read: not the provider's idle
+            )
             await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+            wd.last = now()
             sent += len(chunk)
             out.bytes_sent = sent
     except asyncio.CancelledError:
         reason = interrupt.claim(CancelReason.STREAM_HARD_END, CancelReason.STREAM_IDLE)
         if reason is None:
             raise  # the client left (or shutdown): not ours to handle
+        out.client_blocked = watchdog is not None and watchdog.last == WAITING_ON_CLIENT
         if reason is CancelReason.STREAM_HARD_END:
-            flag = ResponseFlag.DEADLINE if hard_flag == "total" else ResponseFlag.UPSTREAM_TIMEOUT
+            # DT (never held against the provider) also when the limit found the client not reading
+            blocked = out.client_blocked
+            flag = ResponseFlag.DEADLINE if hard_flag == "total" or blocked else ResponseFlag.UPSTREAM_TIMEOUT
             limit = (
                 "the request deadline"
                 if hard_flag == "total"
                 else f"per_try_ms={dep.cfg.timeouts.per_try_ms:.0f}"
             )
-            failure = (flag, hard_flag, f"Stream stopped: {limit} reached.")
+            why = " while the client was not reading" if blocked else ""
+            failure = (flag, hard_flag, f"Stream stopped: {limit} reached{why}.")
         else:
             failure = (
                 ResponseFlag.UPSTREAM_TIMEOUT,
@@ -181,12 +190,19 @@ async def relay_stream(
     return out
 
 
+WAITING_ON_CLIENT = math.inf  # ``_Watchdog.last`` while a send waits for the client to read
+
+
 class _Watchdog:
     """Idle and hard limits for a relay with one alarm, re-armed only when it fires.
 
     Rescheduling a timeout per chunk costs a timer cancel and a new one for every token; instead the
     relay stamps ``last`` (one clock read) and the alarm, when it fires, checks how long it really
     was and either re-arms for the rest or interrupts the relay.
+
+    ``last`` is when the relay began waiting on the provider: idle_ms is the provider's silence. While
+    a send waits for a client that does not read (``WAITING_ON_CLIENT``) the gateway reads nothing
+    from the provider, so idle_ms does not run; only the hard end does.
     """
 
     __slots__ = ("idle", "hard_end", "last", "_now", "_interrupt", "_alarms", "_alarm")
@@ -200,10 +216,10 @@ class _Watchdog:
         self.last = now()
         self._interrupt = interrupt
         self._alarms = alarms
-        self._arm()
+        self._arm(self.last)
 
-    def _arm(self) -> None:
-        self._alarm = self._alarms.at(min(self.last + self.idle, self.hard_end), self._check)
+    def _arm(self, since: float) -> None:
+        self._alarm = self._alarms.at(min(since + self.idle, self.hard_end), self._check)
 
     def _check(self) -> None:
         t = self._now() + SLACK_S
@@ -212,7 +228,7 @@ class _Watchdog:
         elif t >= self.last + self.idle:
             self._interrupt.cancel(CancelReason.STREAM_IDLE)
         else:
-            self._arm()
+            self._arm(min(self.last, t))  # waiting on the client: look again idle_ms from now
 
     def stop(self) -> None:
         self._alarms.cancel(self._alarm)

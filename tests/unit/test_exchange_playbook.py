@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
-from scripted_upstream import DONE, Playbook, Reply, Request, sse
+from scripted_upstream import DONE, Downstream, Playbook, Reply, Request, sse
 
 from gateway.engine.interrupt import CancelReason
 from gateway.upstream.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamResetError
@@ -208,6 +208,68 @@ def test_a_stream_idle_too_long_ends_with_ut() -> None:
         assert len(call.down.events()) == 3 and "idle_ms=500" in call.down.events()[-1]
         assert pb.upstream.requests[0].closed_at == pytest.approx(1000.9, abs=0.002)  # 500 ms after "two"
         assert (rec["response_flags"], rec["timeout_flag"]) == ("UT", "idle")
+
+    play(scenario)
+
+
+class SlowReader:
+    """A client that stops reading at its ``stop_at``-th body message: that send waits (as uvicorn's does
+    while the socket is full) until ``resume`` is set; the message counts as received only then."""
+
+    def __init__(self, call: Any, stop_at: int) -> None:
+        self.resume = asyncio.Event()
+        self._down = call.down
+        self._stop_at = stop_at
+        self._bodies = 0
+        call.down.send = self.send  # read by the exchange when its task first runs
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            self._bodies += 1
+            if self._bodies == self._stop_at:
+                await self.resume.wait()
+        await Downstream.send(self._down, message)
+
+
+def test_a_client_that_stops_reading_is_not_the_providers_idleness() -> None:
+    """idle_ms is the provider's silence: while a send waits for the client, the gateway reads nothing from
+    the provider, so a client that pauses longer than idle_ms and then reads on gets the whole stream."""
+
+    async def scenario() -> None:
+        chunks = [sse("one"), sse("two"), sse("three"), DONE]
+        pb = Playbook(
+            [model("m", "a", timeouts={"ttft_ms": 1000, "per_try_ms": 60000, "idle_ms": 500})],
+            by_deployment(a=Reply.stream(*((0.01, c) for c in chunks))),
+        )
+        call = pb.call("m", stream=True)
+        reader = SlowReader(call, stop_at=2)
+        await pb.play(3.0)  # six idle_ms with the client not reading
+        assert not call.task.done()
+        reader.resume.set()
+        rec = await pb.finish(call)
+        assert call.down.body == b"".join(chunks)
+        assert (rec["response_flags"], rec["timeout_flag"]) == ("-", None)
+
+    play(scenario)
+
+
+def test_the_hard_end_finding_the_client_not_reading_is_dt_and_not_held_against_the_provider() -> None:
+    async def scenario() -> None:
+        chunks = [sse("one"), sse("two"), DONE]
+        pb = Playbook(
+            [model("m", "a", timeouts={"ttft_ms": 1000, "per_try_ms": 2000, "idle_ms": 500})],
+            by_deployment(a=Reply.stream(*((0.01, c) for c in chunks))),
+        )
+        for _ in range(6):  # more than outlier.consecutive_failures (5)
+            call = pb.call("m", stream=True)
+            reader = SlowReader(call, stop_at=2)
+            await pb.play(2.5)  # per_try_ms (2 s) passes while the client does not read
+            reader.resume.set()
+            rec = await pb.finish(call)
+            assert (rec["response_flags"], rec["timeout_flag"]) == ("DT", "per_try")
+            assert "while the client was not reading" in call.down.events()[-1]
+        a = pb.engine.registry.models["m"].by_id["a"]
+        assert a.outlier.consecutive_failures == 0 and a.outlier.ejected_until <= pb.clock.t
 
     play(scenario)
 
