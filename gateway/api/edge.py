@@ -26,7 +26,7 @@ EDGE_KEY = "llmgw.edge"
 
 
 class EdgeConnection(Protocol):
-    def expire(self, t: float, head_timeout_s: float, idle_timeout_s: float) -> None: ...
+    def expire(self, t: float, limits: EdgeLimits) -> None: ...
 
 
 def head_too_large(limit: int) -> GatewayError:
@@ -71,11 +71,14 @@ class EdgeLimits:
         self.max_head_bytes = srv.max_header_bytes
         self.head_timeout_s = srv.request_headers_timeout_s
         self.idle_timeout_s = srv.idle_timeout_s
+        self.send_timeout_s = srv.send_timeout_s
         self.on_refused = on_refused  # (error, method, path, client, started) -> log and count as a request
         self.on_limit = on_limit  # (limit name) -> count; idle closes are not requests, so only counted
         self.connections: set[EdgeConnection] = set()
         # The sweep's period bounds how late a timeout fires: a quarter of the shortest, at most 1 s.
-        self.sweep_s = max(0.02, min(1.0, self.head_timeout_s / 4, self.idle_timeout_s / 4))
+        self.sweep_s = max(
+            0.02, min(1.0, self.head_timeout_s / 4, self.idle_timeout_s / 4, self.send_timeout_s / 4)
+        )
         self._task: asyncio.Task[None] | None = None
 
     def install(self, state: dict[str, Any] | None) -> None:
@@ -91,9 +94,8 @@ class EdgeLimits:
             self._task = None
 
     async def _sweep(self) -> None:
-        head_s, idle_s = self.head_timeout_s, self.idle_timeout_s
         while True:
             await asyncio.sleep(self.sweep_s)
             t = now()
             for conn in list(self.connections):
-                conn.expire(t, head_s, idle_s)
+                conn.expire(t, self)

@@ -95,6 +95,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
     _head_limit = 0  # bytes a head may still take; 0 while no head is being read (a body is)
     _head_seen = 0  # bytes received since the current head may have begun
     _head_t = 0.0  # when the pending head's first byte was parsed; 0.0 = no head pending
+    _send_blocked_t = 0.0  # since when writing is paused (the client's socket is full); 0.0 = it is not
     _born = 0.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -142,19 +143,35 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
             self._head_limit = edge.max_head_bytes
             self._head_seen = 0
 
-    def expire(self, t: float, head_timeout_s: float, idle_timeout_s: float) -> None:
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._send_blocked_t = now()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._send_blocked_t = 0.0
+
+    def expire(self, t: float, limits: EdgeLimits) -> None:
         """Called by the edge's sweep: a head slower than its timeout gets 408; a connection that has
         not begun a request since it opened is closed after the idle timeout. (After a response,
-        uvicorn's keep-alive timer, ``server.idle_timeout_s`` too, closes idle connections.)"""
+        uvicorn's keep-alive timer, ``server.idle_timeout_s`` too, closes idle connections.) A client
+        that reads nothing of what is written to it for ``server.send_timeout_s`` has its connection
+        aborted: closing would wait for the unread bytes to go first, which is forever."""
         if self._head_limit < 0:  # refused already, closing
             return
-        if self._head_t:
-            if t - self._head_t > head_timeout_s:
-                self._refuse(head_timeout(head_timeout_s), "head_timeout")
-        elif self.cycle is None and t - self._born > idle_timeout_s and not self.transport.is_closing():
+        blocked = self._send_blocked_t
+        if blocked and t - blocked > limits.send_timeout_s:
+            self._send_blocked_t = 0.0
+            self.transport.abort()  # the request in flight, if any, ends as its client gone (DC)
+            limits.on_limit("send_timeout")
+        elif self._head_t:
+            if t - self._head_t > limits.head_timeout_s:
+                self._refuse(head_timeout(limits.head_timeout_s), "head_timeout")
+        elif (
+            self.cycle is None and t - self._born > limits.idle_timeout_s and not self.transport.is_closing()
+        ):
             self.transport.close()
-            if self._edge is not None:
-                self._edge.on_limit("idle_timeout")
+            limits.on_limit("idle_timeout")
 
     def _refuse(self, err: GatewayError, limit: str) -> None:
         """Answer (unless a response of an earlier pipelined request is still being written), close the

@@ -322,6 +322,36 @@ def test_slowloris_and_silent_connections_are_closed(slow_edge):
     assert len(recs) == 5 and {r["response_flags"] for r in recs} == {"HT"}
 
 
+def test_a_client_that_stops_reading_a_stream_is_cut_after_send_timeout(tmp_path: Path):
+    """A client that reads nothing of a long stream would hold its connection and request forever (a
+    close waits for the unread bytes to go first): after ``server.send_timeout_s`` of blocked writing the
+    connection is aborted, the request logged as its client gone (DC), and the limit counted."""
+    sims = Sims({"sim-a": ("us-east", {**FAST, "tokens": 60_000})})  # ~9 MB of SSE: more than buffers hold
+    gw = Gateway(_cfg(sims, admin_port=free_port(), send_timeout_s=0.5), tmp_path, name="send-timeout")
+    try:
+        before = metric_value(gw.metrics(), "llmgw_input_limits_total", limit="send_timeout")
+        body = orjson.dumps({"model": "chat", "messages": MSG, "stream": True})
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        ).encode()
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the gateway blocks soon
+            s.connect(("127.0.0.1", gw.port))
+            s.sendall(head + body)
+            s.settimeout(10)
+            assert s.recv(64).startswith(b"HTTP/1.1 200 ")  # the stream began; now read nothing more
+            (rec,) = gw.records(wait_for=1, timeout=30)  # written when the request ends: it does end
+        assert (rec["response_code"], rec["response_flags"], rec["stream"]) == (200, "DC", True)
+        assert metric_value(gw.metrics(), "llmgw_input_limits_total", limit="send_timeout") == before + 1
+        probe = Probe(gw)  # the gateway serves on
+        probe.once()
+        probe.close()
+    finally:
+        gw.stop()
+        sims.stop()
+
+
 # ------------------------------------------------------------------ ops endpoints and the admin view
 
 

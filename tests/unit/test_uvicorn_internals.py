@@ -90,3 +90,26 @@ def test_the_protocol_stamps_the_scope_and_reports_a_disconnect_through_uvicorns
             task.cancel()
 
     asyncio.run(scenario())
+
+
+def test_the_protocols_write_pause_hooks_still_reach_uvicorns_flow_control() -> None:
+    """server.send_timeout_s times how long writing stays paused by overriding uvicorn's
+    ``pause_writing``/``resume_writing``: they must still be the transport's callbacks and still pause
+    uvicorn's own flow control (a send waits while paused)."""
+
+    async def scenario() -> None:
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            await asyncio.sleep(3600)
+
+        config = Config(
+            app, http=TimedHttpToolsProtocol, lifespan="off", access_log=False, log_level="warning"
+        )
+        config.load()
+        proto = TimedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+        proto.connection_made(_Transport())
+        proto.pause_writing()
+        assert proto._send_blocked_t > 0 and proto.flow.write_paused
+        proto.resume_writing()
+        assert proto._send_blocked_t == 0.0 and not proto.flow.write_paused
+
+    asyncio.run(scenario())
