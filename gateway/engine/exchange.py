@@ -41,6 +41,10 @@ from gateway.telemetry.tracing import TraceContext
 log = logging.getLogger("llmgw")
 
 MIN_ATTEMPT_MS = 50.0
+# How a committed stream can end that counts against its provider (broken, stalled, badly framed).
+_PROVIDER_BROKE_STREAM = frozenset(
+    {ResponseFlag.UPSTREAM_RESET, ResponseFlag.UPSTREAM_TIMEOUT, ResponseFlag.UPSTREAM_PROTOCOL_ERROR}
+)
 
 
 class ExchangeState(StrEnum):
@@ -534,7 +538,11 @@ class Exchange:
         flag = out.failure_flag
         if flag is None:
             return "success" if out.closing else "cancelled"
-        return "reset" if flag is ResponseFlag.UPSTREAM_RESET else "timeout"
+        if flag is ResponseFlag.UPSTREAM_RESET:
+            return "reset"
+        if flag is ResponseFlag.UPSTREAM_PROTOCOL_ERROR:
+            return FailureKind.PROTOCOL.value  # as for an answer refused before it started
+        return "timeout"
 
     async def _next_after_failure(self, m: ModelRuntime, failed: Attempt, tried: set[str]) -> Attempt | None:
         """Decide whether to retry a failed attempt; wait the backoff; start the retry."""
@@ -762,10 +770,10 @@ class Exchange:
 
     def _stream_ended(self, w: Attempt, out: RelayOutcome) -> None:
         """A committed stream's health, once its relay ended: relayed to its end (ok), or broken or stalled by
-        the provider (UC, or UT: idle_ms / per_try_ms). Cut by the request's own deadline (DT), the client or
+        the provider (UC, UPE, or UT: idle_ms / per_try_ms). Cut by the request's own deadline (DT), the client or
         a shutdown, it says nothing about the provider. Its first token alone proved nothing yet."""
         flag = out.failure_flag
-        if flag is ResponseFlag.UPSTREAM_RESET or flag is ResponseFlag.UPSTREAM_TIMEOUT:
+        if flag in _PROVIDER_BROKE_STREAM:
             failed = True
         elif flag is None and out.closing:
             failed = False

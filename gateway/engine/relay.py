@@ -18,7 +18,7 @@ from gateway.engine.interrupt import CancelReason, Interrupt
 from gateway.engine.sse import UsageTail, error_event
 from gateway.flags import ResponseFlag
 from gateway.policy.deadline import Deadline
-from gateway.upstream.errors import UpstreamError
+from gateway.upstream.errors import UpstreamError, UpstreamProtocolError
 
 if TYPE_CHECKING:
     from gateway.engine.attempt import Attempt
@@ -58,7 +58,7 @@ class RelayOutcome:
     bytes_sent: int = 0
     t_first_sent: float | None = None
     t_last_sent: float | None = None
-    failure_flag: ResponseFlag | None = None  # UT, DT or UC when the stream ended with an error event
+    failure_flag: ResponseFlag | None = None  # UT, DT, UC or UPE when the stream ended with an error event
     timeout_flag: str | None = None  # "idle", "per_try" or "total" for a timed-out stream
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -149,9 +149,10 @@ async def relay_stream(
                 f"Stream stopped: deployment '{dep.id}' sent "
                 f"nothing for idle_ms={dep.cfg.timeouts.idle_ms:.0f}.",
             )
-    except UpstreamError as exc:
+    except UpstreamError as exc:  # bad framing mid-way is UPE, as it is before a stream starts; else UC
+        bad = isinstance(exc, UpstreamProtocolError)
         failure = (
-            ResponseFlag.UPSTREAM_RESET,
+            ResponseFlag.UPSTREAM_PROTOCOL_ERROR if bad else ResponseFlag.UPSTREAM_RESET,
             None,
             f"Stream stopped: deployment '{dep.id}' broke the stream ({type(exc).__name__}).",
         )
@@ -167,7 +168,12 @@ async def relay_stream(
         w.abort()
         out.failure_flag = flag
         out.timeout_flag = tflag
-        typ, code = ("timeout_error", "timeout") if tflag else ("server_error", "upstream_reset")
+        if tflag:
+            typ, code = "timeout_error", "timeout"
+        elif flag is ResponseFlag.UPSTREAM_PROTOCOL_ERROR:
+            typ, code = "server_error", "upstream_protocol_error"
+        else:
+            typ, code = "server_error", "upstream_reset"
         if held:  # the provider's unfinished event is dropped: it was never sent, and could not be parsed
             message += f" An unfinished event ({len(held)} bytes) was dropped."
         ev = error_event(message, typ, code, out.at_event_end)

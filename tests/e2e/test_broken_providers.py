@@ -577,8 +577,10 @@ def test_a_gzip_event_stream_although_identity_was_asked_is_a_502(case: Any) -> 
     assert status == 502 and "UPE" in flags
 
 
-@pytest.mark.parametrize("name", ["stream-cut", "stream-bad-chunk"])
-def test_a_stream_broken_after_whole_events_ends_with_an_error_the_sdk_raises(case: Any, name: str) -> None:
+@pytest.mark.parametrize(("name", "flag"), [("stream-cut", "UC"), ("stream-bad-chunk", "UPE")])
+def test_a_stream_broken_after_whole_events_ends_with_an_error_the_sdk_raises(
+    case: Any, name: str, flag: str
+) -> None:
     c = case(name)
     got: list[str] = []
     with pytest.raises(openai.APIError) as info:
@@ -586,7 +588,9 @@ def test_a_stream_broken_after_whole_events_ends_with_an_error_the_sdk_raises(ca
             got.extend(ch.delta.content or "" for ch in chunk.choices)
     assert got == ["", "hello", "world"] and f"'dep-{name}'" in str(info.value.message)
     status, flags = c.logged(c.ids[-1])
-    assert status == 200 and flags & {"UC", "UPE"}  # the provider broke the stream it had started
+    assert (
+        status == 200 and flag in flags
+    )  # the provider broke the stream it had started (cut, or bad framing)
 
 
 # ------------------------------------------------------------------ framing the gateway already handled

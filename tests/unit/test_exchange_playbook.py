@@ -212,6 +212,25 @@ def test_a_stream_idle_too_long_ends_with_ut() -> None:
     play(scenario)
 
 
+def test_a_stream_badly_framed_mid_way_ends_with_upe_and_counts_against_the_provider() -> None:
+    async def scenario() -> None:
+        bad = Reply(
+            200,
+            {"content-type": "text/event-stream"},
+            [(0.01, sse("one"))],
+            then_fail=UpstreamProtocolError("invalid chunk size"),
+        )
+        pb = Playbook([model("m", "a", timeouts=STREAM_TIMEOUTS)], by_deployment(a=bad))
+        call = pb.call("m", stream=True)
+        rec = await pb.finish(call)
+        last = orjson.loads(call.down.events()[-1])
+        assert last["error"]["code"] == "upstream_protocol_error" and "'a'" in last["error"]["message"]
+        assert (rec["response_code"], rec["response_flags"]) == (200, "UPE")
+        assert pb.engine.registry.models["m"].by_id["a"].outlier.consecutive_failures == 1
+
+    play(scenario)
+
+
 class SlowReader:
     """A client that stops reading at its ``stop_at``-th body message: that send waits (as uvicorn's does
     while the socket is full) until ``resume`` is set; the message counts as received only then."""
