@@ -10,8 +10,8 @@ as curl and the OpenAI SDK do: ``HTTPS_PROXY`` for https:// providers, ``HTTP_PR
 - http:// providers: the request goes to the proxy in absolute form (``POST http://host/v1/...``,
   RFC 9112 3.2.2) and the proxy forwards it.
 
-Proxy credentials travel only in ``Proxy-Authorization``; ``ProxyRoute.shown`` (for messages and
-views) never holds them.
+Proxy credentials travel only in ``Proxy-Authorization``. Failures name neither the proxy nor the
+provider: their text reaches clients.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ class ProxyRoute:
     host: str
     port: int
     authorization: str | None  # the Proxy-Authorization value; never logged
-    shown: str  # http://host:port, without credentials
 
 
 def proxy_for(base_url: str, setting: str | None, env: Mapping[str, str]) -> ProxyRoute | None:
@@ -63,7 +62,7 @@ def proxy_for(base_url: str, setting: str | None, env: Mapping[str, str]) -> Pro
         raw = f"{unquote(url.username)}:{unquote(url.password or '')}".encode("latin-1")
         auth = "Basic " + base64.b64encode(raw).decode("ascii")
     port = url.port or 80
-    return ProxyRoute(url.hostname, port, auth, f"http://{url.hostname}:{port}")
+    return ProxyRoute(url.hostname, port, auth)
 
 
 def bypassed(host: str, port: int | None, no_proxy: str | None) -> bool:
@@ -149,13 +148,15 @@ async def open_connection(
         status = head.split(b" ", 2)[1] if head.startswith(b"HTTP/1.") and head.count(b" ") >= 1 else b"?"
         if status != b"200":
             line = head.split(b"\r\n", 1)[0].decode("latin-1")[:200]
-            raise UpstreamConnectError(f"proxy {route.shown} refused CONNECT {target}: {line}")
+            # Neither the proxy's address nor the provider's: this text reaches clients (the deployment id
+            # the gateway adds to it is how an operator finds both in the config)
+            raise UpstreamConnectError(f"the egress proxy refused the CONNECT tunnel: {line}")
         if rest:  # the provider speaks only after our TLS hello: anything here is the proxy misbehaving
-            raise UpstreamConnectError(f"proxy {route.shown} sent data after its CONNECT answer")
+            raise UpstreamConnectError("the egress proxy sent data after its CONNECT answer")
         tls_transport = await loop.start_tls(transport, protocol, tls, server_hostname=host)
     except BaseException:
         transport.close()
         raise
     if tls_transport is None:
-        raise UpstreamConnectError(f"TLS through proxy {route.shown} did not start")
+        raise UpstreamConnectError("TLS through the egress proxy did not start")
     protocol.connection_made(tls_transport)
