@@ -79,10 +79,19 @@ def _chunk_prefix(fields: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(fields)[:-1] + b',"choices":['
 
 
-class ChatShape(Shape):
+class _ChunkedShape(Shape):
+    """An answer streamed as ``data: {...,"choices":[...]}`` chunks (chat and legacy completions): the
+    chunk prefix, the token and closing chunks, and the usage chunk when the client asked for it. A
+    subclass names its id prefix, its chunk ``object`` and the choice of each chunk around its text."""
+
+    ID_PREFIX = ""
+    CHUNK_OBJECT = ""
+    TOKEN_CHOICE = (b"", b"")  # a token chunk's choice: before the JSON string's text, after the text
+    CLOSING_CHOICE = b""  # the last chunk's choice, up to the finish reason's value
+
     def __init__(self, answer: Answer) -> None:
         super().__init__(answer)
-        self.id = f"chatcmpl-{answer.sim}-{answer.serial}"
+        self.id = f"{self.ID_PREFIX}-{answer.sim}-{answer.serial}"
         self._pre_bytes = b""
         self._suf = b'],"usage":null}\n\n' if answer.include_usage else b"]}\n\n"
 
@@ -93,13 +102,36 @@ class ChatShape(Shape):
             self._pre_bytes = _chunk_prefix(
                 {
                     "id": self.id,
-                    "object": "chat.completion.chunk",
+                    "object": self.CHUNK_OBJECT,
                     "created": a.created,
                     "model": a.model,
                     "system_fingerprint": "fp_sim",
                 }
             )
         return self._pre_bytes
+
+    def usage(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def tokens(self, start: int, stop: int) -> bytes:
+        before, after = self.TOKEN_CHOICE
+        head = self._pre + before + self.a.json_head()
+        tail = after + self._suf
+        return b"".join([head + b"%d" % i + tail for i in range(start, stop)])
+
+    def closing(self) -> bytes:
+        a = self.a
+        out = self._pre + self.CLOSING_CHOICE + a.finish_reason.encode() + b'"}' + self._suf
+        if a.include_usage:
+            out += self._pre + b'],"usage":' + orjson.dumps(self.usage()) + b"}\n\n"
+        return out + DONE
+
+
+class ChatShape(_ChunkedShape):
+    ID_PREFIX = "chatcmpl"
+    CHUNK_OBJECT = "chat.completion.chunk"
+    TOKEN_CHOICE = (b'{"index":0,"delta":{"content":', b' "},"logprobs":null,"finish_reason":null}')
+    CLOSING_CHOICE = b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"'
 
     def usage(self) -> dict[str, Any]:
         a = self.a
@@ -149,46 +181,12 @@ class ChatShape(Shape):
             b'"logprobs":null,"finish_reason":null}' + self._suf
         )
 
-    def tokens(self, start: int, stop: int) -> bytes:
-        head = self._pre + b'{"index":0,"delta":{"content":' + self.a.json_head()
-        tail = b' "},"logprobs":null,"finish_reason":null}' + self._suf
-        return b"".join([head + b"%d" % i + tail for i in range(start, stop)])
 
-    def closing(self) -> bytes:
-        a = self.a
-        out = (
-            self._pre
-            + b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"'
-            + a.finish_reason.encode()
-            + b'"}'
-            + self._suf
-        )
-        if a.include_usage:
-            out += self._pre + b'],"usage":' + orjson.dumps(self.usage()) + b"}\n\n"
-        return out + DONE
-
-
-class CompletionShape(Shape):
-    def __init__(self, answer: Answer) -> None:
-        super().__init__(answer)
-        self.id = f"cmpl-{answer.sim}-{answer.serial}"
-        self._pre_bytes = b""
-        self._suf = b'],"usage":null}\n\n' if answer.include_usage else b"]}\n\n"
-
-    @property
-    def _pre(self) -> bytes:
-        if not self._pre_bytes:
-            a = self.a
-            self._pre_bytes = _chunk_prefix(
-                {
-                    "id": self.id,
-                    "object": "text_completion",
-                    "created": a.created,
-                    "model": a.model,
-                    "system_fingerprint": "fp_sim",
-                }
-            )
-        return self._pre_bytes
+class CompletionShape(_ChunkedShape):
+    ID_PREFIX = "cmpl"
+    CHUNK_OBJECT = "text_completion"
+    TOKEN_CHOICE = (b'{"text":', b' ","index":0,"logprobs":null,"finish_reason":null}')
+    CLOSING_CHOICE = b'{"text":"","index":0,"logprobs":null,"finish_reason":"'
 
     def usage(self) -> dict[str, Any]:
         a = self.a
@@ -213,24 +211,6 @@ class CompletionShape(Shape):
                 "usage": self.usage(),
             }
         )
-
-    def tokens(self, start: int, stop: int) -> bytes:
-        head = self._pre + b'{"text":' + self.a.json_head()
-        tail = b' ","index":0,"logprobs":null,"finish_reason":null}' + self._suf
-        return b"".join([head + b"%d" % i + tail for i in range(start, stop)])
-
-    def closing(self) -> bytes:
-        a = self.a
-        out = (
-            self._pre
-            + b'{"text":"","index":0,"logprobs":null,"finish_reason":"'
-            + a.finish_reason.encode()
-            + b'"}'
-            + self._suf
-        )
-        if a.include_usage:
-            out += self._pre + b'],"usage":' + orjson.dumps(self.usage()) + b"}\n\n"
-        return out + DONE
 
 
 class ResponsesShape(Shape):
