@@ -65,6 +65,10 @@ async def warm_one(
     body = warmup_body(upstream_model, json_schema)
     headers = dict(client.static_headers)
     headers["x-request-id"] = f"warmup-{schema_fingerprint(json_schema)[:12]}"
+
+    def failed(detail: str) -> WarmupResult:
+        return WarmupResult(model, client.deployment.id, name, False, (loop.time() - t0) * 1000, detail)
+
     try:
         async with asyncio.timeout(timeout_s):
             async for attempt in AsyncRetrying(
@@ -76,32 +80,11 @@ async def warm_one(
                 with attempt:
                     status, text = await _post(client, body, headers)
     except TimeoutError:
-        return WarmupResult(
-            model,
-            client.deployment.id,
-            name,
-            False,
-            (loop.time() - t0) * 1000,
-            f"timed out after {timeout_s * 1000:.0f} ms",
-        )
+        return failed(f"timed out after {timeout_s * 1000:.0f} ms")
     except (UpstreamConnectError, ConnectionRefusedError) as exc:
-        return WarmupResult(
-            model,
-            client.deployment.id,
-            name,
-            False,
-            (loop.time() - t0) * 1000,
-            connect_failure(exc, client.deployment.base_url),
-        )
+        return failed(connect_failure(exc, client.deployment.base_url))
     except (UpstreamError, OSError) as exc:
-        return WarmupResult(
-            model,
-            client.deployment.id,
-            name,
-            False,
-            (loop.time() - t0) * 1000,
-            f"{type(exc).__name__}: {exc}"[:200],
-        )
+        return failed(f"{type(exc).__name__}: {exc}"[:200])
     ms = (loop.time() - t0) * 1000
     if status == 200:
         return WarmupResult(model, client.deployment.id, name, True, ms, "ok")
