@@ -64,6 +64,7 @@ class GatewayASGI:
         self.max_elements = srv.max_json_elements
         self.max_containers = srv.max_json_containers
         self.edge = EdgeLimits(srv, self._edge_refused, self._count_limit)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the serving loop, found by the first request
         # With server.admin_port these move to the admin listener (serve_admin) and 404 here.
         self._admin_routes: dict[str, Callable[..., Awaitable[None]]] = {
             "/healthz": self._healthz,
@@ -225,7 +226,10 @@ class GatewayASGI:
                 stream=_stream_of(body),
             )
         client = scope.get("client")
-        task = asyncio.current_task()
+        loop = self._loop
+        if loop is None or loop.is_closed():  # asking asyncio which loop runs costs a getpid() each time
+            loop = self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         assert task is not None  # an ASGI app always runs in a task
         deadline, rejected = eng.deadline_for(model, headers, t0)
         ex = Exchange(
