@@ -27,3 +27,4 @@ class ResponseFlag(StrEnum):
     NO_ROUTE = "NR"
     INTERNAL_ERROR = "GE"  # a gateway bug: an unexpected exception answered 500
     REQUEST_HEADERS_TIMEOUT = "HT"  # the request head did not arrive within server.request_headers_timeout_s
+    DOWNSTREAM_PROTOCOL_ERROR = "DPE"  # the client's bytes were not HTTP/1.1 the parser could read

@@ -49,10 +49,22 @@ def head_timeout(timeout_s: float) -> GatewayError:
     )
 
 
+def malformed_http() -> GatewayError:
+    return GatewayError(
+        400,
+        "Malformed HTTP/1.1 request: the gateway could not parse it.",
+        "invalid_request_error",
+        "invalid_http",
+        flag=ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR,
+    )
+
+
 def response_bytes(err: GatewayError) -> bytes:
     """A whole HTTP/1.1 response closing the connection, written by the protocol itself."""
     body = err.body()
-    reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}.get(err.status, b"Error")
+    reason = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}.get(
+        err.status, b"Error"
+    )
     return (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
         % (err.status, reason, len(body))

@@ -33,7 +33,14 @@ from typing import cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.api.edge import EDGE_KEY, EdgeLimits, head_timeout, head_too_large, response_bytes
+from gateway.api.edge import (
+    EDGE_KEY,
+    EdgeLimits,
+    head_timeout,
+    head_too_large,
+    malformed_http,
+    response_bytes,
+)
 from gateway.api.types import Scope
 from gateway.errors import GatewayError
 from gateway.telemetry.timing import now
@@ -172,6 +179,13 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         ):
             self.transport.close()
             limits.on_limit("idle_timeout")
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes its parser refused (plain text, not logged): an OpenAI-shaped 400 and
+        an access-log record with flag DPE instead, as for the other refusals here."""
+        if self._edge is None:
+            return super().send_400_response(msg)
+        self._refuse(malformed_http(), "malformed_http")
 
     def _refuse(self, err: GatewayError, limit: str) -> None:
         """Answer (unless a response of an earlier pipelined request is still being written), close the

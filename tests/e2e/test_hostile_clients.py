@@ -352,6 +352,24 @@ def test_a_client_that_stops_reading_a_stream_is_cut_after_send_timeout(tmp_path
         sims.stop()
 
 
+def test_bytes_that_are_not_http_get_an_openai_shaped_400_and_a_dpe_record(edge):
+    before = metric_value(edge.metrics(), "llmgw_input_limits_total", limit="malformed_http")
+    n = len(edge.records())
+    for garbage in (
+        b"\x16\x03\x01\x02\x00 a TLS hello on a plain port\r\n\r\n",
+        b"GET / HTTP/1.1\r\nno colon\r\n\r\n",
+    ):
+        with socket.create_connection(("127.0.0.1", edge.port)) as s:
+            s.sendall(garbage)
+            answer = _until_closed(s)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 ") and b"connection: close" in head, answer[:200]
+        assert orjson.loads(body)["error"]["code"] == "invalid_http"
+    recs = edge.records(wait_for=n + 2)[n:]
+    assert [(r["response_code"], r["response_flags"]) for r in recs] == [(400, "DPE")] * 2
+    assert metric_value(edge.metrics(), "llmgw_input_limits_total", limit="malformed_http") == before + 2
+
+
 # ------------------------------------------------------------------ ops endpoints and the admin view
 
 

@@ -113,3 +113,25 @@ def test_the_protocols_write_pause_hooks_still_reach_uvicorns_flow_control() -> 
         assert proto._send_blocked_t == 0.0 and not proto.flow.write_paused
 
     asyncio.run(scenario())
+
+
+def test_a_parser_error_still_reaches_send_400_response() -> None:
+    """protocol.py answers unparseable bytes (DPE) by overriding ``send_400_response``: uvicorn's
+    ``data_received`` must still call it on a parser error."""
+
+    async def scenario() -> None:
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            raise AssertionError("no request was parsed")
+
+        config = Config(
+            app, http=TimedHttpToolsProtocol, lifespan="off", access_log=False, log_level="critical"
+        )
+        config.load()
+        proto = TimedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+        called: list[str] = []
+        proto.send_400_response = called.append  # type: ignore[method-assign]
+        proto.connection_made(_Transport())
+        proto.data_received(b"\x16\x03\x01 not http\r\n\r\n")
+        assert len(called) == 1
+
+    asyncio.run(scenario())
