@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import orjson
@@ -24,6 +26,21 @@ from gateway.sim.runner import SimThread
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
+T = TypeVar("T")
+
+# A structured-output schema: the simulator charges its cold compile (cold_schema_ms) on a deployment's
+# first request with it, which warm-up is there to pay before users do.
+TURN_SCHEMA = {
+    "name": "turn",
+    "strict": True,
+    "schema": {
+        "type": "object",
+        "properties": {"intent": {"type": "string"}},
+        "required": ["intent"],
+        "additionalProperties": False,
+    },
+}
+
 # One client for the whole run: building an httpx client per request (SSL context and all) costs tens of
 # milliseconds on these machines and would pollute every timing a test measures.
 HTTP = httpx.Client(timeout=30)
@@ -33,6 +50,79 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until(what: str, cond: Callable[[], T], timeout: float = 20.0, every: float = 0.05) -> T:
+    """Poll ``cond`` until it returns something true, and return that; fail naming ``what`` after ``timeout`` s.
+
+    Timeouts are generous: a test waits for an event, not within a window, however busy the machine.
+    """
+    end = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(every)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float, sig: int = signal.SIGTERM) -> None:
+    """Ask a process to stop with ``sig``; kill it if it has not within ``timeout`` s."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def worker_pids(parent: int) -> list[int]:
+    """uvicorn's worker processes (spawned children running spawn_main, not the resource tracker)."""
+    pids = []
+    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        if b"spawn_main" in cmdline:
+            pids.append(int(child))
+    return pids
+
+
+def self_signed_cert(d: Path) -> tuple[Path, Path]:
+    """A fresh self-signed certificate for 127.0.0.1 in ``d``: (certificate, key).
+
+    Clients trust it only through the certificate file (a deployment's ``ca_file``), as with a private CA.
+    """
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def tls_server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
 
 
 class Sims:
@@ -190,14 +280,13 @@ class Gateway:
     def metrics(self) -> str:
         return HTTP.get(self.admin_url + "/metrics", timeout=5).text
 
+    def assert_no_tracebacks(self) -> None:
+        """Nothing the gateway printed is a crash: no traceback, no error of uvicorn's around the app."""
+        err = self.stderr()
+        assert "Traceback" not in err and "Exception in ASGI application" not in err, err
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout, sig)
         self._stderr.close()
         return self.proc.returncode
 
@@ -215,6 +304,46 @@ def dep(id: str, base_url: str, region: str = "us-east", **extra: Any) -> dict[s
         "region": region,
         **extra,
     }
+
+
+def priority_model(
+    name: str, deployments: list[dict[str, Any]], routing: dict[str, Any] | None = None, **extra: Any
+) -> dict[str, Any]:
+    """A model whose deployments are tried in the order given (priority routing, each ranked by its place)."""
+    ranked = [{**d, "priority": rank} for rank, d in enumerate(deployments)]
+    return model(name, ranked, routing={"strategy": "priority", **(routing or {})}, **extra)
+
+
+def required_warmup_config(base_url: str, timeout_ms: int) -> dict[str, Any]:
+    """Model chat on one deployment whose warm-up of TURN_SCHEMA must pass before the gateway is ready."""
+    warmup = {"schemas": [TURN_SCHEMA], "required": True, "timeout_ms": timeout_ms}
+    return {"models": [model("chat", [dep("a", base_url)], warmup=warmup)]}
+
+
+def dead_model(name: str = "dead") -> dict[str, Any]:
+    """A model whose one deployment is a port nothing listens on, not tried at start-up nor retried."""
+    pool = {"min_connections": 0, "validate_on_start": False}
+    return model(
+        name, [dep("nowhere", f"http://127.0.0.1:{free_port()}/v1", pool=pool)], retry={"max_retries": 0}
+    )
+
+
+def post_chat(
+    gw: Gateway,
+    model_name: str = "chat",
+    *,
+    stream: bool = False,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30,
+    **body: Any,
+) -> httpx.Response:
+    """A chat completion request over plain HTTP (no SDK, no retries): the response as the gateway gave it."""
+    return HTTP.post(
+        gw.url + "/v1/chat/completions",
+        headers=headers or {},
+        timeout=timeout,
+        json={"model": model_name, "stream": stream, "messages": [{"role": "user", "content": "x"}], **body},
+    )
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
@@ -263,10 +392,4 @@ class TinyProxy:
             return ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 5)

@@ -9,7 +9,7 @@ import time
 import httpx
 import openai
 import pytest
-from harness import dep, free_port, model
+from harness import dead_model, dep, model
 
 FAST = {"ttft_ms": 30, "ttft_dist": "fixed", "itl_ms": 5, "tokens": 8, "tail_p": 0}
 
@@ -22,17 +22,7 @@ def core(sims_factory, gateways):
         "models": [
             model("chat", [dep("a", sims.base_url("sim-a"))]),
             model("embed", [dep("a-embed", sims.base_url("sim-a"), model="sim-embed")]),
-            model(
-                "dead",
-                [
-                    dep(
-                        "nowhere",
-                        f"http://127.0.0.1:{free_port()}/v1",
-                        pool={"min_connections": 0, "validate_on_start": False},
-                    )
-                ],
-                retry={"max_retries": 0},
-            ),
+            dead_model(),
         ],
     }
     gw = gateways(cfg)

@@ -5,14 +5,13 @@ from the environment, and proxy credentials that appear nowhere but on the wire 
 from __future__ import annotations
 
 import ssl
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from harness import Gateway, Sims, TinyProxy, dep, model
+from harness import Gateway, Sims, TinyProxy, dep, model, self_signed_cert, tls_server_context
 
 from gateway.sim.profile import SimProfile
 from gateway.sim.runner import SimThread
@@ -25,36 +24,11 @@ MSG = [{"role": "user", "content": "hi"}]
 @pytest.fixture(scope="module")
 def tls_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
     """A simulator serving https on 127.0.0.1 with a self-signed certificate: (port, certificate)."""
-    d = tmp_path_factory.mktemp("tls")
-    cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
+    cert, key = self_signed_cert(tmp_path_factory.mktemp("tls"))
     profile = SimProfile()
     profile.update(FAST)
     sim = SimThread([("tls", "us-east", profile)])
-    sim.servers["tls"].tls = ctx
+    sim.servers["tls"].tls = tls_server_context(cert, key)
     port = sim.start()["tls"]
     yield port, cert
     sim.stop()

@@ -108,11 +108,6 @@ SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-enco
 HALF_EVENT = b'data: {"id":"x","obj'
 
 
-def _no_tracebacks(gw) -> None:
-    err = gw.stderr()
-    assert "Traceback" not in err and "Exception in ASGI application" not in err, err
-
-
 def _stream_until_error(client, **kw) -> tuple[list[str], BaseException]:
     texts: list[str] = []
     with pytest.raises(Exception) as caught:  # noqa: PT011 - the test is which one
@@ -142,7 +137,7 @@ def test_a_stream_cut_mid_event_reaches_the_sdk_as_an_api_error(raw_provider, ga
     (rec,) = gw.records(wait_for=1)
     assert (rec["response_code"], rec["response_flags"]) == (200, "UC")
     assert metric_value(gw.metrics(), "llmgw_upstream_attempts_total", outcome="reset") == 1
-    _no_tracebacks(gw)
+    gw.assert_no_tracebacks()
 
 
 def test_a_slow_stream_cut_at_per_try_mid_event_reaches_the_sdk_as_an_api_error(raw_provider, gateways):
@@ -170,7 +165,7 @@ def test_a_slow_stream_cut_at_per_try_mid_event_reaches_the_sdk_as_an_api_error(
     (rec,) = gw.records(wait_for=1)
     assert (rec["response_code"], rec["response_flags"], rec["timeout_flag"]) == (200, "UT", "per_try")
     assert metric_value(gw.metrics(), "llmgw_upstream_attempts_total", outcome="timeout") == 1
-    _no_tracebacks(gw)
+    gw.assert_no_tracebacks()
 
 
 BODY = orjson.dumps({"model": "chat", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
@@ -217,7 +212,7 @@ def test_a_client_that_leaves_right_after_sending_is_logged_and_never_relayed(si
     attempts = sum(r["attempts"] for r in recs)
     assert metric_value(m, "llmgw_upstream_attempts_total") == attempts
     assert metric_value(m, "llmgw_upstream_attempts_total", outcome="cancelled") == attempts
-    _no_tracebacks(gw)
+    gw.assert_no_tracebacks()
 
 
 def test_a_client_that_leaves_during_the_body_read_is_logged_499(sims_factory, gateways):
@@ -229,7 +224,7 @@ def test_a_client_that_leaves_during_the_body_read_is_logged_499(sims_factory, g
     _send_and_leave(gw.port, body=BODY[:10], length=len(BODY))
     _all_left(gw.records(wait_for=1), 1, before_upstream=True)
     assert sims.stats("sim-a")["requests"] == before
-    _no_tracebacks(gw)
+    gw.assert_no_tracebacks()
 
 
 def test_a_client_that_leaves_during_the_redis_rate_limit_check_sends_nothing_upstream(
@@ -260,7 +255,7 @@ def test_a_client_that_leaves_during_the_redis_rate_limit_check_sends_nothing_up
     _all_left(recs, 3, before_upstream=True)
     assert all(r["api_key_id"] == "leaver" for r in recs)
     assert sims.stats("sim-a")["requests"] == before
-    _no_tracebacks(gw)
+    gw.assert_no_tracebacks()
 
 
 def test_a_client_cancel_mid_stream_logs_its_bytes_and_counts_the_attempt_cancelled(sims_factory, gateways):
@@ -288,4 +283,4 @@ def test_a_client_cancel_mid_stream_logs_its_bytes_and_counts_the_attempt_cancel
     m = gw.metrics()
     assert metric_value(m, "llmgw_upstream_attempts_total", outcome="cancelled") == 1
     assert metric_value(m, "llmgw_upstream_attempts_total") == 1  # counted once, not also as a success
-    _no_tracebacks(gw)
+    gw.assert_no_tracebacks()

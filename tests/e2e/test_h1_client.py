@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from harness import self_signed_cert, tls_server_context
 
 from gateway.config import ConfigError, DeploymentConfig, parse_config
 from gateway.upstream.errors import (
@@ -378,31 +378,7 @@ def test_connect_failures_are_connect_errors() -> None:
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("tls")
-    cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    return self_signed_cert(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.mark.parametrize("kind", list(ClientKind), ids=[k.value for k in ClientKind])
@@ -410,8 +386,7 @@ def test_tls_upstreams_are_verified_with_the_deployments_ca_file(
     tls_files: tuple[Path, Path], kind: ClientKind
 ) -> None:
     cert, key = tls_files
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(cert, key)
+    server_ctx = tls_server_context(cert, key)
 
     async def scenario() -> None:
         ok = keep_alive(

@@ -9,7 +9,7 @@ import time
 import httpx
 import orjson
 import pytest
-from harness import HTTP, dep, free_port, metric_value, model
+from harness import HTTP, dead_model, dep, metric_value, model, post_chat
 
 FIXED = {"ttft_ms": 200, "ttft_dist": "fixed", "itl_ms": 0, "tokens": 1, "tail_p": 0}
 # The simulator never answers before its profile says, so lower bounds are exact (less 5 ms of rounding and
@@ -19,20 +19,11 @@ BUSY_SLACK_MS = 120
 OVERHEAD_CEILING_MS = 50  # the gateway adds well under 1 ms on an idle machine
 
 
-def _chat(gw, stream=False, headers=None, **body):
-    return HTTP.post(
-        gw.url + "/v1/chat/completions",
-        headers=headers or {},
-        timeout=30,
-        json={"model": "chat", "messages": [{"role": "user", "content": "x"}], "stream": stream, **body},
-    )
-
-
 def test_logged_upstream_time_matches_the_simulator(sims_factory, gateways):
     sims = sims_factory({"sim-a": ("us-east", FIXED)})
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
     for _ in range(5):
-        assert _chat(gw).status_code == 200
+        assert post_chat(gw).status_code == 200
     recs = gw.records(wait_for=5)
     for rec in recs:
         assert 195 <= rec["upstream_service_time_ms"] <= 200 + BUSY_SLACK_MS, rec
@@ -44,7 +35,7 @@ def test_logged_upstream_time_matches_the_simulator(sims_factory, gateways):
             rec["upstream_connect_ms"] == 0 and rec["upstream_reused_connection"] is True
         )  # pre-warmed pool
         assert rec["attempts"] == 1 and rec["response_flags"] == "-"
-    r = _chat(gw)
+    r = post_chat(gw)
     up = float(r.headers["x-gateway-upstream-service-time"])
     assert 195 <= up <= 200 + BUSY_SLACK_MS
     timing = r.headers["server-timing"]
@@ -54,7 +45,7 @@ def test_logged_upstream_time_matches_the_simulator(sims_factory, gateways):
 def test_stream_ttft_is_logged_and_close_to_the_simulator(sims_factory, gateways):
     sims = sims_factory({"sim-a": ("us-east", {**FIXED, "tokens": 5, "itl_ms": 50})})
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
-    r = _chat(gw, stream=True, stream_options={"include_usage": True})
+    r = post_chat(gw, stream=True, stream_options={"include_usage": True})
     assert r.status_code == 200
     rec = gw.records(wait_for=1)[-1]
     assert 195 <= rec["ttft_ms"] <= 200 + BUSY_SLACK_MS
@@ -75,17 +66,7 @@ def flaky(sims_factory, gateways):
                     retry={"max_retries": 1, "budget_percent": 100},
                     timeouts={"ttft_ms": 300},
                 ),
-                model(
-                    "dead",
-                    [
-                        dep(
-                            "nowhere",
-                            f"http://127.0.0.1:{free_port()}/v1",
-                            pool={"min_connections": 0, "validate_on_start": False},
-                        )
-                    ],
-                    retry={"max_retries": 0},
-                ),
+                dead_model(),
             ]
         }
     )
@@ -143,7 +124,7 @@ def test_traceparent_continues_the_client_trace(sims_factory, gateways):
     sims = sims_factory({"sim-a": ("us-east", {**FIXED, "ttft_ms": 5})})
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
     tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    _chat(gw, headers={"traceparent": tp, "tracestate": "app=1"})
+    post_chat(gw, headers={"traceparent": tp, "tracestate": "app=1"})
     seen = sims.stats("sim-a")["recent"][-1]
     _, trace_id, parent, flags = seen["traceparent"].split("-")
     assert trace_id == "4bf92f3577b34da6a3ce929d0e0e4736" and parent != "00f067aa0ba902b7" and flags == "01"
@@ -151,7 +132,7 @@ def test_traceparent_continues_the_client_trace(sims_factory, gateways):
     rec = gw.records(wait_for=1)[-1]
     assert rec["traceparent"] == tp
     # without a traceparent the gateway starts a trace and sends it upstream
-    _chat(gw)
+    post_chat(gw)
     seen = sims.stats("sim-a")["recent"][-1]
     assert len(seen["traceparent"].split("-")[1]) == 32
     rec = gw.records(wait_for=2)[-1]
@@ -163,7 +144,7 @@ def test_text_access_log_format(sims_factory, gateways):
     gw = gateways(
         {"models": [model("chat", [dep("a", sims.base_url("sim-a"))])], "access_log": {"format": "text"}}
     )
-    r = _chat(gw, headers={"x-request-id": "text-1", "user-agent": "ua-test"})
+    r = post_chat(gw, headers={"x-request-id": "text-1", "user-agent": "ua-test"})
     assert r.status_code == 200
     line = gw.lines(wait_for=1)[-1]
     # Envoy's default format first: [time] "METHOD PATH PROTO" code flags rx tx duration upstream-time ...
@@ -175,7 +156,7 @@ def test_report_reads_the_gateways_own_log(sims_factory, gateways):
     sims = sims_factory({"sim-a": ("us-east", {**FIXED, "ttft_ms": 30})})
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
     for _ in range(10):
-        _chat(gw)
+        post_chat(gw)
     gw.records(wait_for=10)
     out = subprocess.run(
         [sys.executable, "-m", "gateway", "report", str(gw.log_path), "--format", "json"],

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,30 +20,21 @@ import httpx
 import orjson
 import pytest
 import yaml
-from harness import HTTP, REDIS_URL, dep, free_port, metric_value, model
+from harness import (
+    HTTP,
+    REDIS_URL,
+    dep,
+    free_port,
+    metric_value,
+    model,
+    post_chat,
+    priority_model,
+    wait_until,
+    worker_pids,
+)
 
 QUICK = {"ttft_ms": 10, "ttft_dist": "fixed", "itl_ms": 2, "tokens": 3, "tail_p": 0}
 FAILING = {**QUICK, "error_rate": 1.0, "error_status": 503}
-
-
-def _chat(gw: Any, stream: bool = False, headers: dict[str, str] | None = None) -> httpx.Response:
-    return HTTP.post(
-        gw.url + "/v1/chat/completions",
-        headers=headers or {},
-        timeout=30,
-        json={"model": "chat", "stream": stream, "messages": [{"role": "user", "content": "x"}]},
-    )
-
-
-def _wait(what: str, cond: Callable[[], Any], timeout: float = 20.0) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _scrape(gw: Any) -> str:
@@ -61,10 +51,9 @@ def _two_deployments(sims: Any, **extra: Any) -> dict[str, Any]:
     # meanwhile (and the retry)
     return {
         "models": [
-            model(
+            priority_model(
                 "chat",
-                [dep("a", sims.base_url("sim-a"), priority=0), dep("b", sims.base_url("sim-b"), priority=1)],
-                routing={"strategy": "priority"},
+                [dep("a", sims.base_url("sim-a")), dep("b", sims.base_url("sim-b"))],
                 retry={"max_retries": 1, "budget_percent": 100, "backoff_base_ms": 1, "backoff_max_ms": 1},
                 outlier={"consecutive_failures": 2, "base_ejection_s": 4},
             )
@@ -79,14 +68,14 @@ def test_ejected_gauge_goes_back_to_zero_when_the_ejection_ends(sims_factory, ga
     assert _gauge(gw, "llmgw_model_healthy_deployments", model="chat") == 2
     assert _gauge(gw, "llmgw_deployment_ejected", model="chat", deployment="a") == 0
     for _ in range(2):
-        assert _chat(gw).status_code == 200
+        assert post_chat(gw).status_code == 200
     text = gw.metrics()
     assert metric_value(text, "llmgw_deployment_ejected", model="chat", deployment="a") == 1
     assert metric_value(text, "llmgw_model_healthy_deployments", model="chat") == 1
     assert metric_value(text, "llmgw_ejections_total", deployment="a") == 1
     sims.set("sim-a", error_rate=0.0)
     # nothing happens at the end of an ejection but time: the gauge must follow it anyway
-    _wait(
+    wait_until(
         "the ejection to end", lambda: _gauge(gw, "llmgw_deployment_ejected", deployment="a") == 0, timeout=10
     )
     assert _gauge(gw, "llmgw_model_healthy_deployments", model="chat") == 2
@@ -105,31 +94,21 @@ def test_an_ejection_shared_through_redis_ends_on_the_other_replica_too(sims_fac
     }
     gw1 = gateways(_two_deployments(sims, **state))
     gw2 = gateways(_two_deployments(sims, **state))
-    _wait("gw2's state backend", lambda: 'llmgw_state_backend_up{backend="redis"} 1.0' in gw2.metrics())
+    wait_until("gw2's state backend", lambda: 'llmgw_state_backend_up{backend="redis"} 1.0' in gw2.metrics())
     for _ in range(2):
-        assert _chat(gw1).status_code == 200
+        assert post_chat(gw1).status_code == 200
     sims.set("sim-a", error_rate=0.0)
     # gw2 sent nothing to a: it learns the ejection from Redis, and sees it end on its own clock
-    _wait(
+    wait_until(
         "gw2 to see the ejection",
         lambda: _gauge(gw2, "llmgw_deployment_ejected", deployment="a") == 1,
         timeout=5,
     )
     assert _gauge(gw2, "llmgw_ejections_total", deployment="a") == 0
-    _wait(
+    wait_until(
         "gw2 to see it end", lambda: _gauge(gw2, "llmgw_deployment_ejected", deployment="a") == 0, timeout=10
     )
     assert _gauge(gw1, "llmgw_deployment_ejected", deployment="a") == 0
-
-
-def _worker_pids(parent: int) -> list[int]:
-    """uvicorn's worker processes (spawned children running spawn_main, not the resource tracker)."""
-    pids = []
-    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
-        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-        if b"spawn_main" in cmdline:
-            pids.append(int(child))
-    return pids
 
 
 def _client_connections(pid: int, port: int) -> int:
@@ -185,15 +164,15 @@ def test_a_killed_worker_stops_counting_and_the_scrape_stays_valid(sims_factory,
     threads = [threading.Thread(target=stream) for _ in range(n)]
     for t in threads:
         t.start()
-    _wait("every request in flight", lambda: _gauge(gw, "llmgw_inflight_requests") == n)
+    wait_until("every request in flight", lambda: _gauge(gw, "llmgw_inflight_requests") == n)
     # the pool gauge is the pod's, whichever worker answers: every worker refreshes its own every second
-    _wait(
+    wait_until(
         "active connections of both workers",
         lambda: _gauge(gw, "llmgw_pool_connections", state="active") == n,
     )
-    workers = _worker_pids(gw.proc.pid)
+    workers = worker_pids(gw.proc.pid)
     assert len(workers) == 2
-    held = _wait(
+    held = wait_until(
         "the workers' client connections",
         lambda: (
             h
@@ -204,22 +183,22 @@ def test_a_killed_worker_stops_counting_and_the_scrape_stays_valid(sims_factory,
     victim = max(held, key=lambda pid: held[pid])
     os.kill(victim, signal.SIGKILL)
     left = n - held[victim]
-    _wait(
+    wait_until(
         "the dead worker's requests to stop counting", lambda: _gauge(gw, "llmgw_inflight_requests") == left
     )
-    _wait(
+    wait_until(
         "the dead worker's connections to stop counting",
         lambda: _gauge(gw, "llmgw_pool_connections", state="active") == left,
     )
-    _wait(
+    wait_until(
         "a replacement worker",
-        lambda: len(_worker_pids(gw.proc.pid)) == 2 and victim not in _worker_pids(gw.proc.pid),
+        lambda: len(worker_pids(gw.proc.pid)) == 2 and victim not in worker_pids(gw.proc.pid),
     )
     _promtool_check(_scrape(gw))
     for t in threads:
         t.join(30)
     assert sorted(outcomes).count("ok") == left, outcomes
-    _wait("nothing in flight", lambda: _gauge(gw, "llmgw_inflight_requests") == 0)
+    wait_until("nothing in flight", lambda: _gauge(gw, "llmgw_inflight_requests") == 0)
     text = _scrape(gw)
     _promtool_check(text)
     # counters of the dead worker stay in the totals; requests it never finished are not counted
@@ -257,7 +236,7 @@ def test_every_worker_logs_json_lines_with_level_logger_and_request_id(sims_fact
             except httpx.HTTPError:
                 return False
 
-        _wait("the gateway", ready, timeout=30)
+        wait_until("the gateway", ready, timeout=30)
         rid = "ops-test-request-1"
         r = HTTP.post(
             url + "/v1/chat/completions",

@@ -9,28 +9,17 @@ because a provider was down once.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import time
 from collections.abc import Callable
 from typing import Any
 
 import openai
 import pytest
-from harness import HTTP, dep, free_port, metric_value, model
+from harness import HTTP, dep, free_port, metric_value, model, required_warmup_config, wait_until
 
 from gateway.sim.profile import SimProfile
 from gateway.sim.runner import SimThread
 
 QUICK = {"ttft_ms": 20, "ttft_dist": "fixed", "itl_ms": 5, "tokens": 4, "tail_p": 0}
-SCHEMA = {
-    "name": "turn",
-    "strict": True,
-    "schema": {
-        "type": "object",
-        "properties": {"intent": {"type": "string"}},
-        "required": ["intent"],
-        "additionalProperties": False,
-    },
-}
 
 
 def chat(client: openai.OpenAI, **kw: Any) -> Any:
@@ -57,16 +46,6 @@ def run_clients(n: int, concurrency: int, fn: Callable[[], str]) -> list[str]:
 
 def chat_requests_seen(sims: Any, name: str) -> int:
     return len([r for r in sims.stats(name)["recent"] if r["path"] == "/v1/chat/completions"])
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``condition`` until true; the timeout is generous, the test waits for the event, not a window."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def admin_deployment(gw: Any, dep_id: str) -> dict[str, Any]:
@@ -213,7 +192,9 @@ def test_a_provider_down_at_start_up_leaves_the_pod_ready_and_is_seen_back(sims_
     late.servers["down"].port = port  # the provider comes up where the gateway expects it
     late.start()
     try:
-        wait_for(lambda: admin_deployment(gw, "down")["reachable"] is True, 30, "the re-check to see it back")
+        wait_until(
+            "the re-check to see it back", lambda: admin_deployment(gw, "down")["reachable"] is True, 30
+        )
         assert metric_value(gw.metrics(), "llmgw_deployment_reachable", deployment="down") == 1
         assert outcome(client) == "ok"
         assert "unavailable_models" not in HTTP.get(gw.admin_url + "/readyz").json()
@@ -223,18 +204,7 @@ def test_a_provider_down_at_start_up_leaves_the_pod_ready_and_is_seen_back(sims_
 
 def test_a_required_warm_up_is_retried_until_the_provider_is_back(sims_factory, gateways):
     sims = sims_factory({"a": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 503})})
-    gw = gateways(
-        {
-            "models": [
-                model(
-                    "chat",
-                    [dep("a", sims.base_url("a"))],
-                    warmup={"schemas": [SCHEMA], "required": True, "timeout_ms": 5000},
-                )
-            ]
-        },
-        wait_ready=False,
-    )
+    gw = gateways(required_warmup_config(sims.base_url("a"), timeout_ms=5000), wait_ready=False)
 
     def readyz() -> Any:
         try:
@@ -246,10 +216,10 @@ def test_a_required_warm_up_is_retried_until_the_provider_is_back(sims_factory, 
         r = readyz()
         return r is not None and r.status_code == 503 and r.json()["warmup"]["models"]["chat"]["passes"] >= 2
 
-    wait_for(retrying, 30, "a second failed warm-up pass while the provider is down")
+    wait_until("a second failed warm-up pass while the provider is down", retrying, 30)
     sims.set("a", error_rate=0.0)
-    wait_for(
-        lambda: (r := readyz()) is not None and r.status_code == 200, 30, "readiness within 30 s of recovery"
+    wait_until(
+        "readiness within 30 s of recovery", lambda: (r := readyz()) is not None and r.status_code == 200, 30
     )
     assert readyz().json()["warmup"]["models"]["chat"]["state"] == "done"
 

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from harness import HTTP, dep, free_port, model
-from test_operations import _worker_pids
+from harness import HTTP, dep, free_port, model, priority_model, stop_process, wait_until, worker_pids
 
 CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "llm-gateway"
 NAMESPACE, RELEASE = "llm", "gw"
@@ -126,22 +124,11 @@ class Prometheus:
 
     @staticmethod
     def wait(what: str, cond: Any, timeout: float = 30.0) -> Any:
-        end = time.monotonic() + timeout
-        while True:
-            got = cond()
-            if got:
-                return got
-            if time.monotonic() > end:
-                raise AssertionError(f"timed out waiting for {what}")
-            time.sleep(0.2)
+        # Prometheus' view changes once a second (scrape and rule evaluation): no use asking more often
+        return wait_until(what, cond, timeout, every=0.2)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 15)
         self._log.close()
 
 
@@ -179,13 +166,9 @@ def test_alerts_fire_while_a_provider_fails_and_resolve_when_it_recovers(
     gw = gateways(
         {
             "models": [
-                model(
+                priority_model(
                     "chat",
-                    [
-                        dep("a", sims.base_url("sim-a"), priority=0),
-                        dep("b", sims.base_url("sim-b"), priority=1),
-                    ],
-                    routing={"strategy": "priority"},
+                    [dep("a", sims.base_url("sim-a")), dep("b", sims.base_url("sim-b"))],
                     outlier=outlier,
                     retry={
                         "max_retries": 1,
@@ -219,9 +202,9 @@ def test_alerts_fire_while_a_provider_fails_and_resolve_when_it_recovers(
     prom.wait("the ejection and no-healthy-upstream alerts to fire", fail_until_ejected)
     assert not _firing(prom, "LLMGatewayNoHealthyUpstream", model="chat")  # b still serves chat
     # a worker dies mid-incident: its replacement starts clean, its gauges leave the pod's merged view
-    victim = _worker_pids(gw.proc.pid)[0]
+    victim = worker_pids(gw.proc.pid)[0]
     os.kill(victim, signal.SIGKILL)
-    prom.wait("a replacement worker", lambda: len(w := _worker_pids(gw.proc.pid)) == 2 and victim not in w)
+    prom.wait("a replacement worker", lambda: len(w := worker_pids(gw.proc.pid)) == 2 and victim not in w)
     sims.set("sim-a", error_rate=0.0)
     sims.set("sim-c", error_rate=0.0)
     # no request needed: ejections end with time, the gauges follow, and the alerts resolve

@@ -8,18 +8,9 @@ import threading
 import time
 
 import pytest
-from harness import HTTP, REDIS_URL, dep, metric_value, model
+from harness import REDIS_URL, dep, metric_value, model, post_chat, priority_model
 
 QUICK = {"ttft_ms": 20, "ttft_dist": "fixed", "itl_ms": 5, "tokens": 4, "tail_p": 0}
-
-
-def _post(gw, model_name="chat", stream=False, headers=None, timeout=30):
-    return HTTP.post(
-        gw.url + "/v1/chat/completions",
-        headers=headers or {},
-        timeout=timeout,
-        json={"model": model_name, "stream": stream, "messages": [{"role": "user", "content": "x"}]},
-    )
 
 
 def test_thirty_percent_503s_all_client_requests_succeed(sims_factory, gateways):
@@ -42,7 +33,7 @@ def test_thirty_percent_503s_all_client_requests_succeed(sims_factory, gateways)
         }
     )
     n = 40
-    codes = [_post(gw).status_code for _ in range(n)]
+    codes = [post_chat(gw).status_code for _ in range(n)]
     recs = gw.records(wait_for=n)
     assert codes == [200] * n, [
         (r["response_code"], r["response_flags"], r["retry_count"]) for r in recs if r["response_code"] != 200
@@ -92,7 +83,7 @@ def test_connect_timeout_is_a_connect_failure_after_connect_ms(gateways):
             }
         )
         t0 = time.monotonic()
-        r = _post(gw)
+        r = post_chat(gw)
         elapsed = time.monotonic() - t0
         assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unreachable"
         assert 0.18 < elapsed < 1.5, elapsed
@@ -112,7 +103,7 @@ def test_retry_after_is_honoured(sims_factory, gateways):
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))], retry={"max_retries": 2})]})
     threading.Timer(0.3, lambda: sims.set("sim-a", error_rate=0.0)).start()
     t0 = time.monotonic()
-    r = _post(gw)
+    r = post_chat(gw)
     elapsed = time.monotonic() - t0
     assert r.status_code == 200
     recent = [x for x in sims.stats("sim-a")["recent"] if x["path"] == "/v1/chat/completions"]
@@ -127,7 +118,7 @@ def test_retry_after_beyond_the_deadline_answers_429_at_once(sims_factory, gatew
         {"sim-a": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 429, "retry_after": "30"})}
     )
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))], retry={"max_retries": 2})]})
-    r = _post(gw, headers={"x-gateway-timeout-ms": "2000"})
+    r = post_chat(gw, headers={"x-gateway-timeout-ms": "2000"})
     assert r.status_code == 429 and r.headers["retry-after"] == "30"
     assert r.json()["error"]
     assert len(sims.stats("sim-a")["recent"]) == 1
@@ -141,13 +132,9 @@ def test_stalled_upstream_times_out_on_time_and_retry_elsewhere_succeeds(sims_fa
     gw = gateways(
         {
             "models": [
-                model(
+                priority_model(
                     "chat",
-                    [
-                        dep("a", sims.base_url("sim-a"), priority=0),
-                        dep("b", sims.base_url("sim-b"), priority=1),
-                    ],
-                    routing={"strategy": "priority"},
+                    [dep("a", sims.base_url("sim-a")), dep("b", sims.base_url("sim-b"))],
                     timeouts={"ttft_ms": 300},
                     retry={"backoff_base_ms": 1, "backoff_max_ms": 1},
                 )
@@ -155,7 +142,7 @@ def test_stalled_upstream_times_out_on_time_and_retry_elsewhere_succeeds(sims_fa
         }
     )
     t0 = time.monotonic()
-    r = _post(gw)
+    r = post_chat(gw)
     elapsed = time.monotonic() - t0
     assert r.status_code == 200 and r.headers["x-gateway-upstream"] == "b"
     assert 0.3 <= elapsed < 0.5
@@ -187,7 +174,7 @@ def test_budget_holds_upstream_requests_when_everything_fails(sims_factory, gate
         }
     )
     n = 50
-    codes = [_post(gw).status_code for _ in range(n)]
+    codes = [post_chat(gw).status_code for _ in range(n)]
     assert set(codes) == {503}
     upstream = len([x for x in sims.stats("sim-a")["recent"] if x["path"] == "/v1/chat/completions"])
     # Without the budget it would be n * 4 = 200. With it: the first failures are retried free until the
@@ -207,7 +194,7 @@ def test_total_deadline_holds_within_a_few_ms(sims_factory, gateways):
     )
     for limit_ms in (300, 600):
         t0 = time.monotonic()
-        r = _post(gw, headers={"x-gateway-timeout-ms": str(limit_ms)})
+        r = post_chat(gw, headers={"x-gateway-timeout-ms": str(limit_ms)})
         elapsed_ms = (time.monotonic() - t0) * 1000
         assert r.status_code == 504
         err = r.json()["error"]
@@ -220,7 +207,7 @@ def test_total_deadline_holds_within_a_few_ms(sims_factory, gateways):
 def test_sdk_timeout_header_is_the_clients_deadline(sims_factory, gateways):
     sims = sims_factory({"sim-a": ("us-east", {**QUICK, "stall_rate": 1.0})})
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
-    r = _post(gw, headers={"x-stainless-timeout": "0.4"})
+    r = post_chat(gw, headers={"x-stainless-timeout": "0.4"})
     # answered sdk_reply_margin_ms (100) before the SDK's own timer, so the SDK reads it; as the gateway
     # logged it (a busy test machine may deliver the answer later, the gateway answered in time)
     assert r.status_code == 504
@@ -235,7 +222,7 @@ def test_mid_stream_failure_ends_with_an_error_event(sims_factory, gateways):
         {"sim-a": ("us-east", {**QUICK, "tokens": 10, "reset_rate": 1.0, "reset_after_tokens": 3})}
     )
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
-    r = _post(gw, stream=True)
+    r = post_chat(gw, stream=True)
     assert r.status_code == 200
     events = [e for e in r.text.split("\n\n") if e.strip()]
     assert sum('"content":"sim-a#' in e for e in events) == 3
@@ -247,7 +234,7 @@ def test_mid_stream_failure_ends_with_an_error_event(sims_factory, gateways):
 def test_idle_timeout_between_chunks(sims_factory, gateways):
     sims = sims_factory({"sim-a": ("us-east", {**QUICK, "tokens": 5, "itl_ms": 800})})
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))], timeouts={"idle_ms": 250})]})
-    r = _post(gw, stream=True)
+    r = post_chat(gw, stream=True)
     assert '"code":"timeout"' in r.text.split("\n\n")[-2] or '"code": "timeout"' in r.text
     rec = gw.records(wait_for=1)[-1]
     assert rec["timeout_flag"] == "idle" and "UT" in rec["response_flags"]
@@ -260,9 +247,9 @@ def test_overflow_answers_503_at_once(sims_factory, gateways):
         {"server": {"max_inflight": 2}, "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]}
     )
     with cf.ThreadPoolExecutor(3) as pool:
-        slow = [pool.submit(_post, gw) for _ in range(2)]
+        slow = [pool.submit(post_chat, gw) for _ in range(2)]
         time.sleep(0.3)
-        r = _post(gw)
+        r = post_chat(gw)
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "overloaded"
         assert [f.result().status_code for f in slow] == [200, 200]
@@ -283,10 +270,9 @@ def test_ejection_is_shared_through_redis_and_readmitted(sims_factory, gateways,
             "sync_interval_ms": 100,
         },
         "models": [
-            model(
+            priority_model(
                 "chat",
-                [dep("a", sims.base_url("sim-a"), priority=0), dep("b", sims.base_url("sim-b"), priority=1)],
-                routing={"strategy": "priority"},
+                [dep("a", sims.base_url("sim-a")), dep("b", sims.base_url("sim-b"))],
                 outlier={"consecutive_failures": 3, "base_ejection_s": 2, "max_ejection_percent": 50},
                 retry={"backoff_base_ms": 1, "budget_percent": 100},
             )
@@ -295,17 +281,17 @@ def test_ejection_is_shared_through_redis_and_readmitted(sims_factory, gateways,
     gw1 = gateways(cfg)
     gw2 = gateways(cfg)
     for _ in range(3):
-        assert _post(gw1).status_code == 200  # a fails, the retry on b answers
+        assert post_chat(gw1).status_code == 200  # a fails, the retry on b answers
     assert metric_value(gw1.metrics(), "llmgw_ejections_total", deployment="a") == 1
     time.sleep(0.5)  # a sync round or two
     before = len(sims.stats("sim-a")["recent"])
     for _ in range(5):
-        r = _post(gw2)
+        r = post_chat(gw2)
         assert r.status_code == 200 and r.headers["x-gateway-upstream"] == "b"
     assert len(sims.stats("sim-a")["recent"]) == before  # gw2 never touched the ejected deployment
     sims.set("sim-a", error_rate=0.0)
     time.sleep(2.2)  # the ejection (2 s) ends
-    r = _post(gw2)
+    r = post_chat(gw2)
     assert r.status_code == 200 and r.headers["x-gateway-upstream"] == "a"
 
 
@@ -313,7 +299,7 @@ def test_ejection_is_shared_through_redis_and_readmitted(sims_factory, gateways,
 def test_four_hundreds_are_not_retried(sims_factory, gateways, stream):
     sims = sims_factory({"sim-a": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 422})})
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
-    r = _post(gw, stream=stream)
+    r = post_chat(gw, stream=stream)
     assert r.status_code == 422
     assert len(sims.stats("sim-a")["recent"]) == 1
 
@@ -322,7 +308,7 @@ def test_deadline_during_a_stream_ends_it_with_an_error_event_on_time(sims_facto
     sims = sims_factory({"sim-a": ("us-east", {**QUICK, "tokens": 40, "itl_ms": 50})})  # ~2 s of tokens
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
     t0 = time.monotonic()
-    r = _post(gw, stream=True, headers={"x-gateway-timeout-ms": "600"})
+    r = post_chat(gw, stream=True, headers={"x-gateway-timeout-ms": "600"})
     elapsed = time.monotonic() - t0
     assert r.status_code == 200 and 0.59 <= elapsed < 0.75
     events = [e for e in r.text.split("\n\n") if e.strip()]

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from harness import HTTP, dep, model
+from harness import dep, model, post_chat, priority_model
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -132,12 +132,7 @@ def collector() -> Iterator[Collector]:
 
 
 def _chat(gw: Any, stream: bool = False, headers: dict[str, str] | None = None) -> Any:
-    r = HTTP.post(
-        gw.url + "/v1/chat/completions",
-        headers=headers or {},
-        timeout=30,
-        json={"model": "chat", "stream": stream, "messages": [{"role": "user", "content": "x"}]},
-    )
+    r = post_chat(gw, stream=stream, headers=headers)
     assert r.status_code == 200, r.text
     return r
 
@@ -166,13 +161,12 @@ def test_a_retried_request_exports_a_server_span_and_one_client_span_per_attempt
     gw = gateways(
         {
             "models": [
-                model(
+                priority_model(
                     "chat",
                     [
-                        dep("a", sims.base_url("sim-a"), region="us-east", priority=0),
-                        dep("b", sims.base_url("sim-b"), region="eu-west", priority=1),
+                        dep("a", sims.base_url("sim-a"), region="us-east"),
+                        dep("b", sims.base_url("sim-b"), region="eu-west"),
                     ],
-                    routing={"strategy": "priority"},
                     retry={
                         "max_retries": 1,
                         "budget_percent": 100,
@@ -277,13 +271,10 @@ def test_a_hedge_and_its_primary_name_different_exported_spans_upstream(sims_fac
     gw = gateways(
         {
             "models": [
-                model(
+                priority_model(
                     "chat",
-                    [
-                        dep("a", sims.base_url("sim-a"), priority=0),
-                        dep("b", sims.base_url("sim-b"), priority=1),
-                    ],
-                    routing={"strategy": "priority", "locality": "off"},
+                    [dep("a", sims.base_url("sim-a")), dep("b", sims.base_url("sim-b"))],
+                    routing={"locality": "off"},
                     hedging={"enabled": True, "delay_ms": 50, "min_delay_ms": 0, "budget_percent": 100},
                 )
             ]

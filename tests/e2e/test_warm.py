@@ -5,35 +5,25 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import redis
-from harness import HTTP, REDIS_URL, dep, model
+from harness import (
+    HTTP,
+    REDIS_URL,
+    TURN_SCHEMA,
+    dep,
+    model,
+    priority_model,
+    required_warmup_config,
+    wait_until,
+)
 
 QUICK = {"ttft_ms": 20, "ttft_dist": "fixed", "itl_ms": 1, "tokens": 2, "tail_p": 0}
-SCHEMA = {
-    "name": "turn",
-    "strict": True,
-    "schema": {
-        "type": "object",
-        "properties": {"intent": {"type": "string"}},
-        "required": ["intent"],
-        "additionalProperties": False,
-    },
-}
 
 
-def _eventually(condition, timeout: float = 15.0) -> bool:
-    """Poll until `condition()` holds (a background step finished), however busy the machine."""
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def _structured(gw, schema=SCHEMA):
+def _structured(gw, schema=TURN_SCHEMA):
     t0 = time.monotonic()
     r = HTTP.post(
         gw.url + "/v1/chat/completions",
@@ -57,18 +47,7 @@ def test_without_warmup_the_first_user_pays_the_cold_schema(sims_factory, gatewa
 
 def test_warmup_gates_readiness_and_the_first_user_request_is_warm(sims_factory, gateways):
     sims = sims_factory({"sim-a": ("us-east", {**QUICK, "cold_schema_ms": 2000})})
-    gw = gateways(
-        {
-            "models": [
-                model(
-                    "chat",
-                    [dep("a", sims.base_url("sim-a"))],
-                    warmup={"schemas": [SCHEMA], "required": True, "timeout_ms": 10000},
-                )
-            ]
-        },
-        wait_ready=False,
-    )
+    gw = gateways(required_warmup_config(sims.base_url("sim-a"), timeout_ms=10000), wait_ready=False)
     not_ready_seen = False
     t0 = time.monotonic()
     give_up = t0 + 15  # a hang guard, not a timing check
@@ -91,6 +70,15 @@ def test_warmup_gates_readiness_and_the_first_user_request_is_warm(sims_factory,
     assert _structured(gw) < 0.5
 
 
+def _warmup_command(config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "warmup", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_warmup_command_reports_and_fails_on_required(sims_factory, tmp_path):
     import yaml
 
@@ -100,34 +88,28 @@ def test_warmup_command_reports_and_fails_on_required(sims_factory, tmp_path):
     cfg = {
         "state": {"backend": "memory"},
         "models": [
-            model("chat", [dep("a", sims.base_url("sim-a"))], warmup={"schemas": [SCHEMA], "required": True}),
+            model(
+                "chat",
+                [dep("a", sims.base_url("sim-a"))],
+                warmup={"schemas": [TURN_SCHEMA], "required": True},
+            ),
             model(
                 "other",
                 [dep("bad", sims.base_url("sim-bad"))],
-                warmup={"schemas": [SCHEMA], "required": False},
+                warmup={"schemas": [TURN_SCHEMA], "required": False},
             ),
         ],
     }
     path = tmp_path / "w.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    out = subprocess.run(
-        [sys.executable, "-m", "gateway", "warmup", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = _warmup_command(path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert (
         "chat" in out.stdout and "turn" in out.stdout and "FAILED" in out.stdout and "HTTP 401" in out.stdout
     )
     cfg["models"][1]["warmup"]["required"] = True
     path.write_text(yaml.safe_dump(cfg))
-    out = subprocess.run(
-        [sys.executable, "-m", "gateway", "warmup", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = _warmup_command(path)
     assert out.returncode == 1 and "REQUIRED" in out.stdout
 
 
@@ -142,7 +124,7 @@ def test_schema_learned_by_one_gateway_is_warmed_by_another(sims_factory, gatewa
     gw1 = gateways({"state": state, "models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
     assert _structured(gw1) >= 1.5  # the first ever use of this schema is cold
     learned = redis.Redis.from_url(REDIS_URL)  # learned in the background: wait until it is shared
-    assert _eventually(lambda: learned.hlen(f"{redis_prefix}schemas:chat") == 1)
+    wait_until("the schema learned in Redis", lambda: learned.hlen(f"{redis_prefix}schemas:chat") == 1, 15)
     # a new gateway for a new region: it warms what traffic taught the first one, before it is ready
     gw2 = gateways(
         {"state": state, "models": [model("chat", [dep("c", sims.base_url("sim-c"), region="eu-west")])]}
@@ -161,13 +143,9 @@ def test_learned_schema_is_warmed_on_the_models_other_deployments(sims_factory, 
     gw = gateways(
         {
             "models": [
-                model(
+                priority_model(
                     "chat",
-                    [
-                        dep("a", sims.base_url("sim-a"), priority=0),
-                        dep("b", sims.base_url("sim-b"), priority=1),
-                    ],
-                    routing={"strategy": "priority"},
+                    [dep("a", sims.base_url("sim-a")), dep("b", sims.base_url("sim-b"))],
                 )
             ]
         }
@@ -177,7 +155,7 @@ def test_learned_schema_is_warmed_on_the_models_other_deployments(sims_factory, 
     def warmed() -> bool:  # the background warm-up has been answered (its compile is done)
         return any(r["cold_schema"] and r["outcome"] == "ok" for r in sims.stats("sim-b")["recent"])
 
-    assert _eventually(warmed)
+    wait_until("the background warm-up on b", warmed, 15)
     assert sims.stats("sim-b")["cold_schema_hits"] == 1
     r = HTTP.post(
         gw.url + "/v1/chat/completions",
@@ -186,7 +164,7 @@ def test_learned_schema_is_warmed_on_the_models_other_deployments(sims_factory, 
         json={
             "model": "chat",
             "messages": [],
-            "response_format": {"type": "json_schema", "json_schema": SCHEMA},
+            "response_format": {"type": "json_schema", "json_schema": TURN_SCHEMA},
         },
     )
     assert r.status_code == 200 and float(r.headers["x-gateway-upstream-service-time"]) < 400

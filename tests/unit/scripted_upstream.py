@@ -8,15 +8,16 @@ In the spirit of ``httpx.MockTransport``: a handler sees each upstream request a
 ``Playbook`` wires a real ``Engine`` (its config parsed by the real loader) to both and to a
 ``FakeClock``; ``play(seconds)`` moves the clock on, firing alarms and delays in time order and
 letting the event loop settle after each, so a test reads as a script: this arrives, then this is sent.
+The module-level ``play(scenario)``, ``model(...)`` and ``OK`` are the shared pieces of such scripts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fake_clock import FakeClock
@@ -30,6 +31,30 @@ from gateway.upstream.errors import UpstreamResetError
 from gateway.upstream.wire import AttemptWire, host_of, static_headers
 
 SETTLE_TICKS = 50  # loop iterations that let every ready callback run after a clock step
+
+T = TypeVar("T")
+
+# A non-streamed completion as a provider sends it.
+OK = {
+    "id": "c1",
+    "object": "chat.completion",
+    "choices": [{"index": 0, "message": {"content": "ok"}}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+}
+
+
+def play(scenario: Callable[[], Awaitable[T]], guard_s: float = 30) -> T:
+    """Run a playbook scenario to its end; its result.
+
+    ``guard_s`` is real time, a guard only against a hang of the test itself: the scenario's own time is
+    the fake clock's.
+    """
+    return asyncio.run(asyncio.wait_for(scenario(), guard_s))
+
+
+def model(name: str, *deployments: str, **cfg: Any) -> dict[str, Any]:
+    """A model's config for ``Playbook``, its deployments named by id, round-robin unless ``cfg`` says else."""
+    return {"name": name, "deployments": list(deployments), "routing": {"strategy": "round-robin"}, **cfg}
 
 
 def sse(text: str) -> bytes:
@@ -66,6 +91,7 @@ class Reply:
     def stream(
         *chunks: tuple[float, bytes],
         head_after: float = 0.0,
+        then_fail: BaseException | None = None,
         stall: bool = False,
         end_with_last: bool = False,
     ) -> Reply:
@@ -74,6 +100,7 @@ class Reply:
             {"content-type": "text/event-stream"},
             list(chunks),
             head_after=head_after,
+            then_fail=then_fail,
             stall=stall,
             end_with_last=end_with_last,
         )

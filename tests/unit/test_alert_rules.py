@@ -24,8 +24,62 @@ def _series(name: str, values: str, **labels: str) -> dict[str, str]:
     return {"series": f"{name}{{{body}}}", "values": values}
 
 
+# The request, TTFT and duration series the burn-rate rules read, all of model "chat" on pod gw-a.
+def _requests(values: str, code: str, flags: str) -> dict[str, str]:
+    return _series(
+        "llmgw_requests_total",
+        values,
+        model="chat",
+        code=code,
+        deployment="a",
+        region="r",
+        flags=flags,
+        pod="gw-a",
+    )
+
+
+def _ttft_fast(values: str, stream: str = "true") -> dict[str, str]:
+    """Requests whose first token came within the objective's 2 s."""
+    return _series(
+        "llmgw_ttft_seconds_bucket", values, model="chat", deployment="a", stream=stream, le="2.0", pod="gw-a"
+    )
+
+
+def _ttft_count(values: str, stream: str = "true") -> dict[str, str]:
+    return _series(
+        "llmgw_ttft_seconds_count", values, model="chat", deployment="a", stream=stream, pod="gw-a"
+    )
+
+
+def _duration_fast(values: str) -> dict[str, str]:
+    """Requests done within the objective's 30 s."""
+    return _series(
+        "llmgw_request_duration_seconds_bucket", values, model="chat", stream="false", le="30.0", pod="gw-a"
+    )
+
+
+def _duration_count(values: str) -> dict[str, str]:
+    return _series("llmgw_request_duration_seconds_count", values, model="chat", stream="false", pod="gw-a")
+
+
 def _alert(name: str, at: str, *firing: dict[str, str]) -> dict[str, Any]:
     return {"eval_time": at, "alertname": name, "exp_alerts": [{"exp_labels": labels} for labels in firing]}
+
+
+def _case(
+    alert: str,
+    series: list[dict[str, str]],
+    fire_at: str,
+    labels: dict[str, str],
+    quiet_at: str,
+    interval: str = "1m",
+) -> dict[str, Any]:
+    """`series` make `alert` fire with `labels` at `fire_at` (after its `for`), resolved again at `quiet_at`."""
+    return {
+        "interval": interval,
+        "input_series": series,
+        "alert_rule_test": [_alert(alert, fire_at, labels), _alert(alert, quiet_at)],
+    }
 
 
 def _burn_case(
@@ -38,362 +92,204 @@ def _burn_case(
     interval: str = "1m",
 ) -> dict[str, Any]:
     labels = {**SEL, "model": "chat", "severity": severity, "slo": slo}
-    return {
-        "interval": interval,
-        "input_series": series,
-        "alert_rule_test": [_alert(alert, fire_at, labels), _alert(alert, quiet_at)],
-    }
+    return _case(alert, series, fire_at, labels, quiet_at, interval)
 
 
-# Each case: series that make one alert fire, then stop; the first eval_time sees it firing (after its
-# `for`), the second resolved.
+# Each case: series that make one alert fire, then stop; keyed by the alert's name.
 CASES: dict[str, dict[str, Any]] = {
-    "LLMGatewayTargetDown": {
-        "interval": "1m",
-        "input_series": [
-            _series("up", "1 1 0x10 1x10", instance="10.0.0.1:9090", pod="gw-a"),
-            _series("up", "1x22", instance="10.0.0.2:9090", pod="gw-b"),
-        ],
-        "alert_rule_test": [
-            _alert(
-                "LLMGatewayTargetDown",
-                "9m",
-                {**SEL, "instance": "10.0.0.1:9090", "pod": "gw-a", "severity": "warning"},
-            ),
-            _alert("LLMGatewayTargetDown", "18m"),
-        ],
-    },
-    "LLMGatewayAbsent": {
-        "interval": "1m",
-        "input_series": [_series("up", "1x3 0x10 1x10", instance="10.0.0.1:9090", pod="gw-a")],
+    case["alert_rule_test"][0]["alertname"]: case
+    for case in [
+        _case(
+            "LLMGatewayTargetDown",
+            [
+                _series("up", "1 1 0x10 1x10", instance="10.0.0.1:9090", pod="gw-a"),
+                _series("up", "1x22", instance="10.0.0.2:9090", pod="gw-b"),
+            ],
+            "9m",
+            {**SEL, "instance": "10.0.0.1:9090", "pod": "gw-a", "severity": "warning"},
+            "18m",
+        ),
         # absent() has no series to take labels from: the rule names the release itself
-        "alert_rule_test": [
-            _alert("LLMGatewayAbsent", "11m", {"severity": "critical", **SEL}),
-            _alert("LLMGatewayAbsent", "16m"),
-        ],
-    },
-    "LLMGatewayNoHealthyUpstream": {
-        "interval": "1m",
-        "input_series": [
-            _series("llmgw_model_healthy_deployments", "2 0x6 2x6", model="chat", pod="gw-a"),
-            _series("llmgw_model_healthy_deployments", "2x13", model="chat", pod="gw-b"),
-            _series("llmgw_model_healthy_deployments", "1x13", model="embed", pod="gw-a"),
-        ],
-        "alert_rule_test": [
-            _alert("LLMGatewayNoHealthyUpstream", "4m", {"model": "chat", "severity": "critical"}),
-            _alert("LLMGatewayNoHealthyUpstream", "9m"),
-        ],
-    },
-    "LLMGatewayDeploymentEjected": {
-        "interval": "1m",
-        "input_series": [
-            _series("llmgw_deployment_ejected", "0 1x7 0x5", model="chat", deployment="a", pod="gw-a"),
-            _series("llmgw_deployment_ejected", "0x13", model="chat", deployment="b", pod="gw-a"),
-        ],
-        "alert_rule_test": [
-            _alert(
-                "LLMGatewayDeploymentEjected",
-                "7m",
-                {"model": "chat", "deployment": "a", "severity": "warning"},
-            ),
-            _alert("LLMGatewayDeploymentEjected", "10m"),
-        ],
-    },
-    "LLMGatewayRetryBudgetExhausted": {
-        "interval": "1m",
-        "input_series": [
-            _series("llmgw_retry_budget_exhausted_total", "0x3 0+5x10 50x15", model="chat", pod="gw-a")
-        ],
-        "alert_rule_test": [
-            _alert("LLMGatewayRetryBudgetExhausted", "12m", {"model": "chat", "severity": "warning"}),
-            _alert("LLMGatewayRetryBudgetExhausted", "25m"),
-        ],
-    },
-    "LLMGatewayHedgeBudgetExhausted": {
-        "interval": "1m",
-        "input_series": [
-            _series("llmgw_hedges_total", "0x2 0+3x25 75x20", model="chat", outcome="suppressed", pod="gw-a"),
-            _series("llmgw_hedges_total", "0+9x47", model="chat", outcome="won", pod="gw-a"),
-        ],
-        "alert_rule_test": [
-            _alert("LLMGatewayHedgeBudgetExhausted", "22m", {"model": "chat", "severity": "info"}),
-            _alert("LLMGatewayHedgeBudgetExhausted", "40m"),
-        ],
-    },
-    "LLMGatewayWarmupFailed": {
-        "interval": "1m",
-        "input_series": [
-            _series(
-                "llmgw_warmup_total", "0x2 1x50", model="chat", deployment="a", result="failed", pod="gw-a"
-            ),
-            _series("llmgw_warmup_total", "0x2 4x50", model="chat", deployment="b", result="ok", pod="gw-a"),
-        ],
-        "alert_rule_test": [
-            _alert(
-                "LLMGatewayWarmupFailed", "5m", {"model": "chat", "deployment": "a", "severity": "warning"}
-            ),
-            _alert("LLMGatewayWarmupFailed", "40m"),
-        ],
-    },
-    "LLMGatewayStateBackendDown": {
-        "interval": "1m",
-        "input_series": [
-            _series("llmgw_state_backend_up", "1 0x5 1x5", backend="redis", pod="gw-a"),
-            # a pod on the in-memory backend never pages, whatever it reports
-            _series("llmgw_state_backend_up", "0x11", backend="memory", pod="gw-m"),
-        ],
-        "alert_rule_test": [
-            _alert("LLMGatewayStateBackendDown", "4m", {"pod": "gw-a", "severity": "warning"}),
-            _alert("LLMGatewayStateBackendDown", "10m"),
-        ],
-    },
-    "LLMGatewayAccessLogDropped": {
-        "interval": "1m",
-        "input_series": [_series("llmgw_accesslog_dropped_total", "0x2 0+10x15 160x20", pod="gw-a")],
-        "alert_rule_test": [
-            _alert("LLMGatewayAccessLogDropped", "14m", {"pod": "gw-a", "severity": "info"}),
-            _alert("LLMGatewayAccessLogDropped", "35m"),
-        ],
-    },
-    "LLMGatewayOverheadP99High": {
-        "interval": "1m",
-        "input_series": [
-            # slow (every request between 1 and 10 ms) for 15 minutes, then fast (under 1 ms)
-            _series(
-                "llmgw_gateway_overhead_seconds_bucket", "0x15 0+100x15", model="chat", le="0.001", pod="gw-a"
-            ),
-            _series("llmgw_gateway_overhead_seconds_bucket", "0+100x31", model="chat", le="0.01", pod="gw-a"),
-            _series("llmgw_gateway_overhead_seconds_bucket", "0+100x31", model="chat", le="+Inf", pod="gw-a"),
-        ],
-        "alert_rule_test": [
-            _alert("LLMGatewayOverheadP99High", "13m", {"severity": "warning"}),
-            _alert("LLMGatewayOverheadP99High", "30m"),
-        ],
-    },
-    # 10 % errors for 70 minutes (budget 0.5 %: burn 20), then none; the 30 m window lets go at 100 m.
-    "LLMGatewayErrorBudgetFastBurn": _burn_case(
-        "LLMGatewayErrorBudgetFastBurn",
-        "availability",
-        "critical",
-        [
-            _series(
-                "llmgw_requests_total",
-                "0+90x120",
-                model="chat",
-                code="200",
-                deployment="a",
-                region="r",
-                flags="-",
-                pod="gw-a",
-            ),
-            _series(
-                "llmgw_requests_total",
-                "0+10x70 700x50",
-                model="chat",
-                code="503",
-                deployment="a",
-                region="r",
-                flags="UF",
-                pod="gw-a",
-            ),
-        ],
-        "65m",
-        "110m",
-    ),
-    # 2 % errors for 3 hours (burn 4), then none: a ticket, gone once the 2 h and 6 h windows clear.
-    "LLMGatewayErrorBudgetSlowBurn": _burn_case(
-        "LLMGatewayErrorBudgetSlowBurn",
-        "availability",
-        "warning",
-        [
-            _series(
-                "llmgw_requests_total",
-                "0+980x60",
-                model="chat",
-                code="200",
-                deployment="a",
-                region="r",
-                flags="-",
-                pod="gw-a",
-            ),
-            _series(
-                "llmgw_requests_total",
-                "0+20x18 360x42",
-                model="chat",
-                code="503",
-                deployment="a",
-                region="r",
-                flags="UF",
-                pod="gw-a",
-            ),
-        ],
-        "170m",
-        "9h",
-        interval="10m",
-    ),
-    # half the streams slower than 2 s to their first token for 40 minutes, then all fast
-    "LLMGatewayTTFTBudgetFastBurn": _burn_case(
-        "LLMGatewayTTFTBudgetFastBurn",
-        "ttft",
-        "critical",
-        [
-            _series(
-                "llmgw_ttft_seconds_bucket",
-                "0+50x40 2100+100x49",
-                model="chat",
-                deployment="a",
-                stream="true",
-                le="2.0",
-                pod="gw-a",
-            ),
-            _series(
-                "llmgw_ttft_seconds_count",
-                "0+100x90",
-                model="chat",
-                deployment="a",
-                stream="true",
-                pod="gw-a",
-            ),
-            # non-streamed answers are slow by nature and never count against the TTFT objective
-            _series(
-                "llmgw_ttft_seconds_bucket",
-                "0x90",
-                model="chat",
-                deployment="a",
-                stream="false",
-                le="2.0",
-                pod="gw-a",
-            ),
-            _series(
-                "llmgw_ttft_seconds_count",
-                "0+100x90",
-                model="chat",
-                deployment="a",
-                stream="false",
-                pod="gw-a",
-            ),
-        ],
-        "30m",
-        "80m",
-    ),
-    # 5 % of streams slow for 3 hours (burn 5), then none
-    "LLMGatewayTTFTBudgetSlowBurn": _burn_case(
-        "LLMGatewayTTFTBudgetSlowBurn",
-        "ttft",
-        "warning",
-        [
-            _series(
-                "llmgw_ttft_seconds_bucket",
-                "0+950x18 18100+1000x41",
-                model="chat",
-                deployment="a",
-                stream="true",
-                le="2.0",
-                pod="gw-a",
-            ),
-            _series(
-                "llmgw_ttft_seconds_count",
-                "0+1000x60",
-                model="chat",
-                deployment="a",
-                stream="true",
-                pod="gw-a",
-            ),
-        ],
-        "170m",
-        "9h",
-        interval="10m",
-    ),
-    "LLMGatewayLatencyBudgetFastBurn": _burn_case(
-        "LLMGatewayLatencyBudgetFastBurn",
-        "latency",
-        "critical",
-        [
-            _series(
-                "llmgw_request_duration_seconds_bucket",
-                "0+50x40 2100+100x49",
-                model="chat",
-                stream="false",
-                le="30.0",
-                pod="gw-a",
-            ),
-            _series(
-                "llmgw_request_duration_seconds_count", "0+100x90", model="chat", stream="false", pod="gw-a"
-            ),
-        ],
-        "30m",
-        "80m",
-    ),
-    "LLMGatewayLatencyBudgetSlowBurn": _burn_case(
-        "LLMGatewayLatencyBudgetSlowBurn",
-        "latency",
-        "warning",
-        [
-            _series(
-                "llmgw_request_duration_seconds_bucket",
-                "0+950x18 18100+1000x41",
-                model="chat",
-                stream="false",
-                le="30.0",
-                pod="gw-a",
-            ),
-            _series(
-                "llmgw_request_duration_seconds_count", "0+1000x60", model="chat", stream="false", pod="gw-a"
-            ),
-        ],
-        "170m",
-        "9h",
-        interval="10m",
-    ),
+        _case(
+            "LLMGatewayAbsent",
+            [_series("up", "1x3 0x10 1x10", instance="10.0.0.1:9090", pod="gw-a")],
+            "11m",
+            {"severity": "critical", **SEL},
+            "16m",
+        ),
+        _case(
+            "LLMGatewayNoHealthyUpstream",
+            [
+                _series("llmgw_model_healthy_deployments", "2 0x6 2x6", model="chat", pod="gw-a"),
+                _series("llmgw_model_healthy_deployments", "2x13", model="chat", pod="gw-b"),
+                _series("llmgw_model_healthy_deployments", "1x13", model="embed", pod="gw-a"),
+            ],
+            "4m",
+            {"model": "chat", "severity": "critical"},
+            "9m",
+        ),
+        _case(
+            "LLMGatewayDeploymentEjected",
+            [
+                _series("llmgw_deployment_ejected", "0 1x7 0x5", model="chat", deployment="a", pod="gw-a"),
+                _series("llmgw_deployment_ejected", "0x13", model="chat", deployment="b", pod="gw-a"),
+            ],
+            "7m",
+            {"model": "chat", "deployment": "a", "severity": "warning"},
+            "10m",
+        ),
+        _case(
+            "LLMGatewayRetryBudgetExhausted",
+            [_series("llmgw_retry_budget_exhausted_total", "0x3 0+5x10 50x15", model="chat", pod="gw-a")],
+            "12m",
+            {"model": "chat", "severity": "warning"},
+            "25m",
+        ),
+        _case(
+            "LLMGatewayHedgeBudgetExhausted",
+            [
+                _series(
+                    "llmgw_hedges_total", "0x2 0+3x25 75x20", model="chat", outcome="suppressed", pod="gw-a"
+                ),
+                _series("llmgw_hedges_total", "0+9x47", model="chat", outcome="won", pod="gw-a"),
+            ],
+            "22m",
+            {"model": "chat", "severity": "info"},
+            "40m",
+        ),
+        _case(
+            "LLMGatewayWarmupFailed",
+            [
+                _series(
+                    "llmgw_warmup_total",
+                    "0x2 1x50",
+                    model="chat",
+                    deployment="a",
+                    result="failed",
+                    pod="gw-a",
+                ),
+                _series(
+                    "llmgw_warmup_total", "0x2 4x50", model="chat", deployment="b", result="ok", pod="gw-a"
+                ),
+            ],
+            "5m",
+            {"model": "chat", "deployment": "a", "severity": "warning"},
+            "40m",
+        ),
+        _case(
+            "LLMGatewayStateBackendDown",
+            [
+                _series("llmgw_state_backend_up", "1 0x5 1x5", backend="redis", pod="gw-a"),
+                # a pod on the in-memory backend never pages, whatever it reports
+                _series("llmgw_state_backend_up", "0x11", backend="memory", pod="gw-m"),
+            ],
+            "4m",
+            {"pod": "gw-a", "severity": "warning"},
+            "10m",
+        ),
+        _case(
+            "LLMGatewayAccessLogDropped",
+            [_series("llmgw_accesslog_dropped_total", "0x2 0+10x15 160x20", pod="gw-a")],
+            "14m",
+            {"pod": "gw-a", "severity": "info"},
+            "35m",
+        ),
+        _case(
+            "LLMGatewayOverheadP99High",
+            [
+                # slow (every request between 1 and 10 ms) for 15 minutes, then fast (under 1 ms)
+                _series(
+                    "llmgw_gateway_overhead_seconds_bucket",
+                    "0x15 0+100x15",
+                    model="chat",
+                    le="0.001",
+                    pod="gw-a",
+                ),
+                _series(
+                    "llmgw_gateway_overhead_seconds_bucket", "0+100x31", model="chat", le="0.01", pod="gw-a"
+                ),
+                _series(
+                    "llmgw_gateway_overhead_seconds_bucket", "0+100x31", model="chat", le="+Inf", pod="gw-a"
+                ),
+            ],
+            "13m",
+            {"severity": "warning"},
+            "30m",
+        ),
+        # 10 % errors for 70 minutes (budget 0.5 %: burn 20), then none; the 30 m window lets go at 100 m.
+        _burn_case(
+            "LLMGatewayErrorBudgetFastBurn",
+            "availability",
+            "critical",
+            [_requests("0+90x120", "200", "-"), _requests("0+10x70 700x50", "503", "UF")],
+            "65m",
+            "110m",
+        ),
+        # 2 % errors for 3 hours (burn 4), then none: a ticket, gone once the 2 h and 6 h windows clear.
+        _burn_case(
+            "LLMGatewayErrorBudgetSlowBurn",
+            "availability",
+            "warning",
+            [_requests("0+980x60", "200", "-"), _requests("0+20x18 360x42", "503", "UF")],
+            "170m",
+            "9h",
+            interval="10m",
+        ),
+        # half the streams slower than 2 s to their first token for 40 minutes, then all fast
+        _burn_case(
+            "LLMGatewayTTFTBudgetFastBurn",
+            "ttft",
+            "critical",
+            [
+                _ttft_fast("0+50x40 2100+100x49"),
+                _ttft_count("0+100x90"),
+                # non-streamed answers are slow by nature and never count against the TTFT objective
+                _ttft_fast("0x90", stream="false"),
+                _ttft_count("0+100x90", stream="false"),
+            ],
+            "30m",
+            "80m",
+        ),
+        # 5 % of streams slow for 3 hours (burn 5), then none
+        _burn_case(
+            "LLMGatewayTTFTBudgetSlowBurn",
+            "ttft",
+            "warning",
+            [_ttft_fast("0+950x18 18100+1000x41"), _ttft_count("0+1000x60")],
+            "170m",
+            "9h",
+            interval="10m",
+        ),
+        _burn_case(
+            "LLMGatewayLatencyBudgetFastBurn",
+            "latency",
+            "critical",
+            [_duration_fast("0+50x40 2100+100x49"), _duration_count("0+100x90")],
+            "30m",
+            "80m",
+        ),
+        _burn_case(
+            "LLMGatewayLatencyBudgetSlowBurn",
+            "latency",
+            "warning",
+            [_duration_fast("0+950x18 18100+1000x41"), _duration_count("0+1000x60")],
+            "170m",
+            "9h",
+            interval="10m",
+        ),
+    ]
 }
 
 # Traffic well within every objective: no burn-rate alert may fire at any point.
 QUIET = {
     "interval": "10m",
     "input_series": [
-        _series(
-            "llmgw_requests_total",
-            "0+997x54",
-            model="chat",
-            code="200",
-            deployment="a",
-            region="r",
-            flags="-",
-            pod="gw-a",
-        ),
-        _series(
-            "llmgw_requests_total",
-            "0+3x54",
-            model="chat",
-            code="503",
-            deployment="a",
-            region="r",
-            flags="UF",
-            pod="gw-a",
-        ),
-        _series(
-            "llmgw_ttft_seconds_bucket",
-            "0+995x54",
-            model="chat",
-            deployment="a",
-            stream="true",
-            le="2.0",
-            pod="gw-a",
-        ),
-        _series(
-            "llmgw_ttft_seconds_count", "0+1000x54", model="chat", deployment="a", stream="true", pod="gw-a"
-        ),
-        _series(
-            "llmgw_request_duration_seconds_bucket",
-            "0+995x54",
-            model="chat",
-            stream="false",
-            le="30.0",
-            pod="gw-a",
-        ),
-        _series(
-            "llmgw_request_duration_seconds_count", "0+1000x54", model="chat", stream="false", pod="gw-a"
-        ),
+        _requests("0+997x54", "200", "-"),
+        _requests("0+3x54", "503", "UF"),
+        _ttft_fast("0+995x54"),
+        _ttft_count("0+1000x54"),
+        _duration_fast("0+995x54"),
+        _duration_count("0+1000x54"),
     ],
     "alert_rule_test": [_alert(name, at) for name in CASES if "Burn" in name for at in ("1h", "3h", "9h")],
 }

@@ -8,31 +8,17 @@ Retry-After or a stalled stream costs nothing and no window can be missed on a b
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import pytest
-from scripted_upstream import DONE, Downstream, Playbook, Reply, Request, sse
+from scripted_upstream import DONE, OK, Downstream, Playbook, Reply, Request, model, play, sse
 
 from gateway.engine.interrupt import CancelReason
 from gateway.upstream.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamResetError
 
-OK = {
-    "id": "c1",
-    "object": "chat.completion",
-    "choices": [{"index": 0, "message": {"content": "ok"}}],
-    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-}
 STREAM_TIMEOUTS = {"ttft_ms": 5000, "per_try_ms": 60000, "idle_ms": 30000}
-
-
-def play(scenario: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(scenario(), 30))  # a real-time guard only against a hang of the test itself
-
-
-def model(name: str, *deployments: str, **cfg: Any) -> dict[str, Any]:
-    return {"name": name, "deployments": list(deployments), "routing": {"strategy": "round-robin"}, **cfg}
 
 
 def by_deployment(**replies: Callable[[Request], Reply] | Reply) -> Callable[[Request], Reply]:
@@ -43,17 +29,26 @@ def by_deployment(**replies: Callable[[Request], Reply] | Reply) -> Callable[[Re
     return handler
 
 
+def streaming(a: Reply) -> Playbook:
+    """Model m streamed from deployment a alone."""
+    return Playbook([model("m", "a", timeouts=STREAM_TIMEOUTS)], by_deployment(a=a))
+
+
+def hedged_streaming(a: Reply, b: Reply) -> Playbook:
+    """Model m streamed from deployment a, hedged to b after 100 ms."""
+    hedging = {"enabled": True, "delay_ms": 100}
+    return Playbook(
+        [model("m", "a", "b", hedging=hedging, timeouts=STREAM_TIMEOUTS)], by_deployment(a=a, b=b)
+    )
+
+
 # ---------------------------------------------------------------------------------------------- hedging
 
 
 def test_a_hedge_that_wins_interrupts_the_primary() -> None:
     async def scenario() -> None:
-        pb = Playbook(
-            [model("m", "a", "b", hedging={"enabled": True, "delay_ms": 100}, timeouts=STREAM_TIMEOUTS)],
-            by_deployment(
-                a=Reply.stream((2.0, sse("slow")), (0, DONE)),
-                b=Reply.stream((0.05, sse("fast")), (0.01, DONE)),
-            ),
+        pb = hedged_streaming(
+            a=Reply.stream((2.0, sse("slow")), (0, DONE)), b=Reply.stream((0.05, sse("fast")), (0.01, DONE))
         )
         call = pb.call("m", stream=True)
         await pb.play(0.099)
@@ -214,13 +209,8 @@ def test_a_stream_idle_too_long_ends_with_ut() -> None:
 
 def test_a_stream_badly_framed_mid_way_ends_with_upe_and_counts_against_the_provider() -> None:
     async def scenario() -> None:
-        bad = Reply(
-            200,
-            {"content-type": "text/event-stream"},
-            [(0.01, sse("one"))],
-            then_fail=UpstreamProtocolError("invalid chunk size"),
-        )
-        pb = Playbook([model("m", "a", timeouts=STREAM_TIMEOUTS)], by_deployment(a=bad))
+        bad = Reply.stream((0.01, sse("one")), then_fail=UpstreamProtocolError("invalid chunk size"))
+        pb = streaming(a=bad)
         call = pb.call("m", stream=True)
         rec = await pb.finish(call)
         last = orjson.loads(call.down.events()[-1])
@@ -298,10 +288,7 @@ def test_the_hard_end_finding_the_client_not_reading_is_dt_and_not_held_against_
 
 def test_the_client_leaves_while_waiting_for_the_first_token() -> None:
     async def scenario() -> None:
-        pb = Playbook(
-            [model("m", "a", timeouts=STREAM_TIMEOUTS)],
-            by_deployment(a=Reply.stream((4.0, sse("late")), (0, DONE))),
-        )
+        pb = streaming(a=Reply.stream((4.0, sse("late")), (0, DONE)))
         call = pb.call("m", stream=True)
         await pb.play(0.5)
         call.exchange.cancel(CancelReason.CLIENT_GONE)
@@ -315,10 +302,7 @@ def test_the_client_leaves_while_waiting_for_the_first_token() -> None:
 
 def test_the_client_leaves_mid_stream() -> None:
     async def scenario() -> None:
-        pb = Playbook(
-            [model("m", "a", timeouts=STREAM_TIMEOUTS)],
-            by_deployment(a=Reply.stream((0.1, sse("one")), (0.1, sse("two")), (5.0, sse("three")))),
-        )
+        pb = streaming(a=Reply.stream((0.1, sse("one")), (0.1, sse("two")), (5.0, sse("three"))))
         call = pb.call("m", stream=True)
         await pb.play(0.5)
         assert len(call.down.events()) == 2
@@ -334,10 +318,7 @@ def test_the_client_leaves_mid_stream() -> None:
 
 def test_the_client_leaves_during_a_hedge_race() -> None:
     async def scenario() -> None:
-        pb = Playbook(
-            [model("m", "a", "b", hedging={"enabled": True, "delay_ms": 100}, timeouts=STREAM_TIMEOUTS)],
-            by_deployment(a=Reply.stream((3.0, sse("a"))), b=Reply.stream((3.0, sse("b")))),
-        )
+        pb = hedged_streaming(a=Reply.stream((3.0, sse("a"))), b=Reply.stream((3.0, sse("b"))))
         call = pb.call("m", stream=True)
         await pb.play(0.2)
         assert len(pb.upstream.requests) == 2
@@ -411,17 +392,7 @@ def test_an_unexpected_exception_is_an_openai_shaped_500_with_flag_ge() -> None:
 
 def test_an_unexpected_exception_mid_stream_ends_the_stream_with_an_error_event() -> None:
     async def scenario() -> None:
-        pb = Playbook(
-            [model("m", "a", timeouts=STREAM_TIMEOUTS)],
-            by_deployment(
-                a=Reply(
-                    200,
-                    {"content-type": "text/event-stream"},
-                    [(0.1, sse("one"))],
-                    then_fail=RuntimeError("a bug in a client"),
-                )
-            ),
-        )
+        pb = streaming(a=Reply.stream((0.1, sse("one")), then_fail=RuntimeError("a bug in a client")))
         call = pb.call("m", stream=True)
         rec = await pb.finish(call)
         events = call.down.events()
@@ -442,9 +413,7 @@ def test_an_unexpected_exception_mid_stream_ends_the_stream_with_an_error_event(
 
 def test_shutdown_cuts_a_waiting_request_short_with_a_503_draining() -> None:
     async def scenario() -> None:
-        pb = Playbook(
-            [model("m", "a", timeouts=STREAM_TIMEOUTS)], by_deployment(a=Reply.stream((4.0, sse("late"))))
-        )
+        pb = streaming(a=Reply.stream((4.0, sse("late"))))
         call = pb.call("m", stream=True)
         await pb.play(0.5)
         call.exchange.cancel(CancelReason.DRAIN)
@@ -459,10 +428,7 @@ def test_shutdown_cuts_a_waiting_request_short_with_a_503_draining() -> None:
 
 def test_shutdown_ends_a_started_stream_with_an_error_event() -> None:
     async def scenario() -> None:
-        pb = Playbook(
-            [model("m", "a", timeouts=STREAM_TIMEOUTS)],
-            by_deployment(a=Reply.stream((0.1, sse("one")), (5.0, sse("two")))),
-        )
+        pb = streaming(a=Reply.stream((0.1, sse("one")), (5.0, sse("two"))))
         call = pb.call("m", stream=True)
         await pb.play(0.5)
         call.exchange.cancel(CancelReason.DRAIN)
@@ -530,16 +496,12 @@ def _whole_events(call: Any) -> list[dict[str, Any]]:
 
 def test_a_stream_broken_in_the_middle_of_an_event_ends_with_a_separate_error_event() -> None:
     async def scenario() -> None:
-        pb = Playbook(
-            [model("m", "a", timeouts=STREAM_TIMEOUTS)],
-            by_deployment(
-                a=Reply(
-                    200,
-                    {"content-type": "text/event-stream"},
-                    [(0.1, sse("one")), (0.1, b'data: {"id":"x","obj')],
-                    then_fail=UpstreamResetError("peer closed"),
-                )
-            ),
+        pb = streaming(
+            a=Reply.stream(
+                (0.1, sse("one")),
+                (0.1, b'data: {"id":"x","obj'),
+                then_fail=UpstreamResetError("peer closed"),
+            )
         )
         call = pb.call("m", stream=True)
         rec = await pb.finish(call)
@@ -577,13 +539,10 @@ def test_events_split_across_reads_are_relayed_whole_and_nothing_is_lost() -> No
     two = sse("two")
 
     async def scenario() -> None:
-        pb = Playbook(
-            [model("m", "a", timeouts=STREAM_TIMEOUTS)],
-            by_deployment(
-                a=Reply.stream(
-                    (0.1, sse("one") + two[:9]), (0.1, two[9:-1]), (0.1, two[-1:]), (0.1, b"data: [DONE]\n")
-                )
-            ),
+        pb = streaming(
+            a=Reply.stream(
+                (0.1, sse("one") + two[:9]), (0.1, two[9:-1]), (0.1, two[-1:]), (0.1, b"data: [DONE]\n")
+            )
         )  # the last one lacks its blank line
         call = pb.call("m", stream=True)
         rec = await pb.finish(call)
@@ -615,12 +574,9 @@ def _attempts_metric(pb: Playbook) -> dict[tuple[str, str], float]:
 
 def test_a_client_cancel_counts_each_attempt_once_as_cancelled() -> None:
     async def scenario() -> None:
-        pb = Playbook(
-            [model("m", "a", "b", hedging={"enabled": True, "delay_ms": 100}, timeouts=STREAM_TIMEOUTS)],
-            by_deployment(
-                a=Reply.stream((0.05, sse("one")), (0.05, sse("two")), (5.0, sse("three"))),
-                b=Reply.stream((3.0, sse("b"))),
-            ),
+        pb = hedged_streaming(
+            a=Reply.stream((0.05, sse("one")), (0.05, sse("two")), (5.0, sse("three"))),
+            b=Reply.stream((3.0, sse("b"))),
         )
         mid = pb.call("m", stream=True)  # cancelled after two chunks: a stream, not a success
         await pb.play(0.5)

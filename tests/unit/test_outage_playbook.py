@@ -7,31 +7,16 @@ providers saw (tests/unit/scripted_upstream.py records every upstream request).
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from scripted_upstream import Playbook, Reply, Request
+from scripted_upstream import DONE, OK, Playbook, Reply, Request, model, play, sse
 
 from gateway.upstream.errors import UpstreamConnectError, UpstreamResetError
 
-OK = {
-    "id": "c1",
-    "object": "chat.completion",
-    "choices": [{"index": 0, "message": {"content": "ok"}}],
-    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-}
 BUSY = {"error": {"message": "overloaded", "type": "server_error"}}
-
-
-def play(scenario: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(scenario(), 60))  # a real-time guard only against a hang of the test itself
-
-
-def model(name: str, *deployments: str, **cfg: Any) -> dict[str, Any]:
-    return {"name": name, "deployments": list(deployments), "routing": {"strategy": "round-robin"}, **cfg}
+PLAY_GUARD_S = 60  # many requests each: more real time than one exchange's playbook
 
 
 async def serve(
@@ -75,7 +60,7 @@ def test_one_of_two_deployments_failing_everything_is_failed_over_at_once(
         assert "deployment a ejected for 30 s after 5 consecutive failures" in caplog.text
 
     caplog.set_level(logging.WARNING, logger="llmgw")
-    play(scenario)
+    play(scenario, PLAY_GUARD_S)
 
 
 def test_the_only_deployment_failing_30_percent_is_retried_and_every_request_served() -> None:
@@ -98,7 +83,7 @@ def test_the_only_deployment_failing_30_percent_is_retried_and_every_request_ser
         budget = pb.engine.registry.models["m"].retry_budget
         assert budget.exhausted_total == 0 and budget.acquired_total == 0  # never charged, never refused
 
-    play(scenario)
+    play(scenario, PLAY_GUARD_S)
 
 
 def test_a_dead_deployment_is_hopeless_and_its_load_bounded() -> None:
@@ -121,7 +106,7 @@ def test_a_dead_deployment_is_hopeless_and_its_load_bounded() -> None:
         metrics = pb.engine.metrics
         assert metrics.child(metrics.retries, "m", "hopeless").value == len(hopeless)
 
-    play(scenario)
+    play(scenario, PLAY_GUARD_S)
 
 
 def test_a_client_deadline_shorter_than_the_provider_never_ejects_it() -> None:
@@ -154,11 +139,7 @@ def test_a_client_deadline_shorter_than_the_provider_never_ejects_it() -> None:
         rec = await pb.finish(call)
         assert call.down.status == 200 and rec["response_flags"] == "-"
 
-    play(scenario)
-
-
-def _sse(text: str) -> bytes:
-    return b'data: {"choices":[{"index":0,"delta":{"content":"%s"}}]}\n\n' % text.encode()
+    play(scenario, PLAY_GUARD_S)
 
 
 def test_streams_the_provider_breaks_mid_way_count_against_it_and_eject_it() -> None:
@@ -166,19 +147,14 @@ def test_streams_the_provider_breaks_mid_way_count_against_it_and_eject_it() -> 
     idle_ms (UT) has failed, and five such streams in a row eject it like five failed attempts would."""
 
     async def scenario() -> None:
-        broken = Reply(
-            200,
-            {"content-type": "text/event-stream"},
-            [(0.01, _sse("one"))],
-            then_fail=UpstreamResetError("peer closed"),
-        )
-        stalled = Reply.stream((0.01, _sse("one")), stall=True)
+        broken = Reply.stream((0.01, sse("one")), then_fail=UpstreamResetError("peer closed"))
+        stalled = Reply.stream((0.01, sse("one")), stall=True)
         pb = Playbook(
             [model("m", "a", "b", timeouts={"ttft_ms": 1000, "per_try_ms": 60000, "idle_ms": 200})],
             lambda req: (
                 (broken if len(pb.upstream.to("a")) % 2 else stalled)
                 if req.deployment == "a"
-                else Reply.stream((0.01, _sse("fine")), (0.01, b"data: [DONE]\n\n"))
+                else Reply.stream((0.01, sse("fine")), (0.01, DONE))
             ),
         )
         flags = []
@@ -192,12 +168,12 @@ def test_streams_the_provider_breaks_mid_way_count_against_it_and_eject_it() -> 
         assert a.outlier.ejected_until > pb.clock.t  # ejected: the broken streams counted against it
         assert pb.upstream.to("a")[-1] is pb.upstream.to("a")[4]  # nothing more went to it
 
-    play(scenario)
+    play(scenario, PLAY_GUARD_S)
 
 
 def test_streams_cut_by_the_clients_own_deadline_never_count_against_the_provider() -> None:
     async def scenario() -> None:
-        slow = Reply.stream((0.01, _sse("one")), (5.0, _sse("two")), (0.01, b"data: [DONE]\n\n"))
+        slow = Reply.stream((0.01, sse("one")), (5.0, sse("two")), (0.01, DONE))
         pb = Playbook([model("m", "a")], lambda req: slow)
         for _ in range(8):
             call = pb.call("m", stream=True, headers={"x-gateway-timeout-ms": "1000"})
@@ -205,4 +181,4 @@ def test_streams_cut_by_the_clients_own_deadline_never_count_against_the_provide
         a = pb.engine.registry.models["m"].by_id["a"]
         assert a.outlier.ejected_until <= pb.clock.t and a.outlier.consecutive_failures == 0
 
-    play(scenario)
+    play(scenario, PLAY_GUARD_S)

@@ -5,10 +5,9 @@ response, and the provider's connection is released for reuse."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from scripted_upstream import DONE, Playbook, Reply, sse
+from scripted_upstream import DONE, Playbook, Reply, play, sse
 
 TIMEOUTS = {"ttft_ms": 5000, "per_try_ms": 60000, "idle_ms": 30000}
 
@@ -27,7 +26,7 @@ def _relay(reply: Reply) -> tuple[list[dict[str, Any]], dict[str, Any], bool]:
         bodies = [m for m in call.down.messages if m["type"] == "http.response.body"]
         return bodies, rec, pb.upstream.requests[0].released
 
-    return asyncio.run(asyncio.wait_for(scenario(), 30))
+    return play(scenario)
 
 
 def test_the_last_bytes_end_the_response_when_the_body_ended_with_them() -> None:

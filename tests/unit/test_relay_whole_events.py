@@ -7,12 +7,10 @@ and then one parseable error event, never a half event with the error glued on.
 
 from __future__ import annotations
 
-import asyncio
-
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scripted_upstream import DONE, Playbook, Reply, sse
+from scripted_upstream import DONE, Playbook, Reply, play, sse
 
 from gateway.engine.relay import split_at_event_end
 from gateway.upstream.errors import UpstreamResetError
@@ -37,7 +35,7 @@ def _relay(reply: Reply) -> tuple[list[bytes], dict]:
         rec = await pb.finish(call)
         return [m["body"] for m in call.down.messages if m["type"] == "http.response.body" and m["body"]], rec
 
-    return asyncio.run(asyncio.wait_for(scenario(), 30))
+    return play(scenario)
 
 
 @settings(max_examples=60, deadline=None)
@@ -60,12 +58,7 @@ def test_a_stream_broken_anywhere_ends_with_whole_events_and_one_error_event(
     broken = data[
         : len(first) + at % (len(data) - len(first) + 1)
     ]  # the first event whole: the stream committed
-    reply = Reply(
-        200,
-        {"content-type": "text/event-stream"},
-        _fragments(broken, cuts),
-        then_fail=UpstreamResetError("peer closed"),
-    )
+    reply = Reply.stream(*_fragments(broken, cuts), then_fail=UpstreamResetError("peer closed"))
     bodies, rec = _relay(reply)
     got = b"".join(bodies)
     whole, _ = split_at_event_end(broken)
