@@ -48,6 +48,17 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+# uvicorn's warning for bytes its parser refused: the gateway answers each such request itself and logs it
+# in the access log (flag DPE) and in llmgw_input_limits_total, so a flood of garbage is not also a flood
+# of error-log lines.
+_ANSWERED_ELSEWHERE = frozenset({"Invalid HTTP request received."})
+
+
+class AnsweredElsewhere(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in _ANSWERED_ELSEWHERE
+
+
 def log_config(level: str) -> dict[str, Any]:
     """A ``logging.config.dictConfig`` for the parent and every worker: JSON lines on stderr at ``level``."""
     lvl = level.upper()
@@ -55,6 +66,7 @@ def log_config(level: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": f"{__name__}.JsonFormatter"}},
+        "filters": {"answered_elsewhere": {"()": f"{__name__}.AnsweredElsewhere"}},
         "handlers": {
             "stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
         },
@@ -62,7 +74,12 @@ def log_config(level: str) -> dict[str, Any]:
         "loggers": {
             # uvicorn's own loggers come with handlers of their own unless told otherwise: route them to ours.
             "uvicorn": {"handlers": [], "level": lvl, "propagate": True},
-            "uvicorn.error": {"handlers": [], "level": lvl, "propagate": True},
+            "uvicorn.error": {
+                "handlers": [],
+                "level": lvl,
+                "propagate": True,
+                "filters": ["answered_elsewhere"],
+            },
             "uvicorn.access": {
                 "handlers": [],
                 "level": "WARNING",

@@ -368,6 +368,7 @@ def test_bytes_that_are_not_http_get_an_openai_shaped_400_and_a_dpe_record(edge)
     recs = edge.records(wait_for=n + 2)[n:]
     assert [(r["response_code"], r["response_flags"]) for r in recs] == [(400, "DPE")] * 2
     assert metric_value(edge.metrics(), "llmgw_input_limits_total", limit="malformed_http") == before + 2
+    assert "Invalid HTTP request" not in edge.stderr()  # answered and logged once, as DPE: not an error line
 
 
 # ------------------------------------------------------------------ ops endpoints and the admin view

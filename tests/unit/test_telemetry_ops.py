@@ -19,7 +19,7 @@ from scripted_upstream import Reply, ScriptedUpstream
 from gateway.config import parse_config
 from gateway.engine.gauges import StateGauges
 from gateway.engine.registry import Registry
-from gateway.telemetry.logs import REQUEST_ID, JsonFormatter
+from gateway.telemetry.logs import REQUEST_ID, AnsweredElsewhere, JsonFormatter, log_config
 from gateway.telemetry.metrics import Metrics, drop_dead_workers
 from gateway.telemetry.sampling import Sampler
 from gateway.telemetry.timing import now
@@ -126,6 +126,17 @@ def test_extra_fields_are_kept():
 
 
 # ------------------------------------------------------------------------------------- dead workers
+
+
+def test_uvicorn_warnings_pass_except_the_one_the_gateway_answers_itself():
+    keep = AnsweredElsewhere()
+
+    def warning(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, msg, (), None)
+
+    assert not keep.filter(warning("Invalid HTTP request received."))  # logged as DPE in the access log
+    assert keep.filter(warning("Unsupported upgrade request."))
+    assert "answered_elsewhere" in log_config("info")["loggers"]["uvicorn.error"]["filters"]
 
 
 def test_a_dead_workers_live_gauges_are_dropped_and_its_counters_kept(tmp_path):
