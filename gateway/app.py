@@ -113,11 +113,15 @@ class Lifecycle:
         if ok:
             self.reachability.record(dep, True, "keep-warm ping answered", t)
         elif failed:
-            self.reachability.record(dep, False, f"{failed} keep-warm ping(s) failed", t)
+            self.reachability.record(dep, False, f"{failed} keep-warm ping(s) failed", t, avoid=True)
 
     def _on_reachability(self, dep: str, reachable: bool) -> None:
         m = self.engine.metrics
         m.child(m.reachable, dep).set(1 if reachable else 0)
+        avoid = self.reachability.entries[dep].avoid
+        for d in self.engine.registry.deployments:
+            if d.id == dep:
+                d.unreachable = avoid
         t = self.engine.now()
         for model in self.engine.registry.models.values():  # retries follow what the checks saw
             if dep in model.by_id:

@@ -33,6 +33,7 @@ class DeploymentRuntime:
         "outlier",
         "inflight",
         "cooldown_until",
+        "unreachable",
         "max_concurrency",
         "weight",
         "priority",
@@ -63,6 +64,9 @@ class DeploymentRuntime:
         self.outlier = OutlierState()
         self.inflight = 0
         self.cooldown_until = 0.0  # a 429 with Retry-After keeps routing away until then
+        # A check found it cannot be connected to, or its key refused (app.Lifecycle, from the reachability
+        # board): routing passes it by until a re-check finds it back.
+        self.unreachable = False
         self.max_concurrency = cfg.max_concurrency
         self.weight = cfg.weight
         self.priority = cfg.priority
@@ -73,7 +77,7 @@ class DeploymentRuntime:
         self.idle_s = t.idle_ms / 1000.0
 
     def healthy(self, now: float) -> bool:
-        if is_ejected(self.outlier, now) or self.cooldown_until > now:
+        if self.unreachable or is_ejected(self.outlier, now) or self.cooldown_until > now:
             return False
         return not (self.max_concurrency and self.inflight >= self.max_concurrency)
 

@@ -23,6 +23,9 @@ class PrewarmResult:
     ok: bool
     opened: int
     detail: str
+    # Requests should not go there: it cannot be connected to, or it refuses the key (every request would
+    # fail the same way). A 5xx to GET /models says nothing of chat: reported, not avoided.
+    avoid: bool = False
 
 
 async def prewarm(client: UpstreamClient, timeout_s: float = 5.0) -> PrewarmResult:
@@ -38,11 +41,11 @@ async def prewarm(client: UpstreamClient, timeout_s: float = 5.0) -> PrewarmResu
     dep = client.deployment.id
     if errors:
         return PrewarmResult(
-            dep, False, opened, f"unreachable: {type(errors[0]).__name__}: {errors[0]}"[:300]
+            dep, False, opened, f"unreachable: {type(errors[0]).__name__}: {errors[0]}"[:300], avoid=True
         )
     bad = [s for s in statuses if s in (401, 403)]
     if bad:
-        return PrewarmResult(dep, False, opened, f"rejected the API key (HTTP {bad[0]})")
+        return PrewarmResult(dep, False, opened, f"rejected the API key (HTTP {bad[0]})", avoid=True)
     other = [s for s in statuses if s >= 500]
     if other:
         return PrewarmResult(dep, False, opened, f"answered HTTP {other[0]} to GET /models")

@@ -24,6 +24,7 @@ class Reachability:
     reachable: bool | None = None  # None: not checked yet
     detail: str = "not checked"
     checked_at: float = 0.0  # loop time of the last check
+    avoid: bool = False  # routing should pass it by until a check finds it reachable (prewarm.PrewarmResult)
 
 
 class ReachabilityBoard:
@@ -34,10 +35,10 @@ class ReachabilityBoard:
         self.entries = {d: Reachability() for d in deployments}
         self.on_change = on_change
 
-    def record(self, deployment: str, ok: bool, detail: str, now: float) -> None:
+    def record(self, deployment: str, ok: bool, detail: str, now: float, avoid: bool = False) -> None:
         e = self.entries.setdefault(deployment, Reachability())
         changed = e.reachable is not ok
-        e.reachable, e.detail, e.checked_at = ok, detail, now
+        e.reachable, e.detail, e.checked_at, e.avoid = ok, detail, now, avoid and not ok
         if changed or not ok:  # a failed check is news every time (it renews "unreachable")
             self.on_change(deployment, ok)
         if changed:
@@ -47,7 +48,7 @@ class ReachabilityBoard:
 
     def record_check(self, r: PrewarmResult, now: float) -> None:
         if r.detail != "skipped":  # no start-up check configured: nothing learned
-            self.record(r.deployment, r.ok, r.detail, now)
+            self.record(r.deployment, r.ok, r.detail, now, r.avoid)
 
     def unreachable(self) -> list[str]:
         return [d for d, e in self.entries.items() if e.reachable is False]

@@ -100,6 +100,29 @@ def test_local_region_dead_remote_healthy_every_request_is_served(sims_factory, 
     assert chat_requests_seen(sims, "remote") == n
 
 
+def test_deployments_a_check_finds_closed_or_refusing_the_key_get_no_requests(sims_factory, gateways):
+    """The start-up check found one deployment's port closed and another refusing the key: routing passes
+    both by (no request pays a failed attempt first), while the healthy one serves everything."""
+    sims = sims_factory(
+        {"good": ("us-east", QUICK), "badkey": ("us-east", {**QUICK, "require_key": "sk-other"})}
+    )
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: connection refused
+    deployments = [
+        dep("dead", dead),
+        dep("badkey", sims.base_url("badkey")),
+        dep("good", sims.base_url("good")),
+    ]
+    gw = gateways({"models": [model("chat", deployments, routing={"strategy": "round-robin"})]})
+    client = gw.client()
+    assert [outcome(client) for _ in range(12)] == ["ok"] * 12
+    recs = gw.records(wait_for=12)
+    assert {(r["upstream_cluster"], r["attempts"]) for r in recs} == {("good", 1)}
+    assert chat_requests_seen(sims, "badkey") == 0
+    for name in ("dead", "badkey"):
+        d = admin_deployment(gw, name)
+        assert (d["healthy"], d["reachable"]) == (False, False), d
+
+
 def test_thirty_percent_503s_on_the_only_deployment_are_hidden_within_1_7x(sims_factory, gateways):
     sims = sims_factory({"a": ("us-east", {**QUICK, "error_rate": 0.3, "error_status": 503})})
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("a"))])]})

@@ -106,3 +106,17 @@ def test_a_deployment_without_a_start_up_check_is_not_called_reachable():
     board = ReachabilityBoard(["a"], lambda d, ok: None)
     board.record_check(PrewarmResult("a", True, 0, "skipped"), 0.0)
     assert board.view()["a"]["reachable"] is None and board.unreachable() == []
+
+
+def test_only_a_closed_door_or_a_refused_key_is_avoided_and_only_until_it_answers():
+    board = ReachabilityBoard(["a", "b", "c"], lambda d, ok: None)
+    board.record_check(PrewarmResult("a", False, 0, "unreachable: connection refused", avoid=True), 0.0)
+    board.record_check(PrewarmResult("b", False, 1, "rejected the API key (HTTP 401)", avoid=True), 0.0)
+    board.record_check(PrewarmResult("c", False, 1, "answered HTTP 500 to GET /models"), 0.0)
+    assert [board.entries[d].avoid for d in "abc"] == [
+        True,
+        True,
+        False,
+    ]  # /models failing says nothing of chat
+    board.record_check(PrewarmResult("a", True, 1, "ok"), 5.0)
+    assert not board.entries["a"].avoid and board.entries["a"].reachable
