@@ -28,6 +28,9 @@ class PrewarmResult:
     avoid: bool = False
 
 
+KEY_REFUSED = (401, 403)
+
+
 async def prewarm(client: UpstreamClient, timeout_s: float = 5.0) -> PrewarmResult:
     pool = client.deployment.pool
     n = max(pool.min_connections, 1 if pool.validate_on_start else 0)
@@ -43,7 +46,7 @@ async def prewarm(client: UpstreamClient, timeout_s: float = 5.0) -> PrewarmResu
         return PrewarmResult(
             dep, False, opened, f"unreachable: {type(errors[0]).__name__}: {errors[0]}"[:300], avoid=True
         )
-    bad = [s for s in statuses if s in (401, 403)]
+    bad = [s for s in statuses if s in KEY_REFUSED]
     if bad:
         return PrewarmResult(dep, False, opened, f"rejected the API key (HTTP {bad[0]})", avoid=True)
     other = [s for s in statuses if s >= 500]
@@ -65,7 +68,8 @@ async def keep_warm(client: UpstreamClient, interval_s: float, on_result: object
         if n == 0:
             continue
         results = await client.warm(n, min(interval_s, 10.0))
-        failures = sum(1 for r in results if isinstance(r, BaseException))
+        # a ping the provider refused for the key has failed too: every request there would be refused
+        failures = sum(1 for r in results if isinstance(r, BaseException) or r[0] in KEY_REFUSED)
         if callable(on_result):
             on_result(client.deployment.id, len(results) - failures, failures)
         if failures:

@@ -102,17 +102,26 @@ def test_local_region_dead_remote_healthy_every_request_is_served(sims_factory, 
 
 def test_deployments_a_check_finds_closed_or_refusing_the_key_get_no_requests(sims_factory, gateways):
     """The start-up check found one deployment's port closed and another refusing the key: routing passes
-    both by (no request pays a failed attempt first), while the healthy one serves everything."""
+    both by (no request pays a failed attempt first), while the healthy one serves everything; keep-warm
+    pings the key is refused for keep it passed by."""
     sims = sims_factory(
         {"good": ("us-east", QUICK), "badkey": ("us-east", {**QUICK, "require_key": "sk-other"})}
     )
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: connection refused
+    pinged = {"pool": {"min_connections": 1, "keepwarm_interval_s": 0.2}}
     deployments = [
         dep("dead", dead),
-        dep("badkey", sims.base_url("badkey")),
+        dep("badkey", sims.base_url("badkey"), **pinged),
         dep("good", sims.base_url("good")),
     ]
     gw = gateways({"models": [model("chat", deployments, routing={"strategy": "round-robin"})]})
+    wait_until(
+        "a keep-warm ping refused for the key",
+        lambda: (
+            metric_value(gw.metrics(), "llmgw_keepwarm_pings_total", deployment="badkey", result="failed") > 0
+        ),
+        30,
+    )
     client = gw.client()
     assert [outcome(client) for _ in range(12)] == ["ok"] * 12
     recs = gw.records(wait_for=12)
