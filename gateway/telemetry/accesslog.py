@@ -1,7 +1,8 @@
 """Envoy-style access log: one record per request, in the kernel's hands as the request ends.
 
-A record is written when its request ends, so a worker that is killed (OOM, SIGKILL) loses no line of
-a request its client saw complete. The line is written on the event loop: to a regular file that is
+A record is written when its request ends, in the event-loop step that sent the response's last bytes,
+so a worker that is killed (OOM, SIGKILL) loses at most the lines of responses that ended in the
+microseconds before it, never a batch. The line is written on the event loop: to a regular file that is
 one ``write`` to the page cache (nginx writes its access log the same way); stdout, when it is a pipe
 or a terminal, is reopened non-blocking, so a stalled reader never blocks the loop. What cannot be
 written at once (the pipe is full) goes to a writer thread, which waits until it can; lines that

@@ -21,26 +21,38 @@ def workers_of(pid: int) -> list[int]:
 
 
 def test_lines_of_completed_requests_survive_sigkill_of_every_worker(sims_factory, gateways):
+    """A line is written in the same event-loop step as its response's last bytes, never batched for
+    later: killing every worker at once loses none. Each keep-alive connection stays with one worker,
+    which reads a connection's next request only after the step that ended the previous one; so a last
+    "fence" request answered on each connection proves its earlier requests' steps are over, without a
+    wall-clock wait (the fences' own lines are not counted: they may be microseconds from written)."""
     sims = sims_factory({"sim-a": ("us-east", FAST)})
     gw = gateways({"models": [model_("chat", [dep("a", sims.base_url("sim-a"))])]}, workers=2)
     end = time.monotonic() + 20
     while len(workers_of(gw.proc.pid)) < 2:  # the supervisor's children: the two workers
         assert time.monotonic() < end
         time.sleep(0.05)
-    ids = [f"kill-{i}" for i in range(30)]
     body = {"model": "chat", "messages": [{"role": "user", "content": "x"}]}
-    with httpx.Client(
-        timeout=10, headers={"connection": "close"}
-    ) as c:  # a new connection each: both workers serve
-        for i, rid in enumerate(ids):
-            r = c.post(
+    ids = []
+    clients = [httpx.Client(timeout=10) for _ in range(6)]  # a connection each, spread over both workers
+    try:
+        for i in range(30):
+            rid = f"kill-{i}"
+            r = clients[i % 6].post(
                 gw.url + "/v1/chat/completions",
                 json={**body, "stream": i % 2 == 1},
                 headers={"x-request-id": rid},
             )
             assert r.status_code == 200
-    for pid in workers_of(gw.proc.pid):  # at once, no chance to flush anything
-        os.kill(pid, signal.SIGKILL)
+            ids.append(rid)
+        for n, c in enumerate(clients):
+            fence = c.post(gw.url + "/v1/chat/completions", json=body, headers={"x-request-id": f"fence-{n}"})
+            assert fence.status_code == 200
+        for pid in workers_of(gw.proc.pid):  # at once, no chance to flush anything
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        for c in clients:
+            c.close()
     logged = {rec["request_id"] for rec in gw.records()}
     assert [rid for rid in ids if rid not in logged] == []
 
