@@ -119,12 +119,11 @@ class Lifecycle:
         m = self.engine.metrics
         m.child(m.reachable, dep).set(1 if reachable else 0)
         avoid = self.reachability.entries[dep].avoid
-        for d in self.engine.registry.deployments:
-            if d.id == dep:
-                d.unreachable = avoid
         t = self.engine.now()
-        for model in self.engine.registry.models.values():  # retries follow what the checks saw
-            if dep in model.by_id:
+        for model in self.engine.registry.models.values():  # routing and retries follow what the checks saw
+            d = model.by_id.get(dep)
+            if d is not None:
+                d.unreachable = avoid
                 model.retry_budget.mark_reachable(dep, reachable, t)
 
     @property

@@ -22,6 +22,7 @@ from gateway.api.edge import EdgeLimits
 from gateway.api.jsonlimits import JsonLimit, JsonMarks, count_marks, deeper_than, json_over_limit
 from gateway.api.protocol import DISCONNECT_KEY, arrival, client_gone
 from gateway.api.types import ASGIApp, JsonObject, Lifecycle, Receive, Scope, Send
+from gateway.engine.clock import RunningLoop
 from gateway.engine.engine import Engine
 from gateway.engine.exchange import Exchange
 from gateway.engine.interrupt import CancelReason
@@ -64,7 +65,7 @@ class GatewayASGI:
         self.max_elements = srv.max_json_elements
         self.max_containers = srv.max_json_containers
         self.edge = EdgeLimits(srv, self._edge_refused, self._count_limit)
-        self._loop: asyncio.AbstractEventLoop | None = None  # the serving loop, found by the first request
+        self._loop = RunningLoop()  # the serving loop, for the request's task without a getpid() each
         # With server.admin_port these move to the admin listener (serve_admin) and 404 here.
         self._admin_routes: dict[str, Callable[..., Awaitable[None]]] = {
             "/healthz": self._healthz,
@@ -226,10 +227,7 @@ class GatewayASGI:
                 stream=_stream_of(body),
             )
         client = scope.get("client")
-        loop = self._loop
-        if loop is None or loop.is_closed():  # asking asyncio which loop runs costs a getpid() each time
-            loop = self._loop = asyncio.get_running_loop()
-        task = asyncio.current_task(loop)
+        task = asyncio.current_task(self._loop.get())
         assert task is not None  # an ASGI app always runs in a task
         deadline, rejected = eng.deadline_for(model, headers, t0)
         ex = Exchange(

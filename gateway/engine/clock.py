@@ -30,22 +30,35 @@ class Clock(Protocol):
         ...
 
 
+class RunningLoop:
+    """The running event loop, asked of asyncio once: ``get_running_loop()`` (and ``current_task()``
+    without a loop) costs a ``getpid()`` system call each time. A closed loop was a past run: asked again."""
+
+    __slots__ = ("_loop",)
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def get(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
+
 class MonotonicClock:
     """The production clock: ``telemetry.timing.now`` and the running event loop's timers."""
 
     __slots__ = ("_loop",)
 
     def __init__(self) -> None:
-        self._loop: asyncio.AbstractEventLoop | None = None  # the running loop, found at the first timer
+        self._loop = RunningLoop()
 
     now = staticmethod(_monotonic_now)
     sleep = staticmethod(asyncio.sleep)
 
     def call_at(self, when: float, fn: Callable[[], None]) -> Timer:
-        loop = self._loop
-        if loop is None or loop.is_closed():  # asking asyncio costs a getpid(); a closed loop was a past run
-            loop = self._loop = asyncio.get_running_loop()
-        return loop.call_later(max(0.0, when - _monotonic_now()), fn)
+        return self._loop.get().call_later(max(0.0, when - _monotonic_now()), fn)
 
 
 MONOTONIC = MonotonicClock()

@@ -63,7 +63,6 @@ class RelayOutcome:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     at_event_end: bool = True  # what was sent ends with a whole event: an error event may follow as it is
-    client_blocked: bool = False  # the hard end found a send waiting for a client that did not read (DT)
 
 
 async def relay_stream(
@@ -130,10 +129,9 @@ async def relay_stream(
         reason = interrupt.claim(CancelReason.STREAM_HARD_END, CancelReason.STREAM_IDLE)
         if reason is None:
             raise  # the client left (or shutdown): not ours to handle
-        out.client_blocked = watchdog is not None and watchdog.last == WAITING_ON_CLIENT
         if reason is CancelReason.STREAM_HARD_END:
             # DT (never held against the provider) also when the limit found the client not reading
-            blocked = out.client_blocked
+            blocked = watchdog is not None and watchdog.last == WAITING_ON_CLIENT
             flag = ResponseFlag.DEADLINE if hard_flag == "total" or blocked else ResponseFlag.UPSTREAM_TIMEOUT
             limit = (
                 "the request deadline"
@@ -162,9 +160,8 @@ async def relay_stream(
     w.t_end = now()
     if failure is not None:
         flag, tflag, message = failure
-        ended = (
-            False  # a send that was to end the response was interrupted before it wrote: the error ends it
-        )
+        # a send that was to end the response was interrupted before it wrote: the error event ends it
+        ended = False
         w.abort()
         out.failure_flag = flag
         out.timeout_flag = tflag
