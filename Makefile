@@ -58,8 +58,8 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/mypy gateway
 
-# The headline benchmark: direct, the Python floor, Envoy, Portkey (where Node.js is), llmgw and LiteLLM,
-# side by side in one interleaved run (installs the peers under /tmp/peers first; see loadtests/README.md).
+# The headline benchmark: direct, the Python floor, the lean Python proxy, Envoy, Portkey (where Node.js is),
+# llmgw and LiteLLM side by side in one interleaved run (installs the peers under /tmp/peers first; see loadtests/README.md).
 bench: $(STAMP)
 	bash loadtests/peers/setup.sh
 	BENCH_PY=$${BENCH_PY:-/tmp/peers/bench-venv/bin/python} $(BIN)/python loadtests/bench.py --with-litellm

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Side-by-side overhead benchmark: llmgw vs the Python floor vs LiteLLM vs going direct, in ONE run.
+"""Side-by-side overhead benchmark: llmgw vs Envoy, Portkey, two Python references, LiteLLM and direct, in ONE run.
 
 Runs the shared bench tools as programs (never imports or copies them): ``mock_upstream.py`` (fast fake
 OpenAI provider), ``loadgen.py`` (load generator), ``floor_proxy.py`` (a bare aiohttp pass-through:
-what Python can do at all) and, with ``--with-litellm``, ``peers/litellm/start.sh``. Our gateway runs
-with every feature on: JSON access log to a file, metrics, latency routing over two deployments,
+aiohttp's cost), ``lean_proxy.py`` (ours: the leanest Python proxy, what Python itself costs) and, with
+``--with-litellm``, ``peers/litellm/start.sh``. Our gateway runs with every feature on: JSON access log to a file, metrics, latency routing over two deployments,
 retries and hedging configured (but not firing against a healthy mock).
 
 Each proxy is pinned to the last CPU, the mock and the load generator to the others. Targets are
@@ -13,7 +13,7 @@ all of them alike; "added" latency is the median over rounds of (target - direct
 CPU per request comes from /proc (utime+stime of the proxy's process tree before/after each run,
 divided by every response of the run).
 
-    make bench                                         # llmgw, floor, direct
+    make bench                                         # every target whose peer is installed
     .venv/bin/python loadtests/bench.py --with-litellm --out loadtests/results/today.md
     .venv/bin/python loadtests/bench.py --upstream-clients h1,httpx \\
         --concurrency 1,16 --targets direct,floor,llmgw
@@ -45,6 +45,7 @@ from bench_report import (
     DIRECT,
     ENVOY,
     FLOOR,
+    LEAN,
     LITELLM,
     PORTKEY,
     Run,
@@ -63,7 +64,7 @@ CLIENT_KINDS = ("h1", "httpx")
 MACHINE_ARGS = frozenset(
     {"bench_dir", "bench_python", "gateway_python", "lock", "out", "envoy_bin", "portkey_dir"}
 )
-TARGETS = ("direct", "floor", "envoy", "portkey", "llmgw", "litellm")
+TARGETS = ("direct", "floor", "lean", "envoy", "portkey", "llmgw", "litellm")
 PEERS_DIR = Path("/tmp/peers")  # where loadtests/peers/setup.sh installs Envoy and Portkey
 
 
@@ -90,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--bench-python",
         default=os.environ.get("BENCH_PY") or sys.executable,
-        help="python with uvloop, httptools, aiohttp for mock/loadgen/floor (env BENCH_PY)",
+        help="python with uvloop, httptools, aiohttp, orjson for mock/loadgen/floor/lean (env BENCH_PY)",
     )
     ap.add_argument(
         "--gateway-python",
@@ -104,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--modes", default="json,stream")
     ap.add_argument(
         "--targets",
-        default="direct,floor,envoy,portkey,llmgw,litellm",
+        default="direct,floor,lean,envoy,portkey,llmgw,litellm",
         help="subset and order; litellm only with --with-litellm; envoy and portkey when installed "
         "(loadtests/peers/setup.sh)",
     )
@@ -256,10 +257,12 @@ def check_tools(a: argparse.Namespace) -> Path:
             f"shared bench tools not found in {bench} (missing: {', '.join(missing) or 'the directory'}); "
             "pass --bench-dir DIR"
         )
-    probe = subprocess.run([a.bench_python, "-c", "import httptools, uvloop, aiohttp"], capture_output=True)
+    probe = subprocess.run(
+        [a.bench_python, "-c", "import httptools, uvloop, aiohttp, orjson"], capture_output=True
+    )
     if probe.returncode != 0:
         fail_setup(
-            f"{a.bench_python} lacks httptools/uvloop/aiohttp; run {bench}/setup.sh and pass "
+            f"{a.bench_python} lacks httptools/uvloop/aiohttp/orjson; run {bench}/setup.sh and pass "
             "--bench-python (or BENCH_PY=) its venv's python"
         )
     if not Path(a.gateway_python).exists():
@@ -413,6 +416,28 @@ def start_floor(
     dt = svc.wait_ready(f"http://127.0.0.1:{port}/health", a.startup_timeout)
     log(f"floor ready in {dt:.1f}s")
     return Target(FLOOR, f"http://127.0.0.1:{port}/v1", "fast", None, svc)
+
+
+def start_lean(
+    a: argparse.Namespace, mock_base: str, tmp: Path, cpu: str | None, services: list[Service]
+) -> Target:
+    """loadtests/lean_proxy.py: what Python itself costs per request (no ASGI, no tasks, no features)."""
+    port = free_port()
+    argv = [
+        a.bench_python,
+        str(REPO / "loadtests" / "lean_proxy.py"),
+        "--port",
+        str(port),
+        "--upstream",
+        mock_base,
+        "--log",
+        str(tmp / "lean-access.jsonl"),
+    ]
+    svc = Service(LEAN, argv, tmp, cpus=cpu)
+    services.append(svc)
+    dt = svc.wait_ready(f"http://127.0.0.1:{port}/health", a.startup_timeout)
+    log(f"lean ready in {dt:.1f}s")
+    return Target(LEAN, f"http://127.0.0.1:{port}/v1", "fast", None, svc)
 
 
 def start_litellm(
@@ -739,6 +764,11 @@ def main(argv: list[str] | None = None) -> int:
                 t = start_floor(a, bench, mock_base, tmp, cpu_proxy, services)
                 targets.append(t)
                 versions["floor aiohttp"] = pip_version(a.bench_python, "aiohttp")
+            elif name == LEAN:
+                targets.append(start_lean(a, mock_base, tmp, cpu_proxy, services))
+                versions["lean uvloop, httptools"] = ", ".join(
+                    pip_version(a.bench_python, p) for p in ("uvloop", "httptools")
+                )
             elif name in (ENVOY, PORTKEY):
                 why = peer_available(a, name)
                 if why is not None:
@@ -841,7 +871,7 @@ def main(argv: list[str] | None = None) -> int:
         checks = [
             gateway_checks(t, summ, min(a.concs))
             for t in targets
-            if t.name not in (DIRECT, FLOOR, ENVOY, PORTKEY, LITELLM)
+            if t.name not in (DIRECT, FLOOR, LEAN, ENVOY, PORTKEY, LITELLM)
         ]
         report = markdown(
             f"llmgw benchmark, {time.strftime('%Y-%m-%d')}",

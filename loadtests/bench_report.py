@@ -9,10 +9,11 @@ from typing import Any
 
 DIRECT = "direct"
 FLOOR = "floor"
+LEAN = "lean"
 LITELLM = "litellm"
 ENVOY = "envoy"
 PORTKEY = "portkey"
-PEERS = (DIRECT, FLOOR, ENVOY, PORTKEY, LITELLM)
+PEERS = (DIRECT, FLOOR, LEAN, ENVOY, PORTKEY, LITELLM)
 
 
 @dataclass(slots=True)
@@ -232,7 +233,7 @@ def headline_table(summ: list[Summary], targets: list[str], lat_conc: int, cpu_c
     gateways = [t for t in heads if t not in PEERS]
     for g in gateways:
         h = heads[g]
-        for peer, label in ((ENVOY, "Envoy"), (FLOOR, "floor")):
+        for peer, label in ((ENVOY, "Envoy"), (LEAN, "lean"), (FLOOR, "floor")):
             if peer in heads:
                 f = heads[peer]
                 lines.append(
@@ -322,7 +323,7 @@ def markdown(
         "## Headline",
         "",
         f"Added latency at c={lat_conc}; CPU per request at c={cpu_conc}; RPS per core = best closed-loop "
-        "level with the proxy pinned to one core. Ratios: gateway ÷ Envoy and gateway ÷ floor (lower is "
+        "level with the proxy pinned to one core. Ratios: gateway ÷ Envoy, ÷ lean and ÷ floor (lower is "
         "better, 1.00x = on par) and Portkey or LiteLLM ÷ gateway (how many times cheaper).",
         "",
         headline_table(summ, targets, lat_conc, cpu_conc),

@@ -58,3 +58,20 @@ def test_headline_takes_latency_at_low_and_cpu_at_chosen_concurrency() -> None:
     assert h.cpu_json == 0.4
     table = br.headline_table(summ, ["direct", "floor"], 1, 16)
     assert "| floor | 0.50 |" in table
+
+
+def test_gateway_rows_compare_with_each_reference_present_and_lean_is_not_a_gateway() -> None:
+    runs = [
+        run("direct", 0, 1.0, cpu=None),
+        run("lean", 0, 1.2, cpu=0.02),
+        run("envoy", 0, 1.2, cpu=0.03),
+        run("llmgw", 0, 1.4, cpu=0.09),
+    ]
+    targets = ["direct", "lean", "envoy", "llmgw"]
+    table = br.headline_table(br.summarize(runs, targets, ["json"], [1]), targets, 1, 1)
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()}
+    assert "**llmgw ÷ lean**" in rows and "**llmgw ÷ Envoy**" in rows
+    assert "| 2.00x |" in rows["**llmgw ÷ lean**"]  # added p50: 0.4 ms against 0.2 ms
+    assert "| 4.50x |" in rows["**llmgw ÷ lean**"]  # CPU per request: 0.09 against 0.02
+    assert not any(name.startswith("**lean ÷") for name in rows)  # a reference, never compared itself
+    assert "**llmgw ÷ floor**" not in rows  # absent from the run: no row
