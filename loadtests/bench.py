@@ -397,47 +397,32 @@ def start_otlp_sink(a: argparse.Namespace, tmp: Path, cpu: str | None, services:
     return f"http://127.0.0.1:{port}"
 
 
-def start_floor(
-    a: argparse.Namespace, bench: Path, mock_base: str, tmp: Path, cpu: str | None, services: list[Service]
+def start_python_proxy(
+    a: argparse.Namespace,
+    name: str,
+    script: Path,
+    mock_base: str,
+    tmp: Path,
+    cpu: str | None,
+    services: list[Service],
 ) -> Target:
+    """A Python reference proxy (the floor, the lean proxy): ``--port``, ``--upstream``, ``--log``, ready on /health."""
     port = free_port()
     argv = [
         a.bench_python,
-        str(bench / "floor_proxy.py"),
+        str(script),
         "--port",
         str(port),
         "--upstream",
         mock_base,
         "--log",
-        str(tmp / "floor-access.jsonl"),
+        str(tmp / f"{name}-access.jsonl"),
     ]
-    svc = Service(FLOOR, argv, tmp, cpus=cpu)
+    svc = Service(name, argv, tmp, cpus=cpu)
     services.append(svc)
     dt = svc.wait_ready(f"http://127.0.0.1:{port}/health", a.startup_timeout)
-    log(f"floor ready in {dt:.1f}s")
-    return Target(FLOOR, f"http://127.0.0.1:{port}/v1", "fast", None, svc)
-
-
-def start_lean(
-    a: argparse.Namespace, mock_base: str, tmp: Path, cpu: str | None, services: list[Service]
-) -> Target:
-    """loadtests/lean_proxy.py: what Python itself costs per request (no ASGI, no tasks, no features)."""
-    port = free_port()
-    argv = [
-        a.bench_python,
-        str(REPO / "loadtests" / "lean_proxy.py"),
-        "--port",
-        str(port),
-        "--upstream",
-        mock_base,
-        "--log",
-        str(tmp / "lean-access.jsonl"),
-    ]
-    svc = Service(LEAN, argv, tmp, cpus=cpu)
-    services.append(svc)
-    dt = svc.wait_ready(f"http://127.0.0.1:{port}/health", a.startup_timeout)
-    log(f"lean ready in {dt:.1f}s")
-    return Target(LEAN, f"http://127.0.0.1:{port}/v1", "fast", None, svc)
+    log(f"{name} ready in {dt:.1f}s")
+    return Target(name, f"http://127.0.0.1:{port}/v1", "fast", None, svc)
 
 
 def start_litellm(
@@ -761,11 +746,16 @@ def main(argv: list[str] | None = None) -> int:
             if name == DIRECT:
                 targets.append(Target(DIRECT, mock_base, "mock-model"))
             elif name == FLOOR:
-                t = start_floor(a, bench, mock_base, tmp, cpu_proxy, services)
-                targets.append(t)
+                targets.append(
+                    start_python_proxy(
+                        a, FLOOR, bench / "floor_proxy.py", mock_base, tmp, cpu_proxy, services
+                    )
+                )
                 versions["floor aiohttp"] = pip_version(a.bench_python, "aiohttp")
             elif name == LEAN:
-                targets.append(start_lean(a, mock_base, tmp, cpu_proxy, services))
+                # ours: what Python itself costs per request (no ASGI, no tasks, no features)
+                lean = REPO / "loadtests" / "lean_proxy.py"
+                targets.append(start_python_proxy(a, LEAN, lean, mock_base, tmp, cpu_proxy, services))
                 versions["lean uvloop, httptools"] = ", ".join(
                     pip_version(a.bench_python, p) for p in ("uvloop", "httptools")
                 )
