@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -121,6 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.api.protocol import TimedHttpToolsProtocol
     from gateway.app import DRAIN_GRACE_S
     from gateway.telemetry.logs import log_config
+    from gateway.upstream.select import selected_kind
 
     logging_cfg = log_config(args.log_level)
     logging.config.dictConfig(logging_cfg)
@@ -131,6 +133,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg = _load_demo(path)
     else:
         cfg = _load(path)
+    try:
+        selected_kind()  # LLMGW_UPSTREAM_CLIENT, read once per process: a typo is one line, not a traceback
+    except ValueError as exc:
+        print(f"llmgw: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     host = args.host or cfg.server.host
     port = cfg.server.port if args.port is None else args.port
     problem = _cannot_listen(host, port)
@@ -145,7 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"in us-east and eu-west; access log: {cfg.access_log.path})",
             file=sys.stderr,
         )
-    workers = args.workers or cfg.server.workers
+    workers = cfg.server.workers if args.workers is None else args.workers
     if args.region:
         os.environ["GATEWAY_REGION"] = args.region
     if not _is_loopback(host) and cfg.auth.mode == "none":
@@ -290,6 +297,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     return report.run(args)
 
 
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: an integer from lo to hi, as the config key it overrides allows (a --workers of
+    1000 would fork a thousand processes; a negative one started none and hung every request)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is out of range ({lo} to {hi})")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in some messages
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmgw", description="OpenAI-compatible, latency-aware LLM gateway")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -302,8 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--config", "-c", metavar="FILE", help="gateway config YAML (default: the embedded demo)")
     s.add_argument("--host", help="address to listen on (default: server.host)")
-    s.add_argument("--port", type=int, help="port to listen on (default: server.port)")
-    s.add_argument("--workers", type=int, help="worker processes (default: server.workers)")
+    s.add_argument("--port", type=_int_in(0, 65535), help="port to listen on (default: server.port)")
+    s.add_argument(
+        "--workers", type=_int_in(1, 256), help="worker processes, 1-256 (default: server.workers)"
+    )
     s.add_argument("--region", help="the gateway's own region (overrides server.region and GATEWAY_REGION)")
     s.add_argument(
         "--log-level",

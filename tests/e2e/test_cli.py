@@ -173,6 +173,37 @@ def test_serve_on_a_port_in_use_says_so_at_once():
     assert "Traceback" not in out.stderr and "demo" not in out.stderr  # nothing was started
 
 
+def test_serve_refuses_out_of_range_workers_and_ports_before_starting_anything():
+    # --workers -2 once started a supervisor with no worker (every request hung); 1000 forked until the
+    # machine ran out of memory. The flags take the range of the config keys they override.
+    for flag, value, why in (
+        ("--workers", "-2", "-2 is out of range (1 to 256)"),
+        ("--workers", "0", "0 is out of range (1 to 256)"),
+        ("--workers", "257", "257 is out of range (1 to 256)"),
+        ("--port", "99999", "99999 is out of range (0 to 65535)"),
+        ("--port", "http", "'http' is not a whole number"),
+    ):
+        out = llmgw("serve", flag, value)
+        assert out.returncode == 2, (flag, value, out.stderr)
+        assert f"argument {flag}: {why}" in out.stderr
+        assert "Traceback" not in out.stderr
+
+
+def test_serve_names_an_unknown_upstream_client_in_one_line():
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LLMGW_UPSTREAM_CLIENT": "bogus"},
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        "llmgw: LLMGW_UPSTREAM_CLIENT='bogus': unknown upstream client (one of h1, httpx)"
+    )
+    assert "Traceback" not in out.stderr and "serving the embedded demo" not in out.stderr  # nothing started
+
+
 def test_make_test_brings_its_own_redis_when_none_answers():
     """tests/with_redis.py (what `make test` runs pytest with), on a port where nothing answers."""
     port = free_port()
