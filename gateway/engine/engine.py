@@ -15,6 +15,7 @@ from gateway.engine.registry import DeploymentRuntime, ModelRuntime, Registry
 from gateway.engine.sync import StateSync
 from gateway.errors import GatewayError
 from gateway.policy.deadline import Deadline, DeadlineSource, resolve_deadline
+from gateway.policy.hedging import parse_hedge_header
 from gateway.state.base import StateBackend
 from gateway.telemetry.accesslog import AccessLog
 from gateway.telemetry.metrics import Metrics
@@ -170,6 +171,16 @@ class Engine:
             return Deadline(t_received, DeadlineSource.TOTAL), errors.bad_request(
                 str(exc), code="invalid_header"
             )
+
+    @staticmethod
+    def hedge_header_error(value: str) -> GatewayError | None:
+        """A malformed ``x-gateway-hedge`` is the client's mistake: answered before any attempt starts, so it
+        never shows as an attempt against a deployment (the hedge delay itself is decided later)."""
+        try:
+            parse_hedge_header(value)
+        except ValueError as exc:
+            return errors.bad_request(str(exc), code="invalid_header")
+        return None
 
     def upstream_headers(self, client_headers: dict[str, str], request_id: str) -> dict[str, str]:
         """Client headers worth forwarding (x-*, openai-*, user-agent ...), minus credentials and hop-by-hop."""

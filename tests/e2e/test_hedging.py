@@ -138,6 +138,7 @@ def test_hedge_header_off_and_override(sims_factory, gateways):
     recs = gw.records(wait_for=2)
     assert recs[0]["hedge_count"] == 1 and recs[0]["hedge_delay_ms"] == 100
     assert recs[1]["hedge_count"] == 0
+    attempts_before = metric_value(gw.metrics(), "llmgw_upstream_attempts_total")
     bad = HTTP.post(
         gw.url + "/v1/chat/completions",
         headers={"x-gateway-hedge": "soon"},
@@ -145,6 +146,11 @@ def test_hedge_header_off_and_override(sims_factory, gateways):
         json={"model": "chat", "messages": []},
     )
     assert bad.status_code == 400 and "x-gateway-hedge" in bad.json()["error"]["message"]
+    # the client's mistake is answered before routing: no attempt, nothing against a deployment
+    refused = gw.records(wait_for=3)[2]
+    assert (refused["response_code"], refused["response_flags"]) == (400, "BR")
+    assert refused["attempts"] == 0 and refused["upstream_cluster"] is None
+    assert metric_value(gw.metrics(), "llmgw_upstream_attempts_total") == attempts_before
 
 
 def _by_request(sims, name: str) -> dict[str, dict]:

@@ -78,7 +78,7 @@ def test_the_header_sets_the_delay_even_when_config_has_hedging_off():
     assert decide(header="-20").delay_s == 0.0  # clamped
 
 
-@pytest.mark.parametrize("header", ["", "soon", "nan", "inf", "100ms", "on"])
+@pytest.mark.parametrize("header", ["", "soon", "nan", "inf", "-inf", "100ms", "on"])
 def test_an_invalid_header_is_a_bad_request_naming_it(header):
     with pytest.raises(ValueError, match="x-gateway-hedge"):
         decide(header=header)
