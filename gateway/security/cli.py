@@ -149,6 +149,10 @@ def cmd_create(args: argparse.Namespace) -> int:
             v = getattr(a, name)
             if v is not None and v < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: must be at least 1")
+        if a.config and a.id in {k.id for k in load_config(a.config).auth.keys}:
+            # ids name a key in the access log, the metrics and the rate-limit state: two keys under one
+            # id would share all three
+            raise ValueError(f"{a.config} lists a key with id {a.id!r} under auth.keys; choose another id")
         key = new_key()
         models = tuple(m.strip() for m in a.models.split(",") if m.strip()) or ("*",)
         await store.put(ApiKey(a.id, hash_key(key), models, a.rpm, a.tpm, a.max_concurrency, meta))

@@ -18,6 +18,7 @@ from harness import REDIS_URL, free_port
 
 from gateway.cli import build_parser
 from gateway.cli import main as cli_main
+from gateway.security.keys import hash_key
 
 
 def llmgw(*args: str) -> subprocess.CompletedProcess:
@@ -94,6 +95,25 @@ def test_keys_refuse_a_config_whose_state_cannot_hold_keys(tmp_path, redis_prefi
     assert made.returncode == 0 and made.stdout.strip().startswith("sk-gw-")
     assert "svc" in llmgw("keys", "list", "-c", shared).stdout
     assert llmgw("keys", "revoke", "-c", shared, "--id", "svc").returncode == 0
+
+
+def test_keys_create_refuses_an_id_the_config_already_gives_a_key(tmp_path, redis_prefix):
+    # two keys under one id would share their access-log name, metrics and rate-limit state
+    listed = {"id": "svc", "hash": hash_key("sk-gw-listed")}
+    cfg = write(
+        tmp_path,
+        {
+            "state": {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": redis_prefix},
+            "auth": {"mode": "keys", "keys": [listed]},
+            "models": [CHAT],
+        },
+    )
+    out = llmgw("keys", "create", "-c", cfg, "--id", "svc")
+    assert out.returncode == 2 and "lists a key with id 'svc' under auth.keys" in out.stderr, out
+    assert out.stdout == ""  # no key printed
+    assert list(redis.Redis.from_url(REDIS_URL).scan_iter(match=redis_prefix + "*")) == []
+    other = llmgw("keys", "create", "-c", cfg, "--id", "svc-2")
+    assert other.returncode == 0 and other.stdout.strip().startswith("sk-gw-")
 
 
 def test_check_config_reports_every_problem_at_once(tmp_path, monkeypatch):
