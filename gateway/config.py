@@ -478,15 +478,18 @@ def _merge(base: Any, over: Any) -> Any:
     return over
 
 
-def _apply_inheritance(raw: dict[str, Any]) -> dict[str, Any]:
-    """model_defaults -> model -> deployment (timeouts and pool only)."""
+def _apply_inheritance(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """model_defaults -> model -> deployment (timeouts and pool only). What is wrong with model_defaults
+    itself goes to ``problems`` and is left out, so the rest of the file is still validated and every
+    problem is reported at once."""
     raw = dict(raw)
     defaults = raw.pop("model_defaults", None) or {}
     if not isinstance(defaults, dict):
-        raise ConfigError("model_defaults: must be a mapping")
+        problems.append("model_defaults: must be a mapping")
+        defaults = {}
     for key in defaults:
         if key not in _INHERITED_MODEL_KEYS:
-            raise ConfigError(
+            problems.append(
                 f"model_defaults.{key}: not a key models inherit (allowed: {', '.join(_INHERITED_MODEL_KEYS)})"
             )
     models = raw.get("models")
@@ -559,7 +562,7 @@ def parse_config(raw: Any, env: dict[str, str] | None = None) -> GatewayConfig:
     expanded = expand_env(raw, env=env, missing=missing)
     problems = list(missing.values())  # every unset variable and every invalid key, reported at once
     try:
-        cfg = GatewayConfig.model_validate(_apply_inheritance(expanded))
+        cfg = GatewayConfig.model_validate(_apply_inheritance(expanded, problems))
     except ValidationError as exc:
         # a key whose variable is unset is reported once, as unset, not again as invalid
         problems += [

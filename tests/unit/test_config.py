@@ -93,6 +93,21 @@ def test_errors_name_the_key(mutate, message):
     assert message in str(exc.value)
 
 
+def test_a_model_defaults_mistake_is_reported_with_the_rest_of_the_file():
+    raw = _cfg()
+    raw["model_defaults"] = {"timeout": {"ttft_ms": 500}, "retry": {"max_retries": 3}}
+    raw["server"] = {"port": "http"}
+    with pytest.raises(ConfigError) as exc:
+        parse_config(raw)
+    problems = str(exc.value).splitlines()
+    assert any(p.startswith("model_defaults.timeout: not a key models inherit") for p in problems), problems
+    assert any(p.startswith("server.port:") for p in problems), problems  # not hidden by the first
+    raw["server"] = {}
+    raw["model_defaults"] = ["timeouts"]
+    with pytest.raises(ConfigError, match="model_defaults: must be a mapping"):
+        parse_config(raw)
+
+
 def test_fallback_loop_is_rejected():
     raw = {
         "models": [
