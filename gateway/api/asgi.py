@@ -230,8 +230,8 @@ class GatewayASGI:
         task = asyncio.current_task(self._loop.get())
         assert task is not None  # an ASGI app always runs in a task
         deadline, rejected = eng.deadline_for(model, headers, t0)
-        if rejected is None and "x-gateway-hedge" in headers:
-            rejected = eng.hedge_header_error(headers["x-gateway-hedge"])
+        if rejected is None and ("x-gateway-hedge" in headers or "x-gateway-deployment" in headers):
+            rejected = eng.routing_header_error(model, headers)
         ex = Exchange(
             eng,
             task,

@@ -172,14 +172,25 @@ class Engine:
                 str(exc), code="invalid_header"
             )
 
-    @staticmethod
-    def hedge_header_error(value: str) -> GatewayError | None:
-        """A malformed ``x-gateway-hedge`` is the client's mistake: answered before any attempt starts, so it
-        never shows as an attempt against a deployment (the hedge delay itself is decided later)."""
-        try:
-            parse_hedge_header(value)
-        except ValueError as exc:
-            return errors.bad_request(str(exc), code="invalid_header")
+    def routing_header_error(self, model_name: str, headers: dict[str, str]) -> GatewayError | None:
+        """A malformed ``x-gateway-hedge`` or an ``x-gateway-deployment`` naming no deployment of the model is
+        the client's mistake: answered 400 before any attempt starts, so it never shows as an attempt against
+        a deployment, and a debugging pin that cannot hold is said, not silently routed elsewhere."""
+        hedge = headers.get("x-gateway-hedge")
+        if hedge is not None:
+            try:
+                parse_hedge_header(hedge)  # the delay itself is decided when the first attempt starts
+            except ValueError as exc:
+                return errors.bad_request(str(exc), code="invalid_header")
+        pinned = headers.get("x-gateway-deployment")
+        if pinned is not None:
+            deployments = self.registry.models[model_name].by_id
+            if pinned not in deployments:
+                return errors.bad_request(
+                    f"x-gateway-deployment: {pinned[:100]!r} is not a deployment of model {model_name!r} "
+                    f"(its deployments: {', '.join(deployments)}).",
+                    code="invalid_header",
+                )
         return None
 
     def upstream_headers(self, client_headers: dict[str, str], request_id: str) -> dict[str, str]:

@@ -86,6 +86,21 @@ def test_hints_prefer_a_region_and_pin_a_deployment(sims_factory, gateways):
     assert _post(gw, {"x-gateway-deployment": "eu"}) == "eu"
     recs = gw.records(wait_for=2)
     assert recs[-1]["route_reason"] == "pinned"
+    # a pin that cannot hold is said, not silently routed elsewhere
+    r = HTTP.post(
+        gw.url + "/v1/chat/completions",
+        headers={"x-gateway-deployment": "nope"},
+        json={"model": "chat", "messages": []},
+        timeout=10,
+    )
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_header"
+    assert err["message"] == (
+        "x-gateway-deployment: 'nope' is not a deployment of model 'chat' (its deployments: us, eu)."
+    )
+    refused = gw.records(wait_for=3)[-1]
+    assert (refused["response_code"], refused["response_flags"], refused["attempts"]) == (400, "BR", 0)
 
 
 def test_strict_locality_never_leaves_the_region(sims_factory, gateways):
