@@ -8,16 +8,26 @@ model-level ``timeouts``/``pool`` into every deployment, then validates. Any pro
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import ssl
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from gateway.policy.fallback import find_fallback_cycle
 
@@ -34,6 +44,26 @@ class ConfigError(Exception):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's true/false/yes/no are booleans, and pydantic's lax mode (kept: ${VAR}s expand to strings
+        such as "8080") would read them as 1 and 0 where a number is wanted: `port: true` was port 1."""
+        if isinstance(value, bool) and info.field_name in _numeric_fields(cls):
+            raise ValueError(f"a number is wanted, not {str(value).lower()}")
+        return value
+
+
+@functools.cache
+def _numeric_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The fields of a config section that take a number and not a boolean."""
+    names = set()
+    for name, field in model.model_fields.items():
+        kinds = set(typing.get_args(field.annotation)) or {field.annotation}
+        if kinds & {int, float} and bool not in kinds:
+            names.add(name)
+    return frozenset(names)
 
 
 class ServerConfig(_Strict):

@@ -71,6 +71,16 @@ def test_model_defaults_and_deployment_inheritance():
         ),
         (lambda r: r["models"][0].update(timeouts={"ttft_ms": -1}), "models[0].timeouts.ttft_ms"),
         (lambda r: r.update(servr={}), "servr: unknown key"),
+        # YAML's yes/no/true/false where a number is wanted (lax mode read them as 1 and 0)
+        (lambda r: r.update(server={"port": True}), "server.port: a number is wanted, not true"),
+        (
+            lambda r: r["models"][0].update(retry={"max_retries": False}),
+            "models[0].retry.max_retries: a number is wanted, not false",
+        ),
+        (
+            lambda r: r["models"][0].update(hedging={"enabled": True, "delay_ms": True}),
+            "models[0].hedging.delay_ms: a number is wanted, not true",
+        ),
         (
             lambda r: r["models"][0]["deployments"][0].update(headers={"x-team": "a\r\nx-admin: 1"}),
             "models[0].deployments[0].headers: the value of 'x-team' holds a line break",
@@ -106,6 +116,14 @@ def test_a_model_defaults_mistake_is_reported_with_the_rest_of_the_file():
     raw["model_defaults"] = ["timeouts"]
     with pytest.raises(ConfigError, match="model_defaults: must be a mapping"):
         parse_config(raw)
+
+
+def test_numbers_from_environment_strings_and_booleans_where_booleans_belong_still_load():
+    raw = _cfg(hedging={"enabled": True, "delay_ms": "${HEDGE_MS}"})
+    raw["server"] = {"port": "${PORT}"}
+    cfg = parse_config(raw, env={"PORT": "8081", "HEDGE_MS": "250"})
+    assert cfg.server.port == 8081
+    assert cfg.models[0].hedging.enabled is True and cfg.models[0].hedging.delay_ms == 250
 
 
 def test_fallback_loop_is_rejected():
