@@ -348,8 +348,9 @@ class Exchange:
             return None
         per_try = attempt_timeout(self.deadline, t, dep.per_try_s * 1000.0, MIN_ATTEMPT_MS)
         if per_try is None:
+            left_ms = int(max(self.deadline.remaining(t), 0.0) * 10000.0) / 10.0  # down: 49.96 is not "50.0"
             self.error = errors.deadline_exceeded(
-                f"{self._deadline_text()} ran out: {max(self.deadline.remaining(t), 0.0) * 1000.0:.0f} ms left, "
+                f"{self._deadline_text()} ran out: {left_ms:.1f} ms left, "
                 f"less than the {MIN_ATTEMPT_MS:.0f} ms an upstream attempt needs. {self._attempts_text()}",
                 ResponseFlag.DEADLINE,
             )

@@ -182,3 +182,19 @@ def test_streams_cut_by_the_clients_own_deadline_never_count_against_the_provide
         assert a.outlier.ejected_until <= pb.clock.t and a.outlier.consecutive_failures == 0
 
     play(scenario, PLAY_GUARD_S)
+
+
+def test_a_deadline_too_short_for_any_attempt_says_how_much_was_left_without_rounding_it_up() -> None:
+    async def scenario() -> None:
+        pb = Playbook([model("m", "a")], lambda req: Reply.json(OK))
+        call = pb.call("m", headers={"x-gateway-timeout-ms": "49.96"})
+        rec = await pb.finish(call)
+        assert call.down.status == 504 and rec["attempts"] == 0 and not pb.upstream.requests
+        message = call.down.json()["error"]["message"]
+        # "50 ms left, less than the 50 ms an upstream attempt needs" read as a contradiction
+        assert (
+            "ran out: 49.9 ms left" in message and "less than the 50 ms an upstream attempt needs" in message
+        )
+        assert rec["response_flags"] == "DT"
+
+    play(scenario, PLAY_GUARD_S)
