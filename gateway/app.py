@@ -12,6 +12,8 @@ import logging
 import os
 from typing import Any
 
+import orjson
+
 from gateway.api.asgi import GatewayASGI
 from gateway.api.docs import build_docs_app
 from gateway.config import GatewayConfig, load_config
@@ -33,6 +35,7 @@ from gateway.upstream.select import make_client
 log = logging.getLogger("llmgw")
 
 CONFIG_ENV = "LLMGW_CONFIG"
+SERVER_ENV = "LLMGW_SERVER"  # JSON: the server keys `serve` flags override, for every worker
 # uvicorn cancels what still runs this long after the drain time (cli.py): the requests cut short at the
 # drain deadline (DRAIN) get that long to send their final answer and be logged.
 DRAIN_GRACE_S = 1.0
@@ -240,11 +243,20 @@ def build_app(cfg: GatewayConfig, *, region: str | None = None, seed: int | None
 
 
 def create_app() -> Any:
-    """uvicorn factory for multi-worker runs: the config path comes from the environment."""
+    """uvicorn factory for multi-worker runs: the config path, and what `serve`'s flags changed of its
+    server section, come from the environment."""
     path = os.environ.get(CONFIG_ENV)
     if not path:
         raise RuntimeError(f"{CONFIG_ENV} is not set")
-    return build_app(load_config(path))
+    return build_app(with_server(load_config(path), orjson.loads(os.environ.get(SERVER_ENV, "{}"))))
+
+
+def with_server(cfg: GatewayConfig, changes: dict[str, Any]) -> GatewayConfig:
+    """The config with `serve`'s --host, --port and --workers applied, so that what the gateway reports of
+    itself (/admin/config) is what runs, not what the file said."""
+    if not changes:
+        return cfg
+    return cfg.model_copy(update={"server": cfg.server.model_copy(update=changes)})
 
 
 # ---------------------------------------------------------------------- optional parts

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import errno
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -120,7 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.api.protocol import TimedHttpToolsProtocol
-    from gateway.app import DRAIN_GRACE_S
+    from gateway.app import CONFIG_ENV, DRAIN_GRACE_S, SERVER_ENV, with_server
     from gateway.telemetry.logs import log_config
     from gateway.upstream.select import selected_kind
 
@@ -153,6 +154,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     workers = cfg.server.workers if args.workers is None else args.workers
+    server_changes = {"host": host, "port": port, "workers": workers}
+    cfg = with_server(cfg, server_changes)
     if args.region:
         os.environ["GATEWAY_REGION"] = args.region
     if not _is_loopback(host) and cfg.auth.mode == "none":
@@ -193,7 +196,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Several workers: each builds its own app from the config file; metrics merge through a shared dir.
         from gateway.workers import run_workers
 
-        os.environ["LLMGW_CONFIG"] = os.path.abspath(path)
+        os.environ[CONFIG_ENV] = os.path.abspath(path)
+        os.environ[SERVER_ENV] = json.dumps(server_changes)
         _fresh_multiprocess_dir()
         return run_workers(
             uvicorn.Config("gateway.app:create_app", factory=True, workers=workers, **common),

@@ -118,6 +118,10 @@ def test_metrics_add_up_with_two_workers(sims_factory, gateways):
     assert "llmgw_accesslog_dropped_total" in text
     pids = {rec["downstream_remote_address"] for rec in gw.records()}
     assert len(pids) > 1
+    # every worker reports the server it runs as (the file says 1 worker, --workers said 2)
+    for _ in range(4):
+        shown = httpx.get(gw.url + "/admin/config", headers={"connection": "close"}, timeout=10).json()
+        assert (shown["server"]["workers"], shown["server"]["port"]) == (2, gw.port)
 
 
 def test_traceparent_continues_the_client_trace(sims_factory, gateways):
