@@ -98,6 +98,9 @@ def check_sampling(body: dict[str, Any]) -> None:
             )
 
 
+_ROLES = frozenset({"system", "assistant", "user", "function", "tool", "developer"})
+
+
 def check_chat(body: dict[str, Any]) -> None:
     if "messages" not in body:
         raise BadRequest("Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
@@ -108,6 +111,15 @@ def check_chat(body: dict[str, Any]) -> None:
             "messages",
             "invalid_type",
         )
+    for i, m in enumerate(messages):
+        role = m.get("role")
+        if role not in _ROLES:
+            raise BadRequest(
+                f"Invalid value: {role!r}. Supported values are: 'system', 'assistant', 'user', 'function', "
+                "'tool', and 'developer'.",
+                f"messages[{i}].role",
+                "invalid_value",
+            )
     check_sampling(body)
     for name, low, high in _INT_RANGES:
         value = _integer(body, name)

@@ -264,6 +264,11 @@ def test_embeddings_dimensions_and_base64(sim):
             "missing_required_parameter",
         ),
         ({"model": "m", "messages": MSG, "top_logprobs": 2}, "logprobs", "invalid_value"),
+        (
+            {"model": "m", "messages": [*MSG, {"role": "robot", "content": "x"}]},
+            f"messages[{len(MSG)}].role",
+            "invalid_value",
+        ),
     ],
 )
 def test_what_openai_refuses_is_refused_alike(sim, body: dict[str, Any], param: str, code: str | None):
