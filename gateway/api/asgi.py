@@ -20,7 +20,7 @@ import orjson
 from gateway import errors
 from gateway.api.edge import EdgeLimits
 from gateway.api.jsonlimits import JsonLimit, JsonMarks, count_marks, deeper_than, json_over_limit
-from gateway.api.protocol import DISCONNECT_KEY, arrival, client_gone
+from gateway.api.protocol import DISCONNECT_KEY, REFUSED_KEY, arrival, client_gone
 from gateway.api.types import ASGIApp, JsonObject, Lifecycle, Receive, Scope, Send
 from gateway.engine.clock import RunningLoop
 from gateway.engine.engine import Engine
@@ -375,9 +375,11 @@ class GatewayASGI:
         m = self.engine.metrics
         m.child(m.input_limits, limit).inc()
 
-    def _edge_refused(self, err: GatewayError, method: str, path: str, client: str | None, t0: float) -> None:
-        """A request the protocol refused before the app saw it (head too large or too slow): logged and
-        counted like any other refused request."""
+    def _edge_refused(
+        self, err: GatewayError, method: str, path: str, client: str | None, t0: float, bytes_sent: int
+    ) -> None:
+        """A request the protocol refused (its head too large, too slow or malformed, or a malformed body
+        chunk): logged and counted like any other refused request."""
         t1 = now()
         self.engine.record_rejected(
             rejected_record(
@@ -387,7 +389,7 @@ class GatewayASGI:
                 path=path,
                 err=err,
                 duration_ms=(t1 - t0) * 1000.0,
-                bytes_sent=0,
+                bytes_sent=bytes_sent,
                 headers={},
                 client=client,
             )
@@ -420,6 +422,10 @@ class GatewayASGI:
             hdrs.extend(err.headers)
             await send({"type": "http.response.start", "status": err.status, "headers": hdrs})
             await send({"type": "http.response.body", "body": body, "more_body": False})
+        if REFUSED_KEY in scope:
+            # The protocol refused this request's bytes (a malformed body chunk), before or while it was
+            # answered here: what was sent went nowhere, and the refusal is the request's record.
+            return
         t1 = now()
         headers = headers or {}
         client = scope.get("client")

@@ -77,14 +77,15 @@ class EdgeLimits:
     def __init__(
         self,
         srv: ServerConfig,
-        on_refused: Callable[[GatewayError, str, str, str | None, float], None],
+        on_refused: Callable[[GatewayError, str, str, str | None, float, int], None],
         on_limit: Callable[[str], None],
     ) -> None:
         self.max_head_bytes = srv.max_header_bytes
         self.head_timeout_s = srv.request_headers_timeout_s
         self.idle_timeout_s = srv.idle_timeout_s
         self.send_timeout_s = srv.send_timeout_s
-        self.on_refused = on_refused  # (error, method, path, client, started) -> log and count as a request
+        # (error, method, path, client, started, body bytes sent) -> log and count as a request
+        self.on_refused = on_refused
         self.on_limit = on_limit  # (limit name) -> count; idle closes are not requests, so only counted
         self.connections: set[EdgeConnection] = set()
         # The sweep's period bounds how late a timeout fires: a quarter of the shortest, at most 1 s.

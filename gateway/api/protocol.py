@@ -22,6 +22,18 @@ any size), and a head over ``server.max_header_bytes`` is answered 431 at once; 
 This leans on uvicorn's parser callbacks (``on_message_begin``, ``on_headers_complete``,
 ``on_message_complete``) and ``cycle``/``app_state``: pyproject bounds uvicorn's version and
 tests/unit/test_protocol_transport.py checks that they are still there.
+
+Bytes the protocol refuses (a malformed head or chunk, a head too large or too slow) are answered by the
+protocol itself, and the refusal is logged as a request (flag ``DPE``, ``BR`` or ``HT``); the connection
+then closes. The answer never cuts into another response: refused bytes that follow a complete request
+(pipelined) wait, with reading paused, until the responses before them are complete (uvicorn calls
+``on_response_complete``), as nginx does. Refused bytes of the request the app is handling (a malformed
+chunk of its body) end that request: its scope gets ``llmgw.refused`` (``REFUSED_KEY``) and uvicorn's
+cycle is marked disconnected (its sends are dropped, ``receive()`` reports a disconnect); the app, seeing
+the key, logs nothing of its own, so the request is logged once, as the refusal. Besides the callbacks
+above this uses ``pipeline``, ``_unset_keepalive_if_required`` and the cycle's ``more_body``,
+``response_started``, ``response_complete``, ``disconnected`` and ``message_event``, checked by the same
+tests.
 """
 
 from __future__ import annotations
@@ -29,9 +41,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from gateway.api.edge import (
     EDGE_KEY,
@@ -48,6 +61,7 @@ from gateway.telemetry.timing import now
 SCOPE_KEY = "llmgw.t_first_byte"
 LINGER_S = 1.0  # how long a refused client may keep sending (dropped) before its connection closes
 DISCONNECT_KEY = "llmgw.on_disconnect"
+REFUSED_KEY = "llmgw.refused"  # in a request's scope: the protocol refused its bytes, answered and logged it
 
 
 def client_gone() -> None:
@@ -96,6 +110,17 @@ class HeadWithBodyTransport:
         return getattr(self._transport, name)
 
 
+@dataclass(slots=True, frozen=True)
+class Refusal:
+    """Refused bytes of a connection, to be answered and logged as one request."""
+
+    err: GatewayError
+    limit: str  # the llmgw_input_limits_total label
+    method: str
+    path: str
+    started: float  # when the refused request's first byte was parsed (or the refusal, if none began)
+
+
 class TimedHttpToolsProtocol(HttpToolsProtocol):
     # Without EdgeLimits in the app state (another app, tests) these stay off: nothing counted or timed.
     _edge: EdgeLimits | None = None
@@ -104,6 +129,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
     _head_t = 0.0  # when the pending head's first byte was parsed; 0.0 = no head pending
     _send_blocked_t = 0.0  # since when writing is paused (the client's socket is full); 0.0 = it is not
     _born = 0.0
+    _refusal: Refusal | None = None  # refused, to be answered once the responses before it are complete
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -124,7 +150,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
             budget = max(limit - self._head_seen, 0)
             if seen > limit and not _head_ends_within(data, budget):
                 super().data_received(data[:budget])  # what fits: the request line, for the log
-                if not self.transport.is_closing():  # (unless the parser already refused it)
+                if self._head_limit >= 0:  # (unless the parser already refused it)
                     self._refuse(head_too_large(limit), "head_too_large")
                 return
             self._head_seen = seen
@@ -164,13 +190,15 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         uvicorn's keep-alive timer, ``server.idle_timeout_s`` too, closes idle connections.) A client
         that reads nothing of what is written to it for ``server.send_timeout_s`` has its connection
         aborted: closing would wait for the unread bytes to go first, which is forever."""
-        if self._head_limit < 0:  # refused already, closing
-            return
         blocked = self._send_blocked_t
-        if blocked and t - blocked > limits.send_timeout_s:
+        if blocked and t - blocked > limits.send_timeout_s:  # (refused too: a close would wait for it)
             self._send_blocked_t = 0.0
             self.transport.abort()  # the request in flight, if any, ends as its client gone (DC)
             limits.on_limit("send_timeout")
+        elif (
+            self._head_limit < 0
+        ):  # refused already: closing, or answering once the response in flight is out
+            return
         elif self._head_t:
             if t - self._head_t > limits.head_timeout_s:
                 self._refuse(head_timeout(limits.head_timeout_s), "head_timeout")
@@ -188,34 +216,84 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         self._refuse(malformed_http(), "malformed_http")
 
     def _refuse(self, err: GatewayError, limit: str) -> None:
-        """Answer (unless a response of an earlier pipelined request is still being written), close the
-        connection, and log the refusal as a request."""
-        edge = self._edge
-        started = self._head_t or now()
-        self._head_limit = -1
-        self._head_t = 0.0
+        """Refuse what the client sent from here on: answer ``err`` and close the connection, at once or,
+        while a response of an earlier request is still being written, once it is complete (reading
+        paused meanwhile). Logged as a request, when answered or when the connection is lost first."""
         cycle = self.cycle
+        refusal = self._refusal_of(err, limit, cycle)
+        self._head_limit = -1  # anything read from here on is dropped
+        self._head_t = 0.0
+        if cycle is None or cycle.response_complete:  # no response is being written
+            self._answer(refusal)
+        elif cycle.more_body:  # the refused bytes are this request's own (its body): it ends here
+            self._end_refused(cycle)
+            if self.pipeline and self.pipeline[0][0] is cycle:  # it waited behind a response being written
+                self.pipeline.popleft()  # and never runs; the answer follows that response
+                self._defer(refusal)
+            elif cycle.response_started:  # the app had begun answering it: nothing can follow half an answer
+                self.transport.close()
+                self._log(refusal, 0)
+            else:  # the app was reading its body
+                self._answer(refusal)
+        else:  # they follow a complete request whose response (or one ahead of it) is being written
+            self._defer(refusal)
+
+    def _defer(self, refusal: Refusal) -> None:
+        self._refusal = refusal  # answered by on_response_complete
+        self.transport.pause_reading()
+
+    def _refusal_of(self, err: GatewayError, limit: str, cycle: RequestResponseCycle | None) -> Refusal:
+        """The refused request as the log names it: the head being read, if any (as far as it came), else
+        the request whose body was refused, else none ("-")."""
+        url = getattr(self, "url", b"")  # set by uvicorn once a request began
+        if self._head_t:
+            method = self._method() if url else "-"
+            return Refusal(err, limit, method, url[:512].decode("latin-1") or "-", self._head_t)
+        if cycle is not None and cycle.more_body and not cycle.response_complete:
+            scope = cycle.scope
+            started = cast("float | None", scope.get(SCOPE_KEY)) or now()
+            return Refusal(err, limit, scope["method"], url[:512].decode("latin-1") or "-", started)
+        return Refusal(err, limit, "-", "-", now())
+
+    def _end_refused(self, cycle: RequestResponseCycle) -> None:
+        """End the request in flight whose bytes were refused, as uvicorn ends one whose client left:
+        whatever it sends is dropped and ``receive()`` answers ``http.disconnect``. ``REFUSED_KEY`` tells the
+        app not to log it: the refusal's record is the request's."""
+        cycle.scope[REFUSED_KEY] = True  # type: ignore[literal-required]
+        cycle.disconnected = True
+        cycle.message_event.set()  # wakes a receive() waiting for more of the body
+
+    def on_response_complete(self) -> None:
+        last = not self.pipeline  # no pipelined request waits to start after this response
+        super().on_response_complete()
+        refusal = self._refusal
+        if refusal is not None and last:
+            self._refusal = None
+            self._unset_keepalive_if_required()  # not kept alive: it closes after the answer
+            self._answer(refusal)
+
+    def _answer(self, refusal: Refusal) -> None:
         transport = self.transport
-        if (cycle is None or cycle.response_complete) and transport.can_write_eof():
+        sent = 0
+        if transport.can_write_eof() and not transport.is_closing():
             # Delayed close, as Envoy and nginx do: closing at once with the client's bytes unread
             # would reset the connection, and the client might never read the answer.
-            transport.write(response_bytes(err))
+            transport.write(response_bytes(refusal.err))
             transport.flush()  # type: ignore[attr-defined]  # not held back as a response head
             transport.write_eof()
             transport.pause_reading()  # the rest of a flood waits in the kernel: TCP stops the sender
             self.loop.call_later(LINGER_S, transport.close)
+            sent = len(refusal.err.body())
         else:
             transport.close()
+        self._log(refusal, sent)
+
+    def _log(self, refusal: Refusal, bytes_sent: int) -> None:
+        edge = self._edge
         if edge is not None:
-            edge.on_limit(limit)
-            url = getattr(self, "url", b"")  # set by uvicorn once a request began
-            edge.on_refused(
-                err,
-                self._method() if url else "-",
-                url[:512].decode("latin-1") or "-",
-                f"{self.client[0]}:{self.client[1]}" if self.client else None,
-                started,
-            )
+            edge.on_limit(refusal.limit)
+            client = f"{self.client[0]}:{self.client[1]}" if self.client else None
+            edge.on_refused(refusal.err, refusal.method, refusal.path, client, refusal.started, bytes_sent)
 
     def _method(self) -> str:
         try:
@@ -232,6 +310,10 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
                 cycle.scope[DISCONNECT_KEY] = client_gone  # type: ignore[literal-required]
         if self._edge is not None:
             self._edge.connections.discard(self)
+        refusal = self._refusal
+        if refusal is not None:  # gone before the responses ahead of the answer were complete
+            self._refusal = None
+            self._log(refusal, 0)
         super().connection_lost(exc)
         if hook is not None:
             hook()

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from harness import Gateway, Sims, dep, free_port, metric_value, model
+from harness import Gateway, Sims, dep, free_port, metric_value, model, wait_until
 
 from gateway.security.keys import hash_key
 
@@ -369,6 +369,86 @@ def test_bytes_that_are_not_http_get_an_openai_shaped_400_and_a_dpe_record(edge)
     assert [(r["response_code"], r["response_flags"]) for r in recs] == [(400, "DPE")] * 2
     assert metric_value(edge.metrics(), "llmgw_input_limits_total", limit="malformed_http") == before + 2
     assert "Invalid HTTP request" not in edge.stderr()  # answered and logged once, as DPE: not an error line
+
+
+def _new_records(gw: Gateway, n: int, expected: int) -> list[dict[str, Any]]:
+    """The records after the first ``n``, once ``expected`` are there and a request sent after them on a
+    fresh connection (the fence, left out) is logged too: one worker writes its log in order, so a record
+    the requests before the fence still had to write would be among them."""
+    gw.records(wait_for=n + expected)
+    path = f"/fence-{time.monotonic_ns()}"
+    assert httpx.get(gw.url + path, timeout=10).status_code == 404
+
+    def fenced() -> list[dict[str, Any]] | None:
+        recs = gw.records()[n:]
+        return recs if any(r["path"] == path for r in recs) else None
+
+    return [r for r in wait_until("the fence's record", fenced) if r["path"] != path]
+
+
+def _request_head(body_framing: str) -> bytes:
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
+        f"content-type: application/json\r\n{body_framing}\r\n\r\n"
+    ).encode()
+
+
+def _one_response(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """The first response in ``data`` (framed by its Content-Length): its head, its body, what follows."""
+    head, sep, rest = data.partition(b"\r\n\r\n")
+    assert sep, data[:300]
+    fields = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+    size = int(fields[b"content-length"])
+    return head, rest[:size], rest[size:]
+
+
+@pytest.mark.parametrize(
+    "chunks", [b"zz\r\nabc\r\n0\r\n\r\n", b"2\r\n{}\r\nzz\r\n"], ids=["bad", "good-then-bad"]
+)
+def test_a_malformed_chunked_body_gets_the_400_and_one_dpe_record(edge, chunks):
+    """The parser refuses a request's body while the app already handles the request (it is reading the
+    body): the client gets the same 400 as for a malformed head, and the request is logged once, as the
+    refusal, not also as a client gone (499 DC) by the app."""
+    m = edge.metrics()
+    before = metric_value(m, "llmgw_input_limits_total", limit="malformed_http")
+    gone_before = metric_value(m, "llmgw_requests_total", code="499")
+    n = len(edge.records())
+    with socket.create_connection(("127.0.0.1", edge.port)) as s:
+        s.sendall(_request_head("transfer-encoding: chunked") + chunks)
+        answer = _until_closed(s)
+    head, body, rest = _one_response(answer)
+    assert head.startswith(b"HTTP/1.1 400 ") and b"connection: close" in head, answer[:300]
+    assert orjson.loads(body)["error"]["code"] == "invalid_http" and rest == b""
+    (rec,) = _new_records(edge, n, 1)
+    assert (rec["response_code"], rec["response_flags"], rec["error_type"]) == (400, "DPE", "invalid_http")
+    assert (rec["method"], rec["path"], rec["bytes_sent"]) == ("POST", "/v1/chat/completions", len(body))
+    m = edge.metrics()
+    assert metric_value(m, "llmgw_input_limits_total", limit="malformed_http") == before + 1
+    assert metric_value(m, "llmgw_requests_total", code="499") == gone_before
+
+
+def test_a_malformed_request_pipelined_behind_a_valid_one_is_answered_after_it(edge):
+    """As nginx does: the valid request is served and its response sent whole, then the bytes that follow
+    it on the connection get the 400 and the connection closes. Each is logged once."""
+    before = metric_value(edge.metrics(), "llmgw_input_limits_total", limit="malformed_http")
+    n = len(edge.records())
+    body = orjson.dumps({"model": "chat", "messages": MSG})
+    with socket.create_connection(("127.0.0.1", edge.port)) as s:
+        s.sendall(
+            _request_head(f"content-length: {len(body)}") + body + b"GARBAGE\x01\x02 / HTTP/1.1\r\n\r\n"
+        )
+        answer = _until_closed(s)
+    head, first, rest = _one_response(answer)
+    assert head.startswith(b"HTTP/1.1 200 "), answer[:300]
+    assert orjson.loads(first)["object"] == "chat.completion"
+    head, second, rest = _one_response(rest)
+    assert head.startswith(b"HTTP/1.1 400 ") and b"connection: close" in head, answer[:600]
+    assert orjson.loads(second)["error"]["code"] == "invalid_http" and rest == b""
+    recs = sorted(_new_records(edge, n, 2), key=lambda r: r["response_code"])
+    assert [(r["response_code"], r["response_flags"]) for r in recs] == [(200, "-"), (400, "DPE")], recs
+    assert recs[0]["path"] == "/v1/chat/completions" and recs[0]["model"] == "chat"
+    assert (recs[1]["path"], recs[1]["bytes_sent"]) == ("-", len(second))
+    assert metric_value(edge.metrics(), "llmgw_input_limits_total", limit="malformed_http") == before + 1
 
 
 # ------------------------------------------------------------------ ops endpoints and the admin view

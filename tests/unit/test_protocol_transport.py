@@ -106,16 +106,20 @@ class RecordingEdge:
         self.max_head_bytes = max_head_bytes
         self.connections: set = set()
         self.refused: list = []
+        self.bytes_sent: list[int] = []
         self.limits: list[str] = []
 
-    def on_refused(self, err, method, path, client, started) -> None:
+    def on_refused(self, err, method, path, client, started, bytes_sent) -> None:
         self.refused.append((err.status, method, path))
+        self.bytes_sent.append(bytes_sent)
 
     def on_limit(self, limit: str) -> None:
         self.limits.append(limit)
 
 
-def _protocol(edge: RecordingEdge):
+def _protocol(edge: RecordingEdge, before_answer=None):
+    """The real protocol on a fake socket, serving an app that records each request's scope, awaits
+    ``before_answer(scope, receive)`` if given, then answers 204."""
     import asyncio
 
     from uvicorn.config import Config
@@ -128,6 +132,8 @@ def _protocol(edge: RecordingEdge):
 
     async def app(scope, receive, send) -> None:
         started.append(scope)
+        if before_answer is not None:
+            await before_answer(scope, receive)
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
@@ -162,8 +168,120 @@ def test_a_small_head_with_a_large_body_in_one_read_passes_and_counting_restarts
     _finish(loop)
 
 
-def _finish(loop) -> None:
+# Refused bytes while a request is in flight lean on more of uvicorn: the cycle's ``more_body``,
+# ``response_started``/``response_complete``, ``disconnected`` and ``message_event``, the ``pipeline``
+# deque, and ``on_response_complete`` being called when a response is complete.
+
+CHUNKED_HEAD = b"POST /v1/chat/completions HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
+VALID = b"POST /v1/a HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}"
+
+
+def _responses(raw: FakeSocketTransport) -> list[bytes]:
+    """The status lines of what was written, in order."""
+    return [line for line in b"".join(raw.sends).split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+
+
+def _invalid_http_body() -> int:
+    from gateway.api.edge import malformed_http
+
+    return len(malformed_http().body())
+
+
+def test_a_malformed_chunk_of_the_body_being_read_is_answered_at_once_and_ends_that_request():
+    from gateway.api.protocol import REFUSED_KEY
+
+    got: list[dict] = []
+
+    async def read_body(scope, receive) -> None:
+        while True:
+            msg = await receive()
+            got.append(msg)
+            if msg["type"] != "http.request" or not msg["more_body"]:
+                return
+
+    edge = RecordingEdge(max_head_bytes=4096)
+    proto, raw, started, loop = _protocol(edge, read_body)
+    proto.data_received(CHUNKED_HEAD + b"2\r\n{}\r\n")
+    _turns(loop)
+    assert got == [{"type": "http.request", "body": b"{}", "more_body": True}]  # waiting for more
+    proto.data_received(b"zz\r\n")
+    _turns(loop)
+    assert got[-1] == {"type": "http.disconnect"} and started[0][REFUSED_KEY] is True
+    # the 400, and not the app's 204 after it (its sends are dropped)
+    assert _responses(raw) == [b"HTTP/1.1 400 Bad Request"] and raw.eof and not raw.reading
+    assert edge.refused == [(400, "POST", "/v1/chat/completions")] and edge.limits == ["malformed_http"]
+    assert edge.bytes_sent == [_invalid_http_body()]
+    _finish(loop)
+
+
+def test_bytes_refused_behind_a_complete_request_are_answered_after_its_response():
     import asyncio
 
-    loop.run_until_complete(asyncio.sleep(0.01))  # let the app's tasks end
+    loop_release: list[asyncio.Future] = []
+
+    async def hold(scope, receive) -> None:
+        loop_release.append(asyncio.get_running_loop().create_future())
+        await loop_release[-1]
+
+    edge = RecordingEdge(max_head_bytes=4096)
+    proto, raw, started, loop = _protocol(edge, hold)
+    proto.data_received(VALID + b"GARBAGE\x01\x02 / HTTP/1.1\r\n\r\n")
+    _turns(loop)
+    assert len(started) == 1 and raw.sends == [] and not raw.reading and edge.refused == []
+    loop_release[0].set_result(None)
+    _turns(loop)
+    assert _responses(raw) == [b"HTTP/1.1 204 No Content", b"HTTP/1.1 400 Bad Request"] and raw.eof
+    assert proto.timeout_keep_alive_task is None  # not kept alive: closing
+    assert edge.refused == [(400, "-", "-")] and edge.bytes_sent == [_invalid_http_body()]
+    _finish(loop)
+
+
+def test_a_pipelined_request_whose_body_is_refused_never_runs_and_its_answer_waits_its_turn():
+    import asyncio
+
+    loop_release: list[asyncio.Future] = []
+
+    async def hold(scope, receive) -> None:
+        loop_release.append(asyncio.get_running_loop().create_future())
+        await loop_release[-1]
+
+    edge = RecordingEdge(max_head_bytes=4096)
+    proto, raw, started, loop = _protocol(edge, hold)
+    proto.data_received(VALID + CHUNKED_HEAD + b"zz\r\n")
+    _turns(loop)
+    assert len(started) == 1 and raw.sends == [] and edge.refused == []
+    loop_release[0].set_result(None)
+    _turns(loop)
+    assert len(started) == 1  # the refused one was dropped from uvicorn's pipeline
+    assert _responses(raw) == [b"HTTP/1.1 204 No Content", b"HTTP/1.1 400 Bad Request"] and raw.eof
+    assert edge.refused == [(400, "POST", "/v1/chat/completions")]
+    _finish(loop)
+
+
+def test_a_refusal_waiting_for_a_response_is_logged_once_if_the_client_leaves_first():
+    import asyncio
+
+    async def hold(scope, receive) -> None:
+        await asyncio.sleep(3600)
+
+    edge = RecordingEdge(max_head_bytes=4096)
+    proto, raw, _, loop = _protocol(edge, hold)
+    proto.data_received(VALID + b"GARBAGE\x01\x02 / HTTP/1.1\r\n\r\n")
+    _turns(loop)
+    proto.connection_lost(None)
+    _turns(loop)
+    assert raw.sends == [] and edge.refused == [(400, "-", "-")] and edge.bytes_sent == [0]
+    for task in asyncio.all_tasks(loop):
+        task.cancel()
+    _finish(loop)
+
+
+def _turns(loop) -> None:
+    import asyncio
+
+    loop.run_until_complete(asyncio.sleep(0.01))
+
+
+def _finish(loop) -> None:
+    _turns(loop)  # let the app's tasks end
     loop.close()
