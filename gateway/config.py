@@ -79,6 +79,7 @@ class ServerConfig(_Strict):
     max_json_elements: int = Field(500_000, ge=1000)  # values in a request body (checked on its bytes)
     max_json_containers: int = Field(20_000, ge=16)  # arrays and objects in a request body
     request_headers_timeout_s: float = Field(10.0, gt=0)  # a request head must arrive within this
+    request_timeout_s: float = Field(60.0, gt=0)  # a whole request (head and body) must arrive within this
     idle_timeout_s: float = Field(75.0, gt=0)  # a connection without a request in flight is closed after this
     send_timeout_s: float = Field(60.0, gt=0)  # a response the client stops reading is cut after this
     max_inflight: int = Field(0, ge=0)  # 0 = unlimited

@@ -49,6 +49,16 @@ def head_timeout(timeout_s: float) -> GatewayError:
     )
 
 
+def request_timeout(timeout_s: float) -> GatewayError:
+    return GatewayError(
+        408,
+        f"Request body not received within {timeout_s:g} s of the request's first byte (server.request_timeout_s).",
+        "invalid_request_error",
+        "request_timeout",
+        flag=ResponseFlag.REQUEST_HEADERS_TIMEOUT,
+    )
+
+
 def malformed_http() -> GatewayError:
     return GatewayError(
         400,
@@ -82,6 +92,7 @@ class EdgeLimits:
     ) -> None:
         self.max_head_bytes = srv.max_header_bytes
         self.head_timeout_s = srv.request_headers_timeout_s
+        self.request_timeout_s = srv.request_timeout_s
         self.idle_timeout_s = srv.idle_timeout_s
         self.send_timeout_s = srv.send_timeout_s
         # (error, method, path, client, started, body bytes sent) -> log and count as a request
@@ -90,7 +101,14 @@ class EdgeLimits:
         self.connections: set[EdgeConnection] = set()
         # The sweep's period bounds how late a timeout fires: a quarter of the shortest, at most 1 s.
         self.sweep_s = max(
-            0.02, min(1.0, self.head_timeout_s / 4, self.idle_timeout_s / 4, self.send_timeout_s / 4)
+            0.02,
+            min(
+                1.0,
+                self.head_timeout_s / 4,
+                self.request_timeout_s / 4,
+                self.idle_timeout_s / 4,
+                self.send_timeout_s / 4,
+            ),
         )
         self._task: asyncio.Task[None] | None = None
 

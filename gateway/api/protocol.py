@@ -52,6 +52,7 @@ from gateway.api.edge import (
     head_timeout,
     head_too_large,
     malformed_http,
+    request_timeout,
     response_bytes,
 )
 from gateway.api.types import Scope
@@ -127,6 +128,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
     _head_limit = 0  # bytes a head may still take; 0 while no head is being read (a body is)
     _head_seen = 0  # bytes received since the current head may have begun
     _head_t = 0.0  # when the pending head's first byte was parsed; 0.0 = no head pending
+    _body_t = 0.0  # when the request whose body is still arriving began; 0.0 = no body pending
     _send_blocked_t = 0.0  # since when writing is paused (the client's socket is full); 0.0 = it is not
     _born = 0.0
     _refusal: Refusal | None = None  # refused, to be answered once the responses before it are complete
@@ -165,11 +167,13 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         self.scope[DISCONNECT_KEY] = None  # type: ignore[literal-required]
 
     def on_headers_complete(self) -> None:
+        self._body_t = self._head_t  # until on_message_complete: the body is timed from the request's start
         self._head_t = 0.0
         self._head_limit = 0  # the body is the app's to bound (server.max_body_bytes)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        self._body_t = 0.0
         super().on_message_complete()
         edge = self._edge
         if edge is not None:  # the next head may begin: count again
@@ -185,7 +189,8 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         self._send_blocked_t = 0.0
 
     def expire(self, t: float, limits: EdgeLimits) -> None:
-        """Called by the edge's sweep: a head slower than its timeout gets 408; a connection that has
+        """Called by the edge's sweep: a head slower than its timeout gets 408, and so does a request whose
+        body is not all in within ``server.request_timeout_s`` of its first byte; a connection that has
         not begun a request since it opened is closed after the idle timeout. (After a response,
         uvicorn's keep-alive timer, ``server.idle_timeout_s`` too, closes idle connections.) A client
         that reads nothing of what is written to it for ``server.send_timeout_s`` has its connection
@@ -202,6 +207,10 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         elif self._head_t:
             if t - self._head_t > limits.head_timeout_s:
                 self._refuse(head_timeout(limits.head_timeout_s), "head_timeout")
+        elif self._body_t:  # a body trickling in (a slow POST) holds a request and its worker's memory
+            if t - self._body_t > limits.request_timeout_s and not self.flow.read_paused:
+                self._body_t = 0.0
+                self._refuse(request_timeout(limits.request_timeout_s), "request_timeout")
         elif (
             self.cycle is None and t - self._born > limits.idle_timeout_s and not self.transport.is_closing()
         ):

@@ -235,7 +235,13 @@ def test_content_length_with_trailing_whitespace_is_accepted(edge):
 @pytest.fixture(scope="module")
 def slow_edge(sims: Sims, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     gw = Gateway(
-        _cfg(sims, admin_port=free_port(), request_headers_timeout_s=0.5, idle_timeout_s=1.0),
+        _cfg(
+            sims,
+            admin_port=free_port(),
+            request_headers_timeout_s=0.5,
+            request_timeout_s=1.0,
+            idle_timeout_s=1.0,
+        ),
         tmp_path_factory.mktemp("slow"),
         name="slow",
     )
@@ -320,6 +326,28 @@ def test_slowloris_and_silent_connections_are_closed(slow_edge):
     assert metric_value(m, "llmgw_input_limits_total", limit="idle_timeout") == before["idle_timeout"] + 3
     recs = [r for r in gw.records(wait_for=5) if r["response_code"] == 408]
     assert len(recs) == 5 and {r["response_flags"] for r in recs} == {"HT"}
+
+
+def test_a_body_trickled_in_slower_than_the_request_timeout_is_answered_408_and_logged_once(slow_edge):
+    # A slow POST: the head arrives at once, then the body a byte at a time, never idle for long, never
+    # done. Without a bound on the whole request it held the request (and its buffered body) forever.
+    gw = slow_edge
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
+        "content-type: application/json\r\ncontent-length: 100000\r\n\r\n"
+    ).encode()
+    before = metric_value(gw.metrics(), "llmgw_input_limits_total", limit="request_timeout")
+    with socket.create_connection(("127.0.0.1", gw.port)) as s:
+        s.sendall(head + b'{"model": "chat", "messages": [')
+        answer = _until_closed(s, b'{"role": "user", "content": "x"}, ')
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b'"code":"request_timeout"' in answer and b"server.request_timeout_s" in answer
+    m = gw.metrics()
+    assert metric_value(m, "llmgw_input_limits_total", limit="request_timeout") == before + 1
+    refused = [r for r in gw.records(wait_for=1) if r["response_code"] == 408 and r["method"] == "POST"]
+    refused = [r for r in refused if r["path"] == "/v1/chat/completions" and r["bytes_sent"] > 0]
+    assert refused and refused[-1]["response_flags"] == "HT" and refused[-1]["attempts"] == 0
+    assert not [r for r in gw.records() if r["response_code"] == 499]  # one record, not also a DC
 
 
 def test_a_client_that_stops_reading_a_stream_is_cut_after_send_timeout(tmp_path: Path):

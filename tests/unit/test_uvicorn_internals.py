@@ -111,6 +111,11 @@ def test_the_protocols_write_pause_hooks_still_reach_uvicorns_flow_control() -> 
         assert proto._send_blocked_t > 0 and proto.flow.write_paused
         proto.resume_writing()
         assert proto._send_blocked_t == 0.0 and not proto.flow.write_paused
+        # server.request_timeout_s does not count time uvicorn itself stopped reading a body (the app
+        # had not taken what it buffered): it reads flow.read_paused
+        assert proto.flow.read_paused is False
+        proto.flow.pause_reading()
+        assert proto.flow.read_paused is True
 
     asyncio.run(scenario())
 
