@@ -154,7 +154,7 @@ class GatewayASGI:
                 )
             if guard is not None:
                 key = await guard.authenticate(headers)  # raises 401
-            raw, marks = await self._read_body(headers, receive)
+            raw, marks, upload_wait_s = await self._read_body(headers, receive)
             t_body = now()
             body, containers = self._load(raw, marks)
             model = self._check(body, upstream_path, containers)
@@ -242,6 +242,7 @@ class GatewayASGI:
             headers=headers,
             t_received=t0,
             t_body=t_body,
+            upload_wait_s=upload_wait_s,
             wall_start=wall,
             request_id=request_id,
             client=f"{client[0]}:{client[1]}" if client else None,
@@ -271,9 +272,12 @@ class GatewayASGI:
             if ex_done is not None:
                 ex_done(ex)
 
-    async def _read_body(self, headers: dict[str, str], receive: Receive) -> tuple[bytes, JsonMarks | None]:
-        """The body, and for one that came in parts its JSON marks counted part by part as they arrived
-        (so a large body's counting is spread over its upload instead of blocking the loop at the end)."""
+    async def _read_body(
+        self, headers: dict[str, str], receive: Receive
+    ) -> tuple[bytes, JsonMarks | None, float]:
+        """The body; for one that came in parts, its JSON marks counted part by part as they arrived (so a
+        large body's counting is spread over its upload instead of blocking the loop at the end) and the
+        time from its first part to its last: the client's upload, which is not gateway overhead."""
         cl = headers.get("content-length")
         if cl is not None:
             cl = cl.strip(" \t")  # optional whitespace around a field value (RFC 9110 5.5)
@@ -288,7 +292,8 @@ class GatewayASGI:
         if len(body) > self.max_body:  # without Content-Length, uvicorn may hand over the whole body at once
             raise errors.too_large(self.max_body)
         if not msg.get("more_body"):
-            return body, None
+            return body, None, 0.0
+        t_first_part = now()
         parts = [body]
         size = len(body)
         marks = count_marks(body)
@@ -303,7 +308,7 @@ class GatewayASGI:
             parts.append(chunk)
             marks = marks.add(count_marks(chunk))
             if not msg.get("more_body"):
-                return b"".join(parts), marks
+                return b"".join(parts), marks, now() - t_first_part
 
     def _load(self, raw: bytes, marks: JsonMarks | None = None) -> tuple[JsonObject, int]:
         """The body as a JSON object, and how many containers it holds (for the depth check)."""

@@ -66,6 +66,7 @@ class Exchange:
         "headers",
         "t_received",
         "t_body",
+        "upload_wait_s",
         "wall_start",
         "request_id",
         "client",
@@ -123,6 +124,7 @@ class Exchange:
         headers: dict[str, str],
         t_received: float,
         t_body: float,
+        upload_wait_s: float = 0.0,
         wall_start: float,
         request_id: str,
         client: str | None,
@@ -143,6 +145,7 @@ class Exchange:
         self.headers = headers
         self.t_received = t_received
         self.t_body = t_body
+        self.upload_wait_s = upload_wait_s  # waiting for the rest of a body sent in parts: the client's time
         self.wall_start = wall_start
         self.request_id = request_id
         self.client = client
@@ -952,7 +955,9 @@ class Exchange:
         end = self.t_last_sent or self.now()
         w = self.winner or self.last_failure or (self.attempts[-1] if self.attempts else None)
         duration = (end - self.t_received) * 1000.0
-        overhead = duration - self.upstream_wait_s() * 1000.0 if self.attempts else duration
+        overhead = duration - self.upload_wait_s * 1000.0
+        if self.attempts:
+            overhead -= self.upstream_wait_s() * 1000.0
         dep = w.dep if w is not None else None
         wire = w.wire if w is not None else None
         hedge_winner = None

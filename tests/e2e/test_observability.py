@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -40,6 +41,33 @@ def test_logged_upstream_time_matches_the_simulator(sims_factory, gateways):
     assert 195 <= up <= 200 + BUSY_SLACK_MS
     timing = r.headers["server-timing"]
     assert timing.startswith("gateway;dur=") and "upstream;dur=" in timing
+
+
+def test_a_body_uploaded_in_parts_is_the_clients_time_not_gateway_overhead(sims_factory, gateways):
+    # A slow uploader made gateway_overhead_ms (and its alert) blame the gateway for the client's link.
+    sims = sims_factory({"sim-a": ("us-east", FIXED)})
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+    body = orjson.dumps({"model": "chat", "messages": [{"role": "user", "content": "x" * 400}]})
+    parts = [body[:100], body[100:200], body[200:300], body[300:]]
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", gw.port)) as s:
+        s.sendall(head + parts[0])
+        for part in parts[1:]:
+            time.sleep(0.15)  # the client's pace: the gateway waits for each part
+            s.sendall(part)
+        s.settimeout(10)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    rec = gw.records(wait_for=1)[-1]
+    assert rec["request_duration_ms"] >= 440, rec  # the three pauses, as the client made them
+    assert rec["gateway_overhead_ms"] < OVERHEAD_CEILING_MS, rec
+    assert rec["duration_ms"] >= rec["upstream_service_time_ms"] + rec["gateway_overhead_ms"] + 440
+    assert metric_value(gw.metrics(), "llmgw_gateway_overhead_seconds_sum") < OVERHEAD_CEILING_MS / 1000
 
 
 def test_stream_ttft_is_logged_and_close_to_the_simulator(sims_factory, gateways):
