@@ -2,8 +2,9 @@
 
 Works the same on one server, behind Sentinel and on a Redis Cluster (see ``topology``): every script
 touches keys that share a hash tag, pipelines hold single-key commands only (a cluster pipeline sends
-each to its node), and nothing scans the keyspace. Every call a request can wait on is bounded by
-the state timeout (the background sync round is bounded by its caller).
+each to its node), single commands go to their key's node (``Topology.ready`` first), and nothing
+scans the keyspace. Every call a request can wait on is bounded by the state timeout (the background
+sync round is bounded by its caller).
 """
 
 from __future__ import annotations
@@ -92,10 +93,12 @@ class RedisState:
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
         async with asyncio.timeout(self.timeout_s):
+            await self._topology.ready()
             await self._client.set(key, value, px=max(1, int(ttl_s * 1000)))
 
     async def get(self, key: str) -> bytes | None:
         async with asyncio.timeout(self.timeout_s):
+            await self._topology.ready()
             return await self._client.get(key)
 
     async def hset(self, key: str, mapping: dict[str, bytes], ttl_s: float | None) -> None:
@@ -108,11 +111,13 @@ class RedisState:
 
     async def hgetall(self, key: str) -> dict[str, bytes]:
         async with asyncio.timeout(self.timeout_s):
+            await self._topology.ready()
             raw = await self._client.hgetall(key)
         return {f.decode() if isinstance(f, bytes) else f: v for f, v in raw.items()}
 
     async def hdel(self, key: str, field: str) -> int:
         async with asyncio.timeout(self.timeout_s):
+            await self._topology.ready()
             return int(await self._client.hdel(key, field))
 
     async def rate_limit(self, checks: list[LimitCheck], period_s: float) -> LimitDecision:
@@ -120,6 +125,7 @@ class RedisState:
         for c in checks:
             args += (c.cost, c.limit)
         async with asyncio.timeout(self.timeout_s):
+            await self._topology.ready()
             refused, retry_ms = await self._gcra(keys=[c.key for c in checks], args=args)
         refused = int(refused)
         return ADMITTED if refused == 0 else LimitDecision(refused - 1, float(retry_ms) / 1000.0)

@@ -4,7 +4,10 @@ redis-py's own clients do the discovery: ``Sentinel.master_for`` asks the sentin
 every new connection (so after a failover the next connection goes to the promoted replica), and
 ``RedisCluster`` learns the slot map from its seed node and follows MOVED/ASK. Client-side retries are
 off for one server and Sentinel: the caller bounds each call by the state timeout and falls back to
-local state, which beats waiting on retries to a primary that is gone.
+local state, which beats waiting on retries to a primary that is gone. A cluster call gets one retry
+(``CLUSTER_RETRIES``) after re-reading the slot map: enough to land on a replica promoted since the
+last call. redis-py's default (ten in 8.1) re-read a map that still named the dead primary ten times
+(each read also fetches COMMAND, ~20 ms of CPU), so every call for its slots waited out the timeout.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 RedisMode = Literal["standalone", "sentinel", "cluster"]
+CLUSTER_RETRIES = 1  # redis-py >= 6: a cluster client's ``retry`` sets how often a failed call is retried
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +48,9 @@ class Topology:
         self._sentinel: Sentinel | None = None
         self.client: Any
         if target.mode == "cluster":
-            self.client = RedisCluster.from_url(target.url, **sockets)
+            self.client = RedisCluster.from_url(
+                target.url, **sockets, retry=Retry(NoBackoff(), CLUSTER_RETRIES)
+            )
         elif target.mode == "sentinel":
             kw: dict[str, Any] = dict(parse_url(target.url))
             for k in (
@@ -93,6 +99,15 @@ class Topology:
             return [f"{addr[0]}:{addr[1]}"] if addr else []
         kw = pool.connection_kwargs
         return [kw["path"] if "path" in kw else f"{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}"]
+
+    async def ready(self) -> None:
+        """Before a single command: on a cluster, re-read the slot map now if the client dropped it (redis-py
+        does on CLUSTERDOWN, and a cluster pipeline on each error it retries). redis-py decides where a
+        command goes before re-reading the map, and without one sends a keyed command to a random primary
+        (redis-py 8.1): in a failover that primary may still answer CLUSTERDOWN, and redis-py then drops
+        the map again and waits 0.25 s, so the call waits out the state timeout."""
+        if self.mode == "cluster":
+            await self.client.initialize()
 
     async def close(self) -> None:
         await self.client.aclose()

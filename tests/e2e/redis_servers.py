@@ -1,6 +1,7 @@
-"""Real Redis topologies for the e2e tests, from Debian's redis-server: a 3-node Cluster, and a
-primary with a replica watched by a sentinel. Free ports on 127.0.0.1, one temp dir each, killed at
-teardown. Readiness is waited on as events (cluster_state:ok, the sentinel seeing the replica)."""
+"""Real Redis topologies for the e2e tests, from Debian's redis-server: a Cluster of 3 primaries (with
+or without a replica each), and a primary with a replica watched by a sentinel. Free ports on
+127.0.0.1, one temp dir each, killed at teardown. Readiness is waited on as events (cluster_state:ok,
+every replica linked, the sentinel seeing the replica)."""
 
 from __future__ import annotations
 
@@ -78,12 +79,13 @@ class RedisProc:
 
 
 class Cluster:
-    """Three primaries, no replicas, slots split by `redis-cli --cluster create`."""
+    """Three primaries, slots split by `redis-cli --cluster create`; with ``replicas=1`` each primary has a
+    replica of its own that the cluster promotes when the primary dies (after ``node_timeout_ms``)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, replicas: int = 0, node_timeout_ms: int = 2000) -> None:
         self.nodes: list[RedisProc] = []
         try:
-            for i in range(3):
+            for i in range(3 * (1 + replicas)):
                 # the bus port gets a free port of its own (port + 10000 may be taken, or beyond 65535)
                 self.nodes.append(
                     RedisProc(
@@ -96,21 +98,39 @@ class Cluster:
                         "--cluster-config-file",
                         "nodes.conf",
                         "--cluster-node-timeout",
-                        "2000",
+                        str(node_timeout_ms),
                     )
                 )
             out = subprocess.run(
-                ["redis-cli", "--cluster", "create", *(n.address for n in self.nodes), "--cluster-yes"],
+                [
+                    "redis-cli",
+                    "--cluster",
+                    "create",
+                    *(n.address for n in self.nodes),
+                    "--cluster-replicas",
+                    str(replicas),
+                    "--cluster-yes",
+                ],
                 capture_output=True,
                 text=True,
                 timeout=30,
             )
             assert out.returncode == 0, out.stdout + out.stderr
-            for n in self.nodes:
+            for n in self.nodes:  # every node sees every slot served and every replica in its place
                 wait_for(
-                    lambda n=n: n.client.cluster("info")["cluster_state"] == "ok",
+                    lambda n=n: (
+                        n.client.cluster("info")["cluster_state"] == "ok"
+                        and sum("slave" in v["flags"].split(",") for v in n.client.cluster("nodes").values())
+                        == 3 * replicas
+                    ),
                     20,
-                    f"cluster_state:ok on {n.address}",
+                    f"cluster_state:ok and {3 * replicas} replicas known on {n.address}",
+                )
+            for n in self.nodes:  # a replica is promoted only with the data of its primary
+                wait_for(
+                    lambda n=n: n.client.info("replication").get("master_link_status", "up") == "up",
+                    20,
+                    f"the replication link of {n.address}",
                 )
         except BaseException:
             self.stop()
@@ -122,6 +142,39 @@ class Cluster:
 
     def client(self) -> redis.RedisCluster:
         return redis.RedisCluster(host="127.0.0.1", port=self.nodes[0].port)
+
+    def node(self, address: str) -> RedisProc:
+        return next(n for n in self.nodes if n.address == address)
+
+    def live(self) -> list[RedisProc]:
+        return [n for n in self.nodes if n.proc.poll() is None]
+
+    def view(self) -> dict[str, dict]:
+        """CLUSTER NODES as a live node sees it: address -> flags, node_id, master_id, ..."""
+        return self.live()[0].client.cluster("nodes")
+
+    def owner(self, key: str) -> RedisProc:
+        """The primary serving ``key``'s slot now."""
+        client = self.live()[0].client
+        slot = client.cluster("keyslot", key)
+        for start, end, primary, *_ in client.execute_command("CLUSTER SLOTS"):
+            if int(start) <= slot <= int(end):
+                return self.node(f"{primary[0].decode()}:{primary[1]}")
+        raise AssertionError(f"no primary serves slot {slot}")
+
+    def replica_of(self, primary: RedisProc) -> RedisProc:
+        view = self.view()
+        primary_id = view[primary.address]["node_id"]
+        return self.node(next(a for a, v in view.items() if v["master_id"] == primary_id))
+
+    def primaries(self) -> set[str]:
+        """Addresses of the primaries not marked failed, as a live node sees them."""
+        flags = {a: set(v["flags"].split(",")) for a, v in self.view().items()}
+        return {a for a, f in flags.items() if "master" in f and not f & {"fail", "fail?"}}
+
+    def whole(self) -> bool:
+        """Every live node says cluster_state:ok: each slot is served again."""
+        return all(n.client.cluster("info")["cluster_state"] == "ok" for n in self.live())
 
     def stop(self) -> None:
         for n in self.nodes:

@@ -1,15 +1,19 @@
 """Shared state on highly available Redis, with real servers: a 3-node Redis Cluster and a Sentinel-
 managed primary with its replica. Two gateway processes share rate limits, key quotas, ejections and
-latency through them; the Sentinel primary is killed under load and no client request fails.
+latency through them; a primary is killed under load (behind Sentinel, and in a Cluster with a replica
+per primary) and no client request fails.
 Plus the O(1) rate limit: many requests keep the per-request Redis work constant."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +22,12 @@ import pytest
 import redis
 import yaml
 from harness import Gateway, dep, metric_value, model
-from redis_servers import MASTER_SET, Cluster, SentinelSet, wait_for
+from redis_servers import MASTER_SET, Cluster, RedisProc, SentinelSet, wait_for
 
+from gateway.policy.ratelimit import ADMITTED, LimitCheck
 from gateway.security.keys import hash_key
+from gateway.state.redis import RedisState
+from gateway.state.topology import RedisTarget
 
 FAST = {"ttft_ms": 5, "ttft_dist": "fixed", "itl_ms": 1, "tokens": 3, "tail_p": 0}
 KEY_LOAD = "sk-gw-ha-load-0001"
@@ -154,7 +161,50 @@ def test_cluster_shares_ejections_and_latency_across_two_gateways(
     assert len(sims.stats("sim-a")["recent"]) == before
 
 
-# ---------------------------------------------------------------- Sentinel failover under load
+def test_a_cluster_command_goes_to_the_node_of_its_key_even_after_the_client_dropped_its_map(
+    cluster, redis_prefix
+):
+    """redis-py's cluster client drops its slot map on CLUSTERDOWN (as on close) and decides where the next
+    command goes before re-reading it: without one, a keyed command went to a random primary (a MOVED;
+    in a failover, a node still answering CLUSTERDOWN, which costs the state timeout). Each command finds
+    its node at once, so no node answers MOVED."""
+    state = RedisState(RedisTarget(mode="cluster", url=cluster.seed_url, timeout_s=2.0), redis_prefix)
+    check = [LimitCheck(redis_prefix + "rl:{shared}:rpm", 1, 1000)]
+
+    def moved() -> int:
+        return sum(
+            n.client.info("errorstats").get("errorstat_MOVED", {}).get("count", 0) for n in cluster.nodes
+        )
+
+    async def calls() -> int:
+        before = moved()
+        for _ in range(8):  # a random primary would be the right one 1 time in 3
+            await state.close()  # connections and slot map dropped; the client reconnects on next use
+            assert await state.rate_limit(check, 60.0) == ADMITTED
+            await state.close()
+            assert await state.get(redis_prefix + "nothing") is None
+        await state.close()
+        return moved() - before
+
+    assert asyncio.run(calls()) == 0
+
+
+# ---------------------------------------------------------------- failover under load
+
+
+@dataclass
+class _Failover:
+    """A failover to run under load: how the gateways reach Redis, the primary to kill, the replica that
+    takes its place, the primaries in use before and after, and how to tell the promotion happened."""
+
+    mode: str
+    state: dict[str, Any]
+    keys: list[dict[str, Any]]
+    old: RedisProc
+    new: RedisProc
+    primaries_before: set[str]
+    primaries_after: set[str]
+    promoted: Callable[[], object]
 
 
 def test_sentinel_failover_under_load_fails_no_request_and_limits_are_shared_again(
@@ -162,53 +212,99 @@ def test_sentinel_failover_under_load_fails_no_request_and_limits_are_shared_aga
 ):
     servers = SentinelSet(tmp_path / "redis")
     try:
-        _failover_under_load(servers, sims_factory, gateways, redis_prefix)
+        old, new = servers.primary, servers.replica
+        failover = _Failover(
+            mode="sentinel",
+            state={
+                "redis_mode": "sentinel",
+                "sentinels": [servers.sentinel.address],
+                "sentinel_master": MASTER_SET,
+            },
+            keys=KEYS,
+            old=old,
+            new=new,
+            primaries_before={old.address},
+            primaries_after={new.address},
+            promoted=lambda: servers.master_port() == new.port,
+        )
+        _failover_under_load(failover, sims_factory, gateways, redis_prefix)
     finally:
         servers.stop()
 
 
-def _failover_under_load(servers: SentinelSet, sims_factory: Any, gateways: Any, prefix: str) -> None:
+def test_cluster_failover_under_load_fails_no_request_and_limits_are_shared_again(
+    tmp_path: Path, sims_factory, gateways, redis_prefix
+):
+    """A 3-primary cluster with a replica each; the primary of the shared key's slot dies and the cluster
+    (not a sentinel) promotes its replica, after cluster-node-timeout plus an election."""
+    servers = Cluster(tmp_path / "redis", replicas=1, node_timeout_ms=1000)
+    try:
+        old = servers.owner(redis_prefix + "rl:{shared}:rpm")
+        new = servers.replica_of(old)
+        # the load's key gets an id whose limits live on that primary too, so its requests meet the dead node
+        load_id = next(f"load-{i}" for i in count() if servers.owner(f"rl:{{load-{i}}}:rpm") is old)
+        before = servers.primaries()
+        after = before - {old.address} | {new.address}
+        failover = _Failover(
+            mode="cluster",
+            state={"redis_mode": "cluster", "redis_url": f"redis://{old.address}/0"},  # the seed dies too
+            keys=[{**KEYS[0], "id": load_id}, *KEYS[1:]],
+            old=old,
+            new=new,
+            primaries_before=before,
+            primaries_after=after,
+            promoted=lambda: servers.primaries() == after and servers.whole(),
+        )
+        _failover_under_load(failover, sims_factory, gateways, redis_prefix)
+    finally:
+        servers.stop()
+
+
+def _on_primaries(gw: Gateway, mode: str, addresses: set[str]) -> bool:
+    """The gateway reports exactly ``addresses`` as the primaries in use."""
+    text = gw.metrics()
+    return metric_value(text, "llmgw_state_backend_primary", mode=mode) == len(addresses) and all(
+        metric_value(text, "llmgw_state_backend_primary", mode=mode, address=a) == 1 for a in addresses
+    )
+
+
+def _failover_under_load(f: _Failover, sims_factory: Any, gateways: Any, prefix: str) -> None:
     sims = sims_factory({"sim-a": ("us-east", FAST)})
     cfg = {
         "server": {"admin_port": "auto"},  # with keys on, /metrics is served on the admin port
         "state": {
             "backend": "redis",
-            "redis_mode": "sentinel",
-            "sentinels": [servers.sentinel.address],
-            "sentinel_master": MASTER_SET,
+            **f.state,
             "key_prefix": prefix,
             "sync_interval_ms": 100,
             "timeout_ms": 250,
         },
-        "auth": {"mode": "keys", "keys": KEYS},
+        "auth": {"mode": "keys", "keys": f.keys},
         "models": [model("chat", [dep("a", sims.base_url("sim-a"))])],
     }
     gw1, gw2 = gateways(cfg, wait_ready=False), gateways(cfg, wait_ready=False)
     gw1.wait_ready()
     gw2.wait_ready()
-    old, new = servers.primary, servers.replica
     for gw in (gw1, gw2):
         wait_for(
-            lambda gw=gw: (
-                metric_value(
-                    gw.metrics(), "llmgw_state_backend_primary", mode="sentinel", address=old.address
-                )
-                == 1
-            ),
+            lambda gw=gw: _on_primaries(gw, f.mode, f.primaries_before),
             10,
-            "the gateways to find the primary",
+            "the gateways to find the primaries",
         )
 
     # A light load on both gateways, paced, bounded in count; the primary dies after the first 100.
     results: list[int | str] = []
+    took: list[float] = []  # each request's time, seconds
     stop = threading.Event()
 
     def load(gw: Gateway) -> None:
         while not stop.is_set() and len(results) < 1500:
+            t0 = time.monotonic()
             try:
                 results.append(_chat(gw, KEY_LOAD).status_code)
             except httpx.HTTPError as exc:
                 results.append(type(exc).__name__)
+            took.append(time.monotonic() - t0)
             time.sleep(0.02)
 
     threads = [threading.Thread(target=load, args=(gw,)) for gw in (gw1, gw2, gw1, gw2)]
@@ -218,16 +314,13 @@ def _failover_under_load(servers: SentinelSet, sims_factory: Any, gateways: Any,
         wait_for(lambda: len(results) >= 100, 30, "100 requests before the kill")
         t_kill = time.monotonic()
         sent_before = len(results)
-        old.kill()
-        wait_for(lambda: servers.master_port() == new.port, 30, "the sentinel to promote the replica")
+        f.old.kill()
+        wait_for(f.promoted, 30, f"the {f.mode} to promote the replica")
         t_promoted = time.monotonic()
         for gw in (gw1, gw2):  # both follow the new primary and their limits are shared again
             wait_for(
                 lambda gw=gw: (
-                    metric_value(
-                        gw.metrics(), "llmgw_state_backend_primary", mode="sentinel", address=new.address
-                    )
-                    == 1
+                    _on_primaries(gw, f.mode, f.primaries_after)
                     and metric_value(gw.metrics(), "llmgw_state_local_only_seconds_total") > 0
                 ),
                 30,
@@ -241,21 +334,23 @@ def _failover_under_load(servers: SentinelSet, sims_factory: Any, gateways: Any,
             t.join()
     failed = [r for r in results if r != 200]
     assert not failed, failed[:20]
+    assert max(took) < 3.0  # none waited on Redis for long, let alone until the client gave up (10 s)
     assert sent_after - sent_before > 0  # requests flowed while the state was local
     local_s = [metric_value(gw.metrics(), "llmgw_state_local_only_seconds_total") for gw in (gw1, gw2)]
     reconnects = [metric_value(gw.metrics(), "llmgw_state_backend_reconnects_total") for gw in (gw1, gw2)]
     assert all(n >= 1 for n in reconnects), reconnects
     for gw in (gw1, gw2):
-        assert metric_value(gw.metrics(), "llmgw_state_backend_primary", address=old.address) == 0
+        assert metric_value(gw.metrics(), "llmgw_state_backend_primary", address=f.old.address) == 0
         assert "enforcing limits locally" in gw.stderr()
     # the limits live in the promoted primary now, and hold across both gateways again
     _shared_limit_holds(gw1, gw2)
-    assert new.client.exists(prefix + "rl:{shared}:rpm") == 1
+    assert f.new.client.exists(prefix + "rl:{shared}:rpm") == 1
     print(
-        f"\nfailover: {len(results)} requests, {len(failed)} failed; {sent_after - sent_before} sent between the "
-        f"kill and both gateways following; promotion {t_promoted - t_kill:.2f} s after the kill; gateways on the "
-        f"new primary {t_followed - t_kill:.2f} s after the kill; limits local-only per gateway "
-        f"{', '.join(f'{s:.2f} s' for s in local_s)}"
+        f"\n{f.mode} failover: {len(results)} requests, {len(failed)} failed; {sent_after - sent_before} sent "
+        f"between the kill and both gateways following; promotion {t_promoted - t_kill:.2f} s after the kill; "
+        f"gateways on the new primary {t_followed - t_kill:.2f} s after the kill; limits local-only per "
+        f"gateway {', '.join(f'{s:.2f} s' for s in local_s)}; slowest request {max(took) * 1000:.0f} ms, "
+        f"{sum(t > 0.1 for t in took)} over 100 ms"
     )
 
 

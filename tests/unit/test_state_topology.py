@@ -260,3 +260,15 @@ def test_sentinel_and_cluster_clients_carry_the_urls_credentials_tls_and_timeout
     assert "SSL" in c.client.connection_kwargs["connection_class"].__name__
     one = Topology(RedisTarget(url="redis://:pw@h:6380/0", timeout_s=0.3))
     assert one.primaries() == ["h:6380"]
+
+
+def test_a_cluster_call_is_retried_once_after_a_refresh():
+    """One retry after re-reading the slot map finds a replica promoted since the last call; more only
+    re-read a map that still names the dead primary until the state timeout is spent (redis-py's own
+    default is ten). One server gets none: the caller falls back to local state at once."""
+    from gateway.state.topology import CLUSTER_RETRIES, RedisTarget, Topology
+
+    c = Topology(RedisTarget(mode="cluster", url="redis://seed:7000/0"))
+    assert CLUSTER_RETRIES == 1 and c.client.retry.get_retries() == CLUSTER_RETRIES
+    one = Topology(RedisTarget(url="redis://h:6380/0"))
+    assert one.client.get_retry().get_retries() == 0
