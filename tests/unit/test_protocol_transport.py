@@ -214,22 +214,33 @@ def test_a_malformed_chunk_of_the_body_being_read_is_answered_at_once_and_ends_t
     _finish(loop)
 
 
-def test_bytes_refused_behind_a_complete_request_are_answered_after_its_response():
+def _held_then_released(edge: RecordingEdge, data: bytes):
+    """A protocol whose app holds each request until released; ``data`` is fed, then the first request
+    released. Returns the protocol's parts and whether the bytes waited (nothing written, reading paused,
+    nothing refused yet)."""
     import asyncio
 
-    loop_release: list[asyncio.Future] = []
+    release: list[asyncio.Future] = []
 
     async def hold(scope, receive) -> None:
-        loop_release.append(asyncio.get_running_loop().create_future())
-        await loop_release[-1]
+        release.append(asyncio.get_running_loop().create_future())
+        await release[-1]
 
-    edge = RecordingEdge(max_head_bytes=4096)
     proto, raw, started, loop = _protocol(edge, hold)
-    proto.data_received(VALID + b"GARBAGE\x01\x02 / HTTP/1.1\r\n\r\n")
+    proto.data_received(data)
     _turns(loop)
-    assert len(started) == 1 and raw.sends == [] and not raw.reading and edge.refused == []
-    loop_release[0].set_result(None)
+    waited = len(started) == 1 and raw.sends == [] and not raw.reading and edge.refused == []
+    release[0].set_result(None)
     _turns(loop)
+    return proto, raw, started, loop, waited
+
+
+def test_bytes_refused_behind_a_complete_request_are_answered_after_its_response():
+    edge = RecordingEdge(max_head_bytes=4096)
+    proto, raw, started, loop, waited = _held_then_released(
+        edge, VALID + b"GARBAGE\x01\x02 / HTTP/1.1\r\n\r\n"
+    )
+    assert waited
     assert _responses(raw) == [b"HTTP/1.1 204 No Content", b"HTTP/1.1 400 Bad Request"] and raw.eof
     assert proto.timeout_keep_alive_task is None  # not kept alive: closing
     assert edge.refused == [(400, "-", "-")] and edge.bytes_sent == [_invalid_http_body()]
@@ -237,21 +248,9 @@ def test_bytes_refused_behind_a_complete_request_are_answered_after_its_response
 
 
 def test_a_pipelined_request_whose_body_is_refused_never_runs_and_its_answer_waits_its_turn():
-    import asyncio
-
-    loop_release: list[asyncio.Future] = []
-
-    async def hold(scope, receive) -> None:
-        loop_release.append(asyncio.get_running_loop().create_future())
-        await loop_release[-1]
-
     edge = RecordingEdge(max_head_bytes=4096)
-    proto, raw, started, loop = _protocol(edge, hold)
-    proto.data_received(VALID + CHUNKED_HEAD + b"zz\r\n")
-    _turns(loop)
-    assert len(started) == 1 and raw.sends == [] and edge.refused == []
-    loop_release[0].set_result(None)
-    _turns(loop)
+    proto, raw, started, loop, waited = _held_then_released(edge, VALID + CHUNKED_HEAD + b"zz\r\n")
+    assert waited
     assert len(started) == 1  # the refused one was dropped from uvicorn's pipeline
     assert _responses(raw) == [b"HTTP/1.1 204 No Content", b"HTTP/1.1 400 Bad Request"] and raw.eof
     assert edge.refused == [(400, "POST", "/v1/chat/completions")]
