@@ -229,9 +229,7 @@ class GatewayASGI:
         client = scope.get("client")
         task = asyncio.current_task(self._loop.get())
         assert task is not None  # an ASGI app always runs in a task
-        deadline, rejected = eng.deadline_for(model, headers, t0)
-        if rejected is None and ("x-gateway-hedge" in headers or "x-gateway-deployment" in headers):
-            rejected = eng.routing_header_error(model, headers)
+        deadline, rejected = eng.check_request(model, headers, t0)
         ex = Exchange(
             eng,
             task,

@@ -142,15 +142,27 @@ class Engine:
         self._inflight_gauge.inc()
         return True
 
-    def deadline_for(
+    def check_request(
         self, model_name: str, headers: dict[str, str], t_received: float
     ) -> tuple[Deadline, GatewayError | None]:
-        """The request's deadline: the earliest of the model's ``total_ms`` and the client's and SDK's timeout
-        headers. With an error (unknown model, malformed header) the request is answered at once, and the
-        deadline is only what the record needs."""
+        """What a request's model and headers decide before any attempt, for every caller alike: its deadline
+        (the earliest of the model's ``total_ms`` and the client's and SDK's timeout headers), or the error
+        that answers it at once: an unknown model, a malformed timeout or ``x-gateway-hedge`` header, an
+        ``x-gateway-deployment`` naming no deployment of the model (a debugging pin that cannot hold is
+        said, not routed elsewhere). Such a mistake is the client's: it never shows as an attempt against a
+        deployment. With an error the deadline is only what the record needs."""
         model = self.registry.models.get(model_name)
         if model is None:
             return Deadline(t_received, DeadlineSource.TOTAL), errors.model_not_found(model_name)
+        deadline, err = self._deadline(model, headers, t_received)
+        if err is None and ("x-gateway-hedge" in headers or "x-gateway-deployment" in headers):
+            err = _routing_header_error(model, headers)
+        return deadline, err
+
+    @staticmethod
+    def _deadline(
+        model: ModelRuntime, headers: dict[str, str], t_received: float
+    ) -> tuple[Deadline, GatewayError | None]:
         client_ms = headers.get("x-gateway-timeout-ms")
         sdk_s = headers.get("x-stainless-timeout")
         sdk_read_s = headers.get("x-stainless-read-timeout")
@@ -171,27 +183,6 @@ class Engine:
             return Deadline(t_received, DeadlineSource.TOTAL), errors.bad_request(
                 str(exc), code="invalid_header"
             )
-
-    def routing_header_error(self, model_name: str, headers: dict[str, str]) -> GatewayError | None:
-        """A malformed ``x-gateway-hedge`` or an ``x-gateway-deployment`` naming no deployment of the model is
-        the client's mistake: answered 400 before any attempt starts, so it never shows as an attempt against
-        a deployment, and a debugging pin that cannot hold is said, not silently routed elsewhere."""
-        hedge = headers.get("x-gateway-hedge")
-        if hedge is not None:
-            try:
-                parse_hedge_header(hedge)  # the delay itself is decided when the first attempt starts
-            except ValueError as exc:
-                return errors.bad_request(str(exc), code="invalid_header")
-        pinned = headers.get("x-gateway-deployment")
-        if pinned is not None:
-            deployments = self.registry.models[model_name].by_id
-            if pinned not in deployments:
-                return errors.bad_request(
-                    f"x-gateway-deployment: {pinned[:100]!r} is not a deployment of model {model_name!r} "
-                    f"(its deployments: {', '.join(deployments)}).",
-                    code="invalid_header",
-                )
-        return None
 
     def upstream_headers(self, client_headers: dict[str, str], request_id: str) -> dict[str, str]:
         """Client headers worth forwarding (x-*, openai-*, user-agent ...), minus credentials and hop-by-hop."""
@@ -290,3 +281,20 @@ class Engine:
         while self.inflight > 0 and loop.time() < end:
             await asyncio.sleep(0.05)
         return self.inflight == 0
+
+
+def _routing_header_error(model: ModelRuntime, headers: dict[str, str]) -> GatewayError | None:
+    hedge = headers.get("x-gateway-hedge")
+    if hedge is not None:
+        try:
+            parse_hedge_header(hedge)  # the delay itself is decided when the first attempt starts
+        except ValueError as exc:
+            return errors.bad_request(str(exc), code="invalid_header")
+    pinned = headers.get("x-gateway-deployment")
+    if pinned is not None and pinned not in model.by_id:
+        return errors.bad_request(
+            f"x-gateway-deployment: {pinned[:100]!r} is not a deployment of model {model.name!r} "
+            f"(its deployments: {', '.join(model.by_id)}).",
+            code="invalid_header",
+        )
+    return None

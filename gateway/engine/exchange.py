@@ -132,7 +132,7 @@ class Exchange:
         rejected: GatewayError | None = None,
         api_key_id: str | None = None,
     ) -> None:
-        """``deadline``: from ``Engine.deadline_for``; ``rejected``: the error it found (answered at once)."""
+        """``deadline``: from ``Engine.check_request``; ``rejected``: the error it found (answered at once)."""
         self.engine = engine
         self.now = engine.clock.now
         # The request's task runs the inline attempts, the race and the relay; this is how to stop what it waits for.

@@ -351,7 +351,7 @@ class Playbook:
 
         async def run() -> None:
             assert eng.admit()
-            deadline, rejected = eng.deadline_for(model, hdrs, t0)
+            deadline, rejected = eng.check_request(model, hdrs, t0)
             ex = Exchange(
                 eng,
                 asyncio.current_task(),
