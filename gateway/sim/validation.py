@@ -113,7 +113,7 @@ def check_chat(body: dict[str, Any]) -> None:
         )
     for i, m in enumerate(messages):
         role = m.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:  # (a list or an object is not hashable)
             raise BadRequest(
                 f"Invalid value: {role!r}. Supported values are: 'system', 'assistant', 'user', 'function', "
                 "'tool', and 'developer'.",

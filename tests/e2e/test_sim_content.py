@@ -269,6 +269,11 @@ def test_embeddings_dimensions_and_base64(sim):
             f"messages[{len(MSG)}].role",
             "invalid_value",
         ),
+        (
+            {"model": "m", "messages": [{"role": ["user"], "content": "x"}]},
+            "messages[0].role",
+            "invalid_value",
+        ),
     ],
 )
 def test_what_openai_refuses_is_refused_alike(sim, body: dict[str, Any], param: str, code: str | None):
