@@ -62,7 +62,8 @@ lint: $(STAMP)
 # llmgw and LiteLLM side by side in one interleaved run (installs the peers under /tmp/peers first; see loadtests/README.md).
 bench: $(STAMP)
 	bash loadtests/peers/setup.sh
-	BENCH_PY=$${BENCH_PY:-/tmp/peers/bench-venv/bin/python} $(BIN)/python loadtests/bench.py --with-litellm
+	BENCH_PY=$${BENCH_PY:-/tmp/peers/bench-venv/bin/python} GATEWAY_PY=$${GATEWAY_PY:-/tmp/peers/gateway-venv/bin/python} \
+		$(BIN)/python loadtests/bench.py --with-litellm
 
 clean:
 	rm -rf $(VENV) build *.egg-info tests/node/node_modules

@@ -95,8 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--gateway-python",
-        default=str(REPO / ".venv" / "bin" / "python"),
-        help="python that runs `-m gateway` (default: the repo's .venv)",
+        default=os.environ.get("GATEWAY_PY") or str(REPO / ".venv" / "bin" / "python"),
+        help="python that runs `-m gateway` (env GATEWAY_PY; default: the repo's .venv; `make bench` uses "
+        "/tmp/peers/gateway-venv, on the same interpreter as the other Python targets)",
     )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=4.0, help="measured seconds per run")
@@ -141,6 +142,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run the gateway from this source tree (e.g. `git worktree add /tmp/base HEAD~1`) "
         "as target llmgw-baseline, same config and venv: a change measured against its parent "
         "in one run",
+    )
+    ap.add_argument(
+        "--alt-gateway-python",
+        default=None,
+        help="also run the gateway on this python (a venv with llm-gateway installed) as target "
+        "llmgw-altpy, same config: what the interpreter's build costs, in one run",
     )
     ap.add_argument(
         "--otel",
@@ -267,6 +274,13 @@ def check_tools(a: argparse.Namespace) -> Path:
         )
     if not Path(a.gateway_python).exists():
         fail_setup(f"no {a.gateway_python}: run `make setup` first or pass --gateway-python")
+    if a.alt_gateway_python is not None and not Path(a.alt_gateway_python).exists():
+        fail_setup(f"no {a.alt_gateway_python} (--alt-gateway-python)")
+    # the processes start in a temp dir: a relative venv path must not change meaning there
+    # (absolute, not resolved: a venv's python is a symlink that must stay the venv's)
+    a.gateway_python = os.path.abspath(a.gateway_python)
+    if a.alt_gateway_python is not None:
+        a.alt_gateway_python = os.path.abspath(a.alt_gateway_python)
     return bench
 
 
@@ -342,13 +356,14 @@ def start_gateway(
     services: list[Service],
     src: Path | None = None,
     extra_env: dict[str, str] | None = None,
+    python: str | None = None,
 ) -> Target:
     port = free_port()
     access_log = tmp / f"{name}-access.jsonl"
     cfg_path = tmp / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(gateway_config(mock_base, port, access_log), sort_keys=False))
     argv = [
-        a.gateway_python,
+        python or a.gateway_python,
         "-m",
         "gateway",
         "serve",
@@ -518,11 +533,41 @@ def command_version(argv: list[str]) -> str:
     return text[:40] or "?"
 
 
-def litellm_version(svc: Service) -> str:
-    """start.sh execs the venv's litellm script: read the venv from the process's command line."""
+# What a Python target's interpreter is: its version, its executable and how libpython is linked (a
+# shared libpython built without --enable-optimizations pays for position-independent calls).
+_INTERPRETER = (
+    "import os, platform, sys, sysconfig\n"
+    "maps = open('/proc/self/maps').read()\n"
+    "args = sysconfig.get_config_var('CONFIG_ARGS') or ''\n"
+    "flags = [f for f in ('--enable-optimizations', '--with-lto') if f in args]\n"
+    "print(platform.python_version(), os.path.realpath(sys._base_executable),\n"
+    "      'shared libpython' if 'libpython' in maps else 'libpython in the executable', *flags)\n"
+)
+
+
+def interpreter(python: str) -> str:
     try:
-        args = Path(f"/proc/{svc.pid}/cmdline").read_bytes().split(b"\0")
-        python = args[0].decode()
+        out = subprocess.run([python, "-c", _INTERPRETER], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    words = out.stdout.split()
+    if len(words) < 2:
+        return "?"
+    where = words[1].replace(str(Path.home()), "~", 1)
+    return f"{words[0]} ({where}, {' '.join(words[2:])})"
+
+
+def litellm_python(svc: Service) -> str:
+    """start.sh execs the venv's litellm script: the venv's python is on the process's command line."""
+    try:
+        return Path(f"/proc/{svc.pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+def litellm_version(svc: Service) -> str:
+    try:
+        python = litellm_python(svc)
         out = subprocess.run(
             [python, "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
             capture_output=True,
@@ -530,7 +575,7 @@ def litellm_version(svc: Service) -> str:
             timeout=60,
         )
         return out.stdout.strip() or "?"
-    except (OSError, IndexError, subprocess.TimeoutExpired):
+    except (OSError, subprocess.TimeoutExpired):
         return "?"
 
 
@@ -627,14 +672,17 @@ def machine_lines(
     pin: bool,
     cpu_proxy: str | None,
     versions: dict[str, str],
+    interpreters: dict[str, str],
     load: tuple[float, float],
 ) -> list[str]:
     model = cpu_model()
     vers = ", ".join(f"{k} {v}" for k, v in versions.items())
+    pythons = "; ".join(f"{k}: {v}" for k, v in interpreters.items())
     return [
         f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
-        f"machine: {os.cpu_count()} CPUs ({model}), Linux {platform.release()}, Python {platform.python_version()}",
+        f"machine: {os.cpu_count()} CPUs ({model}), Linux {platform.release()}",
         f"versions: {vers}",
+        f"Python: {pythons}",
         f"other load on the machine: 1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end "
         f"(the benchmark itself keeps about 2 busy); when it is well above that, other work shared the CPUs",
         f"method: {a.rounds} rounds x {len(a.mode_list)} modes x c={','.join(map(str, a.concs))}, "
@@ -742,6 +790,9 @@ def main(argv: list[str] | None = None) -> int:
             "uvicorn": pip_version(a.gateway_python, "uvicorn"),
             "httptools": pip_version(a.gateway_python, "httptools"),
         }
+        interpreters = {"llmgw": interpreter(a.gateway_python)}
+        if {FLOOR, LEAN} & set(wanted):
+            interpreters["floor, lean"] = interpreter(a.bench_python)
         for name in wanted:
             if name == DIRECT:
                 targets.append(Target(DIRECT, mock_base, "mock-model"))
@@ -778,6 +829,7 @@ def main(argv: list[str] | None = None) -> int:
                 t = start_litellm(a, bench, mock_base, tmp, cpu_proxy, services)
                 targets.append(t)
                 versions["LiteLLM"] = litellm_version(t.service) if t.service else "?"
+                interpreters["LiteLLM"] = interpreter(litellm_python(t.service)) if t.service else "?"
             elif name == "llmgw":
                 for client in a.clients:
                     for workers in a.workers:
@@ -835,6 +887,21 @@ def main(argv: list[str] | None = None) -> int:
                             src=a.baseline_src,
                         )
                     )
+                if a.alt_gateway_python is not None:
+                    targets.append(
+                        start_gateway(
+                            a,
+                            "llmgw-altpy",
+                            a.clients[0],
+                            a.workers[0],
+                            mock_base,
+                            tmp,
+                            cpu_proxy,
+                            services,
+                            python=a.alt_gateway_python,
+                        )
+                    )
+                    interpreters["llmgw-altpy"] = interpreter(a.alt_gateway_python)
         if not targets or targets[0].name != DIRECT:
             fail_setup("the first target must be 'direct' (added latency is measured against it)")
         b = Bench(a, bench, mock, mock_root, cpu_load)
@@ -865,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         report = markdown(
             f"llmgw benchmark, {time.strftime('%Y-%m-%d')}",
-            machine_lines(a, pin, cpu_proxy, versions, (load_start, os.getloadavg()[0])),
+            machine_lines(a, pin, cpu_proxy, versions, interpreters, (load_start, os.getloadavg()[0])),
             summ,
             names,
             min(a.concs),
@@ -884,6 +951,7 @@ def main(argv: list[str] | None = None) -> int:
                         if k not in MACHINE_ARGS
                     },
                     "versions": versions,
+                    "interpreters": interpreters,
                     "runs": [asdict(r) for r in runs],
                 },
                 indent=1,
