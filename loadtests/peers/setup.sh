@@ -10,7 +10,7 @@
 # The interpreter: PEERS_PYTHON, else Debian's /usr/bin/python3.11 where it exists, else python3.
 # Debian builds CPython with PGO and LTO and links libpython into the executable, as the official
 # python images (the Dockerfile's base) are built with --enable-optimizations --with-lto; a pyenv
-# build without those flags runs the gateway's Python ~15-20 % slower (docs/benchmarks.md). A venv
+# build without those flags costs the gateway 10-18 % more CPU per request (docs/benchmarks.md). A venv
 # made from another interpreter is made again, so every Python target runs on the same one.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
