@@ -831,6 +831,13 @@ def main(argv: list[str] | None = None) -> int:
                 versions["LiteLLM"] = litellm_version(t.service) if t.service else "?"
                 interpreters["LiteLLM"] = interpreter(litellm_python(t.service)) if t.service else "?"
             elif name == "llmgw":
+
+                def variant(target: str, **how: Any) -> Target:
+                    """One more gateway target like the first (upstream client, workers, config), run differently."""
+                    return start_gateway(
+                        a, target, a.clients[0], a.workers[0], mock_base, tmp, cpu_proxy, services, **how
+                    )
+
                 for client in a.clients:
                     for workers in a.workers:
                         targets.append(
@@ -860,47 +867,16 @@ def main(argv: list[str] | None = None) -> int:
                         ),
                     ):
                         targets.append(
-                            start_gateway(
-                                a,
+                            variant(
                                 f"llmgw-otel{suffix}",
-                                a.clients[0],
-                                a.workers[0],
-                                mock_base,
-                                tmp,
-                                cpu_proxy,
-                                services,
                                 extra_env={"OTEL_EXPORTER_OTLP_ENDPOINT": sink, **sampler},
                             )
                         )
                     versions["opentelemetry-sdk"] = pip_version(a.gateway_python, "opentelemetry-sdk")
                 if a.baseline_src is not None:
-                    targets.append(
-                        start_gateway(
-                            a,
-                            "llmgw-baseline",
-                            a.clients[0],
-                            a.workers[0],
-                            mock_base,
-                            tmp,
-                            cpu_proxy,
-                            services,
-                            src=a.baseline_src,
-                        )
-                    )
+                    targets.append(variant("llmgw-baseline", src=a.baseline_src))
                 if a.alt_gateway_python is not None:
-                    targets.append(
-                        start_gateway(
-                            a,
-                            "llmgw-altpy",
-                            a.clients[0],
-                            a.workers[0],
-                            mock_base,
-                            tmp,
-                            cpu_proxy,
-                            services,
-                            python=a.alt_gateway_python,
-                        )
-                    )
+                    targets.append(variant("llmgw-altpy", python=a.alt_gateway_python))
                     interpreters["llmgw-altpy"] = interpreter(a.alt_gateway_python)
         if not targets or targets[0].name != DIRECT:
             fail_setup("the first target must be 'direct' (added latency is measured against it)")
