@@ -74,6 +74,9 @@ class ServerConfig(_Strict):
     admin_port: int | None = Field(None, ge=0, le=65535)
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_header_bytes: int = Field(64 * 1024, ge=1024)
+    max_headers: int = Field(
+        100, ge=8, le=10_000
+    )  # header lines in a request head (Envoy's max_headers_count)
     max_json_depth: int = Field(64, ge=4, le=10_000)
     max_messages: int = Field(2048, ge=1)
     max_json_elements: int = Field(500_000, ge=1000)  # values in a request body (checked on its bytes)

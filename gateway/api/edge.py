@@ -39,6 +39,16 @@ def head_too_large(limit: int) -> GatewayError:
     )
 
 
+def too_many_headers(limit: int) -> GatewayError:
+    return GatewayError(
+        431,
+        f"Request has more than {limit} headers (server.max_headers).",
+        "invalid_request_error",
+        "too_many_headers",
+        flag=ResponseFlag.BAD_REQUEST,
+    )
+
+
 def head_timeout(timeout_s: float) -> GatewayError:
     return GatewayError(
         408,
@@ -91,6 +101,7 @@ class EdgeLimits:
         on_limit: Callable[[str], None],
     ) -> None:
         self.max_head_bytes = srv.max_header_bytes
+        self.max_headers = srv.max_headers
         self.head_timeout_s = srv.request_headers_timeout_s
         self.request_timeout_s = srv.request_timeout_s
         self.idle_timeout_s = srv.idle_timeout_s

@@ -17,7 +17,9 @@ together, as aiohttp's server sends them.
 
 With the app's ``EdgeLimits`` (``api/edge.py``) in the lifespan state, the protocol also bounds each
 request head: bytes are counted as they arrive, before httptools sees them (it would buffer a header of
-any size), and a head over ``server.max_header_bytes`` is answered 431 at once; heads slower than
+any size), and a head over ``server.max_header_bytes`` is answered 431 at once; a head with more than
+``server.max_headers`` header lines gets 431 when it is complete, before uvicorn starts the request (each
+header costs a parser callback, a tuple and, in the app, a decode and a forwarding decision); heads slower than
 ``server.request_headers_timeout_s`` get 408, and connections silent from the start are closed.
 This leans on uvicorn's parser callbacks (``on_message_begin``, ``on_headers_complete``,
 ``on_message_complete``) and ``cycle``/``app_state``: pyproject bounds uvicorn's version and
@@ -31,9 +33,9 @@ then closes. The answer never cuts into another response: refused bytes that fol
 chunk of its body) end that request: its scope gets ``llmgw.refused`` (``REFUSED_KEY``) and uvicorn's
 cycle is marked disconnected (its sends are dropped, ``receive()`` reports a disconnect); the app, seeing
 the key, logs nothing of its own, so the request is logged once, as the refusal. Besides the callbacks
-above this uses ``pipeline``, ``_unset_keepalive_if_required`` and the cycle's ``more_body``,
-``response_started``, ``response_complete``, ``disconnected`` and ``message_event``, checked by the same
-tests.
+above this uses ``headers`` (the head's header list), ``pipeline``, ``_unset_keepalive_if_required`` and
+the cycle's ``more_body``, ``response_started``, ``response_complete``, ``disconnected`` and
+``message_event``, checked by the same tests.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from gateway.api.edge import (
     malformed_http,
     request_timeout,
     response_bytes,
+    too_many_headers,
 )
 from gateway.api.types import Scope
 from gateway.errors import GatewayError
@@ -111,6 +114,11 @@ class HeadWithBodyTransport:
         return getattr(self._transport, name)
 
 
+class _TooManyHeaders(Exception):
+    """Raised from a parser callback: stops httptools before uvicorn starts the request. uvicorn answers
+    a parser error with ``send_400_response``, which answers this one with 431 instead."""
+
+
 @dataclass(slots=True, frozen=True)
 class Refusal:
     """Refused bytes of a connection, to be answered and logged as one request."""
@@ -132,6 +140,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
     _send_blocked_t = 0.0  # since when writing is paused (the client's socket is full); 0.0 = it is not
     _born = 0.0
     _refusal: Refusal | None = None  # refused, to be answered once the responses before it are complete
+    _too_many_headers = False  # the parser was stopped by _TooManyHeaders
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -167,6 +176,10 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         self.scope[DISCONNECT_KEY] = None  # type: ignore[literal-required]
 
     def on_headers_complete(self) -> None:
+        edge = self._edge
+        if edge is not None and len(self.headers) > edge.max_headers:
+            self._too_many_headers = True
+            raise _TooManyHeaders
         self._body_t = self._head_t  # until on_message_complete: the body is timed from the request's start
         self._head_t = 0.0
         self._head_limit = 0  # the body is the app's to bound (server.max_body_bytes)
@@ -220,9 +233,14 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes its parser refused (plain text, not logged): an OpenAI-shaped 400 and
         an access-log record with flag DPE instead, as for the other refusals here."""
-        if self._edge is None:
+        edge = self._edge
+        if edge is None:
             return super().send_400_response(msg)
-        self._refuse(malformed_http(), "malformed_http")
+        if self._too_many_headers:
+            self._too_many_headers = False
+            self._refuse(too_many_headers(edge.max_headers), "too_many_headers")
+        else:
+            self._refuse(malformed_http(), "malformed_http")
 
     def _refuse(self, err: GatewayError, limit: str) -> None:
         """Refuse what the client sent from here on: answer ``err`` and close the connection, at once or,

@@ -166,6 +166,33 @@ def test_headers_up_to_the_limit_pass(edge):
     assert r.status_code == 200, r.text
 
 
+def test_more_headers_than_the_limit_get_431_before_auth_and_exactly_the_limit_passes(edge):
+    """Envoy's max_headers_count: thousands of tiny headers fit in 64 KiB, and each costs a parser callback,
+    a decode and a forwarding decision; they would be forwarded upstream too."""
+    before = metric_value(edge.metrics(), "llmgw_input_limits_total", limit="too_many_headers")
+    flood = {f"x-h{i}": "v" for i in range(1_000)}  # ~12 KiB: within server.max_header_bytes
+    r = httpx.post(edge.url + "/v1/chat/completions", json={"model": "chat", "messages": MSG}, headers=flood)
+    assert r.status_code == 431, r.text
+    assert (
+        r.json()["error"]["code"] == "too_many_headers"
+        and "server.max_headers" in r.json()["error"]["message"]
+    )
+    rec = [r for r in edge.records(wait_for=1) if r["error_type"] == "too_many_headers"][-1]
+    assert (
+        rec["response_code"] == 431
+        and rec["response_flags"] == "BR"
+        and rec["path"] == "/v1/chat/completions"
+    )
+    assert metric_value(edge.metrics(), "llmgw_input_limits_total", limit="too_many_headers") == before + 1
+    with httpx.Client(base_url=edge.url, headers=AUTH, timeout=10) as c:
+        req = c.build_request("POST", "/v1/chat/completions", json={"model": "chat", "messages": MSG})
+        for i in range(100 - len(req.headers)):  # host, content-type, user-agent ... : 100 in all
+            req.headers[f"x-h{i}"] = "v"
+        assert len(req.headers) == 100
+        ok = c.send(req)
+    assert ok.status_code == 200, ok.text
+
+
 def _json_attack(gw: Gateway, raw: bytes, times: int = 3) -> list[httpx.Response]:
     with httpx.Client(base_url=gw.url, headers={**AUTH, "content-type": "application/json"}, timeout=60) as c:
         return [c.post("/v1/chat/completions", content=raw) for _ in range(times)]

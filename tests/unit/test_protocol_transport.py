@@ -102,8 +102,9 @@ class FakeSocketTransport(FakeTransport):
 
 
 class RecordingEdge:
-    def __init__(self, max_head_bytes: int) -> None:
+    def __init__(self, max_head_bytes: int, max_headers: int = 100) -> None:
         self.max_head_bytes = max_head_bytes
+        self.max_headers = max_headers
         self.connections: set = set()
         self.refused: list = []
         self.bytes_sent: list[int] = []
@@ -244,6 +245,49 @@ def test_bytes_refused_behind_a_complete_request_are_answered_after_its_response
     assert _responses(raw) == [b"HTTP/1.1 204 No Content", b"HTTP/1.1 400 Bad Request"] and raw.eof
     assert proto.timeout_keep_alive_task is None  # not kept alive: closing
     assert edge.refused == [(400, "-", "-")] and edge.bytes_sent == [_invalid_http_body()]
+    _finish(loop)
+
+
+def _head_with(n: int) -> bytes:
+    lines = b"".join(b"x-h%d: v\r\n" % i for i in range(n - 1))
+    return b"POST /v1/chat/completions HTTP/1.1\r\n" + lines + b"content-length: 2\r\n\r\n{}"
+
+
+def test_a_head_with_more_headers_than_the_limit_is_refused_before_the_app_starts():
+    from gateway.api.edge import too_many_headers
+
+    edge = RecordingEdge(max_head_bytes=4096, max_headers=8)
+    proto, raw, started, loop = _protocol(edge)
+    proto.data_received(_head_with(9))
+    _turns(loop)
+    assert started == []  # uvicorn never started the request: the parser stopped at the head's end
+    assert (
+        _responses(raw) == [b"HTTP/1.1 431 Request Header Fields Too Large"] and raw.eof and not raw.reading
+    )
+    assert b'"code":"too_many_headers"' in b"".join(raw.sends)
+    assert edge.refused == [(431, "POST", "/v1/chat/completions")] and edge.limits == ["too_many_headers"]
+    assert edge.bytes_sent == [len(too_many_headers(8).body())]
+    _finish(loop)
+
+
+def test_a_head_with_as_many_headers_as_the_limit_is_served_and_so_is_the_next():
+    edge = RecordingEdge(max_head_bytes=4096, max_headers=8)
+    proto, raw, started, loop = _protocol(edge)
+    proto.data_received(_head_with(8))
+    _turns(loop)
+    proto.data_received(_head_with(8))
+    _turns(loop)
+    assert len(started) == 2 and _responses(raw) == [b"HTTP/1.1 204 No Content"] * 2
+    assert edge.refused == [] and edge.limits == []
+    _finish(loop)
+
+
+def test_too_many_headers_behind_a_complete_request_are_answered_after_its_response():
+    edge = RecordingEdge(max_head_bytes=4096, max_headers=8)
+    proto, raw, started, loop, waited = _held_then_released(edge, VALID + _head_with(9))
+    assert waited and len(started) == 1
+    assert _responses(raw) == [b"HTTP/1.1 204 No Content", b"HTTP/1.1 431 Request Header Fields Too Large"]
+    assert edge.refused == [(431, "POST", "/v1/chat/completions")] and edge.limits == ["too_many_headers"]
     _finish(loop)
 
 
