@@ -28,6 +28,18 @@ def error_body(message: str, typ: str, code: str | None = None, param: str | Non
     return orjson.dumps({"error": {"message": message, "type": typ, "param": param, "code": code}})
 
 
+MAX_ECHOED = 256  # characters of a client-chosen name that the gateway repeats back or records
+
+
+def echoed(name: str) -> str:
+    """A client-chosen name as the gateway repeats it (error messages, the access log, spans): whole when
+    short, else its start and its length. The body limit allows a 10 MB model name; repeating it whole
+    would make each such request a 10 MB answer and a 10 MB log line."""
+    if len(name) <= MAX_ECHOED:
+        return name
+    return f"{name[:MAX_ECHOED]}... ({len(name)} characters)"
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_request") -> GatewayError:
     return GatewayError(400, message, "invalid_request_error", code, param, flag=ResponseFlag.BAD_REQUEST)
 
@@ -35,7 +47,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = "inva
 def model_not_found(name: str) -> GatewayError:
     return GatewayError(
         404,
-        f"The model '{name}' does not exist on this gateway. GET /v1/models lists the models.",
+        f"The model '{echoed(name)}' does not exist on this gateway. GET /v1/models lists the models.",
         "invalid_request_error",
         "model_not_found",
         "model",

@@ -26,7 +26,7 @@ from gateway.engine.clock import RunningLoop
 from gateway.engine.engine import Engine
 from gateway.engine.exchange import Exchange
 from gateway.engine.interrupt import CancelReason
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, echoed
 from gateway.flags import ResponseFlag
 from gateway.security.guard import Guard
 from gateway.telemetry.accesslog import FIELDS
@@ -586,7 +586,7 @@ def _request_id(value: str | None) -> str:
 def _model_of(body: JsonObject | None) -> str | None:
     """The model a refused request named, when its body parsed and named one (for the log only)."""
     model = body.get("model") if body is not None else None
-    return model if isinstance(model, str) and 0 < len(model) <= 256 else None
+    return echoed(model) if isinstance(model, str) and model else None
 
 
 def _stream_of(body: JsonObject | None) -> bool:

@@ -24,7 +24,7 @@ from gateway.engine.interrupt import CancelReason, Interrupt
 from gateway.engine.registry import DeploymentRuntime, ModelRuntime
 from gateway.engine.relay import RelayOutcome, Send, relay_stream
 from gateway.engine.sse import error_event, usage_of
-from gateway.errors import GatewayError
+from gateway.errors import MAX_ECHOED, GatewayError, echoed
 from gateway.flags import ResponseFlag
 from gateway.policy.attribution import Blame, blame, censored_latency_ms, retry_evidence
 from gateway.policy.deadline import SDK_SOURCES, Deadline, DeadlineSource, attempt_timeout, resolve_deadline
@@ -975,7 +975,7 @@ class Exchange:
             "traceparent": self.trace.incoming or self.trace.traceparent,
             "method": "POST",
             "path": self.path,
-            "model": self.model_name,
+            "model": model if len(model := self.model_name) <= MAX_ECHOED else echoed(model),
             "stream": self.stream,
             "response_code": self.status,
             "response_flags": flags,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.config import AuthConfig
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, echoed
 from gateway.flags import ResponseFlag
 from gateway.policy.ratelimit import LimitCheck
 from gateway.security.keys import ApiKey, RedisKeyStore, bearer_token, constant_time_equal, hash_key
@@ -90,7 +90,7 @@ class Guard:
         if not key.allows(model):
             raise GatewayError(
                 403,
-                f"The API key '{key.id}' may not use model '{model}'.",
+                f"The API key '{key.id}' may not use model '{echoed(model)}'.",
                 "invalid_request_error",
                 "model_not_allowed",
                 "model",

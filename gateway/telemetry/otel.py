@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any, Protocol
 
+from gateway.errors import echoed
 from gateway.telemetry.sampling import Sampler
 from gateway.telemetry.tracing import TraceContext
 from gateway.telemetry.views import AttemptView, ExchangeView
@@ -100,7 +101,7 @@ def _server_attributes(ex: ExchangeView, rec: dict[str, Any], operation: str) ->
         "http.route": ex.path,
         "http.response.status_code": status,
         "gen_ai.operation.name": operation,
-        "gen_ai.request.model": ex.model_name,
+        "gen_ai.request.model": echoed(ex.model_name),
         "llmgw.request_id": ex.request_id,
         "llmgw.stream": ex.stream,
         "llmgw.response_flags": rec["response_flags"],
@@ -140,7 +141,7 @@ def _attempt_attributes(
         "gen_ai.operation.name": operation,
         "gen_ai.request.model": a.dep.upstream_model,
         "llmgw.request_id": ex.request_id,
-        "llmgw.model": ex.model_name,
+        "llmgw.model": echoed(ex.model_name),
         "llmgw.deployment": a.dep.id,
         "llmgw.region": a.dep.region,
         "llmgw.attempt.kind": a.kind.value,

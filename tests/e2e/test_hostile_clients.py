@@ -25,6 +25,7 @@ from gateway.security.keys import hash_key
 
 KEY = "sk-gw-hostile-00000000000000000000000000000000"
 AUTH = {"authorization": f"Bearer {KEY}"}
+NARROW_KEY = "sk-gw-narrow-00000000000000000000000000000000"  # may use model "chat" only
 FAST = {"ttft_ms": 1, "ttft_dist": "fixed", "itl_ms": 0, "tokens": 2, "tail_p": 0}
 MSG = [{"role": "user", "content": "hi"}]
 # A normal request during an attack: its median may be this many times its own quiet median, and its
@@ -40,7 +41,13 @@ STALL_FACTOR = 100.0
 def _cfg(sims: Sims, **server: Any) -> dict[str, Any]:
     return {
         "server": server,
-        "auth": {"mode": "keys", "keys": [{"id": "hostile", "hash": hash_key(KEY)}]},
+        "auth": {
+            "mode": "keys",
+            "keys": [
+                {"id": "hostile", "hash": hash_key(KEY)},
+                {"id": "narrow", "hash": hash_key(NARROW_KEY), "models": ["chat"]},
+            ],
+        },
         "models": [model("chat", [dep("a", sims.base_url("sim-a"))], retry={"max_retries": 0})],
     }
 
@@ -135,11 +142,16 @@ def _send_head_flood(port: int, size: int) -> bytes:
     return b"".join(got)
 
 
+def _refusals(gw: Gateway, error_type: str) -> list[dict[str, Any]]:
+    return [r for r in gw.records() if r["error_type"] == error_type]
+
+
 @pytest.mark.parametrize("mb", [8, 32, 64])
 def test_a_huge_request_header_is_refused_while_parsing_and_others_carry_on(edge, probe, mb):
     m = edge.metrics()
     before = metric_value(m, "llmgw_input_limits_total", limit="head_too_large")
     rss_before = metric_value(m, "process_resident_memory_bytes")
+    refused = _refusals(edge, "headers_too_large")
     base = probe.baseline()
     samples, answer = probe.during(lambda: _send_head_flood(edge.port, mb << 20))
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
@@ -147,8 +159,8 @@ def test_a_huge_request_header_is_refused_while_parsing_and_others_carry_on(edge
     assert body["error"]["code"] == "headers_too_large" and body["error"]["type"] == "invalid_request_error"
     probe.assert_unaffected(base, samples, f"{mb} MB header")
     # refused before auth (no key was sent): 431, not 401; logged and counted as such
-    rec = [r for r in edge.records(wait_for=1) if r["response_code"] == 431][-1]
-    assert rec["response_flags"] == "BR" and rec["error_type"] == "headers_too_large"
+    rec = wait_until("the refusal's record", lambda: _refusals(edge, "headers_too_large")[len(refused) :])[0]
+    assert rec["response_flags"] == "BR" and rec["response_code"] == 431
     assert rec["method"] == "POST" and rec["path"] == "/v1/chat/completions"
     m = edge.metrics()
     assert metric_value(m, "llmgw_input_limits_total", limit="head_too_large") == before + 1
@@ -170,6 +182,7 @@ def test_more_headers_than_the_limit_get_431_before_auth_and_exactly_the_limit_p
     """Envoy's max_headers_count: thousands of tiny headers fit in 64 KiB, and each costs a parser callback,
     a decode and a forwarding decision; they would be forwarded upstream too."""
     before = metric_value(edge.metrics(), "llmgw_input_limits_total", limit="too_many_headers")
+    refused = _refusals(edge, "too_many_headers")
     flood = {f"x-h{i}": "v" for i in range(1_000)}  # ~12 KiB: within server.max_header_bytes
     r = httpx.post(edge.url + "/v1/chat/completions", json={"model": "chat", "messages": MSG}, headers=flood)
     assert r.status_code == 431, r.text
@@ -177,7 +190,7 @@ def test_more_headers_than_the_limit_get_431_before_auth_and_exactly_the_limit_p
         r.json()["error"]["code"] == "too_many_headers"
         and "server.max_headers" in r.json()["error"]["message"]
     )
-    rec = [r for r in edge.records(wait_for=1) if r["error_type"] == "too_many_headers"][-1]
+    rec = wait_until("the refusal's record", lambda: _refusals(edge, "too_many_headers")[len(refused) :])[0]
     assert (
         rec["response_code"] == 431
         and rec["response_flags"] == "BR"
@@ -191,6 +204,27 @@ def test_more_headers_than_the_limit_get_431_before_auth_and_exactly_the_limit_p
         assert len(req.headers) == 100
         ok = c.send(req)
     assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize(
+    ("key", "status", "code"), [(KEY, 404, "model_not_found"), (NARROW_KEY, 403, "model_not_allowed")]
+)
+def test_a_huge_model_name_is_answered_and_logged_by_its_start_and_length(edge, key, status, code):
+    """The body limit allows a 5 MB model name; repeating it whole made each such request a 5 MB answer
+    and a 5 MB access-log line."""
+    name = "m" * (5 << 20)
+    logged = len(edge.records())
+    r = httpx.post(
+        edge.url + "/v1/chat/completions",
+        json={"model": name, "messages": MSG},
+        headers={"authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+    assert r.status_code == status and r.json()["error"]["code"] == code, r.text[:300]
+    assert len(r.content) < 1024 and f"({len(name)} characters)" in r.json()["error"]["message"]
+    rec = edge.records(wait_for=logged + 1)[logged]
+    assert rec["error_type"] == code and rec["model"] == "m" * 256 + f"... ({len(name)} characters)"
+    assert rec["bytes_received"] > len(name)  # the request itself is counted whole
 
 
 def _json_attack(gw: Gateway, raw: bytes, times: int = 3) -> list[httpx.Response]:
