@@ -86,6 +86,7 @@ class ServerConfig(_Strict):
     idle_timeout_s: float = Field(75.0, gt=0)  # a connection without a request in flight is closed after this
     send_timeout_s: float = Field(60.0, gt=0)  # a response the client stops reading is cut after this
     max_inflight: int = Field(0, ge=0)  # 0 = unlimited
+    max_connections: int = Field(10_000, ge=0)  # open client connections per worker; 0 = unlimited
     drain_timeout_s: float = Field(30.0, ge=0)
     cors_origins: list[str] = []
 

@@ -49,6 +49,16 @@ def too_many_headers(limit: int) -> GatewayError:
     )
 
 
+def too_many_connections(limit: int) -> GatewayError:
+    return GatewayError(
+        503,
+        f"The gateway worker has {limit} open connections, its limit (server.max_connections); retry shortly.",
+        "server_error",
+        "too_many_connections",
+        flag=ResponseFlag.OVERFLOW,
+    )
+
+
 def head_timeout(timeout_s: float) -> GatewayError:
     return GatewayError(
         408,
@@ -82,9 +92,12 @@ def malformed_http() -> GatewayError:
 def response_bytes(err: GatewayError) -> bytes:
     """A whole HTTP/1.1 response closing the connection, written by the protocol itself."""
     body = err.body()
-    reason = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}.get(
-        err.status, b"Error"
-    )
+    reason = {
+        400: b"Bad Request",
+        408: b"Request Timeout",
+        431: b"Request Header Fields Too Large",
+        503: b"Service Unavailable",
+    }.get(err.status, b"Error")
     return (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
         % (err.status, reason, len(body))
@@ -102,6 +115,7 @@ class EdgeLimits:
     ) -> None:
         self.max_head_bytes = srv.max_header_bytes
         self.max_headers = srv.max_headers
+        self.max_connections = srv.max_connections
         self.head_timeout_s = srv.request_headers_timeout_s
         self.request_timeout_s = srv.request_timeout_s
         self.idle_timeout_s = srv.idle_timeout_s

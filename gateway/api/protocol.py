@@ -20,7 +20,8 @@ request head: bytes are counted as they arrive, before httptools sees them (it w
 any size), and a head over ``server.max_header_bytes`` is answered 431 at once; a head with more than
 ``server.max_headers`` header lines gets 431 when it is complete, before uvicorn starts the request (each
 header costs a parser callback, a tuple and, in the app, a decode and a forwarding decision); heads slower than
-``server.request_headers_timeout_s`` get 408, and connections silent from the start are closed.
+``server.request_headers_timeout_s`` get 408, and connections silent from the start are closed. A
+connection beyond ``server.max_connections`` open ones is answered 503 at once and closed unread.
 This leans on uvicorn's parser callbacks (``on_message_begin``, ``on_headers_complete``,
 ``on_message_complete``) and ``cycle``/``app_state``: pyproject bounds uvicorn's version and
 tests/unit/test_protocol_transport.py checks that they are still there.
@@ -56,6 +57,7 @@ from gateway.api.edge import (
     malformed_http,
     request_timeout,
     response_bytes,
+    too_many_connections,
     too_many_headers,
 )
 from gateway.api.types import Scope
@@ -147,6 +149,9 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         self.transport = HeadWithBodyTransport(transport, self.loop)  # type: ignore[assignment]
         edge = self.app_state.get(EDGE_KEY)
         if edge is not None:
+            if edge.max_connections and len(edge.connections) >= edge.max_connections:
+                self._overflow(edge)
+                return
             self._edge = edge
             self._head_limit = edge.max_head_bytes
             self._born = now()
@@ -299,21 +304,30 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
             self._unset_keepalive_if_required()  # not kept alive: it closes after the answer
             self._answer(refusal)
 
+    def _overflow(self, edge: EdgeLimits) -> None:
+        """A connection over ``server.max_connections``: answered 503 at once and closed, never read, as
+        Envoy closes a connection over its limit. Counted, not logged as a request: none was read."""
+        self._head_limit = -1  # anything it sends is dropped
+        edge.on_limit("max_connections")
+        self._send_and_close(too_many_connections(edge.max_connections))
+
     def _answer(self, refusal: Refusal) -> None:
+        self._log(refusal, self._send_and_close(refusal.err))
+
+    def _send_and_close(self, err: GatewayError) -> int:
+        """``err`` as the connection's last response, then the close; the body bytes sent."""
         transport = self.transport
-        sent = 0
         if transport.can_write_eof() and not transport.is_closing():
             # Delayed close, as Envoy and nginx do: closing at once with the client's bytes unread
             # would reset the connection, and the client might never read the answer.
-            transport.write(response_bytes(refusal.err))
+            transport.write(response_bytes(err))
             transport.flush()  # type: ignore[attr-defined]  # not held back as a response head
             transport.write_eof()
             transport.pause_reading()  # the rest of a flood waits in the kernel: TCP stops the sender
             self.loop.call_later(LINGER_S, transport.close)
-            sent = len(refusal.err.body())
-        else:
-            transport.close()
-        self._log(refusal, sent)
+            return len(err.body())
+        transport.close()
+        return 0
 
     def _log(self, refusal: Refusal, bytes_sent: int) -> None:
         edge = self._edge

@@ -102,9 +102,10 @@ class FakeSocketTransport(FakeTransport):
 
 
 class RecordingEdge:
-    def __init__(self, max_head_bytes: int, max_headers: int = 100) -> None:
+    def __init__(self, max_head_bytes: int, max_headers: int = 100, max_connections: int = 0) -> None:
         self.max_head_bytes = max_head_bytes
         self.max_headers = max_headers
+        self.max_connections = max_connections
         self.connections: set = set()
         self.refused: list = []
         self.bytes_sent: list[int] = []
@@ -289,6 +290,24 @@ def test_too_many_headers_behind_a_complete_request_are_answered_after_its_respo
     assert _responses(raw) == [b"HTTP/1.1 204 No Content", b"HTTP/1.1 431 Request Header Fields Too Large"]
     assert edge.refused == [(431, "POST", "/v1/chat/completions")] and edge.limits == ["too_many_headers"]
     _finish(loop)
+
+
+def test_a_connection_over_the_limit_is_answered_503_and_closed_unread_and_a_freed_place_is_taken_again():
+    edge = RecordingEdge(max_head_bytes=4096, max_connections=2)
+    first, _, _, loop1 = _protocol(edge)
+    _, _, _, loop2 = _protocol(edge)
+    over, raw, started, loop3 = _protocol(edge)
+    assert len(edge.connections) == 2 and over not in edge.connections
+    assert _responses(raw) == [b"HTTP/1.1 503 Service Unavailable"] and raw.eof and not raw.reading
+    assert b'"code":"too_many_connections"' in b"".join(raw.sends)
+    over.data_received(VALID)  # read before reading paused: dropped
+    _turns(loop3)
+    assert started == [] and edge.limits == ["max_connections"] and edge.refused == []  # counted, not logged
+    first.connection_lost(None)
+    _, raw4, started4, loop4 = _protocol(edge)
+    assert raw4.sends == [] and raw4.reading and len(edge.connections) == 2
+    for loop in (loop1, loop2, loop3, loop4):
+        _finish(loop)
 
 
 def test_a_pipelined_request_whose_body_is_refused_never_runs_and_its_answer_waits_its_turn():
