@@ -32,9 +32,28 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str) -> object:
 
 
 class RedisProc:
-    """One redis-server (or sentinel) process on its own port and directory."""
+    """One redis-server (or sentinel) process on its own port and directory.
 
-    def __init__(self, root: Path, name: str, *args: str, config: str | None = None) -> None:
+    A free port is only free when asked: another process (any outgoing connection takes an ephemeral
+    port) may bind it before redis-server does. A start that fails that way is made again on new ports."""
+
+    ATTEMPTS = 5
+
+    def __init__(
+        self, root: Path, name: str, *args: str, config: str | None = None, bus_port: bool = False
+    ) -> None:
+        for attempt in range(1, self.ATTEMPTS + 1):
+            # a cluster's bus port gets a free port of its own (port + 10000 may be taken, or beyond 65535)
+            bus = ["--cluster-port", str(free_port())] if bus_port else []
+            if self._start(root, name, [*args, *bus], config):
+                return
+            log = (self.dir / "log").read_text()
+            self.kill()
+            if "Address already in use" not in log or attempt == self.ATTEMPTS:
+                raise AssertionError(f"{name} on port {self.port} did not start; its log: {log[-2000:]}")
+
+    def _start(self, root: Path, name: str, args: list[str], config: str | None) -> bool:
+        """Start on a free port; True once it answers PING, False if it exited first."""
         self.port = free_port()
         self.dir = root / f"{name}-{self.port}"
         self.dir.mkdir(parents=True)
@@ -60,11 +79,16 @@ class RedisProc:
         self.log = open(self.dir / "log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.client = redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=2)
+
+        def answered_or_exited() -> str | None:
+            if self.proc.poll() is not None:
+                return "exited"
+            return "up" if self.client.ping() else None
+
         try:
-            wait_for(self.client.ping, 10, f"{name} on port {self.port}")
-        except AssertionError as exc:
-            self.kill()
-            raise AssertionError(f"{exc}; its log: {(self.dir / 'log').read_text()[-2000:]}") from None
+            return wait_for(answered_or_exited, 10, f"{name} on port {self.port}") == "up"
+        except AssertionError:
+            return False
 
     @property
     def address(self) -> str:
@@ -86,19 +110,17 @@ class Cluster:
         self.nodes: list[RedisProc] = []
         try:
             for i in range(3 * (1 + replicas)):
-                # the bus port gets a free port of its own (port + 10000 may be taken, or beyond 65535)
                 self.nodes.append(
                     RedisProc(
                         root,
                         f"cluster{i}",
                         "--cluster-enabled",
                         "yes",
-                        "--cluster-port",
-                        str(free_port()),
                         "--cluster-config-file",
                         "nodes.conf",
                         "--cluster-node-timeout",
                         str(node_timeout_ms),
+                        bus_port=True,
                     )
                 )
             out = subprocess.run(
