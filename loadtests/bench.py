@@ -62,7 +62,17 @@ NETNS_ENV = "LLMGW_BENCH_IN_NETNS"
 CLIENT_KINDS = ("h1", "httpx")
 # paths of this machine stay out of the raw results, which may be committed
 MACHINE_ARGS = frozenset(
-    {"bench_dir", "bench_python", "gateway_python", "lock", "out", "envoy_bin", "portkey_dir"}
+    {
+        "bench_dir",
+        "bench_python",
+        "gateway_python",
+        "alt_gateway_python",
+        "baseline_src",
+        "lock",
+        "out",
+        "envoy_bin",
+        "portkey_dir",
+    }
 )
 TARGETS = ("direct", "floor", "lean", "envoy", "portkey", "llmgw", "litellm")
 PEERS_DIR = Path("/tmp/peers")  # where loadtests/peers/setup.sh installs Envoy and Portkey
