@@ -48,6 +48,7 @@ from bench_report import (
     LEAN,
     LITELLM,
     PORTKEY,
+    Level,
     Run,
     Summary,
     fmt,
@@ -58,6 +59,9 @@ from bench_report import (
 from fleet import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
+# Paced runs: at most this many requests in flight (a Poisson burst may overlap a few; the load generator
+# measures from each request's scheduled time, so a wait for a connection is not hidden)
+PACED_MAX_INFLIGHT = 8
 NETNS_ENV = "LLMGW_BENCH_IN_NETNS"
 CLIENT_KINDS = ("h1", "httpx")
 # paths of this machine stay out of the raw results, which may be committed
@@ -113,6 +117,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--duration", type=float, default=4.0, help="measured seconds per run")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds per run not counted in latency")
     ap.add_argument("--concurrency", default="1,16,64", help="closed-loop client counts")
+    ap.add_argument(
+        "--paced",
+        default="25",
+        help="open-loop levels, Poisson arrivals per second (light traffic: the proxy idles between "
+        "requests, as back-to-back load never lets it); '' for none. The headline shows the first",
+    )
+    ap.add_argument("--paced-duration", type=float, default=8.0, help="measured seconds of each paced run")
     ap.add_argument("--modes", default="json,stream")
     ap.add_argument(
         "--targets",
@@ -208,6 +219,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, access logs)")
     a = ap.parse_args(argv)
     a.concs = [int(x) for x in a.concurrency.split(",") if x.strip()]
+    try:
+        a.paced_levels = [Level(PACED_MAX_INFLIGHT, float(x)) for x in a.paced.split(",") if x.strip()]
+    except ValueError:
+        ap.error("--paced: a comma-separated list of arrival rates (requests per second)")
+    if any(lv.rate is not None and not lv.rate > 0 for lv in a.paced_levels) or a.paced_duration <= 0:
+        ap.error("--paced: rates above 0; --paced-duration above 0")
     a.mode_list = [m.strip() for m in a.modes.split(",") if m.strip()]
     a.clients = [c.strip() for c in a.upstream_clients.split(",") if c.strip()]
     try:
@@ -603,9 +620,14 @@ class Bench:
         self.cpu_load = cpu_load
 
     def loadgen(
-        self, t: Target, mode: str, conc: int, duration: float, warmup: float, label: str
+        self, t: Target, mode: str, level: Level, duration: float, warmup: float, label: str
     ) -> dict[str, Any]:
         a = self.a
+        offered = (
+            ["-c", str(level.conc)]
+            if level.rate is None
+            else ["--rate", f"{level.rate:g}", "--arrivals", "poisson", "--max-conns", str(level.conc)]
+        )
         argv = [
             a.bench_python,
             str(self.bench / "loadgen.py"),
@@ -613,8 +635,7 @@ class Bench:
             t.url,
             "--model",
             t.model,
-            "-c",
-            str(conc),
+            *offered,
             "-d",
             str(duration),
             "--warmup",
@@ -640,16 +661,17 @@ class Bench:
             raise RuntimeError(f"loadgen failed on {label}: {out.stderr.decode(errors='replace')[-2000:]}")
         return json.loads(out.stdout.decode().strip().splitlines()[-1])
 
-    def measure(self, t: Target, mode: str, conc: int, rnd: int) -> Run:
+    def measure(self, t: Target, mode: str, level: Level, rnd: int) -> Run:
         if t.service is not None and not t.service.alive():
             raise RuntimeError(f"{t.name} died:\n{t.service.tail()}")
         http_post(self.mock_root + "/stats/reset")
         before = tree_usage(t.service.pid) if t.service else None
         log_at = t.access_log.stat().st_size if t.access_log is not None and t.access_log.exists() else None
         t0 = time.monotonic()
-        r = self.loadgen(t, mode, conc, self.a.duration, self.a.warmup, f"{t.name}/{mode}/c{conc}/r{rnd}")
+        duration = self.a.duration if level.rate is None else self.a.paced_duration
+        r = self.loadgen(t, mode, level, duration, self.a.warmup, f"{t.name}/{mode}/{level.label}/r{rnd}")
         wall = time.monotonic() - t0
-        run = Run.from_loadgen(t.name, mode, conc, rnd, r)
+        run = Run.from_loadgen(t.name, mode, level, rnd, r)
         if t.service is not None and before is not None:
             after = tree_usage(t.service.pid)
             cpu = after.cpu_s - before.cpu_s
@@ -696,7 +718,12 @@ def machine_lines(
         f"other load on the machine: 1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end "
         f"(the benchmark itself keeps about 2 busy); when it is well above that, other work shared the CPUs",
         f"method: {a.rounds} rounds x {len(a.mode_list)} modes x c={','.join(map(str, a.concs))}, "
-        f"{a.duration:g} s measured (+{a.warmup:g} s warm-up) per run, targets interleaved round by round; "
+        f"{a.duration:g} s measured (+{a.warmup:g} s warm-up) per run"
+        + "".join(
+            f", and {lv.label} Poisson arrivals (at most {lv.conc} in flight) for {a.paced_duration:g} s"
+            for lv in a.paced_levels
+        )
+        + "; targets interleaved round by round; "
         f"mock `{a.mock_args}`, max_tokens {a.max_tokens}; pinning {'on' if pin else 'off'}"
         + (f" (proxies on CPU {cpu_proxy}, mock + loadgen on the rest)" if pin else "")
         + f"; loopback-only network namespace: {'yes' if os.environ.get(NETNS_ENV) == '1' else 'no'}",
@@ -750,7 +777,7 @@ def gateway_checks(t: Target, summ: list[Summary], conc: int) -> str:
             f"; at c={conc} {s.mode}: gateway_overhead_ms median {fmt(s.gateway_overhead_ms, 3)} ms in the "
             f"access log vs {fmt(s.added_p50, 3)} ms added p50 measured by the client"
             for s in summ
-            if s.target == t.name and s.conc == conc
+            if s.target == t.name and s.level == Level(conc)
         )
     )
 
@@ -893,24 +920,24 @@ def main(argv: list[str] | None = None) -> int:
         b = Bench(a, bench, mock, mock_root, cpu_load)
         for t in targets[1:]:
             for mode in a.mode_list:
-                r = b.loadgen(t, mode, 16, a.prewarm, 0, f"prewarm/{t.name}/{mode}")
+                r = b.loadgen(t, mode, Level(16), a.prewarm, 0, f"prewarm/{t.name}/{mode}")
                 log(f"prewarm {t.name} {mode}: {r['rps']} rps, errors {r['errors'] or 'none'}")
         runs: list[Run] = []
         for rnd in range(a.rounds):
             rest = targets[1:] if rnd % 2 == 0 else targets[1:][::-1]
             for mode in a.mode_list:
-                for conc in a.concs:
+                for level in [Level(c) for c in a.concs] + a.paced_levels:
                     for t in [targets[0], *rest]:
-                        run = b.measure(t, mode, conc, rnd)
+                        run = b.measure(t, mode, level, rnd)
                         runs.append(run)
                         lat = run.lat or {}
                         log(
-                            f"r{rnd} {mode:6} c={conc:<3} {t.name:20} rps={run.rps:9.1f} p50={lat.get('p50')} "
+                            f"r{rnd} {mode:6} {level.label:>5} {t.name:20} rps={run.rps:9.1f} p50={lat.get('p50')} "
                             f"p99={lat.get('p99')} cpu={run.cpu_ms_per_req and round(run.cpu_ms_per_req, 3)} "
                             f"ms/req errors={run.errors or '-'}"
                         )
         names = [t.name for t in targets]
-        summ = summarize(runs, names, a.mode_list, a.concs)
+        summ = summarize(runs, names, a.mode_list, a.concs, a.paced_levels)
         checks = [
             gateway_checks(t, summ, min(a.concs))
             for t in targets
@@ -924,6 +951,7 @@ def main(argv: list[str] | None = None) -> int:
             min(a.concs),
             a.cpu_at if a.cpu_at in a.concs else max(a.concs),
             checks,
+            a.paced_levels[0] if a.paced_levels else None,
         )
         out = a.out or default_out()
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -934,7 +962,7 @@ def main(argv: list[str] | None = None) -> int:
                     "args": {
                         k: str(v) if isinstance(v, Path) else v
                         for k, v in vars(a).items()
-                        if k not in MACHINE_ARGS
+                        if k not in MACHINE_ARGS and k != "paced_levels"  # derived from "paced"
                     },
                     "versions": versions,
                     "interpreters": interpreters,

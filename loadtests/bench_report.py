@@ -16,13 +16,27 @@ PORTKEY = "portkey"
 PEERS = (DIRECT, FLOOR, LEAN, ENVOY, PORTKEY, LITELLM)
 
 
+@dataclass(frozen=True, slots=True)
+class Level:
+    """How the load is offered: ``conc`` closed-loop clients, or (``rate`` set) Poisson arrivals per second
+    with at most ``conc`` in flight. A paced level leaves the proxy idle between requests, as light traffic
+    does: what a request costs when caches and an idle CPU have to wake up, which back-to-back load hides."""
+
+    conc: int
+    rate: float | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.rate:g}/s" if self.rate is not None else str(self.conc)
+
+
 @dataclass(slots=True)
 class Run:
     """One loadgen run against one target, with the proxy's CPU and memory over the same interval."""
 
     target: str
     mode: str  # json | stream
-    conc: int
+    conc: int  # closed loop: clients; paced: the most in flight
     round: int
     rps: float
     ok: int
@@ -34,13 +48,18 @@ class Run:
     cpu_pct: float | None = None
     rss_mb: float | None = None
     gateway_overhead_ms: float | None = None  # median of the access log's gateway_overhead_ms over the run
+    rate: float | None = None  # paced runs: arrivals per second (None: closed loop)
+
+    @property
+    def level(self) -> Level:
+        return Level(self.conc, self.rate)
 
     @classmethod
-    def from_loadgen(cls, target: str, mode: str, conc: int, rnd: int, r: dict[str, Any]) -> Run:
+    def from_loadgen(cls, target: str, mode: str, level: Level, rnd: int, r: dict[str, Any]) -> Run:
         return cls(
             target,
             mode,
-            conc,
+            level.conc,
             rnd,
             float(r["rps"]),
             int(r["ok"]),
@@ -48,6 +67,7 @@ class Run:
             dict(r.get("errors") or {}),
             r.get("latency_ms") or None,
             r.get("ttft_ms") or None,
+            rate=level.rate,
         )
 
 
@@ -73,6 +93,11 @@ class Summary:
     rss_mb: float | None
     errors: dict[str, int] = field(default_factory=dict)
     gateway_overhead_ms: float | None = None
+    rate: float | None = None  # paced level: arrivals per second
+
+    @property
+    def level(self) -> Level:
+        return Level(self.conc, self.rate)
 
 
 def median(xs: Iterable[float | None]) -> float | None:
@@ -94,16 +119,19 @@ def _paired(runs: list[Run], base: dict[int, Run], attr: str, key: str) -> float
     return median(diffs)
 
 
-def summarize(runs: list[Run], targets: list[str], modes: list[str], concs: list[int]) -> list[Summary]:
-    groups: dict[tuple[str, int, str], list[Run]] = {}
+def summarize(
+    runs: list[Run], targets: list[str], modes: list[str], concs: list[int], paced: Iterable[Level] = ()
+) -> list[Summary]:
+    groups: dict[tuple[str, Level, str], list[Run]] = {}
     for r in runs:
-        groups.setdefault((r.mode, r.conc, r.target), []).append(r)
+        groups.setdefault((r.mode, r.level, r.target), []).append(r)
+    levels = [Level(c) for c in concs] + list(paced)
     out = []
     for mode in modes:
-        for c in concs:
-            base = {r.round: r for r in groups.get((mode, c, DIRECT), [])}
+        for lv in levels:
+            base = {r.round: r for r in groups.get((mode, lv, DIRECT), [])}
             for t in targets:
-                rs = groups.get((mode, c, t), [])
+                rs = groups.get((mode, lv, t), [])
                 if not rs:
                     continue
                 paired = t != DIRECT
@@ -114,7 +142,7 @@ def summarize(runs: list[Run], targets: list[str], modes: list[str], concs: list
                 out.append(
                     Summary(
                         mode,
-                        c,
+                        lv.conc,
                         t,
                         len(rs),
                         median(r.rps for r in rs),
@@ -131,6 +159,7 @@ def summarize(runs: list[Run], targets: list[str], modes: list[str], concs: list
                         max((r.rss_mb for r in rs if r.rss_mb is not None), default=None),
                         errors,
                         median(r.gateway_overhead_ms for r in rs),
+                        lv.rate,
                     )
                 )
     return out
@@ -151,29 +180,38 @@ class Headline:
     rps_json: float | None
     rps_stream: float | None
     rss_mb: float | None
+    paced_p50_json: float | None = None
+    paced_p99_json: float | None = None
+    paced_ttft_p50: float | None = None
+    paced_ttft_p99: float | None = None
 
-    METRICS = (
-        "added_p50_json",
-        "added_p99_json",
-        "added_ttft_p50",
-        "added_ttft_p99",
-        "cpu_json",
-        "cpu_stream",
-        "rps_json",
-        "rps_stream",
-    )
+    LATENCY = ("added_p50_json", "added_p99_json", "added_ttft_p50", "added_ttft_p99")
+    PACED = ("paced_p50_json", "paced_p99_json", "paced_ttft_p50", "paced_ttft_p99")
+    COST = ("cpu_json", "cpu_stream", "rps_json", "rps_stream")
+    METRICS = LATENCY + COST
+
+    @staticmethod
+    def metrics(paced: bool) -> tuple[str, ...]:
+        return Headline.LATENCY + Headline.PACED + Headline.COST if paced else Headline.METRICS
 
 
-def headline(summ: list[Summary], target: str, lat_conc: int, cpu_conc: int) -> Headline:
-    def one(mode: str, conc: int) -> Summary | None:
-        return next((s for s in summ if s.target == target and s.mode == mode and s.conc == conc), None)
+def headline(
+    summ: list[Summary], target: str, lat_conc: int, cpu_conc: int, paced: Level | None = None
+) -> Headline:
+    def one(mode: str, level: Level) -> Summary | None:
+        return next((s for s in summ if s.target == target and s.mode == mode and s.level == level), None)
 
     def best_rps(mode: str) -> float | None:
-        vals = [s.rps for s in summ if s.target == target and s.mode == mode and s.rps is not None]
+        vals = [
+            s.rps
+            for s in summ
+            if s.target == target and s.mode == mode and s.rate is None and s.rps is not None
+        ]
         return max(vals) if vals else None
 
-    j, s = one("json", lat_conc), one("stream", lat_conc)
-    jc, sc = one("json", cpu_conc), one("stream", cpu_conc)
+    j, s = one("json", Level(lat_conc)), one("stream", Level(lat_conc))
+    jc, sc = one("json", Level(cpu_conc)), one("stream", Level(cpu_conc))
+    jp, sp = (one("json", paced), one("stream", paced)) if paced is not None else (None, None)
     rss = [x.rss_mb for x in summ if x.target == target and x.rss_mb is not None]
     return Headline(
         target,
@@ -186,6 +224,10 @@ def headline(summ: list[Summary], target: str, lat_conc: int, cpu_conc: int) -> 
         best_rps("json"),
         best_rps("stream"),
         max(rss) if rss else None,
+        jp and jp.added_p50,
+        jp and jp.added_p99,
+        sp and sp.added_ttft_p50,
+        sp and sp.added_ttft_p99,
     )
 
 
@@ -214,13 +256,15 @@ def _row(cells: Iterable[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def headline_table(summ: list[Summary], targets: list[str], lat_conc: int, cpu_conc: int) -> str:
-    heads = {t: headline(summ, t, lat_conc, cpu_conc) for t in targets if t != DIRECT}
+def headline_table(
+    summ: list[Summary], targets: list[str], lat_conc: int, cpu_conc: int, paced: Level | None = None
+) -> str:
+    heads = {t: headline(summ, t, lat_conc, cpu_conc, paced) for t in targets if t != DIRECT}
+    metrics = Headline.metrics(paced is not None)
+    latency = ["added p50 json", "added p99 json", "added TTFT p50 stream", "added TTFT p99 stream"]
     cols = [
-        f"added p50 json, c={lat_conc} (ms)",
-        f"added p99 json, c={lat_conc} (ms)",
-        f"added TTFT p50 stream, c={lat_conc} (ms)",
-        f"added TTFT p99 stream, c={lat_conc} (ms)",
+        *(f"{c}, c={lat_conc} (ms)" for c in latency),
+        *(f"{c}, {paced.label} (ms)" for c in latency if paced is not None),
         f"CPU/request json, c={cpu_conc} (ms)",
         f"CPU/request stream, c={cpu_conc} (ms)",
         "RPS per core json",
@@ -229,7 +273,7 @@ def headline_table(summ: list[Summary], targets: list[str], lat_conc: int, cpu_c
     ]
     lines = [_row(["target", *cols]), _row(["---"] * (len(cols) + 1))]
     for t, h in heads.items():
-        lines.append(_row([t, *(fmt(getattr(h, m)) for m in Headline.METRICS), fmt(h.rss_mb, 0)]))
+        lines.append(_row([t, *(fmt(getattr(h, m)) for m in metrics), fmt(h.rss_mb, 0)]))
     gateways = [t for t in heads if t not in PEERS]
     for g in gateways:
         h = heads[g]
@@ -240,7 +284,7 @@ def headline_table(summ: list[Summary], targets: list[str], lat_conc: int, cpu_c
                     _row(
                         [
                             f"**{g} ÷ {label}**",
-                            *(fmt_ratio(ratio(getattr(h, m), getattr(f, m))) for m in Headline.METRICS),
+                            *(fmt_ratio(ratio(getattr(h, m), getattr(f, m))) for m in metrics),
                             "-",
                         ]
                     )
@@ -255,7 +299,7 @@ def headline_table(summ: list[Summary], targets: list[str], lat_conc: int, cpu_c
                         if m.startswith("rps")
                         else ratio(getattr(lt, m), getattr(h, m))
                     )
-                    for m in Headline.METRICS
+                    for m in metrics
                 ]
                 lines.append(_row([f"**{label} ÷ {g}** (RPS: {g} ÷ {label})", *cells, "-"]))
     return "\n".join(lines)
@@ -286,7 +330,7 @@ def full_table(summ: list[Summary]) -> str:
             _row(
                 [
                     s.mode,
-                    str(s.conc),
+                    s.level.label,
                     s.target,
                     fmt(s.rps, 1),
                     fmt(s.p50),
@@ -314,6 +358,7 @@ def markdown(
     lat_conc: int,
     cpu_conc: int,
     notes: list[str],
+    paced: Level | None = None,
 ) -> str:
     parts = [
         f"# {title}",
@@ -322,15 +367,22 @@ def markdown(
         "",
         "## Headline",
         "",
-        f"Added latency at c={lat_conc}; CPU per request at c={cpu_conc}; RPS per core = best closed-loop "
+        f"Added latency at c={lat_conc} (back to back)"
+        + (
+            f" and at {paced.label} (Poisson arrivals: light traffic, the proxy idle between requests)"
+            if paced is not None
+            else ""
+        )
+        + f"; CPU per request at c={cpu_conc}; RPS per core = best closed-loop "
         "level with the proxy pinned to one core. Ratios: gateway ÷ Envoy, ÷ lean and ÷ floor (lower is "
         "better, 1.00x = on par) and Portkey or LiteLLM ÷ gateway (how many times cheaper).",
         "",
-        headline_table(summ, targets, lat_conc, cpu_conc),
+        headline_table(summ, targets, lat_conc, cpu_conc, paced),
         "",
         "## All runs",
         "",
-        "Medians over rounds. `+` columns: median over rounds of (target − direct) in the same round.",
+        "Medians over rounds. `+` columns: median over rounds of (target − direct) in the same round. "
+        "`c`: closed-loop clients, or `N/s`: Poisson arrivals per second (open loop).",
         "",
         full_table(summ),
         "",

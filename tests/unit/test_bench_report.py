@@ -15,10 +15,18 @@ _spec.loader.exec_module(br)
 
 
 def run(
-    target: str, rnd: int, p50: float, conc: int = 1, mode: str = "json", cpu: float | None = None
+    target: str,
+    rnd: int,
+    p50: float,
+    conc: int = 1,
+    mode: str = "json",
+    cpu: float | None = None,
+    rate: float | None = None,
+    rps: float = 100.0,
 ) -> br.Run:
-    r = br.Run(target, mode, conc, rnd, 100.0, 10, 10, {}, {"p50": p50, "p99": p50 * 2}, None)
+    r = br.Run(target, mode, conc, rnd, rps, 10, 10, {}, {"p50": p50, "p99": p50 * 2}, None)
     r.cpu_ms_per_req = cpu
+    r.rate = rate
     return r
 
 
@@ -75,3 +83,34 @@ def test_gateway_rows_compare_with_each_reference_present_and_lean_is_not_a_gate
     assert "| 4.50x |" in rows["**llmgw ÷ lean**"]  # CPU per request: 0.09 against 0.02
     assert not any(name.startswith("**lean ÷") for name in rows)  # a reference, never compared itself
     assert "**llmgw ÷ floor**" not in rows  # absent from the run: no row
+
+
+def test_paced_level_is_its_own_group_with_its_own_headline_columns() -> None:
+    # Same clients (8), one closed loop and one paced at 25/s: never mixed, paired with direct's paced runs.
+    runs = [
+        run("direct", 0, 1.0),
+        run("direct", 0, 0.9, conc=8, rate=25.0, rps=25.0),
+        run("direct", 0, 3.0, conc=8, rps=9000.0),
+        run("envoy", 0, 1.2),
+        run("envoy", 0, 1.9, conc=8, rate=25.0, rps=25.0),
+        run("envoy", 0, 3.2, conc=8, rps=8000.0),
+        run("llmgw", 0, 1.3),
+        run("llmgw", 0, 2.4, conc=8, rate=25.0, rps=25.0),
+        run("llmgw", 0, 3.5, conc=8, rps=7000.0),
+    ]
+    paced = br.Level(8, 25.0)
+    targets = ["direct", "envoy", "llmgw"]
+    summ = br.summarize(runs, targets, ["json"], [1, 8], [paced])
+    gw = br.headline(summ, "llmgw", lat_conc=1, cpu_conc=8, paced=paced)
+    assert gw.added_p50_json is not None and abs(gw.added_p50_json - 0.3) < 1e-9  # back to back, c=1
+    assert gw.paced_p50_json is not None and abs(gw.paced_p50_json - 1.5) < 1e-9  # 2.4 - 0.9, same level
+    assert gw.rps_json == 7000.0  # a paced run's rate is what was offered, never the best RPS
+    table = br.headline_table(summ, targets, 1, 8, paced)
+    header = table.splitlines()[0]
+    assert "added p50 json, c=1 (ms)" in header and "added p50 json, 25/s (ms)" in header
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()}
+    assert "| 1.50x |" in rows["**llmgw ÷ Envoy**"]  # paced added p50: 1.5 ms against 1.0 ms
+    assert "25/s" in br.full_table(summ)
+    # without a paced level the table keeps its columns
+    plain = br.headline_table(br.summarize(runs, targets, ["json"], [1, 8]), targets, 1, 8)
+    assert "/s (ms)" not in plain.splitlines()[0]
