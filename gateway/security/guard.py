@@ -2,8 +2,9 @@
 
 Limits are shared by every replica through the state backend: rpm and tpm together in one round
 trip, GCRA in a Lua script (``gateway.policy.ratelimit``), O(1) per request. When Redis does not answer
-within the state timeout the gateway decides locally, says so once, counts the seconds it spent so
-(``llmgw_state_local_only_seconds_total``) and goes back to the shared limits by itself.
+within the state timeout the gateway decides locally, says so once, counts the seconds it spends so
+(``llmgw_state_local_only_seconds_total``, growing with each local decision, not only once Redis is
+back) and goes back to the shared limits by itself.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Guard:
         self._redis_ok = True
         self._redis_retry_at = 0.0  # monotonic; while in the future, limits are local and lookups cached
         self._local_since = 0.0  # monotonic time Redis stopped answering
+        self._local_counted = 0.0  # monotonic time up to which the local seconds are in the counter
         self._limit_keys: dict[str, tuple[str, str]] = {}
 
     async def authenticate(self, headers: dict[str, str]) -> ApiKey:
@@ -131,7 +133,9 @@ class Guard:
             # bucket, and the script never sees numbers beyond its floats' precision.
             checks.append(LimitCheck(names[1], min(estimate_tokens(raw, body), key.tpm), key.tpm))
             limits.append(("tpm", key.tpm))
-        if time.monotonic() < self._redis_retry_at:
+        t = time.monotonic()
+        if t < self._redis_retry_at:
+            self._count_local(t)
             decision = await self.local.rate_limit(checks, 60.0)
         else:
             try:
@@ -175,12 +179,21 @@ class Guard:
                 f"{type(exc).__name__}: {exc}",
             )
             self._redis_ok = False
-            self._local_since = t
+            self._local_since = self._local_counted = t
+        else:
+            self._count_local(t)
+
+    def _count_local(self, t: float) -> None:
+        """The local seconds so far into the counter: a dashboard sees an outage while it lasts."""
+        if not self._redis_ok and t > self._local_counted:
+            self.metrics.state_local_seconds.inc(t - self._local_counted)
+            self._local_counted = t
 
     def _redis_up(self) -> None:
         if not self._redis_ok:
-            local_s = time.monotonic() - self._local_since
-            self.metrics.state_local_seconds.inc(local_s)
+            t = time.monotonic()
+            self._count_local(t)
+            local_s = t - self._local_since
             log.warning(
                 "auth: state backend reachable again after %.1f s of local limits; shared limits resumed",
                 local_s,

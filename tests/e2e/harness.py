@@ -6,7 +6,9 @@ gateway-side facts they read are its public outputs (responses, headers, access 
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import signal
 import socket
 import ssl
@@ -46,8 +48,33 @@ TURN_SCHEMA = {
 HTTP = httpx.Client(timeout=30)
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+# Ports handed out below the kernel's ephemeral range (and below it by 10,000 more, where a Redis
+# Cluster node puts its bus port): an outgoing connection of this run can never take one between
+# free_port() and the server's bind. A random start keeps two runs on one machine apart.
+_PORT_LOW = 10_000
+_PORT_HIGH = _ephemeral_low() - 10_000
+_next_port = itertools.count(random.randrange(_PORT_LOW, max(_PORT_HIGH, _PORT_LOW + 1)))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port nothing listens on, which only this run hands out."""
+    if _PORT_HIGH - _PORT_LOW >= 1000:
+        for _ in range(_PORT_HIGH - _PORT_LOW):
+            port = _PORT_LOW + (next(_next_port) - _PORT_LOW) % (_PORT_HIGH - _PORT_LOW)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue  # in use (another run, or a server of this one)
+                return port
+    with socket.socket() as s:  # a narrow range below the ephemeral one: let the kernel pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

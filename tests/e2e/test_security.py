@@ -449,6 +449,9 @@ def test_redis_down_falls_back_to_local_limits(sims_factory, gateways, private_r
     assert slowest < 1.0  # nobody waits on the dead Redis
     assert gw.stderr().count("enforcing limits locally") == 1
     assert gw.records(wait_for=9)[-1]["response_flags"] == "RL"
+    # Redis is still dead: the local seconds are counted while it lasts, not only once it is back
+    scrape = httpx.get(gw.url + "/metrics", headers={"authorization": f"Bearer {KEYS['a']}"}, timeout=5).text
+    assert metric_value(scrape, "llmgw_state_local_only_seconds_total") > 0
 
 
 # ---------------------------------------------------------------- input hardening

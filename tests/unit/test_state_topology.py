@@ -219,13 +219,24 @@ def test_limits_go_local_while_redis_is_away_and_the_seconds_are_counted(monkeyp
     key = ApiKey("team", "h", rpm=1000)
     backend.down = True
     asyncio.run(g.admit(key, "m", b"{}", {}))  # refused by Redis: decided locally
-    clock.advance(2.5)  # past REDIS_RETRY_S, the primary still gone
+    clock.advance(0.5)  # within REDIS_RETRY_S: decided locally without asking Redis
     asyncio.run(g.admit(key, "m", b"{}", {}))
+    # counted while the outage lasts, so a dashboard does not wait for its end to see it
+    assert _value(metrics, "llmgw_state_local_only_seconds_total") == pytest.approx(0.5)
+    clock.advance(2.0)  # past REDIS_RETRY_S, the primary still gone
+    asyncio.run(g.admit(key, "m", b"{}", {}))
+    assert _value(metrics, "llmgw_state_local_only_seconds_total") == pytest.approx(2.5)
+    clock.advance(0.25)
+    asyncio.run(g.admit(key, "m", b"{}", {}))
+    assert _value(metrics, "llmgw_state_local_only_seconds_total") == pytest.approx(2.75)
     backend.down = False
     clock.advance(1.5)  # a replica was promoted meanwhile
     asyncio.run(g.admit(key, "m", b"{}", {}))
     assert len(backend.calls) == 1  # shared again
-    assert _value(metrics, "llmgw_state_local_only_seconds_total") == pytest.approx(4.0)
+    assert _value(metrics, "llmgw_state_local_only_seconds_total") == pytest.approx(4.25)  # never twice
+    clock.advance(3.0)
+    asyncio.run(g.admit(key, "m", b"{}", {}))
+    assert _value(metrics, "llmgw_state_local_only_seconds_total") == pytest.approx(4.25)  # shared: no more
 
 
 def test_sentinel_and_cluster_clients_carry_the_urls_credentials_tls_and_timeout():
