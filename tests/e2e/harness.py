@@ -55,17 +55,18 @@ def _ephemeral_low() -> int:
         return 32768  # Linux's default
 
 
-# Ports handed out below the kernel's ephemeral range (and below it by 10,000 more, where a Redis
-# Cluster node puts its bus port): an outgoing connection of this run can never take one between
-# free_port() and the server's bind. A random start keeps two runs on one machine apart.
-_PORT_LOW = 10_000
-_PORT_HIGH = _ephemeral_low() - 10_000
-_next_port = itertools.count(random.randrange(_PORT_LOW, max(_PORT_HIGH, _PORT_LOW + 1)))
+# Ports handed out from 10,000-19,999: below the kernel's ephemeral range, so an outgoing connection of
+# this run can never take one between free_port() and the server's bind, and 10,000 below it too, where
+# a Redis Cluster node on one of them puts its bus port (port + 10,000: 20,000-29,999, never handed out).
+# A random start keeps two runs on one machine apart.
+_PORT_LOW, _PORT_HIGH = 10_000, 20_000
+_OWN_RANGE = _ephemeral_low() >= _PORT_HIGH + 10_000
+_next_port = itertools.count(random.randrange(_PORT_LOW, _PORT_HIGH))
 
 
 def free_port() -> int:
     """A loopback port nothing listens on, which only this run hands out."""
-    if _PORT_HIGH - _PORT_LOW >= 1000:
+    if _OWN_RANGE:
         for _ in range(_PORT_HIGH - _PORT_LOW):
             port = _PORT_LOW + (next(_next_port) - _PORT_LOW) % (_PORT_HIGH - _PORT_LOW)
             with socket.socket() as s:
@@ -74,7 +75,7 @@ def free_port() -> int:
                 except OSError:
                     continue  # in use (another run, or a server of this one)
                 return port
-    with socket.socket() as s:  # a narrow range below the ephemeral one: let the kernel pick
+    with socket.socket() as s:  # an ephemeral range that starts low: let the kernel pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
