@@ -20,6 +20,9 @@ class ResponseFlag(StrEnum):
     DEADLINE = "DT"  # the request deadline ran out
     CLIENT_GONE = "DC"  # the client disconnected
     RATE_LIMITED = "RL"
+    # the key's rpm/tpm were checked on this process alone: the shared state (Redis) did not answer, so the
+    # replicas do not share the count (on admitted requests too; a refusal so decided is "RL,RLL")
+    LOCAL_LIMITS = "RLL"
     UNAUTHORIZED = "UAEX"
     DRAINING = "LR"
     HEDGE_SUPPRESSED = "HS"

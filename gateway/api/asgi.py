@@ -131,6 +131,7 @@ class GatewayASGI:
         key = None
         guard = self.guard
         body: JsonObject | None = None  # once parsed: a refused request still logs its model
+        local_limits = False  # the key's rpm/tpm decided by this process alone (Redis away): flag RLL
         try:
             request_id = _request_id(headers.get("x-request-id"))
             if (
@@ -159,7 +160,7 @@ class GatewayASGI:
             body, containers = self._load(raw, marks)
             model = self._check(body, upstream_path, containers)
             if key is not None and guard is not None:  # a key only ever comes from the guard
-                await guard.admit(key, model, raw, body)  # raises 403/429
+                local_limits = await guard.admit(key, model, raw, body)  # raises 403/429
         except GatewayError as exc:
             return await self._reject(
                 scope,
@@ -248,6 +249,8 @@ class GatewayASGI:
             rejected=rejected,
             api_key_id=key.id if key is not None else None,
         )
+        if local_limits:
+            ex.flags.append(ResponseFlag.LOCAL_LIMITS)
         ex_done = guard.track(key) if key is not None and guard is not None else None
 
         def on_disconnect(_: object = None) -> None:

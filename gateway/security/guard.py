@@ -4,7 +4,7 @@ Limits are shared by every replica through the state backend: rpm and tpm togeth
 trip, GCRA in a Lua script (``gateway.policy.ratelimit``), O(1) per request. When Redis does not answer
 within the state timeout the gateway decides locally, says so once, counts the seconds it spends so
 (``llmgw_state_local_only_seconds_total``, growing with each local decision, not only once Redis is
-back) and goes back to the shared limits by itself.
+back) and goes back to the shared limits by itself. A request so decided carries the flag RLL.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ log = logging.getLogger("llmgw.auth")
 
 NEGATIVE_TTL_S = 1.0  # an unknown key is asked about again after this long (a key created just now)
 REDIS_RETRY_S = 1.0  # after a failed call, Redis is left alone this long: no request waits on a dead socket
+
+
+_LOCAL_REFUSAL = f"{ResponseFlag.RATE_LIMITED},{ResponseFlag.LOCAL_LIMITS}"
 
 
 def _unauthorized(message: str) -> GatewayError:
@@ -88,7 +91,8 @@ class Guard:
             self._cache.clear()
         return key
 
-    async def admit(self, key: ApiKey, model: str, raw: bytes, body: dict[str, Any]) -> None:
+    async def admit(self, key: ApiKey, model: str, raw: bytes, body: dict[str, Any]) -> bool:
+        """Raise 403/429, or admit; True when the key's rpm/tpm were decided locally (flag RLL)."""
         if not key.allows(model):
             raise GatewayError(
                 403,
@@ -99,11 +103,13 @@ class Guard:
                 flag=ResponseFlag.UNAUTHORIZED,
             )
         self._check_concurrency(key)  # before the limits: a refused request spends no rpm/tpm
+        local = False
         if key.rpm is not None or key.tpm is not None:
-            await self._rate_limit(key, raw, body)
+            local = await self._rate_limit(key, raw, body)
         # Again after the await above: others may have been admitted meanwhile. From here to track()
         # the edge does not yield, so the count cannot be overtaken.
         self._check_concurrency(key)
+        return local
 
     def _check_concurrency(self, key: ApiKey) -> None:
         if key.max_concurrency is not None and self.concurrency.get(key.id, 0) >= key.max_concurrency:
@@ -117,7 +123,8 @@ class Guard:
                 retry_after="1",
             )
 
-    async def _rate_limit(self, key: ApiKey, raw: bytes, body: dict[str, Any]) -> None:
+    async def _rate_limit(self, key: ApiKey, raw: bytes, body: dict[str, Any]) -> bool:
+        """Raise 429 over a limit; True when decided locally (Redis did not answer)."""
         names = self._limit_keys.get(key.id)
         if names is None:
             # One hash tag per API key: both limits sit in one cluster slot, so one script sees both.
@@ -134,7 +141,8 @@ class Guard:
             checks.append(LimitCheck(names[1], min(estimate_tokens(raw, body), key.tpm), key.tpm))
             limits.append(("tpm", key.tpm))
         t = time.monotonic()
-        if t < self._redis_retry_at:
+        local = t < self._redis_retry_at
+        if local:
             self._count_local(t)
             decision = await self.local.rate_limit(checks, 60.0)
         else:
@@ -143,6 +151,7 @@ class Guard:
                 self._redis_up()
             except Exception as exc:
                 self._redis_down(exc)
+                local = True
                 decision = await self.local.rate_limit(checks, 60.0)
         if decision.refused >= 0:
             name, limit = limits[decision.refused]
@@ -154,10 +163,11 @@ class Guard:
                 f"Rate limit reached for key '{key.id}': {limit} {name}. Retry after {wait} s.",
                 "rate_limit_error",
                 "rate_limit_exceeded",
-                flag=ResponseFlag.RATE_LIMITED,
+                flag=_LOCAL_REFUSAL if local else ResponseFlag.RATE_LIMITED,
                 retry_after=str(wait),
                 headers=ratelimit_headers(name, limit, wait),
             )
+        return local
 
     def track(self, key: ApiKey) -> Callable[[Any], None]:
         self.concurrency[key.id] = self.concurrency.get(key.id, 0) + 1

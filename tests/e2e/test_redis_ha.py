@@ -47,6 +47,10 @@ def _chat(gw: Gateway, key: str, **body: Any) -> httpx.Response:
     )
 
 
+def _flags_of(records: list[dict[str, Any]], key_id: str) -> list[list[str]]:
+    return [r["response_flags"].split(",") for r in records if r["api_key_id"] == key_id]
+
+
 def _shared_limit_holds(gw1: Gateway, gw2: Gateway) -> None:
     """rpm 3 for one key across two gateways: 3 admitted in total, not 3 each (GCRA refills one every
     20 s, so any time the requests took beyond that may admit one more)."""
@@ -347,6 +351,12 @@ def _failover_under_load(f: _Failover, sims_factory: Any, gateways: Any, prefix:
     # the limits live in the promoted primary now, and hold across both gateways again
     _shared_limit_holds(gw1, gw2)
     assert f.new.client.exists(prefix + "rl:{shared}:rpm") == 1
+    # the access log tells the two apart: requests admitted while Redis was away carry RLL, those decided
+    # on the promoted primary do not (the shared key's 4 requests per gateway came after the failover)
+    for gw in (gw1, gw2):
+        wait_for(lambda gw=gw: len(_flags_of(gw.records(), "shared")) == 4, 10, "the shared key's records")
+        assert all("RLL" not in flags for flags in _flags_of(gw.records(), "shared"))
+    assert any("RLL" in r["response_flags"].split(",") for gw in (gw1, gw2) for r in gw.records())
     print(
         f"\n{f.mode} failover: {len(results)} requests, {len(failed)} failed; {sent_after - sent_before} sent "
         f"between the kill and both gateways following; promotion {t_promoted - t_kill:.2f} s after the kill; "

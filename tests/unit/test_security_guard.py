@@ -24,9 +24,10 @@ def _guard(backend: Any = None, **key: Any) -> Guard:
     return Guard(cfg, backend or MemoryState(), Metrics())
 
 
-def _admit(g: Guard, model: str = "chat", body: dict[str, Any] | None = None) -> None:
+def _admit(g: Guard, model: str = "chat", body: dict[str, Any] | None = None) -> bool:
+    """Admit one request (or raise); True when its limits were decided locally."""
     key = asyncio.run(g.authenticate({"authorization": f"Bearer {KEY}"}))
-    asyncio.run(g.admit(key, model, b"{}", body or {}))
+    return asyncio.run(g.admit(key, model, b"{}", body or {}))
 
 
 def _status(fn: Any) -> int:
@@ -98,7 +99,7 @@ def test_unknown_key_is_401_and_model_outside_globs_403():
 
 def test_rpm_window_refuses_with_retry_after():
     g = _guard(rpm=2)
-    _admit(g)
+    assert _admit(g) is False  # decided on the shared state: no RLL
     _admit(g)
     with pytest.raises(GatewayError) as exc:
         _admit(g)
@@ -117,9 +118,12 @@ def test_tpm_cost_is_capped_at_the_limit():
 def test_redis_down_limits_locally_and_leaves_redis_alone_for_a_while(monkeypatch):
     dead = DeadRedis()
     g = _guard(dead, rpm=3)
-    for _ in range(3):
+    # each decision says it was local: the failed call's and those that skip Redis alike
+    assert [_admit(g) for _ in range(3)] == [True, True, True]
+    with pytest.raises(GatewayError) as exc:
         _admit(g)
-    assert _status(lambda: _admit(g)) == 429  # the local window holds the same limit
+    assert exc.value.status == 429  # the local window holds the same limit
+    assert exc.value.flag == "RL,RLL"  # and the refusal says it was decided locally
     assert dead.calls == 1  # one failed call, then Redis is skipped until REDIS_RETRY_S has passed
     monkeypatch.setattr(guard_mod, "REDIS_RETRY_S", 0.0)
     g._redis_retry_at = 0.0
@@ -128,9 +132,10 @@ def test_redis_down_limits_locally_and_leaves_redis_alone_for_a_while(monkeypatc
 
 
 def test_concurrency_is_held_until_the_request_ends():
-    g = _guard(max_concurrency=1)
+    g = _guard(DeadRedis(), max_concurrency=1)
     key = asyncio.run(g.authenticate({"authorization": f"Bearer {KEY}"}))
-    asyncio.run(g.admit(key, "chat", b"{}", {}))
+    # a key without rpm/tpm asks no shared state: nothing was decided locally for want of Redis
+    assert asyncio.run(g.admit(key, "chat", b"{}", {})) is False
     done = g.track(key)
     assert _status(lambda: asyncio.run(g.admit(key, "chat", b"{}", {}))) == 429
     done(None)
