@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_non_negative_ms,
         default=None,
         metavar="MS",
-        help="tail = requests with duration above MS (default: above the tail percentile)",
+        help="tail = requests with duration at or above MS (default: at or above the tail percentile)",
     )
     parser.add_argument(
         "--tail-percentile",

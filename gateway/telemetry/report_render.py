@@ -96,14 +96,14 @@ def _tail_title(r: Report) -> str:
         else f"P{t.percentile:g} of duration, all requests"
     )
     noun = "request" if t.requests == 1 else "requests"
-    return f"Tail: {t.requests:,} {noun} with duration > {t.threshold_ms:.1f} ms ({why})"
+    return f"Tail: {t.requests:,} {noun} with duration >= {t.threshold_ms:.1f} ms ({why})"
 
 
 _TAIL_NOTE = (
     "primary = first matching cause in the order listed; involved = every cause a request shows.",
     f"{Cause.QUEUEING.value} / {Cause.GATEWAY_OVERHEAD.value}: pool wait / gateway overhead > 10% of duration.",
-    f"{Cause.SLOW_UPSTREAM_TTFT.value}: ttft (non-stream: upstream time) above the tail percentile of the same "
-    "model and stream mode.",
+    f"{Cause.SLOW_UPSTREAM_TTFT.value}: ttft (non-stream: upstream time) at or above the tail percentile and "
+    "above the median of the same model and stream mode.",
 )
 
 

@@ -7,11 +7,14 @@ Percentiles use the nearest-rank method on the non-null values of a metric: with
 ascending, P(p) is the value at 1-based rank ceil(p/100 * n) (rank 1 for p = 0). It always returns a
 value that was observed, never an interpolation, so a P99 can be traced to the request that set it.
 
-Tail: the requests whose duration_ms is strictly above a threshold: ``threshold_ms``, or by default the
-P95 (``percentile_of_tail``) of duration_ms over all records. Each tail request gets every cause that
+Tail: the requests whose duration_ms is at or above a threshold: ``threshold_ms``, or by default the
+P95 (``percentile_of_tail``) of duration_ms over all records, so the request that set the P95 and every
+slower one. Not strictly above: the nearest-rank P95 of fewer than 20 values is their maximum, and a small
+log (the demo's first dozen requests) would never show a tail. Each tail request gets every cause that
 matches, and a primary cause: the first match in ``Cause`` order. "slow upstream ttft" compares a
 request's first-token time (ttft_ms when streamed, upstream_service_time_ms otherwise: the whole body is
-the first token) with the same percentile over the records of the same model and stream mode.
+the first token) with the same percentile over the records of the same model and stream mode: at or above
+it, and above their median (``_slow_first_token``).
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ class Cause(StrEnum):
     COLD_CONNECTION = "cold connection"  # a new upstream connection: not reused and connect time > 0
     QUEUEING = "queueing"  # pool_wait_ms > 10% of duration
     GATEWAY_OVERHEAD = "gateway overhead"  # gateway_overhead_ms > 10% of duration
-    SLOW_UPSTREAM_TTFT = "slow upstream ttft"  # first token above the tail percentile of the same model
+    SLOW_UPSTREAM_TTFT = "slow upstream ttft"  # first token among its model's slowest (_slow_first_token)
     UNEXPLAINED = "unexplained"  # none of the above
 
 
@@ -172,6 +175,13 @@ def _rank_or_inf(sorted_values: Sequence[float], p: float) -> float:
     """``nearest_rank``, or infinity (no value is above it) when there are no values."""
     r = nearest_rank(sorted_values, p)
     return math.inf if r is None else r
+
+
+def _slow_first_token(sorted_values: Sequence[float], percentile: float) -> tuple[float, float]:
+    """A first token is slow for its (model, stream) at or above their tail percentile and above their
+    median: among the slowest of its kind and slower than most of them (a group of one, or of equal times,
+    has no request slow against the others). Infinity when there are no values."""
+    return _rank_or_inf(sorted_values, percentile), _rank_or_inf(sorted_values, 50.0)
 
 
 def nearest_rank(sorted_values: Sequence[float], p: float) -> float | None:
@@ -431,15 +441,16 @@ def _tail(
     involved = [0] * len(_CAUSES)
     n = 0
     if threshold is not None:
-        # Per (model, stream): the first-token time above which a request's upstream was slow for its kind.
-        ft_limit = [_rank_or_inf(sorted(v), percentile) for v in cols.ft_values]
+        # Per (model, stream): the first-token times that make a request's upstream slow for its kind.
+        ft_limit = [_slow_first_token(sorted(v), percentile) for v in cols.ft_values]
         slow = _BIT[Cause.SLOW_UPSTREAM_TTFT]
         unexplained = _BIT[Cause.UNEXPLAINED]
         dur, ft, ft_key, local = cols.duration, cols.first_token, cols.ft_key, cols.causes
-        for i in [i for i, d in enumerate(dur) if d > threshold]:  # NaN never compares greater
+        for i in [i for i, d in enumerate(dur) if d >= threshold]:  # NaN never compares
             n += 1
             bits = local[i]
-            if ft[i] > ft_limit[ft_key[i]]:
+            at_least, above = ft_limit[ft_key[i]]
+            if ft[i] >= at_least and ft[i] > above:
                 bits |= slow
             if not bits:
                 bits = unexplained

@@ -117,6 +117,8 @@ def test_every_readme_block_runs_verbatim(tmp_path):
             for fragment, expected in EXPECT.items():
                 if fragment in block.body:
                     assert expected in out.stdout, f"{where}\nexpected {expected!r} in:\n{out.stdout[-2000:]}"
+            if "llmgw report access.log" in block.body:  # the README promises the causes of the tail, at once
+                assert re.search(r"^Tail: [1-9]", out.stdout, re.M), f"{where}: an empty tail:\n{out.stdout}"
             print(f"block {i}: {time.monotonic() - t0:.1f} s")
             exports += [line for line in body.splitlines() if line.startswith("export ")]
         assert server is not None

@@ -160,24 +160,38 @@ def test_other_groupings_read_their_fields():
 # ------------------------------------------------------------------------------------------ fixture, tail
 
 
-def test_fixture_default_tail_is_above_p95_of_duration():
+def test_fixture_default_tail_is_at_or_above_p95_of_duration():
     t = rp.build_report(fixture_records()).tail
-    # P95 of duration over all 20 = 3200 (rank 19); strictly above it: l08 only (5000 ms, 504, flags UT,URX,
-    # timeout_flag total, 2 retries).
-    assert (t.threshold_ms, t.source, t.requests) == (3200.0, ThresholdSource.PERCENTILE, 1)
+    # P95 of duration over all 20 = 3200 (rank 19); at or above it: g12 (3200 ms, UT) and l08 (5000 ms, 504,
+    # flags UT,URX, timeout_flag total, 2 retries).
+    assert (t.threshold_ms, t.source, t.requests) == (3200.0, ThresholdSource.PERCENTILE, 2)
     c = causes(t)
-    assert c["timeout"] == (1, 1)
+    assert c["timeout"] == (2, 2)
     assert c["retry"] == (0, 1)  # involved, but timeout comes first
-    assert sum(p for p, _ in c.values()) == 1
+    assert sum(p for p, _ in c.values()) == 2
+
+
+def test_a_small_log_has_a_tail_its_slowest_request():
+    """Under 20 requests the nearest-rank P95 is the slowest one: the tail holds it, so the demo's first
+    dozen requests already show what made the slowest slow."""
+    records = [rec(duration_ms=100.0 + i, ttft_ms=50.0 + i) for i in range(11)]
+    records.append(rec(duration_ms=900.0, ttft_ms=850.0))  # what the demo's slowest looks like
+    t = rp.build_report(records).tail
+    assert (t.threshold_ms, t.requests) == (900.0, 1)
+    # its first token is the slowest of its kind (its group's P95 too, under 20 values) and above the median
+    assert causes(t)["slow upstream ttft"] == (1, 1) and causes(t)["unexplained"] == (0, 0)
+    assert "Tail: 1 request with duration >= 900.0 ms (P95 of duration, all requests)" in rp.render(
+        rp.build_report(records)
+    )
 
 
 def test_fixture_threshold_option():
     t = rp.build_report(fixture_records(), threshold_ms=600).tail
     # > 600 ms: l05 650 (pool wait 80 > 65), g10 800 (new connection, 250 ms connect), l06 900 (hedged),
     # g11 1500 (1 retry), l07 2100 (overhead 250 > 210), g12 3200 (UT, ttft), l08 5000 (UT + 2 retries).
-    # Slow ttft: none. Per model and stream mode the P95 first token is gpt stream 1300 (n=7, rank 7),
-    # llama stream 280 (n=4, rank 4), llama non-stream 1840 (n=2: 490 1840, rank 2); no tail request is
-    # strictly above its own.
+    # Slow ttft: at or above the P95 first token of its model and stream mode, and above their median: gpt
+    # stream 1300 (n=7, rank 7), llama stream 280 (n=4, rank 4), llama non-stream 1840 (n=2: 490 1840,
+    # rank 2; median 490): l06 (280, hedged), g11 (1300, retried), l07 (1840, overhead), never primary.
     assert (t.threshold_ms, t.source, t.requests) == (600.0, ThresholdSource.OPTION, 7)
     assert causes(t) == {
         "timeout": (2, 2),
@@ -186,14 +200,15 @@ def test_fixture_threshold_option():
         "cold connection": (1, 1),
         "queueing": (1, 1),
         "gateway overhead": (1, 1),
-        "slow upstream ttft": (0, 0),
+        "slow upstream ttft": (0, 3),
         "unexplained": (0, 0),
     }
     assert t.share(2) == pytest.approx(2 / 7)
-    # The threshold is strict: at 650 the 650 ms request (the queueing one) is not in the tail.
+    # The threshold is inclusive: at 650 the 650 ms request (the queueing one) is in the tail, at 650.5 not.
     t650 = rp.build_report(fixture_records(), threshold_ms=650).tail
-    assert t650.requests == 6
-    assert causes(t650)["queueing"] == (0, 0)
+    assert t650.requests == 7 and causes(t650)["queueing"] == (1, 1)
+    t_above = rp.build_report(fixture_records(), threshold_ms=650.5).tail
+    assert t_above.requests == 6 and causes(t_above)["queueing"] == (0, 0)
 
 
 # ------------------------------------------------------------------------------------------ crafted tails
@@ -284,7 +299,7 @@ def test_non_numbers_and_missing_fields_are_unknown():
     r = rp.build_report(records)
     assert r.records == 4
     assert stats(r.overall, "duration_ms") == (1, 7.0, 7.0, 7.0, 7.0)  # only the int 7 is a duration
-    assert r.tail.requests == 0  # nothing above the P95 (7) of a single value
+    assert r.tail.requests == 1  # the single duration is its own P95 (7): the tail is that request
 
 
 def test_no_records_gives_an_empty_report():
@@ -372,7 +387,7 @@ def test_markdown_format_has_header_rows():
         lines[i + 2] == "| gpt-4o-mini | 12 | 1 | 8.3% | duration | 12 | 240.0 | 3200.0 | 3200.0 | 3200.0 |"
     )
     assert "| cause | primary | primary % | involved | involved % |" in lines
-    assert "| timeout | 1 | 100.0% | 1 | 100.0% |" in lines
+    assert "| timeout | 2 | 100.0% | 2 | 100.0% |" in lines
 
 
 def test_text_format_is_aligned_with_units():
@@ -400,7 +415,7 @@ def test_text_format_is_aligned_with_units():
         "3200.0",
         "3200.0",
     ]
-    assert "Tail: 7 requests with duration > 600.0 ms (--threshold-ms)" in lines
+    assert "Tail: 7 requests with duration >= 600.0 ms (--threshold-ms)" in lines
     c = lines.index(next(line for line in lines if line.startswith("cause ")))
     cause_table = lines[c : c + 1 + len(Cause)]
     assert len({len(line) for line in cause_table}) == 1
