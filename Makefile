@@ -32,7 +32,7 @@ node-deps: $(NODE_STAMP)
 run: $(RUN_STAMP)
 	LLMGW_ACCESS_LOG=$(ACCESS_LOG) $(BIN)/llmgw serve --port $(PORT)
 
-# promtool, prometheus and helm for the chart, alert and scrape tests (idempotent).
+# promtool, prometheus and helm for the chart, alert and scrape tests, tinyproxy for the egress-proxy tests (idempotent).
 tools: $(STAMP)
 	VENV=$(VENV) scripts/install-test-tools.sh
 

