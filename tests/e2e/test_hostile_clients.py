@@ -230,7 +230,7 @@ def test_a_huge_model_name_is_answered_and_logged_by_its_start_and_length(edge, 
     """The body limit allows a 5 MB model name; repeating it whole made each such request a 5 MB answer
     and a 5 MB access-log line."""
     name = "m" * (5 << 20)
-    logged = len(edge.records())
+    logged = _logged(edge)
     r = httpx.post(
         edge.url + "/v1/chat/completions",
         json={"model": name, "messages": MSG},
@@ -260,7 +260,7 @@ def test_a_connection_beyond_max_connections_gets_503_and_the_place_is_free_agai
     import openai
 
     before = metric_value(crowded.metrics(), "llmgw_input_limits_total", limit="max_connections")
-    logged = len(crowded.records())
+    logged = _logged(crowded)
     idle = [socket.create_connection(("127.0.0.1", crowded.port), timeout=5) for _ in range(8)]
     client = openai.OpenAI(base_url=crowded.url + "/v1", api_key=KEY, max_retries=0, timeout=10)
     try:  # accepted in order after the 8: the ninth connection
@@ -303,6 +303,7 @@ def test_millions_of_tiny_json_values_are_refused_before_parsing(edge, probe, it
     )
     assert len(raw) < 10 << 20  # inside the body limit: only the element limits can refuse it
     before = metric_value(edge.metrics(), "llmgw_input_limits_total", limit=limit)
+    n = _logged(edge)
     base = probe.baseline()
     samples, answers = probe.during(lambda: _json_attack(edge, raw))
     for r in answers:
@@ -311,8 +312,8 @@ def test_millions_of_tiny_json_values_are_refused_before_parsing(edge, probe, it
         assert err["code"] == "too_many_elements" and f"server.max_{limit}" in err["message"]
     probe.assert_unaffected(base, samples, limit)
     assert metric_value(edge.metrics(), "llmgw_input_limits_total", limit=limit) == before + 3
-    rec = [r for r in edge.records(wait_for=1) if r["error_type"] == "too_many_elements"][-1]
-    assert rec["response_code"] == 400 and rec["response_flags"] == "BR"
+    refused = [r for r in _new_records(edge, n, 3) if r["error_type"] == "too_many_elements"]
+    assert [(r["response_code"], r["response_flags"]) for r in refused] == [(400, "BR")] * 3, refused
 
 
 def test_brackets_commas_and_quotes_inside_strings_are_not_structure(edge):
@@ -505,7 +506,7 @@ def test_a_client_that_stops_reading_a_stream_is_cut_after_send_timeout(tmp_path
 
 def test_bytes_that_are_not_http_get_an_openai_shaped_400_and_a_dpe_record(edge):
     before = metric_value(edge.metrics(), "llmgw_input_limits_total", limit="malformed_http")
-    n = len(edge.records())
+    n = _logged(edge)
     for garbage in (
         b"\x16\x03\x01\x02\x00 a TLS hello on a plain port\r\n\r\n",
         b"GET / HTTP/1.1\r\nno colon\r\n\r\n",
@@ -522,19 +523,30 @@ def test_bytes_that_are_not_http_get_an_openai_shaped_400_and_a_dpe_record(edge)
     assert "Invalid HTTP request" not in edge.stderr()  # answered and logged once, as DPE: not an error line
 
 
-def _new_records(gw: Gateway, n: int, expected: int) -> list[dict[str, Any]]:
-    """The records after the first ``n``, once ``expected`` are there and a request sent after them on a
-    fresh connection (the fence, left out) is logged too: one worker writes its log in order, so a record
-    the requests before the fence still had to write would be among them."""
-    gw.records(wait_for=n + expected)
+def _fenced(gw: Gateway) -> tuple[list[dict[str, Any]], str]:
+    """Every record of the requests sent so far: a request sent now on a fresh connection (the fence) is
+    waited for in the log. One worker writes its log in order, so a record that an earlier request still
+    had to write is in by then (a response reaches its client a moment before its record is written)."""
     path = f"/fence-{time.monotonic_ns()}"
     assert httpx.get(gw.url + path, timeout=10).status_code == 404
 
     def fenced() -> list[dict[str, Any]] | None:
-        recs = gw.records()[n:]
+        recs = gw.records()
         return recs if any(r["path"] == path for r in recs) else None
 
-    return [r for r in wait_until("the fence's record", fenced) if r["path"] != path]
+    return wait_until("the fence's record", fenced), path
+
+
+def _logged(gw: Gateway) -> int:
+    """How many records there are once every earlier request's is in: the baseline for _new_records."""
+    return len(_fenced(gw)[0])
+
+
+def _new_records(gw: Gateway, n: int, expected: int) -> list[dict[str, Any]]:
+    """The records after the first ``n`` (from ``_logged``), once ``expected`` are there and fenced."""
+    gw.records(wait_for=n + expected)
+    recs, path = _fenced(gw)
+    return [r for r in recs[n:] if r["path"] != path]
 
 
 def _request_head(body_framing: str) -> bytes:
@@ -563,7 +575,7 @@ def test_a_malformed_chunked_body_gets_the_400_and_one_dpe_record(edge, chunks):
     m = edge.metrics()
     before = metric_value(m, "llmgw_input_limits_total", limit="malformed_http")
     gone_before = metric_value(m, "llmgw_requests_total", code="499")
-    n = len(edge.records())
+    n = _logged(edge)
     with socket.create_connection(("127.0.0.1", edge.port)) as s:
         s.sendall(_request_head("transfer-encoding: chunked") + chunks)
         answer = _until_closed(s)
@@ -582,7 +594,7 @@ def test_a_malformed_request_pipelined_behind_a_valid_one_is_answered_after_it(e
     """As nginx does: the valid request is served and its response sent whole, then the bytes that follow
     it on the connection get the 400 and the connection closes. Each is logged once."""
     before = metric_value(edge.metrics(), "llmgw_input_limits_total", limit="malformed_http")
-    n = len(edge.records())
+    n = _logged(edge)
     body = orjson.dumps({"model": "chat", "messages": MSG})
     with socket.create_connection(("127.0.0.1", edge.port)) as s:
         s.sendall(
