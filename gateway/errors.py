@@ -16,7 +16,8 @@ class GatewayError(Exception):
     type: str = "invalid_request_error"
     code: str | None = None
     param: str | None = None
-    flag: str | None = None  # a ResponseFlag (gateway/flags.py) for the access log
+    # a ResponseFlag (gateway/flags.py) for the access log, or several as logged ("RL,RLL")
+    flag: str | None = None
     retry_after: str | None = None
     headers: tuple[tuple[bytes, bytes], ...] = ()  # more response headers (x-ratelimit-* on a 429)
 
