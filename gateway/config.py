@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.policy.fallback import find_fallback_cycle
+from gateway.config_refs import reference_problems
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 RETRY_CONDITIONS = frozenset(
@@ -43,7 +43,8 @@ class ConfigError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no .inf or .nan anywhere: an infinite timeout or weight is a typo, and NaN compares false with everything
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -89,6 +90,15 @@ class ServerConfig(_Strict):
     max_connections: int = Field(10_000, ge=0)  # open client connections per worker; 0 = unlimited
     drain_timeout_s: float = Field(30.0, ge=0)
     cors_origins: list[str] = []
+
+    @model_validator(mode="after")
+    def _ports(self) -> ServerConfig:
+        if self.admin_port and self.admin_port == self.port:
+            raise ValueError(
+                f"server.admin_port: {self.admin_port} is server.port too; the admin listener needs a port "
+                "of its own (or leave admin_port unset to serve /metrics and /readyz on the main port)"
+            )
+        return self
 
 
 class StateConfig(_Strict):
@@ -157,9 +167,22 @@ class TracingConfig(_Strict):
     otlp_endpoint: str | None = None  # also enabled by OTEL_EXPORTER_OTLP_ENDPOINT
     service_name: str = "llm-gateway"
 
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not _is_http_url(v):
+            raise ValueError("not an OTLP/HTTP URL (expected http:// or https://host[:port])")
+        return v
+
 
 class ApiKeyConfig(_Strict):
     id: str
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        return visible_id(v, "the access log's api_key_id, metrics and Redis keys")
+
     hash: str
     models: list[str] = ["*"]
     rpm: int | None = Field(None, ge=1)
@@ -170,7 +193,7 @@ class ApiKeyConfig(_Strict):
     @field_validator("hash")
     @classmethod
     def _hash(cls, v: str) -> str:
-        if not v.startswith("sha256:") or len(v) != 7 + 64:
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", v):
             raise ValueError("must be the output of `llmgw keys hash KEY` (sha256:<64 hex>)")
         return v
 
@@ -181,6 +204,14 @@ class AuthConfig(_Strict):
     redis_keys: bool = True  # also accept keys created with `llmgw keys create` (redis state backend)
     protect_metrics: bool = False  # the admin listener too: /metrics and /admin/* need a valid key there
     cache_ttl_s: float = Field(5.0, ge=0, le=300)  # how long a Redis key lookup is reused (revocation delay)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> AuthConfig:
+        ids = [k.id for k in self.keys]
+        for i, key_id in enumerate(ids):
+            if key_id in ids[:i]:
+                raise ValueError(f"auth.keys[{i}].id: {key_id!r} is used twice (ids name metrics and limits)")
+        return self
 
 
 class TimeoutsConfig(_Strict):
@@ -200,6 +231,12 @@ class RetryConfig(_Strict):
     budget_percent: float = Field(20.0, ge=0, le=100)
     min_retry_concurrency: int = Field(3, ge=0)
     min_retries_per_s: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> RetryConfig:
+        if self.backoff_base_ms > self.backoff_max_ms:
+            raise ValueError("backoff_base_ms must not exceed backoff_max_ms")
+        return self
 
     @field_validator("retry_on")
     @classmethod
@@ -221,6 +258,8 @@ class HedgingConfig(_Strict):
 
     @model_validator(mode="after")
     def _bounds(self) -> HedgingConfig:
+        if self.delay_ms != "auto" and self.delay_ms < 0:
+            raise ValueError("delay_ms must be a number of milliseconds >= 0, or auto")
         if self.min_delay_ms > self.max_delay_ms:
             raise ValueError("min_delay_ms must not exceed max_delay_ms")
         return self
@@ -242,8 +281,26 @@ class OutlierConfig(_Strict):
     max_ejection_s: float = Field(300.0, gt=0)
     max_ejection_percent: float = Field(50.0, ge=0, le=100)
 
+    @model_validator(mode="after")
+    def _bounds(self) -> OutlierConfig:
+        if self.base_ejection_s > self.max_ejection_s:
+            raise ValueError("base_ejection_s must not exceed max_ejection_s")
+        return self
+
 
 # What may go into an upstream request head as is (RFC 9110 5.1, 5.5): anything else could split it.
+_URL_UNSAFE = re.compile(r"[\x00-\x20\x7f]")
+_VISIBLE_ID = re.compile(r"[\x21-\x7e]{1,128}")
+_MODEL_NAME = re.compile(r"[^\s\x00-\x1f\x7f](?:[^\x00-\x1f\x7f]{0,254}[^\s\x00-\x1f\x7f])?")
+
+
+def visible_id(v: str, names: str) -> str:
+    """An id that goes into headers, metric labels and Redis keys as it is; ``names``: where it shows."""
+    if not _VISIBLE_ID.fullmatch(v):
+        raise ValueError(f"must be 1-128 visible ASCII characters, no spaces (it names {names})")
+    return v
+
+
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
 _CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -287,7 +344,7 @@ class DegradeConfig(_Strict):
 
 
 class DeploymentConfig(_Strict):
-    id: str = Field(min_length=1)
+    id: str
     base_url: str
     api_key: str | None = None
     auth_header: Literal["authorization", "api-key", "none"] = "authorization"
@@ -305,15 +362,23 @@ class DeploymentConfig(_Strict):
     pool: PoolConfig = PoolConfig()
     response_limits: ResponseLimitsConfig = ResponseLimitsConfig()
 
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        return visible_id(v, "the x-gateway-upstream response header, metrics and Redis keys")
+
     @field_validator("base_url")
     @classmethod
     def _url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if not _is_http_url(v):
             raise ValueError("not a URL (expected http:// or https://)")
+        parts = urlsplit(v)
+        if parts.fragment:
+            raise ValueError("a base_url has no #fragment")
         if parts.username or parts.password:  # it would show in logs, spans and admin views
             raise ValueError("credentials in the URL; put the key in api_key (or an authorization header)")
-        return v.rstrip("/")
+        head, sep, query = v.partition("?")
+        return head.rstrip("/") + sep + query
 
     @field_validator("ca_file")
     @classmethod
@@ -367,6 +432,16 @@ class DeploymentConfig(_Strict):
         return v
 
 
+def _is_http_url(v: str) -> bool:
+    """http(s)://host... with nothing that cannot go on a request line (whitespace, control characters)."""
+    try:
+        parts = urlsplit(v)
+        parts.port  # noqa: B018  # raises on a port that is not a number or out of range
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and not _URL_UNSAFE.search(v)
+
+
 def _latin1(value: str) -> bool:
     try:
         value.encode("latin-1")
@@ -376,7 +451,7 @@ def _latin1(value: str) -> bool:
 
 
 class ModelConfig(_Strict):
-    name: str = Field(min_length=1)
+    name: str  # what clients send as "model"
     deployments: list[DeploymentConfig] = Field(min_length=1)
     timeouts: TimeoutsConfig = TimeoutsConfig()
     retry: RetryConfig = RetryConfig()
@@ -390,6 +465,13 @@ class ModelConfig(_Strict):
     fallback_on: list[str | int] = ["5xx", "429", "timeout", "overload", "unhealthy"]
     degrade: DegradeConfig = DegradeConfig()
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _MODEL_NAME.fullmatch(v):
+            raise ValueError("must be 1-256 characters, without control characters or spaces at either end")
+        return v
+
     @field_validator("fallback_on")
     @classmethod
     def _fallback_on(cls, v: list[str | int]) -> list[str]:
@@ -397,15 +479,6 @@ class ModelConfig(_Strict):
         if bad:
             raise ValueError(f"unknown condition {bad[0]!r}; expected some of {sorted(FALLBACK_CONDITIONS)}")
         return [str(c) for c in v]
-
-    @model_validator(mode="after")
-    def _unique_ids(self) -> ModelConfig:
-        seen: set[str] = set()
-        for d in self.deployments:
-            if d.id in seen:
-                raise ValueError(f"deployment id {d.id!r} is used twice")
-            seen.add(d.id)
-        return self
 
 
 class GatewayConfig(_Strict):
@@ -418,28 +491,18 @@ class GatewayConfig(_Strict):
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:
-        names = [m.name for m in self.models]
-        for i, name in enumerate(names):
-            if name in names[:i]:
-                raise ValueError(f"models[{i}].name: model {name!r} is defined twice")
-        for i, m in enumerate(self.models):
-            for j, fb in enumerate(m.fallbacks):
-                if fb not in names:
-                    raise ValueError(f"models[{i}].fallbacks[{j}]: {fb!r} is not a configured model")
-                if fb == m.name:
-                    raise ValueError(f"models[{i}].fallbacks[{j}]: a model cannot fall back to itself")
-        owners: dict[str, str] = {}
-        for i, m in enumerate(self.models):
-            for j, d in enumerate(m.deployments):
-                if d.id in owners:
-                    raise ValueError(
-                        f"models[{i}].deployments[{j}].id: {d.id!r} is already used by model "
-                        f"{owners[d.id]!r}; ids name metrics and shared state, so they must be unique"
-                    )
-                owners[d.id] = m.name
-        cycle = find_fallback_cycle({m.name: m.fallbacks for m in self.models})
-        if cycle:
-            raise ValueError("fallbacks: loop " + " -> ".join(cycle))
+        problems = reference_problems(
+            [
+                {
+                    "name": m.name,
+                    "fallbacks": m.fallbacks,
+                    "deployments": [{"id": d.id} for d in m.deployments],
+                }
+                for m in self.models
+            ]
+        )
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @model_validator(mode="after")
@@ -522,11 +585,16 @@ def _apply_inheritance(raw: dict[str, Any], problems: list[str]) -> dict[str, An
     if not isinstance(defaults, dict):
         problems.append("model_defaults: must be a mapping")
         defaults = {}
-    for key in defaults:
+    for key in list(defaults):
         if key not in _INHERITED_MODEL_KEYS:
             problems.append(
                 f"model_defaults.{key}: not a key models inherit (allowed: {', '.join(_INHERITED_MODEL_KEYS)})"
             )
+        else:
+            wrong = _default_problems(key, defaults[key])
+            if wrong:  # said once, where it is written; the models do not inherit it
+                problems += wrong
+                defaults = {k: v for k, v in defaults.items() if k != key}
     models = raw.get("models")
     if not isinstance(models, list):
         return raw
@@ -545,6 +613,24 @@ def _apply_inheritance(raw: dict[str, Any], problems: list[str]) -> dict[str, An
         merged_models.append(m)
     raw["models"] = merged_models
     return raw
+
+
+def _default_problems(key: str, value: Any) -> list[str]:
+    """What is wrong with ``model_defaults.<key>``, validated as a model's own ``key`` would be."""
+    probe = {
+        "name": "model_defaults",
+        "deployments": [{"id": "probe", "base_url": "http://probe"}],
+        key: value,
+    }
+    try:
+        ModelConfig.model_validate(probe)
+    except ValidationError as exc:
+        return [
+            f"model_defaults.{line}"
+            for line in _format_validation_error(exc).splitlines()
+            if line.startswith(key)
+        ]
+    return []
 
 
 def _inherit_deployment(d: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
@@ -596,8 +682,9 @@ def parse_config(raw: Any, env: dict[str, str] | None = None) -> GatewayConfig:
     missing: dict[str, str] = {}
     expanded = expand_env(raw, env=env, missing=missing)
     problems = list(missing.values())  # every unset variable and every invalid key, reported at once
+    merged = _apply_inheritance(expanded, problems)
     try:
-        cfg = GatewayConfig.model_validate(_apply_inheritance(expanded, problems))
+        cfg = GatewayConfig.model_validate(merged)
     except ValidationError as exc:
         # a key whose variable is unset is reported once, as unset, not again as invalid
         problems += [
@@ -605,12 +692,23 @@ def parse_config(raw: Any, env: dict[str, str] | None = None) -> GatewayConfig:
             for line in _format_validation_error(exc).splitlines()
             if line.split(": ", 1)[0] not in missing
         ]
+        # checks across sections run only once every field is valid: run them on the plain data too
+        problems += reference_problems(merged.get("models")) + _state_problems(merged.get("state"))
     except ConfigError as exc:
         problems.append(str(exc))
     else:
         if not problems:
             return cfg
-    raise ConfigError("\n".join(problems))
+    raise ConfigError("\n".join(dict.fromkeys(problems)))
+
+
+def _state_problems(state: Any) -> list[str]:
+    """The state section's topology, when the section is valid on its own."""
+    try:
+        err = StateConfig.model_validate(state if state is not None else {}).topology_error()
+    except ValidationError:
+        return []  # reported with the rest
+    return [err] if err else []
 
 
 def load_config(path: str | Path, env: dict[str, str] | None = None) -> GatewayConfig:
@@ -623,38 +721,61 @@ def load_config(path: str | Path, env: dict[str, str] | None = None) -> GatewayC
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    cfg = parse_config(raw, env=env)
+    try:
+        cfg = parse_config(raw, env=env)
+    except ConfigError as exc:  # a schema file that cannot be read is one more problem of the same file
+        problems = str(exc).splitlines() + _schema_file_problems(raw, p.parent)
+        raise ConfigError("\n".join(dict.fromkeys(problems))) from None
     return _resolve_schema_files(cfg, p.parent)
+
+
+def _schema_file_problems(raw: Any, base: Path) -> list[str]:
+    """What is wrong with the warm-up schema files a config that failed validation names."""
+    problems = []
+    models = raw.get("models") if isinstance(raw, dict) else None
+    for i, m in enumerate(models if isinstance(models, list) else ()):
+        warmup = m.get("warmup") if isinstance(m, dict) else None
+        schemas = warmup.get("schemas") if isinstance(warmup, dict) else None
+        for j, s in enumerate(schemas if isinstance(schemas, list) else ()):
+            if isinstance(s, str):
+                problems += _read_schema(i, j, s, base)[1]
+    return problems
+
+
+def _read_schema(i: int, j: int, s: dict[str, Any] | str, base: Path) -> tuple[Any, list[str]]:
+    """A warm-up schema (read from its file when given as a path), or the problem with it."""
+    import orjson
+
+    where = f"models[{i}].warmup.schemas[{j}]"
+    if isinstance(s, str):
+        fp = (base / s) if not Path(s).is_absolute() else Path(s)
+        try:
+            s = orjson.loads(fp.read_bytes())
+        except OSError as exc:
+            return None, [f"{where}: cannot read {s} ({exc.strerror})"]
+        except orjson.JSONDecodeError as exc:
+            return None, [f"{where}: {s} is not JSON ({exc})"]
+    if not isinstance(s, dict) or not isinstance(s.get("schema"), dict) or not s.get("name"):
+        return None, [
+            f"{where}: expected {{name, strict, schema: {{...}}}} as in response_format.json_schema"
+        ]
+    return s, []
 
 
 def _resolve_schema_files(cfg: GatewayConfig, base: Path) -> GatewayConfig:
     """Warm-up schemas given as file paths are read now, so a missing file fails at start-up."""
-    import orjson
-
     models = []
-    changed = False
+    problems: list[str] = []
     for i, m in enumerate(cfg.models):
         schemas = []
-        for j, s in enumerate(m.warmup.schemas):
-            if isinstance(s, str):
-                fp = (base / s) if not Path(s).is_absolute() else Path(s)
-                try:
-                    s = orjson.loads(fp.read_bytes())
-                except OSError as exc:
-                    raise ConfigError(
-                        f"models[{i}].warmup.schemas[{j}]: cannot read {s} ({exc.strerror})"
-                    ) from None
-                except orjson.JSONDecodeError as exc:
-                    raise ConfigError(f"models[{i}].warmup.schemas[{j}]: {s} is not JSON ({exc})") from None
-                changed = True
-            if not isinstance(s, dict) or not isinstance(s.get("schema"), dict) or not s.get("name"):
-                raise ConfigError(
-                    f"models[{i}].warmup.schemas[{j}]: expected {{name, strict, schema: {{...}}}} "
-                    "as in response_format.json_schema"
-                )
+        for j, given in enumerate(m.warmup.schemas):
+            s, wrong = _read_schema(i, j, given, base)
+            problems += wrong
             schemas.append(s)
         models.append(m.model_copy(update={"warmup": m.warmup.model_copy(update={"schemas": schemas})}))
-    return cfg.model_copy(update={"models": models}) if changed else cfg
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return cfg.model_copy(update={"models": models})
 
 
 # What /admin/config and check-config show as is. Allow-lists, not deny-lists: a header or query

@@ -7,7 +7,7 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import ConfigError, GatewayConfig, load_config, visible_id
 from gateway.security.keys import ApiKey, RedisKeyStore, hash_key, new_key
 
 _HELP = {
@@ -139,6 +139,10 @@ def _run(
 
 def cmd_create(args: argparse.Namespace) -> int:
     async def go(store: RedisKeyStore, a: argparse.Namespace) -> int:
+        try:
+            visible_id(a.id, "the access log's api_key_id, metrics and Redis keys")
+        except ValueError as exc:
+            raise ValueError(f"--id {a.id!r}: {exc}") from None
         meta = {}
         for item in a.meta:
             k, sep, v = item.partition("=")

@@ -114,6 +114,10 @@ def test_keys_create_refuses_an_id_the_config_already_gives_a_key(tmp_path, redi
     assert list(redis.Redis.from_url(REDIS_URL).scan_iter(match=redis_prefix + "*")) == []
     other = llmgw("keys", "create", "-c", cfg, "--id", "svc-2")
     assert other.returncode == 0 and other.stdout.strip().startswith("sk-gw-")
+    # an id goes into the access log, metric labels and Redis keys as it is
+    spaced = llmgw("keys", "create", "-c", cfg, "--id", "svc 3\nx")
+    assert spaced.returncode == 2 and "--id 'svc 3\\nx': must be 1-128 visible ASCII" in spaced.stderr, spaced
+    assert spaced.stdout == ""
 
 
 def test_check_config_reports_every_problem_at_once(tmp_path, monkeypatch):
@@ -249,3 +253,18 @@ def test_make_test_brings_its_own_redis_when_none_answers():
         env={**os.environ, "WITH_REDIS_PORT": str(port)},
     )
     assert failing.returncode == 3  # the command's exit code is make's
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
+    """`llmgw check-config -v gw.yaml | head -3`: the reader leaves early; no BrokenPipe traceback."""
+    cfg = write(tmp_path, {"models": [CHAT]})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "check-config", "-v", cfg],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line is written (start-up takes longer)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141, err
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err

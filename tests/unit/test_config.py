@@ -67,7 +67,7 @@ def test_model_defaults_and_deployment_inheritance():
         (lambda r: r.update(state={"backend": "etcd"}), "state.backend"),
         (
             lambda r: r["models"][0]["deployments"].append({"id": "d", "base_url": "http://h:1"}),
-            "deployment id 'd' is used twice",
+            "models[0].deployments[1].id: 'd' is already used by this model",
         ),
         (lambda r: r["models"][0].update(timeouts={"ttft_ms": -1}), "models[0].timeouts.ttft_ms"),
         (lambda r: r.update(servr={}), "servr: unknown key"),
@@ -167,3 +167,151 @@ def test_every_config_key_is_documented():
     assert len(keys) > 60  # the walk reached the nested sections
     missing = [path for path, key in keys if f"`{key}`" not in doc and f"{key}:" not in doc]
     assert not missing, f"keys missing from docs/configuration.md: {missing}"
+
+
+def _problems(raw) -> list[str]:
+    with pytest.raises(ConfigError) as exc:
+        parse_config(raw)
+    return str(exc.value).splitlines()
+
+
+def test_checks_across_models_are_reported_with_a_wrong_field_elsewhere():
+    """A typo in one model used to hide every duplicate, unknown fallback and loop: check-config showed one."""
+    raw = {
+        "models": [
+            {
+                "name": "a",
+                "deployments": [{"id": "x", "base_url": "http://h/v1"}],
+                "retyr": {},
+                "fallbacks": ["b"],
+            },
+            {
+                "name": "b",
+                "deployments": [{"id": "x", "base_url": "http://h/v1"}],
+                "fallbacks": ["a", "nope"],
+            },
+            {"name": "a", "deployments": [{"id": "y", "base_url": "http://h/v1"}]},
+        ],
+        "state": {"redis_mode": "sentinel"},
+    }
+    assert _problems(raw) == [
+        "models[0].retyr: unknown key (check the spelling; see docs/configuration.md)",
+        "models[2].name: model 'a' is defined twice",
+        "models[1].fallbacks[1]: 'nope' is not a configured model",
+        "models[1].deployments[0].id: 'x' is already used by model 'a'; ids name metrics and shared state, "
+        "so they must be unique",
+        "fallbacks: loop a -> b -> a",
+        "state.redis_mode: sentinel needs state.backend: redis",
+    ]
+
+
+def test_a_wrong_model_default_is_named_where_it_is_written_once():
+    raw = _cfg()
+    raw["models"].append({"name": "n", "deployments": [{"id": "e", "base_url": "http://h/v1"}]})
+    raw["model_defaults"] = {"timeouts": {"connect_ms": -1}, "hedging": 5, "retry": {"max_retries": 3}}
+    assert _problems(raw) == [
+        "model_defaults.timeouts.connect_ms: Input should be greater than 0",
+        "model_defaults.hedging: Input should be a valid dictionary or instance of HedgingConfig",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (
+            lambda r: r["models"][0].update(hedging={"delay_ms": -5}),
+            "delay_ms must be a number of milliseconds",
+        ),
+        (lambda r: r["models"][0].update(hedging={"delay_ms": float("nan")}), "models[0].hedging.delay_ms"),
+        (lambda r: r["models"][0].update(timeouts={"total_ms": float("inf")}), "models[0].timeouts.total_ms"),
+        (
+            lambda r: r.update(server={"drain_timeout_s": float("inf")}),
+            "server.drain_timeout_s: Input should be",
+        ),
+        (
+            lambda r: r["models"][0].update(outlier={"base_ejection_s": 600, "max_ejection_s": 10}),
+            "base_ejection_s must not exceed max_ejection_s",
+        ),
+        (
+            lambda r: r["models"][0].update(retry={"backoff_base_ms": 500, "backoff_max_ms": 100}),
+            "backoff_base_ms must not exceed backoff_max_ms",
+        ),
+        (
+            lambda r: r.update(server={"port": 9000, "admin_port": 9000}),
+            "server.admin_port: 9000 is server.port",
+        ),
+        (
+            lambda r: r.update(tracing={"otlp_endpoint": "not a url"}),
+            "tracing.otlp_endpoint: not an OTLP/HTTP URL",
+        ),
+        (
+            lambda r: r["models"][0].update(fallbacks=["m2", "m2"]),
+            "models[0].fallbacks[1]: 'm2' is listed twice",
+        ),
+        (lambda r: r["models"][0].update(name=" "), "models[0].name: must be 1-256 characters"),
+        (lambda r: r["models"][0].update(name="chat\n"), "models[0].name: must be 1-256 characters"),
+        (
+            lambda r: r["models"][0]["deployments"][0].update(id="a\nX-Injected: 1"),
+            "models[0].deployments[0].id: must be 1-128 visible ASCII characters",
+        ),
+        (
+            lambda r: r["models"][0]["deployments"][0].update(id="a b"),
+            "deployments[0].id: must be 1-128 visible",
+        ),
+        (lambda r: r["models"][0]["deployments"][0].update(base_url="https://x y/v1"), "base_url: not a URL"),
+        (
+            lambda r: r["models"][0]["deployments"][0].update(base_url="http://h:99999/v1"),
+            "base_url: not a URL",
+        ),
+        (
+            lambda r: r.update(auth={"keys": [{"id": "k", "hash": "sha256:" + "z" * 64}]}),
+            "auth.keys[0].hash: must be the output of `llmgw keys hash KEY`",
+        ),
+        (
+            lambda r: r.update(auth={"keys": [{"id": "k", "hash": "sha256:" + "a" * 64}] * 2}),
+            "auth.keys[1].id: 'k' is used twice",
+        ),
+        (
+            lambda r: r.update(auth={"keys": [{"id": "", "hash": "sha256:" + "a" * 64}]}),
+            "auth.keys[0].id: must be",
+        ),
+    ],
+)
+def test_values_that_cannot_work_are_refused(mutate, message):
+    raw = _cfg()
+    raw["models"].append({"name": "m2", "deployments": [{"id": "d2", "base_url": "http://h:2/v1"}]})
+    mutate(raw)
+    problems = _problems(raw)
+    assert any(message in p for p in problems), problems
+
+
+def test_names_and_ids_that_work_are_accepted():
+    raw = _cfg()
+    raw["models"][0].update(name="accounts/fireworks/models/llama-v3p1 8b")
+    raw["models"][0]["deployments"][0].update(id="azure:eu-west/gpt-4o_mini.2")
+    raw["auth"] = {"keys": [{"id": "team-a:svc.1", "hash": "sha256:" + "0123456789abcdef" * 4}]}
+    cfg = parse_config(raw)
+    assert cfg.models[0].name == "accounts/fireworks/models/llama-v3p1 8b"
+
+
+def test_unreadable_schema_files_are_reported_with_the_rest(tmp_path: Path):
+    from gateway.config import load_config
+
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        "models:\n"
+        "  - name: m\n"
+        "    retyr: {}\n"
+        "    warmup: {schemas: [missing.json, also-missing.json]}\n"
+        "    deployments: [{id: d, base_url: 'http://h/v1'}]\n"
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    problems = str(exc.value).splitlines()
+    assert problems[0] == "models[0].retyr: unknown key (check the spelling; see docs/configuration.md)"
+    assert problems[1].startswith("models[0].warmup.schemas[0]: cannot read missing.json")
+    assert problems[2].startswith("models[0].warmup.schemas[1]: cannot read also-missing.json")
+    path.write_text(path.read_text().replace("    retyr: {}\n", ""))
+    with pytest.raises(ConfigError) as exc:  # alone, both files are still named
+        load_config(path)
+    assert len(str(exc.value).splitlines()) == 2
