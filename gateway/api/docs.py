@@ -53,6 +53,7 @@ def build_docs_app(engine: Engine, lifecycle: Lifecycle) -> FastAPI:
                         "healthy": d.healthy(t),
                         "ejected": is_ejected(d.outlier, t),
                         "ejected_for_s": round(max(0.0, d.outlier.ejected_until - t), 1),
+                        "cooling_down_for_s": round(max(0.0, d.cooldown_until - t), 1),  # after a 429
                         "consecutive_failures": d.outlier.consecutive_failures,
                         "ttft_estimate_ms": round(d.ttft.value(t), 1),
                         "ttft_samples": d.ttft.samples,

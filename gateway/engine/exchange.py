@@ -31,7 +31,7 @@ from gateway.policy.deadline import SDK_SOURCES, Deadline, DeadlineSource, attem
 from gateway.policy.fallback import FallbackReason, fallback_reason_for, should_degrade
 from gateway.policy.hedging import hedge_delay, loser_sample_ms
 from gateway.policy.outlier import OutlierVerdict, record_outcome
-from gateway.policy.retry import FailureKind, RetryVerdict
+from gateway.policy.retry import FailureKind, RetryVerdict, cooldown_s
 from gateway.policy.retry_state import RetryState
 from gateway.policy.routing import RouteReason, choose
 from gateway.telemetry.logs import REQUEST_ID
@@ -666,7 +666,7 @@ class Exchange:
             elif kind is FailureKind.STATUS:
                 outcome = str(a.status)
                 if a.status == 429:
-                    dep.cooldown_until = t + (a.retry_after_s if a.retry_after_s is not None else 1.0)
+                    dep.cooldown_until = t + cooldown_s(a.retry_after_s, m.cfg.outlier.max_ejection_s)
             else:
                 outcome = kind.value if kind is not None else "failed"
         if a.wire.connect_end is not None and a.wire.connect_start is not None:

@@ -29,7 +29,8 @@ SSE_HEADERS = (
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 )
-_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+# A blank line ends an event, and a line may end in LF, CRLF or CR (the SSE spec): every such pair.
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n", b"\r\n\n", b"\r\r\n")
 MAX_HELD = (
     256 * 1024
 )  # an "event" longer than this is relayed as it comes (the stream is no SSE of ours to fix)
@@ -114,6 +115,7 @@ async def relay_stream(
                     chunk, held = chunk + held, b""
                     out.at_event_end = False
                 elif not chunk:
+                    wd.last = now()  # the provider is not silent, only its event is unfinished
                     continue
                 else:
                     out.at_event_end = True

@@ -68,6 +68,8 @@ class FirstTokenScanner:
         self._seen += len(chunk)
         if self._seen > PRE_TOKEN_MAX:
             return True
+        if b"\r" in chunk:  # CRLF and CR end lines too (the SSE spec): read them as LF
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         parts = self._parts
         if b"\n" not in chunk:
             parts.append(chunk)
@@ -83,7 +85,7 @@ class FirstTokenScanner:
             end = buf.find(b"\n", start)
             if end < 0:
                 break
-            line = buf[start:end].rstrip(b"\r")
+            line = buf[start:end]
             start = end + 1
             if line.startswith(b"data:") and _usable_event(line[5:].strip()):
                 return True

@@ -7,7 +7,6 @@ import math
 import random
 from email.utils import parsedate_tz
 from enum import StrEnum
-from typing import NamedTuple
 
 
 class FailureKind(StrEnum):
@@ -73,6 +72,20 @@ def parse_retry_after(value: str | None, now_wall: float) -> float | None:
     return max(0.0, float(at) - now_wall)
 
 
+def cooldown_s(retry_after_s: float | None, longest_s: float) -> float:
+    """How long routing passes by a deployment that answered 429: its Retry-After (1 s without one), at most
+    ``longest_s`` (the model's outlier.max_ejection_s), so "come back in a century" cannot keep it out until
+    a restart."""
+    return min(retry_after_s if retry_after_s is not None else 1.0, longest_s)
+
+
+def retry_delay_s(retry_after_s: float | None, backoff_s: float) -> float:
+    """The wait before retrying the deployment that failed: its Retry-After, but never less than the backoff a
+    provider without one gets (a Retry-After of 0, or a date already past on a skewed clock, is no reason to
+    retry a rate-limited provider harder)."""
+    return backoff_s if retry_after_s is None else max(retry_after_s, backoff_s)
+
+
 def full_jitter_backoff(retry_index: int, base_ms: float, max_ms: float, rng: random.Random) -> float:
     """Seconds to wait before retry ``retry_index`` (0 = first): uniform(0, min(max, base * 2**i)) / 1000."""
     cap = min(max_ms, math.ldexp(base_ms, min(max(retry_index, 0), 60)))
@@ -90,57 +103,3 @@ class RetryVerdict(StrEnum):
     HOPELESS = "hopeless"  # the target fails nearly everything: a retry would only add load
     DEADLINE = "deadline"
     RETRY_AFTER_TOO_LONG = "retry-after-exceeds-deadline"
-
-
-class RetryDecision(NamedTuple):  # immutable, and ~5x cheaper to build than a frozen dataclass
-    verdict: RetryVerdict
-    delay_s: float = 0.0  # the wait before the retry starts (only meaningful for RETRY)
-
-    @property
-    def retry(self) -> bool:
-        return self.verdict is RetryVerdict.RETRY
-
-
-# Refusals carry no data: share one instance of each.
-_NOT_RETRIABLE = RetryDecision(RetryVerdict.NOT_RETRIABLE)
-_LIMIT = RetryDecision(RetryVerdict.LIMIT)
-_BUDGET = RetryDecision(RetryVerdict.BUDGET)
-_DEADLINE = RetryDecision(RetryVerdict.DEADLINE)
-_RETRY_AFTER_TOO_LONG = RetryDecision(RetryVerdict.RETRY_AFTER_TOO_LONG)
-_RETRY_NOW = RetryDecision(RetryVerdict.RETRY, 0.0)
-
-
-def plan_retry(
-    *,
-    retries_done: int,
-    max_retries: int,
-    retriable: bool,
-    retry_after_s: float | None,
-    remaining_s: float,
-    min_attempt_s: float,
-    base_ms: float,
-    max_ms: float,
-    budget_ok: bool,
-    rng: random.Random,
-) -> RetryDecision:
-    """Whether to retry a failed attempt and after how long; the first rule that refuses names the verdict.
-
-    Order: not retriable, retry limit, a Retry-After that does not fit the deadline (the caller answers
-    the 429 at once rather than burn the deadline), backoff that does not fit the deadline, budget.
-    The budget is asked last so a refusal for another reason never counts as budget exhaustion.
-    """
-    if not retriable:
-        return _NOT_RETRIABLE
-    if retries_done >= max_retries:
-        return _LIMIT
-    if retry_after_s is not None:
-        if retry_after_s + min_attempt_s > remaining_s:
-            return _RETRY_AFTER_TOO_LONG
-        delay = retry_after_s
-    else:
-        delay = full_jitter_backoff(retries_done, base_ms, max_ms, rng)
-    if delay + min_attempt_s > remaining_s:
-        return _DEADLINE
-    if not budget_ok:
-        return _BUDGET
-    return _RETRY_NOW if delay == 0.0 else RetryDecision(RetryVerdict.RETRY, delay)

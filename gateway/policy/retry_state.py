@@ -16,7 +16,13 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from gateway.policy.budget import LIKELY_BELOW, BudgetVerdict, RetryBudget
-from gateway.policy.retry import FailureKind, RetryVerdict, full_jitter_backoff, is_retriable
+from gateway.policy.retry import (
+    FailureKind,
+    RetryVerdict,
+    full_jitter_backoff,
+    is_retriable,
+    retry_delay_s,
+)
 
 
 class RetryPlan(NamedTuple):
@@ -97,12 +103,11 @@ class RetryState:
             self.retries += 1
             return RetryPlan(RetryVerdict.FAILOVER, 0.0, best)
         target = best if best is not None else failed
-        if retry_after_s is not None and best is None:
-            if retry_after_s + min_attempt_s > remaining_s:
-                return _RETRY_AFTER_TOO_LONG
-            delay = retry_after_s
-        else:
-            delay = full_jitter_backoff(self.retries, base_ms, max_ms, rng)
+        if best is not None:  # Retry-After binds only the deployment that said it
+            retry_after_s = None
+        if retry_after_s is not None and retry_after_s + min_attempt_s > remaining_s:
+            return _RETRY_AFTER_TOO_LONG
+        delay = retry_delay_s(retry_after_s, full_jitter_backoff(self.retries, base_ms, max_ms, rng))
         if delay + min_attempt_s > remaining_s:
             return _DEADLINE
         verdict = budget.check(target, now)

@@ -52,6 +52,14 @@ def encoding_fault(content_type: str | None, content_encoding: str | None) -> st
     return f"an event stream with content-encoding {content_encoding!r} although identity was asked"
 
 
+def transfer_fault(transfer_encoding: str) -> str | None:
+    """A transfer coding other than chunked (``gzip, chunked``): the parser would undo the chunking and
+    pass the compressed bytes on as the body, with nothing to say they are compressed (RFC 9112 6.1)."""
+    if transfer_encoding.strip().lower() == "chunked":
+        return None
+    return f"transfer-encoding {transfer_encoding[:100]!r} (only chunked is read)"
+
+
 def head_fault(status: int, raw: Iterable[tuple[bytes, bytes]], limits: ResponseLimitsConfig) -> str | None:
     """Everything above for a head parsed whole by a library (the h1 client checks as it parses)."""
     fault = status_fault(status)

@@ -39,7 +39,14 @@ from gateway.upstream.errors import (
     UpstreamProtocolError,
     UpstreamResetError,
 )
-from gateway.upstream.framing import body_fault, count_fault, encoding_fault, size_fault, status_fault
+from gateway.upstream.framing import (
+    body_fault,
+    count_fault,
+    encoding_fault,
+    size_fault,
+    status_fault,
+    transfer_fault,
+)
 from gateway.upstream.proxy import open_connection, proxy_for
 from gateway.upstream.wire import AttemptWire, static_headers, tls_context
 
@@ -257,11 +264,14 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         reason = f": {exc}" if exc is not None else ""
-        self._broken(UpstreamResetError(f"the provider closed the connection{reason}"))
+        self._broken(
+            UpstreamResetError(f"the provider closed the connection{reason}"), clean_close=exc is None
+        )
         self.pool.discard(self)
 
-    def _broken(self, exc: BaseException) -> None:
-        """The connection ended: whoever waits for this response's head or body gets ``exc``."""
+    def _broken(self, exc: BaseException, clean_close: bool = False) -> None:
+        """The connection ended: whoever waits for this response's head or body gets ``exc``; a body without
+        a length ends with it instead when the provider closed cleanly (a FIN, not a reset or an error)."""
         self.keep_alive = False
         w = self.waiter
         if w is not None and not w.done():
@@ -271,7 +281,8 @@ class _Connection(asyncio.Protocol):
             return
         h = resp.headers
         if (
-            resp.status
+            clean_close
+            and resp.status
             and "content-length" not in h
             and "chunked" not in h.get("transfer-encoding", "").lower()
         ):
@@ -316,6 +327,10 @@ class _Connection(asyncio.Protocol):
                 dict.__setitem__(headers, key, text if old is None else f"{old}, {text}")
         encoding = dict.get(headers, "content-encoding")
         if encoding is not None and (fault := encoding_fault(dict.get(headers, "content-type"), encoding)):
+            self.fault = fault
+            raise UpstreamProtocolError(fault)
+        coding = dict.get(headers, "transfer-encoding")
+        if coding is not None and (fault := transfer_fault(coding)):
             self.fault = fault
             raise UpstreamProtocolError(fault)
         w = self.waiter
@@ -387,6 +402,7 @@ class H1UpstreamClient:
         self._hostname = url.hostname or ""
         self._port = url.port or (443 if url.scheme == "https" else 80)
         self._prefix = url.path.rstrip("/")
+        self._query = f"?{url.query}" if url.query else ""  # after the API path (wire.endpoint_url)
         self._host_line = f"host: {url.netloc}\r\n"
         self._proxy = proxy_for(dep.base_url, dep.proxy, os.environ)
         if self._proxy is not None and url.scheme == "http":  # the proxy forwards: absolute-form requests
@@ -425,7 +441,7 @@ class H1UpstreamClient:
     def _head(self, method: str, path: str, headers: dict[str, str], length: int | None) -> bytes:
         fields = "\r\n".join(map(": ".join, headers.items())) + "\r\n" if headers else ""  # built in C
         size = "" if length is None else f"content-length: {length}\r\n"
-        return f"{method} {self._prefix}{path} HTTP/1.1\r\n{self._host_line}{fields}{size}\r\n".encode(
+        return f"{method} {self._prefix}{path}{self._query} HTTP/1.1\r\n{self._host_line}{fields}{size}\r\n".encode(
             "latin-1"
         )
 

@@ -27,7 +27,14 @@ from gateway.upstream.errors import (
     UpstreamResetError,
 )
 from gateway.upstream.framing import body_fault, head_fault
-from gateway.upstream.wire import CURRENT_WIRE, AttemptWire, host_of, static_headers, tls_context
+from gateway.upstream.wire import (
+    CURRENT_WIRE,
+    AttemptWire,
+    endpoint_url,
+    host_of,
+    static_headers,
+    tls_context,
+)
 
 _CONNECT_FAILURES = (httpx.ConnectError, httpx.PoolTimeout)
 # httpcore/h11 report a provider that hung up early as a protocol error; like h1, count it as a reset (UC).
@@ -242,7 +249,9 @@ class HttpxUpstreamClient:
         token = CURRENT_WIRE.set(wire)
         wire.queued_at = now()
         try:
-            request = self._client.build_request("POST", self.base_url + path, content=body, headers=headers)
+            request = self._client.build_request(
+                "POST", endpoint_url(self.base_url, path), content=body, headers=headers
+            )
             response = await self._client.send(request, stream=True)
         except httpx.TransportError as exc:
             raise _translate(exc, self.host) from exc
@@ -260,7 +269,7 @@ class HttpxUpstreamClient:
         assert self._client is not None, "client not started"
         try:
             response = await self._client.get(
-                self.base_url + path, headers=self.static_headers, timeout=timeout_s
+                endpoint_url(self.base_url, path), headers=self.static_headers, timeout=timeout_s
             )
         except httpx.TransportError as exc:
             raise _translate(exc, self.host) from exc

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
+from gateway.config import redact_url
 from gateway.upstream.base import UpstreamClient
 from gateway.upstream.errors import UpstreamConnectError, UpstreamError
 
@@ -96,7 +97,7 @@ def connect_failure(exc: BaseException, base_url: str) -> str:
     os_error = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
     code = getattr(os_error, "errno", None)
     reason = os.strerror(code) if isinstance(code, int) and code > 0 else str(os_error) or type(exc).__name__
-    return f"cannot connect to {base_url}: {reason}"[:200]
+    return f"cannot connect to {redact_url(base_url)}: {reason}"[:200]  # a query may hold a key
 
 
 async def _post(client: UpstreamClient, body: bytes, headers: dict[str, str]) -> tuple[int, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import ssl
+from urllib.parse import urlsplit
 
 from gateway.config import DeploymentConfig
 from gateway.telemetry.timing import round3
@@ -68,6 +69,14 @@ def tls_context(dep: DeploymentConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+def endpoint_url(base_url: str, path: str) -> str:
+    """``base_url`` with an API path appended before its query: ``https://h/openai/v1?api-version=x`` and
+    ``/chat/completions`` give ``https://h/openai/v1/chat/completions?api-version=x`` (Azure's dated API
+    versions are a query parameter of every call)."""
+    head, sep, query = base_url.partition("?")
+    return f"{head.rstrip('/')}{path}{sep}{query}"
+
+
 def host_of(base_url: str) -> str:
     """``host[:port]`` of a base URL, as the access log names the upstream."""
-    return base_url.split("://", 1)[1].split("/", 1)[0]
+    return urlsplit(base_url).netloc

@@ -9,6 +9,8 @@ case, so a test can tell whether a connection was reused and what each request g
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -57,6 +59,12 @@ class Conn:
     async def send(self, data: bytes) -> None:
         self.writer.write(data)
         await self.writer.drain()
+
+    def reset(self) -> None:
+        """Hang up with a TCP reset (RST), not a clean close (FIN): SO_LINGER 0, then abort."""
+        sock = self.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.writer.transport.abort()
 
     async def closed_by_peer(self, timeout: float = 10.0) -> bool:
         """True once the gateway closed this connection (reads to EOF, discarding what it sends)."""

@@ -131,6 +131,17 @@ def closing_after(n: int) -> Any:
     return script
 
 
+def reset_after(data: bytes) -> Any:
+    """Send ``data`` (a response cut short), then hang up with a reset instead of a clean close."""
+
+    async def script(conn: Conn, first: Request) -> None:
+        await conn.send(data)
+        await asyncio.sleep(0.05)  # the bytes are read before the reset (a reset drops what is unread)
+        conn.reset()
+
+    return script
+
+
 def hang_up_when_idle(conn_answers: int = 1) -> Any:
     """Answers one request, then closes the connection without saying so (a keep-alive timeout)."""
 
@@ -139,6 +150,14 @@ def hang_up_when_idle(conn_answers: int = 1) -> Any:
         await asyncio.sleep(0.01)
 
     return script
+
+
+async def cr_stream_slow(conn: Conn, first: Request) -> None:
+    """A stream whose lines end in CR alone (the SSE spec allows it), one event per write."""
+    await conn.send(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+    for event in sse_events("hello world").split(b"\n\n")[:-1]:
+        await asyncio.sleep(0.02)
+        await conn.send(event.replace(b"\n", b"\r") + b"\r\r")
 
 
 CHUNKED = [("content-type", "application/json"), ("transfer-encoding", "chunked")]
@@ -235,6 +254,29 @@ CASES: dict[str, Any] = {
         b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n"
         + completion("closed")
     ),
+    "close-delimited-reset": reset_after(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n" + BODY[:60]
+    ),
+    "close-delimited-stream-reset": reset_after(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n" + STREAM_START
+    ),
+    "gzip-chunked": answer_each(
+        lambda conn, i: response(
+            "200 OK",
+            [("content-type", "application/json"), ("transfer-encoding", "gzip, chunked")],
+            b"%x\r\n%s\r\n0\r\n\r\n" % (len(GZ), GZ),
+            length=False,
+        )
+    ),
+    "retry-after-century": answer_each(
+        lambda conn, i: response(
+            "429 Too Many Requests",
+            [("content-type", "application/json"), ("retry-after", "99999999999")],
+            b'{"error": {"message": "come back later", "type": "rate_limit", "param": null, "code": null}}',
+        )
+    ),
+    "query": answer_each(lambda conn, i: ok_json(f"c{conn.number}r{i}")),
+    "cr-stream-slow": cr_stream_slow,
     "keepalive-requests": closing_after(2),
     "keepalive-timeout": hang_up_when_idle(),
     "small-limits": answer_each(lambda conn, i: ok_json("x" * 2000)),
@@ -265,6 +307,7 @@ CASES: dict[str, Any] = {
     ),
 }
 LIMITS = {"small-limits": {"max_body_bytes": 1024}}  # response_limits of a case's model
+QUERIES = {"query": "?api-version=2024-10-21"}  # a query in a case's base_url
 
 
 # ------------------------------------------------------------------ the harness
@@ -288,7 +331,7 @@ class Rig:
                     "deployments": [
                         {
                             "id": f"dep-{case}",
-                            "base_url": self.provider.base_url(case),
+                            "base_url": self.provider.base_url(case) + QUERIES.get(case, ""),
                             "api_key": "sk-raw",
                             "model": "raw",
                         }
@@ -582,7 +625,10 @@ def test_a_gzip_event_stream_although_identity_was_asked_is_a_502(case: Any) -> 
     assert status == 502 and "UPE" in flags
 
 
-@pytest.mark.parametrize(("name", "flag"), [("stream-cut", "UC"), ("stream-bad-chunk", "UPE")])
+@pytest.mark.parametrize(
+    ("name", "flag"),
+    [("stream-cut", "UC"), ("stream-bad-chunk", "UPE"), ("close-delimited-stream-reset", "UC")],
+)
 def test_a_stream_broken_after_whole_events_ends_with_an_error_the_sdk_raises(
     case: Any, name: str, flag: str
 ) -> None:
@@ -609,6 +655,9 @@ def test_a_stream_broken_after_whole_events_ends_with_an_error_the_sdk_raises(
         ("switching-101", "upstream_protocol_error", "UPE"),
         ("length-and-chunked", "upstream_protocol_error", "UPE"),  # refused as request smuggling is
         ("short-length", "upstream_unreachable", "UC"),
+        # a body that ends when the connection does ends with a clean close (FIN), never with a reset
+        ("close-delimited-reset", "upstream_unreachable", "UC"),
+        ("gzip-chunked", "upstream_protocol_error", "UPE"),  # de-chunked, it would pass as plain JSON
     ],
 )
 def test_malformed_framing_is_a_502_with_its_flag(case: Any, name: str, code: str, flag: str) -> None:
@@ -676,3 +725,45 @@ def test_a_stream_through_the_raw_provider_is_relayed(case: Any) -> None:
     text = "".join(ch.choices[0].delta.content or "" for ch in c.chat(stream=True) if ch.choices)
     assert text == "helloworld"
     assert c.logged(c.ids[-1]) == (200, {"-"})
+
+
+def test_a_query_in_base_url_goes_with_every_request(case: Any) -> None:
+    """Azure's dated API versions: ``.../openai/deployments/x?api-version=...`` on every call."""
+    c = case("query")
+    log = c.rig.provider.logs["query"]
+    assert c.chat().choices[0].message.content.startswith("c")
+    assert log.requests[-1].line.startswith(
+        b"POST /query/v1/chat/completions?api-version=2024-10-21 HTTP/1.1"
+    )
+    assert c.logged(c.ids[-1]) == (200, {"-"})
+
+
+def test_a_stream_whose_lines_end_in_cr_alone_is_read_for_its_first_token(case: Any) -> None:
+    c = case("cr-stream-slow")
+    body = {"model": c.name, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream(
+        "POST",
+        c.gw.url + "/v1/chat/completions",
+        json=body,
+        timeout=60,
+        headers={"x-request-id": c.next_id()},
+    ) as r:  # read to the response's end (the SDK hangs up at [DONE], before the gateway knows it ended)
+        raw = b"".join(r.iter_raw())
+    assert raw == sse_events("hello world").replace(b"\n", b"\r")  # relayed byte for byte
+    rec = c.record(c.ids[-1])
+    assert (rec["response_code"], rec["response_flags"], rec["attempts"]) == (200, "-", 1)
+    assert rec["ttft_ms"] is not None and rec["ttft_ms"] < 5000  # found as it came, not at a timeout
+
+
+def test_a_retry_after_of_a_century_is_answered_at_once_and_cools_down_for_the_longest_ejection(
+    case: Any,
+) -> None:
+    c = case("retry-after-century")
+    r = c.post()
+    assert r.status_code == 429 and r.json()["error"]["message"] == "come back later"  # passed through
+    rec = c.record(c.ids[-1])
+    assert (rec["attempts"], rec["retry_verdict"]) == (1, "retry-after-exceeds-deadline")
+    view = httpx.get(c.gw.url + "/admin/deployments", timeout=10).json()["deployments"]
+    mine = next(d for d in view if d["deployment"] == "dep-retry-after-century")
+    assert not mine["healthy"] and not mine["ejected"]
+    assert 0 < mine["cooling_down_for_s"] <= 300  # outlier.max_ejection_s, not 3,000 years

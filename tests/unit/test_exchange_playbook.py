@@ -484,6 +484,47 @@ def test_a_retry_after_within_the_deadline_is_waited_out_on_the_clock() -> None:
     play(scenario)
 
 
+@pytest.mark.parametrize("retry_after", ["0", "Wed, 21 Oct 2015 07:28:00 GMT"])
+def test_a_retry_after_of_zero_or_in_the_past_still_backs_off(retry_after: str) -> None:
+    """A rate-limited provider saying "now" (or a date its skewed clock put in the past) is retried after the
+    usual jittered backoff, as one that said nothing is: never harder."""
+
+    async def scenario() -> dict[str, Any]:
+        limited = Reply.json(
+            {"error": {"message": "slow down"}}, status=429, headers={"retry-after": retry_after}
+        )
+        pb = Playbook(
+            [model("m", "a", retry={"max_retries": 3, "backoff_base_ms": 100, "backoff_max_ms": 100})],
+            lambda req: limited,
+        )
+        return await pb.finish(pb.call("m"))
+
+    rec = play(scenario)
+    assert (rec["response_code"], rec["retry_count"]) == (429, 3)
+    assert rec["backoff_ms"] > 0  # three draws from [0, 100] ms: all zero only with probability 0
+
+
+def test_a_retry_after_far_away_cools_the_deployment_down_no_longer_than_its_longest_ejection() -> None:
+    async def scenario() -> None:
+        pb = Playbook(
+            [model("m", "a", "b", outlier={"max_ejection_s": 60})],
+            by_deployment(
+                a=Reply.json(
+                    {"error": {"message": "later"}}, status=429, headers={"retry-after": "99999999999"}
+                ),
+                b=Reply.json(OK),
+            ),
+        )
+        rec = await pb.finish(pb.call("m"))
+        assert (rec["response_code"], rec["attempts"]) == (200, 2)  # b took it at once
+        a = pb.engine.registry.models["m"].by_id["a"]
+        assert a.cooldown_until - pb.clock.now() == pytest.approx(60.0, abs=0.1)
+        await pb.play(60.1)
+        assert a.healthy(pb.clock.now())  # back in rotation
+
+    play(scenario)
+
+
 # ---------------------------------------------------------------------------------------------- cut mid-event
 
 

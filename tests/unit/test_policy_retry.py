@@ -9,12 +9,12 @@ import pytest
 
 from gateway.policy.retry import (
     FailureKind,
-    RetryDecision,
     RetryVerdict,
+    cooldown_s,
     full_jitter_backoff,
     is_retriable,
     parse_retry_after,
-    plan_retry,
+    retry_delay_s,
 )
 
 DEFAULT_RETRY_ON = frozenset({"connect-failure", "reset", "502", "503", "504", "429", "timeout"})
@@ -102,75 +102,16 @@ def test_backoff_is_deterministic_for_a_seed_and_survives_absurd_retry_counts():
     assert full_jitter_backoff(0, 0, 250, random.Random(7)) == 0.0
 
 
-# ---------------------------------------------------------------- plan_retry
+def test_retry_after_is_a_floor_under_the_backoff_never_a_way_around_it():
+    assert retry_delay_s(None, 0.02) == 0.02
+    assert retry_delay_s(2.0, 0.02) == 2.0  # waited exactly
+    assert retry_delay_s(0.0, 0.02) == 0.02  # "0", or a date past on a skewed clock: the usual backoff
 
 
-def plan(**overrides) -> RetryDecision:
-    """A retry that would happen: retriable, first retry, no Retry-After, 10 s left, budget available."""
-    kw = dict(
-        retries_done=0,
-        max_retries=2,
-        retriable=True,
-        retry_after_s=None,
-        remaining_s=10.0,
-        min_attempt_s=0.05,
-        base_ms=25.0,
-        max_ms=250.0,
-        budget_ok=True,
-        rng=random.Random(3),
-    )
-    kw.update(overrides)
-    return plan_retry(**kw)
-
-
-def test_a_retriable_failure_with_time_and_budget_is_retried_after_a_jittered_backoff():
-    d = plan()
-    assert d.verdict is RetryVerdict.RETRY and d.retry
-    assert 0.0 <= d.delay_s <= 0.025
-
-
-def test_second_retry_backs_off_up_to_twice_as_long():
-    delays = [plan(retries_done=1, rng=random.Random(s)).delay_s for s in range(200)]
-    assert max(delays) <= 0.050
-    assert max(delays) > 0.025
-
-
-def test_not_retriable_comes_first():
-    d = plan(retriable=False, retries_done=5, budget_ok=False, remaining_s=0.0)
-    assert d.verdict is RetryVerdict.NOT_RETRIABLE and not d.retry
-
-
-def test_the_retry_limit_comes_before_time_and_budget():
-    assert plan(retries_done=2, budget_ok=False, remaining_s=0.0).verdict is RetryVerdict.LIMIT
-    assert plan(max_retries=0).verdict is RetryVerdict.LIMIT
-
-
-def test_retry_after_that_fits_the_deadline_is_waited_exactly():
-    d = plan(retry_after_s=2.0, remaining_s=5.0)
-    assert d == RetryDecision(RetryVerdict.RETRY, 2.0)
-
-
-def test_retry_after_beyond_the_deadline_answers_the_429_at_once():
-    # 2 s asked, 2.03 s left: waiting would leave no room for the attempt itself.
-    d = plan(retry_after_s=2.0, remaining_s=2.03, budget_ok=False)
-    assert d.verdict is RetryVerdict.RETRY_AFTER_TOO_LONG
-    assert not d.retry
-
-
-def test_retry_after_zero_retries_immediately():
-    assert plan(retry_after_s=0.0) == RetryDecision(RetryVerdict.RETRY, 0.0)
-
-
-def test_backoff_that_would_overrun_the_deadline_is_refused():
-    # 60 ms left: any backoff plus a 50 ms minimum attempt does not fit once the draw exceeds 10 ms.
-    verdicts = {plan(remaining_s=0.06, rng=random.Random(s)).verdict for s in range(50)}
-    assert verdicts == {RetryVerdict.RETRY, RetryVerdict.DEADLINE}
-    assert plan(remaining_s=0.04).verdict is RetryVerdict.DEADLINE  # not even the attempt fits
-
-
-def test_the_budget_is_asked_last_so_other_refusals_never_count_as_exhaustion():
-    assert plan(budget_ok=False).verdict is RetryVerdict.BUDGET
-    assert plan(budget_ok=False, remaining_s=0.01).verdict is RetryVerdict.DEADLINE
+def test_a_429_cools_a_deployment_down_for_its_retry_after_bounded_by_the_longest_ejection():
+    assert cooldown_s(None, 300.0) == 1.0
+    assert cooldown_s(30.0, 300.0) == 30.0
+    assert cooldown_s(99_999_999_999.0, 300.0) == 300.0  # not until a restart
 
 
 def test_verdict_values_are_the_names_used_in_metrics():
