@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -281,6 +282,26 @@ def test_port_follows_the_gateway_config(chart):
     docs = render(chart, with_values(None, **{"gateway.server.port": 9000}))
     assert gateway_container(docs)["ports"][0]["containerPort"] == 9000
     assert rendered_config(docs)["server"]["port"] == 9000
+
+
+@pytest.mark.parametrize(
+    ("admin_port", "service_port", "probe_port"),
+    [(9090, 9090, "admin"), (None, 8080, "http")],
+    ids=["admin-port-default", "admin-port-null"],
+)
+def test_helm_test_pod_calls_readyz_where_it_is_served(chart, admin_port, service_port, probe_port):
+    # With an admin listener the API port answers /readyz with 404: the test pod must use the admin port.
+    docs = render(chart, with_values(None, **{"gateway.server.admin_port": admin_port}))
+    assert rendered_config(docs)["server"].get("admin_port") == admin_port
+    pod = one(docs, "Pod", f"{FULLNAME}-test-readyz")
+    script = pod["spec"]["containers"][0]["command"][-1]
+    url = re.search(r'url = "http://([^:/"]+):(\d+)(/[^"]*)"', script)
+    assert url is not None, script
+    assert (url[1], int(url[2]), url[3]) == (FULLNAME, service_port, "/readyz")
+    svc_ports = {p["port"]: p["targetPort"] for p in one(docs, "Service")["spec"]["ports"]}
+    # The Service port leads to the container port the readiness probe checks /readyz on.
+    assert svc_ports.get(service_port) == probe_port
+    assert gateway_container(docs)["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": probe_port}
 
 
 def test_every_container_is_locked_down(variant):
@@ -764,3 +785,29 @@ def test_dashboard_is_a_grafana_sidecar_configmap_over_exported_metrics(chart, m
         assert word in titles
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+
+
+# ------------------------------------------------------------------------------- docs/helm.md
+
+
+def _install_walkthrough() -> str:
+    text = (ROOT / "docs" / "helm.md").read_text()
+    return text.split("\n## Install\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_install_walkthrough_secret_carries_every_variable_the_values_use(chart):
+    # Pods fail at start on an unset ${VAR}; step 3's check-config must not set one the Secret lacks.
+    section = _install_walkthrough()
+    secret_keys = set(re.findall(r"--from-literal=(\w+)=", section))
+    values_text = re.search(r"```yaml\n(.*?)```", section, re.S)[1]
+    used = set(re.findall(r"\$\{(\w+)\}", values_text))
+    assert used and used <= secret_keys, f"the Secret lacks {sorted(used - secret_keys)}"
+    check = re.search(r"^\s*((?:\w+=\S+ )+)llmgw check-config", section, re.M)
+    assert check is not None
+    assert {kv.split("=", 1)[0] for kv in check[1].split()} == secret_keys
+    docs = render(chart, yaml.safe_load(textwrap.dedent(values_text)))
+    assert rendered_config(docs)["models"][0]["name"] == "chat-default"
+    # `yq` without -r prints a JSON-quoted string with the Python yq (Debian's), not the config.
+    for line in section.splitlines():
+        if "| yq " in line:
+            assert "| yq -r " in line, line
