@@ -34,7 +34,7 @@ then closes. The answer never cuts into another response: refused bytes that fol
 chunk of its body) end that request: its scope gets ``llmgw.refused`` (``REFUSED_KEY``) and uvicorn's
 cycle is marked disconnected (its sends are dropped, ``receive()`` reports a disconnect); the app, seeing
 the key, logs nothing of its own, so the request is logged once, as the refusal. Besides the callbacks
-above this uses ``headers`` (the head's header list), ``pipeline``, ``_unset_keepalive_if_required`` and
+above this uses ``headers`` (the head's header list), ``pipeline``, ``_start_asgi_task`` (a pipelined request whose client left is started to log itself), ``_unset_keepalive_if_required`` and
 the cycle's ``more_body``, ``response_started``, ``response_complete``, ``disconnected`` and
 ``message_event``, checked by the same tests.
 """
@@ -143,6 +143,9 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
     _born = 0.0
     _refusal: Refusal | None = None  # refused, to be answered once the responses before it are complete
     _too_many_headers = False  # the parser was stopped by _TooManyHeaders
+    # The request whose app task runs. uvicorn's ``cycle`` is the newest parsed one, which differs while
+    # pipelined requests wait in ``pipeline`` behind a response being written.
+    _running: RequestResponseCycle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -188,7 +191,10 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         self._body_t = self._head_t  # until on_message_complete: the body is timed from the request's start
         self._head_t = 0.0
         self._head_limit = 0  # the body is the app's to bound (server.max_body_bytes)
+        queued = len(self.pipeline)
         super().on_headers_complete()
+        if len(self.pipeline) == queued:  # started at once, not queued behind a response being written
+            self._running = self.cycle
 
     def on_message_complete(self) -> None:
         self._body_t = 0.0
@@ -297,7 +303,10 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         last = not self.pipeline  # no pipelined request waits to start after this response
+        nxt = None if last else self.pipeline[-1][0]  # the one uvicorn starts next
         super().on_response_complete()
+        if nxt is not None and (not self.pipeline or self.pipeline[-1][0] is not nxt):
+            self._running = nxt
         refusal = self._refusal
         if refusal is not None and last:
             self._refusal = None
@@ -343,12 +352,18 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
             return "-"
 
     def connection_lost(self, exc: Exception | None) -> None:
-        cycle = self.cycle
+        cycle = self._running
         hook = None
         if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # uvicorn marks only its newest cycle: this one's sends are dropped too
+            cycle.message_event.set()
             hook = cast("Callable[[], None] | None", cycle.scope.get(DISCONNECT_KEY))
             if hook is None:
                 cycle.scope[DISCONNECT_KEY] = client_gone  # type: ignore[literal-required]
+        while self.pipeline:  # requests queued behind it never got an answer: each runs to log itself
+            queued, app = self.pipeline.pop()  # as a request whose client left (499 DC), in order
+            queued.disconnected = True
+            self._start_asgi_task(queued, app)
         if self._edge is not None:
             self._edge.connections.discard(self)
         refusal = self._refusal

@@ -614,6 +614,37 @@ def test_a_malformed_request_pipelined_behind_a_valid_one_is_answered_after_it(e
     assert metric_value(edge.metrics(), "llmgw_input_limits_total", limit="malformed_http") == before + 1
 
 
+def test_a_pipelining_client_that_leaves_gets_its_upstream_call_cancelled_and_every_request_logged(
+    edge, sims
+):
+    """Two requests back to back on one connection, then the client hangs up while the first waits for its
+    provider. uvicorn tells only the newest request of a connection that it is gone: the first used to run
+    to its end and fail writing to the closed socket (logged 200 GE, a traceback), and the queued second
+    was never logged."""
+    cancelled = sims.stats("sim-a")["cancelled"]["before_first_byte"]
+    n = _logged(edge)
+    slow = orjson.dumps({"model": "chat", "messages": MSG})
+    head = _request_head(f"content-length: {len(slow)}")
+    first = head.replace(
+        b"\r\n\r\n", b"\r\nx-request-id: pipe-1\r\nx-sim-ttft-ms: 20000\r\nx-sim-ttft-dist: fixed\r\n\r\n", 1
+    )
+    second = head.replace(b"\r\n\r\n", b"\r\nx-request-id: pipe-2\r\n\r\n", 1)
+    with socket.create_connection(("127.0.0.1", edge.port)) as s:
+        s.sendall(first + slow + second + slow)
+        wait_until("the first request at its provider", lambda: sims.stats("sim-a")["in_flight"] >= 1)
+    recs = {r["request_id"]: r for r in _new_records(edge, n, 2)}
+    assert sorted(recs) == ["pipe-1", "pipe-2"], recs
+    assert [(r["response_code"], r["response_flags"]) for r in recs.values()] == [(499, "DC")] * 2, recs
+    assert (
+        recs["pipe-1"]["attempts"] == 1 and recs["pipe-2"]["attempts"] == 0
+    )  # the second never went upstream
+    wait_until(
+        "the provider to see the first call cancelled",
+        lambda: sims.stats("sim-a")["cancelled"]["before_first_byte"] == cancelled + 1,
+    )
+    assert "Traceback" not in edge.stderr()
+
+
 # ------------------------------------------------------------------ ops endpoints and the admin view
 
 

@@ -347,3 +347,38 @@ def _turns(loop) -> None:
 def _finish(loop) -> None:
     _turns(loop)  # let the app's tasks end
     loop.close()
+
+
+def test_a_pipelining_client_that_leaves_ends_the_running_request_and_every_queued_one_as_gone():
+    """Two requests sent back to back, then the connection closes while the first is in flight: the first is
+    told its client left (uvicorn tells only the newest request), and the queued second runs to learn the
+    same from receive(), so each ends as a request whose client left instead of writing to a closed socket."""
+    import asyncio
+
+    from gateway.api.protocol import DISCONNECT_KEY
+
+    told: list[str] = []
+    received: list[dict] = []
+
+    async def first_holds(scope, receive) -> None:
+        if scope["path"] == "/v1/a":
+            scope[DISCONNECT_KEY] = lambda: told.append("first")
+            await asyncio.sleep(3600)  # the upstream call: cancelled by the app on that callback
+        else:
+            received.append(await receive())
+
+    edge = RecordingEdge(max_head_bytes=4096)
+    proto, raw, started, loop = _protocol(edge, first_holds)
+    second = VALID.replace(b"/v1/a", b"/v1/b")
+    proto.data_received(VALID + second)
+    _turns(loop)
+    assert [s["path"] for s in started] == ["/v1/a"]  # the second waits in uvicorn's pipeline
+    proto.connection_lost(None)
+    _turns(loop)
+    assert told == ["first"]
+    assert [s["path"] for s in started] == ["/v1/a", "/v1/b"]
+    assert received == [{"type": "http.disconnect"}]
+    assert raw.sends == []  # nothing written to the closed connection
+    for task in proto.tasks:
+        task.cancel()
+    _finish(loop)
