@@ -1,6 +1,7 @@
 """`llmgw report` output: an aligned text table for a terminal at 3 a.m., markdown for an incident doc,
 csv for a spreadsheet, json for a program. Times in ms; text and markdown round to 0.1 ms, csv and json
-keep the logged values."""
+keep the logged values. Group names come from the log, partly from clients: text, markdown and csv print
+them escaped (``_shown``), json through its encoder."""
 
 from __future__ import annotations
 
@@ -41,7 +42,24 @@ def render(report: Report, fmt: str = "text") -> str:
         return _render_markdown(report)
     if f is Format.CSV:
         return _render_csv(report)
-    return orjson.dumps(_as_json(report), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE).decode()
+    out = orjson.dumps(_as_json(report), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE).decode()
+    return out.translate(_JSON_MORE)
+
+
+# What JSON string escaping leaves raw but a terminal may act on: DEL, the C1 controls (CSI among them) and the
+# Unicode line and paragraph separators. They occur only inside strings, so \u-escaping them keeps the JSON.
+_JSON_MORE = {c: f"\\u{c:04x}" for c in (*range(0x7F, 0xA0), 0x2028, 0x2029)}
+
+
+def _shown(name: str) -> str:
+    """A name from the log as text, markdown and csv print it: each character that is not printable (the C0
+    and C1 controls and DEL, ESC, CR, LF and NUL among them; line separators; bidi and other format
+    characters) and the backslash escaped as in a Python string literal (``\\x1b``, ``\\r``, ``\\n``,
+    ``\\\\``), so a name cannot drive the terminal, start a line or pass for another name. Plain names are
+    unchanged."""
+    if name.isprintable() and "\\" not in name:
+        return name
+    return "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in name)
 
 
 def _ms(v: float | None) -> str:
@@ -65,7 +83,11 @@ def _latency_rows(g: GroupStats, thousands: bool) -> list[list[str]]:
     rows = []
     for i, name in enumerate(METRICS):
         m = g.metrics[name]
-        lead = [g.key, fmt_int(g.requests), fmt_int(g.errors), _err_pct(g)] if i == 0 else ["", "", "", ""]
+        lead = (
+            [_shown(g.key), fmt_int(g.requests), fmt_int(g.errors), _err_pct(g)]
+            if i == 0
+            else ["", "", "", ""]
+        )
         rows.append(
             [*lead, METRIC_LABELS[name], fmt_int(m.n), _ms(m.p50), _ms(m.p95), _ms(m.p99), _ms(m.max)]
         )
@@ -215,7 +237,7 @@ def _render_csv(r: Report) -> str:
                 {
                     "table": "latency",
                     "group_by": r.group_by.value,
-                    "group": g.key,
+                    "group": _shown(g.key),
                     "metric": name,
                     "requests": g.requests,
                     "errors": g.errors,

@@ -42,6 +42,11 @@ METRIC_LABELS = {
 PERCENTILE_METHOD = "nearest-rank"
 NONE_LABEL = "-"  # group label for records without the grouping field (Envoy's "unknown")
 ALL_LABEL = "(all)"
+# Requests the gateway answered 404 NR: a model it does not serve (the name is the client's, so one group for
+# them all: the report grows with the configured models, not with what clients send), or, with no model, a
+# path it does not serve (grouped the same way under --by path).
+UNKNOWN_MODEL_LABEL = "(unknown model)"
+UNKNOWN_PATH_LABEL = "(unknown path)"
 _NAN = math.nan
 
 
@@ -287,6 +292,8 @@ class _Columns:
             self.causes.append,
         )
         number, nan, share = _NUMBER, _NAN, _SHARE_OF_DURATION
+        no_route = ResponseFlag.NO_ROUTE.value
+        by_model, by_path = self.group_field == "model", self.group_field == "path"
         timeout_codes = _TIMEOUT_FLAGS
         b_timeout, b_retry, b_hedge = _BIT[Cause.TIMEOUT], _BIT[Cause.RETRY], _BIT[Cause.HEDGE]
         b_cold, b_queue, b_overhead = (
@@ -319,6 +326,13 @@ class _Columns:
                 pool,
             ) = values
 
+            if code == 404 and type(flags) is str and no_route in flags.split(","):
+                if type(model) is str and model:
+                    model = UNKNOWN_MODEL_LABEL
+                    if by_model:
+                        key = model
+                elif by_path:
+                    key = UNKNOWN_PATH_LABEL
             if type(key) is not str or not key:
                 key = _label(key)
             g = groups.get(key)

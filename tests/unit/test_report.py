@@ -423,6 +423,92 @@ def test_text_format_is_aligned_with_units():
     assert cause_table[1].split()[1:] == ["2", "28.6%", "2", "28.6%"]  # timeout: 2 of 7 tail requests
 
 
+# ------------------------------------------------------------------------------------------ hostile names
+
+# What a client can put in the model name of a request the gateway answers 404 NR, or of one refused later
+# (a 400 logs the model it named): an escape sequence, CR/LF with a forged table row, NUL, a pipe.
+HOSTILE = "x\x1b[31mRED\x1b[0m\r\ndemo-chat   999999  0  0.0%  duration  1 |forged| \x00\x7f\x9b\u2028 a\\b"
+_RAW = [chr(c) for c in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)]
+
+
+def raw_controls(out: str) -> list[str]:
+    """The control characters of ``out`` other than the newlines that end its lines."""
+    return [c for c in out.replace("\n", "") if c in _RAW]
+
+
+def test_hostile_names_render_escaped_in_every_format():
+    # A 400 (bad request) keeps the client's name as its group: it must print harmlessly.
+    plain = rp.build_report([rec(model="demo-chat")])
+    r = rp.build_report([rec(model="demo-chat"), rec(model=HOSTILE, response_code=400, response_flags="BR")])
+    assert {g.key for g in r.groups} == {"demo-chat", HOSTILE}
+    # The hostile group adds its own lines (one per metric; a blank line before it in text), no forged one.
+    for fmt, added in (("text", 5), ("markdown", 4), ("csv", 4)):
+        out = rp.render(r, fmt)
+        assert raw_controls(out) == [], fmt
+        assert len(out.splitlines()) == len(rp.render(plain, fmt).splitlines()) + added, fmt
+    assert raw_controls(rp.render(r, "json")) == []
+
+    # Python-literal escapes; the backslash too, so a literal "\\x1b" cannot pass for an escaped ESC.
+    shown = (
+        "x\\x1b[31mRED\\x1b[0m\\r\\ndemo-chat   999999  0  0.0%  duration  1 |forged| "
+        "\\x00\\x7f\\x9b\\u2028 a\\\\b"
+    )
+    text = rp.render(r).splitlines()
+    assert sum(line.startswith("demo-chat ") for line in text) == 1  # the forged row stays inside the name
+    assert sum(line.startswith(shown + "  ") for line in text) == 1
+    md = rp.render(r, "markdown").splitlines()
+    assert (
+        "| "
+        + shown.replace("|", "\\|")
+        + " | 1 | 1 | 100.0% | duration | 1 | 100.0 | 100.0 | 100.0 | 100.0 |"
+        in md
+    )
+    latency = md[
+        md.index(
+            "| model | requests | errors | err % | metric | n | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) |"
+        ) :
+    ]
+    latency = latency[: latency.index("")]
+    assert {line.replace("\\|", "").count("|") for line in latency} == {11}  # 10 columns: none added
+    rows = list(csv.DictReader(io.StringIO(rp.render(r, "csv"))))
+    assert {row["group"] for row in rows if row["table"] == "latency"} == {"demo-chat", shown, "(all)"}
+    data = json.loads(rp.render(r, "json"))
+    assert {g["group"] for g in data["groups"]} == {"demo-chat", HOSTILE}  # json: the name itself, encoded
+
+
+def test_plain_names_are_unchanged():
+    names = ["gpt-4o-mini", "llama-3.1-70b", "mod\u00e8le/été", "a b", 'say "hi"']
+    r = rp.build_report([rec(model=n) for n in names])
+    for fmt in ("text", "markdown", "csv"):
+        out = rp.render(r, fmt)
+        assert all(n in out for n in names[:-1]), fmt
+    assert all(f"| {n} | 1 |" in rp.render(r, "markdown") for n in names)
+
+
+def test_unknown_models_are_one_group():
+    # 1,000 distinct names the gateway does not serve, each answered 404 NR: one group, still counted.
+    unknown = [
+        rec(model=f"{HOSTILE}-{i}", response_code=404, response_flags="NR", upstream_cluster=None)
+        for i in range(1000)
+    ]
+    r = rp.build_report([rec(model="demo-chat") for _ in range(3)] + unknown)
+    assert [(g.key, g.requests, g.errors) for g in r.groups] == [
+        ("(unknown model)", 1000, 1000),
+        ("demo-chat", 3, 0),
+    ]
+    assert (r.overall.requests, r.overall.errors) == (1003, 1000)
+    assert "(unknown model)" in rp.render(r) and "RED" not in rp.render(r)
+    # An unknown path (404 NR, no model) is one group by path, and "-" by model like any record without one.
+    paths = [rec(model=None, path=f"/x{i}", response_code=404, response_flags="NR") for i in range(100)]
+    assert [(g.key, g.requests) for g in rp.build_report(paths, group_by="path").groups] == [
+        ("(unknown path)", 100)
+    ]
+    assert [(g.key, g.requests) for g in rp.build_report(paths).groups] == [("-", 100)]
+    # Not NR 404: the model is the group, as before.
+    other = [rec(model="m", response_code=404, response_flags="UNR"), rec(model="m", response_code=502)]
+    assert [g.key for g in rp.build_report(other).groups] == ["m"]
+
+
 def test_render_rejects_unknown_format():
     with pytest.raises(ValueError, match="choose from text, markdown, csv, json"):
         rp.render(rp.build_report([]), "xml")
