@@ -145,12 +145,25 @@ class GatewayASGI:
                     flag=ResponseFlag.BAD_REQUEST,
                 )
             ctype = headers.get("content-type")
-            if ctype is not None and ctype[:16].lower() != "application/json":  # media types ignore case
+            # the media type before any parameters (charset), which ignores case
+            if ctype is not None and ctype.partition(";")[0].strip().lower() != "application/json":
                 raise GatewayError(
                     415,
                     f"Content-Type must be application/json, not {ctype[:100]!r}.",
                     "invalid_request_error",
                     "unsupported_media_type",
+                    flag=ResponseFlag.BAD_REQUEST,
+                )
+            coding = headers.get("content-encoding")
+            if coding is not None and coding.strip().lower() not in ("", "identity"):
+                # the body is parsed and sent on re-encoded: a compressed one cannot be read, and the header
+                # must not reach a provider with a body it no longer describes
+                raise GatewayError(
+                    415,
+                    f"Content-Encoding {coding[:100]!r} is not supported: send the body uncompressed.",
+                    "invalid_request_error",
+                    "unsupported_content_encoding",
+                    param="content-encoding",
                     flag=ResponseFlag.BAD_REQUEST,
                 )
             if guard is not None:
@@ -581,7 +594,7 @@ def _chain_sigterm(lifecycle: Lifecycle) -> None:
 
 
 def _request_id(value: str | None) -> str:
-    if value and len(value) <= 200 and value.isprintable():
+    if value and len(value) <= 200 and value.isascii() and value.isprintable():  # echoed in a header as is
         return value
     return new_request_id()
 

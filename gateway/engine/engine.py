@@ -33,6 +33,7 @@ _NOT_FORWARDED = frozenset(
         "host",
         "content-length",
         "content-type",
+        "content-encoding",
         "authorization",
         "api-key",
         "cookie",

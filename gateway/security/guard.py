@@ -214,10 +214,30 @@ class Guard:
 def estimate_tokens(raw: bytes, body: dict[str, Any]) -> int:
     """Admission estimate for tpm: ~4 bytes per prompt token plus the completion the request allows, once
     per choice (``n``)."""
-    out = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens") or 256
-    n = body.get("n")
-    choices = n if isinstance(n, int) and n > 1 else 1
-    return len(raw) // 4 + (out if isinstance(out, int) and out > 0 else 256) * choices
+    out = next(
+        (
+            c
+            for k in ("max_completion_tokens", "max_tokens", "max_output_tokens")
+            if (c := _count(body.get(k)))
+        ),
+        256,
+    )
+    return len(raw) // 4 + out * (_count(body.get("n")) or 1)
+
+
+def _count(value: object) -> int | None:
+    """A positive count as a lenient provider reads it: 20000, 20000.0 and "20000" alike (pydantic's lax
+    mode, vLLM's, takes all three), so a float or a string cannot slip a large request past tpm."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, int | float) and value >= 1 and math.isfinite(value):
+        return math.ceil(value)
+    return None
 
 
 _LIMIT_UNITS = {"rpm": b"requests", "tpm": b"tokens"}

@@ -4,6 +4,7 @@ hop-by-hop headers, the admin port, CORS, and provider keys that never leak."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import socket
 import subprocess
@@ -22,7 +23,7 @@ import openai
 import orjson
 import pytest
 import redis
-from harness import REDIS_URL, Gateway, Sims, dep, free_port, metric_value, model
+from harness import REDIS_URL, Gateway, Sims, dep, free_port, metric_value, model, wait_until
 
 from gateway.cli import main as cli_main
 from gateway.security.keys import hash_key
@@ -105,7 +106,10 @@ def _epoch(start_time: str) -> float:
     return datetime.strptime(start_time, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
-KEYS = {name: f"sk-gw-test-{name}-{i:04d}" for i, name in enumerate(["a", "rpm", "tpm", "conc", "all"])}
+KEYS = {
+    name: f"sk-gw-test-{name}-{i:04d}"
+    for i, name in enumerate(["a", "rpm", "tpm", "conc", "all", "tpm-float"])
+}
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +128,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sims, Gate
         {"id": "team-tpm", "hash": hash_key(KEYS["tpm"]), "tpm": 300},
         {"id": "team-conc", "hash": hash_key(KEYS["conc"]), "max_concurrency": 2},
         {"id": "team-all", "hash": hash_key(KEYS["all"])},
+        {"id": "team-tpm-float", "hash": hash_key(KEYS["tpm-float"]), "tpm": 2000},
     ]
     cfg = {
         "state": {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": prefix},
@@ -320,6 +325,17 @@ def test_tpm_limit_charges_the_completion_allowance(keyed):
     # an absurd allowance costs the whole window, not more, and does not break the accounting
     r = _chat(gw.url, KEYS["tpm"], max_tokens=10**30)
     assert r.status_code == 429 and int(r.headers["retry-after"]) <= 60
+
+
+def test_tpm_charges_a_completion_allowance_written_as_a_float_or_a_string(keyed):
+    """A lenient provider reads 2000.0 and "2000" as 2000: before, they were charged the default 256, so
+    seven such requests fitted a 2,000-token minute."""
+    _, gw, _ = keyed
+    first = _chat(gw.url, KEYS["tpm-float"], max_tokens=2000.0)
+    assert first.status_code != 429  # (the simulator then refuses a float as OpenAI does: 400)
+    for asked in (2000.0, "2000"):
+        r = _chat(gw.url, KEYS["tpm-float"], max_tokens=asked)
+        assert r.status_code == 429 and "tpm" in _error(r)["message"], r.text
 
 
 def test_concurrency_cap_per_key(keyed):
@@ -616,7 +632,14 @@ def test_too_many_messages(hardened):
 
 @pytest.mark.parametrize(
     "ctype",
-    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=x", "application/xml"],
+    [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; b=x",
+        "application/xml",
+        "application/jsonx",  # not a prefix match
+        "application/json-patch+json",
+    ],
 )
 def test_non_json_content_type_is_415(hardened, ctype):
     _, gw, _ = hardened
@@ -626,13 +649,54 @@ def test_non_json_content_type_is_415(hardened, ctype):
         headers={"content-type": ctype},
     )
     assert r.status_code == 415 and _error(r)["code"] == "unsupported_media_type"
-    for ok in ("application/json; charset=utf-8", "Application/JSON"):
+    for ok in ("application/json; charset=utf-8", "Application/JSON", "application/json ;charset=UTF-8"):
         r = httpx.post(
             gw.url + "/v1/chat/completions",
             content=b'{"model": "chat", "messages": []}',
             headers={"content-type": ok},
         )
         assert r.status_code == 200, ok
+
+
+def test_a_compressed_request_body_is_415_and_the_encoding_never_reaches_the_provider(hardened):
+    """The body is parsed and re-encoded on its way: a gzip body cannot be read (it got a 400 about UTF-8),
+    and a plain one sent with Content-Encoding: gzip went on with the header, which a provider would honour."""
+    _, gw, recorder = hardened
+    body = b'{"model": "rec", "messages": [{"role": "user", "content": "hi"}]}'
+    for data in (gzip.compress(body), body):
+        r = httpx.post(
+            gw.url + "/v1/chat/completions",
+            content=data,
+            headers={"content-type": "application/json", "content-encoding": "gzip"},
+        )
+        assert r.status_code == 415 and _error(r)["code"] == "unsupported_content_encoding", r.text
+        assert _error(r)["param"] == "content-encoding"
+    ok = httpx.post(
+        gw.url + "/v1/chat/completions",
+        content=body,
+        headers={
+            "content-type": "application/json",
+            "content-encoding": "identity",
+            "x-request-id": "enc-ok",
+        },
+    )
+    assert ok.status_code == 200
+    (seen,) = [r for r in recorder.requests if r["headers"].get("x-request-id") == "enc-ok"]
+    assert "content-encoding" not in {k.lower() for k in seen["headers"]}, seen
+
+
+def test_a_request_id_that_is_not_printable_ascii_is_replaced_everywhere_alike(hardened):
+    """The id is echoed in a response header: latin-1 there, UTF-8 in the log would name two ids."""
+    _, gw, _ = hardened
+    r = httpx.post(
+        gw.url + "/v1/chat/completions",
+        json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"x-request-id": "caf\xe9".encode("latin-1")},
+    )
+    assert r.status_code == 200
+    rid = r.headers["x-request-id"]
+    assert rid.isascii() and rid != "caf\xe9"
+    wait_until("its record", lambda: any(x["request_id"] == rid for x in gw.records()))
 
 
 def test_body_limit_holds_without_content_length(hardened):

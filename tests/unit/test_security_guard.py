@@ -115,6 +115,19 @@ def test_tpm_cost_is_capped_at_the_limit():
     assert _status(lambda: _admit(g, body={"max_tokens": 1})) == 429
 
 
+@pytest.mark.parametrize("asked", [20000, 20000.0, "20000", 19999.5, "2e4"])
+def test_a_count_a_lenient_provider_reads_is_charged_however_it_is_written(asked):
+    """vLLM and other pydantic-lax providers take 20000.0 and "20000" as 20000: so must the estimate."""
+    assert estimate_tokens(b"", {"max_tokens": asked}) == 20000
+    assert estimate_tokens(b"", {"max_tokens": 10, "n": asked}) == 200000
+
+
+@pytest.mark.parametrize("junk", [True, 0, -5, 0.5, "nan", "inf", float("nan"), None, [], {}])
+def test_what_no_provider_reads_as_a_count_is_charged_the_default(junk):
+    assert estimate_tokens(b"", {"max_tokens": junk}) == 256
+    assert estimate_tokens(b"", {"max_tokens": 10, "n": junk}) == 10
+
+
 def test_redis_down_limits_locally_and_leaves_redis_alone_for_a_while(monkeypatch):
     dead = DeadRedis()
     g = _guard(dead, rpm=3)
