@@ -89,6 +89,17 @@ def malformed_http() -> GatewayError:
     )
 
 
+def unsupported_upgrade(protocol: str) -> GatewayError:
+    return GatewayError(
+        400,
+        f"Upgrade to {protocol[:40]!r} is not supported: the gateway speaks HTTP/1.1 (WebSocket APIs such as "
+        "Realtime are not proxied). Send the request without an Upgrade header (curl: --http1.1).",
+        "invalid_request_error",
+        "unsupported_upgrade",
+        flag=ResponseFlag.BAD_REQUEST,
+    )
+
+
 def response_bytes(err: GatewayError) -> bytes:
     """A whole HTTP/1.1 response closing the connection, written by the protocol itself."""
     body = err.body()

@@ -18,7 +18,8 @@ together, as aiohttp's server sends them.
 With the app's ``EdgeLimits`` (``api/edge.py``) in the lifespan state, the protocol also bounds each
 request head: bytes are counted as they arrive, before httptools sees them (it would buffer a header of
 any size), and a head over ``server.max_header_bytes`` is answered 431 at once; a head with more than
-``server.max_headers`` header lines gets 431 when it is complete, before uvicorn starts the request (each
+``server.max_headers`` header lines gets 431 when it is complete, before uvicorn starts the request, and
+so does an ``Upgrade`` the gateway cannot take (400) (each
 header costs a parser callback, a tuple and, in the app, a decode and a forwarding decision); heads slower than
 ``server.request_headers_timeout_s`` get 408, and connections silent from the start are closed. A
 connection beyond ``server.max_connections`` open ones is answered 503 at once and closed unread.
@@ -59,6 +60,7 @@ from gateway.api.edge import (
     response_bytes,
     too_many_connections,
     too_many_headers,
+    unsupported_upgrade,
 )
 from gateway.api.types import Scope
 from gateway.errors import GatewayError
@@ -116,6 +118,10 @@ class HeadWithBodyTransport:
         return getattr(self._transport, name)
 
 
+class _Upgrade(Exception):
+    """Raised from a parser callback for an Upgrade the gateway does not take (see on_headers_complete)."""
+
+
 class _TooManyHeaders(Exception):
     """Raised from a parser callback: stops httptools before uvicorn starts the request. uvicorn answers
     a parser error with ``send_400_response``, which answers this one with 431 instead."""
@@ -143,6 +149,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
     _born = 0.0
     _refusal: Refusal | None = None  # refused, to be answered once the responses before it are complete
     _too_many_headers = False  # the parser was stopped by _TooManyHeaders
+    _upgrade: str | None = None  # the protocol of an Upgrade refused in on_headers_complete
     # The request whose app task runs. uvicorn's ``cycle`` is the newest parsed one, which differs while
     # pipelined requests wait in ``pipeline`` behind a response being written.
     _running: RequestResponseCycle | None = None
@@ -188,6 +195,8 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         if edge is not None and len(self.headers) > edge.max_headers:
             self._too_many_headers = True
             raise _TooManyHeaders
+        if edge is not None:
+            self._refuse_upgrade()
         self._body_t = self._head_t  # until on_message_complete: the body is timed from the request's start
         self._head_t = 0.0
         self._head_limit = 0  # the body is the app's to bound (server.max_body_bytes)
@@ -195,6 +204,26 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if len(self.pipeline) == queued:  # started at once, not queued behind a response being written
             self._running = self.cycle
+
+    def _refuse_upgrade(self) -> None:
+        """An Upgrade the gateway cannot honour, refused before uvicorn starts the request: WebSocket (no route
+        speaks it; uvicorn answered a bare 403, unlogged), and any other with a body (``curl --http2`` sends
+        ``Upgrade: h2c``: the parser stops at the head, and the body was lost to a misleading "body is
+        empty"). Without a body, any other Upgrade is ignored, as RFC 9110 7.8 allows."""
+        upgrade = connection = b""
+        has_body = False
+        for name, value in self.headers:  # (the parser's own upgrade flag is set only after this callback)
+            if name == b"upgrade":
+                upgrade = value.lower()
+            elif name == b"connection":
+                connection += value.lower()
+            elif name == b"transfer-encoding" or (name == b"content-length" and value.strip(b" \t0")):
+                has_body = True
+        if not upgrade or b"upgrade" not in connection:
+            return
+        if upgrade.startswith(b"websocket") or has_body:
+            self._upgrade = upgrade.decode("latin-1") or "-"
+            raise _Upgrade
 
     def on_message_complete(self) -> None:
         self._body_t = 0.0
@@ -250,6 +279,9 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         if self._too_many_headers:
             self._too_many_headers = False
             self._refuse(too_many_headers(edge.max_headers), "too_many_headers")
+        elif self._upgrade is not None:
+            self._refuse(unsupported_upgrade(self._upgrade), "unsupported_upgrade")
+            self._upgrade = None
         else:
             self._refuse(malformed_http(), "malformed_http")
 

@@ -645,6 +645,40 @@ def test_a_pipelining_client_that_leaves_gets_its_upstream_call_cancelled_and_ev
     assert "Traceback" not in edge.stderr()
 
 
+def test_an_upgrade_the_gateway_cannot_take_is_answered_and_logged_and_one_without_a_body_is_ignored(edge):
+    """curl --http2 on http:// sends Upgrade: h2c: the parser stops at the head, and the body was lost to a
+    misleading 400 "body is empty". A WebSocket upgrade (the Realtime API) got uvicorn's bare 403, unlogged."""
+    before = metric_value(edge.metrics(), "llmgw_input_limits_total", limit="unsupported_upgrade")
+    n = _logged(edge)
+    body = orjson.dumps({"model": "chat", "messages": MSG})
+    h2c = "connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQCAAAAAAIAAAAA"
+    websocket = (
+        b"GET /v1/realtime HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\n"
+        b"sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    for request, protocol in (
+        (_request_head(f"content-length: {len(body)}\r\n{h2c}") + body, "h2c"),
+        (websocket, "websocket"),
+    ):
+        with socket.create_connection(("127.0.0.1", edge.port)) as s:
+            s.sendall(request)
+            answer = _until_closed(s)
+        head, err, rest = _one_response(answer)
+        assert head.startswith(b"HTTP/1.1 400 ") and rest == b"", answer[:300]
+        error = orjson.loads(err)["error"]
+        assert error["code"] == "unsupported_upgrade" and repr(protocol) in error["message"]
+    recs = _new_records(edge, n, 2)
+    assert [(r["response_code"], r["response_flags"], r["path"]) for r in recs] == [
+        (400, "BR", "/v1/chat/completions"),
+        (400, "BR", "/v1/realtime"),
+    ]
+    assert metric_value(edge.metrics(), "llmgw_input_limits_total", limit="unsupported_upgrade") == before + 2
+    with socket.create_connection(("127.0.0.1", edge.port)) as s:  # no body: the Upgrade is ignored
+        s.sendall(f"GET /v1/models HTTP/1.1\r\nhost: x\r\n{h2c}\r\nconnection: close\r\n\r\n".encode())
+        answer = _until_closed(s)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b'"object":"list"' in answer, answer[:300]
+
+
 # ------------------------------------------------------------------ ops endpoints and the admin view
 
 
