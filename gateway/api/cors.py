@@ -31,7 +31,9 @@ _ALLOWED_HEADERS = frozenset(
         "openai-beta",
     }
 )
-_EXPOSED = b"x-request-id, x-gateway-upstream, x-gateway-upstream-service-time, retry-after, server-timing"
+_EXPOSED = (  # what a browser SDK may read: x-should-retry tells it not to retry (the official SDKs honour it)
+    b"x-request-id, x-gateway-upstream, x-gateway-upstream-service-time, retry-after, x-should-retry, server-timing"
+)
 _MAX_AGE = b"600"
 
 

@@ -223,7 +223,8 @@ class Attempt:
 
 
 _FORWARD_PREFIXES = ("x-ratelimit-", "openai-", "anthropic-", "x-ms-")
-_FORWARD_NAMES = frozenset({"content-type", "retry-after", "content-encoding"})  # the body is relayed as is
+# the body is relayed as is; x-should-retry: a provider's own word to the SDK on its error
+_FORWARD_NAMES = frozenset({"content-type", "retry-after", "content-encoding", "x-should-retry"})
 
 
 def _forwardable(headers: ResponseHeaders) -> dict[str, str]:

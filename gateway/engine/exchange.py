@@ -885,9 +885,9 @@ class Exchange:
                 headers.append((b"retry-after", err.retry_after.encode()))
             if err.flag and err.flag not in self.flags:
                 self.flags.append(err.flag)
-        if ResponseFlag.DEADLINE in self.flags or self.retry_verdict is RetryVerdict.HOPELESS:
-            # The deadline is spent, or the deployment fails nearly everything: a client retry cannot
-            # succeed and would only add load. The official SDKs honour this header.
+        if self._client_retry_futile():
+            # The official SDKs honour this header: a provider's own x-should-retry gives way to it.
+            headers = [h for h in headers if h[0] != b"x-should-retry"]
             headers.append((b"x-should-retry", b"false"))
         self.status = status
         self.state = ExchangeState.FAILED
@@ -897,6 +897,18 @@ class Exchange:
         await send({"type": "http.response.body", "body": body, "more_body": False})
         self.t_last_sent = self.now()
         self.bytes_sent = len(body)
+
+    def _client_retry_futile(self) -> bool:
+        """Whether a retry by the client could only add load: the deadline is spent, the deployment fails
+        nearly everything, the model's retry budget is spent (an outage), or the gateway already retried up
+        to max_retries (the SDK's own retries would multiply them: 3 x 3 upstream calls)."""
+        v = self.retry_verdict
+        return (
+            ResponseFlag.DEADLINE in self.flags
+            or v is RetryVerdict.HOPELESS
+            or v is RetryVerdict.BUDGET
+            or (v is RetryVerdict.LIMIT and self.retries > 0)
+        )
 
     def _took(self, out: RelayOutcome) -> None:
         """What the relay did, into the record (also when the client cut it short)."""

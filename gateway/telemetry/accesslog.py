@@ -57,6 +57,7 @@ FIELDS = (
     "hedge_loser",
     "backoff_ms",
     "timeout_flag",
+    "retry_verdict",
     "route_reason",
     "affinity_key",
     "fallback_from",

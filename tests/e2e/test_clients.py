@@ -59,6 +59,11 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         "models": [
             model("chat", [dep("a", sims.base_url("sim-a"))], retry={"max_retries": 0}),
             model("embed", [dep("a-embed", sims.base_url("sim-a"), model="sim-embed")]),
+            model(
+                "retried",
+                [dep("a-retried", sims.base_url("sim-a"))],
+                retry={"max_retries": 2, "backoff_base_ms": 1, "backoff_max_ms": 2},
+            ),
         ]
     }
     gw = Gateway(cfg, tmp_path_factory.mktemp("clients"), name="clients")
@@ -137,6 +142,28 @@ def test_openai_errors_map_to_the_sdk_exception_classes(target, kw, headers, err
         assert info.value.param == "temperature" and info.value.code == "decimal_above_max_value"
     if "x-sim-ttft-ms" in headers:
         assert info.value.status_code == 504 and info.value.code == "timeout"
+
+
+@pytest.mark.parametrize(
+    ("model_name", "upstream_calls"),
+    [("retried", 3), ("chat", 2)],
+    ids=["the gateway retried: the SDK does not", "the gateway did not retry: the SDK does"],
+)
+def test_retries_are_made_once_by_the_gateway_or_by_the_sdk_never_multiplied(
+    target, model_name, upstream_calls
+):
+    """The SDK retries a 503 twice by default; a gateway that retried it twice already makes that 3 x 3 upstream
+    calls unless its answer says x-should-retry: false. A model without gateway retries leaves them to the SDK."""
+    client = openai.OpenAI(base_url=target.base_url, api_key="anything", max_retries=1, timeout=20)
+    before = target.sims.stats("sim-a")["requests"]
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(
+            model=model_name,
+            messages=MSG,
+            extra_headers={"x-sim-error-rate": "1", "x-sim-error-status": "503"},
+        )
+    assert target.sims.stats("sim-a")["requests"] - before == upstream_calls
+    assert info.value.response.headers.get("x-should-retry") == ("false" if model_name == "retried" else None)
 
 
 def test_openai_connection_error_is_an_api_connection_error():

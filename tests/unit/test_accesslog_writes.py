@@ -50,3 +50,30 @@ def test_a_stalled_pipe_reader_does_not_block_and_loses_nothing() -> None:
         f"r{i}" for i in range(200)
     ]
     assert drops == []
+
+
+def test_a_request_refused_at_the_door_is_logged_with_every_field_an_answered_one_has():
+    """The documented schema is one: a 405 or 415 record lacked retry_verdict, which every other record has."""
+    from scripted_upstream import OK, Playbook, Reply, model, play
+
+    from gateway.api.asgi import rejected_record
+    from gateway.errors import method_not_allowed
+    from gateway.telemetry.accesslog import FIELDS
+
+    async def answered() -> dict:
+        pb = Playbook([model("m", "a")], lambda req: Reply.json(OK))
+        return await pb.finish(pb.call("m"))
+
+    assert list(play(answered)) == list(FIELDS)
+    refused = rejected_record(
+        wall=0.0,
+        request_id="r",
+        method="GET",
+        path="/v1/chat/completions",
+        err=method_not_allowed("GET", "POST"),
+        duration_ms=0.1,
+        bytes_sent=10,
+        headers={},
+        client=None,
+    )
+    assert list(refused) == list(FIELDS) and refused["retry_verdict"] is None

@@ -525,6 +525,34 @@ def test_a_retry_after_far_away_cools_the_deployment_down_no_longer_than_its_lon
     play(scenario)
 
 
+@pytest.mark.parametrize(
+    ("max_retries", "should_retry"),
+    [(2, "false"), (0, None)],
+    ids=[
+        "the gateway retried: the SDK must not multiply it",
+        "no gateway retries: the SDK's are the retries",
+    ],
+)
+def test_after_the_gateway_retried_to_its_limit_the_client_is_told_not_to_retry(
+    max_retries: int, should_retry: str | None
+) -> None:
+    async def scenario() -> None:
+        failing = Reply.json({"error": {"message": "busy"}}, status=503, headers={"x-should-retry": "true"})
+        pb = Playbook([model("m", "a", retry={"max_retries": max_retries})], lambda req: failing)
+        call = pb.call("m")
+        rec = await pb.finish(call)
+        assert (rec["response_code"], rec["retry_count"], rec["retry_verdict"]) == (
+            503,
+            max_retries,
+            "retry-limit",
+        )
+        assert call.down.headers.get("x-should-retry") == (should_retry or "true")  # else the provider's word
+        start = next(m for m in call.down.messages if m["type"] == "http.response.start")
+        assert [k for k, _ in start["headers"]].count(b"x-should-retry") == 1  # one answer, never two
+
+    play(scenario)
+
+
 # ---------------------------------------------------------------------------------------------- cut mid-event
 
 

@@ -145,7 +145,7 @@ def test_tpm_estimate_counts_every_choice():
     assert estimate_tokens(raw, {"max_tokens": 100}) == 200
     assert estimate_tokens(raw, {"max_tokens": 100, "n": 4}) == 500
     assert estimate_tokens(raw, {"n": 2}) == 100 + 512
-    assert estimate_tokens(raw, {"max_tokens": 100, "n": "9"}) == 200  # not a count: one choice
+    assert estimate_tokens(raw, {"max_tokens": 100, "n": "9"}) == 1000  # as a lenient provider reads it: 9
 
 
 def test_text_log_escapes_what_could_forge_a_line_or_split_a_field():
