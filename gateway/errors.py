@@ -75,6 +75,7 @@ def method_not_allowed(method: str, allowed: str) -> GatewayError:
         "method_not_allowed",
         None,
         flag=ResponseFlag.BAD_REQUEST,
+        headers=((b"allow", allowed.encode()),),  # a 405 names what is allowed (RFC 9110 15.5.6)
     )
 
 

@@ -468,13 +468,18 @@ class GatewayASGI:
     # ------------------------------------------------------------------ simple endpoints
 
     async def _respond(
-        self, send: Send, status: int, body: bytes, ctype: bytes = b"application/json"
+        self,
+        send: Send,
+        status: int,
+        body: bytes,
+        ctype: bytes = b"application/json",
+        extra: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         await send(
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [(b"content-type", ctype), (b"content-length", b"%d" % len(body))],
+                "headers": [(b"content-type", ctype), (b"content-length", b"%d" % len(body)), *extra],
             }
         )
         await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -529,10 +534,13 @@ class GatewayASGI:
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] != "GET":
             err = errors.method_not_allowed(scope["method"], "GET")
-            return await self._respond(send, err.status, err.body())
+            return await self._respond(send, err.status, err.body(), extra=err.headers)
         await self._respond(send, 200, self._models_body)
 
     async def _model(self, scope: Scope, send: Send, name: str) -> None:
+        if scope["method"] != "GET":  # (DELETE is OpenAI's for fine-tuned models: nothing here to delete)
+            err = errors.method_not_allowed(scope["method"], "GET")
+            return await self._respond(send, err.status, err.body(), extra=err.headers)
         if name in self.engine.registry.models:
             body = orjson.dumps({"id": name, "object": "model", "created": 0, "owned_by": "llm-gateway"})
             return await self._respond(send, 200, body)
@@ -575,17 +583,25 @@ _CLIENT_GONE = GatewayError(
 
 
 def _chain_sigterm(lifecycle: Lifecycle) -> None:
-    """Turn /readyz not-ready the moment SIGTERM arrives, then let uvicorn's own handler drain."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    """Turn /readyz not-ready the moment SIGTERM arrives, then let uvicorn's own handler drain. SIGHUP (a
+    closed terminal; a reload, to a supervisor) drains the same way, as SIGTERM: uvicorn leaves it at the
+    default action, which killed the process with every request in flight."""
+    for sig, as_sig in (
+        (signal.SIGTERM, signal.SIGTERM),
+        (signal.SIGINT, signal.SIGINT),
+        (signal.SIGHUP, signal.SIGTERM),
+    ):
         try:
-            prev = signal.getsignal(sig)
+            prev = signal.getsignal(as_sig)
         except ValueError:
             return  # not the main thread (tests running the app in a thread)
 
-        def handler(signum: int, frame: FrameType | None, prev: object = prev) -> None:
+        def handler(signum: int, frame: FrameType | None, prev: object = prev, as_sig: int = as_sig) -> None:
             lifecycle.begin_drain()
             if callable(prev):
-                prev(signum, frame)
+                prev(
+                    as_sig, frame
+                )  # uvicorn re-raises what it caught once drained: SIGTERM, for a hangup too
 
         try:
             signal.signal(sig, handler)

@@ -158,7 +158,11 @@ def test_body_over_limit_is_413_and_wrong_method_405(core):
     r = httpx.post(gw.url + "/v1/chat/completions", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and _error(r)["code"] == "request_too_large"
     r = httpx.get(gw.url + "/v1/chat/completions")
-    assert r.status_code == 405 and _error(r)["code"] == "method_not_allowed"
+    assert r.status_code == 405 and _error(r)["code"] == "method_not_allowed" and r.headers["allow"] == "POST"
+    for method, path in (("POST", "/v1/models"), ("DELETE", "/v1/models/chat")):  # nothing to delete here
+        r = httpx.request(method, gw.url + path)
+        assert r.status_code == 405 and r.headers["allow"] == "GET", (method, path, r.text)
+    assert httpx.get(gw.url + "/v1/models/chat").json()["id"] == "chat"
     r = httpx.post(gw.url + "/v2/whatever", json={})
     assert r.status_code == 404 and _error(r)["code"] == "unknown_url"
 

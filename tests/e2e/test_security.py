@@ -881,7 +881,8 @@ def test_cors_for_listed_origins_only(ops):
 
     r = _chat(gw.url, key, headers={"origin": "https://app.example"})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
-    assert "x-request-id" in r.headers["access-control-expose-headers"] and "Origin" in r.headers["vary"]
+    exposed = r.headers["access-control-expose-headers"]
+    assert "x-request-id" in exposed and "x-should-retry" in exposed and "Origin" in r.headers["vary"]
     r = _chat(gw.url, None, headers={"origin": "https://app.example"})  # the page can read why it failed
     assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "https://app.example"
     with httpx.stream(

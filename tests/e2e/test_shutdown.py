@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import openai
 import orjson
+import pytest
 from harness import dep, model
 
 
@@ -38,7 +39,10 @@ def _stream_request(gw: Any) -> Any:
     )
 
 
-def test_sigterm_drains_the_stream_refuses_new_connections_and_exits_zero(sims_factory, gateways):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_drains_the_stream_refuses_new_connections_and_exits_zero(sims_factory, gateways, sig):
+    """SIGHUP (a closed terminal, or a supervisor's reload) drains as SIGTERM does: it used to kill the
+    gateway at once, every request in flight cut without a record (exit 129)."""
     gw = _streaming_gateway(sims_factory, gateways, drain_timeout_s=10, ttft_ms=50, itl_ms=100, tokens=20)
     result: dict = {}
     under_way = threading.Event()
@@ -55,7 +59,7 @@ def test_sigterm_drains_the_stream_refuses_new_connections_and_exits_zero(sims_f
     t = threading.Thread(target=stream)
     t.start()
     assert under_way.wait(15)
-    gw.proc.send_signal(signal.SIGTERM)
+    gw.proc.send_signal(sig)
     give_up = time.monotonic() + 10  # a hang guard: the listener closes as soon as the signal is handled
     while True:
         try:
