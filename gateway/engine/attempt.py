@@ -68,6 +68,7 @@ class Attempt:
         "now",
         "interrupt",
         "outcome",
+        "token_seen",
     )
 
     def __init__(
@@ -94,6 +95,9 @@ class Attempt:
         self.resp_headers: dict[str, str] | None = None
         self.released = False
         self.finished = False
+        self.token_seen = (
+            True  # False for a stream that ended (or filled PRE_TOKEN_MAX) before a usable token
+        )
         self.budget: RetryBudget | None = None  # whose slot this retry holds
         self.interrupt: Interrupt | None = None  # how to stop the task this attempt runs in
         self.outcome: str | None = (
@@ -145,6 +149,7 @@ class Attempt:
                     if scanner.feed(chunk):
                         break
                 self.t_first = now()
+                self.token_seen = scanner.token_seen
             else:
                 self.body = await resp.read()
                 self.t_first = self.t_end = now()

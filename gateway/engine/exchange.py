@@ -995,7 +995,10 @@ class Exchange:
             "request_duration_ms": ms(self.t_received, self.t_body),
             "response_duration_ms": ms(self.t_received, w.t_headers) if w is not None else None,
             "response_tx_duration_ms": ms(w.t_headers, end) if w is not None and w.t_headers else None,
-            "ttft_ms": ms(self.t_received, self.t_first_sent) if self.winner is not None else None,
+            # the first content token: none for a stream that ended (or was committed) without one
+            "ttft_ms": ms(self.t_received, self.t_first_sent)
+            if self.winner is not None and self.winner.token_seen
+            else None,
             "upstream_service_time_ms": ms(w.t_start, w.t_end) if w is not None else None,
             "gateway_overhead_ms": round3(max(overhead, 0.0)),
             "upstream_host": dep.client.host if dep else None,

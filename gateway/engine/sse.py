@@ -15,35 +15,36 @@ import orjson
 _USABLE_DELTA_KEYS = ("content", "tool_calls", "function_call", "refusal", "reasoning_content", "reasoning")
 
 
-def _usable_event(data: bytes) -> bool:
+# What an event before the first token is: nothing to commit on yet, the stream's end or an error (commit,
+# no token: ttft_ms stays empty), or the first token.
+NOT_YET, END, TOKEN = 0, 1, 2
+_RESPONSES_ENDS = ("response.completed", "response.failed", "response.incomplete", "error")
+
+
+def _event_kind(data: bytes) -> int:
     if data == b"[DONE]":
-        return True
+        return END
     try:
         ev = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return True  # not ours to judge: relay it
+        return TOKEN  # not ours to judge: relay it
     if not isinstance(ev, dict):
-        return True
+        return TOKEN
     if "error" in ev:
-        return True
+        return END
     typ = ev.get("type")
     if isinstance(typ, str):  # Responses API events
-        return typ.endswith(".delta") or typ in (
-            "response.completed",
-            "response.failed",
-            "response.incomplete",
-            "error",
-        )
+        return TOKEN if typ.endswith(".delta") else END if typ in _RESPONSES_ENDS else NOT_YET
     choices = ev.get("choices")
     if not choices:
-        return False  # usage-only or keep-alive chunk before content
+        return NOT_YET  # usage-only or keep-alive chunk before content
     c = choices[0]
-    if c.get("finish_reason"):
-        return True
     delta = c.get("delta")
     if delta is None:
-        return bool(c.get("text"))  # legacy completions
-    return any(map(delta.get, _USABLE_DELTA_KEYS))  # map, not a generator: no Python frame per key
+        token = bool(c.get("text"))  # legacy completions
+    else:
+        token = any(map(delta.get, _USABLE_DELTA_KEYS))  # map, not a generator: no Python frame per key
+    return TOKEN if token else END if c.get("finish_reason") else NOT_YET
 
 
 # Bytes before the first usable token are held until commit (they may still be dropped for a retry or
@@ -58,11 +59,12 @@ class FirstTokenScanner:
     Bytes of an unfinished line wait as a list and are joined once its newline arrives: a long line
     fed in many small chunks costs its length, not its length squared."""
 
-    __slots__ = ("_parts", "_seen")
+    __slots__ = ("_parts", "_seen", "token_seen")
 
     def __init__(self) -> None:
         self._parts: list[bytes] = []
         self._seen = 0
+        self.token_seen = False  # a usable event was found (not only PRE_TOKEN_MAX bytes without one)
 
     def feed(self, chunk: bytes) -> bool:
         self._seen += len(chunk)
@@ -87,7 +89,8 @@ class FirstTokenScanner:
                 break
             line = buf[start:end]
             start = end + 1
-            if line.startswith(b"data:") and _usable_event(line[5:].strip()):
+            if line.startswith(b"data:") and (kind := _event_kind(line[5:].strip())):
+                self.token_seen = kind == TOKEN
                 return True
         if start < len(buf):
             self._parts = [buf[start:]]

@@ -69,3 +69,17 @@ def test_an_unfinished_last_event_is_relayed_before_the_end() -> None:
     assert b"".join(m["body"] for m in bodies) == b"".join(chunks)
     assert bodies[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
     assert rec["response_flags"] == "-"
+
+
+ROLE = b'data: {"choices":[{"index":0,"delta":{"role":"assistant"}}]}\n\n'
+FINISH = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+
+
+def test_a_stream_that_ends_without_a_content_token_has_no_ttft() -> None:
+    """ttft_ms is the first content token's: a stream of a role chunk and an end (or nothing at all) is
+    relayed as it came, with no first token to time."""
+    for chunks in ([ROLE + FINISH + DONE], [ROLE, DONE], [b""]):
+        _, rec, _ = _relay(Reply.stream(*((0.01, c) for c in chunks), end_with_last=True))
+        assert (rec["response_code"], rec["response_flags"], rec["ttft_ms"]) == (200, "-", None), chunks
+    _, rec, _ = _relay(Reply.stream((0.01, ROLE), (0.01, sse("hi") + DONE), end_with_last=True))
+    assert rec["ttft_ms"] is not None and rec["ttft_ms"] >= 20.0  # the content, after the role chunk

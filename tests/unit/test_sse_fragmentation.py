@@ -69,7 +69,7 @@ def streams(draw: st.DrawFn) -> tuple[bytes, int | None, tuple[int | None, int |
         line = b": keep-alive" if not data else b"data: " + data
         out += line + newline
         if usable and first_end is None:
-            first_end = len(out)
+            first_end = len(out) - len(newline) + 1  # a CR ends the line already (the SSE spec): CRLF's too
         out += newline
     return out, first_end, usage_of(out)
 
