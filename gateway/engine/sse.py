@@ -40,10 +40,8 @@ def _event_kind(data: bytes) -> int:
         return NOT_YET  # usage-only or keep-alive chunk before content
     c = choices[0]
     delta = c.get("delta")
-    if delta is None:
-        token = bool(c.get("text"))  # legacy completions
-    else:
-        token = any(map(delta.get, _USABLE_DELTA_KEYS))  # map, not a generator: no Python frame per key
+    # legacy completions carry text; map, not a generator: no Python frame per key
+    token = bool(c.get("text")) if delta is None else any(map(delta.get, _USABLE_DELTA_KEYS))
     return TOKEN if token else END if c.get("finish_reason") else NOT_YET
 
 
