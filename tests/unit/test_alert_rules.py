@@ -176,6 +176,18 @@ CASES: dict[str, dict[str, Any]] = {
             {"model": "chat", "deployment": "a", "severity": "warning"},
             "40m",
         ),
+        _case(  # a new pod, first scraped once ready, its warm-up already failed: the series starts at 1
+            "LLMGatewayWarmupFailed",
+            [
+                _series(
+                    "llmgw_warmup_total", "_x2 1x50", model="chat", deployment="a", result="failed", pod="gw-new"
+                ),
+                _series("llmgw_warmup_total", "_x2 4x50", model="chat", deployment="b", result="ok", pod="gw-new"),
+            ],
+            "5m",
+            {"model": "chat", "deployment": "a", "severity": "warning"},
+            "40m",
+        ),
         _case(
             "LLMGatewayStateBackendDown",
             [
