@@ -41,7 +41,7 @@ class StateGauges:
                 m.child(m.latency_estimate, d.id).set(est.value(t) / 1000.0)
                 ejected = is_ejected(d.outlier, t)
                 m.child(m.ejected, model.name, d.id).set(1 if ejected else 0)
-                healthy += not ejected and d.cooldown_until <= t  # at capacity is busy, not unhealthy
+                healthy += d.available(t)  # what routing prefers: at 0 it routes in panic
             m.child(m.healthy, model.name).set(healthy)
         up = self.backend == "memory" or (self.sync is not None and self.sync.up is True)
         m.child(m.state_up, self.backend).set(1 if up else 0)

@@ -76,10 +76,13 @@ class DeploymentRuntime:
         self.per_try_s = t.per_try_ms / 1000.0
         self.idle_s = t.idle_ms / 1000.0
 
+    def available(self, now: float) -> bool:
+        """Routing prefers it: reachable, not ejected, not cooling down after a 429 (at capacity is busy,
+        not unavailable). What llmgw_model_healthy_deployments counts."""
+        return not (self.unreachable or is_ejected(self.outlier, now) or self.cooldown_until > now)
+
     def healthy(self, now: float) -> bool:
-        if self.unreachable or is_ejected(self.outlier, now) or self.cooldown_until > now:
-            return False
-        return not (self.max_concurrency and self.inflight >= self.max_concurrency)
+        return self.available(now) and not (self.max_concurrency and self.inflight >= self.max_concurrency)
 
     def at_capacity(self) -> bool:
         return bool(self.max_concurrency) and self.inflight >= self.max_concurrency

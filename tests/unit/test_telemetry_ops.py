@@ -210,6 +210,18 @@ def test_a_deployment_cooling_down_after_a_429_is_not_healthy(gauges):
     assert _value(m, m.healthy, "chat") == 1 and _value(m, m.ejected, "chat", "b") == 0
 
 
+def test_a_deployment_found_unreachable_is_not_healthy(gauges):
+    """A key the provider refuses or a keep-warm that fails marks it unreachable: routing passes it by (in
+    panic when it is the only one), so the gauge must say so, or LLMGatewayNoHealthyUpstream cannot fire."""
+    g, registry, m = gauges
+    registry.models["chat"].by_id["a"].unreachable = True
+    g.refresh()
+    assert _value(m, m.healthy, "chat") == 1
+    registry.models["chat"].by_id["b"].unreachable = True
+    g.refresh()
+    assert _value(m, m.healthy, "chat") == 0
+
+
 class _Sync:
     up: bool | None = None
 
