@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmgw.state")
 
+# Replicas' clocks and rounding move a shared ejection's end by a little each time it is read: an end
+# within this of the one known already is the same ejection, not news.
+SAME_EJECTION_S = 1.0
+
 
 class StateSync:
     def __init__(self, engine: Engine, backend: StateBackend, interval_s: float, ttl_s: float) -> None:
@@ -40,6 +44,12 @@ class StateSync:
         self._task: asyncio.Task | None = None
         self._pending: set[asyncio.Task] = set()
         self._primaries: list[str] = []
+        self._unpublished: set[str] = set()  # ejections whose publishing failed: sent again once it answers
+        # the longest a model ejects for: an ejection read from another replica (whose wall clock may be off
+        # by an hour) lasts no longer here
+        self._max_ejection_s = {
+            d.id: m.cfg.outlier.max_ejection_s for m in engine.registry.models.values() for d in m.deployments
+        }
 
     def key(self, kind: str, dep_id: str) -> str:
         return f"{self.backend.prefix}{kind}:{dep_id}"
@@ -99,6 +109,9 @@ class StateSync:
         self._mark(True)
         self.rounds += 1
         for d in deps:
+            if d.id in self._unpublished:
+                self._unpublished.discard(d.id)
+                self.publish_ejection(d)  # (nothing, if it has ended meanwhile)
             self._merge_stats(d, res.hashes.get(self.key("stats", d.id), {}), wall, mono)
             self._merge_ejection(d, res.keys.get(self.key("eject", d.id)), wall, mono)
 
@@ -125,11 +138,17 @@ class StateSync:
             until_wall, ejections = orjson.loads(raw)
         except (orjson.JSONDecodeError, ValueError, TypeError):
             return
-        until = mono + (until_wall - wall)
-        if until > d.outlier.ejected_until:
-            d.outlier.ejected_until = until
-            d.outlier.ejections = max(d.outlier.ejections, int(ejections))
-            log.warning("deployment %s ejected by another replica for %.0f s", d.id, until - mono)
+        left = min(until_wall - wall, self._max_ejection_s.get(d.id, 0.0))
+        if left <= 0:
+            return
+        until = mono + left
+        ejected_here = d.outlier.ejected_until > mono
+        if until <= d.outlier.ejected_until + (SAME_EJECTION_S if ejected_here else 0.0):
+            return  # known already (this process's own ejection, read back, included)
+        d.outlier.ejected_until = until
+        d.outlier.ejections = max(d.outlier.ejections, int(ejections))
+        if not ejected_here:
+            log.warning("deployment %s ejected by another replica for %.0f s", d.id, left)
 
     def publish_ejection(self, d: DeploymentRuntime) -> None:
         """Share an ejection at once (in the background) so every replica stops sending there."""
@@ -137,14 +156,15 @@ class StateSync:
         if left <= 0:
             return
         value = orjson.dumps([time.time() + left, d.outlier.ejections])
-        t = asyncio.get_running_loop().create_task(self._set(self.key("eject", d.id), value, left))
+        t = asyncio.get_running_loop().create_task(self._publish(d.id, value, left))
         self._pending.add(t)
         t.add_done_callback(self._pending.discard)
 
-    async def _set(self, key: str, value: bytes, ttl_s: float) -> None:
+    async def _publish(self, dep_id: str, value: bytes, ttl_s: float) -> None:
         try:
-            await self.backend.set(key, value, ttl_s)
-        except Exception as exc:
+            await self.backend.set(self.key("eject", dep_id), value, ttl_s)
+        except Exception as exc:  # shared once the backend answers again (round)
+            self._unpublished.add(dep_id)
             self._mark(False, exc)
 
     def _show_primaries(self) -> bool:

@@ -180,9 +180,16 @@ CASES: dict[str, dict[str, Any]] = {
             "LLMGatewayWarmupFailed",
             [
                 _series(
-                    "llmgw_warmup_total", "_x2 1x50", model="chat", deployment="a", result="failed", pod="gw-new"
+                    "llmgw_warmup_total",
+                    "_x2 1x50",
+                    model="chat",
+                    deployment="a",
+                    result="failed",
+                    pod="gw-new",
                 ),
-                _series("llmgw_warmup_total", "_x2 4x50", model="chat", deployment="b", result="ok", pod="gw-new"),
+                _series(
+                    "llmgw_warmup_total", "_x2 4x50", model="chat", deployment="b", result="ok", pod="gw-new"
+                ),
             ],
             "5m",
             {"model": "chat", "deployment": "a", "severity": "warning"},

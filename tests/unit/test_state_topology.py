@@ -163,6 +163,7 @@ class Engine:
 
         class Registry:
             deployments: list[Any] = []
+            models: dict[str, Any] = {}
 
         self.registry = Registry()
 
