@@ -128,8 +128,8 @@ def _run(
         except ValueError as exc:
             print(f"llmgw: {exc}", file=sys.stderr)
             return 2
-        except Exception as exc:
-            print(f"llmgw: Redis unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
+        except Exception as exc:  # not reached, or it refused the command (a full Redis refuses writes)
+            print(f"llmgw: Redis failed the command: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
         finally:
             await store.backend.close()

@@ -105,10 +105,14 @@ class Guard:
         self._check_concurrency(key)  # before the limits: a refused request spends no rpm/tpm
         local = False
         if key.rpm is not None or key.tpm is not None:
-            local = await self._rate_limit(key, raw, body)
-        # Again after the await above: others may have been admitted meanwhile. From here to track()
-        # the edge does not yield, so the count cannot be overtaken.
-        self._check_concurrency(key)
+            # Hold the place while the limits are asked (a Redis round trip): requests of the key arriving
+            # meanwhile see it taken and are refused before they spend rpm/tpm themselves.
+            self.concurrency[key.id] = self.concurrency.get(key.id, 0) + 1
+            try:
+                local = await self._rate_limit(key, raw, body)
+            finally:
+                self.concurrency[key.id] -= 1
+        # From here to track() the edge does not yield, so the count cannot be overtaken.
         return local
 
     def _check_concurrency(self, key: ApiKey) -> None:

@@ -121,6 +121,6 @@ class RedisKeyStore:
         if h is None:
             return False
         h = h.decode() if isinstance(h, bytes) else h
-        await self.backend.set(self._k(h), b"", 0.001)  # expire at once
+        await self.backend.delete(self._k(h))  # a delete, which a full Redis (noeviction) still takes
         await self.backend.hdel(self._index, key_id)
         return True

@@ -40,6 +40,9 @@ class MemoryState:
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
         self._kv[key] = (value, time.time() + ttl_s)
 
+    async def delete(self, key: str) -> None:
+        self._kv.pop(key, None)
+
     async def get(self, key: str) -> bytes | None:
         v = self._kv.get(key)
         return v[0] if v and self._alive(v[1]) else None

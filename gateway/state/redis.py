@@ -96,6 +96,11 @@ class RedisState:
             await self._topology.ready()
             await self._client.set(key, value, px=max(1, int(ttl_s * 1000)))
 
+    async def delete(self, key: str) -> None:
+        async with asyncio.timeout(self.timeout_s):
+            await self._topology.ready()
+            await self._client.delete(key)  # a full Redis (maxmemory, noeviction) still deletes
+
     async def get(self, key: str) -> bytes | None:
         async with asyncio.timeout(self.timeout_s):
             await self._topology.ready()

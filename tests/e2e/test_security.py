@@ -916,4 +916,27 @@ def test_credentials_in_a_base_url_are_refused_without_echoing_them(tmp_path: Pa
 
 def test_keys_cli_reports_an_unreachable_redis(tmp_path: Path):
     r = _keys("list", "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
-    assert r.returncode == 1 and "Redis unavailable" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "Redis failed the command" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_key_can_be_revoked_on_a_full_redis(tmp_path: Path):
+    """maxmemory with noeviction refuses writes but takes deletes: a leaked key must still be revocable (the
+    revocation wrote an empty value with a 1 ms expiry, which a full Redis refused)."""
+    from redis_servers import RedisProc
+
+    server = RedisProc(tmp_path, "full", "--save", "", "--appendonly", "no")
+    url = f"redis://{server.address}/0"
+    try:
+        made = _keys("create", "--redis-url", url, "--id", "leaked")
+        assert made.returncode == 0, made.stderr
+        admin = redis.Redis.from_url(url)
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            admin.set("probe", b"x")  # it is full indeed
+        revoked = _keys("revoke", "--redis-url", url, "--id", "leaked")
+        assert revoked.returncode == 0, revoked.stderr
+        assert "leaked" not in _keys("list", "--redis-url", url).stdout
+        assert admin.dbsize() == 0  # the key's record and its index entry are gone
+    finally:
+        server.kill()

@@ -57,7 +57,10 @@ class DeadRedis(MemoryState):
 class SlowWindow(MemoryState):
     """Shared windows that take a round trip, as Redis does: other requests run meanwhile."""
 
+    calls = 0
+
     async def rate_limit(self, *a: Any) -> Any:
+        self.calls += 1
         await asyncio.sleep(0.01)
         return await super().rate_limit(*a)
 
@@ -155,21 +158,24 @@ def test_concurrency_is_held_until_the_request_ends():
     asyncio.run(g.admit(key, "chat", b"{}", {}))
 
 
-def test_concurrency_is_checked_again_after_the_windows():
-    """Two requests pass the first check together; the one that awaited the window longest is refused."""
-    g = _guard(SlowWindow(), max_concurrency=1, rpm=100)
+def test_requests_arriving_while_one_waits_for_the_windows_are_refused_without_spending_rpm():
+    """Four requests at once under max_concurrency 1: one is admitted, three get the concurrency 429, and only
+    the admitted one is charged to the shared rpm window (three were charged, and refused after)."""
+    backend = SlowWindow()
+    g = _guard(backend, max_concurrency=1, rpm=100)
     key = asyncio.run(g.authenticate({"authorization": f"Bearer {KEY}"}))
 
-    async def both() -> list[Any]:
+    async def four() -> list[Any]:
         async def one() -> str:
             await g.admit(key, "chat", b"{}", {})
             g.track(key)
             return "ok"
 
-        return await asyncio.gather(one(), one(), return_exceptions=True)
+        return await asyncio.gather(*(one() for _ in range(4)), return_exceptions=True)
 
-    results = asyncio.run(both())
-    assert results.count("ok") == 1 and isinstance([r for r in results if r != "ok"][0], GatewayError)
+    results = asyncio.run(four())
+    assert results.count("ok") == 1 and all(isinstance(r, GatewayError) for r in results if r != "ok")
+    assert backend.calls == 1 and g.concurrency["team"] == 1
 
 
 def test_redis_key_cache_expires_so_revocation_takes_effect(monkeypatch):
