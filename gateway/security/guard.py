@@ -20,12 +20,14 @@ from gateway.errors import GatewayError, echoed
 from gateway.flags import ResponseFlag
 from gateway.policy.ratelimit import LimitCheck
 from gateway.security.keys import ApiKey, RedisKeyStore, bearer_token, constant_time_equal, hash_key
+from gateway.state.base import StateRefused
 from gateway.state.memory import MemoryState
 
 log = logging.getLogger("llmgw.auth")
 
 NEGATIVE_TTL_S = 1.0  # an unknown key is asked about again after this long (a key created just now)
 REDIS_RETRY_S = 1.0  # after a failed call, Redis is left alone this long: no request waits on a dead socket
+REFUSED_LOG_S = 60.0  # a Redis that refuses the limits script (full) is said at most this often
 
 
 _LOCAL_REFUSAL = f"{ResponseFlag.RATE_LIMITED},{ResponseFlag.LOCAL_LIMITS}"
@@ -57,6 +59,7 @@ class Guard:
         self._local_since = 0.0  # monotonic time Redis stopped answering
         self._local_counted = 0.0  # monotonic time up to which the local seconds are in the counter
         self._limit_keys: dict[str, tuple[str, str]] = {}
+        self._refused_logged = -math.inf  # monotonic time a refusal was last logged
 
     async def authenticate(self, headers: dict[str, str]) -> ApiKey:
         token = bearer_token(headers)
@@ -153,6 +156,12 @@ class Guard:
             try:
                 decision = await self.backend.rate_limit(checks, 60.0)
                 self._redis_up()
+            except (
+                StateRefused
+            ) as exc:  # Redis answered (full): this request's limits are local, nothing more
+                self._refused(exc, t)
+                local = True
+                decision = await self.local.rate_limit(checks, 60.0)
             except Exception as exc:
                 self._redis_down(exc)
                 local = True
@@ -184,6 +193,14 @@ class Guard:
     def _limited(self, key: ApiKey, limit: str) -> None:
         self.metrics.child(self.metrics.rate_limited, key.id, limit).inc()
 
+    def _refused(self, exc: StateRefused, t: float) -> None:
+        """Redis refused the limits script but is there: key lookups go on; limits are local per request."""
+        if t - self._refused_logged >= REFUSED_LOG_S:
+            self._refused_logged = t
+            log.warning(
+                "auth: state backend refused the rate-limit script (%s): limits are local meanwhile", exc
+            )
+
     def _redis_down(self, exc: BaseException) -> None:
         t = time.monotonic()
         self._redis_retry_at = t + REDIS_RETRY_S
@@ -205,7 +222,9 @@ class Guard:
 
     def _redis_up(self) -> None:
         if not self._redis_ok:
-            t = time.monotonic()
+            # Redis was last seen away at the last failure; requests may have stopped long before it came
+            # back (nothing asked it meanwhile): that idle time is no outage
+            t = min(time.monotonic(), self._redis_retry_at)
             self._count_local(t)
             local_s = t - self._local_since
             log.warning(

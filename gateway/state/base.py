@@ -13,6 +13,11 @@ from typing import Protocol
 from gateway.policy.ratelimit import LimitCheck, LimitDecision
 
 
+class StateRefused(Exception):
+    """The backend answered, and refused the command: Redis out of memory (maxmemory with noeviction)
+    refuses writes but still reads. Not an outage: other calls are still worth making."""
+
+
 @dataclass(slots=True)
 class SyncBatch:
     """One sync round: hashes to write (key -> field -> value) and what to read back."""

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+import redis
+
 from gateway.policy.ratelimit import ADMITTED, LimitCheck, LimitDecision
-from gateway.state.base import SyncBatch, SyncResult
+from gateway.state.base import StateRefused, SyncBatch, SyncResult
 from gateway.state.memory import MemoryState
 from gateway.state.topology import RedisTarget, Topology
 
@@ -129,9 +131,12 @@ class RedisState:
         args: list[float | int] = [period_s * 1000.0]
         for c in checks:
             args += (c.cost, c.limit)
-        async with asyncio.timeout(self.timeout_s):
-            await self._topology.ready()
-            refused, retry_ms = await self._gcra(keys=[c.key for c in checks], args=args)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self._topology.ready()
+                refused, retry_ms = await self._gcra(keys=[c.key for c in checks], args=args)
+        except redis.exceptions.OutOfMemoryError as exc:  # full: the script writes, but Redis still reads
+            raise StateRefused(str(exc)) from exc
         refused = int(refused)
         return ADMITTED if refused == 0 else LimitDecision(refused - 1, float(retry_ms) / 1000.0)
 

@@ -940,3 +940,39 @@ def test_a_key_can_be_revoked_on_a_full_redis(tmp_path: Path):
         assert admin.dbsize() == 0  # the key's record and its index entry are gone
     finally:
         server.kill()
+
+
+def test_a_full_redis_still_authenticates_keys_and_limits_each_request_locally(tmp_path: Path):
+    """A Redis at maxmemory (noeviction) refuses the limits script but still reads keys: a valid key not yet
+    cached got 401 "Incorrect API key" for the second after each refusal, Redis being taken for gone."""
+    from redis_servers import RedisProc
+
+    server = RedisProc(tmp_path, "full-gw", "--save", "", "--appendonly", "no")
+    url = f"redis://{server.address}/0"
+    sims = Sims({"sim-a": ("us-east", FAST)})
+    gw = None
+    try:
+        keys = []
+        for i in range(3):
+            made = _keys("create", "--redis-url", url, "--id", f"svc-{i}", "--rpm", "100")
+            assert made.returncode == 0, made.stderr
+            keys.append(made.stdout.strip())
+        cfg = {
+            "state": {"backend": "redis", "redis_url": url},
+            "auth": {"mode": "keys"},
+            "models": [model("chat", [dep("a", sims.base_url("sim-a"))])],
+        }
+        gw = Gateway(cfg, tmp_path, name="full-redis")
+        admin = redis.Redis.from_url(url)
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        for key in keys:  # one after the other: each new to the key cache, each after a refused script
+            r = _chat(gw.url, key)
+            assert r.status_code == 200, r.text
+        recs = gw.records(wait_for=3)[-3:]
+        assert [(r["response_code"], r["response_flags"]) for r in recs] == [(200, "RLL")] * 3
+    finally:
+        if gw is not None:
+            gw.stop()
+        sims.stop()
+        server.kill()

@@ -13,6 +13,7 @@ from gateway.errors import GatewayError
 from gateway.security import guard as guard_mod
 from gateway.security.guard import Guard, estimate_tokens
 from gateway.security.keys import ApiKey, RedisKeyStore, bearer_token, hash_key, new_key
+from gateway.state.base import StateRefused
 from gateway.state.memory import MemoryState
 from gateway.telemetry.metrics import Metrics
 
@@ -145,6 +146,42 @@ def test_redis_down_limits_locally_and_leaves_redis_alone_for_a_while(monkeypatc
     g._redis_retry_at = 0.0
     assert _status(lambda: _admit(g)) == 429
     assert dead.calls == 2
+
+
+class FullRedis(MemoryState):
+    """Redis at maxmemory with noeviction: the limits script (it writes) is refused, key reads still work."""
+
+    name = "redis"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gets = 0
+
+    async def rate_limit(self, *a: Any) -> Any:
+        raise StateRefused("OOM command not allowed when used memory > 'maxmemory'")
+
+    async def get(self, key: str) -> bytes | None:
+        self.gets += 1
+        return await super().get(key)
+
+
+def test_a_full_redis_keeps_key_lookups_and_limits_each_request_locally(caplog):
+    """Not an outage: a key not yet cached is looked up (it got 401 for the second Redis was left alone),
+    the refusal is said once, not as "unreachable" then "reachable again" with every lookup."""
+    backend = FullRedis()
+    store = RedisKeyStore(backend)
+    secrets = [new_key() for _ in range(3)]
+    for i, s in enumerate(secrets):
+        asyncio.run(store.put(ApiKey(f"svc-{i}", hash_key(s), ("*",), rpm=100)))
+    g = Guard(AuthConfig(mode="keys", cache_ttl_s=5.0), backend, Metrics())
+    with caplog.at_level("WARNING", logger="llmgw.auth"):
+        for s in secrets:  # each one new to the cache, right after the previous one's refused script
+            key = asyncio.run(g.authenticate({"authorization": f"Bearer {s}"}))
+            assert asyncio.run(g.admit(key, "chat", b"{}", {})) is True  # its limits decided locally: RLL
+    assert backend.gets == 3
+    assert [r.getMessage()[:55] for r in caplog.records] == [
+        "auth: state backend refused the rate-limit script (OOM "
+    ]
 
 
 def test_concurrency_is_held_until_the_request_ends():
