@@ -170,7 +170,7 @@ class TracingConfig(_Strict):
     @field_validator("otlp_endpoint")
     @classmethod
     def _endpoint(cls, v: str | None) -> str | None:
-        if v is not None and not _is_http_url(v):
+        if v and not _is_http_url(v):  # empty: off, as ${OTEL_COLLECTOR:-} gives when unset
             raise ValueError("not an OTLP/HTTP URL (expected http:// or https://host[:port])")
         return v
 

@@ -315,3 +315,10 @@ def test_unreadable_schema_files_are_reported_with_the_rest(tmp_path: Path):
     with pytest.raises(ConfigError) as exc:  # alone, both files are still named
         load_config(path)
     assert len(str(exc.value).splitlines()) == 2
+
+
+def test_an_empty_otlp_endpoint_leaves_tracing_off():
+    """``otlp_endpoint: ${OTEL_COLLECTOR:-}`` with the variable unset gives "": off, not a bad URL."""
+    raw = _cfg()
+    raw["tracing"] = {"otlp_endpoint": "${OTEL_COLLECTOR:-}"}
+    assert parse_config(raw, env={}).tracing.otlp_endpoint == ""
