@@ -587,13 +587,17 @@ class Exchange:
             if verdict is not RetryVerdict.NOT_RETRIABLE:
                 metrics.child(metrics.retries, m.name, verdict.value).inc()
             return None
-        metrics.child(metrics.retries, m.name, verdict.value).inc()
         att = None
         try:
             if plan.delay_s > 0:
                 w0 = self.now()
-                await self.engine.clock.sleep(plan.delay_s)
-                self.waits.append((w0, self.now()))
+                try:
+                    await self.engine.clock.sleep(plan.delay_s)
+                finally:  # also when cut short (the client left): waiting for a retry is no gateway time
+                    w1 = self.now()
+                    self.waits.append((w0, w1))
+                    metrics.child(metrics.backoff, m.name).inc(w1 - w0)
+            metrics.child(metrics.retries, m.name, verdict.value).inc()  # made, as retry_count counts it
             self.retries += 1
             att = self._start(m, AttemptKind.RETRY, tried)
             return att

@@ -305,6 +305,9 @@ class Metrics:
             "llmgw_tokens_total", "Tokens reported by upstream usage.", ["model", "kind"]
         )
         self.retries = self._counter("llmgw_retries_total", "Retry decisions.", ["model", "reason"])
+        self.backoff = self._counter(
+            "llmgw_retry_backoff_seconds_total", "Time requests waited before a retry.", ["model"]
+        )
         self.retry_budget_exhausted = self._counter(
             "llmgw_retry_budget_exhausted_total", "Retries refused by the budget.", ["model"]
         )

@@ -553,6 +553,27 @@ def test_after_the_gateway_retried_to_its_limit_the_client_is_told_not_to_retry(
     play(scenario)
 
 
+def test_a_client_leaving_during_the_backoff_leaves_the_wait_as_backoff_not_gateway_overhead() -> None:
+    """The wait before a retry is no gateway time, also when the client leaves during it (it was logged as
+    gateway overhead, feeding the overhead alert, and the retry that never started was counted as made)."""
+
+    async def scenario() -> None:
+        limited = Reply.json({"error": {"message": "later"}}, status=429, headers={"retry-after": "3"})
+        pb = Playbook([model("m", "a", retry={"max_retries": 2})], lambda req: limited)
+        call = pb.call("m")
+        await pb.play(0.5)  # the 429 came at once; the gateway waits out Retry-After
+        call.exchange.cancel(CancelReason.CLIENT_GONE)
+        rec = await pb.finish(call)
+        assert (rec["response_code"], rec["response_flags"], rec["retry_count"]) == (499, "DC", 0)
+        assert rec["backoff_ms"] == pytest.approx(500, abs=1)
+        assert rec["gateway_overhead_ms"] < 5
+        m = pb.engine.metrics
+        assert m.child(m.backoff, "m").value == pytest.approx(0.5, abs=0.001)
+        assert m.child(m.retries, "m", "retry").value == 0
+
+    play(scenario)
+
+
 # ---------------------------------------------------------------------------------------------- cut mid-event
 
 
