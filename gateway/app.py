@@ -7,9 +7,12 @@ from config, each costing the hot path nothing when it is off.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 import os
+import signal
+import sys
 from typing import Any
 
 import orjson
@@ -36,6 +39,7 @@ log = logging.getLogger("llmgw")
 
 CONFIG_ENV = "LLMGW_CONFIG"
 SERVER_ENV = "LLMGW_SERVER"  # JSON: the server keys `serve` flags override, for every worker
+SUPERVISOR_ENV = "LLMGW_SUPERVISOR_PID"  # the process whose death a worker drains at
 # uvicorn cancels what still runs this long after the drain time (cli.py): the requests cut short at the
 # drain deadline (DRAIN) get that long to send their final answer and be logged.
 DRAIN_GRACE_S = 1.0
@@ -248,7 +252,26 @@ def create_app() -> Any:
     path = os.environ.get(CONFIG_ENV)
     if not path:
         raise RuntimeError(f"{CONFIG_ENV} is not set")
+    _drain_when_orphaned()
     return build_app(with_server(load_config(path), orjson.loads(os.environ.get(SERVER_ENV, "{}"))))
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _drain_when_orphaned() -> None:
+    """A worker gets SIGTERM (a drain) when its supervisor dies: a SIGKILLed supervisor left its workers
+    serving on the port, unsupervised, and a new gateway could not bind it. Linux only; elsewhere nothing."""
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    if not sys.platform.startswith("linux") or not supervisor:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != supervisor:  # it died before the request was made (a worker still starting)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def with_server(cfg: GatewayConfig, changes: dict[str, Any]) -> GatewayConfig:

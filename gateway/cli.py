@@ -121,7 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.api.protocol import TimedHttpToolsProtocol
-    from gateway.app import CONFIG_ENV, DRAIN_GRACE_S, SERVER_ENV, with_server
+    from gateway.app import CONFIG_ENV, DRAIN_GRACE_S, SERVER_ENV, SUPERVISOR_ENV, with_server
     from gateway.telemetry.logs import log_config
     from gateway.upstream.select import selected_kind
 
@@ -198,6 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         os.environ[CONFIG_ENV] = os.path.abspath(path)
         os.environ[SERVER_ENV] = json.dumps(server_changes)
+        os.environ[SUPERVISOR_ENV] = str(os.getpid())
         _fresh_multiprocess_dir()
         return run_workers(
             uvicorn.Config("gateway.app:create_app", factory=True, workers=workers, **common),

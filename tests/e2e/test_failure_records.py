@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 from harness import dep
 from harness import model as model_
 
@@ -79,3 +81,49 @@ def test_a_refused_request_logs_the_model_it_named(sims_factory, gateways):
         rec = next(rec for rec in gw.records(wait_for=i + 1) if rec["request_id"] == f"bad-{i}")
         assert (rec["response_code"], rec["response_flags"], rec["model"]) == (400, "BR", model), rec
         assert rec["stream"] is (body.get("stream") is True)
+
+
+@pytest.mark.parametrize("when", ["serving", "starting"])
+def test_workers_drain_and_exit_when_their_supervisor_is_killed(sims_factory, gateways, when):
+    """SIGKILL to the supervisor (an OOM kill, kill -9 outside a container) left its workers serving,
+    unsupervised and holding the port, so a new gateway could not start. Each worker now drains and exits,
+    also one still starting when its supervisor died."""
+    sims = sims_factory({"sim-a": ("us-east", FAST)})
+    gw = gateways(
+        {"models": [model_("chat", [dep("a", sims.base_url("sim-a"))])]},
+        workers=2,
+        wait_ready=when == "serving",
+    )
+    end = time.monotonic() + 20
+    while len(_workers_of_config(gw.config_path)) < (2 if when == "serving" else 1):
+        assert time.monotonic() < end
+        time.sleep(0.01)
+    os.kill(gw.proc.pid, signal.SIGKILL)
+    gw.proc.wait(10)
+    end = time.monotonic() + 30  # each drains (nothing in flight) and exits
+    while _workers_of_config(gw.config_path):
+        assert time.monotonic() < end, (
+            f"workers outlived their supervisor: {_workers_of_config(gw.config_path)}"
+        )
+        time.sleep(0.05)
+    with socket.socket() as s:  # the port is free for the next gateway
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", gw.port))
+
+
+def _workers_of_config(config: Path) -> list[int]:
+    """Live (not zombie) processes serving this config: a worker carries its path in LLMGW_CONFIG."""
+    mark = f"LLMGW_CONFIG={config}".encode() + b"\0"
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (
+                mark in (proc / "environ").read_bytes()
+                and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            ):
+                pids.append(int(proc.name))
+        except (OSError, IndexError):
+            continue
+    return pids
