@@ -120,7 +120,7 @@ def deadline_exceeded(message: str, flag: str) -> GatewayError:
 def upstream_protocol_error(detail: str) -> GatewayError:
     return GatewayError(
         502,
-        f"The upstream answered with invalid HTTP: {detail}",
+        f"The upstream's answer could not be used: {detail}",
         "server_error",
         "upstream_protocol_error",
         None,

@@ -148,6 +148,10 @@ class Attempt:
                     self.chunks.append(chunk)
                     if scanner.feed(chunk):
                         break
+                if scanner.error is not None:  # the provider failed before a token: nothing was relayed yet
+                    raise UpstreamProtocolError(
+                        "an error event before the first token: " + scanner.error.decode("utf-8", "replace")
+                    )
                 self.t_first = now()
                 self.token_seen = scanner.token_seen
             else:

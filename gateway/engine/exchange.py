@@ -358,6 +358,8 @@ class Exchange:
                 ResponseFlag.DEADLINE,
             )
             self.timeout_flag = "total"
+            if self.attempts and kind is not AttemptKind.HEDGE:  # a retry or a fallback the deadline stopped
+                self.retry_verdict = RetryVerdict.DEADLINE
             return None
         if kind is AttemptKind.PRIMARY or self.route_reason is None:
             self.route_reason = decision.reason

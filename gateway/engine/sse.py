@@ -15,10 +15,11 @@ import orjson
 _USABLE_DELTA_KEYS = ("content", "tool_calls", "function_call", "refusal", "reasoning_content", "reasoning")
 
 
-# What an event before the first token is: nothing to commit on yet, the stream's end or an error (commit,
-# no token: ttft_ms stays empty), or the first token.
-NOT_YET, END, TOKEN = 0, 1, 2
-_RESPONSES_ENDS = ("response.completed", "response.failed", "response.incomplete", "error")
+# What an event before the first token is: nothing to commit on yet, the stream's end (commit, no token:
+# ttft_ms stays empty), the first token, or an error (the attempt failed: retried or hedged like a 5xx).
+NOT_YET, END, TOKEN, ERROR = 0, 1, 2, 3
+_RESPONSES_ENDS = ("response.completed", "response.incomplete")
+_RESPONSES_ERRORS = ("response.failed", "error")
 
 
 def _event_kind(data: bytes) -> int:
@@ -31,10 +32,12 @@ def _event_kind(data: bytes) -> int:
     if not isinstance(ev, dict):
         return TOKEN
     if "error" in ev:
-        return END
+        return ERROR
     typ = ev.get("type")
     if isinstance(typ, str):  # Responses API events
-        return TOKEN if typ.endswith(".delta") else END if typ in _RESPONSES_ENDS else NOT_YET
+        if typ.endswith(".delta"):
+            return TOKEN
+        return END if typ in _RESPONSES_ENDS else ERROR if typ in _RESPONSES_ERRORS else NOT_YET
     choices = ev.get("choices")
     if not choices:
         return NOT_YET  # usage-only or keep-alive chunk before content
@@ -57,12 +60,13 @@ class FirstTokenScanner:
     Bytes of an unfinished line wait as a list and are joined once its newline arrives: a long line
     fed in many small chunks costs its length, not its length squared."""
 
-    __slots__ = ("_parts", "_seen", "token_seen")
+    __slots__ = ("_parts", "_seen", "token_seen", "error")
 
     def __init__(self) -> None:
         self._parts: list[bytes] = []
         self._seen = 0
         self.token_seen = False  # a usable event was found (not only PRE_TOKEN_MAX bytes without one)
+        self.error: bytes | None = None  # the data of an error event that came before any token
 
     def feed(self, chunk: bytes) -> bool:
         self._seen += len(chunk)
@@ -87,8 +91,10 @@ class FirstTokenScanner:
                 break
             line = buf[start:end]
             start = end + 1
-            if line.startswith(b"data:") and (kind := _event_kind(line[5:].strip())):
+            if line.startswith(b"data:") and (kind := _event_kind(data := line[5:].strip())):
                 self.token_seen = kind == TOKEN
+                if kind == ERROR:
+                    self.error = data[:500]
                 return True
         if start < len(buf):
             self._parts = [buf[start:]]

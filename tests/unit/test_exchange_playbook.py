@@ -574,6 +574,63 @@ def test_a_client_leaving_during_the_backoff_leaves_the_wait_as_backoff_not_gate
     play(scenario)
 
 
+OVERLOADED = (
+    b'data: {"error":{"message":"upstream overloaded","type":"server_error","code":"overloaded"}}\n\n'
+)
+
+
+def test_an_error_event_before_the_first_token_loses_the_race_to_a_healthy_hedge() -> None:
+    """An error event is no content token: it committed the stream, won the race and cancelled the hedge,
+    and the client got a 200 of one error event (logged "-", counted a success)."""
+
+    async def scenario() -> None:
+        pb = hedged_streaming(
+            a=Reply.stream((0.3, OVERLOADED)), b=Reply.stream((0.5, sse("fine")), (0.01, DONE))
+        )
+        call = pb.call("m", stream=True)
+        rec = await pb.finish(call)
+        assert (
+            call.down.status == 200
+            and call.down.events()[0] == '{"choices":[{"index":0,"delta":{"content":"fine"}}]}'
+        )
+        assert (rec["upstream_cluster"], rec["hedge_winner"], rec["response_flags"]) == ("b", "hedge", "-")
+        m = pb.engine.metrics
+        assert m.child(m.attempts, "m", "a", "protocol-error").value == 1  # a failure of a, not a success
+
+    play(scenario)
+
+
+def test_an_error_event_before_the_first_token_alone_is_a_502_naming_the_deployment_and_the_error() -> None:
+    async def scenario() -> None:
+        pb = streaming(a=Reply.stream((0.01, OVERLOADED)))
+        call = pb.call("m", stream=True)
+        rec = await pb.finish(call)
+        assert call.down.status == 502
+        err = call.down.json()["error"]
+        assert err["code"] == "upstream_protocol_error" and "'a'" in err["message"]
+        assert "upstream overloaded" in err["message"] and "before the first token" in err["message"]
+        assert (rec["response_code"], "UPE" in rec["response_flags"]) == (502, True)
+
+    play(scenario)
+
+
+def test_a_fallback_the_deadline_leaves_no_room_for_says_retries_stopped_for_the_deadline() -> None:
+    async def scenario() -> None:
+        stall = Reply.stream(stall=True)
+        pb = Playbook(
+            [
+                model("m", "a", timeouts={"ttft_ms": 400}, retry={"max_retries": 0}, fallbacks=["n"]),
+                model("n", "b"),
+            ],
+            by_deployment(a=stall, b=Reply.json(OK)),
+        )
+        call = pb.call("m", stream=True, headers={"x-gateway-timeout-ms": "430"})
+        rec = await pb.finish(call)
+        assert (rec["response_code"], rec["timeout_flag"], rec["retry_verdict"]) == (504, "total", "deadline")
+
+    play(scenario)
+
+
 # ---------------------------------------------------------------------------------------------- cut mid-event
 
 
