@@ -409,6 +409,17 @@ class Case:
             model=self.name, stream=stream, messages=[{"role": "user", "content": "hi"}]
         )
 
+    def stream(self) -> Any:
+        """A streamed chat request over raw httpx, a context manager: its bytes as they come, to the end."""
+        body = {"model": self.name, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        return httpx.stream(
+            "POST",
+            self.gw.url + "/v1/chat/completions",
+            json=body,
+            timeout=60,
+            headers={"x-request-id": self.next_id()},
+        )
+
     def post(self, stream: bool = False) -> httpx.Response:
         body = {"model": self.name, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
         return httpx.post(
@@ -572,15 +583,8 @@ def test_a_300mb_body_is_capped_with_bounded_memory(case: Any) -> None:
 
 def test_200mb_before_the_first_token_are_relayed_not_held(case: Any) -> None:
     c = case("keepalive-flood")
-    body = {"model": c.name, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     size, tail = 0, b""
-    with httpx.stream(
-        "POST",
-        c.gw.url + "/v1/chat/completions",
-        json=body,
-        timeout=60,
-        headers={"x-request-id": c.next_id()},
-    ) as r:
+    with c.stream() as r:
         assert r.status_code == 200
         for data in r.iter_raw():
             size += len(data)
@@ -740,14 +744,9 @@ def test_a_query_in_base_url_goes_with_every_request(case: Any) -> None:
 
 def test_a_stream_whose_lines_end_in_cr_alone_is_read_for_its_first_token(case: Any) -> None:
     c = case("cr-stream-slow")
-    body = {"model": c.name, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-    with httpx.stream(
-        "POST",
-        c.gw.url + "/v1/chat/completions",
-        json=body,
-        timeout=60,
-        headers={"x-request-id": c.next_id()},
-    ) as r:  # read to the response's end (the SDK hangs up at [DONE], before the gateway knows it ended)
+    with (
+        c.stream() as r
+    ):  # read to the response's end (the SDK hangs up at [DONE], before the gateway knows it ended)
         raw = b"".join(r.iter_raw())
     assert raw == sse_events("hello world").replace(b"\n", b"\r")  # relayed byte for byte
     rec = c.record(c.ids[-1])
