@@ -255,7 +255,11 @@ class Gateway:
         # probes and /metrics live on server.admin_port when it is set
         self.admin_url = f"http://127.0.0.1:{admin_port}" if admin_port else self.url
         if wait_ready:
-            self.wait_ready(ready_timeout)
+            try:
+                self.wait_ready(ready_timeout)
+            except BaseException:  # no fixture holds it yet: stop it here, or it serves on after the tests
+                self.stop()
+                raise
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         end = time.monotonic() + timeout
