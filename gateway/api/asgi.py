@@ -599,9 +599,8 @@ def _chain_sigterm(lifecycle: Lifecycle) -> None:
         def handler(signum: int, frame: FrameType | None, prev: object = prev, as_sig: int = as_sig) -> None:
             lifecycle.begin_drain()
             if callable(prev):
-                prev(
-                    as_sig, frame
-                )  # uvicorn re-raises what it caught once drained: SIGTERM, for a hangup too
+                # uvicorn re-raises what it caught once drained: SIGTERM, for a hangup too
+                prev(as_sig, frame)
 
         try:
             signal.signal(sig, handler)

@@ -95,9 +95,8 @@ class Attempt:
         self.resp_headers: dict[str, str] | None = None
         self.released = False
         self.finished = False
-        self.token_seen = (
-            True  # False for a stream that ended (or filled PRE_TOKEN_MAX) before a usable token
-        )
+        # False for a stream that ended (or filled PRE_TOKEN_MAX) before a usable token
+        self.token_seen = True
         self.budget: RetryBudget | None = None  # whose slot this retry holds
         self.interrupt: Interrupt | None = None  # how to stop the task this attempt runs in
         self.outcome: str | None = (

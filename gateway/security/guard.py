@@ -156,14 +156,12 @@ class Guard:
             try:
                 decision = await self.backend.rate_limit(checks, 60.0)
                 self._redis_up()
-            except (
-                StateRefused
-            ) as exc:  # Redis answered (full): this request's limits are local, nothing more
-                self._refused(exc, t)
-                local = True
-                decision = await self.local.rate_limit(checks, 60.0)
             except Exception as exc:
-                self._redis_down(exc)
+                # a refusal (Redis full) is no outage: only this request's limits are local
+                if isinstance(exc, StateRefused):
+                    self._refused(exc, t)
+                else:
+                    self._redis_down(exc)
                 local = True
                 decision = await self.local.rate_limit(checks, 60.0)
         if decision.refused >= 0:
