@@ -270,6 +270,8 @@ class RoutingConfig(_Strict):
     locality: Literal["prefer", "strict", "off"] = "prefer"
     cross_region_penalty_ms: float = Field(50.0, ge=0)
     ewma_decay_s: float = Field(10.0, gt=0)
+    # latency: a deployment left unpicked this long while others were picked gets one request (0 = never)
+    probe_interval_s: float = Field(5.0, ge=0)
     affinity: Literal["off", "prefix", "key"] = "off"  # prefix-cache affinity (policy/affinity.py)
     affinity_epsilon: float = Field(0.25, ge=0)  # no deployment above ceil((1 + epsilon) x mean in-flight)
     affinity_slow_factor: float = Field(3.0, ge=0)  # home slower than this x the fastest: spill (0 = never)

@@ -331,6 +331,8 @@ class Exchange:
                 cross_region_penalty_ms=m.penalty_ms,
                 rng=self.engine.registry.rng,
                 rr_counter=m.rr,
+                now=t,
+                probe_interval_s=m.probe_interval_s,
             )
         m.rr += 1
         if m.affinity is not None and kind is AttemptKind.PRIMARY:
@@ -368,6 +370,9 @@ class Exchange:
         self.engine.metrics.child(self.engine.metrics.route_decisions, m.name, dep.id, decision.reason).inc()
         tried.add(dep.id)
         att = Attempt(kind, dep, len(self.attempts), self.now)
+        dep.picked_at = att.t_start
+        if decision.reason is RouteReason.PROBE:
+            dep.probe_at = att.t_start
         self.attempts.append(att)
         if self._fallbacks:
             self._fallbacks_ran()
@@ -653,7 +658,7 @@ class Exchange:
         who = blame(ok, a.failure, a.status, a.timeout_flag)
         if ok:
             assert a.t_first is not None  # set with READY
-            dep.observe((a.t_first - a.t_start) * 1000.0, t, self.stream)
+            dep.observe((a.t_first - a.t_start) * 1000.0, t, self.stream, a.t_start == dep.probe_at)
             failed = False
             outcome = "success"
         else:

@@ -42,6 +42,8 @@ class DeploymentRuntime:
         "ttft_s",
         "per_try_s",
         "idle_s",
+        "picked_at",
+        "probe_at",
     )
 
     def __init__(
@@ -75,6 +77,8 @@ class DeploymentRuntime:
         self.ttft_s = t.ttft_ms / 1000.0
         self.per_try_s = t.per_try_ms / 1000.0
         self.idle_s = t.idle_ms / 1000.0
+        self.picked_at = 0.0  # when routing last started an attempt here (probes: policy/routing.py)
+        self.probe_at = -1.0  # t_start of its latest probe attempt: that attempt's sample remeasures
 
     def available(self, now: float) -> bool:
         """Routing prefers it: reachable, not ejected, not cooling down after a 429 (at capacity is busy,
@@ -87,9 +91,9 @@ class DeploymentRuntime:
     def at_capacity(self) -> bool:
         return bool(self.max_concurrency) and self.inflight >= self.max_concurrency
 
-    def observe(self, sample_ms: float, now: float, stream: bool) -> None:
+    def observe(self, sample_ms: float, now: float, stream: bool, probe: bool = False) -> None:
         """A first-token (stream) or whole-response latency sample for routing and hedging."""
-        (self.ttft if stream else self.latency).observe(sample_ms, now)
+        (self.ttft if stream else self.latency).observe(sample_ms, now, probe)
         (self.ttft_window if stream else self.latency_window).add(sample_ms, now)
 
     def candidate(self, now: float, stream: bool) -> Candidate:
@@ -104,6 +108,7 @@ class DeploymentRuntime:
             est * (self.inflight + 1),
             est,
             ewma.baseline_ms,
+            now if self.inflight else self.picked_at,  # in flight: being measured now
         )
 
 
@@ -124,6 +129,7 @@ class ModelRuntime:
         "hedge_delay_s",
         "chain",
         "affinity",
+        "probe_interval_s",
     )
 
     def __init__(self, cfg: ModelConfig, upstream: Callable[[DeploymentConfig], UpstreamClient]) -> None:
@@ -145,6 +151,7 @@ class ModelRuntime:
         self.strategy = Strategy(cfg.routing.strategy)
         self.locality = Locality(cfg.routing.locality)
         self.penalty_ms = cfg.routing.cross_region_penalty_ms
+        self.probe_interval_s = cfg.routing.probe_interval_s
         self.total_s = cfg.timeouts.total_ms / 1000.0
         self.hedge_delay_s: float | None = None  # last delay used, for the gauge
         self.chain: tuple[ModelRuntime, ...] = (self,)  # with its fallbacks, set by the Registry

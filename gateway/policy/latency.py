@@ -17,7 +17,8 @@ class PeakEwma:
     A sample above the current estimate replaces it at once (slowness is believed immediately); a sample
     below it blends in with the time-based weight exp(-dt/decay_s) (recovery is believed gradually).
     Between samples the estimate decays toward ``prior_ms`` with the same weight, so a deployment that
-    was slow, lost its traffic and then recovered is tried again. No data at all reads as 0: a new
+    was slow, lost its traffic and then recovered is tried again (sooner by a routing probe, see
+    ``observe``). No data at all reads as 0: a new
     deployment looks cheapest and gets tried. Routing cost is ``value(now) * (inflight + 1)``.
 
     ``baseline_ms`` is a plain, slow EWMA of the same samples (time constant ``baseline_decay_s``,
@@ -73,7 +74,10 @@ class PeakEwma:
         w = self._weight(now)
         return self.prior_ms + (self._ewma - self.prior_ms) * w
 
-    def observe(self, value_ms: float, now: float) -> None:
+    def observe(self, value_ms: float, now: float, remeasure: bool = False) -> None:
+        """One sample. ``remeasure``: a routing probe's, which replaces a higher estimate outright; the
+        estimate went unconfirmed while routing avoided the deployment, the probe is what it does now
+        (wrong the other way, the next slow sample is believed at once, as any peak)."""
         if not value_ms >= 0.0 or value_ms == math.inf:  # also rejects NaN
             return
         if self.samples == 0 and self.merges == 0:
@@ -82,7 +86,10 @@ class PeakEwma:
             w = self._weight(now)
             current = self.prior_ms + (self._ewma - self.prior_ms) * w
             # The decayed share of the old estimate is replaced by this sample rather than by the prior.
-            self._ewma = value_ms if value_ms > current else self._ewma * w + value_ms * (1.0 - w)
+            if value_ms > current or remeasure:
+                self._ewma = value_ms
+            else:
+                self._ewma = self._ewma * w + value_ms * (1.0 - w)
         if not self._has_base:
             self._base = value_ms
             self._has_base = True

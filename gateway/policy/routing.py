@@ -28,6 +28,9 @@ class RouteReason(StrEnum):
     AFFINITY_HOME = "affinity-home"  # routing.affinity: the key's home deployment (policy/affinity.py)
     AFFINITY_REHOME = "affinity-rehome"  # home is gone: the next deployment on the key's ring
     AFFINITY_SPILL = "affinity-spill"  # home is at its load bound or slow: another deployment takes it
+    PROBE = (
+        "probe"  # latency: left unpicked for routing.probe_interval_s while others were picked: measure it
+    )
 
 
 class Strategy(StrEnum):
@@ -57,6 +60,8 @@ class Candidate(NamedTuple):  # immutable, and ~5x cheaper to build than a froze
     # Lets "prefer" notice that local just got much slower while no remote deployment has data yet,
     # and send one request there to find out. None: off.
     baseline_ms: float | None = None
+    # When routing last picked it (now while an attempt to it is in flight), for probing. None: never probed.
+    picked_at: float | None = None
 
 
 class RouteDecision(NamedTuple):  # immutable, and ~5x cheaper to build than a frozen dataclass
@@ -76,12 +81,15 @@ def choose(
     cross_region_penalty_ms: float = 50.0,
     rng: random.Random,
     rr_counter: int = 0,
+    now: float = 0.0,
+    probe_interval_s: float = 0.0,
 ) -> RouteDecision | None:
     """Pick a deployment for one attempt; None only when locality is strict and the region has none.
 
     ``exclude``: deployments this request already tried or is using (retries and hedges go elsewhere);
     when it would leave nothing, excluded ones are allowed again. ``preferred_region``
     (x-gateway-region) overrides ``home_region``; with no region at all, every deployment is local.
+    ``probe_interval_s`` (strategy latency; 0: off): see ``_route``.
     """
     if not candidates:
         return None
@@ -96,6 +104,7 @@ def choose(
             return None
     else:
         scope = candidates
+    probe_before = now - probe_interval_s if probe_interval_s > 0.0 and strategy is Strategy.LATENCY else None
     avail = _without(scope, exclude)
     healthy = _healthy(avail)
     if not healthy:
@@ -112,11 +121,12 @@ def choose(
             reason = RouteReason.FAILOVER
         return RouteDecision(only.id, reason)
     if region is None or locality is Locality.STRICT:
-        return RouteDecision(_pick(healthy, strategy, rng, rr_counter).id, RouteReason.LOCAL)
+        return _route(healthy, RouteReason.LOCAL, strategy, rng, rr_counter, probe_before)
     if locality is Locality.OFF:
-        c = _pick(healthy, strategy, rng, rr_counter)
-        return RouteDecision(c.id, RouteReason.LOCAL if c.region == region else RouteReason.REMOTE)
-    return _prefer(candidates, avail, healthy, region, strategy, rng, rr_counter, cross_region_penalty_ms)
+        return _route(healthy, None, strategy, rng, rr_counter, probe_before, region)
+    return _prefer(
+        candidates, avail, healthy, region, strategy, rng, rr_counter, cross_region_penalty_ms, probe_before
+    )
 
 
 def _prefer(
@@ -128,6 +138,7 @@ def _prefer(
     rng: random.Random,
     rr_counter: int,
     penalty_ms: float,
+    probe_before: float | None = None,
 ) -> RouteDecision:
     """Locality "prefer": local tier first, spilling to remote as local health drops or local is clearly slower.
 
@@ -161,9 +172,9 @@ def _prefer(
                 best_remote = v
     if not local:
         reason = RouteReason.FAILOVER if _has_region(candidates, region) else RouteReason.REMOTE
-        return RouteDecision(_pick(remote, strategy, rng, rr_counter).id, reason)
+        return _route(remote, reason, strategy, rng, rr_counter, probe_before)
     if not remote:
-        return RouteDecision(_pick(local, strategy, rng, rr_counter).id, RouteReason.LOCAL)
+        return _route(local, RouteReason.LOCAL, strategy, rng, rr_counter, probe_before)
     local_total = len(local) if avail is healthy else sum(1 for c in avail if c.region == region)
     share = OVERPROVISIONING * len(local) / local_total
     # Only draw when spilling is possible, so a fully healthy local tier is deterministic.
@@ -180,8 +191,46 @@ def _prefer(
             # slower than it usually is is reason to try one (once: then the remote has data).
             spill = best_local > EXPLORE_FACTOR * best_local_c.baseline_ms + penalty_ms
     if spill:
-        return RouteDecision(_pick(remote, strategy, rng, rr_counter).id, RouteReason.SPILLOVER)
-    return RouteDecision(_pick(local, strategy, rng, rr_counter).id, RouteReason.LOCAL)
+        return _route(remote, RouteReason.SPILLOVER, strategy, rng, rr_counter, probe_before)
+    return _route(local, RouteReason.LOCAL, strategy, rng, rr_counter, probe_before)
+
+
+def _route(
+    tier: Sequence[Candidate],
+    reason: RouteReason | None,
+    strategy: Strategy,
+    rng: random.Random,
+    rr_counter: int,
+    probe_before: float | None,
+    region: str | None = None,
+) -> RouteDecision:
+    """A pick within the chosen tier: a probe if one is due, else by the strategy (``reason`` None: local
+    or remote by ``region``).
+
+    A probe: latency routing alone never measures again a deployment whose estimate one outlier inflated
+    above the others'; it waits for the estimate to decay. So the deployment left unpicked longest, once
+    not picked since ``probe_before`` while another was, takes one request (its sample replaces a higher
+    estimate: PeakEwma.observe's ``remeasure``). A deployment with an attempt in flight reads as picked
+    now, so at most one probe per deployment is in flight. With no fresh pick at all (traffic slower
+    than one request per interval) nothing is probed: decay already makes unused estimates cheap.
+    """
+    if probe_before is not None:  # inline, not a helper: this runs on every request
+        oldest: Candidate | None = None
+        oldest_at = probe_before
+        fresh = False
+        for c in tier:
+            t = c.picked_at
+            if t is not None:
+                if t > probe_before:
+                    fresh = True
+                elif t <= oldest_at:
+                    oldest, oldest_at = c, t
+        if fresh and oldest is not None:
+            return RouteDecision(oldest.id, RouteReason.PROBE)
+    c = _pick(tier, strategy, rng, rr_counter)
+    if reason is None:
+        reason = RouteReason.LOCAL if c.region == region else RouteReason.REMOTE
+    return RouteDecision(c.id, reason)
 
 
 def _has_region(pool: Sequence[Candidate], region: str) -> bool:

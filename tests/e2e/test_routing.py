@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import time
 
-from harness import HTTP, REDIS_URL, dep, model
+from harness import HTTP, REDIS_URL, dep, metric_value, model
 
 BASE = {"ttft_ms": 60, "ttft_dist": "fixed", "itl_ms": 2, "tokens": 2, "tail_p": 0}
 
@@ -149,3 +149,40 @@ def test_redis_stopped_mid_test_no_request_fails(sims_factory, gateways, private
     text = HTTP.get(gw.url + "/metrics").text
     assert 'llmgw_state_backend_up{backend="redis"} 0.0' in text
     assert gw.stderr().count("unreachable") == 1  # logged once, not per request
+
+
+def test_a_deployment_one_outlier_took_out_is_probed_and_wins_its_traffic_back(sims_factory, gateways):
+    """b (20 ms) is better than a (80 ms) until one answer of b takes 1.5 s. With a 30 s decay its
+    estimate alone would keep b out for over a minute; a probe after probe_interval_s measures it again."""
+    fast = {**BASE, "ttft_ms": 20}
+    sims = sims_factory({"sim-a": ("us-east", {**BASE, "ttft_ms": 80}), "sim-b": ("us-east", fast)})
+    cfg = {
+        "server": {"region": "us-east"},
+        "models": [
+            model(
+                "chat",
+                [dep("a", sims.base_url("sim-a")), dep("b", sims.base_url("sim-b"))],
+                routing={"ewma_decay_s": 30.0, "probe_interval_s": 0.5},
+            )
+        ],
+    }
+    gw = gateways(cfg)
+    warm = [_post(gw) for _ in range(10)]
+    assert warm[-3:] == ["b"] * 3, warm  # both measured, b the better
+    sims.set("sim-b", ttft_ms=1500)
+    assert _post(gw) == "b"  # the outlier: b's estimate is now 1.5 s, a's 80 ms
+    sims.set("sim-b", ttft_ms=20)
+    after = []
+    while "b" not in after:  # the event: b picked again (a request every ~80 ms; the probe is due in 0.5 s)
+        after.append(_post(gw))
+        assert len(after) < 200, "b was never probed"
+    assert len(after) >= 2, after  # not at once: a took the traffic first
+    then = [_post(gw) for _ in range(10)]
+    assert then.count("b") >= 8, then  # the probe's sample replaced the outlier's estimate
+    recs = gw.records(wait_for=11 + len(after) + 10)
+    outlier_i = 10
+    probe = recs[outlier_i + len(after)]
+    assert (probe["upstream_cluster"], probe["route_reason"]) == ("b", "probe")
+    assert {r["route_reason"] for r in recs[outlier_i + 1 : outlier_i + len(after)]} == {"local"}
+    probes = metric_value(gw.metrics(), "llmgw_route_decisions_total", deployment="b", reason="probe")
+    assert probes >= 1

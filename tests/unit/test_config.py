@@ -223,6 +223,14 @@ def test_a_wrong_model_default_is_named_where_it_is_written_once():
             "delay_ms must be a number of milliseconds",
         ),
         (lambda r: r["models"][0].update(hedging={"delay_ms": float("nan")}), "models[0].hedging.delay_ms"),
+        (
+            lambda r: r["models"][0].update(routing={"probe_interval_s": -1}),
+            "models[0].routing.probe_interval_s",
+        ),
+        (
+            lambda r: r["models"][0].update(routing={"probe_interval_s": float("nan")}),
+            "models[0].routing.probe_interval_s",
+        ),
         (lambda r: r["models"][0].update(timeouts={"total_ms": float("inf")}), "models[0].timeouts.total_ms"),
         (
             lambda r: r.update(server={"drain_timeout_s": float("inf")}),

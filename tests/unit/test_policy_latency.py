@@ -98,6 +98,22 @@ def test_a_slow_deployment_that_lost_its_traffic_is_tried_again_within_seconds()
     assert slow.value(clock()) < 110.0
 
 
+def test_a_probe_sample_replaces_a_higher_estimate_where_a_plain_one_only_blends_in():
+    clock = FakeClock()
+    plain, probed = PeakEwma(decay_s=10.0), PeakEwma(decay_s=10.0)
+    for e in (plain, probed):
+        e.observe(60.0, clock())
+        e.observe(3000.0, clock())  # one outlier
+    clock.advance(5.0)
+    plain.observe(60.0, clock())
+    probed.observe(60.0, clock(), remeasure=True)
+    assert probed.value(clock()) == 60.0
+    assert plain.value(clock()) > 1500.0  # the outlier's decayed share is kept: worse than decay alone
+    probed.observe(3000.0, clock(), remeasure=True)  # a slow probe is believed as any peak
+    assert probed.value(clock()) == 3000.0
+    assert probed.samples == 4 and probed.baseline_ms is not None
+
+
 def test_the_decay_never_moves_an_estimate_backwards_in_time():
     clock = FakeClock()
     e = PeakEwma(decay_s=10.0)

@@ -430,4 +430,158 @@ def test_reason_values_are_the_names_in_the_access_log():
         "affinity-home",
         "affinity-rehome",
         "affinity-spill",
+        "probe",
     ]
+
+
+# ------------------------------------------------------------------ probes (routing.probe_interval_s)
+
+
+def stamp(id: str, picked_at: float | None, cost: float = 100.0, region: str = HOME) -> Candidate:
+    return Candidate(id, region, 1.0, 0, True, cost, picked_at=picked_at)
+
+
+def probe_route(cands, now=1000.0, interval=5.0, **kw) -> RouteDecision:
+    return route(cands, now=now, probe_interval_s=interval, **kw)
+
+
+def test_a_deployment_unpicked_for_the_interval_while_another_was_picked_is_probed():
+    cands = [stamp("a", 999.9, cost=100.0), stamp("b", 994.0, cost=3000.0)]
+    assert probe_route(cands) == RouteDecision("b", RouteReason.PROBE)
+    assert probe_route(cands, interval=0.0) == RouteDecision("a", RouteReason.LOCAL)  # 0: never
+    assert probe_route(cands, interval=7.0) == RouteDecision("a", RouteReason.LOCAL)  # not yet due
+
+
+def test_the_one_left_unpicked_longest_is_probed_first():
+    cands = [stamp("a", 999.9), stamp("b", 990.0, cost=900.0), stamp("c", 980.0, cost=800.0)]
+    assert probe_route(cands) == RouteDecision("c", RouteReason.PROBE)
+
+
+def test_no_probe_without_a_fresh_pick_so_light_traffic_is_routed_by_cost_alone():
+    cands = [stamp("a", 990.0, cost=100.0), stamp("b", 980.0, cost=3000.0)]
+    assert probe_route(cands) == RouteDecision("a", RouteReason.LOCAL)
+
+
+def test_an_attempt_in_flight_reads_as_picked_now_so_one_probe_at_most_is_in_flight():
+    # The caller stamps a deployment with an attempt in flight "now": no second probe while the first runs.
+    cands = [stamp("a", 999.9, cost=100.0), stamp("b", 1000.0, cost=6000.0)]
+    assert probe_route(cands) == RouteDecision("a", RouteReason.LOCAL)
+
+
+def test_probes_are_for_latency_routing_and_healthy_deployments_only():
+    cands = [stamp("a", 999.9), stamp("b", 990.0, cost=3000.0)]
+    for strategy in (Strategy.WEIGHTED, Strategy.ROUND_ROBIN, Strategy.PRIORITY):
+        assert probe_route(cands, strategy=strategy).reason is not RouteReason.PROBE
+    sick = [stamp("a", 999.9), stamp("c", 999.9), stamp("b", 990.0)._replace(healthy=False)]
+    assert probe_route(sick).deployment_id != "b"
+    assert probe_route(cands, pinned="a") == RouteDecision("a", RouteReason.PINNED)
+    assert probe_route(cands, exclude=frozenset({"a"})) == RouteDecision("b", RouteReason.ONLY_CHOICE)
+
+
+def test_probes_stay_in_the_tier_locality_chose():
+    # prefer: a healthy local tier keeps its traffic; a remote unpicked for long is not probed from it.
+    cands = [stamp("eu-1", 999.9), stamp("eu-2", 990.0, cost=3000.0), stamp("us-1", 900.0, region="us")]
+    assert probe_route(cands) == RouteDecision("eu-2", RouteReason.PROBE)
+    local_only = [stamp("eu-1", 999.9), stamp("us-1", 900.0, region="us")]
+    assert probe_route(local_only) == RouteDecision("eu-1", RouteReason.LOCAL)
+    strict = [stamp("eu-1", 999.9), stamp("eu-2", 990.0, cost=3000.0), stamp("us-1", 900.0, region="us")]
+    assert probe_route(strict, locality=Locality.STRICT) == RouteDecision("eu-2", RouteReason.PROBE)
+    assert probe_route(cands, locality=Locality.OFF) == RouteDecision("us-1", RouteReason.PROBE)
+
+
+def _outlier_playbook(probe_interval_s: float, b_after_ms: float = 60.0):
+    """Two deployments, a (100 ms) and b (usually 60 ms), 20 requests/s on a fake clock, real PeakEwmas
+    (decay 10 s, the default) times (inflight + 1), and picked_at kept as the engine keeps it. At t=10 s
+    one answer of b takes 3 s; afterwards b answers in ``b_after_ms``. Returns (picks as (t, deployment,
+    reason), when b's outlier sample landed, the most b probes in flight at once)."""
+    clock, rng = FakeClock(), random.Random(3)
+    t0 = clock()
+    base = {"a": 100.0, "b": 60.0}
+    ewma = {k: PeakEwma(decay_s=10.0) for k in base}
+    inflight: Counter = Counter()
+    picked_at = dict.fromkeys(base, 0.0)
+    done: list[tuple[float, str, float, bool]] = []  # (completes_at, deployment, latency_ms, probe)
+    picks: list[tuple[float, str, RouteReason]] = []
+    outlier_sent, outlier_at, probes_in_flight, most_probes = False, None, 0, 0
+    while clock() < t0 + 60.0:
+        while done and done[0][0] <= clock():
+            at, k, ms, probe = heapq.heappop(done)
+            inflight[k] -= 1
+            probes_in_flight -= probe
+            ewma[k].observe(ms, at, probe)
+            if ms >= 3000.0 and outlier_at is None:
+                outlier_at = at - t0
+        now = clock()
+        cands = [
+            Candidate(
+                k,
+                HOME,
+                1.0,
+                0,
+                True,
+                ewma[k].value(now) * (inflight[k] + 1),
+                picked_at=now if inflight[k] else picked_at[k],
+            )
+            for k in base
+        ]
+        d = choose(
+            cands,
+            strategy=Strategy.LATENCY,
+            locality=Locality.PREFER,
+            home_region=HOME,
+            rng=rng,
+            now=now,
+            probe_interval_s=probe_interval_s,
+        )
+        k = d.deployment_id
+        picks.append((now - t0, k, d.reason))
+        picked_at[k] = now
+        inflight[k] += 1
+        probe = d.reason is RouteReason.PROBE
+        probes_in_flight += probe
+        most_probes = max(most_probes, probes_in_flight)
+        ms = base[k] * rng.uniform(0.9, 1.1)
+        if k == "b" and now - t0 >= 10.0:
+            if not outlier_sent:
+                ms, outlier_sent = 3000.0, True
+            else:
+                ms = b_after_ms * rng.uniform(0.9, 1.1)
+        heapq.heappush(done, (now + ms / 1000.0, k, ms, probe))
+        clock.advance(0.05)
+    assert outlier_at is not None
+    return picks, outlier_at, most_probes
+
+
+def _b_share(picks, start: float, end: float) -> float:
+    window = [k for t, k, _ in picks if start <= t < end]
+    return window.count("b") / len(window)
+
+
+def test_playbook_one_outlier_takes_b_out_of_rotation_until_its_estimate_decays_without_probes():
+    picks, outlier_at, _ = _outlier_playbook(probe_interval_s=0.0)
+    assert _b_share(picks, 0.0, 10.0) > 0.5  # b is the better one
+    back = next(t for t, k, _ in picks if k == "b" and t > outlier_at)
+    assert back > outlier_at + 20.0, back  # nothing until decay alone brings it back (~22 s here)
+    assert all(r is not RouteReason.PROBE for _, _, r in picks)
+
+
+def test_playbook_a_probe_measures_b_again_and_its_traffic_returns_within_the_probe_interval():
+    picks, outlier_at, most_probes = _outlier_playbook(probe_interval_s=5.0)
+    probes = [(t, k) for t, k, r in picks if r is RouteReason.PROBE]
+    first = next(t for t, k in probes if t > outlier_at)
+    assert first <= outlier_at + 5.1  # b unpicked since just before its outlier landed: probed 5 s on
+    # The probe's fast sample replaces the outlier's estimate: b is the better deployment again at once.
+    assert _b_share(picks, first + 0.5, first + 10.0) > 0.5
+    assert most_probes == 1
+    assert len(probes) <= 3  # a share of 20 requests/s that rounds to nothing
+
+
+def test_playbook_a_deployment_still_slow_gets_one_probe_per_interval_and_no_more():
+    picks, outlier_at, most_probes = _outlier_playbook(probe_interval_s=5.0, b_after_ms=3000.0)
+    after = [(t, k, r) for t, k, r in picks if t > outlier_at]
+    b_picks = [(t, r) for t, k, r in after if k == "b"]
+    assert b_picks and all(r is RouteReason.PROBE for _, r in b_picks)
+    # b is due again 5 s after a probe started (each takes 3 s): about 9 in the 47 s after the outlier
+    gaps = [b[0] - a[0] for a, b in zip(b_picks, b_picks[1:], strict=False)]
+    assert len(b_picks) >= 8 and all(5.0 <= g < 5.2 for g in gaps), b_picks
+    assert most_probes == 1
