@@ -223,7 +223,7 @@ def _route(
             if t is not None:
                 if t > probe_before:
                     fresh = True
-                elif t <= oldest_at:
+                elif t <= oldest_at and c.cost_ms > 0.0:  # no estimate yet: it wins its draws anyway
                     oldest, oldest_at = c, t
         if fresh and oldest is not None:
             return RouteDecision(oldest.id, RouteReason.PROBE)

@@ -457,6 +457,11 @@ def test_the_one_left_unpicked_longest_is_probed_first():
     assert probe_route(cands) == RouteDecision("c", RouteReason.PROBE)
 
 
+def test_a_deployment_without_an_estimate_is_not_probed_it_looks_free_and_wins_its_draws():
+    cands = [stamp("a", 999.9, cost=100.0), stamp("b", 0.0, cost=0.0)]
+    assert probe_route(cands) == RouteDecision("b", RouteReason.LOCAL)
+
+
 def test_no_probe_without_a_fresh_pick_so_light_traffic_is_routed_by_cost_alone():
     cands = [stamp("a", 990.0, cost=100.0), stamp("b", 980.0, cost=3000.0)]
     assert probe_route(cands) == RouteDecision("a", RouteReason.LOCAL)
