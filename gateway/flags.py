@@ -15,7 +15,7 @@ class ResponseFlag(StrEnum):
     UPSTREAM_RESET = "UC"  # the connection broke, before the answer or mid-stream
     UPSTREAM_PROTOCOL_ERROR = "UPE"  # the provider's answer was not acceptable HTTP (answered 502)
     NO_HEALTHY_UPSTREAM = "UH"
-    RETRY_LIMIT_EXCEEDED = "URX"  # retries ended by max_retries or the retry budget
+    RETRY_LIMIT_EXCEEDED = "URX"  # the answering model's retries ended by max_retries or the retry budget
     OVERFLOW = "UO"  # a concurrency limit refused the request at once
     DEADLINE = "DT"  # the request deadline ran out
     CLIENT_GONE = "DC"  # the client disconnected

@@ -298,7 +298,11 @@ class Exchange:
         self._fallbacks.append((frm.name, to.name, reason))
         self.last_failure = None
         self.error = None
-        self.retry_verdict = None  # the next model's retries decide what the client is told
+        # The next model's retries decide what the client is told, and its answer what the flags say: the
+        # hop is fallback_from/fallback_reason, this model's retries running out llmgw_retries_total.
+        self.retry_verdict = None
+        if ResponseFlag.RETRY_LIMIT_EXCEEDED in self.flags:
+            self.flags.remove(ResponseFlag.RETRY_LIMIT_EXCEEDED)
 
     def _fallbacks_ran(self) -> None:
         for frm, to, reason in self._fallbacks:

@@ -1,12 +1,14 @@
 """`llmgw report` output: an aligned text table for a terminal at 3 a.m., markdown for an incident doc,
 csv for a spreadsheet, json for a program. Times in ms; text and markdown round to 0.1 ms, csv and json
 keep the logged values. Group names come from the log, partly from clients: text, markdown and csv print
-them escaped (``_shown``), json through its encoder."""
+them escaped (``_shown``), markdown with its markup escaped too (``_md_cell``), csv kept from starting a
+spreadsheet formula (``_csv_text``), json through its encoder."""
 
 from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
@@ -171,8 +173,16 @@ def _render_text(r: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+# What makes markdown of a name: a pipe ends the cell; backticks, emphasis and strikethrough, links and images
+# ([text](url), ![](url)), HTML and autolinks (<img ...>, <http://...>) and entities (&#124;) would render as
+# something else than the name, and a backslash would eat the next character (so _shown's "\\x1b" for a
+# literal backslash and "x1b" would render as its "\x1b" for ESC). Each is backslash-escaped (CommonMark
+# escapes any ASCII punctuation), which renders as the character itself: the rendered name reads as in text.
+_MD_SPECIAL = {ord(c): "\\" + c for c in "\\|`*_~[]<>&"}
+
+
 def _md_cell(s: str) -> str:
-    return s.replace("|", "\\|")
+    return s.translate(_MD_SPECIAL)
 
 
 def _md_table(header: Sequence[str], rows: list[list[str]], left: frozenset[int]) -> list[str]:
@@ -220,6 +230,21 @@ CSV_COLUMNS = (
 )
 
 
+# A cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets (=HYPERLINK(...),
+# @SUM(...), -1+1): OWASP's advice is a leading single quote, which keeps it text.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\0")
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _csv_text(name: str) -> str:
+    """A name from the log as a csv cell: escaped as ``_shown`` does, and quoted when a spreadsheet would take
+    it for a formula. A plain number (-1) stays a number, and the report's own "-" (none) stays as it is."""
+    shown = _shown(name)
+    if shown.startswith(_FORMULA_START) and shown != NONE_LABEL and not _PLAIN_NUMBER.fullmatch(shown):
+        return "'" + shown
+    return shown
+
+
 def _csv_num(v: float | None) -> str:
     return "" if v is None else repr(v)
 
@@ -237,7 +262,7 @@ def _render_csv(r: Report) -> str:
                 {
                     "table": "latency",
                     "group_by": r.group_by.value,
-                    "group": _shown(g.key),
+                    "group": _csv_text(g.key),
                     "metric": name,
                     "requests": g.requests,
                     "errors": g.errors,

@@ -53,10 +53,32 @@ def test_all_deployments_failing_falls_back_to_the_next_model(sims_factory, gate
         and rec["fallback_reason"] == "5xx"
         and rec["upstream_cluster"] == "small-1"
     )
-    assert (
-        metric_value(gw.metrics(), "llmgw_fallbacks_total", **{"from": "big", "to": "small", "reason": "5xx"})
-        == 1
+    # The client got small's answer: no retry flag, no retry verdict. That big's retry ran out is the
+    # fallback's reason and its retries metric (a URX here was left over from big, next to a null verdict).
+    assert (rec["response_flags"], rec["retry_verdict"], rec["retry_count"]) == ("-", None, 1)
+    text = gw.metrics()
+    assert metric_value(text, "llmgw_fallbacks_total", **{"from": "big", "to": "small", "reason": "5xx"}) == 1
+    assert metric_value(text, "llmgw_retries_total", model="big", reason="retry-limit") == 1
+    assert metric_value(text, "llmgw_requests_total", code="200", flags="-") == 1
+    assert metric_value(text, "llmgw_requests_total", flags="URX") == 0
+
+
+def test_a_fallback_failing_too_is_flagged_once_for_its_own_retries(sims_factory, gateways):
+    failing = {**QUICK, "error_rate": 1.0, "error_status": 503}
+    sims = sims_factory({"sim-big": ("us-east", failing), "sim-small": ("us-east", failing)})
+    cfg = _cfg(sims, outlier={"consecutive_failures": 100})
+    cfg["models"][1]["retry"] = {"max_retries": 1, "backoff_base_ms": 1}
+    gw = gateways(cfg)
+    r = _post(gw)
+    assert r.status_code == 503
+    rec = gw.records(wait_for=1)[-1]
+    # what the client got is small's last 503 after small's retry: one URX, with small's verdict
+    assert (rec["response_flags"], rec["retry_verdict"], rec["upstream_cluster"]) == (
+        "URX",
+        "retry-limit",
+        "small-1",
     )
+    assert (rec["fallback_from"], rec["retry_count"], rec["attempts"]) == ("big", 2, 4)
 
 
 def test_ejected_model_goes_to_the_fallback_at_once(sims_factory, gateways):

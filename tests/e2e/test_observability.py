@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import socket
 import subprocess
 import sys
@@ -199,6 +201,30 @@ def test_report_reads_the_gateways_own_log(sims_factory, gateways):
     assert out.returncode == 0, out.stderr
     data = orjson.loads(out.stdout)
     assert "chat" in out.stdout and data
+
+
+def test_report_keeps_client_chosen_names_inert_in_csv_and_markdown(sims_factory, gateways):
+    # A 400 logs the model the client named: a formula for whoever opens the csv in a spreadsheet, markup for
+    # whoever pastes the markdown into an incident doc.
+    sims = sims_factory({"sim-a": ("us-east", {**FIXED, "ttft_ms": 5})})
+    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+    formula, markup = '=HYPERLINK("http://evil.example","x")', "[x](http://evil.example) <img src=x>"
+    assert post_chat(gw).status_code == 200
+    for name in (formula, markup):
+        assert post_chat(gw, name, messages="not a list").status_code == 400
+    assert {r["model"] for r in gw.records(wait_for=3)} == {"chat", formula, markup}
+
+    def report(fmt: str) -> str:
+        cmd = [sys.executable, "-m", "gateway", "report", str(gw.log_path), "--format", fmt]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    rows = list(csv.DictReader(io.StringIO(report("csv"))))
+    assert {r["group"] for r in rows if r["table"] == "latency"} == {"chat", "'" + formula, markup, "(all)"}
+    md = report("markdown")
+    assert "| \\[x\\](http://evil.example) \\<img src=x\\> | 1 | 1 | 100.0% |" in md
+    assert "| =HYPERLINK(" in md  # not a formula where no spreadsheet reads it
 
 
 def test_access_log_write_never_blocks_and_counts_drops(tmp_path):

@@ -351,6 +351,53 @@ def test_a_failing_model_falls_back_to_the_next() -> None:
     play(scenario)
 
 
+def _retries_ran_out_then(fallback: Reply) -> tuple[Playbook, Any]:
+    """Model m retries once (a, then b), both 503: its retries run out; then it falls back to m2 (c)."""
+    busy = Reply.json({"error": {"message": "busy"}}, status=503, after=0.01)
+    pb = Playbook(
+        [
+            model("m", "a", "b", retry={"max_retries": 1}, fallbacks=["m2"]),
+            model("m2", "c", retry={"max_retries": 0}),
+        ],
+        by_deployment(a=busy, b=busy, c=fallback),
+    )
+    return pb, pb.call("m")
+
+
+def _metric(pb: Playbook, line_start: str) -> float:
+    text = pb.engine.metrics.render()[0].decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
+
+
+def test_a_fallback_that_answers_leaves_no_retry_flag_of_the_model_before_it() -> None:
+    """Flags and retry_verdict describe the answer the client got: a fallback that answered is a success
+    (the first model's retries running out is its fallback_reason and llmgw_retries_total), not a URX with a
+    null retry_verdict."""
+
+    async def scenario() -> None:
+        pb, call = _retries_ran_out_then(Reply.json(OK, after=0.01))
+        rec = await pb.finish(call)
+        assert [r.deployment for r in pb.upstream.requests] == ["a", "b", "c"]
+        assert (call.down.status, rec["response_flags"], rec["retry_verdict"]) == (200, "-", None)
+        assert (rec["retry_count"], rec["fallback_from"], rec["fallback_reason"]) == (1, "m", "5xx")
+        assert _metric(pb, 'llmgw_retries_total{model="m",reason="retry-limit"}') == 1
+        assert _metric(pb, 'llmgw_fallbacks_total{from="m",reason="5xx",to="m2"}') == 1
+        assert _metric(pb, "llmgw_requests_total{") == 1
+        assert _metric(pb, 'llmgw_requests_total{code="200",deployment="c",flags="-",') == 1
+
+    play(scenario)
+
+
+def test_a_fallback_that_fails_too_is_flagged_for_its_own_retries_once() -> None:
+    async def scenario() -> None:
+        pb, call = _retries_ran_out_then(Reply.json({"error": {"message": "down"}}, status=503, after=0.01))
+        rec = await pb.finish(call)
+        assert (call.down.status, rec["response_flags"], rec["retry_verdict"]) == (503, "URX", "retry-limit")
+        assert (rec["upstream_cluster"], rec["fallback_from"]) == ("c", "m")
+
+    play(scenario)
+
+
 def test_too_little_time_left_degrades_to_the_fallback_without_trying() -> None:
     async def scenario() -> None:
         pb = Playbook(
@@ -627,6 +674,7 @@ def test_a_fallback_the_deadline_leaves_no_room_for_says_retries_stopped_for_the
         call = pb.call("m", stream=True, headers={"x-gateway-timeout-ms": "430"})
         rec = await pb.finish(call)
         assert (rec["response_code"], rec["timeout_flag"], rec["retry_verdict"]) == (504, "total", "deadline")
+        assert rec["response_flags"] == "DT"  # not m's URX: its retries are not what stopped the request
 
     play(scenario)
 

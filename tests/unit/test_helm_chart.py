@@ -607,11 +607,79 @@ def test_network_policy_covers_gateway_and_warmup_pods(chart):
     np = one(docs, "NetworkPolicy")["spec"]
     expr = np["podSelector"]["matchExpressions"][0]
     assert expr["key"] == "app.kubernetes.io/component" and set(expr["values"]) == {"gateway", "warmup"}
-    assert [p["port"] for rule in np["ingress"] for p in rule["ports"]] == ["http", "admin"]
+    # the API port, the admin port, the admin port again for helm's test pod (metricsFrom leaves it out)
+    assert [p["port"] for rule in np["ingress"] for p in rule["ports"]] == ["http", "admin", "admin"]
     egress_ports = {p["port"] for rule in np["egress"] for p in rule["ports"]}
     assert {53, 443, 6379, 8000} <= egress_ports
     redis_rule = next(r for r in np["egress"] if any(p["port"] == 6379 for p in r["ports"]))
     assert redis_rule["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "redis"
+
+
+def _admits(rule: Manifest, pod_labels: dict[str, str], port: str) -> bool:
+    """Whether an ingress rule lets a pod of this release's namespace with these labels in on this port."""
+    if port not in [p["port"] for p in rule["ports"]]:
+        return False
+    peers = rule.get("from")
+    if not peers:
+        return True
+    return any(
+        set(peer.get("podSelector", {}).get("matchLabels", {}).items()) <= set(pod_labels.items())
+        and "namespaceSelector" not in peer
+        and not peer.get("podSelector", {}).get("matchExpressions")
+        for peer in peers
+        if "podSelector" in peer
+    )
+
+
+MONITORING = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+CLIENTS = [{"namespaceSelector": {"matchLabels": {"llm-gateway/client": "true"}}}]
+
+
+@pytest.mark.parametrize(
+    ("admin_port", "metrics_from", "ingress_from", "port", "rule_added"),
+    [
+        (9090, MONITORING, [], "admin", True),  # admin port limited to the monitoring namespace
+        (None, [], CLIENTS, "http", True),  # no admin port: /readyz on the API port, limited to clients
+        (9090, [], CLIENTS, "admin", False),  # the admin port admits any source: nothing to add
+    ],
+    ids=["admin-port-limited", "api-port-limited", "admin-port-open"],
+)
+def test_network_policy_lets_the_helm_test_pod_reach_readyz(
+    chart, admin_port, metrics_from, ingress_from, port, rule_added
+):
+    values = with_values(
+        None,
+        **{
+            "gateway.server.admin_port": admin_port,
+            "networkPolicy.enabled": True,
+            "networkPolicy.metricsFrom": metrics_from,
+            "networkPolicy.ingressFrom": ingress_from,
+        },
+    )
+    docs = render(chart, values)
+    test_pod = one(docs, "Pod", f"{FULLNAME}-test-readyz")
+    assert gateway_container(docs)["readinessProbe"]["httpGet"]["port"] == port  # where the test pod calls
+    ingress = one(docs, "NetworkPolicy")["spec"]["ingress"]
+    assert any(_admits(rule, test_pod["metadata"]["labels"], port) for rule in ingress)
+    # The rule names the test pod by its labels, on that port only: no other pod of the release gets in.
+    test_rules = [r for r in ingress if r.get("from") and _admits(r, test_pod["metadata"]["labels"], port)]
+    assert len(test_rules) == (1 if rule_added else 0)
+    for rule in test_rules:
+        assert rule["ports"] == [{"port": port, "protocol": "TCP"}]
+        assert rule["from"] == [
+            {
+                "podSelector": {
+                    "matchLabels": {
+                        "app.kubernetes.io/name": "llm-gateway",
+                        "app.kubernetes.io/instance": RELEASE,
+                        "app.kubernetes.io/component": "test",
+                    }
+                }
+            }
+        ]
+    # Without helm's test pod there is nothing to let in.
+    off = one(render(chart, with_values(values, **{"tests.enabled": False})), "NetworkPolicy")
+    assert len(off["spec"]["ingress"]) == len(ingress) - len(test_rules)
 
 
 # ------------------------------------------------------------------------- alerts and dashboard

