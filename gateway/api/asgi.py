@@ -19,6 +19,7 @@ import orjson
 
 from gateway import errors
 from gateway.api.edge import EdgeLimits
+from gateway.api.headers import OriginPolicy, duplicate_header, duplicated, origin_not_allowed
 from gateway.api.jsonlimits import JsonLimit, JsonMarks, count_marks, deeper_than, json_over_limit
 from gateway.api.protocol import DISCONNECT_KEY, REFUSED_KEY, arrival, client_gone
 from gateway.api.types import ASGIApp, JsonObject, Lifecycle, Receive, Scope, Send
@@ -65,6 +66,7 @@ class GatewayASGI:
         self.max_elements = srv.max_json_elements
         self.max_containers = srv.max_json_containers
         self.edge = EdgeLimits(srv, self._edge_refused, self._count_limit)
+        self.origins = OriginPolicy(srv.cors_origins)
         self._loop = RunningLoop()  # the serving loop, for the request's task without a getpid() each
         # With server.admin_port these move to the admin listener (serve_admin) and 404 here.
         self._admin_routes: dict[str, Callable[..., Awaitable[None]]] = {
@@ -122,10 +124,6 @@ class GatewayASGI:
     async def _proxy(
         self, scope: Scope, receive: Receive, send: Send, upstream_path: str, t0: float, wall: float
     ) -> None:
-        if scope["method"] != "POST":
-            return await self._reject(
-                scope, send, errors.method_not_allowed(scope["method"], "POST"), t0, wall
-            )
         raw_headers = scope["headers"]
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
         key = None
@@ -134,6 +132,10 @@ class GatewayASGI:
         local_limits = False  # the key's rpm/tpm decided by this process alone (Redis away): flag RLL
         try:
             request_id = _request_id(headers.get("x-request-id"))
+            if "origin" in headers or len(headers) != len(raw_headers):  # a browser, or a name given twice
+                self._check_headers(raw_headers, headers)
+            if scope["method"] != "POST":
+                raise errors.method_not_allowed(scope["method"], "POST")
             if (
                 sum(map(len, chain.from_iterable(raw_headers))) > self.max_header
             ):  # names and values, at C speed
@@ -145,15 +147,10 @@ class GatewayASGI:
                     flag=ResponseFlag.BAD_REQUEST,
                 )
             ctype = headers.get("content-type")
-            # the media type before any parameters (charset), which ignores case
-            if ctype is not None and ctype.partition(";")[0].strip().lower() != "application/json":
-                raise GatewayError(
-                    415,
-                    f"Content-Type must be application/json, not {ctype[:100]!r}.",
-                    "invalid_request_error",
-                    "unsupported_media_type",
-                    flag=ResponseFlag.BAD_REQUEST,
-                )
+            # the media type before any parameters (charset), which ignores case; none at all is how a
+            # browser page posts without a CORS preflight, and every SDK sends one
+            if ctype is None or ctype.partition(";")[0].strip().lower() != "application/json":
+                raise _unsupported_media_type(ctype)
             coding = headers.get("content-encoding")
             if coding is not None and coding.strip().lower() not in ("", "identity"):
                 # the body is parsed and sent on re-encoded: a compressed one cannot be read, and the header
@@ -390,6 +387,17 @@ class GatewayASGI:
             code="too_many_elements",
         )
 
+    def _check_headers(self, raw_headers: list[tuple[bytes, bytes]], headers: dict[str, str]) -> None:
+        """Refuses a single-value header given twice (400) and a browser page of a foreign origin (403)."""
+        name = duplicated(raw_headers) if len(headers) != len(raw_headers) else None
+        if name is not None:
+            self._count_limit("duplicate_header")
+            raise duplicate_header(name)
+        origin = headers.get("origin")
+        if origin is not None and not self.origins.allows(origin, headers.get("host")):
+            self._count_limit("origin_not_allowed")
+            raise origin_not_allowed(origin)
+
     def _count_limit(self, limit: str) -> None:
         m = self.engine.metrics
         m.child(m.input_limits, limit).inc()
@@ -606,6 +614,18 @@ def _chain_sigterm(lifecycle: Lifecycle) -> None:
             signal.signal(sig, handler)
         except ValueError:
             return
+
+
+def _unsupported_media_type(ctype: str | None) -> GatewayError:
+    return GatewayError(
+        415,
+        "Content-Type must be application/json; the request has none."
+        if ctype is None
+        else f"Content-Type must be application/json, not {ctype[:100]!r}.",
+        "invalid_request_error",
+        "unsupported_media_type",
+        flag=ResponseFlag.BAD_REQUEST,
+    )
 
 
 def _request_id(value: str | None) -> str:

@@ -2,15 +2,16 @@
 
 A pure ASGI middleware: a preflight from a listed origin is answered here (204); a request from a
 listed origin gets `access-control-allow-origin` added to its response; anything else passes through
-untouched, so a browser page from an unlisted origin cannot read the gateway's answers. No
+untouched, so a browser page from an unlisted origin cannot read the gateway's answers, and the edge
+refuses its proxy requests (preflights included) and logs them (``api/headers.py``). No
 credentials mode: the gateway key travels in `Authorization`, which only needs to be an allowed
 header, so `access-control-allow-credentials` is never sent.
 """
 
 from __future__ import annotations
 
+from gateway.api.headers import OriginPolicy
 from gateway.api.types import ASGIApp, Message, Receive, Scope, Send
-from gateway.errors import error_body
 
 _METHODS = b"GET, POST, OPTIONS"
 # Sent by the OpenAI SDKs and our own hints; the preflight echoes whatever else a page asks for only
@@ -40,11 +41,10 @@ _MAX_AGE = b"600"
 class CORSMiddleware:
     def __init__(self, app: ASGIApp, origins: list[str]) -> None:
         self.app = app
-        self.any_origin = "*" in origins
-        self.origins = frozenset(o.rstrip("/").encode("latin-1") for o in origins if o != "*")
+        self.policy = OriginPolicy(origins)
 
     def _allowed(self, origin: bytes) -> bool:
-        return self.any_origin or origin in self.origins
+        return self.policy.listed(origin.decode("latin-1"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,12 +59,10 @@ class CORSMiddleware:
                 request_method = v
             elif k == b"access-control-request-headers":
                 request_headers = v
-        if origin is None:
+        if origin is None or not self._allowed(origin):
             return await self.app(scope, receive, send)
         if scope["method"] == "OPTIONS" and request_method is not None:
             return await self._preflight(send, origin, request_headers)
-        if not self._allowed(origin):
-            return await self.app(scope, receive, send)
 
         async def send_with_cors(msg: Message) -> None:
             if msg["type"] == "http.response.start":
@@ -80,15 +78,6 @@ class CORSMiddleware:
         await self.app(scope, receive, send_with_cors)
 
     async def _preflight(self, send: Send, origin: bytes, request_headers: bytes) -> None:
-        if not self._allowed(origin):
-            body = error_body(
-                f"Origin {origin.decode('latin-1')[:200]!r} is not allowed by server.cors_origins.",
-                "invalid_request_error",
-                "cors_origin_not_allowed",
-            )
-            return await _respond(
-                send, 403, [(b"content-type", b"application/json"), (b"vary", b"Origin")], body
-            )
         asked = [h.strip().lower() for h in request_headers.decode("latin-1").split(",") if h.strip()]
         allowed = [h for h in asked if h in _ALLOWED_HEADERS or h.startswith(("x-stainless-", "openai-"))]
         headers = [

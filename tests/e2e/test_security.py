@@ -794,15 +794,153 @@ def test_the_gateway_only_calls_configured_upstreams(hardened):
     assert sims.stats("sim-a")["served"]["chat"] > before
 
 
-def test_cors_is_off_unless_configured(hardened):
-    _, gw, _ = hardened
-    origin = {"origin": "https://evil.example"}
-    r = _chat(gw.url, None, headers=origin)
-    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
-    r = httpx.options(
-        gw.url + "/v1/chat/completions", headers={**origin, "access-control-request-method": "POST"}
-    )
+REC_BODY = b'{"model": "rec", "messages": [{"role": "user", "content": "hi"}]}'
+_CHAT_BODY = b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}]}'
+
+
+def _records_by_id(gw: Gateway, ids: list[str]) -> list[dict[str, Any]]:
+    """The access-log records of these request ids, in their order, once all are written."""
+
+    def logged() -> dict[str, dict[str, Any]] | None:
+        by_id = {r["request_id"]: r for r in gw.records()}
+        return by_id if all(i in by_id for i in ids) else None
+
+    found = wait_until(f"records of {ids}", logged)
+    return [found[i] for i in ids]
+
+
+def test_a_foreign_web_page_cannot_make_a_local_gateway_spend(hardened):
+    """With auth.mode none on loopback, as the demo runs, any web page the user opened could POST to the
+    gateway from the browser (a fetch with a Blob body sends no Content-Type and needs no CORS
+    preflight), and the gateway spent the provider quota. Browsers always send Origin on such a request:
+    one not in server.cors_origins (unset here) is refused before anything else, logged and counted,
+    and the answer carries no CORS header, so the page cannot even read it."""
+    _, gw, rec = hardened
+    n = len(rec.requests)
+    before = metric_value(gw.metrics(), "llmgw_input_limits_total", limit="origin_not_allowed")
+    browser = {"sec-fetch-mode": "cors", "sec-fetch-site": "cross-site", "accept": "*/*"}
+    cases = [
+        {"origin": "https://evil.example", **browser},  # the Blob fetch: no Content-Type at all
+        {"origin": "https://evil.example", "content-type": "application/json"},
+        {"origin": "null", **browser},  # a sandboxed iframe, a data: URL page
+        # DNS rebinding: the page's own name resolved to the gateway, so the browser thinks it same-origin
+        {"origin": f"http://rebound.example:{gw.port}", "host": f"rebound.example:{gw.port}"},
+        {"origin": f"http://127.0.0.1:{gw.port + 1}"},  # a page of another local server
+    ]
+    ids = [f"foreign-origin-{i}" for i in range(len(cases))]
+    for rid, headers in zip(ids, cases, strict=True):
+        r = httpx.post(
+            gw.url + "/v1/chat/completions", content=REC_BODY, headers={**headers, "x-request-id": rid}
+        )
+        assert r.status_code == 403, (headers, r.text)
+        assert _error(r)["code"] == "origin_not_allowed" and "server.cors_origins" in _error(r)["message"]
+        assert not any(k.startswith("access-control-") for k in r.headers)
+    preflight = {
+        "origin": "https://evil.example",
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "content-type, authorization",
+        "x-request-id": "foreign-origin-preflight",
+    }
+    r = httpx.options(gw.url + "/v1/chat/completions", headers=preflight)
+    assert r.status_code == 403 and _error(r)["code"] == "origin_not_allowed"
     assert not any(k.startswith("access-control-") for k in r.headers)
+    assert len(rec.requests) == n  # nothing reached the provider
+    recs = _records_by_id(gw, [*ids, "foreign-origin-preflight"])
+    assert {(x["response_code"], x["response_flags"], x["error_type"]) for x in recs} == {
+        (403, "UAEX", "origin_not_allowed")
+    }
+    assert [x["method"] for x in recs] == ["POST"] * len(cases) + ["OPTIONS"]
+    m = gw.metrics()
+    assert metric_value(m, "llmgw_input_limits_total", limit="origin_not_allowed") == before + len(cases) + 1
+
+
+def test_the_gateways_own_pages_and_clients_without_an_origin_are_served(hardened):
+    """The API docs' "Try it out" posts from the gateway's own origin (an address or localhost, at its
+    port), which no foreign page can pose as; SDKs and curl send no Origin at all."""
+    _, gw, _ = hardened
+    port = gw.port
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LOCALHOST:{port}"):
+        for scheme in ("http", "https"):  # https: behind a TLS-terminating proxy at the same address
+            r = _chat(gw.url, None, headers={"origin": f"{scheme}://{host.lower()}", "host": host})
+            assert r.status_code == 200, (scheme, host, r.text)
+            assert "access-control-allow-origin" not in r.headers  # same-origin needs none
+    reply = gw.client().chat.completions.create(model="chat", messages=MSG)
+    assert reply.choices[0].message.content
+    assert _chat(gw.url, None).status_code == 200
+
+
+def test_a_post_without_content_type_is_415(hardened):
+    """No Content-Type is what a browser's preflight-free POST sends; every SDK sends application/json."""
+    _, gw, rec = hardened
+    n = len(rec.requests)
+    r = httpx.post(gw.url + "/v1/chat/completions", content=REC_BODY, headers={"x-request-id": "no-ctype"})
+    assert "content-type" not in r.request.headers
+    assert r.status_code == 415 and _error(r)["code"] == "unsupported_media_type", r.text
+    assert "has none" in _error(r)["message"]
+    assert len(rec.requests) == n
+    (logged,) = _records_by_id(gw, ["no-ctype"])
+    assert (logged["response_code"], logged["response_flags"]) == (415, "BR")
+
+
+def _head_with(port: int, name: str, values: tuple[str, ...], rid: str, body: bytes = REC_BODY) -> bytes:
+    """A whole request whose head gives header ``name`` once per value (and what else it needs once)."""
+    lines = [f"{name}: {v}" for v in values]
+    needed = {
+        "host": f"127.0.0.1:{port}",
+        "content-type": "application/json",
+        "content-length": str(len(body)),
+    }
+    lines += [f"{k}: {v}" for k, v in needed.items() if k != name.lower()]
+    lines += [f"x-request-id: {rid}", "connection: close"]
+    return ("POST /v1/chat/completions HTTP/1.1\r\n" + "\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+@pytest.mark.parametrize(
+    ("name", "values"),
+    [
+        ("Authorization", ("Bearer sk-first", "Bearer sk-second")),
+        ("api-key", ("sk-first", "sk-second")),
+        ("Host", ("127.0.0.1", "internal.example")),
+        ("Content-Type", ("text/plain", "application/json")),  # last-one-wins read it as JSON
+        ("Content-Type", ("application/json", "application/json")),
+        ("Content-Encoding", ("gzip", "identity")),
+        ("Origin", ("https://evil.example", "http://localhost")),
+    ],
+)
+def test_a_security_relevant_header_given_twice_is_400(hardened, name, values):
+    """The edge read headers last-one-wins, where a proxy in front may read the first: two Authorization
+    or Host headers are how requests are smuggled past it. Each such header takes one value."""
+    _, gw, rec = hardened
+    n = len(rec.requests)
+    before = metric_value(gw.metrics(), "llmgw_input_limits_total", limit="duplicate_header")
+    rid = f"dup-{name}-{'-'.join(values)}"
+    answer = _raw(gw.port, _head_with(gw.port, name, values, rid))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer[:300]
+    err = orjson.loads(body)["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert (err["code"], err["param"]) == ("duplicate_header", name.lower())
+    assert len(rec.requests) == n
+    (logged,) = _records_by_id(gw, [rid])
+    assert (logged["response_code"], logged["response_flags"], logged["error_type"]) == (
+        400,
+        "DPE",
+        "duplicate_header",
+    )
+    assert metric_value(gw.metrics(), "llmgw_input_limits_total", limit="duplicate_header") == before + 1
+
+
+def test_a_repeated_header_that_may_repeat_is_accepted_and_content_length_twice_is_refused(hardened):
+    """Only single-value headers are refused when repeated: a client may well send two Accept headers. A
+    second Content-Length never reaches the app: the HTTP parser refuses it (DPE invalid_http)."""
+    _, gw, _ = hardened
+    for name, values in (("Accept", ("application/json", "*/*")), ("x-trace-note", ("a", "b"))):
+        answer = _raw(gw.port, _head_with(gw.port, name, values, f"repeat-{name}"))
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    size = str(len(REC_BODY))
+    answer = _raw(gw.port, _head_with(gw.port, "Content-Length", (size, size), "dup-cl"))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and orjson.loads(body)["error"]["code"] == "invalid_http"
 
 
 # ---------------------------------------------------------------- admin port and CORS
@@ -877,7 +1015,7 @@ def test_cors_for_listed_origins_only(ops):
 
     r = httpx.options(gw.url + "/v1/chat/completions", headers={"origin": "https://evil.example", **pre})
     assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
-    assert _error(r)["code"] == "cors_origin_not_allowed"
+    assert _error(r)["code"] == "origin_not_allowed"
 
     r = _chat(gw.url, key, headers={"origin": "https://app.example"})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
@@ -893,9 +1031,27 @@ def test_cors_for_listed_origins_only(ops):
     ) as st:
         assert st.headers["access-control-allow-origin"] == "https://app.example"
         assert b"".join(st.iter_bytes()).rstrip().endswith(b"[DONE]")
+    # an unlisted origin spends nothing, even with a valid key (a page could hold one a user pasted in)
     r = _chat(gw.url, key, headers={"origin": "https://evil.example"})
+    assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+    assert _error(r)["code"] == "origin_not_allowed"
+    r = _chat(gw.url, key, headers={"origin": gw.url})  # the gateway's own page (its API docs)
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
     assert "access-control-allow-origin" not in _chat(gw.url, key).headers  # no Origin, no CORS
+
+
+@pytest.mark.parametrize("order", ["valid-first", "valid-last"])
+def test_two_authorization_headers_are_400_whichever_holds_the_valid_key(ops, order):
+    """Auth confusion: a proxy in front checking the first Authorization, the gateway the last one."""
+    gw, _ = ops
+    keys = (f"Bearer {KEYS['all']}", "Bearer sk-gw-someone-else")
+    values = keys if order == "valid-first" else keys[::-1]
+    answer = _raw(gw.port, _head_with(gw.port, "Authorization", values, f"two-keys-{order}", _CHAT_BODY))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer[:300]
+    assert orjson.loads(body)["error"]["code"] == "duplicate_header"
+    (logged,) = _records_by_id(gw, [f"two-keys-{order}"])
+    assert (logged["response_code"], logged["response_flags"], logged["api_key_id"]) == (400, "DPE", None)
 
 
 def test_credentials_in_a_base_url_are_refused_without_echoing_them(tmp_path: Path):

@@ -11,6 +11,7 @@ import orjson
 import pytest
 import yaml
 
+from gateway.api.headers import SINGLE_VALUE, OriginPolicy, duplicated, own_origin
 from gateway.api.jsonlimits import JsonLimit, deeper_than, json_over_limit
 from gateway.config import ConfigError, parse_config, redact, redact_url
 from gateway.security.guard import estimate_tokens
@@ -231,3 +232,42 @@ def test_an_unusable_proxy_in_the_environment_is_named_without_its_credentials()
     with pytest.raises(ValueError, match=r"^HTTPS_PROXY: unsupported proxy socks5://p \(expected") as err:
         proxy_for("https://api.openai.com/v1", None, {"HTTPS_PROXY": "socks5://user:secret@p:1080"})
     assert "secret" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "own"),
+    [
+        ("http://127.0.0.1:8080", "127.0.0.1:8080", True),
+        ("https://127.0.0.1:8443", "127.0.0.1:8443", True),  # behind a TLS proxy at the same address
+        ("http://localhost:8080", "LocalHost:8080", True),
+        ("http://[::1]:8080", "[::1]:8080", True),
+        ("http://10.0.0.5", "10.0.0.5", True),  # an address names the gateway itself, whatever it is
+        ("http://127.0.0.1:3000", "127.0.0.1:8080", False),  # another local server's page
+        ("http://127.0.0.1", "127.0.0.1:8080", False),
+        ("http://gw.example:8080", "gw.example:8080", False),  # a name can be rebound to the gateway
+        ("http://127.0.0.1.nip.io:8080", "127.0.0.1.nip.io:8080", False),
+        ("http://app.localhost:8080", "app.localhost:8080", False),
+        ("null", "127.0.0.1:8080", False),
+        ("file://", "127.0.0.1:8080", False),
+        ("ftp://127.0.0.1:8080", "127.0.0.1:8080", False),
+        ("http://[::1:8080", "[::1:8080", False),
+    ],
+)
+def test_the_gateways_own_origin_is_an_address_or_localhost_it_was_called_at(origin, host, own):
+    assert own_origin(origin, host) is own
+    assert OriginPolicy([]).allows(origin, host) is own
+
+
+def test_listed_origins_are_matched_exactly_and_star_allows_any():
+    policy = OriginPolicy(["https://App.example/", "http://localhost:3000"])
+    assert policy.allows("https://app.example", None) and policy.allows("http://localhost:3000", "x")
+    assert not policy.allows("https://app.example.evil", None) and not policy.allows("null", None)
+    assert not policy.allows("https://evil.example", "evil.example")
+    assert OriginPolicy(["*"]).allows("null", None)
+
+
+def test_only_single_value_headers_given_twice_are_duplicates():
+    assert duplicated([(b"accept", b"a"), (b"accept", b"b"), (b"x-a", b"1"), (b"x-a", b"2")]) is None
+    assert duplicated([(b"host", b"a"), (b"api-key", b"k"), (b"api-key", b"k")]) == "api-key"
+    assert duplicated([(b"content-type", b"a"), (b"host", b"a"), (b"host", b"b")]) == "host"
+    assert duplicated([(name, b"v") for name in sorted(SINGLE_VALUE)]) is None
