@@ -18,10 +18,11 @@ together, as aiohttp's server sends them.
 With the app's ``EdgeLimits`` (``api/edge.py``) in the lifespan state, the protocol also bounds each
 request head: bytes are counted as they arrive, before httptools sees them (it would buffer a header of
 any size), and a head over ``server.max_header_bytes`` is answered 431 at once; a head with more than
-``server.max_headers`` header lines gets 431 when it is complete, before uvicorn starts the request, and
-so does an ``Upgrade`` the gateway cannot take (400) (each
-header costs a parser callback, a tuple and, in the app, a decode and a forwarding decision); heads slower than
-``server.request_headers_timeout_s`` get 408, and connections silent from the start are closed. A
+``server.max_headers`` header lines gets 431 when it is complete, before uvicorn starts the request (each
+header costs a parser callback, a tuple and, in the app, a decode and a forwarding decision), and so does
+an ``Upgrade`` the gateway cannot take (400; only a head the parser flags as an upgrade is looked at);
+heads slower than ``server.request_headers_timeout_s`` get 408, and connections silent from the start are
+closed. A
 connection beyond ``server.max_connections`` open ones is answered 503 at once and closed unread.
 This leans on uvicorn's parser callbacks (``on_message_begin``, ``on_headers_complete``,
 ``on_message_complete``) and ``cycle``/``app_state``: pyproject bounds uvicorn's version and
@@ -35,9 +36,11 @@ then closes. The answer never cuts into another response: refused bytes that fol
 chunk of its body) end that request: its scope gets ``llmgw.refused`` (``REFUSED_KEY``) and uvicorn's
 cycle is marked disconnected (its sends are dropped, ``receive()`` reports a disconnect); the app, seeing
 the key, logs nothing of its own, so the request is logged once, as the refusal. Besides the callbacks
-above this uses ``headers`` (the head's header list), ``pipeline``, ``_start_asgi_task`` (a pipelined request whose client left is started to log itself), ``_unset_keepalive_if_required`` and
-the cycle's ``more_body``, ``response_started``, ``response_complete``, ``disconnected`` and
-``message_event``, checked by the same tests.
+above this uses ``headers`` (the head's header list), ``pipeline``, ``_start_asgi_task`` (a pipelined
+request whose client left is started to log itself), ``_unset_keepalive_if_required``, the parser's
+``should_upgrade()`` (set before ``on_headers_complete`` runs) and the cycle's ``more_body``,
+``response_started``, ``response_complete``, ``disconnected`` and ``message_event``, checked by the same
+tests.
 """
 
 from __future__ import annotations
@@ -195,7 +198,8 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         if edge is not None and len(self.headers) > edge.max_headers:
             self._too_many_headers = True
             raise _TooManyHeaders
-        if edge is not None:
+        # the parser's flag (an Upgrade with Connection: upgrade, or CONNECT) spares the common head a scan
+        if edge is not None and self.parser.should_upgrade():
             self._refuse_upgrade()
         self._body_t = self._head_t  # until on_message_complete: the body is timed from the request's start
         self._head_t = 0.0
@@ -210,16 +214,14 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         speaks it; uvicorn answered a bare 403, unlogged), and any other with a body (``curl --http2`` sends
         ``Upgrade: h2c``: the parser stops at the head, and the body was lost to a misleading "body is
         empty"). Without a body, any other Upgrade is ignored, as RFC 9110 7.8 allows."""
-        upgrade = connection = b""
+        upgrade = b""
         has_body = False
-        for name, value in self.headers:  # (the parser's own upgrade flag is set only after this callback)
+        for name, value in self.headers:  # only for a head the parser flagged: the common one pays nothing
             if name == b"upgrade":
                 upgrade = value.lower()
-            elif name == b"connection":
-                connection += value.lower()
             elif name == b"transfer-encoding" or (name == b"content-length" and value.strip(b" \t0")):
                 has_body = True
-        if not upgrade or b"upgrade" not in connection:
+        if not upgrade:  # CONNECT: no Upgrade header, the app answers it
             return
         if upgrade.startswith(b"websocket") or has_body:
             self._upgrade = upgrade.decode("latin-1") or "-"

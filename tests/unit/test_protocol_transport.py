@@ -382,3 +382,42 @@ def test_a_pipelining_client_that_leaves_ends_the_running_request_and_every_queu
     for task in proto.tasks:
         task.cancel()
     _finish(loop)
+
+
+def _upgrade_answers(edge: RecordingEdge, request: bytes) -> tuple[list[bytes], list[dict]]:
+    proto, raw, started, loop = _protocol(edge)
+    proto.data_received(request)
+    _turns(loop)
+    responses = _responses(raw)
+    _finish(loop)
+    return responses, started
+
+
+def test_an_upgrade_is_refused_when_the_parser_flags_one_and_the_common_head_is_not_scanned():
+    """WebSocket, or h2c with a body: 400 unsupported_upgrade before the app starts. h2c without a body is
+    ignored (served), and so is an Upgrade whose Connection does not name it. The parser's own flag picks
+    the heads to look at: a plain head never reaches the scan."""
+    edge = RecordingEdge(max_head_bytes=4096)
+    ws = b"GET /v1/realtime HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\r\n"
+    h2c = (
+        b"connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+    )
+    with_body = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n" + h2c + b"content-length: 2\r\n\r\n{}"
+    assert _upgrade_answers(edge, ws) == ([b"HTTP/1.1 400 Bad Request"], [])
+    assert _upgrade_answers(edge, with_body) == ([b"HTTP/1.1 400 Bad Request"], [])
+    assert edge.refused == [(400, "GET", "/v1/realtime"), (400, "POST", "/v1/chat/completions")]
+    assert edge.limits == ["unsupported_upgrade"] * 2
+    for served in (
+        b"GET /v1/models HTTP/1.1\r\nhost: x\r\n" + h2c + b"\r\n",
+        b"GET /v1/models HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n\r\n",  # Connection does not name it
+    ):
+        responses, started = _upgrade_answers(edge, served)
+        assert responses == [b"HTTP/1.1 204 No Content"] and len(started) == 1, served
+
+    scanned: list[bool] = []
+    proto, raw, started, loop = _protocol(edge)
+    proto._refuse_upgrade = lambda: scanned.append(True)  # type: ignore[method-assign]
+    proto.data_received(VALID)
+    _turns(loop)
+    assert started and scanned == []  # a head without Upgrade: not scanned
+    _finish(loop)

@@ -14,6 +14,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import httptools
 from packaging.requirements import Requirement
 from uvicorn.config import Config
 from uvicorn.server import ServerState
@@ -118,6 +119,30 @@ def test_the_protocols_write_pause_hooks_still_reach_uvicorns_flow_control() -> 
         assert proto.flow.read_paused is True
 
     asyncio.run(scenario())
+
+
+def test_the_parsers_upgrade_flag_is_set_when_on_headers_complete_runs() -> None:
+    """protocol.py looks for an Upgrade to refuse only in heads httptools flags (``parser.should_upgrade()``,
+    as uvicorn's own ``on_headers_complete`` does): llhttp must set the flag before that callback, and only
+    for an Upgrade that Connection names (or CONNECT)."""
+    seen: list[bool] = []
+
+    class Callbacks:
+        def on_headers_complete(self) -> None:
+            seen.append(parser.should_upgrade())
+
+    for head in (
+        b"GET / HTTP/1.1\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\r\n",
+        b"POST / HTTP/1.1\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\ncontent-length: 2\r\n\r\n{}",
+        b"GET / HTTP/1.1\r\nupgrade: h2c\r\n\r\n",
+        b"POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}",
+    ):
+        parser = httptools.HttpRequestParser(Callbacks())
+        try:
+            parser.feed_data(head)
+        except httptools.HttpParserUpgrade:
+            pass
+    assert seen == [True, True, False, False]
 
 
 def test_a_parser_error_still_reaches_send_400_response() -> None:
