@@ -3,7 +3,10 @@ app at once when its client goes away.
 
 The ASGI app is called only after uvicorn has parsed the head and scheduled a task, so a clock read
 at the app's door misses that part of the gateway's own time. The stamp rides in the scope
-(``llmgw.t_first_byte``); ``duration_ms`` and ``gateway_overhead_ms`` start from it.
+(``llmgw.t_first_byte``); ``duration_ms`` and ``gateway_overhead_ms`` start from it. A request pipelined
+behind one whose response is still being written waits, parsed, in uvicorn's ``pipeline``: when it starts
+its scope gets ``llmgw.t_started``, and that wait is the client's queueing (``pipeline_wait_ms``), not
+gateway overhead.
 
 ASGI's way to learn of a disconnect is a pending ``receive()``, which costs a task per request. With this
 protocol the scope carries ``llmgw.on_disconnect``: the app puts a callback there, and the protocol calls
@@ -70,6 +73,9 @@ from gateway.errors import GatewayError
 from gateway.telemetry.timing import now
 
 SCOPE_KEY = "llmgw.t_first_byte"
+# In a pipelined request's scope: when it was started, after waiting behind the responses before it on
+# its connection. That wait is the client's queueing (as Envoy counts it), not gateway overhead.
+STARTED_KEY = "llmgw.t_started"
 LINGER_S = 1.0  # how long a refused client may keep sending (dropped) before its connection closes
 DISCONNECT_KEY = "llmgw.on_disconnect"
 REFUSED_KEY = "llmgw.refused"  # in a request's scope: the protocol refused its bytes, answered and logged it
@@ -341,6 +347,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if nxt is not None and (not self.pipeline or self.pipeline[-1][0] is not nxt):
             self._running = nxt
+            nxt.scope[STARTED_KEY] = now()  # type: ignore[literal-required]
         refusal = self._refusal
         if refusal is not None and last:
             self._refusal = None
@@ -397,6 +404,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         while self.pipeline:  # requests queued behind it never got an answer: each runs to log itself
             queued, app = self.pipeline.pop()  # as a request whose client left (499 DC), in order
             queued.disconnected = True
+            queued.scope[STARTED_KEY] = now()  # type: ignore[literal-required]
             self._start_asgi_task(queued, app)
         if self._edge is not None:
             self._edge.connections.discard(self)
@@ -424,3 +432,9 @@ def arrival(scope: Scope) -> tuple[float, float]:
     t = now()
     t0 = scope.get(SCOPE_KEY, t)
     return t0, time.time() - (t - t0)
+
+
+def queue_wait(scope: Scope, t0: float) -> float:
+    """How long a pipelined request waited behind the responses before it (``STARTED_KEY``), else 0."""
+    started = scope.get(STARTED_KEY)
+    return started - t0 if started is not None else 0.0

@@ -67,6 +67,7 @@ class Exchange:
         "t_received",
         "t_body",
         "upload_wait_s",
+        "queue_wait_s",
         "wall_start",
         "request_id",
         "client",
@@ -146,6 +147,9 @@ class Exchange:
         self.t_received = t_received
         self.t_body = t_body
         self.upload_wait_s = upload_wait_s  # waiting for the rest of a body sent in parts: the client's time
+        # Set by the edge when its server tells: a pipelined request's wait behind earlier responses (the
+        # client's queueing, not overhead).
+        self.queue_wait_s = 0.0
         self.wall_start = wall_start
         self.request_id = request_id
         self.client = client
@@ -765,7 +769,7 @@ class Exchange:
             headers = self._response_headers(w, "application/json", len(body))
             assert w.t_end is not None  # a non-stream winner has its whole body
             up_ms = (w.t_end - w.t_start) * 1000.0
-            gw_ms = (self.now() - self.t_received) * 1000.0 - up_ms
+            gw_ms = (self.now() - self.t_received - self.queue_wait_s) * 1000.0 - up_ms
             headers.append((b"x-gateway-upstream-service-time", b"%d" % round(up_ms)))
             headers.append((b"server-timing", b"gateway;dur=%.3f, upstream;dur=%.3f" % (gw_ms, up_ms)))
             self.status = 200
@@ -973,7 +977,7 @@ class Exchange:
         end = self.t_last_sent or self.now()
         w = self.winner or self.last_failure or (self.attempts[-1] if self.attempts else None)
         duration = (end - self.t_received) * 1000.0
-        overhead = duration - self.upload_wait_s * 1000.0
+        overhead = duration - (self.upload_wait_s + self.queue_wait_s) * 1000.0
         if self.attempts:
             overhead -= self.upstream_wait_s() * 1000.0
         dep = w.dep if w is not None else None
@@ -1007,6 +1011,7 @@ class Exchange:
             else None,
             "upstream_service_time_ms": ms(w.t_start, w.t_end) if w is not None else None,
             "gateway_overhead_ms": round3(max(overhead, 0.0)),
+            "pipeline_wait_ms": round3(q * 1000.0) if (q := self.queue_wait_s) else None,
             "upstream_host": dep.client.host if dep else None,
             "upstream_cluster": dep.id if dep else None,
             "upstream_region": dep.region if dep else None,

@@ -645,6 +645,37 @@ def test_a_pipelining_client_that_leaves_gets_its_upstream_call_cancelled_and_ev
     assert "Traceback" not in edge.stderr()
 
 
+def test_a_pipelined_requests_wait_behind_the_one_before_it_is_not_counted_as_gateway_overhead(edge):
+    """A request pipelined behind a slow one waits, parsed, until the first's response is complete: the
+    client's queueing (Envoy counts it downstream), logged as ``pipeline_wait_ms``. It was counted as the
+    second request's gateway overhead, which then read as long as the first's whole upstream call."""
+    n = _logged(edge)
+    body = orjson.dumps({"model": "chat", "messages": MSG})
+    head = _request_head(f"content-length: {len(body)}")
+    first = head.replace(
+        b"\r\n\r\n", b"\r\nx-request-id: queue-1\r\nx-sim-ttft-ms: 500\r\nx-sim-ttft-dist: fixed\r\n\r\n", 1
+    )
+    second = head.replace(b"\r\n\r\n", b"\r\nx-request-id: queue-2\r\nconnection: close\r\n\r\n", 1)
+    with socket.create_connection(("127.0.0.1", edge.port)) as s:
+        s.sendall(
+            first + body + second + body
+        )  # one read: the second is parsed before the first goes upstream
+        answer = _until_closed(s)
+    head1, _, rest = _one_response(answer)
+    head2, _, rest = _one_response(rest)
+    assert head1.startswith(b"HTTP/1.1 200 ") and head2.startswith(b"HTTP/1.1 200 ") and rest == b"", answer[
+        :300
+    ]
+    recs = {r["request_id"]: r for r in _new_records(edge, n, 2)}
+    slow, queued = recs["queue-1"], recs["queue-2"]
+    assert slow["upstream_service_time_ms"] >= 500
+    assert queued["gateway_overhead_ms"] < slow["upstream_service_time_ms"], queued
+    # it waited at least the first's upstream call (it was parsed before that began): its own field
+    assert slow["pipeline_wait_ms"] is None
+    assert queued["pipeline_wait_ms"] >= slow["upstream_service_time_ms"], queued
+    assert queued["duration_ms"] >= queued["pipeline_wait_ms"] + queued["gateway_overhead_ms"], queued
+
+
 def test_an_upgrade_the_gateway_cannot_take_is_answered_and_logged_and_one_without_a_body_is_ignored(edge):
     """curl --http2 on http:// sends Upgrade: h2c: the parser stops at the head, and the body was lost to a
     misleading 400 "body is empty". A WebSocket upgrade (the Realtime API) got uvicorn's bare 403, unlogged."""

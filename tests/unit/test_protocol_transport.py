@@ -384,6 +384,20 @@ def test_a_pipelining_client_that_leaves_ends_the_running_request_and_every_queu
     _finish(loop)
 
 
+def test_a_pipelined_request_is_stamped_when_it_starts_and_one_started_at_once_is_not():
+    """The wait behind the response before it is the client's queueing: the scope says when it ended."""
+    from gateway.api.protocol import SCOPE_KEY, STARTED_KEY
+
+    edge = RecordingEdge(max_head_bytes=4096)
+    second = VALID.replace(b"/v1/a", b"/v1/b")
+    proto, raw, started, loop, waited = _held_then_released(edge, VALID + second)
+    assert waited and [s["path"] for s in started] == ["/v1/a", "/v1/b"]
+    first, queued = started
+    assert STARTED_KEY not in first
+    assert queued[STARTED_KEY] > queued[SCOPE_KEY]  # parsed with the first, started after its response
+    _finish(loop)
+
+
 def _upgrade_answers(edge: RecordingEdge, request: bytes) -> tuple[list[bytes], list[dict]]:
     proto, raw, started, loop = _protocol(edge)
     proto.data_received(request)
