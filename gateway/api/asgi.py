@@ -22,6 +22,7 @@ from gateway.api.edge import EdgeLimits
 from gateway.api.jsonlimits import JsonLimit, JsonMarks, count_marks, deeper_than, json_over_limit
 from gateway.api.protocol import (
     DISCONNECT_KEY,
+    DOWNSTREAM_KEY,
     REFUSED_KEY,
     STARTED_KEY,
     arrival,
@@ -269,7 +270,8 @@ class GatewayASGI:
             rejected=rejected,
             api_key_id=key.id if key is not None else None,
         )
-        # Set after: another keyword would turn the call above into a dict build (CPython's limit).
+        # Set after: two more keywords would turn the call above into a dict build (CPython's limit).
+        ex.downstream = scope.get(DOWNSTREAM_KEY)
         started = scope.get(STARTED_KEY)
         if started is not None:  # pipelined: it waited behind the responses before it
             ex.queue_wait_s = started - t0

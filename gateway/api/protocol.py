@@ -16,7 +16,10 @@ and the app falls back to the watcher task.
 uvicorn writes a response's head as soon as the app sends ``http.response.start`` and its body with the
 next message: two send() calls and two loopback packets per response. The transport here holds each
 response's first write until the next one of the same loop turn, so head and first body bytes leave
-together, as aiohttp's server sends them.
+together, as aiohttp's server sends them. uvicorn calls a response complete once the app sent it, though
+most of a large one may still wait in the transport, the client reading none of it: the connection's
+``Delivery`` (in each scope, ``llmgw.downstream``) lets the app wait for it to leave, or learn that
+``server.send_timeout_s`` cut it.
 
 With the app's ``EdgeLimits`` (``api/edge.py``) in the lifespan state, the protocol also bounds each
 request head: bytes are counted as they arrive, before httptools sees them (it would buffer a header of
@@ -40,10 +43,10 @@ chunk of its body) end that request: its scope gets ``llmgw.refused`` (``REFUSED
 cycle is marked disconnected (its sends are dropped, ``receive()`` reports a disconnect); the app, seeing
 the key, logs nothing of its own, so the request is logged once, as the refusal. Besides the callbacks
 above this uses ``headers`` (the head's header list), ``pipeline``, ``_start_asgi_task`` (a pipelined
-request whose client left is started to log itself), ``_unset_keepalive_if_required``, the parser's
-``should_upgrade()`` (set before ``on_headers_complete`` runs) and the cycle's ``more_body``,
-``response_started``, ``response_complete``, ``disconnected`` and ``message_event``, checked by the same
-tests.
+request whose client left is started to log itself), ``_unset_keepalive_if_required``, ``flow`` (its
+``drain()``), the parser's ``should_upgrade()`` (set before ``on_headers_complete`` runs) and the cycle's
+``more_body``, ``response_started``, ``response_complete``, ``disconnected`` and ``message_event``, checked
+by the same tests.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from gateway.api.edge import (
@@ -78,6 +82,7 @@ SCOPE_KEY = "llmgw.t_first_byte"
 STARTED_KEY = "llmgw.t_started"
 LINGER_S = 1.0  # how long a refused client may keep sending (dropped) before its connection closes
 DISCONNECT_KEY = "llmgw.on_disconnect"
+DOWNSTREAM_KEY = "llmgw.downstream"  # the connection's Delivery: the engine's Downstream
 REFUSED_KEY = "llmgw.refused"  # in a request's scope: the protocol refused its bytes, answered and logged it
 
 
@@ -127,6 +132,25 @@ class HeadWithBodyTransport:
         return getattr(self._transport, name)
 
 
+class Delivery:
+    """A connection as the engine sees it (its ``Downstream``): whether writing to the client is paused, and
+    a wait for that to end. One per connection, in each request's scope; it holds nothing of a request."""
+
+    __slots__ = ("send_blocked_t", "cut", "_flow")
+
+    def __init__(self, flow: FlowControl) -> None:
+        self.send_blocked_t = 0.0  # since when writing is paused (the client's socket full); 0.0: it is not
+        self.cut = False  # the connection was lost while writing was paused: what was buffered never left
+        self._flow = flow
+
+    async def delivered(self) -> bool:
+        """Wait while writing is paused: False if the connection was cut first (``server.send_timeout_s``,
+        or the client reset it), else True. For a response the app sent whole while writing was paused
+        (uvicorn calls it complete at once): whether its end left."""
+        await self._flow.drain()  # resume_writing ends the wait, and so does connection_lost
+        return not self.cut
+
+
 class _Upgrade(Exception):
     """Raised from a parser callback for an Upgrade the gateway does not take (see on_headers_complete)."""
 
@@ -154,7 +178,6 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
     _head_seen = 0  # bytes received since the current head may have begun
     _head_t = 0.0  # when the pending head's first byte was parsed; 0.0 = no head pending
     _body_t = 0.0  # when the request whose body is still arriving began; 0.0 = no body pending
-    _send_blocked_t = 0.0  # since when writing is paused (the client's socket is full); 0.0 = it is not
     _born = 0.0
     _refusal: Refusal | None = None  # refused, to be answered once the responses before it are complete
     _too_many_headers = False  # the parser was stopped by _TooManyHeaders
@@ -162,10 +185,12 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
     # The request whose app task runs. uvicorn's ``cycle`` is the newest parsed one, which differs while
     # pipelined requests wait in ``pipeline`` behind a response being written.
     _running: RequestResponseCycle | None = None
+    delivery: Delivery  # set in connection_made
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.transport = HeadWithBodyTransport(transport, self.loop)  # type: ignore[assignment]
+        self.delivery = Delivery(self.flow)
         edge = self.app_state.get(EDGE_KEY)
         if edge is not None:
             if edge.max_connections and len(edge.connections) >= edge.max_connections:
@@ -198,6 +223,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.hold_next = True  # type: ignore[attr-defined]
         self.scope[SCOPE_KEY] = t  # type: ignore[literal-required]
         self.scope[DISCONNECT_KEY] = None  # type: ignore[literal-required]
+        self.scope[DOWNSTREAM_KEY] = self.delivery  # type: ignore[literal-required]
 
     def on_headers_complete(self) -> None:
         edge = self._edge
@@ -243,11 +269,11 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        self._send_blocked_t = now()
+        self.delivery.send_blocked_t = now()
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        self._send_blocked_t = 0.0
+        self.delivery.send_blocked_t = 0.0
 
     def expire(self, t: float, limits: EdgeLimits) -> None:
         """Called by the edge's sweep: a head slower than its timeout gets 408, and so does a request whose
@@ -256,9 +282,11 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         uvicorn's keep-alive timer, ``server.idle_timeout_s`` too, closes idle connections.) A client
         that reads nothing of what is written to it for ``server.send_timeout_s`` has its connection
         aborted: closing would wait for the unread bytes to go first, which is forever."""
-        blocked = self._send_blocked_t
+        delivery = self.delivery
+        blocked = delivery.send_blocked_t
         if blocked and t - blocked > limits.send_timeout_s:  # (refused too: a close would wait for it)
-            self._send_blocked_t = 0.0
+            delivery.send_blocked_t = 0.0
+            delivery.cut = True
             self.transport.abort()  # the request in flight, if any, ends as its client gone (DC)
             limits.on_limit("send_timeout")
         elif (
@@ -393,6 +421,8 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
             return "-"
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.delivery.send_blocked_t:  # reset by the client while writing was paused (super() resumes it)
+            self.delivery.cut = True
         cycle = self._running
         hook = None
         if cycle is not None and not cycle.response_complete:

@@ -22,7 +22,7 @@ from gateway.engine.attempt import Attempt, AttemptKind, AttemptState
 from gateway.engine.engine import Engine
 from gateway.engine.interrupt import CancelReason, Interrupt
 from gateway.engine.registry import DeploymentRuntime, ModelRuntime
-from gateway.engine.relay import RelayOutcome, Send, relay_stream
+from gateway.engine.relay import Downstream, RelayOutcome, Send, relay_stream
 from gateway.engine.sse import error_event, usage_of
 from gateway.errors import MAX_ECHOED, GatewayError, echoed
 from gateway.flags import ResponseFlag
@@ -68,6 +68,7 @@ class Exchange:
         "t_body",
         "upload_wait_s",
         "queue_wait_s",
+        "downstream",
         "wall_start",
         "request_id",
         "client",
@@ -148,8 +149,9 @@ class Exchange:
         self.t_body = t_body
         self.upload_wait_s = upload_wait_s  # waiting for the rest of a body sent in parts: the client's time
         # Set by the edge when its server tells: a pipelined request's wait behind earlier responses (the
-        # client's queueing, not overhead).
+        # client's queueing, not overhead), and the client's connection.
         self.queue_wait_s = 0.0
+        self.downstream: Downstream | None = None
         self.wall_start = wall_start
         self.request_id = request_id
         self.client = client
@@ -780,6 +782,11 @@ class Exchange:
             self.t_last_sent = self.now()
             self.bytes_sent = len(body)
             w.finish()
+        ds = self.downstream
+        if ds is not None and ds.send_blocked_t and not await ds.delivered():
+            # The response's end never left: the client read nothing until server.send_timeout_s cut it
+            # (or reset the connection). Its failure, as a stream cut mid-way for the same reason.
+            self.flags.append(ResponseFlag.CLIENT_GONE)
         self.state = ExchangeState.DONE
 
     def _stream_ended(self, w: Attempt, out: RelayOutcome) -> None:

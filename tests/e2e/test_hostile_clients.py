@@ -474,17 +474,27 @@ def test_a_body_trickled_in_slower_than_the_request_timeout_is_answered_408_and_
     assert not [r for r in gw.records() if r["response_code"] == 499]  # one record, not also a DC
 
 
-def test_a_client_that_stops_reading_a_stream_is_cut_after_send_timeout(tmp_path: Path):
-    """A client that reads nothing of a long stream would hold its connection and request forever (a
+@pytest.mark.parametrize(
+    ("stream", "tokens"),
+    [(True, 60_000), (False, 600_000)],  # ~9 MB of SSE, ~6 MB of JSON: more than buffers hold
+    ids=["stream", "json"],
+)
+def test_a_client_that_stops_reading_a_response_is_cut_after_send_timeout(
+    tmp_path: Path, stream: bool, tokens: int
+):
+    """A client that reads nothing of a long response would hold its connection and request forever (a
     close waits for the unread bytes to go first): after ``server.send_timeout_s`` of blocked writing the
-    connection is aborted, the request logged as its client gone (DC), and the limit counted."""
-    sims = Sims({"sim-a": ("us-east", {**FAST, "tokens": 60_000})})  # ~9 MB of SSE: more than buffers hold
+    connection is aborted, the request logged as its client gone (DC), and the limit counted. A JSON
+    answer is sent whole at once (the server calls it complete while most of it still waits to leave): it
+    was logged a success the moment it was handed over, and the abort went unseen."""
+    sims = Sims({"sim-a": ("us-east", FAST)})
     gw = Gateway(_cfg(sims, admin_port=free_port(), send_timeout_s=0.5), tmp_path, name="send-timeout")
     try:
         before = metric_value(gw.metrics(), "llmgw_input_limits_total", limit="send_timeout")
-        body = orjson.dumps({"model": "chat", "messages": MSG, "stream": True})
+        body = orjson.dumps({"model": "chat", "messages": MSG, "stream": stream})
         head = (
             f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
+            f"x-sim-tokens: {tokens}\r\n"
             f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
         ).encode()
         with socket.socket() as s:
@@ -492,9 +502,9 @@ def test_a_client_that_stops_reading_a_stream_is_cut_after_send_timeout(tmp_path
             s.connect(("127.0.0.1", gw.port))
             s.sendall(head + body)
             s.settimeout(10)
-            assert s.recv(64).startswith(b"HTTP/1.1 200 ")  # the stream began; now read nothing more
+            assert s.recv(64).startswith(b"HTTP/1.1 200 ")  # the response began; now read nothing more
             (rec,) = gw.records(wait_for=1, timeout=30)  # written when the request ends: it does end
-        assert (rec["response_code"], rec["response_flags"], rec["stream"]) == (200, "DC", True)
+        assert (rec["response_code"], rec["response_flags"], rec["stream"]) == (200, "DC", stream)
         assert metric_value(gw.metrics(), "llmgw_input_limits_total", limit="send_timeout") == before + 1
         probe = Probe(gw)  # the gateway serves on
         probe.once()

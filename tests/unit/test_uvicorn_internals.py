@@ -109,14 +109,44 @@ def test_the_protocols_write_pause_hooks_still_reach_uvicorns_flow_control() -> 
         proto = TimedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
         proto.connection_made(_Transport())
         proto.pause_writing()
-        assert proto._send_blocked_t > 0 and proto.flow.write_paused
+        assert proto.delivery.send_blocked_t > 0 and proto.flow.write_paused
         proto.resume_writing()
-        assert proto._send_blocked_t == 0.0 and not proto.flow.write_paused
+        assert proto.delivery.send_blocked_t == 0.0 and not proto.flow.write_paused
         # server.request_timeout_s does not count time uvicorn itself stopped reading a body (the app
         # had not taken what it buffered): it reads flow.read_paused
         assert proto.flow.read_paused is False
         proto.flow.pause_reading()
         assert proto.flow.read_paused is True
+
+    asyncio.run(scenario())
+
+
+def test_a_response_sent_whole_while_writing_is_paused_waits_on_uvicorns_flow_control() -> None:
+    """The engine asks the connection's ``Delivery`` whether a response sent whole (which uvicorn calls
+    complete at once) left: it waits on uvicorn's ``flow.drain()``, which ``resume_writing`` and
+    ``connection_lost`` end."""
+
+    async def scenario() -> None:
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            await asyncio.sleep(3600)
+
+        config = Config(
+            app, http=TimedHttpToolsProtocol, lifespan="off", access_log=False, log_level="warning"
+        )
+        config.load()
+        proto = TimedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+        proto.connection_made(_Transport())
+        proto.pause_writing()
+        waiting = asyncio.ensure_future(proto.delivery.delivered())
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        proto.resume_writing()
+        assert await waiting is True  # it left
+        proto.pause_writing()
+        waiting = asyncio.ensure_future(proto.delivery.delivered())
+        await asyncio.sleep(0)
+        proto.connection_lost(ConnectionResetError())  # the client reset it, the end still unsent
+        assert await waiting is False
 
     asyncio.run(scenario())
 
