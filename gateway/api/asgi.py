@@ -21,7 +21,15 @@ from gateway import errors
 from gateway.api.edge import EdgeLimits
 from gateway.api.headers import OriginPolicy, duplicate_header, duplicated, origin_not_allowed
 from gateway.api.jsonlimits import JsonLimit, JsonMarks, count_marks, deeper_than, json_over_limit
-from gateway.api.protocol import DISCONNECT_KEY, REFUSED_KEY, arrival, client_gone
+from gateway.api.protocol import (
+    DISCONNECT_KEY,
+    DOWNSTREAM_KEY,
+    REFUSED_KEY,
+    STARTED_KEY,
+    arrival,
+    client_gone,
+    queue_wait,
+)
 from gateway.api.types import ASGIApp, JsonObject, Lifecycle, Receive, Scope, Send
 from gateway.engine.clock import RunningLoop
 from gateway.engine.engine import Engine
@@ -259,6 +267,11 @@ class GatewayASGI:
             rejected=rejected,
             api_key_id=key.id if key is not None else None,
         )
+        # Set after: two more keywords would turn the call above into a dict build (CPython's limit).
+        ex.downstream = scope.get(DOWNSTREAM_KEY)
+        started = scope.get(STARTED_KEY)
+        if started is not None:  # pipelined: it waited behind the responses before it
+            ex.queue_wait_s = started - t0
         if local_limits:
             ex.flags.append(ResponseFlag.LOCAL_LIMITS)
         ex_done = guard.track(key) if key is not None and guard is not None else None
@@ -470,6 +483,7 @@ class GatewayASGI:
                 api_key_id=api_key_id,
                 model=model,
                 stream=stream,
+                queue_wait_s=queue_wait(scope, t0),
             )
         )
 
@@ -658,7 +672,9 @@ def rejected_record(
     api_key_id: str | None = None,
     model: str | None = None,
     stream: bool = False,
+    queue_wait_s: float = 0.0,
 ) -> dict[str, Any]:
+    """``queue_wait_s``: a pipelined request's wait behind the responses before it (not overhead)."""
     rec: dict[str, Any] = dict.fromkeys(FIELDS)
     rec.update(
         {
@@ -672,7 +688,8 @@ def rejected_record(
             "response_code": err.status,
             "response_flags": err.flag or "-",
             "duration_ms": round(duration_ms, 3),
-            "gateway_overhead_ms": round(duration_ms, 3),
+            "gateway_overhead_ms": round(max(duration_ms - queue_wait_s * 1000.0, 0.0), 3),
+            "pipeline_wait_ms": round(queue_wait_s * 1000.0, 3) if queue_wait_s else None,
             "attempts": 0,
             "retry_count": 0,
             "hedge_count": 0,

@@ -3,7 +3,10 @@ app at once when its client goes away.
 
 The ASGI app is called only after uvicorn has parsed the head and scheduled a task, so a clock read
 at the app's door misses that part of the gateway's own time. The stamp rides in the scope
-(``llmgw.t_first_byte``); ``duration_ms`` and ``gateway_overhead_ms`` start from it.
+(``llmgw.t_first_byte``); ``duration_ms`` and ``gateway_overhead_ms`` start from it. A request pipelined
+behind one whose response is still being written waits, parsed, in uvicorn's ``pipeline``: when it starts
+its scope gets ``llmgw.t_started``, and that wait is the client's queueing (``pipeline_wait_ms``), not
+gateway overhead.
 
 ASGI's way to learn of a disconnect is a pending ``receive()``, which costs a task per request. With this
 protocol the scope carries ``llmgw.on_disconnect``: the app puts a callback there, and the protocol calls
@@ -13,15 +16,19 @@ and the app falls back to the watcher task.
 uvicorn writes a response's head as soon as the app sends ``http.response.start`` and its body with the
 next message: two send() calls and two loopback packets per response. The transport here holds each
 response's first write until the next one of the same loop turn, so head and first body bytes leave
-together, as aiohttp's server sends them.
+together, as aiohttp's server sends them. uvicorn calls a response complete once the app sent it, though
+most of a large one may still wait in the transport, the client reading none of it: the connection's
+``Delivery`` (in each scope, ``llmgw.downstream``) lets the app wait for it to leave, or learn that
+``server.send_timeout_s`` cut it.
 
 With the app's ``EdgeLimits`` (``api/edge.py``) in the lifespan state, the protocol also bounds each
 request head: bytes are counted as they arrive, before httptools sees them (it would buffer a header of
 any size), and a head over ``server.max_header_bytes`` is answered 431 at once; a head with more than
-``server.max_headers`` header lines gets 431 when it is complete, before uvicorn starts the request, and
-so does an ``Upgrade`` the gateway cannot take (400) (each
-header costs a parser callback, a tuple and, in the app, a decode and a forwarding decision); heads slower than
-``server.request_headers_timeout_s`` get 408, and connections silent from the start are closed. A
+``server.max_headers`` header lines gets 431 when it is complete, before uvicorn starts the request (each
+header costs a parser callback, a tuple and, in the app, a decode and a forwarding decision), and so does
+an ``Upgrade`` the gateway cannot take (400; only a head the parser flags as an upgrade is looked at);
+heads slower than ``server.request_headers_timeout_s`` get 408, and connections silent from the start are
+closed. A
 connection beyond ``server.max_connections`` open ones is answered 503 at once and closed unread.
 This leans on uvicorn's parser callbacks (``on_message_begin``, ``on_headers_complete``,
 ``on_message_complete``) and ``cycle``/``app_state``: pyproject bounds uvicorn's version and
@@ -35,9 +42,11 @@ then closes. The answer never cuts into another response: refused bytes that fol
 chunk of its body) end that request: its scope gets ``llmgw.refused`` (``REFUSED_KEY``) and uvicorn's
 cycle is marked disconnected (its sends are dropped, ``receive()`` reports a disconnect); the app, seeing
 the key, logs nothing of its own, so the request is logged once, as the refusal. Besides the callbacks
-above this uses ``headers`` (the head's header list), ``pipeline``, ``_start_asgi_task`` (a pipelined request whose client left is started to log itself), ``_unset_keepalive_if_required`` and
-the cycle's ``more_body``, ``response_started``, ``response_complete``, ``disconnected`` and
-``message_event``, checked by the same tests.
+above this uses ``headers`` (the head's header list), ``pipeline``, ``_start_asgi_task`` (a pipelined
+request whose client left is started to log itself), ``_unset_keepalive_if_required``, ``flow`` (its
+``drain()``), the parser's ``should_upgrade()`` (set before ``on_headers_complete`` runs) and the cycle's
+``more_body``, ``response_started``, ``response_complete``, ``disconnected`` and ``message_event``, checked
+by the same tests.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from gateway.api.edge import (
@@ -67,8 +77,12 @@ from gateway.errors import GatewayError
 from gateway.telemetry.timing import now
 
 SCOPE_KEY = "llmgw.t_first_byte"
+# In a pipelined request's scope: when it was started, after waiting behind the responses before it on
+# its connection. That wait is the client's queueing (as Envoy counts it), not gateway overhead.
+STARTED_KEY = "llmgw.t_started"
 LINGER_S = 1.0  # how long a refused client may keep sending (dropped) before its connection closes
 DISCONNECT_KEY = "llmgw.on_disconnect"
+DOWNSTREAM_KEY = "llmgw.downstream"  # the connection's Delivery: the engine's Downstream
 REFUSED_KEY = "llmgw.refused"  # in a request's scope: the protocol refused its bytes, answered and logged it
 
 
@@ -118,6 +132,25 @@ class HeadWithBodyTransport:
         return getattr(self._transport, name)
 
 
+class Delivery:
+    """A connection as the engine sees it (its ``Downstream``): whether writing to the client is paused, and
+    a wait for that to end. One per connection, in each request's scope; it holds nothing of a request."""
+
+    __slots__ = ("send_blocked_t", "cut", "_flow")
+
+    def __init__(self, flow: FlowControl) -> None:
+        self.send_blocked_t = 0.0  # since when writing is paused (the client's socket full); 0.0: it is not
+        self.cut = False  # the connection was lost while writing was paused: what was buffered never left
+        self._flow = flow
+
+    async def delivered(self) -> bool:
+        """Wait while writing is paused: False if the connection was cut first (``server.send_timeout_s``,
+        or the client reset it), else True. For a response the app sent whole while writing was paused
+        (uvicorn calls it complete at once): whether its end left."""
+        await self._flow.drain()  # resume_writing ends the wait, and so does connection_lost
+        return not self.cut
+
+
 class _Upgrade(Exception):
     """Raised from a parser callback for an Upgrade the gateway does not take (see on_headers_complete)."""
 
@@ -145,7 +178,6 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
     _head_seen = 0  # bytes received since the current head may have begun
     _head_t = 0.0  # when the pending head's first byte was parsed; 0.0 = no head pending
     _body_t = 0.0  # when the request whose body is still arriving began; 0.0 = no body pending
-    _send_blocked_t = 0.0  # since when writing is paused (the client's socket is full); 0.0 = it is not
     _born = 0.0
     _refusal: Refusal | None = None  # refused, to be answered once the responses before it are complete
     _too_many_headers = False  # the parser was stopped by _TooManyHeaders
@@ -153,10 +185,12 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
     # The request whose app task runs. uvicorn's ``cycle`` is the newest parsed one, which differs while
     # pipelined requests wait in ``pipeline`` behind a response being written.
     _running: RequestResponseCycle | None = None
+    delivery: Delivery  # set in connection_made
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.transport = HeadWithBodyTransport(transport, self.loop)  # type: ignore[assignment]
+        self.delivery = Delivery(self.flow)
         edge = self.app_state.get(EDGE_KEY)
         if edge is not None:
             if edge.max_connections and len(edge.connections) >= edge.max_connections:
@@ -189,13 +223,15 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.hold_next = True  # type: ignore[attr-defined]
         self.scope[SCOPE_KEY] = t  # type: ignore[literal-required]
         self.scope[DISCONNECT_KEY] = None  # type: ignore[literal-required]
+        self.scope[DOWNSTREAM_KEY] = self.delivery  # type: ignore[literal-required]
 
     def on_headers_complete(self) -> None:
         edge = self._edge
         if edge is not None and len(self.headers) > edge.max_headers:
             self._too_many_headers = True
             raise _TooManyHeaders
-        if edge is not None:
+        # the parser's flag (an Upgrade with Connection: upgrade, or CONNECT) spares the common head a scan
+        if edge is not None and self.parser.should_upgrade():
             self._refuse_upgrade()
         self._body_t = self._head_t  # until on_message_complete: the body is timed from the request's start
         self._head_t = 0.0
@@ -210,16 +246,14 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         speaks it; uvicorn answered a bare 403, unlogged), and any other with a body (``curl --http2`` sends
         ``Upgrade: h2c``: the parser stops at the head, and the body was lost to a misleading "body is
         empty"). Without a body, any other Upgrade is ignored, as RFC 9110 7.8 allows."""
-        upgrade = connection = b""
+        upgrade = b""
         has_body = False
-        for name, value in self.headers:  # (the parser's own upgrade flag is set only after this callback)
+        for name, value in self.headers:  # only for a head the parser flagged: the common one pays nothing
             if name == b"upgrade":
                 upgrade = value.lower()
-            elif name == b"connection":
-                connection += value.lower()
             elif name == b"transfer-encoding" or (name == b"content-length" and value.strip(b" \t0")):
                 has_body = True
-        if not upgrade or b"upgrade" not in connection:
+        if not upgrade:  # CONNECT: no Upgrade header, the app answers it
             return
         if upgrade.startswith(b"websocket") or has_body:
             self._upgrade = upgrade.decode("latin-1") or "-"
@@ -235,11 +269,11 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        self._send_blocked_t = now()
+        self.delivery.send_blocked_t = now()
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        self._send_blocked_t = 0.0
+        self.delivery.send_blocked_t = 0.0
 
     def expire(self, t: float, limits: EdgeLimits) -> None:
         """Called by the edge's sweep: a head slower than its timeout gets 408, and so does a request whose
@@ -248,9 +282,11 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         uvicorn's keep-alive timer, ``server.idle_timeout_s`` too, closes idle connections.) A client
         that reads nothing of what is written to it for ``server.send_timeout_s`` has its connection
         aborted: closing would wait for the unread bytes to go first, which is forever."""
-        blocked = self._send_blocked_t
+        delivery = self.delivery
+        blocked = delivery.send_blocked_t
         if blocked and t - blocked > limits.send_timeout_s:  # (refused too: a close would wait for it)
-            self._send_blocked_t = 0.0
+            delivery.send_blocked_t = 0.0
+            delivery.cut = True
             self.transport.abort()  # the request in flight, if any, ends as its client gone (DC)
             limits.on_limit("send_timeout")
         elif (
@@ -339,6 +375,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if nxt is not None and (not self.pipeline or self.pipeline[-1][0] is not nxt):
             self._running = nxt
+            nxt.scope[STARTED_KEY] = now()  # type: ignore[literal-required]
         refusal = self._refusal
         if refusal is not None and last:
             self._refusal = None
@@ -384,6 +421,8 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
             return "-"
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.delivery.send_blocked_t:  # reset by the client while writing was paused (super() resumes it)
+            self.delivery.cut = True
         cycle = self._running
         hook = None
         if cycle is not None and not cycle.response_complete:
@@ -395,6 +434,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         while self.pipeline:  # requests queued behind it never got an answer: each runs to log itself
             queued, app = self.pipeline.pop()  # as a request whose client left (499 DC), in order
             queued.disconnected = True
+            queued.scope[STARTED_KEY] = now()  # type: ignore[literal-required]
             self._start_asgi_task(queued, app)
         if self._edge is not None:
             self._edge.connections.discard(self)
@@ -422,3 +462,9 @@ def arrival(scope: Scope) -> tuple[float, float]:
     t = now()
     t0 = scope.get(SCOPE_KEY, t)
     return t0, time.time() - (t - t0)
+
+
+def queue_wait(scope: Scope, t0: float) -> float:
+    """How long a pipelined request waited behind the responses before it (``STARTED_KEY``), else 0."""
+    started = scope.get(STARTED_KEY)
+    return started - t0 if started is not None else 0.0

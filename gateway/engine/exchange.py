@@ -22,7 +22,7 @@ from gateway.engine.attempt import Attempt, AttemptKind, AttemptState
 from gateway.engine.engine import Engine
 from gateway.engine.interrupt import CancelReason, Interrupt
 from gateway.engine.registry import DeploymentRuntime, ModelRuntime
-from gateway.engine.relay import RelayOutcome, Send, relay_stream
+from gateway.engine.relay import Downstream, RelayOutcome, Send, relay_stream
 from gateway.engine.sse import error_event, usage_of
 from gateway.errors import MAX_ECHOED, GatewayError, echoed
 from gateway.flags import ResponseFlag
@@ -67,6 +67,8 @@ class Exchange:
         "t_received",
         "t_body",
         "upload_wait_s",
+        "queue_wait_s",
+        "downstream",
         "wall_start",
         "request_id",
         "client",
@@ -146,6 +148,10 @@ class Exchange:
         self.t_received = t_received
         self.t_body = t_body
         self.upload_wait_s = upload_wait_s  # waiting for the rest of a body sent in parts: the client's time
+        # Set by the edge when its server tells: a pipelined request's wait behind earlier responses (the
+        # client's queueing, not overhead), and the client's connection.
+        self.queue_wait_s = 0.0
+        self.downstream: Downstream | None = None
         self.wall_start = wall_start
         self.request_id = request_id
         self.client = client
@@ -774,7 +780,7 @@ class Exchange:
             headers = self._response_headers(w, "application/json", len(body))
             assert w.t_end is not None  # a non-stream winner has its whole body
             up_ms = (w.t_end - w.t_start) * 1000.0
-            gw_ms = (self.now() - self.t_received) * 1000.0 - up_ms
+            gw_ms = (self.now() - self.t_received - self.queue_wait_s) * 1000.0 - up_ms
             headers.append((b"x-gateway-upstream-service-time", b"%d" % round(up_ms)))
             headers.append((b"server-timing", b"gateway;dur=%.3f, upstream;dur=%.3f" % (gw_ms, up_ms)))
             self.status = 200
@@ -785,6 +791,11 @@ class Exchange:
             self.t_last_sent = self.now()
             self.bytes_sent = len(body)
             w.finish()
+        ds = self.downstream
+        if ds is not None and ds.send_blocked_t and not await ds.delivered():
+            # The response's end never left: the client read nothing until server.send_timeout_s cut it
+            # (or reset the connection). Its failure, as a stream cut mid-way for the same reason.
+            self.flags.append(ResponseFlag.CLIENT_GONE)
         self.state = ExchangeState.DONE
 
     def _stream_ended(self, w: Attempt, out: RelayOutcome) -> None:
@@ -982,7 +993,7 @@ class Exchange:
         end = self.t_last_sent or self.now()
         w = self.winner or self.last_failure or (self.attempts[-1] if self.attempts else None)
         duration = (end - self.t_received) * 1000.0
-        overhead = duration - self.upload_wait_s * 1000.0
+        overhead = duration - (self.upload_wait_s + self.queue_wait_s) * 1000.0
         if self.attempts:
             overhead -= self.upstream_wait_s() * 1000.0
         dep = w.dep if w is not None else None
@@ -1016,6 +1027,7 @@ class Exchange:
             else None,
             "upstream_service_time_ms": ms(w.t_start, w.t_end) if w is not None else None,
             "gateway_overhead_ms": round3(max(overhead, 0.0)),
+            "pipeline_wait_ms": round3(q * 1000.0) if (q := self.queue_wait_s) else None,
             "upstream_host": dep.client.host if dep else None,
             "upstream_cluster": dep.id if dep else None,
             "upstream_region": dep.region if dep else None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.engine.alarms import SLACK_S, Alarms
 from gateway.engine.interrupt import CancelReason, Interrupt
@@ -24,6 +24,18 @@ if TYPE_CHECKING:
     from gateway.engine.attempt import Attempt
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]  # the ASGI send
+
+
+class Downstream(Protocol):
+    """The client's connection, where the server tells (api/protocol.py): a response sent whole may still
+    wait in the gateway's buffers, the client reading none of it, until ``server.send_timeout_s`` cuts it."""
+
+    send_blocked_t: float  # since when writing to the client is paused (its socket full); 0.0: it is not
+
+    async def delivered(self) -> bool:
+        """Wait while writing is paused: False if the connection was cut first, else True."""
+        ...
+
 
 SSE_HEADERS = (
     (b"cache-control", b"no-cache"),

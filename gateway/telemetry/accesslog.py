@@ -42,6 +42,7 @@ FIELDS = (
     "ttft_ms",
     "upstream_service_time_ms",
     "gateway_overhead_ms",
+    "pipeline_wait_ms",
     "upstream_host",
     "upstream_cluster",
     "upstream_region",

@@ -474,17 +474,27 @@ def test_a_body_trickled_in_slower_than_the_request_timeout_is_answered_408_and_
     assert not [r for r in gw.records() if r["response_code"] == 499]  # one record, not also a DC
 
 
-def test_a_client_that_stops_reading_a_stream_is_cut_after_send_timeout(tmp_path: Path):
-    """A client that reads nothing of a long stream would hold its connection and request forever (a
+@pytest.mark.parametrize(
+    ("stream", "tokens"),
+    [(True, 60_000), (False, 600_000)],  # ~9 MB of SSE, ~6 MB of JSON: more than buffers hold
+    ids=["stream", "json"],
+)
+def test_a_client_that_stops_reading_a_response_is_cut_after_send_timeout(
+    tmp_path: Path, stream: bool, tokens: int
+):
+    """A client that reads nothing of a long response would hold its connection and request forever (a
     close waits for the unread bytes to go first): after ``server.send_timeout_s`` of blocked writing the
-    connection is aborted, the request logged as its client gone (DC), and the limit counted."""
-    sims = Sims({"sim-a": ("us-east", {**FAST, "tokens": 60_000})})  # ~9 MB of SSE: more than buffers hold
+    connection is aborted, the request logged as its client gone (DC), and the limit counted. A JSON
+    answer is sent whole at once (the server calls it complete while most of it still waits to leave): it
+    was logged a success the moment it was handed over, and the abort went unseen."""
+    sims = Sims({"sim-a": ("us-east", FAST)})
     gw = Gateway(_cfg(sims, admin_port=free_port(), send_timeout_s=0.5), tmp_path, name="send-timeout")
     try:
         before = metric_value(gw.metrics(), "llmgw_input_limits_total", limit="send_timeout")
-        body = orjson.dumps({"model": "chat", "messages": MSG, "stream": True})
+        body = orjson.dumps({"model": "chat", "messages": MSG, "stream": stream})
         head = (
             f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
+            f"x-sim-tokens: {tokens}\r\n"
             f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
         ).encode()
         with socket.socket() as s:
@@ -492,9 +502,9 @@ def test_a_client_that_stops_reading_a_stream_is_cut_after_send_timeout(tmp_path
             s.connect(("127.0.0.1", gw.port))
             s.sendall(head + body)
             s.settimeout(10)
-            assert s.recv(64).startswith(b"HTTP/1.1 200 ")  # the stream began; now read nothing more
+            assert s.recv(64).startswith(b"HTTP/1.1 200 ")  # the response began; now read nothing more
             (rec,) = gw.records(wait_for=1, timeout=30)  # written when the request ends: it does end
-        assert (rec["response_code"], rec["response_flags"], rec["stream"]) == (200, "DC", True)
+        assert (rec["response_code"], rec["response_flags"], rec["stream"]) == (200, "DC", stream)
         assert metric_value(gw.metrics(), "llmgw_input_limits_total", limit="send_timeout") == before + 1
         probe = Probe(gw)  # the gateway serves on
         probe.once()
@@ -643,6 +653,37 @@ def test_a_pipelining_client_that_leaves_gets_its_upstream_call_cancelled_and_ev
         lambda: sims.stats("sim-a")["cancelled"]["before_first_byte"] == cancelled + 1,
     )
     assert "Traceback" not in edge.stderr()
+
+
+def test_a_pipelined_requests_wait_behind_the_one_before_it_is_not_counted_as_gateway_overhead(edge):
+    """A request pipelined behind a slow one waits, parsed, until the first's response is complete: the
+    client's queueing (Envoy counts it downstream), logged as ``pipeline_wait_ms``. It was counted as the
+    second request's gateway overhead, which then read as long as the first's whole upstream call."""
+    n = _logged(edge)
+    body = orjson.dumps({"model": "chat", "messages": MSG})
+    head = _request_head(f"content-length: {len(body)}")
+    first = head.replace(
+        b"\r\n\r\n", b"\r\nx-request-id: queue-1\r\nx-sim-ttft-ms: 500\r\nx-sim-ttft-dist: fixed\r\n\r\n", 1
+    )
+    second = head.replace(b"\r\n\r\n", b"\r\nx-request-id: queue-2\r\nconnection: close\r\n\r\n", 1)
+    with socket.create_connection(("127.0.0.1", edge.port)) as s:
+        s.sendall(
+            first + body + second + body
+        )  # one read: the second is parsed before the first goes upstream
+        answer = _until_closed(s)
+    head1, _, rest = _one_response(answer)
+    head2, _, rest = _one_response(rest)
+    assert head1.startswith(b"HTTP/1.1 200 ") and head2.startswith(b"HTTP/1.1 200 ") and rest == b"", answer[
+        :300
+    ]
+    recs = {r["request_id"]: r for r in _new_records(edge, n, 2)}
+    slow, queued = recs["queue-1"], recs["queue-2"]
+    assert slow["upstream_service_time_ms"] >= 500
+    assert queued["gateway_overhead_ms"] < slow["upstream_service_time_ms"], queued
+    # it waited at least the first's upstream call (it was parsed before that began): its own field
+    assert slow["pipeline_wait_ms"] is None
+    assert queued["pipeline_wait_ms"] >= slow["upstream_service_time_ms"], queued
+    assert queued["duration_ms"] >= queued["pipeline_wait_ms"] + queued["gateway_overhead_ms"], queued
 
 
 def test_an_upgrade_the_gateway_cannot_take_is_answered_and_logged_and_one_without_a_body_is_ignored(edge):

@@ -382,3 +382,56 @@ def test_a_pipelining_client_that_leaves_ends_the_running_request_and_every_queu
     for task in proto.tasks:
         task.cancel()
     _finish(loop)
+
+
+def test_a_pipelined_request_is_stamped_when_it_starts_and_one_started_at_once_is_not():
+    """The wait behind the response before it is the client's queueing: the scope says when it ended."""
+    from gateway.api.protocol import SCOPE_KEY, STARTED_KEY
+
+    edge = RecordingEdge(max_head_bytes=4096)
+    second = VALID.replace(b"/v1/a", b"/v1/b")
+    proto, raw, started, loop, waited = _held_then_released(edge, VALID + second)
+    assert waited and [s["path"] for s in started] == ["/v1/a", "/v1/b"]
+    first, queued = started
+    assert STARTED_KEY not in first
+    assert queued[STARTED_KEY] > queued[SCOPE_KEY]  # parsed with the first, started after its response
+    _finish(loop)
+
+
+def _upgrade_answers(edge: RecordingEdge, request: bytes) -> tuple[list[bytes], list[dict]]:
+    proto, raw, started, loop = _protocol(edge)
+    proto.data_received(request)
+    _turns(loop)
+    responses = _responses(raw)
+    _finish(loop)
+    return responses, started
+
+
+def test_an_upgrade_is_refused_when_the_parser_flags_one_and_the_common_head_is_not_scanned():
+    """WebSocket, or h2c with a body: 400 unsupported_upgrade before the app starts. h2c without a body is
+    ignored (served), and so is an Upgrade whose Connection does not name it. The parser's own flag picks
+    the heads to look at: a plain head never reaches the scan."""
+    edge = RecordingEdge(max_head_bytes=4096)
+    ws = b"GET /v1/realtime HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\r\n"
+    h2c = (
+        b"connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+    )
+    with_body = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n" + h2c + b"content-length: 2\r\n\r\n{}"
+    assert _upgrade_answers(edge, ws) == ([b"HTTP/1.1 400 Bad Request"], [])
+    assert _upgrade_answers(edge, with_body) == ([b"HTTP/1.1 400 Bad Request"], [])
+    assert edge.refused == [(400, "GET", "/v1/realtime"), (400, "POST", "/v1/chat/completions")]
+    assert edge.limits == ["unsupported_upgrade"] * 2
+    for served in (
+        b"GET /v1/models HTTP/1.1\r\nhost: x\r\n" + h2c + b"\r\n",
+        b"GET /v1/models HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n\r\n",  # Connection does not name it
+    ):
+        responses, started = _upgrade_answers(edge, served)
+        assert responses == [b"HTTP/1.1 204 No Content"] and len(started) == 1, served
+
+    scanned: list[bool] = []
+    proto, raw, started, loop = _protocol(edge)
+    proto._refuse_upgrade = lambda: scanned.append(True)  # type: ignore[method-assign]
+    proto.data_received(VALID)
+    _turns(loop)
+    assert started and scanned == []  # a head without Upgrade: not scanned
+    _finish(loop)

@@ -14,6 +14,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import httptools
 from packaging.requirements import Requirement
 from uvicorn.config import Config
 from uvicorn.server import ServerState
@@ -108,9 +109,9 @@ def test_the_protocols_write_pause_hooks_still_reach_uvicorns_flow_control() -> 
         proto = TimedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
         proto.connection_made(_Transport())
         proto.pause_writing()
-        assert proto._send_blocked_t > 0 and proto.flow.write_paused
+        assert proto.delivery.send_blocked_t > 0 and proto.flow.write_paused
         proto.resume_writing()
-        assert proto._send_blocked_t == 0.0 and not proto.flow.write_paused
+        assert proto.delivery.send_blocked_t == 0.0 and not proto.flow.write_paused
         # server.request_timeout_s does not count time uvicorn itself stopped reading a body (the app
         # had not taken what it buffered): it reads flow.read_paused
         assert proto.flow.read_paused is False
@@ -118,6 +119,60 @@ def test_the_protocols_write_pause_hooks_still_reach_uvicorns_flow_control() -> 
         assert proto.flow.read_paused is True
 
     asyncio.run(scenario())
+
+
+def test_a_response_sent_whole_while_writing_is_paused_waits_on_uvicorns_flow_control() -> None:
+    """The engine asks the connection's ``Delivery`` whether a response sent whole (which uvicorn calls
+    complete at once) left: it waits on uvicorn's ``flow.drain()``, which ``resume_writing`` and
+    ``connection_lost`` end."""
+
+    async def scenario() -> None:
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            await asyncio.sleep(3600)
+
+        config = Config(
+            app, http=TimedHttpToolsProtocol, lifespan="off", access_log=False, log_level="warning"
+        )
+        config.load()
+        proto = TimedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+        proto.connection_made(_Transport())
+        proto.pause_writing()
+        waiting = asyncio.ensure_future(proto.delivery.delivered())
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        proto.resume_writing()
+        assert await waiting is True  # it left
+        proto.pause_writing()
+        waiting = asyncio.ensure_future(proto.delivery.delivered())
+        await asyncio.sleep(0)
+        proto.connection_lost(ConnectionResetError())  # the client reset it, the end still unsent
+        assert await waiting is False
+
+    asyncio.run(scenario())
+
+
+def test_the_parsers_upgrade_flag_is_set_when_on_headers_complete_runs() -> None:
+    """protocol.py looks for an Upgrade to refuse only in heads httptools flags (``parser.should_upgrade()``,
+    as uvicorn's own ``on_headers_complete`` does): llhttp must set the flag before that callback, and only
+    for an Upgrade that Connection names (or CONNECT)."""
+    seen: list[bool] = []
+
+    class Callbacks:
+        def on_headers_complete(self) -> None:
+            seen.append(parser.should_upgrade())
+
+    for head in (
+        b"GET / HTTP/1.1\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\r\n",
+        b"POST / HTTP/1.1\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\ncontent-length: 2\r\n\r\n{}",
+        b"GET / HTTP/1.1\r\nupgrade: h2c\r\n\r\n",
+        b"POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}",
+    ):
+        parser = httptools.HttpRequestParser(Callbacks())
+        try:
+            parser.feed_data(head)
+        except httptools.HttpParserUpgrade:
+            pass
+    assert seen == [True, True, False, False]
 
 
 def test_a_parser_error_still_reaches_send_400_response() -> None:
