@@ -93,21 +93,26 @@ def test_the_protocol_stamps_the_scope_and_reports_a_disconnect_through_uvicorns
     asyncio.run(scenario())
 
 
+def _connected_protocol() -> TimedHttpToolsProtocol:
+    """The protocol on a fake socket, serving an app that never answers (inside a running loop)."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await asyncio.sleep(3600)
+
+    config = Config(app, http=TimedHttpToolsProtocol, lifespan="off", access_log=False, log_level="warning")
+    config.load()
+    proto = TimedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+    proto.connection_made(_Transport())
+    return proto
+
+
 def test_the_protocols_write_pause_hooks_still_reach_uvicorns_flow_control() -> None:
     """server.send_timeout_s times how long writing stays paused by overriding uvicorn's
     ``pause_writing``/``resume_writing``: they must still be the transport's callbacks and still pause
     uvicorn's own flow control (a send waits while paused)."""
 
     async def scenario() -> None:
-        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-            await asyncio.sleep(3600)
-
-        config = Config(
-            app, http=TimedHttpToolsProtocol, lifespan="off", access_log=False, log_level="warning"
-        )
-        config.load()
-        proto = TimedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
-        proto.connection_made(_Transport())
+        proto = _connected_protocol()
         proto.pause_writing()
         assert proto.delivery.send_blocked_t > 0 and proto.flow.write_paused
         proto.resume_writing()
@@ -127,15 +132,7 @@ def test_a_response_sent_whole_while_writing_is_paused_waits_on_uvicorns_flow_co
     ``connection_lost`` end."""
 
     async def scenario() -> None:
-        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-            await asyncio.sleep(3600)
-
-        config = Config(
-            app, http=TimedHttpToolsProtocol, lifespan="off", access_log=False, log_level="warning"
-        )
-        config.load()
-        proto = TimedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
-        proto.connection_made(_Transport())
+        proto = _connected_protocol()
         proto.pause_writing()
         waiting = asyncio.ensure_future(proto.delivery.delivered())
         await asyncio.sleep(0)
