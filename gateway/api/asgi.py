@@ -25,7 +25,6 @@ from gateway.api.protocol import (
     DISCONNECT_KEY,
     DOWNSTREAM_KEY,
     REFUSED_KEY,
-    STARTED_KEY,
     arrival,
     client_gone,
     queue_wait,
@@ -269,9 +268,7 @@ class GatewayASGI:
         )
         # Set after: two more keywords would turn the call above into a dict build (CPython's limit).
         ex.downstream = scope.get(DOWNSTREAM_KEY)
-        started = scope.get(STARTED_KEY)
-        if started is not None:  # pipelined: it waited behind the responses before it
-            ex.queue_wait_s = started - t0
+        ex.queue_wait_s = queue_wait(scope, t0)  # pipelined: its wait behind the responses before it
         if local_limits:
             ex.flags.append(ResponseFlag.LOCAL_LIMITS)
         ex_done = guard.track(key) if key is not None and guard is not None else None
