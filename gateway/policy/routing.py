@@ -28,9 +28,8 @@ class RouteReason(StrEnum):
     AFFINITY_HOME = "affinity-home"  # routing.affinity: the key's home deployment (policy/affinity.py)
     AFFINITY_REHOME = "affinity-rehome"  # home is gone: the next deployment on the key's ring
     AFFINITY_SPILL = "affinity-spill"  # home is at its load bound or slow: another deployment takes it
-    PROBE = (
-        "probe"  # latency: left unpicked for routing.probe_interval_s while others were picked: measure it
-    )
+    # latency: left unpicked for routing.probe_interval_s while others were picked: measure it
+    PROBE = "probe"
 
 
 class Strategy(StrEnum):
