@@ -741,6 +741,15 @@ def pip_version(python: str, dist: str) -> str:
     return out.stdout.strip() or "-"
 
 
+def gateway_build(python: str) -> str:
+    """Which build of the gateway ``python`` runs: compiled (LLMGW_COMPILE=1, mypyc) or interpreted. Asked
+    from / so that a checkout in the working directory is not what is imported."""
+    probe = "import gateway.engine.exchange as m; print(m.__file__)"
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, cwd="/")
+    where = out.stdout.strip()
+    return "-" if not where else "compiled (mypyc)" if where.endswith(".so") else "interpreted"
+
+
 def gateway_checks(t: Target, summ: list[Summary], conc: int) -> str:
     """What the gateway's own telemetry says about the runs: nothing retried or hedged, and the overhead it
     logged at concurrency ``conc`` beside the added latency the client measured."""
@@ -822,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
         mock_base = mock_root + "/v1"
         targets: list[Target] = []
         versions = {
-            "llm-gateway": pip_version(a.gateway_python, "llm-gateway"),
+            "llm-gateway": f"{pip_version(a.gateway_python, 'llm-gateway')} {gateway_build(a.gateway_python)}",
             "upstream client": ", ".join(a.clients),
             "uvicorn": pip_version(a.gateway_python, "uvicorn"),
             "httptools": pip_version(a.gateway_python, "httptools"),

@@ -126,13 +126,14 @@ class Exchange:
         headers: dict[str, str],
         t_received: float,
         t_body: float,
-        upload_wait_s: float = 0.0,
         wall_start: float,
         request_id: str,
         client: str | None,
         deadline: Deadline,
         rejected: GatewayError | None = None,
         api_key_id: str | None = None,
+        # after every argument without a default: mypyc's text signature fails on a default before one without
+        upload_wait_s: float = 0.0,
     ) -> None:
         """``deadline``: from ``Engine.check_request``; ``rejected``: the error it found (answered at once)."""
         self.engine = engine

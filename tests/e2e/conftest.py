@@ -10,7 +10,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Gateway, Sims, free_port
+from harness import GATEWAY_PYTHON, OTHER_GATEWAY_PYTHON, Gateway, Sims, free_port
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under LLMGW_GATEWAY_PYTHON (`make test-compiled`), the gateways must run the compiled build: a venv
+    holding the plain package would pass every test without testing what it is there for."""
+    if OTHER_GATEWAY_PYTHON:
+        probe = (
+            "import gateway.engine.exchange as m, gateway.policy.routing as r; print(m.__file__, r.__file__)"
+        )
+        files = subprocess.run(
+            [GATEWAY_PYTHON, "-c", probe], capture_output=True, text=True, timeout=60, cwd="/"
+        ).stdout.split()
+        if len(files) != 2 or not all(f.endswith(".so") for f in files):
+            raise pytest.UsageError(f"LLMGW_GATEWAY_PYTHON={GATEWAY_PYTHON} runs no compiled build: {files}")
 
 
 @pytest.fixture

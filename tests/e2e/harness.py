@@ -28,6 +28,13 @@ from gateway.sim.runner import SimThread
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
+# The interpreter the Gateway class runs gateways with: this one (the source tree), or the one
+# LLMGW_GATEWAY_PYTHON names (`make test-compiled`: the compiled build's venv). That one runs from the
+# test's directory, so that `-m gateway` imports its installed package rather than this tree's.
+# (abspath, not resolve: a venv's python is a symlink to the interpreter it was made from, which has no venv)
+OTHER_GATEWAY_PYTHON = os.environ.get("LLMGW_GATEWAY_PYTHON")
+GATEWAY_PYTHON = os.path.abspath(OTHER_GATEWAY_PYTHON) if OTHER_GATEWAY_PYTHON else sys.executable
+
 T = TypeVar("T")
 
 # A structured-output schema: the simulator charges its cold compile (cold_schema_ms) on a deployment's
@@ -249,7 +256,11 @@ class Gateway:
                 "--log-level",
                 "warning",
             ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._stderr, env=full_env)
+        cmd[0] = GATEWAY_PYTHON
+        cwd = tmp if OTHER_GATEWAY_PYTHON else None
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=self._stderr, env=full_env, cwd=cwd
+        )
         self.url = f"http://127.0.0.1:{self.port}"
         admin_port = cfg["server"].get("admin_port")
         # probes and /metrics live on server.admin_port when it is set

@@ -233,3 +233,15 @@ def test_the_lock_pins_every_runtime_dependency_and_their_requirements():
         for r in map(Requirement, reqs):
             if r.marker is None or r.marker.evaluate(env):
                 assert _name(r.name) in locked, f"{pkg} needs {r.name}, which requirements.lock does not pin"
+
+
+def test_the_image_ships_the_compiled_build():
+    """LLMGW_COMPILE=1 by default, the compiler in the build stage only (the runtime stage copies the venv)."""
+    build = STAGES[0]
+    assert "LLMGW_COMPILE=1" in build.all("ARG")
+    assert any(r.startswith("LLMGW_COMPILE=$LLMGW_COMPILE pip install --no-deps .") for r in build.all("RUN"))
+    assert any("gcc" in r for r in build.all("RUN"))
+    assert not any("gcc" in r for r in FINAL.all("RUN"))
+    # what the compiled build needs is in the build context: setup.py and the build backend
+    copied = " ".join(build.all("COPY"))
+    assert "setup.py" in copied and "scripts/compile" in copied

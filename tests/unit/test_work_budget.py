@@ -11,6 +11,8 @@ same request head to an app that is not gateway code.
 Resuming a suspended coroutine is not a call, and the instructions of an ``await`` loop are not
 counted: how often a coroutine suspends depends on when bytes arrive, which is timing, not work.
 The access-log writer thread is not counted (the hook is per thread); its batch handoff on the loop is.
+The count is of the source as the interpreter runs it: a trace hook sees nothing of the compiled build
+(LLMGW_COMPILE=1, setup.py), whose cost loadtests/instr_bench.py counts in machine instructions.
 
 When a budget fails: look at the top contributors in the message. If the growth is wanted (a new
 feature on the hot path), raise the budget in the same change and say why; if not, remove the work.
