@@ -1,23 +1,27 @@
 """Background state sharing: publish this process's view, merge the others', every sync interval.
 
 Latency estimates and ejections travel through the state backend in one pipelined round trip per
-interval, never on a request's path. When the backend is down, requests keep flowing on local state;
-the outage is logged once, shown by ``llmgw_state_backend_up``, and sharing resumes by itself (behind
-Sentinel, with the promoted primary: ``llmgw_state_backend_primary`` shows which one is in use and
-``llmgw_state_backend_reconnects_total`` counts the moves).
+interval, never on a request's path. Each estimate goes out with the age of this process's latest own
+sample of it, so a replica whose own samples are newer keeps its view (``PeakEwma.merge_remote``).
+When the backend is down, requests keep flowing on local state; the outage is logged once, shown by
+``llmgw_state_backend_up``, and sharing resumes by itself (behind Sentinel, with the promoted primary:
+``llmgw_state_backend_primary`` shows which one is in use and ``llmgw_state_backend_reconnects_total``
+counts the moves).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from gateway.engine.registry import DeploymentRuntime
+from gateway.policy.latency import PeakEwma
 from gateway.state.base import StateBackend, SyncBatch
 from gateway.telemetry.timing import now
 
@@ -29,6 +33,11 @@ log = logging.getLogger("llmgw.state")
 # Replicas' clocks and rounding move a shared ejection's end by a little each time it is read: an end
 # within this of the one known already is the same ejection, not news.
 SAME_EJECTION_S = 1.0
+# A replica's estimates of a deployment are one field of its stats hash, named by the replica:
+# [ttft_ms, ttft_samples, latency_ms, latency_samples, wall ts]. The ages of their latest own samples,
+# [ttft_age_s, latency_age_s] (null: no sample), are a second field, this suffix on the name: a replica
+# of a version before ages unpacks every field into exactly five values and skips this one, unharmed.
+AGE_FIELD = "#age"
 
 
 class StateSync:
@@ -92,7 +101,8 @@ class StateSync:
                         d.latency.samples,
                         wall,
                     ]
-                )
+                ),
+                self.replica_id + AGE_FIELD: orjson.dumps([_age(d.ttft, mono), _age(d.latency, mono)]),
             }
             batch.read_hashes.append(k)
             batch.read_keys.append(self.key("eject", d.id))
@@ -108,28 +118,44 @@ class StateSync:
             self.engine.metrics.state_reconnects.inc()
         self._mark(True)
         self.rounds += 1
+        # Ages are read against the time the answer arrived, later than any publish it holds: the delay
+        # between a publish and this read can only make a remote sample look newer than it is, never older.
+        read_at = now()
         for d in deps:
             if d.id in self._unpublished:
                 self._unpublished.discard(d.id)
                 self.publish_ejection(d)  # (nothing, if it has ended meanwhile)
-            self._merge_stats(d, res.hashes.get(self.key("stats", d.id), {}), wall, mono)
+            self._merge_stats(d, res.hashes.get(self.key("stats", d.id), {}), wall, read_at)
             self._merge_ejection(d, res.keys.get(self.key("eject", d.id)), wall, mono)
 
     def _merge_stats(self, d: DeploymentRuntime, fields: dict[str, bytes], wall: float, mono: float) -> None:
         for replica, raw in fields.items():
-            if replica == self.replica_id:
+            if replica == self.replica_id or replica.endswith(AGE_FIELD):
                 continue
-            try:
-                ttft, ttft_n, lat, lat_n, ts = orjson.loads(raw)
-            except (orjson.JSONDecodeError, ValueError, TypeError):
+            stats = _stats(raw)
+            if stats is None:
                 continue
+            ttft, ttft_n, lat, lat_n, ts = stats
             if wall - ts > self.ttl_s or self._seen.get((d.id, replica)) == ts:
                 continue
             self._seen[(d.id, replica)] = ts
+            ttft_age, lat_age = _ages(fields.get(replica + AGE_FIELD))
             if ttft_n:
-                d.ttft.merge_remote(ttft, ttft_n, mono)
+                self._merge_estimate(d, d.ttft, ttft, ttft_n, ttft_age, mono)
             if lat_n:
-                d.latency.merge_remote(lat, lat_n, mono)
+                self._merge_estimate(d, d.latency, lat, lat_n, lat_age, mono)
+
+    def _merge_estimate(
+        self, d: DeploymentRuntime, ewma: PeakEwma, value_ms: float, n: int, age_s: float | None, mono: float
+    ) -> None:
+        """One remote estimate, counted by what became of it (llmgw_state_remote_estimates_total)."""
+        if age_s is None:
+            ewma.merge_remote(value_ms, n, mono)
+            result = "no-age"
+        else:
+            result = "merged" if ewma.merge_remote(value_ms, n, mono, observed_at=mono - age_s) else "stale"
+        m = self.engine.metrics
+        m.child(m.remote_estimates, d.id, result).inc()
 
     def _merge_ejection(self, d: DeploymentRuntime, raw: bytes | None, wall: float, mono: float) -> None:
         if not raw:
@@ -200,3 +226,41 @@ class StateSync:
                 f"{type(exc).__name__}: {exc}" if exc else "?",
             )
         self.up = up  # llmgw_state_backend_up reads it (engine.gauges)
+
+
+def _age(ewma: PeakEwma, mono: float) -> float | None:
+    """Seconds since the estimate's latest own sample, rounded down (so never older than it is); None
+    without one. An age, not a time: replicas' monotonic clocks share no origin."""
+    if not ewma.samples:
+        return None
+    return math.floor(max(0.0, mono - ewma.observed_at) * 1000.0) / 1000.0
+
+
+def _stats(raw: bytes) -> tuple[float, int, float, int, float] | None:
+    """[ttft_ms, ttft_samples, latency_ms, latency_samples, wall ts]; None when the field is anything else."""
+    values = _loads(raw)
+    if values is None or len(values) != 5 or not all(_number(v) for v in values):
+        return None
+    ttft, ttft_n, lat, lat_n, ts = values
+    return ttft, int(ttft_n), lat, int(lat_n), ts
+
+
+def _ages(raw: bytes | None) -> tuple[float | None, float | None]:
+    """[ttft_age_s, latency_age_s]; both None (unknown) without the field, as from an older replica."""
+    values = _loads(raw) if raw is not None else None
+    if values is None or len(values) != 2 or not all(v is None or _number(v) for v in values):
+        return None, None
+    return values[0], values[1]
+
+
+def _loads(raw: bytes) -> list[Any] | None:
+    try:
+        values = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return values if isinstance(values, list) else None
+
+
+def _number(v: object) -> bool:
+    """A finite, non-negative number (what every published value is)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < math.inf

@@ -11,6 +11,19 @@ from collections import deque
 MAX_REMOTE_WEIGHT = 0.5
 
 
+def staler(remote_observed_at: float | None, local_observed_at: float | None) -> bool:
+    """Whether a remote view is based on older samples than the local one, so must not move it.
+
+    All or nothing, not a weight that shrinks with the gap: ours measured the deployment after theirs
+    did, and a probe's answer that replaced a slow estimate would otherwise be pulled part way back to
+    the slow one (exp(-gap/decay_s) lets a view 5 s older, decay 10 s, still move ours 60 % as far).
+    None on either side (a replica that publishes no age; no local sample): not staler, merged as ever.
+    """
+    if remote_observed_at is None or local_observed_at is None:
+        return False
+    return remote_observed_at < local_observed_at
+
+
 class PeakEwma:
     """Peak-sensitive EWMA of a latency in ms (Finagle's / linkerd's PeakEWMA).
 
@@ -36,6 +49,7 @@ class PeakEwma:
         "samples",
         "last_at",
         "_base_at",
+        "observed_at",
         "merges",
     )
 
@@ -50,7 +64,8 @@ class PeakEwma:
         self._has_base = False
         self.samples = 0  # local observations only (what this replica publishes as its weight)
         self.last_at = 0.0  # monotonic time of the last observation or merge
-        self._base_at = 0.0  # monotonic time of the last local observation
+        self._base_at = 0.0  # monotonic time the baseline last moved
+        self.observed_at = 0.0  # monotonic time of the last local observation (published as its age)
         self.merges = 0  # remote views blended in
 
     @property
@@ -99,17 +114,29 @@ class PeakEwma:
             self._base = self._base * wb + value_ms * (1.0 - wb)
         if now > self._base_at:
             self._base_at = now
+        if now > self.observed_at:
+            self.observed_at = now
         self.samples += 1
         if now > self.last_at:
             self.last_at = now
 
     def merge_remote(
-        self, value_ms: float, samples: int, now: float, baseline_ms: float | None = None
-    ) -> None:
+        self,
+        value_ms: float,
+        samples: int,
+        now: float,
+        baseline_ms: float | None = None,
+        observed_at: float | None = None,
+    ) -> bool:
         """Blend in another replica's estimate (and baseline, if sent), weighted by its sample count, at most
-        MAX_REMOTE_WEIGHT; with nothing local yet, adopt it."""
+        MAX_REMOTE_WEIGHT, unless it is ``staler`` than ours; with nothing local yet, adopt it.
+
+        ``observed_at``: when the remote replica's latest own sample was taken, on this process's clock
+        (None: unknown). False when nothing was blended in: nonsense, or older than our own latest sample."""
         if samples <= 0 or not value_ms >= 0.0 or value_ms == math.inf:
-            return
+            return False
+        if staler(observed_at, self.observed_at if self.samples else None):
+            return False
         first = self.samples == 0 and self.merges == 0
         share = 1.0 if first else min(MAX_REMOTE_WEIGHT, samples / (samples + self.samples))
         if first:
@@ -129,6 +156,7 @@ class PeakEwma:
         # The new estimate is "as of now"; restarting the decay from it keeps the same trajectory.
         if now > self.last_at:
             self.last_at = now
+        return True
 
 
 class QuantileWindow:

@@ -387,6 +387,12 @@ class Metrics:
             "llmgw_state_local_only_seconds_total",
             "Seconds rate limits were decided locally because the state backend did not answer.",
         )
+        self.remote_estimates = self._counter(
+            "llmgw_state_remote_estimates_total",
+            "Latency estimates read from other replicas: merged; stale (based on samples older than this "
+            "process's own latest: left out); no-age (from a replica that publishes no age: merged).",
+            ["deployment", "result"],
+        )
         self.route_decisions = self._counter(
             "llmgw_route_decisions_total", "Routing decisions by reason.", ["model", "deployment", "reason"]
         )

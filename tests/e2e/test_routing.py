@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import time
 
-from harness import HTTP, REDIS_URL, dep, metric_value, model
+from harness import HTTP, REDIS_URL, dep, metric_value, model, wait_until
 
 BASE = {"ttft_ms": 60, "ttft_dist": "fixed", "itl_ms": 2, "tokens": 2, "tail_p": 0}
 
@@ -186,3 +186,60 @@ def test_a_deployment_one_outlier_took_out_is_probed_and_wins_its_traffic_back(s
     assert {r["route_reason"] for r in recs[outlier_i + 1 : outlier_i + len(after)]} == {"local"}
     probes = metric_value(gw.metrics(), "llmgw_route_decisions_total", deployment="b", reason="probe")
     assert probes >= 1
+
+
+def _ttft_estimate(gw, deployment: str) -> float:
+    views = HTTP.get(gw.url + "/admin/deployments").json()["deployments"]
+    return next(d["ttft_estimate_ms"] for d in views if d["deployment"] == deployment)
+
+
+def test_two_gateways_a_probe_answer_is_not_pulled_back_by_a_replica_that_sent_nothing_since(
+    sims_factory, gateways, redis_prefix
+):
+    """b (20 ms) is better than a (80 ms). b answers gw1 once in 1.5 s; gw2, sending nothing more, learns
+    that through Redis. gw1's probe measures b fast again: gw2's view, based on its own older samples,
+    must not pull gw1's back up, and gw2 must learn the probe's answer (it is newer than its samples)."""
+    sims = sims_factory(
+        {"sim-a": ("us-east", {**BASE, "ttft_ms": 80}), "sim-b": ("us-east", {**BASE, "ttft_ms": 20})}
+    )
+    cfg = {
+        "server": {"region": "us-east"},
+        "models": [
+            model(
+                "chat",
+                [dep("a", sims.base_url("sim-a")), dep("b", sims.base_url("sim-b"))],
+                routing={"ewma_decay_s": 30.0, "probe_interval_s": 0.5},
+            )
+        ],
+        "state": {
+            "backend": "redis",
+            "redis_url": REDIS_URL,
+            "key_prefix": redis_prefix,
+            "sync_interval_ms": 100,
+        },
+    }
+    gw1, gw2 = gateways(cfg), gateways(cfg)
+    for gw in (gw1, gw2):  # both measure both
+        for d in ("a", "b", "a", "b"):
+            assert _post(gw, {"x-gateway-deployment": d}) == d
+    sims.set("sim-b", ttft_ms=1500)
+    _post(gw1, {"x-gateway-deployment": "b"})  # the slow answer, on gw1
+    sims.set("sim-b", ttft_ms=20)
+    wait_until("gw2 to learn b's slow answer from gw1", lambda: _ttft_estimate(gw2, "b") > 500)
+    after = []
+    while "b" not in after:  # the event: gw1 probes b (a request every ~80 ms; the probe is due in 0.5 s)
+        after.append(_post(gw1))
+        assert len(after) < 200, "b was never probed"
+    # gw1 publishes the probe's answer and reads gw2's stale view every 100 ms; gw2 takes gw1's in, half
+    # way each round: below 60 ms only after several rounds (from ~1.5 s), each of which gw1 also read.
+    wait_until("gw2 to learn b is fast again", lambda: _ttft_estimate(gw2, "b") < 60)
+    assert _ttft_estimate(gw1, "b") < 40  # the probe's 20 ms, not pulled back
+    assert [_post(gw1) for _ in range(10)].count("b") >= 8
+    assert _post(gw2) == "b"  # by its estimate: gw2 sent b nothing since its warm-up
+    assert gw2.records(wait_for=5)[4]["route_reason"] == "local"
+    probe = gw1.records(wait_for=5 + len(after))[4 + len(after)]
+    assert (probe["upstream_cluster"], probe["route_reason"]) == ("b", "probe")
+    counted = "llmgw_state_remote_estimates_total"
+    stale = metric_value(gw1.metrics(), counted, deployment="b", result="stale")
+    merged = metric_value(gw2.metrics(), counted, deployment="b", result="merged")
+    assert stale >= 5 and merged >= 5, (stale, merged)

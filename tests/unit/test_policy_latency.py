@@ -215,6 +215,46 @@ def test_a_merged_estimate_keeps_decaying_like_a_local_one():
     assert merged.value(clock()) == pytest.approx(local.value(clock()))
 
 
+def test_a_remote_estimate_older_than_our_latest_sample_does_not_pull_a_probe_answer_back():
+    clock = FakeClock()
+    e = PeakEwma(decay_s=10.0)
+    e.observe(60.0, clock())
+    e.observe(3000.0, clock())  # one outlier
+    remote_sampled_at = clock()  # the other replica's latest own sample of it (it sent nothing since)
+    clock.advance(5.0)
+    e.observe(60.0, clock(), remeasure=True)  # the probe
+    assert e.observed_at == clock()
+    assert not e.merge_remote(1800.0, samples=100, now=clock(), observed_at=remote_sampled_at)
+    assert e.value(clock()) == 60.0 and e.merges == 0
+
+
+def test_a_remote_estimate_newer_than_our_latest_sample_still_moves_ours():
+    clock = FakeClock()
+    e = PeakEwma(decay_s=10.0)
+    for _ in range(10):
+        e.observe(3000.0, clock())
+    clock.advance(5.0)
+    current = e.value(clock())
+    # the other replica probed it after our last sample: its fast answer moves ours as far as allowed
+    assert e.merge_remote(60.0, samples=10, now=clock(), observed_at=clock() - 0.2)
+    assert e.value(clock()) == pytest.approx(current + (60.0 - current) * MAX_REMOTE_WEIGHT)
+    # one sampled at the same instant as ours is not older: replicas busy on one deployment still converge
+    assert e.merge_remote(60.0, samples=10, now=clock(), observed_at=e.observed_at)
+
+
+def test_a_remote_estimate_of_unknown_age_or_without_local_samples_is_merged_as_before_ages():
+    clock = FakeClock()
+    e = PeakEwma()
+    e.observe(100.0, clock())
+    clock.advance(5.0)
+    current = e.value(clock())
+    assert e.merge_remote(300.0, samples=100, now=clock())  # a replica that publishes no age
+    assert e.value(clock()) == pytest.approx(current + (300.0 - current) * MAX_REMOTE_WEIGHT)
+    fresh = PeakEwma()  # never sent there itself: any replica's view, however old, is news
+    assert fresh.merge_remote(300.0, samples=5, now=clock(), observed_at=clock() - 60.0)
+    assert fresh.value(clock()) == 300.0
+
+
 # ---------------------------------------------------------------- QuantileWindow
 
 

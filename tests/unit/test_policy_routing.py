@@ -590,3 +590,116 @@ def test_playbook_a_deployment_still_slow_gets_one_probe_per_interval_and_no_mor
     gaps = [b[0] - a[0] for a, b in zip(b_picks, b_picks[1:], strict=False)]
     assert len(b_picks) >= 8 and all(5.0 <= g < 5.2 for g in gaps), b_picks
     assert most_probes == 1
+
+
+class _Replica:
+    """One gateway process of a shared-state playbook: its estimates, in-flight counts, picks, publication."""
+
+    def __init__(self, seed: int, sends_until: float) -> None:
+        self.ewma = {k: PeakEwma(decay_s=10.0) for k in ("a", "b")}
+        self.inflight: Counter = Counter()
+        self.picked_at = dict.fromkeys(self.ewma, 0.0)
+        self.rng = random.Random(seed)
+        self.sends_until = sends_until
+        self.published: dict[str, tuple[float, int, float | None]] = {}
+        self.merged: list[tuple[float, float, float]] = []  # (t, a, b) after each merge round
+
+    def publish(self, now: float) -> None:
+        """As engine/sync.py: each estimate, its own sample count, the age of its latest own sample."""
+        self.published = {
+            k: (e.value(now), e.samples, now - e.observed_at if e.samples else None)
+            for k, e in self.ewma.items()
+        }
+
+    def merge(self, other: _Replica, now: float, ages: bool, t: float) -> None:
+        for k, (value, n, age) in other.published.items():
+            if n:
+                observed_at = now - age if ages and age is not None else None  # None: an older replica
+                self.ewma[k].merge_remote(value, n, now, observed_at=observed_at)
+        self.merged.append((t, self.ewma["a"].value(now), self.ewma["b"].value(now)))
+
+
+def _shared_playbook(ages: bool):
+    """Two replicas, r0 and r1, routing between a (100 ms) and b (60 ms) with probes every 5 s, on one
+    fake clock, sharing estimates as engine/sync.py does: every 0.5 s (r1 0.25 s after r0) each
+    publishes and merges what the other published last, with (``ages``) or without the ages of the
+    samples behind them. Requests to b started in [10 s, 10.2 s) take 3 s, seen by both; r0 sends 20
+    requests/s throughout, r1 the same until 10.2 s, then nothing: it never probes b, and what it learns
+    of b afterwards comes from r0. Returns r0's picks as (t, deployment, reason) and r1's merges."""
+    clock, base = FakeClock(), {"a": 100.0, "b": 60.0}
+    t0 = clock()
+    reps = [_Replica(3, sends_until=60.0), _Replica(4, sends_until=10.2)]
+    done: list[tuple[float, int, str, float, bool]] = []  # (completes_at, replica, deployment, ms, probe)
+    picks: list[tuple[float, str, RouteReason]] = []
+    for tick in range(int(40.0 / 0.025)):
+        now = clock()
+        t = now - t0
+        while done and done[0][0] <= now:
+            at, i, k, ms, probe = heapq.heappop(done)
+            reps[i].inflight[k] -= 1
+            reps[i].ewma[k].observe(ms, at, probe)
+        for r, rep in enumerate(reps):
+            if tick % 20 == 10 * r:  # every 0.5 s, r1 0.25 s after r0
+                rep.publish(now)
+                rep.merge(reps[1 - r], now, ages, t)
+            if tick % 2 != r or t >= rep.sends_until:  # 20 requests/s each, 25 ms apart
+                continue
+            cands = [
+                Candidate(
+                    k,
+                    HOME,
+                    1.0,
+                    0,
+                    True,
+                    e.value(now) * (rep.inflight[k] + 1),
+                    picked_at=now if rep.inflight[k] else rep.picked_at[k],
+                )
+                for k, e in rep.ewma.items()
+            ]
+            d = choose(
+                cands,
+                strategy=Strategy.LATENCY,
+                locality=Locality.PREFER,
+                home_region=HOME,
+                rng=rep.rng,
+                now=now,
+                probe_interval_s=5.0,
+            )
+            k = d.deployment_id
+            if r == 0:
+                picks.append((t, k, d.reason))
+            rep.picked_at[k] = now
+            rep.inflight[k] += 1
+            ms = 3000.0 if k == "b" and 10.0 <= t < 10.2 else base[k] * rep.rng.uniform(0.9, 1.1)
+            heapq.heappush(done, (now + ms / 1000.0, r, k, ms, d.reason is RouteReason.PROBE))
+        clock.advance(0.025)
+    return picks, reps[1].merged
+
+
+def test_playbook_two_replicas_a_stale_remote_estimate_does_not_pull_back_a_probe_answer():
+    # r1 has sent b nothing since its slow answers: its estimate of b is stale, and still inflated.
+    picks, _ = _shared_playbook(ages=True)
+    probes = [t for t, k, r in picks if r is RouteReason.PROBE]
+    assert len(probes) == 1 and 13.0 < probes[0] < 18.5, probes  # 5 s after b was last picked
+    assert _b_share(picks, probes[0] + 0.5, probes[0] + 5.0) > 0.5  # b's traffic is back at once
+    # Without ages (a replica that publishes none merges as before them), r1's view pulls r0's probe
+    # answer back up at the next sync round: b stays out until a second probe, and longer.
+    old, _ = _shared_playbook(ages=False)
+    old_probes = [t for t, k, r in old if r is RouteReason.PROBE]
+    assert old_probes[0] == probes[0] and len(old_probes) >= 2, old_probes
+    assert _b_share(old, old_probes[0] + 0.5, old_probes[0] + 5.0) < 0.1
+
+
+def test_playbook_two_replicas_a_fresher_remote_estimate_still_moves_the_other():
+    # r1 never probes b itself: r0's probe answer, newer than r1's own samples, is what brings b back there.
+    picks, r1 = _shared_playbook(ages=True)
+    probe = next(t for t, k, r in picks if r is RouteReason.PROBE)
+    before = [b for t, a, b in r1 if t < probe]
+    assert before[-1] > 1000.0  # r1's own slow answers, and r0's before its probe
+    after = [(t, a, b) for t, a, b in r1 if t > probe]
+    # Each round moves r1's view of b half way (MAX_REMOTE_WEIGHT) to r0's, which its own older samples
+    # do not move back: from ~1,600 ms to below a's ~100 ms in five rounds, once r0 has published it.
+    assert all(later[2] < earlier[2] for earlier, later in zip(after, after[1:6], strict=False)), after
+    back = next(t for t, a, b in after if b < a)  # r1 would route to b again
+    assert back < probe + 3.0, (probe, back)
+    assert all(b < 80.0 for t, a, b in after if t > back + 1.0)

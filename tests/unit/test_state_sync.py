@@ -124,3 +124,97 @@ def test_a_replica_reading_back_its_own_ejection_says_nothing_and_another_says_i
         asyncio.run(scenario())
     lines = [r.getMessage() for r in caplog.records if "by another replica" in r.getMessage()]
     assert lines == ["deployment a ejected by another replica for 20 s"], lines
+
+
+# ---------------------------------------------------------------- latency estimates and their ages
+
+
+def _merges(sync: StateSync, result: str) -> float:
+    labels = {"deployment": "a", "result": result}
+    return sync.engine.metrics.registry.get_sample_value("llmgw_state_remote_estimates_total", labels) or 0.0
+
+
+def test_a_stale_remote_estimate_leaves_a_probe_answer_alone_and_a_fresher_one_moves_the_other() -> None:
+    async def scenario() -> None:
+        backend = Shared()
+        a, dep_a = _replica(backend)
+        b, dep_b = _replica(backend)
+        t = now()
+        for dep in (dep_a, dep_b):
+            dep.observe(60.0, t - 6.0, stream=True)
+            dep.observe(3000.0, t - 5.0, stream=True)  # slow answers both saw; b has sent nothing since
+        dep_a.observe(60.0, t, stream=True, probe=True)  # a's probe: fast again
+        await b.round()
+        await a.round()  # b's view is based on samples 5 s older than a's: left out
+        assert dep_a.ttft.value(now()) == pytest.approx(60.0, abs=1.0)
+        assert (_merges(a, "stale"), _merges(a, "merged")) == (1, 0)
+        stale_b = dep_b.ttft.value(now())
+        await b.round()  # a's is newer than b's own samples: b takes it in, half way (MAX_REMOTE_WEIGHT)
+        assert dep_b.ttft.value(now()) == pytest.approx((stale_b + 60.0) / 2, rel=0.01)
+        assert (_merges(b, "merged"), _merges(b, "stale")) == (1, 0)
+
+    asyncio.run(scenario())
+
+
+def _merge_as_the_previous_version(d: DeploymentRuntime, fields: dict[str, bytes]) -> None:
+    """What a replica of the version before ages runs on every field of a stats hash (engine/sync.py then)."""
+    wall, mono = time.time(), now()
+    for raw in fields.values():
+        try:
+            ttft, ttft_n, lat, lat_n, ts = orjson.loads(raw)
+        except (orjson.JSONDecodeError, ValueError, TypeError):
+            continue
+        if wall - ts > 60:
+            continue
+        if ttft_n:
+            d.ttft.merge_remote(ttft, ttft_n, mono)
+        if lat_n:
+            d.latency.merge_remote(lat, lat_n, mono)
+
+
+def test_ages_travel_beside_the_five_values_so_replicas_of_either_version_read_each_other() -> None:
+    async def scenario() -> None:
+        backend = Shared()
+        new, dep_new = _replica(backend)
+        dep_new.observe(250.0, now() - 2.0, stream=True)
+        await new.round()
+        fields = await backend.hgetall(new.key("stats", "a"))
+        assert set(fields) == {new.replica_id, new.replica_id + "#age"}
+        assert orjson.loads(fields[new.replica_id])[:4] == [pytest.approx(250.0, rel=0.2), 1, 0.0, 0]
+        ttft_age, latency_age = orjson.loads(fields[new.replica_id + "#age"])
+        assert 2.0 <= ttft_age < 3.0 and latency_age is None  # no latency sample: no age
+        # An older replica skips the age field (not five values) and merges the estimate as it always did.
+        _, dep_old = _replica(backend)
+        _merge_as_the_previous_version(dep_old, fields)
+        assert dep_old.ttft.value(now()) == pytest.approx(250.0, rel=0.2) and not dep_old.latency.has_data
+        # A newer one reads an older replica's field, which has no age, and merges it as before: no-age.
+        old_field = orjson.dumps([400.0, 7, 0.0, 0, time.time()])
+        await backend.hset(new.key("stats", "a"), {"old-replica": old_field}, 60)
+        before = dep_new.ttft.value(now())
+        await new.round()
+        assert dep_new.ttft.value(now()) > before + 50.0
+        assert (_merges(new, "no-age"), _merges(new, "stale"), _merges(new, "merged")) == (1, 0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_a_published_field_that_is_not_what_a_replica_writes_is_skipped_not_fatal() -> None:
+    async def scenario() -> None:
+        backend = Shared()
+        sync, dep = _replica(backend)
+        key = sync.key("stats", "a")
+        junk = {
+            "r1": b'["fast", 3, 0, 0, 1]',
+            "r2": b"{}",
+            "r3": b"[1, 2, 3]",
+            "r4": b"not json",
+            "r5": orjson.dumps([-1.0, 3, 0.0, 0, time.time()]),
+            "r6": orjson.dumps([100.0, 3, 0.0, 0, time.time()]),
+            "r6#age": b'["old", null]',  # an unreadable age: merged as one of unknown age
+        }
+        await backend.hset(key, junk, 60)
+        await sync.round()
+        assert sync.up is True and dep.ttft.value(now()) == pytest.approx(100.0, rel=0.01)
+        assert _merges(sync, "no-age") == 1
+
+    asyncio.run(scenario())
