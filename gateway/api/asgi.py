@@ -137,8 +137,8 @@ class GatewayASGI:
         guard = self.guard
         body: JsonObject | None = None  # once parsed: a refused request still logs its model
         local_limits = False  # the key's rpm/tpm decided by this process alone (Redis away): flag RLL
+        request_id = _request_id(headers.get("x-request-id"))
         try:
-            request_id = _request_id(headers.get("x-request-id"))
             if "origin" in headers or len(headers) != len(raw_headers):  # a browser, or a name given twice
                 self._check_headers(raw_headers, headers)
             if scope["method"] != "POST":
@@ -186,7 +186,7 @@ class GatewayASGI:
                 t0,
                 wall,
                 headers,
-                request_id=locals().get("request_id"),
+                request_id=request_id,
                 api_key_id=key.id if key is not None else None,
                 model=_model_of(body),
                 stream=_stream_of(body),
@@ -199,7 +199,7 @@ class GatewayASGI:
                 t0,
                 wall,
                 headers,
-                request_id=locals().get("request_id"),
+                request_id=request_id,
                 api_key_id=key.id if key is not None else None,
                 answered=False,
             )
