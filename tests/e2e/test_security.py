@@ -262,6 +262,34 @@ def test_missing_or_invalid_key_is_401(keyed, headers):
     assert rec["response_code"] == 401 and rec["response_flags"] == "UAEX" and rec["api_key_id"] is None
 
 
+def test_two_different_keys_in_authorization_and_api_key_are_400(keyed):
+    """Authorization won silently over api-key: a proxy in front that checked one key passed a request the
+    gateway served on the other. Two different keys are refused, logged and counted; one key in both is
+    served."""
+    sims, gw, _ = keyed
+    auth = {"authorization": f"Bearer {KEYS['all']}"}
+
+    def refused() -> float:
+        text = httpx.get(gw.url + "/metrics", headers=auth).text
+        return metric_value(text, "llmgw_input_limits_total", limit="ambiguous_credentials")
+
+    before, served = refused(), sims.stats("sim-a")["served"]["chat"]
+    cases = [
+        {**auth, "api-key": "sk-gw-someone-else"},
+        {"authorization": "Bearer sk-gw-someone-else", "api-key": KEYS["all"]},
+    ]
+    ids = [f"two-keys-{i}" for i in range(len(cases))]
+    for rid, headers in zip(ids, cases, strict=True):
+        r = _chat(gw.url, None, headers={**headers, "x-request-id": rid})
+        assert r.status_code == 400, r.text
+        assert _error(r)["code"] == "ambiguous_credentials"
+    assert sims.stats("sim-a")["served"]["chat"] == served
+    recs = _records_by_id(gw, ids)
+    assert {(x["response_code"], x["response_flags"], x["api_key_id"]) for x in recs} == {(400, "DPE", None)}
+    assert refused() == before + len(cases)
+    assert _chat(gw.url, None, headers={**auth, "api-key": KEYS["all"]}).status_code == 200
+
+
 def test_sdk_sees_401_as_authentication_error(keyed):
     _, gw, _ = keyed
     with pytest.raises(openai.AuthenticationError) as exc:
