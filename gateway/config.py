@@ -67,6 +67,11 @@ def _numeric_fields(model: type[BaseModel]) -> frozenset[str]:
     return frozenset(names)
 
 
+# A DNS name as browsers send it in Host: ASCII labels of letters, digits, "-" and "_" (Compose service names).
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -90,6 +95,20 @@ class ServerConfig(_Strict):
     max_connections: int = Field(10_000, ge=0)  # open client connections per worker; 0 = unlimited
     drain_timeout_s: float = Field(30.0, ge=0)
     cors_origins: list[str] = []
+    # Host names requests may be sent to besides IP addresses and localhost (DNS rebinding); "*": any
+    allowed_hosts: list[str] = []
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _allowed_hosts(cls, v: list[str]) -> list[str]:
+        names = [h.lower().removesuffix(".") for h in v]
+        for i, name in enumerate(names):
+            if name != "*" and not (len(name) <= 253 and _HOST_NAME.fullmatch(name)):
+                raise ValueError(
+                    f"entry {i} ({v[i]!r}) is not a host name: give the name alone (gw.internal), without "
+                    'scheme, port, path or wildcard, in ASCII (punycode); any port is allowed, "*" allows any host'
+                )
+        return names
 
     @model_validator(mode="after")
     def _ports(self) -> ServerConfig:

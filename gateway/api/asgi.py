@@ -19,7 +19,15 @@ import orjson
 
 from gateway import errors
 from gateway.api.edge import EdgeLimits
-from gateway.api.headers import OriginPolicy, duplicate_header, duplicated, origin_not_allowed
+from gateway.api.headers import (
+    HostPolicy,
+    OriginPolicy,
+    duplicate_header,
+    duplicated,
+    host_not_allowed,
+    host_policy,
+    origin_not_allowed,
+)
 from gateway.api.jsonlimits import JsonLimit, JsonMarks, count_marks, deeper_than, json_over_limit
 from gateway.api.protocol import (
     DISCONNECT_KEY,
@@ -55,6 +63,7 @@ PROXY_ROUTES = {
 _STREAMABLE = frozenset({"/chat/completions", "/completions", "/responses"})
 _JSON_CT = (b"content-type", b"application/json")
 _DOCS_PATHS = ("/docs", "/openapi.json", "/redoc")
+_PROBES = frozenset({"/healthz", "/readyz"})  # probes reach a pod by address or Service name: any Host
 
 
 class GatewayASGI:
@@ -74,6 +83,12 @@ class GatewayASGI:
         self.max_containers = srv.max_json_containers
         self.edge = EdgeLimits(srv, self._edge_refused, self._count_limit)
         self.origins = OriginPolicy(srv.cors_origins)
+        # The Host check guards what is answered without a key (DNS rebinding, api/headers.py): with auth
+        # none every route but the probes; with keys only the admin listener's views, unless
+        # auth.protect_metrics (the model list of the main port names no deployment, key or traffic).
+        hosts = host_policy(srv.allowed_hosts)
+        self.hosts = hosts if guard is None else None
+        self.admin_hosts = hosts if guard is None or not guard.protect_metrics else None
         self._loop = RunningLoop()  # the serving loop, for the request's task without a getpid() each
         # With server.admin_port these move to the admin listener (serve_admin) and 404 here.
         self._admin_routes: dict[str, Callable[..., Awaitable[None]]] = {
@@ -110,6 +125,12 @@ class GatewayASGI:
                     # uvicorn's forced cancel, DRAIN_GRACE_S after the drain deadline cut the request short
                     # (app.py): it has been answered and logged as far as it could; a traceback adds nothing.
                     return
+            if (
+                self.hosts is not None
+                and path not in _PROBES
+                and await self._host_refused(scope, send, self.hosts)
+            ):
+                return
             handler = self._simple.get(path)
             if handler is not None:
                 return await handler(scope, receive, send)
@@ -141,6 +162,9 @@ class GatewayASGI:
         try:
             if "origin" in headers or len(headers) != len(raw_headers):  # a browser, or a name given twice
                 self._check_headers(raw_headers, headers)
+            hosts = self.hosts
+            if hosts is not None and headers.get("host") not in hosts.seen:  # one set lookup, once seen
+                self._check_host(hosts, headers.get("host"))
             if scope["method"] != "POST":
                 raise errors.method_not_allowed(scope["method"], "POST")
             if (
@@ -408,6 +432,26 @@ class GatewayASGI:
             self._count_limit("origin_not_allowed")
             raise origin_not_allowed(origin)
 
+    def _check_host(self, hosts: HostPolicy, host: str | None) -> None:
+        """Refuses a request sent to a host name a foreign web page could hold (403)."""
+        if not hosts.allows(host):
+            self._count_limit("host_not_allowed")
+            raise host_not_allowed(host or "")
+
+    async def _host_refused(self, scope: Scope, send: Send, hosts: HostPolicy) -> bool:
+        """Refuses (403, logged and counted) a read route's request sent to a foreign host; says so."""
+        raw_headers = scope["headers"]
+        given: list[str | None] = [v.decode("latin-1") for k, v in raw_headers if k == b"host"]
+        try:
+            for host in given or [None]:  # each of them: only proxy routes refuse a repeated Host
+                self._check_host(hosts, host)
+        except GatewayError as exc:
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
+            rid = _request_id(headers.get("x-request-id"))
+            await self._reject(scope, send, exc, *arrival(scope), headers, request_id=rid)
+            return True
+        return False
+
     def _count_limit(self, limit: str) -> None:
         m = self.engine.metrics
         m.child(m.input_limits, limit).inc()
@@ -532,6 +576,9 @@ class GatewayASGI:
         if scope["type"] != "http":
             return
         path = scope["path"]
+        hosts = self.admin_hosts
+        if hosts is not None and path not in _PROBES and await self._host_refused(scope, send, hosts):
+            return
         handler = self._admin_routes.get(path)
         if handler is not None:
             return await handler(scope, receive, send)

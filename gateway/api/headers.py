@@ -1,5 +1,5 @@
-"""What the edge refuses in a proxy request's headers before reading anything else: a foreign browser
-origin, and a security-relevant header given twice.
+"""What the edge refuses in a request's headers before reading anything else: a foreign browser origin,
+a host name a foreign page could point at the gateway, and a security-relevant header given twice.
 
 **Origins.** Any web page can make a browser POST to a gateway on the user's machine (a ``fetch`` with a
 body and no Content-Type needs no CORS preflight), and with ``auth.mode: none`` that spends the provider
@@ -10,6 +10,13 @@ address or ``localhost``: the API docs page served by the gateway itself. A DNS 
 itself, since a foreign page can rebind its own name to the gateway's address and so be "same-origin";
 a gateway reached by name lists its origin in ``server.cors_origins``. Requests without ``Origin``
 (SDKs, curl) are not affected.
+
+**Hosts.** A page on a foreign name can rebind that name to the gateway's address (DNS rebinding): the
+browser then deems the gateway same-origin, sends the foreign name as ``Host``, and lets the page read the
+answers (a GET sends no ``Origin``). As Ollama and Jupyter do, a request is answered only when its
+``Host`` is an IP address, ``localhost`` (or a subdomain of it, loopback by RFC 6761), or a name listed in
+``server.allowed_hosts``: names no foreign page can hold. Hosts found allowed are remembered, so the
+common request pays one set lookup.
 
 **Duplicates.** The edge reads headers into a dict, last one wins; a front proxy may read the first.
 Two ``Authorization`` (or ``Host``, ``Content-Length`` ...) headers are how requests are smuggled past
@@ -68,6 +75,76 @@ def own_origin(origin: str, host: str) -> bool:
     except ValueError:  # not an address, or not a URL
         return False
     return True
+
+
+SEEN_HOSTS_MAX = 1024  # allowed Host values remembered: a client cycling through ports cannot grow it
+
+
+class HostPolicy:
+    """``server.allowed_hosts`` (exact names) and the hosts no foreign page can hold (see ``host_allowed``)."""
+
+    def __init__(self, allowed_hosts: list[str]) -> None:
+        self.names = frozenset(allowed_hosts)  # validated and in lower case (config.py)
+        # no Host at all is no browser's request
+        self.seen: set[str | None] = {None, ""}
+
+    def allows(self, host: str | None) -> bool:
+        if host in self.seen:
+            return True
+        if host is None or not host_allowed(host, self.names):
+            return False
+        if len(self.seen) < SEEN_HOSTS_MAX:
+            self.seen.add(host)
+        return True
+
+
+def host_policy(allowed_hosts: list[str]) -> HostPolicy | None:
+    """The policy, or None when ``*`` allows any host."""
+    return None if "*" in allowed_hosts else HostPolicy(allowed_hosts)
+
+
+def host_allowed(host: str, names: frozenset[str]) -> bool:
+    """``host``, a ``Host`` value with or without its port, is an IP address (IPv6 in brackets),
+    ``localhost``, a subdomain of ``localhost``, or one of ``names``."""
+    if host.startswith("["):
+        address, bracket, port = host[1:].partition("]")
+        return bool(bracket) and (not port or (port[0] == ":" and _is_port(port[1:]))) and _is_ipv6(address)
+    name, colon, port = host.partition(":")
+    if colon and not _is_port(port):
+        return False
+    name = name.lower().removesuffix(".")  # "localhost." names the same host
+    return name == "localhost" or name.endswith(".localhost") or name in names or _is_ipv4(name)
+
+
+def _is_port(port: str) -> bool:
+    return port.isascii() and port.isdigit()  # isdigit() alone takes "²" (Host is read as latin-1)
+
+
+def _is_ipv6(address: str) -> bool:
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_ipv4(name: str) -> bool:
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def host_not_allowed(host: str) -> GatewayError:
+    return GatewayError(
+        403,
+        f"Host {host[:200]!r} is not allowed: the gateway answers requests sent to an IP address, localhost "
+        "or a name listed in server.allowed_hosts (a foreign web page can point its own name at the gateway).",
+        "invalid_request_error",
+        "host_not_allowed",
+        flag=ResponseFlag.UNAUTHORIZED,
+    )
 
 
 def origin_not_allowed(origin: str) -> GatewayError:

@@ -19,7 +19,14 @@ from gateway.config import AuthConfig
 from gateway.errors import GatewayError, echoed
 from gateway.flags import ResponseFlag
 from gateway.policy.ratelimit import LimitCheck
-from gateway.security.keys import ApiKey, RedisKeyStore, bearer_token, constant_time_equal, hash_key
+from gateway.security.keys import (
+    ApiKey,
+    RedisKeyStore,
+    bearer_token,
+    conflicting_keys,
+    constant_time_equal,
+    hash_key,
+)
 from gateway.state.base import StateRefused
 from gateway.state.memory import MemoryState
 
@@ -36,6 +43,16 @@ _LOCAL_REFUSAL = f"{ResponseFlag.RATE_LIMITED},{ResponseFlag.LOCAL_LIMITS}"
 def _unauthorized(message: str) -> GatewayError:
     return GatewayError(
         401, message, "invalid_request_error", "invalid_api_key", flag=ResponseFlag.UNAUTHORIZED
+    )
+
+
+def _ambiguous_credentials() -> GatewayError:
+    return GatewayError(
+        400,
+        "The request carries one gateway key in 'Authorization' and another in 'api-key': send it in one of them.",
+        "invalid_request_error",
+        "ambiguous_credentials",
+        flag=ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR,
     )
 
 
@@ -62,6 +79,9 @@ class Guard:
         self._refused_logged = -math.inf  # monotonic time a refusal was last logged
 
     async def authenticate(self, headers: dict[str, str]) -> ApiKey:
+        if "api-key" in headers and conflicting_keys(headers):
+            self.metrics.child(self.metrics.input_limits, "ambiguous_credentials").inc()
+            raise _ambiguous_credentials()
         token = bearer_token(headers)
         if token is None:
             raise _unauthorized("Missing API key: send 'Authorization: Bearer <gateway key>'.")

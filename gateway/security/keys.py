@@ -79,6 +79,16 @@ def bearer_token(headers: dict[str, str]) -> str | None:
     return key.strip() if key else None
 
 
+def conflicting_keys(headers: dict[str, str]) -> bool:
+    """``Authorization`` and ``api-key`` each carry a key, and not the same one: a proxy in front may have
+    checked the other one, so neither can be taken."""
+    auth, key = headers.get("authorization"), (headers.get("api-key") or "").strip()
+    if not auth or not key:
+        return False
+    token = bearer_token(headers)  # Authorization's: it is given
+    return token is not None and token != key
+
+
 def constant_time_equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 

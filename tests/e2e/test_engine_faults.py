@@ -177,7 +177,7 @@ def _send_and_leave(
     """A request (maybe only part of its body), then the client is gone at once."""
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n%s"
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n%s"
             b"content-length: %d\r\n\r\n%s" % (head_extra, len(body) if length is None else length, body)
         )
 

@@ -52,7 +52,7 @@ def test_a_body_uploaded_in_parts_is_the_clients_time_not_gateway_overhead(sims_
     body = orjson.dumps({"model": "chat", "messages": [{"role": "user", "content": "x" * 400}]})
     parts = [body[:100], body[100:200], body[200:300], body[300:]]
     head = (
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     ).encode()
     with socket.create_connection(("127.0.0.1", gw.port)) as s:

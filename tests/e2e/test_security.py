@@ -262,6 +262,34 @@ def test_missing_or_invalid_key_is_401(keyed, headers):
     assert rec["response_code"] == 401 and rec["response_flags"] == "UAEX" and rec["api_key_id"] is None
 
 
+def test_two_different_keys_in_authorization_and_api_key_are_400(keyed):
+    """Authorization won silently over api-key: a proxy in front that checked one key passed a request the
+    gateway served on the other. Two different keys are refused, logged and counted; one key in both is
+    served."""
+    sims, gw, _ = keyed
+    auth = {"authorization": f"Bearer {KEYS['all']}"}
+
+    def refused() -> float:
+        text = httpx.get(gw.url + "/metrics", headers=auth).text
+        return metric_value(text, "llmgw_input_limits_total", limit="ambiguous_credentials")
+
+    before, served = refused(), sims.stats("sim-a")["served"]["chat"]
+    cases = [
+        {**auth, "api-key": "sk-gw-someone-else"},
+        {"authorization": "Bearer sk-gw-someone-else", "api-key": KEYS["all"]},
+    ]
+    ids = [f"two-keys-{i}" for i in range(len(cases))]
+    for rid, headers in zip(ids, cases, strict=True):
+        r = _chat(gw.url, None, headers={**headers, "x-request-id": rid})
+        assert r.status_code == 400, r.text
+        assert _error(r)["code"] == "ambiguous_credentials"
+    assert sims.stats("sim-a")["served"]["chat"] == served
+    recs = _records_by_id(gw, ids)
+    assert {(x["response_code"], x["response_flags"], x["api_key_id"]) for x in recs} == {(400, "DPE", None)}
+    assert refused() == before + len(cases)
+    assert _chat(gw.url, None, headers={**auth, "api-key": KEYS["all"]}).status_code == 200
+
+
 def test_sdk_sees_401_as_authentication_error(keyed):
     _, gw, _ = keyed
     with pytest.raises(openai.AuthenticationError) as exc:
@@ -551,7 +579,13 @@ def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sims, G
     sims = Sims({"sim-a": ("us-east", FAST), "canary": ("us-east", FAST)})
     rec = _Recorder()
     cfg = {
-        "server": {"max_header_bytes": 2048, "max_json_depth": 16, "max_messages": 4, "max_body_bytes": 8192},
+        "server": {
+            "max_header_bytes": 2048,
+            "max_json_depth": 16,
+            "max_messages": 4,
+            "max_body_bytes": 8192,
+            "allowed_hosts": ["gw.test"],
+        },
         "models": [
             model("chat", [dep("a", sims.base_url("sim-a"))]),
             model(
@@ -869,6 +903,61 @@ def test_the_gateways_own_pages_and_clients_without_an_origin_are_served(hardene
     assert _chat(gw.url, None).status_code == 200
 
 
+REBOUND_READS = (
+    "/metrics",
+    "/admin/config",
+    "/admin/deployments",
+    "/v1/models",
+    "/models",
+    "/v1/models/chat",
+    "/openapi.json",
+    "/docs",
+    "/nowhere",
+)
+
+
+def test_a_page_rebound_to_a_local_gateway_cannot_read_it(hardened):
+    """DNS rebinding: a page on a foreign name points that name at 127.0.0.1, so the browser deems the
+    gateway same-origin, sends the foreign name as Host and, on a GET, no Origin: with auth none it read
+    /metrics, /admin/* and /v1/models. A Host that is not an address, localhost or a name listed in
+    server.allowed_hosts is now refused, logged and counted, on every route but the probes; the gateway's
+    addresses, localhost and the listed names are served."""
+    _, gw, rec = hardened
+    n = len(rec.requests)
+    before = metric_value(gw.metrics(), "llmgw_input_limits_total", limit="host_not_allowed")
+    rebound = f"rebound.example:{gw.port}"
+    ids = [f"rebound-{i}" for i in range(len(REBOUND_READS))]
+    for rid, path in zip(ids, REBOUND_READS, strict=True):
+        r = httpx.get(gw.url + path, headers={"host": rebound, "x-request-id": rid})
+        assert r.status_code == 403, (path, r.text)
+        err = _error(r)
+        assert err["code"] == "host_not_allowed" and "server.allowed_hosts" in err["message"], err
+    # a proxy request without Origin (a browser that sends none on a same-origin POST)
+    headers = {"host": rebound, "content-type": "application/json", "x-request-id": "rebound-post"}
+    r = httpx.post(gw.url + "/v1/chat/completions", content=REC_BODY, headers=headers)
+    assert r.status_code == 403 and _error(r)["code"] == "host_not_allowed", r.text
+    assert len(rec.requests) == n
+    recs = _records_by_id(gw, [*ids, "rebound-post"])
+    assert {(x["response_code"], x["response_flags"], x["error_type"]) for x in recs} == {
+        (403, "UAEX", "host_not_allowed")
+    }
+    after = metric_value(gw.metrics(), "llmgw_input_limits_total", limit="host_not_allowed")
+    assert after == before + len(REBOUND_READS) + 1
+    for path in ("/healthz", "/readyz"):  # probes come by address or by a Service's name
+        assert httpx.get(gw.url + path, headers={"host": rebound}).status_code == 200, path
+    port = gw.port
+    for host in (
+        f"127.0.0.1:{port}",
+        f"[::1]:{port}",
+        f"localhost:{port}",
+        f"app.localhost:{port}",
+        "GW.test",
+    ):
+        assert httpx.get(gw.url + "/v1/models", headers={"host": host}).status_code == 200, host
+        assert _chat(gw.url, None, headers={"host": host}).status_code == 200, host
+    assert _raw(port, b"GET /v1/models HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 ")  # no Host: no browser
+
+
 def test_a_post_without_content_type_is_415(hardened):
     """No Content-Type is what a browser's preflight-free POST sends; every SDK sends application/json."""
     _, gw, rec = hardened
@@ -985,6 +1074,8 @@ def test_admin_port_serves_ops_endpoints_and_main_port_does_not(ops):
     assert httpx.get(admin_url + "/metrics").status_code == 401  # protect_metrics holds on the admin port
     text = httpx.get(admin_url + "/metrics", headers=auth).text
     assert metric_value(text, "llmgw_requests_total", code="200") >= 1
+    # protect_metrics: a page rebound to the port cannot pass the key check, so its Host is not checked
+    assert httpx.get(admin_url + "/metrics", headers={**auth, "host": "rebound.example"}).status_code == 200
     assert httpx.get(admin_url + "/admin/deployments").status_code == 401
     assert (
         httpx.get(admin_url + "/admin/deployments", headers=auth).json()["deployments"][0]["deployment"]
@@ -1038,6 +1129,41 @@ def test_cors_for_listed_origins_only(ops):
     r = _chat(gw.url, key, headers={"origin": gw.url})  # the gateway's own page (its API docs)
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
     assert "access-control-allow-origin" not in _chat(gw.url, key).headers  # no Origin, no CORS
+
+
+@pytest.mark.parametrize("auth", ["none", "keys"])
+def test_the_admin_listeners_views_need_a_known_host_unless_a_key_guards_them(tmp_path, auth):
+    """The admin port answers /metrics and /admin/* without a key (auth none, or keys without
+    auth.protect_metrics): a page rebound to it read them. Its probes answer whatever the Host; with keys the
+    main port's answers need a key, but for the model list, which names no deployment, key or traffic."""
+    sims = Sims({"sim-a": ("us-east", FAST)})
+    cfg: dict[str, Any] = {
+        "server": {"admin_port": "auto"},
+        "models": [model("chat", [dep("a", sims.base_url("sim-a"))])],
+    }
+    if auth == "keys":
+        cfg["auth"] = {"mode": "keys", "keys": [{"id": "ops", "hash": hash_key(KEYS["all"])}]}
+    gw = Gateway(cfg, tmp_path, name=f"admin-{auth}")
+    try:
+        rebound = {"host": "rebound.example", "authorization": f"Bearer {KEYS['all']}"}
+        for path in ("/metrics", "/admin/config"):
+            r = httpx.get(gw.admin_url + path, headers=rebound)
+            assert r.status_code == 403 and _error(r)["code"] == "host_not_allowed", (path, r.text)
+        for path in ("/healthz", "/readyz"):
+            assert httpx.get(gw.admin_url + path, headers=rebound).status_code == 200, path
+        assert httpx.get(gw.admin_url + "/metrics").status_code == 200  # at its address
+        r = httpx.get(gw.url + "/v1/models", headers=rebound)
+        assert r.status_code == (403 if auth == "none" else 200), r.text
+        recs = gw.records(wait_for=2)
+        assert [(x["path"], x["response_flags"], x["error_type"]) for x in recs][:2] == [
+            ("/metrics", "UAEX", "host_not_allowed"),
+            ("/admin/config", "UAEX", "host_not_allowed"),
+        ]
+        refused = metric_value(gw.metrics(), "llmgw_input_limits_total", limit="host_not_allowed")
+        assert refused == (3 if auth == "none" else 2)
+    finally:
+        gw.stop()
+        sims.stop()
 
 
 @pytest.mark.parametrize("order", ["valid-first", "valid-last"])

@@ -139,7 +139,7 @@ def test_a_stream_to_a_client_that_stopped_reading_is_cut_at_the_drain_timeout_w
     with socket.create_connection(("127.0.0.1", gw.port)) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\n\r\n%s" % (len(body), body)
         )
         first = s.recv(1024)

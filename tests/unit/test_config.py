@@ -252,6 +252,20 @@ def test_a_wrong_model_default_is_named_where_it_is_written_once():
             lambda r: r.update(tracing={"otlp_endpoint": "not a url"}),
             "tracing.otlp_endpoint: not an OTLP/HTTP URL",
         ),
+        *(
+            (
+                lambda r, bad=bad: r.update(server={"allowed_hosts": ["gw.internal", bad]}),
+                f"server.allowed_hosts: entry 1 ({bad!r}) is not a host name",
+            )
+            for bad in (
+                "http://gw.internal",
+                "gw.internal:8080",
+                "*.example.com",
+                "gw.internal/v1",
+                "",
+                "gätewäy",
+            )
+        ),
         (
             lambda r: r["models"][0].update(fallbacks=["m2", "m2"]),
             "models[0].fallbacks[1]: 'm2' is listed twice",
@@ -300,6 +314,16 @@ def test_names_and_ids_that_work_are_accepted():
     raw["auth"] = {"keys": [{"id": "team-a:svc.1", "hash": "sha256:" + "0123456789abcdef" * 4}]}
     cfg = parse_config(raw)
     assert cfg.models[0].name == "accounts/fireworks/models/llama-v3p1 8b"
+
+
+def test_allowed_hosts_are_names_compared_in_lower_case_without_the_root_dot():
+    raw = _cfg()
+    raw["server"] = {
+        "allowed_hosts": ["GW.Internal.", "llm_gateway", "gw-llm-gateway.llm.svc.cluster.local", "*"]
+    }
+    hosts = parse_config(raw).server.allowed_hosts
+    assert hosts == ["gw.internal", "llm_gateway", "gw-llm-gateway.llm.svc.cluster.local", "*"]
+    assert parse_config(_cfg()).server.allowed_hosts == []
 
 
 def test_unreadable_schema_files_are_reported_with_the_rest(tmp_path: Path):

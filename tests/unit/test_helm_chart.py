@@ -544,6 +544,35 @@ def test_rendered_config_passes_llmgw_check_config(variant, tmp_path):
     assert "sk-test" not in proc.stdout and "az-test" not in proc.stdout
 
 
+def test_the_gateway_answers_to_the_services_names_and_to_addresses(chart):
+    """With auth.mode none the gateway refuses a request sent to a host name it does not list (DNS
+    rebinding): in-cluster clients call it by the Service's names, which the chart lists; probes and
+    Prometheus come by the pod's address, always allowed."""
+    from gateway.api.headers import host_policy
+    from gateway.config import parse_config
+
+    svc = f"{FULLNAME}.{NAMESPACE}"
+    default = rendered_config(render(chart))["server"]["allowed_hosts"]
+    assert default == [FULLNAME, svc, f"{svc}.svc", f"{svc}.svc.cluster.local"]
+    values = with_values(
+        None, **{"clusterDomain": "corp.local", "gateway.server.allowed_hosts": ["llm.example.com"]}
+    )
+    cfg = parse_config(rendered_config(render(chart, values)), env={"OPENAI_API_KEY": "sk-test"})
+    assert cfg.auth.mode == "none"
+    policy = host_policy(cfg.server.allowed_hosts)
+    assert policy is not None
+    for host in (
+        f"{FULLNAME}:8080",
+        f"{svc}:8080",
+        f"{svc}.svc:9090",
+        f"{svc}.svc.corp.local:8080",
+        "llm.example.com",
+        "10.42.0.7:9090",
+    ):
+        assert policy.allows(host), host
+    assert not policy.allows(f"{svc}.svc.cluster.local:8080") and not policy.allows("rebound.example:8080")
+
+
 def test_default_values_leave_retries_to_the_gateway_defaults(chart):
     """The chart sets no retry policy of its own: a fixed max_retries there would override the gateway's
     budget-bounded default for every model."""

@@ -1,5 +1,6 @@
 """Pure decisions behind the hostile-input limits: JSON cost on the bytes, redaction, header values in
-config, the tpm estimate, access-log escaping, and which proxy a deployment uses."""
+config, the tpm estimate, access-log escaping, which proxy a deployment uses, and which browser origins and
+hosts a request may name."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ import orjson
 import pytest
 import yaml
 
-from gateway.api.headers import SINGLE_VALUE, OriginPolicy, duplicated, own_origin
+from gateway.api.headers import (
+    SEEN_HOSTS_MAX,
+    SINGLE_VALUE,
+    OriginPolicy,
+    duplicated,
+    host_allowed,
+    host_policy,
+    own_origin,
+)
 from gateway.api.jsonlimits import JsonLimit, deeper_than, json_over_limit
 from gateway.config import ConfigError, parse_config, redact, redact_url
 from gateway.security.guard import estimate_tokens
@@ -271,3 +280,56 @@ def test_only_single_value_headers_given_twice_are_duplicates():
     assert duplicated([(b"host", b"a"), (b"api-key", b"k"), (b"api-key", b"k")]) == "api-key"
     assert duplicated([(b"content-type", b"a"), (b"host", b"a"), (b"host", b"b")]) == "host"
     assert duplicated([(name, b"v") for name in sorted(SINGLE_VALUE)]) is None
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("127.0.0.1:8080", True),
+        ("127.0.0.1", True),
+        ("10.1.2.3:9090", True),  # a pod's address: kubelet probes, Prometheus scrapes
+        ("0.0.0.0:8080", True),
+        ("127.0.0.1.:8080", True),  # the same address, written as a name with its root dot
+        ("[::1]:8080", True),
+        ("[::1]", True),
+        ("[fe80::1]:80", True),
+        ("localhost:8080", True),
+        ("LocalHost", True),
+        ("localhost.:8080", True),
+        ("app.localhost:3000", True),  # loopback by RFC 6761: no foreign page can be served from it
+        ("gw.internal:8080", True),  # listed
+        ("GW.Internal.", True),
+        ("evil.example:8080", False),  # a foreign page's name, rebound to the gateway's address
+        ("evil.example", False),
+        ("localhost.evil.example", False),
+        ("evilocalhost", False),
+        ("127.0.0.1.nip.io:8080", False),  # a public name that resolves to loopback
+        ("gw.internal.evil.example", False),
+        ("internal", False),
+        ("::1", False),  # an IPv6 address without brackets is no Host
+        ("[::1]8080", False),
+        ("[::1]:http", False),
+        ("[127.0.0.1]", False),
+        ("[::1", False),
+        ("127.0.0.1:http", False),
+        ("127.0.0.1:\xb2", False),  # "²" passes str.isdigit()
+        ("localhost:80:80", False),
+        ("0x7f.1:8080", False),  # browsers send an address in its dotted form
+        (":8080", False),
+        ("", False),
+    ],
+)
+def test_a_host_is_allowed_when_no_foreign_page_can_hold_it(host, allowed):
+    assert host_allowed(host, frozenset({"gw.internal"})) is allowed
+
+
+def test_the_host_policy_remembers_allowed_hosts_boundedly_and_star_switches_it_off():
+    policy = host_policy(["gw.internal"])
+    assert policy is not None and host_policy(["gw.internal", "*"]) is None
+    assert policy.allows(None) and policy.allows("")  # no Host: no browser sent it
+    assert policy.allows("gw.internal:8080") and "gw.internal:8080" in policy.seen
+    assert not policy.allows("evil.example") and "evil.example" not in policy.seen
+    for port in range(2 * SEEN_HOSTS_MAX):
+        assert policy.allows(f"127.0.0.1:{port}")
+    assert len(policy.seen) == SEEN_HOSTS_MAX
+    assert policy.allows("127.0.0.1:65535") and not policy.allows("evil.example:8080")

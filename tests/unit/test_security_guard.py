@@ -12,7 +12,7 @@ from gateway.config import AuthConfig
 from gateway.errors import GatewayError
 from gateway.security import guard as guard_mod
 from gateway.security.guard import Guard, estimate_tokens
-from gateway.security.keys import ApiKey, RedisKeyStore, bearer_token, hash_key, new_key
+from gateway.security.keys import ApiKey, RedisKeyStore, bearer_token, conflicting_keys, hash_key, new_key
 from gateway.state.base import StateRefused
 from gateway.state.memory import MemoryState
 from gateway.telemetry.metrics import Metrics
@@ -85,6 +85,39 @@ def test_keys_are_random_and_stored_as_hashes():
 )
 def test_bearer_token(headers, token):
     assert bearer_token(headers) == token
+
+
+@pytest.mark.parametrize(
+    ("headers", "conflict"),
+    [
+        ({"authorization": "Bearer abc", "api-key": "xyz"}, True),
+        ({"authorization": "Bearer abc", "api-key": " abc "}, False),  # the same key in both
+        ({"authorization": "Bearer abc"}, False),
+        ({"api-key": "abc"}, False),
+        ({"authorization": "", "api-key": "abc"}, False),
+        ({"authorization": "Bearer abc", "api-key": ""}, False),
+        ({"authorization": "Basic abc", "api-key": "xyz"}, False),  # not a key: refused 401 as before
+    ],
+)
+def test_conflicting_keys(headers, conflict):
+    assert conflicting_keys(headers) is conflict
+
+
+def test_two_different_keys_are_400_and_counted_whichever_is_valid():
+    """Authorization won silently: a proxy in front that checked api-key passed a request the gateway then
+    served on another key (or the other way round)."""
+    g = _guard()
+    for headers in (
+        {"authorization": f"Bearer {KEY}", "api-key": "sk-gw-someone-else"},
+        {"authorization": "Bearer sk-gw-someone-else", "api-key": KEY},
+    ):
+        with pytest.raises(GatewayError) as exc:
+            asyncio.run(g.authenticate(headers))
+        err = exc.value
+        assert (err.status, err.code, err.flag) == (400, "ambiguous_credentials", "DPE")
+    assert g.metrics.input_limits.labels("ambiguous_credentials").value == 2
+    key = asyncio.run(g.authenticate({"authorization": f"Bearer {KEY}", "api-key": KEY}))
+    assert key.id == "team"
 
 
 def test_model_globs_are_case_sensitive():

@@ -138,11 +138,26 @@ resolves it (deployment, then model, then model_defaults, then the gateway's def
 {{- end }}
 
 {{/*
+The names the Service answers to in the cluster: the gateway refuses a request sent to a name it does
+not know (DNS rebinding, docs/security.md), so they join gateway.server.allowed_hosts.
+*/}}
+{{- define "llm-gateway.serviceHosts" -}}
+{{- $name := include "llm-gateway.fullname" . }}
+{{- $ns := .Release.Namespace }}
+{{- list $name (printf "%s.%s" $name $ns) (printf "%s.%s.svc" $name $ns) (printf "%s.%s.svc.%s" $name $ns .Values.clusterDomain) | toYaml }}
+{{- end }}
+
+{{/*
 The gateway config as rendered into the ConfigMap: .Values.gateway, with state.backend and
-state.redis_url set from the redis values when they name a Redis.
+state.redis_url set from the redis values when they name a Redis, and the Service's names added to
+server.allowed_hosts.
 */}}
 {{- define "llm-gateway.config" -}}
 {{- $cfg := deepCopy .Values.gateway }}
+{{- $server := deepCopy (default (dict) $cfg.server) }}
+{{- $hosts := concat (default (list) $server.allowed_hosts) (include "llm-gateway.serviceHosts" . | fromYamlArray) }}
+{{- $_ := set $server "allowed_hosts" (uniq $hosts) }}
+{{- $_ := set $cfg "server" $server }}
 {{- $state := deepCopy (default (dict) $cfg.state) }}
 {{- $url := include "llm-gateway.redisUrl" . }}
 {{- if $url }}
