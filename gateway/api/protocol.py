@@ -19,7 +19,9 @@ response's first write until the next one of the same loop turn, so head and fir
 together, as aiohttp's server sends them. uvicorn calls a response complete once the app sent it, though
 most of a large one may still wait in the transport, the client reading none of it: the connection's
 ``Delivery`` (in each scope, ``llmgw.downstream``) lets the app wait for it to leave, or learn that
-``server.send_timeout_s`` cut it.
+``server.send_timeout_s`` cut it. The transport's write-buffer limits are zero, so writing is paused
+exactly while bytes wait in the gateway: resumed, every byte has left (for the kernel), and a tail
+below the default 64 KiB mark no longer waits unseen, untimed.
 
 With the app's ``EdgeLimits`` (``api/edge.py``) in the lifespan state, the protocol also bounds each
 request head: bytes are counted as they arrive, before httptools sees them (it would buffer a header of
@@ -146,7 +148,9 @@ class Delivery:
     async def delivered(self) -> bool:
         """Wait while writing is paused: False if the connection was cut first (``server.send_timeout_s``,
         or the client reset it), else True. For a response the app sent whole while writing was paused
-        (uvicorn calls it complete at once): whether its end left."""
+        (uvicorn calls it complete at once): whether its end left. Left means handed to the kernel (the
+        buffer limits are zero): what a reset makes the kernel drop after that is not seen here, as in
+        nginx and Envoy."""
         await self._flow.drain()  # resume_writing ends the wait, and so does connection_lost
         return not self.cut
 
@@ -189,6 +193,9 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # Paused while any byte waits in the transport, resumed once none does: with the default marks
+        # (64 KiB, 16 KiB) a tail below them waited unseen by the delivery wait and by send_timeout_s.
+        transport.set_write_buffer_limits(0)
         self.transport = HeadWithBodyTransport(transport, self.loop)  # type: ignore[assignment]
         self.delivery = Delivery(self.flow)
         edge = self.app_state.get(EDGE_KEY)

@@ -100,6 +100,9 @@ class FakeSocketTransport(FakeTransport):
     def set_protocol(self, protocol) -> None:
         pass
 
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        self.write_buffer_limits = (high, low)
+
 
 class RecordingEdge:
     def __init__(self, max_head_bytes: int, max_headers: int = 100, max_connections: int = 0) -> None:

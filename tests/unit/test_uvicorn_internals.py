@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import tomllib
 from importlib.metadata import version
 from pathlib import Path
@@ -56,6 +57,9 @@ class _Transport(asyncio.Transport):
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return {"peername": ("127.0.0.1", 5000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
 
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.write_buffer_limits = (high, low)
+
     def pause_reading(self) -> None:
         pass
 
@@ -93,15 +97,20 @@ def test_the_protocol_stamps_the_scope_and_reports_a_disconnect_through_uvicorns
     asyncio.run(scenario())
 
 
-def _connected_protocol() -> TimedHttpToolsProtocol:
-    """The protocol on a fake socket, serving an app that never answers (inside a running loop)."""
+def _protocol() -> TimedHttpToolsProtocol:
+    """The protocol, not connected yet, serving an app that never answers (inside a running loop)."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await asyncio.sleep(3600)
 
     config = Config(app, http=TimedHttpToolsProtocol, lifespan="off", access_log=False, log_level="warning")
     config.load()
-    proto = TimedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+    return TimedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+
+
+def _connected_protocol() -> TimedHttpToolsProtocol:
+    """The protocol on a fake socket, serving an app that never answers (inside a running loop)."""
+    proto = _protocol()
     proto.connection_made(_Transport())
     return proto
 
@@ -144,6 +153,23 @@ def test_a_response_sent_whole_while_writing_is_paused_waits_on_uvicorns_flow_co
         await asyncio.sleep(0)
         proto.connection_lost(ConnectionResetError())  # the client reset it, the end still unsent
         assert await waiting is False
+
+    asyncio.run(scenario())
+
+
+def test_writing_is_paused_while_any_byte_of_a_response_waits_in_the_gateway() -> None:
+    """The delivery wait and server.send_timeout_s read uvicorn's pause and resume, which the transport's
+    write-buffer marks decide: with the defaults (64 KiB, 16 KiB) a response whose last 64 KiB the kernel
+    could not take waited in the gateway unseen and untimed, and one resumed with 16 KiB still there
+    counted as delivered. At zero, paused means a byte waits, resumed that none does."""
+
+    async def scenario() -> None:
+        proto = _protocol()
+        ours, theirs = socket.socketpair()
+        with theirs:  # a real socket: the marks are asyncio's transport's own
+            transport, _ = await asyncio.get_running_loop().connect_accepted_socket(lambda: proto, ours)
+            assert transport.get_write_buffer_limits() == (0, 0)
+            transport.close()
 
     asyncio.run(scenario())
 
