@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import orjson
 
@@ -23,6 +23,12 @@ class GatewayError(Exception):
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, self.param)
+
+    def undelivered(self) -> GatewayError:
+        """This error as logged when its answer never left the gateway (the connection was cut first): its
+        flag and DC, as a success so cut is logged 200 DC."""
+        gone = ResponseFlag.CLIENT_GONE
+        return replace(self, flag=f"{self.flag},{gone}" if self.flag else gone)
 
 
 def error_body(message: str, typ: str, code: str | None = None, param: str | None = None) -> bytes:

@@ -42,6 +42,7 @@ from gateway.engine.clock import RunningLoop
 from gateway.engine.engine import Engine
 from gateway.engine.exchange import Exchange
 from gateway.engine.interrupt import CancelReason
+from gateway.engine.relay import wait_delivery
 from gateway.errors import GatewayError, echoed
 from gateway.flags import ResponseFlag
 from gateway.security.guard import Guard
@@ -508,6 +509,8 @@ class GatewayASGI:
             # answered here: what was sent went nowhere, and the refusal is the request's record.
             return
         t1 = now()
+        if answered and not await wait_delivery(scope.get(DOWNSTREAM_KEY)):
+            err = err.undelivered()  # cut before it left: the client never got it
         headers = headers or {}
         client = scope.get("client")
         self.engine.record_rejected(

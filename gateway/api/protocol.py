@@ -40,15 +40,16 @@ Bytes the protocol refuses (a malformed head or chunk, a head too large or too s
 protocol itself, and the refusal is logged as a request (flag ``DPE``, ``BR`` or ``HT``); the connection
 then closes. The answer never cuts into another response: refused bytes that follow a complete request
 (pipelined) wait, with reading paused, until the responses before them are complete (uvicorn calls
-``on_response_complete``), as nginx does. Refused bytes of the request the app is handling (a malformed
-chunk of its body) end that request: its scope gets ``llmgw.refused`` (``REFUSED_KEY``) and uvicorn's
-cycle is marked disconnected (its sends are dropped, ``receive()`` reports a disconnect); the app, seeing
-the key, logs nothing of its own, so the request is logged once, as the refusal. Besides the callbacks
-above this uses ``headers`` (the head's header list), ``pipeline``, ``_start_asgi_task`` (a pipelined
-request whose client left is started to log itself), ``_unset_keepalive_if_required``, ``flow`` (its
-``drain()``), the parser's ``should_upgrade()`` (set before ``on_headers_complete`` runs) and the cycle's
-``more_body``, ``response_started``, ``response_complete``, ``disconnected`` and ``message_event``, checked
-by the same tests.
+``on_response_complete``), as nginx does; an answer left waiting in the gateway behind an unread one is
+logged once it left, ``DC`` too if the connection is cut first. Refused bytes of the request the app is
+handling (a malformed chunk of its body) end that request: its scope gets ``llmgw.refused``
+(``REFUSED_KEY``) and uvicorn's cycle is marked disconnected (its sends are dropped, ``receive()`` reports
+a disconnect); the app, seeing the key, logs nothing of its own, so the request is logged once, as the
+refusal. Besides the callbacks above this uses ``headers`` (the head's header list), ``pipeline``,
+``_start_asgi_task`` (a pipelined request whose client left is started to log itself),
+``_unset_keepalive_if_required``, ``flow`` (its ``drain()``), the parser's ``should_upgrade()`` (set before
+``on_headers_complete`` runs) and the cycle's ``more_body``, ``response_started``, ``response_complete``,
+``disconnected`` and ``message_event``, checked by the same tests.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
 from uvicorn.protocols.http.flow_control import FlowControl
@@ -75,6 +76,7 @@ from gateway.api.edge import (
     unsupported_upgrade,
 )
 from gateway.api.types import Scope
+from gateway.engine.relay import wait_delivery
 from gateway.errors import GatewayError
 from gateway.telemetry.timing import now
 
@@ -135,8 +137,9 @@ class HeadWithBodyTransport:
 
 
 class Delivery:
-    """A connection as the engine sees it (its ``Downstream``): whether writing to the client is paused, and
-    a wait for that to end. One per connection, in each request's scope; it holds nothing of a request."""
+    """A connection as the engine sees it (its ``Downstream``): whether bytes wait in the gateway to be
+    written to the client (writing paused), and a wait for them to leave. One per connection, in each
+    request's scope; it holds nothing of a request."""
 
     __slots__ = ("send_blocked_t", "cut", "_flow")
 
@@ -147,10 +150,9 @@ class Delivery:
 
     async def delivered(self) -> bool:
         """Wait while writing is paused: False if the connection was cut first (``server.send_timeout_s``,
-        or the client reset it), else True. For a response the app sent whole while writing was paused
-        (uvicorn calls it complete at once): whether its end left. Left means handed to the kernel (the
-        buffer limits are zero): what a reset makes the kernel drop after that is not seen here, as in
-        nginx and Envoy."""
+        or the client reset it) or before, else True. For a response the app sent whole (uvicorn calls it
+        complete at once): whether its end left. Left means handed to the kernel (the buffer limits are
+        zero): what a reset makes the kernel drop after that is not seen here, as in nginx and Envoy."""
         await self._flow.drain()  # resume_writing ends the wait, and so does connection_lost
         return not self.cut
 
@@ -189,6 +191,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
     # The request whose app task runs. uvicorn's ``cycle`` is the newest parsed one, which differs while
     # pipelined requests wait in ``pipeline`` behind a response being written.
     _running: RequestResponseCycle | None = None
+    _logging: asyncio.Task[None] | None = None  # a refusal's record, waiting for its answer to leave
     delivery: Delivery  # set in connection_made
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -397,7 +400,17 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         self._send_and_close(too_many_connections(edge.max_connections))
 
     def _answer(self, refusal: Refusal) -> None:
-        self._log(refusal, self._send_and_close(refusal.err))
+        sent = self._send_and_close(refusal.err)
+        if self.delivery.send_blocked_t:  # the answer waits in the gateway (behind an unread response)
+            self._logging = self.loop.create_task(self._log_delivered(refusal, sent))
+        else:
+            self._log(refusal, sent)
+
+    async def _log_delivered(self, refusal: Refusal, bytes_sent: int) -> None:
+        """Log the refusal once its answer left the gateway, as DC if the connection was cut first."""
+        if not await wait_delivery(self.delivery):
+            refusal = replace(refusal, err=refusal.err.undelivered())
+        self._log(refusal, bytes_sent)
 
     def _send_and_close(self, err: GatewayError) -> int:
         """``err`` as the connection's last response, then the close; the body bytes sent."""

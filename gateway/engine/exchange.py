@@ -22,7 +22,7 @@ from gateway.engine.attempt import Attempt, AttemptKind, AttemptState
 from gateway.engine.engine import Engine
 from gateway.engine.interrupt import CancelReason, Interrupt
 from gateway.engine.registry import DeploymentRuntime, ModelRuntime
-from gateway.engine.relay import Downstream, RelayOutcome, Send, relay_stream
+from gateway.engine.relay import Downstream, RelayOutcome, Send, relay_stream, wait_delivery
 from gateway.engine.sse import error_event, usage_of
 from gateway.errors import MAX_ECHOED, GatewayError, echoed
 from gateway.flags import ResponseFlag
@@ -792,12 +792,15 @@ class Exchange:
             self.t_last_sent = self.now()
             self.bytes_sent = len(body)
             w.finish()
-        ds = self.downstream
-        if ds is not None and ds.send_blocked_t and not await ds.delivered():
-            # The response's end never left: the client read nothing until server.send_timeout_s cut it
-            # (or reset the connection). Its failure, as a stream cut mid-way for the same reason.
-            self.flags.append(ResponseFlag.CLIENT_GONE)
+        await self._sent()
         self.state = ExchangeState.DONE
+
+    async def _sent(self) -> None:
+        """The response, a success or an error, was handed to the server whole: wait for its end to leave
+        the gateway. If it never did (the client read nothing until server.send_timeout_s cut it, or reset
+        the connection), the client did not get it: DC next to its status, as a stream cut mid-way."""
+        if not await wait_delivery(self.downstream):
+            self.flags.append(ResponseFlag.CLIENT_GONE)
 
     def _stream_ended(self, w: Attempt, out: RelayOutcome) -> None:
         """A committed stream's health, once its relay ended: relayed to its end (ok), or broken or stalled by
@@ -924,6 +927,7 @@ class Exchange:
         await send({"type": "http.response.body", "body": body, "more_body": False})
         self.t_last_sent = self.now()
         self.bytes_sent = len(body)
+        await self._sent()
 
     def _client_retry_futile(self) -> bool:
         """Whether a retry by the client could only add load: the deadline is spent, the deployment fails
@@ -970,6 +974,7 @@ class Exchange:
                     self.bytes_sent += len(ev)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 self.t_last_sent = self.now()
+                await self._sent()
         except Exception:  # the client is gone too: the record still says what happened
             log.debug("could not answer request %s after %s", self.request_id, err.code)
         if not self.status:

@@ -30,11 +30,22 @@ class Downstream(Protocol):
     """The client's connection, where the server tells (api/protocol.py): a response sent whole may still
     wait in the gateway's buffers, the client reading none of it, until ``server.send_timeout_s`` cuts it."""
 
-    send_blocked_t: float  # since when writing to the client is paused (its socket full); 0.0: it is not
+    send_blocked_t: float  # since when bytes wait in the gateway (the client's socket full); 0.0: none do
+    cut: bool  # the connection was lost while bytes waited: they never left
 
     async def delivered(self) -> bool:
-        """Wait while writing is paused: False if the connection was cut first, else True."""
+        """Wait while bytes wait in the gateway: False if the connection was cut first (or before), else True."""
         ...
+
+
+async def wait_delivery(ds: Downstream | None) -> bool:
+    """Whether a response handed to the server whole, a success or an error, left the gateway. The server
+    calls it complete at once, though bytes of it may still wait to leave: this waits while they do, and
+    is False when the connection was cut first (``server.send_timeout_s``, a reset) or before. Without a
+    Downstream (another server) nothing tells: True."""
+    if ds is None or not (ds.send_blocked_t or ds.cut):
+        return True  # the common answer: the kernel took it whole
+    return await ds.delivered()
 
 
 SSE_HEADERS = (

@@ -21,7 +21,10 @@ import orjson
 import pytest
 from harness import Gateway, Sims, dep, free_port, metric_value, model, wait_until
 
+from gateway import errors
+from gateway.api.edge import malformed_http
 from gateway.security.keys import hash_key
+from gateway.sim.wire import injected_error_body
 
 KEY = "sk-gw-hostile-00000000000000000000000000000000"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -512,6 +515,75 @@ def test_a_client_that_stops_reading_a_response_is_cut_after_send_timeout(
     finally:
         gw.stop()
         sims.stop()
+
+
+@pytest.fixture(scope="module")
+def unread(sims: Sims, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A short server.send_timeout_s."""
+    gw = Gateway(_cfg(sims, admin_port=free_port(), send_timeout_s=0.5), tmp_path_factory.mktemp("unread"))
+    yield gw
+    gw.stop()
+
+
+def _post(model: str, key: str = KEY, sim: str = "x-sim-tokens: 2") -> bytes:
+    body = orjson.dumps({"model": model, "messages": MSG})
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n{sim}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+@pytest.mark.parametrize(
+    ("behind", "status", "flags", "body"),
+    [
+        (  # the provider's own error, relayed
+            _post("chat", sim="x-sim-error-rate: 1\r\nx-sim-error-status: 400"),
+            400,
+            "DC",
+            injected_error_body(400),
+        ),
+        (
+            _post("no-such-model"),
+            404,
+            "NR,DC",
+            errors.model_not_found("no-such-model").body(),
+        ),  # the engine's
+        (  # the edge's
+            _post("chat", key="sk-gw-wrong-000000000000000000000000000000000"),
+            401,
+            "UAEX,DC",
+            errors.error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"),
+        ),
+        (b"GET / HTTP/1.1\r\nno colon\r\n\r\n", 400, "DPE,DC", malformed_http().body()),  # the protocol's
+    ],
+    ids=["provider", "engine", "edge", "protocol"],
+)
+def test_an_error_answer_the_client_never_reads_is_logged_dc_next_to_its_status(
+    unread: Gateway, behind: bytes, status: int, flags: str, body: bytes
+):
+    """An error answer to a client that reads none of it waits in the gateway, as a 200 does, but it was
+    logged the moment it was handed over, and the abort at send_timeout_s went unseen: the log said the
+    client got an error it never got. Error answers are small (a provider's is cut to 64 KiB) and the
+    kernel takes one whole, so this one is pipelined behind a ~6 MB answer: the server starts it once that
+    answer is handed over, and when send_timeout_s aborts the connection neither has left. Its record says
+    DC next to its status, with the bytes handed over, as the 200's does."""
+    m = unread.metrics()
+    cut_before = metric_value(m, "llmgw_input_limits_total", limit="send_timeout")
+    dc_before = metric_value(m, "llmgw_requests_total", code=str(status), flags=flags)
+    n = _logged(unread)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the gateway blocks soon
+        s.connect(("127.0.0.1", unread.port))
+        s.sendall(_post("chat", sim="x-sim-tokens: 600000") + behind)
+        s.settimeout(10)
+        assert s.recv(64).startswith(b"HTTP/1.1 200 ")  # the first answer began; now read nothing more
+        recs = unread.records(wait_for=n + 2, timeout=30)[n:]  # written when the connection is aborted
+    assert {r["response_code"]: r["response_flags"] for r in recs} == {200: "DC", status: flags}
+    (rec,) = [r for r in recs if r["response_code"] == status]
+    assert rec["bytes_sent"] == len(body)
+    m = unread.metrics()
+    assert metric_value(m, "llmgw_input_limits_total", limit="send_timeout") == cut_before + 1
+    assert metric_value(m, "llmgw_requests_total", code=str(status), flags=flags) == dc_before + 1
 
 
 def test_bytes_that_are_not_http_get_an_openai_shaped_400_and_a_dpe_record(edge):

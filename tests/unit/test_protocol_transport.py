@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from gateway.api.protocol import HeadWithBodyTransport
 
 
@@ -111,11 +113,13 @@ class RecordingEdge:
         self.max_connections = max_connections
         self.connections: set = set()
         self.refused: list = []
+        self.flags: list[str | None] = []
         self.bytes_sent: list[int] = []
         self.limits: list[str] = []
 
     def on_refused(self, err, method, path, client, started, bytes_sent) -> None:
         self.refused.append((err.status, method, path))
+        self.flags.append(err.flag)
         self.bytes_sent.append(bytes_sent)
 
     def on_limit(self, limit: str) -> None:
@@ -338,6 +342,25 @@ def test_a_refusal_waiting_for_a_response_is_logged_once_if_the_client_leaves_fi
     assert raw.sends == [] and edge.refused == [(400, "-", "-")] and edge.bytes_sent == [0]
     for task in asyncio.all_tasks(loop):
         task.cancel()
+    _finish(loop)
+
+
+@pytest.mark.parametrize(("cut", "flags"), [(False, "DPE"), (True, "DPE,DC")], ids=["left", "cut"])
+def test_a_refusal_answered_while_writing_is_paused_is_logged_once_it_left_or_dc_if_cut_first(cut, flags):
+    """Behind an answer the client does not read, the refusal's answer waits in the gateway too: logged
+    when it was written, it said the client got an error it may never get (server.send_timeout_s)."""
+    edge = RecordingEdge(max_head_bytes=4096)
+    proto, raw, _, loop = _protocol(edge)
+    proto.pause_writing()  # bytes of an earlier answer still wait to leave
+    proto.data_received(b"GARBAGE\x01\x02 / HTTP/1.1\r\n\r\n")
+    _turns(loop)
+    assert _responses(raw) == [b"HTTP/1.1 400 Bad Request"] and edge.refused == []  # answered, not logged
+    if cut:
+        proto.connection_lost(ConnectionResetError())
+    else:
+        proto.resume_writing()
+    _turns(loop)
+    assert edge.flags == [flags] and edge.bytes_sent == [_invalid_http_body()]
     _finish(loop)
 
 
