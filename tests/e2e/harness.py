@@ -291,11 +291,7 @@ class Gateway:
         """Access-log records written so far (waits until at least ``wait_for`` are there)."""
         end = time.monotonic() + timeout
         while True:
-            recs = []
-            if self.log_path.exists():
-                recs = [
-                    orjson.loads(line) for line in self.log_path.read_bytes().splitlines() if line.strip()
-                ]
+            recs = [orjson.loads(line) for line in self._whole_lines() if line.strip()]
             if len(recs) >= wait_for or time.monotonic() > end:
                 return recs
             time.sleep(0.05)
@@ -303,11 +299,20 @@ class Gateway:
     def lines(self, wait_for: int = 0, timeout: float = 5.0) -> list[str]:
         end = time.monotonic() + timeout
         while True:
-            lines = self.log_path.read_text().splitlines() if self.log_path.exists() else []
+            lines = [line.decode() for line in self._whole_lines()]
             if len(lines) >= wait_for or time.monotonic() > end:
                 return lines
 
             time.sleep(0.05)
+
+    def _whole_lines(self) -> list[bytes]:
+        """The access log's lines, less one still being written: a read can see part of a write (the page cache
+        takes a line a page at a time), and half a line is no record yet."""
+        try:
+            data = self.log_path.read_bytes()
+        except FileNotFoundError:
+            return []
+        return data[: data.rfind(b"\n") + 1].splitlines()
 
     def metrics(self) -> str:
         return HTTP.get(self.admin_url + "/metrics", timeout=5).text
