@@ -9,7 +9,7 @@ import time
 import httpx
 import openai
 import pytest
-from harness import dead_model, dep, model
+from harness import FRESH, dead_model, dep, model
 
 FAST = {"ttft_ms": 30, "ttft_dist": "fixed", "itl_ms": 5, "tokens": 8, "tail_p": 0}
 
@@ -63,7 +63,7 @@ def test_stream_first_chunk_arrives_before_generation_ends(core):
 
 def test_stream_headers_are_sse_and_unbuffered(core):
     _, gw = core
-    with httpx.stream(
+    with FRESH.stream(
         "POST",
         gw.url + "/v1/chat/completions",
         json={"model": "chat", "stream": True, "messages": [{"role": "user", "content": "x"}]},
@@ -97,14 +97,14 @@ def test_completions_embeddings_responses_and_models(core):
 
 def test_request_id_round_trip_and_generated_when_absent(core):
     sims, gw = core
-    r = httpx.post(
+    r = FRESH.post(
         gw.url + "/v1/chat/completions",
         headers={"x-request-id": "req-abc-123"},
         json={"model": "chat", "messages": [{"role": "user", "content": "x"}]},
     )
     assert r.headers["x-request-id"] == "req-abc-123"
     assert sims.stats("sim-a")["recent"][-1]["request_id"] == "req-abc-123"
-    r2 = httpx.post(gw.url + "/v1/chat/completions", json={"model": "chat", "messages": []})
+    r2 = FRESH.post(gw.url + "/v1/chat/completions", json={"model": "chat", "messages": []})
     generated = r2.headers["x-request-id"]
     assert len(generated) == 32 and sims.stats("sim-a")["recent"][-1]["request_id"] == generated
     recs = gw.records(wait_for=2)
@@ -113,7 +113,7 @@ def test_request_id_round_trip_and_generated_when_absent(core):
 
 def test_client_authorization_is_never_forwarded(core):
     sims, gw = core
-    httpx.post(
+    FRESH.post(
         gw.url + "/v1/chat/completions",
         headers={"authorization": "Bearer client-secret"},
         json={"model": "chat", "messages": []},
@@ -142,7 +142,7 @@ def _error(r: httpx.Response) -> dict:
 )
 def test_bad_requests_get_openai_shaped_errors(core, content, status, code, param):
     _, gw = core
-    r = httpx.post(
+    r = FRESH.post(
         gw.url + "/v1/chat/completions", content=content, headers={"content-type": "application/json"}
     )
     assert r.status_code == status
@@ -155,15 +155,15 @@ def test_bad_requests_get_openai_shaped_errors(core, content, status, code, para
 def test_body_over_limit_is_413_and_wrong_method_405(core):
     _, gw = core
     big = b'{"model": "chat", "messages": [{"role": "user", "content": "' + b"x" * 5000 + b'"}]}'
-    r = httpx.post(gw.url + "/v1/chat/completions", content=big, headers={"content-type": "application/json"})
+    r = FRESH.post(gw.url + "/v1/chat/completions", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and _error(r)["code"] == "request_too_large"
-    r = httpx.get(gw.url + "/v1/chat/completions")
+    r = FRESH.get(gw.url + "/v1/chat/completions")
     assert r.status_code == 405 and _error(r)["code"] == "method_not_allowed" and r.headers["allow"] == "POST"
     for method, path in (("POST", "/v1/models"), ("DELETE", "/v1/models/chat")):  # nothing to delete here
-        r = httpx.request(method, gw.url + path)
+        r = FRESH.request(method, gw.url + path)
         assert r.status_code == 405 and r.headers["allow"] == "GET", (method, path, r.text)
-    assert httpx.get(gw.url + "/v1/models/chat").json()["id"] == "chat"
-    r = httpx.post(gw.url + "/v2/whatever", json={})
+    assert FRESH.get(gw.url + "/v1/models/chat").json()["id"] == "chat"
+    r = FRESH.post(gw.url + "/v2/whatever", json={})
     assert r.status_code == 404 and _error(r)["code"] == "unknown_url"
 
 
@@ -176,7 +176,7 @@ def test_openai_sdk_raises_its_own_errors(core):
 
 def test_unreachable_upstream_is_502_with_flag(core):
     _, gw = core
-    r = httpx.post(gw.url + "/v1/chat/completions", json={"model": "dead", "messages": []})
+    r = FRESH.post(gw.url + "/v1/chat/completions", json={"model": "dead", "messages": []})
     assert r.status_code == 502
     assert _error(r)["code"] == "upstream_unreachable"
     rec = gw.records(wait_for=1)[-1]
@@ -185,7 +185,7 @@ def test_unreachable_upstream_is_502_with_flag(core):
 
 def test_upstream_http_error_passes_through_with_status_and_body(core):
     _, gw = core
-    r = httpx.post(
+    r = FRESH.post(
         gw.url + "/v1/chat/completions",
         headers={"x-sim-error-rate": "1", "x-sim-error-status": "400"},
         json={"model": "chat", "messages": []},
@@ -197,7 +197,7 @@ def test_upstream_http_error_passes_through_with_status_and_body(core):
 
 def _leave_mid_stream(sims, gw) -> dict:
     """Read two chunks of a long stream and hang up; wait until sim-a sees it; its stats after."""
-    with httpx.stream(
+    with FRESH.stream(
         "POST", gw.url + "/v1/chat/completions", json={"model": "chat", "stream": True, "messages": []}
     ) as r:
         it = r.iter_bytes()
@@ -237,8 +237,8 @@ def test_client_disconnect_is_seen_under_a_stock_asgi_server(sims_factory, gatew
 
 def test_health_and_readiness(core):
     _, gw = core
-    assert httpx.get(gw.url + "/healthz").status_code == 200
-    r = httpx.get(gw.url + "/readyz")
+    assert FRESH.get(gw.url + "/healthz").status_code == 200
+    r = FRESH.get(gw.url + "/readyz")
     assert r.status_code == 200 and r.json()["pools_ready"] is True
 
 
