@@ -332,6 +332,20 @@ class Gateway:
             return []
         return data[: data.rfind(b"\n") + 1].splitlines()
 
+    def fence(self) -> int:
+        """How many records there are once every earlier request's is in: a request sent now on a connection of
+        its own (the fence, an unknown path) is waited for in the log, and one worker writes its log in order,
+        so a record an earlier request still had to write is in by then (a response reaches its client a
+        moment before its record is written). The count includes the fence's own record."""
+        path = f"/fence-{time.monotonic_ns()}"
+        assert FRESH.get(self.url + path, timeout=10).status_code == 404
+
+        def fenced() -> list[dict[str, Any]] | None:
+            recs = self.records()
+            return recs if any(r["path"] == path for r in recs) else None
+
+        return len(wait_until("the fence's record", fenced))
+
     def metrics(self) -> str:
         return HTTP.get(self.admin_url + "/metrics", timeout=5).text
 
@@ -344,6 +358,21 @@ class Gateway:
         stop_process(self.proc, timeout, sig)
         self._stderr.close()
         return self.proc.returncode
+
+
+class LogFrom:
+    """A gateway that a module's tests share, as one of them sees it: ``records()`` holds only the records of
+    requests sent since it was made (see Gateway.fence); everything else is the gateway's own."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self._gw = gw
+        self._start = gw.fence()
+
+    def records(self, wait_for: int = 0, timeout: float = 5.0) -> list[dict[str, Any]]:
+        return self._gw.records(self._start + wait_for, timeout)[self._start :]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._gw, name)
 
 
 def model(name: str, deployments: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:

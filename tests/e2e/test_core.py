@@ -5,18 +5,19 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-from harness import FRESH, dead_model, dep, model
+from harness import FRESH, Gateway, LogFrom, Sims, dead_model, dep, model
 
 FAST = {"ttft_ms": 30, "ttft_dist": "fixed", "itl_ms": 5, "tokens": 8, "tail_p": 0}
 
 
-@pytest.fixture
-def core(sims_factory, gateways):
-    sims = sims_factory({"sim-a": ("us-east", FAST)})
+@pytest.fixture(scope="module")
+def shared_core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sims, Gateway]]:
+    sims = Sims({"sim-a": ("us-east", FAST)})
     cfg = {
         "server": {"region": "us-east", "max_body_bytes": 4096},
         "models": [
@@ -25,8 +26,20 @@ def core(sims_factory, gateways):
             dead_model(),
         ],
     }
-    gw = gateways(cfg)
-    return sims, gw
+    gw = Gateway(cfg, tmp_path_factory.mktemp("core"), name="core")
+    yield sims, gw
+    gw.stop()
+    sims.stop()
+
+
+@pytest.fixture
+def core(shared_core: tuple[Sims, Gateway]) -> tuple[Sims, LogFrom]:
+    """One gateway and simulator for the module (a start costs seconds), as each test needs them: the
+    simulator's knobs and counters as new, the access log from the test's first request on."""
+    sims, gw = shared_core
+    sims.set("sim-a", **FAST)
+    sims.reset("sim-a")
+    return sims, LogFrom(gw)
 
 
 def test_chat_non_stream_through_the_sdk(core):
@@ -223,10 +236,11 @@ def test_client_disconnect_mid_stream_aborts_upstream(core):
 def test_client_disconnect_is_seen_under_a_stock_asgi_server(sims_factory, gateways):
     # `llmgw serve` learns of a lost client from its own protocol; served by plain uvicorn (h11 here),
     # the app falls back to a pending receive(). Both must abort the upstream at once.
-    sims = sims_factory({"sim-a": ("us-east", {**FAST, "tokens": 100, "itl_ms": 50})})
+    sims = sims_factory({"sim-a": ("us-east", FAST)})
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]}, stock_uvicorn="h11")
     r = gw.client().chat.completions.create(model="chat", messages=[])
     assert r.choices[0].message.content.startswith("sim-a#")
+    sims.set("sim-a", tokens=100, itl_ms=50)  # a long stream to leave (the answer above is a short one)
     assert _leave_mid_stream(sims, gw)["cancelled"]["mid_stream"] == 1
     recs = gw.records(wait_for=2)
     assert (
