@@ -354,7 +354,10 @@ class Rig:
             )
             cfg = {
                 "model_defaults": {
-                    "pool": {"min_connections": 0, "validate_on_start": False, "keepwarm_interval_s": 0}
+                    "pool": {"min_connections": 0, "validate_on_start": False, "keepwarm_interval_s": 0},
+                    # every retry a broken answer earns, as by default, without the ~1 s of backoff the ten
+                    # of them add up to
+                    "retry": {"backoff_base_ms": 1, "backoff_max_ms": 1},
                 },
                 "models": models,
             }
