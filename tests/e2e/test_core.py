@@ -37,8 +37,7 @@ def core(shared_core: tuple[Sims, Gateway]) -> tuple[Sims, LogFrom]:
     """One gateway and simulator for the module (a start costs seconds), as each test needs them: the
     simulator's knobs and counters as new, the access log from the test's first request on."""
     sims, gw = shared_core
-    sims.set("sim-a", **FAST)
-    sims.reset("sim-a")
+    sims.renew("sim-a", **FAST)
     return sims, LogFrom(gw)
 
 
