@@ -229,6 +229,7 @@ class Gateway:
     ) -> None:
         """``stock_uvicorn`` ("h11" or "httptools") serves the app with plain uvicorn and that HTTP protocol
         instead of `llmgw serve`, as a user embedding the ASGI app elsewhere would."""
+        reap()
         self.port = free_port()
         self.log_path = tmp / f"{name}-{self.port}-access.jsonl"
         cfg = dict(cfg)
@@ -364,6 +365,34 @@ class Gateway:
         stop_process(self.proc, timeout, sig)
         self._stderr.close()
         return self.proc.returncode
+
+    def stop_soon(self, timeout: float = 15.0) -> None:
+        """Ask the gateway to stop (SIGTERM) and go on without waiting for it to exit, for a test's end that
+        needs no exit code: its shutdown idles through uvicorn's ticks (~0.2 s) that the next test need not
+        wait out. reap() finishes the job, killing it if it is still there ``timeout`` s later."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self._kill_after = time.monotonic() + timeout
+        _STOPPING.append(self)
+
+
+# Gateways asked to stop by Gateway.stop_soon(), until reap() has seen them exit.
+_STOPPING: list[Gateway] = []
+
+
+def reap(wait: bool = False) -> None:
+    """Forget the gateways stop_soon() asked to stop that have exited, and kill those still running past
+    their timeout; with ``wait``, first wait for each until its timeout (the run's end)."""
+    for gw in list(_STOPPING):
+        if wait:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                gw.proc.wait(max(0.0, gw._kill_after - time.monotonic()))
+        if gw.proc.poll() is None and time.monotonic() >= gw._kill_after:
+            gw.proc.kill()
+            gw.proc.wait()
+        if gw.proc.poll() is not None:
+            gw._stderr.close()
+            _STOPPING.remove(gw)
 
 
 class LogFrom:
