@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import GATEWAY_PYTHON, OTHER_GATEWAY_PYTHON, Gateway, Sims, free_port
+from harness import GATEWAY_PYTHON, OTHER_GATEWAY_PYTHON, Gateway, Sims, free_port, reap
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -39,7 +39,14 @@ def gateways(tmp_path: Path) -> Iterator[Any]:
 
     yield make
     for g in started:
-        g.stop()
+        g.stop_soon()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reap_gateways() -> Iterator[None]:
+    """No gateway a test asked to stop outlives the run."""
+    yield
+    reap(wait=True)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ gateway-side facts they read are its public outputs (responses, headers, access 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -22,6 +23,7 @@ from typing import Any, TypeVar
 import httpx
 import orjson
 import yaml
+from openai import DefaultHttpxClient, OpenAI
 
 from gateway.sim.profile import SimProfile
 from gateway.sim.runner import SimThread
@@ -53,6 +55,13 @@ TURN_SCHEMA = {
 # One client for the whole run: building an httpx client per request (SSL context and all) costs tens of
 # milliseconds on these machines and would pollute every timing a test measures.
 HTTP = httpx.Client(timeout=30)
+# One TLS context for the clients tests build: each new client (httpx.get() and the like make one per call, the
+# SDK one per OpenAI()) loads the CA bundle into a context of its own, 30-90 ms here, hundreds of times a run.
+# The tests' requests are plain HTTP; a test of TLS passes the context it needs.
+TLS = httpx.create_ssl_context()
+# What httpx.get() and the like do, each request on a connection of its own closed after its response, with
+# no client built per call.
+FRESH = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0, max_connections=None), verify=TLS)
 
 
 def _ephemeral_low() -> int:
@@ -190,8 +199,24 @@ class Sims:
     def reset(self, name: str) -> None:
         HTTP.post(self.url(name) + "/sim/reset", timeout=5)
 
+    def renew(self, name: str, **knobs: Any) -> None:
+        """The simulator as if new, for the next test of a module that shares it: every knob at its default
+        but ``knobs``, its counters at zero."""
+        self.set(name, **{**SimProfile().to_dict(), **knobs})
+        self.reset(name)
+
     def stop(self) -> None:
         self._thread.stop()
+
+
+class SdkHttp(DefaultHttpxClient):
+    """An OpenAI SDK client's HTTP client as the SDK builds its own (its defaults, closed when it is dropped),
+    on the run's TLS context."""
+
+    def __del__(self) -> None:
+        if not self.is_closed:
+            with contextlib.suppress(Exception):
+                self.close()
 
 
 class Gateway:
@@ -211,6 +236,7 @@ class Gateway:
     ) -> None:
         """``stock_uvicorn`` ("h11" or "httptools") serves the app with plain uvicorn and that HTTP protocol
         instead of `llmgw serve`, as a user embedding the ASGI app elsewhere would."""
+        reap()
         self.port = free_port()
         self.log_path = tmp / f"{name}-{self.port}-access.jsonl"
         cfg = dict(cfg)
@@ -292,21 +318,16 @@ class Gateway:
             return ""
 
     def client(self, **kw: Any) -> Any:
-        from openai import OpenAI
-
         kw.setdefault("max_retries", 0)
         kw.setdefault("timeout", 30)
+        kw.setdefault("http_client", SdkHttp(timeout=kw["timeout"], verify=TLS))
         return OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "test-key"), **kw)
 
     def records(self, wait_for: int = 0, timeout: float = 5.0) -> list[dict[str, Any]]:
         """Access-log records written so far (waits until at least ``wait_for`` are there)."""
         end = time.monotonic() + timeout
         while True:
-            recs = []
-            if self.log_path.exists():
-                recs = [
-                    orjson.loads(line) for line in self.log_path.read_bytes().splitlines() if line.strip()
-                ]
+            recs = [orjson.loads(line) for line in self._whole_lines() if line.strip()]
             if len(recs) >= wait_for or time.monotonic() > end:
                 return recs
             time.sleep(0.05)
@@ -314,11 +335,34 @@ class Gateway:
     def lines(self, wait_for: int = 0, timeout: float = 5.0) -> list[str]:
         end = time.monotonic() + timeout
         while True:
-            lines = self.log_path.read_text().splitlines() if self.log_path.exists() else []
+            lines = [line.decode() for line in self._whole_lines()]
             if len(lines) >= wait_for or time.monotonic() > end:
                 return lines
 
             time.sleep(0.05)
+
+    def _whole_lines(self) -> list[bytes]:
+        """The access log's lines, less one still being written: a read can see part of a write (the page cache
+        takes a line a page at a time), and half a line is no record yet."""
+        try:
+            data = self.log_path.read_bytes()
+        except FileNotFoundError:
+            return []
+        return data[: data.rfind(b"\n") + 1].splitlines()
+
+    def fence(self) -> int:
+        """How many records there are once every earlier request's is in: a request sent now on a connection of
+        its own (the fence, an unknown path) is waited for in the log, and one worker writes its log in order,
+        so a record an earlier request still had to write is in by then (a response reaches its client a
+        moment before its record is written). The count includes the fence's own record."""
+        path = f"/fence-{time.monotonic_ns()}"
+        assert FRESH.get(self.url + path, timeout=10).status_code == 404
+
+        def fenced() -> list[dict[str, Any]] | None:
+            recs = self.records()
+            return recs if any(r["path"] == path for r in recs) else None
+
+        return len(wait_until("the fence's record", fenced))
 
     def metrics(self) -> str:
         return HTTP.get(self.admin_url + "/metrics", timeout=5).text
@@ -332,6 +376,49 @@ class Gateway:
         stop_process(self.proc, timeout, sig)
         self._stderr.close()
         return self.proc.returncode
+
+    def stop_soon(self, timeout: float = 15.0) -> None:
+        """Ask the gateway to stop (SIGTERM) and go on without waiting for it to exit, for a test's end that
+        needs no exit code: its shutdown idles through uvicorn's ticks (~0.2 s) that the next test need not
+        wait out. reap() finishes the job, killing it if it is still there ``timeout`` s later."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self._kill_after = time.monotonic() + timeout
+        _STOPPING.append(self)
+
+
+# Gateways asked to stop by Gateway.stop_soon(), until reap() has seen them exit.
+_STOPPING: list[Gateway] = []
+
+
+def reap(wait: bool = False) -> None:
+    """Forget the gateways stop_soon() asked to stop that have exited, and kill those still running past
+    their timeout; with ``wait``, first wait for each until its timeout (the run's end)."""
+    for gw in list(_STOPPING):
+        if wait:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                gw.proc.wait(max(0.0, gw._kill_after - time.monotonic()))
+        if gw.proc.poll() is None and time.monotonic() >= gw._kill_after:
+            gw.proc.kill()
+            gw.proc.wait()
+        if gw.proc.poll() is not None:
+            gw._stderr.close()
+            _STOPPING.remove(gw)
+
+
+class LogFrom:
+    """A gateway that a module's tests share, as one of them sees it: ``records()`` holds only the records of
+    requests sent since it was made (see Gateway.fence); everything else is the gateway's own."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self._gw = gw
+        self._start = gw.fence()
+
+    def records(self, wait_for: int = 0, timeout: float = 5.0) -> list[dict[str, Any]]:
+        return self._gw.records(self._start + wait_for, timeout)[self._start :]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._gw, name)
 
 
 def model(name: str, deployments: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from harness import Gateway, free_port
+from harness import FRESH, Gateway, free_port
 from rawserver import Conn, RawProvider, Request, completion, response, sse_events
 
 CLIENTS = ["h1", "httpx"]
@@ -354,7 +354,10 @@ class Rig:
             )
             cfg = {
                 "model_defaults": {
-                    "pool": {"min_connections": 0, "validate_on_start": False, "keepwarm_interval_s": 0}
+                    "pool": {"min_connections": 0, "validate_on_start": False, "keepwarm_interval_s": 0},
+                    # every retry a broken answer earns, as by default, without the ~1 s of backoff the ten
+                    # of them add up to
+                    "retry": {"backoff_base_ms": 1, "backoff_max_ms": 1},
                 },
                 "models": models,
             }
@@ -412,7 +415,7 @@ class Case:
     def stream(self) -> Any:
         """A streamed chat request over raw httpx, a context manager: its bytes as they come, to the end."""
         body = {"model": self.name, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-        return httpx.stream(
+        return FRESH.stream(
             "POST",
             self.gw.url + "/v1/chat/completions",
             json=body,
@@ -422,7 +425,7 @@ class Case:
 
     def post(self, stream: bool = False) -> httpx.Response:
         body = {"model": self.name, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
-        return httpx.post(
+        return FRESH.post(
             self.gw.url + "/v1/chat/completions",
             json=body,
             timeout=60,
@@ -762,7 +765,7 @@ def test_a_retry_after_of_a_century_is_answered_at_once_and_cools_down_for_the_l
     assert r.status_code == 429 and r.json()["error"]["message"] == "come back later"  # passed through
     rec = c.record(c.ids[-1])
     assert (rec["attempts"], rec["retry_verdict"]) == (1, "retry-after-exceeds-deadline")
-    view = httpx.get(c.gw.url + "/admin/deployments", timeout=10).json()["deployments"]
+    view = FRESH.get(c.gw.url + "/admin/deployments", timeout=10).json()["deployments"]
     mine = next(d for d in view if d["deployment"] == "dep-retry-after-century")
     assert not mine["healthy"] and not mine["ejected"]
     assert 0 < mine["cooling_down_for_s"] <= 300  # outlier.max_ejection_s, not 3,000 years

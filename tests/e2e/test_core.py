@@ -5,18 +5,19 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-from harness import dead_model, dep, model
+from harness import FRESH, Gateway, LogFrom, Sims, dead_model, dep, model
 
 FAST = {"ttft_ms": 30, "ttft_dist": "fixed", "itl_ms": 5, "tokens": 8, "tail_p": 0}
 
 
-@pytest.fixture
-def core(sims_factory, gateways):
-    sims = sims_factory({"sim-a": ("us-east", FAST)})
+@pytest.fixture(scope="module")
+def shared_core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sims, Gateway]]:
+    sims = Sims({"sim-a": ("us-east", FAST)})
     cfg = {
         "server": {"region": "us-east", "max_body_bytes": 4096},
         "models": [
@@ -25,8 +26,19 @@ def core(sims_factory, gateways):
             dead_model(),
         ],
     }
-    gw = gateways(cfg)
-    return sims, gw
+    gw = Gateway(cfg, tmp_path_factory.mktemp("core"), name="core")
+    yield sims, gw
+    gw.stop()
+    sims.stop()
+
+
+@pytest.fixture
+def core(shared_core: tuple[Sims, Gateway]) -> tuple[Sims, LogFrom]:
+    """One gateway and simulator for the module (a start costs seconds), as each test needs them: the
+    simulator's knobs and counters as new, the access log from the test's first request on."""
+    sims, gw = shared_core
+    sims.renew("sim-a", **FAST)
+    return sims, LogFrom(gw)
 
 
 def test_chat_non_stream_through_the_sdk(core):
@@ -63,7 +75,7 @@ def test_stream_first_chunk_arrives_before_generation_ends(core):
 
 def test_stream_headers_are_sse_and_unbuffered(core):
     _, gw = core
-    with httpx.stream(
+    with FRESH.stream(
         "POST",
         gw.url + "/v1/chat/completions",
         json={"model": "chat", "stream": True, "messages": [{"role": "user", "content": "x"}]},
@@ -97,14 +109,14 @@ def test_completions_embeddings_responses_and_models(core):
 
 def test_request_id_round_trip_and_generated_when_absent(core):
     sims, gw = core
-    r = httpx.post(
+    r = FRESH.post(
         gw.url + "/v1/chat/completions",
         headers={"x-request-id": "req-abc-123"},
         json={"model": "chat", "messages": [{"role": "user", "content": "x"}]},
     )
     assert r.headers["x-request-id"] == "req-abc-123"
     assert sims.stats("sim-a")["recent"][-1]["request_id"] == "req-abc-123"
-    r2 = httpx.post(gw.url + "/v1/chat/completions", json={"model": "chat", "messages": []})
+    r2 = FRESH.post(gw.url + "/v1/chat/completions", json={"model": "chat", "messages": []})
     generated = r2.headers["x-request-id"]
     assert len(generated) == 32 and sims.stats("sim-a")["recent"][-1]["request_id"] == generated
     recs = gw.records(wait_for=2)
@@ -113,7 +125,7 @@ def test_request_id_round_trip_and_generated_when_absent(core):
 
 def test_client_authorization_is_never_forwarded(core):
     sims, gw = core
-    httpx.post(
+    FRESH.post(
         gw.url + "/v1/chat/completions",
         headers={"authorization": "Bearer client-secret"},
         json={"model": "chat", "messages": []},
@@ -142,7 +154,7 @@ def _error(r: httpx.Response) -> dict:
 )
 def test_bad_requests_get_openai_shaped_errors(core, content, status, code, param):
     _, gw = core
-    r = httpx.post(
+    r = FRESH.post(
         gw.url + "/v1/chat/completions", content=content, headers={"content-type": "application/json"}
     )
     assert r.status_code == status
@@ -155,15 +167,15 @@ def test_bad_requests_get_openai_shaped_errors(core, content, status, code, para
 def test_body_over_limit_is_413_and_wrong_method_405(core):
     _, gw = core
     big = b'{"model": "chat", "messages": [{"role": "user", "content": "' + b"x" * 5000 + b'"}]}'
-    r = httpx.post(gw.url + "/v1/chat/completions", content=big, headers={"content-type": "application/json"})
+    r = FRESH.post(gw.url + "/v1/chat/completions", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and _error(r)["code"] == "request_too_large"
-    r = httpx.get(gw.url + "/v1/chat/completions")
+    r = FRESH.get(gw.url + "/v1/chat/completions")
     assert r.status_code == 405 and _error(r)["code"] == "method_not_allowed" and r.headers["allow"] == "POST"
     for method, path in (("POST", "/v1/models"), ("DELETE", "/v1/models/chat")):  # nothing to delete here
-        r = httpx.request(method, gw.url + path)
+        r = FRESH.request(method, gw.url + path)
         assert r.status_code == 405 and r.headers["allow"] == "GET", (method, path, r.text)
-    assert httpx.get(gw.url + "/v1/models/chat").json()["id"] == "chat"
-    r = httpx.post(gw.url + "/v2/whatever", json={})
+    assert FRESH.get(gw.url + "/v1/models/chat").json()["id"] == "chat"
+    r = FRESH.post(gw.url + "/v2/whatever", json={})
     assert r.status_code == 404 and _error(r)["code"] == "unknown_url"
 
 
@@ -176,7 +188,7 @@ def test_openai_sdk_raises_its_own_errors(core):
 
 def test_unreachable_upstream_is_502_with_flag(core):
     _, gw = core
-    r = httpx.post(gw.url + "/v1/chat/completions", json={"model": "dead", "messages": []})
+    r = FRESH.post(gw.url + "/v1/chat/completions", json={"model": "dead", "messages": []})
     assert r.status_code == 502
     assert _error(r)["code"] == "upstream_unreachable"
     rec = gw.records(wait_for=1)[-1]
@@ -185,7 +197,7 @@ def test_unreachable_upstream_is_502_with_flag(core):
 
 def test_upstream_http_error_passes_through_with_status_and_body(core):
     _, gw = core
-    r = httpx.post(
+    r = FRESH.post(
         gw.url + "/v1/chat/completions",
         headers={"x-sim-error-rate": "1", "x-sim-error-status": "400"},
         json={"model": "chat", "messages": []},
@@ -197,7 +209,7 @@ def test_upstream_http_error_passes_through_with_status_and_body(core):
 
 def _leave_mid_stream(sims, gw) -> dict:
     """Read two chunks of a long stream and hang up; wait until sim-a sees it; its stats after."""
-    with httpx.stream(
+    with FRESH.stream(
         "POST", gw.url + "/v1/chat/completions", json={"model": "chat", "stream": True, "messages": []}
     ) as r:
         it = r.iter_bytes()
@@ -223,10 +235,11 @@ def test_client_disconnect_mid_stream_aborts_upstream(core):
 def test_client_disconnect_is_seen_under_a_stock_asgi_server(sims_factory, gateways):
     # `llmgw serve` learns of a lost client from its own protocol; served by plain uvicorn (h11 here),
     # the app falls back to a pending receive(). Both must abort the upstream at once.
-    sims = sims_factory({"sim-a": ("us-east", {**FAST, "tokens": 100, "itl_ms": 50})})
+    sims = sims_factory({"sim-a": ("us-east", FAST)})
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]}, stock_uvicorn="h11")
     r = gw.client().chat.completions.create(model="chat", messages=[])
     assert r.choices[0].message.content.startswith("sim-a#")
+    sims.set("sim-a", tokens=100, itl_ms=50)  # a long stream to leave (the answer above is a short one)
     assert _leave_mid_stream(sims, gw)["cancelled"]["mid_stream"] == 1
     recs = gw.records(wait_for=2)
     assert (
@@ -237,8 +250,8 @@ def test_client_disconnect_is_seen_under_a_stock_asgi_server(sims_factory, gatew
 
 def test_health_and_readiness(core):
     _, gw = core
-    assert httpx.get(gw.url + "/healthz").status_code == 200
-    r = httpx.get(gw.url + "/readyz")
+    assert FRESH.get(gw.url + "/healthz").status_code == 200
+    r = FRESH.get(gw.url + "/readyz")
     assert r.status_code == 200 and r.json()["pools_ready"] is True
 
 

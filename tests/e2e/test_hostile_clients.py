@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from harness import Gateway, Sims, dep, free_port, metric_value, model, wait_until
+from harness import FRESH, Gateway, Sims, dep, free_port, metric_value, model, wait_until
 
 from gateway import errors
 from gateway.api.edge import malformed_http
@@ -189,7 +189,7 @@ def test_a_huge_request_header_is_refused_while_parsing_and_others_carry_on(edge
 
 
 def test_headers_up_to_the_limit_pass(edge):
-    r = httpx.post(
+    r = FRESH.post(
         edge.url + "/v1/chat/completions",
         json={"model": "chat", "messages": MSG},
         headers={**AUTH, "x-pad": "p" * 60_000},
@@ -204,7 +204,7 @@ def test_more_headers_than_the_limit_get_431_before_auth_and_exactly_the_limit_p
     before = metric_value(edge.metrics(), "llmgw_input_limits_total", limit="too_many_headers")
     refused = _refusals(edge, "too_many_headers")
     flood = {f"x-h{i}": "v" for i in range(1_000)}  # ~12 KiB: within server.max_header_bytes
-    r = httpx.post(edge.url + "/v1/chat/completions", json={"model": "chat", "messages": MSG}, headers=flood)
+    r = FRESH.post(edge.url + "/v1/chat/completions", json={"model": "chat", "messages": MSG}, headers=flood)
     assert r.status_code == 431, r.text
     assert (
         r.json()["error"]["code"] == "too_many_headers"
@@ -234,7 +234,7 @@ def test_a_huge_model_name_is_answered_and_logged_by_its_start_and_length(edge, 
     and a 5 MB access-log line."""
     name = "m" * (5 << 20)
     logged = _logged(edge)
-    r = httpx.post(
+    r = FRESH.post(
         edge.url + "/v1/chat/completions",
         json={"model": name, "messages": MSG},
         headers={"authorization": f"Bearer {key}"},
@@ -322,7 +322,7 @@ def test_millions_of_tiny_json_values_are_refused_before_parsing(edge, probe, it
 def test_brackets_commas_and_quotes_inside_strings_are_not_structure(edge):
     # 600,000 commas and 200,000 brackets, all inside one prompt (with escaped quotes): an ordinary request
     text = 'say "[a, b], {c, d}" then, \\ and, ' * 50_000
-    r = httpx.post(
+    r = FRESH.post(
         edge.url + "/v1/chat/completions",
         headers=AUTH,
         timeout=30,
@@ -333,7 +333,7 @@ def test_brackets_commas_and_quotes_inside_strings_are_not_structure(edge):
 
 def test_deep_nesting_is_refused_on_the_bytes(edge):
     deep = b'{"model": "chat", "x": ' + b"[" * 200 + b"]" * 200 + b"}"
-    r = httpx.post(
+    r = FRESH.post(
         edge.url + "/v1/chat/completions",
         content=deep,
         timeout=10,
@@ -610,7 +610,7 @@ def _fenced(gw: Gateway) -> tuple[list[dict[str, Any]], str]:
     waited for in the log. One worker writes its log in order, so a record that an earlier request still
     had to write is in by then (a response reaches its client a moment before its record is written)."""
     path = f"/fence-{time.monotonic_ns()}"
-    assert httpx.get(gw.url + path, timeout=10).status_code == 404
+    assert FRESH.get(gw.url + path, timeout=10).status_code == 404
 
     def fenced() -> list[dict[str, Any]] | None:
         recs = gw.records()
@@ -809,25 +809,25 @@ def keyed_public(sims: Sims, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 def test_ops_endpoints_need_a_key_on_the_public_port(keyed_public):
     gw = keyed_public
     for path in ("/metrics", "/admin/config", "/admin/deployments", "/docs", "/openapi.json", "/redoc"):
-        r = httpx.get(gw.url + path, timeout=10)
+        r = FRESH.get(gw.url + path, timeout=10)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
-        assert httpx.get(gw.url + path, headers=AUTH, timeout=10).status_code == 200, path
+        assert FRESH.get(gw.url + path, headers=AUTH, timeout=10).status_code == 200, path
     for path in ("/healthz", "/readyz"):  # probes stay open
-        assert httpx.get(gw.url + path, timeout=10).status_code == 200
+        assert FRESH.get(gw.url + path, timeout=10).status_code == 200
 
 
 def test_the_admin_port_serves_prometheus_without_a_key(edge):
-    text = httpx.get(edge.admin_url + "/metrics", timeout=10).text
+    text = FRESH.get(edge.admin_url + "/metrics", timeout=10).text
     assert "llmgw_requests_total" in text
     assert (
-        httpx.get(edge.url + "/metrics", headers=AUTH, timeout=10).status_code == 404
+        FRESH.get(edge.url + "/metrics", headers=AUTH, timeout=10).status_code == 404
     )  # not on the API port
-    assert httpx.get(edge.url + "/docs", timeout=10).status_code == 401
+    assert FRESH.get(edge.url + "/docs", timeout=10).status_code == 401
 
 
 def test_admin_config_shows_no_secret(keyed_public):
     gw = keyed_public
-    text = httpx.get(gw.url + "/admin/config", headers=AUTH, timeout=10).text
+    text = FRESH.get(gw.url + "/admin/config", headers=AUTH, timeout=10).text
     for secret in ("cred-0123456789", "redis-pw-42", "sim-key"):
         assert secret not in text, secret
     data = orjson.loads(text)
@@ -844,9 +844,9 @@ def test_text_access_log_lines_cannot_be_forged(sims: Sims, tmp_path: Path):
     gw = Gateway(cfg, tmp_path, name="text")
     try:
         forged = '[2026-01-01T00:00:00Z] "GET /admin HTTP/1.1" 200'
-        r = httpx.get(gw.url + "/v1/x%0A" + forged.replace(" ", "%20").replace('"', "%22"), timeout=10)
+        r = FRESH.get(gw.url + "/v1/x%0A" + forged.replace(" ", "%20").replace('"', "%22"), timeout=10)
         assert r.status_code == 404
-        r = httpx.post(
+        r = FRESH.post(
             gw.url + "/v1/chat/completions",
             json={"model": "chat", "messages": MSG},
             timeout=10,

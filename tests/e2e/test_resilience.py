@@ -6,11 +6,46 @@ import concurrent.futures as cf
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
-from harness import REDIS_URL, dep, metric_value, model, post_chat, priority_model
+from harness import (
+    REDIS_URL,
+    Gateway,
+    LogFrom,
+    Sims,
+    dep,
+    metric_value,
+    model,
+    post_chat,
+    priority_model,
+    wait_until,
+)
 
 QUICK = {"ttft_ms": 20, "ttft_dist": "fixed", "itl_ms": 5, "tokens": 4, "tail_p": 0}
+
+
+@pytest.fixture(scope="module")
+def shared_plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sims, Gateway]]:
+    sims = Sims({"sim-a": ("us-east", QUICK)})
+    gw = Gateway(
+        {"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]},
+        tmp_path_factory.mktemp("plain"),
+        name="plain",
+    )
+    yield sims, gw
+    gw.stop()
+    sims.stop()
+
+
+@pytest.fixture
+def plain(shared_plain: tuple[Sims, Gateway]) -> tuple[Sims, LogFrom]:
+    """One gateway with the default settings and its simulator for the module's tests of a single request
+    each (a start costs seconds; none of them fails the deployment often enough to eject it): the simulator's
+    knobs (QUICK) and counters as new, the access log from the test's first request on."""
+    sims, gw = shared_plain
+    sims.renew("sim-a", **QUICK)
+    return sims, LogFrom(gw)
 
 
 def test_thirty_percent_503s_all_client_requests_succeed(sims_factory, gateways):
@@ -204,9 +239,9 @@ def test_total_deadline_holds_within_a_few_ms(sims_factory, gateways):
     assert "DT" in rec["response_flags"] and rec["timeout_flag"] == "total"
 
 
-def test_sdk_timeout_header_is_the_clients_deadline(sims_factory, gateways):
-    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "stall_rate": 1.0})})
-    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+def test_sdk_timeout_header_is_the_clients_deadline(plain):
+    sims, gw = plain
+    sims.set("sim-a", stall_rate=1.0)
     r = post_chat(gw, headers={"x-stainless-timeout": "0.4"})
     # answered sdk_reply_margin_ms (100) before the SDK's own timer, so the SDK reads it; as the gateway
     # logged it (a busy test machine may deliver the answer later, the gateway answered in time)
@@ -217,11 +252,9 @@ def test_sdk_timeout_header_is_the_clients_deadline(sims_factory, gateways):
     assert "x-stainless-timeout, answered 100 ms early" in msg and "(cut by the deadline)" in msg
 
 
-def test_mid_stream_failure_ends_with_an_error_event(sims_factory, gateways):
-    sims = sims_factory(
-        {"sim-a": ("us-east", {**QUICK, "tokens": 10, "reset_rate": 1.0, "reset_after_tokens": 3})}
-    )
-    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+def test_mid_stream_failure_ends_with_an_error_event(plain):
+    sims, gw = plain
+    sims.set("sim-a", tokens=10, reset_rate=1.0, reset_after_tokens=3)
     r = post_chat(gw, stream=True)
     assert r.status_code == 200
     events = [e for e in r.text.split("\n\n") if e.strip()]
@@ -283,30 +316,34 @@ def test_ejection_is_shared_through_redis_and_readmitted(sims_factory, gateways,
     for _ in range(3):
         assert post_chat(gw1).status_code == 200  # a fails, the retry on b answers
     assert metric_value(gw1.metrics(), "llmgw_ejections_total", deployment="a") == 1
-    time.sleep(0.5)  # a sync round or two
+    wait_until("gw2 to learn of the ejection (a sync round or two)", lambda: _ejected(gw2, "a") == 1)
     before = len(sims.stats("sim-a")["recent"])
     for _ in range(5):
         r = post_chat(gw2)
         assert r.status_code == 200 and r.headers["x-gateway-upstream"] == "b"
     assert len(sims.stats("sim-a")["recent"]) == before  # gw2 never touched the ejected deployment
     sims.set("sim-a", error_rate=0.0)
-    time.sleep(2.2)  # the ejection (2 s) ends
+    wait_until("the ejection (2 s) to end", lambda: _ejected(gw2, "a") == 0)
     r = post_chat(gw2)
     assert r.status_code == 200 and r.headers["x-gateway-upstream"] == "a"
 
 
+def _ejected(gw: Gateway, deployment: str) -> float:
+    return metric_value(gw.metrics(), "llmgw_deployment_ejected", deployment=deployment)
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_four_hundreds_are_not_retried(sims_factory, gateways, stream):
-    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 422})})
-    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+def test_four_hundreds_are_not_retried(plain, stream):
+    sims, gw = plain
+    sims.set("sim-a", error_rate=1.0, error_status=422)
     r = post_chat(gw, stream=stream)
     assert r.status_code == 422
     assert len(sims.stats("sim-a")["recent"]) == 1
 
 
-def test_deadline_during_a_stream_ends_it_with_an_error_event_on_time(sims_factory, gateways):
-    sims = sims_factory({"sim-a": ("us-east", {**QUICK, "tokens": 40, "itl_ms": 50})})  # ~2 s of tokens
-    gw = gateways({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]})
+def test_deadline_during_a_stream_ends_it_with_an_error_event_on_time(plain):
+    sims, gw = plain
+    sims.set("sim-a", tokens=40, itl_ms=50)  # ~2 s of tokens
     t0 = time.monotonic()
     r = post_chat(gw, stream=True, headers={"x-gateway-timeout-ms": "600"})
     elapsed = time.monotonic() - t0
@@ -316,5 +353,5 @@ def test_deadline_during_a_stream_ends_it_with_an_error_event_on_time(sims_facto
     assert '"code":"timeout"' in events[-1] and "deadline" in events[-1]
     rec = gw.records(wait_for=1)[-1]
     assert "DT" in rec["response_flags"] and rec["timeout_flag"] == "total"
-    time.sleep(0.2)
-    assert sims.stats("sim-a")["cancelled"]["mid_stream"] == 1  # the provider stopped generating
+    wait_until("the provider to stop generating", lambda: sims.stats("sim-a")["cancelled"]["mid_stream"])
+    assert sims.stats("sim-a")["cancelled"]["mid_stream"] == 1

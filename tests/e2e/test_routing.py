@@ -115,6 +115,10 @@ def test_round_robin_alternates(sims_factory, gateways):
     assert picks.count("us") == 5 and picks.count("eu") == 5
 
 
+def _view(gw) -> dict:
+    return {d["deployment"]: d for d in HTTP.get(gw.url + "/admin/deployments").json()["deployments"]}
+
+
 def test_two_gateways_sharing_redis_converge(sims_factory, gateways, redis_prefix):
     state = {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": redis_prefix, "sync_interval_ms": 100}
     sims, (gw1, gw2) = _two_regions(
@@ -124,9 +128,9 @@ def test_two_gateways_sharing_redis_converge(sims_factory, gateways, redis_prefi
     for _ in range(10):  # gw1 measures both regions; gw2 measures nothing itself
         _post(gw1, {"x-gateway-deployment": "us"})
         _post(gw1, {"x-gateway-deployment": "eu"})
-    time.sleep(0.6)
-    view1 = {d["deployment"]: d for d in HTTP.get(gw1.url + "/admin/deployments").json()["deployments"]}
-    view2 = {d["deployment"]: d for d in HTTP.get(gw2.url + "/admin/deployments").json()["deployments"]}
+    # a sync round or two
+    wait_until("gw2 to learn gw1's estimates", lambda: _view(gw2)["us"]["ttft_estimate_ms"] > 150)
+    view1, view2 = _view(gw1), _view(gw2)
     assert view1["us"]["ttft_estimate_ms"] > 150
     assert view2["us"]["ttft_estimate_ms"] > 150  # gw2 sent nothing there, yet knows it is slow
     assert view2["eu"]["ttft_estimate_ms"] < 120 and view2["us"]["ttft_samples"] == 0
@@ -145,9 +149,8 @@ def test_redis_stopped_mid_test_no_request_fails(sims_factory, gateways, private
     proc.wait()
     for _ in range(20):
         _post(gw)  # asserts 200 each
-    time.sleep(0.3)
-    text = HTTP.get(gw.url + "/metrics").text
-    assert 'llmgw_state_backend_up{backend="redis"} 0.0' in text
+    down = 'llmgw_state_backend_up{backend="redis"} 0.0'
+    wait_until("the gateway to report Redis down", lambda: down in HTTP.get(gw.url + "/metrics").text)
     assert gw.stderr().count("unreachable") == 1  # logged once, not per request
 
 

@@ -23,7 +23,7 @@ import openai
 import orjson
 import pytest
 import redis
-from harness import REDIS_URL, Gateway, Sims, dep, free_port, metric_value, model, wait_until
+from harness import FRESH, REDIS_URL, Gateway, Sims, dep, free_port, metric_value, model, wait_until
 
 from gateway.cli import main as cli_main
 from gateway.security.keys import hash_key
@@ -69,7 +69,7 @@ def _chat(
     h = dict(headers or {})
     if key is not None:
         h["authorization"] = f"Bearer {key}"
-    return httpx.post(
+    return FRESH.post(
         base + "/v1/chat/completions",
         headers=h,
         timeout=10,
@@ -230,7 +230,7 @@ def test_config_key_made_with_keys_hash(keyed):
     # Bearer (OpenAI SDK) and api-key (Azure-style clients) both work
     r = gw.client(api_key=KEYS["all"]).chat.completions.create(model="chat", messages=MSG)
     assert r.choices[0].message.content
-    r = httpx.post(
+    r = FRESH.post(
         gw.url + "/v1/chat/completions",
         headers={"api-key": KEYS["all"]},
         json={"model": "chat", "messages": MSG},
@@ -252,7 +252,7 @@ def test_missing_or_invalid_key_is_401(keyed, headers):
     sims, gw, _ = keyed
     before = sims.stats("sim-a")["served"]["chat"]
     n = len(_records_of(gw, None, 0))
-    r = httpx.post(gw.url + "/v1/chat/completions", headers=headers, json={"model": "chat", "messages": MSG})
+    r = FRESH.post(gw.url + "/v1/chat/completions", headers=headers, json={"model": "chat", "messages": MSG})
     assert r.status_code == 401
     err = _error(r)
     assert err["code"] == "invalid_api_key" and err["type"] == "invalid_request_error"
@@ -335,7 +335,7 @@ def test_rpm_limit_is_429_with_retry_after_and_logged_by_key_id(keyed):
     assert [rec["response_code"] for rec in recs] == [200, 200, 200, 429, 429]
     assert recs[-1]["response_flags"] == "RL"
     assert KEYS["rpm"] not in gw.log_path.read_text()
-    text = httpx.get(gw.url + "/metrics", headers={"authorization": f"Bearer {KEYS['all']}"}).text
+    text = FRESH.get(gw.url + "/metrics", headers={"authorization": f"Bearer {KEYS['all']}"}).text
     assert metric_value(text, "llmgw_rate_limited_total", key="team-rpm", limit="rpm") == 2
     assert KEYS["rpm"] not in text
     # other keys are not affected
@@ -380,7 +380,7 @@ def test_concurrency_cap_per_key(keyed):
     assert _error(refused)["code"] == "rate_limit_exceeded" and refused.headers["retry-after"] == "1"
     # slots are given back when requests end, streams included
     for _ in range(3):
-        with httpx.stream(
+        with FRESH.stream(
             "POST",
             gw.url + "/v1/chat/completions",
             timeout=10,
@@ -396,11 +396,11 @@ def test_concurrency_cap_per_key(keyed):
 def test_protect_metrics_also_protects_admin(keyed):
     _, gw, _ = keyed
     for path in ("/metrics", "/admin/config", "/admin/deployments"):
-        r = httpx.get(gw.url + path)
+        r = FRESH.get(gw.url + path)
         assert r.status_code == 401 and _error(r)["code"] == "invalid_api_key", path
-        assert httpx.get(gw.url + path, headers={"authorization": f"Bearer {KEYS['all']}"}).status_code == 200
+        assert FRESH.get(gw.url + path, headers={"authorization": f"Bearer {KEYS['all']}"}).status_code == 200
     for path in ("/healthz", "/readyz"):  # probes stay open
-        assert httpx.get(gw.url + path).status_code == 200
+        assert FRESH.get(gw.url + path).status_code == 200
 
 
 def test_provider_keys_never_leak(keyed):
@@ -417,9 +417,9 @@ def test_provider_keys_never_leak(keyed):
     seen.append(r.text)
     r = _chat(gw.url, KEYS["all"], model_name="broken", stream=True)
     seen.append(r.text)
-    seen.append(httpx.get(gw.url + "/v1/models", headers=auth).text)
-    seen.append(httpx.get(gw.url + "/v1/models/chat", headers=auth).text)
-    config = httpx.get(gw.url + "/admin/config", headers=auth)
+    seen.append(FRESH.get(gw.url + "/v1/models", headers=auth).text)
+    seen.append(FRESH.get(gw.url + "/v1/models/chat", headers=auth).text)
+    config = FRESH.get(gw.url + "/admin/config", headers=auth)
     assert config.status_code == 200
     dep_cfg = config.json()["models"][0]["deployments"][0]
     assert dep_cfg["api_key"] == "***" and dep_cfg["headers"] == {
@@ -428,8 +428,8 @@ def test_provider_keys_never_leak(keyed):
         "x-team": "***",
     }  # every value: an allow-list
     seen.append(config.text)
-    seen.append(httpx.get(gw.url + "/admin/deployments", headers=auth).text)
-    seen.append(httpx.get(gw.url + "/metrics", headers=auth).text)
+    seen.append(FRESH.get(gw.url + "/admin/deployments", headers=auth).text)
+    seen.append(FRESH.get(gw.url + "/metrics", headers=auth).text)
     checked = subprocess.run(
         [sys.executable, "-m", "gateway", "check-config", "-v", str(gw.config_path)],
         capture_output=True,
@@ -496,7 +496,7 @@ def test_redis_down_falls_back_to_local_limits(sims_factory, gateways, private_r
     flags = [r["response_flags"] for r in gw.records(wait_for=9)]
     assert flags == ["-"] * 3 + ["RLL"] * 4 + ["RL,RLL"] * 2, flags
     # Redis is still dead: the local seconds are counted while it lasts, not only once it is back
-    scrape = httpx.get(gw.url + "/metrics", headers={"authorization": f"Bearer {KEYS['a']}"}, timeout=5).text
+    scrape = FRESH.get(gw.url + "/metrics", headers={"authorization": f"Bearer {KEYS['a']}"}, timeout=5).text
     assert metric_value(scrape, "llmgw_state_local_only_seconds_total") > 0
 
 
@@ -645,7 +645,7 @@ def test_json_nesting_depth_limit(hardened):
     assert r.status_code == 400 and _error(r)["code"] == "too_deep"
     # deeper than the JSON parser itself goes: still a clean 400 (fits the body limit)
     deep = b'{"model": "chat", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}"
-    r = httpx.post(
+    r = FRESH.post(
         gw.url + "/v1/chat/completions", content=deep, headers={"content-type": "application/json"}
     )
     assert r.status_code == 400 and _error(r)["code"] in ("too_deep", "invalid_request")
@@ -655,10 +655,10 @@ def test_too_many_messages(hardened):
     _, gw, _ = hardened
     four = [{"role": "user", "content": str(i)} for i in range(4)]
     assert (
-        httpx.post(gw.url + "/v1/chat/completions", json={"model": "chat", "messages": four}).status_code
+        FRESH.post(gw.url + "/v1/chat/completions", json={"model": "chat", "messages": four}).status_code
         == 200
     )
-    r = httpx.post(gw.url + "/v1/chat/completions", json={"model": "chat", "messages": four + four[:1]})
+    r = FRESH.post(gw.url + "/v1/chat/completions", json={"model": "chat", "messages": four + four[:1]})
     assert r.status_code == 400
     err = _error(r)
     assert err["code"] == "too_many_messages" and err["param"] == "messages"
@@ -677,14 +677,14 @@ def test_too_many_messages(hardened):
 )
 def test_non_json_content_type_is_415(hardened, ctype):
     _, gw, _ = hardened
-    r = httpx.post(
+    r = FRESH.post(
         gw.url + "/v1/chat/completions",
         content=b'{"model": "chat", "messages": []}',
         headers={"content-type": ctype},
     )
     assert r.status_code == 415 and _error(r)["code"] == "unsupported_media_type"
     for ok in ("application/json; charset=utf-8", "Application/JSON", "application/json ;charset=UTF-8"):
-        r = httpx.post(
+        r = FRESH.post(
             gw.url + "/v1/chat/completions",
             content=b'{"model": "chat", "messages": []}',
             headers={"content-type": ok},
@@ -698,14 +698,14 @@ def test_a_compressed_request_body_is_415_and_the_encoding_never_reaches_the_pro
     _, gw, recorder = hardened
     body = b'{"model": "rec", "messages": [{"role": "user", "content": "hi"}]}'
     for data in (gzip.compress(body), body):
-        r = httpx.post(
+        r = FRESH.post(
             gw.url + "/v1/chat/completions",
             content=data,
             headers={"content-type": "application/json", "content-encoding": "gzip"},
         )
         assert r.status_code == 415 and _error(r)["code"] == "unsupported_content_encoding", r.text
         assert _error(r)["param"] == "content-encoding"
-    ok = httpx.post(
+    ok = FRESH.post(
         gw.url + "/v1/chat/completions",
         content=body,
         headers={
@@ -722,7 +722,7 @@ def test_a_compressed_request_body_is_415_and_the_encoding_never_reaches_the_pro
 def test_a_request_id_that_is_not_printable_ascii_is_replaced_everywhere_alike(hardened):
     """The id is echoed in a response header: latin-1 there, UTF-8 in the log would name two ids."""
     _, gw, _ = hardened
-    r = httpx.post(
+    r = FRESH.post(
         gw.url + "/v1/chat/completions",
         json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]},
         headers={"x-request-id": "caf\xe9".encode("latin-1")},
@@ -741,7 +741,7 @@ def test_body_limit_holds_without_content_length(hardened):
         for i in range(0, len(big), 1000):
             yield big[i : i + 1000]
 
-    r = httpx.post(
+    r = FRESH.post(
         gw.url + "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}
     )
     assert r.status_code == 413 and _error(r)["code"] == "request_too_large"
@@ -863,7 +863,7 @@ def test_a_foreign_web_page_cannot_make_a_local_gateway_spend(hardened):
     ]
     ids = [f"foreign-origin-{i}" for i in range(len(cases))]
     for rid, headers in zip(ids, cases, strict=True):
-        r = httpx.post(
+        r = FRESH.post(
             gw.url + "/v1/chat/completions", content=REC_BODY, headers={**headers, "x-request-id": rid}
         )
         assert r.status_code == 403, (headers, r.text)
@@ -875,7 +875,7 @@ def test_a_foreign_web_page_cannot_make_a_local_gateway_spend(hardened):
         "access-control-request-headers": "content-type, authorization",
         "x-request-id": "foreign-origin-preflight",
     }
-    r = httpx.options(gw.url + "/v1/chat/completions", headers=preflight)
+    r = FRESH.options(gw.url + "/v1/chat/completions", headers=preflight)
     assert r.status_code == 403 and _error(r)["code"] == "origin_not_allowed"
     assert not any(k.startswith("access-control-") for k in r.headers)
     assert len(rec.requests) == n  # nothing reached the provider
@@ -962,7 +962,7 @@ def test_a_post_without_content_type_is_415(hardened):
     """No Content-Type is what a browser's preflight-free POST sends; every SDK sends application/json."""
     _, gw, rec = hardened
     n = len(rec.requests)
-    r = httpx.post(gw.url + "/v1/chat/completions", content=REC_BODY, headers={"x-request-id": "no-ctype"})
+    r = FRESH.post(gw.url + "/v1/chat/completions", content=REC_BODY, headers={"x-request-id": "no-ctype"})
     assert "content-type" not in r.request.headers
     assert r.status_code == 415 and _error(r)["code"] == "unsupported_media_type", r.text
     assert "has none" in _error(r)["message"]
@@ -1058,7 +1058,7 @@ def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, str
     assert gw.stop() == 0  # both listeners shut down cleanly
     sims.stop()
     with pytest.raises(httpx.ConnectError):  # the admin listener closed with the process
-        httpx.get(admin_url + "/healthz", timeout=1)
+        FRESH.get(admin_url + "/healthz", timeout=1)
 
 
 def test_admin_port_serves_ops_endpoints_and_main_port_does_not(ops):
@@ -1067,24 +1067,24 @@ def test_admin_port_serves_ops_endpoints_and_main_port_does_not(ops):
     auth = {"authorization": f"Bearer {key}"}
     assert _chat(gw.url, key).status_code == 200
     for path in ("/metrics", "/healthz", "/readyz", "/admin/config", "/admin/deployments"):
-        r = httpx.get(gw.url + path, headers=auth)
+        r = FRESH.get(gw.url + path, headers=auth)
         assert r.status_code == 404 and _error(r)["code"] == "unknown_url", path
-    assert httpx.get(admin_url + "/healthz").status_code == 200
-    assert httpx.get(admin_url + "/readyz").json()["pools_ready"] is True
-    assert httpx.get(admin_url + "/metrics").status_code == 401  # protect_metrics holds on the admin port
-    text = httpx.get(admin_url + "/metrics", headers=auth).text
+    assert FRESH.get(admin_url + "/healthz").status_code == 200
+    assert FRESH.get(admin_url + "/readyz").json()["pools_ready"] is True
+    assert FRESH.get(admin_url + "/metrics").status_code == 401  # protect_metrics holds on the admin port
+    text = FRESH.get(admin_url + "/metrics", headers=auth).text
     assert metric_value(text, "llmgw_requests_total", code="200") >= 1
     # protect_metrics: a page rebound to the port cannot pass the key check, so its Host is not checked
-    assert httpx.get(admin_url + "/metrics", headers={**auth, "host": "rebound.example"}).status_code == 200
-    assert httpx.get(admin_url + "/admin/deployments").status_code == 401
+    assert FRESH.get(admin_url + "/metrics", headers={**auth, "host": "rebound.example"}).status_code == 200
+    assert FRESH.get(admin_url + "/admin/deployments").status_code == 401
     assert (
-        httpx.get(admin_url + "/admin/deployments", headers=auth).json()["deployments"][0]["deployment"]
+        FRESH.get(admin_url + "/admin/deployments", headers=auth).json()["deployments"][0]["deployment"]
         == "a"
     )
-    r = httpx.post(admin_url + "/v1/chat/completions", headers=auth, json={"model": "chat", "messages": MSG})
+    r = FRESH.post(admin_url + "/v1/chat/completions", headers=auth, json={"model": "chat", "messages": MSG})
     assert r.status_code == 404  # the proxy is not on the admin port
-    assert httpx.get(gw.url + "/openapi.json", headers=auth).status_code == 200  # API docs stay with the API
-    assert httpx.get(gw.url + "/openapi.json").status_code == 401  # ... behind a key when keys are on
+    assert FRESH.get(gw.url + "/openapi.json", headers=auth).status_code == 200  # API docs stay with the API
+    assert FRESH.get(gw.url + "/openapi.json").status_code == 401  # ... behind a key when keys are on
 
 
 def test_cors_for_listed_origins_only(ops):
@@ -1094,17 +1094,17 @@ def test_cors_for_listed_origins_only(ops):
         "access-control-request-method": "POST",
         "access-control-request-headers": "authorization, content-type, x-stainless-os, x-evil",
     }
-    r = httpx.options(gw.url + "/v1/chat/completions", headers={"origin": "https://app.example", **pre})
+    r = FRESH.options(gw.url + "/v1/chat/completions", headers={"origin": "https://app.example", **pre})
     assert r.status_code == 204  # preflights carry no key; they are answered before auth
     assert r.headers["access-control-allow-origin"] == "https://app.example"
     assert "POST" in r.headers["access-control-allow-methods"]
     allowed = {h.strip() for h in r.headers["access-control-allow-headers"].split(",")}
     assert {"authorization", "content-type", "x-stainless-os"} <= allowed and "x-evil" not in allowed
     assert "access-control-allow-credentials" not in r.headers
-    r = httpx.options(gw.url + "/v1/chat/completions", headers={"origin": "http://localhost:3000", **pre})
+    r = FRESH.options(gw.url + "/v1/chat/completions", headers={"origin": "http://localhost:3000", **pre})
     assert r.status_code == 204 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
 
-    r = httpx.options(gw.url + "/v1/chat/completions", headers={"origin": "https://evil.example", **pre})
+    r = FRESH.options(gw.url + "/v1/chat/completions", headers={"origin": "https://evil.example", **pre})
     assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
     assert _error(r)["code"] == "origin_not_allowed"
 
@@ -1114,7 +1114,7 @@ def test_cors_for_listed_origins_only(ops):
     assert "x-request-id" in exposed and "x-should-retry" in exposed and "Origin" in r.headers["vary"]
     r = _chat(gw.url, None, headers={"origin": "https://app.example"})  # the page can read why it failed
     assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "https://app.example"
-    with httpx.stream(
+    with FRESH.stream(
         "POST",
         gw.url + "/v1/chat/completions",
         headers={"origin": "https://app.example", **{"authorization": f"Bearer {key}"}},
