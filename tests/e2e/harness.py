@@ -16,7 +16,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -419,6 +419,16 @@ class LogFrom:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._gw, name)
+
+
+def plain_gateway(tmp: Path, profile: dict[str, Any]) -> Iterator[tuple[Sims, Gateway]]:
+    """For a module-scoped fixture (``yield from``): one simulator ("sim-a") with ``profile`` and a gateway
+    with the default settings over it (model "chat"), stopped when the module is done."""
+    sims = Sims({"sim-a": ("us-east", profile)})
+    gw = Gateway({"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]}, tmp, name="plain")
+    yield sims, gw
+    gw.stop()
+    sims.stop()
 
 
 def model(name: str, deployments: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:

@@ -13,7 +13,18 @@ from collections.abc import Iterator
 import httpx
 import orjson
 import pytest
-from harness import HTTP, Gateway, LogFrom, Sims, dead_model, dep, metric_value, model, post_chat
+from harness import (
+    HTTP,
+    Gateway,
+    LogFrom,
+    Sims,
+    dead_model,
+    dep,
+    metric_value,
+    model,
+    plain_gateway,
+    post_chat,
+)
 
 FIXED = {"ttft_ms": 200, "ttft_dist": "fixed", "itl_ms": 0, "tokens": 1, "tail_p": 0}
 # The simulator never answers before its profile says, so lower bounds are exact (less 5 ms of rounding and
@@ -25,15 +36,7 @@ OVERHEAD_CEILING_MS = 50  # the gateway adds well under 1 ms on an idle machine
 
 @pytest.fixture(scope="module")
 def shared_plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sims, Gateway]]:
-    sims = Sims({"sim-a": ("us-east", FIXED)})
-    gw = Gateway(
-        {"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]},
-        tmp_path_factory.mktemp("plain"),
-        name="plain",
-    )
-    yield sims, gw
-    gw.stop()
-    sims.stop()
+    yield from plain_gateway(tmp_path_factory.mktemp("plain"), FIXED)
 
 
 @pytest.fixture

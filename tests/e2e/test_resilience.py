@@ -17,6 +17,7 @@ from harness import (
     dep,
     metric_value,
     model,
+    plain_gateway,
     post_chat,
     priority_model,
     wait_until,
@@ -27,15 +28,7 @@ QUICK = {"ttft_ms": 20, "ttft_dist": "fixed", "itl_ms": 5, "tokens": 4, "tail_p"
 
 @pytest.fixture(scope="module")
 def shared_plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sims, Gateway]]:
-    sims = Sims({"sim-a": ("us-east", QUICK)})
-    gw = Gateway(
-        {"models": [model("chat", [dep("a", sims.base_url("sim-a"))])]},
-        tmp_path_factory.mktemp("plain"),
-        name="plain",
-    )
-    yield sims, gw
-    gw.stop()
-    sims.stop()
+    yield from plain_gateway(tmp_path_factory.mktemp("plain"), QUICK)
 
 
 @pytest.fixture
