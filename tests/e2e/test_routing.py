@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import time
 
-from harness import HTTP, REDIS_URL, dep, metric_value, model, wait_until
+from harness import HTTP, REDIS_URL, Sims, dep, metric_value, model, wait_until
 
 BASE = {"ttft_ms": 60, "ttft_dist": "fixed", "itl_ms": 2, "tokens": 2, "tail_p": 0}
 
@@ -154,12 +154,9 @@ def test_redis_stopped_mid_test_no_request_fails(sims_factory, gateways, private
     assert gw.stderr().count("unreachable") == 1  # logged once, not per request
 
 
-def test_a_deployment_one_outlier_took_out_is_probed_and_wins_its_traffic_back(sims_factory, gateways):
-    """b (20 ms) is better than a (80 ms) until one answer of b takes 1.5 s. With a 30 s decay its
-    estimate alone would keep b out for over a minute; a probe after probe_interval_s measures it again."""
-    fast = {**BASE, "ttft_ms": 20}
-    sims = sims_factory({"sim-a": ("us-east", {**BASE, "ttft_ms": 80}), "sim-b": ("us-east", fast)})
-    cfg = {
+def _probed_pair(sims: Sims) -> dict[str, object]:
+    """Latency routing between sim-a and sim-b with a slow decay (30 s), probes every 0.5 s."""
+    return {
         "server": {"region": "us-east"},
         "models": [
             model(
@@ -169,6 +166,14 @@ def test_a_deployment_one_outlier_took_out_is_probed_and_wins_its_traffic_back(s
             )
         ],
     }
+
+
+def test_a_deployment_one_outlier_took_out_is_probed_and_wins_its_traffic_back(sims_factory, gateways):
+    """b (20 ms) is better than a (80 ms) until one answer of b takes 1.5 s. With a 30 s decay its
+    estimate alone would keep b out for over a minute; a probe after probe_interval_s measures it again."""
+    fast = {**BASE, "ttft_ms": 20}
+    sims = sims_factory({"sim-a": ("us-east", {**BASE, "ttft_ms": 80}), "sim-b": ("us-east", fast)})
+    cfg = _probed_pair(sims)
     gw = gateways(cfg)
     warm = [_post(gw) for _ in range(10)]
     assert warm[-3:] == ["b"] * 3, warm  # both measured, b the better
@@ -206,14 +211,7 @@ def test_two_gateways_a_probe_answer_is_not_pulled_back_by_a_replica_that_sent_n
         {"sim-a": ("us-east", {**BASE, "ttft_ms": 80}), "sim-b": ("us-east", {**BASE, "ttft_ms": 20})}
     )
     cfg = {
-        "server": {"region": "us-east"},
-        "models": [
-            model(
-                "chat",
-                [dep("a", sims.base_url("sim-a")), dep("b", sims.base_url("sim-b"))],
-                routing={"ewma_decay_s": 30.0, "probe_interval_s": 0.5},
-            )
-        ],
+        **_probed_pair(sims),
         "state": {
             "backend": "redis",
             "redis_url": REDIS_URL,
