@@ -108,29 +108,30 @@ def host_allowed(host: str, names: frozenset[str]) -> bool:
     ``localhost``, a subdomain of ``localhost``, or one of ``names``."""
     if host.startswith("["):
         address, bracket, port = host[1:].partition("]")
-        return bool(bracket) and (not port or (port[0] == ":" and _is_port(port[1:]))) and _is_ipv6(address)
+        return (
+            bool(bracket)
+            and (not port or (port[0] == ":" and _is_port(port[1:])))
+            and _is_address(address, ipaddress.IPv6Address)
+        )
     name, colon, port = host.partition(":")
     if colon and not _is_port(port):
         return False
     name = name.lower().removesuffix(".")  # "localhost." names the same host
-    return name == "localhost" or name.endswith(".localhost") or name in names or _is_ipv4(name)
+    return (
+        name == "localhost"
+        or name.endswith(".localhost")
+        or name in names
+        or _is_address(name, ipaddress.IPv4Address)
+    )
 
 
 def _is_port(port: str) -> bool:
     return port.isascii() and port.isdigit()  # isdigit() alone takes "²" (Host is read as latin-1)
 
 
-def _is_ipv6(address: str) -> bool:
+def _is_address(text: str, kind: type[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> bool:
     try:
-        ipaddress.IPv6Address(address)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_ipv4(name: str) -> bool:
-    try:
-        ipaddress.IPv4Address(name)
+        kind(text)
     except ValueError:
         return False
     return True
