@@ -651,6 +651,27 @@ def test_json_nesting_depth_limit(hardened):
     assert r.status_code == 400 and _error(r)["code"] in ("too_deep", "invalid_request")
 
 
+def test_integers_beyond_64_bits_are_refused_not_rounded(hardened):
+    """orjson reads an integer wider than 64 bits as a float: the body written again for the provider
+    would carry another value. The widest integers that fit go through digit for digit; wider ones are
+    refused (400, BR), before the provider sees anything."""
+    _, gw, rec = hardened
+    n = len(rec.requests)
+    fits = {"seed": 2**64 - 1, "metadata": {"low": str(-(2**63)), "ticket": "1" * 30}}
+    r = _chat(gw.url, None, "rec", headers={"x-request-id": "int-fits"}, **fits)
+    assert r.status_code == 200, r.text
+    sent = rec.requests[n]["body"]
+    assert b":%d" % (2**64 - 1) in sent and b'"%s"' % (b"1" * 30) in sent, sent
+    ids = []
+    for i, wide in enumerate((2**64, -(2**63) - 1, 10**400)):
+        ids.append(f"int-wide-{i}")
+        r = _chat(gw.url, None, "rec", headers={"x-request-id": ids[-1]}, seed=wide)
+        assert r.status_code == 400 and _error(r)["code"] == "integer_out_of_range", r.text
+        assert str(wide)[:20] in _error(r)["message"] and len(_error(r)["message"]) < 200
+    assert len(rec.requests) == n + 1  # nothing refused reached the provider
+    assert [r["response_flags"] for r in _records_by_id(gw, ids)] == ["BR"] * 3
+
+
 def test_too_many_messages(hardened):
     _, gw, _ = hardened
     four = [{"role": "user", "content": str(i)} for i in range(4)]

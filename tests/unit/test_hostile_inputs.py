@@ -21,7 +21,7 @@ from gateway.api.headers import (
     host_policy,
     own_origin,
 )
-from gateway.api.jsonlimits import JsonLimit, deeper_than, json_over_limit
+from gateway.api.jsonlimits import JsonLimit, deeper_than, json_over_limit, wide_integer
 from gateway.config import ConfigError, parse_config, redact, redact_url
 from gateway.security.guard import estimate_tokens
 from gateway.telemetry.accesslog import FIELDS, format_text
@@ -81,6 +81,36 @@ def _cfg(**deployment) -> dict:
             {"name": "m", "deployments": [{"id": "d", "base_url": "https://api.example/v1", **deployment}]}
         ]
     }
+
+
+@pytest.mark.parametrize(
+    ("raw", "wide"),
+    [
+        (b'{"seed": 18446744073709551615, "low": -9223372036854775808}', None),  # the widest that fit
+        (b'{"seed": 18446744073709551616}', "18446744073709551616"),
+        (b'{"seed": -9223372036854775809}', "-9223372036854775809"),  # 19 digits
+        (b'{"seed": -9999999999999999999, "b": 9999999999999999999}', "-9999999999999999999"),
+        (b'{"a": [1, 2, 123456789012345678901234567890]}', "123456789012345678901234567890"),
+        (b'{"a": "123456789012345678901234567890"}', None),  # in a string: kept as it is
+        (b'{"a": "x\\\\", "b": 123456789012345678901234567890}', "123456789012345678901234567890"),
+        (b'{"a": "\\"123456789012345678901234567890\\""}', None),  # an escaped quote stays in the string
+        (b'{"a": 0.123456789012345678901234567890}', None),  # a float's fraction: a float anyway
+        (b'{"a": 1e123456789012345678901}', None),  # an exponent (orjson refuses its value)
+        (b'{"a": 123456789012345678901.5}', None),  # a float written as one
+        (b'{"a": 1' + b"0" * 5000 + b"}", "1" + "0" * 5000),  # beyond what int() reads: out of range
+    ],
+)
+def test_integers_wider_than_64_bits_are_found_outside_strings(raw, wide):
+    assert wide_integer(raw) == wide
+
+
+def test_a_wide_integer_is_what_orjson_would_round():
+    for value in (2**64 - 1, -(2**63)):
+        raw = b'{"v": %d}' % value
+        assert wide_integer(raw) is None and orjson.dumps(orjson.loads(raw)) == raw.replace(b" ", b"")
+    for value in (2**64, -(2**63) - 1):
+        raw = b'{"v": %d}' % value
+        assert wide_integer(raw) == str(value) and orjson.dumps(orjson.loads(raw)) != raw.replace(b" ", b"")
 
 
 def test_every_header_value_and_url_secret_is_redacted():
