@@ -676,6 +676,8 @@ class Bench:
             after = tree_usage(t.service.pid)
             cpu = after.cpu_s - before.cpu_s
             run.cpu_ms_per_req = 1000.0 * cpu / run.completed_all if run.completed_all else None
+            sys_s = after.sys_s - before.sys_s
+            run.sys_ms_per_req = 1000.0 * sys_s / run.completed_all if run.completed_all else None
             run.cpu_pct = 100.0 * cpu / wall
             run.rss_mb = after.rss_bytes / 2**20
         if log_at is not None:

@@ -29,14 +29,17 @@ def free_port() -> int:
 class ProcStat:
     ppid: int
     cpu_ticks: int  # utime + stime of the process itself (all its threads)
+    sys_ticks: int  # of which stime: time in the kernel on its behalf (system calls, the network stack)
     reaped_ticks: int  # cutime + cstime: children it has waited for
+    reaped_sys_ticks: int  # of which cstime
     rss_pages: int
 
 
 def proc_stat(pid: int) -> ProcStat:
     text = Path(f"/proc/{pid}/stat").read_text()
     f = text[text.rindex(")") + 2 :].split()  # fields from 3 (state) on; the name may hold spaces
-    return ProcStat(int(f[1]), int(f[11]) + int(f[12]), int(f[13]) + int(f[14]), int(f[21]))
+    utime, stime, cutime, cstime = (int(v) for v in f[11:15])
+    return ProcStat(int(f[1]), utime + stime, stime, cutime + cstime, cstime, int(f[21]))
 
 
 def process_tree(root: int) -> list[int]:
@@ -58,19 +61,21 @@ def process_tree(root: int) -> list[int]:
 @dataclass(frozen=True, slots=True)
 class Usage:
     cpu_s: float  # CPU seconds of the live tree, plus the root's reaped children
+    sys_s: float  # of which in the kernel
     rss_bytes: int
 
 
 def tree_usage(root: int) -> Usage:
-    ticks = rss = 0
+    ticks = sys_ticks = rss = 0
     for pid in process_tree(root):
         try:
             st = proc_stat(pid)
         except (OSError, ValueError, IndexError):
             continue
         ticks += st.cpu_ticks + (st.reaped_ticks if pid == root else 0)
+        sys_ticks += st.sys_ticks + (st.reaped_sys_ticks if pid == root else 0)
         rss += st.rss_pages * PAGE_SIZE
-    return Usage(ticks / CLK_TCK, rss)
+    return Usage(ticks / CLK_TCK, sys_ticks / CLK_TCK, rss)
 
 
 # ------------------------------------------------------------------ HTTP helpers (stdlib, loopback only)

@@ -45,6 +45,7 @@ class Run:
     lat: dict[str, float] | None
     ttft: dict[str, float] | None
     cpu_ms_per_req: float | None = None
+    sys_ms_per_req: float | None = None  # of cpu_ms_per_req, the part spent in the kernel
     cpu_pct: float | None = None
     rss_mb: float | None = None
     gateway_overhead_ms: float | None = None  # median of the access log's gateway_overhead_ms over the run
@@ -94,6 +95,7 @@ class Summary:
     errors: dict[str, int] = field(default_factory=dict)
     gateway_overhead_ms: float | None = None
     rate: float | None = None  # paced level: arrivals per second
+    sys_ms: float | None = None  # of cpu_ms, the kernel's part
 
     @property
     def level(self) -> Level:
@@ -160,6 +162,7 @@ def summarize(
                         errors,
                         median(r.gateway_overhead_ms for r in rs),
                         lv.rate,
+                        median(r.sys_ms_per_req for r in rs),
                     )
                 )
     return out
@@ -319,6 +322,7 @@ def full_table(summ: list[Summary]) -> str:
         "+TTFT p50",
         "+TTFT p99",
         "CPU ms/req",
+        "of it kernel",
         "CPU %",
         "RSS MB",
         "errors",
@@ -341,6 +345,7 @@ def full_table(summ: list[Summary]) -> str:
                     fmt(s.added_ttft_p50),
                     fmt(s.added_ttft_p99),
                     fmt(s.cpu_ms, 3),
+                    fmt(s.sys_ms, 3),
                     fmt(s.cpu_pct, 0),
                     fmt(s.rss_mb, 0),
                     errs,
