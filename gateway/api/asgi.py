@@ -207,7 +207,7 @@ class GatewayASGI:
             raw, marks, upload_wait_s = await self._read_body(headers, receive)
             t_body = now()
             body, containers = self._load(raw, marks)
-            model = self._check(body, raw, upstream_path, containers)
+            model = self._check(body, upstream_path, containers)
             if key is not None and guard is not None:  # a key only ever comes from the guard
                 local_limits = await guard.admit(key, model, raw, body)  # raises 403/429
         except GatewayError as exc:
@@ -373,6 +373,12 @@ class GatewayASGI:
         if over is not None:
             self._count_limit(over.value)
             raise self._json_limit_error(over)
+        if (wide := wide_integer(raw)) is not None:  # before parsing: orjson would round it, or fail on it
+            raise errors.bad_request(
+                f"The integer {wide[:40]}{'...' if len(wide) > 40 else ''} does not fit in 64 bits: it cannot be "
+                "forwarded unchanged. Send it as a string.",
+                code="integer_out_of_range",
+            )
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -381,7 +387,7 @@ class GatewayASGI:
             raise errors.bad_request("Request body must be a JSON object.")
         return body, containers
 
-    def _check(self, body: JsonObject, raw: bytes, upstream_path: str, containers: int) -> str:
+    def _check(self, body: JsonObject, upstream_path: str, containers: int) -> str:
         """Refuses what no provider should see; returns the model asked for."""
         model = body.get("model")
         if not isinstance(model, str) or not model:
@@ -414,12 +420,6 @@ class GatewayASGI:
             self._count_limit("json_depth")
             raise errors.bad_request(
                 f"JSON nesting deeper than {self.max_depth} levels (server.max_json_depth).", code="too_deep"
-            )
-        if (wide := wide_integer(raw)) is not None:
-            raise errors.bad_request(
-                f"The integer {wide[:40]}{'...' if len(wide) > 40 else ''} does not fit in 64 bits: it cannot be "
-                "forwarded unchanged. Send it as a string.",
-                code="integer_out_of_range",
             )
         return model
 
