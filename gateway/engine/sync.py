@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gateway.engine.clock import WallClock
 from gateway.engine.registry import DeploymentRuntime
 from gateway.policy.latency import PeakEwma
 from gateway.state.base import StateBackend, SyncBatch
-from gateway.telemetry.timing import now
 
 if TYPE_CHECKING:
     from gateway.engine.engine import Engine  # which owns the sync: a cycle at run time
@@ -41,8 +41,19 @@ AGE_FIELD = "#age"
 
 
 class StateSync:
-    def __init__(self, engine: Engine, backend: StateBackend, interval_s: float, ttl_s: float) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        backend: StateBackend,
+        interval_s: float,
+        ttl_s: float,
+        wall: WallClock = time.time,
+    ) -> None:
+        """``wall``: the wall clock, what replicas' times are compared on (their monotonic clocks share no
+        origin); the monotonic clock is the engine's, which every estimate and ejection here is timed on."""
         self.engine = engine
+        self.clock = engine.clock
+        self.wall = wall
         self.backend = backend
         self.interval_s = interval_s
         self.ttl_s = ttl_s
@@ -83,12 +94,12 @@ class StateSync:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self.interval_s)
+            await self.clock.sleep(self.interval_s)
             await self.round()
 
     async def round(self) -> None:
         deps = self.engine.registry.deployments
-        wall, mono = time.time(), now()
+        wall, mono = self.wall(), self.clock.now()
         batch = SyncBatch()
         for d in deps:
             k = self.key("stats", d.id)
@@ -120,7 +131,7 @@ class StateSync:
         self.rounds += 1
         # Ages are read against the time the answer arrived, later than any publish it holds: the delay
         # between a publish and this read can only make a remote sample look newer than it is, never older.
-        read_at = now()
+        read_at = self.clock.now()
         for d in deps:
             if d.id in self._unpublished:
                 self._unpublished.discard(d.id)
@@ -178,10 +189,10 @@ class StateSync:
 
     def publish_ejection(self, d: DeploymentRuntime) -> None:
         """Share an ejection at once (in the background) so every replica stops sending there."""
-        left = d.outlier.ejected_until - now()
+        left = d.outlier.ejected_until - self.clock.now()
         if left <= 0:
             return
-        value = orjson.dumps([time.time() + left, d.outlier.ejections])
+        value = orjson.dumps([self.wall() + left, d.outlier.ejections])
         t = asyncio.get_running_loop().create_task(self._publish(d.id, value, left))
         self._pending.add(t)
         t.add_done_callback(self._pending.discard)
