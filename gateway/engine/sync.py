@@ -169,12 +169,10 @@ class StateSync:
         m.child(m.remote_estimates, d.id, result).inc()
 
     def _merge_ejection(self, d: DeploymentRuntime, raw: bytes | None, wall: float, mono: float) -> None:
-        if not raw:
-            return
-        try:
-            until_wall, ejections = orjson.loads(raw)
-        except (orjson.JSONDecodeError, ValueError, TypeError):
-            return
+        ejection = _ejection(raw) if raw else None
+        if ejection is None:
+            return  # none, or not what a replica writes (which would end the sync loop if it raised)
+        until_wall, ejections = ejection
         left = min(until_wall - wall, self._max_ejection_s.get(d.id, 0.0))
         if left <= 0:
             return
@@ -183,7 +181,7 @@ class StateSync:
         if until <= d.outlier.ejected_until + (SAME_EJECTION_S if ejected_here else 0.0):
             return  # known already (this process's own ejection, read back, included)
         d.outlier.ejected_until = until
-        d.outlier.ejections = max(d.outlier.ejections, int(ejections))
+        d.outlier.ejections = max(d.outlier.ejections, ejections)
         if not ejected_here:
             log.warning("deployment %s ejected by another replica for %.0f s", d.id, left)
 
@@ -254,6 +252,14 @@ def _stats(raw: bytes) -> tuple[float, int, float, int, float] | None:
         return None
     ttft, ttft_n, lat, lat_n, ts = values
     return ttft, int(ttft_n), lat, int(lat_n), ts
+
+
+def _ejection(raw: bytes) -> tuple[float, int] | None:
+    """[end on the publisher's wall clock, ejections]; None when the value is anything else."""
+    values = _loads(raw)
+    if values is None or len(values) != 2 or not all(_number(v) for v in values):
+        return None
+    return values[0], int(values[1])
 
 
 def _ages(raw: bytes | None) -> tuple[float | None, float | None]:

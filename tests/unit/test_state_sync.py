@@ -176,6 +176,19 @@ def test_an_ejection_from_another_replica_ends_at_its_wall_clock_end_capped_at_m
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("raw", [b"not json", b"{}", b"[1]", b'["soon", 1]', b"[null, 1]", b'[1e12, "x"]'])
+def test_a_shared_ejection_that_is_not_what_a_replica_writes_is_skipped_not_fatal(raw: bytes) -> None:
+    async def scenario() -> None:
+        backend = Shared()
+        sync, dep = _replica(backend, FakeClock())
+        await backend.set(sync.key("eject", "a"), raw, 20)
+        await sync.round()  # it raised for the last three, which ended the sync loop
+        assert (sync.rounds, sync.up) == (1, True)
+        assert (dep.outlier.ejected_until, dep.outlier.ejections) == (0.0, 0)
+
+    asyncio.run(scenario())
+
+
 def test_a_replica_reading_back_its_own_ejection_says_nothing_and_another_says_it_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
