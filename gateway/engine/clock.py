@@ -1,7 +1,8 @@
 """The engine's time source, passed in: production reads the monotonic clock, tests move a fake one.
 
-``Engine``, ``Exchange``, ``Attempt``, the relay and ``Alarms`` read time only through a ``Clock``, so
-a unit test drives a whole exchange (hedge timers, first-token limits, backoff, stream watchdogs) with
+``Engine``, ``Exchange``, ``Attempt``, the relay, ``Alarms`` and ``StateSync`` read time only through a
+``Clock`` (and ``StateSync`` the wall clock through a ``WallClock``), so a unit test drives a whole
+exchange (hedge timers, first-token limits, backoff, stream watchdogs), or replicas' sync rounds, with
 ``tests/unit/fake_clock.py`` and no real sleep.
 """
 
@@ -12,6 +13,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 from gateway.telemetry.timing import now as _monotonic_now
+
+# Epoch seconds (``time.time`` in production): only what is compared between processes reads it.
+WallClock = Callable[[], float]
 
 
 class Timer(Protocol):

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gateway.engine.clock import WallClock
 from gateway.engine.registry import DeploymentRuntime
 from gateway.policy.latency import PeakEwma
 from gateway.state.base import StateBackend, SyncBatch
-from gateway.telemetry.timing import now
 
 if TYPE_CHECKING:
     from gateway.engine.engine import Engine  # which owns the sync: a cycle at run time
@@ -41,8 +41,19 @@ AGE_FIELD = "#age"
 
 
 class StateSync:
-    def __init__(self, engine: Engine, backend: StateBackend, interval_s: float, ttl_s: float) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        backend: StateBackend,
+        interval_s: float,
+        ttl_s: float,
+        wall: WallClock = time.time,
+    ) -> None:
+        """``wall``: the wall clock, what replicas' times are compared on (their monotonic clocks share no
+        origin); the monotonic clock is the engine's, which every estimate and ejection here is timed on."""
         self.engine = engine
+        self.clock = engine.clock
+        self.wall = wall
         self.backend = backend
         self.interval_s = interval_s
         self.ttl_s = ttl_s
@@ -83,12 +94,12 @@ class StateSync:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self.interval_s)
+            await self.clock.sleep(self.interval_s)
             await self.round()
 
     async def round(self) -> None:
         deps = self.engine.registry.deployments
-        wall, mono = time.time(), now()
+        wall, mono = self.wall(), self.clock.now()
         batch = SyncBatch()
         for d in deps:
             k = self.key("stats", d.id)
@@ -120,7 +131,7 @@ class StateSync:
         self.rounds += 1
         # Ages are read against the time the answer arrived, later than any publish it holds: the delay
         # between a publish and this read can only make a remote sample look newer than it is, never older.
-        read_at = now()
+        read_at = self.clock.now()
         for d in deps:
             if d.id in self._unpublished:
                 self._unpublished.discard(d.id)
@@ -158,12 +169,10 @@ class StateSync:
         m.child(m.remote_estimates, d.id, result).inc()
 
     def _merge_ejection(self, d: DeploymentRuntime, raw: bytes | None, wall: float, mono: float) -> None:
-        if not raw:
-            return
-        try:
-            until_wall, ejections = orjson.loads(raw)
-        except (orjson.JSONDecodeError, ValueError, TypeError):
-            return
+        ejection = _ejection(raw) if raw else None
+        if ejection is None:
+            return  # none, or not what a replica writes (which would end the sync loop if it raised)
+        until_wall, ejections = ejection
         left = min(until_wall - wall, self._max_ejection_s.get(d.id, 0.0))
         if left <= 0:
             return
@@ -172,16 +181,16 @@ class StateSync:
         if until <= d.outlier.ejected_until + (SAME_EJECTION_S if ejected_here else 0.0):
             return  # known already (this process's own ejection, read back, included)
         d.outlier.ejected_until = until
-        d.outlier.ejections = max(d.outlier.ejections, int(ejections))
+        d.outlier.ejections = max(d.outlier.ejections, ejections)
         if not ejected_here:
             log.warning("deployment %s ejected by another replica for %.0f s", d.id, left)
 
     def publish_ejection(self, d: DeploymentRuntime) -> None:
         """Share an ejection at once (in the background) so every replica stops sending there."""
-        left = d.outlier.ejected_until - now()
+        left = d.outlier.ejected_until - self.clock.now()
         if left <= 0:
             return
-        value = orjson.dumps([time.time() + left, d.outlier.ejections])
+        value = orjson.dumps([self.wall() + left, d.outlier.ejections])
         t = asyncio.get_running_loop().create_task(self._publish(d.id, value, left))
         self._pending.add(t)
         t.add_done_callback(self._pending.discard)
@@ -243,6 +252,14 @@ def _stats(raw: bytes) -> tuple[float, int, float, int, float] | None:
         return None
     ttft, ttft_n, lat, lat_n, ts = values
     return ttft, int(ttft_n), lat, int(lat_n), ts
+
+
+def _ejection(raw: bytes) -> tuple[float, int] | None:
+    """[end on the publisher's wall clock, ejections]; None when the value is anything else."""
+    values = _loads(raw)
+    if values is None or len(values) != 2 or not all(_number(v) for v in values):
+        return None
+    return values[0], int(values[1])
 
 
 def _ages(raw: bytes | None) -> tuple[float | None, float | None]:

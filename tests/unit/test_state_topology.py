@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from fake_clock import FakeClock
 from redis.crc import key_slot
 
 from gateway.config import AuthConfig, ConfigError, StateConfig, parse_config, redact
@@ -160,6 +161,7 @@ class Backend(MemoryState):
 class Engine:
     def __init__(self) -> None:
         self.metrics = Metrics()
+        self.clock = FakeClock()
 
         class Registry:
             deployments: list[Any] = []
@@ -209,8 +211,6 @@ class Flaky(Recorder):
 
 
 def test_limits_go_local_while_redis_is_away_and_the_seconds_are_counted(monkeypatch):
-    from fake_clock import FakeClock
-
     from gateway.security import guard as guard_mod
 
     clock = FakeClock()
