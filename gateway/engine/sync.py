@@ -60,7 +60,11 @@ class StateSync:
         self.replica_id = f"{os.uname().nodename}-{os.getpid()}-{os.urandom(3).hex()}"
         self.up: bool | None = None
         self.rounds = 0
-        self._seen: dict[tuple[str, str], float] = {}  # (deployment, replica) -> last merged wall ts
+        # deployment -> replica -> wall ts of its view last merged: the replicas of the latest read only
+        self._seen: dict[str, dict[str, float]] = {}
+        self._gone: dict[
+            str, list[str]
+        ] = {}  # stats key -> fields of replicas gone, deleted with the next write
         self._task: asyncio.Task | None = None
         self._pending: set[asyncio.Task] = set()
         self._primaries: list[str] = []
@@ -95,12 +99,17 @@ class StateSync:
     async def _loop(self) -> None:
         while True:
             await self.clock.sleep(self.interval_s)
-            await self.round()
+            try:
+                await self.round()
+            except Exception as exc:  # a bug: it must not end sharing for the life of the process
+                log.exception("state sync round failed; trying again in %.1f s", self.interval_s)
+                self._mark(False, exc)  # llmgw_state_backend_up 0: replicas do not share state now
 
     async def round(self) -> None:
         deps = self.engine.registry.deployments
         wall, mono = self.wall(), self.clock.now()
-        batch = SyncBatch()
+        batch = SyncBatch(hdel=self._gone)
+        self._gone = {}
         for d in deps:
             k = self.key("stats", d.id)
             batch.hset[k] = {
@@ -140,6 +149,10 @@ class StateSync:
             self._merge_ejection(d, res.keys.get(self.key("eject", d.id)), wall, mono)
 
     def _merge_stats(self, d: DeploymentRuntime, fields: dict[str, bytes], wall: float, mono: float) -> None:
+        seen = self._seen.get(d.id, {})
+        merged: dict[str, float] = {}
+        self._seen[d.id] = merged
+        gone: list[str] = []
         for replica, raw in fields.items():
             if replica == self.replica_id or replica.endswith(AGE_FIELD):
                 continue
@@ -147,14 +160,21 @@ class StateSync:
             if stats is None:
                 continue
             ttft, ttft_n, lat, lat_n, ts = stats
-            if wall - ts > self.ttl_s or self._seen.get((d.id, replica)) == ts:
+            if wall - ts > self.ttl_s:
+                # A replica that stopped publishing (restarted, scaled in): the hash lives on while others
+                # write it, so its fields are deleted, or every restart would add two for good.
+                gone += (replica, replica + AGE_FIELD)
                 continue
-            self._seen[(d.id, replica)] = ts
+            merged[replica] = ts
+            if seen.get(replica) == ts:
+                continue
             ttft_age, lat_age = _ages(fields.get(replica + AGE_FIELD))
             if ttft_n:
                 self._merge_estimate(d, d.ttft, ttft, ttft_n, ttft_age, mono)
             if lat_n:
                 self._merge_estimate(d, d.latency, lat, lat_n, lat_age, mono)
+        if gone:
+            self._gone[self.key("stats", d.id)] = gone
 
     def _merge_estimate(
         self, d: DeploymentRuntime, ewma: PeakEwma, value_ms: float, n: int, age_s: float | None, mono: float

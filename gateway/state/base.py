@@ -20,9 +20,10 @@ class StateRefused(Exception):
 
 @dataclass(slots=True)
 class SyncBatch:
-    """One sync round: hashes to write (key -> field -> value) and what to read back."""
+    """One sync round: hashes to write (key -> field -> value), fields to delete, and what to read back."""
 
     hset: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    hdel: dict[str, list[str]] = field(default_factory=dict)  # key -> fields to delete (replicas gone)
     read_hashes: list[str] = field(default_factory=list)
     read_keys: list[str] = field(default_factory=list)
 

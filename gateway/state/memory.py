@@ -33,6 +33,9 @@ class MemoryState:
     async def sync(self, batch: SyncBatch, ttl_s: float) -> SyncResult:
         for k, mapping in batch.hset.items():
             await self.hset(k, mapping, ttl_s)
+        for k, fields in batch.hdel.items():
+            for f in fields:
+                await self.hdel(k, f)
         hashes = {k: await self.hgetall(k) for k in batch.read_hashes}
         keys = {k: await self.get(k) for k in batch.read_keys}
         return SyncResult(hashes, keys)

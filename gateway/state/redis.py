@@ -81,12 +81,14 @@ class RedisState:
         for k, mapping in batch.hset.items():
             pipe.hset(k, mapping=mapping)
             pipe.pexpire(k, ttl_ms)
+        for k, fields in batch.hdel.items():
+            pipe.hdel(k, *fields)
         for k in batch.read_hashes:
             pipe.hgetall(k)
         for k in batch.read_keys:  # GET each, not MGET: on a cluster the keys live on different nodes
             pipe.get(k)
         out = await pipe.execute()
-        out = out[2 * len(batch.hset) :]
+        out = out[2 * len(batch.hset) + len(batch.hdel) :]
         hashes = {}
         for k, v in zip(batch.read_hashes, out, strict=False):
             hashes[k] = {f.decode() if isinstance(f, bytes) else f: val for f, val in v.items()}

@@ -8,7 +8,9 @@ import threading
 import time
 from collections.abc import Iterator
 
+import orjson
 import pytest
+import redis
 from harness import (
     REDIS_URL,
     Gateway,
@@ -319,6 +321,41 @@ def test_ejection_is_shared_through_redis_and_readmitted(sims_factory, gateways,
     wait_until("the ejection (2 s) to end", lambda: _ejected(gw2, "a") == 0)
     r = post_chat(gw2)
     assert r.status_code == 200 and r.headers["x-gateway-upstream"] == "a"
+
+
+def test_a_replica_that_stopped_leaves_no_fields_in_redis(sims_factory, gateways, redis_prefix):
+    """Every replica writes its view into one hash per deployment, which lives on while any replica
+    writes it: the fields of a replica gone (restarted, scaled in) are deleted by the others, so the
+    hash every replica reads every round does not grow with each restart."""
+    sims = sims_factory({"sim-a": ("us-east", QUICK)})
+    cfg = {
+        "state": {
+            "backend": "redis",
+            "redis_url": REDIS_URL,
+            "key_prefix": redis_prefix,
+            "sync_interval_ms": 100,
+            "key_ttl_s": 30,
+        },
+        "models": [model("chat", [dep("a", sims.base_url("sim-a"))])],
+    }
+    key = f"{redis_prefix}stats:a"
+    r = redis.Redis.from_url(REDIS_URL)
+    try:
+        gone = {f"gone-{i}": orjson.dumps([300.0, 5, 0.0, 0, time.time() - 31 - i]) for i in range(50)}
+        gone |= {f"gone-{i}#age": orjson.dumps([0.0, None]) for i in range(50)}
+        live = {"live": orjson.dumps([300.0, 5, 0.0, 0, time.time() + 3600])}  # written an hour ahead: kept
+        r.hset(key, mapping={**gone, **live})
+        gw = gateways(cfg)
+        assert post_chat(gw).status_code == 200
+        wait_until(
+            "the stopped replicas' fields to be deleted",
+            lambda: not any(f.startswith(b"gone-") for f in r.hkeys(key)),
+        )
+        fields = set(r.hkeys(key))
+        assert b"live" in fields and len(fields) == 3, fields  # and the gateway's own two
+    finally:
+        r.delete(key)
+        r.close()
 
 
 def _ejected(gw: Gateway, deployment: str) -> float:

@@ -122,6 +122,35 @@ def test_a_round_runs_every_sync_interval_of_the_engine_clock_and_none_before() 
     asyncio.run(scenario())
 
 
+def test_a_round_that_fails_unexpectedly_is_logged_marks_sharing_down_and_the_loop_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        sync, _ = _replica(Shared(), clock)
+        await sync.start()
+        real_round = sync.round
+        failures = []
+
+        async def buggy_round() -> None:
+            if not failures:
+                failures.append(1)
+                raise KeyError("a bug")
+            await real_round()
+
+        monkeypatch.setattr(sync, "round", buggy_round)
+        await _until("the loop to sleep", lambda: clock.next_due() is not None)
+        clock.advance(INTERVAL_S)
+        await _until("the failed round", lambda: sync.up is False)
+        assert "state sync round failed" in caplog.text and "KeyError" in caplog.text
+        await _until("the loop to sleep again", lambda: clock.next_due() is not None)
+        clock.advance(INTERVAL_S)
+        await _until("the next round", lambda: sync.rounds == 1 and sync.up is True)
+        await sync.close()
+
+    asyncio.run(scenario())
+
+
 # ---------------------------------------------------------------- ejections
 
 
@@ -251,6 +280,40 @@ def test_an_estimate_published_longer_ago_than_the_key_ttl_by_this_replicas_wall
         await sync.round()
         assert dep.ttft.has_data is merged
         assert _merges(sync, "no-age") == (1 if merged else 0)
+
+    asyncio.run(scenario())
+
+
+def test_the_fields_of_replicas_that_stopped_publishing_are_deleted_and_forgotten() -> None:
+    """The stats hash lives on while any replica writes it: without deleting, every restart of a replica
+    would leave two fields that every replica reads every round, and an entry in each one's memory."""
+
+    async def scenario() -> None:
+        clock, backend = FakeClock(), Shared()
+        a, _ = _replica(backend, clock)
+        b, dep_b = _replica(backend, clock)
+        key = a.key("stats", "a")
+        dep_b.observe(250.0, clock.t, stream=True)
+        await b.round()
+        restarted = {}
+        for i in range(100):  # replicas restarted long ago: their last views, published over a TTL ago
+            old = orjson.dumps([300.0, 5, 0.0, 0, a.wall() - TTL_S - 1 - i])
+            restarted[f"old-{i}"], restarted[f"old-{i}#age"] = old, orjson.dumps([0.0, None])
+        await backend.hset(key, restarted, TTL_S)
+        await a.round()  # reads b's view (merged) and the stopped ones (not)
+        assert _merges(a, "merged") == 1 and _merges(a, "no-age") == 0
+        assert set(a._seen["a"]) == {b.replica_id}
+        await a.round()  # deletes them with its write
+        assert set(await backend.hgetall(key)) == {
+            a.replica_id,
+            a.replica_id + "#age",
+            b.replica_id,
+            b.replica_id + "#age",
+        }
+        clock.advance(TTL_S + 1)  # b stops too: a forgets it, and deletes its fields
+        await a.round()
+        await a.round()
+        assert a._seen["a"] == {} and set(await backend.hgetall(key)) == {a.replica_id, a.replica_id + "#age"}
 
     asyncio.run(scenario())
 
