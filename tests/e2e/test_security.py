@@ -860,6 +860,9 @@ def test_a_foreign_web_page_cannot_make_a_local_gateway_spend(hardened):
         # DNS rebinding: the page's own name resolved to the gateway, so the browser thinks it same-origin
         {"origin": f"http://rebound.example:{gw.port}", "host": f"rebound.example:{gw.port}"},
         {"origin": f"http://127.0.0.1:{gw.port + 1}"},  # a page of another local server
+        {"origin": f"http://app.localhost:{gw.port + 1}", "host": f"app.localhost:{gw.port}"},
+        # another name under localhost is another origin, though the same server answers it
+        {"origin": f"http://app.localhost:{gw.port}", "host": f"localhost:{gw.port}"},
     ]
     ids = [f"foreign-origin-{i}" for i in range(len(cases))]
     for rid, headers in zip(ids, cases, strict=True):
@@ -889,11 +892,18 @@ def test_a_foreign_web_page_cannot_make_a_local_gateway_spend(hardened):
 
 
 def test_the_gateways_own_pages_and_clients_without_an_origin_are_served(hardened):
-    """The API docs' "Try it out" posts from the gateway's own origin (an address or localhost, at its
-    port), which no foreign page can pose as; SDKs and curl send no Origin at all."""
+    """The API docs' "Try it out" posts from the gateway's own origin (an address, localhost or a name
+    under it, at its port), which no foreign page can pose as; SDKs and curl send no Origin at all."""
     _, gw, _ = hardened
     port = gw.port
-    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LOCALHOST:{port}"):
+    hosts = (
+        f"127.0.0.1:{port}",
+        f"localhost:{port}",
+        f"[::1]:{port}",
+        f"LOCALHOST:{port}",
+        f"app.localhost:{port}",
+    )
+    for host in hosts:
         for scheme in ("http", "https"):  # https: behind a TLS-terminating proxy at the same address
             r = _chat(gw.url, None, headers={"origin": f"{scheme}://{host.lower()}", "host": host})
             assert r.status_code == 200, (scheme, host, r.text)
