@@ -290,6 +290,51 @@ def test_two_different_keys_in_authorization_and_api_key_are_400(keyed):
     assert _chat(gw.url, None, headers={**auth, "api-key": KEYS["all"]}).status_code == 200
 
 
+def test_a_valid_api_key_beside_a_basic_authorization_is_400_saying_what_to_drop(keyed):
+    """An Azure-style client (the key in api-key) behind a front proxy's Basic login, or a caller who also
+    sent Basic credentials: the gateway answered 401 "Missing API key" though the key was there. Now a
+    400 that says which credential it does not take, logged (DPE) and counted like two different keys;
+    nothing reaches the provider, and the key alone is served."""
+    sims, gw, _ = keyed
+    auth = {"authorization": f"Bearer {KEYS['all']}"}
+
+    def refused() -> float:
+        text = httpx.get(gw.url + "/metrics", headers=auth).text
+        return metric_value(text, "llmgw_input_limits_total", limit="ambiguous_credentials")
+
+    before, served = refused(), sims.stats("sim-a")["served"]["chat"]
+    r = FRESH.post(
+        gw.url + "/v1/chat/completions",
+        auth=("alice", "front-proxy-password"),  # httpx sends Authorization: Basic ...
+        headers={"api-key": KEYS["all"], "x-request-id": "basic-beside-api-key"},
+        json={"model": "chat", "messages": MSG},
+    )
+    assert r.request.headers["authorization"].startswith("Basic ")
+    assert r.status_code == 400 and "www-authenticate" not in r.headers, r.text
+    err = _error(r)
+    assert (err["type"], err["code"], err["param"]) == (
+        "invalid_request_error",
+        "ambiguous_credentials",
+        None,
+    )
+    assert "'Basic' credential in 'Authorization'" in err["message"], err
+    assert sims.stats("sim-a")["served"]["chat"] == served
+    (rec,) = _records_by_id(gw, ["basic-beside-api-key"])
+    assert (rec["response_code"], rec["response_flags"], rec["error_type"], rec["api_key_id"]) == (
+        400,
+        "DPE",
+        "ambiguous_credentials",
+        None,
+    )
+    assert refused() == before + 1
+    ok = FRESH.post(
+        gw.url + "/v1/chat/completions",
+        headers={"api-key": KEYS["all"]},
+        json={"model": "chat", "messages": MSG},
+    )
+    assert ok.status_code == 200, ok.text
+
+
 def test_sdk_sees_401_as_authentication_error(keyed):
     _, gw, _ = keyed
     with pytest.raises(openai.AuthenticationError) as exc:
