@@ -102,6 +102,40 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def unguarded_warning(host: str, cfg: GatewayConfig) -> str | None:
+    """What start-up says (``serve`` logs it, ``check-config`` prints it) about a port that answers without
+    a key, or None: reachable from other machines (``host`` not loopback), or from any web page because
+    ``server.allowed_hosts`` has "*". Without a key the Host check (allowed_hosts) is all that keeps a
+    page out that points its own name at the gateway's address (DNS rebinding, api/headers.py)."""
+    if cfg.auth.mode != "none":
+        return None
+    any_host = "*" in cfg.server.allowed_hosts
+    if _is_loopback(host):
+        if not any_host:
+            return None
+        return (
+            'server.allowed_hosts "*" with auth.mode none: any web page opened in a browser on this machine can '
+            f"reach the gateway by pointing its own name at {host} (DNS rebinding) and spend your provider "
+            "quota. List the names clients call it by instead (IP addresses and localhost need no entry), "
+            "or set auth.mode: keys (docs/security.md)."
+        )
+    warning = (
+        f"listening on {host} without API keys (auth.mode: none): anyone who can reach it can spend your "
+        "provider quota. Set auth.mode: keys (docs/security.md) or listen on 127.0.0.1 behind your own proxy."
+    )
+    if any_host:
+        return warning + (
+            ' And server.allowed_hosts "*" lets any web page reach it too: a page points its own name at this '
+            "address (DNS rebinding) and the browsers that open it call the gateway. List the names clients "
+            "call it by instead (IP addresses and localhost need no entry)."
+        )
+    return warning + (
+        " Without keys, server.allowed_hosts is what keeps web pages out (DNS rebinding: a page pointing its "
+        "own name at this address): only requests sent to an IP address, localhost or a name listed there "
+        'are answered. List there the names clients call it by, never "*".'
+    )
+
+
 def _fresh_multiprocess_dir() -> None:
     """Metrics files of workers from an earlier run (a restarted container keeps its emptyDir) would
     inflate every gauge and counter: start from an empty directory."""
@@ -141,6 +175,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     host = args.host or cfg.server.host
     port = cfg.server.port if args.port is None else args.port
+    warning = unguarded_warning(host, cfg)
+    if warning is not None:  # about the config: said even when the port then turns out to be taken
+        logging.getLogger("llmgw").warning(warning)
     problem = _cannot_listen(host, port)
     if problem is not None:
         print(f"llmgw: cannot listen on {host}:{port}: {problem}", file=sys.stderr)
@@ -158,11 +195,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = with_server(cfg, server_changes)
     if args.region:
         os.environ["GATEWAY_REGION"] = args.region
-    if not _is_loopback(host) and cfg.auth.mode == "none":
-        logging.getLogger("llmgw").warning(
-            "listening on %s without API keys (auth.mode: none): anyone who can reach it can spend your provider quota",
-            host,
-        )
     common: dict[str, Any] = dict(
         host=host,
         port=port,
@@ -226,13 +258,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                 f"{m['name']:<22} {d['id']:<24} {d['region']:<12} {(d['model'] or m['name']):<22} "
                 f"{d['base_url']:<40} {'***' if d['api_key'] else '-':<5} {','.join(m['fallbacks']) or '-'}"
             )
-    if not _is_loopback(cfg.server.host) and cfg.auth.mode == "none":
-        print(
-            f"\nwarning: server.host {cfg.server.host} accepts connections from other machines and auth.mode is "
-            "none: anyone who can reach it can spend your provider quota. Set auth.mode: keys (docs/security.md) "
-            "or listen on 127.0.0.1 behind your own proxy.",
-            file=sys.stderr,
-        )
+    warning = unguarded_warning(cfg.server.host, cfg)
+    if warning is not None:
+        print(f"\nwarning: {warning}", file=sys.stderr)
     if args.verbose:
         import yaml
 

@@ -506,9 +506,13 @@ class GatewayASGI:
     ) -> None:
         """Answer ``err`` and log it; ``answered`` False: the client has gone, so only log it. ``model`` and
         ``stream``: what the request's body asked for, when it was parsed (the log only)."""
-        body = err.body() if answered else b""
+        # Gone while the edge awaited (the body, a key lookup, a limit check, its turn behind a pipelined
+        # response): the server drops the answer, so it is logged as never delivered (DC).
+        gone = answered and scope.get(DISCONNECT_KEY) is client_gone
+        sending = answered and not gone
+        body = err.body() if sending else b""
         rid = request_id or _request_id(None)
-        if answered:
+        if sending:
             hdrs = [_JSON_CT, (b"content-length", b"%d" % len(body)), (b"x-request-id", rid.encode())]
             if err.retry_after:
                 hdrs.append((b"retry-after", err.retry_after.encode()))
@@ -522,7 +526,7 @@ class GatewayASGI:
             # answered here: what was sent went nowhere, and the refusal is the request's record.
             return
         t1 = now()
-        if answered and not await wait_delivery(scope.get(DOWNSTREAM_KEY)):
+        if gone or (sending and not await wait_delivery(scope.get(DOWNSTREAM_KEY))):
             err = err.undelivered()  # cut before it left: the client never got it
         headers = headers or {}
         client = scope.get("client")

@@ -5,11 +5,13 @@ a host name a foreign page could point at the gateway, and a security-relevant h
 body and no Content-Type needs no CORS preflight), and with ``auth.mode: none`` that spends the provider
 quota. Browsers always send ``Origin`` on such a request, so, as Ollama does with ``OLLAMA_ORIGINS``, a
 request whose ``Origin`` is neither listed in ``server.cors_origins`` nor the gateway's own is refused
-403. The gateway's own origin is the host the request was sent to (its ``Host``) when that is an IP
-address or ``localhost``: the API docs page served by the gateway itself. A DNS name is not trusted by
+403. The gateway's own origin is the host:port the request was sent to (its ``Host``) when that host
+is one no foreign page can hold, as for the Host check below: an IP address, ``localhost`` or a name
+under it (``app.localhost``). That is the API docs page served by the gateway itself. A DNS name is not trusted by
 itself, since a foreign page can rebind its own name to the gateway's address and so be "same-origin";
-a gateway reached by name lists its origin in ``server.cors_origins``. Requests without ``Origin``
-(SDKs, curl) are not affected.
+a gateway reached by name lists its origin in ``server.cors_origins``, and so does a page of another
+local server (another port, or another name under ``localhost``). Requests without ``Origin`` (SDKs,
+curl) are not affected.
 
 **Hosts.** A page on a foreign name can rebind that name to the gateway's address (DNS rebinding): the
 browser then deems the gateway same-origin, sends the foreign name as ``Host``, and lets the page read the
@@ -63,18 +65,18 @@ class OriginPolicy:
 
 
 def own_origin(origin: str, host: str) -> bool:
-    """``origin`` is the very host:port the request was sent to, named by an address or ``localhost``:
-    a page served by the gateway itself, which no foreign page can pose as."""
+    """``origin`` is the very host:port the request was sent to, named by a name no foreign page can hold
+    (``loopback_or_address``, as for the Host check): a page served by the gateway itself. Another port,
+    or another name under ``localhost``, is another origin (another local server's page, which the
+    browser would not let read the answer without CORS anyway): ``server.cors_origins`` lists it."""
     scheme, sep, rest = origin.partition("://")
     if not sep or scheme not in ("http", "https") or rest != host.lower():
         return False
     try:
-        name = urlsplit(origin).hostname or ""  # without the port and an IPv6 address's brackets
-        if name != "localhost":
-            ipaddress.ip_address(name)
-    except ValueError:  # not an address, or not a URL
+        name = urlsplit(origin).hostname  # without the port and an IPv6 address's brackets
+    except ValueError:  # not a URL
         return False
-    return True
+    return name is not None and loopback_or_address(name)
 
 
 SEEN_HOSTS_MAX = 1024  # allowed Host values remembered: a client cycling through ports cannot grow it
@@ -117,11 +119,19 @@ def host_allowed(host: str, names: frozenset[str]) -> bool:
     if colon and not _is_port(port):
         return False
     name = name.lower().removesuffix(".")  # "localhost." names the same host
+    return name in names or loopback_or_address(name)
+
+
+def loopback_or_address(name: str) -> bool:
+    """``name`` (lower case, an IPv6 address without brackets) is an IP address, ``localhost`` or a name
+    under it (loopback by RFC 6761, resolved by the browser itself): names a foreign page cannot point
+    at the gateway (DNS rebinding)."""
+    name = name.removesuffix(".")
     return (
         name == "localhost"
         or name.endswith(".localhost")
-        or name in names
         or _is_address(name, ipaddress.IPv4Address)
+        or _is_address(name, ipaddress.IPv6Address)
     )
 
 

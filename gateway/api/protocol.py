@@ -92,7 +92,8 @@ REFUSED_KEY = "llmgw.refused"  # in a request's scope: the protocol refused its 
 
 def client_gone() -> None:
     """What ``DISCONNECT_KEY`` holds when the client left before the app put its callback there (during
-    auth, the body read, a rate-limit check): the app looks before it goes upstream."""
+    auth, the body read, a rate-limit check, or queued behind a pipelined response): the app looks before
+    it goes upstream, and before it answers a refusal, which the server would drop."""
 
 
 class HeadWithBodyTransport:
@@ -454,6 +455,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         while self.pipeline:  # requests queued behind it never got an answer: each runs to log itself
             queued, app = self.pipeline.pop()  # as a request whose client left (499 DC), in order
             queued.disconnected = True
+            queued.scope[DISCONNECT_KEY] = client_gone  # type: ignore[literal-required]
             queued.scope[STARTED_KEY] = now()  # type: ignore[literal-required]
             self._start_asgi_task(queued, app)
         if self._edge is not None:

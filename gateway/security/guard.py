@@ -46,10 +46,23 @@ def _unauthorized(message: str) -> GatewayError:
     )
 
 
-def _ambiguous_credentials() -> GatewayError:
+def _ambiguous_credentials(headers: dict[str, str]) -> GatewayError:
+    """Two credentials (see ``conflicting_keys``): two keys, or a key beside one the gateway does not take."""
+    if bearer_token(headers) is not None:
+        message = (
+            "The request carries one gateway key in 'Authorization' and another in 'api-key': send it in one "
+            "of them."
+        )
+    else:
+        scheme = headers["authorization"].split()[0][:40]
+        message = (
+            f"The request carries a gateway key in 'api-key' and a {scheme!r} credential in 'Authorization', "
+            "which the gateway does not take (only 'Authorization: Bearer <key>'): send the key alone. A proxy "
+            "in front that checks 'Authorization' removes it once checked."
+        )
     return GatewayError(
         400,
-        "The request carries one gateway key in 'Authorization' and another in 'api-key': send it in one of them.",
+        message,
         "invalid_request_error",
         "ambiguous_credentials",
         flag=ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR,
@@ -81,7 +94,7 @@ class Guard:
     async def authenticate(self, headers: dict[str, str]) -> ApiKey:
         if "api-key" in headers and conflicting_keys(headers):
             self.metrics.child(self.metrics.input_limits, "ambiguous_credentials").inc()
-            raise _ambiguous_credentials()
+            raise _ambiguous_credentials(headers)
         token = bearer_token(headers)
         if token is None:
             raise _unauthorized("Missing API key: send 'Authorization: Bearer <gateway key>'.")

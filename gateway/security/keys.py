@@ -69,7 +69,7 @@ class ApiKey:
 
 
 def bearer_token(headers: dict[str, str]) -> str | None:
-    auth = headers.get("authorization")
+    auth = (headers.get("authorization") or "").strip()
     if auth:
         scheme, _, token = auth.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
@@ -80,13 +80,16 @@ def bearer_token(headers: dict[str, str]) -> str | None:
 
 
 def conflicting_keys(headers: dict[str, str]) -> bool:
-    """``Authorization`` and ``api-key`` each carry a key, and not the same one: a proxy in front may have
-    checked the other one, so neither can be taken."""
-    auth, key = headers.get("authorization"), (headers.get("api-key") or "").strip()
+    """``api-key`` carries a key and ``Authorization`` anything but that same key as a Bearer token: another
+    key (a proxy in front may have checked the other one), or a credential of another scheme (``Basic``).
+    No SDK sends the latter beside ``api-key`` (OpenAI's send ``Authorization: Bearer``, Azure's ``api-key``):
+    it is a front proxy's login passed on, or a caller's key in a form the gateway does not read. Serving
+    on ``api-key`` would ignore a credential someone meant, and a 401 "missing key" would hide that a key
+    was there, so it is refused as two keys are, the answer saying which header to drop."""
+    auth, key = (headers.get("authorization") or "").strip(), (headers.get("api-key") or "").strip()
     if not auth or not key:
         return False
-    token = bearer_token(headers)  # Authorization's: it is given
-    return token is not None and token != key
+    return bearer_token(headers) != key  # Authorization's (it is given): None when not a Bearer key
 
 
 def constant_time_equal(a: str, b: str) -> bool:

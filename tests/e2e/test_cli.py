@@ -12,9 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import redis
 import yaml
-from harness import REDIS_URL, free_port
+from harness import REDIS_URL, dead_model, free_port
 
 from gateway.cli import build_parser
 from gateway.cli import main as cli_main
@@ -147,17 +148,67 @@ def test_check_config_reports_every_problem_at_once(tmp_path, monkeypatch):
     assert out.stderr.count("base_url") == 1  # reported as unset, not again as an invalid URL
 
 
-def test_check_config_warns_about_an_open_listener_without_auth(tmp_path):
-    open_cfg = write(tmp_path, {"server": {"host": "0.0.0.0"}, "models": [CHAT]})
-    out = llmgw("check-config", open_cfg)
-    assert out.returncode == 0 and "config OK" in out.stdout
-    assert "warning: server.host 0.0.0.0" in out.stderr and "auth.mode is none" in out.stderr
-    keyed = write(
-        tmp_path, {"server": {"host": "0.0.0.0"}, "auth": {"mode": "keys"}, "models": [CHAT]}, "k.yaml"
-    )
-    local = write(tmp_path, {"server": {"host": "127.0.0.1"}, "models": [CHAT]}, "l.yaml")
-    assert "warning" not in llmgw("check-config", keyed).stderr
-    assert "warning" not in llmgw("check-config", local).stderr
+# What start-up says of a port without keys: who can reach it, and what keeps web pages out (or does not).
+OPEN_PORT = "listening on 0.0.0.0 without API keys (auth.mode: none): anyone who can reach it can spend your"
+HOSTS_GUARD = (
+    "server.allowed_hosts is what keeps web pages out (DNS rebinding: a page pointing its own name at this "
+    "address): only requests sent to an IP address, localhost or a name listed there are answered. List "
+    'there the names clients call it by, never "*".'
+)
+ANY_HOST = 'server.allowed_hosts "*" lets any web page reach it too'
+LOCAL_ANY_HOST = (
+    'server.allowed_hosts "*" with auth.mode none: any web page opened in a browser on this machine can '
+    "reach the gateway by pointing its own name at 127.0.0.1 (DNS rebinding)"
+)
+
+
+def test_check_config_warns_about_a_port_without_auth_that_others_or_web_pages_reach(tmp_path):
+    def warned(server: dict, auth: str = "none") -> str:
+        out = llmgw(
+            "check-config", write(tmp_path, {"server": server, "auth": {"mode": auth}, "models": [CHAT]})
+        )
+        assert out.returncode == 0 and "config OK" in out.stdout, out
+        return out.stderr
+
+    err = warned({"host": "0.0.0.0"})
+    assert f"warning: {OPEN_PORT}" in err and HOSTS_GUARD in err and ANY_HOST not in err, err
+    err = warned({"host": "0.0.0.0", "allowed_hosts": ["gw.internal", "*"]})
+    assert f"warning: {OPEN_PORT}" in err and ANY_HOST in err and "never" not in err, err
+    err = warned({"host": "127.0.0.1", "allowed_hosts": ["*"]})
+    assert f"warning: {LOCAL_ANY_HOST}" in err and "listening on" not in err, err
+    assert warned({"host": "0.0.0.0", "allowed_hosts": ["*"]}, auth="keys") == ""
+    assert warned({"host": "127.0.0.1", "allowed_hosts": ["gw.internal"]}) == ""
+
+
+def _logged_warnings(stderr: str) -> list[str]:
+    """The messages of the gateway's WARNING log lines (JSON, one a line) in ``stderr``."""
+    lines = [orjson.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    return [line["message"] for line in lines if line["level"] == "WARNING"]
+
+
+def test_serve_on_an_open_address_without_keys_says_what_keeps_web_pages_out(tmp_path):
+    """As the operator sees it: the warning comes first, before the port is even tried (here it is taken
+    on 127.0.0.1, so nothing ever listens on 0.0.0.0)."""
+    cfg = write(tmp_path, {"models": [CHAT]})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "-c", cfg, "--host", "0.0.0.0", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.returncode == 1, out.stderr
+    (warning,) = _logged_warnings(out.stderr)
+    assert warning.startswith(OPEN_PORT) and HOSTS_GUARD in warning, warning
+    assert out.stderr.strip().splitlines()[-1].startswith(f"llmgw: cannot listen on 0.0.0.0:{port}: ")
+
+
+def test_serve_on_loopback_with_any_host_allowed_and_no_keys_warns_of_dns_rebinding(gateways):
+    gw = gateways({"server": {"allowed_hosts": ["*"]}, "models": [dead_model()]})
+    assert any(w.startswith(LOCAL_ANY_HOST) for w in _logged_warnings(gw.stderr())), gw.stderr()
 
 
 def test_warmup_connect_error_names_the_url_not_ssl(tmp_path):

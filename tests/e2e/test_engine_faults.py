@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 import openai
 import orjson
 import pytest
-from harness import dep, metric_value, model
+from harness import dead_model, dep, metric_value, model, wait_until
 
 RAW_POOL = {"min_connections": 0, "validate_on_start": False}
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -224,6 +224,51 @@ def test_a_client_that_leaves_during_the_body_read_is_logged_499(sims_factory, g
     _send_and_leave(gw.port, body=BODY[:10], length=len(BODY))
     _all_left(gw.records(wait_for=1), 1, before_upstream=True)
     assert sims.stats("sim-a")["requests"] == before
+    gw.assert_no_tracebacks()
+
+
+def _stopped(pid: int) -> bool:
+    """The process is stopped (SIGSTOP taken), as /proc tells."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0] == "T"
+
+
+def test_a_refusal_decided_after_the_client_left_is_logged_with_dc(gateways, private_redis):
+    """The key lookup waits on Redis (stopped), so the 401 comes after an await. The client sends its request
+    and closes its side before reading; once the gateway's own close reaches it (the gateway has seen the
+    disconnect), Redis answers and the key is refused. The 401 went nowhere: it was logged 401 UAEX as if
+    answered, and is now 401 UAEX,DC with no byte sent."""
+    port, redis_proc = private_redis
+    gw = gateways(
+        {
+            # long enough that only Redis's answer, never the timeout, ends the lookup
+            "state": {"backend": "redis", "redis_url": f"redis://127.0.0.1:{port}/0", "timeout_ms": 60000},
+            "auth": {"mode": "keys"},  # no config keys: every key is looked up in Redis
+            "models": [dead_model("chat")],
+        }
+    )
+    redis_proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_until("redis stopped", lambda: _stopped(redis_proc.pid))
+        with socket.create_connection(("127.0.0.1", gw.port)) as s:
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                b"authorization: Bearer sk-gw-nobody\r\nx-request-id: left-before-401\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(BODY), BODY)
+            )
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(30)  # a bound for the close event, not a measurement
+            assert s.recv(4096) == b""  # closed by the gateway, with nothing answered yet
+    finally:
+        redis_proc.send_signal(signal.SIGCONT)
+    (rec,) = gw.records(wait_for=1, timeout=30)
+    assert rec["request_id"] == "left-before-401", rec
+    assert (rec["response_code"], rec["response_flags"], rec["error_type"], rec["bytes_sent"]) == (
+        401,
+        "UAEX,DC",
+        "invalid_api_key",
+        0,
+    )
     gw.assert_no_tracebacks()
 
 

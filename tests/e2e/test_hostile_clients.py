@@ -727,6 +727,36 @@ def test_a_pipelining_client_that_leaves_gets_its_upstream_call_cancelled_and_ev
     assert "Traceback" not in edge.stderr()
 
 
+def test_a_pipelined_request_refused_after_its_client_left_is_logged_with_dc(edge, sims):
+    """A request queued behind a response being written runs, to log itself, once the client has hung up;
+    refused at the edge (no Content-Type: 415), its answer goes nowhere. It was logged 415 BR as if
+    answered; now 415 BR,DC with no byte sent, next to the first request's 499 DC."""
+    n = _logged(edge)
+    slow = orjson.dumps({"model": "chat", "messages": MSG})
+    first = _request_head(f"content-length: {len(slow)}").replace(
+        b"\r\n\r\n", b"\r\nx-request-id: gone-1\r\nx-sim-ttft-ms: 20000\r\nx-sim-ttft-dist: fixed\r\n\r\n", 1
+    )
+    second = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
+        f"x-request-id: gone-2\r\ncontent-length: {len(slow)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", edge.port)) as s:
+        s.sendall(first + slow + second + slow)
+        wait_until("the first request at its provider", lambda: sims.stats("sim-a")["in_flight"] >= 1)
+    recs = {r["request_id"]: r for r in _new_records(edge, n, 2)}
+    assert sorted(recs) == ["gone-1", "gone-2"], recs
+    assert (recs["gone-1"]["response_code"], recs["gone-1"]["response_flags"]) == (499, "DC")
+    gone = recs["gone-2"]
+    assert (gone["response_code"], gone["response_flags"], gone["error_type"], gone["bytes_sent"]) == (
+        415,
+        "BR,DC",
+        "unsupported_media_type",
+        0,
+    )
+    wait_until("the provider idle again", lambda: sims.stats("sim-a")["in_flight"] == 0)
+    assert "Traceback" not in edge.stderr()
+
+
 def test_a_pipelined_requests_wait_behind_the_one_before_it_is_not_counted_as_gateway_overhead(edge):
     """A request pipelined behind a slow one waits, parsed, until the first's response is complete: the
     client's queueing (Envoy counts it downstream), logged as ``pipeline_wait_ms``. It was counted as the

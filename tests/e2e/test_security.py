@@ -290,6 +290,51 @@ def test_two_different_keys_in_authorization_and_api_key_are_400(keyed):
     assert _chat(gw.url, None, headers={**auth, "api-key": KEYS["all"]}).status_code == 200
 
 
+def test_a_valid_api_key_beside_a_basic_authorization_is_400_saying_what_to_drop(keyed):
+    """An Azure-style client (the key in api-key) behind a front proxy's Basic login, or a caller who also
+    sent Basic credentials: the gateway answered 401 "Missing API key" though the key was there. Now a
+    400 that says which credential it does not take, logged (DPE) and counted like two different keys;
+    nothing reaches the provider, and the key alone is served."""
+    sims, gw, _ = keyed
+    auth = {"authorization": f"Bearer {KEYS['all']}"}
+
+    def refused() -> float:
+        text = httpx.get(gw.url + "/metrics", headers=auth).text
+        return metric_value(text, "llmgw_input_limits_total", limit="ambiguous_credentials")
+
+    before, served = refused(), sims.stats("sim-a")["served"]["chat"]
+    r = FRESH.post(
+        gw.url + "/v1/chat/completions",
+        auth=("alice", "front-proxy-password"),  # httpx sends Authorization: Basic ...
+        headers={"api-key": KEYS["all"], "x-request-id": "basic-beside-api-key"},
+        json={"model": "chat", "messages": MSG},
+    )
+    assert r.request.headers["authorization"].startswith("Basic ")
+    assert r.status_code == 400 and "www-authenticate" not in r.headers, r.text
+    err = _error(r)
+    assert (err["type"], err["code"], err["param"]) == (
+        "invalid_request_error",
+        "ambiguous_credentials",
+        None,
+    )
+    assert "'Basic' credential in 'Authorization'" in err["message"], err
+    assert sims.stats("sim-a")["served"]["chat"] == served
+    (rec,) = _records_by_id(gw, ["basic-beside-api-key"])
+    assert (rec["response_code"], rec["response_flags"], rec["error_type"], rec["api_key_id"]) == (
+        400,
+        "DPE",
+        "ambiguous_credentials",
+        None,
+    )
+    assert refused() == before + 1
+    ok = FRESH.post(
+        gw.url + "/v1/chat/completions",
+        headers={"api-key": KEYS["all"]},
+        json={"model": "chat", "messages": MSG},
+    )
+    assert ok.status_code == 200, ok.text
+
+
 def test_sdk_sees_401_as_authentication_error(keyed):
     _, gw, _ = keyed
     with pytest.raises(openai.AuthenticationError) as exc:
@@ -881,6 +926,9 @@ def test_a_foreign_web_page_cannot_make_a_local_gateway_spend(hardened):
         # DNS rebinding: the page's own name resolved to the gateway, so the browser thinks it same-origin
         {"origin": f"http://rebound.example:{gw.port}", "host": f"rebound.example:{gw.port}"},
         {"origin": f"http://127.0.0.1:{gw.port + 1}"},  # a page of another local server
+        {"origin": f"http://app.localhost:{gw.port + 1}", "host": f"app.localhost:{gw.port}"},
+        # another name under localhost is another origin, though the same server answers it
+        {"origin": f"http://app.localhost:{gw.port}", "host": f"localhost:{gw.port}"},
     ]
     ids = [f"foreign-origin-{i}" for i in range(len(cases))]
     for rid, headers in zip(ids, cases, strict=True):
@@ -910,11 +958,18 @@ def test_a_foreign_web_page_cannot_make_a_local_gateway_spend(hardened):
 
 
 def test_the_gateways_own_pages_and_clients_without_an_origin_are_served(hardened):
-    """The API docs' "Try it out" posts from the gateway's own origin (an address or localhost, at its
-    port), which no foreign page can pose as; SDKs and curl send no Origin at all."""
+    """The API docs' "Try it out" posts from the gateway's own origin (an address, localhost or a name
+    under it, at its port), which no foreign page can pose as; SDKs and curl send no Origin at all."""
     _, gw, _ = hardened
     port = gw.port
-    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LOCALHOST:{port}"):
+    hosts = (
+        f"127.0.0.1:{port}",
+        f"localhost:{port}",
+        f"[::1]:{port}",
+        f"LOCALHOST:{port}",
+        f"app.localhost:{port}",
+    )
+    for host in hosts:
         for scheme in ("http", "https"):  # https: behind a TLS-terminating proxy at the same address
             r = _chat(gw.url, None, headers={"origin": f"{scheme}://{host.lower()}", "host": host})
             assert r.status_code == 200, (scheme, host, r.text)

@@ -285,7 +285,14 @@ def test_an_unusable_proxy_in_the_environment_is_named_without_its_credentials()
         ("http://127.0.0.1", "127.0.0.1:8080", False),
         ("http://gw.example:8080", "gw.example:8080", False),  # a name can be rebound to the gateway
         ("http://127.0.0.1.nip.io:8080", "127.0.0.1.nip.io:8080", False),
-        ("http://app.localhost:8080", "app.localhost:8080", False),
+        # loopback by RFC 6761, as the Host check trusts it: the gateway's own page at that name
+        ("http://app.localhost:8080", "app.localhost:8080", True),
+        ("http://App.LocalHost.:8080", "app.localhost.:8080", False),  # browsers send origins in lower case
+        ("http://app.localhost.:8080", "App.LocalHost.:8080", True),
+        ("http://app.localhost:3000", "app.localhost:8080", False),  # another local server's page
+        ("http://app.localhost:8080", "localhost:8080", False),  # another origin, even at the same port
+        ("http://localhost:8080", "app.localhost:8080", False),
+        ("http://localhost.evil.example:8080", "localhost.evil.example:8080", False),
         ("null", "127.0.0.1:8080", False),
         ("file://", "127.0.0.1:8080", False),
         ("ftp://127.0.0.1:8080", "127.0.0.1:8080", False),
@@ -295,6 +302,29 @@ def test_an_unusable_proxy_in_the_environment_is_named_without_its_credentials()
 def test_the_gateways_own_origin_is_an_address_or_localhost_it_was_called_at(origin, host, own):
     assert own_origin(origin, host) is own
     assert OriginPolicy([]).allows(origin, host) is own
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1:8080",
+        "127.0.0.1.:8080",
+        "[::1]:8080",
+        "[fe80::1]:80",
+        "LocalHost:8080",
+        "localhost.:8080",
+        "app.localhost:3000",
+        "a.b.localhost",
+        "evil.example:8080",
+        "localhost.evil.example",
+        "127.0.0.1.nip.io:8080",
+        "0x7f.1:8080",
+    ],
+)
+def test_a_page_at_the_host_called_is_own_exactly_when_that_host_needs_no_listing(host):
+    """The two checks trust the same names: a page served from a host the Host check answers without
+    ``server.allowed_hosts`` may call the gateway there without ``server.cors_origins``, and no other."""
+    assert own_origin(f"http://{host.lower()}", host) is host_allowed(host, frozenset())
 
 
 def test_listed_origins_are_matched_exactly_and_star_allows_any():

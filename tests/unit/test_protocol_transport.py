@@ -381,7 +381,7 @@ def test_a_pipelining_client_that_leaves_ends_the_running_request_and_every_queu
     same from receive(), so each ends as a request whose client left instead of writing to a closed socket."""
     import asyncio
 
-    from gateway.api.protocol import DISCONNECT_KEY
+    from gateway.api.protocol import DISCONNECT_KEY, client_gone
 
     told: list[str] = []
     received: list[dict] = []
@@ -404,6 +404,7 @@ def test_a_pipelining_client_that_leaves_ends_the_running_request_and_every_queu
     assert told == ["first"]
     assert [s["path"] for s in started] == ["/v1/a", "/v1/b"]
     assert received == [{"type": "http.disconnect"}]
+    assert started[1][DISCONNECT_KEY] is client_gone  # a refusal it answers is logged DC (never delivered)
     assert raw.sends == []  # nothing written to the closed connection
     for task in proto.tasks:
         task.cancel()

@@ -80,6 +80,7 @@ def test_keys_are_random_and_stored_as_hashes():
         ({"authorization": "Basic abc"}, None),
         ({"authorization": "Bearer"}, None),
         ({"api-key": "abc"}, "abc"),
+        ({"authorization": " ", "api-key": "abc"}, "abc"),  # a blank Authorization is none
         ({}, None),
     ],
 )
@@ -96,7 +97,12 @@ def test_bearer_token(headers, token):
         ({"api-key": "abc"}, False),
         ({"authorization": "", "api-key": "abc"}, False),
         ({"authorization": "Bearer abc", "api-key": ""}, False),
-        ({"authorization": "Basic abc", "api-key": "xyz"}, False),  # not a key: refused 401 as before
+        ({"authorization": " ", "api-key": "abc"}, False),
+        # a credential the gateway does not take beside a key: neither ignored nor a 401 "missing key"
+        ({"authorization": "Basic abc", "api-key": "xyz"}, True),
+        ({"authorization": "Basic xyz", "api-key": "xyz"}, True),
+        ({"authorization": "Bearer", "api-key": "xyz"}, True),
+        ({"authorization": "Basic abc"}, False),  # no key at all: 401
     ],
 )
 def test_conflicting_keys(headers, conflict):
@@ -118,6 +124,29 @@ def test_two_different_keys_are_400_and_counted_whichever_is_valid():
     assert g.metrics.input_limits.labels("ambiguous_credentials").value == 2
     key = asyncio.run(g.authenticate({"authorization": f"Bearer {KEY}", "api-key": KEY}))
     assert key.id == "team"
+
+
+def test_a_valid_api_key_beside_another_authorization_scheme_is_400_naming_the_scheme():
+    """A front proxy's Basic login passed on next to the gateway key was a 401 "Missing API key", which
+    hid that the key was there; ignoring the Basic credential would serve a request someone meant to
+    authenticate otherwise. Refused as two keys are, saying what to drop; Basic alone stays a 401."""
+    g = _guard()
+    with pytest.raises(GatewayError) as exc:
+        asyncio.run(g.authenticate({"authorization": "Basic dXNlcjpwYXNz", "api-key": KEY}))
+    err = exc.value
+    assert (err.status, err.type, err.code, err.param, err.flag) == (
+        400,
+        "invalid_request_error",
+        "ambiguous_credentials",
+        None,
+        "DPE",
+    )
+    assert "'Basic' credential in 'Authorization'" in err.message and "send the key alone" in err.message
+    assert "dXNlcjpwYXNz" not in err.message  # the credential itself is never repeated
+    assert g.metrics.input_limits.labels("ambiguous_credentials").value == 1
+    with pytest.raises(GatewayError) as exc:
+        asyncio.run(g.authenticate({"authorization": "Basic dXNlcjpwYXNz"}))
+    assert (exc.value.status, exc.value.code) == (401, "invalid_api_key")
 
 
 def test_model_globs_are_case_sensitive():
