@@ -576,14 +576,16 @@ class GatewayASGI:
 
     async def _refused(self, scope: Scope, send: Send, public: bool = False) -> bool:
         """With keys on, /metrics, /admin/* and the API docs on the public port need a valid key; on the
-        admin listener only with auth.protect_metrics. Answers 401 and says so."""
+        admin listener only with auth.protect_metrics. Answers 401 (logged and counted, as a proxy route's
+        refusal is: a scraper with a wrong key shows in the access log) and says so."""
         if self.guard is None or not (public or self.guard.protect_metrics):
             return False
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             await self.guard.authenticate(headers)
         except GatewayError as exc:
-            await self._respond(send, exc.status, exc.body())
+            rid = _request_id(headers.get("x-request-id"))
+            await self._reject(scope, send, exc, *arrival(scope), headers, request_id=rid)
             return True
         return False
 

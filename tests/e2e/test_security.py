@@ -395,9 +395,12 @@ def test_tpm_limit_charges_the_completion_allowance(keyed):
         r.status_code == 429 and _error(r)["code"] == "rate_limit_exceeded" and "tpm" in _error(r)["message"]
     )
     assert r.headers["x-ratelimit-limit-tokens"] == "300" and r.headers["x-ratelimit-remaining-tokens"] == "0"
-    # an absurd allowance costs the whole window, not more, and does not break the accounting
-    r = _chat(gw.url, KEYS["tpm"], max_tokens=10**30)
+    # an absurd allowance costs the whole window, not more, and does not break the accounting (10**18: the
+    # widest integers fit; a wider one is refused before any limit, as integer_out_of_range)
+    r = _chat(gw.url, KEYS["tpm"], max_tokens=10**18)
     assert r.status_code == 429 and int(r.headers["retry-after"]) <= 60
+    r = _chat(gw.url, KEYS["tpm"], max_tokens=10**30)
+    assert r.status_code == 400 and _error(r)["code"] == "integer_out_of_range"
 
 
 def test_tpm_charges_a_completion_allowance_written_as_a_float_or_a_string(keyed):
@@ -440,12 +443,28 @@ def test_concurrency_cap_per_key(keyed):
 
 def test_protect_metrics_also_protects_admin(keyed):
     _, gw, _ = keyed
+    auth = {"authorization": f"Bearer {KEYS['all']}"}
+
+    def refused() -> float:
+        return metric_value(
+            FRESH.get(gw.url + "/metrics", headers=auth).text, "llmgw_requests_total", code="401"
+        )
+
+    before = refused()
+    ids = []
     for path in ("/metrics", "/admin/config", "/admin/deployments"):
-        r = FRESH.get(gw.url + path)
+        ids.append(f"refused-read-{path}-{time.monotonic_ns()}")
+        r = FRESH.get(gw.url + path, headers={"x-request-id": ids[-1]})
         assert r.status_code == 401 and _error(r)["code"] == "invalid_api_key", path
-        assert FRESH.get(gw.url + path, headers={"authorization": f"Bearer {KEYS['all']}"}).status_code == 200
+        assert FRESH.get(gw.url + path, headers=auth).status_code == 200
     for path in ("/healthz", "/readyz"):  # probes stay open
         assert FRESH.get(gw.url + path).status_code == 200
+    # each refusal is logged and counted like a proxy route's (a scraper with a wrong key shows up)
+    recs = _records_by_id(gw, ids)
+    assert [(r["path"], r["response_code"], r["response_flags"]) for r in recs] == [
+        (p, 401, "UAEX") for p in ("/metrics", "/admin/config", "/admin/deployments")
+    ]
+    assert refused() - before == 3
 
 
 def test_provider_keys_never_leak(keyed):
