@@ -93,13 +93,16 @@ def _cannot_listen(host: str, port: int) -> str | None:
     return None
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        addr = ipaddress.ip_address(host)
     except ValueError:
         return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1 (Python 3.11 says it is not loopback)
+    return addr.is_loopback
 
 
 def unguarded_warning(host: str, cfg: GatewayConfig) -> str | None:
@@ -110,7 +113,7 @@ def unguarded_warning(host: str, cfg: GatewayConfig) -> str | None:
     if cfg.auth.mode != "none":
         return None
     any_host = "*" in cfg.server.allowed_hosts
-    if _is_loopback(host):
+    if is_loopback(host):
         if not any_host:
             return None
         return (
