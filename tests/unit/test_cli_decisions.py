@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.cli import is_loopback, unguarded_warning
-from gateway.config import parse_config
+from gateway.config import GatewayConfig, parse_config
 
 
 @pytest.mark.parametrize(
@@ -28,7 +28,7 @@ def test_loopback_listen_addresses(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
 
 
-def _cfg(**server: object) -> object:
+def _cfg(**server: object) -> GatewayConfig:
     return parse_config(
         {
             "server": server,
