@@ -97,6 +97,12 @@ class Guard:
             raise _ambiguous_credentials(headers)
         token = bearer_token(headers)
         if token is None:
+            given = (headers.get("authorization") or "").split()
+            if given and given[0].lower() != "bearer":  # a credential it does not read: named, not "missing"
+                raise _unauthorized(
+                    f"'Authorization' carries a {given[0][:40]!r} credential; the gateway takes its key only as "
+                    "'Authorization: Bearer <gateway key>' (or in 'api-key')."
+                )
             raise _unauthorized("Missing API key: send 'Authorization: Bearer <gateway key>'.")
         h = hash_key(token)
         key = self.config_keys.get(h)

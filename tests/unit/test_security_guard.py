@@ -147,6 +147,12 @@ def test_a_valid_api_key_beside_another_authorization_scheme_is_400_naming_the_s
     with pytest.raises(GatewayError) as exc:
         asyncio.run(g.authenticate({"authorization": "Basic dXNlcjpwYXNz"}))
     assert (exc.value.status, exc.value.code) == (401, "invalid_api_key")
+    # alone, it is named too, not called "missing"
+    assert "'Basic' credential" in exc.value.message and "dXNlcjpwYXNz" not in exc.value.message
+    for headers in ({}, {"authorization": "Bearer "}, {"authorization": "  "}):
+        with pytest.raises(GatewayError) as exc:
+            asyncio.run(g.authenticate(headers))
+        assert exc.value.message.startswith("Missing API key"), headers
 
 
 def test_model_globs_are_case_sensitive():
