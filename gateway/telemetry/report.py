@@ -17,6 +17,7 @@ from typing import IO, cast
 
 from gateway.telemetry.report_render import Format, render
 from gateway.telemetry.report_stats import (
+    TOP_GROUPS,
     Cause,
     CauseCount,
     GroupBy,
@@ -53,6 +54,16 @@ def _percentile(s: str) -> float:
     return v
 
 
+def _top(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of rows: {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (every group) or more, got {s!r}")
+    return v
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "access_log",
@@ -65,6 +76,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=GroupBy.MODEL.value,
         help="group rows by model, deployment (upstream_cluster), region (upstream_region), "
         "route (route_reason) or path (default: model)",
+    )
+    parser.add_argument(
+        "--top",
+        type=_top,
+        default=TOP_GROUPS,
+        metavar="N",
+        help=f"rows for the N groups with the most requests, the rest as one row (default: {TOP_GROUPS}; "
+        "0: every group)",
     )
     parser.add_argument(
         "--format",
@@ -118,7 +137,11 @@ def run(args: argparse.Namespace) -> int:
         with _open(path) as fh:
             reader = RecordReader(fh)
             report = build_report(
-                reader, group_by=group_by, threshold_ms=threshold, percentile_of_tail=percentile
+                reader,
+                group_by=group_by,
+                threshold_ms=threshold,
+                percentile_of_tail=percentile,
+                top=getattr(args, "top", TOP_GROUPS) or None,
             )
     except FileNotFoundError:
         return _fail(f"no such file: {path}")

@@ -47,6 +47,9 @@ ALL_LABEL = "(all)"
 # path it does not serve (grouped the same way under --by path).
 UNKNOWN_MODEL_LABEL = "(unknown model)"
 UNKNOWN_PATH_LABEL = "(unknown path)"
+# Groups shown by default; the rest are one row. Requests refused before routing (no key, a bad body) keep
+# the model name the client sent, so a client can make a group per request.
+TOP_GROUPS = 50
 _NAN = math.nan
 
 
@@ -407,9 +410,13 @@ def build_report(
     threshold_ms: float | None = None,
     percentile_of_tail: float = 95.0,
     skipped_lines: int = 0,
+    top: int | None = TOP_GROUPS,
 ) -> Report:
-    """One pass over ``records`` (any iterable: a list, or a RecordReader streaming a file)."""
+    """One pass over ``records`` (any iterable: a list, or a RecordReader streaming a file). ``top``: the
+    groups with the most requests are shown, the rest folded into one row (None: every group)."""
     gb = parse_choice(GroupBy, group_by, "group_by")
+    if top is not None and top < 1:
+        raise ValueError(f"top must be at least 1, got {top}")
     if not 0 < percentile_of_tail <= 100:
         raise ValueError(f"percentile_of_tail must be in (0, 100], got {percentile_of_tail}")
     if threshold_ms is not None and not threshold_ms >= 0:
@@ -428,6 +435,8 @@ def build_report(
         for key, g in cols.groups.items()
     ]
     groups.sort(key=lambda s: (-s.requests, s.key))
+    if top is not None and len(groups) > top:
+        groups[top:] = [_folded(groups[top:], cols)]
 
     # All records, one metric at a time: a sorted million-float list costs ~32 MB, so hold one at once.
     overall_metrics = {}
@@ -446,6 +455,18 @@ def build_report(
     overall = GroupStats(ALL_LABEL, count, sum(g.errors for g in groups), overall_metrics)
     tail = _tail(cols, threshold, source, percentile_of_tail)
     return Report(gb, count, skipped_lines, tuple(groups), overall, tail)
+
+
+def _folded(rest: list[GroupStats], cols: _Columns) -> GroupStats:
+    """The groups beyond the top ones as one row, its percentiles over all their requests."""
+    metrics = {}
+    for i, name in enumerate(METRICS):
+        merged = array("d")
+        for g in rest:
+            merged.extend(cols.groups[g.key].columns()[i])
+        metrics[name] = _stats(sorted(merged))
+    label = f"({len(rest):,} more)"
+    return GroupStats(label, sum(g.requests for g in rest), sum(g.errors for g in rest), metrics)
 
 
 def _tail(

@@ -587,6 +587,34 @@ def test_unknown_models_are_one_group():
     assert [g.key for g in rp.build_report(other).groups] == ["m"]
 
 
+def test_beyond_the_top_groups_the_rest_is_one_row():
+    """Refused before routing (no key, say), a request keeps the model name its client sent: a client can
+    make a group per request. The report shows the groups with the most requests, the rest as one row."""
+    refused = [rec(model=f"{HOSTILE}-{i}", response_code=401, response_flags="UAEX") for i in range(1000)]
+    served = [rec(model="demo-chat", duration_ms=100.0 + i) for i in range(60)]
+    r = rp.build_report(served + refused)
+    assert len(r.groups) == rp.TOP_GROUPS + 1 and r.groups[0].key == "demo-chat"
+    rest = r.groups[-1]
+    assert (rest.key, rest.requests, rest.errors) == ("(951 more)", 951, 951)
+    assert sum(g.requests for g in r.groups) == r.overall.requests == 1060  # nothing lost
+    assert rest.metrics["duration_ms"].n == 951  # its percentiles are over all its requests
+    assert len(rp.build_report(served + refused, top=None).groups) == 1001
+    assert [g.key for g in rp.build_report(served + refused, top=1).groups] == ["demo-chat", "(1,000 more)"]
+    with pytest.raises(ValueError, match="at least 1"):
+        rp.build_report(served, top=0)
+
+
+def test_run_top_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    log = tmp_path / "access.log"
+    log.write_text("".join(json.dumps(rec(model=f"m{i}")) + "\n" for i in range(5)))
+    assert rp.run(parse(str(log), "--top", "2", "--format", "json")) == 0
+    assert [g["group"] for g in json.loads(capsys.readouterr().out)["groups"]] == ["m0", "m1", "(3 more)"]
+    assert rp.run(parse(str(log), "--top", "0", "--format", "json")) == 0
+    assert len(json.loads(capsys.readouterr().out)["groups"]) == 5
+    with pytest.raises(SystemExit):
+        parse(str(log), "--top", "-1")
+
+
 def test_render_rejects_unknown_format():
     with pytest.raises(ValueError, match="choose from text, markdown, csv, json"):
         rp.render(rp.build_report([]), "xml")
