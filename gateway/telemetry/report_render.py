@@ -181,13 +181,30 @@ def _render_text(r: Report) -> str:
 _MD_SPECIAL = {ord(c): "\\" + c for c in "\\|`*_~[]<>&"}
 
 
+# A name (a row's first cell) is escaped further: renderers that link bare URLs, e-mail addresses and
+# domains (GFM's autolinks, markdown-it's linkify) would link "https://evil.example", "www.evil.example",
+# "a@b.example" or "evil.com". An escaped ":" or "@", and a "." before a letter (where a domain's name
+# would go on), keep each a text of its own; "llama-3.1-70b" reads as it is.
+_MD_NAME_SPECIAL = {**_MD_SPECIAL, ord(":"): "\\:", ord("@"): "\\@"}
+_DOT_BEFORE_LETTER = re.compile(r"\.(?=[A-Za-z])")
+
+
+def _md_name(s: str) -> str:
+    return _DOT_BEFORE_LETTER.sub(r"\\.", s.translate(_MD_NAME_SPECIAL))
+
+
 def _md_cell(s: str) -> str:
     return s.translate(_MD_SPECIAL)
 
 
 def _md_table(header: Sequence[str], rows: list[list[str]], left: frozenset[int]) -> list[str]:
     sep = ["---" if i in left else "---:" for i in range(len(header))]
-    return ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in (header, sep, *rows)]
+    return [
+        "| "
+        + " | ".join(_md_name(c) if i == 0 else _md_cell(c) for i, c in enumerate(row))
+        + " |"
+        for row in (header, sep, *rows)
+    ]
 
 
 def _render_markdown(r: Report) -> str:
@@ -240,7 +257,8 @@ def _csv_text(name: str) -> str:
     """A name from the log as a csv cell: escaped as ``_shown`` does, and quoted when a spreadsheet would take
     it for a formula. A plain number (-1) stays a number, and the report's own "-" (none) stays as it is."""
     shown = _shown(name)
-    if shown.startswith(_FORMULA_START) and shown != NONE_LABEL and not _PLAIN_NUMBER.fullmatch(shown):
+    start = shown.lstrip(" ")  # " =1+1": some spreadsheets skip leading spaces before a formula
+    if start.startswith(_FORMULA_START) and shown != NONE_LABEL and not _PLAIN_NUMBER.fullmatch(start):
         return "'" + shown
     return shown
 

@@ -485,7 +485,7 @@ FORMULAS = [
 
 
 def test_csv_names_never_start_a_formula():
-    names = [*FORMULAS, "-", "-1", "-2.5", "+3", "gpt-4o-mini", "1-1"]
+    names = [*FORMULAS, "-", "-1", "-2.5", "+3", "gpt-4o-mini", "1-1", "  =1+1", " @SUM(1)", " -1", " a"]
     r = rp.build_report([rec(model=n) for n in names])
     rows = [row for row in csv.DictReader(io.StringIO(rp.render(r, "csv"))) if row["table"] == "latency"]
     groups = {row["group"] for row in rows} - {"(all)"}
@@ -503,6 +503,10 @@ def test_csv_names_never_start_a_formula():
         "+3",
         "gpt-4o-mini",
         "1-1",
+        "'  =1+1",  # leading spaces first: still a formula to some spreadsheets
+        "' @SUM(1)",
+        " -1",
+        " a",
     }
     # The numbers of every row are numbers a spreadsheet reads as such: no quote was added to them.
     for row in rows:
@@ -512,10 +516,12 @@ def test_csv_names_never_start_a_formula():
 
 def _markdown_cells(out: str) -> dict[str, list[Any]]:
     """The first cell of each row of the markdown's first table, parsed as CommonMark with GFM tables and
-    strikethrough (raw HTML on, as in most renderers): its text, keyed to the inline tokens it is made of."""
+    strikethrough (raw HTML on, as in most renderers) and bare links made links (linkify, as GFM's autolinks):
+    its text, keyed to the inline tokens it is made of."""
     from markdown_it import MarkdownIt
 
-    tokens = MarkdownIt("commonmark").enable(["table", "strikethrough"]).parse(out)
+    md = MarkdownIt("commonmark", {"linkify": True}).enable(["table", "strikethrough", "linkify"])
+    tokens = md.parse(out)
     cells: dict[str, list[Any]] = {}
     first = True
     for i, t in enumerate(tokens):
@@ -543,12 +549,17 @@ def test_markdown_names_render_as_their_text():
         "a\\x1bb",  # a literal backslash: must not render as the ESC below does
         "a\x1bb",
         "gpt-4o-mini",
+        "https://evil.example/x",  # bare links, e-mail addresses and domains, which linkify would link
+        "www.evil.example",
+        "a@evil.com",
+        "evil.com",
+        "mailto:a@b.com",
     ]
     r = rp.build_report([rec(model=n) for n in names])
     cells = _markdown_cells(rp.render(r, "markdown"))
     # Every name renders as plain text (no link, image, code span, emphasis, HTML or entity), reading as the
     # text format prints it; the literal backslash and the escaped ESC stay two different names.
-    assert set(cells) == {*names[:7], "a\\\\x1bb", "a\\x1bb", "gpt-4o-mini", "(all)"}
+    assert set(cells) == {*names[:7], "a\\\\x1bb", "a\\x1bb", *names[9:], "(all)"}
     for text, children in cells.items():
         assert [c.type for c in children] == ["text"] * len(children), text
     assert len(r.groups) == len(names)
