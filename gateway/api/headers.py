@@ -45,6 +45,12 @@ SINGLE_VALUE = frozenset(
         b"content-length",
         b"content-encoding",
         b"origin",
+        # the gateway's own controls: two values are two instructions, and which one a proxy in front read
+        # (or added) is unknown
+        b"x-gateway-deployment",
+        b"x-gateway-region",
+        b"x-gateway-hedge",
+        b"x-gateway-timeout-ms",
     }
 )
 

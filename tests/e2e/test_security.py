@@ -1089,6 +1089,11 @@ def _head_with(port: int, name: str, values: tuple[str, ...], rid: str, body: by
         ("Content-Type", ("application/json", "application/json")),
         ("Content-Encoding", ("gzip", "identity")),
         ("Origin", ("https://evil.example", "http://localhost")),
+        # the gateway's own controls: two instructions, one of them perhaps a proxy's
+        ("x-gateway-deployment", ("a", "b")),
+        ("x-gateway-region", ("us-east", "eu-west")),
+        ("x-gateway-hedge", ("off", "50")),
+        ("x-gateway-timeout-ms", ("100", "60000")),
     ],
 )
 def test_a_security_relevant_header_given_twice_is_400(hardened, name, values):

@@ -339,6 +339,7 @@ def test_only_single_value_headers_given_twice_are_duplicates():
     assert duplicated([(b"accept", b"a"), (b"accept", b"b"), (b"x-a", b"1"), (b"x-a", b"2")]) is None
     assert duplicated([(b"host", b"a"), (b"api-key", b"k"), (b"api-key", b"k")]) == "api-key"
     assert duplicated([(b"content-type", b"a"), (b"host", b"a"), (b"host", b"b")]) == "host"
+    assert duplicated([(b"x-gateway-hedge", b"off"), (b"x-gateway-hedge", b"50")]) == "x-gateway-hedge"
     assert duplicated([(name, b"v") for name in sorted(SINGLE_VALUE)]) is None
 
 
