@@ -200,9 +200,7 @@ def _md_cell(s: str) -> str:
 def _md_table(header: Sequence[str], rows: list[list[str]], left: frozenset[int]) -> list[str]:
     sep = ["---" if i in left else "---:" for i in range(len(header))]
     return [
-        "| "
-        + " | ".join(_md_name(c) if i == 0 else _md_cell(c) for i, c in enumerate(row))
-        + " |"
+        "| " + " | ".join(_md_name(c) if i == 0 else _md_cell(c) for i, c in enumerate(row)) + " |"
         for row in (header, sep, *rows)
     ]
 
