@@ -250,7 +250,8 @@ def test_report_keeps_client_chosen_names_inert_in_csv_and_markdown(sims_factory
     rows = list(csv.DictReader(io.StringIO(report("csv"))))
     assert {r["group"] for r in rows if r["table"] == "latency"} == {"chat", "'" + formula, markup, "(all)"}
     md = report("markdown")
-    assert "| \\[x\\](http://evil.example) \\<img src=x\\> | 1 | 1 | 100.0% |" in md
+    # markup escaped, and the bare URL kept from renderers' autolinks (":" and a "." before a letter)
+    assert "| \\[x\\](http\\://evil\\.example) \\<img src=x\\> | 1 | 1 | 100.0% |" in md
     assert "| =HYPERLINK(" in md  # not a formula where no spreadsheet reads it
 
 
