@@ -26,6 +26,7 @@ from redis_servers import MASTER_SET, Cluster, RedisProc, SentinelSet, wait_for
 
 from gateway.policy.ratelimit import ADMITTED, LimitCheck
 from gateway.security.keys import hash_key
+from gateway.state.base import SyncBatch
 from gateway.state.redis import RedisState
 from gateway.state.topology import RedisTarget
 
@@ -191,6 +192,30 @@ def test_a_cluster_command_goes_to_the_node_of_its_key_even_after_the_client_dro
         return moved() - before
 
     assert asyncio.run(calls()) == 0
+
+
+def test_a_sync_round_deletes_fields_on_every_node_of_a_cluster(cluster, redis_prefix):
+    """A sync round writes, deletes (the fields of replicas gone) and reads hashes on whichever nodes their
+    keys live on, in one pipeline."""
+    state = RedisState(RedisTarget(mode="cluster", url=cluster.seed_url, timeout_s=2.0), redis_prefix)
+    keys = [f"{redis_prefix}stats:dep-{i}" for i in range(12)]  # spread over the three primaries' slots
+
+    async def rounds() -> dict[str, dict[str, bytes]]:
+        await state.start()
+        write = {k: {"gone": b"1", "gone#age": b"2", "kept": b"3"} for k in keys}
+        await state.sync(SyncBatch(hset=write, read_hashes=keys), 60.0)
+        drop = {k: ["gone", "gone#age"] for k in keys}
+        res = await state.sync(SyncBatch(hset={keys[0]: {"mine": b"4"}}, hdel=drop, read_hashes=keys), 60.0)
+        await state.close()
+        return res.hashes
+
+    hashes = asyncio.run(rounds())
+    assert {k: set(v) for k, v in hashes.items()} == {
+        k: {"kept"} | ({"mine"} if k == keys[0] else set()) for k in keys
+    }
+    client = cluster.client()
+    assert len({client.get_node_from_key(k).name for k in keys}) == 3  # the keys live on every primary
+    client.close()
 
 
 # ---------------------------------------------------------------- failover under load
