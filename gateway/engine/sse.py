@@ -54,10 +54,17 @@ def _event_kind(data: bytes) -> int:
     choices = ev.get("choices")
     if not choices:
         return NOT_YET  # usage-only or keep-alive chunk before content
-    c = choices[0]
+    c = choices[0] if isinstance(choices, list) else None
+    if not isinstance(c, dict):
+        return TOKEN  # not a chunk's shape: not ours to judge either
     delta = c.get("delta")
-    # legacy completions carry text; map, not a generator: no Python frame per key
-    token = bool(c.get("text")) if delta is None else any(map(delta.get, _USABLE_DELTA_KEYS))
+    if delta is None:  # legacy completions carry text
+        token = bool(c.get("text"))
+    elif isinstance(delta, dict):
+        # compiled (the shipped build), any() over a generator is a loop; any(map(...)) calls through Python
+        token = any(delta.get(key) for key in _USABLE_DELTA_KEYS)
+    else:
+        return TOKEN
     return TOKEN if token else END if c.get("finish_reason") else NOT_YET
 
 

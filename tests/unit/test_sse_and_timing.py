@@ -34,6 +34,16 @@ def test_tool_calls_done_and_responses_deltas_are_usable():
     assert FirstTokenScanner().feed(b'data: {"choices":[{"text":"x","index":0}]}\n')  # legacy completions
 
 
+def test_events_not_shaped_like_a_chunk_are_relayed_as_tokens():
+    # choices that are not a list of objects, a delta that is not one: the provider's business, never a crash
+    for odd in (b"[1]", b"[null]", b'"abc"', b'{"0":{}}', b"true", b'[{"delta":"x"}]', b'[{"delta":[]}]'):
+        s = FirstTokenScanner()
+        assert s.feed(b'data: {"choices":' + odd + b"}\n\n"), odd
+        assert s.token_seen and s.error is None
+    assert not FirstTokenScanner().feed(b'data: {"choices":[{"delta":{"content":"","refusal":null}}]}\n\n')
+    assert FirstTokenScanner().feed(b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n')
+
+
 def test_usage_sniffing_without_a_full_parse():
     body = b'{"id":"x","usage":{"prompt_tokens": 12,"completion_tokens":7,"total_tokens":19}}'
     assert usage_of(body) == (12, 7)
