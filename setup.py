@@ -16,8 +16,10 @@ COMPILED = [
     "gateway/policy",
     "gateway/api/asgi.py",
     "gateway/upstream/h1.py",
+    "gateway/telemetry/accesslog.py",
     "gateway/telemetry/metrics.py",
     "gateway/telemetry/timing.py",
+    "gateway/telemetry/tracing.py",
 ]
 
 ext_modules = []
