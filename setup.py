@@ -15,9 +15,13 @@ COMPILED = [
     "gateway/engine",
     "gateway/policy",
     "gateway/api/asgi.py",
+    "gateway/api/jsonlimits.py",
     "gateway/upstream/h1.py",
+    "gateway/upstream/wire.py",
+    "gateway/telemetry/accesslog.py",
     "gateway/telemetry/metrics.py",
     "gateway/telemetry/timing.py",
+    "gateway/telemetry/tracing.py",
 ]
 
 ext_modules = []

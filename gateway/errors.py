@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Final
 
 import orjson
 
@@ -35,7 +36,7 @@ def error_body(message: str, typ: str, code: str | None = None, param: str | Non
     return orjson.dumps({"error": {"message": message, "type": typ, "param": param, "code": code}})
 
 
-MAX_ECHOED = 256  # characters of a client-chosen name that the gateway repeats back or records
+MAX_ECHOED: Final = 256  # characters of a client-chosen name that the gateway repeats back or records
 
 
 def echoed(name: str) -> str:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from itertools import chain
 from types import FrameType
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -58,7 +58,7 @@ from gateway.telemetry.timing import iso_utc, now
 from gateway.telemetry.tracing import new_request_id
 
 # client path -> upstream path (relative to a deployment's base_url, which ends in /v1 or similar)
-PROXY_ROUTES = {
+PROXY_ROUTES: Final = {
     "/v1/chat/completions": "/chat/completions",
     "/v1/completions": "/completions",
     "/v1/embeddings": "/embeddings",

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from heapq import heapify, heappop, heappush
 from itertools import count
+from typing import Final
 
 from gateway.engine.clock import MONOTONIC, Clock, Timer
 
@@ -21,8 +22,8 @@ log = logging.getLogger("llmgw")
 
 # The loop's own timer may wake up to a millisecond early (uvloop keeps time in whole ms): what is due
 # within this slack fires now rather than costing another wake-up.
-SLACK_S = 0.001
-_COMPACT_MIN = 256  # below this many forgotten entries, never rebuild the heap
+SLACK_S: Final = 0.001
+_COMPACT_MIN: Final = 256  # below this many forgotten entries, never rebuild the heap
 
 Alarm = list  # [when, seq, callback or None once fired or cancelled]: compares by (when, seq) only
 

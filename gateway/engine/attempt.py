@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from enum import StrEnum
+from typing import Final
 
 from gateway.engine.alarms import Alarms
 from gateway.engine.interrupt import CancelReason, Interrupt
@@ -230,9 +231,9 @@ class Attempt:
             self.t_end = self.now()
 
 
-_FORWARD_PREFIXES = ("x-ratelimit-", "openai-", "anthropic-", "x-ms-")
+_FORWARD_PREFIXES: Final = ("x-ratelimit-", "openai-", "anthropic-", "x-ms-")
 # the body is relayed as is; x-should-retry: a provider's own word to the SDK on its error
-_FORWARD_NAMES = frozenset({"content-type", "retry-after", "content-encoding", "x-should-retry"})
+_FORWARD_NAMES: Final = frozenset({"content-type", "retry-after", "content-encoding", "x-should-retry"})
 
 
 def _forwardable(headers: ResponseHeaders) -> dict[str, str]:

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Coroutine
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -40,7 +40,7 @@ from gateway.telemetry.tracing import TraceContext
 
 log = logging.getLogger("llmgw")
 
-MIN_ATTEMPT_MS = 50.0
+MIN_ATTEMPT_MS: Final = 50.0
 # How a committed stream can end that counts against its provider (broken, stalled, badly framed).
 _PROVIDER_BROKE_STREAM = frozenset(
     {ResponseFlag.UPSTREAM_RESET, ResponseFlag.UPSTREAM_TIMEOUT, ResponseFlag.UPSTREAM_PROTOCOL_ERROR}

@@ -9,17 +9,30 @@ kept and scanned (``UsageTail``).
 from __future__ import annotations
 
 import re
+from typing import Final
 
 import orjson
 
-_USABLE_DELTA_KEYS = ("content", "tool_calls", "function_call", "refusal", "reasoning_content", "reasoning")
+# Module constants read per event or chunk are Final: compiled (mypyc), a Final is a C constant, any other
+# module name a dict lookup at each use.
+_USABLE_DELTA_KEYS: Final = (
+    "content",
+    "tool_calls",
+    "function_call",
+    "refusal",
+    "reasoning_content",
+    "reasoning",
+)
 
 
 # What an event before the first token is: nothing to commit on yet, the stream's end (commit, no token:
 # ttft_ms stays empty), the first token, or an error (the attempt failed: retried or hedged like a 5xx).
-NOT_YET, END, TOKEN, ERROR = 0, 1, 2, 3
-_RESPONSES_ENDS = ("response.completed", "response.incomplete")
-_RESPONSES_ERRORS = ("response.failed", "error")
+NOT_YET: Final = 0
+END: Final = 1
+TOKEN: Final = 2
+ERROR: Final = 3
+_RESPONSES_ENDS: Final = ("response.completed", "response.incomplete")
+_RESPONSES_ERRORS: Final = ("response.failed", "error")
 
 
 def _event_kind(data: bytes) -> int:
@@ -41,17 +54,30 @@ def _event_kind(data: bytes) -> int:
     choices = ev.get("choices")
     if not choices:
         return NOT_YET  # usage-only or keep-alive chunk before content
-    c = choices[0]
+    c = choices[0] if isinstance(choices, list) else None
+    if not isinstance(c, dict):
+        return TOKEN  # not a chunk's shape: not ours to judge either
     delta = c.get("delta")
-    # legacy completions carry text; map, not a generator: no Python frame per key
-    token = bool(c.get("text")) if delta is None else any(map(delta.get, _USABLE_DELTA_KEYS))
+    if delta is None:  # legacy completions carry text
+        token = bool(c.get("text"))
+    elif isinstance(delta, dict):
+        # compiled (the shipped build), any() over a generator is a loop; any(map(...)) calls through Python
+        token = any(delta.get(key) for key in _USABLE_DELTA_KEYS)
+    else:
+        return TOKEN
     return TOKEN if token else END if c.get("finish_reason") else NOT_YET
 
 
 # Bytes before the first usable token are held until commit (they may still be dropped for a retry or
 # a hedge). A provider streaming this much without one is committed anyway: from then on its bytes are
 # relayed under backpressure instead of held (a role chunk and a few keep-alives are ~200 bytes).
-PRE_TOKEN_MAX = 1024 * 1024
+PRE_TOKEN_MAX: Final = 1024 * 1024
+
+# One-byte membership tests take the byte's value: ``b"\n" in chunk`` first tries its operand as an int
+# and pays for the TypeError (~1.7k instructions on CPython 3.11), ``_LF in chunk`` is a memchr.
+_LF: Final = ord("\n")
+_CR: Final = ord("\r")
+_QUOTE: Final = ord('"')
 
 
 class FirstTokenScanner:
@@ -72,10 +98,10 @@ class FirstTokenScanner:
         self._seen += len(chunk)
         if self._seen > PRE_TOKEN_MAX:
             return True
-        if b"\r" in chunk:  # CRLF and CR end lines too (the SSE spec): read them as LF
+        if _CR in chunk:  # CRLF and CR end lines too (the SSE spec): read them as LF
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         parts = self._parts
-        if b"\n" not in chunk:
+        if _LF not in chunk:
             parts.append(chunk)
             return False
         if parts:
@@ -101,8 +127,8 @@ class FirstTokenScanner:
         return False
 
 
-_PROMPT_TOKENS = re.compile(rb'"(?:prompt|input)_tokens":[ \t]*(\d+)')
-_COMPLETION_TOKENS = re.compile(rb'"(?:completion|output)_tokens":[ \t]*(\d+)')
+_PROMPT_TOKENS: Final = re.compile(rb'"(?:prompt|input)_tokens":[ \t]*(\d+)')
+_COMPLETION_TOKENS: Final = re.compile(rb'"(?:completion|output)_tokens":[ \t]*(\d+)')
 
 
 def usage_of(data: bytes) -> tuple[int | None, int | None]:
@@ -115,9 +141,9 @@ def usage_of(data: bytes) -> tuple[int | None, int | None]:
     return (int(p.group(1)) if p else None), (int(c.group(1)) if c else None)
 
 
-_USAGE = b'"usage"'
-_USAGE_MAX = 4096  # a usage object with every detail field is ~400 bytes
-_KEY_PART = len(_USAGE) - 1  # the most of the key that can end a chunk without being in it whole
+_USAGE: Final = b'"usage"'
+_USAGE_MAX: Final = 4096  # a usage object with every detail field is ~400 bytes
+_KEY_PART: Final = len(_USAGE) - 1  # the most of the key that can end a chunk without being in it whole
 
 
 class UsageTail:
@@ -139,7 +165,7 @@ class UsageTail:
         else:
             edge = self._edge
             # The key can only start in the previous bytes if they hold its opening quote (rarely so).
-            j = (edge + chunk[:_KEY_PART]).find(_USAGE) if b'"' in edge else -1
+            j = (edge + chunk[:_KEY_PART]).find(_USAGE) if _QUOTE in edge else -1
             tail = self._tail
             if j >= 0:  # the key starts in ``edge`` (a key starting in ``chunk`` would be found whole there)
                 self._tail = edge[j:] + chunk[:_USAGE_MAX]

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 from enum import StrEnum
+from typing import Final
 
 # Float sums of percent/100 drift (twenty 0.05s are not exactly 1.0); a whole token is "1 within this".
 _EPS = 1e-9
 
 # How far back a failure rate and the retry ratio look: outcomes weigh exp(-age / WINDOW_S).
-WINDOW_S = 10.0
+WINDOW_S: Final = 10.0
 # Outcomes are folded into the decayed counts at most this often (a success costs an add, not an exp()).
-_FOLD_S = 0.5
+_FOLD_S: Final = 0.5
 # Pseudo-successes every estimate starts from: a fresh process, or a deployment quiet for a while, is
 # presumed fine, and "failing" needs evidence (PRIOR more failures than successes) before it binds.
 PRIOR = 6.0

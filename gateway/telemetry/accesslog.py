@@ -128,7 +128,7 @@ class AccessLog:
         self._on_drop = on_drop
         self._path = path
         self._fd: int | None = None
-        self._thread: threading.Thread | None = None
+        self._writer: threading.Thread | None = None
 
     def start(self) -> None:
         if self._path in ("-", "stdout"):
@@ -145,8 +145,8 @@ class AccessLog:
                 if self._own_fd:
                     os.close(self._fd)
                 self._fd, self._own_fd = fd, True
-        self._thread = threading.Thread(target=self._run, name="accesslog", daemon=True)
-        self._thread.start()
+        self._writer = threading.Thread(target=self._run, name="accesslog", daemon=True)
+        self._writer.start()
 
     def write(self, rec: dict[str, Any]) -> None:
         """Called on the event loop as a request ends: the line goes to the file now, or to the writer."""
@@ -169,13 +169,13 @@ class AccessLog:
         self._queue.put(line)
 
     def close(self, timeout: float = 2.0) -> None:
-        if self._thread is None:
+        if self._writer is None:
             return
         self._queue.put(None)
-        self._thread.join(timeout)
+        self._writer.join(timeout)
         if self._fd is not None and self._own_fd:
             os.close(self._fd)
-        self._thread = None
+        self._writer = None
 
     def _run(self) -> None:
         q = self._queue

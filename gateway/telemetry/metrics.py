@@ -410,7 +410,8 @@ class Metrics:
             ["deployment"],
             mode="livemax",
         )
-        self._children: dict[tuple[int, tuple[str, ...]], CounterChild | GaugeChild | HistogramChild] = {}
+        # keyed by the metric itself (hashed and compared by identity), not its id(): no int to box per lookup
+        self._children: dict[tuple[object, tuple[str, ...]], CounterChild | GaugeChild | HistogramChild] = {}
 
     def _counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> CounterMetric:
         if self.multiprocess:
@@ -445,7 +446,7 @@ class Metrics:
         self, metric: CounterMetric | GaugeMetric | HistogramMetric, *labels: str
     ) -> CounterChild | GaugeChild | HistogramChild:
         """Cached labelled child: one dict lookup on the hot path instead of prometheus' locked lookup."""
-        key = (id(metric), labels)
+        key = (metric, labels)
         c = self._children.get(key)
         if c is None:
             c = self._children[key] = metric.labels(*labels)

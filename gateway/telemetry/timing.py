@@ -7,6 +7,7 @@ access log and metrics are differences of those reads (never wall clock).
 from __future__ import annotations
 
 import time
+from typing import Final
 
 # CLOCK_MONOTONIC, the same clock asyncio timers use (loop.time()), so deadlines and timings agree.
 now = time.monotonic
@@ -46,16 +47,19 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
     return max(0.0, total)
 
 
-_iso_second: list = [-1, ""]  # (whole second, its formatted prefix): one strftime per second, not per request
+# The whole second last formatted, and its text: one strftime per second, not per request.
+_iso_second: tuple[int, str] = (-1, "")
+# ".000Z" to ".999Z": a format with a width costs ~1.9k instructions a call, the table's item nothing.
+_MILLIS: Final = tuple(f".{n:03d}Z" for n in range(1000))
 
 
 def iso_utc(wall: float) -> str:
     """Wall-clock timestamp for the access log's start_time (the only wall-clock read per request)."""
+    global _iso_second
     sec = int(wall)
-    if _iso_second[0] != sec:
+    second, text = _iso_second
+    if second != sec:
         t = time.gmtime(sec)
-        _iso_second[0] = sec
-        _iso_second[1] = (
-            f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}."
-        )
-    return f"{_iso_second[1]}{int(wall * 1000) % 1000:03d}Z"
+        text = f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+        _iso_second = (sec, text)
+    return text + _MILLIS[int(wall * 1000) % 1000]

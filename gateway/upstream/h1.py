@@ -26,7 +26,7 @@ import os
 import socket
 import ssl
 from collections import deque
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import httptools
@@ -52,7 +52,7 @@ from gateway.upstream.wire import AttemptWire, static_headers, tls_context
 
 # A response body buffered past this (a client slower than its provider) pauses reading from the
 # provider until the relay catches up: memory per stream stays bounded, TCP pushes back upstream.
-HIGH_WATER = 256 * 1024
+HIGH_WATER: Final = 256 * 1024
 
 
 class Body:
@@ -169,7 +169,7 @@ class Headers(dict[str, str]):
         return dict.__contains__(self, key.lower() if isinstance(key, str) else key)
 
 
-_NO_HEADERS = Headers()
+_NO_HEADERS: Final = Headers()
 
 
 class H1Response:

@@ -172,6 +172,19 @@ CASES: dict[str, Any] = {
     "good-stream": answer_each(
         lambda conn, i: response("200 OK", [("content-type", "text/event-stream")], sse_events("hello world"))
     ),
+    # choices that are not a list of objects: not the gateway's to judge, so relayed (a first token)
+    "odd-choices-stream": answer_each(
+        lambda conn, i: response(
+            "200 OK",
+            [("content-type", "text/event-stream")],
+            [
+                b'data: {"choices":[1]}\n\n',
+                b'data: {"choices":{"0":{}}}\n\n',
+                b'data: {"choices":[{"delta":"x"}]}\n\n',
+            ][i % 3]
+            + sse_events("hello world"),
+        )
+    ),
     "status-999": answer_each(
         lambda conn, i: response("999 Weird", [("content-type", "application/json")], b"{}")
     ),
@@ -732,6 +745,17 @@ def test_a_stream_through_the_raw_provider_is_relayed(case: Any) -> None:
     text = "".join(ch.choices[0].delta.content or "" for ch in c.chat(stream=True) if ch.choices)
     assert text == "helloworld"
     assert c.logged(c.ids[-1]) == (200, {"-"})
+
+
+def test_an_event_whose_choices_are_not_objects_is_relayed_as_the_first_token(case: Any) -> None:
+    c = case("odd-choices-stream")
+    for odd in (b'{"choices":[1]}', b'{"choices":{"0":{}}}', b'{"choices":[{"delta":"x"}]}'):
+        with c.stream() as r:
+            raw = b"".join(r.iter_raw())
+        assert raw == b"data: " + odd + b"\n\n" + sse_events("hello world")
+        rec = c.record(c.ids[-1])
+        assert (rec["response_code"], rec["response_flags"], rec["attempts"]) == (200, "-", 1)
+        assert rec["ttft_ms"] is not None
 
 
 def test_a_query_in_base_url_goes_with_every_request(case: Any) -> None:

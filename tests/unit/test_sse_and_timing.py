@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from gateway.engine.sse import FirstTokenScanner, usage_of
-from gateway.telemetry.timing import ms, round3, union_length
+from gateway.telemetry.timing import iso_utc, ms, round3, union_length
 from gateway.telemetry.tracing import TraceContext, parse_traceparent
 
 ROLE = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
@@ -34,6 +34,16 @@ def test_tool_calls_done_and_responses_deltas_are_usable():
     assert FirstTokenScanner().feed(b'data: {"choices":[{"text":"x","index":0}]}\n')  # legacy completions
 
 
+def test_events_not_shaped_like_a_chunk_are_relayed_as_tokens():
+    # choices that are not a list of objects, a delta that is not one: the provider's business, never a crash
+    for odd in (b"[1]", b"[null]", b'"abc"', b'{"0":{}}', b"true", b'[{"delta":"x"}]', b'[{"delta":[]}]'):
+        s = FirstTokenScanner()
+        assert s.feed(b'data: {"choices":' + odd + b"}\n\n"), odd
+        assert s.token_seen and s.error is None
+    assert not FirstTokenScanner().feed(b'data: {"choices":[{"delta":{"content":"","refusal":null}}]}\n\n')
+    assert FirstTokenScanner().feed(b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n')
+
+
 def test_usage_sniffing_without_a_full_parse():
     body = b'{"id":"x","usage":{"prompt_tokens": 12,"completion_tokens":7,"total_tokens":19}}'
     assert usage_of(body) == (12, 7)
@@ -59,6 +69,14 @@ def test_cheap_rounding_agrees_with_round_to_three_digits():
             assert round3(x) == round(x, 3), x
     assert round3(0.0) == 0.0 and round3(1.23456) == 1.235
     assert ms(10.0, 10.0012344) == 1.234 and ms(None, 1.0) is None
+
+
+def test_iso_utc_formats_milliseconds_and_follows_the_second():
+    assert iso_utc(0.0) == "1970-01-01T00:00:00.000Z"
+    assert iso_utc(1733011200.5) == "2024-12-01T00:00:00.500Z"
+    assert iso_utc(1733011200.0421) == "2024-12-01T00:00:00.042Z"  # the same second, from its cache
+    assert iso_utc(1733011261.999) == "2024-12-01T00:01:01.999Z"
+    assert iso_utc(1733011200.007) == "2024-12-01T00:00:00.007Z"  # back again: formatted anew
 
 
 def test_union_length_merges_overlaps():
