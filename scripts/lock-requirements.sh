@@ -13,5 +13,8 @@ trap 'rm -rf "$tmp"' EXIT
   echo "# Runtime dependencies of llm-gateway, pinned (Linux, CPython 3.11). Regenerate with"
   echo "# scripts/lock-requirements.sh after changing the dependencies in pyproject.toml."
   "$tmp/venv/bin/pip" freeze --disable-pip-version-check --exclude llm-gateway
+  # redis needs async-timeout before CPython 3.11.3 (Debian 12's is 3.11.2); a freeze on a newer
+  # interpreter leaves it out, and `pip install --no-deps -r requirements.lock` would not bring it
+  echo 'async-timeout==5.0.1 ; python_full_version < "3.11.3"'
 } > requirements.lock
 echo "requirements.lock: $(grep -vc '^#' requirements.lock) packages"
