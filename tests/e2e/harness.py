@@ -30,6 +30,18 @@ from gateway.sim.runner import SimThread
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
+
+def shared_state(prefix: str, **extra: Any) -> dict[str, Any]:
+    """A ``state`` block: the test Redis under ``prefix``, replicas syncing every 100 ms (plus ``extra``)."""
+    return {
+        "backend": "redis",
+        "redis_url": REDIS_URL,
+        "key_prefix": prefix,
+        "sync_interval_ms": 100,
+        **extra,
+    }
+
+
 # The interpreter the Gateway class runs gateways with: this one (the source tree), or the one
 # LLMGW_GATEWAY_PYTHON names (`make test-compiled`: the compiled build's venv). That one runs from the
 # test's directory, so that `-m gateway` imports its installed package rather than this tree's.

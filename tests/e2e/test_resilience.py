@@ -22,6 +22,7 @@ from harness import (
     plain_gateway,
     post_chat,
     priority_model,
+    shared_state,
     wait_until,
 )
 
@@ -291,12 +292,7 @@ def test_ejection_is_shared_through_redis_and_readmitted(sims_factory, gateways,
         {"sim-a": ("us-east", {**QUICK, "error_rate": 1.0, "error_status": 503}), "sim-b": ("us-east", QUICK)}
     )
     cfg = {
-        "state": {
-            "backend": "redis",
-            "redis_url": REDIS_URL,
-            "key_prefix": redis_prefix,
-            "sync_interval_ms": 100,
-        },
+        "state": shared_state(redis_prefix),
         "models": [
             priority_model(
                 "chat",
@@ -329,13 +325,7 @@ def test_a_replica_that_stopped_leaves_no_fields_in_redis(sims_factory, gateways
     hash every replica reads every round does not grow with each restart."""
     sims = sims_factory({"sim-a": ("us-east", QUICK)})
     cfg = {
-        "state": {
-            "backend": "redis",
-            "redis_url": REDIS_URL,
-            "key_prefix": redis_prefix,
-            "sync_interval_ms": 100,
-            "key_ttl_s": 30,
-        },
+        "state": shared_state(redis_prefix, key_ttl_s=30),
         "models": [model("chat", [dep("a", sims.base_url("sim-a"))])],
     }
     key = f"{redis_prefix}stats:a"

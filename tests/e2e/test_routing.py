@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import time
 
-from harness import HTTP, REDIS_URL, Sims, dep, metric_value, model, wait_until
+from harness import HTTP, Sims, dep, metric_value, model, shared_state, wait_until
 
 BASE = {"ttft_ms": 60, "ttft_dist": "fixed", "itl_ms": 2, "tokens": 2, "tail_p": 0}
 
@@ -120,7 +120,7 @@ def _view(gw) -> dict:
 
 
 def test_two_gateways_sharing_redis_converge(sims_factory, gateways, redis_prefix):
-    state = {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": redis_prefix, "sync_interval_ms": 100}
+    state = shared_state(redis_prefix)
     sims, (gw1, gw2) = _two_regions(
         sims_factory, gateways, state=state, n_gateways=2, routing={"ewma_decay_s": 30.0}
     )
@@ -212,12 +212,7 @@ def test_two_gateways_a_probe_answer_is_not_pulled_back_by_a_replica_that_sent_n
     )
     cfg = {
         **_probed_pair(sims),
-        "state": {
-            "backend": "redis",
-            "redis_url": REDIS_URL,
-            "key_prefix": redis_prefix,
-            "sync_interval_ms": 100,
-        },
+        "state": shared_state(redis_prefix),
     }
     gw1, gw2 = gateways(cfg), gateways(cfg)
     for gw in (gw1, gw2):  # both measure both

@@ -77,6 +77,12 @@ def _chat(
     )
 
 
+def _scraped(gw: Gateway, name: str, **labels: str) -> float:
+    """A metric of a gateway whose /metrics needs a key (protect_metrics), read with one."""
+    text = FRESH.get(gw.url + "/metrics", headers={"authorization": f"Bearer {KEYS['all']}"}).text
+    return metric_value(text, name, **labels)
+
+
 def _records_of(gw: Gateway, key_id: str | None, n: int) -> list[dict[str, Any]]:
     """Access-log records of one key (None: no key), waiting until at least n were written."""
     end = time.monotonic() + 5
@@ -270,8 +276,7 @@ def test_two_different_keys_in_authorization_and_api_key_are_400(keyed):
     auth = {"authorization": f"Bearer {KEYS['all']}"}
 
     def refused() -> float:
-        text = httpx.get(gw.url + "/metrics", headers=auth).text
-        return metric_value(text, "llmgw_input_limits_total", limit="ambiguous_credentials")
+        return _scraped(gw, "llmgw_input_limits_total", limit="ambiguous_credentials")
 
     before, served = refused(), sims.stats("sim-a")["served"]["chat"]
     cases = [
@@ -296,11 +301,9 @@ def test_a_valid_api_key_beside_a_basic_authorization_is_400_saying_what_to_drop
     400 that says which credential it does not take, logged (DPE) and counted like two different keys;
     nothing reaches the provider, and the key alone is served."""
     sims, gw, _ = keyed
-    auth = {"authorization": f"Bearer {KEYS['all']}"}
 
     def refused() -> float:
-        text = httpx.get(gw.url + "/metrics", headers=auth).text
-        return metric_value(text, "llmgw_input_limits_total", limit="ambiguous_credentials")
+        return _scraped(gw, "llmgw_input_limits_total", limit="ambiguous_credentials")
 
     before, served = refused(), sims.stats("sim-a")["served"]["chat"]
     r = FRESH.post(
@@ -446,9 +449,7 @@ def test_protect_metrics_also_protects_admin(keyed):
     auth = {"authorization": f"Bearer {KEYS['all']}"}
 
     def refused() -> float:
-        return metric_value(
-            FRESH.get(gw.url + "/metrics", headers=auth).text, "llmgw_requests_total", code="401"
-        )
+        return _scraped(gw, "llmgw_requests_total", code="401")
 
     before = refused()
     ids = []
