@@ -64,8 +64,9 @@ def test_sigterm_drains_the_stream_refuses_new_connections_and_exits_zero(sims_f
     while True:
         try:
             httpx.get(gw.url + "/healthz", timeout=1)
-        except (httpx.ConnectError, httpx.RemoteProtocolError):
-            # refused, or (a busy machine) accepted just before the listener closed and closed unanswered
+        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
+            # refused; or (a busy machine) in the listener's backlog when it closed: closed unanswered, or
+            # reset by the kernel with the listening socket (ECONNRESET)
             assert "body" not in result, "refused only after the stream ended"
             break  # new connections are refused while the stream drains
         assert time.monotonic() < give_up, "new connections must be refused once draining"
