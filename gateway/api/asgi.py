@@ -460,11 +460,17 @@ class GatewayASGI:
             for host in given or [None]:  # each of them: only proxy routes refuse a repeated Host
                 self._check_host(hosts, host)
         except GatewayError as exc:
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
-            rid = _request_id(headers.get("x-request-id"))
-            await self._reject(scope, send, exc, *arrival(scope), headers, request_id=rid)
+            await self._refuse_read(scope, send, exc, _decoded(raw_headers))
             return True
         return False
+
+    async def _refuse_read(
+        self, scope: Scope, send: Send, err: GatewayError, headers: dict[str, str]
+    ) -> None:
+        """A read route's refusal (a foreign Host, a missing key): answered, logged and counted as a proxy
+        route's is."""
+        rid = _request_id(headers.get("x-request-id"))
+        await self._reject(scope, send, err, *arrival(scope), headers, request_id=rid)
 
     def _count_limit(self, limit: str) -> None:
         m = self.engine.metrics
@@ -580,12 +586,11 @@ class GatewayASGI:
         refusal is: a scraper with a wrong key shows in the access log) and says so."""
         if self.guard is None or not (public or self.guard.protect_metrics):
             return False
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = _decoded(scope["headers"])
         try:
             await self.guard.authenticate(headers)
         except GatewayError as exc:
-            rid = _request_id(headers.get("x-request-id"))
-            await self._reject(scope, send, exc, *arrival(scope), headers, request_id=rid)
+            await self._refuse_read(scope, send, exc, headers)
             return True
         return False
 
@@ -706,6 +711,11 @@ def _unsupported_media_type(ctype: str | None) -> GatewayError:
         "unsupported_media_type",
         flag=ResponseFlag.BAD_REQUEST,
     )
+
+
+def _decoded(raw_headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The request's headers as text (a name given twice: its last value)."""
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
 
 
 def _request_id(value: str | None) -> str:

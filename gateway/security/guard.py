@@ -26,6 +26,7 @@ from gateway.security.keys import (
     conflicting_keys,
     constant_time_equal,
     hash_key,
+    other_scheme,
 )
 from gateway.state.base import StateRefused
 from gateway.state.memory import MemoryState
@@ -48,13 +49,13 @@ def _unauthorized(message: str) -> GatewayError:
 
 def _ambiguous_credentials(headers: dict[str, str]) -> GatewayError:
     """Two credentials (see ``conflicting_keys``): two keys, or a key beside one the gateway does not take."""
-    if bearer_token(headers) is not None:
+    scheme = other_scheme(headers)
+    if scheme is None:
         message = (
             "The request carries one gateway key in 'Authorization' and another in 'api-key': send it in one "
             "of them."
         )
     else:
-        scheme = headers["authorization"].split()[0][:40]
         message = (
             f"The request carries a gateway key in 'api-key' and a {scheme!r} credential in 'Authorization', "
             "which the gateway does not take (only 'Authorization: Bearer <key>'): send the key alone. A proxy "
@@ -97,10 +98,10 @@ class Guard:
             raise _ambiguous_credentials(headers)
         token = bearer_token(headers)
         if token is None:
-            given = (headers.get("authorization") or "").split()
-            if given and given[0].lower() != "bearer":  # a credential it does not read: named, not "missing"
+            scheme = other_scheme(headers)
+            if scheme is not None:  # a credential it does not read: named, not "missing"
                 raise _unauthorized(
-                    f"'Authorization' carries a {given[0][:40]!r} credential; the gateway takes its key only as "
+                    f"'Authorization' carries a {scheme!r} credential; the gateway takes its key only as "
                     "'Authorization: Bearer <gateway key>' (or in 'api-key')."
                 )
             raise _unauthorized("Missing API key: send 'Authorization: Bearer <gateway key>'.")

@@ -79,6 +79,13 @@ def bearer_token(headers: dict[str, str]) -> str | None:
     return key.strip() if key else None
 
 
+def other_scheme(headers: dict[str, str]) -> str | None:
+    """The scheme of an ``Authorization`` credential the gateway does not read (``Basic``), at most 40
+    characters (it goes into an error message); None without one, or for a Bearer credential."""
+    given = (headers.get("authorization") or "").split()
+    return given[0][:40] if given and given[0].lower() != "bearer" else None
+
+
 def conflicting_keys(headers: dict[str, str]) -> bool:
     """``api-key`` carries a key and ``Authorization`` anything but that same key as a Bearer token: another
     key (a proxy in front may have checked the other one), or a credential of another scheme (``Basic``).
