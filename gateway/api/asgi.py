@@ -90,7 +90,7 @@ class GatewayASGI:
         self.max_elements = srv.max_json_elements
         self.max_containers = srv.max_json_containers
         self.edge = EdgeLimits(srv, self._edge_refused, self._count_limit)
-        self.origins = OriginPolicy(srv.cors_origins)
+        self.origins = OriginPolicy(srv.cors_origins, srv.allowed_hosts)
         # The Host check guards what is answered without a key (DNS rebinding, api/headers.py): with auth
         # none every route but the probes; with keys only the admin listener's views, unless
         # auth.protect_metrics (the model list of the main port names no deployment, key or traffic).

@@ -6,11 +6,11 @@ body and no Content-Type needs no CORS preflight), and with ``auth.mode: none`` 
 quota. Browsers always send ``Origin`` on such a request, so, as Ollama does with ``OLLAMA_ORIGINS``, a
 request whose ``Origin`` is neither listed in ``server.cors_origins`` nor the gateway's own is refused
 403. The gateway's own origin is the host:port the request was sent to (its ``Host``) when that host
-is one no foreign page can hold, as for the Host check below: an IP address, ``localhost`` or a name
-under it (``app.localhost``). That is the API docs page served by the gateway itself. A DNS name is not trusted by
-itself, since a foreign page can rebind its own name to the gateway's address and so be "same-origin";
-a gateway reached by name lists its origin in ``server.cors_origins``, and so does a page of another
-local server (another port, or another name under ``localhost``). Requests without ``Origin`` (SDKs,
+is one no foreign page can hold, as for the Host check below: an IP address, ``localhost``, a name
+under it (``app.localhost``) or a name listed in ``server.allowed_hosts`` (the operator's own). That is
+the API docs page served by the gateway itself. Any other DNS name is not trusted by itself, since a
+foreign page can rebind its own name to the gateway's address and so be "same-origin"; a page of another
+local server (another port, or another name under ``localhost``) is listed in ``server.cors_origins``. Requests without ``Origin`` (SDKs,
 curl) are not affected.
 
 **Hosts.** A page on a foreign name can rebind that name to the gateway's address (DNS rebinding): the
@@ -56,23 +56,26 @@ SINGLE_VALUE = frozenset(
 
 
 class OriginPolicy:
-    """``server.cors_origins`` (exact origins, or ``*`` for any) and the gateway's own origin."""
+    """``server.cors_origins`` (exact origins, or ``*`` for any) and the gateway's own origin, which may be
+    named by one of ``server.allowed_hosts`` too."""
 
-    def __init__(self, cors_origins: list[str]) -> None:
+    def __init__(self, cors_origins: list[str], allowed_hosts: Iterable[str] = ()) -> None:
         self.any_origin = "*" in cors_origins
         # browsers send an origin in lower case without a trailing slash; a config may have either
         self.origins = frozenset(o.rstrip("/").lower() for o in cors_origins if o != "*")
+        self.names = frozenset(h for h in allowed_hosts if h != "*")  # lower case (config.py)
 
     def listed(self, origin: str) -> bool:
         return self.any_origin or origin in self.origins
 
     def allows(self, origin: str, host: str | None) -> bool:
-        return self.listed(origin) or (host is not None and own_origin(origin, host))
+        return self.listed(origin) or (host is not None and own_origin(origin, host, self.names))
 
 
-def own_origin(origin: str, host: str) -> bool:
+def own_origin(origin: str, host: str, names: frozenset[str] = frozenset()) -> bool:
     """``origin`` is the very host:port the request was sent to, named by a name no foreign page can hold
-    (``loopback_or_address``, as for the Host check): a page served by the gateway itself. Another port,
+    (``loopback_or_address`` or one of ``names``, as for the Host check): a page served by the gateway
+    itself. Another port,
     or another name under ``localhost``, is another origin (another local server's page, which the
     browser would not let read the answer without CORS anyway): ``server.cors_origins`` lists it."""
     scheme, sep, rest = origin.partition("://")
@@ -82,7 +85,7 @@ def own_origin(origin: str, host: str) -> bool:
         name = urlsplit(origin).hostname  # without the port and an IPv6 address's brackets
     except ValueError:  # not a URL
         return False
-    return name is not None and loopback_or_address(name)
+    return name is not None and (name.removesuffix(".") in names or loopback_or_address(name))
 
 
 SEEN_HOSTS_MAX = 1024  # allowed Host values remembered: a client cycling through ports cannot grow it

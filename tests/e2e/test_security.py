@@ -949,6 +949,8 @@ def test_a_foreign_web_page_cannot_make_a_local_gateway_spend(hardened):
         {"origin": f"http://app.localhost:{gw.port + 1}", "host": f"app.localhost:{gw.port}"},
         # another name under localhost is another origin, though the same server answers it
         {"origin": f"http://app.localhost:{gw.port}", "host": f"localhost:{gw.port}"},
+        # a name in server.allowed_hosts (gw.test) at another port is another server's page
+        {"origin": f"http://gw.test:{gw.port + 1}", "host": f"gw.test:{gw.port}"},
     ]
     ids = [f"foreign-origin-{i}" for i in range(len(cases))]
     for rid, headers in zip(ids, cases, strict=True):
@@ -979,7 +981,8 @@ def test_a_foreign_web_page_cannot_make_a_local_gateway_spend(hardened):
 
 def test_the_gateways_own_pages_and_clients_without_an_origin_are_served(hardened):
     """The API docs' "Try it out" posts from the gateway's own origin (an address, localhost or a name
-    under it, at its port), which no foreign page can pose as; SDKs and curl send no Origin at all."""
+    under it, or a name in server.allowed_hosts, at its port), which no foreign page can pose as; SDKs
+    and curl send no Origin at all."""
     _, gw, _ = hardened
     port = gw.port
     hosts = (
@@ -988,6 +991,8 @@ def test_the_gateways_own_pages_and_clients_without_an_origin_are_served(hardene
         f"[::1]:{port}",
         f"LOCALHOST:{port}",
         f"app.localhost:{port}",
+        f"gw.test:{port}",  # the operator's own name (allowed_hosts)
+        f"GW.Test:{port}",
     )
     for host in hosts:
         for scheme in ("http", "https"):  # https: behind a TLS-terminating proxy at the same address

@@ -327,6 +327,21 @@ def test_a_page_at_the_host_called_is_own_exactly_when_that_host_needs_no_listin
     assert own_origin(f"http://{host.lower()}", host) is host_allowed(host, frozenset())
 
 
+@pytest.mark.parametrize(
+    "host", ["gw.internal:8080", "GW.Internal:8080", "gw.internal", "other.internal:8080"]
+)
+def test_a_name_in_allowed_hosts_is_own_as_the_host_check_takes_it(host):
+    """The operator's names are trusted by both checks alike: a page the gateway serves at such a name
+    (its docs) may call it there; a name it does not list is still another origin."""
+    names = frozenset({"gw.internal"})
+    assert own_origin(f"http://{host.lower()}", host, names) is host_allowed(host, names)
+    assert OriginPolicy([], ["gw.internal", "*"]).allows(f"http://{host.lower()}", host) is host_allowed(
+        host, names
+    )
+    assert not OriginPolicy([], ["gw.internal"]).allows("http://gw.internal:8080", "gw.internal:9090")
+    assert not OriginPolicy([], ["*"]).allows("http://gw.internal:8080", "gw.internal:8080")  # "*" names none
+
+
 def test_listed_origins_are_matched_exactly_and_star_allows_any():
     policy = OriginPolicy(["https://App.example/", "http://localhost:3000"])
     assert policy.allows("https://app.example", None) and policy.allows("http://localhost:3000", "x")
