@@ -13,10 +13,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
+# WallClock is defined below the state layer, which takes it too (state/memory.py's expiry); the engine's here.
+from gateway.telemetry.timing import WallClock as WallClock
 from gateway.telemetry.timing import now as _monotonic_now
-
-# Epoch seconds (``time.time`` in production): only what is compared between processes reads it.
-WallClock = Callable[[], float]
 
 
 class Timer(Protocol):
