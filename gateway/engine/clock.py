@@ -3,19 +3,19 @@
 ``Engine``, ``Exchange``, ``Attempt``, the relay, ``Alarms`` and ``StateSync`` read time only through a
 ``Clock`` (and ``StateSync`` the wall clock through a ``WallClock``), so a unit test drives a whole
 exchange (hedge timers, first-token limits, backoff, stream watchdogs), or replicas' sync rounds, with
-``tests/unit/fake_clock.py`` and no real sleep.
+``tests/unit/fake_clock.py`` and no real sleep. A bound on a call is ``wait_for`` here, not ``asyncio``'s,
+which times it on the loop's own clock.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
+# WallClock is defined below the state layer, which takes it too (state/memory.py's expiry); the engine's here.
+from gateway.telemetry.timing import WallClock as WallClock
 from gateway.telemetry.timing import now as _monotonic_now
-
-# Epoch seconds (``time.time`` in production): only what is compared between processes reads it.
-WallClock = Callable[[], float]
 
 
 class Timer(Protocol):
@@ -66,3 +66,27 @@ class MonotonicClock:
 
 
 MONOTONIC = MonotonicClock()
+
+T = TypeVar("T")
+
+
+async def wait_for(clock: Clock, aw: Awaitable[T], timeout_s: float) -> T:
+    """``asyncio.wait_for`` timed on ``clock``: past ``timeout_s``, ``aw`` is cancelled and, once it has
+    ended, ``TimeoutError`` raised. A cancel of the caller meanwhile stays a cancel."""
+    task = asyncio.ensure_future(aw)
+    cut = False
+
+    def expire() -> None:
+        nonlocal cut
+        cut = task.cancel()  # False: it had ended already, and its outcome stands
+
+    timer = clock.call_at(clock.now() + timeout_s, expire)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if cut and current is not None and not current.cancelling():
+            raise TimeoutError from None
+        raise
+    finally:
+        timer.cancel()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.engine.clock import WallClock
+from gateway.engine.clock import WallClock, wait_for
 from gateway.engine.registry import DeploymentRuntime
 from gateway.policy.latency import PeakEwma
 from gateway.state.base import StateBackend, SyncBatch
@@ -127,9 +127,8 @@ class StateSync:
             batch.read_hashes.append(k)
             batch.read_keys.append(self.key("eject", d.id))
         try:
-            res = await asyncio.wait_for(
-                self.backend.sync(batch, self.ttl_s), timeout=max(self.interval_s, 0.5)
-            )
+            # A hung backend (a paused Redis) must not stall sharing: the round is cut, on the engine's clock.
+            res = await wait_for(self.clock, self.backend.sync(batch, self.ttl_s), max(self.interval_s, 0.5))
         except Exception as exc:
             self._mark(False, exc)
             return

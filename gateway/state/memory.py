@@ -1,4 +1,7 @@
-"""In-process state: the default for one process; nothing is shared beyond it."""
+"""In-process state: the default for one process; nothing is shared beyond it.
+
+Keys expire as in Redis, on the wall clock passed in (``time.time`` unless a test moves a fake one).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +9,16 @@ import time
 
 from gateway.policy.ratelimit import LimitCheck, LimitDecision, gcra
 from gateway.state.base import SyncBatch, SyncResult
+from gateway.telemetry.timing import WallClock
 
 
 class MemoryState:
     name = "memory"
     mode = "memory"
 
-    def __init__(self, prefix: str = "llmgw:") -> None:
+    def __init__(self, prefix: str = "llmgw:", wall: WallClock = time.time) -> None:
         self.prefix = prefix
+        self.wall = wall
         self._kv: dict[str, tuple[bytes, float]] = {}
         self._h: dict[str, tuple[dict[str, bytes], float]] = {}
         self._tats: dict[str, float] = {}
@@ -28,7 +33,7 @@ class MemoryState:
         return []
 
     def _alive(self, exp: float) -> bool:
-        return exp == 0 or exp > time.time()
+        return exp == 0 or exp > self.wall()
 
     async def sync(self, batch: SyncBatch, ttl_s: float) -> SyncResult:
         for k, mapping in batch.hset.items():
@@ -41,7 +46,7 @@ class MemoryState:
         return SyncResult(hashes, keys)
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
-        self._kv[key] = (value, time.time() + ttl_s)
+        self._kv[key] = (value, self.wall() + ttl_s)
 
     async def delete(self, key: str) -> None:
         self._kv.pop(key, None)
@@ -54,7 +59,7 @@ class MemoryState:
         cur = self._h.get(key)
         data = dict(cur[0]) if cur and self._alive(cur[1]) else {}
         data.update(mapping)
-        self._h[key] = (data, time.time() + ttl_s if ttl_s else 0)
+        self._h[key] = (data, self.wall() + ttl_s if ttl_s else 0)
 
     async def hgetall(self, key: str) -> dict[str, bytes]:
         cur = self._h.get(key)
@@ -62,13 +67,13 @@ class MemoryState:
 
     async def hdel(self, key: str, field: str) -> int:
         cur = self._h.get(key)
-        if cur and field in cur[0]:
+        if cur and self._alive(cur[1]) and field in cur[0]:  # an expired hash has no fields (as in Redis)
             del cur[0][field]
             return 1
         return 0
 
     async def rate_limit(self, checks: list[LimitCheck], period_s: float) -> LimitDecision:
-        now = time.time()
+        now = self.wall()
         tats = self._tats
         if len(tats) > 100_000:  # keys past their TAT hold nothing: forget them
             self._tats = tats = {k: t for k, t in tats.items() if t > now}

@@ -7,10 +7,15 @@ access log and metrics are differences of those reads (never wall clock).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Final
 
 # CLOCK_MONOTONIC, the same clock asyncio timers use (loop.time()), so deadlines and timings agree.
 now = time.monotonic
+
+# Epoch seconds (``time.time`` in production): only what is compared between processes reads it. Here, in
+# the bottom layer, so the engine's sync and the state backends take the same type (engine/clock.py).
+WallClock = Callable[[], float]
 
 
 def ms(start: float | None, end: float | None) -> float | None:

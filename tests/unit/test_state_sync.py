@@ -19,6 +19,7 @@ from scripted_upstream import Reply, ScriptedUpstream
 
 from gateway.config import parse_config
 from gateway.engine.engine import Engine
+from gateway.engine.gauges import StateGauges
 from gateway.engine.registry import DeploymentRuntime
 from gateway.engine.sync import StateSync
 from gateway.state.base import SyncBatch, SyncResult
@@ -146,6 +147,60 @@ def test_a_round_that_fails_unexpectedly_is_logged_marks_sharing_down_and_the_lo
         await _until("the loop to sleep again", lambda: clock.next_due() is not None)
         clock.advance(INTERVAL_S)
         await _until("the next round", lambda: sync.rounds == 1 and sync.up is True)
+        await sync.close()
+
+    asyncio.run(scenario())
+
+
+class Paused(Shared):
+    """A backend that takes a round's call and never answers, as a paused Redis does, until resumed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = True
+        self.calls = 0
+        self.cancelled = 0
+
+    async def sync(self, batch: SyncBatch, ttl_s: float) -> SyncResult:
+        self.calls += 1
+        if self.paused:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        return await super().sync(batch, ttl_s)
+
+
+def _backend_up(sync: StateSync) -> float | None:
+    gauges = StateGauges(sync.engine.registry, sync.engine.metrics, "redis")
+    gauges.sync = sync
+    gauges.refresh()
+    return sync.engine.metrics.registry.get_sample_value("llmgw_state_backend_up", {"backend": "redis"})
+
+
+def test_a_round_the_backend_never_answers_is_cut_on_the_engine_clock_and_the_loop_goes_on() -> None:
+    async def scenario() -> None:
+        clock, backend = FakeClock(), Paused()
+        sync, _ = _replica(backend, clock)
+        await sync.start()
+        assert _backend_up(sync) == 1
+        await _until("the loop to sleep", lambda: clock.next_due() is not None)
+        clock.advance(INTERVAL_S)
+        await _until("the round's call", lambda: backend.calls == 1 and clock.next_due() is not None)
+        bound = clock.next_due()
+        assert bound == pytest.approx(clock.t + 0.5)  # max(sync interval, 0.5 s)
+        clock.advance(0.5 * 0.99)
+        await _until("nothing", lambda: True)
+        assert (backend.cancelled, sync.up) == (0, True)  # within its bound: still waiting
+        clock.advance(0.5 * 0.01)
+        await _until("the round cut", lambda: backend.cancelled == 1 and sync.up is False)
+        assert sync.rounds == 0 and _backend_up(sync) == 0
+        backend.paused = False  # Redis resumed: the next round shares again
+        await _until("the loop to sleep again", lambda: clock.next_due() is not None)
+        clock.advance(INTERVAL_S)
+        await _until("the next round", lambda: sync.rounds == 1 and sync.up is True)
+        assert backend.calls == 2 and _backend_up(sync) == 1
         await sync.close()
 
     asyncio.run(scenario())
