@@ -28,6 +28,8 @@ _HELP = {
     "idle_close_s": "close keep-alive connections idle this long, like a load balancer (0 = never)",
     "require_key": "answer 401 unless the request carries this key (Bearer or api-key)",
     "embedding_dim": "embedding vector size when the request gives no 'dimensions'",
+    "prefix_cache_tokens": "capacity of the prompt-prefix cache (LRU of 16-token blocks), tokens (0 = none)",
+    "prefill_ms_per_1k": "extra TTFT per 1,000 prompt tokens not served from the prefix cache, ms",
 }
 
 

@@ -132,7 +132,7 @@ _TAIL_NOTE = (
 
 
 def _summary(r: Report) -> str:
-    skipped = f", {r.skipped_lines:,} lines skipped (not JSON objects)" if r.skipped_lines else ""
+    skipped = f", {r.skipped_lines:,} lines skipped (not access-log records)" if r.skipped_lines else ""
     return (
         f"{r.records:,} requests by {r.group_by.value}{skipped}. "
         f"Percentiles: {PERCENTILE_METHOD} over non-null values; times in ms."

@@ -145,7 +145,10 @@ class Report:
 
 
 class RecordReader:
-    """Yields the JSON-object lines of an access log; counts the other non-blank lines in ``skipped``."""
+    """Yields the request records of an access log: its JSON-object lines with a ``response_code`` or a
+    ``duration_ms`` (every record the gateway writes has both). Counts the other non-blank lines in
+    ``skipped``: text, other JSON, and the gateway's own log lines (``{"timestamp","level","logger",...}``,
+    on stderr), which ``kubectl logs`` or ``2>&1`` interleave with an access log on stdout."""
 
     __slots__ = ("_lines", "skipped")
 
@@ -162,7 +165,7 @@ class RecordReader:
                 if line.strip():  # blank lines (a trailing newline, a spacer) are not damage
                     self.skipped += 1
                 continue
-            if type(rec) is dict:
+            if type(rec) is dict and ("response_code" in rec or "duration_ms" in rec):
                 yield rec
             else:
                 self.skipped += 1

@@ -329,6 +329,28 @@ def test_garbage_lines_are_skipped_and_counted():
     assert skipped == 5
 
 
+def test_the_gateways_own_log_lines_are_not_requests(capsys, monkeypatch):
+    """`kubectl logs deploy/llm-gateway | llmgw report -` (docs/operations.md): the pod's output interleaves
+    the access log (stdout) with the gateway's own JSON log lines (stderr); those are skipped, not counted
+    as requests of group `-`."""
+    access = rec(model="demo-chat")
+    lines = [
+        '{"timestamp":"2026-01-01T00:00:00.000Z","level":"INFO","logger":"uvicorn.error",'
+        '"message":"Started server process [7]","pid":7}\n',
+        json.dumps(access) + "\n",
+        '{"timestamp":"2026-01-01T00:00:01.000Z","level":"ERROR","logger":"llmgw.reachability",'
+        '"message":"deployment d1 is UNREACHABLE","pid":7,"request_id":"r1"}\n',
+        json.dumps(access) + "\n",
+    ]
+    records, skipped = rp.load_records(lines)
+    assert (len(records), skipped) == (2, 2)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("".join(lines).encode())))
+    assert rp.run(argparse.Namespace(access_log="-")) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("llmgw report: 2 requests by model, 2 lines skipped (not access-log records).")
+    assert "\n-  " not in out  # no group of records without a model
+
+
 # ------------------------------------------------------------------------------------------ formats
 
 

@@ -64,3 +64,19 @@ def test_no_capacity_caches_nothing():
 def test_responses_and_legacy_prompts_have_text():
     assert prompt_text({"instructions": "Be brief.", "input": "hello"}) == b"Be brief.hello"
     assert prompt_text({"prompt": ["Once upon"]}) == b"Once upon"
+
+
+def test_every_sim_flag_says_what_it_does():
+    """`llmgw sim --help` (README: every command has --help): a knob without an entry in the CLI's help table
+    was described by its own name (`--prefix-cache-tokens`: "prefix_cache_tokens")."""
+    import argparse
+    from dataclasses import fields
+
+    from gateway.sim.cli import add_arguments
+    from gateway.sim.profile import SimProfile
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    helps = {a.dest.removeprefix("knob_"): a.help or "" for a in parser._actions}
+    for f in fields(SimProfile):
+        assert not helps[f.name].startswith(f"{f.name} (default"), f"--{f.name.replace('_', '-')}: no help"
