@@ -218,7 +218,7 @@ def build_app(cfg: GatewayConfig, *, region: str | None = None, seed: int | None
     if cfg.auth.mode == "keys":
         from gateway.security.guard import Guard
 
-        guard = Guard(cfg.auth, backend, engine.metrics)
+        guard = Guard(cfg.auth, backend, engine.metrics, engine.now)  # on the engine's clock
     edge = GatewayASGI(engine, build_docs_app(engine, lifecycle), lifecycle, guard)
     app: Any = edge
     endpoint = otlp_endpoint(cfg.tracing.otlp_endpoint)
