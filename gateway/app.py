@@ -67,7 +67,7 @@ class Lifecycle:
         self._tasks: list[asyncio.Task] = []
         self.extra_start: list[Any] = []  # async callables run at start (warm-up, state sync)
         self.extra_stop: list[Any] = []
-        self.gauges = StateGauges(engine.registry, engine.metrics, cfg.state.backend)
+        self.gauges = StateGauges(engine.registry, engine.metrics, cfg.state.backend, engine.clock)
         self.open: set[Exchange] = set()  # requests in flight (the edge adds and removes them)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
@@ -218,7 +218,7 @@ def build_app(cfg: GatewayConfig, *, region: str | None = None, seed: int | None
     if cfg.auth.mode == "keys":
         from gateway.security.guard import Guard
 
-        guard = Guard(cfg.auth, backend, engine.metrics)
+        guard = Guard(cfg.auth, backend, engine.metrics, engine.now)  # on the engine's clock
     edge = GatewayASGI(engine, build_docs_app(engine, lifecycle), lifecycle, guard)
     app: Any = edge
     endpoint = otlp_endpoint(cfg.tracing.otlp_endpoint)

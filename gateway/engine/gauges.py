@@ -7,13 +7,12 @@ every second by each worker (the scrape is answered by one worker, the pod's val
 
 from __future__ import annotations
 
-import asyncio
 from typing import Protocol
 
+from gateway.engine.clock import MONOTONIC, Clock
 from gateway.engine.registry import Registry
 from gateway.policy.outlier import is_ejected
 from gateway.telemetry.metrics import Metrics
-from gateway.telemetry.timing import now
 
 REFRESH_INTERVAL_S = 1.0
 
@@ -23,14 +22,15 @@ class BackendHealth(Protocol):
 
 
 class StateGauges:
-    def __init__(self, registry: Registry, metrics: Metrics, backend: str) -> None:
+    def __init__(self, registry: Registry, metrics: Metrics, backend: str, clock: Clock = MONOTONIC) -> None:
         self.registry = registry
+        self.clock = clock  # the engine's: ejections and cool-downs end on its time
         self.metrics = metrics
         self.backend = backend  # "memory" or "redis": the in-memory backend has nothing to lose touch with
         self.sync: BackendHealth | None = None  # the shared backend's sync, when one is configured
 
     def refresh(self) -> None:
-        m, t = self.metrics, now()
+        m, t = self.metrics, self.clock.now()
         for model in self.registry.models.values():
             healthy = 0
             for d in model.deployments:
@@ -50,4 +50,4 @@ class StateGauges:
         """Keep this worker's files current for scrapes answered by another worker."""
         while True:
             self.refresh()
-            await asyncio.sleep(interval_s)
+            await self.clock.sleep(interval_s)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +29,7 @@ from gateway.security.keys import (
 )
 from gateway.state.base import StateRefused
 from gateway.state.memory import MemoryState
+from gateway.telemetry import timing
 
 log = logging.getLogger("llmgw.auth")
 
@@ -71,8 +71,13 @@ def _ambiguous_credentials(headers: dict[str, str]) -> GatewayError:
 
 
 class Guard:
-    def __init__(self, cfg: AuthConfig, backend: Any, metrics: Any) -> None:
+    def __init__(
+        self, cfg: AuthConfig, backend: Any, metrics: Any, now: Callable[[], float] = timing.now
+    ) -> None:
+        """``now``: monotonic seconds (the engine's clock; a test's fake one). Only a reader, not the
+        engine's ``Clock``: the guard sleeps on nothing, and security may not import the engine."""
         self.cfg = cfg
+        self._now = now
         self.protect_metrics = cfg.protect_metrics
         self.config_keys = {
             k.hash: ApiKey(k.id, k.hash, tuple(k.models), k.rpm, k.tpm, k.max_concurrency, dict(k.metadata))
@@ -117,7 +122,7 @@ class Guard:
     async def _lookup(self, h: str) -> ApiKey | None:
         if self.store is None:
             return None
-        t = time.monotonic()
+        t = self._now()
         hit = self._cache.get(h)
         if hit is not None and hit[1] > t:
             return hit[0]
@@ -187,7 +192,7 @@ class Guard:
             # bucket, and the script never sees numbers beyond its floats' precision.
             checks.append(LimitCheck(names[1], min(estimate_tokens(raw, body), key.tpm), key.tpm))
             limits.append(("tpm", key.tpm))
-        t = time.monotonic()
+        t = self._now()
         local = t < self._redis_retry_at
         if local:
             self._count_local(t)
@@ -240,7 +245,7 @@ class Guard:
             )
 
     def _redis_down(self, exc: BaseException) -> None:
-        t = time.monotonic()
+        t = self._now()
         self._redis_retry_at = t + REDIS_RETRY_S
         if self._redis_ok:
             log.warning(
@@ -262,7 +267,7 @@ class Guard:
         if not self._redis_ok:
             # Redis was last seen away at the last failure; requests may have stopped long before it came
             # back (nothing asked it meanwhile): that idle time is no outage
-            t = min(time.monotonic(), self._redis_retry_at)
+            t = min(self._now(), self._redis_retry_at)
             self._count_local(t)
             local_s = t - self._local_since
             log.warning(

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import pytest
+from fake_clock import FakeClock
 
 from gateway.config import AuthConfig
 from gateway.errors import GatewayError
@@ -20,9 +20,9 @@ from gateway.telemetry.metrics import Metrics
 KEY = "sk-gw-unit-0001"
 
 
-def _guard(backend: Any = None, **key: Any) -> Guard:
+def _guard(backend: Any = None, clock: FakeClock | None = None, **key: Any) -> Guard:
     cfg = AuthConfig(mode="keys", keys=[{"id": "team", "hash": hash_key(KEY), **key}], cache_ttl_s=5.0)
-    return Guard(cfg, backend or MemoryState(), Metrics())
+    return Guard(cfg, backend or MemoryState(), Metrics(), clock or FakeClock())
 
 
 def _admit(g: Guard, model: str = "chat", body: dict[str, Any] | None = None) -> bool:
@@ -62,7 +62,7 @@ class SlowWindow(MemoryState):
 
     async def rate_limit(self, *a: Any) -> Any:
         self.calls += 1
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # the round trip: the other requests run meanwhile
         return await super().rate_limit(*a)
 
 
@@ -200,9 +200,9 @@ def test_what_no_provider_reads_as_a_count_is_charged_the_default(junk):
     assert estimate_tokens(b"", {"max_tokens": 10, "n": junk}) == 10
 
 
-def test_redis_down_limits_locally_and_leaves_redis_alone_for_a_while(monkeypatch):
-    dead = DeadRedis()
-    g = _guard(dead, rpm=3)
+def test_redis_down_limits_locally_and_leaves_redis_alone_for_a_while():
+    dead, clock = DeadRedis(), FakeClock()
+    g = _guard(dead, clock, rpm=3)
     # each decision says it was local: the failed call's and those that skip Redis alike
     assert [_admit(g) for _ in range(3)] == [True, True, True]
     with pytest.raises(GatewayError) as exc:
@@ -210,8 +210,10 @@ def test_redis_down_limits_locally_and_leaves_redis_alone_for_a_while(monkeypatc
     assert exc.value.status == 429  # the local window holds the same limit
     assert exc.value.flag == "RL,RLL"  # and the refusal says it was decided locally
     assert dead.calls == 1  # one failed call, then Redis is skipped until REDIS_RETRY_S has passed
-    monkeypatch.setattr(guard_mod, "REDIS_RETRY_S", 0.0)
-    g._redis_retry_at = 0.0
+    clock.advance(guard_mod.REDIS_RETRY_S - 0.25)
+    assert _status(lambda: _admit(g)) == 429
+    assert dead.calls == 1
+    clock.advance(0.25)
     assert _status(lambda: _admit(g)) == 429
     assert dead.calls == 2
 
@@ -283,23 +285,41 @@ def test_requests_arriving_while_one_waits_for_the_windows_are_refused_without_s
     assert backend.calls == 1 and g.concurrency["team"] == 1
 
 
-def test_redis_key_cache_expires_so_revocation_takes_effect(monkeypatch):
+def _redis_keys(clock: FakeClock) -> tuple[Guard, RedisKeyStore]:
     backend = MemoryState()
     backend.name = "redis"  # the store works on any backend with get/set/hset
-    store = RedisKeyStore(backend)
+    return Guard(AuthConfig(mode="keys", cache_ttl_s=5.0), backend, Metrics(), clock), RedisKeyStore(backend)
+
+
+def test_redis_key_cache_expires_so_revocation_takes_effect():
+    clock = FakeClock()
+    g, store = _redis_keys(clock)
     secret = new_key()
     asyncio.run(store.put(ApiKey("svc", hash_key(secret), ("*",))))
-    g = Guard(AuthConfig(mode="keys", cache_ttl_s=5.0), backend, Metrics())
     hdrs = {"authorization": f"Bearer {secret}"}
     assert asyncio.run(g.authenticate(hdrs)).id == "svc"
     assert asyncio.run(store.revoke("svc"))
-    time.sleep(0.01)
-    assert asyncio.run(g.authenticate(hdrs)).id == "svc"  # cached
-    g._cache.clear()  # as if cache_ttl_s had passed
+    clock.advance(4.75)
+    assert asyncio.run(g.authenticate(hdrs)).id == "svc"  # cached for cache_ttl_s
+    clock.advance(0.25)
     assert _status(lambda: asyncio.run(g.authenticate(hdrs))) == 401
     asyncio.run(store.put(ApiKey("dup", "sha256:x")))
     with pytest.raises(ValueError, match="exists"):
         asyncio.run(store.put(ApiKey("dup", "sha256:y")))
+
+
+def test_an_unknown_key_is_asked_about_again_after_the_negative_ttl():
+    """A key created just after a request with it was refused works within NEGATIVE_TTL_S, not cache_ttl_s."""
+    clock = FakeClock()
+    g, store = _redis_keys(clock)
+    secret = new_key()
+    hdrs = {"authorization": f"Bearer {secret}"}
+    assert _status(lambda: asyncio.run(g.authenticate(hdrs))) == 401
+    asyncio.run(store.put(ApiKey("new", hash_key(secret), ("*",))))
+    clock.advance(guard_mod.NEGATIVE_TTL_S - 0.25)
+    assert _status(lambda: asyncio.run(g.authenticate(hdrs))) == 401  # the refusal is cached
+    clock.advance(0.25)
+    assert asyncio.run(g.authenticate(hdrs)).id == "new"
 
 
 def test_a_refused_request_carries_openais_rate_limit_headers():

@@ -3,6 +3,7 @@ clean-up, and state gauges that follow the state both ways."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import os
@@ -238,3 +239,26 @@ def test_the_state_backend_is_up_in_memory_and_as_the_shared_one_says(gauges):
         shared.sync.up = up
         shared.refresh()
         assert _value(m, m.state_up, "redis") == want
+
+
+def test_each_worker_rewrites_its_gauges_every_interval_on_the_engines_clock(gauges):
+    """In multi-worker runs the scrape is answered by one worker: the others' ejection gauges must follow
+    an ejection's end by themselves, not only when scraped."""
+    _, registry, m = gauges
+    clock = FakeClock()
+    g = StateGauges(registry, m, "memory", clock)
+    registry.models["chat"].by_id["a"].outlier.ejected_until = clock.now() + 1.5
+
+    async def scenario() -> None:
+        task = asyncio.get_running_loop().create_task(g.run(interval_s=1.0))
+        await asyncio.sleep(0)
+        assert _value(m, m.ejected, "chat", "a") == 1
+        clock.advance(1.0)
+        await asyncio.sleep(0)
+        assert _value(m, m.ejected, "chat", "a") == 1  # still ejected at 1.0 s
+        clock.advance(1.0)
+        await asyncio.sleep(0)
+        assert _value(m, m.ejected, "chat", "a") == 0  # ended at 1.5 s, rewritten at 2.0 s
+        task.cancel()
+
+    asyncio.run(scenario())
