@@ -20,9 +20,16 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 class SimThread:
     """Runs several SimServers in a daemon thread with its own event loop."""
 
-    def __init__(self, specs: list[tuple[str, str, SimProfile]], host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, specs: list[tuple[str, str, SimProfile]], host: str = "127.0.0.1", seed: int | None = None
+    ) -> None:
+        """``seed``: the servers' random draws (injected faults, latencies) repeat from run to run, server
+        i seeded with ``seed + i``; None draws anew each run."""
         self.servers: dict[str, SimServer] = {
-            name: SimServer(profile, name=name, region=region, host=host) for name, region, profile in specs
+            name: SimServer(
+                profile, name=name, region=region, host=host, seed=None if seed is None else seed + i
+            )
+            for i, (name, region, profile) in enumerate(specs)
         }
         if len(self.servers) != len(specs):
             raise ValueError("simulated provider names must be unique")

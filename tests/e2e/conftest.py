@@ -53,8 +53,8 @@ def _reap_gateways() -> Iterator[None]:
 def sims_factory() -> Iterator[Any]:
     made: list[Sims] = []
 
-    def make(specs: dict[str, tuple[str, dict[str, Any]]]) -> Sims:
-        s = Sims(specs)
+    def make(specs: dict[str, tuple[str, dict[str, Any]]], seed: int | None = None) -> Sims:
+        s = Sims(specs, seed)
         made.append(s)
         return s
 

@@ -184,13 +184,13 @@ def tls_server_context(cert: Path, key: Path) -> ssl.SSLContext:
 class Sims:
     """Simulated providers running in a background thread of the test process."""
 
-    def __init__(self, specs: dict[str, tuple[str, dict[str, Any]]]) -> None:
+    def __init__(self, specs: dict[str, tuple[str, dict[str, Any]]], seed: int | None = None) -> None:
         profiles = []
         for name, (region, knobs) in specs.items():
             p = SimProfile()
             p.update(knobs)
             profiles.append((name, region, p))
-        self._thread = SimThread(profiles)
+        self._thread = SimThread(profiles, seed=seed)
         self.ports = self._thread.start()
 
     def url(self, name: str) -> str:

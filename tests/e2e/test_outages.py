@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 from collections.abc import Callable
+from itertools import accumulate
 from typing import Any
 
 import openai
 import pytest
 from harness import HTTP, dep, free_port, metric_value, model, required_warmup_config, wait_until
 
+from gateway.policy.budget import PRIOR
 from gateway.sim.profile import SimProfile
 from gateway.sim.runner import SimThread
 
@@ -133,16 +135,27 @@ def test_deployments_a_check_finds_closed_or_refusing_the_key_get_no_requests(si
 
 
 def test_thirty_percent_503s_on_the_only_deployment_are_hidden_within_1_7x(sims_factory, gateways):
-    sims = sims_factory({"a": ("us-east", {**QUICK, "error_rate": 0.3, "error_status": 503})})
+    """A target failing 30 % of the time is retried freely (a retry likely succeeds). The simulator's
+    faults come from a seeded generator: drawn anew, about one run in 160 opens with a streak (six more
+    failures than successes), which the shrunk failure estimate (``policy.budget.PRIOR``) rightly reads
+    as a target failing half the time, whose retries are charged and, past the cap, refused: the budget
+    at work, not this case. The seed's sequence is checked to open with no streak near that."""
+    sims = sims_factory({"a": ("us-east", {**QUICK, "error_rate": 0.3, "error_status": 503})}, seed=1)
     gw = gateways({"models": [model("chat", [dep("a", sims.base_url("a"))])]})
     client = gw.client()
     n = 60
     results = run_clients(n, 8, lambda: outcome(client))
     recs = gw.records(wait_for=n)
+    served = sorted(
+        (r for r in sims.stats("a")["recent"] if r["path"] == "/v1/chat/completions"),
+        key=lambda r: r["serial"],
+    )
+    streak = max(accumulate((1 if r["status"] == 503 else -1 for r in served), initial=0))
+    assert streak <= PRIOR / 2, f"the seed's faults open with a streak of {streak}: choose another seed"
     assert results == ["ok"] * n, [
         (r["response_code"], r["response_flags"], r["retry_verdict"]) for r in recs
     ]
-    upstream = chat_requests_seen(sims, "a")
+    upstream = len(served)
     assert upstream == sum(r["attempts"] for r in recs) <= 1.7 * n
 
 
