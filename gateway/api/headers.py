@@ -10,8 +10,8 @@ is one no foreign page can hold, as for the Host check below: an IP address, ``l
 under it (``app.localhost``) or a name listed in ``server.allowed_hosts`` (the operator's own). That is
 the API docs page served by the gateway itself. Any other DNS name is not trusted by itself, since a
 foreign page can rebind its own name to the gateway's address and so be "same-origin"; a page of another
-local server (another port, or another name under ``localhost``) is listed in ``server.cors_origins``. Requests without ``Origin`` (SDKs,
-curl) are not affected.
+local server (another port, or another name under ``localhost``) is listed in ``server.cors_origins``.
+Requests without ``Origin`` (SDKs, curl) are not affected.
 
 **Hosts.** A page on a foreign name can rebind that name to the gateway's address (DNS rebinding): the
 browser then deems the gateway same-origin, sends the foreign name as ``Host``, and lets the page read the
@@ -75,9 +75,9 @@ class OriginPolicy:
 def own_origin(origin: str, host: str, names: frozenset[str] = frozenset()) -> bool:
     """``origin`` is the very host:port the request was sent to, named by a name no foreign page can hold
     (``loopback_or_address`` or one of ``names``, as for the Host check): a page served by the gateway
-    itself. Another port,
-    or another name under ``localhost``, is another origin (another local server's page, which the
-    browser would not let read the answer without CORS anyway): ``server.cors_origins`` lists it."""
+    itself. Another port, or another name under ``localhost``, is another origin (another local server's
+    page, which the browser would not let read the answer without CORS anyway): ``server.cors_origins``
+    lists it."""
     scheme, sep, rest = origin.partition("://")
     if not sep or scheme not in ("http", "https") or rest != host.lower():
         return False
